@@ -1,0 +1,108 @@
+"""The one exception tree of swarm, and its mapping to wire error codes.
+
+    SwarmError                      base; every error libswarm raises
+    ├── ConfigError                 a bad config file or option (names the key and the file)
+    ├── ProtocolError               a frame that does not parse, a bad header, a version mismatch
+    ├── TensorError                 a tensor of the wrong dtype, shape or size
+    ├── ModelError                  a missing or unsupported checkpoint
+    ├── WrongModelError             a peer serves another model than the one asked for
+    ├── NoRouteError                no chain of servers covers every block
+    ├── PeerUnavailableError        a peer did not answer in time, or is unreachable
+    ├── SessionError                unknown session, a step past max_length, a closed session
+    ├── CacheFullError              a session does not fit the KV cache budget
+    ├── LimitError                  a request beyond a configured limit (batch, length, bytes)
+    └── RemoteError                 a peer failed while computing (message only, never a traceback)
+
+Every error crosses the wire as a `code` string and a one-line `message`; `error_from_wire`
+rebuilds the same class on the other side, so a `CacheFullError` raised in a server
+reaches the app as a `CacheFullError`.
+"""
+
+from __future__ import annotations
+
+
+class SwarmError(Exception):
+    code = "error"
+
+    def __init__(self, message: str):
+        # one line: a peer's message may never smuggle a traceback into a log line
+        super().__init__(" ".join(str(message).split()))
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
+class ConfigError(SwarmError):
+    code = "config"
+
+
+class ProtocolError(SwarmError):
+    code = "protocol"
+
+
+class TensorError(SwarmError):
+    code = "tensor"
+
+
+class ModelError(SwarmError):
+    code = "model"
+
+
+class WrongModelError(SwarmError):
+    code = "wrong_model"
+
+
+class NoRouteError(SwarmError):
+    code = "no_route"
+
+
+class PeerUnavailableError(SwarmError):
+    code = "unavailable"
+
+
+class SessionError(SwarmError):
+    code = "session"
+
+
+class CacheFullError(SwarmError):
+    code = "cache_full"
+
+
+class LimitError(SwarmError):
+    code = "limit"
+
+
+class RemoteError(SwarmError):
+    code = "remote"
+
+
+_BY_CODE: dict[str, type[SwarmError]] = {
+    cls.code: cls
+    for cls in (
+        SwarmError,
+        ConfigError,
+        ProtocolError,
+        TensorError,
+        ModelError,
+        WrongModelError,
+        NoRouteError,
+        PeerUnavailableError,
+        SessionError,
+        CacheFullError,
+        LimitError,
+        RemoteError,
+    )
+}
+
+
+def error_from_wire(code: str, message: str) -> SwarmError:
+    """The exception for an error reply; unknown codes become a plain RemoteError."""
+    return _BY_CODE.get(code, RemoteError)(message)
+
+
+def error_to_wire(exc: BaseException) -> tuple[str, str]:
+    """(code, one-line message) for a reply. Unexpected exceptions say only their type and text."""
+    if isinstance(exc, SwarmError):
+        return exc.code, exc.message
+    return RemoteError.code, " ".join(f"{type(exc).__name__}: {exc}".split())[:500]

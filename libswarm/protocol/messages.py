@@ -1,0 +1,157 @@
+"""Message framing: one JSON header frame, then one raw frame per tensor.
+
+Header (a JSON object, at most MAX_HEADER_BYTES):
+    v        protocol version; a peer refuses a major version it does not speak
+    type     message type ("step", "ok", "error", ...)
+    id       request id chosen by the caller, echoed in the reply
+    deadline optional unix time (seconds) after which the caller no longer waits
+    tensors  list of {"name", "dtype", "shape"}, one per following frame, in order
+    ...      the message's own fields (see docs/protocol.md)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from libswarm.errors import ProtocolError, SwarmError, TensorError, error_to_wire
+from libswarm.protocol.tensors import tensor_from_buffer, tensor_to_buffer
+
+PROTOCOL_VERSION = "1.0"
+PROTOCOL_MAJOR = 1
+MAX_HEADER_BYTES = 64 * 1024
+MAX_TENSORS = 64
+_RESERVED = ("v", "type", "id", "deadline", "tensors")
+
+
+@dataclass
+class Message:
+    type: str
+    id: int
+    fields: dict[str, Any] = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    deadline: float | None = None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.fields.get(key, default)
+
+    def require(self, key: str, kind: type | tuple[type, ...]) -> Any:
+        """A field that must be present with the given type; a ProtocolError names it otherwise."""
+        value = self.fields.get(key)
+        if value is None or not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+            names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+            raise ProtocolError(f"{self.type}: field {key!r} must be {names}, got {value!r}")
+        return value
+
+    def tensor(self, name: str, optional: bool = False) -> torch.Tensor | None:
+        t = self.tensors.get(name)
+        if t is None and not optional:
+            raise TensorError(f"{self.type}: tensor {name!r} is missing")
+        return t
+
+
+def encode(
+    msg_type: str,
+    req_id: int,
+    fields: dict[str, Any] | None = None,
+    tensors: dict[str, torch.Tensor] | None = None,
+    deadline: float | None = None,
+) -> list:
+    header: dict[str, Any] = {"v": PROTOCOL_VERSION, "type": msg_type, "id": req_id}
+    if deadline is not None:
+        header["deadline"] = deadline
+    frames: list = [b""]
+    if tensors:
+        specs = []
+        for name, t in tensors.items():
+            spec, buf = tensor_to_buffer(t)
+            spec["name"] = name
+            specs.append(spec)
+            frames.append(buf)
+        header["tensors"] = specs
+    if fields:
+        header.update(fields)
+    frames[0] = json.dumps(header, separators=(",", ":")).encode()
+    return frames
+
+
+def decode(frames: Sequence) -> Message:
+    """Parse a multipart message (bytes, memoryviews or zmq.Frame) into a Message.
+
+    Raises ProtocolError or TensorError with a one-line reason; never anything else."""
+    if not frames:
+        raise ProtocolError("empty message")
+    head = _buffer(frames[0])
+    if len(head) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header of {len(head)} bytes exceeds the limit of {MAX_HEADER_BYTES}")
+    try:
+        header = json.loads(bytes(head))
+    except (ValueError, UnicodeDecodeError):
+        raise ProtocolError("header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("header must be a JSON object")
+    version = header.get("v")
+    if not isinstance(version, str) or version.split(".")[0] != str(PROTOCOL_MAJOR):
+        raise ProtocolError(f"protocol version {version!r} not supported (this peer speaks {PROTOCOL_VERSION})")
+    msg_type, req_id = header.get("type"), header.get("id")
+    if not isinstance(msg_type, str) or not isinstance(req_id, int) or isinstance(req_id, bool):
+        raise ProtocolError("header needs a string 'type' and an integer 'id'")
+    deadline = header.get("deadline")
+    if deadline is not None and not isinstance(deadline, (int, float)):
+        raise ProtocolError("'deadline' must be a number (unix seconds)")
+    specs = header.get("tensors", [])
+    if not isinstance(specs, list) or len(specs) > MAX_TENSORS:
+        raise ProtocolError(f"'tensors' must be a list of at most {MAX_TENSORS} specs")
+    if len(specs) != len(frames) - 1:
+        raise ProtocolError(f"header announces {len(specs)} tensors but {len(frames) - 1} frames follow")
+    tensors: dict[str, torch.Tensor] = {}
+    for spec, frame in zip(specs, frames[1:]):
+        name = spec.get("name") if isinstance(spec, dict) else None
+        if not isinstance(name, str) or name in tensors:
+            raise ProtocolError("each tensor spec needs a unique string 'name'")
+        tensors[name] = tensor_from_buffer(spec, _buffer(frame))
+    fields = {k: v for k, v in header.items() if k not in _RESERVED}
+    return Message(msg_type, req_id, fields, tensors, deadline)
+
+
+def ok_reply(req_id: int, fields: dict[str, Any] | None = None, tensors: dict[str, torch.Tensor] | None = None):
+    return encode("ok", req_id, fields, tensors)
+
+
+def error_reply(req_id: int, exc: BaseException) -> list:
+    code, message = error_to_wire(exc)
+    return encode("error", req_id, {"code": code, "message": message})
+
+
+def raise_if_error(msg: Message) -> Message:
+    """Turn an error reply into the matching exception; pass an ok reply through."""
+    if msg.type == "error":
+        from libswarm.errors import error_from_wire
+
+        raise error_from_wire(str(msg.get("code", "error")), str(msg.get("message", "unknown error")))
+    if msg.type != "ok":
+        raise ProtocolError(f"unexpected reply type {msg.type!r}")
+    return msg
+
+
+def _buffer(frame) -> memoryview:
+    if hasattr(frame, "buffer"):  # zmq.Frame
+        return frame.buffer
+    return memoryview(frame)
+
+
+__all__ = [
+    "MAX_HEADER_BYTES",
+    "PROTOCOL_VERSION",
+    "Message",
+    "SwarmError",
+    "decode",
+    "encode",
+    "error_reply",
+    "ok_reply",
+    "raise_if_error",
+]

@@ -1,0 +1,232 @@
+"""Transformer blocks of the supported families, written for a server that owns its KV cache.
+
+Each block computes exactly what the Hugging Face layer of the same family computes (tests
+compare them), but reads and writes a preallocated per-session cache instead of a growing
+one, and takes its attention mask from a StepContext built once per step for all blocks.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from libswarm.layers import RMSNorm, alibi_slopes
+
+KV = tuple[torch.Tensor, torch.Tensor]  # per layer: K, V [B, kv_heads, max_length, head_dim]
+
+
+@dataclass
+class StepContext:
+    """What every block of a span needs for one step, computed once."""
+
+    start: int  # cache slot of the first new position
+    length: int  # new positions this step (T)
+    masks: dict[int | None, torch.Tensor | None]  # sliding window -> bool [B, 1, T, L], None = no mask
+    causal: bool  # no mask and a fresh prefix: let SDPA apply the causal mask itself
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin [B, T, head_dim]
+    alibi: torch.Tensor | None = None  # float [B, heads, T|1, L] with masked slots at -inf
+
+
+def _write_cache(kv: KV | None, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Store this step's keys/values at [start, start+T) and return all keys/values so far."""
+    if kv is None:
+        return k, v
+    kbuf, vbuf = kv
+    end = start + k.shape[2]
+    kbuf[:, :, start:end] = k
+    vbuf[:, :, start:end] = v
+    return kbuf[:, :, :end], vbuf[:, :, :end]
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class LlamaBlock(nn.Module):
+    """Llama / Mistral / Qwen2 decoder layer (pre-norm, rotary, GQA, SwiGLU-style MLP)."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.window = sliding_window_of(config, layer_idx)
+        hidden, inter = config.hidden_size, config.intermediate_size
+        qkv_bias = bool(getattr(config, "attention_bias", False)) or config.model_type == "qwen2"
+        o_bias = bool(getattr(config, "attention_bias", False))
+        mlp_bias = bool(getattr(config, "mlp_bias", False))
+        self.input_layernorm = RMSNorm(hidden, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(hidden, config.rms_norm_eps)
+        self.self_attn = nn.Module()
+        self.self_attn.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=qkv_bias)
+        self.self_attn.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.self_attn.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.self_attn.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=o_bias)
+        self.mlp = nn.Module()
+        self.mlp.gate_proj = nn.Linear(hidden, inter, bias=mlp_bias)
+        self.mlp.up_proj = nn.Linear(hidden, inter, bias=mlp_bias)
+        self.mlp.down_proj = nn.Linear(inter, hidden, bias=mlp_bias)
+        from transformers.activations import ACT2FN
+
+        self.act = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor, ctx: StepContext, kv: KV | None) -> torch.Tensor:
+        # x: [B, T, hidden]
+        B, T, _ = x.shape
+        attn = self.self_attn
+        h = self.input_layernorm(x)
+        q = attn.q_proj(h).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = attn.k_proj(h).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = attn.v_proj(h).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        assert ctx.rope is not None
+        cos, sin = ctx.rope[0].unsqueeze(1), ctx.rope[1].unsqueeze(1)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        k, v = _write_cache(kv, k, v, ctx.start)
+        mask = ctx.masks.get(self.window)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=ctx.causal and mask is None,
+            scale=self.head_dim**-0.5, enable_gqa=self.num_kv_heads != self.num_heads,
+        )
+        x = x + attn.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        h = self.post_attention_layernorm(x)
+        return x + self.mlp.down_proj(self.act(self.mlp.gate_proj(h)) * self.mlp.up_proj(h))
+
+
+def _bloom_gelu(x: torch.Tensor) -> torch.Tensor:
+    # BLOOM's tanh approximation of GELU, with its constant sqrt(2/pi) ~ 0.79788456
+    return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
+
+
+class BloomBlock(nn.Module):
+    """BLOOM block: fused QKV, ALiBi position bias, LayerNorms, GELU MLP."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        hidden = config.hidden_size
+        self.num_heads = config.n_head
+        self.num_kv_heads = self.num_heads
+        self.head_dim = hidden // self.num_heads
+        self.window = None
+        self.post_ln_residual = bool(config.apply_residual_connection_post_layernorm)
+        eps = config.layer_norm_epsilon
+        self.input_layernorm = nn.LayerNorm(hidden, eps=eps)
+        self.post_attention_layernorm = nn.LayerNorm(hidden, eps=eps)
+        self.self_attention = nn.Module()
+        self.self_attention.query_key_value = nn.Linear(hidden, 3 * hidden)
+        self.self_attention.dense = nn.Linear(hidden, hidden)
+        self.mlp = nn.Module()
+        self.mlp.dense_h_to_4h = nn.Linear(hidden, 4 * hidden)
+        self.mlp.dense_4h_to_h = nn.Linear(4 * hidden, hidden)
+
+    def forward(self, x: torch.Tensor, ctx: StepContext, kv: KV | None) -> torch.Tensor:
+        B, T, H = x.shape
+        ln = self.input_layernorm(x)
+        residual = ln if self.post_ln_residual else x
+        fused = self.self_attention.query_key_value(ln).view(B, T, self.num_heads, 3, self.head_dim)
+        q, k, v = (fused[..., i, :].transpose(1, 2) for i in range(3))
+        k, v = _write_cache(kv, k, v, ctx.start)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.alibi, scale=self.head_dim**-0.5)
+        x = self.self_attention.dense(out.transpose(1, 2).reshape(B, T, H)) + residual
+        ln = self.post_attention_layernorm(x)
+        residual = ln if self.post_ln_residual else x
+        return self.mlp.dense_4h_to_h(_bloom_gelu(self.mlp.dense_h_to_4h(ln))) + residual
+
+
+BLOCK_CLASSES = {"llama": LlamaBlock, "bloom": BloomBlock}
+
+
+def sliding_window_of(config, layer_idx: int) -> int | None:
+    """The attention window of a layer as the config says, or None for full attention."""
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return window if layer_types[layer_idx] == "sliding_attention" else None
+    if config.model_type == "qwen2":  # configs from before layer_types existed
+        use = getattr(config, "use_sliding_window", False)
+        return window if use and layer_idx >= getattr(config, "max_window_layers", 0) else None
+    return window
+
+
+class Rotary(nn.Module):
+    """cos/sin for rotary embeddings, delegated to the family's own transformers module so that
+    every rope scaling type its config names (linear, dynamic, yarn, llama3, ...) is honoured."""
+
+    def __init__(self, config):
+        super().__init__()
+        mt = config.model_type
+        module = importlib.import_module(f"transformers.models.{mt}.modeling_{mt}")
+        cls = next(getattr(module, n) for n in dir(module) if n.endswith("RotaryEmbedding"))
+        self.impl = cls(config=config)
+
+    def forward(self, like: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.impl(like, position_ids)
+
+
+def build_context(
+    family: str,
+    *,
+    start: int,
+    length: int,
+    key_mask: torch.Tensor | None,
+    key_positions: torch.Tensor,
+    position_ids: torch.Tensor,
+    windows: set[int | None],
+    rotary: Rotary | None,
+    slopes: torch.Tensor | None,
+    like: torch.Tensor,
+) -> StepContext:
+    """Masks and position encodings for one step.
+
+    key_mask: bool [B, L] (L = start + length), False for padding; None when nothing is padded.
+    key_positions: int [B, L], the position id of each cached slot (ALiBi needs them).
+    position_ids: int [B, T] for the new positions.
+    """
+    L = start + length
+    device = like.device
+    masks: dict[int | None, torch.Tensor | None] = {}
+    need_mask = key_mask is not None or (length > 1 and start > 0)
+    q_slots = torch.arange(start, L, device=device)[:, None]  # [T, 1]
+    k_slots = torch.arange(L, device=device)[None, :]  # [1, L]
+    for w in windows:
+        if not need_mask and (w is None or L <= w):
+            masks[w] = None
+            continue
+        allowed = k_slots <= q_slots
+        if w is not None:
+            allowed = allowed & (k_slots > q_slots - w)
+        m = allowed[None, None]  # [1, 1, T, L]
+        if key_mask is not None:
+            m = m & key_mask[:, None, None, :]
+            # a padded query would see no key at all (NaN); let it see itself, its output is never used
+            m = m | (k_slots == q_slots)[None, None]
+        masks[w] = m
+    causal = not need_mask and start == 0 and length > 1
+    ctx = StepContext(start=start, length=length, masks=masks, causal=causal)
+    if family == "llama":
+        assert rotary is not None
+        cos, sin = rotary(like, position_ids)
+        ctx.rope = (cos.to(like.dtype), sin.to(like.dtype))
+    else:
+        assert slopes is not None
+        # ALiBi bias depends on the key's position only (a per-query constant cancels in softmax)
+        bias = slopes.to(device)[None, :, None, None] * key_positions[:, None, None, :L].float()
+        bool_mask = masks.get(None)
+        if bool_mask is None and (causal or length > 1):
+            bool_mask = (k_slots <= q_slots)[None, None]
+        if bool_mask is not None:
+            bias = bias.masked_fill(~bool_mask, float("-inf"))
+        ctx.alibi = bias.to(like.dtype)
+        ctx.causal = False
+    return ctx
+
+
+def make_slopes(config, family: str) -> torch.Tensor | None:
+    return alibi_slopes(config.n_head) if family == "bloom" else None

@@ -1,0 +1,96 @@
+"""KV caches owned by the server: one per inference session, allocated up front for the
+session's max_length, accounted against a byte budget."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from libswarm.errors import CacheFullError, LimitError, SessionError
+
+
+class SessionCache:
+    """Keys/values of blocks [first, last) for `batch` sequences of up to `max_length` positions."""
+
+    def __init__(self, *, first: int, last: int, batch: int, max_length: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        self.first, self.last = first, last
+        self.batch, self.max_length = batch, max_length
+        self.length = 0
+        shape = (batch, kv_heads, max_length, head_dim)
+        self.kv = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+                   for _ in range(last - first)]
+        self._positions = torch.zeros(batch, max_length, dtype=torch.long, device=device)
+        self._mask = torch.ones(batch, max_length, dtype=torch.bool, device=device)
+        self.padded = False  # whether any cached slot is padding (then masks are needed)
+        self._pending_pad = False  # whether the step being run brings padding
+        self.nbytes = sum(k.numel() * k.element_size() * 2 for k, _ in self.kv)
+
+    @staticmethod
+    def bytes_needed(*, blocks: int, batch: int, max_length: int, kv_heads: int, head_dim: int,
+                     dtype: torch.dtype) -> int:
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return 2 * blocks * batch * kv_heads * max_length * head_dim * itemsize
+
+    def layer(self, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.kv[block - self.first]
+
+    def check_step(self, batch: int, length: int) -> None:
+        if batch != self.batch:
+            raise SessionError(f"step has batch {batch} but the session was opened with batch {self.batch}")
+        if self.length + length > self.max_length:
+            raise LimitError(
+                f"step of {length} positions at position {self.length} passes the session's "
+                f"max_length {self.max_length}"
+            )
+
+    def record(self, position_ids: torch.Tensor, key_mask: torch.Tensor | None) -> None:
+        """Note the new positions' ids and padding; `advance` commits them after the blocks ran."""
+        s, e = self.length, self.length + position_ids.shape[1]
+        self._positions[:, s:e] = position_ids
+        if key_mask is None:
+            self._mask[:, s:e] = True
+            self._pending_pad = False
+        else:
+            self._mask[:, s:e] = key_mask
+            self._pending_pad = not bool(key_mask.all())
+
+    def advance(self, length: int) -> None:
+        self.padded = self.padded or self._pending_pad
+        self._pending_pad = False
+        self.length += length
+
+    def key_positions(self, end: int) -> torch.Tensor:
+        return self._positions[:, :end]
+
+    def key_mask(self, end: int) -> torch.Tensor | None:
+        if self.padded or self._pending_pad:
+            return self._mask[:, :end]
+        return None
+
+
+class CacheBudget:
+    """Bytes of KV cache this server may hand out; thread-safe."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.used_bytes = 0
+        self._lock = threading.Lock()
+
+    @property
+    def free_bytes(self) -> int:
+        return self.max_bytes - self.used_bytes
+
+    def reserve(self, nbytes: int) -> None:
+        with self._lock:
+            if nbytes > self.max_bytes - self.used_bytes:
+                raise CacheFullError(
+                    f"session needs {nbytes} bytes of KV cache but only {self.max_bytes - self.used_bytes} of "
+                    f"{self.max_bytes} are free; use a smaller max_length or batch, or another server"
+                )
+            self.used_bytes += nbytes
+
+    def release(self, nbytes: int) -> None:
+        with self._lock:
+            self.used_bytes = max(0, self.used_bytes - nbytes)
