@@ -1,0 +1,137 @@
+"""SwarmClient: the app's connection to its machine's own swarmd, over the Unix socket."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+
+import torch
+import zmq
+
+from libswarm.errors import PeerUnavailableError, ProtocolError, SwarmError
+from libswarm.protocol import Message, decode, encode
+from libswarm.protocol.messages import raise_if_error
+
+DEFAULT_SYSTEM_SOCKET = "/run/swarmd/swarmd.sock"
+
+
+def resolve_socket(socket: str | None = None) -> str:
+    """--socket / socket=, then $SWARMD_SOCKET, then /run/swarmd/swarmd.sock if it exists,
+    then $XDG_RUNTIME_DIR/swarmd.sock."""
+    if socket:
+        return socket
+    env = os.environ.get("SWARMD_SOCKET")
+    if env:
+        return env
+    if os.path.exists(DEFAULT_SYSTEM_SOCKET):
+        return DEFAULT_SYSTEM_SOCKET
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return os.path.join(runtime, "swarmd.sock")
+    raise SwarmError(
+        "no swarmd socket found: pass socket=, set $SWARMD_SOCKET, or start swarmd "
+        f"(it listens on {DEFAULT_SYSTEM_SOCKET} by default)"
+    )
+
+
+class SwarmClient:
+    """Requests to the local swarmd. Safe to share between threads (requests are serialised)."""
+
+    def __init__(self, socket: str | None = None, timeout_s: float = 300.0, context: zmq.Context | None = None):
+        self.socket_path = resolve_socket(socket)
+        self.timeout_s = timeout_s
+        self._ctx = context or zmq.Context.instance()
+        self._sock: zmq.Socket | None = None
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+
+    def _socket(self) -> zmq.Socket:
+        if self._sock is None:
+            if not os.path.exists(self.socket_path):
+                raise PeerUnavailableError(f"swarmd is not running: no socket at {self.socket_path}")
+            s = self._ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(f"ipc://{self.socket_path}")
+            self._sock = s
+        return self._sock
+
+    def request(self, msg_type: str, fields: dict | None = None, tensors: dict[str, torch.Tensor] | None = None,
+                timeout_s: float | None = None) -> Message:
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        with self._lock:
+            sock = self._socket()
+            req_id = next(self._ids)
+            sock.send_multipart(encode(msg_type, req_id, fields, tensors), copy=False)
+            deadline = time.monotonic() + timeout
+            while True:
+                left_ms = int((deadline - time.monotonic()) * 1000)
+                if left_ms <= 0 or not sock.poll(left_ms, zmq.POLLIN):
+                    # the socket may hold a late reply now; start clean next time
+                    self._reset()
+                    raise PeerUnavailableError(f"swarmd at {self.socket_path} did not answer {msg_type} in {timeout:g} s")
+                try:
+                    reply = decode(sock.recv_multipart(copy=False))
+                except ProtocolError as e:
+                    raise PeerUnavailableError(f"swarmd sent a bad reply: {e}") from None
+                if reply.id == req_id:
+                    return raise_if_error(reply)
+
+    def _reset(self) -> None:
+        if self._sock is not None:
+            self._sock.close(0)
+            self._sock = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._reset()
+
+    def __enter__(self) -> SwarmClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- typed helpers ---------------------------------------------------------------------
+    def status(self) -> dict:
+        """The same document as `swarmctl status --json`."""
+        return self.request("status", timeout_s=min(self.timeout_s, 30.0)).fields
+
+    def peers(self) -> list[dict]:
+        return self.request("peers", timeout_s=min(self.timeout_s, 30.0)).fields["peers"]
+
+    def model_info(self) -> dict:
+        return self.request("model_info").fields
+
+    def open_session(self, model_id: str, max_length: int, batch: int) -> dict:
+        return self.request("open", {"model_id": model_id, "max_length": max_length, "batch": batch}).fields
+
+    def step(self, session: str, hidden: torch.Tensor, position_ids: torch.Tensor | None = None,
+             key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        reply = self.request("step", {"session": session}, _inputs(hidden, position_ids, key_mask))
+        return _hidden(reply)
+
+    def close_session(self, session: str) -> None:
+        self.request("close", {"session": session}, timeout_s=min(self.timeout_s, 30.0))
+
+    def forward(self, model_id: str, hidden: torch.Tensor, position_ids: torch.Tensor | None = None,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        reply = self.request("forward", {"model_id": model_id}, _inputs(hidden, position_ids, key_mask))
+        return _hidden(reply)
+
+
+def _inputs(hidden, position_ids, key_mask) -> dict[str, torch.Tensor]:
+    t = {"hidden": hidden}
+    if position_ids is not None:
+        t["position_ids"] = position_ids.to(torch.int64)
+    if key_mask is not None:
+        t["key_mask"] = key_mask.to(torch.bool)
+    return t
+
+
+def _hidden(reply: Message) -> torch.Tensor:
+    h = reply.tensors.get("hidden")
+    if h is None:
+        raise ProtocolError("reply carries no hidden states")
+    return h

@@ -1,0 +1,294 @@
+"""AutoDistributedModelForCausalLM: a Hugging Face causal LM whose transformer blocks run in the swarm.
+
+Only the embeddings, the final norm and the LM head are loaded here; every block runs through
+the local swarmd, which routes it over the servers. The class is a real `PreTrainedModel` with
+`GenerationMixin`, so `generate()` takes every option Hugging Face's does (greedy, sampling,
+top-k/top-p, temperature, repetition penalty, batches...).
+
+Inside `with model.inference_session(max_length=...)`, the servers keep the attention caches:
+each forward call sends only new positions, and several `generate()` calls continue one
+another. Outside a session, a forward call runs the whole sequence without caches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from libswarm.checkpoint import Checkpoint
+from libswarm.client import SwarmClient
+from libswarm.errors import ModelError, SessionError, WrongModelError
+from libswarm.layers import RMSNorm, positions_from_mask
+
+
+class RemoteSession:
+    """An inference session through the swarm: the gateway holds the route, servers the caches.
+
+    `ids`/`mask` are every token the app has given or generated so far; `position` counts the
+    ones the servers have processed (the last generated token is not processed until the next
+    step)."""
+
+    def __init__(self, model: DistributedModelForCausalLM, max_length: int):
+        self.model, self.max_length = model, max_length
+        self.id: str | None = None
+        self.route: list = []
+        self.batch: int | None = None
+        self.position = 0
+        self.ids: torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None
+        self.closed = False
+
+    def _open(self, batch: int) -> None:
+        reply = self.model.client.open_session(self.model.model_id, self.max_length, batch)
+        self.id, self.route, self.batch = reply["session"], reply.get("route", []), batch
+
+    def step(self, hidden: torch.Tensor, position_ids: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        if self.closed:
+            raise SessionError("the inference session is closed")
+        B, T, _ = hidden.shape
+        if self.id is None:
+            self._open(B)
+        if B != self.batch:
+            raise SessionError(f"this session was opened for batch {self.batch}, got batch {B}")
+        if self.position + T > self.max_length:
+            raise SessionError(
+                f"the session's max_length {self.max_length} is reached ({self.position} + {T} positions); "
+                "open the session with a larger max_length"
+            )
+        out = self.model.client.step(self.id, hidden, position_ids, key_mask)
+        self.position += T
+        return out
+
+    def close(self) -> None:
+        if self.id is not None and not self.closed:
+            with contextlib.suppress(Exception):  # the daemon frees it on its idle timeout anyway
+                self.model.client.close_session(self.id)
+        self.closed = True
+
+
+class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = PretrainedConfig
+    base_model_prefix = "swarm"
+    main_input_name = "input_ids"
+    _supports_cache_class = False
+
+    def __init__(self, config: PretrainedConfig, checkpoint: Checkpoint, client: SwarmClient, model_id: str):
+        super().__init__(config)
+        self.checkpoint, self.client, self.model_id = checkpoint, client, model_id
+        self.family = checkpoint.family
+        hidden, vocab = config.hidden_size, config.vocab_size
+        with torch.device("meta"):
+            self.embed_tokens = nn.Embedding(vocab, hidden)
+            if self.family == "bloom":
+                self.embed_norm: nn.Module | None = nn.LayerNorm(hidden, eps=config.layer_norm_epsilon)
+                self.norm: nn.Module = nn.LayerNorm(hidden, eps=config.layer_norm_epsilon)
+            else:
+                self.embed_norm = None
+                self.norm = RMSNorm(hidden, config.rms_norm_eps)
+            self.lm_head = nn.Linear(hidden, vocab, bias=False)
+        self._local = threading.local()
+
+    # --- the current session (per thread) -------------------------------------------------------
+    @property
+    def active_session(self) -> RemoteSession | None:
+        return getattr(self._local, "session", None)
+
+    @contextlib.contextmanager
+    def inference_session(self, max_length: int) -> Iterator[RemoteSession]:
+        """Keep attention caches on the servers for up to max_length positions."""
+        if self.active_session is not None:
+            raise SessionError("an inference session is already active in this thread")
+        sess = RemoteSession(self, max_length)
+        self._local.session = sess
+        try:
+            yield sess
+        finally:
+            self._local.session = None
+            sess.close()
+
+    # --- weights -------------------------------------------------------------------------------------
+    def _load_client_weights(self, dtype: torch.dtype) -> None:
+        names = client_tensor_names(self.checkpoint)
+        tensors = self.checkpoint.read(list(names.values()))
+        state = {k: tensors[v].to(dtype) for k, v in names.items()}
+        self.load_state_dict(state, assign=True, strict=True)
+        self.requires_grad_(False)
+        self.eval()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def _supports_default_dynamic_cache(self) -> bool:  # the servers hold the cache
+        return False
+
+    # --- forward -----------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("pass input_ids or inputs_embeds")
+            inputs_embeds = self.embed_tokens(input_ids)
+        hidden = inputs_embeds
+        if self.embed_norm is not None:
+            hidden = self.embed_norm(hidden)
+        B, T, _ = hidden.shape
+        sess = self.active_session
+        past = sess.position if sess is not None else 0
+        key_mask = _new_mask(attention_mask, T)
+        position_ids = self._positions(position_ids, attention_mask, past, B, T, hidden.device)
+        if sess is not None:
+            out = sess.step(hidden, position_ids, key_mask)
+        else:
+            out = self.client.forward(self.model_id, hidden, position_ids, key_mask)
+        out = out.to(hidden.dtype)
+        logits = self.lm_head(self.norm(out))
+        loss = None
+        if labels is not None:
+            shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+            loss = F.cross_entropy(shift_logits, labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    def _positions(self, position_ids, attention_mask, past: int, B: int, T: int, device) -> torch.Tensor:
+        """Position ids as the family's own Hugging Face model would use them."""
+        if position_ids is not None:
+            return position_ids[:, -T:].expand(B, T)
+        if self.family == "bloom" and attention_mask is not None:
+            # BLOOM's ALiBi counts real tokens only, so left padding does not shift positions
+            return positions_from_mask(attention_mask)[:, -T:]
+        return torch.arange(past, past + T, device=device).expand(B, T)
+
+    # --- generate --------------------------------------------------------------------------------
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, position_ids=None, inputs_embeds=None,
+                                      **kwargs):
+        sess = self.active_session
+        past = sess.position if sess is not None else 0
+        inputs: dict = {"attention_mask": attention_mask}
+        if inputs_embeds is not None and past == 0:
+            inputs["inputs_embeds"] = inputs_embeds
+            T = inputs_embeds.shape[1]
+        else:
+            inputs["input_ids"] = input_ids[:, past:]
+            T = inputs["input_ids"].shape[1]
+        if position_ids is not None:
+            inputs["position_ids"] = position_ids[:, -T:]
+        return inputs
+
+    @torch.no_grad()
+    def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
+        """Hugging Face generate(), running in the active inference session or in one opened for
+        this call. In a session, pass either the whole sequence so far or only the new tokens."""
+        ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
+        sess = self.active_session
+        if sess is None:
+            if ids is None:
+                raise ValueError("generate() needs input_ids")
+            with self.inference_session(self._session_length(ids, kwargs)):
+                return self.generate(ids, *args, **kwargs)
+        mask = kwargs.pop("attention_mask", None)
+        ids, mask = _continue(sess, ids, mask)
+        out = super().generate(ids, *args, attention_mask=mask, **kwargs)
+        sequences = out if isinstance(out, torch.Tensor) else out.sequences
+        grown = sequences.shape[1] - ids.shape[1]
+        sess.ids = sequences
+        sess.mask = torch.cat([mask, mask.new_ones(mask.shape[0], grown)], dim=1)
+        return out
+
+    def _session_length(self, ids: torch.Tensor, kwargs: dict) -> int:
+        gc = kwargs.get("generation_config") or self.generation_config
+        new = kwargs.get("max_new_tokens", gc.max_new_tokens)
+        if new is not None:
+            return ids.shape[1] + new
+        return max(kwargs.get("max_length", gc.max_length or 0), ids.shape[1] + 1)
+
+
+def _new_mask(attention_mask: torch.Tensor | None, T: int) -> torch.Tensor | None:
+    """The key mask of the new positions, or None when nothing is padded (saves a frame)."""
+    if attention_mask is None:
+        return None
+    m = attention_mask[:, -T:]
+    return None if bool(m.all()) else m.bool()
+
+
+def _continue(sess: RemoteSession, ids: torch.Tensor | None, mask: torch.Tensor | None):
+    """Input ids (and mask) for generate() in a session that may already hold tokens."""
+    if sess.ids is None:
+        if ids is None:
+            raise ValueError("generate() needs input_ids to start a session")
+        return ids, mask if mask is not None else torch.ones_like(ids)
+    done = sess.position
+    if ids is None:
+        return sess.ids, sess.mask
+    if ids.shape[0] != sess.ids.shape[0]:
+        raise SessionError(f"this session holds batch {sess.ids.shape[0]}, got input_ids of batch {ids.shape[0]}")
+    if ids.shape[1] >= done and torch.equal(ids[:, :done], sess.ids[:, :done]):
+        full_mask = mask if mask is not None else torch.cat(
+            [sess.mask[:, :done], torch.ones_like(ids[:, done:])], dim=1)
+        return ids, full_mask
+    # only new tokens: they follow everything the session has seen, the pending token included
+    new_mask = mask if mask is not None else torch.ones_like(ids)
+    return torch.cat([sess.ids, ids], dim=1), torch.cat([sess.mask, new_mask], dim=1)
+
+
+def client_tensor_names(ck: Checkpoint) -> dict[str, str]:
+    """Our parameter name -> checkpoint tensor name for the parts that run on the client."""
+    keys = ck.index
+    if ck.family == "bloom":
+        p = "transformer." if any(k.startswith("transformer.") for k in keys) else ""
+        names = {
+            "embed_tokens.weight": f"{p}word_embeddings.weight",
+            "embed_norm.weight": f"{p}word_embeddings_layernorm.weight",
+            "embed_norm.bias": f"{p}word_embeddings_layernorm.bias",
+            "norm.weight": f"{p}ln_f.weight",
+            "norm.bias": f"{p}ln_f.bias",
+        }
+    else:
+        names = {"embed_tokens.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
+    names["lm_head.weight"] = "lm_head.weight" if "lm_head.weight" in keys else names["embed_tokens.weight"]
+    return names
+
+
+class AutoDistributedModelForCausalLM:
+    """Entry point: `AutoDistributedModelForCausalLM.from_pretrained(model_dir, socket=...)`."""
+
+    @staticmethod
+    def from_pretrained(model_dir: str, socket: str | None = None, dtype: torch.dtype = torch.float32,
+                        client: SwarmClient | None = None, **kwargs) -> DistributedModelForCausalLM:
+        if kwargs:
+            raise TypeError(f"unexpected arguments: {', '.join(kwargs)}")
+        ck = Checkpoint(model_dir)
+        client = client or SwarmClient(socket=socket)
+        info = client.model_info()
+        model_id = ck.model_id
+        if info["model_id"] != model_id:
+            raise WrongModelError(
+                f"{ck.dir} is model {model_id} but the swarmd at {client.socket_path} serves {info['model_id']}"
+            )
+        config = ck.config
+        config.dtype = dtype
+        model = DistributedModelForCausalLM(config, ck, client, model_id)
+        model._load_client_weights(dtype)
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(ck.dir)
+        except OSError:
+            model.generation_config = GenerationConfig.from_model_config(config)
+        if model.embed_tokens.weight.is_meta:
+            raise ModelError(f"{ck.dir}: embeddings were not loaded")
+        return model

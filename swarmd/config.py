@@ -1,0 +1,320 @@
+"""swarmd.yaml -> frozen dataclasses, validated, with errors that name the file and the key.
+
+etc/swarmd.yaml documents every key with its default; DEFAULTS below is the same document
+as data, and a test keeps the two in step."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from libswarm.errors import ConfigError
+
+DEFAULTS: dict[str, Any] = {
+    "model": None,
+    "model_id": None,
+    "serve": {
+        "blocks": "auto",
+        "num_blocks": "auto",
+        "device": "auto",
+        "dtype": "auto",
+        "quant": "none",
+        "max_length": 8192,
+        "max_batch": 64,
+        "session_idle_timeout_s": 600,
+        "cache": {"max_bytes": "auto", "kv_dtype": "auto"},
+    },
+    "network": {
+        "listen": "tcp://0.0.0.0:31330",
+        "announce": [],
+        "socket": "/run/swarmd/swarmd.sock",
+        "max_message_bytes": "1GiB",
+    },
+    "discovery": {
+        "mdns": True,
+        "mdns_interfaces": "all",
+        "seeds": "/etc/swarmd/seeds.yaml",
+    },
+    "swarm": {"access": "open", "allowed_keys_dir": "/etc/swarmd/peers.d"},
+    "state_dir": "/var/lib/swarmd",
+    "log_level": "info",
+}
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_ENDPOINT_RE = re.compile(r"^tcp://(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+|\*):(\d{1,5})$")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    max_bytes: int | None  # None = auto
+    kv_dtype: str
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    blocks: tuple[int, int] | str  # (start, end), "auto" or "none"
+    num_blocks: int | None
+    device: str
+    dtype: str
+    quant: str
+    max_length: int
+    max_batch: int
+    session_idle_timeout_s: float
+    cache: CacheConfig
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    listen: str
+    announce: tuple[str, ...]
+    socket: str
+    max_message_bytes: int
+
+
+@dataclass(frozen=True)
+class Seed:
+    address: str
+    key: str | None = None
+
+
+@dataclass(frozen=True)
+class DiscoveryConfig:
+    mdns: bool
+    mdns_interfaces: tuple[str, ...] | str
+    seeds: tuple[Seed, ...]
+    seeds_file: str | None
+
+
+@dataclass(frozen=True)
+class SwarmConfig:
+    access: str
+    allowed_keys_dir: str
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    model: str
+    model_id: str | None
+    serve: ServeConfig
+    network: NetworkConfig
+    discovery: DiscoveryConfig
+    swarm: SwarmConfig
+    state_dir: str
+    log_level: str
+
+    @property
+    def serves_blocks(self) -> bool:
+        return self.serve.blocks != "none"
+
+    def replace(self, **changes) -> Config:
+        return dataclasses.replace(self, **changes)
+
+
+class _Reader:
+    """Walks the YAML document, checking keys and types, and names `file: key` in every error."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def fail(self, key: str, problem: str) -> ConfigError:
+        return ConfigError(f"{self.path}: {key}: {problem}")
+
+    def merge(self, data: Any, defaults: dict, prefix: str = "") -> dict:
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise self.fail(prefix.rstrip(".") or "(top level)", "must be a mapping")
+        out = {}
+        for key in data:
+            if key not in defaults:
+                raise self.fail(f"{prefix}{key}", f"unknown key (known: {', '.join(defaults)})")
+        for key, default in defaults.items():
+            value = data.get(key, default)
+            if isinstance(default, dict):
+                out[key] = self.merge(data.get(key), default, f"{prefix}{key}.")
+            else:
+                out[key] = value
+        return out
+
+    def choice(self, key: str, value: Any, choices: tuple[str, ...]) -> str:
+        if value not in choices:
+            raise self.fail(key, f"must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    def positive_int(self, key: str, value: Any, allow_auto: bool = False) -> int | None:
+        if allow_auto and value == "auto":
+            return None
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise self.fail(key, f"must be a positive integer{' or auto' if allow_auto else ''}, got {value!r}")
+        return value
+
+    def size(self, key: str, value: Any, allow_auto: bool = False) -> int | None:
+        if allow_auto and value == "auto":
+            return None
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+        m = _SIZE_RE.match(str(value)) if isinstance(value, str) else None
+        if not m:
+            raise self.fail(key, f"must be a size like 8GiB or 500MB{' or auto' if allow_auto else ''}, got {value!r}")
+        n = int(float(m.group(1)) * _UNITS[(m.group(2) or "b").lower()])
+        if n <= 0:
+            raise self.fail(key, "must be greater than zero")
+        return n
+
+    def endpoint(self, key: str, value: Any) -> str:
+        if not isinstance(value, str) or not _ENDPOINT_RE.match(value) or not 0 < int(value.rsplit(":", 1)[1]) < 65536:
+            raise self.fail(key, f"must be an address like tcp://0.0.0.0:31330, got {value!r}")
+        return value
+
+    def string(self, key: str, value: Any) -> str:
+        if not isinstance(value, str) or not value:
+            raise self.fail(key, f"must be a non-empty string, got {value!r}")
+        return value
+
+
+def parse_blocks(r: _Reader, value: Any) -> tuple[int, int] | str:
+    if value in ("auto", "none") or value is None:
+        return "none" if value is None else value
+    m = re.match(r"^\s*(\d+)\s*:\s*(\d+)\s*$", str(value))
+    if not m or int(m.group(1)) >= int(m.group(2)):
+        raise r.fail("serve.blocks", f'must be auto, none or "START:END" with START < END, got {value!r}')
+    return int(m.group(1)), int(m.group(2))
+
+
+def parse_seeds(r: _Reader, value: Any, base_dir: str) -> tuple[tuple[Seed, ...], str | None]:
+    """Inline list, or a YAML file holding such a list. A missing default file means no seeds."""
+    seeds_file = None
+    if isinstance(value, str):
+        seeds_file = value if os.path.isabs(value) else os.path.join(base_dir, value)
+        if not os.path.exists(seeds_file):
+            return (), seeds_file
+        try:
+            with open(seeds_file) as f:
+                value = yaml.safe_load(f) or []
+        except (OSError, yaml.YAMLError) as e:
+            raise r.fail("discovery.seeds", f"cannot read {seeds_file}: {e}") from None
+        if isinstance(value, dict):
+            value = value.get("seeds", [])
+    if value is None:
+        value = []
+    if not isinstance(value, list):
+        raise r.fail("discovery.seeds", "must be a file path or a list of tcp://host:port")
+    seeds = []
+    for i, item in enumerate(value):
+        key = f"discovery.seeds[{i}]"
+        if isinstance(item, str):
+            seeds.append(Seed(r.endpoint(key, item)))
+        elif isinstance(item, dict) and set(item) <= {"address", "key"}:
+            seeds.append(Seed(r.endpoint(key, item.get("address")), item.get("key")))
+        else:
+            raise r.fail(key, f"must be tcp://host:port or {{address, key}}, got {item!r}")
+    return tuple(seeds), seeds_file
+
+
+def load_config(path: str, overrides: dict | None = None) -> Config:
+    """Read and validate a config file (or only `overrides` when path is None)."""
+    data: Any = {}
+    shown = path or "(built-in defaults)"
+    if path is not None:
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}: not valid YAML{where}") from None
+    if overrides:
+        data = _deep_update(dict(data) if isinstance(data, dict) else data, overrides)
+    r = _Reader(shown)
+    d = r.merge(data, DEFAULTS)
+    base_dir = os.path.dirname(os.path.abspath(path)) if path else os.getcwd()
+
+    if d["model"] is None:
+        raise r.fail("model", "not set: point it at a local Hugging Face checkpoint directory")
+    model = os.path.expanduser(r.string("model", d["model"]))
+    if not os.path.isabs(model):
+        model = os.path.join(base_dir, model)
+    s = d["serve"]
+    serve = ServeConfig(
+        blocks=parse_blocks(r, s["blocks"]),
+        num_blocks=r.positive_int("serve.num_blocks", s["num_blocks"], allow_auto=True),
+        device=_device(r, s["device"]),
+        dtype=r.choice("serve.dtype", s["dtype"], ("auto", "float32", "bfloat16", "float16")),
+        quant=r.choice("serve.quant", s["quant"], ("none", "int8", "nf4")),
+        max_length=r.positive_int("serve.max_length", s["max_length"]),
+        max_batch=r.positive_int("serve.max_batch", s["max_batch"]),
+        session_idle_timeout_s=float(r.positive_int("serve.session_idle_timeout_s", s["session_idle_timeout_s"])),
+        cache=CacheConfig(
+            max_bytes=r.size("serve.cache.max_bytes", s["cache"]["max_bytes"], allow_auto=True),
+            kv_dtype=r.choice("serve.cache.kv_dtype", s["cache"]["kv_dtype"], ("auto", "int8")),
+        ),
+    )
+    if serve.quant != "none":
+        raise r.fail("serve.quant", f"{serve.quant} weights are not supported by this version yet; use none")
+    if serve.cache.kv_dtype != "auto":
+        raise r.fail("serve.cache.kv_dtype", "int8 KV caches are not supported by this version yet; use auto")
+    n = d["network"]
+    announce = n["announce"]
+    if isinstance(announce, str):
+        announce = [announce]
+    if not isinstance(announce, list):
+        raise r.fail("network.announce", "must be a list of tcp://host:port")
+    network = NetworkConfig(
+        listen=r.endpoint("network.listen", n["listen"]),
+        announce=tuple(r.endpoint(f"network.announce[{i}]", a) for i, a in enumerate(announce)),
+        socket=os.path.expanduser(r.string("network.socket", n["socket"])),
+        max_message_bytes=r.size("network.max_message_bytes", n["max_message_bytes"]) or 0,
+    )
+    disc = d["discovery"]
+    if not isinstance(disc["mdns"], bool):
+        raise r.fail("discovery.mdns", f"must be true or false, got {disc['mdns']!r}")
+    ifaces = disc["mdns_interfaces"]
+    if ifaces != "all" and not (isinstance(ifaces, list) and all(isinstance(x, str) for x in ifaces)):
+        raise r.fail("discovery.mdns_interfaces", f"must be all or a list of addresses, got {ifaces!r}")
+    seeds, seeds_file = parse_seeds(r, disc["seeds"], base_dir)
+    discovery = DiscoveryConfig(
+        mdns=disc["mdns"], mdns_interfaces=ifaces if ifaces == "all" else tuple(ifaces),
+        seeds=seeds, seeds_file=seeds_file,
+    )
+    sw = d["swarm"]
+    swarm = SwarmConfig(
+        access=r.choice("swarm.access", sw["access"], ("open", "private")),
+        allowed_keys_dir=r.string("swarm.allowed_keys_dir", sw["allowed_keys_dir"]),
+    )
+    if swarm.access == "private":
+        raise r.fail("swarm.access", "private swarms are not supported by this version yet; use open")
+    model_id = d["model_id"]
+    if model_id is not None:
+        model_id = r.string("model_id", model_id)
+    return Config(
+        path=shown, model=model, model_id=model_id, serve=serve, network=network, discovery=discovery,
+        swarm=swarm, state_dir=os.path.expanduser(r.string("state_dir", d["state_dir"])),
+        log_level=r.choice("log_level", d["log_level"], ("debug", "info", "warning", "error")),
+    )
+
+
+def _device(r: _Reader, value: Any) -> str:
+    if not isinstance(value, str) or not re.match(r"^(auto|cpu|cuda(:\d+)?)$", value):
+        raise r.fail("serve.device", f"must be auto, cpu, cuda or cuda:N, got {value!r}")
+    return value
+
+
+def _deep_update(base: dict, extra: dict) -> dict:
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            base[k] = _deep_update(dict(base[k]), v)
+        else:
+            base[k] = v
+    return base

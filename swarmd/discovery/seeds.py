@@ -1,0 +1,71 @@
+"""Learning about peers by asking the seed addresses of the config for their info."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from libswarm.errors import SwarmError
+from swarmd.discovery.table import PeerRecord, PeerTable
+from swarmd.gateway.connection import ConnectionPool
+
+log = logging.getLogger("swarmd.discovery")
+
+REFRESH_INTERVAL_S = 5.0  # how often seeds are asked again (spans and free cache change)
+INFO_TIMEOUT_S = 2.0  # a seed that does not answer info in this time is marked unreachable
+
+
+class SeedPoller:
+    def __init__(self, pool: ConnectionPool, table: PeerTable, seeds: Callable[[], list[str]],
+                 self_record: Callable[[], PeerRecord | None]):
+        self.pool, self.table = pool, table
+        self.seeds, self.self_record = seeds, self_record
+        self._refresh_lock = threading.Lock()
+        self._logged_failures: set[str] = set()
+
+    def refresh(self) -> None:
+        """Ask every seed for its info now (one refresh at a time; concurrent callers wait for it)."""
+        with self._refresh_lock:
+            own = self.self_record()
+            if own is not None:
+                self.table.update(own)
+            for address in self.seeds():
+                if own is not None and address == own.address:
+                    continue
+                self._ask(address)
+
+    def _ask(self, address: str) -> None:
+        t0 = time.monotonic()
+        try:
+            info = self.pool.get(address).request("info", timeout_s=INFO_TIMEOUT_S).fields
+        except SwarmError as e:
+            self.pool.drop(address)
+            self.table.mark_unreachable(address, str(e))
+            if address not in self._logged_failures:  # say it once, not every refresh
+                self._logged_failures.add(address)
+                log.warning("seed %s: %s", address, e)
+            return
+        self._logged_failures.discard(address)
+        span = info.get("span")
+        ok_span = isinstance(span, list) and len(span) == 2 and all(isinstance(x, int) for x in span)
+        self.table.update(PeerRecord(
+            address=address,
+            model_id=info.get("model_id") if isinstance(info.get("model_id"), str) else None,
+            span=(span[0], span[1]) if ok_span else None,
+            state="online",
+            cache_free_bytes=int(info.get("cache_free_bytes") or 0),
+            sessions=int(info.get("sessions") or 0),
+            rtt_ms=round((time.monotonic() - t0) * 1000, 3),
+            last_seen=time.time(),
+            info=info,
+        ))
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                self.refresh()
+            except Exception:
+                log.exception("refreshing seeds failed")
+            stop.wait(REFRESH_INTERVAL_S)

@@ -1,0 +1,131 @@
+"""The local plane: a ROUTER socket on the Unix socket, serving apps and swarmctl.
+
+One thread owns the ROUTER; requests run on a small worker pool (a slow generation step of
+one app must not hold up another app or `swarmctl status`), and workers hand their replies
+back to the owner thread over an inproc PUSH/PULL pair."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import zmq
+
+from libswarm.errors import ConfigError, ProtocolError, SwarmError
+from libswarm.protocol import Message, decode, error_reply, ok_reply
+
+log = logging.getLogger("swarmd.local")
+
+WORKERS = 8  # concurrent app requests; each holds its own peer connections
+POLL_INTERVAL_MS = 500
+
+Handler = Callable[[Message], tuple[dict, dict | None]]
+
+
+class LocalServer:
+    def __init__(self, zctx: zmq.Context, socket_path: str, handlers: dict[str, Handler], max_message_bytes: int):
+        self.zctx, self.path, self.handlers = zctx, socket_path, handlers
+        self.sock = zctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        self._replies_addr = f"inproc://local-replies-{id(self)}"
+        self.replies = zctx.socket(zmq.PULL)
+        self.replies.bind(self._replies_addr)
+        self._local = threading.local()
+        self._pushers: list[zmq.Socket] = []
+        self._pushers_lock = threading.Lock()
+        self.pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="local")
+        self.on_idle: Callable[[], None] | None = None
+
+    def bind(self) -> None:
+        directory = os.path.dirname(self.path) or "."
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"network.socket: cannot create {directory}: {e.strerror}") from None
+        if os.path.exists(self.path):
+            if _socket_answers(self.zctx, self.path):
+                raise ConfigError(f"network.socket: another swarmd already serves {self.path}")
+            os.unlink(self.path)  # left behind by a daemon that died
+        try:
+            self.sock.bind(f"ipc://{self.path}")
+        except zmq.ZMQError as e:
+            raise ConfigError(f"network.socket: cannot bind {self.path}: {e}") from None
+        # apps and swarmctl of the socket's group may connect (systemd makes the group swarmd)
+        os.chmod(self.path, 0o660)
+
+    def serve(self, stop: threading.Event) -> None:
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.replies, zmq.POLLIN)
+        while not stop.is_set():
+            events = dict(poller.poll(POLL_INTERVAL_MS))
+            if self.replies in events:
+                while True:
+                    try:
+                        self.sock.send_multipart(self.replies.recv_multipart(zmq.NOBLOCK, copy=False), copy=False)
+                    except zmq.Again:
+                        break
+                    except zmq.ZMQError as e:
+                        log.info("could not deliver a reply: %s", e)
+            if self.sock in events:
+                while True:
+                    try:
+                        frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self.pool.submit(self._work, frames)
+            if not events and self.on_idle:
+                self.on_idle()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.sock.close(0)
+        self.replies.close(0)
+        with self._pushers_lock:
+            for s in self._pushers:
+                s.close(0)
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+    def _pusher(self) -> zmq.Socket:
+        s = getattr(self._local, "push", None)
+        if s is None:
+            s = self._local.push = self.zctx.socket(zmq.PUSH)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(self._replies_addr)
+            with self._pushers_lock:
+                self._pushers.append(s)
+        return s
+
+    def _work(self, frames) -> None:
+        ident, body = frames[0], frames[1:]
+        req_id = 0
+        try:
+            msg = decode(body)
+            req_id = msg.id
+            handler = self.handlers.get(msg.type)
+            if handler is None:
+                raise ProtocolError(f"unknown request type {msg.type!r}")
+            fields, tensors = handler(msg)
+            reply = ok_reply(req_id, fields, tensors)
+        except SwarmError as e:
+            log.info("local request %s refused: %s", req_id, e)
+            reply = error_reply(req_id, e)
+        except Exception as e:
+            log.exception("local request %s failed", req_id)
+            reply = error_reply(req_id, e)
+        self._pusher().send_multipart([ident, *reply], copy=False)
+
+
+def _socket_answers(zctx: zmq.Context, path: str) -> bool:
+    from libswarm.client import SwarmClient
+
+    try:
+        SwarmClient(socket=path, timeout_s=1.0, context=zctx).request("status")
+        return True
+    except SwarmError:
+        return False

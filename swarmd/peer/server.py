@@ -1,0 +1,257 @@
+"""The peer plane's server role: a ROUTER socket serving one span of blocks.
+
+Requests are handled inline in this thread, in arrival order: a decode step is a few
+milliseconds of compute, and a hand-off to another thread would cost more than it saves.
+Every request gets exactly one reply; a request that fails gets an error reply and leaves
+every other session untouched."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+import zmq
+
+from libswarm.errors import LimitError, ProtocolError, SessionError, SwarmError, TensorError, WrongModelError
+from libswarm.protocol import Message, decode, error_reply, ok_reply
+from swarmd.runtime.cache import CacheBudget, SessionCache
+from swarmd.runtime.span import Span
+
+log = logging.getLogger("swarmd.peer")
+
+POLL_INTERVAL_MS = 200  # how often idle sessions are looked at when no request arrives
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass
+class ServerSession:
+    id: str
+    cache: SessionCache
+    last_used: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class ServerStats:
+    steps: int = 0
+    tokens: int = 0
+    forwards: int = 0
+    errors: int = 0
+    sessions_opened: int = 0
+
+
+class SpanServer:
+    def __init__(self, zctx: zmq.Context, span: Span, budget: CacheBudget, model_id: str, *, max_length: int,
+                 max_batch: int, idle_timeout_s: float, max_message_bytes: int):
+        self.span, self.budget, self.model_id = span, budget, model_id
+        self.max_length, self.max_batch = max_length, max_batch
+        self.idle_timeout_s = idle_timeout_s
+        self.sessions: dict[str, ServerSession] = {}
+        self.stats = ServerStats()
+        self.sock = zctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self._lock = threading.Lock()  # guards self.sessions for readers in other threads
+        self.handlers = {
+            "info": self.on_info,
+            "open": self.on_open,
+            "step": self.on_step,
+            "close": self.on_close,
+            "forward": self.on_forward,
+            "ping": lambda msg: ({}, None),
+        }
+
+    def bind(self, endpoint: str) -> str:
+        self.sock.bind(endpoint)
+        return self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    # --- the loop -------------------------------------------------------------------------
+    def serve(self, stop: threading.Event) -> None:
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        while not stop.is_set():
+            if poller.poll(POLL_INTERVAL_MS):
+                while True:
+                    try:
+                        frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self.handle(frames)
+            self.expire_idle()
+        self.sock.close(0)
+        for sid in list(self.sessions):
+            self._drop(sid)
+
+    def handle(self, frames) -> None:
+        ident, body = frames[0], frames[1:]
+        req_id = 0
+        try:
+            msg = decode(body)
+            req_id = msg.id
+            handler = self.handlers.get(msg.type)
+            if handler is None:
+                raise ProtocolError(f"unknown message type {msg.type!r}")
+            fields, tensors = handler(msg)
+            reply = ok_reply(req_id, fields, tensors)
+        except SwarmError as e:
+            self.stats.errors += 1
+            log.info("request %s refused: %s", req_id, e)
+            reply = error_reply(req_id, e)
+        except Exception as e:  # a bug must cost one request, never the daemon
+            self.stats.errors += 1
+            log.exception("request %s failed", req_id)
+            reply = error_reply(req_id, e)
+        try:
+            self.sock.send_multipart([ident, *reply], copy=False)
+        except zmq.ZMQError as e:
+            log.warning("could not reply to request %s: %s", req_id, e)
+
+    # --- handlers ------------------------------------------------------------------------
+    def info(self) -> dict:
+        return {
+            "model_id": self.model_id,
+            "span": [self.span.start, self.span.end],
+            "num_layers": self.span.checkpoint.num_layers,
+            "hidden_size": self.span.hidden_size,
+            "dtype": str(self.span.dtype).removeprefix("torch."),
+            "device": str(self.span.device),
+            "cache_max_bytes": self.budget.max_bytes,
+            "cache_free_bytes": self.budget.free_bytes,
+            "sessions": len(self.sessions),
+            "max_length": self.max_length,
+            "max_batch": self.max_batch,
+        }
+
+    def on_info(self, msg: Message):
+        return self.info(), None
+
+    def _check_model(self, msg: Message) -> None:
+        asked = msg.get("model_id")
+        if asked != self.model_id:
+            raise WrongModelError(f"this server serves model {self.model_id}, not {asked}")
+
+    def _check_blocks(self, msg: Message) -> tuple[int, int]:
+        blocks = msg.get("blocks")
+        if (
+            not isinstance(blocks, list) or len(blocks) != 2
+            or not all(isinstance(b, int) and not isinstance(b, bool) for b in blocks)
+        ):
+            raise ProtocolError(f"{msg.type}: 'blocks' must be [first, last]")
+        first, last = blocks
+        if not (self.span.start <= first < last <= self.span.end):
+            raise LimitError(
+                f"blocks {first}:{last} are not served here (this server has {self.span.start}:{self.span.end})"
+            )
+        return first, last
+
+    def on_open(self, msg: Message):
+        self._check_model(msg)
+        first, last = self._check_blocks(msg)
+        max_length = msg.require("max_length", int)
+        batch = msg.require("batch", int)
+        if not 0 < max_length <= self.max_length:
+            raise LimitError(f"max_length {max_length} is outside 1..{self.max_length} allowed by this server")
+        if not 0 < batch <= self.max_batch:
+            raise LimitError(f"batch {batch} is outside 1..{self.max_batch} allowed by this server")
+        nbytes = SessionCache.bytes_needed(
+            blocks=last - first, batch=batch, max_length=max_length, kv_heads=self.span.num_kv_heads,
+            head_dim=self.span.head_dim, dtype=self.span.dtype,
+        )
+        self.budget.reserve(nbytes)
+        try:
+            cache = SessionCache(
+                first=first, last=last, batch=batch, max_length=max_length, kv_heads=self.span.num_kv_heads,
+                head_dim=self.span.head_dim, dtype=self.span.dtype, device=self.span.device,
+            )
+        except BaseException:
+            self.budget.release(nbytes)
+            raise
+        sid = secrets.token_hex(12)
+        with self._lock:
+            self.sessions[sid] = ServerSession(sid, cache)
+        self.stats.sessions_opened += 1
+        return {"session": sid, "cache_bytes": nbytes}, None
+
+    def _session(self, msg: Message) -> ServerSession:
+        sid = msg.get("session")
+        s = self.sessions.get(sid) if isinstance(sid, str) else None
+        if s is None:
+            raise SessionError(f"unknown or expired session {sid!r}")
+        s.last_used = time.monotonic()
+        return s
+
+    def _inputs(self, msg: Message, batch: int | None = None):
+        """hidden [B, T, H] plus optional position_ids [B, T] int64 and key_mask [B, T] bool, checked."""
+        hidden = msg.tensor("hidden")
+        assert hidden is not None
+        if hidden.dtype not in FLOAT_DTYPES or hidden.ndim != 3 or hidden.shape[2] != self.span.hidden_size:
+            raise TensorError(
+                f"hidden must be float [batch, length, {self.span.hidden_size}], got {str(hidden.dtype)[6:]} "
+                f"{list(hidden.shape)}"
+            )
+        B, T, _ = hidden.shape
+        if B == 0 or T == 0:
+            raise TensorError("hidden has an empty batch or length")
+        if batch is None and (B > self.max_batch or T > self.max_length):
+            raise LimitError(f"forward of batch {B} x length {T} exceeds {self.max_batch} x {self.max_length}")
+        pos = msg.tensor("position_ids", optional=True)
+        if pos is not None:
+            if pos.dtype != torch.int64 or list(pos.shape) != [B, T]:
+                raise TensorError(f"position_ids must be int64 [{B}, {T}], got {str(pos.dtype)[6:]} {list(pos.shape)}")
+            if T and (int(pos.min()) < 0 or int(pos.max()) >= 2**31):
+                raise TensorError("position_ids must be within 0..2^31")
+        mask = msg.tensor("key_mask", optional=True)
+        if mask is not None and (mask.dtype != torch.bool or list(mask.shape) != [B, T]):
+            raise TensorError(f"key_mask must be bool [{B}, {T}], got {str(mask.dtype)[6:]} {list(mask.shape)}")
+        return hidden, pos, mask
+
+    def on_step(self, msg: Message):
+        s = self._session(msg)
+        hidden, pos, mask = self._inputs(msg, batch=s.cache.batch)
+        B, T, _ = hidden.shape
+        s.cache.check_step(B, T)
+        if pos is None:
+            pos = torch.arange(s.cache.length, s.cache.length + T).expand(B, T)
+        out = self.span.run(hidden, pos, mask, s.cache.first, s.cache.last, cache=s.cache)
+        self.stats.steps += 1
+        self.stats.tokens += B * T
+        return {"position": s.cache.length}, {"hidden": out}
+
+    def on_forward(self, msg: Message):
+        self._check_model(msg)
+        first, last = self._check_blocks(msg)
+        hidden, pos, mask = self._inputs(msg)
+        B, T, _ = hidden.shape
+        if pos is None:
+            pos = torch.arange(T).expand(B, T)
+        out = self.span.run(hidden, pos, mask, first, last)
+        self.stats.forwards += 1
+        return {}, {"hidden": out}
+
+    def on_close(self, msg: Message):
+        sid = msg.get("session")
+        closed = isinstance(sid, str) and self._drop(sid)
+        return {"closed": bool(closed)}, None
+
+    # --- housekeeping ------------------------------------------------------------------------
+    def _drop(self, sid: str) -> bool:
+        with self._lock:
+            s = self.sessions.pop(sid, None)
+        if s is None:
+            return False
+        self.budget.release(s.cache.nbytes)
+        return True
+
+    def expire_idle(self) -> None:
+        now = time.monotonic()
+        for sid, s in list(self.sessions.items()):
+            if now - s.last_used > self.idle_timeout_s:
+                log.info("session %s idle for %.0f s: freeing its cache", sid[:8], now - s.last_used)
+                self._drop(sid)
+
+    def cache_used_bytes(self) -> int:
+        return self.budget.used_bytes
