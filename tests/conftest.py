@@ -1,0 +1,40 @@
+import os
+import sys
+
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tools"))
+
+from make_test_model import make_model  # noqa: E402
+
+# One small shape per family; kv heads < heads exercises GQA. Mistral gets a sliding window
+# shorter than the test sequences so that the window matters; Qwen2 ties its embeddings.
+FAMILY_OPTIONS = {
+    "llama": dict(layers=6, kv_heads=2),
+    "mistral": dict(layers=6, kv_heads=2, sliding_window=12),
+    "qwen2": dict(layers=6, kv_heads=2, tie=True),
+    "bloom": dict(layers=6),
+}
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory):
+    cache = {}
+
+    def get(family: str, **over) -> str:
+        key = (family, tuple(sorted(over.items())))
+        if key not in cache:
+            out = str(tmp_path_factory.mktemp(f"model-{family}"))
+            cache[key] = make_model(family, out, **{**FAMILY_OPTIONS[family], **over})
+        return cache[key]
+
+    return get
+
+
+def hf_reference(model_dir: str):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()

@@ -1,0 +1,112 @@
+"""Generation through a chain of three real swarmd servers and a gateway-only daemon, for every
+family, against Hugging Face's own model on the same weights (fp32)."""
+
+import pytest
+import torch
+
+from conftest import hf_reference
+from helpers import running_swarm
+from libswarm import AutoDistributedModelForCausalLM, SessionError
+
+FAMILIES = ["llama", "mistral", "qwen2", "bloom"]
+GEN = dict(pad_token_id=0)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_swarm(request, model_dirs):
+    d = model_dirs(request.param)
+    with running_swarm(d, ["0:2", "2:4", "4:6"]) as (servers, gw):
+        model = AutoDistributedModelForCausalLM.from_pretrained(d, socket=gw.socket)
+        yield request.param, model, hf_reference(d), servers, gw
+
+
+def prompt(batch=1, length=10, seed=0):
+    return torch.randint(3, 500, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def test_logits_equal_hf(family_swarm):
+    _, model, ref, _, _ = family_swarm
+    ids = prompt(length=16)
+    assert (model(ids).logits - ref(ids).logits).abs().max().item() <= 1e-4
+
+
+def test_greedy_generate_equals_hf(family_swarm):
+    _, model, ref, _, _ = family_swarm
+    ids = prompt(seed=1)
+    ours = model.generate(ids, do_sample=False, max_new_tokens=20, min_new_tokens=20, **GEN)
+    theirs = ref.generate(ids, do_sample=False, max_new_tokens=20, min_new_tokens=20, **GEN)
+    assert ours.shape == (1, 30)
+    assert torch.equal(ours, theirs)
+
+
+def test_seeded_sampling_equals_hf(family_swarm):
+    _, model, ref, _, _ = family_swarm
+    ids = prompt(seed=2)
+    opts = dict(do_sample=True, top_k=50, top_p=0.9, temperature=0.8, repetition_penalty=1.3,
+                max_new_tokens=16, min_new_tokens=16, **GEN)
+    torch.manual_seed(123)
+    ours = model.generate(ids, **opts)
+    torch.manual_seed(123)
+    theirs = ref.generate(ids, **opts)
+    assert torch.equal(ours, theirs)
+
+
+def test_batch_of_two_left_padded_prompts_equals_hf(family_swarm):
+    _, model, ref, _, _ = family_swarm
+    ids = prompt(batch=2, length=12, seed=3)
+    mask = torch.ones_like(ids)
+    ids[1, :4], mask[1, :4] = 0, 0  # the second prompt is 4 tokens shorter
+    opts = dict(attention_mask=mask, do_sample=False, max_new_tokens=12, min_new_tokens=12, **GEN)
+    ours = model.generate(ids, **opts)
+    theirs = ref.generate(ids, **opts)
+    assert torch.equal(ours, theirs)
+
+
+@torch.no_grad()
+def test_session_steps_of_several_tokens_equal_one_forward(family_swarm):
+    _, model, ref, _, _ = family_swarm
+    ids = prompt(length=20, seed=4)
+    full = ref(ids).logits
+    with model.inference_session(max_length=32):
+        parts = [model(ids[:, a:b]).logits for a, b in [(0, 6), (6, 7), (7, 11), (11, 12), (12, 20)]]
+    assert (torch.cat(parts, 1) - full).abs().max().item() <= 1e-4
+
+
+def test_generate_calls_continue_one_session(family_swarm):
+    family, model, ref, _, _ = family_swarm
+    ids = prompt(length=8, seed=5)
+    expected = ref.generate(ids, do_sample=False, max_new_tokens=16, min_new_tokens=16, **GEN)
+    more = prompt(length=3, seed=6)
+    expected2 = ref.generate(torch.cat([expected, more], 1), do_sample=False, max_new_tokens=4,
+                             min_new_tokens=4, **GEN)
+    with model.inference_session(max_length=64) as sess:
+        first = model.generate(ids, do_sample=False, max_new_tokens=8, min_new_tokens=8, **GEN)
+        # the whole sequence so far, as HF users pass it
+        second = model.generate(first, do_sample=False, max_new_tokens=8, min_new_tokens=8, **GEN)
+        assert torch.equal(second, expected)
+        # only the new tokens, as a chat loop passes them
+        third = model.generate(more, do_sample=False, max_new_tokens=4, min_new_tokens=4, **GEN)
+        assert torch.equal(third, expected2)
+        assert sess.position == expected2.shape[1] - 1
+
+
+@torch.no_grad()
+def test_labels_give_the_same_loss_as_hf(family_swarm):
+    _, model, ref, _, _ = family_swarm
+    ids = prompt(batch=2, length=12, seed=7)
+    labels = ids.clone()
+    labels[:, :3] = -100
+    ours, theirs = model(ids, labels=labels), ref(ids, labels=labels)
+    assert abs(ours.loss.item() - theirs.loss.item()) <= 1e-4
+
+
+def test_session_over_max_length_is_refused_and_swarm_keeps_serving(family_swarm):
+    _, model, ref, _, _ = family_swarm
+    ids = prompt(length=8)
+    with model.inference_session(max_length=10):
+        model(ids)
+        with pytest.raises(SessionError, match="max_length 10"):
+            model(prompt(length=3))
+    assert torch.equal(model.generate(ids, do_sample=False, max_new_tokens=2, **GEN),
+                       ref.generate(ids, do_sample=False, max_new_tokens=2, **GEN))
