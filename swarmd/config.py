@@ -170,7 +170,7 @@ class _Reader:
         return n
 
     def endpoint(self, key: str, value: Any) -> str:
-        if not isinstance(value, str) or not _ENDPOINT_RE.match(value) or not 0 < int(value.rsplit(":", 1)[1]) < 65536:
+        if not isinstance(value, str) or not _ENDPOINT_RE.match(value) or not 0 <= int(value.rsplit(":", 1)[1]) < 65536:
             raise self.fail(key, f"must be an address like tcp://0.0.0.0:31330, got {value!r}")
         return value
 

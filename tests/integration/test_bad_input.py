@@ -1,0 +1,192 @@
+"""Cache accounting, and every kind of bad input: each gets a one-line error naming the problem,
+and the daemons go on serving everyone else."""
+
+import os
+import subprocess
+
+import pytest
+import torch
+import yaml
+import zmq
+
+from conftest import hf_reference
+from helpers import SWARMCTL, SWARMD, running_swarm
+from libswarm import (
+    AutoDistributedModelForCausalLM,
+    CacheFullError,
+    LimitError,
+    ProtocolError,
+    SessionError,
+    SwarmClient,
+    TensorError,
+    WrongModelError,
+)
+from libswarm.protocol import decode, encode
+
+HIDDEN = 64
+
+
+@pytest.fixture(scope="module")
+def swarm(model_dirs):
+    d = model_dirs("llama")
+    with running_swarm(d, ["0:3", "3:6"]) as (servers, gw):
+        model = AutoDistributedModelForCausalLM.from_pretrained(d, socket=gw.socket)
+        yield d, model, servers, gw
+
+
+def still_generates(model, d):
+    ids = torch.randint(3, 500, (1, 6), generator=torch.Generator().manual_seed(9))
+    ref = hf_reference(d)
+    kw = dict(do_sample=False, max_new_tokens=4, pad_token_id=0)
+    assert torch.equal(model.generate(ids, **kw), ref.generate(ids, **kw))
+
+
+def raw_request(address: str, frames: list) -> dict:
+    """Send raw frames to a daemon and return the decoded reply header fields."""
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(address)
+    try:
+        s.send_multipart(frames)
+        assert s.poll(10_000), "daemon did not answer"
+        reply = decode(s.recv_multipart())
+        return {"type": reply.type, **reply.fields}
+    finally:
+        s.close()
+
+
+def test_cache_free_drops_by_the_allocation_and_returns_on_close(swarm):
+    d, model, servers, gw = swarm
+    s0 = servers[0]
+    before = s0.ctl("status")["cache"]
+    client = SwarmClient(socket=gw.socket)
+    opened = client.open_session(model.model_id, max_length=100, batch=2)
+    during = s0.ctl("status")["cache"]
+    # 3 blocks x K and V x batch 2 x 2 kv heads x 100 positions x head_dim 16 x 4 bytes
+    expected = 3 * 2 * 2 * 2 * 100 * 16 * 4
+    assert before["free_bytes"] - during["free_bytes"] == expected
+    assert during["used_bytes"] - before["used_bytes"] == expected
+    assert s0.ctl("status")["sessions"]["server"] == 1
+    client.close_session(opened["session"])
+    assert s0.ctl("status")["cache"] == before
+
+
+def test_session_over_the_cache_budget_is_refused_cleanly(swarm):
+    d, model, servers, gw = swarm
+    before = [s.ctl("status")["cache"] for s in servers]
+    with pytest.raises(CacheFullError, match="KV cache"):
+        SwarmClient(socket=gw.socket).open_session(model.model_id, max_length=8192, batch=64)
+    # nothing leaked on the server that did accept its part before another refused
+    assert [s.ctl("status")["cache"] for s in servers] == before
+    still_generates(model, d)
+
+
+def test_step_past_max_length_and_unknown_session(swarm):
+    d, model, servers, gw = swarm
+    client = SwarmClient(socket=gw.socket)
+    sid = client.open_session(model.model_id, max_length=4, batch=1)["session"]
+    with pytest.raises(LimitError, match="max_length 4"):
+        client.step(sid, torch.zeros(1, 5, HIDDEN))
+    client.close_session(sid)
+    with pytest.raises(SessionError, match="unknown or closed session"):
+        client.step(sid, torch.zeros(1, 1, HIDDEN))
+    still_generates(model, d)
+
+
+def test_wrong_tensor_shapes_and_dtypes_get_tensor_errors(swarm):
+    d, model, servers, gw = swarm
+    client = SwarmClient(socket=gw.socket)
+    with pytest.raises(ProtocolError, match=r"hidden must be \[batch, length, 64\]"):
+        client.forward(model.model_id, torch.zeros(1, 3, 32))
+    with pytest.raises(TensorError, match="hidden must be float"):
+        client.forward(model.model_id, torch.zeros(1, 3, HIDDEN, dtype=torch.int32))
+    with pytest.raises(TensorError, match=r"position_ids must be int64 \[1, 3\]"):
+        client.forward(model.model_id, torch.zeros(1, 3, HIDDEN), position_ids=torch.zeros(1, 4))
+    with pytest.raises(TensorError, match=r"key_mask must be bool \[1, 3\]"):
+        client.forward(model.model_id, torch.zeros(1, 3, HIDDEN), key_mask=torch.ones(2, 3))
+    sid = client.open_session(model.model_id, max_length=8, batch=1)["session"]
+    with pytest.raises(SessionError, match="batch 1"):
+        client.step(sid, torch.zeros(2, 1, HIDDEN))
+    client.close_session(sid)
+    still_generates(model, d)
+
+
+def test_garbage_frames_on_both_planes_get_error_replies(swarm):
+    d, model, servers, gw = swarm
+    peer = servers[0].address
+    assert raw_request(peer, [b"\x00not json"])["code"] == "protocol"
+    assert "unknown message type" in raw_request(peer, encode("bogus", 1))["message"]
+    bad_tensor = [b'{"v":"1.0","type":"forward","id":2,"tensors":[{"name":"hidden","dtype":"float32",'
+                  b'"shape":[1,1,64]}]}', b"\0" * 10]
+    assert raw_request(peer, bad_tensor)["code"] == "tensor"
+    reply = raw_request(peer, encode("step", 3, {"session": "nope"}, {"hidden": torch.zeros(1, 1, HIDDEN)}))
+    assert reply["code"] == "session"
+    local = f"ipc://{gw.socket}"
+    assert raw_request(local, [b"{}"])["code"] == "protocol"
+    assert raw_request(local, [b'{"v":"2.0","type":"status","id":1}'])["message"].startswith("protocol version")
+    still_generates(model, d)
+
+
+def test_model_the_swarm_does_not_serve_is_refused(swarm, model_dirs):
+    d, model, servers, gw = swarm
+    other = model_dirs("llama", seed=5, layers=4)
+    with pytest.raises(WrongModelError, match="serves"):
+        AutoDistributedModelForCausalLM.from_pretrained(other, socket=gw.socket)
+    peer_reply = raw_request(servers[0].address, encode("open", 1, {"model_id": "llama-other", "blocks": [0, 3],
+                                                                     "max_length": 4, "batch": 1}))
+    assert peer_reply["code"] == "wrong_model"
+    assert raw_request(servers[0].address, encode("open", 2, {"model_id": model.model_id, "blocks": [2, 5],
+                                                              "max_length": 4, "batch": 1}))["code"] == "limit"
+    still_generates(model, d)
+
+
+def run_swarmd(tmp_path, cfg) -> subprocess.CompletedProcess:
+    path = tmp_path / "swarmd.yaml"
+    path.write_text(cfg if isinstance(cfg, str) else yaml.safe_dump(cfg))
+    return subprocess.run([SWARMD, "--config", str(path)], capture_output=True, text=True, timeout=60)
+
+
+def base_cfg(tmp_path, model, blocks="0:2"):
+    return {"model": model, "serve": {"blocks": blocks, "device": "cpu"},
+            "network": {"listen": "tcp://127.0.0.1:0", "socket": str(tmp_path / "s.sock")},
+            "discovery": {"mdns": False, "seeds": []}, "state_dir": str(tmp_path / "state")}
+
+
+@pytest.mark.parametrize(
+    "mutate, needle",
+    [
+        (lambda c, t, m: c.update(model=str(t / "missing")), "does not exist"),
+        (lambda c, t, m: c.update(model=str(t)), "config.json is missing"),
+        (lambda c, t, m: c["serve"].update(blocks="4:60"), "out of range"),
+        (lambda c, t, m: c["serve"].update(colour="blue"), "serve.colour: unknown key"),
+        (lambda c, t, m: c["network"].update(listen="tcp://127.0.0.1"), "network.listen"),
+    ],
+)
+def test_swarmd_refuses_bad_setups_with_one_line(tmp_path, model_dirs, mutate, needle):
+    cfg = base_cfg(tmp_path, model_dirs("llama"))
+    mutate(cfg, tmp_path, model_dirs("llama"))
+    r = run_swarmd(tmp_path, cfg)
+    assert r.returncode == 2
+    err = [line for line in r.stderr.splitlines() if needle in line]
+    assert err, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_swarmd_refuses_an_unsupported_architecture(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text('{"architectures": ["T5ForConditionalGeneration"]}')
+    r = run_swarmd(tmp_path, base_cfg(tmp_path, str(tmp_path / "m")))
+    assert r.returncode == 2 and "unsupported architecture" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_swarmd_refuses_malformed_yaml(tmp_path):
+    r = run_swarmd(tmp_path, "model: [oops\n")
+    assert r.returncode == 2 and "not valid YAML" in r.stderr
+
+
+def test_swarmctl_without_a_daemon_fails_with_one_line(tmp_path):
+    r = subprocess.run([SWARMCTL, "--socket", str(tmp_path / "none.sock"), "status"], capture_output=True,
+                       text=True, timeout=30, env=dict(os.environ))
+    assert r.returncode != 0
+    assert r.stderr.strip().count("\n") == 0 and "not running" in r.stderr
