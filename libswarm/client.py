@@ -70,7 +70,9 @@ class SwarmClient:
                 if left_ms <= 0 or not sock.poll(left_ms, zmq.POLLIN):
                     # the socket may hold a late reply now; start clean next time
                     self._reset()
-                    raise PeerUnavailableError(f"swarmd at {self.socket_path} did not answer {msg_type} in {timeout:g} s")
+                    raise PeerUnavailableError(
+                        f"swarmd at {self.socket_path} did not answer {msg_type} in {timeout:g} s"
+                    )
                 try:
                     reply = decode(sock.recv_multipart(copy=False))
                 except ProtocolError as e:

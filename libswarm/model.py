@@ -62,6 +62,7 @@ class RemoteSession:
                 f"the session's max_length {self.max_length} is reached ({self.position} + {T} positions); "
                 "open the session with a larger max_length"
             )
+        assert self.id is not None
         out = self.model.client.step(self.id, hidden, position_ids, key_mask)
         self.position += T
         return out
@@ -128,7 +129,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
 
-    def _supports_default_dynamic_cache(self) -> bool:  # the servers hold the cache
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:  # the servers hold the cache
         return False
 
     # --- forward -----------------------------------------------------------------------------------
@@ -153,11 +155,11 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         sess = self.active_session
         past = sess.position if sess is not None else 0
         key_mask = _new_mask(attention_mask, T)
-        position_ids = self._positions(position_ids, attention_mask, past, B, T, hidden.device)
+        positions = self._positions(position_ids, attention_mask, past, B, T, hidden.device)
         if sess is not None:
-            out = sess.step(hidden, position_ids, key_mask)
+            out = sess.step(hidden, positions, key_mask)
         else:
-            out = self.client.forward(self.model_id, hidden, position_ids, key_mask)
+            out = self.client.forward(self.model_id, hidden, positions, key_mask)
         out = out.to(hidden.dtype)
         logits = self.lm_head(self.norm(out))
         loss = None
@@ -234,6 +236,7 @@ def _continue(sess: RemoteSession, ids: torch.Tensor | None, mask: torch.Tensor 
             raise ValueError("generate() needs input_ids to start a session")
         return ids, mask if mask is not None else torch.ones_like(ids)
     done = sess.position
+    assert sess.mask is not None
     if ids is None:
         return sess.ids, sess.mask
     if ids.shape[0] != sess.ids.shape[0]:

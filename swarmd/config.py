@@ -253,9 +253,9 @@ def load_config(path: str, overrides: dict | None = None) -> Config:
         device=_device(r, s["device"]),
         dtype=r.choice("serve.dtype", s["dtype"], ("auto", "float32", "bfloat16", "float16")),
         quant=r.choice("serve.quant", s["quant"], ("none", "int8", "nf4")),
-        max_length=r.positive_int("serve.max_length", s["max_length"]),
-        max_batch=r.positive_int("serve.max_batch", s["max_batch"]),
-        session_idle_timeout_s=float(r.positive_int("serve.session_idle_timeout_s", s["session_idle_timeout_s"])),
+        max_length=r.positive_int("serve.max_length", s["max_length"]) or 1,
+        max_batch=r.positive_int("serve.max_batch", s["max_batch"]) or 1,
+        session_idle_timeout_s=float(r.positive_int("serve.session_idle_timeout_s", s["session_idle_timeout_s"]) or 1),
         cache=CacheConfig(
             max_bytes=r.size("serve.cache.max_bytes", s["cache"]["max_bytes"], allow_auto=True),
             kv_dtype=r.choice("serve.cache.kv_dtype", s["cache"]["kv_dtype"], ("auto", "int8")),

@@ -72,7 +72,8 @@ class Daemon:
             return None
         if blocks == "auto":  # placement by swarm throughput comes with load balancing; until then, from 0
             return 0, min(n, self.config.serve.num_blocks or n)
-        start, end = blocks  # type: ignore[misc]
+        assert isinstance(blocks, tuple)
+        start, end = blocks
         if end > n:
             raise ConfigError(f"{self.config.path}: serve.blocks: {start}:{end} is out of range, "
                               f"the model has blocks 0:{n}")

@@ -11,6 +11,7 @@ Header (a JSON object, at most MAX_HEADER_BYTES):
 
 from __future__ import annotations
 
+import builtins
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ class Message:
     def get(self, key: str, default: Any = None) -> Any:
         return self.fields.get(key, default)
 
-    def require(self, key: str, kind: type | tuple[type, ...]) -> Any:
+    def require(self, key: str, kind: builtins.type | tuple[builtins.type, ...]) -> Any:
         """A field that must be present with the given type; a ProtocolError names it otherwise."""
         value = self.fields.get(key)
         if value is None or not isinstance(value, kind) or (isinstance(value, bool) and kind is int):

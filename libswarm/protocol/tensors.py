@@ -40,7 +40,7 @@ def tensor_to_buffer(t: torch.Tensor) -> tuple[dict, memoryview]:
     spec = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape)}
     flat = t.reshape(-1)
     raw = flat.view(torch.uint8) if t.dtype != torch.uint8 else flat
-    return spec, memoryview(raw.numpy())
+    return spec, memoryview(raw.numpy())  # type: ignore[arg-type]
 
 
 def tensor_from_buffer(spec: object, buf: memoryview | bytes) -> torch.Tensor:

@@ -48,12 +48,14 @@ class SeedPoller:
                 log.warning("seed %s: %s", address, e)
             return
         self._logged_failures.discard(address)
-        span = info.get("span")
-        ok_span = isinstance(span, list) and len(span) == 2 and all(isinstance(x, int) for x in span)
+        raw_span = info.get("span")
+        span = (raw_span[0], raw_span[1]) if (
+            isinstance(raw_span, list) and len(raw_span) == 2 and all(isinstance(x, int) for x in raw_span)
+        ) else None
         self.table.update(PeerRecord(
             address=address,
             model_id=info.get("model_id") if isinstance(info.get("model_id"), str) else None,
-            span=(span[0], span[1]) if ok_span else None,
+            span=span,
             state="online",
             cache_free_bytes=int(info.get("cache_free_bytes") or 0),
             sessions=int(info.get("sessions") or 0),

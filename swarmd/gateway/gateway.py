@@ -143,7 +143,7 @@ class Gateway:
                 reply = self.pool.get(hop.address).request(
                     "step", {"session": server_sid}, tensors, timeout_s=STEP_TIMEOUT_S
                 )
-                tensors = dict(tensors, hidden=reply.tensor("hidden"))
+                tensors = dict(tensors, hidden=_hidden(reply))
             sess.position += T
         return {"position": sess.position}, {"hidden": tensors["hidden"]}
 
@@ -164,7 +164,7 @@ class Gateway:
                 "forward", {"model_id": self.model_id, "blocks": [hop.first, hop.last]}, tensors,
                 timeout_s=STEP_TIMEOUT_S,
             )
-            tensors = dict(tensors, hidden=reply.tensor("hidden"))
+            tensors = dict(tensors, hidden=_hidden(reply))
         return {}, {"hidden": tensors["hidden"]}
 
     # --- housekeeping -------------------------------------------------------------------------
@@ -191,3 +191,9 @@ class Gateway:
             self.sessions.clear()
         for s in sessions:
             self._close_remote(list(zip(s.hops, s.server_sessions)))
+
+
+def _hidden(reply: Message) -> torch.Tensor:
+    hidden = reply.tensor("hidden")
+    assert hidden is not None  # tensor() raises when it is missing
+    return hidden

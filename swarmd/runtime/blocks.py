@@ -47,6 +47,18 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+class _Projections(nn.Module):
+    """A named group of linear layers, so that parameter names match the checkpoint's."""
+
+    def __init__(self, **layers: nn.Linear):
+        super().__init__()
+        for name, layer in layers.items():
+            self.add_module(name, layer)
+
+    def __getattr__(self, name: str) -> nn.Linear:  # typed access to the registered layers
+        return super().__getattr__(name)  # type: ignore[return-value]
+
+
 class LlamaBlock(nn.Module):
     """Llama / Mistral / Qwen2 decoder layer (pre-norm, rotary, GQA, SwiGLU-style MLP)."""
 
@@ -62,15 +74,17 @@ class LlamaBlock(nn.Module):
         mlp_bias = bool(getattr(config, "mlp_bias", False))
         self.input_layernorm = RMSNorm(hidden, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(hidden, config.rms_norm_eps)
-        self.self_attn = nn.Module()
-        self.self_attn.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=qkv_bias)
-        self.self_attn.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=qkv_bias)
-        self.self_attn.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=qkv_bias)
-        self.self_attn.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=o_bias)
-        self.mlp = nn.Module()
-        self.mlp.gate_proj = nn.Linear(hidden, inter, bias=mlp_bias)
-        self.mlp.up_proj = nn.Linear(hidden, inter, bias=mlp_bias)
-        self.mlp.down_proj = nn.Linear(inter, hidden, bias=mlp_bias)
+        self.self_attn = _Projections(
+            q_proj=nn.Linear(hidden, self.num_heads * self.head_dim, bias=qkv_bias),
+            k_proj=nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=qkv_bias),
+            v_proj=nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=qkv_bias),
+            o_proj=nn.Linear(self.num_heads * self.head_dim, hidden, bias=o_bias),
+        )
+        self.mlp = _Projections(
+            gate_proj=nn.Linear(hidden, inter, bias=mlp_bias),
+            up_proj=nn.Linear(hidden, inter, bias=mlp_bias),
+            down_proj=nn.Linear(inter, hidden, bias=mlp_bias),
+        )
         from transformers.activations import ACT2FN
 
         self.act = ACT2FN[config.hidden_act]
@@ -117,12 +131,12 @@ class BloomBlock(nn.Module):
         eps = config.layer_norm_epsilon
         self.input_layernorm = nn.LayerNorm(hidden, eps=eps)
         self.post_attention_layernorm = nn.LayerNorm(hidden, eps=eps)
-        self.self_attention = nn.Module()
-        self.self_attention.query_key_value = nn.Linear(hidden, 3 * hidden)
-        self.self_attention.dense = nn.Linear(hidden, hidden)
-        self.mlp = nn.Module()
-        self.mlp.dense_h_to_4h = nn.Linear(hidden, 4 * hidden)
-        self.mlp.dense_4h_to_h = nn.Linear(4 * hidden, hidden)
+        self.self_attention = _Projections(
+            query_key_value=nn.Linear(hidden, 3 * hidden), dense=nn.Linear(hidden, hidden)
+        )
+        self.mlp = _Projections(
+            dense_h_to_4h=nn.Linear(hidden, 4 * hidden), dense_4h_to_h=nn.Linear(4 * hidden, hidden)
+        )
 
     def forward(self, x: torch.Tensor, ctx: StepContext, kv: KV | None) -> torch.Tensor:
         B, T, H = x.shape
@@ -138,7 +152,7 @@ class BloomBlock(nn.Module):
         return self.mlp.dense_4h_to_h(_bloom_gelu(self.mlp.dense_h_to_4h(ln))) + residual
 
 
-BLOCK_CLASSES = {"llama": LlamaBlock, "bloom": BloomBlock}
+BLOCK_CLASSES: dict[str, type[LlamaBlock] | type[BloomBlock]] = {"llama": LlamaBlock, "bloom": BloomBlock}
 
 
 def sliding_window_of(config, layer_idx: int) -> int | None:
@@ -164,7 +178,7 @@ class Rotary(nn.Module):
         mt = config.model_type
         module = importlib.import_module(f"transformers.models.{mt}.modeling_{mt}")
         cls = next(getattr(module, n) for n in dir(module) if n.endswith("RotaryEmbedding"))
-        self.impl = cls(config=config)
+        self.impl: nn.Module = cls(config=config)
 
     def forward(self, like: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.impl(like, position_ids)

@@ -11,7 +11,7 @@ from torch import nn
 
 from libswarm.checkpoint import Checkpoint
 from libswarm.errors import ConfigError, ModelError
-from swarmd.runtime.blocks import BLOCK_CLASSES, Rotary, build_context, make_slopes
+from swarmd.runtime.blocks import BLOCK_CLASSES, BloomBlock, LlamaBlock, Rotary, build_context, make_slopes
 from swarmd.runtime.cache import SessionCache
 
 log = logging.getLogger("swarmd.runtime")
@@ -30,11 +30,12 @@ class Span:
         self.rotary = Rotary(self.config).to(device) if self.family == "llama" else None
         self.slopes = make_slopes(self.config, self.family)
         first = self._make_block(start)
-        self.num_kv_heads, self.head_dim = first.num_kv_heads, first.head_dim
-        self.windows = {first.window}
+        self.num_kv_heads: int = first.num_kv_heads
+        self.head_dim: int = first.head_dim
+        self.windows: set[int | None] = {first.window}
         self.hidden_size = self.config.hidden_size
 
-    def _make_block(self, i: int) -> nn.Module:
+    def _make_block(self, i: int) -> LlamaBlock | BloomBlock:
         with torch.device("meta"):
             return BLOCK_CLASSES[self.family](self.config, i)
 

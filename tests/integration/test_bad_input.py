@@ -8,9 +8,9 @@ import pytest
 import torch
 import yaml
 import zmq
-
 from conftest import hf_reference
 from helpers import SWARMCTL, SWARMD, running_swarm
+
 from libswarm import (
     AutoDistributedModelForCausalLM,
     CacheFullError,

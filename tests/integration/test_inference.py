@@ -3,9 +3,9 @@ family, against Hugging Face's own model on the same weights (fp32)."""
 
 import pytest
 import torch
-
 from conftest import hf_reference
 from helpers import running_swarm
+
 from libswarm import AutoDistributedModelForCausalLM, SessionError
 
 FAMILIES = ["llama", "mistral", "qwen2", "bloom"]

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import hf_reference
+
 from libswarm.checkpoint import Checkpoint, model_id_of
 from libswarm.errors import CacheFullError, ConfigError, LimitError, ModelError
 from libswarm.layers import positions_from_mask
