@@ -32,25 +32,45 @@ class PeerConnection:
             self.sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         self.sock.connect(address)
 
-    def request(self, msg_type: str, fields: dict | None = None, tensors: dict[str, torch.Tensor] | None = None,
-                timeout_s: float = 30.0) -> Message:
+    def send(self, msg_type: str, fields: dict | None = None, tensors: dict[str, torch.Tensor] | None = None,
+             timeout_s: float = 30.0) -> int:
+        """Send a request; returns its id for `receive`."""
         req_id = next(_ids)
-        deadline = time.monotonic() + timeout_s
         frames = encode(msg_type, req_id, fields, tensors, deadline=time.time() + timeout_s)
         if not self.sock.poll(int(min(timeout_s, CONNECT_TIMEOUT_S) * 1000), zmq.POLLOUT):
             raise PeerUnavailableError(f"peer {self.address} is unreachable")
         self.sock.send_multipart(frames, copy=False)
+        return req_id
+
+    def receive(self, req_id: int, deadline: float, what: str = "request") -> Message:
+        """Wait (until the monotonic `deadline`) for the reply to `req_id`; drop late replies to older requests."""
         while True:
             left_ms = int((deadline - time.monotonic()) * 1000)
             if left_ms <= 0 or not self.sock.poll(left_ms, zmq.POLLIN):
-                raise PeerUnavailableError(f"peer {self.address} did not answer {msg_type} within {timeout_s:.0f} s")
+                raise PeerUnavailableError(f"peer {self.address} did not answer {what} in time")
             try:
                 reply = decode(self.sock.recv_multipart(copy=False))
             except ProtocolError as e:
                 raise PeerUnavailableError(f"peer {self.address} sent a bad reply: {e}") from None
             if reply.id == req_id:
                 return raise_if_error(reply)
-            # a late reply to a request that already timed out: drop it
+
+    def request(self, msg_type: str, fields: dict | None = None, tensors: dict[str, torch.Tensor] | None = None,
+                timeout_s: float = 30.0) -> Message:
+        deadline = time.monotonic() + timeout_s
+        req_id = self.send(msg_type, fields, tensors, timeout_s)
+        return self.receive(req_id, deadline, msg_type)
+
+    def push(self, msg_type: str, fields: dict, tensors: dict[str, torch.Tensor], wait_s: float = 0.5) -> bool:
+        """Fire-and-forget: False when the peer is not connected within wait_s (a live connection
+        is writable at once; a new one needs a moment to connect)."""
+        if not self.sock.poll(int(wait_s * 1000), zmq.POLLOUT):
+            return False
+        try:
+            self.sock.send_multipart(encode(msg_type, next(_ids), fields, tensors), flags=zmq.NOBLOCK, copy=False)
+            return True
+        except zmq.Again:
+            return False
 
     def close(self) -> None:
         self.sock.close(0)

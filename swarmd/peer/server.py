@@ -18,6 +18,7 @@ import zmq
 
 from libswarm.errors import LimitError, ProtocolError, SessionError, SwarmError, TensorError, WrongModelError
 from libswarm.protocol import Message, decode, error_reply, ok_reply
+from swarmd.gateway.connection import ConnectionPool
 from swarmd.runtime.cache import CacheBudget, SessionCache
 from swarmd.runtime.span import Span
 
@@ -25,6 +26,22 @@ log = logging.getLogger("swarmd.peer")
 
 POLL_INTERVAL_MS = 200  # how often idle sessions are looked at when no request arrives
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# A step waiting for its push (or a push waiting for its step) is dropped after this long: the
+# gateway has long given up on it by then and resent the step from its history.
+PENDING_TIMEOUT_S = 60.0
+MAX_PENDING = 4096  # bounds the memory a confused or hostile peer can pin with unmatched pushes
+DEFERRED = object()  # a handler's answer when the reply is sent later (a step waiting for its push)
+
+
+@dataclass
+class PendingStep:
+    """A step whose hidden states come from the previous server's push."""
+
+    ident: bytes
+    req_id: int
+    session: "ServerSession"
+    msg: Message
+    created: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -41,6 +58,8 @@ class ServerStats:
     forwards: int = 0
     errors: int = 0
     sessions_opened: int = 0
+    pushes_sent: int = 0
+    pushes_received: int = 0
 
 
 class SpanServer:
@@ -56,6 +75,10 @@ class SpanServer:
         self.sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
         self._lock = threading.Lock()  # guards self.sessions for readers in other threads
+        self.pending: dict[tuple[str, int], PendingStep] = {}
+        self.pushed: dict[tuple[str, int], tuple[torch.Tensor, float]] = {}
+        self.peers = ConnectionPool(zctx, max_message_bytes)  # used from the serving thread only
+        self._current: tuple[bytes, int] = (b"", 0)
         self.handlers = {
             "info": self.on_info,
             "open": self.on_open,
@@ -83,20 +106,27 @@ class SpanServer:
                     self.handle(frames)
             self.expire_idle()
         self.sock.close(0)
+        self.peers.close_all()
         for sid in list(self.sessions):
             self._drop(sid)
 
     def handle(self, frames) -> None:
-        ident, body = frames[0], frames[1:]
+        ident, body = frames[0].bytes, frames[1:]
         req_id = 0
         try:
             msg = decode(body)
             req_id = msg.id
+            if msg.type == "push":  # fire-and-forget from another server: never answered
+                self.on_push(msg)
+                return
             handler = self.handlers.get(msg.type)
             if handler is None:
                 raise ProtocolError(f"unknown message type {msg.type!r}")
-            fields, tensors = handler(msg)
-            reply = ok_reply(req_id, fields, tensors)
+            self._current = (ident, req_id)
+            result = handler(msg)
+            if result is DEFERRED:
+                return
+            reply = ok_reply(req_id, *result)
         except SwarmError as e:
             self.stats.errors += 1
             log.info("request %s refused: %s", req_id, e)
@@ -105,6 +135,9 @@ class SpanServer:
             self.stats.errors += 1
             log.exception("request %s failed", req_id)
             reply = error_reply(req_id, e)
+        self._send(ident, reply, req_id)
+
+    def _send(self, ident: bytes, reply: list, req_id: int) -> None:
         try:
             self.sock.send_multipart([ident, *reply], copy=False)
         except zmq.ZMQError as e:
@@ -184,10 +217,11 @@ class SpanServer:
         s.last_used = time.monotonic()
         return s
 
-    def _inputs(self, msg: Message, batch: int | None = None):
+    def _inputs(self, msg: Message, batch: int | None = None, hidden: torch.Tensor | None = None):
         """hidden [B, T, H] plus optional position_ids [B, T] int64 and key_mask [B, T] bool, checked."""
-        hidden = msg.tensor("hidden")
-        assert hidden is not None
+        if hidden is None:
+            hidden = msg.tensor("hidden")
+            assert hidden is not None
         if hidden.dtype not in FLOAT_DTYPES or hidden.ndim != 3 or hidden.shape[2] != self.span.hidden_size:
             raise TensorError(
                 f"hidden must be float [batch, length, {self.span.hidden_size}], got {str(hidden.dtype)[6:]} "
@@ -211,7 +245,19 @@ class SpanServer:
 
     def on_step(self, msg: Message):
         s = self._session(msg)
-        hidden, pos, mask = self._inputs(msg, batch=s.cache.batch)
+        if msg.tensors.get("hidden") is None and msg.get("expect_push"):
+            key = (s.id, msg.get("step"))
+            pushed = self.pushed.pop(key, None)
+            if pushed is None:  # the previous server has not pushed yet: answer when it does
+                if len(self.pending) >= MAX_PENDING:
+                    raise LimitError("too many steps waiting for pushes")
+                self.pending[key] = PendingStep(*self._current, s, msg)
+                return DEFERRED
+            return self._run_step(s, msg, pushed[0])
+        return self._run_step(s, msg, None)
+
+    def _run_step(self, s: ServerSession, msg: Message, hidden: torch.Tensor | None):
+        hidden, pos, mask = self._inputs(msg, batch=s.cache.batch, hidden=hidden)
         B, T, _ = hidden.shape
         s.cache.check_step(B, T)
         if pos is None:
@@ -219,7 +265,44 @@ class SpanServer:
         out = self.span.run(hidden, pos, mask, s.cache.first, s.cache.last, cache=s.cache)
         self.stats.steps += 1
         self.stats.tokens += B * T
+        nxt = msg.get("next")
+        if nxt is not None:
+            self._push(nxt, msg.get("step"), out)
         return {"position": s.cache.length}, {"hidden": out}
+
+    def _push(self, nxt: object, step: object, out: torch.Tensor) -> None:
+        """Send this span's output straight to the next server of the route (server-to-server push)."""
+        if not (isinstance(nxt, dict) and isinstance(nxt.get("address"), str) and isinstance(nxt.get("session"), str)):
+            raise ProtocolError("step: 'next' must be {address, session}")
+        if self.peers.get(nxt["address"]).push("push", {"session": nxt["session"], "step": step}, {"hidden": out}):
+            self.stats.pushes_sent += 1
+        else:
+            # the gateway sees the next server time out and resends from its own copy of `out`
+            log.info("push to %s not delivered: peer not connected", nxt["address"])
+
+    def on_push(self, msg: Message) -> None:
+        hidden = msg.tensors.get("hidden")
+        sid, step = msg.get("session"), msg.get("step")
+        if hidden is None or not isinstance(sid, str):
+            log.info("malformed push ignored")
+            return
+        key = (sid, step)
+        self.stats.pushes_received += 1
+        waiting = self.pending.pop(key, None)
+        if waiting is None:
+            if len(self.pushed) >= MAX_PENDING:
+                self.pushed.pop(next(iter(self.pushed)))  # forget the oldest
+            self.pushed[key] = (hidden, time.monotonic())
+            return
+        try:
+            waiting.session.last_used = time.monotonic()
+            reply = ok_reply(waiting.req_id, *self._run_step(waiting.session, waiting.msg, hidden))
+        except SwarmError as e:
+            reply = error_reply(waiting.req_id, e)
+        except Exception as e:
+            log.exception("pushed step failed")
+            reply = error_reply(waiting.req_id, e)
+        self._send(waiting.ident, reply, waiting.req_id)
 
     def on_forward(self, msg: Message):
         self._check_model(msg)
@@ -248,6 +331,14 @@ class SpanServer:
 
     def expire_idle(self) -> None:
         now = time.monotonic()
+        for key, p in list(self.pending.items()):
+            if now - p.created > PENDING_TIMEOUT_S:
+                del self.pending[key]
+                err = SessionError("the previous server's push never arrived")
+                self._send(p.ident, error_reply(p.req_id, err), p.req_id)
+        for key, (_, t) in list(self.pushed.items()):
+            if now - t > PENDING_TIMEOUT_S:
+                del self.pushed[key]
         for sid, s in list(self.sessions.items()):
             if now - s.last_used > self.idle_timeout_s:
                 log.info("session %s idle for %.0f s: freeing its cache", sid[:8], now - s.last_used)

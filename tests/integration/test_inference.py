@@ -110,3 +110,20 @@ def test_session_over_max_length_is_refused_and_swarm_keeps_serving(family_swarm
             model(prompt(length=3))
     assert torch.equal(model.generate(ids, do_sample=False, max_new_tokens=2, **GEN),
                        ref.generate(ids, do_sample=False, max_new_tokens=2, **GEN))
+
+
+def test_steps_are_pushed_server_to_server(family_swarm):
+    """Each decode step goes gateway -> s0 -> s1 -> s2 -> gateway: n+1 hops, not 2n."""
+    _, model, _, servers, gw = family_swarm
+    before = [s.ctl("status")["stats"] for s in servers]
+    ids = prompt(length=5, seed=8)
+    with model.inference_session(max_length=16) as sess:
+        model.generate(ids, do_sample=False, max_new_tokens=6, min_new_tokens=6, **GEN)
+        assert [hop[1:] for hop in sess.route] == [[0, 2], [2, 4], [4, 6]]
+    after = [s.ctl("status")["stats"] for s in servers]
+    steps = after[0]["steps"] - before[0]["steps"]
+    assert steps == 6  # prefill + 5 decode steps (the last token is never fed back)
+    d = [{k: a[k] - b[k] for k in a} for a, b in zip(after, before)]
+    assert [x["steps"] for x in d] == [steps] * 3
+    assert [x["pushes_sent"] for x in d] == [steps, steps, 0]
+    assert [x["pushes_received"] for x in d] == [0, steps, steps]

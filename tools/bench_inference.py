@@ -1,0 +1,106 @@
+#!/usr/bin/env python3
+"""Per-token decode latency of one model run (a) locally with Hugging Face, (b) through one
+swarmd server, (c) through three servers, all on loopback behind a gateway-only daemon, measured
+side by side in one run. Prints each, the ratios, and the overhead per extra hop.
+
+    python tools/bench_inference.py [--family llama] [--layers 6] [--hidden 64] [--tokens 200]
+
+The overhead per hop is (three servers - one server) / 2: the two extra round trips between
+the gateway and a server that a three-server chain makes for every token."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+
+from make_test_model import make_model  # noqa: E402
+
+
+@torch.no_grad()
+def local_step_s(ref, prompt: torch.Tensor, tokens: int) -> list[float]:
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=ref.config)
+    out = ref(prompt, past_key_values=cache, use_cache=True)
+    nxt = out.logits[:, -1:].argmax(-1)
+    times = []
+    for _ in range(tokens):
+        t = time.perf_counter()
+        out = ref(nxt, past_key_values=out.past_key_values, use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+        times.append(time.perf_counter() - t)
+    return times
+
+
+@torch.no_grad()
+def swarm_step_s(model, prompt: torch.Tensor, tokens: int) -> list[float]:
+    times = []
+    with model.inference_session(max_length=prompt.shape[1] + tokens + 1):
+        out = model(prompt)
+        nxt = out.logits[:, -1:].argmax(-1)
+        for _ in range(tokens):
+            t = time.perf_counter()
+            out = model(nxt)
+            nxt = out.logits[:, -1:].argmax(-1)
+            times.append(time.perf_counter() - t)
+    return times
+
+
+def spans(n_layers: int, parts: int) -> list[str]:
+    cuts = [round(i * n_layers / parts) for i in range(parts + 1)]
+    return [f"{a}:{b}" for a, b in zip(cuts, cuts[1:])]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", default="llama")
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--tokens", type=int, default=200, help="decode steps timed per configuration")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds; the median step is reported")
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)  # the daemons run with one thread each, so does the local reference
+
+    from helpers import running_swarm
+    from transformers import AutoModelForCausalLM
+
+    from libswarm import AutoDistributedModelForCausalLM
+
+    d = make_model(a.family, tempfile.mkdtemp(prefix="bench-"), layers=a.layers, hidden=a.hidden)
+    ref = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    prompt = torch.randint(3, 500, (1, 16), generator=torch.Generator().manual_seed(0))
+    results: dict[str, list[float]] = {"local HF": [], "1 server": [], "3 servers": []}
+    with running_swarm(d, spans(a.layers, 1)) as (_, gw1), running_swarm(d, spans(a.layers, 3)) as (_, gw3):
+        m1 = AutoDistributedModelForCausalLM.from_pretrained(d, socket=gw1.socket)
+        m3 = AutoDistributedModelForCausalLM.from_pretrained(d, socket=gw3.socket)
+        swarm_step_s(m1, prompt, 20)  # warm up connections and allocators
+        swarm_step_s(m3, prompt, 20)
+        local_step_s(ref, prompt, 20)
+        for _ in range(a.rounds):  # interleaved, so that machine noise hits all three alike
+            results["local HF"] += local_step_s(ref, prompt, a.tokens)
+            results["1 server"] += swarm_step_s(m1, prompt, a.tokens)
+            results["3 servers"] += swarm_step_s(m3, prompt, a.tokens)
+    med = {k: statistics.median(v) * 1e3 for k, v in results.items()}
+    print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
+    print(f"model: {a.family}, {a.layers} layers, hidden {a.hidden}; {a.tokens * a.rounds} decode steps each, median")
+    for k, v in med.items():
+        print(f"  {k:10s} {v:8.3f} ms/token   ({v / med['local HF']:.2f}x local)")
+    per_hop_us = (med["3 servers"] - med["1 server"]) / 2 * 1e3
+    print(f"  overhead of the swarm with one server: {(med['1 server'] - med['local HF']) * 1e3:.0f} us/token")
+    print(f"  overhead per extra hop: {per_hop_us:.0f} us  (target <= 200 us)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
