@@ -22,7 +22,6 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
 from make_test_model import make_model  # noqa: E402
 
@@ -72,7 +71,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     torch.set_num_threads(1)  # the daemons run with one thread each, so does the local reference
 
-    from helpers import running_swarm
+    from localswarm import running_swarm
     from transformers import AutoModelForCausalLM
 
     from libswarm import AutoDistributedModelForCausalLM

@@ -83,6 +83,7 @@ def make_model(family: str, out: str, **options) -> str:
 def build(a: argparse.Namespace) -> str:
     import transformers
 
+    transformers.utils.logging.disable_progress_bar()
     cfg_name, cls_name = FAMILIES[a.family]
     tokenizer = make_tokenizer(a.vocab)
     kw = family_config(a.family, a)

@@ -39,7 +39,7 @@ class PendingStep:
 
     ident: bytes
     req_id: int
-    session: "ServerSession"
+    session: ServerSession
     msg: Message
     created: float = field(default_factory=time.monotonic)
 

@@ -1,0 +1,135 @@
+"""A local swarm of real swarmd processes on loopback, for the demo, the benchmarks and the
+integration tests: config files written, daemons started with `swarmd --config`, readiness
+waited for through `swarmctl`, and everything stopped afterwards."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+
+import yaml
+
+BIN = os.path.dirname(sys.executable)
+SWARMD = os.path.join(BIN, "swarmd")
+SWARMCTL = os.path.join(BIN, "swarmctl")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Daemon:
+    def __init__(self, root: str, name: str, model_dir: str, blocks: str, extra: dict | None = None):
+        self.name = name
+        self.dir = os.path.join(root, name)
+        os.makedirs(self.dir, exist_ok=True)
+        self.port = free_port()
+        self.address = f"tcp://127.0.0.1:{self.port}"
+        self.socket = os.path.join(self.dir, "swarmd.sock")
+        self.config_path = os.path.join(self.dir, "swarmd.yaml")
+        self.cfg: dict = {
+            "model": model_dir,
+            "serve": {"blocks": blocks, "device": "cpu", "dtype": "float32", "cache": {"max_bytes": "64MiB"}},
+            "network": {"listen": self.address, "socket": self.socket},
+            "discovery": {"mdns": False, "seeds": []},
+            "state_dir": os.path.join(self.dir, "state"),
+            "log_level": "info",
+        }
+        for k, v in (extra or {}).items():
+            if isinstance(v, dict):
+                self.cfg.setdefault(k, {}).update(v)
+            else:
+                self.cfg[k] = v
+        self.proc: subprocess.Popen | None = None
+        self.log_path = os.path.join(self.dir, "log.txt")
+
+    def write_config(self, seeds: list[str]) -> None:
+        self.cfg["discovery"]["seeds"] = [s for s in seeds if s != self.address]
+        with open(self.config_path, "w") as f:
+            yaml.safe_dump(self.cfg, f)
+
+    def start(self, seeds: list[str]) -> Daemon:
+        self.write_config(seeds)
+        # one compute thread per daemon: several daemons share this machine's cores
+        env = dict(os.environ, SWARMD_TORCH_THREADS="1")
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([SWARMD, "--config", self.config_path], stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        return self
+
+    def ctl(self, *args: str, timeout: float = 20, check: bool = True):
+        r = subprocess.run([SWARMCTL, "--socket", self.socket, "--json", *args], capture_output=True, text=True,
+                           timeout=timeout)
+        if check and r.returncode != 0:
+            raise RuntimeError(f"swarmctl {' '.join(args)} failed: {r.stderr.strip()}")
+        return json.loads(r.stdout) if r.returncode == 0 else r
+
+    def wait_ready(self, timeout: float = 60) -> Daemon:
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: {self.tail()}")
+            if os.path.exists(self.socket):
+                r = self.ctl("status", timeout=5, check=False)
+                if isinstance(r, dict) and r["state"] == "online":
+                    return self
+            time.sleep(0.2)
+        raise RuntimeError(f"{self.name} not ready in {timeout}s: {self.tail()}")
+
+    def tail(self, n: int = 2000) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                return f.read()[-n:].decode(errors="replace")
+        except OSError:
+            return ""
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.alive:
+            assert self.proc is not None
+            os.killpg(self.proc.pid, sig)
+
+    def stop(self, timeout: float = 15) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                self.proc.wait(5)
+        return self.proc.returncode
+
+
+@contextmanager
+def running_swarm(model_dir: str, spans: list[str], gateway: bool = True, extra: dict | None = None,
+                  root: str | None = None):
+    """Servers for `spans` ("0:2", ...) plus a gateway-only daemon; yields (servers, gateway)."""
+    root = root or tempfile.mkdtemp(prefix="swarm-test-")
+    servers = [Daemon(root, f"s{i}", model_dir, b, extra) for i, b in enumerate(spans)]
+    gw = Daemon(root, "gw", model_dir, "none", extra) if gateway else None
+    everyone = servers + ([gw] if gw else [])
+    seeds = [d.address for d in servers]
+    try:
+        for d in everyone:
+            d.start(seeds)
+        for d in everyone:
+            d.wait_ready()
+        yield servers, (gw or servers[0])
+    finally:
+        for d in everyone:
+            d.stop()
