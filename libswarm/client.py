@@ -106,20 +106,37 @@ class SwarmClient:
     def model_info(self) -> dict:
         return self.request("model_info").fields
 
-    def open_session(self, model_id: str, max_length: int, batch: int) -> dict:
-        return self.request("open", {"model_id": model_id, "max_length": max_length, "batch": batch}).fields
+    def open_session(self, model_id: str, max_length: int, batch: int, route_timeout_s: float | None = None,
+                     push: bool = True) -> dict:
+        """Open an inference session; the gateway waits up to route_timeout_s (default 60) for
+        servers to cover every block. push=False makes every hop return through the gateway
+        (for measurements)."""
+        fields: dict = {"model_id": model_id, "max_length": max_length, "batch": batch}
+        if route_timeout_s is not None:
+            fields["route_timeout_s"] = route_timeout_s
+        if not push:
+            fields["push"] = False
+        return self.request("open", fields).fields
 
     def step(self, session: str, hidden: torch.Tensor, position_ids: torch.Tensor | None = None,
              key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.step_with_info(session, hidden, position_ids, key_mask)[0]
+
+    def step_with_info(self, session: str, hidden: torch.Tensor, position_ids: torch.Tensor | None = None,
+                       key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """The step's output and the reply's fields (position, the route now in use)."""
         reply = self.request("step", {"session": session}, _inputs(hidden, position_ids, key_mask))
-        return _hidden(reply)
+        return _hidden(reply), reply.fields
 
     def close_session(self, session: str) -> None:
         self.request("close", {"session": session}, timeout_s=min(self.timeout_s, 30.0))
 
     def forward(self, model_id: str, hidden: torch.Tensor, position_ids: torch.Tensor | None = None,
-                key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        reply = self.request("forward", {"model_id": model_id}, _inputs(hidden, position_ids, key_mask))
+                key_mask: torch.Tensor | None = None, route_timeout_s: float | None = None) -> torch.Tensor:
+        fields: dict = {"model_id": model_id}
+        if route_timeout_s is not None:
+            fields["route_timeout_s"] = route_timeout_s
+        reply = self.request("forward", fields, _inputs(hidden, position_ids, key_mask))
         return _hidden(reply)
 
 

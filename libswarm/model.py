@@ -35,8 +35,10 @@ class RemoteSession:
     ones the servers have processed (the last generated token is not processed until the next
     step)."""
 
-    def __init__(self, model: DistributedModelForCausalLM, max_length: int):
+    def __init__(self, model: DistributedModelForCausalLM, max_length: int, route_timeout_s: float | None = None,
+                 push: bool = True):
         self.model, self.max_length = model, max_length
+        self.route_timeout_s, self.push = route_timeout_s, push
         self.id: str | None = None
         self.route: list = []
         self.batch: int | None = None
@@ -46,7 +48,8 @@ class RemoteSession:
         self.closed = False
 
     def _open(self, batch: int) -> None:
-        reply = self.model.client.open_session(self.model.model_id, self.max_length, batch)
+        reply = self.model.client.open_session(self.model.model_id, self.max_length, batch,
+                                               route_timeout_s=self.route_timeout_s, push=self.push)
         self.id, self.route, self.batch = reply["session"], reply.get("route", []), batch
 
     def step(self, hidden: torch.Tensor, position_ids: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
@@ -63,7 +66,8 @@ class RemoteSession:
                 "open the session with a larger max_length"
             )
         assert self.id is not None
-        out = self.model.client.step(self.id, hidden, position_ids, key_mask)
+        out, info = self.model.client.step_with_info(self.id, hidden, position_ids, key_mask)
+        self.route = info.get("route", self.route)  # changes when a server failed and was replaced
         self.position += T
         return out
 
@@ -95,6 +99,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                 self.norm = RMSNorm(hidden, config.rms_norm_eps)
             self.lm_head = nn.Linear(hidden, vocab, bias=False)
         self._local = threading.local()
+        self.route_timeout_s: float | None = None  # None: the gateway's default (60 s)
 
     # --- the current session (per thread) -------------------------------------------------------
     @property
@@ -102,11 +107,16 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         return getattr(self._local, "session", None)
 
     @contextlib.contextmanager
-    def inference_session(self, max_length: int) -> Iterator[RemoteSession]:
-        """Keep attention caches on the servers for up to max_length positions."""
+    def inference_session(self, max_length: int, route_timeout_s: float | None = None,
+                          push: bool = True) -> Iterator[RemoteSession]:
+        """Keep attention caches on the servers for up to max_length positions.
+
+        route_timeout_s: how long the swarm may wait for servers to cover every block (at open,
+        and while replacing a failed server) before raising NoRouteError; default 60 s."""
         if self.active_session is not None:
             raise SessionError("an inference session is already active in this thread")
-        sess = RemoteSession(self, max_length)
+        sess = RemoteSession(self, max_length, route_timeout_s if route_timeout_s is not None else
+                             self.route_timeout_s, push)
         self._local.session = sess
         try:
             yield sess
@@ -159,7 +169,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         if sess is not None:
             out = sess.step(hidden, positions, key_mask)
         else:
-            out = self.client.forward(self.model_id, hidden, positions, key_mask)
+            out = self.client.forward(self.model_id, hidden, positions, key_mask, route_timeout_s=self.route_timeout_s)
         out = out.to(hidden.dtype)
         logits = self.lm_head(self.norm(out))
         loss = None

@@ -1,4 +1,10 @@
-"""Request/reply over a DEALER socket to one peer, with a deadline and stale-reply filtering.
+"""Request/reply over a DEALER socket to one peer, with deadlines, stale-reply filtering and
+fast failure detection.
+
+A peer that dies (kill -9) closes its TCP connection: the socket monitor reports the
+disconnect at once and every request waiting on that peer fails within milliseconds. A peer
+that hangs (SIGSTOP, a wedged GPU) keeps its connection open but stops answering ZeroMQ's
+heartbeats: after HEARTBEAT_TIMEOUT_MS the connection is dropped and reported the same way.
 
 ZeroMQ sockets are not thread-safe, so every thread that talks to peers keeps its own
 connections in a ConnectionPool."""
@@ -6,18 +12,30 @@ connections in a ConnectionPool."""
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import time
 
 import torch
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from libswarm.errors import PeerUnavailableError, ProtocolError
 from libswarm.protocol import Message, decode, encode
 from libswarm.protocol.messages import raise_if_error
 
 CONNECT_TIMEOUT_S = 3.0  # a peer that accepts no connection in this time is unreachable
+RECONNECT_GRACE_S = 0.3  # after a disconnect, how long a send waits for the connection to come back
+HEARTBEAT_IVL_MS = 500  # ping an idle connection this often...
+HEARTBEAT_TIMEOUT_MS = 2000  # ...and drop it when no pong comes back in this time (hung peer)
+MAX_STASHED = 64
 _ids = itertools.count(1)
+_MONITOR_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+
+
+def emulated_delay_s() -> float:
+    """Benchmarks emulate a slower network with SWARMD_NET_DELAY_MS (added to every peer message)."""
+    return float(os.environ.get("SWARMD_NET_DELAY_MS", "0")) / 1000
 
 
 class PeerConnection:
@@ -25,35 +43,83 @@ class PeerConnection:
         self.address = address
         self.sock = zctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
-        # queue nothing for a peer that is not connected: a send then waits (and times out)
-        # instead of piling requests up for a dead address
+        # queue nothing for a peer that is not connected: a send then fails fast instead of
+        # piling requests up for a dead address
         self.sock.setsockopt(zmq.IMMEDIATE, 1)
+        self.sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+        self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+        self.sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         if max_message_bytes:
             self.sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        self.monitor = self.sock.get_monitor_socket(_MONITOR_EVENTS)
+        self.state = "connecting"  # connecting | up | down
+        self.disconnects = 0
+        self.delay_s = emulated_delay_s()
+        # replies that arrived while another request was awaited (one peer, two hops of a route)
+        self._stash: dict[int, Message] = {}
         self.sock.connect(address)
 
+    # --- connection state ------------------------------------------------------------------
+    def _drain_monitor(self) -> None:
+        while self.monitor.poll(0):
+            event = parse_monitor_message(self.monitor.recv_multipart())["event"]
+            if event == zmq.EVENT_CONNECTED:
+                self.state = "up"
+            elif event == zmq.EVENT_DISCONNECTED:
+                self.state = "down"
+                self.disconnects += 1
+
+    def _wait_writable(self, timeout_s: float) -> bool:
+        """Until the peer can take a message: at once when connected, a moment for a new or
+        re-established connection, never for a peer known to have gone."""
+        self._drain_monitor()
+        if self.state == "down":
+            timeout_s = min(timeout_s, RECONNECT_GRACE_S)
+        return bool(self.sock.poll(int(timeout_s * 1000), zmq.POLLOUT))
+
+    # --- messages --------------------------------------------------------------------------
     def send(self, msg_type: str, fields: dict | None = None, tensors: dict[str, torch.Tensor] | None = None,
              timeout_s: float = 30.0) -> int:
         """Send a request; returns its id for `receive`."""
         req_id = next(_ids)
         frames = encode(msg_type, req_id, fields, tensors, deadline=time.time() + timeout_s)
-        if not self.sock.poll(int(min(timeout_s, CONNECT_TIMEOUT_S) * 1000), zmq.POLLOUT):
+        if not self._wait_writable(min(timeout_s, CONNECT_TIMEOUT_S)):
             raise PeerUnavailableError(f"peer {self.address} is unreachable")
+        if self.delay_s:
+            time.sleep(self.delay_s)
         self.sock.send_multipart(frames, copy=False)
         return req_id
 
     def receive(self, req_id: int, deadline: float, what: str = "request") -> Message:
-        """Wait (until the monotonic `deadline`) for the reply to `req_id`; drop late replies to older requests."""
+        """Wait until the monotonic `deadline` for the reply to `req_id`; drop late replies to
+        older requests; fail at once if the connection drops meanwhile."""
+        if req_id in self._stash:
+            return raise_if_error(self._stash.pop(req_id))
+        disconnects = self.disconnects
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.monitor, zmq.POLLIN)
         while True:
             left_ms = int((deadline - time.monotonic()) * 1000)
-            if left_ms <= 0 or not self.sock.poll(left_ms, zmq.POLLIN):
+            events = dict(poller.poll(left_ms)) if left_ms > 0 else {}
+            if not events:
                 raise PeerUnavailableError(f"peer {self.address} did not answer {what} in time")
+            if self.monitor in events:
+                self._drain_monitor()
+                if self.disconnects != disconnects:
+                    raise PeerUnavailableError(f"connection to peer {self.address} lost during {what}")
+            if self.sock not in events:
+                continue
             try:
                 reply = decode(self.sock.recv_multipart(copy=False))
             except ProtocolError as e:
                 raise PeerUnavailableError(f"peer {self.address} sent a bad reply: {e}") from None
             if reply.id == req_id:
                 return raise_if_error(reply)
+            self._stash[reply.id] = reply
+            while len(self._stash) > MAX_STASHED:  # late replies nobody will ask for again
+                self._stash.pop(next(iter(self._stash)))
 
     def request(self, msg_type: str, fields: dict | None = None, tensors: dict[str, torch.Tensor] | None = None,
                 timeout_s: float = 30.0) -> Message:
@@ -62,10 +128,11 @@ class PeerConnection:
         return self.receive(req_id, deadline, msg_type)
 
     def push(self, msg_type: str, fields: dict, tensors: dict[str, torch.Tensor], wait_s: float = 0.5) -> bool:
-        """Fire-and-forget: False when the peer is not connected within wait_s (a live connection
-        is writable at once; a new one needs a moment to connect)."""
-        if not self.sock.poll(int(wait_s * 1000), zmq.POLLOUT):
+        """Fire-and-forget: False when the peer cannot take it (gone, or not connected in wait_s)."""
+        if not self._wait_writable(wait_s):
             return False
+        if self.delay_s:
+            time.sleep(self.delay_s)
         try:
             self.sock.send_multipart(encode(msg_type, next(_ids), fields, tensors), flags=zmq.NOBLOCK, copy=False)
             return True
@@ -73,6 +140,8 @@ class PeerConnection:
             return False
 
     def close(self) -> None:
+        self.sock.disable_monitor()
+        self.monitor.close(0)
         self.sock.close(0)
 
 

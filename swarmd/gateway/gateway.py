@@ -1,4 +1,12 @@
-"""The gateway role: runs apps' inference sessions and forward passes across a chain of servers."""
+"""The gateway role: runs apps' inference sessions and forward passes across a chain of servers,
+and keeps them going when servers fail.
+
+Failover follows the dual cache: servers hold the attention caches, the gateway holds every
+input it sent to each span (History). When a server fails during a step, the gateway bans it,
+picks servers that cover its blocks (one or several), opens sessions there, replays the span's
+history to rebuild their caches, and finishes the step. The app sees a slower token, never a
+different one: replayed inputs are the exact tensors first sent, and every server's reply
+states its cache position, which the gateway checks."""
 
 from __future__ import annotations
 
@@ -12,9 +20,12 @@ from dataclasses import dataclass, field
 import torch
 
 from libswarm.errors import (
+    CacheFullError,
     LimitError,
     NoRouteError,
+    PeerUnavailableError,
     ProtocolError,
+    RemoteError,
     SessionError,
     SwarmError,
     WrongModelError,
@@ -22,14 +33,23 @@ from libswarm.errors import (
 from libswarm.protocol import Message
 from swarmd.discovery.seeds import SeedPoller
 from swarmd.discovery.table import PeerTable
+from swarmd.gateway.bans import Bans
 from swarmd.gateway.connection import ConnectionPool
+from swarmd.gateway.history import History, StepTimes
 from swarmd.gateway.routing import Hop, plan_chain
 
 log = logging.getLogger("swarmd.gateway")
 
 OPEN_TIMEOUT_S = 10.0
-STEP_TIMEOUT_S = 120.0  # generous: a long prefill on a slow server is not a failure
+DEFAULT_ROUTE_TIMEOUT_S = 60.0  # how long a step or open may wait for servers to cover the blocks
+MAX_ROUTE_TIMEOUT_S = 3600.0
+STEP_DEADLINE_FLOOR_S = 1.0  # no hop is declared failed sooner than this
+STEP_DEADLINE_FACTOR = 10.0  # ...nor before it took this many times its usual time
+UNMEASURED_STEP_S = 30.0  # the allowance for a server whose speed is not known yet
 APP_IDLE_TIMEOUT_S = 600.0  # an app session untouched this long is closed
+# Errors after which another server may succeed; anything else is the request's own fault
+# and goes straight back to the app.
+RETRIABLE = (PeerUnavailableError, RemoteError, SessionError)
 
 
 @dataclass
@@ -39,10 +59,21 @@ class GatewaySession:
     max_length: int
     hops: list[Hop]
     server_sessions: list[str]
+    route_timeout_s: float = DEFAULT_ROUTE_TIMEOUT_S
+    push: bool = True
     position: int = 0
     steps: int = 0  # steps sent so far; numbers each step so that pushes find their request
+    history: History = field(default_factory=History)
     last_used: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class HopFailure(Exception):
+    """Hop `index` of a chain failed; `outputs` holds what the hops before it returned."""
+
+    def __init__(self, index: int, outputs: dict[int, torch.Tensor], error: SwarmError):
+        super().__init__(str(error))
+        self.index, self.outputs, self.error = index, outputs, error
 
 
 class Gateway:
@@ -52,6 +83,9 @@ class Gateway:
         self.pool, self.table, self.poller = pool, table, poller
         self.status_fn = status
         self.sessions: dict[str, GatewaySession] = {}
+        self.bans = Bans()
+        self.step_times = StepTimes()
+        self.failovers = 0
         self._lock = threading.Lock()
         self.handlers: dict[str, Callable[[Message], tuple[dict, dict | None]]] = {
             "status": lambda m: (self.status_fn(), None),
@@ -64,12 +98,86 @@ class Gateway:
         }
 
     # --- routing ---------------------------------------------------------------------------
+    def _plan(self, first: int, last: int, deadline: float,
+              exclude: frozenset[str] | set[str] = frozenset()) -> list[Hop]:
+        """A chain over blocks [first, last) avoiding banned servers, waiting (with capped
+        doubling backoff, refreshing the peer table) until `deadline` for one to exist."""
+        backoff_s, t0 = 0.2, time.monotonic()
+        while True:
+            banned = self.bans.banned() | exclude
+            servers = [s for s in self.table.servers_for(self.model_id) if s.address not in banned]
+            try:
+                return plan_chain(servers, last, self.model_id, start=first)
+            except NoRouteError as e:
+                if time.monotonic() + backoff_s > deadline:
+                    raise NoRouteError(f"{e} (waited {time.monotonic() - t0:.1f} s)") from None
+                time.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, 2.0)
+                self.poller.refresh()
+
     def route(self) -> list[Hop]:
-        try:
-            return plan_chain(self.table.servers_for(self.model_id), self.num_layers, self.model_id)
-        except NoRouteError:
-            self.poller.refresh()  # the table may be stale (a server just started): ask once more
-            return plan_chain(self.table.servers_for(self.model_id), self.num_layers, self.model_id)
+        return self._plan(0, self.num_layers, time.monotonic() + DEFAULT_ROUTE_TIMEOUT_S)
+
+    def _open_span(self, first: int, last: int, *, max_length: int, batch: int, deadline: float,
+                   history: History | None) -> tuple[list[Hop], list[str], dict[int, torch.Tensor]]:
+        """Open sessions on servers covering [first, last); with a history, replay it into them.
+        Returns the hops, their session ids, and the replay's output at each new inner boundary.
+        A server that fails here is banned and another one is tried, until `deadline`."""
+        full: set[str] = set()  # servers without room for this session (not banned: they work)
+        while True:
+            hops = self._plan(first, last, deadline, exclude=full)
+            opened: list[tuple[Hop, str]] = []
+            outputs: dict[int, torch.Tensor] = {}
+            hop = hops[0]
+            try:
+                replay = history.replay_inputs(first) if history is not None else None
+                for hop in hops:
+                    conn = self.pool.get(hop.address)
+                    reply = conn.request("open", {"model_id": self.model_id, "blocks": [hop.first, hop.last],
+                                                  "max_length": max_length, "batch": batch}, timeout_s=OPEN_TIMEOUT_S)
+                    opened.append((hop, reply.require("session", str)))
+                    if replay is not None:
+                        replay["hidden"] = self._replay(hop, opened[-1][1], replay)
+                        if hop.last < last:
+                            outputs[hop.last] = replay["hidden"]
+                return hops, [sid for _, sid in opened], outputs
+            except CacheFullError as e:
+                self._close_remote(opened)
+                full.add(hop.address)
+                if not self.table.servers_for(self.model_id) or time.monotonic() > deadline:
+                    raise
+                try:
+                    self._plan(first, last, time.monotonic(), exclude=full)
+                except NoRouteError:
+                    raise e from None
+            except RETRIABLE as e:
+                self._close_remote(opened)
+                self._fail(hop, e)
+
+    def _replay(self, hop: Hop, sid: str, replay: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One step that feeds a fresh session every position so far; returns its output."""
+        length = replay["hidden"].shape[1]
+        tokens = replay["hidden"].shape[0] * length
+        t0 = time.monotonic()
+        reply = self.pool.get(hop.address).request(
+            "step", {"session": sid, "replay": True}, replay, timeout_s=self._allowance_s(hop.address, tokens)
+        )
+        if reply.get("position") != length:
+            raise SessionError(f"server {hop.address} replayed to position {reply.get('position')}, not {length}")
+        self.step_times.record(hop.address, time.monotonic() - t0, tokens)
+        return _hidden(reply)
+
+    def _allowance_s(self, address: str, tokens: int) -> float:
+        expected = self.step_times.expected_s(address, tokens)
+        if expected is None:
+            return UNMEASURED_STEP_S
+        return STEP_DEADLINE_FLOOR_S + STEP_DEADLINE_FACTOR * expected
+
+    def _fail(self, hop: Hop, error: SwarmError) -> None:
+        banned_s = self.bans.ban(hop.address)
+        self.pool.drop(hop.address)
+        log.warning("server %s failed on blocks %d:%d (%s); avoiding it for %.0f s", hop.address, hop.first,
+                    hop.last, error, banned_s)
 
     def _check_model(self, msg: Message) -> None:
         asked = msg.get("model_id")
@@ -88,26 +196,16 @@ class Gateway:
         max_length, batch = msg.require("max_length", int), msg.require("batch", int)
         if max_length <= 0 or batch <= 0:
             raise LimitError("max_length and batch must be positive")
-        hops = self.route()
-        opened: list[tuple[Hop, str]] = []
-        try:
-            for hop in hops:
-                reply = self.pool.get(hop.address).request(
-                    "open",
-                    {"model_id": self.model_id, "blocks": [hop.first, hop.last], "max_length": max_length,
-                     "batch": batch},
-                    timeout_s=OPEN_TIMEOUT_S,
-                )
-                opened.append((hop, reply.require("session", str)))
-        except SwarmError:
-            self._close_remote(opened)
-            raise
-        sess = GatewaySession(secrets.token_hex(12), batch, max_length, hops, [sid for _, sid in opened])
+        route_timeout_s = _route_timeout(msg)
+        deadline = time.monotonic() + route_timeout_s
+        hops, sids, _ = self._open_span(0, self.num_layers, max_length=max_length, batch=batch, deadline=deadline,
+                                        history=None)
+        sess = GatewaySession(secrets.token_hex(12), batch, max_length, hops, sids, route_timeout_s=route_timeout_s,
+                              push=msg.get("push", True) is not False)
         with self._lock:
             self.sessions[sess.id] = sess
-        log.info("session %s opened over %s", sess.id[:8], " -> ".join(f"{h.address}[{h.first}:{h.last})"
-                                                                         for h in hops))
-        return {"session": sess.id, "route": [[h.address, h.first, h.last] for h in hops]}, None
+        log.info("session %s opened over %s", sess.id[:8], _route_text(hops))
+        return {"session": sess.id, "route": _route_json(hops)}, None
 
     def _app_session(self, msg: Message) -> GatewaySession:
         sid = msg.get("session")
@@ -122,11 +220,13 @@ class Gateway:
         assert hidden is not None
         if hidden.ndim != 3 or hidden.shape[-1] != self.hidden_size:
             raise ProtocolError(f"hidden must be [batch, length, {self.hidden_size}], got {list(hidden.shape)}")
+        B, T, _ = hidden.shape
         out = {"hidden": hidden}
-        for name in ("position_ids", "key_mask"):
-            t = msg.tensor(name, optional=True)
-            if t is not None:
-                out[name] = t
+        pos = msg.tensor("position_ids", optional=True)
+        out["position_ids"] = pos if pos is not None else torch.arange(T).expand(B, T)
+        mask = msg.tensor("key_mask", optional=True)
+        if mask is not None:
+            out["key_mask"] = mask
         return out
 
     def on_step(self, msg: Message):
@@ -139,31 +239,111 @@ class Gateway:
             raise LimitError(
                 f"step of {T} positions at position {sess.position} passes the session's max_length {sess.max_length}"
             )
+        if "position_ids" not in msg.tensors:
+            tensors["position_ids"] = tensors["position_ids"] + sess.position
         with sess.lock:
-            outputs = self._run_chain(sess, tensors)
-            sess.position += T
-        return {"position": sess.position}, {"hidden": outputs[-1]}
+            out = self._step(sess, tensors)
+        return {"position": sess.position, "route": _route_json(sess.hops)}, {"hidden": out}
 
-    def _run_chain(self, sess: GatewaySession, tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        """One step through every hop, with server-to-server push: the gateway sends the step to
-        every server at once (hidden states only to the first), each server pushes its output to
-        the next and sends a copy back here. A token costs n+1 network hops instead of 2n.
-        Returns each hop's output."""
+    def _step(self, sess: GatewaySession, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        hidden = tensors["hidden"]
+        small = {k: v for k, v in tensors.items() if k != "hidden"}
+        B, T, _ = hidden.shape
         step = sess.steps
         sess.steps += 1
-        n = len(sess.hops)
-        deadline = time.monotonic() + STEP_TIMEOUT_S
-        small = {k: v for k, v in tensors.items() if k != "hidden"}
-        sent = []
-        for k, (hop, server_sid) in enumerate(zip(sess.hops, sess.server_sessions)):
-            fields: dict = {"session": server_sid, "step": step}
-            if k > 0:
+        inputs: dict[int, torch.Tensor] = {0: hidden}  # block boundary -> this step's input there
+        deadline = time.monotonic() + sess.route_timeout_s
+        start = 0
+        while True:
+            try:
+                outputs = self._run_chain(sess, start, inputs[sess.hops[start].first], small, step, B * T)
+            except HopFailure as f:
+                for k, out in f.outputs.items():
+                    inputs[sess.hops[k].last] = out
+                if not isinstance(f.error, RETRIABLE):
+                    raise f.error from None
+                self._repair(sess, f.index, f.error, deadline)
+                start = f.index
+                continue
+            for k, out in outputs.items():
+                inputs[sess.hops[k].last] = out
+            break
+        sess.history.append(inputs, [h.first for h in sess.hops], small["position_ids"], small.get("key_mask"))
+        sess.position += T
+        return inputs[self.num_layers]
+
+    def _run_chain(self, sess: GatewaySession, start: int, x: torch.Tensor, small: dict[str, torch.Tensor],
+                   step: int, tokens: int) -> dict[int, torch.Tensor]:
+        """Step hops start.. of the route. With push, the gateway sends the step to every hop at
+        once (hidden states only to the first), and each server pushes its output to the next
+        and returns a copy here: n+1 network hops per token instead of 2n. Returns each hop's
+        output; raises HopFailure naming the first hop that failed."""
+        hops, sids, n = sess.hops, sess.server_sessions, len(sess.hops)
+        expect_position = sess.position + x.shape[1]
+        outputs: dict[int, torch.Tensor] = {}
+        if not sess.push:
+            for k in range(start, n):
+                try:
+                    t0 = time.monotonic()
+                    reply = self.pool.get(hops[k].address).request(
+                        "step", {"session": sids[k], "step": step}, {"hidden": x, **small},
+                        timeout_s=self._allowance_s(hops[k].address, tokens))
+                    x = self._accept(hops[k], reply, expect_position, time.monotonic() - t0, tokens)
+                except SwarmError as e:
+                    raise HopFailure(k, outputs, e) from None
+                outputs[k] = x
+            return outputs
+        t0 = time.monotonic()
+        sent, send_failure = [], None
+        for k in range(start, n):
+            fields: dict = {"session": sids[k], "step": step}
+            if k > start:
                 fields["expect_push"] = True
             if k < n - 1:
-                fields["next"] = {"address": sess.hops[k + 1].address, "session": sess.server_sessions[k + 1]}
-            conn = self.pool.get(hop.address)
-            sent.append((conn, conn.send("step", fields, tensors if k == 0 else small, STEP_TIMEOUT_S)))
-        return [_hidden(conn.receive(req_id, deadline, "step")) for conn, req_id in sent]
+                fields["next"] = {"address": hops[k + 1].address, "session": sids[k + 1]}
+            conn = self.pool.get(hops[k].address)
+            try:
+                sent.append((k, conn, conn.send("step", fields, {"hidden": x, **small} if k == start else small)))
+            except SwarmError as e:
+                send_failure = HopFailure(k, outputs, e)
+                break
+        allowance, t_prev = 0.0, t0
+        for k, conn, req_id in sent:
+            allowance += self._allowance_s(hops[k].address, tokens)
+            try:
+                reply = conn.receive(req_id, t0 + allowance, "step")
+                outputs[k] = self._accept(hops[k], reply, expect_position, time.monotonic() - t_prev, tokens)
+            except SwarmError as e:
+                raise HopFailure(k, outputs, e) from None
+            t_prev = time.monotonic()
+        if send_failure is not None:
+            raise send_failure
+        return outputs
+
+    def _accept(self, hop: Hop, reply: Message, expect_position: int, seconds: float, tokens: int) -> torch.Tensor:
+        if reply.get("position") != expect_position:
+            raise SessionError(f"server {hop.address} is at position {reply.get('position')}, "
+                               f"the session at {expect_position}")
+        if not reply.get("repeated"):
+            self.step_times.record(hop.address, seconds, tokens)
+        self.bans.succeeded(hop.address)
+        return _hidden(reply)
+
+    def _repair(self, sess: GatewaySession, index: int, error: SwarmError, deadline: float) -> None:
+        """Replace hop `index` by servers covering its blocks, their caches rebuilt by replay."""
+        hop = sess.hops[index]
+        self._fail(hop, error)
+        t0 = time.monotonic()
+        history = sess.history if sess.position > 0 else None
+        hops, sids, outputs = self._open_span(hop.first, hop.last, max_length=sess.max_length, batch=sess.batch,
+                                              deadline=deadline, history=history)
+        sess.hops[index:index + 1] = hops
+        sess.server_sessions[index:index + 1] = sids
+        for boundary, out in outputs.items():
+            sess.history.reset_boundary(boundary, out)
+        self.failovers += 1
+        log.warning("session %s: blocks %d:%d moved to %s in %.3f s (%d positions replayed)", sess.id[:8],
+                    hop.first, hop.last, _route_text(hops), time.monotonic() - t0, sess.position)
 
     def on_close(self, msg: Message):
         sid = msg.get("session")
@@ -175,15 +355,23 @@ class Gateway:
         return {"closed": True}, None
 
     def on_forward(self, msg: Message):
+        """A batch through every block with no cache; a failed hop is re-routed and retried."""
         self._check_model(msg)
         tensors = self._tensors(msg)
-        for hop in self.route():
-            reply = self.pool.get(hop.address).request(
-                "forward", {"model_id": self.model_id, "blocks": [hop.first, hop.last]}, tensors,
-                timeout_s=STEP_TIMEOUT_S,
-            )
-            tensors = dict(tensors, hidden=_hidden(reply))
-        return {}, {"hidden": tensors["hidden"]}
+        deadline = time.monotonic() + _route_timeout(msg)
+        x, first = tensors["hidden"], 0
+        small = {k: v for k, v in tensors.items() if k != "hidden"}
+        while first < self.num_layers:
+            for hop in self._plan(first, self.num_layers, deadline):
+                try:
+                    reply = self.pool.get(hop.address).request(
+                        "forward", {"model_id": self.model_id, "blocks": [hop.first, hop.last]}, {"hidden": x, **small},
+                        timeout_s=max(UNMEASURED_STEP_S, self._allowance_s(hop.address, x.shape[0] * x.shape[1])))
+                except RETRIABLE as e:
+                    self._fail(hop, e)
+                    break
+                x, first = _hidden(reply), hop.last
+        return {}, {"hidden": x}
 
     # --- housekeeping -------------------------------------------------------------------------
     def _close_remote(self, opened: list[tuple[Hop, str]]) -> None:
@@ -209,6 +397,21 @@ class Gateway:
             self.sessions.clear()
         for s in sessions:
             self._close_remote(list(zip(s.hops, s.server_sessions)))
+
+
+def _route_timeout(msg: Message) -> float:
+    value = msg.get("route_timeout_s", DEFAULT_ROUTE_TIMEOUT_S)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= MAX_ROUTE_TIMEOUT_S:
+        raise ProtocolError(f"route_timeout_s must be a number of seconds within 0..{MAX_ROUTE_TIMEOUT_S:.0f}")
+    return float(value)
+
+
+def _route_json(hops: list[Hop]) -> list[list]:
+    return [[h.address, h.first, h.last] for h in hops]
+
+
+def _route_text(hops: list[Hop]) -> str:
+    return " -> ".join(f"{h.address}[{h.first}:{h.last})" for h in hops)
 
 
 def _hidden(reply: Message) -> torch.Tensor:

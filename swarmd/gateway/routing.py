@@ -23,13 +23,13 @@ class Hop:
     last: int
 
 
-def missing_blocks(servers: Iterable[ServerSpan], num_layers: int) -> list[tuple[int, int]]:
-    """Ranges [a, b) of blocks that no server covers."""
+def missing_blocks(servers: Iterable[ServerSpan], num_layers: int, start: int = 0) -> list[tuple[int, int]]:
+    """Ranges [a, b) of blocks in [start, num_layers) that no server covers."""
     covered = [False] * num_layers
     for s in servers:
         for b in range(max(0, s.start), min(num_layers, s.end)):
             covered[b] = True
-    gaps, b = [], 0
+    gaps, b = [], start
     while b < num_layers:
         if covered[b]:
             b += 1
@@ -42,13 +42,14 @@ def missing_blocks(servers: Iterable[ServerSpan], num_layers: int) -> list[tuple
 
 
 def plan_chain(servers: Iterable[ServerSpan], num_layers: int, model_id: str, start: int = 0) -> list[Hop]:
-    """Fewest hops covering blocks [start, num_layers): at each block take the server that
+    """Fewest hops covering blocks [start, num_layers) (num_layers may be the end of a sub-range
+    when a failed span is replaced): at each block take the server that
     reaches furthest (fewer hops = fewer network round trips per token); ties go to the
     server with more free cache, then to the lower address so that plans are reproducible."""
     servers = list(servers)
-    gaps = missing_blocks(servers, num_layers)
-    if any(b > start for _, b in gaps):
-        text = ", ".join(f"{a}:{b}" for a, b in gaps if b > start)
+    gaps = missing_blocks(servers, num_layers, start)
+    if gaps:
+        text = ", ".join(f"{a}:{b}" for a, b in gaps)
         raise NoRouteError(f"no server covers blocks {text} of model {model_id}")
     hops, pos = [], start
     while pos < num_layers:

@@ -8,6 +8,7 @@ every other session untouched."""
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import threading
 import time
@@ -18,7 +19,7 @@ import zmq
 
 from libswarm.errors import LimitError, ProtocolError, SessionError, SwarmError, TensorError, WrongModelError
 from libswarm.protocol import Message, decode, error_reply, ok_reply
-from swarmd.gateway.connection import ConnectionPool
+from swarmd.gateway.connection import ConnectionPool, emulated_delay_s
 from swarmd.runtime.cache import CacheBudget, SessionCache
 from swarmd.runtime.span import Span
 
@@ -49,6 +50,10 @@ class ServerSession:
     id: str
     cache: SessionCache
     last_used: float = field(default_factory=time.monotonic)
+    # the last step's number and output: a gateway that resends a step after a failure
+    # elsewhere in the route gets the same answer, and the cache does not advance twice
+    last_step: int | None = None
+    last_output: torch.Tensor | None = None
 
 
 @dataclass
@@ -79,6 +84,9 @@ class SpanServer:
         self.pushed: dict[tuple[str, int], tuple[torch.Tensor, float]] = {}
         self.peers = ConnectionPool(zctx, max_message_bytes)  # used from the serving thread only
         self._current: tuple[bytes, int] = (b"", 0)
+        self.delay_s = emulated_delay_s()
+        # test-only fault injection, e.g. SWARMD_FAILPOINTS=exit_on_replay
+        self.failpoints = set(filter(None, os.environ.get("SWARMD_FAILPOINTS", "").split(",")))
         self.handlers = {
             "info": self.on_info,
             "open": self.on_open,
@@ -138,6 +146,8 @@ class SpanServer:
         self._send(ident, reply, req_id)
 
     def _send(self, ident: bytes, reply: list, req_id: int) -> None:
+        if self.delay_s:
+            time.sleep(self.delay_s)
         try:
             self.sock.send_multipart([ident, *reply], copy=False)
         except zmq.ZMQError as e:
@@ -245,6 +255,12 @@ class SpanServer:
 
     def on_step(self, msg: Message):
         s = self._session(msg)
+        step = msg.get("step")
+        if isinstance(step, int) and step == s.last_step and s.last_output is not None:
+            return self._repeat_step(s, msg)
+        if msg.get("replay") and "exit_on_replay" in self.failpoints:
+            log.warning("failpoint exit_on_replay: exiting")
+            os._exit(3)
         if msg.tensors.get("hidden") is None and msg.get("expect_push"):
             key = (s.id, msg.get("step"))
             pushed = self.pushed.pop(key, None)
@@ -265,10 +281,20 @@ class SpanServer:
         out = self.span.run(hidden, pos, mask, s.cache.first, s.cache.last, cache=s.cache)
         self.stats.steps += 1
         self.stats.tokens += B * T
+        step = msg.get("step")
+        s.last_step, s.last_output = (step, out) if isinstance(step, int) else (None, None)
         nxt = msg.get("next")
         if nxt is not None:
-            self._push(nxt, msg.get("step"), out)
+            self._push(nxt, step, out)
         return {"position": s.cache.length}, {"hidden": out}
+
+    def _repeat_step(self, s: ServerSession, msg: Message):
+        """A step already run (the gateway resent it after a failure elsewhere): same answer."""
+        assert s.last_output is not None
+        nxt = msg.get("next")
+        if nxt is not None:
+            self._push(nxt, s.last_step, s.last_output)
+        return {"position": s.cache.length, "repeated": True}, {"hidden": s.last_output}
 
     def _push(self, nxt: object, step: object, out: torch.Tensor) -> None:
         """Send this span's output straight to the next server of the route (server-to-server push)."""
@@ -290,6 +316,9 @@ class SpanServer:
         self.stats.pushes_received += 1
         waiting = self.pending.pop(key, None)
         if waiting is None:
+            known = self.sessions.get(sid)
+            if known is not None and known.last_step == step:
+                return  # a second push of a step already run (a resend after a failure): nothing to do
             if len(self.pushed) >= MAX_PENDING:
                 self.pushed.pop(next(iter(self.pushed)))  # forget the oldest
             self.pushed[key] = (hidden, time.monotonic())

@@ -1,0 +1,41 @@
+"""Servers that failed recently, avoided for a while: 1 s after a first failure, doubling with
+each further failure up to 5 minutes, forgotten after a success. Shared by all sessions of a
+gateway, so a server that failed one session is not handed to the next."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+BAN_BASE_S = 1.0  # short: a server that hiccuped once should be back in routes quickly
+BAN_MAX_S = 300.0  # a server that keeps failing is tried again at most every 5 minutes
+
+
+class Bans:
+    def __init__(self, clock=time.monotonic):
+        self._clock = clock
+        self._failures: dict[str, int] = {}
+        self._until: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def ban(self, address: str) -> float:
+        """Record a failure; returns how long the server is banned for."""
+        with self._lock:
+            n = self._failures.get(address, 0) + 1
+            self._failures[address] = n
+            duration = min(BAN_MAX_S, BAN_BASE_S * 2 ** (n - 1))
+            self._until[address] = self._clock() + duration
+            return duration
+
+    def succeeded(self, address: str) -> None:
+        with self._lock:
+            self._failures.pop(address, None)
+
+    def is_banned(self, address: str) -> bool:
+        with self._lock:
+            return self._until.get(address, 0.0) > self._clock()
+
+    def banned(self) -> set[str]:
+        now = self._clock()
+        with self._lock:
+            return {a for a, t in self._until.items() if t > now}

@@ -1,0 +1,75 @@
+"""The client side of the dual cache, and what the gateway learns of each server's speed."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class History:
+    """Everything sent to each span of a session's route, step by step.
+
+    `inputs[b]` holds, for the hop that starts at block b, the hidden states it was given at
+    every step, exactly as they were sent (same dtype, no conversion): replaying them into a
+    fresh server rebuilds its KV cache bit for bit. Position ids and key masks are shared by
+    all hops."""
+
+    inputs: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    positions: list[torch.Tensor] = field(default_factory=list)
+    masks: list[torch.Tensor | None] = field(default_factory=list)
+
+    def append(self, step_inputs: dict[int, torch.Tensor], boundaries: list[int], positions: torch.Tensor,
+               mask: torch.Tensor | None) -> None:
+        for b in boundaries:
+            self.inputs.setdefault(b, []).append(step_inputs[b])
+        self.positions.append(positions)
+        self.masks.append(mask)
+
+    def replay_inputs(self, boundary: int) -> dict[str, torch.Tensor]:
+        """The tensors of one step that replays every position so far into the hop at `boundary`."""
+        out = {"hidden": torch.cat(self.inputs[boundary], dim=1), "position_ids": torch.cat(self.positions, dim=1)}
+        if any(m is not None for m in self.masks):
+            masks = [m if m is not None else torch.ones_like(p, dtype=torch.bool)
+                     for m, p in zip(self.masks, self.positions)]
+            out["key_mask"] = torch.cat(masks, dim=1)
+        return out
+
+    def reset_boundary(self, boundary: int, replayed: torch.Tensor) -> None:
+        """A new boundary made by splitting a span: its history is the replay's output."""
+        self.inputs[boundary] = [replayed]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for ts in self.inputs.values() for t in ts)
+
+
+# A step's time is a fixed part (network, Python, kernel launches) plus a part that grows with
+# the tokens; counting the fixed part as 16 tokens' worth fits small and large models alike.
+FIXED_COST_TOKENS = 16
+EMA_WEIGHT = 0.2  # how fast the estimate follows a server that speeds up or slows down
+
+
+class StepTimes:
+    """Per server: an moving average of seconds per token of step work."""
+
+    def __init__(self):
+        self._per_unit: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def units(tokens: int) -> int:
+        return tokens + FIXED_COST_TOKENS
+
+    def record(self, address: str, seconds: float, tokens: int) -> None:
+        x = seconds / self.units(tokens)
+        with self._lock:
+            old = self._per_unit.get(address)
+            self._per_unit[address] = x if old is None else (1 - EMA_WEIGHT) * old + EMA_WEIGHT * x
+
+    def expected_s(self, address: str, tokens: int) -> float | None:
+        with self._lock:
+            per_unit = self._per_unit.get(address)
+        return None if per_unit is None else per_unit * self.units(tokens)
