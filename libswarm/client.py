@@ -6,13 +6,16 @@ import itertools
 import os
 import threading
 import time
+from typing import TYPE_CHECKING
 
-import torch
 import zmq
 
 from libswarm.errors import PeerUnavailableError, ProtocolError, SwarmError
 from libswarm.protocol import Message, decode, encode
 from libswarm.protocol.messages import raise_if_error
+
+if TYPE_CHECKING:  # torch is imported by the calls that carry tensors; swarmctl never needs it
+    import torch
 
 DEFAULT_SYSTEM_SOCKET = "/run/swarmd/swarmd.sock"
 
@@ -141,6 +144,8 @@ class SwarmClient:
 
 
 def _inputs(hidden, position_ids, key_mask) -> dict[str, torch.Tensor]:
+    import torch
+
     t = {"hidden": hidden}
     if position_ids is not None:
         t["position_ids"] = position_ids.to(torch.int64)

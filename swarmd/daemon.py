@@ -183,6 +183,11 @@ class Daemon:
                 "free_bytes": budget.free_bytes if budget else 0,
             },
             "stats": vars(self.server.stats).copy() if self.server else {},
+            "gateway": {
+                "sessions": len(self.gateway.sessions),
+                "failovers": self.gateway.failovers,
+                "banned": sorted(self.gateway.bans.banned()),
+            },
             "peers": [r.to_json() for r in self.table.records()],
         }
 

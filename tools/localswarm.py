@@ -28,8 +28,10 @@ def free_port() -> int:
 
 
 class Daemon:
-    def __init__(self, root: str, name: str, model_dir: str, blocks: str, extra: dict | None = None):
+    def __init__(self, root: str, name: str, model_dir: str, blocks: str, extra: dict | None = None,
+                 env: dict | None = None):
         self.name = name
+        self.env = env or {}
         self.dir = os.path.join(root, name)
         os.makedirs(self.dir, exist_ok=True)
         self.port = free_port()
@@ -60,7 +62,7 @@ class Daemon:
     def start(self, seeds: list[str]) -> Daemon:
         self.write_config(seeds)
         # one compute thread per daemon: several daemons share this machine's cores
-        env = dict(os.environ, SWARMD_TORCH_THREADS="1")
+        env = dict(os.environ, SWARMD_TORCH_THREADS="1", **self.env)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen([SWARMD, "--config", self.config_path], stdout=log,
                                          stderr=subprocess.STDOUT, start_new_session=True, env=env)
@@ -102,6 +104,15 @@ class Daemon:
             assert self.proc is not None
             os.killpg(self.proc.pid, sig)
 
+    def revive(self, seeds: list[str]) -> Daemon:
+        """Restart a daemon that was killed or stopped (same config, same address)."""
+        if self.alive:
+            self.kill(signal.SIGCONT)
+            self.kill()
+        if self.proc is not None:
+            self.proc.wait(10)
+        return self.start(seeds).wait_ready()
+
     def stop(self, timeout: float = 15) -> int | None:
         if self.proc is None:
             return None
@@ -117,10 +128,11 @@ class Daemon:
 
 @contextmanager
 def running_swarm(model_dir: str, spans: list[str], gateway: bool = True, extra: dict | None = None,
-                  root: str | None = None):
-    """Servers for `spans` ("0:2", ...) plus a gateway-only daemon; yields (servers, gateway)."""
+                  root: str | None = None, env: dict | None = None):
+    """Servers for `spans` ("0:2", ...) plus a gateway-only daemon; yields (servers, gateway).
+    `env` maps a server's index to extra environment variables for it."""
     root = root or tempfile.mkdtemp(prefix="swarm-test-")
-    servers = [Daemon(root, f"s{i}", model_dir, b, extra) for i, b in enumerate(spans)]
+    servers = [Daemon(root, f"s{i}", model_dir, b, extra, (env or {}).get(i)) for i, b in enumerate(spans)]
     gw = Daemon(root, "gw", model_dir, "none", extra) if gateway else None
     everyone = servers + ([gw] if gw else [])
     seeds = [d.address for d in servers]

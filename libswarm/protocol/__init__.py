@@ -1,4 +1,5 @@
-"""The wire protocol shared by swarmd and libswarm; docs/protocol.md is its authority."""
+"""The wire protocol shared by swarmd and libswarm; docs/protocol.md is its authority.
+(Tensor codecs live in libswarm.protocol.tensors, which imports torch.)"""
 
 from libswarm.protocol.messages import (
     MAX_HEADER_BYTES,
@@ -9,10 +10,8 @@ from libswarm.protocol.messages import (
     error_reply,
     ok_reply,
 )
-from libswarm.protocol.tensors import DTYPES, tensor_from_buffer, tensor_to_buffer
 
 __all__ = [
-    "DTYPES",
     "MAX_HEADER_BYTES",
     "PROTOCOL_VERSION",
     "Message",
@@ -20,6 +19,4 @@ __all__ = [
     "encode",
     "error_reply",
     "ok_reply",
-    "tensor_from_buffer",
-    "tensor_to_buffer",
 ]

@@ -15,12 +15,14 @@ import builtins
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from libswarm.errors import ProtocolError, SwarmError, TensorError, error_to_wire
-from libswarm.protocol.tensors import tensor_from_buffer, tensor_to_buffer
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported only when a message carries tensors, so that swarmctl starts in a blink
 
 PROTOCOL_VERSION = "1.0"
 PROTOCOL_MAJOR = 1
@@ -67,6 +69,8 @@ def encode(
         header["deadline"] = deadline
     frames: list = [b""]
     if tensors:
+        from libswarm.protocol.tensors import tensor_to_buffer
+
         specs = []
         for name, t in tensors.items():
             spec, buf = tensor_to_buffer(t)
@@ -110,6 +114,8 @@ def decode(frames: Sequence) -> Message:
     if len(specs) != len(frames) - 1:
         raise ProtocolError(f"header announces {len(specs)} tensors but {len(frames) - 1} frames follow")
     tensors: dict[str, torch.Tensor] = {}
+    if specs:
+        from libswarm.protocol.tensors import tensor_from_buffer
     for spec, frame in zip(specs, frames[1:]):
         name = spec.get("name") if isinstance(spec, dict) else None
         if not isinstance(name, str) or name in tensors:
