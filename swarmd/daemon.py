@@ -186,6 +186,7 @@ class Daemon:
             "gateway": {
                 "sessions": len(self.gateway.sessions),
                 "failovers": self.gateway.failovers,
+                "last_failover": self.gateway.last_failover,
                 "banned": sorted(self.gateway.bans.banned()),
             },
             "peers": [r.to_json() for r in self.table.records()],

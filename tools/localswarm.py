@@ -103,6 +103,8 @@ class Daemon:
         if self.alive:
             assert self.proc is not None
             os.killpg(self.proc.pid, sig)
+            if sig == signal.SIGKILL:
+                self.proc.wait(10)  # reaped: `alive` is false from here on
 
     def revive(self, seeds: list[str]) -> Daemon:
         """Restart a daemon that was killed or stopped (same config, same address)."""
@@ -128,12 +130,13 @@ class Daemon:
 
 @contextmanager
 def running_swarm(model_dir: str, spans: list[str], gateway: bool = True, extra: dict | None = None,
-                  root: str | None = None, env: dict | None = None):
+                  root: str | None = None, env: dict | None = None, env_all: dict | None = None):
     """Servers for `spans` ("0:2", ...) plus a gateway-only daemon; yields (servers, gateway).
-    `env` maps a server's index to extra environment variables for it."""
+    `env` maps a server's index to extra environment variables for it; `env_all` goes to all."""
     root = root or tempfile.mkdtemp(prefix="swarm-test-")
-    servers = [Daemon(root, f"s{i}", model_dir, b, extra, (env or {}).get(i)) for i, b in enumerate(spans)]
-    gw = Daemon(root, "gw", model_dir, "none", extra) if gateway else None
+    servers = [Daemon(root, f"s{i}", model_dir, b, extra, {**(env_all or {}), **(env or {}).get(i, {})})
+               for i, b in enumerate(spans)]
+    gw = Daemon(root, "gw", model_dir, "none", extra, env_all) if gateway else None
     everyone = servers + ([gw] if gw else [])
     seeds = [d.address for d in servers]
     try:

@@ -25,14 +25,14 @@ class SeedPoller:
         self._refresh_lock = threading.Lock()
         self._logged_failures: set[str] = set()
 
-    def refresh(self) -> None:
-        """Ask every seed for its info now (one refresh at a time; concurrent callers wait for it)."""
+    def refresh(self, skip: set[str] | frozenset[str] = frozenset()) -> None:
+        """Ask every seed (but those in `skip`) for its info now; one refresh at a time."""
         with self._refresh_lock:
             own = self.self_record()
             if own is not None:
                 self.table.update(own)
             for address in self.seeds():
-                if own is not None and address == own.address:
+                if (own is not None and address == own.address) or address in skip:
                     continue
                 self._ask(address)
 

@@ -30,7 +30,7 @@ HEARTBEAT_IVL_MS = 500  # ping an idle connection this often...
 HEARTBEAT_TIMEOUT_MS = 2000  # ...and drop it when no pong comes back in this time (hung peer)
 MAX_STASHED = 64
 _ids = itertools.count(1)
-_MONITOR_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+_MONITOR_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
 
 
 def emulated_delay_s() -> float:
@@ -49,11 +49,11 @@ class PeerConnection:
         self.sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
         self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
         self.sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)  # a peer back from a restart is found within 1 s
         if max_message_bytes:
             self.sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         self.monitor = self.sock.get_monitor_socket(_MONITOR_EVENTS)
-        self.state = "connecting"  # connecting | up | down
+        self.state = "connecting"  # connecting | up | down | refused
         self.disconnects = 0
         self.delay_s = emulated_delay_s()
         # replies that arrived while another request was awaited (one peer, two hops of a route)
@@ -69,14 +69,32 @@ class PeerConnection:
             elif event == zmq.EVENT_DISCONNECTED:
                 self.state = "down"
                 self.disconnects += 1
+            elif event == zmq.EVENT_CONNECT_RETRIED and self.state != "up":
+                self.state = "refused"  # nothing listens there (a connect attempt failed)
 
     def _wait_writable(self, timeout_s: float) -> bool:
         """Until the peer can take a message: at once when connected, a moment for a new or
         re-established connection, never for a peer known to have gone."""
-        self._drain_monitor()
-        if self.state == "down":
-            timeout_s = min(timeout_s, RECONNECT_GRACE_S)
-        return bool(self.sock.poll(int(timeout_s * 1000), zmq.POLLOUT))
+        if self.state == "up" and self.sock.poll(0, zmq.POLLOUT):  # the hot path: one cheap check
+            self._drain_monitor()
+            if self.state == "up":
+                return True
+        deadline = time.monotonic() + timeout_s
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLOUT)
+        poller.register(self.monitor, zmq.POLLIN)
+        while True:
+            self._drain_monitor()
+            if self.state == "refused":
+                return False
+            if self.state == "down":
+                deadline = min(deadline, time.monotonic() + RECONNECT_GRACE_S)
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            events = dict(poller.poll(max(left_ms, 0)))
+            if self.sock in events:
+                return True
+            if left_ms <= 0:
+                return False
 
     # --- messages --------------------------------------------------------------------------
     def send(self, msg_type: str, fields: dict | None = None, tensors: dict[str, torch.Tensor] | None = None,
@@ -85,7 +103,8 @@ class PeerConnection:
         req_id = next(_ids)
         frames = encode(msg_type, req_id, fields, tensors, deadline=time.time() + timeout_s)
         if not self._wait_writable(min(timeout_s, CONNECT_TIMEOUT_S)):
-            raise PeerUnavailableError(f"peer {self.address} is unreachable")
+            reason = "refuses connections" if self.state == "refused" else "is unreachable"
+            raise PeerUnavailableError(f"peer {self.address} {reason}")
         if self.delay_s:
             time.sleep(self.delay_s)
         self.sock.send_multipart(frames, copy=False)

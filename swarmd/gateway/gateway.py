@@ -86,6 +86,7 @@ class Gateway:
         self.bans = Bans()
         self.step_times = StepTimes()
         self.failovers = 0
+        self.last_failover: dict = {}  # when and how long the phases of the latest failover took
         self._lock = threading.Lock()
         self.handlers: dict[str, Callable[[Message], tuple[dict, dict | None]]] = {
             "status": lambda m: (self.status_fn(), None),
@@ -102,27 +103,34 @@ class Gateway:
               exclude: frozenset[str] | set[str] = frozenset()) -> list[Hop]:
         """A chain over blocks [first, last) avoiding banned servers, waiting (with capped
         doubling backoff, refreshing the peer table) until `deadline` for one to exist."""
-        backoff_s, t0 = 0.2, time.monotonic()
+        backoff_s, t0, refreshed = 0.2, time.monotonic(), False
         while True:
             banned = self.bans.banned() | exclude
             servers = [s for s in self.table.servers_for(self.model_id) if s.address not in banned]
             try:
                 return plan_chain(servers, last, self.model_id, start=first)
             except NoRouteError as e:
-                if time.monotonic() + backoff_s > deadline:
-                    raise NoRouteError(f"{e} (waited {time.monotonic() - t0:.1f} s)") from None
-                time.sleep(backoff_s)
-                backoff_s = min(backoff_s * 2, 2.0)
-                self.poller.refresh()
+                if refreshed:  # the table was fresh and still no route: wait for servers to come
+                    left_s = deadline - time.monotonic()
+                    if left_s <= 0:
+                        raise NoRouteError(f"{e} (waited {time.monotonic() - t0:.1f} s)") from None
+                    time.sleep(min(backoff_s, left_s))
+                    backoff_s = min(backoff_s * 2, 2.0)
+                # ask the peers again (a server may have just come back); banned ones, maybe
+                # hung, would only stall the refresh
+                self.poller.refresh(skip=self.bans.banned())
+                refreshed = True
 
     def route(self) -> list[Hop]:
         return self._plan(0, self.num_layers, time.monotonic() + DEFAULT_ROUTE_TIMEOUT_S)
 
     def _open_span(self, first: int, last: int, *, max_length: int, batch: int, deadline: float,
-                   history: History | None) -> tuple[list[Hop], list[str], dict[int, torch.Tensor]]:
+                   history: History | None) -> tuple[list[Hop], list[str], dict[int, torch.Tensor], float]:
         """Open sessions on servers covering [first, last); with a history, replay it into them.
-        Returns the hops, their session ids, and the replay's output at each new inner boundary.
-        A server that fails here is banned and another one is tried, until `deadline`."""
+        Returns the hops, their session ids, the replay's output at each new inner boundary, and
+        the seconds spent replaying. A server that fails here is banned and another one is
+        tried, until `deadline`."""
+        replay_s = 0.0
         full: set[str] = set()  # servers without room for this session (not banned: they work)
         while True:
             hops = self._plan(first, last, deadline, exclude=full)
@@ -137,10 +145,12 @@ class Gateway:
                                                   "max_length": max_length, "batch": batch}, timeout_s=OPEN_TIMEOUT_S)
                     opened.append((hop, reply.require("session", str)))
                     if replay is not None:
+                        t0 = time.monotonic()
                         replay["hidden"] = self._replay(hop, opened[-1][1], replay)
+                        replay_s += time.monotonic() - t0
                         if hop.last < last:
                             outputs[hop.last] = replay["hidden"]
-                return hops, [sid for _, sid in opened], outputs
+                return hops, [sid for _, sid in opened], outputs, replay_s
             except CacheFullError as e:
                 self._close_remote(opened)
                 full.add(hop.address)
@@ -167,11 +177,13 @@ class Gateway:
         self.step_times.record(hop.address, time.monotonic() - t0, tokens)
         return _hidden(reply)
 
-    def _allowance_s(self, address: str, tokens: int) -> float:
+    def _allowance_s(self, address: str, tokens: int, floor: bool = True) -> float:
+        """How long a hop may take before it is called failed (without `floor`, the part to add
+        per further hop of a chain, which shares one floor)."""
         expected = self.step_times.expected_s(address, tokens)
         if expected is None:
             return UNMEASURED_STEP_S
-        return STEP_DEADLINE_FLOOR_S + STEP_DEADLINE_FACTOR * expected
+        return (STEP_DEADLINE_FLOOR_S if floor else 0.0) + STEP_DEADLINE_FACTOR * expected
 
     def _fail(self, hop: Hop, error: SwarmError) -> None:
         banned_s = self.bans.ban(hop.address)
@@ -198,7 +210,7 @@ class Gateway:
             raise LimitError("max_length and batch must be positive")
         route_timeout_s = _route_timeout(msg)
         deadline = time.monotonic() + route_timeout_s
-        hops, sids, _ = self._open_span(0, self.num_layers, max_length=max_length, batch=batch, deadline=deadline,
+        hops, sids, _, _ = self._open_span(0, self.num_layers, max_length=max_length, batch=batch, deadline=deadline,
                                         history=None)
         sess = GatewaySession(secrets.token_hex(12), batch, max_length, hops, sids, route_timeout_s=route_timeout_s,
                               push=msg.get("push", True) is not False)
@@ -308,11 +320,18 @@ class Gateway:
                 send_failure = HopFailure(k, outputs, e)
                 break
         allowance, t_prev = 0.0, t0
-        for k, conn, req_id in sent:
-            allowance += self._allowance_s(hops[k].address, tokens)
+        for i, (k, conn, req_id) in enumerate(sent):
+            allowance += self._allowance_s(hops[k].address, tokens, floor=i == 0)
             try:
                 reply = conn.receive(req_id, t0 + allowance, "step")
                 outputs[k] = self._accept(hops[k], reply, expect_position, time.monotonic() - t_prev, tokens)
+                if reply.get("pushed") is False and i + 1 < len(sent):
+                    # the server could not reach the next one: hand the output over ourselves
+                    nk, nconn, _ = sent[i + 1]
+                    fields = {"session": sids[nk], "step": step}
+                    if nk < n - 1:
+                        fields["next"] = {"address": hops[nk + 1].address, "session": sids[nk + 1]}
+                    sent[i + 1] = (nk, nconn, nconn.send("step", fields, {"hidden": outputs[k], **small}))
             except SwarmError as e:
                 raise HopFailure(k, outputs, e) from None
             t_prev = time.monotonic()
@@ -332,18 +351,25 @@ class Gateway:
     def _repair(self, sess: GatewaySession, index: int, error: SwarmError, deadline: float) -> None:
         """Replace hop `index` by servers covering its blocks, their caches rebuilt by replay."""
         hop = sess.hops[index]
+        detected_at = time.time()
         self._fail(hop, error)
         t0 = time.monotonic()
         history = sess.history if sess.position > 0 else None
-        hops, sids, outputs = self._open_span(hop.first, hop.last, max_length=sess.max_length, batch=sess.batch,
-                                              deadline=deadline, history=history)
+        hops, sids, outputs, replay_s = self._open_span(
+            hop.first, hop.last, max_length=sess.max_length, batch=sess.batch, deadline=deadline, history=history)
+        total_s = time.monotonic() - t0
+        self.last_failover = {
+            "detected_at": detected_at, "blocks": [hop.first, hop.last], "failed": hop.address,
+            "replacements": _route_json(hops), "reason": str(error), "replayed_positions": sess.position,
+            "reroute_s": round(total_s - replay_s, 6), "replay_s": round(replay_s, 6),
+        }
         sess.hops[index:index + 1] = hops
         sess.server_sessions[index:index + 1] = sids
         for boundary, out in outputs.items():
             sess.history.reset_boundary(boundary, out)
         self.failovers += 1
-        log.warning("session %s: blocks %d:%d moved to %s in %.3f s (%d positions replayed)", sess.id[:8],
-                    hop.first, hop.last, _route_text(hops), time.monotonic() - t0, sess.position)
+        log.warning("session %s: blocks %d:%d moved to %s in %.3f s (%d positions replayed in %.3f s)", sess.id[:8],
+                    hop.first, hop.last, _route_text(hops), total_s, sess.position, replay_s)
 
     def on_close(self, msg: Message):
         sid = msg.get("session")

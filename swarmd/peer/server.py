@@ -273,6 +273,9 @@ class SpanServer:
         return self._run_step(s, msg, None)
 
     def _run_step(self, s: ServerSession, msg: Message, hidden: torch.Tensor | None):
+        step = msg.get("step")
+        # a step resent with its input (its push was lost) replaces the request waiting for that push
+        waiting = self.pending.pop((s.id, step), None)
         hidden, pos, mask = self._inputs(msg, batch=s.cache.batch, hidden=hidden)
         B, T, _ = hidden.shape
         s.cache.check_step(B, T)
@@ -281,30 +284,35 @@ class SpanServer:
         out = self.span.run(hidden, pos, mask, s.cache.first, s.cache.last, cache=s.cache)
         self.stats.steps += 1
         self.stats.tokens += B * T
-        step = msg.get("step")
         s.last_step, s.last_output = (step, out) if isinstance(step, int) else (None, None)
+        if waiting is not None and waiting.ident != self._current[0]:
+            err = SessionError("step superseded by a resend with its input")
+            self._send(waiting.ident, error_reply(waiting.req_id, err), waiting.req_id)
         nxt = msg.get("next")
-        if nxt is not None:
-            self._push(nxt, step, out)
-        return {"position": s.cache.length}, {"hidden": out}
+        pushed = self._push(nxt, step, out) if nxt is not None else None
+        fields: dict = {"position": s.cache.length}
+        if pushed is False:
+            fields["pushed"] = False  # the gateway sends `out` to the next server itself
+        return fields, {"hidden": out}
 
     def _repeat_step(self, s: ServerSession, msg: Message):
         """A step already run (the gateway resent it after a failure elsewhere): same answer."""
         assert s.last_output is not None
         nxt = msg.get("next")
-        if nxt is not None:
-            self._push(nxt, s.last_step, s.last_output)
-        return {"position": s.cache.length, "repeated": True}, {"hidden": s.last_output}
+        fields: dict = {"position": s.cache.length, "repeated": True}
+        if nxt is not None and not self._push(nxt, s.last_step, s.last_output):
+            fields["pushed"] = False
+        return fields, {"hidden": s.last_output}
 
-    def _push(self, nxt: object, step: object, out: torch.Tensor) -> None:
+    def _push(self, nxt: object, step: object, out: torch.Tensor) -> bool:
         """Send this span's output straight to the next server of the route (server-to-server push)."""
         if not (isinstance(nxt, dict) and isinstance(nxt.get("address"), str) and isinstance(nxt.get("session"), str)):
             raise ProtocolError("step: 'next' must be {address, session}")
         if self.peers.get(nxt["address"]).push("push", {"session": nxt["session"], "step": step}, {"hidden": out}):
             self.stats.pushes_sent += 1
-        else:
-            # the gateway sees the next server time out and resends from its own copy of `out`
-            log.info("push to %s not delivered: peer not connected", nxt["address"])
+            return True
+        log.info("push to %s not delivered: peer not connected", nxt["address"])
+        return False
 
     def on_push(self, msg: Message) -> None:
         hidden = msg.tensors.get("hidden")
