@@ -104,6 +104,7 @@ class SpanServer:
     def serve(self, stop: threading.Event) -> None:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
+        last_sweep = time.monotonic()
         while not stop.is_set():
             if poller.poll(POLL_INTERVAL_MS):
                 while True:
@@ -112,7 +113,9 @@ class SpanServer:
                     except zmq.Again:
                         break
                     self.handle(frames)
-            self.expire_idle()
+            if time.monotonic() - last_sweep >= POLL_INTERVAL_MS / 1000:  # not on every decode step
+                self.expire_idle()
+                last_sweep = time.monotonic()
         self.sock.close(0)
         self.peers.close_all()
         for sid in list(self.sessions):
