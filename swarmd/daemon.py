@@ -101,6 +101,8 @@ class Daemon:
             self.state = "loading"
             self._load_and_serve(*self.blocks)
         self.state = "online"
+        if self.config.discovery.mdns:
+            log.info("discovery.mdns: mDNS discovery is not in this version yet; peers come from discovery.seeds")
         self._thread("seeds", self.poller.run)
         log.info("online: model %s, %s", self.model_id,
                  f"blocks {self.blocks[0]}:{self.blocks[1]}" if self.blocks else "gateway only")

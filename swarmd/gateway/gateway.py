@@ -28,6 +28,7 @@ from libswarm.errors import (
     RemoteError,
     SessionError,
     SwarmError,
+    TensorError,
     WrongModelError,
 )
 from libswarm.protocol import Message
@@ -63,6 +64,7 @@ class GatewaySession:
     push: bool = True
     position: int = 0
     steps: int = 0  # steps sent so far; numbers each step so that pushes find their request
+    broken: bool = False  # a step failed after some servers ran it: rebuild before the next one
     history: History = field(default_factory=History)
     last_used: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -235,9 +237,13 @@ class Gateway:
         B, T, _ = hidden.shape
         out = {"hidden": hidden}
         pos = msg.tensor("position_ids", optional=True)
+        if pos is not None and (pos.dtype != torch.int64 or list(pos.shape) != [B, T]):
+            raise TensorError(f"position_ids must be int64 [{B}, {T}], got {str(pos.dtype)[6:]} {list(pos.shape)}")
         out["position_ids"] = pos if pos is not None else torch.arange(T).expand(B, T)
         mask = msg.tensor("key_mask", optional=True)
         if mask is not None:
+            if mask.dtype != torch.bool or list(mask.shape) != [B, T]:
+                raise TensorError(f"key_mask must be bool [{B}, {T}], got {str(mask.dtype)[6:]} {list(mask.shape)}")
             out["key_mask"] = mask
         return out
 
@@ -258,6 +264,30 @@ class Gateway:
         return {"position": sess.position, "route": _route_json(sess.hops)}, {"hidden": out}
 
     def _step(self, sess: GatewaySession, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        if sess.broken:
+            self._rebuild(sess)
+        try:
+            return self._step_once(sess, tensors)
+        except BaseException:
+            # some servers may have cached this step's positions and others not: the history,
+            # which holds only completed steps, is the truth to rebuild from
+            sess.broken = True
+            raise
+
+    def _rebuild(self, sess: GatewaySession) -> None:
+        """Fresh sessions on a fresh route, their caches replayed from the history."""
+        old = list(zip(sess.hops, sess.server_sessions))
+        deadline = time.monotonic() + sess.route_timeout_s
+        hops, sids, outputs, _ = self._open_span(0, self.num_layers, max_length=sess.max_length, batch=sess.batch,
+                                                 deadline=deadline, history=sess.history if sess.position else None)
+        self._close_remote(old)
+        sess.hops, sess.server_sessions = hops, sids
+        for boundary, out in outputs.items():
+            sess.history.reset_boundary(boundary, out)
+        sess.broken = False
+        log.warning("session %s rebuilt over %s after a failed step", sess.id[:8], _route_text(hops))
+
+    def _step_once(self, sess: GatewaySession, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         hidden = tensors["hidden"]
         small = {k: v for k, v in tensors.items() if k != "hidden"}
         B, T, _ = hidden.shape

@@ -246,3 +246,31 @@ def test_client_killed_mid_session_frees_server_caches_after_idle_timeout(model_
             time.sleep(0.5)
         assert [s.ctl("status")["sessions"]["server"] for s in servers] == [0, 0]
         assert all(s.ctl("status")["cache"]["used_bytes"] == 0 for s in servers)
+
+
+@torch.no_grad()
+def test_failed_step_can_be_retried_once_a_server_returns(model_dirs):
+    """A step that failed for want of servers leaves the session consistent: once a server for
+    the missing blocks appears, the same step succeeds and the logits are HF's."""
+    d = model_dirs("llama")
+    ids = torch.randint(3, 500, (1, 12), generator=torch.Generator().manual_seed(14))
+    full = hf_reference(d)(ids).logits
+    with running_swarm(d, ["0:3", "3:6"]) as (servers, gw):
+        from localswarm import Daemon
+
+        spare = Daemon(os.path.dirname(gw.dir), "spare", d, "3:6")
+        gw.cfg["discovery"]["seeds"].append(spare.address)
+        gw.stop()
+        gw.start(gw.cfg["discovery"]["seeds"]).wait_ready()
+        model = AutoDistributedModelForCausalLM.from_pretrained(d, socket=gw.socket)
+        try:
+            with model.inference_session(max_length=16, route_timeout_s=2):
+                first = model(ids[:, :8]).logits
+                servers[1].kill()
+                with pytest.raises(NoRouteError, match="blocks 3:6"):
+                    model(ids[:, 8:9])
+                spare.start([s.address for s in servers]).wait_ready()
+                rest = [model(ids[:, 8:9]).logits, model(ids[:, 9:12]).logits]
+        finally:
+            spare.stop()
+    assert (torch.cat([first, *rest], 1) - full).abs().max().item() <= 1e-4
