@@ -130,6 +130,31 @@ class Checkpoint:
                     out[k] = f.get_tensor(k)
         return out
 
+    def block_fingerprint(self, block: int) -> str:
+        """A short hash that tells one checkpoint's block from another's with the same config.
+
+        It covers every tensor's name, dtype and shape and the bytes of its first and last rows,
+        read without loading the tensor: two different trainings (or fine-tunes) of a model
+        differ there, while two copies of the same files always agree. A checkpoint converted
+        to another dtype counts as different, which is the safe side."""
+        from safetensors import safe_open
+
+        digest = hashlib.sha256()
+        names = sorted(self.block_tensor_names(block))
+        by_file: dict[str, list[str]] = {}
+        for n in names:
+            by_file.setdefault(self.index[n], []).append(n)
+        for path, keys in sorted(by_file.items()):
+            with safe_open(path, framework="pt") as f:
+                for k in keys:
+                    sl = f.get_slice(k)
+                    shape = sl.get_shape()
+                    digest.update(f"{k[len(self.layer_prefix):]}|{sl.get_dtype()}|{shape}".encode())
+                    if shape and shape[0] > 0:
+                        for row in (sl[0:1], sl[shape[0] - 1:shape[0]]):
+                            digest.update(row.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()[:16]
+
     def block_tensor_names(self, block: int) -> list[str]:
         prefix = f"{self.layer_prefix}{block}."
         names = [k for k in self.index if k.startswith(prefix)]

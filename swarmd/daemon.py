@@ -17,7 +17,7 @@ import zmq
 
 from libswarm import __version__
 from libswarm.checkpoint import Checkpoint
-from libswarm.errors import ConfigError
+from libswarm.errors import ConfigError, SwarmError
 from libswarm.protocol import PROTOCOL_VERSION
 from swarmd.config import Config
 from swarmd.discovery.seeds import SeedPoller
@@ -57,7 +57,9 @@ class Daemon:
         self.threads: list[threading.Thread] = []
         self.pool = ConnectionPool(self.zctx, config.network.max_message_bytes)
         self.table = PeerTable()
-        self.poller = SeedPoller(self.pool, self.table, self._seed_addresses, self._self_record)
+        self._fingerprints: dict[int, str | None] = {}
+        self.poller = SeedPoller(self.pool, self.table, self._seed_addresses, self._self_record,
+                                 self._expected_fingerprint)
         self.gateway = Gateway(
             model_id=self.model_id, num_layers=self.num_layers, hidden_size=self.checkpoint.config.hidden_size,
             pool=self.pool, table=self.table, poller=self.poller, status=self.status,
@@ -78,6 +80,15 @@ class Daemon:
             raise ConfigError(f"{self.config.path}: serve.blocks: {start}:{end} is out of range, "
                               f"the model has blocks 0:{n}")
         return start, end
+
+    def _expected_fingerprint(self, block: int) -> str | None:
+        """This daemon's checkpoint's fingerprint of a block, or None when it lacks the block."""
+        if block not in self._fingerprints:
+            try:
+                self._fingerprints[block] = self.checkpoint.block_fingerprint(block)
+            except SwarmError:
+                self._fingerprints[block] = None
+        return self._fingerprints[block]
 
     def _seed_addresses(self) -> list[str]:
         return [s.address for s in self.config.discovery.seeds]

@@ -19,9 +19,11 @@ INFO_TIMEOUT_S = 2.0  # a seed that does not answer info in this time is marked 
 
 class SeedPoller:
     def __init__(self, pool: ConnectionPool, table: PeerTable, seeds: Callable[[], list[str]],
-                 self_record: Callable[[], PeerRecord | None]):
+                 self_record: Callable[[], PeerRecord | None],
+                 expected_fingerprint: Callable[[int], str | None] = lambda block: None):
         self.pool, self.table = pool, table
         self.seeds, self.self_record = seeds, self_record
+        self.expected_fingerprint = expected_fingerprint
         self._refresh_lock = threading.Lock()
         self._logged_failures: set[str] = set()
 
@@ -47,22 +49,40 @@ class SeedPoller:
                 self._logged_failures.add(address)
                 log.warning("seed %s: %s", address, e)
             return
-        self._logged_failures.discard(address)
         raw_span = info.get("span")
         span = (raw_span[0], raw_span[1]) if (
             isinstance(raw_span, list) and len(raw_span) == 2 and all(isinstance(x, int) for x in raw_span)
         ) else None
+        mismatch = self._weights_mismatch(span, info.get("fingerprints"))
+        if mismatch and address not in self._logged_failures:
+            log.warning("peer %s: %s; it will not be routed to", address, mismatch)
+        if mismatch:
+            self._logged_failures.add(address)
+        else:
+            self._logged_failures.discard(address)
         self.table.update(PeerRecord(
             address=address,
             model_id=info.get("model_id") if isinstance(info.get("model_id"), str) else None,
             span=span,
-            state="online",
+            state="mismatch" if mismatch else "online",
+            error=mismatch,
             cache_free_bytes=int(info.get("cache_free_bytes") or 0),
             sessions=int(info.get("sessions") or 0),
             rtt_ms=round((time.monotonic() - t0) * 1000, 3),
             last_seen=time.time(),
             info=info,
         ))
+
+    def _weights_mismatch(self, span: tuple[int, int] | None, fingerprints: object) -> str | None:
+        """Why a peer's weights differ from this daemon's checkpoint, or None (also when this
+        daemon cannot tell: it lacks those blocks, or the peer sent no fingerprints)."""
+        if span is None or not isinstance(fingerprints, list) or len(fingerprints) != span[1] - span[0]:
+            return None
+        for block, theirs in zip(range(*span), fingerprints):
+            ours = self.expected_fingerprint(block)
+            if ours is not None and theirs != ours:
+                return f"weights of block {block} differ from this daemon's checkpoint (same config, other weights)"
+        return None
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():

@@ -170,6 +170,7 @@ class SpanServer:
             "sessions": len(self.sessions),
             "max_length": self.max_length,
             "max_batch": self.max_batch,
+            "fingerprints": self.span.fingerprints,
         }
 
     def on_info(self, msg: Message):

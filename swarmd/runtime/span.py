@@ -34,6 +34,7 @@ class Span:
         self.head_dim: int = first.head_dim
         self.windows: set[int | None] = {first.window}
         self.hidden_size = self.config.hidden_size
+        self.fingerprints: list[str] = []  # one per block, from the checkpoint (see Checkpoint.block_fingerprint)
 
     def _make_block(self, i: int) -> LlamaBlock | BloomBlock:
         with torch.device("meta"):
@@ -42,6 +43,7 @@ class Span:
     def load(self, progress=None) -> Span:
         """Read only this span's tensors, block by block, reporting progress."""
         t0 = time.monotonic()
+        self.fingerprints = [self.checkpoint.block_fingerprint(i) for i in range(self.start, self.end)]
         for n, i in enumerate(range(self.start, self.end)):
             block = self._make_block(i)
             names = self.checkpoint.block_tensor_names(i)

@@ -1,0 +1,41 @@
+"""Two checkpoints with the same config.json but different weights share a model id; the
+fingerprints of their blocks keep them from being mixed in one route."""
+
+import pytest
+import torch
+
+from conftest import hf_reference
+from helpers import running_swarm
+from libswarm import AutoDistributedModelForCausalLM, NoRouteError
+from libswarm.checkpoint import Checkpoint
+from localswarm import Daemon
+
+
+def test_server_with_other_weights_is_never_routed_to(model_dirs, tmp_path):
+    ours = model_dirs("llama")
+    theirs = model_dirs("llama", seed=99)  # same shapes and config, other random weights
+    assert Checkpoint(ours).model_id == Checkpoint(theirs).model_id
+    assert Checkpoint(ours).block_fingerprint(4) != Checkpoint(theirs).block_fingerprint(4)
+    ids = torch.randint(3, 500, (1, 8), generator=torch.Generator().manual_seed(15))
+    opts = dict(do_sample=False, max_new_tokens=8, min_new_tokens=8, pad_token_id=0)
+    expected = hf_reference(ours).generate(ids, **opts)
+    impostor = Daemon(str(tmp_path), "impostor", theirs, "3:6")
+    with running_swarm(ours, ["0:3", "3:6"]) as (servers, gw):
+        impostor.start([])
+        try:
+            impostor.wait_ready()
+            gw.cfg["discovery"]["seeds"].append(impostor.address)
+            gw.stop()
+            gw.start(gw.cfg["discovery"]["seeds"]).wait_ready()
+            peers = {p["address"]: p for p in gw.ctl("peers")["peers"]}
+            assert peers[impostor.address]["state"] == "mismatch"
+            assert "weights of block 3 differ" in peers[impostor.address]["error"]
+            assert peers[servers[1].address]["state"] == "online"
+            model = AutoDistributedModelForCausalLM.from_pretrained(ours, socket=gw.socket)
+            assert torch.equal(model.generate(ids, **opts), expected)
+            servers[1].kill()  # the impostor is the only other server for 3:6, and must not be used
+            model.route_timeout_s = 2
+            with pytest.raises(NoRouteError, match="blocks 3:6"):
+                model.generate(ids, **opts)
+        finally:
+            impostor.stop()
