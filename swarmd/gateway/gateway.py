@@ -37,7 +37,7 @@ from swarmd.discovery.table import PeerTable
 from swarmd.gateway.bans import Bans
 from swarmd.gateway.connection import ConnectionPool
 from swarmd.gateway.history import History, StepTimes
-from swarmd.gateway.routing import Hop, plan_chain
+from swarmd.gateway.routing import Hop, missing_blocks, plan_chain
 
 log = logging.getLogger("swarmd.gateway")
 
@@ -153,18 +153,16 @@ class Gateway:
                         if hop.last < last:
                             outputs[hop.last] = replay["hidden"]
                 return hops, [sid for _, sid in opened], outputs, replay_s
-            except CacheFullError as e:
+            except CacheFullError:
                 self._close_remote(opened)
                 full.add(hop.address)
-                if not self.table.servers_for(self.model_id) or time.monotonic() > deadline:
+                candidates = [s for s in self.table.servers_for(self.model_id)
+                              if s.address not in full and not self.bans.is_banned(s.address)]
+                if missing_blocks(candidates, last, first):  # nobody else could take it: say so now
                     raise
-                try:
-                    self._plan(first, last, time.monotonic(), exclude=full)
-                except NoRouteError:
-                    raise e from None
             except RETRIABLE as e:
-                self._close_remote(opened)
                 self._fail(hop, e)
+                self._close_remote([(h, sid) for h, sid in opened if h is not hop])
 
     def _replay(self, hop: Hop, sid: str, replay: dict[str, torch.Tensor]) -> torch.Tensor:
         """One step that feeds a fresh session every position so far; returns its output."""
@@ -432,6 +430,8 @@ class Gateway:
     # --- housekeeping -------------------------------------------------------------------------
     def _close_remote(self, opened: list[tuple[Hop, str]]) -> None:
         for hop, sid in opened:
+            if self.bans.is_banned(hop.address):
+                continue  # it failed: closing could hang on it, and it frees idle sessions itself
             try:
                 self.pool.get(hop.address).request("close", {"session": sid}, timeout_s=2.0)
             except SwarmError as e:  # the server frees it after its idle timeout anyway
