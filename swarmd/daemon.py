@@ -24,6 +24,7 @@ from swarmd.discovery.seeds import SeedPoller
 from swarmd.discovery.table import PeerRecord, PeerTable
 from swarmd.gateway.connection import ConnectionPool
 from swarmd.gateway.gateway import Gateway
+from swarmd.identity import load_or_create_identity
 from swarmd.local import LocalServer
 from swarmd.peer.server import SpanServer
 from swarmd.runtime.cache import CacheBudget
@@ -40,6 +41,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class Daemon:
     def __init__(self, config: Config):
         self.config = config
+        self.identity = load_or_create_identity(config.state_dir)
         self.checkpoint = Checkpoint(config.model)
         self.model_id = config.model_id or self.checkpoint.model_id
         self.num_layers = self.checkpoint.num_layers
@@ -64,8 +66,8 @@ class Daemon:
             model_id=self.model_id, num_layers=self.num_layers, hidden_size=self.checkpoint.config.hidden_size,
             pool=self.pool, table=self.table, poller=self.poller, status=self.status,
         )
-        self.local = LocalServer(self.zctx, config.network.socket, self.gateway.handlers,
-                                 config.network.max_message_bytes)
+        handlers = dict(self.gateway.handlers, key=lambda m: (self.key_info(), None))
+        self.local = LocalServer(self.zctx, config.network.socket, handlers, config.network.max_message_bytes)
         self.local.on_idle = self.gateway.expire_idle
 
     def _choose_blocks(self) -> tuple[int, int] | None:
@@ -163,7 +165,11 @@ class Daemon:
         self.pool.close_all()
         self.zctx.destroy(linger=0)
 
-    # --- what swarmctl status shows ------------------------------------------------------------
+    # --- what swarmctl status and key show ------------------------------------------------------
+    def key_info(self) -> dict:
+        return {"public_key": self.identity.public_key, "node_id": self.identity.short_id,
+                "path": f"{self.config.state_dir}/node.pub"}
+
     def status(self) -> dict:
         server_info = self.server.info() if self.server else None
         budget = self.server.budget if self.server else None
@@ -172,6 +178,7 @@ class Daemon:
             "protocol": PROTOCOL_VERSION,
             "state": self.state,
             "uptime_s": round(time.time() - self.started, 1),
+            "node_id": self.identity.public_key,
             "address": self.address,
             "socket": self.config.network.socket,
             "model": {

@@ -1,12 +1,14 @@
 """swarmctl commands, registered explicitly: name -> class."""
 
 from swarmd.commands.base import Command
+from swarmd.commands.key import KeyCommand
 from swarmd.commands.peers import PeersCommand
 from swarmd.commands.status import StatusCommand
 
 COMMANDS: dict[str, type[Command]] = {
     "status": StatusCommand,
     "peers": PeersCommand,
+    "key": KeyCommand,
 }
 
 __all__ = ["COMMANDS", "Command"]

@@ -16,7 +16,8 @@ class StatusCommand(Command):
         m, s, c = r["model"], r["serve"], r["cache"]
         blocks = f"{s['blocks'][0]}:{s['blocks'][1]}" if s["blocks"] else "none (gateway only)"
         lines = [
-            f"swarmd {r['version']} (protocol {r['protocol']}), {r['state']}, up {r['uptime_s']:.0f} s",
+            f"swarmd {r['version']} (protocol {r['protocol']}), {r['state']}, up {r['uptime_s']:.0f} s, "
+            f"node {r['node_id'][:8]}",
             f"model     {m['id']}  ({m['architecture']}, {m['num_layers']} blocks, {m['path']})",
             f"serving   blocks {blocks} on {s['device']} as {s['dtype']}"
             + (f" at {r['address']}" if r["address"] else ""),

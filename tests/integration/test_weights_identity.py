@@ -3,12 +3,12 @@ fingerprints of their blocks keep them from being mixed in one route."""
 
 import pytest
 import torch
-
 from conftest import hf_reference
 from helpers import running_swarm
+from localswarm import Daemon
+
 from libswarm import AutoDistributedModelForCausalLM, NoRouteError
 from libswarm.checkpoint import Checkpoint
-from localswarm import Daemon
 
 
 def test_server_with_other_weights_is_never_routed_to(model_dirs, tmp_path):
