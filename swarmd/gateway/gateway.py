@@ -28,7 +28,6 @@ from libswarm.errors import (
     RemoteError,
     SessionError,
     SwarmError,
-    TensorError,
     WrongModelError,
 )
 from libswarm.protocol import Message
@@ -38,6 +37,7 @@ from swarmd.gateway.bans import Bans
 from swarmd.gateway.connection import ConnectionPool
 from swarmd.gateway.history import History, StepTimes
 from swarmd.gateway.routing import Hop, missing_blocks, plan_chain
+from swarmd.inputs import positions_and_mask
 
 log = logging.getLogger("swarmd.gateway")
 
@@ -122,9 +122,6 @@ class Gateway:
                 # hung, would only stall the refresh
                 self.poller.refresh(skip=self.bans.banned())
                 refreshed = True
-
-    def route(self) -> list[Hop]:
-        return self._plan(0, self.num_layers, time.monotonic() + DEFAULT_ROUTE_TIMEOUT_S)
 
     def _open_span(self, first: int, last: int, *, max_length: int, batch: int, deadline: float,
                    history: History | None) -> tuple[list[Hop], list[str], dict[int, torch.Tensor], float]:
@@ -234,14 +231,9 @@ class Gateway:
             raise ProtocolError(f"hidden must be [batch, length, {self.hidden_size}], got {list(hidden.shape)}")
         B, T, _ = hidden.shape
         out = {"hidden": hidden}
-        pos = msg.tensor("position_ids", optional=True)
-        if pos is not None and (pos.dtype != torch.int64 or list(pos.shape) != [B, T]):
-            raise TensorError(f"position_ids must be int64 [{B}, {T}], got {str(pos.dtype)[6:]} {list(pos.shape)}")
+        pos, mask = positions_and_mask(msg, B, T)
         out["position_ids"] = pos if pos is not None else torch.arange(T).expand(B, T)
-        mask = msg.tensor("key_mask", optional=True)
         if mask is not None:
-            if mask.dtype != torch.bool or list(mask.shape) != [B, T]:
-                raise TensorError(f"key_mask must be bool [{B}, {T}], got {str(mask.dtype)[6:]} {list(mask.shape)}")
             out["key_mask"] = mask
         return out
 

@@ -41,10 +41,6 @@ class History:
         """A new boundary made by splitting a span: its history is the replay's output."""
         self.inputs[boundary] = [replayed]
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for ts in self.inputs.values() for t in ts)
-
 
 # A step's time is a fixed part (network, Python, kernel launches) plus a part that grows with
 # the tokens; counting the fixed part as 16 tokens' worth fits small and large models alike.

@@ -20,6 +20,7 @@ import zmq
 from libswarm.errors import LimitError, ProtocolError, SessionError, SwarmError, TensorError, WrongModelError
 from libswarm.protocol import Message, decode, error_reply, ok_reply
 from swarmd.gateway.connection import ConnectionPool, emulated_delay_s
+from swarmd.inputs import positions_and_mask
 from swarmd.runtime.cache import CacheBudget, SessionCache
 from swarmd.runtime.span import Span
 
@@ -246,15 +247,7 @@ class SpanServer:
             raise TensorError("hidden has an empty batch or length")
         if batch is None and (B > self.max_batch or T > self.max_length):
             raise LimitError(f"forward of batch {B} x length {T} exceeds {self.max_batch} x {self.max_length}")
-        pos = msg.tensor("position_ids", optional=True)
-        if pos is not None:
-            if pos.dtype != torch.int64 or list(pos.shape) != [B, T]:
-                raise TensorError(f"position_ids must be int64 [{B}, {T}], got {str(pos.dtype)[6:]} {list(pos.shape)}")
-            if T and (int(pos.min()) < 0 or int(pos.max()) >= 2**31):
-                raise TensorError("position_ids must be within 0..2^31")
-        mask = msg.tensor("key_mask", optional=True)
-        if mask is not None and (mask.dtype != torch.bool or list(mask.shape) != [B, T]):
-            raise TensorError(f"key_mask must be bool [{B}, {T}], got {str(mask.dtype)[6:]} {list(mask.shape)}")
+        pos, mask = positions_and_mask(msg, B, T)
         return hidden, pos, mask
 
     def on_step(self, msg: Message):
@@ -385,5 +378,3 @@ class SpanServer:
                 log.info("session %s idle for %.0f s: freeing its cache", sid[:8], now - s.last_used)
                 self._drop(sid)
 
-    def cache_used_bytes(self) -> int:
-        return self.budget.used_bytes

@@ -68,15 +68,6 @@ class Span:
         log.info("loaded blocks %d:%d in %.1f s", self.start, self.end, time.monotonic() - t0)
         return self
 
-    @property
-    def weight_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.blocks.parameters())
-
-    def kv_bytes_per_token(self, num_blocks: int | None = None) -> int:
-        n = self.end - self.start if num_blocks is None else num_blocks
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * n * self.num_kv_heads * self.head_dim * itemsize
-
     @torch.inference_mode()
     def run(
         self,

@@ -1,0 +1,24 @@
+"""Checks on the optional per-position tensors of a step or forward, shared by the server
+(which must never trust them) and the gateway (which refuses them before any server runs,
+so that a bad request cannot leave a route half-advanced)."""
+
+from __future__ import annotations
+
+import torch
+
+from libswarm.errors import TensorError
+from libswarm.protocol import Message
+
+
+def positions_and_mask(msg: Message, B: int, T: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """position_ids int64 [B, T] within 0..2^31 and key_mask bool [B, T], each optional."""
+    pos = msg.tensor("position_ids", optional=True)
+    if pos is not None:
+        if pos.dtype != torch.int64 or list(pos.shape) != [B, T]:
+            raise TensorError(f"position_ids must be int64 [{B}, {T}], got {str(pos.dtype)[6:]} {list(pos.shape)}")
+        if T and (int(pos.min()) < 0 or int(pos.max()) >= 2**31):
+            raise TensorError("position_ids must be within 0..2^31")
+    mask = msg.tensor("key_mask", optional=True)
+    if mask is not None and (mask.dtype != torch.bool or list(mask.shape) != [B, T]):
+        raise TensorError(f"key_mask must be bool [{B}, {T}], got {str(mask.dtype)[6:]} {list(mask.shape)}")
+    return pos, mask
