@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from libswarm.errors import ConfigError
+from swarmd.identity import is_key
 
 DEFAULTS: dict[str, Any] = {
     "model": None,
@@ -213,7 +214,10 @@ def parse_seeds(r: _Reader, value: Any, base_dir: str) -> tuple[tuple[Seed, ...]
         if isinstance(item, str):
             seeds.append(Seed(r.endpoint(key, item)))
         elif isinstance(item, dict) and set(item) <= {"address", "key"}:
-            seeds.append(Seed(r.endpoint(key, item.get("address")), item.get("key")))
+            seed_key = item.get("key")
+            if seed_key is not None and not is_key(seed_key):
+                raise r.fail(f"{key}.key", "must be a 40-character node public key (swarmctl key prints it)")
+            seeds.append(Seed(r.endpoint(key, item.get("address")), seed_key))
         else:
             raise r.fail(key, f"must be tcp://host:port or {{address, key}}, got {item!r}")
     return tuple(seeds), seeds_file
@@ -293,8 +297,6 @@ def load_config(path: str, overrides: dict | None = None) -> Config:
         access=r.choice("swarm.access", sw["access"], ("open", "private")),
         allowed_keys_dir=r.string("swarm.allowed_keys_dir", sw["allowed_keys_dir"]),
     )
-    if swarm.access == "private":
-        raise r.fail("swarm.access", "private swarms are not supported by this version yet; use open")
     model_id = d["model_id"]
     if model_id is not None:
         model_id = r.string("model_id", model_id)

@@ -6,8 +6,11 @@ ready, so no peer ever sees a half-loaded server."""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import re
+import socket
 import threading
 import time
 
@@ -19,9 +22,13 @@ from libswarm import __version__
 from libswarm.checkpoint import Checkpoint
 from libswarm.errors import ConfigError, SwarmError
 from libswarm.protocol import PROTOCOL_VERSION
-from swarmd.config import Config
-from swarmd.discovery.seeds import SeedPoller
-from swarmd.discovery.table import PeerRecord, PeerTable
+from swarmd.config import Config, load_config
+from swarmd.discovery.access import AccessControl
+from swarmd.discovery.keyquery import KeyResponder, split_address
+from swarmd.discovery.mdns import Mdns
+from swarmd.discovery.membership import FINGERPRINT_PREFIX, Membership
+from swarmd.discovery.records import MAX_ADDRESSES
+from swarmd.discovery.table import PeerTable
 from swarmd.gateway.connection import ConnectionPool
 from swarmd.gateway.gateway import Gateway
 from swarmd.identity import load_or_create_identity
@@ -55,16 +62,22 @@ class Daemon:
         self.span: Span | None = None
         self.server: SpanServer | None = None
         self.address: str | None = None
+        self.addresses: list[str] = []
         self.started = time.time()
         self.threads: list[threading.Thread] = []
-        self.pool = ConnectionPool(self.zctx, config.network.max_message_bytes)
+        self.throughput = 0.0
+        self.access = AccessControl(config.swarm.access, config.swarm.allowed_keys_dir, self.identity.public_key)
+        self.pool = ConnectionPool(self.zctx, self.identity, lambda a: self.membership.key_for(a),
+                                   config.network.max_message_bytes)
         self.table = PeerTable()
         self._fingerprints: dict[int, str | None] = {}
-        self.poller = SeedPoller(self.pool, self.table, self._seed_addresses, self._self_record,
-                                 self._expected_fingerprint)
+        self.membership = Membership(identity=self.identity, pool=self.pool, table=self.table, access=self.access,
+                                     own_fields=self._own_fields, expected_fingerprint=self._expected_fingerprint)
+        self.membership.set_seeds(list(config.discovery.seeds))
+        self.mdns: Mdns | None = None
         self.gateway = Gateway(
             model_id=self.model_id, num_layers=self.num_layers, hidden_size=self.checkpoint.config.hidden_size,
-            pool=self.pool, table=self.table, poller=self.poller, status=self.status,
+            pool=self.pool, table=self.table, membership=self.membership, status=self.status,
         )
         handlers = dict(self.gateway.handlers, key=lambda m: (self.key_info(), None))
         self.local = LocalServer(self.zctx, config.network.socket, handlers, config.network.max_message_bytes)
@@ -92,18 +105,16 @@ class Daemon:
                 self._fingerprints[block] = None
         return self._fingerprints[block]
 
-    def _seed_addresses(self) -> list[str]:
-        return [s.address for s in self.config.discovery.seeds]
-
-    def _self_record(self) -> PeerRecord | None:
-        if self.server is None or self.address is None:
+    def _own_fields(self) -> dict | None:
+        """This daemon's record, but for what membership stamps and signs (None: serves nothing)."""
+        if self.server is None or self.span is None:
             return None
-        info = self.server.info()
-        return PeerRecord(
-            address=self.address, model_id=self.model_id, span=(info["span"][0], info["span"][1]), state="online",
-            cache_free_bytes=info["cache_free_bytes"], sessions=info["sessions"], rtt_ms=0.0, last_seen=time.time(),
-            is_self=True, info=info,
-        )
+        return {
+            "addresses": self.addresses, "state": "online", "model_id": self.model_id,
+            "span": (self.span.start, self.span.end), "throughput": self.throughput,
+            "cache_free_bytes": self.server.budget.free_bytes, "sessions": len(self.server.sessions),
+            "fingerprints": tuple(f[:FINGERPRINT_PREFIX] for f in self.span.fingerprints),
+        }
 
     # --- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -114,11 +125,28 @@ class Daemon:
             self.state = "loading"
             self._load_and_serve(*self.blocks)
         self.state = "online"
+        self._thread("gossip", self.membership.run)
         if self.config.discovery.mdns:
-            log.info("discovery.mdns: mDNS discovery is not in this version yet; peers come from discovery.seeds")
-        self._thread("seeds", self.poller.run)
+            self._start_mdns()
         log.info("online: model %s, %s", self.model_id,
                  f"blocks {self.blocks[0]}:{self.blocks[1]}" if self.blocks else "gateway only")
+
+    def _start_mdns(self) -> None:
+        self.mdns = Mdns(self.config.discovery.mdns_interfaces, self.identity.public_key, self.model_id,
+                         lambda address, key, model: self.membership.add_hint(address, key, "mdns"))
+        announce = split_address(self.address) if self.address else None
+        try:
+            self.mdns.start(announce)
+        except OSError as e:  # no multicast on this machine: seeds still work
+            log.error("mDNS could not start (%s); peers come from discovery.seeds only", e)
+            self.mdns = None
+
+    def _start_access(self) -> None:
+        """The ZAP handler must be up before the peer plane binds: no handshake goes unchecked."""
+        ready = threading.Event()
+        self._thread("zap", lambda stop: self.access.serve(self.zctx, stop, ready))
+        if not ready.wait(5):
+            raise SwarmError("the access control thread did not start")
 
     def _load_and_serve(self, start: int, end: int) -> None:
         log.info("loading blocks %d:%d of %s on %s as %s", start, end, self.checkpoint.dir, self.device,
@@ -131,16 +159,29 @@ class Daemon:
         span = Span(self.checkpoint, start, end, self.device, self.dtype).load(progress)
         budget = CacheBudget(self.config.serve.cache.max_bytes or self._auto_cache_bytes())
         s = self.config.serve
+        self.throughput = measure_throughput(span, self.config.state_dir, self.model_id)
+        self._start_access()
         self.server = SpanServer(self.zctx, span, budget, self.model_id, max_length=s.max_length,
                                  max_batch=s.max_batch, idle_timeout_s=s.session_idle_timeout_s,
-                                 max_message_bytes=self.config.network.max_message_bytes)
+                                 max_message_bytes=self.config.network.max_message_bytes, identity=self.identity,
+                                 access=self.access, resolve_key=self.membership.key_for)
+        self.server.handlers["gossip"] = self.membership.on_gossip
         try:
             bound = self.server.bind(self.config.network.listen)
         except zmq.ZMQError as e:
             raise ConfigError(f"{self.config.path}: network.listen: cannot bind {self.config.network.listen}: {e}") \
                 from None
         self.span = span
-        self.address = self.config.network.announce[0] if self.config.network.announce else _connectable(bound)
+        self.addresses = list(self.config.network.announce) or _connectable(bound)
+        self.address = self.addresses[0]
+        host_port = split_address(bound)
+        if host_port is not None:
+            try:
+                responder = KeyResponder(host_port[0], host_port[1], self.identity.public_key)
+                self._thread("keyquery", responder.serve)
+            except OSError as e:  # peers then need this node's key in their seed lists
+                log.warning("key query: cannot bind UDP %s:%d (%s); seeds must list this node's key",
+                            host_port[0], host_port[1], e.strerror)
         self._thread("peer", self.server.serve)
         log.info("serving blocks %d:%d on %s (KV cache budget %.1f MiB)", start, end, bound,
                  budget.max_bytes / 2**20)
@@ -158,12 +199,29 @@ class Daemon:
 
     def stop(self) -> None:
         self.state = "stopping"
+        try:
+            self.membership.leave()
+        except Exception:
+            log.exception("publishing offline failed")
+        if self.mdns is not None:
+            self.mdns.stop()
         self.gateway.close_all()
         self.stop_event.set()
         for t in self.threads:
             t.join(timeout=5)
         self.pool.close_all()
         self.zctx.destroy(linger=0)
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the seed list and the allowed keys; sessions and connections stay."""
+        try:
+            seeds = load_config(self.config.path).discovery.seeds
+        except SwarmError as e:
+            log.error("reload: %s; keeping the seed list in use", e)
+        else:
+            self.membership.set_seeds(list(seeds))
+            log.info("reload: %d seeds", len(seeds))
+        self.access.reload()
 
     # --- what swarmctl status and key show ------------------------------------------------------
     def key_info(self) -> dict:
@@ -209,7 +267,16 @@ class Daemon:
                 "last_failover": self.gateway.last_failover,
                 "banned": sorted(self.gateway.bans.banned()),
             },
-            "peers": [r.to_json() for r in self.table.records()],
+            "membership": {
+                "access": self.access.mode,
+                "allowed_keys": len(self.access.allowed) if self.access.private else None,
+                "refused_handshakes": self.access.refusals,
+                "rejected_records": self.membership.rejected,
+                "mdns": self.mdns is not None,
+                "seeds": len(self.config.discovery.seeds),
+            },
+            "coverage": coverage(self.table, self.model_id, self.num_layers),
+            "peers": self.membership.rows(),
         }
 
 
@@ -229,6 +296,78 @@ def _dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.float32  # CPU half-precision matmuls are slow and less exact
 
 
-def _connectable(endpoint: str) -> str:
-    """A bound wildcard endpoint as peers on this host can reach it."""
-    return re.sub(r"^tcp://(0\.0\.0\.0|\*|\[::\])", "tcp://127.0.0.1", endpoint)
+def _connectable(endpoint: str) -> list[str]:
+    """Where peers can reach a bound endpoint: itself, or for a wildcard, every IPv4 address of
+    this machine (LAN ones first, loopback last)."""
+    m = re.match(r"^tcp://(0\.0\.0\.0|\*|\[::\]):(\d+)$", endpoint)
+    if not m:
+        return [endpoint]
+    port = m.group(2)
+    ips = [a.address for addrs in psutil.net_if_addrs().values() for a in addrs
+           if a.family == socket.AF_INET and not a.address.startswith("127.")]
+    return [f"tcp://{ip}:{port}" for ip in ips[:MAX_ADDRESSES - 1]] + [f"tcp://127.0.0.1:{port}"]
+
+
+def coverage(table: PeerTable, own_model: str, own_layers: int) -> list[dict]:
+    """Per model: for each block, the online servers holding it and their summed throughput;
+    runs of blocks nobody serves are listed as gaps."""
+    models: dict[str, list] = {own_model: []}
+    for e in table.entries():
+        if e.record.model_id and e.record.span and table.state(e) == "online":
+            models.setdefault(e.record.model_id, []).append(e)
+    out = []
+    for model_id, entries in models.items():
+        n = own_layers if model_id == own_model else max(e.record.span[1] for e in entries)
+        blocks = []
+        for b in range(n):
+            holders = [e for e in entries if e.record.span[0] <= b < e.record.span[1]]
+            blocks.append({"block": b, "servers": [e.record.short_id for e in holders],
+                           "throughput": round(sum(e.record.throughput for e in holders), 2)})
+        gaps, start = [], None
+        for b in range(n + 1):
+            empty = b < n and not blocks[b]["servers"]
+            if empty and start is None:
+                start = b
+            elif not empty and start is not None:
+                gaps.append([start, b])
+                start = None
+        out.append({"model_id": model_id, "num_blocks": n, "blocks": blocks, "gaps": gaps,
+                    "complete": not gaps})
+    return out
+
+
+def measure_throughput(span: Span, state_dir: str, model_id: str) -> float:
+    """One-token decode steps per second through the span (batch 1), measured once per model,
+    span, device and dtype and kept in state_dir/throughput.json."""
+    key = f"{model_id}:{span.start}:{span.end}:{span.device}:{span.dtype}"
+    path = os.path.join(state_dir, "throughput.json")
+    try:
+        with open(path) as f:
+            known = json.load(f)
+        if isinstance(known, dict) and isinstance(known.get(key), (int, float)):
+            return float(known[key])
+    except (OSError, ValueError):
+        known = {}
+    x = torch.zeros(1, 1, span.hidden_size, dtype=span.dtype, device=span.device)
+    pos = torch.zeros(1, 1, dtype=torch.long, device=span.device)
+    times = []
+    with torch.no_grad():
+        for i in range(7):
+            if span.device.type == "cuda":
+                torch.cuda.synchronize(span.device)
+            t0 = time.perf_counter()
+            span.run(x, pos, None, span.start, span.end)
+            if span.device.type == "cuda":
+                torch.cuda.synchronize(span.device)
+            if i >= 2:  # the first runs warm caches and allocators up
+                times.append(time.perf_counter() - t0)
+    throughput = round(1.0 / sorted(times)[len(times) // 2], 2)
+    known = known if isinstance(known, dict) else {}
+    known[key] = throughput
+    try:
+        with open(path + ".tmp", "w") as f:
+            json.dump(known, f)
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        log.warning("cannot keep the measured throughput in %s: %s", path, e.strerror)
+    return throughput

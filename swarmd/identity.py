@@ -1,30 +1,87 @@
-"""The node's identity: a CURVE key pair made at first start and kept in state_dir.
+"""The node's identity: one secret made at first start and kept in state_dir.
 
-The public key (Z85, 40 characters) is the node id. The secret key lives in
-`state_dir/node.key`, mode 0600, owned by the daemon's user; `node.pub` beside it holds the
-public key for operators (it is also what `swarmctl key` prints)."""
+`state_dir/node.key` (mode 0600) holds a 32-byte Ed25519 seed in Z85. From it come
+- the signing key pair, which signs the node's peer records (docs/protocol.md, "Records");
+- the CURVE key pair of the peer plane: the X25519 form of the same key (the birational map
+  every Ed25519/X25519 library uses), so anyone holding a record can check that its signing
+  key and its node id belong together, with no certificate.
+
+The CURVE public key (Z85, 40 characters) is the node id: what `swarmctl key` prints, what
+peers.d files of private swarms list, what seeds may pin. `node.pub` beside the secret
+holds it for operators."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from dataclasses import dataclass
+from functools import cached_property
 
 import zmq
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from zmq.utils import z85
 
 from libswarm.errors import ConfigError
 
-_Z85_KEY = re.compile(r"^[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$")
+Z85_KEY = re.compile(r"^[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$")
+_P = 2**255 - 19
+
+
+def is_key(text: object) -> bool:
+    return isinstance(text, str) and bool(Z85_KEY.match(text))
 
 
 @dataclass(frozen=True)
 class NodeIdentity:
-    public_key: str
-    secret_key: str
+    seed: bytes  # the Ed25519 seed: never leaves this object
+
+    @cached_property
+    def public_key(self) -> str:
+        """The node id: the CURVE public key, Z85."""
+        return zmq.curve_public(self.secret_key.encode()).decode()
+
+    @cached_property
+    def secret_key(self) -> str:
+        """The CURVE secret key (Z85): the X25519 scalar of the Ed25519 seed."""
+        h = bytearray(hashlib.sha512(self.seed).digest()[:32])
+        h[0] &= 248
+        h[31] &= 127
+        h[31] |= 64
+        return z85.encode(bytes(h)).decode()
+
+    @cached_property
+    def sign_key(self) -> str:
+        """The Ed25519 public key, Z85: records carry it so that relays cannot forge them."""
+        raw = Ed25519PrivateKey.from_private_bytes(self.seed).public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        return z85.encode(raw).decode()
 
     @property
     def short_id(self) -> str:
         return self.public_key[:8]
+
+    def sign(self, data: bytes) -> bytes:
+        return Ed25519PrivateKey.from_private_bytes(self.seed).sign(data)
+
+    def __repr__(self) -> str:  # never print the seed
+        return f"NodeIdentity({self.public_key})"
+
+
+def node_id_of_sign_key(sign_key: str) -> str:
+    """The CURVE public key (node id) that belongs to an Ed25519 public key."""
+    y = int.from_bytes(z85.decode(sign_key.encode()), "little") & ((1 << 255) - 1)
+    u = (1 + y) * pow(1 - y, _P - 2, _P) % _P
+    return z85.encode(u.to_bytes(32, "little")).decode()
+
+
+def verify(sign_key: str, signature: bytes, data: bytes) -> bool:
+    try:
+        Ed25519PublicKey.from_public_bytes(z85.decode(sign_key.encode())).verify(signature, data)
+        return True
+    except (InvalidSignature, ValueError):
+        return False
 
 
 def load_or_create_identity(state_dir: str) -> NodeIdentity:
@@ -35,14 +92,14 @@ def load_or_create_identity(state_dir: str) -> NodeIdentity:
         raise ConfigError(f"state_dir: cannot create {state_dir}: {e.strerror}") from None
     if os.path.exists(secret_path):
         return _load(secret_path)
-    public, secret = zmq.curve_keypair()
+    identity = NodeIdentity(os.urandom(32))
     # create the file 0600 from the start: the secret is never readable by others, not even briefly
     fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(secret.decode() + "\n")
+        f.write(z85.encode(identity.seed).decode() + "\n")
     with open(os.path.join(state_dir, "node.pub"), "w") as f:
-        f.write(public.decode() + "\n")
-    return NodeIdentity(public.decode(), secret.decode())
+        f.write(identity.public_key + "\n")
+    return identity
 
 
 def _load(secret_path: str) -> NodeIdentity:
@@ -54,7 +111,7 @@ def _load(secret_path: str) -> NodeIdentity:
         raise ConfigError(f"cannot read the node key {secret_path}: {e.strerror}") from None
     if mode & 0o077:
         raise ConfigError(f"the node key {secret_path} is readable by others (mode {mode:o}); chmod 600 it")
-    if not _Z85_KEY.match(secret):
-        raise ConfigError(f"the node key {secret_path} is not a CURVE secret key (40 Z85 characters); "
+    if not is_key(secret):
+        raise ConfigError(f"the node key {secret_path} is not a node secret (40 Z85 characters); "
                           "move it away to make a new one")
-    return NodeIdentity(zmq.curve_public(secret.encode()).decode(), secret)
+    return NodeIdentity(z85.decode(secret.encode()))

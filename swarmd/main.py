@@ -43,9 +43,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from swarmd.daemon import Daemon
 
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop, wake, hup = threading.Event(), threading.Event(), threading.Event()
+
+    def on_signal(event: threading.Event) -> None:
+        event.set()
+        wake.set()
+
+    signal.signal(signal.SIGTERM, lambda *_: on_signal(stop))
+    signal.signal(signal.SIGINT, lambda *_: on_signal(stop))
+    signal.signal(signal.SIGHUP, lambda *_: on_signal(hup))  # re-read seeds and allowed keys
     daemon = None
     try:
         daemon = Daemon(config)
@@ -55,7 +61,12 @@ def main(argv: list[str] | None = None) -> int:
         if daemon is not None:
             daemon.stop()
         return 2
-    while not stop.wait(1.0):
+    while not stop.is_set():
+        wake.wait(1.0)
+        wake.clear()
+        if hup.is_set():
+            hup.clear()
+            daemon.reload()
         if not all(t.is_alive() for t in daemon.threads):
             logging.getLogger("swarmd").error("a worker thread died; exiting so that systemd restarts us")
             daemon.stop()

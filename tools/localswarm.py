@@ -34,9 +34,11 @@ def free_port() -> int:
     low = 10000 if ephemeral_low > 12000 else 1024
     for _ in range(200):
         port = random.randint(low, ephemeral_low - 1)
-        with socket.socket() as s:
+        # the same number must be free for TCP (the peer plane) and UDP (the key query)
+        with socket.socket() as s, socket.socket(type=socket.SOCK_DGRAM) as u:
             try:
                 s.bind(("127.0.0.1", port))
+                u.bind(("127.0.0.1", port))
             except OSError:
                 continue
             return port
@@ -112,6 +114,12 @@ class Daemon:
             return ""
 
     @property
+    def node_id(self) -> str:
+        """The daemon's public key (made at its first start)."""
+        with open(os.path.join(self.cfg["state_dir"], "node.pub")) as f:
+            return f.read().strip()
+
+    @property
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
@@ -146,18 +154,24 @@ class Daemon:
 
 @contextmanager
 def running_swarm(model_dir: str, spans: list[str], gateway: bool = True, extra: dict | None = None,
-                  root: str | None = None, env: dict | None = None, env_all: dict | None = None):
+                  root: str | None = None, env: dict | None = None, env_all: dict | None = None,
+                  seeds: str = "all", mdns: bool = False):
     """Servers for `spans` ("0:2", ...) plus a gateway-only daemon; yields (servers, gateway).
-    `env` maps a server's index to extra environment variables for it; `env_all` goes to all."""
+    `env` maps a server's index to extra environment variables for it; `env_all` goes to all.
+    Discovery: `seeds` "all" (every server's address), "first" (only the first server's: the
+    rest is learnt by gossip) or "none"; `mdns` adds mDNS on loopback."""
     root = root or tempfile.mkdtemp(prefix="swarm-test-")
+    extra = dict(extra or {})
+    if mdns:
+        extra["discovery"] = {**extra.get("discovery", {}), "mdns": True, "mdns_interfaces": ["127.0.0.1"]}
     servers = [Daemon(root, f"s{i}", model_dir, b, extra, {**(env_all or {}), **(env or {}).get(i, {})})
                for i, b in enumerate(spans)]
     gw = Daemon(root, "gw", model_dir, "none", extra, env_all) if gateway else None
     everyone = servers + ([gw] if gw else [])
-    seeds = [d.address for d in servers]
+    seed_list = {"all": [d.address for d in servers], "first": [servers[0].address], "none": []}[seeds]
     try:
         for d in everyone:
-            d.start(seeds)
+            d.start(seed_list)
         for d in everyone:
             d.wait_ready()
         yield servers, (gw or servers[0])

@@ -6,6 +6,10 @@ disconnect at once and every request waiting on that peer fails within milliseco
 that hangs (SIGSTOP, a wedged GPU) keeps its connection open but stops answering ZeroMQ's
 heartbeats: after HEARTBEAT_TIMEOUT_MS the connection is dropped and reported the same way.
 
+Every connection is CURVE: encrypted, and authenticated both ways by node keys. The peer's
+key must be known before connecting (from its record, the seed list, mDNS or the key
+query); a peer that refuses our key (a private swarm we are not in) fails fast as "denied".
+
 ZeroMQ sockets are not thread-safe, so every thread that talks to peers keeps its own
 connections in a ConnectionPool."""
 
@@ -15,6 +19,7 @@ import itertools
 import os
 import threading
 import time
+from collections.abc import Callable
 
 import torch
 import zmq
@@ -23,6 +28,7 @@ from zmq.utils.monitor import parse_monitor_message
 from libswarm.errors import PeerUnavailableError, ProtocolError
 from libswarm.protocol import Message, decode, encode
 from libswarm.protocol.messages import raise_if_error
+from swarmd.identity import NodeIdentity
 
 CONNECT_TIMEOUT_S = 3.0  # a peer that accepts no connection in this time is unreachable
 RECONNECT_GRACE_S = 0.3  # after a disconnect, how long a send waits for the connection to come back
@@ -30,7 +36,9 @@ HEARTBEAT_IVL_MS = 500  # ping an idle connection this often...
 HEARTBEAT_TIMEOUT_MS = 2000  # ...and drop it when no pong comes back in this time (hung peer)
 MAX_STASHED = 64
 _ids = itertools.count(1)
-_MONITOR_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
+_HANDSHAKE_FAILED = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | \
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+_MONITOR_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED | _HANDSHAKE_FAILED
 
 
 def emulated_delay_s() -> float:
@@ -39,9 +47,13 @@ def emulated_delay_s() -> float:
 
 
 class PeerConnection:
-    def __init__(self, zctx: zmq.Context, address: str, max_message_bytes: int = 0):
-        self.address = address
+    def __init__(self, zctx: zmq.Context, address: str, identity: NodeIdentity, server_key: str,
+                 max_message_bytes: int = 0):
+        self.address, self.server_key = address, server_key
         self.sock = zctx.socket(zmq.DEALER)
+        self.sock.curve_secretkey = identity.secret_key.encode()
+        self.sock.curve_publickey = identity.public_key.encode()
+        self.sock.curve_serverkey = server_key.encode()
         self.sock.setsockopt(zmq.LINGER, 0)
         # queue nothing for a peer that is not connected: a send then fails fast instead of
         # piling requests up for a dead address
@@ -53,7 +65,7 @@ class PeerConnection:
         if max_message_bytes:
             self.sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         self.monitor = self.sock.get_monitor_socket(_MONITOR_EVENTS)
-        self.state = "connecting"  # connecting | up | down | refused
+        self.state = "connecting"  # connecting | up | down | refused | denied
         self.disconnects = 0
         self.delay_s = emulated_delay_s()
         # replies that arrived while another request was awaited (one peer, two hops of a route)
@@ -64,8 +76,10 @@ class PeerConnection:
     def _drain_monitor(self) -> None:
         while self.monitor.poll(0):
             event = parse_monitor_message(self.monitor.recv_multipart())["event"]
-            if event == zmq.EVENT_CONNECTED:
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.state = "up"
+            elif event & _HANDSHAKE_FAILED:
+                self.state = "denied"  # our key refused (private swarm), or the peer is not who we think
             elif event == zmq.EVENT_DISCONNECTED:
                 self.state = "down"
                 self.disconnects += 1
@@ -85,7 +99,7 @@ class PeerConnection:
         poller.register(self.monitor, zmq.POLLIN)
         while True:
             self._drain_monitor()
-            if self.state == "refused":
+            if self.state in ("refused", "denied"):
                 return False
             if self.state == "down":
                 deadline = min(deadline, time.monotonic() + RECONNECT_GRACE_S)
@@ -103,7 +117,9 @@ class PeerConnection:
         req_id = next(_ids)
         frames = encode(msg_type, req_id, fields, tensors, deadline=time.time() + timeout_s)
         if not self._wait_writable(min(timeout_s, CONNECT_TIMEOUT_S)):
-            reason = "refuses connections" if self.state == "refused" else "is unreachable"
+            reason = {"refused": "refuses connections",
+                      "denied": "refused the handshake (our key is not allowed there, or its key is not "
+                                f"{self.server_key[:8]})"}.get(self.state, "is unreachable")
             raise PeerUnavailableError(f"peer {self.address} {reason}")
         if self.delay_s:
             time.sleep(self.delay_s)
@@ -167,19 +183,29 @@ class PeerConnection:
 class ConnectionPool:
     """One connection per (thread, peer address)."""
 
-    def __init__(self, zctx: zmq.Context, max_message_bytes: int = 0):
-        self.zctx, self.max_message_bytes = zctx, max_message_bytes
+    def __init__(self, zctx: zmq.Context, identity: NodeIdentity, resolve_key: Callable[[str], str | None],
+                 max_message_bytes: int = 0):
+        self.zctx, self.identity, self.max_message_bytes = zctx, identity, max_message_bytes
+        self.resolve_key = resolve_key  # address -> the node id known to answer there
         self._local = threading.local()
         self._all: list[PeerConnection] = []
         self._lock = threading.Lock()
 
-    def get(self, address: str) -> PeerConnection:
+    def get(self, address: str, key: str | None = None) -> PeerConnection:
+        """This thread's connection to the node at `address` (whose key is `key`, or looked up)."""
+        key = key or self.resolve_key(address)
+        if key is None:
+            raise PeerUnavailableError(f"peer {address}: its public key is not known (not in any record, "
+                                       "seed entry or key query answer)")
         conns = getattr(self._local, "conns", None)
         if conns is None:
             conns = self._local.conns = {}
         conn = conns.get(address)
+        if conn is not None and conn.server_key != key:  # another node now answers there
+            self.drop(address)
+            conn = None
         if conn is None:
-            conn = conns[address] = PeerConnection(self.zctx, address, self.max_message_bytes)
+            conn = conns[address] = PeerConnection(self.zctx, address, self.identity, key, self.max_message_bytes)
             with self._lock:
                 self._all.append(conn)
         return conn

@@ -31,7 +31,7 @@ from libswarm.errors import (
     WrongModelError,
 )
 from libswarm.protocol import Message
-from swarmd.discovery.seeds import SeedPoller
+from swarmd.discovery.membership import Membership
 from swarmd.discovery.table import PeerTable
 from swarmd.gateway.bans import Bans
 from swarmd.gateway.connection import ConnectionPool
@@ -80,9 +80,9 @@ class HopFailure(Exception):
 
 class Gateway:
     def __init__(self, *, model_id: str, num_layers: int, hidden_size: int, pool: ConnectionPool, table: PeerTable,
-                 poller: SeedPoller, status: Callable[[], dict]):
+                 membership: Membership, status: Callable[[], dict]):
         self.model_id, self.num_layers, self.hidden_size = model_id, num_layers, hidden_size
-        self.pool, self.table, self.poller = pool, table, poller
+        self.pool, self.table, self.membership = pool, table, membership
         self.status_fn = status
         self.sessions: dict[str, GatewaySession] = {}
         self.bans = Bans()
@@ -92,7 +92,7 @@ class Gateway:
         self._lock = threading.Lock()
         self.handlers: dict[str, Callable[[Message], tuple[dict, dict | None]]] = {
             "status": lambda m: (self.status_fn(), None),
-            "peers": lambda m: ({"peers": [r.to_json() for r in self.table.records()]}, None),
+            "peers": lambda m: ({"peers": self.membership.rows()}, None),
             "model_info": self.on_model_info,
             "open": self.on_open,
             "step": self.on_step,
@@ -120,7 +120,7 @@ class Gateway:
                     backoff_s = min(backoff_s * 2, 2.0)
                 # ask the peers again (a server may have just come back); banned ones, maybe
                 # hung, would only stall the refresh
-                self.poller.refresh(skip=self.bans.banned())
+                self.membership.refresh(skip=self.bans.banned())
                 refreshed = True
 
     def _open_span(self, first: int, last: int, *, max_length: int, batch: int, deadline: float,
@@ -331,10 +331,10 @@ class Gateway:
             fields: dict = {"session": sids[k], "step": step}
             if k > start:
                 fields["expect_push"] = True
-            if k < n - 1:
-                fields["next"] = {"address": hops[k + 1].address, "session": sids[k + 1]}
-            conn = self.pool.get(hops[k].address)
             try:
+                if k < n - 1:
+                    fields["next"] = self._next_hop(hops[k + 1], sids[k + 1])
+                conn = self.pool.get(hops[k].address)
                 sent.append((k, conn, conn.send("step", fields, {"hidden": x, **small} if k == start else small)))
             except SwarmError as e:
                 send_failure = HopFailure(k, outputs, e)
@@ -350,7 +350,7 @@ class Gateway:
                     nk, nconn, _ = sent[i + 1]
                     fields = {"session": sids[nk], "step": step}
                     if nk < n - 1:
-                        fields["next"] = {"address": hops[nk + 1].address, "session": sids[nk + 1]}
+                        fields["next"] = self._next_hop(hops[nk + 1], sids[nk + 1])
                     sent[i + 1] = (nk, nconn, nconn.send("step", fields, {"hidden": outputs[k], **small}))
             except SwarmError as e:
                 raise HopFailure(k, outputs, e) from None
@@ -358,6 +358,13 @@ class Gateway:
         if send_failure is not None:
             raise send_failure
         return outputs
+
+    def _next_hop(self, hop: Hop, sid: str) -> dict:
+        """Where a server pushes its output: the next server's address, key and session."""
+        key = self.pool.resolve_key(hop.address)
+        if key is None:
+            raise PeerUnavailableError(f"peer {hop.address}: its public key is not known")
+        return {"address": hop.address, "key": key, "session": sid}
 
     def _accept(self, hop: Hop, reply: Message, expect_position: int, seconds: float, tokens: int) -> torch.Tensor:
         if reply.get("position") != expect_position:

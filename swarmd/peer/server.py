@@ -12,6 +12,7 @@ import os
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -19,7 +20,9 @@ import zmq
 
 from libswarm.errors import LimitError, ProtocolError, SessionError, SwarmError, TensorError, WrongModelError
 from libswarm.protocol import Message, decode, error_reply, ok_reply
+from swarmd.discovery.access import ZAP_DOMAIN, AccessControl
 from swarmd.gateway.connection import ConnectionPool, emulated_delay_s
+from swarmd.identity import NodeIdentity, is_key
 from swarmd.inputs import positions_and_mask
 from swarmd.runtime.cache import CacheBudget, SessionCache
 from swarmd.runtime.span import Span
@@ -70,7 +73,8 @@ class ServerStats:
 
 class SpanServer:
     def __init__(self, zctx: zmq.Context, span: Span, budget: CacheBudget, model_id: str, *, max_length: int,
-                 max_batch: int, idle_timeout_s: float, max_message_bytes: int):
+                 max_batch: int, idle_timeout_s: float, max_message_bytes: int, identity: NodeIdentity,
+                 access: AccessControl, resolve_key: Callable[[str], str | None]):
         self.span, self.budget, self.model_id = span, budget, model_id
         self.max_length, self.max_batch = max_length, max_batch
         self.idle_timeout_s = idle_timeout_s
@@ -80,10 +84,17 @@ class SpanServer:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        # CURVE server: every peer is encrypted and known by its key; the ZAP handler (access.py)
+        # decides which keys may connect
+        self.sock.curve_server = True
+        self.sock.curve_secretkey = identity.secret_key.encode()
+        self.sock.curve_publickey = identity.public_key.encode()
+        self.sock.zap_domain = ZAP_DOMAIN.encode()
+        self.access = access
         self._lock = threading.Lock()  # guards self.sessions for readers in other threads
         self.pending: dict[tuple[str, int], PendingStep] = {}
         self.pushed: dict[tuple[str, int], tuple[torch.Tensor, float]] = {}
-        self.peers = ConnectionPool(zctx, max_message_bytes)  # used from the serving thread only
+        self.peers = ConnectionPool(zctx, identity, resolve_key, max_message_bytes)  # serving thread only
         self._current: tuple[bytes, int] = (b"", 0)
         self.delay_s = emulated_delay_s()
         # test-only fault injection, e.g. SWARMD_FAILPOINTS=exit_on_replay
@@ -303,9 +314,17 @@ class SpanServer:
 
     def _push(self, nxt: object, step: object, out: torch.Tensor) -> bool:
         """Send this span's output straight to the next server of the route (server-to-server push)."""
-        if not (isinstance(nxt, dict) and isinstance(nxt.get("address"), str) and isinstance(nxt.get("session"), str)):
-            raise ProtocolError("step: 'next' must be {address, session}")
-        if self.peers.get(nxt["address"]).push("push", {"session": nxt["session"], "step": step}, {"hidden": out}):
+        if not (isinstance(nxt, dict) and isinstance(nxt.get("address"), str) and isinstance(nxt.get("session"), str)
+                and is_key(nxt.get("key"))):
+            raise ProtocolError("step: 'next' must be {address, key, session}")
+        if not self.access.allows(nxt["key"]):
+            log.info("push to %s not sent: its key is not allowed in this private swarm", nxt["address"])
+            return False
+        try:
+            conn = self.peers.get(nxt["address"], nxt["key"])
+        except SwarmError:
+            return False
+        if conn.push("push", {"session": nxt["session"], "step": step}, {"hidden": out}):
             self.stats.pushes_sent += 1
             return True
         log.info("push to %s not delivered: peer not connected", nxt["address"])

@@ -9,7 +9,7 @@ import torch
 import yaml
 import zmq
 from conftest import hf_reference
-from helpers import SWARMCTL, SWARMD, running_swarm
+from helpers import SWARMCTL, SWARMD, curve_dealer, running_swarm
 
 from libswarm import (
     AutoDistributedModelForCausalLM,
@@ -41,12 +41,15 @@ def still_generates(model, d):
     assert torch.equal(model.generate(ids, **kw), ref.generate(ids, **kw))
 
 
-def raw_request(address: str, frames: list) -> dict:
-    """Send raw frames to a daemon and return the decoded reply header fields."""
-    ctx = zmq.Context.instance()
-    s = ctx.socket(zmq.DEALER)
-    s.setsockopt(zmq.LINGER, 0)
-    s.connect(address)
+def raw_request(address: str, frames: list, server_key: str | None = None) -> dict:
+    """Send raw frames to a daemon (its peer plane over CURVE when `server_key` is given) and
+    return the decoded reply header fields."""
+    if server_key is not None:
+        s = curve_dealer(address, server_key)
+    else:
+        s = zmq.Context.instance().socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(address)
     try:
         s.send_multipart(frames)
         assert s.poll(10_000), "daemon did not answer"
@@ -114,13 +117,13 @@ def test_wrong_tensor_shapes_and_dtypes_get_tensor_errors(swarm):
 
 def test_garbage_frames_on_both_planes_get_error_replies(swarm):
     d, model, servers, gw = swarm
-    peer = servers[0].address
-    assert raw_request(peer, [b"\x00not json"])["code"] == "protocol"
-    assert "unknown message type" in raw_request(peer, encode("bogus", 1))["message"]
+    peer, key = servers[0].address, servers[0].node_id
+    assert raw_request(peer, [b"\x00not json"], key)["code"] == "protocol"
+    assert "unknown message type" in raw_request(peer, encode("bogus", 1), key)["message"]
     bad_tensor = [b'{"v":"1.0","type":"forward","id":2,"tensors":[{"name":"hidden","dtype":"float32",'
                   b'"shape":[1,1,64]}]}', b"\0" * 10]
-    assert raw_request(peer, bad_tensor)["code"] == "tensor"
-    reply = raw_request(peer, encode("step", 3, {"session": "nope"}, {"hidden": torch.zeros(1, 1, HIDDEN)}))
+    assert raw_request(peer, bad_tensor, key)["code"] == "tensor"
+    reply = raw_request(peer, encode("step", 3, {"session": "nope"}, {"hidden": torch.zeros(1, 1, HIDDEN)}), key)
     assert reply["code"] == "session"
     local = f"ipc://{gw.socket}"
     assert raw_request(local, [b"{}"])["code"] == "protocol"
@@ -128,16 +131,38 @@ def test_garbage_frames_on_both_planes_get_error_replies(swarm):
     still_generates(model, d)
 
 
+def test_peer_plane_answers_only_curve(swarm):
+    """A plaintext client gets no answer at all; the same request over CURVE does."""
+    d, model, servers, gw = swarm
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(servers[0].address)
+    try:
+        s.send_multipart(encode("ping", 1))  # queued: a plaintext handshake never completes
+        assert s.poll(2000) == 0
+    finally:
+        s.close()
+    assert raw_request(servers[0].address, encode("ping", 2), servers[0].node_id)["type"] == "ok"
+    wrong_key = servers[1].node_id  # the handshake fails when the server is not who we expect
+    s = curve_dealer(servers[0].address, wrong_key)
+    try:
+        s.send_multipart(encode("ping", 3))
+        assert s.poll(2000) == 0
+    finally:
+        s.close()
+
+
 def test_model_the_swarm_does_not_serve_is_refused(swarm, model_dirs):
     d, model, servers, gw = swarm
     other = model_dirs("llama", seed=5, layers=4)
     with pytest.raises(WrongModelError, match="serves"):
         AutoDistributedModelForCausalLM.from_pretrained(other, socket=gw.socket)
-    peer_reply = raw_request(servers[0].address, encode("open", 1, {"model_id": "llama-other", "blocks": [0, 3],
-                                                                     "max_length": 4, "batch": 1}))
+    peer, key = servers[0].address, servers[0].node_id
+    peer_reply = raw_request(peer, encode("open", 1, {"model_id": "llama-other", "blocks": [0, 3],
+                                                      "max_length": 4, "batch": 1}), key)
     assert peer_reply["code"] == "wrong_model"
-    assert raw_request(servers[0].address, encode("open", 2, {"model_id": model.model_id, "blocks": [2, 5],
-                                                              "max_length": 4, "batch": 1}))["code"] == "limit"
+    assert raw_request(peer, encode("open", 2, {"model_id": model.model_id, "blocks": [2, 5],
+                                                "max_length": 4, "batch": 1}), key)["code"] == "limit"
     still_generates(model, d)
 
 

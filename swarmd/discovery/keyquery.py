@@ -1,0 +1,79 @@
+"""Learning a seed's public key when the seed list gives only its address.
+
+CURVE needs the server's key before the first byte, so a daemon answers one tiny UDP
+question on the same port number as its TCP peer plane: "SWARMD-KEY? 1" padded to
+QUERY_BYTES, answered by "SWARMD-KEY 1 <node id>". The answer is never larger than the
+question (no amplification). A key learnt this way is trusted on first use, like ssh's; pin
+keys in the seed list where that matters, and in private swarms the key must also be listed
+in peers.d, so a forged answer gains nothing."""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+import threading
+
+from swarmd.identity import is_key
+
+log = logging.getLogger("swarmd.discovery")
+
+QUERY = b"SWARMD-KEY? 1"
+QUERY_BYTES = 64
+ANSWER_PREFIX = b"SWARMD-KEY 1 "
+_TCP = re.compile(r"^tcp://\[?([^\]]+?)\]?:(\d+)$")
+
+
+def split_address(address: str) -> tuple[str, int] | None:
+    m = _TCP.match(address)
+    return (m.group(1), int(m.group(2))) if m else None
+
+
+class KeyResponder:
+    def __init__(self, host: str, port: int, public_key: str):
+        self.public_key = public_key
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        self.sock.bind(("" if host in ("0.0.0.0", "*") else host, port))
+        self.sock.settimeout(0.2)
+
+    def serve(self, stop: threading.Event) -> None:
+        answer = ANSWER_PREFIX + self.public_key.encode()
+        while not stop.is_set():
+            try:
+                data, peer = self.sock.recvfrom(512)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            if data.startswith(QUERY) and len(data) >= max(QUERY_BYTES, len(answer)):
+                try:
+                    self.sock.sendto(answer, peer)
+                except OSError:
+                    pass
+        self.sock.close()
+
+
+def query_key(address: str, timeout_s: float = 0.5, tries: int = 2) -> str | None:
+    """The node id answering at a tcp:// address, or None (no answer, or not a swarmd)."""
+    hp = split_address(address)
+    if hp is None:
+        return None
+    try:
+        infos = socket.getaddrinfo(hp[0], hp[1], type=socket.SOCK_DGRAM)
+    except OSError:
+        return None
+    family, _, _, _, sockaddr = infos[0]
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.settimeout(timeout_s / tries)
+        for _ in range(tries):
+            try:
+                s.sendto(QUERY.ljust(QUERY_BYTES, b" "), sockaddr)
+                data, _ = s.recvfrom(512)
+            except OSError:
+                continue
+            if data.startswith(ANSWER_PREFIX):
+                key = data[len(ANSWER_PREFIX):].decode(errors="replace").strip()
+                if is_key(key):
+                    return key
+    return None

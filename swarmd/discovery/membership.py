@@ -1,0 +1,308 @@
+"""Membership: bootstrap from seeds and mDNS, then gossip signed records until every daemon
+holds the same table.
+
+Each round (GOSSIP_INTERVAL_S), a daemon re-signs its own record (fresh timestamp: this is
+its heartbeat), and sends it with a digest of its table ({node id: version}) to FANOUT random
+live peers plus any bootstrap contact not yet known; each answers with the records it holds
+that are newer than the digest. Pull plus own push spreads a change to n daemons in about
+log2(n) rounds. Gateway-only daemons pull, and publish nothing.
+
+A record is accepted only when verified (records.py), its key is allowed (private swarms),
+and it is newer than the one held. Bad records are logged once per sender and reason."""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from libswarm import __version__
+from libswarm.errors import SwarmError
+from libswarm.protocol import PROTOCOL_VERSION, Message
+from swarmd.config import Seed
+from swarmd.discovery.access import AccessControl
+from swarmd.discovery.keyquery import query_key
+from swarmd.discovery.records import MAX_RTTS, Record, RecordError, decode_record
+from swarmd.discovery.table import GOSSIP_INTERVAL_S, PeerTable
+from swarmd.gateway.connection import ConnectionPool
+from swarmd.identity import NodeIdentity
+
+log = logging.getLogger("swarmd.discovery")
+
+FANOUT = 3
+GOSSIP_TIMEOUT_S = 1.0
+MAX_GOSSIP_RECORDS = 4096
+HINT_RETRY_MAX_S = 30.0
+FINGERPRINT_PREFIX = 16  # hex characters of each block's fingerprint carried in records
+
+
+@dataclass
+class Hint:
+    """A bootstrap contact: an address (and maybe its key) from a seed list or mDNS."""
+
+    address: str
+    key: str | None
+    source: str  # "seed" | "mdns"
+    failures: int = 0
+    next_try: float = 0.0
+    error: str | None = None
+
+
+class Membership:
+    def __init__(self, *, identity: NodeIdentity, pool: ConnectionPool, table: PeerTable, access: AccessControl,
+                 own_fields: Callable[[], dict | None], expected_fingerprint: Callable[[int], str | None],
+                 interval_s: float = GOSSIP_INTERVAL_S):
+        self.identity, self.pool, self.table, self.access = identity, pool, table, access
+        self.own_fields, self.expected_fingerprint = own_fields, expected_fingerprint
+        self.interval_s = interval_s
+        self.hints: dict[str, Hint] = {}
+        self.rejected = 0  # records refused (bad signature, forged, from the future, not allowed...)
+        self._seq = 0
+        self._lock = threading.Lock()  # one round at a time
+        self._hint_lock = threading.Lock()
+        self._logged: set[tuple[str, str]] = set()
+        self._states: dict[str, str] = {}
+
+    # --- bootstrap contacts --------------------------------------------------------------------
+    def set_seeds(self, seeds: list[Seed]) -> None:
+        with self._hint_lock:
+            for address in [a for a, h in self.hints.items() if h.source == "seed"]:
+                del self.hints[address]
+            for s in seeds:
+                self.hints.setdefault(s.address, Hint(s.address, s.key, "seed"))
+
+    def add_hint(self, address: str, key: str | None, source: str) -> None:
+        with self._hint_lock:
+            h = self.hints.get(address)
+            if h is None:
+                self.hints[address] = Hint(address, key, source)
+            elif key and h.key != key:
+                h.key, h.failures, h.next_try = key, 0, 0.0
+
+    def key_for(self, address: str) -> str | None:
+        """Node id answering at `address`: from the table first, then bootstrap contacts."""
+        key = self.table.key_for(address)
+        if key is None:
+            h = self.hints.get(address)
+            key = h.key if h else None
+        return key
+
+    # --- own record ----------------------------------------------------------------------------
+    def publish(self, state: str | None = None) -> Record | None:
+        fields = self.own_fields()
+        if fields is None:
+            return None
+        if state is not None:
+            fields["state"] = state
+        self._seq += 1
+        rtts = sorted((e.rtt_ms, e.record.short_id) for e in self.table.entries()
+                       if not e.is_self and e.rtt_ms is not None)[:MAX_RTTS]
+        record = Record(node_id=self.identity.public_key, sign_key=self.identity.sign_key, timestamp=time.time(),
+                        seq=self._seq, version=__version__, protocol=PROTOCOL_VERSION,
+                        rtt_ms={short: round(ms, 3) for ms, short in rtts}, **fields)
+        self.table.merge(record, record.sign(self.identity), is_self=True)
+        return record
+
+    # --- receiving -----------------------------------------------------------------------------
+    def receive(self, wires: object, source: str, via_key: str | None = None, via: str | None = None) -> int:
+        """Merge records from a peer; returns how many were new or newer."""
+        if not isinstance(wires, list):
+            self._log_once(source, "sent records that are not a list")
+            return 0
+        changed = 0
+        for wire in wires[:MAX_GOSSIP_RECORDS]:
+            try:
+                record = decode_record(wire)
+            except RecordError as e:
+                self.rejected += 1
+                self._log_once(source, str(e))
+                continue
+            if record.node_id == self.identity.public_key:
+                continue  # only this daemon speaks for itself
+            if not self.access.allows(record.node_id):
+                self.rejected += 1
+                self._log_once(source, f"record of {record.short_id}, whose key is not allowed in this private swarm")
+                continue
+            result = self.table.merge(record, wire, via=via if record.node_id == via_key else None)
+            if result != "old":
+                changed += 1
+                self.table.set_mismatch(record.node_id, self._weights_mismatch(record))
+                if result == "new":
+                    log.info("peer %s joined: %s, %s", record.short_id, record.addresses[0],
+                             f"blocks {record.span[0]}:{record.span[1]}" if record.span else "no blocks")
+        return changed
+
+    def _weights_mismatch(self, r: Record) -> str | None:
+        """Why a peer's weights differ from this daemon's checkpoint, or None (also when this
+        daemon cannot tell: it lacks those blocks, or the record has no fingerprints)."""
+        if r.span is None or len(r.fingerprints) != r.span[1] - r.span[0]:
+            return None
+        for block, theirs in zip(range(*r.span), r.fingerprints):
+            ours = self.expected_fingerprint(block)
+            if ours is not None and theirs != ours[:FINGERPRINT_PREFIX]:
+                reason = f"weights of block {block} differ from this daemon's checkpoint (same config, other weights)"
+                self._log_once(r.short_id, reason + "; it will not be routed to", level=logging.WARNING)
+                return reason
+        return None
+
+    def _log_once(self, source: str, reason: str, level: int = logging.WARNING) -> None:
+        if (source, reason) not in self._logged:
+            if len(self._logged) > 10_000:
+                self._logged.clear()
+            self._logged.add((source, reason))
+            log.log(level, "from %s: %s; ignored", source, reason)
+
+    def on_gossip(self, msg: Message) -> tuple[dict, None]:
+        """The peer-plane handler: merge what the caller sent, answer what it lacks."""
+        self.receive(msg.get("records", []), source=f"gossip request {msg.id}")
+        digest = msg.get("digest", {})
+        if not isinstance(digest, dict) or len(digest) > MAX_GOSSIP_RECORDS:
+            digest = {}
+        return {"records": self.table.newer_than(digest)}, None
+
+    # --- gossip rounds -------------------------------------------------------------------------
+    def _targets(self, skip: set[str] | frozenset[str], everyone: bool) -> list[tuple[str, str | None, str | None]]:
+        """(address, key, node id) to gossip with: FANOUT random live peers (all, with
+        `everyone`), plus bootstrap contacts not already known as live nodes."""
+        now = time.monotonic()
+        live: list[tuple[str, str | None, str | None]] = []
+        known_addresses: set[str] = set()
+        for e in self.table.entries():
+            if e.is_self:
+                continue
+            state = self.table.state(e, now)
+            if state not in ("dead", "offline"):
+                known_addresses.update(e.record.addresses)
+                if e.address not in skip and self.access.allows(e.record.node_id):
+                    live.append((e.address, e.record.node_id, e.record.node_id))
+        targets = list(live) if everyone else random.sample(live, min(FANOUT, len(live)))
+        with self._hint_lock:
+            hints = list(self.hints.values())
+        own = set(self.own_addresses())
+        for h in hints:
+            if h.address in known_addresses | own | skip or h.key == self.identity.public_key:
+                continue
+            if h.next_try <= now or everyone:
+                targets.append((h.address, h.key, None))
+        return targets
+
+    def own_addresses(self) -> list[str]:
+        e = self.table.get(self.identity.public_key)
+        return list(e.record.addresses) if e else []
+
+    def round(self, skip: set[str] | frozenset[str] = frozenset(), everyone: bool = False) -> None:
+        with self._lock:
+            self.publish()
+            own = self.table.get(self.identity.public_key)
+            fields = {"records": [own.wire] if own else [], "digest": self.table.digest()}
+            pending = []
+            for address, key, node_id in self._targets(skip, everyone):
+                try:
+                    if key is None:
+                        key = query_key(address)
+                        if key is None:
+                            raise SwarmError("does not answer the key query (no swarmd there, or UDP blocked)")
+                        self.add_hint(address, key, self.hints[address].source if address in self.hints else "seed")
+                    if not self.access.allows(key):
+                        raise SwarmError(f"its key {key[:8]} is not allowed in this private swarm")
+                    conn = self.pool.get(address, key)
+                    req_id = conn.send("gossip", fields, timeout_s=GOSSIP_TIMEOUT_S)
+                    pending.append((address, key, node_id, conn, req_id, time.monotonic()))
+                except SwarmError as e:
+                    self._contact_failed(address, node_id, str(e))
+            deadline = time.monotonic() + GOSSIP_TIMEOUT_S
+            for address, key, node_id, conn, req_id, t0 in pending:
+                try:
+                    reply = conn.receive(req_id, deadline, "gossip")
+                except SwarmError as e:
+                    self._contact_failed(address, node_id, str(e))
+                    continue
+                rtt_ms = (time.monotonic() - t0) * 1000
+                self.receive(reply.get("records", []), source=address, via_key=key, via=address)
+                self.table.observe(key, rtt_ms=rtt_ms, unreachable=None)
+                self._contact_ok(address)
+            self._log_transitions()
+            self.table.prune()
+
+    def _contact_ok(self, address: str) -> None:
+        h = self.hints.get(address)
+        if h is not None:
+            if h.failures:
+                log.info("%s %s answers now", h.source, address)
+            h.failures, h.error, h.next_try = 0, None, 0.0
+
+    def _contact_failed(self, address: str, node_id: str | None, error: str) -> None:
+        self.pool.drop(address)
+        if node_id is not None:
+            self.table.observe(node_id, unreachable=error)
+        h = self.hints.get(address)
+        if h is not None:
+            if h.failures == 0:
+                log.warning("%s %s: %s", h.source, address, error)
+            h.failures += 1
+            h.error = error
+            h.next_try = time.monotonic() + min(self.interval_s * 2 ** h.failures, HINT_RETRY_MAX_S)
+
+    def _log_transitions(self) -> None:
+        for e in self.table.entries():
+            if e.is_self:
+                continue
+            state = self.table.state(e)
+            before = self._states.get(e.record.node_id)
+            if before is not None and before != state and state in ("dead", "offline", "unreachable", "online"):
+                log.info("peer %s (%s): %s -> %s", e.record.short_id, e.address, before, state)
+            self._states[e.record.node_id] = state
+
+    def refresh(self, skip: set[str] | frozenset[str] = frozenset()) -> None:
+        """A round with every known peer and contact now (the gateway found no route)."""
+        self.round(skip=set(skip), everyone=True)
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            t0 = time.monotonic()
+            try:
+                self.round()
+            except Exception:
+                log.exception("gossip round failed")
+            stop.wait(max(0.05, self.interval_s - (time.monotonic() - t0)))
+
+    def leave(self, timeout_s: float = 1.0) -> None:
+        """Publish `offline` to every live peer before stopping (best effort, bounded)."""
+        if self.publish(state="offline") is None:
+            return
+        own = self.table.get(self.identity.public_key)
+        assert own is not None
+        fields = {"records": [own.wire], "digest": {}}
+        deadline = time.monotonic() + timeout_s
+        sent = []
+        for address, key, _ in self._targets(set(), everyone=True):
+            if key is None or time.monotonic() > deadline:
+                continue
+            try:
+                conn = self.pool.get(address, key)
+                sent.append((conn, conn.send("gossip", fields, timeout_s=max(0.05, deadline - time.monotonic()))))
+            except SwarmError:
+                continue
+        for conn, req_id in sent:
+            try:
+                conn.receive(req_id, deadline, "gossip")
+            except SwarmError:
+                pass
+
+    def rows(self) -> list[dict]:
+        """swarmctl peers: every node in the table, then bootstrap contacts not (yet) answering."""
+        rows = self.table.rows()
+        known = {a for r in rows for a in r["addresses"]}
+        with self._hint_lock:
+            hints = list(self.hints.values())
+        for h in hints:
+            if h.address not in known:
+                rows.append({"node_id": h.key, "short_id": (h.key or "-")[:8], "address": h.address,
+                             "addresses": [h.address], "model_id": None, "span": None,
+                             "state": "unreachable" if h.failures else "contacting", "throughput": 0.0,
+                             "cache_free_bytes": 0, "sessions": 0, "version": "", "protocol": "", "rtt_ms": None,
+                             "last_seen_s_ago": None, "error": h.error, "is_self": False, "source": h.source})
+        return rows
