@@ -31,8 +31,8 @@ _CERT_LINE = re.compile(r'^\s*public-key\s*=\s*"(.{40})"\s*$')
 
 
 def read_key_file(path: str) -> str:
-    """The node id in a peers.d file: a line holding the 40-character key (comments with #), or
-    a ZeroMQ certificate's `public-key = "..."` line. ValueError says what is wrong."""
+    """The node id in a peers.d file: a line holding the 40-character key (other lines empty or
+    # comments), or a ZeroMQ certificate's `public-key = "..."` line. ValueError says what is wrong."""
     with open(path, "rb") as f:
         raw = f.read(MAX_KEY_FILE_BYTES + 1)
     if len(raw) > MAX_KEY_FILE_BYTES:
@@ -41,14 +41,14 @@ def read_key_file(path: str) -> str:
         text = raw.decode()
     except UnicodeDecodeError:
         raise ValueError("not text") from None
-    keys = []
-    for line in text.splitlines():
-        line = line.split("#", 1)[0].strip() if not _CERT_LINE.match(line) else line
-        m = _CERT_LINE.match(line)
-        if m:
-            keys.append(m.group(1))
-        elif line:
-            keys.append(line)
+    lines = [line.strip() for line in text.splitlines()]
+    keys = [m.group(1) for m in map(_CERT_LINE.match, lines) if m]  # a ZeroMQ certificate
+    if not keys:
+        for n, line in enumerate(lines, 1):
+            if is_key(line):  # checked first: '#' is a Z85 character, a key may start with it
+                keys.append(line)
+            elif line and not line.startswith("#"):
+                raise ValueError(f"line {n} is neither a key nor a # comment")
     if len(keys) != 1 or not is_key(keys[0]):
         raise ValueError("does not hold exactly one 40-character public key")
     return keys[0]

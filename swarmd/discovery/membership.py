@@ -35,7 +35,7 @@ log = logging.getLogger("swarmd.discovery")
 FANOUT = 3
 GOSSIP_TIMEOUT_S = 1.0
 MAX_GOSSIP_RECORDS = 4096
-HINT_RETRY_MAX_S = 30.0
+HINT_RETRY_MAX_S = 5.0  # a contact that fails is retried at most this far apart
 FINGERPRINT_PREFIX = 16  # hex characters of each block's fingerprint carried in records
 
 

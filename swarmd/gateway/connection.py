@@ -81,7 +81,8 @@ class PeerConnection:
             elif event & _HANDSHAKE_FAILED:
                 self.state = "denied"  # our key refused (private swarm), or the peer is not who we think
             elif event == zmq.EVENT_DISCONNECTED:
-                self.state = "down"
+                if self.state != "denied":  # a refused handshake is followed by a disconnect
+                    self.state = "down"
                 self.disconnects += 1
             elif event == zmq.EVENT_CONNECT_RETRIED and self.state != "up":
                 self.state = "refused"  # nothing listens there (a connect attempt failed)
