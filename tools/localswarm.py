@@ -70,6 +70,7 @@ class Daemon:
             else:
                 self.cfg[k] = v
         self.proc: subprocess.Popen | None = None
+        self.prefix: list[str] = []  # e.g. ["ip", "netns", "exec", NAME] to run it in a namespace
         self.log_path = os.path.join(self.dir, "log.txt")
 
     def write_config(self, seeds: list[str]) -> None:
@@ -82,7 +83,7 @@ class Daemon:
         # one compute thread per daemon: several daemons share this machine's cores
         env = dict(os.environ, SWARMD_TORCH_THREADS="1", **self.env)
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([SWARMD, "--config", self.config_path], stdout=log,
+            self.proc = subprocess.Popen([*self.prefix, SWARMD, "--config", self.config_path], stdout=log,
                                          stderr=subprocess.STDOUT, start_new_session=True, env=env)
         return self
 

@@ -8,20 +8,24 @@ from swarmd.commands.base import Command, table
 def peer_rows(peers: list[dict]) -> str:
     rows = [
         [
-            p["address"] + (" (self)" if p.get("is_self") else ""),
+            (p.get("short_id") or "-") + (" (self)" if p.get("is_self") else ""),
+            p["address"],
             f"{p['span'][0]}:{p['span'][1]}" if p.get("span") else "-",
             p["state"],
-            (p.get("model_id") or "-")[:24],
+            f"{p['throughput']:.1f}" if p.get("throughput") else "-",
             f"{p['rtt_ms']:.2f}" if p.get("rtt_ms") is not None else "-",
             f"{p['last_seen_s_ago']:.1f} s ago" if p.get("last_seen_s_ago") is not None else "never",
+            (p.get("error") or "")[:60],
         ]
         for p in peers
     ]
-    return table(rows, ["ADDRESS", "SPAN", "STATE", "MODEL", "RTT MS", "LAST SEEN"]) if rows else ""
+    header = ["NODE", "ADDRESS", "SPAN", "STATE", "STEPS/S", "RTT MS", "LAST SEEN", "NOTE"]
+    return table(rows, header) if rows else ""
 
 
 class PeersCommand(Command):
-    """List the peers this daemon knows, one row each."""
+    """List the peers this daemon knows, one row each (short node id, address, span, state,
+    throughput, round trip, last seen)."""
 
     name = "peers"
     request_type = "peers"

@@ -6,6 +6,20 @@ from swarmd.commands.base import Command, human_bytes
 from swarmd.commands.peers import peer_rows
 
 
+def coverage_line(cov: dict) -> str:
+    """Runs of blocks with the same servers: "0:2 x2 (31.0 steps/s)  2:3 GAP  3:4 x1 (9.5 steps/s)"."""
+    parts, blocks = [], cov["blocks"]
+    i = 0
+    while i < len(blocks):
+        j = i
+        while j + 1 < len(blocks) and blocks[j + 1]["servers"] == blocks[i]["servers"]:
+            j += 1
+        n = len(blocks[i]["servers"])
+        parts.append(f"{i}:{j + 1} " + (f"x{n} ({blocks[i]['throughput']:.1f} steps/s)" if n else "GAP"))
+        i = j + 1
+    return "  ".join(parts) + ("" if cov["complete"] else "  (incomplete)")
+
+
 class StatusCommand(Command):
     """Show this daemon's model, blocks, sessions, cache and the peers it knows."""
 
@@ -24,8 +38,15 @@ class StatusCommand(Command):
             f"sessions  {r['sessions']['server']} served, {r['sessions']['gateway']} from local apps",
             f"cache     {human_bytes(c['used_bytes'])} used, {human_bytes(c['free_bytes'])} free "
             f"of {human_bytes(c['max_bytes'])}",
-            f"peers     {len(r['peers'])}",
+            f"swarm     {r['membership']['access']}, "
+            f"{sum(p['state'] == 'online' for p in r['peers'])} of {len(r['peers'])} peers online"
+            + (f", {r['membership']['refused_handshakes']} handshakes refused"
+               if r["membership"]["refused_handshakes"] else "")
+            + (f", {r['membership']['rejected_records']} records rejected"
+               if r["membership"]["rejected_records"] else ""),
         ]
+        for cov in r["coverage"]:
+            lines.append(f"coverage  {cov['model_id']}: " + coverage_line(cov))
         rows = peer_rows(r["peers"])
         if rows:
             lines.append(rows)
