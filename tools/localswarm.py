@@ -101,7 +101,10 @@ class Daemon:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: {self.tail()}")
             if os.path.exists(self.socket):
-                r = self.ctl("status", timeout=5, check=False)
+                try:
+                    r = self.ctl("status", timeout=5, check=False)
+                except subprocess.TimeoutExpired:  # a loaded machine: ask again
+                    continue
                 if isinstance(r, dict) and r["state"] == "online":
                     return self
             time.sleep(0.2)

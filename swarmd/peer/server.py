@@ -135,6 +135,8 @@ class SpanServer:
 
     def handle(self, frames) -> None:
         ident, body = frames[0].bytes, frames[1:]
+        if self.access.private and not self.access.allows(body[0].get("User-Id") if body else None):
+            return  # its key was removed from the allowed list (SIGHUP) after it connected
         req_id = 0
         try:
             msg = decode(body)

@@ -26,7 +26,7 @@ def test_node_key_is_made_once_private_and_printed_by_swarmctl(model_dirs, tmp_p
 
 
 @pytest.mark.parametrize("content, mode, needle", [
-    ("not a key\n", 0o600, "is not a CURVE secret key"),
+    ("not a key\n", 0o600, "is not a node secret"),
     (None, 0o644, "readable by others"),
 ])
 def test_bad_node_key_stops_swarmd_with_one_line(model_dirs, tmp_path, content, mode, needle):

@@ -145,6 +145,20 @@ def test_private_swarm_refuses_an_unlisted_key_until_it_is_listed(model_dirs, tm
         print(f"private: admitted {took:.2f} s after SIGHUP")
         generate_equals_hf(d, c.socket)
         assert a.alive and b.alive  # SIGHUP reloads; it does not stop anything
+
+        # revoking: c's key leaves a's list; c's connection, admitted before, is answered no more
+        s = curve_dealer(a.address, a.node_id, c_identity)
+        try:
+            s.send_multipart(encode("ping", 1))
+            assert s.poll(3000), "admitted key got no answer"
+            s.recv_multipart()
+            os.remove(os.path.join(a.cfg["swarm"]["allowed_keys_dir"], "c"))
+            a.kill(signal.SIGHUP)
+            time.sleep(1.0)
+            s.send_multipart(encode("ping", 2))
+            assert s.poll(2000) == 0
+        finally:
+            s.close()
     finally:
         for x in everyone:
             x.stop()

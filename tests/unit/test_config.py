@@ -5,6 +5,7 @@ import yaml
 
 from libswarm.errors import ConfigError
 from swarmd.config import DEFAULTS, load_config
+from swarmd.identity import NodeIdentity
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -71,7 +72,11 @@ def test_sizes_and_spans_parse(tmp_path):
 
 def test_seeds_from_yaml_file_with_keys(tmp_path):
     seeds = tmp_path / "seeds.yaml"
-    seeds.write_text(yaml.safe_dump(["tcp://10.0.0.1:31330", {"address": "tcp://h.example:4000", "key": "K"}]))
+    key = NodeIdentity(b"\x07" * 32).public_key
+    seeds.write_text(yaml.safe_dump(["tcp://10.0.0.1:31330", {"address": "tcp://h.example:4000", "key": key}]))
     cfg = load_config(write(tmp_path, {"model": "/m", "discovery": {"seeds": str(seeds)}}))
     assert [s.address for s in cfg.discovery.seeds] == ["tcp://10.0.0.1:31330", "tcp://h.example:4000"]
-    assert cfg.discovery.seeds[1].key == "K"
+    assert cfg.discovery.seeds[1].key == key
+    seeds.write_text(yaml.safe_dump([{"address": "tcp://h.example:4000", "key": "K"}]))
+    with pytest.raises(ConfigError, match=r"discovery\.seeds\[0\]\.key: must be a 40-character node public key"):
+        load_config(write(tmp_path, {"model": "/m", "discovery": {"seeds": str(seeds)}}))
