@@ -34,7 +34,10 @@ log = logging.getLogger("swarmd.discovery")
 
 FANOUT = 3
 GOSSIP_TIMEOUT_S = 1.0
-MAX_GOSSIP_RECORDS = 4096
+MAX_GOSSIP_RECORDS = 4096  # records taken from one reply
+# records taken from one request: an honest caller sends only its own, and requests are
+# handled on the serving thread, so a flood of signed records must not stall decode steps
+MAX_REQUEST_RECORDS = 8
 HINT_RETRY_MAX_S = 5.0  # a contact that fails is retried at most this far apart
 FINGERPRINT_PREFIX = 16  # hex characters of each block's fingerprint carried in records
 
@@ -107,13 +110,16 @@ class Membership:
         return record
 
     # --- receiving -----------------------------------------------------------------------------
-    def receive(self, wires: object, source: str, via_key: str | None = None, via: str | None = None) -> int:
+    def receive(self, wires: object, source: str, via_key: str | None = None, via: str | None = None,
+                limit: int = MAX_GOSSIP_RECORDS) -> int:
         """Merge records from a peer; returns how many were new or newer."""
         if not isinstance(wires, list):
             self._log_once(source, "sent records that are not a list")
             return 0
+        if len(wires) > limit:
+            self._log_once(source, f"sent {len(wires)} records, more than the {limit} taken")
         changed = 0
-        for wire in wires[:MAX_GOSSIP_RECORDS]:
+        for wire in wires[:limit]:
             try:
                 record = decode_record(wire)
             except RecordError as e:
@@ -127,7 +133,9 @@ class Membership:
                 self._log_once(source, f"record of {record.short_id}, whose key is not allowed in this private swarm")
                 continue
             result = self.table.merge(record, wire, via=via if record.node_id == via_key else None)
-            if result != "old":
+            if result == "full":
+                self._log_once(source, f"record of {record.short_id}: the peer table is full")
+            elif result != "old":
                 changed += 1
                 self.table.set_mismatch(record.node_id, self._weights_mismatch(record))
                 if result == "new":
@@ -157,7 +165,7 @@ class Membership:
 
     def on_gossip(self, msg: Message) -> tuple[dict, None]:
         """The peer-plane handler: merge what the caller sent, answer what it lacks."""
-        self.receive(msg.get("records", []), source=f"gossip request {msg.id}")
+        self.receive(msg.get("records", []), source="a gossip request", limit=MAX_REQUEST_RECORDS)
         digest = msg.get("digest", {})
         if not isinstance(digest, dict) or len(digest) > MAX_GOSSIP_RECORDS:
             digest = {}

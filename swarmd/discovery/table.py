@@ -18,6 +18,7 @@ from swarmd.gateway.routing import ServerSpan
 
 GOSSIP_INTERVAL_S = 1.0
 FORGET_AFTER_S = 60.0
+MAX_NODES = 10_000  # bounds the memory a flood of self-signed records can take
 
 
 @dataclass
@@ -60,7 +61,8 @@ class PeerTable:
 
     # --- updates -------------------------------------------------------------------------------
     def merge(self, record: Record, wire: dict, via: str | None = None, is_self: bool = False) -> str:
-        """Take a verified record: "new" node, "newer" version, or "old" (ignored)."""
+        """Take a verified record: "new" node, "newer" version, "old" (ignored), or "full"
+        (a new node while the table holds MAX_NODES)."""
         now = time.monotonic()
         with self._lock:
             e = self._entries.get(record.node_id)
@@ -68,6 +70,8 @@ class PeerTable:
                 return "old"
             address = via if via in record.addresses else (
                 e.address if e is not None and e.address in record.addresses else record.addresses[0])
+            if e is None and len(self._entries) >= MAX_NODES and not is_self:
+                return "full"
             if e is None:
                 self._entries[record.node_id] = Entry(record, wire, address, now, time.time(), is_self=is_self)
                 return "new"

@@ -154,3 +154,17 @@ def test_key_query_answers_over_udp_only_to_full_size_questions():
     finally:
         stop.set()
         t.join(2)
+
+
+def test_a_gossip_request_carrying_a_flood_of_records_is_cut_to_a_few():
+    from libswarm.protocol import Message
+    from swarmd.discovery.membership import MAX_REQUEST_RECORDS, Membership
+
+    m = Membership(identity=ident(), pool=None, table=PeerTable(), access=AccessControl("open", "", ""),
+                   own_fields=lambda: None, expected_fingerprint=lambda b: None)
+    flood = []
+    for _ in range(50):
+        i = ident()
+        flood.append(record(i).sign(i))
+    m.on_gossip(Message("gossip", 1, {"records": flood, "digest": {}}))
+    assert len(m.table.entries()) == MAX_REQUEST_RECORDS
