@@ -3,7 +3,7 @@ swarmd found to membership as a bootstrap contact.
 
 Service type `_swarmd._tcp.local.`; the instance name is derived from the node id (Z85 has
 characters DNS labels may not); TXT carries `id` (node id, so the first connection is
-already authenticated), `model` and `proto`. Only the configured interfaces are used: tests
+already authenticated), `port`, `model` and `proto`. Only the configured interfaces are used: tests
 bind loopback and never multicast on the machine's real network."""
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ class Mdns:
             name = f"swarmd-{hashlib.sha256(self.node_id.encode()).hexdigest()[:16]}.{SERVICE_TYPE}"
             self.info = ServiceInfo(
                 SERVICE_TYPE, name, port=port, addresses=[ipaddress.ip_address(a).packed for a in addresses],
-                properties={"id": self.node_id, "model": self.model_id, "proto": PROTOCOL_VERSION},
+                properties={"id": self.node_id, "port": str(port), "model": self.model_id,
+                            "proto": PROTOCOL_VERSION},
                 server=f"swarmd-{hashlib.sha256(self.node_id.encode()).hexdigest()[:16]}.local.",
             )
             self.zc.register_service(self.info, allow_name_change=True)

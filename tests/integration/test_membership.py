@@ -213,3 +213,23 @@ def test_forged_and_bad_records_are_rejected_and_a_good_one_accepted(model_dirs)
         finally:
             s.close()
         generate_equals_hf(d, a.socket)  # and the daemon kept serving throughout
+
+        # SIGHUP re-reads the seed list: a seed that never answers is listed with its reason and
+        # logged once, however often it is retried
+        from helpers import free_port
+
+        dead = f"tcp://127.0.0.1:{free_port()}"
+        a.write_config([b.address, dead])
+        a.kill(signal.SIGHUP)
+        t0 = time.monotonic()
+        while True:
+            rows = {p["address"]: p for p in a.ctl("peers")["peers"]}
+            if dead in rows and rows[dead]["state"] == "unreachable":
+                break
+            assert time.monotonic() - t0 < 5, rows.get(dead)
+            time.sleep(0.1)
+        assert "key query" in rows[dead]["error"]
+        time.sleep(6)  # retried meanwhile
+        assert a.tail(50000).count(f"seed {dead}:") == 1
+        rows = {p["address"]: p for p in a.ctl("peers")["peers"]}
+        assert rows[dead]["state"] == "unreachable" and rows[b.address]["state"] == "online"
