@@ -77,6 +77,12 @@ class RemoteError(SwarmError):
     code = "remote"
 
 
+class SpanMovedError(SwarmError):
+    """The server has moved to other blocks (rebalancing): route around it and try again."""
+
+    code = "moved"
+
+
 _BY_CODE: dict[str, type[SwarmError]] = {
     cls.code: cls
     for cls in (
@@ -92,6 +98,7 @@ _BY_CODE: dict[str, type[SwarmError]] = {
         CacheFullError,
         LimitError,
         RemoteError,
+        SpanMovedError,
     )
 }
 

@@ -28,6 +28,8 @@ DEFAULTS: dict[str, Any] = {
         "max_length": 8192,
         "max_batch": 64,
         "session_idle_timeout_s": 600,
+        "rebalance_interval_s": 60,
+        "drain_timeout_s": 300,
         "cache": {"max_bytes": "auto", "kv_dtype": "auto"},
     },
     "network": {
@@ -68,6 +70,8 @@ class ServeConfig:
     max_length: int
     max_batch: int
     session_idle_timeout_s: float
+    rebalance_interval_s: float
+    drain_timeout_s: float
     cache: CacheConfig
 
 
@@ -260,6 +264,8 @@ def load_config(path: str, overrides: dict | None = None) -> Config:
         max_length=r.positive_int("serve.max_length", s["max_length"]) or 1,
         max_batch=r.positive_int("serve.max_batch", s["max_batch"]) or 1,
         session_idle_timeout_s=float(r.positive_int("serve.session_idle_timeout_s", s["session_idle_timeout_s"]) or 1),
+        rebalance_interval_s=float(r.positive_int("serve.rebalance_interval_s", s["rebalance_interval_s"]) or 1),
+        drain_timeout_s=float(r.positive_int("serve.drain_timeout_s", s["drain_timeout_s"]) or 1),
         cache=CacheConfig(
             max_bytes=r.size("serve.cache.max_bytes", s["cache"]["max_bytes"], allow_auto=True),
             kv_dtype=r.choice("serve.cache.kv_dtype", s["cache"]["kv_dtype"], ("auto", "int8")),

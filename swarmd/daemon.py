@@ -6,9 +6,7 @@ ready, so no peer ever sees a half-loaded server."""
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import re
 import socket
 import threading
@@ -22,6 +20,7 @@ from libswarm import __version__
 from libswarm.checkpoint import Checkpoint
 from libswarm.errors import ConfigError, SwarmError
 from libswarm.protocol import PROTOCOL_VERSION
+from swarmd.balancer import Balancer
 from swarmd.config import Config, load_config
 from swarmd.discovery.access import AccessControl
 from swarmd.discovery.keyquery import KeyResponder, split_address
@@ -34,8 +33,10 @@ from swarmd.gateway.gateway import Gateway
 from swarmd.identity import load_or_create_identity
 from swarmd.local import LocalServer
 from swarmd.peer.server import SpanServer
+from swarmd.placement import blocks_that_fit
 from swarmd.runtime.cache import CacheBudget
 from swarmd.runtime.span import Span
+from swarmd.runtime.speed import BlockSpeed, measure_block_speed
 
 log = logging.getLogger("swarmd")
 
@@ -52,7 +53,8 @@ class Daemon:
         self.checkpoint = Checkpoint(config.model)
         self.model_id = config.model_id or self.checkpoint.model_id
         self.num_layers = self.checkpoint.num_layers
-        self.blocks = self._choose_blocks()
+        self.auto = config.serve.blocks == "auto"
+        self.blocks = self._configured_blocks()  # with blocks: auto, chosen at start (and moved later)
         self.device = _device(config.serve.device)
         self.dtype = _dtype(config.serve.dtype, self.device)
         self.zctx = zmq.Context()
@@ -65,7 +67,8 @@ class Daemon:
         self.addresses: list[str] = []
         self.started = time.time()
         self.threads: list[threading.Thread] = []
-        self.throughput = 0.0
+        self.speed: BlockSpeed | None = None
+        self.balancer = Balancer(self)
         self.access = AccessControl(config.swarm.access, config.swarm.allowed_keys_dir, self.identity.public_key)
         self.pool = ConnectionPool(self.zctx, self.identity, lambda a: self.membership.key_for(a),
                                    config.network.max_message_bytes)
@@ -79,16 +82,15 @@ class Daemon:
             model_id=self.model_id, num_layers=self.num_layers, hidden_size=self.checkpoint.config.hidden_size,
             pool=self.pool, table=self.table, membership=self.membership, status=self.status,
         )
-        handlers = dict(self.gateway.handlers, key=lambda m: (self.key_info(), None))
+        handlers = dict(self.gateway.handlers, key=lambda m: (self.key_info(), None),
+                        rebalance=lambda m: (self.balancer.on_rebalance(bool(m.get("dry_run")), _in_thread), None))
         self.local = LocalServer(self.zctx, config.network.socket, handlers, config.network.max_message_bytes)
         self.local.on_idle = self.gateway.expire_idle
 
-    def _choose_blocks(self) -> tuple[int, int] | None:
+    def _configured_blocks(self) -> tuple[int, int] | None:
         blocks, n = self.config.serve.blocks, self.num_layers
-        if blocks == "none":
+        if blocks in ("none", "auto"):
             return None
-        if blocks == "auto":  # placement by swarm throughput comes with load balancing; until then, from 0
-            return 0, min(n, self.config.serve.num_blocks or n)
         assert isinstance(blocks, tuple)
         start, end = blocks
         if end > n:
@@ -107,11 +109,13 @@ class Daemon:
 
     def _own_fields(self) -> dict | None:
         """This daemon's record, but for what membership stamps and signs (None: serves nothing)."""
-        if self.server is None or self.span is None:
+        if self.server is None or self.span is None or self.speed is None:
             return None
+        n = self.span.end - self.span.start
         return {
             "addresses": self.addresses, "state": "online", "model_id": self.model_id,
-            "span": (self.span.start, self.span.end), "throughput": self.throughput,
+            "span": (self.span.start, self.span.end), "throughput": self.speed.span_throughput(n),
+            "forward_throughput": round(self.speed.forward_tokens_per_s / n, 1),
             "cache_free_bytes": self.server.budget.free_bytes, "sessions": len(self.server.sessions),
             "fingerprints": tuple(f[:FINGERPRINT_PREFIX] for f in self.span.fingerprints),
         }
@@ -121,22 +125,60 @@ class Daemon:
         self.local.bind()
         self._thread("local", self.local.serve)
         log.info("listening for apps on %s", self.config.network.socket)
-        if self.blocks is not None:
-            self.state = "loading"
-            self._load_and_serve(*self.blocks)
-        self.state = "online"
-        self._thread("gossip", self.membership.run)
+        serves = self.config.serve.blocks != "none"
+        if serves:
+            self._start_access()
+        self._thread("gossip", self.membership.run)  # from the start: placement needs the swarm's table
         if self.config.discovery.mdns:
             self._start_mdns()
+        if serves:
+            self.state = "measuring"
+            self.speed = measure_block_speed(self.checkpoint, self.device, self.dtype, self.config.state_dir,
+                                             self.model_id)
+            if self.blocks is None:
+                self.state = "placing"
+                n = self.config.serve.num_blocks or self._blocks_that_fit(self.speed)
+                self.balancer.discover()
+                self.blocks = self.balancer.choose(n, self.speed.span_throughput(n))
+            self.state = "loading"
+            self._load_and_serve(*self.blocks)
+            if self.mdns is not None and self.address:
+                host_port = split_address(self.address)
+                if host_port:
+                    self.mdns.announce(*host_port)
+            if self.auto:
+                self._thread("balancer", self.balancer.run)
+        self.state = "online"
         log.info("online: model %s, %s", self.model_id,
                  f"blocks {self.blocks[0]}:{self.blocks[1]}" if self.blocks else "gateway only")
+
+    def _blocks_that_fit(self, speed: BlockSpeed) -> int:
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+        else:
+            free = psutil.virtual_memory().available
+        usable = int(free * 0.9)
+        cache = self.config.serve.cache.max_bytes or int(usable * AUTO_CACHE_SHARE)
+        n = blocks_that_fit(usable, speed.block_bytes, cache, self.num_layers)
+        log.info("%d of %d blocks fit (%.1f MiB each, %.1f GiB usable, %.1f GiB for the KV cache)", n,
+                 self.num_layers, speed.block_bytes / 2**20, usable / 2**30, cache / 2**30)
+        return n
+
+    def load_span(self, start: int, end: int) -> Span:
+        log.info("loading blocks %d:%d of %s on %s as %s", start, end, self.checkpoint.dir, self.device,
+                 str(self.dtype).removeprefix("torch."))
+
+        def progress(done: int, total: int) -> None:
+            self.loaded_blocks = done
+            log.info("loaded block %d/%d", done, total)
+
+        return Span(self.checkpoint, start, end, self.device, self.dtype).load(progress)
 
     def _start_mdns(self) -> None:
         self.mdns = Mdns(self.config.discovery.mdns_interfaces, self.identity.public_key, self.model_id,
                          lambda address, key, model: self.membership.add_hint(address, key, "mdns"))
-        announce = split_address(self.address) if self.address else None
         try:
-            self.mdns.start(announce)
+            self.mdns.start()
         except OSError as e:  # no multicast on this machine: seeds still work
             log.error("mDNS could not start (%s); peers come from discovery.seeds only", e)
             self.mdns = None
@@ -149,23 +191,15 @@ class Daemon:
             raise SwarmError("the access control thread did not start")
 
     def _load_and_serve(self, start: int, end: int) -> None:
-        log.info("loading blocks %d:%d of %s on %s as %s", start, end, self.checkpoint.dir, self.device,
-                 str(self.dtype).removeprefix("torch."))
-
-        def progress(done: int, total: int) -> None:
-            self.loaded_blocks = done
-            log.info("loaded block %d/%d", done, total)
-
-        span = Span(self.checkpoint, start, end, self.device, self.dtype).load(progress)
+        span = self.load_span(start, end)
         budget = CacheBudget(self.config.serve.cache.max_bytes or self._auto_cache_bytes())
         s = self.config.serve
-        self.throughput = measure_throughput(span, self.config.state_dir, self.model_id)
-        self._start_access()
         self.server = SpanServer(self.zctx, span, budget, self.model_id, max_length=s.max_length,
                                  max_batch=s.max_batch, idle_timeout_s=s.session_idle_timeout_s,
                                  max_message_bytes=self.config.network.max_message_bytes, identity=self.identity,
                                  access=self.access, resolve_key=self.membership.key_for)
         self.server.handlers["gossip"] = self.membership.on_gossip
+        self.server.drain_timeout_s = s.drain_timeout_s
         try:
             bound = self.server.bind(self.config.network.listen)
         except zmq.ZMQError as e:
@@ -247,6 +281,12 @@ class Daemon:
             },
             "serve": {
                 "blocks": list(self.blocks) if self.blocks else None,
+                "auto": self.auto,
+                "moving": self.balancer.moving,
+                "moves": self.balancer.moves,
+                "last_move": self.balancer.last_move,
+                "draining": [[sp.start, sp.end] for sp, _ in self.server.old_spans] if self.server else [],
+                "block_speed": vars(self.speed).copy() if self.speed else None,
                 "loaded_blocks": self.loaded_blocks,
                 "device": str(self.device),
                 "dtype": str(self.dtype).removeprefix("torch."),
@@ -336,38 +376,5 @@ def coverage(table: PeerTable, own_model: str, own_layers: int) -> list[dict]:
     return out
 
 
-def measure_throughput(span: Span, state_dir: str, model_id: str) -> float:
-    """One-token decode steps per second through the span (batch 1), measured once per model,
-    span, device and dtype and kept in state_dir/throughput.json."""
-    key = f"{model_id}:{span.start}:{span.end}:{span.device}:{span.dtype}"
-    path = os.path.join(state_dir, "throughput.json")
-    try:
-        with open(path) as f:
-            known = json.load(f)
-        if isinstance(known, dict) and isinstance(known.get(key), (int, float)):
-            return float(known[key])
-    except (OSError, ValueError):
-        known = {}
-    x = torch.zeros(1, 1, span.hidden_size, dtype=span.dtype, device=span.device)
-    pos = torch.zeros(1, 1, dtype=torch.long, device=span.device)
-    times = []
-    with torch.no_grad():
-        for i in range(7):
-            if span.device.type == "cuda":
-                torch.cuda.synchronize(span.device)
-            t0 = time.perf_counter()
-            span.run(x, pos, None, span.start, span.end)
-            if span.device.type == "cuda":
-                torch.cuda.synchronize(span.device)
-            if i >= 2:  # the first runs warm caches and allocators up
-                times.append(time.perf_counter() - t0)
-    throughput = round(1.0 / sorted(times)[len(times) // 2], 2)
-    known = known if isinstance(known, dict) else {}
-    known[key] = throughput
-    try:
-        with open(path + ".tmp", "w") as f:
-            json.dump(known, f)
-        os.replace(path + ".tmp", path)
-    except OSError as e:
-        log.warning("cannot keep the measured throughput in %s: %s", path, e.strerror)
-    return throughput
+def _in_thread(fn) -> None:
+    threading.Thread(target=fn, name="move", daemon=True).start()

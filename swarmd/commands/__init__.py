@@ -3,12 +3,14 @@
 from swarmd.commands.base import Command
 from swarmd.commands.key import KeyCommand
 from swarmd.commands.peers import PeersCommand
+from swarmd.commands.rebalance import RebalanceCommand
 from swarmd.commands.status import StatusCommand
 
 COMMANDS: dict[str, type[Command]] = {
     "status": StatusCommand,
     "peers": PeersCommand,
     "key": KeyCommand,
+    "rebalance": RebalanceCommand,
 }
 
 __all__ = ["COMMANDS", "Command"]

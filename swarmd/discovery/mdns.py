@@ -34,28 +34,30 @@ class Mdns:
         self.info: ServiceInfo | None = None
         self.browser: ServiceBrowser | None = None
 
-    def start(self, announce: tuple[str, int] | None) -> None:
-        """Browse; with `announce` = (host, port) of the peer plane, also register it."""
+    def start(self) -> None:
+        """Browse for other daemons (from the start, so that placement sees the swarm)."""
         if self.interfaces == "all":
             self.zc = Zeroconf(interfaces=InterfaceChoice.All, ip_version=IPVersion.V4Only)
         else:
             v6 = any(":" in a for a in self.interfaces)
             self.zc = Zeroconf(interfaces=list(self.interfaces),
                                ip_version=IPVersion.All if v6 else IPVersion.V4Only)
-        if announce is not None:
-            host, port = announce
-            addresses = self._addresses(host)
-            name = f"swarmd-{hashlib.sha256(self.node_id.encode()).hexdigest()[:16]}.{SERVICE_TYPE}"
-            self.info = ServiceInfo(
-                SERVICE_TYPE, name, port=port, addresses=[ipaddress.ip_address(a).packed for a in addresses],
-                properties={"id": self.node_id, "port": str(port), "model": self.model_id,
-                            "proto": PROTOCOL_VERSION},
-                server=f"swarmd-{hashlib.sha256(self.node_id.encode()).hexdigest()[:16]}.local.",
-            )
-            self.zc.register_service(self.info, allow_name_change=True)
-            log.info("mDNS: announcing %s port %d on %s", ", ".join(addresses), port,
-                     "all interfaces" if self.interfaces == "all" else ", ".join(self.interfaces))
         self.browser = ServiceBrowser(self.zc, SERVICE_TYPE, handlers=[self._on_change])
+
+    def announce(self, host: str, port: int) -> None:
+        """Register this daemon's peer plane (once it is bound)."""
+        assert self.zc is not None
+        addresses = self._addresses(host)
+        name = f"swarmd-{hashlib.sha256(self.node_id.encode()).hexdigest()[:16]}.{SERVICE_TYPE}"
+        self.info = ServiceInfo(
+            SERVICE_TYPE, name, port=port, addresses=[ipaddress.ip_address(a).packed for a in addresses],
+            properties={"id": self.node_id, "port": str(port), "model": self.model_id,
+                        "proto": PROTOCOL_VERSION},
+            server=f"swarmd-{hashlib.sha256(self.node_id.encode()).hexdigest()[:16]}.local.",
+        )
+        self.zc.register_service(self.info, allow_name_change=True)
+        log.info("mDNS: announcing %s port %d on %s", ", ".join(addresses), port,
+                 "all interfaces" if self.interfaces == "all" else ", ".join(self.interfaces))
 
     def _addresses(self, host: str) -> list[str]:
         if host not in ("0.0.0.0", "*", "::"):

@@ -39,6 +39,7 @@ class Record:
     model_id: str | None = None
     span: tuple[int, int] | None = None
     throughput: float = 0.0  # one-token decode steps per second through the whole span
+    forward_throughput: float = 0.0  # positions per second through the whole span, in large forwards
     cache_free_bytes: int = 0
     sessions: int = 0
     version: str = ""
@@ -128,6 +129,7 @@ def decode_record(wire: object, now: float | None = None) -> Record:
         model_id=_type(d, "model_id", str, optional=True),
         span=(span[0], span[1]) if span else None,
         throughput=float(_type(d, "throughput", (int, float), optional=True) or 0.0),
+        forward_throughput=float(_type(d, "forward_throughput", (int, float), optional=True) or 0.0),
         cache_free_bytes=int(_type(d, "cache_free_bytes", int, optional=True) or 0),
         sessions=int(_type(d, "sessions", int, optional=True) or 0),
         version=str(_type(d, "version", str, optional=True) or ""),

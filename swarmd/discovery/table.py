@@ -144,11 +144,15 @@ class PeerTable:
     def servers_for(self, model_id: str) -> list[ServerSpan]:
         """Spans of the online servers of this model, for routing."""
         now = time.monotonic()
-        return [
-            ServerSpan(e.address, e.record.span[0], e.record.span[1], e.record.cache_free_bytes)
-            for e in self.entries()
-            if e.record.model_id == model_id and e.record.span is not None and self.state(e, now) == "online"
-        ]
+        out = []
+        for e in self.entries():
+            r = e.record
+            if r.model_id != model_id or r.span is None or self.state(e, now) != "online":
+                continue
+            block_s = 1.0 / (r.throughput * (r.span[1] - r.span[0])) if r.throughput > 0 else None
+            rtt_s = 0.0 if e.is_self else (e.rtt_ms / 1000 if e.rtt_ms is not None else None)
+            out.append(ServerSpan(e.address, r.span[0], r.span[1], r.cache_free_bytes, block_s, rtt_s))
+        return out
 
     def to_json(self, e: Entry) -> dict:
         r = e.record

@@ -11,6 +11,7 @@ states its cache position, which the gateway checks."""
 from __future__ import annotations
 
 import logging
+import random
 import secrets
 import threading
 import time
@@ -27,6 +28,7 @@ from libswarm.errors import (
     ProtocolError,
     RemoteError,
     SessionError,
+    SpanMovedError,
     SwarmError,
     WrongModelError,
 )
@@ -50,7 +52,7 @@ UNMEASURED_STEP_S = 30.0  # the allowance for a server whose speed is not known 
 APP_IDLE_TIMEOUT_S = 600.0  # an app session untouched this long is closed
 # Errors after which another server may succeed; anything else is the request's own fault
 # and goes straight back to the app.
-RETRIABLE = (PeerUnavailableError, RemoteError, SessionError)
+RETRIABLE = (PeerUnavailableError, RemoteError, SessionError, SpanMovedError)
 
 
 @dataclass
@@ -90,6 +92,7 @@ class Gateway:
         self.failovers = 0
         self.last_failover: dict = {}  # when and how long the phases of the latest failover took
         self._lock = threading.Lock()
+        self._rng = random.Random()
         self.handlers: dict[str, Callable[[Message], tuple[dict, dict | None]]] = {
             "status": lambda m: (self.status_fn(), None),
             "peers": lambda m: ({"peers": self.membership.rows()}, None),
@@ -102,15 +105,16 @@ class Gateway:
 
     # --- routing ---------------------------------------------------------------------------
     def _plan(self, first: int, last: int, deadline: float,
-              exclude: frozenset[str] | set[str] = frozenset()) -> list[Hop]:
+              exclude: frozenset[str] | set[str] = frozenset(), spread: bool = False) -> list[Hop]:
         """A chain over blocks [first, last) avoiding banned servers, waiting (with capped
-        doubling backoff, refreshing the peer table) until `deadline` for one to exist."""
+        doubling backoff, refreshing the peer table) until `deadline` for one to exist. The
+        lowest-latency chain, or with `spread` (forward batches) a random one weighted by speed."""
         backoff_s, t0, refreshed = 0.2, time.monotonic(), False
         while True:
             banned = self.bans.banned() | exclude
             servers = [s for s in self.table.servers_for(self.model_id) if s.address not in banned]
             try:
-                return plan_chain(servers, last, self.model_id, start=first)
+                return plan_chain(servers, last, self.model_id, start=first, rng=self._rng if spread else None)
             except NoRouteError as e:
                 if refreshed:  # the table was fresh and still no route: wait for servers to come
                     left_s = deadline - time.monotonic()
@@ -415,7 +419,7 @@ class Gateway:
         x, first = tensors["hidden"], 0
         small = {k: v for k, v in tensors.items() if k != "hidden"}
         while first < self.num_layers:
-            for hop in self._plan(first, self.num_layers, deadline):
+            for hop in self._plan(first, self.num_layers, deadline, spread=True):
                 try:
                     reply = self.pool.get(hop.address).request(
                         "forward", {"model_id": self.model_id, "blocks": [hop.first, hop.last]}, {"hidden": x, **small},

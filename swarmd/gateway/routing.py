@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from libswarm.errors import NoRouteError
+
+# What a hop costs when nothing is measured yet, and the penalty for a server with no free
+# cache (it would refuse the session: only worth it when nobody else holds those blocks).
+DEFAULT_RTT_S = 0.002
+DEFAULT_BLOCK_S = 0.001
+FULL_PENALTY_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -13,7 +20,14 @@ class ServerSpan:
     address: str
     start: int
     end: int
-    free_cache_bytes: int = 0
+    free_cache_bytes: int = -1  # -1: unknown
+    block_s: float | None = None  # its time per block for a one-token step
+    rtt_s: float | None = None  # round trip from this daemon
+
+    def hop_cost(self, blocks: int) -> float:
+        cost = (self.rtt_s if self.rtt_s is not None else DEFAULT_RTT_S) + blocks * (
+            self.block_s if self.block_s is not None else DEFAULT_BLOCK_S)
+        return cost + (FULL_PENALTY_S if self.free_cache_bytes == 0 else 0.0)
 
 
 @dataclass(frozen=True)
@@ -41,22 +55,37 @@ def missing_blocks(servers: Iterable[ServerSpan], num_layers: int, start: int = 
     return gaps
 
 
-def plan_chain(servers: Iterable[ServerSpan], num_layers: int, model_id: str, start: int = 0) -> list[Hop]:
-    """Fewest hops covering blocks [start, num_layers) (num_layers may be the end of a sub-range
-    when a failed span is replaced): at each block take the server that
-    reaches furthest (fewer hops = fewer network round trips per token); ties go to the
-    server with more free cache, then to the lower address so that plans are reproducible."""
+def plan_chain(servers: Iterable[ServerSpan], num_layers: int, model_id: str, start: int = 0,
+               rng: random.Random | None = None) -> list[Hop]:
+    """The lowest-latency chain over blocks [start, num_layers) (num_layers may be the end of a
+    sub-range when a failed span is replaced): a shortest path over block boundaries, where a
+    hop through a server costs its round trip plus its per-block step time for the blocks it
+    runs, plus a penalty when it has no free cache. Equal costs go to the chain that moves
+    furthest first (fewer hops), then to more free cache, then to the lower address, so that
+    plans are reproducible. With `rng`, each server's cost is scaled by a random factor (mean 1):
+    forward batches then spread over servers, the faster ones taking more."""
     servers = list(servers)
     gaps = missing_blocks(servers, num_layers, start)
     if gaps:
         text = ", ".join(f"{a}:{b}" for a, b in gaps)
         raise NoRouteError(f"no server covers blocks {text} of model {model_id}")
-    hops, pos = [], start
-    while pos < num_layers:
-        best = min(
-            (s for s in servers if s.start <= pos < s.end),
-            key=lambda s: (-s.end, -s.free_cache_bytes, s.address),
-        )
-        hops.append(Hop(best.address, pos, min(best.end, num_layers)))
-        pos = hops[-1].last
-    return hops
+    factor = {s.address: rng.expovariate(1.0) if rng else 1.0 for s in servers}
+    bounds = sorted({start, num_layers, *(min(max(x, start), num_layers) for s in servers for x in (s.start, s.end))})
+    # best[pos]: (cost, hops, tie-break) of the best chain from boundary pos to the end
+    best: dict[int, tuple[float, int, tuple, list[Hop]]] = {num_layers: (0.0, 0, (), [])}
+    for pos in reversed(bounds[:-1]):
+        choice = None
+        for srv in servers:
+            if not srv.start <= pos < srv.end:
+                continue
+            for end in bounds:
+                if end <= pos or end > min(srv.end, num_layers) or end not in best:
+                    continue
+                rest = best[end]
+                cost = round(srv.hop_cost(end - pos) * factor[srv.address] + rest[0], 9)
+                key = (cost, rest[1] + 1, (-end, -srv.free_cache_bytes, srv.address))
+                if choice is None or key < choice[:3]:
+                    choice = (*key, [Hop(srv.address, pos, end), *rest[3]])
+        if choice is not None:
+            best[pos] = choice
+    return best[start][3]

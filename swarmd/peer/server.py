@@ -18,7 +18,15 @@ from dataclasses import dataclass, field
 import torch
 import zmq
 
-from libswarm.errors import LimitError, ProtocolError, SessionError, SwarmError, TensorError, WrongModelError
+from libswarm.errors import (
+    LimitError,
+    ProtocolError,
+    SessionError,
+    SpanMovedError,
+    SwarmError,
+    TensorError,
+    WrongModelError,
+)
 from libswarm.protocol import Message, decode, error_reply, ok_reply
 from swarmd.discovery.access import ZAP_DOMAIN, AccessControl
 from swarmd.gateway.connection import ConnectionPool, emulated_delay_s
@@ -53,6 +61,7 @@ class PendingStep:
 class ServerSession:
     id: str
     cache: SessionCache
+    span: Span  # the span it was opened on (after a move, old sessions drain on the old one)
     last_used: float = field(default_factory=time.monotonic)
     # the last step's number and output: a gateway that resends a step after a failure
     # elsewhere in the route gets the same answer, and the cache does not advance twice
@@ -99,6 +108,12 @@ class SpanServer:
         self.delay_s = emulated_delay_s()
         # test-only fault injection, e.g. SWARMD_FAILPOINTS=exit_on_replay
         self.failpoints = set(filter(None, os.environ.get("SWARMD_FAILPOINTS", "").split(",")))
+        # moving to other blocks (rebalancing): the new span, handed over by another thread and
+        # switched to by the serving thread; earlier spans drain their sessions until a deadline
+        self._next_span: Span | None = None
+        self._switched = threading.Event()
+        self.old_spans: list[tuple[Span, float]] = []  # (span, drain deadline, monotonic)
+        self.drain_timeout_s = 300.0
         self.handlers = {
             "info": self.on_info,
             "open": self.on_open,
@@ -118,6 +133,8 @@ class SpanServer:
         poller.register(self.sock, zmq.POLLIN)
         last_sweep = time.monotonic()
         while not stop.is_set():
+            if self._next_span is not None:
+                self._switch()
             if poller.poll(POLL_INTERVAL_MS):
                 while True:
                     try:
@@ -170,6 +187,41 @@ class SpanServer:
         except zmq.ZMQError as e:
             log.warning("could not reply to request %s: %s", req_id, e)
 
+    # --- moving ----------------------------------------------------------------------------
+    def switch_span(self, span: Span, timeout_s: float = 10.0) -> bool:
+        """From another thread: serve `span` for new sessions from now on; sessions open on
+        the current one drain there. True once the serving thread has switched."""
+        self._switched.clear()
+        self._next_span = span
+        return self._switched.wait(timeout_s)
+
+    def _switch(self) -> None:
+        new, self._next_span = self._next_span, None
+        assert new is not None
+        old = self.span
+        self.span = new
+        draining = sum(1 for x in self.sessions.values() if x.span is old)
+        if draining:
+            self.old_spans.append((old, time.monotonic() + self.drain_timeout_s))
+        log.info("now serving blocks %d:%d (was %d:%d; %d sessions drain there)", new.start, new.end, old.start,
+                 old.end, draining)
+        self._switched.set()
+
+    def _drain_old_spans(self, now: float) -> None:
+        for span, deadline in list(self.old_spans):
+            users = [sid for sid, x in self.sessions.items() if x.span is span]
+            if users and now > deadline:
+                log.info("drain of blocks %d:%d timed out: closing %d sessions (their gateways fail over)",
+                         span.start, span.end, len(users))
+                for sid in users:
+                    self._drop(sid)
+                users = []
+            if not users:
+                self.old_spans.remove((span, deadline))
+                log.info("blocks %d:%d drained and unloaded", span.start, span.end)
+                if span.device.type == "cuda":
+                    torch.cuda.empty_cache()
+
     # --- handlers ------------------------------------------------------------------------
     def info(self) -> dict:
         return {
@@ -204,6 +256,8 @@ class SpanServer:
             raise ProtocolError(f"{msg.type}: 'blocks' must be [first, last]")
         first, last = blocks
         if not (self.span.start <= first < last <= self.span.end):
+            if any(old.start <= first < last <= old.end for old, _ in self.old_spans) or self._next_span is not None:
+                raise SpanMovedError(f"this server moved to blocks {self.span.start}:{self.span.end}")
             raise LimitError(
                 f"blocks {first}:{last} are not served here (this server has {self.span.start}:{self.span.end})"
             )
@@ -233,7 +287,7 @@ class SpanServer:
             raise
         sid = secrets.token_hex(12)
         with self._lock:
-            self.sessions[sid] = ServerSession(sid, cache)
+            self.sessions[sid] = ServerSession(sid, cache, self.span)
         self.stats.sessions_opened += 1
         return {"session": sid, "cache_bytes": nbytes}, None
 
@@ -291,7 +345,7 @@ class SpanServer:
         s.cache.check_step(B, T)
         if pos is None:
             pos = torch.arange(s.cache.length, s.cache.length + T).expand(B, T)
-        out = self.span.run(hidden, pos, mask, s.cache.first, s.cache.last, cache=s.cache)
+        out = s.span.run(hidden, pos, mask, s.cache.first, s.cache.last, cache=s.cache)
         self.stats.steps += 1
         self.stats.tokens += B * T
         s.last_step, s.last_output = (step, out) if isinstance(step, int) else (None, None)
@@ -386,6 +440,8 @@ class SpanServer:
 
     def expire_idle(self) -> None:
         now = time.monotonic()
+        if self.old_spans:
+            self._drain_old_spans(now)
         for key, p in list(self.pending.items()):
             if now - p.created > PENDING_TIMEOUT_S:
                 del self.pending[key]

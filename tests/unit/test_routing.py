@@ -26,3 +26,37 @@ def test_missing_blocks_are_named_in_the_error():
     assert missing_blocks(servers, 6) == [(2, 3), (4, 6)]
     with pytest.raises(NoRouteError, match=r"blocks 2:3, 4:6 of model m"):
         plan_chain(servers, 6, "m")
+
+
+def test_route_avoids_a_slow_server():
+    servers = [ServerSpan("slow", 0, 4, 10, block_s=0.050, rtt_s=0.001),
+               ServerSpan("f1", 0, 2, 10, block_s=0.002, rtt_s=0.001),
+               ServerSpan("f2", 2, 4, 10, block_s=0.002, rtt_s=0.001)]
+    assert [h.address for h in plan_chain(servers, 4, "m")] == ["f1", "f2"]
+    # the same servers, equally fast: one hop beats two
+    servers = [ServerSpan(s.address, s.start, s.end, 10, block_s=0.002, rtt_s=0.001) for s in servers]
+    assert [h.address for h in plan_chain(servers, 4, "m")] == ["slow"]
+
+
+def test_route_avoids_a_server_without_free_cache_unless_it_is_the_only_one():
+    servers = [ServerSpan("full", 0, 4, 0, block_s=0.001, rtt_s=0.001),
+               ServerSpan("a", 0, 4, 10**9, block_s=0.003, rtt_s=0.005)]
+    assert plan_chain(servers, 4, "m")[0].address == "a"
+    assert plan_chain(servers[:1], 4, "m")[0].address == "full"
+
+
+def test_route_uses_measured_round_trips():
+    servers = [ServerSpan("far", 0, 4, 10, block_s=0.001, rtt_s=0.080), ServerSpan("near", 0, 4, 10, block_s=0.001,
+                                                                                   rtt_s=0.002)]
+    assert plan_chain(servers, 4, "m")[0].address == "near"
+
+
+def test_forward_batches_spread_over_servers_by_speed():
+    import random
+
+    servers = [ServerSpan("fast", 0, 4, 10, block_s=0.001, rtt_s=0.001),
+               ServerSpan("slow", 0, 4, 10, block_s=0.004, rtt_s=0.001)]
+    rng = random.Random(0)
+    picks = [plan_chain(servers, 4, "m", rng=rng)[0].address for _ in range(2000)]
+    fast = picks.count("fast") / len(picks)
+    assert 0.6 < fast < 0.95  # both used, the faster one more

@@ -1,0 +1,83 @@
+"""How fast this machine runs one block of the model: measured once per model, device and
+dtype on a real block, and kept in state_dir/throughput.json (a restart does not re-measure)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from libswarm.checkpoint import Checkpoint
+from swarmd.runtime.span import Span
+
+log = logging.getLogger("swarmd.runtime")
+
+FORWARD_TOKENS = 128  # the "large batch": one forward of this many positions
+
+
+@dataclass(frozen=True)
+class BlockSpeed:
+    step_s: float  # one block, one one-token inference step (batch 1)
+    forward_tokens_per_s: float  # one block, a forward of FORWARD_TOKENS positions
+    block_bytes: int  # one block's weights in the serving dtype
+
+    def span_throughput(self, blocks: int) -> float:
+        """One-token steps per second through a span of `blocks` blocks."""
+        return round(1.0 / (self.step_s * max(1, blocks)), 3)
+
+
+def _timed(fn, device: torch.device, runs: int) -> float:
+    times = []
+    for i in range(runs + 2):  # the first two warm caches and allocators up
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def measure_block_speed(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype, state_dir: str,
+                        model_id: str) -> BlockSpeed:
+    key = f"{model_id}:{device}:{dtype}"
+    path = os.path.join(state_dir, "throughput.json")
+    known: dict = {}
+    try:
+        with open(path) as f:
+            known = json.load(f)
+        cached = known.get(key) if isinstance(known, dict) else None
+        if isinstance(cached, dict):
+            return BlockSpeed(float(cached["step_s"]), float(cached["forward_tokens_per_s"]),
+                              int(cached["block_bytes"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        known = {}
+    log.info("measuring one block's speed on %s as %s (once; kept in %s)", device, str(dtype)[6:], path)
+    t0 = time.monotonic()
+    span = Span(checkpoint, 0, 1, device, dtype).load()
+    block_bytes = sum(p.numel() * p.element_size() for p in span.blocks.parameters())
+    H = span.hidden_size
+    with torch.no_grad():
+        x1 = torch.zeros(1, 1, H, dtype=dtype, device=device)
+        p1 = torch.zeros(1, 1, dtype=torch.long, device=device)
+        step_s = _timed(lambda: span.run(x1, p1, None, 0, 1), device, 7)
+        xf = torch.randn(1, FORWARD_TOKENS, H, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+        pf = torch.arange(FORWARD_TOKENS, device=device)[None]
+        forward_s = _timed(lambda: span.run(xf, pf, None, 0, 1), device, 3)
+    speed = BlockSpeed(step_s, FORWARD_TOKENS / forward_s, block_bytes)
+    log.info("one block: %.2f ms per step, %.0f tokens/s forward, %.1f MiB (measured in %.1f s)",
+             step_s * 1000, speed.forward_tokens_per_s, block_bytes / 2**20, time.monotonic() - t0)
+    known[key] = asdict(speed)
+    try:
+        with open(path + ".tmp", "w") as f:
+            json.dump(known, f)
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        log.warning("cannot keep the measured speed in %s: %s", path, e.strerror)
+    return speed
