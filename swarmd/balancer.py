@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from libswarm.errors import LimitError
-from swarmd.placement import Holder, Move, block_throughput, choose_span, plan_move
+from swarmd.placement import Holder, Move, block_throughput, choose_span, pick_mover, plan_move
 
 if TYPE_CHECKING:
     from swarmd.daemon import Daemon
@@ -38,7 +38,7 @@ class Balancer:
         """Online servers of this daemon's model (itself included), as placement sees them."""
         table = self.d.table
         return [
-            Holder(e.record.node_id, e.record.span[0], e.record.span[1], e.record.throughput)
+            Holder(e.record.node_id, e.record.span[0], e.record.span[1], e.record.throughput, e.record.movable)
             for e in table.entries()
             if e.record.model_id == self.d.model_id and e.record.span is not None and table.state(e) == "online"
         ]
@@ -65,7 +65,11 @@ class Balancer:
         return start, end
 
     def plan(self, margin: float | None = None) -> Move | None:
+        """This server's move, if it is the one server that should move now (pick_mover)."""
         kwargs = {} if margin is None else {"margin": margin}
+        if margin is None:
+            chosen = pick_mover(self.holders(), self.d.num_layers)
+            return chosen[1] if chosen and chosen[0] == self.d.identity.public_key else None
         return plan_move(self.holders(), self.d.identity.public_key, self.d.num_layers, **kwargs)
 
     def still_safe(self, old: tuple[int, int], new: tuple[int, int]) -> bool:
@@ -92,7 +96,7 @@ class Balancer:
                     log.error("move to %d:%d abandoned: the serving thread did not switch", *new)
                     return False
                 self.d.span, self.d.blocks = span, new
-                self.d.membership.publish()
+                self.d.membership.round()  # tell the swarm now, not at the next round
                 self.moves += 1
                 self.last_move = {"at": time.time(), "from": list(old), "to": list(new), "reason": reason,
                                   "seconds": round(time.monotonic() - t0, 2)}

@@ -115,7 +115,7 @@ class Daemon:
         return {
             "addresses": self.addresses, "state": "online", "model_id": self.model_id,
             "span": (self.span.start, self.span.end), "throughput": self.speed.span_throughput(n),
-            "forward_throughput": round(self.speed.forward_tokens_per_s / n, 1),
+            "forward_throughput": round(self.speed.forward_tokens_per_s / n, 1), "movable": self.auto,
             "cache_free_bytes": self.server.budget.free_bytes, "sessions": len(self.server.sessions),
             "fingerprints": tuple(f[:FINGERPRINT_PREFIX] for f in self.span.fingerprints),
         }

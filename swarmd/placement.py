@@ -25,13 +25,14 @@ class Holder:
     start: int
     end: int
     throughput: float
+    movable: bool = True  # serve.blocks: auto (a fixed "START:END" never moves)
 
     @property
     def length(self) -> int:
         return self.end - self.start
 
     def at(self, start: int) -> Holder:
-        return Holder(self.key, start, start + self.length, self.throughput)
+        return Holder(self.key, start, start + self.length, self.throughput, self.movable)
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,25 @@ def plan_move(holders: Sequence[Holder], me: str, num_blocks: int, margin: float
         _, start, after = best
         return Move((mine.start, mine.end), (start, start + mine.length), min(now), min(after))
     return None
+
+
+def pick_mover(holders: Sequence[Holder], num_blocks: int, margin: float = MOVE_MARGIN) -> tuple[str, Move] | None:
+    """The one server that should move now, and where: of all movable servers with a move, the
+    one whose move leaves the swarm best (ties: the smallest key). Every server computes this
+    from the same gossiped table and only the chosen one moves, so two servers never leave the
+    same blocks at once believing the other stays."""
+    best: tuple | None = None
+    for h in holders:
+        if not h.movable:
+            continue
+        move = plan_move(holders, h.key, num_blocks, margin)
+        if move is None:
+            continue
+        others = [x for x in holders if x.key != h.key]
+        rank = _rank(block_throughput([*others, h.at(move.new[0])], num_blocks))
+        if best is None or rank > best[0] or (rank == best[0] and h.key < best[1]):
+            best = (rank, h.key, move)
+    return (best[1], best[2]) if best else None
 
 
 def blocks_that_fit(memory_bytes: int, block_bytes: int, cache_bytes: int, num_blocks: int) -> int:

@@ -6,7 +6,7 @@
 Random swarms (heterogeneous speeds and memories) go through joins one by one, leaves, and a
 burst of joins that all choose from the same stale view. Servers choose and re-choose their
 blocks with the daemon's own functions (swarmd/placement.py): `choose_span` when joining,
-then rounds of `plan_move` in random order until nobody moves. After each phase the swarm's
+then the moves `pick_mover` names, one at a time as in the daemons, until nobody moves. After each phase the swarm's
 bottleneck throughput is compared with the optimum for the same machines, computed exactly
 as a mixed-integer program (each server's start block; maximize the smallest block
 throughput) with scipy's HiGHS. Prints the median, 10th percentile and worst ratio, and the
@@ -26,9 +26,9 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from swarmd.placement import MOVE_MARGIN, Holder, bottleneck, choose_span, plan_move  # noqa: E402
+from swarmd.placement import MOVE_MARGIN, Holder, bottleneck, choose_span, pick_mover  # noqa: E402
 
-MAX_ROUNDS = 50
+MAX_MOVES = 500
 TIME_LIMIT_S = 5.0
 STATS = {"unproven": 0}
 
@@ -96,20 +96,16 @@ class Swarm:
         del self.machines[key]
 
     def rebalance(self, rng: random.Random) -> int:
-        """Rounds in which every server, in random order, may move; until nobody does."""
-        for rounds in range(MAX_ROUNDS):
-            moved = False
-            keys = list(self.holders)
-            rng.shuffle(keys)
-            for key in keys:
-                move = plan_move(list(self.holders.values()), key, self.num_blocks)
-                if move is not None:
-                    self.holders[key] = self.holders[key].at(move.new[0])
-                    self.moves += 1
-                    moved = True
-            if not moved:
-                return rounds
-        return MAX_ROUNDS
+        """Moves as the daemons make them: each time, the one server pick_mover names (every
+        server computes the same choice from the same table), until nobody should move."""
+        for step in range(MAX_MOVES):
+            chosen = pick_mover(list(self.holders.values()), self.num_blocks)
+            if chosen is None:
+                return step
+            key, move = chosen
+            self.holders[key] = self.holders[key].at(move.new[0])
+            self.moves += 1
+        return MAX_MOVES
 
     def ratio(self) -> float:
         best = optimum([(k, m[0], m[1]) for k, m in self.machines.items()], self.num_blocks)

@@ -46,6 +46,7 @@ class Record:
     protocol: str = ""
     rtt_ms: dict[str, float] = field(default_factory=dict)  # short node id -> round trip, ms
     fingerprints: tuple[str, ...] = ()  # per block of the span, a prefix of its weights' fingerprint
+    movable: bool = False  # serve.blocks: auto: placement may move it
 
     @property
     def short_id(self) -> str:
@@ -136,4 +137,5 @@ def decode_record(wire: object, now: float | None = None) -> Record:
         protocol=str(_type(d, "protocol", str, optional=True) or ""),
         rtt_ms={str(k): float(v) for k, v in rtt.items()},
         fingerprints=tuple(fingerprints),
+        movable=d.get("movable") is True,
     )

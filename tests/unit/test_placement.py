@@ -51,3 +51,15 @@ def test_blocks_that_fit_memory():
     assert blocks_that_fit(10_000, 1_000, 2_000, 32) == 8
     assert blocks_that_fit(500, 1_000, 0, 32) == 1
     assert blocks_that_fit(10**12, 1_000, 0, 32) == 32
+
+
+def test_only_one_server_is_picked_to_move_so_two_never_leave_the_same_blocks():
+    from swarmd.placement import pick_mover
+
+    # c and d both hold 4:6 and either could fill the gap 2:4 alone; both moving would open 4:6
+    holders = [Holder("a", 0, 2, 10.0), Holder("d", 4, 6, 10.0), Holder("c", 4, 6, 10.0)]
+    assert pick_mover(holders, 6) == ("c", plan_move(holders, "c", 6))
+    # fixed servers are never picked
+    holders = [Holder("a", 0, 2, 10.0), Holder("c", 4, 6, 10.0, movable=False), Holder("d", 4, 6, 10.0)]
+    key, move = pick_mover(holders, 6)
+    assert key == "d" and move.new == (2, 4)
