@@ -117,6 +117,18 @@ class Daemon:
         except OSError:
             return ""
 
+    def seed_speed(self, step_s: float) -> Daemon:
+        """Give the daemon a known block speed, written where its first start would write the
+        measured one (state_dir/throughput.json), so that placement and routing in tests do
+        not depend on this machine's timing noise."""
+        from libswarm.checkpoint import Checkpoint
+
+        os.makedirs(self.cfg["state_dir"], exist_ok=True)
+        key = f"{Checkpoint(self.cfg['model']).model_id}:cpu:torch.float32"
+        with open(os.path.join(self.cfg["state_dir"], "throughput.json"), "w") as f:
+            json.dump({key: {"step_s": step_s, "forward_tokens_per_s": 1000.0, "block_bytes": 100_000}}, f)
+        return self
+
     @property
     def node_id(self) -> str:
         """The daemon's public key (made at its first start)."""
@@ -159,17 +171,20 @@ class Daemon:
 @contextmanager
 def running_swarm(model_dir: str, spans: list[str], gateway: bool = True, extra: dict | None = None,
                   root: str | None = None, env: dict | None = None, env_all: dict | None = None,
-                  seeds: str = "all", mdns: bool = False):
+                  seeds: str = "all", mdns: bool = False, speeds: dict[int, float] | None = None):
     """Servers for `spans` ("0:2", ...) plus a gateway-only daemon; yields (servers, gateway).
     `env` maps a server's index to extra environment variables for it; `env_all` goes to all.
     Discovery: `seeds` "all" (every server's address), "first" (only the first server's: the
-    rest is learnt by gossip) or "none"; `mdns` adds mDNS on loopback."""
+    rest is learnt by gossip) or "none"; `mdns` adds mDNS on loopback. `speeds` maps a server's
+    index to a known block step time (seconds; see Daemon.seed_speed)."""
     root = root or tempfile.mkdtemp(prefix="swarm-test-")
     extra = dict(extra or {})
     if mdns:
         extra["discovery"] = {**extra.get("discovery", {}), "mdns": True, "mdns_interfaces": ["127.0.0.1"]}
     servers = [Daemon(root, f"s{i}", model_dir, b, extra, {**(env_all or {}), **(env or {}).get(i, {})})
                for i, b in enumerate(spans)]
+    for i, step_s in (speeds or {}).items():
+        servers[i].seed_speed(step_s)
     gw = Daemon(root, "gw", model_dir, "none", extra, env_all) if gateway else None
     everyone = servers + ([gw] if gw else [])
     seed_list = {"all": [d.address for d in servers], "first": [servers[0].address], "none": []}[seeds]

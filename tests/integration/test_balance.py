@@ -2,8 +2,6 @@
 re-covers blocks when a server dies, and `swarmctl rebalance` moves a server while a
 generation runs through it."""
 
-import json
-import os
 import subprocess
 import threading
 import time
@@ -14,19 +12,8 @@ from helpers import SWARMCTL, Daemon
 from test_membership import generate_equals_hf
 
 from libswarm import AutoDistributedModelForCausalLM
-from libswarm.checkpoint import Checkpoint
 
 RECOVER_LIMIT_S = 60.0
-
-
-def with_speed(d: Daemon, model_dir: str, step_s: float) -> Daemon:
-    """Give the daemon a known block speed (its throughput.json, as a first start would write it),
-    so that placements do not depend on this machine's timing noise."""
-    os.makedirs(d.cfg["state_dir"], exist_ok=True)
-    key = f"{Checkpoint(model_dir).model_id}:cpu:torch.float32"
-    with open(os.path.join(d.cfg["state_dir"], "throughput.json"), "w") as f:
-        json.dump({key: {"step_s": step_s, "forward_tokens_per_s": 1000.0, "block_bytes": 100_000}}, f)
-    return d
 
 
 def span_of(d: Daemon) -> list[int] | None:
@@ -35,7 +22,7 @@ def span_of(d: Daemon) -> list[int] | None:
 
 def auto(root: str, name: str, model_dir: str, step_s: float, interval_s: int) -> Daemon:
     d = Daemon(root, name, model_dir, "auto", {"serve": {"num_blocks": 2, "rebalance_interval_s": interval_s}})
-    return with_speed(d, model_dir, step_s)
+    return d.seed_speed(step_s)
 
 
 def test_auto_spans_cover_the_model_take_the_weakest_blocks_and_recover_from_a_death(model_dirs, tmp_path):
@@ -80,8 +67,8 @@ def test_swarmctl_rebalance_dry_run_then_a_move_during_a_generation(model_dirs, 
     mover = auto(root, "mover", d, 0.002, 3600)  # no periodic moves: only the command moves it
     mover.start([]).wait_ready()
     assert span_of(mover) == [0, 2]  # alone: the first window
-    a = with_speed(Daemon(root, "a", d, "0:2"), d, 0.003)
-    b = with_speed(Daemon(root, "b", d, "2:4"), d, 0.004)  # slow: blocks 2:4 are the bottleneck
+    a = Daemon(root, "a", d, "0:2").seed_speed(0.003)
+    b = Daemon(root, "b", d, "2:4").seed_speed(0.004)  # slow: blocks 2:4 are the bottleneck
     daemons = [mover, a, b]
     try:
         for x in (a, b):

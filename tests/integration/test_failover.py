@@ -164,15 +164,14 @@ def test_replacement_that_dies_during_replay_is_replaced_too(model_dirs):
     d = model_dirs("llama")
     ids = torch.randint(3, 500, (1, 8), generator=torch.Generator().manual_seed(12))
     expected = hf_reference(d).generate(ids, **GEN)
-    # s2 and s3 are spares for 3:6; s2 has the larger cache, so it is chosen first, and it
+    # "dying" and s2 are spares for 3:6; dying is much faster, so it is chosen first, and it
     # exits when asked to replay. It starts only after the session is open, so the route
     # does not take it at first.
-    spans = ["0:3", "3:6", "3:6", "3:6"]
-    big = {"serve": {"blocks": "3:6", "device": "cpu", "dtype": "float32", "cache": {"max_bytes": "256MiB"}}}
-    with running_swarm(d, spans[:2] + spans[3:]) as (servers, gw):
+    with running_swarm(d, ["0:3", "3:6", "3:6"], speeds={2: 0.05}) as (servers, gw):
         from localswarm import Daemon
 
-        dying = Daemon(os.path.dirname(gw.dir), "dying", d, "3:6", big, {"SWARMD_FAILPOINTS": "exit_on_replay"})
+        dying = Daemon(os.path.dirname(gw.dir), "dying", d, "3:6", None, {"SWARMD_FAILPOINTS": "exit_on_replay"})
+        dying.seed_speed(0.0001)
         gw.cfg["discovery"]["seeds"].append(dying.address)
         gw.stop()
         gw.start(gw.cfg["discovery"]["seeds"]).wait_ready()
