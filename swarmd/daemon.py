@@ -114,7 +114,9 @@ class Daemon:
         n = self.span.end - self.span.start
         return {
             "addresses": self.addresses, "state": "online", "model_id": self.model_id,
-            "span": (self.span.start, self.span.end), "throughput": self.speed.span_throughput(n),
+            "span": (self.span.start, self.span.end),
+            "throughput": self.speed.span_throughput(n, self.span.hidden_size * self.span.dtype.itemsize,
+                                                     self.membership.bandwidth_bps),
             "forward_throughput": round(self.speed.forward_tokens_per_s / n, 1), "movable": self.auto,
             "cache_free_bytes": self.server.budget.free_bytes, "sessions": len(self.server.sessions),
             "fingerprints": tuple(f[:FINGERPRINT_PREFIX] for f in self.span.fingerprints),

@@ -40,6 +40,8 @@ MAX_GOSSIP_RECORDS = 4096  # records taken from one reply
 MAX_REQUEST_RECORDS = 8
 HINT_RETRY_MAX_S = 5.0  # a contact that fails is retried at most this far apart
 FINGERPRINT_PREFIX = 16  # hex characters of each block's fingerprint carried in records
+BANDWIDTH_PROBE_INTERVAL_S = 30.0  # how often the bandwidth to one random peer is measured
+BANDWIDTH_PROBE_BYTES = 256 * 1024
 
 
 @dataclass
@@ -68,6 +70,8 @@ class Membership:
         self._hint_lock = threading.Lock()
         self._logged: set[tuple[str, str]] = set()
         self._states: dict[str, str] = {}
+        self.bandwidth_bps: float | None = None  # the best recently measured to a peer, bytes/s
+        self._next_probe = 0.0
 
     # --- bootstrap contacts --------------------------------------------------------------------
     def set_seeds(self, seeds: list[Seed]) -> None:
@@ -105,7 +109,9 @@ class Membership:
                        if not e.is_self and e.rtt_ms is not None)[:MAX_RTTS]
         record = Record(node_id=self.identity.public_key, sign_key=self.identity.sign_key, timestamp=time.time(),
                         seq=self._seq, version=__version__, protocol=PROTOCOL_VERSION,
-                        rtt_ms={short: round(ms, 3) for ms, short in rtts}, **fields)
+                        rtt_ms={short: round(ms, 3) for ms, short in rtts},
+                        bandwidth_mbps=round(self.bandwidth_bps * 8 / 1e6, 1) if self.bandwidth_bps else 0.0,
+                        **fields)
         self.table.merge(record, record.sign(self.identity), is_self=True)
         return record
 
@@ -232,8 +238,33 @@ class Membership:
                 self.receive(reply.get("records", []), source=address, via_key=key, via=address)
                 self.table.observe(key, rtt_ms=rtt_ms, unreachable=None)
                 self._contact_ok(address)
+            if pending and time.monotonic() >= self._next_probe:
+                address, key = pending[0][0], pending[0][1]
+                self._probe_bandwidth(address, key)
             self._log_transitions()
             self.table.prune()
+
+    def _probe_bandwidth(self, address: str, key: str) -> None:
+        """Time a ping carrying BANDWIDTH_PROBE_BYTES against an empty one to the same peer."""
+        import torch
+
+        self._next_probe = time.monotonic() + BANDWIDTH_PROBE_INTERVAL_S
+        try:
+            conn = self.pool.get(address, key)
+            t0 = time.monotonic()
+            conn.request("ping", timeout_s=GOSSIP_TIMEOUT_S)
+            t1 = time.monotonic()
+            conn.request("ping", {}, {"payload": torch.zeros(BANDWIDTH_PROBE_BYTES // 4)}, timeout_s=5.0)
+            t2 = time.monotonic()
+        except SwarmError:
+            return
+        extra_s = (t2 - t1) - (t1 - t0)
+        if extra_s <= 0:  # noise: try again next round
+            self._next_probe = time.monotonic()
+        else:
+            bps = BANDWIDTH_PROBE_BYTES / extra_s
+            # the best path seen lately: one slow peer should not make this node look slow
+            self.bandwidth_bps = bps if self.bandwidth_bps is None else max(bps, 0.5 * self.bandwidth_bps)
 
     def _contact_ok(self, address: str) -> None:
         h = self.hints.get(address)

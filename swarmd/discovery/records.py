@@ -47,6 +47,7 @@ class Record:
     rtt_ms: dict[str, float] = field(default_factory=dict)  # short node id -> round trip, ms
     fingerprints: tuple[str, ...] = ()  # per block of the span, a prefix of its weights' fingerprint
     movable: bool = False  # serve.blocks: auto: placement may move it
+    bandwidth_mbps: float = 0.0  # measured to its best peer lately (0: not measured yet)
 
     @property
     def short_id(self) -> str:
@@ -138,4 +139,5 @@ def decode_record(wire: object, now: float | None = None) -> Record:
         rtt_ms={str(k): float(v) for k, v in rtt.items()},
         fingerprints=tuple(fingerprints),
         movable=d.get("movable") is True,
+        bandwidth_mbps=float(_type(d, "bandwidth_mbps", (int, float), optional=True) or 0.0),
     )

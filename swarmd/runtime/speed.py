@@ -25,9 +25,13 @@ class BlockSpeed:
     forward_tokens_per_s: float  # one block, a forward of FORWARD_TOKENS positions
     block_bytes: int  # one block's weights in the serving dtype
 
-    def span_throughput(self, blocks: int) -> float:
-        """One-token steps per second through a span of `blocks` blocks."""
-        return round(1.0 / (self.step_s * max(1, blocks)), 3)
+    def span_throughput(self, blocks: int, step_bytes: int = 0, bandwidth_bps: float | None = None) -> float:
+        """One-token steps per second through a span of `blocks` blocks: its compute, or its
+        network when that is slower (each step receives and sends `step_bytes`)."""
+        compute = 1.0 / (self.step_s * max(1, blocks))
+        if bandwidth_bps and step_bytes:
+            compute = min(compute, bandwidth_bps / (2 * step_bytes))
+        return round(compute, 3)
 
 
 def _timed(fn, device: torch.device, runs: int) -> float:

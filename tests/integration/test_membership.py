@@ -77,6 +77,10 @@ def test_mdns_alone_finds_every_daemon(model_dirs):
         peers = servers[0].ctl("peers")["peers"]
         assert sorted(tuple(p["span"]) for p in peers if p["state"] == "online") == [(0, 1), (1, 2), (2, 3), (3, 4)]
         assert all(p["rtt_ms"] is not None for p in peers if not p["is_self"] and p["state"] == "online")
+        t0 = time.monotonic()  # every node probes its bandwidth to a peer at its first rounds
+        while not all(p["bandwidth_mbps"] > 0 for p in servers[0].ctl("peers")["peers"] if p["state"] == "online"):
+            assert time.monotonic() - t0 < 10
+            time.sleep(0.2)
         generate_equals_hf(d, servers[2].socket)
 
         # a clean stop publishes offline: the others see it at once, long before it would go stale

@@ -6,6 +6,7 @@ state no live node's record ever goes unrefreshed for as long as the table's dea
 import math
 import os
 
+from libswarm.errors import PeerUnavailableError
 from libswarm.protocol import Message, decode, encode
 from swarmd.discovery.access import AccessControl
 from swarmd.discovery.membership import Membership
@@ -22,6 +23,9 @@ class Conn:
         fields, _ = self.target.on_gossip(req)
         self.replies[req.id] = decode(encode("ok", req.id, fields))
         return req.id
+
+    def request(self, *args, **kwargs):
+        raise PeerUnavailableError("no bandwidth probes in this simulation")
 
     def receive(self, req_id, deadline, what="") -> Message:
         return self.replies.pop(req_id)

@@ -63,3 +63,12 @@ def test_only_one_server_is_picked_to_move_so_two_never_leave_the_same_blocks():
     holders = [Holder("a", 0, 2, 10.0), Holder("c", 4, 6, 10.0, movable=False), Holder("d", 4, 6, 10.0)]
     key, move = pick_mover(holders, 6)
     assert key == "d" and move.new == (2, 4)
+
+
+def test_span_throughput_is_capped_by_the_network():
+    from swarmd.runtime.speed import BlockSpeed
+
+    speed = BlockSpeed(step_s=0.001, forward_tokens_per_s=1e4, block_bytes=1)
+    assert speed.span_throughput(4) == 250.0
+    assert speed.span_throughput(4, step_bytes=8192, bandwidth_bps=10e6) == 250.0  # 10 MB/s: 610 steps/s
+    assert speed.span_throughput(4, step_bytes=8192, bandwidth_bps=1e6) == round(1e6 / 16384, 3)  # 1 MB/s: 61
