@@ -219,6 +219,7 @@ class Daemon:
                 log.warning("key query: cannot bind UDP %s:%d (%s); seeds must list this node's key",
                             host_port[0], host_port[1], e.strerror)
         self._thread("peer", self.server.serve)
+        self.membership.retry_contacts_now()
         log.info("serving blocks %d:%d on %s (KV cache budget %.1f MiB)", start, end, bound,
                  budget.max_bytes / 2**20)
 

@@ -168,6 +168,18 @@ class Daemon:
         return self.proc.returncode
 
 
+def wait_converged(daemons: list[Daemon], servers: int, limit_s: float = 15.0) -> None:
+    """Until every daemon's table lists `servers` servers online (gossip takes a moment after
+    the last start), so that what follows does not measure or test the start-up."""
+    deadline = time.monotonic() + limit_s
+    for d in daemons:
+        while time.monotonic() < deadline:
+            peers = d.ctl("peers")["peers"]
+            if sum(p["state"] == "online" and p.get("span") is not None for p in peers) >= servers:
+                break
+            time.sleep(0.1)
+
+
 @contextmanager
 def running_swarm(model_dir: str, spans: list[str], gateway: bool = True, extra: dict | None = None,
                   root: str | None = None, env: dict | None = None, env_all: dict | None = None,
@@ -193,6 +205,8 @@ def running_swarm(model_dir: str, spans: list[str], gateway: bool = True, extra:
             d.start(seed_list)
         for d in everyone:
             d.wait_ready()
+        if seeds != "none" or mdns:
+            wait_converged(everyone, len(servers))
         yield servers, (gw or servers[0])
     finally:
         for d in everyone:

@@ -89,6 +89,13 @@ class Membership:
             elif key and h.key != key:
                 h.key, h.failures, h.next_try = key, 0, 0.0
 
+    def retry_contacts_now(self) -> None:
+        """Forget the backoff of failed contacts (this daemon's peer plane just came up: seeds
+        tried while it was loading deserve a prompt second try)."""
+        with self._hint_lock:
+            for h in self.hints.values():
+                h.next_try = 0.0
+
     def key_for(self, address: str) -> str | None:
         """Node id answering at `address`: from the table first, then bootstrap contacts."""
         key = self.table.key_for(address)

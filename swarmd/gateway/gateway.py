@@ -109,12 +109,16 @@ class Gateway:
         """A chain over blocks [first, last) avoiding banned servers, waiting (with capped
         doubling backoff, refreshing the peer table) until `deadline` for one to exist. The
         lowest-latency chain, or with `spread` (forward batches) a random one weighted by speed."""
-        backoff_s, t0, refreshed = 0.2, time.monotonic(), False
+        backoff_s, t0, refreshed = 0.2, time.monotonic(), 0
         while True:
             banned = self.bans.banned() | exclude
             servers = [s for s in self.table.servers_for(self.model_id) if s.address not in banned]
             try:
-                return plan_chain(servers, last, self.model_id, start=first, rng=self._rng if spread else None)
+                hops = plan_chain(servers, last, self.model_id, start=first, rng=self._rng if spread else None)
+                if refreshed:
+                    log.info("route for blocks %d:%d found after %.2f s and %d table refreshes", first, last,
+                             time.monotonic() - t0, refreshed)
+                return hops
             except NoRouteError as e:
                 if refreshed:  # the table was fresh and still no route: wait for servers to come
                     left_s = deadline - time.monotonic()
@@ -125,7 +129,7 @@ class Gateway:
                 # ask the peers again (a server may have just come back); banned ones, maybe
                 # hung, would only stall the refresh
                 self.membership.refresh(skip=self.bans.banned())
-                refreshed = True
+                refreshed += 1
 
     def _open_span(self, first: int, last: int, *, max_length: int, batch: int, deadline: float,
                    history: History | None) -> tuple[list[Hop], list[str], dict[int, torch.Tensor], float]:
