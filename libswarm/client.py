@@ -143,6 +143,22 @@ class SwarmClient:
         return _hidden(reply)
 
 
+    def backward(self, model_id: str, hidden: torch.Tensor, grad_output: torch.Tensor,
+                 position_ids: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
+                 route_timeout_s: float | None = None) -> torch.Tensor:
+        """The gradient w.r.t. `hidden` (the input of block 0) of the block stack's output, given
+        the gradient of that output. Servers recompute the forward; nothing is kept there."""
+        fields: dict = {"model_id": model_id}
+        if route_timeout_s is not None:
+            fields["route_timeout_s"] = route_timeout_s
+        reply = self.request("backward", fields, {**_inputs(hidden, position_ids, key_mask),
+                                                  "grad_output": grad_output})
+        g = reply.tensors.get("grad_input")
+        if g is None:
+            raise ProtocolError("reply carries no grad_input")
+        return g
+
+
 def _inputs(hidden, position_ids, key_mask) -> dict[str, torch.Tensor]:
     import torch
 

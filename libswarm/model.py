@@ -78,6 +78,26 @@ class RemoteSession:
         self.closed = True
 
 
+class RemoteBlocks(torch.autograd.Function):
+    """The swarm's blocks as one autograd node: forward through the gateway, and backward by
+    sending the same input with the output's gradient (servers recompute and differentiate)."""
+
+    @staticmethod
+    def forward(ctx, hidden, positions, key_mask, model):  # type: ignore[override]
+        ctx.model, ctx.positions, ctx.key_mask = model, positions, key_mask
+        ctx.save_for_backward(hidden)
+        return model.client.forward(model.model_id, hidden.detach(), positions, key_mask,
+                                    route_timeout_s=model.route_timeout_s).to(hidden.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[override]
+        (hidden,) = ctx.saved_tensors
+        m = ctx.model
+        grad = m.client.backward(m.model_id, hidden.detach(), grad_output.contiguous(), ctx.positions, ctx.key_mask,
+                                 route_timeout_s=m.route_timeout_s)
+        return grad.to(hidden.dtype), None, None, None
+
+
 class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = PretrainedConfig
     base_model_prefix = "swarm"
@@ -168,6 +188,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         positions = self._positions(position_ids, attention_mask, past, B, T, hidden.device)
         if sess is not None:
             out = sess.step(hidden, positions, key_mask)
+        elif torch.is_grad_enabled() and hidden.requires_grad:  # training: gradients flow through the swarm
+            out = RemoteBlocks.apply(hidden, positions, key_mask, self)
         else:
             out = self.client.forward(self.model_id, hidden, positions, key_mask, route_timeout_s=self.route_timeout_s)
         out = out.to(hidden.dtype)

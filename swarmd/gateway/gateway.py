@@ -101,6 +101,7 @@ class Gateway:
             "step": self.on_step,
             "close": self.on_close,
             "forward": self.on_forward,
+            "backward": self.on_backward,
         }
 
     # --- routing ---------------------------------------------------------------------------
@@ -433,6 +434,49 @@ class Gateway:
                     break
                 x, first = _hidden(reply), hop.last
         return {}, {"hidden": x}
+
+    def on_backward(self, msg: Message):
+        """The gradient of the whole model's block stack w.r.t. its input, given its input and
+        the gradient of its output. The chain is run forward (each hop's input kept here), then
+        backward hop by hop in reverse; any failed hop bans its server and the whole pass is
+        re-planned and redone, until the caller's deadline. Servers keep nothing between calls."""
+        self._check_model(msg)
+        tensors = self._tensors(msg)
+        grad = msg.tensor("grad_output")
+        assert grad is not None
+        if grad.shape != tensors["hidden"].shape:
+            raise ProtocolError(f"grad_output must have the shape of hidden {list(tensors['hidden'].shape)}, "
+                                f"got {list(grad.shape)}")
+        deadline = time.monotonic() + _route_timeout(msg)
+        small = {k: v for k, v in tensors.items() if k != "hidden"}
+        tokens = tensors["hidden"].shape[0] * tensors["hidden"].shape[1]
+        fields = {"model_id": self.model_id}
+        while True:
+            hops = self._plan(0, self.num_layers, deadline, spread=True)
+            inputs: list[torch.Tensor] = []
+            x = tensors["hidden"]
+            hop = hops[0]
+            try:
+                for hop in hops:
+                    inputs.append(x)
+                    x = _hidden(self.pool.get(hop.address).request(
+                        "forward", {**fields, "blocks": [hop.first, hop.last]}, {"hidden": x, **small},
+                        timeout_s=max(UNMEASURED_STEP_S, self._allowance_s(hop.address, tokens))))
+                g = grad
+                for hop, x_in in reversed(list(zip(hops, inputs))):
+                    reply = self.pool.get(hop.address).request(
+                        "backward", {**fields, "blocks": [hop.first, hop.last]},
+                        {"hidden": x_in, "grad_output": g, **small},
+                        timeout_s=max(UNMEASURED_STEP_S, 3 * self._allowance_s(hop.address, tokens)))
+                    g_in = reply.tensors.get("grad_input")
+                    if g_in is None:
+                        raise ProtocolError("backward reply carries no grad_input")
+                    g = g_in
+                return {}, {"grad_input": g}
+            except RETRIABLE as e:
+                self._fail(hop, e)
+                if time.monotonic() > deadline:
+                    raise
 
     # --- housekeeping -------------------------------------------------------------------------
     def _close_remote(self, opened: list[tuple[Hop, str]]) -> None:

@@ -74,6 +74,7 @@ class ServerStats:
     steps: int = 0
     tokens: int = 0
     forwards: int = 0
+    backwards: int = 0
     errors: int = 0
     sessions_opened: int = 0
     pushes_sent: int = 0
@@ -120,6 +121,7 @@ class SpanServer:
             "step": self.on_step,
             "close": self.on_close,
             "forward": self.on_forward,
+            "backward": self.on_backward,
             "ping": lambda msg: ({}, None),
         }
 
@@ -423,6 +425,23 @@ class SpanServer:
         out = self.span.run(hidden, pos, mask, first, last)
         self.stats.forwards += 1
         return {}, {"hidden": out}
+
+    def on_backward(self, msg: Message):
+        """Gradient of blocks' input given their input and the gradient of their output."""
+        self._check_model(msg)
+        first, last = self._check_blocks(msg)
+        hidden, pos, mask = self._inputs(msg)
+        grad = msg.tensor("grad_output")
+        assert grad is not None
+        if grad.dtype not in FLOAT_DTYPES or grad.shape != hidden.shape:
+            raise TensorError(f"grad_output must be float {list(hidden.shape)} like hidden, got {str(grad.dtype)[6:]} "
+                              f"{list(grad.shape)}")
+        B, T, _ = hidden.shape
+        if pos is None:
+            pos = torch.arange(T).expand(B, T)
+        out = self.span.backward(hidden, pos, mask, first, last, grad)
+        self.stats.backwards += 1
+        return {}, {"grad_input": out}
 
     def on_close(self, msg: Message):
         sid = msg.get("session")

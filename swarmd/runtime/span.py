@@ -69,7 +69,26 @@ class Span:
         return self
 
     @torch.inference_mode()
-    def run(
+    def run(self, hidden: torch.Tensor, position_ids: torch.Tensor, key_mask: torch.Tensor | None, first: int,
+            last: int, cache: SessionCache | None = None) -> torch.Tensor:
+        """Run blocks [first, last) (global indices) on hidden [B, T, H], without autograd.
+
+        With a cache, the new positions go to slots [cache.length, cache.length + T) and attend
+        to everything cached before them; without one, this is a plain causal forward."""
+        return self._run(hidden, position_ids, key_mask, first, last, cache)
+
+    def backward(self, hidden: torch.Tensor, position_ids: torch.Tensor, key_mask: torch.Tensor | None, first: int,
+                 last: int, grad_output: torch.Tensor) -> torch.Tensor:
+        """The gradient of blocks [first, last)'s output w.r.t. their input `hidden`, given the
+        gradient of the output: the forward is recomputed with autograd (nothing was kept from
+        an earlier forward), the weights stay frozen."""
+        with torch.enable_grad():
+            x = hidden.to(self.device, self.dtype).detach().requires_grad_(True)
+            out = self._run(x, position_ids, key_mask, first, last, None)
+            (grad,) = torch.autograd.grad(out, x, grad_output.to(self.device, out.dtype))
+        return grad
+
+    def _run(
         self,
         hidden: torch.Tensor,
         position_ids: torch.Tensor,
@@ -78,10 +97,6 @@ class Span:
         last: int,
         cache: SessionCache | None = None,
     ) -> torch.Tensor:
-        """Run blocks [first, last) (global indices) on hidden [B, T, H].
-
-        With a cache, the new positions go to slots [cache.length, cache.length + T) and attend
-        to everything cached before them; without one, this is a plain causal forward."""
         x = hidden.to(self.device, self.dtype)
         position_ids = position_ids.to(self.device)
         B, T, _ = x.shape
