@@ -135,28 +135,37 @@ class SwarmClient:
         self.request("close", {"session": session}, timeout_s=min(self.timeout_s, 30.0))
 
     def forward(self, model_id: str, hidden: torch.Tensor, position_ids: torch.Tensor | None = None,
-                key_mask: torch.Tensor | None = None, route_timeout_s: float | None = None) -> torch.Tensor:
+                key_mask: torch.Tensor | None = None, route_timeout_s: float | None = None,
+                lora: dict[str, torch.Tensor] | None = None, lora_scaling: float | None = None) -> torch.Tensor:
+        """The last block's output for `hidden` (block 0's input), with no cache; `lora`: the
+        client's adapters by wire name ([num_layers, ...] each), applied for this call only."""
         fields: dict = {"model_id": model_id}
         if route_timeout_s is not None:
             fields["route_timeout_s"] = route_timeout_s
-        reply = self.request("forward", fields, _inputs(hidden, position_ids, key_mask))
+        if lora:
+            fields["lora_scaling"] = lora_scaling
+        reply = self.request("forward", fields, {**_inputs(hidden, position_ids, key_mask), **(lora or {})})
         return _hidden(reply)
 
 
     def backward(self, model_id: str, hidden: torch.Tensor, grad_output: torch.Tensor,
                  position_ids: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
-                 route_timeout_s: float | None = None) -> torch.Tensor:
+                 route_timeout_s: float | None = None, lora: dict[str, torch.Tensor] | None = None,
+                 lora_scaling: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The gradient w.r.t. `hidden` (the input of block 0) of the block stack's output, given
-        the gradient of that output. Servers recompute the forward; nothing is kept there."""
+        the gradient of that output, and the gradients of the LoRA tensors (`grad_<wire name>`).
+        Servers recompute the forward; nothing is kept there."""
         fields: dict = {"model_id": model_id}
         if route_timeout_s is not None:
             fields["route_timeout_s"] = route_timeout_s
+        if lora:
+            fields["lora_scaling"] = lora_scaling
         reply = self.request("backward", fields, {**_inputs(hidden, position_ids, key_mask),
-                                                  "grad_output": grad_output})
+                                                  "grad_output": grad_output, **(lora or {})})
         g = reply.tensors.get("grad_input")
         if g is None:
             raise ProtocolError("reply carries no grad_input")
-        return g
+        return g, {k: v for k, v in reply.tensors.items() if k.startswith("grad_lora_")}
 
 
 def _inputs(hidden, position_ids, key_mask) -> dict[str, torch.Tensor]:

@@ -24,8 +24,9 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from libswarm.checkpoint import Checkpoint
 from libswarm.client import SwarmClient
-from libswarm.errors import ModelError, SessionError, WrongModelError
+from libswarm.errors import ModelError, ProtocolError, SessionError, WrongModelError
 from libswarm.layers import RMSNorm, positions_from_mask
+from libswarm.lora import LoraAdapters
 
 
 class RemoteSession:
@@ -80,22 +81,28 @@ class RemoteSession:
 
 class RemoteBlocks(torch.autograd.Function):
     """The swarm's blocks as one autograd node: forward through the gateway, and backward by
-    sending the same input with the output's gradient (servers recompute and differentiate)."""
+    sending the same input with the output's gradient (servers recompute and differentiate).
+    The client's LoRA parameters, if any, are inputs of the node, so they get gradients too."""
 
     @staticmethod
-    def forward(ctx, hidden, positions, key_mask, model):  # type: ignore[override]
+    def forward(ctx, hidden, positions, key_mask, model, *lora_params):  # type: ignore[override]
         ctx.model, ctx.positions, ctx.key_mask = model, positions, key_mask
         ctx.save_for_backward(hidden)
         return model.client.forward(model.model_id, hidden.detach(), positions, key_mask,
-                                    route_timeout_s=model.route_timeout_s).to(hidden.dtype)
+                                    route_timeout_s=model.route_timeout_s, **model._lora_wire()).to(hidden.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):  # type: ignore[override]
         (hidden,) = ctx.saved_tensors
         m = ctx.model
-        grad = m.client.backward(m.model_id, hidden.detach(), grad_output.contiguous(), ctx.positions, ctx.key_mask,
-                                 route_timeout_s=m.route_timeout_s)
-        return grad.to(hidden.dtype), None, None, None
+        grad, lora_grads = m.client.backward(m.model_id, hidden.detach(), grad_output.contiguous(), ctx.positions,
+                                             ctx.key_mask, route_timeout_s=m.route_timeout_s, **m._lora_wire())
+        names = [name for name, _ in m.lora.named_wire()] if m.lora is not None else []
+        missing = [n for n in names if f"grad_{n}" not in lora_grads]
+        if missing:
+            raise ProtocolError(f"the swarm returned no gradient for {missing[0]}")
+        return (grad.to(hidden.dtype), None, None, None,
+                *(lora_grads[f"grad_{n}"].to(p.dtype) for n, p in (m.lora.named_wire() if m.lora else [])))
 
 
 class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
@@ -120,6 +127,25 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             self.lm_head = nn.Linear(hidden, vocab, bias=False)
         self._local = threading.local()
         self.route_timeout_s: float | None = None  # None: the gateway's default (60 s)
+        self.lora: LoraAdapters | None = None
+
+    # --- client-held LoRA ------------------------------------------------------------------------
+    def add_lora(self, rank: int = 8, alpha: float = 16, target_modules=("q_proj", "v_proj")) -> LoraAdapters:
+        """Trainable LoRA adapters for the remote blocks, held here (pass model.lora.parameters()
+        to your optimizer). Targets are PEFT's module names, e.g. q_proj, v_proj, down_proj."""
+        self.lora = LoraAdapters(self.config, self.family, self.checkpoint.num_layers, rank, alpha, target_modules)
+        return self.lora
+
+    def save_lora(self, directory: str) -> None:
+        """Save the adapters in PEFT's format (loads with peft.PeftModel.from_pretrained)."""
+        if self.lora is None:
+            raise ValueError("no LoRA adapters: call add_lora() first")
+        self.lora.save(directory, self.checkpoint.dir, self.checkpoint.layer_prefix)
+
+    def _lora_wire(self) -> dict:
+        if self.lora is None:
+            return {}
+        return {"lora": {name: p.detach() for name, p in self.lora.named_wire()}, "lora_scaling": self.lora.scaling}
 
     # --- the current session (per thread) -------------------------------------------------------
     @property
@@ -187,11 +213,17 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         key_mask = _new_mask(attention_mask, T)
         positions = self._positions(position_ids, attention_mask, past, B, T, hidden.device)
         if sess is not None:
+            if self.lora is not None:
+                raise ValueError("client-held LoRA runs in forward passes (training, scoring), not in inference "
+                                 "sessions or generate() yet; call model(...) without a session")
             out = sess.step(hidden, positions, key_mask)
-        elif torch.is_grad_enabled() and hidden.requires_grad:  # training: gradients flow through the swarm
-            out = RemoteBlocks.apply(hidden, positions, key_mask, self)
+        elif torch.is_grad_enabled() and (hidden.requires_grad or self.lora is not None):
+            # training: gradients flow through the swarm, to the input and to the client's LoRA
+            lora_params = [p for _, p in self.lora.named_wire()] if self.lora is not None else []
+            out = RemoteBlocks.apply(hidden, positions, key_mask, self, *lora_params)
         else:
-            out = self.client.forward(self.model_id, hidden, positions, key_mask, route_timeout_s=self.route_timeout_s)
+            out = self.client.forward(self.model_id, hidden, positions, key_mask, route_timeout_s=self.route_timeout_s,
+                                      **self._lora_wire())
         out = out.to(hidden.dtype)
         logits = self.lm_head(self.norm(out))
         loss = None

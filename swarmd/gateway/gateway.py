@@ -30,6 +30,7 @@ from libswarm.errors import (
     SessionError,
     SpanMovedError,
     SwarmError,
+    TensorError,
     WrongModelError,
 )
 from libswarm.protocol import Message
@@ -423,11 +424,13 @@ class Gateway:
         deadline = time.monotonic() + _route_timeout(msg)
         x, first = tensors["hidden"], 0
         small = {k: v for k, v in tensors.items() if k != "hidden"}
+        lora, fields = self._lora(msg)
         while first < self.num_layers:
             for hop in self._plan(first, self.num_layers, deadline, spread=True):
                 try:
                     reply = self.pool.get(hop.address).request(
-                        "forward", {"model_id": self.model_id, "blocks": [hop.first, hop.last]}, {"hidden": x, **small},
+                        "forward", {**fields, "blocks": [hop.first, hop.last]},
+                        {"hidden": x, **small, **_slice(lora, hop)},
                         timeout_s=max(UNMEASURED_STEP_S, self._allowance_s(hop.address, x.shape[0] * x.shape[1])))
                 except RETRIABLE as e:
                     self._fail(hop, e)
@@ -450,7 +453,7 @@ class Gateway:
         deadline = time.monotonic() + _route_timeout(msg)
         small = {k: v for k, v in tensors.items() if k != "hidden"}
         tokens = tensors["hidden"].shape[0] * tensors["hidden"].shape[1]
-        fields = {"model_id": self.model_id}
+        lora, fields = self._lora(msg)
         while True:
             hops = self._plan(0, self.num_layers, deadline, spread=True)
             inputs: list[torch.Tensor] = []
@@ -460,23 +463,39 @@ class Gateway:
                 for hop in hops:
                     inputs.append(x)
                     x = _hidden(self.pool.get(hop.address).request(
-                        "forward", {**fields, "blocks": [hop.first, hop.last]}, {"hidden": x, **small},
+                        "forward", {**fields, "blocks": [hop.first, hop.last]},
+                        {"hidden": x, **small, **_slice(lora, hop)},
                         timeout_s=max(UNMEASURED_STEP_S, self._allowance_s(hop.address, tokens))))
                 g = grad
+                lora_grads: dict[str, list[torch.Tensor]] = {f"grad_{k}": [] for k in lora}
                 for hop, x_in in reversed(list(zip(hops, inputs))):
                     reply = self.pool.get(hop.address).request(
                         "backward", {**fields, "blocks": [hop.first, hop.last]},
-                        {"hidden": x_in, "grad_output": g, **small},
+                        {"hidden": x_in, "grad_output": g, **small, **_slice(lora, hop)},
                         timeout_s=max(UNMEASURED_STEP_S, 3 * self._allowance_s(hop.address, tokens)))
                     g_in = reply.tensors.get("grad_input")
-                    if g_in is None:
-                        raise ProtocolError("backward reply carries no grad_input")
+                    if g_in is None or any(k not in reply.tensors for k in lora_grads):
+                        raise ProtocolError("backward reply lacks grad_input or a LoRA gradient")
                     g = g_in
-                return {}, {"grad_input": g}
+                    for k, parts in lora_grads.items():
+                        parts.insert(0, reply.tensors[k])  # hops come back last first
+                return {}, {"grad_input": g, **{k: torch.cat(v) for k, v in lora_grads.items()}}
             except RETRIABLE as e:
                 self._fail(hop, e)
                 if time.monotonic() > deadline:
                     raise
+
+    def _lora(self, msg: Message) -> tuple[dict[str, torch.Tensor], dict]:
+        """The app's LoRA tensors ([num_layers, ...] each, sliced per hop) and the fields that go
+        with every hop's request."""
+        lora = {k: v for k, v in msg.tensors.items() if k.startswith(("lora_A.", "lora_B."))}
+        fields: dict = {"model_id": self.model_id}
+        if lora:
+            bad = [k for k, v in lora.items() if v.ndim != 3 or v.shape[0] != self.num_layers]
+            if bad:
+                raise TensorError(f"LoRA tensors must be [{self.num_layers} blocks, ..., ...]: {bad[0]} is not")
+            fields["lora_scaling"] = msg.get("lora_scaling")
+        return lora, fields
 
     # --- housekeeping -------------------------------------------------------------------------
     def _close_remote(self, opened: list[tuple[Hop, str]]) -> None:
@@ -504,6 +523,10 @@ class Gateway:
             self.sessions.clear()
         for s in sessions:
             self._close_remote(list(zip(s.hops, s.server_sessions)))
+
+
+def _slice(lora: dict[str, torch.Tensor], hop: Hop) -> dict[str, torch.Tensor]:
+    return {k: v[hop.first:hop.last] for k, v in lora.items()}
 
 
 def _route_timeout(msg: Message) -> float:

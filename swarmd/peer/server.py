@@ -33,7 +33,7 @@ from swarmd.gateway.connection import ConnectionPool, emulated_delay_s
 from swarmd.identity import NodeIdentity, is_key
 from swarmd.inputs import positions_and_mask
 from swarmd.runtime.cache import CacheBudget, SessionCache
-from swarmd.runtime.span import Span
+from swarmd.runtime.span import Lora, Span
 
 log = logging.getLogger("swarmd.peer")
 
@@ -422,9 +422,21 @@ class SpanServer:
         B, T, _ = hidden.shape
         if pos is None:
             pos = torch.arange(T).expand(B, T)
-        out = self.span.run(hidden, pos, mask, first, last)
+        lora = self._lora(msg, first, last)
+        out = self.span.run(hidden, pos, mask, first, last, lora=lora)
         self.stats.forwards += 1
         return {}, {"hidden": out}
+
+    def _lora(self, msg: Message, first: int, last: int) -> Lora | None:
+        tensors = {k: v for k, v in msg.tensors.items() if k.startswith(("lora_A.", "lora_B."))}
+        if not tensors:
+            return None
+        scaling = msg.get("lora_scaling")
+        if not isinstance(scaling, (int, float)) or isinstance(scaling, bool):
+            raise ProtocolError("LoRA tensors need a numeric 'lora_scaling' (alpha / r)")
+        lora = Lora(float(scaling), tensors)
+        self.span.check_lora(lora, first, last)
+        return lora
 
     def on_backward(self, msg: Message):
         """Gradient of blocks' input given their input and the gradient of their output."""
@@ -439,9 +451,9 @@ class SpanServer:
         B, T, _ = hidden.shape
         if pos is None:
             pos = torch.arange(T).expand(B, T)
-        out = self.span.backward(hidden, pos, mask, first, last, grad)
+        grad_input, lora_grads = self.span.backward(hidden, pos, mask, first, last, grad, self._lora(msg, first, last))
         self.stats.backwards += 1
-        return {}, {"grad_input": out}
+        return {}, {"grad_input": grad_input, **lora_grads}
 
     def on_close(self, msg: Message):
         sid = msg.get("session")

@@ -3,18 +3,38 @@ function that runs a step (or a cache-less forward) through any sub-range of it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from libswarm.checkpoint import Checkpoint
-from libswarm.errors import ConfigError, ModelError
+from libswarm.errors import ConfigError, ModelError, TensorError
 from swarmd.runtime.blocks import BLOCK_CLASSES, BloomBlock, LlamaBlock, Rotary, build_context, make_slopes
 from swarmd.runtime.cache import SessionCache
 
 log = logging.getLogger("swarmd.runtime")
+
+
+@dataclass
+class Lora:
+    """A client's LoRA adapters for one call: `lora_A.<module path>` [blocks, r, in] and
+    `lora_B.<module path>` [blocks, out, r] per target module, and alpha / r."""
+
+    scaling: float
+    tensors: dict[str, torch.Tensor]
+
+    def pairs(self):
+        for name, a in self.tensors.items():
+            if name.startswith("lora_A."):
+                path = name[len("lora_A."):]
+                b = self.tensors.get(f"lora_B.{path}")
+                if b is None:
+                    raise TensorError(f"lora_A.{path} came without lora_B.{path}")
+                yield path, a, b
 
 
 class Span:
@@ -70,23 +90,70 @@ class Span:
 
     @torch.inference_mode()
     def run(self, hidden: torch.Tensor, position_ids: torch.Tensor, key_mask: torch.Tensor | None, first: int,
-            last: int, cache: SessionCache | None = None) -> torch.Tensor:
+            last: int, cache: SessionCache | None = None, lora: Lora | None = None) -> torch.Tensor:
         """Run blocks [first, last) (global indices) on hidden [B, T, H], without autograd.
 
         With a cache, the new positions go to slots [cache.length, cache.length + T) and attend
-        to everything cached before them; without one, this is a plain causal forward."""
-        return self._run(hidden, position_ids, key_mask, first, last, cache)
+        to everything cached before them; without one, this is a plain causal forward. With
+        `lora`, the client's adapters are applied for this call only."""
+        with self._lora_applied(lora, first, last):
+            return self._run(hidden, position_ids, key_mask, first, last, cache)
 
     def backward(self, hidden: torch.Tensor, position_ids: torch.Tensor, key_mask: torch.Tensor | None, first: int,
-                 last: int, grad_output: torch.Tensor) -> torch.Tensor:
-        """The gradient of blocks [first, last)'s output w.r.t. their input `hidden`, given the
-        gradient of the output: the forward is recomputed with autograd (nothing was kept from
-        an earlier forward), the weights stay frozen."""
+                 last: int, grad_output: torch.Tensor, lora: Lora | None = None
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The gradient of blocks [first, last)'s output w.r.t. their input `hidden` (and w.r.t.
+        the client's LoRA matrices, by tensor name), given the gradient of the output. The
+        forward is recomputed with autograd (nothing was kept from an earlier forward); the
+        weights stay frozen."""
         with torch.enable_grad():
             x = hidden.to(self.device, self.dtype).detach().requires_grad_(True)
-            out = self._run(x, position_ids, key_mask, first, last, None)
-            (grad,) = torch.autograd.grad(out, x, grad_output.to(self.device, out.dtype))
-        return grad
+            leaves: dict[str, torch.Tensor] = {}
+            if lora is not None:
+                leaves = {name: t.to(self.device, self.dtype).detach().requires_grad_(True)
+                          for name, t in lora.tensors.items()}
+                lora = Lora(lora.scaling, leaves)
+            with self._lora_applied(lora, first, last):
+                out = self._run(x, position_ids, key_mask, first, last, None)
+            grads = torch.autograd.grad(out, [x, *leaves.values()], grad_output.to(self.device, out.dtype))
+        return grads[0], {f"grad_{name}": g for name, g in zip(leaves, grads[1:])}
+
+    def check_lora(self, lora: Lora, first: int, last: int) -> None:
+        """Each `lora_A.<module>` [blocks, r, in] has its `lora_B.<module>` [blocks, out, r], for a
+        module of these blocks; a TensorError names what does not fit."""
+        block = self.blocks[first - self.start]
+        for path, a, b in lora.pairs():
+            try:
+                mod = block.get_submodule(path)
+            except AttributeError:
+                known = sorted(n for n, m in block.named_modules() if isinstance(m, nn.Linear))
+                raise TensorError(f"LoRA target {path!r} is not a module of these blocks (known: {known})") from None
+            if not isinstance(mod, nn.Linear):
+                raise TensorError(f"LoRA target {path!r} is not a linear layer")
+            n = last - first
+            if a.ndim != 3 or b.ndim != 3 or a.shape[0] != n or b.shape[0] != n or a.shape[1] != b.shape[2] \
+                    or a.shape[2] != mod.in_features or b.shape[1] != mod.out_features:
+                raise TensorError(
+                    f"LoRA for {path}: want A [{n}, r, {mod.in_features}] and B [{n}, {mod.out_features}, r], "
+                    f"got {list(a.shape)} and {list(b.shape)}")
+
+    @contextlib.contextmanager
+    def _lora_applied(self, lora: Lora | None, first: int, last: int):
+        if lora is None or not lora.tensors:
+            yield
+            return
+        handles = []
+        try:
+            for path, a, b in lora.pairs():
+                for j, i in enumerate(range(first, last)):
+                    mod = self.blocks[i - self.start].get_submodule(path)
+                    aj, bj = a[j].to(self.device, self.dtype), b[j].to(self.device, self.dtype)
+                    handles.append(mod.register_forward_hook(
+                        lambda m, inp, out, aj=aj, bj=bj: out + lora.scaling * ((inp[0] @ aj.T) @ bj.T)))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
 
     def _run(
         self,

@@ -77,6 +77,58 @@ def test_prompt_tuning_example_runs_and_the_loss_falls(swarm):
     assert len(losses) == 12 and losses[-1] < 0.8 * losses[0], losses
 
 
+def test_client_lora_gradients_equal_peft_and_the_saved_adapter_loads_in_peft(swarm, tmp_path):
+    from peft import PeftModel
+
+    from libswarm.lora import TARGETS
+
+    d, servers, gw = swarm
+    ids = torch.randint(3, 500, (2, 9), generator=torch.Generator().manual_seed(24))
+    model = AutoDistributedModelForCausalLM.from_pretrained(d, socket=gw.socket)
+    targets = ["q_proj", "v_proj", "down_proj"]
+    lora = model.add_lora(rank=4, alpha=8, target_modules=targets)
+    with torch.no_grad():  # B starts at zero; make it nonzero so that A gets gradients too
+        for p in lora.B.values():
+            p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    model.save_lora(str(tmp_path / "adapter"))
+
+    ref = PeftModel.from_pretrained(hf_reference(d), str(tmp_path / "adapter"), is_trainable=True)
+    ref_loss = ref(input_ids=ids, labels=ids).loss
+    ref_loss.backward()
+    assert abs(loss.item() - ref_loss.item()) <= 1e-5
+    n = model.checkpoint.num_layers
+    for t in targets:
+        for part, ours in (("lora_A", lora.A[t].grad), ("lora_B", lora.B[t].grad)):
+            theirs = torch.stack([ref.get_parameter(f"base_model.model.model.layers.{i}.{TARGETS['llama'][t]}."
+                                                    f"{part}.default.weight").grad for i in range(n)])
+            rel = ((ours - theirs).norm() / theirs.norm()).item()
+            assert rel <= 1e-4, (t, part, rel)
+    with torch.no_grad():  # the adapter trained here gives the same outputs in PEFT on the local model
+        assert (model(ids).logits - ref(input_ids=ids).logits).abs().max().item() <= 1e-4
+
+
+def test_bad_lora_gets_clear_errors(swarm):
+    from libswarm.errors import TensorError
+
+    d, servers, gw = swarm
+    model = AutoDistributedModelForCausalLM.from_pretrained(d, socket=gw.socket)
+    with pytest.raises(ValueError, match="unknown LoRA target modules"):
+        model.add_lora(target_modules=["qq_proj"])
+    h = torch.zeros(1, 3, model.config.hidden_size)
+    n = model.checkpoint.num_layers
+    wrong = {"lora_A.self_attn.q_proj": torch.zeros(n, 4, 7), "lora_B.self_attn.q_proj": torch.zeros(n, 64, 4)}
+    with pytest.raises(TensorError, match="want A"):
+        model.client.forward(model.model_id, h, lora=wrong, lora_scaling=2.0)
+    unknown = {"lora_A.self_attn.nope": torch.zeros(n, 4, 64), "lora_B.self_attn.nope": torch.zeros(n, 64, 4)}
+    with pytest.raises(TensorError, match="not a module of these blocks"):
+        model.client.forward(model.model_id, h, lora=unknown, lora_scaling=2.0)
+    model.add_lora(rank=2)
+    with pytest.raises(ValueError, match="not in inference"):
+        model.generate(torch.tensor([[5, 6]]), max_new_tokens=2, pad_token_id=0)
+
+
 def test_a_server_killed_between_forward_and_backward_does_not_fail_the_step(swarm):
     d, servers, gw = swarm
     ids = torch.randint(3, 500, (1, 7), generator=torch.Generator().manual_seed(23))
