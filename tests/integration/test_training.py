@@ -67,14 +67,52 @@ def test_prompt_tuning_lowers_the_loss_like_the_local_model(swarm):
     assert max(abs(a - b) for a, b in zip(remote, local)) <= 1e-4
 
 
-def test_prompt_tuning_example_runs_and_the_loss_falls(swarm):
+@pytest.mark.parametrize("example", ["prompt_tuning.py", "finetune_lora.py"])
+def test_examples_run_and_the_loss_falls(swarm, example):
     d, servers, gw = swarm
-    example = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "prompt_tuning.py")
-    r = subprocess.run([sys.executable, example, d, "--socket", gw.socket, "--steps", "12"], capture_output=True,
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "examples", example)
+    r = subprocess.run([sys.executable, path, d, "--socket", gw.socket, "--steps", "12"], capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     losses = [float(line.split()[-1]) for line in r.stdout.splitlines() if line.startswith("step")]
     assert len(losses) == 12 and losses[-1] < 0.8 * losses[0], losses
+
+
+def test_lora_training_steps_match_peft_locally_and_server_memory_stays_flat(swarm, tmp_path):
+    """20 AdamW steps of the same adapter, through the swarm and in PEFT on the local model."""
+    import psutil
+    from peft import LoraConfig, get_peft_model
+
+    d, servers, gw = swarm
+    ids = torch.randint(3, 500, (2, 10), generator=torch.Generator().manual_seed(25))
+    model = AutoDistributedModelForCausalLM.from_pretrained(d, socket=gw.socket)
+    torch.manual_seed(0)
+    lora = model.add_lora(rank=4, alpha=8, target_modules=["q_proj", "down_proj"])
+    model.save_lora(str(tmp_path / "init"))  # the same starting point for PEFT
+    ref = get_peft_model(hf_reference(d), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]))
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(ref, load_file(str(tmp_path / "init" / "adapter_model.safetensors")))
+
+    def train(m, params, steps=20) -> list[float]:
+        opt = torch.optim.AdamW(params, lr=1e-2)
+        out = []
+        for _ in range(steps):
+            loss = m(input_ids=ids, labels=ids).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            out.append(loss.item())
+        return out
+
+    rss = [psutil.Process(s.proc.pid).memory_info().rss for s in servers]
+    remote = train(model, list(lora.parameters()))
+    local = train(ref, [p for p in ref.parameters() if p.requires_grad])
+    assert remote[-1] < remote[0] and max(abs(a - b) for a, b in zip(remote, local)) <= 1e-3, (remote, local)
+    train(model, list(lora.parameters()), steps=80)  # 100 steps in all: nothing of ours may pile up there
+    grown = [psutil.Process(s.proc.pid).memory_info().rss - r for s, r in zip(servers, rss)]
+    assert max(grown) < 64 * 2**20, grown
 
 
 def test_client_lora_gradients_equal_peft_and_the_saved_adapter_loads_in_peft(swarm, tmp_path):
