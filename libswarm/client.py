@@ -142,7 +142,7 @@ class SwarmClient:
         fields: dict = {"model_id": model_id}
         if route_timeout_s is not None:
             fields["route_timeout_s"] = route_timeout_s
-        if lora:
+        if lora and lora_scaling is not None:
             fields["lora_scaling"] = lora_scaling
         reply = self.request("forward", fields, {**_inputs(hidden, position_ids, key_mask), **(lora or {})})
         return _hidden(reply)
@@ -158,14 +158,14 @@ class SwarmClient:
         fields: dict = {"model_id": model_id}
         if route_timeout_s is not None:
             fields["route_timeout_s"] = route_timeout_s
-        if lora:
+        if lora and lora_scaling is not None:
             fields["lora_scaling"] = lora_scaling
         reply = self.request("backward", fields, {**_inputs(hidden, position_ids, key_mask),
                                                   "grad_output": grad_output, **(lora or {})})
         g = reply.tensors.get("grad_input")
         if g is None:
             raise ProtocolError("reply carries no grad_input")
-        return g, {k: v for k, v in reply.tensors.items() if k.startswith("grad_lora_")}
+        return g, {k: v for k, v in reply.tensors.items() if k.startswith(("grad_lora_", "grad_deep_prompts"))}
 
 
 def _inputs(hidden, position_ids, key_mask) -> dict[str, torch.Tensor]:

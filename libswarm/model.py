@@ -97,12 +97,12 @@ class RemoteBlocks(torch.autograd.Function):
         m = ctx.model
         grad, lora_grads = m.client.backward(m.model_id, hidden.detach(), grad_output.contiguous(), ctx.positions,
                                              ctx.key_mask, route_timeout_s=m.route_timeout_s, **m._lora_wire())
-        names = [name for name, _ in m.lora.named_wire()] if m.lora is not None else []
-        missing = [n for n in names if f"grad_{n}" not in lora_grads]
+        trainables = m._trainables()
+        missing = [n for n, _ in trainables if f"grad_{n}" not in lora_grads]
         if missing:
             raise ProtocolError(f"the swarm returned no gradient for {missing[0]}")
         return (grad.to(hidden.dtype), None, None, None,
-                *(lora_grads[f"grad_{n}"].to(p.dtype) for n, p in (m.lora.named_wire() if m.lora else [])))
+                *(lora_grads[f"grad_{n}"].to(p.dtype) for n, p in trainables))
 
 
 class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
@@ -128,6 +128,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         self._local = threading.local()
         self.route_timeout_s: float | None = None  # None: the gateway's default (60 s)
         self.lora: LoraAdapters | None = None
+        self.prompts: nn.ParameterDict | None = None
 
     # --- client-held LoRA ------------------------------------------------------------------------
     def add_lora(self, rank: int = 8, alpha: float = 16, target_modules=("q_proj", "v_proj")) -> LoraAdapters:
@@ -142,10 +143,33 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError("no LoRA adapters: call add_lora() first")
         self.lora.save(directory, self.checkpoint.dir, self.checkpoint.layer_prefix)
 
+    def add_prompts(self, num_tokens: int, deep: bool = False) -> nn.ParameterDict:
+        """Trainable prompts held here: `input` [num_tokens, hidden] embeddings put before every
+        input, and with `deep`, `deep` [num_layers, num_tokens, hidden] added to those positions'
+        hidden states at the input of every block (servers add them for that call only). The
+        outputs (logits) cover the caller's positions only."""
+        if not isinstance(num_tokens, int) or num_tokens <= 0:
+            raise ValueError(f"num_tokens must be a positive integer, got {num_tokens!r}")
+        h = self.config.hidden_size
+        prompts = nn.ParameterDict({"input": nn.Parameter(torch.randn(num_tokens, h) * 0.02)})
+        if deep:
+            prompts["deep"] = nn.Parameter(torch.zeros(self.checkpoint.num_layers, num_tokens, h))
+        self.prompts = prompts
+        return prompts
+
+    def _trainables(self) -> list[tuple[str, nn.Parameter]]:
+        """The client's parameters that travel with forward and backward, by wire name."""
+        out = list(self.lora.named_wire()) if self.lora is not None else []
+        if self.prompts is not None and "deep" in self.prompts:
+            out.append(("deep_prompts", self.prompts["deep"]))
+        return out
+
     def _lora_wire(self) -> dict:
-        if self.lora is None:
+        trainables = self._trainables()
+        if not trainables:
             return {}
-        return {"lora": {name: p.detach() for name, p in self.lora.named_wire()}, "lora_scaling": self.lora.scaling}
+        return {"lora": {name: p.detach() for name, p in trainables},
+                "lora_scaling": self.lora.scaling if self.lora is not None else None}
 
     # --- the current session (per thread) -------------------------------------------------------
     @property
@@ -204,6 +228,16 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             if input_ids is None:
                 raise ValueError("pass input_ids or inputs_embeds")
             inputs_embeds = self.embed_tokens(input_ids)
+        n_prompt = 0
+        if self.prompts is not None:  # trainable prompts go before the caller's positions
+            n_prompt = self.prompts["input"].shape[0]
+            inputs_embeds = torch.cat([self.prompts["input"].to(inputs_embeds.dtype).expand(
+                inputs_embeds.shape[0], -1, -1), inputs_embeds], dim=1)
+            if attention_mask is not None:
+                attention_mask = torch.cat([attention_mask.new_ones(attention_mask.shape[0], n_prompt),
+                                            attention_mask], dim=1)
+            if position_ids is not None:
+                raise ValueError("position_ids cannot be given with trainable prompts")
         hidden = inputs_embeds
         if self.embed_norm is not None:
             hidden = self.embed_norm(hidden)
@@ -213,18 +247,17 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         key_mask = _new_mask(attention_mask, T)
         positions = self._positions(position_ids, attention_mask, past, B, T, hidden.device)
         if sess is not None:
-            if self.lora is not None:
+            if self.lora is not None or self.prompts is not None:
                 raise ValueError("client-held LoRA runs in forward passes (training, scoring), not in inference "
                                  "sessions or generate() yet; call model(...) without a session")
             out = sess.step(hidden, positions, key_mask)
-        elif torch.is_grad_enabled() and (hidden.requires_grad or self.lora is not None):
-            # training: gradients flow through the swarm, to the input and to the client's LoRA
-            lora_params = [p for _, p in self.lora.named_wire()] if self.lora is not None else []
-            out = RemoteBlocks.apply(hidden, positions, key_mask, self, *lora_params)
+        elif torch.is_grad_enabled() and (hidden.requires_grad or self._trainables()):
+            # training: gradients flow through the swarm, to the input, LoRA and deep prompts
+            out = RemoteBlocks.apply(hidden, positions, key_mask, self, *(p for _, p in self._trainables()))
         else:
             out = self.client.forward(self.model_id, hidden, positions, key_mask, route_timeout_s=self.route_timeout_s,
                                       **self._lora_wire())
-        out = out.to(hidden.dtype)
+        out = out.to(hidden.dtype)[:, n_prompt:]
         logits = self.lm_head(self.norm(out))
         loss = None
         if labels is not None:

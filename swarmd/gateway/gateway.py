@@ -488,13 +488,14 @@ class Gateway:
     def _lora(self, msg: Message) -> tuple[dict[str, torch.Tensor], dict]:
         """The app's LoRA tensors ([num_layers, ...] each, sliced per hop) and the fields that go
         with every hop's request."""
-        lora = {k: v for k, v in msg.tensors.items() if k.startswith(("lora_A.", "lora_B."))}
+        lora = {k: v for k, v in msg.tensors.items() if k.startswith(("lora_A.", "lora_B.")) or k == "deep_prompts"}
         fields: dict = {"model_id": self.model_id}
         if lora:
-            bad = [k for k, v in lora.items() if v.ndim != 3 or v.shape[0] != self.num_layers]
+            bad = [k for k, v in lora.items() if v.ndim not in (3, 4) or v.shape[0] != self.num_layers]
             if bad:
-                raise TensorError(f"LoRA tensors must be [{self.num_layers} blocks, ..., ...]: {bad[0]} is not")
-            fields["lora_scaling"] = msg.get("lora_scaling")
+                raise TensorError(f"LoRA tensors and deep prompts must be [{self.num_layers} blocks, ...]: "
+                                  f"{bad[0]} is not")
+            fields["lora_scaling"] = msg.get("lora_scaling", 1.0)
         return lora, fields
 
     # --- housekeeping -------------------------------------------------------------------------

@@ -428,12 +428,14 @@ class SpanServer:
         return {}, {"hidden": out}
 
     def _lora(self, msg: Message, first: int, last: int) -> Lora | None:
-        tensors = {k: v for k, v in msg.tensors.items() if k.startswith(("lora_A.", "lora_B."))}
+        tensors = {k: v for k, v in msg.tensors.items() if k.startswith(("lora_A.", "lora_B.")) or k == "deep_prompts"}
         if not tensors:
             return None
-        scaling = msg.get("lora_scaling")
+        scaling = msg.get("lora_scaling", 1.0)
         if not isinstance(scaling, (int, float)) or isinstance(scaling, bool):
             raise ProtocolError("LoRA tensors need a numeric 'lora_scaling' (alpha / r)")
+        if "deep_prompts" in tensors and tensors["deep_prompts"].shape[-2] > msg.tensors["hidden"].shape[1]:
+            raise TensorError("deep_prompts cover more positions than hidden has")
         lora = Lora(float(scaling), tensors)
         self.span.check_lora(lora, first, last)
         return lora

@@ -21,11 +21,17 @@ log = logging.getLogger("swarmd.runtime")
 
 @dataclass
 class Lora:
-    """A client's LoRA adapters for one call: `lora_A.<module path>` [blocks, r, in] and
-    `lora_B.<module path>` [blocks, out, r] per target module, and alpha / r."""
+    """A client's trainable tensors for one call: LoRA adapters, `lora_A.<module path>`
+    [blocks, r, in] and `lora_B.<module path>` [blocks, out, r] per target module with their
+    scaling alpha / r, and deep prompts, `deep_prompts` [blocks, (batch,) prompt, hidden],
+    added to the first positions' hidden states at the input of every block."""
 
     scaling: float
     tensors: dict[str, torch.Tensor]
+
+    @property
+    def deep_prompts(self) -> torch.Tensor | None:
+        return self.tensors.get("deep_prompts")
 
     def pairs(self):
         for name, a in self.tensors.items():
@@ -97,7 +103,7 @@ class Span:
         to everything cached before them; without one, this is a plain causal forward. With
         `lora`, the client's adapters are applied for this call only."""
         with self._lora_applied(lora, first, last):
-            return self._run(hidden, position_ids, key_mask, first, last, cache)
+            return self._run(hidden, position_ids, key_mask, first, last, cache, lora)
 
     def backward(self, hidden: torch.Tensor, position_ids: torch.Tensor, key_mask: torch.Tensor | None, first: int,
                  last: int, grad_output: torch.Tensor, lora: Lora | None = None
@@ -114,7 +120,7 @@ class Span:
                           for name, t in lora.tensors.items()}
                 lora = Lora(lora.scaling, leaves)
             with self._lora_applied(lora, first, last):
-                out = self._run(x, position_ids, key_mask, first, last, None)
+                out = self._run(x, position_ids, key_mask, first, last, None, lora)
             grads = torch.autograd.grad(out, [x, *leaves.values()], grad_output.to(self.device, out.dtype))
         return grads[0], {f"grad_{name}": g for name, g in zip(leaves, grads[1:])}
 
@@ -122,6 +128,11 @@ class Span:
         """Each `lora_A.<module>` [blocks, r, in] has its `lora_B.<module>` [blocks, out, r], for a
         module of these blocks; a TensorError names what does not fit."""
         block = self.blocks[first - self.start]
+        deep = lora.deep_prompts
+        if deep is not None and (deep.ndim not in (3, 4) or deep.shape[0] != last - first
+                                 or deep.shape[-1] != self.hidden_size):
+            raise TensorError(f"deep_prompts must be [{last - first} blocks, (batch,) prompt, {self.hidden_size}], "
+                              f"got {list(deep.shape)}")
         for path, a, b in lora.pairs():
             try:
                 mod = block.get_submodule(path)
@@ -163,8 +174,10 @@ class Span:
         first: int,
         last: int,
         cache: SessionCache | None = None,
+        client: Lora | None = None,
     ) -> torch.Tensor:
         x = hidden.to(self.device, self.dtype)
+        deep = client.deep_prompts if client is not None else None
         position_ids = position_ids.to(self.device)
         B, T, _ = x.shape
         if cache is not None:
@@ -180,6 +193,9 @@ class Span:
         )
         for i in range(first, last):
             kv = cache.layer(i) if cache is not None else None
+            if deep is not None:  # out of place: autograd needs x as it was
+                prompt = deep[i - first].to(self.device, self.dtype)
+                x = torch.cat([x[:, :prompt.shape[-2]] + prompt, x[:, prompt.shape[-2]:]], dim=1)
             x = self.blocks[i - self.start](x, ctx, kv)
         if cache is not None:
             cache.advance(T)

@@ -147,6 +147,46 @@ def test_client_lora_gradients_equal_peft_and_the_saved_adapter_loads_in_peft(sw
         assert (model(ids).logits - ref(input_ids=ids).logits).abs().max().item() <= 1e-4
 
 
+def test_deep_prompt_gradients_equal_hf_with_the_same_prompts_added_locally(swarm):
+    import torch.nn.functional as F
+
+    d, servers, gw = swarm
+    ids = torch.randint(3, 500, (2, 8), generator=torch.Generator().manual_seed(26))
+    model = AutoDistributedModelForCausalLM.from_pretrained(d, socket=gw.socket)
+    prompts = model.add_prompts(3, deep=True)
+    with torch.no_grad():
+        prompts["deep"].normal_(0, 0.05, generator=torch.Generator().manual_seed(2))
+    out = model(ids, labels=ids)
+    assert out.logits.shape[1] == ids.shape[1]  # the caller's positions only
+    out.loss.backward()
+
+    ref = hf_reference(d).requires_grad_(False)
+    p_in = prompts["input"].detach().clone().requires_grad_(True)
+    p_deep = prompts["deep"].detach().clone().requires_grad_(True)
+
+    def adder(i):
+        def hook(module, args, kwargs):
+            hs = args[0] if args else kwargs["hidden_states"]
+            hs = torch.cat([hs[:, :3] + p_deep[i], hs[:, 3:]], dim=1)
+            if args:
+                return (hs, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": hs}
+        return hook
+
+    handles = [layer.register_forward_pre_hook(adder(i), with_kwargs=True) for i, layer in enumerate(ref.model.layers)]
+    try:
+        emb = torch.cat([p_in.expand(2, -1, -1), ref.model.embed_tokens(ids)], dim=1)
+        logits = ref(inputs_embeds=emb).logits[:, 3:]
+    finally:
+        for h in handles:
+            h.remove()
+    ref_loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    ref_loss.backward()
+    assert abs(out.loss.item() - ref_loss.item()) <= 1e-5
+    for ours, theirs in ((prompts["input"].grad, p_in.grad), (prompts["deep"].grad, p_deep.grad)):
+        assert ((ours - theirs).norm() / theirs.norm()).item() <= 1e-4
+
+
 def test_bad_lora_gets_clear_errors(swarm):
     from libswarm.errors import TensorError
 
