@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Prompt tuning through your machine's swarmd: a few trainable embeddings, held here and
-trained by your optimizer, are prepended to every input; the swarm's frozen blocks run
-forward and backward. The dataset is made in the script: teach the model to answer every
-question with the same word.
+trained by your optimizer, are put before every input (with --deep, every block also gets its
+own trainable prompt, added by the servers for each call and kept nowhere); the swarm's frozen
+blocks run forward and backward. The dataset is made in the script: teach the model to answer
+every question with the same word.
 
-    python examples/prompt_tuning.py /path/to/model [--socket /run/swarmd/swarmd.sock] [--steps 30]
+    python examples/prompt_tuning.py /path/to/model [--socket /run/swarmd/swarmd.sock] [--steps 30] [--deep]
 """
 
 import argparse
@@ -19,6 +20,7 @@ p.add_argument("model")
 p.add_argument("--socket", default=None)
 p.add_argument("--steps", type=int, default=30)
 p.add_argument("--prompt-tokens", type=int, default=8)
+p.add_argument("--deep", action="store_true", help="a trainable prompt for every block too")
 args = p.parse_args()
 
 tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -26,17 +28,14 @@ model = AutoDistributedModelForCausalLM.from_pretrained(args.model, socket=args.
 texts = [f"Q: {q}? A: swarm" for q in ("who serves the blocks", "what runs the model", "who answers", "what is this")]
 batch = tokenizer(texts, return_tensors="pt", padding=True)
 ids, mask = batch.input_ids, batch.attention_mask
-n, hidden = args.prompt_tokens, model.config.hidden_size
+labels = ids.masked_fill(mask == 0, -100)
 
 torch.manual_seed(0)
-prompt = torch.nn.Parameter(torch.randn(1, n, hidden) * 0.02)  # the only trainable weights: here, not on servers
-opt = torch.optim.Adam([prompt], lr=0.05)
-labels = torch.cat([torch.full((len(texts), n), -100), ids.masked_fill(mask == 0, -100)], dim=1)
-full_mask = torch.cat([torch.ones(len(texts), n, dtype=mask.dtype), mask], dim=1)
+prompts = model.add_prompts(args.prompt_tokens, deep=args.deep)  # the only trainable weights: here
+opt = torch.optim.Adam(prompts.parameters(), lr=0.05)
 
 for step in range(args.steps):
-    embeds = torch.cat([prompt.expand(len(texts), -1, -1), model.get_input_embeddings()(ids)], dim=1)
-    loss = model(inputs_embeds=embeds, attention_mask=full_mask, labels=labels).loss
+    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss  # prompts are put in front
     opt.zero_grad()
     loss.backward()  # through the swarm: servers recompute their blocks and return gradients
     opt.step()

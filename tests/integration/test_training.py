@@ -67,11 +67,12 @@ def test_prompt_tuning_lowers_the_loss_like_the_local_model(swarm):
     assert max(abs(a - b) for a, b in zip(remote, local)) <= 1e-4
 
 
-@pytest.mark.parametrize("example", ["prompt_tuning.py", "finetune_lora.py"])
+@pytest.mark.parametrize("example", ["prompt_tuning.py", "prompt_tuning.py --deep", "finetune_lora.py"])
 def test_examples_run_and_the_loss_falls(swarm, example):
     d, servers, gw = swarm
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "examples", example)
-    r = subprocess.run([sys.executable, path, d, "--socket", gw.socket, "--steps", "12"], capture_output=True,
+    name, *flags = example.split()
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "examples", name)
+    r = subprocess.run([sys.executable, path, d, "--socket", gw.socket, "--steps", "12", *flags], capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     losses = [float(line.split()[-1]) for line in r.stdout.splitlines() if line.startswith("step")]
