@@ -110,7 +110,7 @@ class SwarmClient:
         return self.request("model_info").fields
 
     def open_session(self, model_id: str, max_length: int, batch: int, route_timeout_s: float | None = None,
-                     push: bool = True) -> dict:
+                     push: bool = True, adapter: str | None = None) -> dict:
         """Open an inference session; the gateway waits up to route_timeout_s (default 60) for
         servers to cover every block. push=False makes every hop return through the gateway
         (for measurements)."""
@@ -119,6 +119,8 @@ class SwarmClient:
             fields["route_timeout_s"] = route_timeout_s
         if not push:
             fields["push"] = False
+        if adapter is not None:
+            fields["adapter"] = adapter
         return self.request("open", fields).fields
 
     def step(self, session: str, hidden: torch.Tensor, position_ids: torch.Tensor | None = None,
@@ -136,7 +138,8 @@ class SwarmClient:
 
     def forward(self, model_id: str, hidden: torch.Tensor, position_ids: torch.Tensor | None = None,
                 key_mask: torch.Tensor | None = None, route_timeout_s: float | None = None,
-                lora: dict[str, torch.Tensor] | None = None, lora_scaling: float | None = None) -> torch.Tensor:
+                lora: dict[str, torch.Tensor] | None = None, lora_scaling: float | None = None,
+                adapter: str | None = None) -> torch.Tensor:
         """The last block's output for `hidden` (block 0's input), with no cache; `lora`: the
         client's adapters by wire name ([num_layers, ...] each), applied for this call only."""
         fields: dict = {"model_id": model_id}
@@ -144,6 +147,8 @@ class SwarmClient:
             fields["route_timeout_s"] = route_timeout_s
         if lora and lora_scaling is not None:
             fields["lora_scaling"] = lora_scaling
+        if adapter is not None:
+            fields["adapter"] = adapter
         reply = self.request("forward", fields, {**_inputs(hidden, position_ids, key_mask), **(lora or {})})
         return _hidden(reply)
 

@@ -50,7 +50,8 @@ class RemoteSession:
 
     def _open(self, batch: int) -> None:
         reply = self.model.client.open_session(self.model.model_id, self.max_length, batch,
-                                               route_timeout_s=self.route_timeout_s, push=self.push)
+                                               route_timeout_s=self.route_timeout_s, push=self.push,
+                                               adapter=self.model.adapter)
         self.id, self.route, self.batch = reply["session"], reply.get("route", []), batch
 
     def step(self, hidden: torch.Tensor, position_ids: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
@@ -129,6 +130,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         self.route_timeout_s: float | None = None  # None: the gateway's default (60 s)
         self.lora: LoraAdapters | None = None
         self.prompts: nn.ParameterDict | None = None
+        self.adapter: str | None = None  # a LoRA adapter hosted by the servers (serve.adapters), by name
 
     # --- client-held LoRA ------------------------------------------------------------------------
     def add_lora(self, rank: int = 8, alpha: float = 16, target_modules=("q_proj", "v_proj")) -> LoraAdapters:
@@ -256,7 +258,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             out = RemoteBlocks.apply(hidden, positions, key_mask, self, *(p for _, p in self._trainables()))
         else:
             out = self.client.forward(self.model_id, hidden, positions, key_mask, route_timeout_s=self.route_timeout_s,
-                                      **self._lora_wire())
+                                      adapter=self.adapter, **self._lora_wire())
         out = out.to(hidden.dtype)[:, n_prompt:]
         logits = self.lm_head(self.norm(out))
         loss = None
@@ -370,7 +372,8 @@ class AutoDistributedModelForCausalLM:
 
     @staticmethod
     def from_pretrained(model_dir: str, socket: str | None = None, dtype: torch.dtype = torch.float32,
-                        client: SwarmClient | None = None, **kwargs) -> DistributedModelForCausalLM:
+                        client: SwarmClient | None = None, adapter: str | None = None,
+                        **kwargs) -> DistributedModelForCausalLM:
         if kwargs:
             raise TypeError(f"unexpected arguments: {', '.join(kwargs)}")
         ck = Checkpoint(model_dir)
@@ -391,4 +394,5 @@ class AutoDistributedModelForCausalLM:
             model.generation_config = GenerationConfig.from_model_config(config)
         if model.embed_tokens.weight.is_meta:
             raise ModelError(f"{ck.dir}: embeddings were not loaded")
+        model.adapter = adapter  # a LoRA adapter the servers host (serve.adapters), picked by name
         return model

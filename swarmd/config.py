@@ -30,6 +30,7 @@ DEFAULTS: dict[str, Any] = {
         "session_idle_timeout_s": 600,
         "rebalance_interval_s": 60,
         "drain_timeout_s": 300,
+        "adapters": {},
         "cache": {"max_bytes": "auto", "kv_dtype": "auto"},
     },
     "network": {
@@ -72,6 +73,7 @@ class ServeConfig:
     session_idle_timeout_s: float
     rebalance_interval_s: float
     drain_timeout_s: float
+    adapters: tuple[tuple[str, str], ...]  # (name, PEFT adapter directory)
     cache: CacheConfig
 
 
@@ -143,7 +145,7 @@ class _Reader:
                 raise self.fail(f"{prefix}{key}", f"unknown key (known: {', '.join(defaults)})")
         for key, default in defaults.items():
             value = data.get(key, default)
-            if isinstance(default, dict):
+            if isinstance(default, dict) and default:  # a section; an empty default is a free mapping
                 out[key] = self.merge(data.get(key), default, f"{prefix}{key}.")
             else:
                 out[key] = value
@@ -266,6 +268,7 @@ def load_config(path: str, overrides: dict | None = None) -> Config:
         session_idle_timeout_s=float(r.positive_int("serve.session_idle_timeout_s", s["session_idle_timeout_s"]) or 1),
         rebalance_interval_s=float(r.positive_int("serve.rebalance_interval_s", s["rebalance_interval_s"]) or 1),
         drain_timeout_s=float(r.positive_int("serve.drain_timeout_s", s["drain_timeout_s"]) or 1),
+        adapters=_adapters(r, s["adapters"], base_dir),
         cache=CacheConfig(
             max_bytes=r.size("serve.cache.max_bytes", s["cache"]["max_bytes"], allow_auto=True),
             kv_dtype=r.choice("serve.cache.kv_dtype", s["cache"]["kv_dtype"], ("auto", "int8")),
@@ -311,6 +314,24 @@ def load_config(path: str, overrides: dict | None = None) -> Config:
         swarm=swarm, state_dir=os.path.expanduser(r.string("state_dir", d["state_dir"])),
         log_level=r.choice("log_level", d["log_level"], ("debug", "info", "warning", "error")),
     )
+
+
+def _adapters(r: _Reader, value: Any, base_dir: str) -> tuple[tuple[str, str], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise r.fail("serve.adapters", "must be a mapping of name: PEFT adapter directory")
+    out = []
+    for name, directory in value.items():
+        if not isinstance(name, str) or not re.match(r"^[A-Za-z0-9_.-]{1,64}$", name):
+            raise r.fail("serve.adapters", f"adapter name {name!r} must be 1-64 letters, digits, _ . -")
+        directory = os.path.expanduser(r.string(f"serve.adapters.{name}", directory))
+        if not os.path.isabs(directory):
+            directory = os.path.join(base_dir, directory)
+        if not os.path.exists(os.path.join(directory, "adapter_config.json")):
+            raise r.fail(f"serve.adapters.{name}", f"{directory} holds no adapter_config.json (a PEFT adapter)")
+        out.append((name, directory))
+    return tuple(out)
 
 
 def _device(r: _Reader, value: Any) -> str:

@@ -118,6 +118,7 @@ class Daemon:
             "throughput": self.speed.span_throughput(n, self.span.hidden_size * self.span.dtype.itemsize,
                                                      self.membership.bandwidth_bps),
             "forward_throughput": round(self.speed.forward_tokens_per_s / n, 1), "movable": self.auto,
+            "adapters": tuple(sorted(self.server.adapters)),
             "cache_free_bytes": self.server.budget.free_bytes, "sessions": len(self.server.sessions),
             "fingerprints": tuple(f[:FINGERPRINT_PREFIX] for f in self.span.fingerprints),
         }
@@ -202,6 +203,7 @@ class Daemon:
                                  access=self.access, resolve_key=self.membership.key_for)
         self.server.handlers["gossip"] = self.membership.on_gossip
         self.server.drain_timeout_s = s.drain_timeout_s
+        self.server.adapters = self.server.load_adapters(dict(s.adapters), span)
         try:
             bound = self.server.bind(self.config.network.listen)
         except zmq.ZMQError as e:

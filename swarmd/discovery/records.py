@@ -48,6 +48,7 @@ class Record:
     fingerprints: tuple[str, ...] = ()  # per block of the span, a prefix of its weights' fingerprint
     movable: bool = False  # serve.blocks: auto: placement may move it
     bandwidth_mbps: float = 0.0  # measured to its best peer lately (0: not measured yet)
+    adapters: tuple[str, ...] = ()  # names of the LoRA adapters it hosts (serve.adapters)
 
     @property
     def short_id(self) -> str:
@@ -62,6 +63,7 @@ class Record:
         d["addresses"] = list(self.addresses)
         d["span"] = list(self.span) if self.span else None
         d["fingerprints"] = list(self.fingerprints)
+        d["adapters"] = list(self.adapters)
         return d
 
     def sign(self, identity: NodeIdentity) -> dict:
@@ -140,4 +142,5 @@ def decode_record(wire: object, now: float | None = None) -> Record:
         fingerprints=tuple(fingerprints),
         movable=d.get("movable") is True,
         bandwidth_mbps=float(_type(d, "bandwidth_mbps", (int, float), optional=True) or 0.0),
+        adapters=tuple(a for a in (_type(d, "adapters", list, optional=True) or []) if isinstance(a, str))[:64],
     )

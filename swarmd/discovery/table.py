@@ -141,13 +141,15 @@ class PeerTable:
                     return e.record.node_id
         return None
 
-    def servers_for(self, model_id: str) -> list[ServerSpan]:
-        """Spans of the online servers of this model, for routing."""
+    def servers_for(self, model_id: str, adapter: str | None = None) -> list[ServerSpan]:
+        """Spans of the online servers of this model (hosting `adapter`, if given), for routing."""
         now = time.monotonic()
         out = []
         for e in self.entries():
             r = e.record
             if r.model_id != model_id or r.span is None or self.state(e, now) != "online":
+                continue
+            if adapter is not None and adapter not in r.adapters:
                 continue
             block_s = 1.0 / (r.throughput * (r.span[1] - r.span[0])) if r.throughput > 0 else None
             rtt_s = 0.0 if e.is_self else (e.rtt_ms / 1000 if e.rtt_ms is not None else None)
@@ -168,6 +170,7 @@ class PeerTable:
             "forward_throughput": r.forward_throughput,
             "bandwidth_mbps": r.bandwidth_mbps,
             "movable": r.movable,
+            "adapters": list(r.adapters),
             "cache_free_bytes": r.cache_free_bytes,
             "sessions": r.sessions,
             "version": r.version,

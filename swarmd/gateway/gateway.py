@@ -65,6 +65,7 @@ class GatewaySession:
     server_sessions: list[str]
     route_timeout_s: float = DEFAULT_ROUTE_TIMEOUT_S
     push: bool = True
+    adapter: str | None = None  # a hosted LoRA adapter: only servers hosting it are used
     position: int = 0
     steps: int = 0  # steps sent so far; numbers each step so that pushes find their request
     broken: bool = False  # a step failed after some servers ran it: rebuild before the next one
@@ -107,14 +108,15 @@ class Gateway:
 
     # --- routing ---------------------------------------------------------------------------
     def _plan(self, first: int, last: int, deadline: float,
-              exclude: frozenset[str] | set[str] = frozenset(), spread: bool = False) -> list[Hop]:
+              exclude: frozenset[str] | set[str] = frozenset(), spread: bool = False,
+              adapter: str | None = None) -> list[Hop]:
         """A chain over blocks [first, last) avoiding banned servers, waiting (with capped
         doubling backoff, refreshing the peer table) until `deadline` for one to exist. The
         lowest-latency chain, or with `spread` (forward batches) a random one weighted by speed."""
         backoff_s, t0, refreshed = 0.2, time.monotonic(), 0
         while True:
             banned = self.bans.banned() | exclude
-            servers = [s for s in self.table.servers_for(self.model_id) if s.address not in banned]
+            servers = [s for s in self.table.servers_for(self.model_id, adapter) if s.address not in banned]
             try:
                 hops = plan_chain(servers, last, self.model_id, start=first, rng=self._rng if spread else None)
                 if refreshed:
@@ -125,7 +127,8 @@ class Gateway:
                 if refreshed:  # the table was fresh and still no route: wait for servers to come
                     left_s = deadline - time.monotonic()
                     if left_s <= 0:
-                        raise NoRouteError(f"{e} (waited {time.monotonic() - t0:.1f} s)") from None
+                        hosting = f" hosting adapter {adapter!r}" if adapter else ""
+                        raise NoRouteError(f"{e}{hosting} (waited {time.monotonic() - t0:.1f} s)") from None
                     time.sleep(min(backoff_s, left_s))
                     backoff_s = min(backoff_s * 2, 2.0)
                 # ask the peers again (a server may have just come back); banned ones, maybe
@@ -134,7 +137,8 @@ class Gateway:
                 refreshed += 1
 
     def _open_span(self, first: int, last: int, *, max_length: int, batch: int, deadline: float,
-                   history: History | None) -> tuple[list[Hop], list[str], dict[int, torch.Tensor], float]:
+                   history: History | None, adapter: str | None = None
+                   ) -> tuple[list[Hop], list[str], dict[int, torch.Tensor], float]:
         """Open sessions on servers covering [first, last); with a history, replay it into them.
         Returns the hops, their session ids, the replay's output at each new inner boundary, and
         the seconds spent replaying. A server that fails here is banned and another one is
@@ -142,7 +146,7 @@ class Gateway:
         replay_s = 0.0
         full: set[str] = set()  # servers without room for this session (not banned: they work)
         while True:
-            hops = self._plan(first, last, deadline, exclude=full)
+            hops = self._plan(first, last, deadline, exclude=full, adapter=adapter)
             opened: list[tuple[Hop, str]] = []
             outputs: dict[int, torch.Tensor] = {}
             hop = hops[0]
@@ -150,8 +154,11 @@ class Gateway:
                 replay = history.replay_inputs(first) if history is not None else None
                 for hop in hops:
                     conn = self.pool.get(hop.address)
-                    reply = conn.request("open", {"model_id": self.model_id, "blocks": [hop.first, hop.last],
-                                                  "max_length": max_length, "batch": batch}, timeout_s=OPEN_TIMEOUT_S)
+                    fields = {"model_id": self.model_id, "blocks": [hop.first, hop.last], "max_length": max_length,
+                              "batch": batch}
+                    if adapter is not None:
+                        fields["adapter"] = adapter
+                    reply = conn.request("open", fields, timeout_s=OPEN_TIMEOUT_S)
                     opened.append((hop, reply.require("session", str)))
                     if replay is not None:
                         t0 = time.monotonic()
@@ -163,7 +170,7 @@ class Gateway:
             except CacheFullError:
                 self._close_remote(opened)
                 full.add(hop.address)
-                candidates = [s for s in self.table.servers_for(self.model_id)
+                candidates = [s for s in self.table.servers_for(self.model_id, adapter)
                               if s.address not in full and not self.bans.is_banned(s.address)]
                 if missing_blocks(candidates, last, first):  # nobody else could take it: say so now
                     raise
@@ -217,10 +224,11 @@ class Gateway:
             raise LimitError("max_length and batch must be positive")
         route_timeout_s = _route_timeout(msg)
         deadline = time.monotonic() + route_timeout_s
+        adapter = _adapter(msg)
         hops, sids, _, _ = self._open_span(0, self.num_layers, max_length=max_length, batch=batch, deadline=deadline,
-                                        history=None)
+                                        history=None, adapter=adapter)
         sess = GatewaySession(secrets.token_hex(12), batch, max_length, hops, sids, route_timeout_s=route_timeout_s,
-                              push=msg.get("push", True) is not False)
+                              push=msg.get("push", True) is not False, adapter=adapter)
         with self._lock:
             self.sessions[sess.id] = sess
         log.info("session %s opened over %s", sess.id[:8], _route_text(hops))
@@ -279,7 +287,8 @@ class Gateway:
         old = list(zip(sess.hops, sess.server_sessions))
         deadline = time.monotonic() + sess.route_timeout_s
         hops, sids, outputs, _ = self._open_span(0, self.num_layers, max_length=sess.max_length, batch=sess.batch,
-                                                 deadline=deadline, history=sess.history if sess.position else None)
+                                                 deadline=deadline, history=sess.history if sess.position else None,
+                                                 adapter=sess.adapter)
         self._close_remote(old)
         sess.hops, sess.server_sessions = hops, sids
         for boundary, out in outputs.items():
@@ -393,7 +402,8 @@ class Gateway:
         t0 = time.monotonic()
         history = sess.history if sess.position > 0 else None
         hops, sids, outputs, replay_s = self._open_span(
-            hop.first, hop.last, max_length=sess.max_length, batch=sess.batch, deadline=deadline, history=history)
+            hop.first, hop.last, max_length=sess.max_length, batch=sess.batch, deadline=deadline, history=history,
+            adapter=sess.adapter)
         total_s = time.monotonic() - t0
         self.last_failover = {
             "detected_at": detected_at, "blocks": [hop.first, hop.last], "failed": hop.address,
@@ -426,7 +436,7 @@ class Gateway:
         small = {k: v for k, v in tensors.items() if k != "hidden"}
         lora, fields = self._lora(msg)
         while first < self.num_layers:
-            for hop in self._plan(first, self.num_layers, deadline, spread=True):
+            for hop in self._plan(first, self.num_layers, deadline, spread=True, adapter=fields.get("adapter")):
                 try:
                     reply = self.pool.get(hop.address).request(
                         "forward", {**fields, "blocks": [hop.first, hop.last]},
@@ -455,7 +465,7 @@ class Gateway:
         tokens = tensors["hidden"].shape[0] * tensors["hidden"].shape[1]
         lora, fields = self._lora(msg)
         while True:
-            hops = self._plan(0, self.num_layers, deadline, spread=True)
+            hops = self._plan(0, self.num_layers, deadline, spread=True, adapter=fields.get("adapter"))
             inputs: list[torch.Tensor] = []
             x = tensors["hidden"]
             hop = hops[0]
@@ -490,6 +500,9 @@ class Gateway:
         with every hop's request."""
         lora = {k: v for k, v in msg.tensors.items() if k.startswith(("lora_A.", "lora_B.")) or k == "deep_prompts"}
         fields: dict = {"model_id": self.model_id}
+        adapter = _adapter(msg)
+        if adapter is not None:
+            fields["adapter"] = adapter
         if lora:
             bad = [k for k, v in lora.items() if v.ndim not in (3, 4) or v.shape[0] != self.num_layers]
             if bad:
@@ -524,6 +537,13 @@ class Gateway:
             self.sessions.clear()
         for s in sessions:
             self._close_remote(list(zip(s.hops, s.server_sessions)))
+
+
+def _adapter(msg: Message) -> str | None:
+    name = msg.get("adapter")
+    if name is not None and not (isinstance(name, str) and 0 < len(name) <= 64):
+        raise ProtocolError("adapter must be an adapter name (a string)")
+    return name
 
 
 def _slice(lora: dict[str, torch.Tensor], hop: Hop) -> dict[str, torch.Tensor]:

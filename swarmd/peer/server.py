@@ -32,6 +32,7 @@ from swarmd.discovery.access import ZAP_DOMAIN, AccessControl
 from swarmd.gateway.connection import ConnectionPool, emulated_delay_s
 from swarmd.identity import NodeIdentity, is_key
 from swarmd.inputs import positions_and_mask
+from swarmd.runtime.adapters import load_adapter, slice_lora
 from swarmd.runtime.cache import CacheBudget, SessionCache
 from swarmd.runtime.span import Lora, Span
 
@@ -62,6 +63,7 @@ class ServerSession:
     id: str
     cache: SessionCache
     span: Span  # the span it was opened on (after a move, old sessions drain on the old one)
+    lora: Lora | None = None  # a hosted adapter the client picked, for the session's blocks
     last_used: float = field(default_factory=time.monotonic)
     # the last step's number and output: a gateway that resends a step after a failure
     # elsewhere in the route gets the same answer, and the cache does not advance twice
@@ -112,9 +114,12 @@ class SpanServer:
         # moving to other blocks (rebalancing): the new span, handed over by another thread and
         # switched to by the serving thread; earlier spans drain their sessions until a deadline
         self._next_span: Span | None = None
+        self._next_adapters: dict[str, Lora] = {}
         self._switched = threading.Event()
         self.old_spans: list[tuple[Span, float]] = []  # (span, drain deadline, monotonic)
         self.drain_timeout_s = 300.0
+        self.adapter_dirs: dict[str, str] = {}  # serve.adapters
+        self.adapters: dict[str, Lora] = {}  # loaded for the current span
         self.handlers = {
             "info": self.on_info,
             "open": self.on_open,
@@ -194,13 +199,21 @@ class SpanServer:
         """From another thread: serve `span` for new sessions from now on; sessions open on
         the current one drain there. True once the serving thread has switched."""
         self._switched.clear()
+        self._next_adapters = self.load_adapters(self.adapter_dirs, span)
         self._next_span = span
         return self._switched.wait(timeout_s)
+
+    def load_adapters(self, dirs: dict[str, str], span: Span | None = None) -> dict[str, Lora]:
+        """Read the hosted adapters for `span` (default: the current one)."""
+        span = span or self.span
+        self.adapter_dirs = dirs
+        return {name: load_adapter(name, d, span.checkpoint, span.start, span.end) for name, d in dirs.items()}
 
     def _switch(self) -> None:
         new, self._next_span = self._next_span, None
         assert new is not None
         old = self.span
+        self.adapters = self._next_adapters
         self.span = new
         draining = sum(1 for x in self.sessions.values() if x.span is old)
         if draining:
@@ -288,8 +301,9 @@ class SpanServer:
             self.budget.release(nbytes)
             raise
         sid = secrets.token_hex(12)
+        lora = self._hosted_adapter(msg, first, last)
         with self._lock:
-            self.sessions[sid] = ServerSession(sid, cache, self.span)
+            self.sessions[sid] = ServerSession(sid, cache, self.span, lora)
         self.stats.sessions_opened += 1
         return {"session": sid, "cache_bytes": nbytes}, None
 
@@ -347,7 +361,7 @@ class SpanServer:
         s.cache.check_step(B, T)
         if pos is None:
             pos = torch.arange(s.cache.length, s.cache.length + T).expand(B, T)
-        out = s.span.run(hidden, pos, mask, s.cache.first, s.cache.last, cache=s.cache)
+        out = s.span.run(hidden, pos, mask, s.cache.first, s.cache.last, cache=s.cache, lora=s.lora)
         self.stats.steps += 1
         self.stats.tokens += B * T
         s.last_step, s.last_output = (step, out) if isinstance(step, int) else (None, None)
@@ -427,7 +441,20 @@ class SpanServer:
         self.stats.forwards += 1
         return {}, {"hidden": out}
 
+    def _hosted_adapter(self, msg: Message, first: int, last: int) -> Lora | None:
+        name = msg.get("adapter")
+        if name is None:
+            return None
+        if name not in self.adapters:
+            raise LimitError(f"adapter {name!r} is not hosted here (this server has {sorted(self.adapters)})")
+        return slice_lora(self.adapters[name], self.span.start, first, last)
+
     def _lora(self, msg: Message, first: int, last: int) -> Lora | None:
+        hosted = self._hosted_adapter(msg, first, last)
+        if hosted is not None:
+            if any(k.startswith(("lora_", "deep_")) for k in msg.tensors):
+                raise ProtocolError("a hosted adapter and the client's own LoRA cannot be combined")
+            return hosted
         tensors = {k: v for k, v in msg.tensors.items() if k.startswith(("lora_A.", "lora_B.")) or k == "deep_prompts"}
         if not tensors:
             return None
