@@ -16,6 +16,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -53,6 +54,8 @@ UNMEASURED_STEP_S = 30.0  # the allowance for a server whose speed is not known 
 APP_IDLE_TIMEOUT_S = 600.0  # an app session untouched this long is closed
 # Errors after which another server may succeed; anything else is the request's own fault
 # and goes straight back to the app.
+SPLIT_MIN_TOKENS = 512  # a forward or backward batch this large is split across chains...
+MAX_SPLIT_PARTS = 4  # ...into at most this many parts, run at once
 RETRIABLE = (PeerUnavailableError, RemoteError, SessionError, SpanMovedError)
 
 
@@ -95,6 +98,7 @@ class Gateway:
         self.last_failover: dict = {}  # when and how long the phases of the latest failover took
         self._lock = threading.Lock()
         self._rng = random.Random()
+        self._split_pool = ThreadPoolExecutor(MAX_SPLIT_PARTS, thread_name_prefix="split")
         self.handlers: dict[str, Callable[[Message], tuple[dict, dict | None]]] = {
             "status": lambda m: (self.status_fn(), None),
             "peers": lambda m: ({"peers": self.membership.rows()}, None),
@@ -428,13 +432,19 @@ class Gateway:
         return {"closed": True}, None
 
     def on_forward(self, msg: Message):
-        """A batch through every block with no cache; a failed hop is re-routed and retried."""
+        """A batch through every block with no cache; a failed hop is re-routed and retried.
+        A large batch is split across several chains run at once."""
         self._check_model(msg)
         tensors = self._tensors(msg)
         deadline = time.monotonic() + _route_timeout(msg)
+        lora, fields = self._lora(msg)
+        outs = self._split(tensors, lora, lambda part: self._forward_chain(part, lora, fields, deadline))
+        return {}, {"hidden": torch.cat([o["hidden"] for o in outs])}
+
+    def _forward_chain(self, tensors: dict[str, torch.Tensor], lora: dict[str, torch.Tensor], fields: dict,
+                       deadline: float) -> dict[str, torch.Tensor]:
         x, first = tensors["hidden"], 0
         small = {k: v for k, v in tensors.items() if k != "hidden"}
-        lora, fields = self._lora(msg)
         while first < self.num_layers:
             for hop in self._plan(first, self.num_layers, deadline, spread=True, adapter=fields.get("adapter")):
                 try:
@@ -446,13 +456,14 @@ class Gateway:
                     self._fail(hop, e)
                     break
                 x, first = _hidden(reply), hop.last
-        return {}, {"hidden": x}
+        return {"hidden": x}
 
     def on_backward(self, msg: Message):
         """The gradient of the whole model's block stack w.r.t. its input, given its input and
         the gradient of its output. The chain is run forward (each hop's input kept here), then
         backward hop by hop in reverse; any failed hop bans its server and the whole pass is
-        re-planned and redone, until the caller's deadline. Servers keep nothing between calls."""
+        re-planned and redone, until the caller's deadline. Servers keep nothing between calls.
+        A large batch is split across several chains run at once; LoRA gradients are summed."""
         self._check_model(msg)
         tensors = self._tensors(msg)
         grad = msg.tensor("grad_output")
@@ -461,9 +472,20 @@ class Gateway:
             raise ProtocolError(f"grad_output must have the shape of hidden {list(tensors['hidden'].shape)}, "
                                 f"got {list(grad.shape)}")
         deadline = time.monotonic() + _route_timeout(msg)
-        small = {k: v for k, v in tensors.items() if k != "hidden"}
-        tokens = tensors["hidden"].shape[0] * tensors["hidden"].shape[1]
         lora, fields = self._lora(msg)
+        outs = self._split({**tensors, "grad_output": grad}, lora,
+                           lambda part: self._backward_chain(part, lora, fields, deadline))
+        result = {"grad_input": torch.cat([o["grad_input"] for o in outs])}
+        for k in outs[0]:
+            if k != "grad_input":
+                result[k] = torch.stack([o[k] for o in outs]).sum(0)
+        return {}, result
+
+    def _backward_chain(self, tensors: dict[str, torch.Tensor], lora: dict[str, torch.Tensor], fields: dict,
+                        deadline: float) -> dict[str, torch.Tensor]:
+        grad = tensors["grad_output"]
+        small = {k: v for k, v in tensors.items() if k not in ("hidden", "grad_output")}
+        tokens = tensors["hidden"].shape[0] * tensors["hidden"].shape[1]
         while True:
             hops = self._plan(0, self.num_layers, deadline, spread=True, adapter=fields.get("adapter"))
             inputs: list[torch.Tensor] = []
@@ -489,11 +511,22 @@ class Gateway:
                     g = g_in
                     for k, parts in lora_grads.items():
                         parts.insert(0, reply.tensors[k])  # hops come back last first
-                return {}, {"grad_input": g, **{k: torch.cat(v) for k, v in lora_grads.items()}}
+                return {"grad_input": g, **{k: torch.cat(v) for k, v in lora_grads.items()}}
             except RETRIABLE as e:
                 self._fail(hop, e)
                 if time.monotonic() > deadline:
                     raise
+
+    def _split(self, tensors: dict[str, torch.Tensor], lora: dict[str, torch.Tensor], run) -> list[dict]:
+        """Run `run` on the whole batch, or, for a large one, on parts of it at once (each part
+        takes its own speed-weighted chain, so big batches spread over the swarm)."""
+        B, T = tensors["hidden"].shape[:2]
+        per_sample = any(v.ndim == 4 for v in lora.values())  # deep prompts given per sample: keep whole
+        parts = 1 if per_sample or B * T < SPLIT_MIN_TOKENS else min(B, MAX_SPLIT_PARTS)
+        if parts == 1:
+            return [run(tensors)]
+        chunks = [dict(zip(tensors, vals)) for vals in zip(*(v.tensor_split(parts) for v in tensors.values()))]
+        return list(self._split_pool.map(run, chunks))
 
     def _lora(self, msg: Message) -> tuple[dict[str, torch.Tensor], dict]:
         """The app's LoRA tensors ([num_layers, ...] each, sliced per hop) and the fields that go
