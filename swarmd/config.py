@@ -45,6 +45,7 @@ DEFAULTS: dict[str, Any] = {
         "seeds": "/etc/swarmd/seeds.yaml",
     },
     "swarm": {"access": "open", "allowed_keys_dir": "/etc/swarmd/peers.d"},
+    "metrics": {"listen": None},
     "state_dir": "/var/lib/swarmd",
     "log_level": "info",
 }
@@ -106,6 +107,11 @@ class SwarmConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    listen: tuple[str, int] | None  # (host, port), or None: off
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     model: str
@@ -114,6 +120,7 @@ class Config:
     network: NetworkConfig
     discovery: DiscoveryConfig
     swarm: SwarmConfig
+    metrics: MetricsConfig
     state_dir: str
     log_level: str
 
@@ -306,12 +313,20 @@ def load_config(path: str, overrides: dict | None = None) -> Config:
         access=r.choice("swarm.access", sw["access"], ("open", "private")),
         allowed_keys_dir=r.string("swarm.allowed_keys_dir", sw["allowed_keys_dir"]),
     )
+    listen = d["metrics"]["listen"]
+    metrics_listen = None
+    if listen is not None:
+        m = re.match(r"^\[?([A-Za-z0-9.:\-]+?)\]?:(\d{1,5})$", str(listen))
+        if not m or not 0 < int(m.group(2)) < 65536:
+            raise r.fail("metrics.listen", f"must be host:port like 127.0.0.1:9464, or null (off), got {listen!r}")
+        metrics_listen = (m.group(1), int(m.group(2)))
     model_id = d["model_id"]
     if model_id is not None:
         model_id = r.string("model_id", model_id)
     return Config(
         path=shown, model=model, model_id=model_id, serve=serve, network=network, discovery=discovery,
-        swarm=swarm, state_dir=os.path.expanduser(r.string("state_dir", d["state_dir"])),
+        swarm=swarm, metrics=MetricsConfig(metrics_listen),
+        state_dir=os.path.expanduser(r.string("state_dir", d["state_dir"])),
         log_level=r.choice("log_level", d["log_level"], ("debug", "info", "warning", "error")),
     )
 

@@ -32,6 +32,8 @@ from swarmd.gateway.connection import ConnectionPool
 from swarmd.gateway.gateway import Gateway
 from swarmd.identity import load_or_create_identity
 from swarmd.local import LocalServer
+from swarmd.metrics import MetricsServer
+from swarmd.metrics import render as render_metrics
 from swarmd.peer.server import SpanServer
 from swarmd.placement import blocks_that_fit
 from swarmd.runtime.cache import CacheBudget
@@ -68,6 +70,7 @@ class Daemon:
         self.started = time.time()
         self.threads: list[threading.Thread] = []
         self.speed: BlockSpeed | None = None
+        self.drain_requested = threading.Event()  # swarmctl drain: main() drains and exits 0
         self.balancer = Balancer(self)
         self.access = AccessControl(config.swarm.access, config.swarm.allowed_keys_dir, self.identity.public_key)
         self.pool = ConnectionPool(self.zctx, self.identity, lambda a: self.membership.key_for(a),
@@ -83,7 +86,8 @@ class Daemon:
             pool=self.pool, table=self.table, membership=self.membership, status=self.status,
         )
         handlers = dict(self.gateway.handlers, key=lambda m: (self.key_info(), None),
-                        rebalance=lambda m: (self.balancer.on_rebalance(bool(m.get("dry_run")), _in_thread), None))
+                        rebalance=lambda m: (self.balancer.on_rebalance(bool(m.get("dry_run")), _in_thread), None),
+                        drain=lambda m: (self._request_drain(), None))
         self.local = LocalServer(self.zctx, config.network.socket, handlers, config.network.max_message_bytes)
         self.local.on_idle = self.gateway.expire_idle
 
@@ -113,7 +117,8 @@ class Daemon:
             return None
         n = self.span.end - self.span.start
         return {
-            "addresses": self.addresses, "state": "online", "model_id": self.model_id,
+            "addresses": self.addresses, "state": "draining" if self.state == "draining" else "online",
+            "model_id": self.model_id,
             "span": (self.span.start, self.span.end),
             "throughput": self.speed.span_throughput(n, self.span.hidden_size * self.span.dtype.itemsize,
                                                      self.membership.bandwidth_bps),
@@ -151,6 +156,16 @@ class Daemon:
                     self.mdns.announce(*host_port)
             if self.auto:
                 self._thread("balancer", self.balancer.run)
+        if self.config.metrics.listen is not None:
+            host, port = self.config.metrics.listen
+            try:
+                metrics = MetricsServer(host, port, lambda: render_metrics(
+                    self.status(), self.server.step_seconds if self.server else None))
+            except OSError as e:
+                raise ConfigError(f"{self.config.path}: metrics.listen: cannot bind {host}:{port}: {e.strerror}") \
+                    from None
+            self._thread("metrics", metrics.serve)
+            log.info("metrics at http://%s:%d/metrics", host, port)
         self.state = "online"
         log.info("online: model %s, %s", self.model_id,
                  f"blocks {self.blocks[0]}:{self.blocks[1]}" if self.blocks else "gateway only")
@@ -250,6 +265,31 @@ class Daemon:
             t.join(timeout=5)
         self.pool.close_all()
         self.zctx.destroy(linger=0)
+
+    def _request_drain(self) -> dict:
+        self.drain_requested.set()
+        return {"draining": True, "sessions": self.open_sessions()}
+
+    def begin_drain(self) -> None:
+        """Publish `draining` and take no new sessions; open ones go on until they end."""
+        self.state = "draining"
+        if self.server is not None:
+            self.server.draining = True
+        try:
+            self.membership.round()  # tell the swarm now
+        except Exception:
+            log.exception("publishing draining failed")
+
+    def open_sessions(self) -> int:
+        return len(self.server.sessions) if self.server is not None else 0
+
+    def status_line(self) -> str:
+        """One line for systemd's STATUS= (what `systemctl status swarmd` shows)."""
+        online = sum(1 for p in self.membership.rows() if p["state"] == "online" and not p.get("is_self"))
+        what = f"serving blocks {self.blocks[0]}:{self.blocks[1]} of {self.model_id}" if self.blocks else \
+            f"gateway for {self.model_id}"
+        return (f"{what}; {self.open_sessions()} sessions served, {len(self.gateway.sessions)} from local apps; "
+                f"{online} peers online")
 
     def reload(self) -> None:
         """SIGHUP: re-read the seed list and the allowed keys; sessions and connections stay."""

@@ -8,9 +8,14 @@ import os
 import signal
 import sys
 import threading
+import time
 
 from libswarm import __version__
 from libswarm.errors import SwarmError
+from swarmd.sdnotify import notify, watchdog_interval_s
+
+STATUS_INTERVAL_S = 5.0  # how often STATUS= is refreshed for `systemctl status`
+STOP_DRAIN_MAX_S = 60.0  # on SIGTERM, open sessions get at most this long (below the unit's TimeoutStopSec)
 
 
 def setup_logging(level: str) -> None:
@@ -52,26 +57,49 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: on_signal(stop))
     signal.signal(signal.SIGINT, lambda *_: on_signal(stop))
     signal.signal(signal.SIGHUP, lambda *_: on_signal(hup))  # re-read seeds and allowed keys
+    log = logging.getLogger("swarmd")
+    watchdog_s = watchdog_interval_s()
     daemon = None
     try:
         daemon = Daemon(config)
         daemon.start()
     except SwarmError as e:
-        logging.getLogger("swarmd").error("%s", e)
+        log.error("%s", e)
+        notify(f"STATUS=failed to start: {e}")
         if daemon is not None:
             daemon.stop()
         return 2
-    while not stop.is_set():
-        wake.wait(1.0)
+    notify(f"READY=1\nSTATUS={daemon.status_line()}")
+    last_status = time.monotonic()
+    while not stop.is_set() and not daemon.drain_requested.is_set():
+        wake.wait(min(1.0, watchdog_s or 1.0))
         wake.clear()
+        if watchdog_s:
+            notify("WATCHDOG=1")  # from the loop that also watches the worker threads
         if hup.is_set():
             hup.clear()
+            notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
             daemon.reload()
+            notify(f"READY=1\nSTATUS={daemon.status_line()}")
         if not all(t.is_alive() for t in daemon.threads):
-            logging.getLogger("swarmd").error("a worker thread died; exiting so that systemd restarts us")
+            log.error("a worker thread died; exiting so that systemd restarts us")
             daemon.stop()
             return 1
-    logging.getLogger("swarmd").info("stopping")
+        if time.monotonic() - last_status >= STATUS_INTERVAL_S:
+            notify(f"STATUS={daemon.status_line()}")
+            last_status = time.monotonic()
+    bound_s = min(config.serve.drain_timeout_s, STOP_DRAIN_MAX_S)
+    notify(f"STOPPING=1\nSTATUS=draining: no new sessions; waiting up to {bound_s:.0f} s for open ones")
+    log.info("draining: no new sessions; waiting up to %.0f s for %d open ones", bound_s, daemon.open_sessions())
+    daemon.begin_drain()
+    deadline = time.monotonic() + bound_s
+    while daemon.open_sessions() and time.monotonic() < deadline:
+        time.sleep(0.2)
+        if watchdog_s:
+            notify("WATCHDOG=1")
+    if daemon.open_sessions():
+        log.info("drain bound reached with %d sessions open; their gateways fail over", daemon.open_sessions())
+    log.info("stopping")
     daemon.stop()
     return 0
 

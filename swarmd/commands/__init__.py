@@ -1,6 +1,7 @@
 """swarmctl commands, registered explicitly: name -> class."""
 
 from swarmd.commands.base import Command
+from swarmd.commands.drain import DrainCommand
 from swarmd.commands.key import KeyCommand
 from swarmd.commands.peers import PeersCommand
 from swarmd.commands.rebalance import RebalanceCommand
@@ -11,6 +12,7 @@ COMMANDS: dict[str, type[Command]] = {
     "peers": PeersCommand,
     "key": KeyCommand,
     "rebalance": RebalanceCommand,
+    "drain": DrainCommand,
 }
 
 __all__ = ["COMMANDS", "Command"]

@@ -32,6 +32,7 @@ from swarmd.discovery.access import ZAP_DOMAIN, AccessControl
 from swarmd.gateway.connection import ConnectionPool, emulated_delay_s
 from swarmd.identity import NodeIdentity, is_key
 from swarmd.inputs import positions_and_mask
+from swarmd.metrics import Histogram
 from swarmd.runtime.adapters import load_adapter, slice_lora
 from swarmd.runtime.cache import CacheBudget, SessionCache
 from swarmd.runtime.span import Lora, Span
@@ -118,6 +119,8 @@ class SpanServer:
         self._switched = threading.Event()
         self.old_spans: list[tuple[Span, float]] = []  # (span, drain deadline, monotonic)
         self.drain_timeout_s = 300.0
+        self.draining = False  # stopping: no new sessions
+        self.step_seconds = Histogram()
         self.adapter_dirs: dict[str, str] = {}  # serve.adapters
         self.adapters: dict[str, Lora] = {}  # loaded for the current span
         self.handlers = {
@@ -279,6 +282,8 @@ class SpanServer:
         return first, last
 
     def on_open(self, msg: Message):
+        if self.draining:
+            raise SpanMovedError("this server is draining (stopping): open the session elsewhere")
         self._check_model(msg)
         first, last = self._check_blocks(msg)
         max_length = msg.require("max_length", int)
@@ -361,7 +366,9 @@ class SpanServer:
         s.cache.check_step(B, T)
         if pos is None:
             pos = torch.arange(s.cache.length, s.cache.length + T).expand(B, T)
+        t0 = time.perf_counter()
         out = s.span.run(hidden, pos, mask, s.cache.first, s.cache.last, cache=s.cache, lora=s.lora)
+        self.step_seconds.observe(time.perf_counter() - t0)
         self.stats.steps += 1
         self.stats.tokens += B * T
         s.last_step, s.last_output = (step, out) if isinstance(step, int) else (None, None)

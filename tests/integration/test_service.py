@@ -1,0 +1,136 @@
+"""swarmd as a systemd service: the notify protocol (READY, STATUS, WATCHDOG, RELOADING,
+STOPPING) on a datagram socket the test owns, and graceful drain."""
+
+import signal
+import socket
+import threading
+import time
+
+import torch
+from conftest import hf_reference
+from helpers import Daemon, running_swarm
+
+from libswarm import AutoDistributedModelForCausalLM
+
+
+class NotifySocket:
+    def __init__(self, path: str):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(path)
+        self.sock.settimeout(0.2)
+        self.messages: list[tuple[float, str]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.messages.append((time.monotonic(), self.sock.recv(4096).decode()))
+            except TimeoutError:
+                continue
+
+    def wait_for(self, needle: str, after: float = 0.0, timeout: float = 60.0) -> float:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            for t, m in list(self.messages):
+                if t >= after and needle in m.split("\n"):
+                    return t
+            time.sleep(0.05)
+        raise AssertionError(f"{needle} not received; got {[m for _, m in self.messages][-5:]}")
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(2)
+        self.sock.close()
+
+
+def test_notify_ready_watchdog_reload_and_stop(model_dirs, tmp_path):
+    d = model_dirs("llama")
+    notify = NotifySocket(str(tmp_path / "notify.sock"))
+    daemon = Daemon(str(tmp_path), "svc", d, "0:6", {"serve": {"drain_timeout_s": 5}},
+                    env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "400000"})
+    try:
+        daemon.start([])
+        t_ready = notify.wait_for("READY=1")
+        assert daemon.ctl("status")["state"] == "online"  # READY only once the weights are loaded
+        status = [m for _, m in notify.messages if m.startswith("STATUS=") or "\nSTATUS=" in m]
+        assert any("serving blocks 0:6" in m for m in status)
+        time.sleep(1.2)
+        dogs = [t for t, m in notify.messages if "WATCHDOG=1" in m.split("\n") and t > t_ready]
+        assert len(dogs) >= 4  # every 0.2 s (half of WatchdogSec)
+
+        model = AutoDistributedModelForCausalLM.from_pretrained(d, socket=daemon.socket)
+        ref = hf_reference(d)
+        ids = torch.randint(3, 500, (1, 5), generator=torch.Generator().manual_seed(31))
+        kw = dict(do_sample=False, max_new_tokens=4, pad_token_id=0)
+        with model.inference_session(max_length=32):
+            first = model.generate(ids, **kw)
+            t_hup = time.monotonic()
+            daemon.kill(signal.SIGHUP)
+            t_reloading = notify.wait_for("RELOADING=1", after=t_hup)
+            notify.wait_for("READY=1", after=t_reloading)
+            second = model.generate(first, **kw)  # the same session goes on after the reload
+        assert torch.equal(second, ref.generate(first, **kw)) and torch.equal(first, ref.generate(ids, **kw))
+
+        t_term = time.monotonic()
+        daemon.proc.send_signal(signal.SIGTERM)
+        notify.wait_for("STOPPING=1", after=t_term)
+        assert daemon.proc.wait(20) == 0
+    finally:
+        daemon.stop()
+        notify.close()
+
+
+def test_drain_during_a_generation_lets_it_finish_and_exits_zero(model_dirs):
+    d = model_dirs("llama")
+    with running_swarm(d, ["0:6", "0:6"], extra={"serve": {"drain_timeout_s": 30}}) as (servers, gw):
+        model = AutoDistributedModelForCausalLM.from_pretrained(d, socket=gw.socket)
+        ids = torch.randint(3, 500, (1, 6), generator=torch.Generator().manual_seed(32))
+        kw = dict(do_sample=False, max_new_tokens=150, min_new_tokens=150, pad_token_id=0)
+        out: dict = {}
+        t = threading.Thread(target=lambda: out.setdefault("tokens", model.generate(ids, **kw)))
+        t.start()
+        t0 = time.monotonic()
+        while not any(s.ctl("status")["sessions"]["server"] for s in servers):
+            assert time.monotonic() - t0 < 20
+            time.sleep(0.05)
+        busy = next(s for s in servers if s.ctl("status")["sessions"]["server"])
+        reply = busy.ctl("drain")
+        assert reply["draining"]
+        states = {p["node_id"]: p["state"] for p in gw.ctl("peers")["peers"]}
+        t.join(120)
+        assert torch.equal(out["tokens"], hf_reference(d).generate(ids, **kw))
+        assert busy.proc.wait(40) == 0
+        assert states.get(busy.node_id) in ("draining", "online")
+        other = next(s for s in servers if s is not busy)
+        assert other.alive
+
+
+def test_metrics_endpoint_answers_and_counters_move(model_dirs, tmp_path):
+    import urllib.request
+
+    from localswarm import free_port
+
+    d = model_dirs("llama")
+    port = free_port()
+    daemon = Daemon(str(tmp_path), "m", d, "0:6", {"metrics": {"listen": f"127.0.0.1:{port}"}})
+
+    def scrape() -> dict[str, float]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            assert r.headers["Content-Type"].startswith("text/plain")
+            text = r.read().decode()
+        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                if line and not line.startswith("#")}
+
+    try:
+        daemon.start([]).wait_ready()
+        before = scrape()
+        assert before["swarmd_steps_total"] == 0 and before['swarmd_cache_bytes{kind="free"}'] > 0
+        model = AutoDistributedModelForCausalLM.from_pretrained(d, socket=daemon.socket)
+        model.generate(torch.tensor([[5, 6, 7]]), do_sample=False, max_new_tokens=5, pad_token_id=0)
+        after = scrape()
+        assert after["swarmd_steps_total"] >= 5 and after["swarmd_tokens_total"] > before["swarmd_tokens_total"]
+        assert after["swarmd_step_seconds_count"] >= 5 and after['swarmd_step_seconds_bucket{le="+Inf"}'] >= 5
+    finally:
+        daemon.stop()
