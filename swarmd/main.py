@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config)
     except SwarmError as e:
         print(f"swarmd: {e}", file=sys.stderr)
+        notify(f"STATUS=not started: {e}")  # what `systemctl status swarmd` shows the operator
         return 2
     setup_logging(config.log_level)
     threads = os.environ.get("SWARMD_TORCH_THREADS")

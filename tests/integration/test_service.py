@@ -1,6 +1,7 @@
 """swarmd as a systemd service: the notify protocol (READY, STATUS, WATCHDOG, RELOADING,
 STOPPING) on a datagram socket the test owns, and graceful drain."""
 
+import os
 import signal
 import socket
 import threading
@@ -38,6 +39,12 @@ class NotifySocket:
                     return t
             time.sleep(0.05)
         raise AssertionError(f"{needle} not received; got {[m for _, m in self.messages][-5:]}")
+
+    def wait_for_text(self, prefix: str, timeout: float = 10.0) -> None:
+        t0 = time.monotonic()
+        while not any(m.startswith(prefix) for _, m in self.messages):
+            assert time.monotonic() - t0 < timeout, f"no {prefix!r}; got {[m for _, m in self.messages]}"
+            time.sleep(0.05)
 
     def close(self) -> None:
         self.stop.set()
@@ -134,3 +141,21 @@ def test_metrics_endpoint_answers_and_counters_move(model_dirs, tmp_path):
         assert after["swarmd_step_seconds_count"] >= 5 and after['swarmd_step_seconds_bucket{le="+Inf"}'] >= 5
     finally:
         daemon.stop()
+
+
+def test_a_config_without_a_model_says_so_in_status_and_exits_2(tmp_path):
+    import subprocess
+
+    from helpers import SWARMD
+
+    notify = NotifySocket(str(tmp_path / "n.sock"))
+    cfg = tmp_path / "swarmd.yaml"
+    cfg.write_text("serve:\n  blocks: auto\n")
+    try:
+        env = dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "n.sock"))
+        r = subprocess.run([SWARMD, "--config", str(cfg)], capture_output=True, text=True, timeout=60, env=env)
+        assert r.returncode == 2 and "model: not set" in r.stderr
+        notify.wait_for_text("STATUS=not started", timeout=5)
+        assert any("model: not set" in m for _, m in notify.messages)
+    finally:
+        notify.close()
