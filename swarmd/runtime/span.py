@@ -102,6 +102,8 @@ class Span:
         With a cache, the new positions go to slots [cache.length, cache.length + T) and attend
         to everything cached before them; without one, this is a plain causal forward. With
         `lora`, the client's adapters are applied for this call only."""
+        if lora is None:  # the decode hot path: no hooks to set up
+            return self._run(hidden, position_ids, key_mask, first, last, cache)
         with self._lora_applied(lora, first, last):
             return self._run(hidden, position_ids, key_mask, first, last, cache, lora)
 

@@ -21,6 +21,18 @@ def swarm(model_dirs):
         yield d, servers, gw
 
 
+def optimize(opt, loss_fn, steps: int) -> list[float]:
+    """`steps` optimizer steps on loss_fn(); the losses."""
+    losses = []
+    for _ in range(steps):
+        loss = loss_fn()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def grads(model, ids, labels):
     emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
     loss = model(inputs_embeds=emb, labels=labels).loss
@@ -51,15 +63,8 @@ def test_prompt_tuning_lowers_the_loss_like_the_local_model(swarm):
         prompt = torch.nn.Parameter(torch.randn(1, 4, model.config.hidden_size) * 0.1)
         opt = torch.optim.Adam([prompt], lr=0.05)
         labels = torch.cat([torch.full((2, 4), -100), ids], dim=1)
-        losses = []
-        for _ in range(20):
-            emb = torch.cat([prompt.expand(2, -1, -1), model.get_input_embeddings()(ids)], dim=1)
-            loss = model(inputs_embeds=emb, labels=labels).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        return losses
+        return optimize(opt, lambda: model(inputs_embeds=torch.cat(
+            [prompt.expand(2, -1, -1), model.get_input_embeddings()(ids)], dim=1), labels=labels).loss, 20)
 
     remote = train(AutoDistributedModelForCausalLM.from_pretrained(d, socket=gw.socket))
     local = train(hf_reference(d).requires_grad_(False))
@@ -97,15 +102,7 @@ def test_lora_training_steps_match_peft_locally_and_server_memory_stays_flat(swa
     set_peft_model_state_dict(ref, load_file(str(tmp_path / "init" / "adapter_model.safetensors")))
 
     def train(m, params, steps=20) -> list[float]:
-        opt = torch.optim.AdamW(params, lr=1e-2)
-        out = []
-        for _ in range(steps):
-            loss = m(input_ids=ids, labels=ids).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            out.append(loss.item())
-        return out
+        return optimize(torch.optim.AdamW(params, lr=1e-2), lambda: m(input_ids=ids, labels=ids).loss, steps)
 
     rss = [psutil.Process(s.proc.pid).memory_info().rss for s in servers]
     remote = train(model, list(lora.parameters()))
