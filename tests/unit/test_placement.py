@@ -25,6 +25,9 @@ def test_move_that_would_uncover_a_block_is_never_planned():
     holders = [Holder("a", 0, 2, 10.0), Holder("b", 2, 4, 10.0)]
     assert plan_move(holders, "a", 6) is None
     assert plan_move(holders, "b", 6) is None
+    # here the move would pay (two gap blocks covered for one uncovered), and is still refused
+    holders = [Holder("a", 0, 2, 10.0), Holder("c", 1, 2, 10.0), Holder("b", 2, 4, 10.0)]
+    assert plan_move(holders, "a", 6) is None
 
 
 def test_redundant_server_moves_to_cover_a_gap():
