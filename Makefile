@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TORCH   := torch==2.13.0
 
-.PHONY: demo test check bench install clean
+.PHONY: demo test check bench install deb clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -30,5 +30,13 @@ check: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python tools/bench_inference.py
 
+# The Debian package (dist/swarmd_VERSION_ARCH.deb): a venv under /opt/swarmd with $(TORCH) from
+# pip's sources. For CUDA: make deb DEB_TORCH_INDEX=https://download.pytorch.org/whl/cu128 DEB_EXTRAS=gpu
+DEB_TORCH_INDEX ?=
+DEB_EXTRAS      ?=
+deb: $(STAMP)
+	$(BIN)/python tools/build_deb.py --torch '$(TORCH)' \
+		$(if $(DEB_TORCH_INDEX),--torch-index '$(DEB_TORCH_INDEX)') $(if $(DEB_EXTRAS),--extras '$(DEB_EXTRAS)')
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist *.egg-info

@@ -31,8 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cmd = COMMANDS[args.command]()
     try:
-        with SwarmClient(socket=args.socket, timeout_s=args.timeout) as client:
-            reply = client.request(cmd.request_type, cmd.fields(args)).fields
+        if cmd.local:
+            reply = cmd.run(args)
+        else:
+            with SwarmClient(socket=args.socket, timeout_s=args.timeout) as client:
+                reply = client.request(cmd.request_type, cmd.fields(args)).fields
     except SwarmError as e:
         print(f"swarmctl: {e}", file=sys.stderr)
         return 1

@@ -2,6 +2,7 @@
 
 from swarmd.commands.base import Command
 from swarmd.commands.drain import DrainCommand
+from swarmd.commands.install_service import InstallServiceCommand
 from swarmd.commands.key import KeyCommand
 from swarmd.commands.peers import PeersCommand
 from swarmd.commands.rebalance import RebalanceCommand
@@ -13,6 +14,7 @@ COMMANDS: dict[str, type[Command]] = {
     "key": KeyCommand,
     "rebalance": RebalanceCommand,
     "drain": DrainCommand,
+    "install-service": InstallServiceCommand,
 }
 
 __all__ = ["COMMANDS", "Command"]

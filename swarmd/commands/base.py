@@ -10,6 +10,11 @@ class Command:
 
     name = ""
     request_type = ""
+    # a local command does its work here, without swarmd: `run` replaces the request
+    local = False
+
+    def run(self, args: argparse.Namespace) -> dict:
+        raise NotImplementedError
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         pass

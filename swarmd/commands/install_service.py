@@ -1,0 +1,141 @@
+"""`swarmctl install-service`: make a pip-installed swarmd a systemd service, with the same units,
+user and directories as the Debian package, under /etc (the administrator's paths)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import stat
+import subprocess
+import sys
+
+from libswarm.errors import SwarmError
+from swarmd import service_files
+from swarmd.commands.base import Command
+
+
+def default_swarmd() -> str:
+    """The swarmd installed beside this swarmctl (same venv), else the one on PATH."""
+    here = os.path.join(os.path.dirname(sys.executable), "swarmd")
+    if os.access(here, os.X_OK):
+        return here
+    return shutil.which("swarmd") or here
+
+
+def unreachable_dirs(path: str) -> list[str]:
+    """Directories above `path` that other users (the service's user) cannot enter."""
+    out = []
+    d = os.path.dirname(os.path.abspath(path))
+    while d != "/":
+        try:
+            if not os.stat(d).st_mode & stat.S_IXOTH:
+                out.append(d)
+        except OSError:
+            pass
+        d = os.path.dirname(d)
+    return out
+
+
+def write_file(path: str, text: str, mode: int) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.swarmctl-new"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+class InstallServiceCommand(Command):
+    """Install swarmd's systemd units, user and directories for this (pip) install of swarmd."""
+
+    name = "install-service"
+    local = True
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        p.add_argument("--root", default="/", help="install into this root instead of / (an image, a container)")
+        p.add_argument("--swarmd", default=None, help="the swarmd executable the units run "
+                                                      "(default: the one beside this swarmctl)")
+        p.add_argument("--force", action="store_true", help="replace unit files that exist and differ")
+        p.add_argument("--no-activate", action="store_true",
+                       help="only write files: do not run systemd-sysusers, systemd-tmpfiles, daemon-reload")
+
+    def run(self, args: argparse.Namespace) -> dict:
+        root = os.path.abspath(args.root)
+        swarmd = args.swarmd or default_swarmd()
+        if not os.path.isabs(swarmd):
+            raise SwarmError(f"--swarmd must be an absolute path: {swarmd}")
+        if not (os.path.isfile(swarmd) and os.access(swarmd, os.X_OK)):
+            raise SwarmError(f"no swarmd executable at {swarmd} (pass --swarmd PATH)")
+        try:
+            planned = [(f, service_files.render(f, swarmd)) for f in service_files.SERVICE_FILES]
+        except ValueError as e:
+            raise SwarmError(str(e)) from None
+        files, warnings = [], []
+        # check everything before writing anything: a refusal leaves the system as it was
+        for f, text in planned:
+            path = os.path.join(root, f.admin)
+            if os.path.exists(path):
+                with open(path) as fh:
+                    same = fh.read() == text
+                if not same and not args.force:
+                    raise SwarmError(f"{path} exists and differs from the unit for {swarmd}; "
+                                     "--force replaces it")
+                files.append((f, path, text, "unchanged" if same else "replaced"))
+            else:
+                files.append((f, path, text, "wrote"))
+        result: dict = {"root": root, "swarmd": swarmd, "files": [], "ran": [], "warnings": warnings}
+        try:
+            for f, path, text, action in files:
+                if action != "unchanged":
+                    write_file(path, text, f.mode)
+                result["files"].append({"path": path, "action": action})
+            config = os.path.join(root, service_files.CONFIG.admin)
+            if os.path.exists(config):
+                result["files"].append({"path": config, "action": "kept"})
+            else:
+                write_file(config, service_files.read(service_files.CONFIG.source), service_files.CONFIG.mode)
+                result["files"].append({"path": config, "action": "wrote"})
+        except OSError as e:
+            raise SwarmError(f"cannot write {e.filename}: {e.strerror} (run as root, or pass --root DIR)") from None
+        if service_files.under_home(swarmd):
+            warnings.append(f"{swarmd} is under a home directory: the units use ProtectHome=read-only, and "
+                            "user swarmd must be able to read it")
+        if root == "/":
+            for d in unreachable_dirs(swarmd):
+                warnings.append(f"user swarmd cannot enter {d} (mode {stat.S_IMODE(os.stat(d).st_mode):04o}), "
+                                "so it cannot run swarmd: install it elsewhere (e.g. /opt) or open that directory")
+        if not args.no_activate:
+            self._activate(root, result)
+        result["next"] = [f"set model: in {config}",
+                          "systemctl enable --now swarmd   (or swarmd@N, one per GPU, with /etc/swarmd/swarmd-N.yaml)",
+                          "swarmctl status   (as root or a member of group swarmd)"]
+        return result
+
+    def _activate(self, root: str, result: dict) -> None:
+        """Create the user and directories now, and tell systemd about the new units."""
+        rootarg = [] if root == "/" else [f"--root={root}"]
+        steps = [
+            ("systemd-sysusers", [*rootarg, os.path.join(root, "etc/sysusers.d/swarmd.conf")]),
+            ("systemd-tmpfiles", ["--create", *rootarg, os.path.join(root, "etc/tmpfiles.d/swarmd.conf")]),
+        ]
+        if root == "/" and os.path.isdir("/run/systemd/system"):
+            steps.append(("systemctl", ["daemon-reload"]))
+        for exe, argv in steps:
+            if shutil.which(exe) is None:
+                result["warnings"].append(f"{exe} not found: run its step by hand (docs/operations.md)")
+                continue
+            r = subprocess.run([exe, *argv], capture_output=True, text=True, timeout=120)
+            if r.returncode != 0:
+                last = (r.stderr.strip().splitlines() or ["no message"])[-1]
+                raise SwarmError(f"{exe} {' '.join(argv)} failed (exit {r.returncode}): {last}")
+            result["ran"].append(" ".join([exe, *argv]))
+        if root == "/" and not os.path.isdir("/run/systemd/system"):
+            result["warnings"].append("systemd is not running here: run systemctl daemon-reload where it is")
+
+    def format(self, r: dict, args: argparse.Namespace) -> str:
+        lines = [f"{f['action']:9} {f['path']}" for f in r["files"]]
+        lines += [f"ran       {c}" for c in r["ran"]]
+        lines += [f"warning:  {w}" for w in r["warnings"]]
+        lines += ["next:"] + [f"  {n}" for n in r["next"]]
+        return "\n".join(lines)

@@ -1,0 +1,99 @@
+"""`swarmctl install-service`: the units, sysusers and tmpfiles entries for a pip-installed swarmd,
+written into a scratch root (--root), with the user and directories created there."""
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+from localswarm import SWARMCTL, SWARMD
+
+from swarmd import service_files
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def install(root, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([SWARMCTL, "--json", "install-service", "--root", str(root), *extra],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_writes_units_user_dirs_and_config(tmp_path):
+    (tmp_path / "etc").mkdir()
+    r = install(tmp_path)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["swarmd"] == SWARMD
+    actions = {os.path.relpath(f["path"], tmp_path): f["action"] for f in out["files"]}
+    assert actions == {"etc/systemd/system/swarmd.service": "wrote", "etc/systemd/system/swarmd@.service": "wrote",
+                       "etc/sysusers.d/swarmd.conf": "wrote", "etc/tmpfiles.d/swarmd.conf": "wrote",
+                       "etc/swarmd/swarmd.yaml": "wrote"}
+    for name in ("swarmd.service", "swarmd@.service"):
+        unit = (tmp_path / "etc/systemd/system" / name).read_text()
+        assert f"ExecStart={SWARMD} --config /etc/swarmd/swarmd" in unit
+        assert "/opt/swarmd" not in unit
+        # the rest is the packaged unit, line for line
+        with open(os.path.join(ROOT, "packaging/systemd", name)) as f:
+            assert unit == f.read().replace("/opt/swarmd/bin/swarmd", SWARMD)
+    assert (tmp_path / "etc/swarmd/swarmd.yaml").read_text() == open(os.path.join(ROOT, "etc/swarmd.yaml")).read()
+    if shutil.which("systemd-sysusers"):
+        passwd = (tmp_path / "etc/passwd").read_text()
+        assert any(line.startswith("swarmd:") and line.split(":")[5] == "/var/lib/swarmd"
+                   for line in passwd.splitlines())
+        assert any("systemd-sysusers" in c for c in out["ran"])
+    if shutil.which("systemd-tmpfiles"):
+        assert oct((tmp_path / "var/lib/swarmd").stat().st_mode & 0o777) == oct(0o700)
+        assert (tmp_path / "etc/swarmd/peers.d").is_dir()
+    if shutil.which("systemd-analyze"):
+        v = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "etc/systemd/system/swarmd.service")],
+                           capture_output=True, text=True, timeout=60)
+        assert v.returncode == 0, v.stderr
+
+
+def test_rerun_keeps_config_and_refuses_to_clobber_a_changed_unit(tmp_path):
+    assert install(tmp_path, "--no-activate").returncode == 0
+    config = tmp_path / "etc/swarmd/swarmd.yaml"
+    config.write_text("model: /srv/models/mine\n")
+    r = install(tmp_path, "--no-activate")
+    assert r.returncode == 0, r.stderr
+    actions = {os.path.basename(f["path"]): f["action"] for f in json.loads(r.stdout)["files"]}
+    assert actions["swarmd.service"] == "unchanged" and actions["swarmd.yaml"] == "kept"
+    assert config.read_text() == "model: /srv/models/mine\n"
+
+    unit = tmp_path / "etc/systemd/system/swarmd.service"
+    unit.write_text(unit.read_text() + "# an operator's edit\n")
+    tmpfiles = tmp_path / "etc/tmpfiles.d/swarmd.conf"
+    tmpfiles.unlink()
+    r = install(tmp_path, "--no-activate")
+    assert r.returncode == 1
+    err = r.stderr.strip()
+    assert "\n" not in err and "swarmd.service exists and differs" in err and "--force" in err
+    # refused before writing anything
+    assert unit.read_text().endswith("# an operator's edit\n") and not tmpfiles.exists()
+
+    r = install(tmp_path, "--no-activate", "--force")
+    assert r.returncode == 0, r.stderr
+    assert "operator's edit" not in unit.read_text() and tmpfiles.exists()
+    assert config.read_text() == "model: /srv/models/mine\n"
+
+
+def test_bad_swarmd_and_unwritable_root_are_one_line_errors(tmp_path):
+    r = install(tmp_path, "--swarmd", str(tmp_path / "nope"))
+    assert r.returncode == 1 and f"no swarmd executable at {tmp_path / 'nope'}" in r.stderr
+    assert not (tmp_path / "etc").exists()
+    afile = tmp_path / "a-file"
+    afile.write_text("")
+    r = install(afile, "--no-activate")
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1 and "cannot write" in r.stderr and "--root" in r.stderr
+
+
+@pytest.mark.parametrize("path, protect", [("/home/ann/venv/bin/swarmd", "read-only"),
+                                           ("/usr/local/bin/swarmd", "yes")])
+def test_a_swarmd_in_a_home_directory_gets_a_readable_home(path, protect):
+    unit = service_files.render(service_files.SERVICE_FILES[0], path)
+    assert f"ExecStart={path} --config" in unit
+    assert f"\nProtectHome={protect}\n" in unit
+    with pytest.raises(ValueError, match="absolute"):
+        service_files.render(service_files.SERVICE_FILES[0], "venv/bin/swarmd")
