@@ -71,7 +71,8 @@ class InstallServiceCommand(Command):
             planned = [(f, service_files.render(f, swarmd)) for f in service_files.SERVICE_FILES]
         except ValueError as e:
             raise SwarmError(str(e)) from None
-        files, warnings = [], []
+        files: list[tuple] = []
+        warnings: list[str] = []
         # check everything before writing anything: a refusal leaves the system as it was
         for f, text in planned:
             path = os.path.join(root, f.admin)
