@@ -39,6 +39,7 @@ from swarmd.placement import blocks_that_fit
 from swarmd.runtime.cache import CacheBudget
 from swarmd.runtime.span import Span
 from swarmd.runtime.speed import BlockSpeed, measure_block_speed
+from swarmd.sdnotify import notify
 
 log = logging.getLogger("swarmd")
 
@@ -141,10 +142,12 @@ class Daemon:
             self._start_mdns()
         if serves:
             self.state = "measuring"
+            notify("STATUS=measuring one block's speed (first start on this device and dtype only)")
             self.speed = measure_block_speed(self.checkpoint, self.device, self.dtype, self.config.state_dir,
                                              self.model_id)
             if self.blocks is None:
                 self.state = "placing"
+                notify("STATUS=placing: learning the swarm to choose blocks")
                 n = self.config.serve.num_blocks or self._blocks_that_fit(self.speed)
                 self.balancer.discover()
                 self.blocks = self.balancer.choose(n, self.speed.span_throughput(n))
@@ -189,6 +192,8 @@ class Daemon:
         def progress(done: int, total: int) -> None:
             self.loaded_blocks = done
             log.info("loaded block %d/%d", done, total)
+            if self.state == "loading":  # starting: before READY=1, what systemctl status shows
+                notify(f"STATUS=loading blocks {start}:{end} of {self.model_id}: {done} of {total} loaded")
 
         return Span(self.checkpoint, start, end, self.device, self.dtype).load(progress)
 

@@ -63,6 +63,9 @@ def test_notify_ready_watchdog_reload_and_stop(model_dirs, tmp_path):
         assert daemon.ctl("status")["state"] == "online"  # READY only once the weights are loaded
         status = [m for _, m in notify.messages if m.startswith("STATUS=") or "\nSTATUS=" in m]
         assert any("serving blocks 0:6" in m for m in status)
+        # while starting, STATUS says what it is doing: the last load report comes before READY
+        loading = [(t, m) for t, m in notify.messages if m.startswith("STATUS=loading blocks 0:6 of ")]
+        assert loading and loading[-1][1].endswith(": 6 of 6 loaded") and loading[-1][0] <= t_ready
         time.sleep(1.2)
         dogs = [t for t, m in notify.messages if "WATCHDOG=1" in m.split("\n") and t > t_ready]
         assert len(dogs) >= 4  # every 0.2 s (half of WatchdogSec)
