@@ -99,6 +99,10 @@ class InstallServiceCommand(Command):
                 result["files"].append({"path": config, "action": "wrote"})
         except OSError as e:
             raise SwarmError(f"cannot write {e.filename}: {e.strerror} (run as root, or pass --root DIR)") from None
+        vendor = os.path.join(root, service_files.SERVICE_FILES[0].vendor)
+        if os.path.exists(vendor):
+            warnings.append(f"{vendor} (the Debian package's unit) exists: the units in /etc override it; "
+                            "remove them to go back to the package's")
         if service_files.under_home(swarmd):
             warnings.append(f"{swarmd} is under a home directory: the units use ProtectHome=read-only, and "
                             "user swarmd must be able to read it")

@@ -78,6 +78,14 @@ def test_rerun_keeps_config_and_refuses_to_clobber_a_changed_unit(tmp_path):
     assert config.read_text() == "model: /srv/models/mine\n"
 
 
+def test_warns_when_a_package_unit_is_overridden(tmp_path):
+    assert not json.loads(install(tmp_path, "--no-activate").stdout)["warnings"]
+    (tmp_path / "usr/lib/systemd/system").mkdir(parents=True)
+    (tmp_path / "usr/lib/systemd/system/swarmd.service").write_text("[Service]\n")
+    warnings = json.loads(install(tmp_path, "--no-activate").stdout)["warnings"]
+    assert any("Debian package's unit" in w and "override" in w for w in warnings)
+
+
 def test_bad_swarmd_and_unwritable_root_are_one_line_errors(tmp_path):
     r = install(tmp_path, "--swarmd", str(tmp_path / "nope"))
     assert r.returncode == 1 and f"no swarmd executable at {tmp_path / 'nope'}" in r.stderr
