@@ -4,7 +4,9 @@ user and directories as the Debian package, under /etc (the administrator's path
 from __future__ import annotations
 
 import argparse
+import glob
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -37,6 +39,20 @@ def unreachable_dirs(path: str) -> list[str]:
     return out
 
 
+def ours(f: service_files.ServiceFile, text: str) -> bool:
+    """Whether `text` is exactly what install-service writes for some swarmd path."""
+    m = re.search(r"^ExecStart=(\S+) ", text, re.M)
+    try:
+        return text == service_files.render(f, m.group(1) if m else service_files.PACKAGED_SWARMD)
+    except ValueError:
+        return False
+
+
+def enabled_instances(root: str, pattern: str = "swarmd@*.service") -> list[str]:
+    """Enablement links of the units under root's /etc/systemd/system/*.wants/."""
+    return sorted(glob.glob(os.path.join(root, "etc/systemd/system/*.wants", pattern)))
+
+
 def write_file(path: str, text: str, mode: int) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.swarmctl-new"
@@ -59,9 +75,13 @@ class InstallServiceCommand(Command):
         p.add_argument("--force", action="store_true", help="replace unit files that exist and differ")
         p.add_argument("--no-activate", action="store_true",
                        help="only write files: do not run systemd-sysusers, systemd-tmpfiles, daemon-reload")
+        p.add_argument("--remove", action="store_true",
+                       help="undo: stop and disable the units, remove the files written (config, state and user stay)")
 
     def run(self, args: argparse.Namespace) -> dict:
         root = os.path.abspath(args.root)
+        if args.remove:
+            return self.remove(root, args)
         swarmd = args.swarmd or default_swarmd()
         if not os.path.isabs(swarmd):
             raise SwarmError(f"--swarmd must be an absolute path: {swarmd}")
@@ -115,6 +135,46 @@ class InstallServiceCommand(Command):
         result["next"] = [f"set model: in {config}",
                           "systemctl enable --now swarmd   (or swarmd@N, one per GPU, with /etc/swarmd/swarmd-N.yaml)",
                           "swarmctl status   (as root or a member of group swarmd)"]
+        return result
+
+    def remove(self, root: str, args: argparse.Namespace) -> dict:
+        """Remove the units and entries install-service wrote, if they are still as it wrote them
+        (else --force). The config, /var/lib/swarmd (the node key) and the user stay."""
+        present = []
+        for f in service_files.SERVICE_FILES:
+            path = os.path.join(root, f.admin)
+            if not os.path.exists(path):
+                continue
+            with open(path) as fh:
+                text = fh.read()
+            if not ours(f, text) and not args.force:
+                raise SwarmError(f"{path} differs from what install-service writes (edited, or not ours); "
+                                 "--force removes it anyway")
+            present.append(path)
+        result: dict = {"root": root, "files": [], "ran": [], "warnings": []}
+        systemd = root == "/" and os.path.isdir("/run/systemd/system") and not args.no_activate
+        if systemd:  # a drain each, before the unit files go
+            units = ["swarmd.service", *sorted({os.path.basename(p) for p in enabled_instances(root)})]
+            r = subprocess.run(["systemctl", "disable", "--now", *units], capture_output=True, text=True,
+                               timeout=180)
+            result["ran"].append(" ".join(["systemctl", "disable", "--now", *units]))
+            if r.returncode != 0:
+                result["warnings"].append(f"systemctl disable: {r.stderr.strip().splitlines()[-1:]}")
+        try:
+            for path in present:
+                os.unlink(path)
+                result["files"].append({"path": path, "action": "removed"})
+        except OSError as e:
+            raise SwarmError(f"cannot remove {e.filename}: {e.strerror} (run as root, or pass --root DIR)") from None
+        for link in enabled_instances(root) + enabled_instances(root, "swarmd.service"):
+            os.unlink(link)  # enablement left behind by units that no longer exist
+            result["files"].append({"path": link, "action": "removed"})
+        if systemd:
+            subprocess.run(["systemctl", "daemon-reload"], capture_output=True, timeout=60)
+            result["ran"].append("systemctl daemon-reload")
+        config = os.path.join(root, service_files.CONFIG.admin)
+        result["next"] = [f"kept {config}, {os.path.join(root, 'var/lib/swarmd')} (the node key) and user swarmd: "
+                          "remove them by hand if this machine leaves the swarm for good"]
         return result
 
     def _activate(self, root: str, result: dict) -> None:

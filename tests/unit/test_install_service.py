@@ -78,6 +78,38 @@ def test_rerun_keeps_config_and_refuses_to_clobber_a_changed_unit(tmp_path):
     assert config.read_text() == "model: /srv/models/mine\n"
 
 
+def test_remove_undoes_the_install_but_keeps_config_and_state(tmp_path):
+    assert install(tmp_path, "--no-activate").returncode == 0
+    wants = tmp_path / "etc/systemd/system/multi-user.target.wants"
+    wants.mkdir()
+    for unit in ("swarmd.service", "swarmd@0.service"):
+        (wants / unit).symlink_to("/etc/systemd/system/" + unit.replace("@0", "@"))
+    (tmp_path / "var/lib/swarmd").mkdir(parents=True)
+    (tmp_path / "var/lib/swarmd/node.key").write_text("secret")
+    unit = tmp_path / "etc/systemd/system/swarmd.service"
+    unit.write_text(unit.read_text().replace("RestartSec=5s", "RestartSec=9s"))
+
+    r = install(tmp_path, "--remove", "--no-activate")
+    assert r.returncode == 1 and "swarmd.service differs" in r.stderr and "--force" in r.stderr
+    assert unit.exists() and (wants / "swarmd@0.service").is_symlink()  # refused: nothing removed
+
+    r = install(tmp_path, "--remove", "--no-activate", "--force")
+    assert r.returncode == 0, r.stderr
+    removed = {os.path.relpath(f["path"], tmp_path) for f in json.loads(r.stdout)["files"]}
+    assert removed == {"etc/systemd/system/swarmd.service", "etc/systemd/system/swarmd@.service",
+                       "etc/sysusers.d/swarmd.conf", "etc/tmpfiles.d/swarmd.conf",
+                       "etc/systemd/system/multi-user.target.wants/swarmd.service",
+                       "etc/systemd/system/multi-user.target.wants/swarmd@0.service"}
+    assert not any(os.path.lexists(tmp_path / p) for p in removed)
+    assert (tmp_path / "etc/swarmd/swarmd.yaml").exists() and (tmp_path / "var/lib/swarmd/node.key").exists()
+
+    # what install-service wrote, even for a swarmd since deleted, is recognised as its own
+    assert install(tmp_path, "--no-activate").returncode == 0
+    r = install(tmp_path, "--remove", "--no-activate", "--swarmd", "/gone/bin/swarmd")
+    assert r.returncode == 0, r.stderr
+    assert not (tmp_path / "etc/systemd/system/swarmd.service").exists()
+
+
 def test_warns_when_a_package_unit_is_overridden(tmp_path):
     assert not json.loads(install(tmp_path, "--no-activate").stdout)["warnings"]
     (tmp_path / "usr/lib/systemd/system").mkdir(parents=True)
