@@ -223,7 +223,8 @@ class Daemon:
                                  access=self.access, resolve_key=self.membership.key_for)
         self.server.handlers["gossip"] = self.membership.on_gossip
         self.server.drain_timeout_s = s.drain_timeout_s
-        self.server.adapters = self.server.load_adapters(dict(s.adapters), span)
+        self.server.adapter_dirs = dict(s.adapters)
+        self.server.adapters = self.server.read_adapters(span)
         try:
             bound = self.server.bind(self.config.network.listen)
         except zmq.ZMQError as e:

@@ -39,6 +39,9 @@ class PeerTable:
         self.gossip_interval_s = gossip_interval_s
         self._entries: dict[str, Entry] = {}
         self._lock = threading.Lock()
+        # address -> node id for key_for (asked on every hop of every step): rebuilt after a
+        # change of who is where, not on the heartbeats that only re-sign the same record
+        self._by_address: dict[str, str] | None = None
 
     # --- liveness ----------------------------------------------------------------------------
     def stale_after_s(self) -> float:
@@ -74,7 +77,10 @@ class PeerTable:
                 return "full"
             if e is None:
                 self._entries[record.node_id] = Entry(record, wire, address, now, time.time(), is_self=is_self)
+                self._by_address = None
                 return "new"
+            if address != e.address or record.addresses != e.record.addresses:
+                self._by_address = None
             e.record, e.wire, e.address, e.advanced_at, e.last_seen = record, wire, address, now, time.time()
             return "newer"
 
@@ -101,6 +107,8 @@ class PeerTable:
                 FORGET_AFTER_S, self.stale_after_s())]
             for e in gone:
                 del self._entries[e.record.node_id]
+            if gone:
+                self._by_address = None
         return [e.record for e in gone]
 
     # --- reading -------------------------------------------------------------------------------
@@ -133,13 +141,15 @@ class PeerTable:
     def key_for(self, address: str) -> str | None:
         """The node id (CURVE public key) of the node reached at `address`, if known."""
         with self._lock:
-            for e in self._entries.values():
-                if e.address == address:
-                    return e.record.node_id
-            for e in self._entries.values():
-                if address in e.record.addresses:
-                    return e.record.node_id
-        return None
+            if self._by_address is None:
+                listed: dict[str, str] = {}  # any address a node lists; the one in use wins
+                used: dict[str, str] = {}
+                for e in self._entries.values():
+                    used.setdefault(e.address, e.record.node_id)
+                    for a in e.record.addresses:
+                        listed.setdefault(a, e.record.node_id)
+                self._by_address = {**listed, **used}
+            return self._by_address.get(address)
 
     def servers_for(self, model_id: str, adapter: str | None = None) -> list[ServerSpan]:
         """Spans of the online servers of this model (hosting `adapter`, if given), for routing."""

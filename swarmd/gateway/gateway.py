@@ -42,6 +42,7 @@ from swarmd.gateway.connection import ConnectionPool
 from swarmd.gateway.history import History, StepTimes
 from swarmd.gateway.routing import Hop, missing_blocks, plan_chain
 from swarmd.inputs import positions_and_mask
+from swarmd.runtime.span import Lora
 
 log = logging.getLogger("swarmd.gateway")
 
@@ -445,18 +446,23 @@ class Gateway:
                        deadline: float) -> dict[str, torch.Tensor]:
         x, first = tensors["hidden"], 0
         small = {k: v for k, v in tensors.items() if k != "hidden"}
+        tokens = x.shape[0] * x.shape[1]
         while first < self.num_layers:
             for hop in self._plan(first, self.num_layers, deadline, spread=True, adapter=fields.get("adapter")):
                 try:
-                    reply = self.pool.get(hop.address).request(
-                        "forward", {**fields, "blocks": [hop.first, hop.last]},
-                        {"hidden": x, **small, **_slice(lora, hop)},
-                        timeout_s=max(UNMEASURED_STEP_S, self._allowance_s(hop.address, x.shape[0] * x.shape[1])))
+                    x = self._forward_hop(hop, x, small, lora, fields, tokens)
                 except RETRIABLE as e:
                     self._fail(hop, e)
                     break
-                x, first = _hidden(reply), hop.last
+                first = hop.last
         return {"hidden": x}
+
+    def _forward_hop(self, hop: Hop, x: torch.Tensor, small: dict, lora: dict[str, torch.Tensor], fields: dict,
+                     tokens: int) -> torch.Tensor:
+        """One hop's `forward` request: its blocks of the stack, without cache."""
+        return _hidden(self.pool.get(hop.address).request(
+            "forward", {**fields, "blocks": [hop.first, hop.last]}, {"hidden": x, **small, **_slice(lora, hop)},
+            timeout_s=max(UNMEASURED_STEP_S, self._allowance_s(hop.address, tokens))))
 
     def on_backward(self, msg: Message):
         """The gradient of the whole model's block stack w.r.t. its input, given its input and
@@ -488,16 +494,11 @@ class Gateway:
         tokens = tensors["hidden"].shape[0] * tensors["hidden"].shape[1]
         while True:
             hops = self._plan(0, self.num_layers, deadline, spread=True, adapter=fields.get("adapter"))
-            inputs: list[torch.Tensor] = []
-            x = tensors["hidden"]
+            inputs = [tensors["hidden"]]  # each hop's input; the last hop's output is not needed
             hop = hops[0]
             try:
-                for hop in hops:
-                    inputs.append(x)
-                    x = _hidden(self.pool.get(hop.address).request(
-                        "forward", {**fields, "blocks": [hop.first, hop.last]},
-                        {"hidden": x, **small, **_slice(lora, hop)},
-                        timeout_s=max(UNMEASURED_STEP_S, self._allowance_s(hop.address, tokens))))
+                for hop in hops[:-1]:
+                    inputs.append(self._forward_hop(hop, inputs[-1], small, lora, fields, tokens))
                 g = grad
                 lora_grads: dict[str, list[torch.Tensor]] = {f"grad_{k}": [] for k in lora}
                 for hop, x_in in reversed(list(zip(hops, inputs))):
@@ -531,7 +532,7 @@ class Gateway:
     def _lora(self, msg: Message) -> tuple[dict[str, torch.Tensor], dict]:
         """The app's LoRA tensors ([num_layers, ...] each, sliced per hop) and the fields that go
         with every hop's request."""
-        lora = {k: v for k, v in msg.tensors.items() if k.startswith(("lora_A.", "lora_B.")) or k == "deep_prompts"}
+        lora = Lora.client_tensors(msg.tensors)
         fields: dict = {"model_id": self.model_id}
         adapter = _adapter(msg)
         if adapter is not None:

@@ -202,15 +202,18 @@ class SpanServer:
         """From another thread: serve `span` for new sessions from now on; sessions open on
         the current one drain there. True once the serving thread has switched."""
         self._switched.clear()
-        self._next_adapters = self.load_adapters(self.adapter_dirs, span)
+        self._next_adapters = self.read_adapters(span)
         self._next_span = span
         return self._switched.wait(timeout_s)
 
-    def load_adapters(self, dirs: dict[str, str], span: Span | None = None) -> dict[str, Lora]:
-        """Read the hosted adapters for `span` (default: the current one)."""
-        span = span or self.span
-        self.adapter_dirs = dirs
-        return {name: load_adapter(name, d, span.checkpoint, span.start, span.end) for name, d in dirs.items()}
+    def read_adapters(self, span: Span) -> dict[str, Lora]:
+        """The hosted adapters (serve.adapters) for `span`, moved to its device and dtype once here
+        rather than at every step."""
+        out = {}
+        for name, d in self.adapter_dirs.items():
+            lora = load_adapter(name, d, span.checkpoint, span.start, span.end)
+            out[name] = Lora(lora.scaling, {k: v.to(span.device, span.dtype) for k, v in lora.tensors.items()})
+        return out
 
     def _switch(self) -> None:
         new, self._next_span = self._next_span, None
@@ -399,10 +402,7 @@ class SpanServer:
         if not self.access.allows(nxt["key"]):
             log.info("push to %s not sent: its key is not allowed in this private swarm", nxt["address"])
             return False
-        try:
-            conn = self.peers.get(nxt["address"], nxt["key"])
-        except SwarmError:
-            return False
+        conn = self.peers.get(nxt["address"], nxt["key"])
         if conn.push("push", {"session": nxt["session"], "step": step}, {"hidden": out}):
             self.stats.pushes_sent += 1
             return True
@@ -462,7 +462,7 @@ class SpanServer:
             if any(k.startswith(("lora_", "deep_")) for k in msg.tensors):
                 raise ProtocolError("a hosted adapter and the client's own LoRA cannot be combined")
             return hosted
-        tensors = {k: v for k, v in msg.tensors.items() if k.startswith(("lora_A.", "lora_B.")) or k == "deep_prompts"}
+        tensors = Lora.client_tensors(msg.tensors)
         if not tensors:
             return None
         scaling = msg.get("lora_scaling", 1.0)

@@ -33,6 +33,11 @@ class Lora:
     def deep_prompts(self) -> torch.Tensor | None:
         return self.tensors.get("deep_prompts")
 
+    @staticmethod
+    def client_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The LoRA tensors and deep prompts among a message's tensors."""
+        return {k: v for k, v in tensors.items() if k.startswith(("lora_A.", "lora_B.")) or k == "deep_prompts"}
+
     def pairs(self):
         for name, a in self.tensors.items():
             if name.startswith("lora_A."):
