@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from libswarm.errors import LimitError
-from swarmd.placement import Holder, Move, block_throughput, choose_span, pick_mover, plan_move
+from swarmd.placement import Holder, Move, block_throughput, bottleneck, choose_span, pick_mover, plan_move
 
 if TYPE_CHECKING:
     from swarmd.daemon import Daemon
@@ -56,8 +56,11 @@ class Balancer:
             seen = n
             time.sleep(0.5)
 
+    def others(self) -> list[Holder]:
+        return [h for h in self.holders() if h.key != self.d.identity.public_key]
+
     def choose(self, length: int, throughput: float) -> tuple[int, int]:
-        others = [h for h in self.holders() if h.key != self.d.identity.public_key]
+        others = self.others()
         start, end = choose_span(others, self.d.num_layers, length, throughput)
         tp = block_throughput(others, self.d.num_layers)
         log.info("placement: %d servers known; taking blocks %d:%d (their throughput now %s)", len(others),
@@ -66,16 +69,14 @@ class Balancer:
 
     def plan(self, margin: float | None = None) -> Move | None:
         """This server's move, if it is the one server that should move now (pick_mover)."""
-        kwargs = {} if margin is None else {"margin": margin}
         if margin is None:
             chosen = pick_mover(self.holders(), self.d.num_layers)
             return chosen[1] if chosen and chosen[0] == self.d.identity.public_key else None
-        return plan_move(self.holders(), self.d.identity.public_key, self.d.num_layers, **kwargs)
+        return plan_move(self.holders(), self.d.identity.public_key, self.d.num_layers, margin=margin)
 
     def still_safe(self, old: tuple[int, int], new: tuple[int, int]) -> bool:
         """Every block of `old` outside `new` is held by another online server right now."""
-        others = [h for h in self.holders() if h.key != self.d.identity.public_key]
-        tp = block_throughput(others, self.d.num_layers)
+        tp = block_throughput(self.others(), self.d.num_layers)
         return all(tp[b] > 0 for b in range(*old) if not new[0] <= b < new[1])
 
     def move(self, new: tuple[int, int], reason: str) -> bool:
@@ -120,7 +121,7 @@ class Balancer:
         if self.d.blocks is None:
             raise LimitError("this daemon serves no blocks (serve.blocks: none)")
         holders = self.holders()
-        before = min(block_throughput(holders, self.d.num_layers), default=0.0)
+        before = bottleneck(holders, self.d.num_layers)
         reply: dict = {"current": list(self.d.blocks), "proposed": None, "before": before, "after": before,
                  "moving": False, "auto": self.d.auto}
         if not self.d.auto:

@@ -30,6 +30,7 @@ from swarmd.discovery.records import MAX_ADDRESSES
 from swarmd.discovery.table import PeerTable
 from swarmd.gateway.connection import ConnectionPool
 from swarmd.gateway.gateway import Gateway
+from swarmd.gateway.routing import ServerSpan, missing_blocks
 from swarmd.identity import load_or_create_identity
 from swarmd.local import LocalServer
 from swarmd.metrics import MetricsServer
@@ -173,12 +174,14 @@ class Daemon:
         log.info("online: model %s, %s", self.model_id,
                  f"blocks {self.blocks[0]}:{self.blocks[1]}" if self.blocks else "gateway only")
 
-    def _blocks_that_fit(self, speed: BlockSpeed) -> int:
+    def _free_memory_bytes(self) -> int:
+        """Free memory on the serving device: the GPU's, or the machine's for CPU."""
         if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-        else:
-            free = psutil.virtual_memory().available
-        usable = int(free * 0.9)
+            return torch.cuda.mem_get_info(self.device)[0]
+        return psutil.virtual_memory().available
+
+    def _blocks_that_fit(self, speed: BlockSpeed) -> int:
+        usable = int(self._free_memory_bytes() * 0.9)
         cache = self.config.serve.cache.max_bytes or int(usable * AUTO_CACHE_SHARE)
         n = blocks_that_fit(usable, speed.block_bytes, cache, self.num_layers)
         log.info("%d of %d blocks fit (%.1f MiB each, %.1f GiB usable, %.1f GiB for the KV cache)", n,
@@ -247,10 +250,7 @@ class Daemon:
                  budget.max_bytes / 2**20)
 
     def _auto_cache_bytes(self) -> int:
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            return int(free * AUTO_CACHE_SHARE)
-        return int(psutil.virtual_memory().available * AUTO_CACHE_SHARE)
+        return int(self._free_memory_bytes() * AUTO_CACHE_SHARE)
 
     def _thread(self, name: str, target) -> None:
         t = threading.Thread(target=target, args=(self.stop_event,), name=name, daemon=True)
@@ -414,14 +414,7 @@ def coverage(table: PeerTable, own_model: str, own_layers: int) -> list[dict]:
             holders = [e for e in entries if e.record.span[0] <= b < e.record.span[1]]
             blocks.append({"block": b, "servers": [e.record.short_id for e in holders],
                            "throughput": round(sum(e.record.throughput for e in holders), 2)})
-        gaps, start = [], None
-        for b in range(n + 1):
-            empty = b < n and not blocks[b]["servers"]
-            if empty and start is None:
-                start = b
-            elif not empty and start is not None:
-                gaps.append([start, b])
-                start = None
+        gaps = [list(g) for g in missing_blocks([ServerSpan(e.address, *e.record.span) for e in entries], n)]
         out.append({"model_id": model_id, "num_blocks": n, "blocks": blocks, "gaps": gaps,
                     "complete": not gaps})
     return out

@@ -62,8 +62,12 @@ class NodeIdentity:
     def short_id(self) -> str:
         return self.public_key[:8]
 
+    @cached_property
+    def _signer(self) -> Ed25519PrivateKey:
+        return Ed25519PrivateKey.from_private_bytes(self.seed)
+
     def sign(self, data: bytes) -> bytes:
-        return Ed25519PrivateKey.from_private_bytes(self.seed).sign(data)
+        return self._signer.sign(data)
 
     def __repr__(self) -> str:  # never print the seed
         return f"NodeIdentity({self.public_key})"

@@ -11,7 +11,7 @@ more than a margin, and never in a way that leaves a covered block uncovered."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # Throughputs within this share of each other count as equal when placements are compared:
 # measurements are noisy, and a move must be clearly better (this is also the hysteresis
@@ -41,6 +41,7 @@ class Move:
     new: tuple[int, int]
     before: float  # the swarm's bottleneck throughput now
     after: float  # ...and after the move
+    rank: tuple = field(default=(), compare=False, repr=False)  # _rank of the swarm after the move
 
 
 def block_throughput(holders: Iterable[Holder], num_blocks: int) -> list[float]:
@@ -73,16 +74,22 @@ def better(new: Sequence[float], old: Sequence[float], margin: float = MOVE_MARG
     return False
 
 
+def _windows(base: Sequence[float], length: int, throughput: float):
+    """Every start of a `length`-block window, with the block throughputs `base` would have
+    if a server of `throughput` held that window."""
+    for start in range(len(base) - length + 1):
+        tp = list(base)
+        for b in range(start, start + length):
+            tp[b] += throughput
+        yield start, tp
+
+
 def choose_span(others: Iterable[Holder], num_blocks: int, length: int, throughput: float) -> tuple[int, int]:
     """The window of `length` blocks that a server of `throughput` should take, given the
     other servers: the one that raises the weakest blocks most (ties: the lowest start)."""
     length = max(1, min(length, num_blocks))
-    base = block_throughput(others, num_blocks)
     best_start, best_rank = 0, None
-    for start in range(num_blocks - length + 1):
-        tp = list(base)
-        for b in range(start, start + length):
-            tp[b] += throughput
+    for start, tp in _windows(block_throughput(others, num_blocks), length, throughput):
         rank = _rank(tp)
         if best_rank is None or rank > best_rank:
             best_start, best_rank = start, rank
@@ -99,22 +106,18 @@ def plan_move(holders: Sequence[Holder], me: str, num_blocks: int, margin: float
         return None
     others = [h for h in holders if h.key != me]
     now = block_throughput(holders, num_blocks)
-    base = block_throughput(others, num_blocks)
     best: tuple | None = None
-    for start in range(num_blocks - mine.length + 1):
+    for start, after in _windows(block_throughput(others, num_blocks), mine.length, mine.throughput):
         if start == mine.start:
             continue
-        after = list(base)
-        for b in range(start, start + mine.length):
-            after[b] += mine.throughput
         if any(n > 0 and a == 0 for n, a in zip(now, after)):
             continue  # would uncover a block someone relies on
         rank = _rank(after)
         if best is None or rank > best[0]:
             best = (rank, start, after)
     if best is not None and better(best[2], now, margin):
-        _, start, after = best
-        return Move((mine.start, mine.end), (start, start + mine.length), min(now), min(after))
+        rank, start, after = best
+        return Move((mine.start, mine.end), (start, start + mine.length), min(now), min(after), rank)
     return None
 
 
@@ -130,10 +133,8 @@ def pick_mover(holders: Sequence[Holder], num_blocks: int, margin: float = MOVE_
         move = plan_move(holders, h.key, num_blocks, margin)
         if move is None:
             continue
-        others = [x for x in holders if x.key != h.key]
-        rank = _rank(block_throughput([*others, h.at(move.new[0])], num_blocks))
-        if best is None or rank > best[0] or (rank == best[0] and h.key < best[1]):
-            best = (rank, h.key, move)
+        if best is None or move.rank > best[0] or (move.rank == best[0] and h.key < best[1]):
+            best = (move.rank, h.key, move)
     return (best[1], best[2]) if best else None
 
 

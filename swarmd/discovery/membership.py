@@ -26,7 +26,7 @@ from swarmd.config import Seed
 from swarmd.discovery.access import AccessControl
 from swarmd.discovery.keyquery import query_key
 from swarmd.discovery.records import MAX_RTTS, Record, RecordError, decode_record
-from swarmd.discovery.table import GOSSIP_INTERVAL_S, PeerTable
+from swarmd.discovery.table import PeerTable
 from swarmd.gateway.connection import ConnectionPool
 from swarmd.identity import NodeIdentity
 
@@ -58,11 +58,9 @@ class Hint:
 
 class Membership:
     def __init__(self, *, identity: NodeIdentity, pool: ConnectionPool, table: PeerTable, access: AccessControl,
-                 own_fields: Callable[[], dict | None], expected_fingerprint: Callable[[int], str | None],
-                 interval_s: float = GOSSIP_INTERVAL_S):
+                 own_fields: Callable[[], dict | None], expected_fingerprint: Callable[[int], str | None]):
         self.identity, self.pool, self.table, self.access = identity, pool, table, access
         self.own_fields, self.expected_fingerprint = own_fields, expected_fingerprint
-        self.interval_s = interval_s
         self.hints: dict[str, Hint] = {}
         self.rejected = 0  # records refused (bad signature, forged, from the future, not allowed...)
         self._seq = 0
@@ -72,6 +70,11 @@ class Membership:
         self._states: dict[str, str] = {}
         self.bandwidth_bps: float | None = None  # the best recently measured to a peer, bytes/s
         self._next_probe = 0.0
+
+    @property
+    def interval_s(self) -> float:
+        """One gossip round: the table's, so that sending and judging liveness agree."""
+        return self.table.gossip_interval_s
 
     # --- bootstrap contacts --------------------------------------------------------------------
     def set_seeds(self, seeds: list[Seed]) -> None:
