@@ -21,7 +21,6 @@ class ServiceFile:
     source: str  # name in swarmd/data
     vendor: str  # where a distribution package puts it
     admin: str  # where a local (pip) install puts it
-    mode: int = 0o644
 
 
 SERVICE_FILES = (
@@ -36,6 +35,16 @@ CONFIG = ServiceFile("swarmd.yaml", "etc/swarmd/swarmd.yaml", "etc/swarmd/swarmd
 
 def read(name: str) -> str:
     return (resources.files("swarmd") / "data" / name).read_text()
+
+
+def write_file(path: str, text: str, mode: int = 0o644) -> None:
+    """Write `text` to `path` (its directories made) with `mode`, replacing it in one step."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.swarmctl-new"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
 
 
 def under_home(path: str) -> bool:

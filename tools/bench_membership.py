@@ -28,21 +28,8 @@ import zmq
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from localswarm import Daemon, running_swarm  # noqa: E402
+from localswarm import Daemon, online_ids, running_swarm, until, wait_tables  # noqa: E402
 from make_test_model import make_model  # noqa: E402
-
-
-def online(d: Daemon) -> set[str]:
-    return {p["node_id"] for p in d.ctl("peers")["peers"] if p["state"] == "online"}
-
-
-def until(cond, limit_s: float = 60.0) -> float:
-    t0 = time.monotonic()
-    while not cond():
-        if time.monotonic() - t0 > limit_s:
-            raise RuntimeError(f"not reached in {limit_s} s")
-        time.sleep(0.05)
-    return time.monotonic() - t0
 
 
 def swarm_times(model_dir: str, n: int, mode: str) -> dict:
@@ -50,17 +37,17 @@ def swarm_times(model_dir: str, n: int, mode: str) -> dict:
     with running_swarm(model_dir, spans, gateway=False, seeds="first" if mode == "seeds" else "none",
                        mdns=mode == "mdns") as (servers, _):
         ids = {s.node_id for s in servers}
-        converge = until(lambda: all(online(s) >= ids for s in servers))
+        converge = wait_tables(servers, ids, 60.0)
         root = os.path.dirname(servers[0].dir)
         extra = {"discovery": {"mdns": True, "mdns_interfaces": ["127.0.0.1"]}} if mode == "mdns" else None
         late = Daemon(root, "late", model_dir, "0:1", extra)
         try:
             late.start([servers[0].address] if mode == "seeds" else []).wait_ready()
-            join = until(lambda: all(late.node_id in online(s) for s in servers))
+            join = until(lambda: all(late.node_id in online_ids(s) for s in servers))
             victim = servers[-1]
             victim.kill(signal.SIGKILL)
             rest = [*servers[:-1], late]
-            death = until(lambda: all(victim.node_id not in online(s) for s in rest))
+            death = until(lambda: all(victim.node_id not in online_ids(s) for s in rest))
         finally:
             late.stop()
     return {"converge": converge, "join": join, "death": death}

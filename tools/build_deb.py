@@ -28,6 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from swarmd import service_files  # noqa: E402
+from swarmd.service_files import write_file  # noqa: E402
 
 PREFIX = "/opt/swarmd"
 DOCS = ["README.md", "docs/operations.md", "docs/protocol.md"]
@@ -109,23 +110,15 @@ def torch_variant(venv: str) -> str:
     return ""
 
 
-def write(path: str, text: str, mode: int = 0o644) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        f.write(text)
-    os.chmod(path, mode)
-
-
 def stage_files(stage: str) -> None:
     for f in service_files.SERVICE_FILES:
-        write(os.path.join(stage, f.vendor), service_files.render(f))
-    write(os.path.join(stage, service_files.CONFIG.vendor), service_files.read(service_files.CONFIG.source),
-          service_files.CONFIG.mode)
+        write_file(os.path.join(stage, f.vendor), service_files.render(f))
+    write_file(os.path.join(stage, service_files.CONFIG.vendor), service_files.read(service_files.CONFIG.source))
     doc = os.path.join(stage, "usr/share/doc/swarmd")
     for name in DOCS:
         with open(os.path.join(ROOT, name)) as src:
-            write(os.path.join(doc, os.path.basename(name)), src.read())
-    write(os.path.join(doc, "copyright"),
+            write_file(os.path.join(doc, os.path.basename(name)), src.read())
+    write_file(os.path.join(doc, "copyright"),
           "Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/\n"
           "Upstream-Name: swarm\n\nFiles: *\nCopyright: the swarm authors\nLicense: Apache-2.0\n"
           " On Debian systems the license is in /usr/share/common-licenses/Apache-2.0.\n"
@@ -211,12 +204,12 @@ def main(argv: list[str] | None = None) -> int:
 
     version = f"{project_version()}-{args.revision}" + (f"+{variant}" if variant else "+light")
     debian = os.path.join(stage, "DEBIAN")
-    write(os.path.join(debian, "control"), control(version, arch, python_ver, dir_kib(stage), args.light))
-    write(os.path.join(debian, "conffiles"), f"/{service_files.CONFIG.vendor}\n")
+    write_file(os.path.join(debian, "control"), control(version, arch, python_ver, dir_kib(stage), args.light))
+    write_file(os.path.join(debian, "conffiles"), f"/{service_files.CONFIG.vendor}\n")
     for name in SCRIPTS:
         shutil.copy(os.path.join(ROOT, "packaging", "deb", name), os.path.join(debian, name))
         os.chmod(os.path.join(debian, name), 0o755)
-    write(os.path.join(debian, "md5sums"), md5sums(stage))
+    write_file(os.path.join(debian, "md5sums"), md5sums(stage))
 
     os.makedirs(args.out, exist_ok=True)
     deb = os.path.join(os.path.abspath(args.out), f"swarmd_{version}_{arch}.deb")

@@ -121,12 +121,14 @@ class Daemon:
         """Give the daemon a known block speed, written where its first start would write the
         measured one (state_dir/throughput.json), so that placement and routing in tests do
         not depend on this machine's timing noise."""
+        import torch
+
         from libswarm.checkpoint import Checkpoint
+        from swarmd.runtime.speed import BlockSpeed, save_speed, speed_key
 
         os.makedirs(self.cfg["state_dir"], exist_ok=True)
-        key = f"{Checkpoint(self.cfg['model']).model_id}:cpu:torch.float32"
-        with open(os.path.join(self.cfg["state_dir"], "throughput.json"), "w") as f:
-            json.dump({key: {"step_s": step_s, "forward_tokens_per_s": 1000.0, "block_bytes": 100_000}}, f)
+        key = speed_key(Checkpoint(self.cfg["model"]).model_id, "cpu", torch.float32)
+        save_speed(self.cfg["state_dir"], key, BlockSpeed(step_s, 1000.0, 100_000))
         return self
 
     @property
@@ -166,6 +168,30 @@ class Daemon:
                 self.kill()
                 self.proc.wait(5)
         return self.proc.returncode
+
+
+def online_ids(d: Daemon) -> set[str]:
+    """The node ids `d`'s table lists online (itself included)."""
+    return {p["node_id"] for p in d.ctl("peers")["peers"] if p["state"] == "online"}
+
+
+def until(cond, limit_s: float = 60.0, what: str = "condition") -> float:
+    """Poll `cond` until it holds; the seconds that took (TimeoutError after `limit_s`)."""
+    t0 = time.monotonic()
+    while not cond():
+        if time.monotonic() - t0 > limit_s:
+            raise TimeoutError(f"{what} not reached in {limit_s} s")
+        time.sleep(0.05)
+    return time.monotonic() - t0
+
+
+def wait_tables(daemons: list[Daemon], ids: set[str], limit_s: float) -> float:
+    """Until every daemon's table lists the nodes `ids` online; the seconds that took."""
+    try:
+        return until(lambda: all(online_ids(d) >= ids for d in daemons), limit_s)
+    except TimeoutError:
+        seen = {d.name: sorted(x[:8] for x in online_ids(d)) for d in daemons}
+        raise TimeoutError(f"tables did not converge in {limit_s} s: {seen}") from None
 
 
 def wait_converged(daemons: list[Daemon], servers: int, limit_s: float = 15.0) -> None:

@@ -81,34 +81,33 @@ def optimum(servers: list[tuple[str, int, float]], num_blocks: int) -> float:
 class Swarm:
     def __init__(self, num_blocks: int):
         self.num_blocks = num_blocks
-        self.holders: dict[str, Holder] = {}
-        self.machines: dict[str, tuple[int, float]] = {}
+        self.holders: dict[str, Holder] = {}  # a holder keeps its machine's length and throughput
         self.moves = 0
 
     def join(self, key: str, length: int, tp: float, view: list[Holder] | None = None) -> None:
         view = list(self.holders.values()) if view is None else view
         start, end = choose_span(view, self.num_blocks, length, tp)
         self.holders[key] = Holder(key, start, end, tp)
-        self.machines[key] = (end - start, tp)
 
     def leave(self, key: str) -> None:
         del self.holders[key]
-        del self.machines[key]
 
-    def rebalance(self, rng: random.Random) -> int:
+    def blocks_held(self) -> int:
+        return sum(h.length for h in self.holders.values())
+
+    def rebalance(self) -> None:
         """Moves as the daemons make them: each time, the one server pick_mover names (every
         server computes the same choice from the same table), until nobody should move."""
-        for step in range(MAX_MOVES):
+        for _ in range(MAX_MOVES):
             chosen = pick_mover(list(self.holders.values()), self.num_blocks)
             if chosen is None:
-                return step
+                return
             key, move = chosen
             self.holders[key] = self.holders[key].at(move.new[0])
             self.moves += 1
-        return MAX_MOVES
 
     def ratio(self) -> float:
-        best = optimum([(k, m[0], m[1]) for k, m in self.machines.items()], self.num_blocks)
+        best = optimum([(k, h.length, h.throughput) for k, h in self.holders.items()], self.num_blocks)
         got = bottleneck(self.holders.values(), self.num_blocks)
         return 1.0 if best <= 0 else got / best
 
@@ -120,27 +119,27 @@ def machine(rng: random.Random, num_blocks: int) -> tuple[int, float]:
     return length, round(speed / length * 100, 3)  # requests/s through the whole span
 
 
-def one_swarm(rng: random.Random, index: int, copies: tuple[float, float]) -> dict:
+def one_swarm(rng: random.Random, copies: tuple[float, float]) -> dict:
     """A swarm whose machines together hold between copies[0] and copies[1] copies of the model."""
     num_blocks = rng.choice([8, 12, 16, 24, 32])
     names = iter(f"s{i}" for i in range(1000))
     target = rng.uniform(*copies) * num_blocks
     swarm = Swarm(num_blocks)
-    while sum(m[0] for m in swarm.machines.values()) < target:
+    while swarm.blocks_held() < target:
         swarm.join(next(names), *machine(rng, num_blocks))
     results = {}
-    swarm.rebalance(rng)
+    swarm.rebalance()
     results["joins"] = swarm.ratio()
     for key in rng.sample(list(swarm.holders), k=min(rng.randint(1, 3), len(swarm.holders) - 2)):
         swarm.leave(key)
-    if sum(m[0] for m in swarm.machines.values()) >= num_blocks:  # else the model no longer fits
-        swarm.rebalance(rng)
+    if swarm.blocks_held() >= num_blocks:  # else the model no longer fits
+        swarm.rebalance()
         results["leaves"] = swarm.ratio()
     stale = list(swarm.holders.values())
     for _ in range(rng.randint(2, 5)):  # a burst: every newcomer sees the same old table
         swarm.join(next(names), *machine(rng, num_blocks), view=stale)
     results["burst, before moves"] = swarm.ratio()
-    swarm.rebalance(rng)
+    swarm.rebalance()
     results["burst"] = swarm.ratio()
     results["moves"] = swarm.moves
     results["servers"] = len(swarm.holders)
@@ -157,7 +156,7 @@ def main() -> None:
     for label, copies, count in (("swarms with memory for 1.5-4 copies of the model", (1.5, 4.0), args.swarms),
                                  ("tight swarms, memory for 1-1.5 copies", (1.0, 1.5), args.tight)):
         t0 = time.time()
-        runs = [one_swarm(rng, i, copies) for i in range(count)]
+        runs = [one_swarm(rng, copies) for _ in range(count)]
         print(f"{count} {label} (seed {args.seed}, margin {MOVE_MARGIN:.0%}), {time.time() - t0:.0f} s")
         report(runs)
     print(f"optima not proven within {TIME_LIMIT_S:.0f} s (the solver's bound used, so those ratios are lower "

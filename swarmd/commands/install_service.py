@@ -53,15 +53,6 @@ def enabled_instances(root: str, pattern: str = "swarmd@*.service") -> list[str]
     return sorted(glob.glob(os.path.join(root, "etc/systemd/system/*.wants", pattern)))
 
 
-def write_file(path: str, text: str, mode: int) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.swarmctl-new"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
-
-
 class InstallServiceCommand(Command):
     """Install swarmd's systemd units, user and directories for this (pip) install of swarmd."""
 
@@ -91,7 +82,7 @@ class InstallServiceCommand(Command):
             planned = [(f, service_files.render(f, swarmd)) for f in service_files.SERVICE_FILES]
         except ValueError as e:
             raise SwarmError(str(e)) from None
-        files: list[tuple] = []
+        files: list[tuple[str, str, str]] = []  # path, text, action
         warnings: list[str] = []
         # check everything before writing anything: a refusal leaves the system as it was
         for f, text in planned:
@@ -102,20 +93,20 @@ class InstallServiceCommand(Command):
                 if not same and not args.force:
                     raise SwarmError(f"{path} exists and differs from the unit for {swarmd}; "
                                      "--force replaces it")
-                files.append((f, path, text, "unchanged" if same else "replaced"))
+                files.append((path, text, "unchanged" if same else "replaced"))
             else:
-                files.append((f, path, text, "wrote"))
+                files.append((path, text, "wrote"))
         result: dict = {"root": root, "swarmd": swarmd, "files": [], "ran": [], "warnings": warnings}
         try:
-            for f, path, text, action in files:
+            for path, text, action in files:
                 if action != "unchanged":
-                    write_file(path, text, f.mode)
+                    service_files.write_file(path, text)
                 result["files"].append({"path": path, "action": action})
             config = os.path.join(root, service_files.CONFIG.admin)
             if os.path.exists(config):
                 result["files"].append({"path": config, "action": "kept"})
             else:
-                write_file(config, service_files.read(service_files.CONFIG.source), service_files.CONFIG.mode)
+                service_files.write_file(config, service_files.read(service_files.CONFIG.source))
                 result["files"].append({"path": config, "action": "wrote"})
         except OSError as e:
             raise SwarmError(f"cannot write {e.filename}: {e.strerror} (run as root, or pass --root DIR)") from None

@@ -26,10 +26,8 @@ class RebalanceCommand(Command):
         head = f"current blocks {_span(r['current'])}, swarm throughput {r['before']:.1f} steps/s"
         if r["proposed"] is None:
             return f"{head}\nno move: {r.get('reason', '')}"
-        plan = (f"proposed blocks {_span(r['proposed'])}, predicted swarm throughput {r['after']:.1f} steps/s "
-                f"({r['after'] / r['before']:.2f}x)" if r["before"] > 0 else
-                f"proposed blocks {_span(r['proposed'])}, predicted swarm throughput {r['after']:.1f} steps/s "
-                "(covers blocks nobody serves now)")
+        gain = f"({r['after'] / r['before']:.2f}x)" if r["before"] > 0 else "(covers blocks nobody serves now)"
+        plan = f"proposed blocks {_span(r['proposed'])}, predicted swarm throughput {r['after']:.1f} steps/s {gain}"
         tail = ("dry run: nothing moved" if args.dry_run else
                 "moving now: the new blocks load first, then sessions on the old ones drain (swarmctl status)")
         return f"{head}\n{plan}\n{tail}"

@@ -48,9 +48,22 @@ def _timed(fn, device: torch.device, runs: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def speed_key(model_id: str, device: torch.device | str, dtype: torch.dtype) -> str:
+    """Where a measurement is kept in throughput.json: one per model, device and dtype."""
+    return f"{model_id}:{device}:{dtype}"
+
+
+def save_speed(state_dir: str, key: str, speed: BlockSpeed, known: dict | None = None) -> None:
+    """Keep `speed` under `key` in state_dir/throughput.json (beside the `known` entries)."""
+    path = os.path.join(state_dir, "throughput.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump({**(known or {}), key: asdict(speed)}, f)
+    os.replace(path + ".tmp", path)
+
+
 def measure_block_speed(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype, state_dir: str,
                         model_id: str) -> BlockSpeed:
-    key = f"{model_id}:{device}:{dtype}"
+    key = speed_key(model_id, device, dtype)
     path = os.path.join(state_dir, "throughput.json")
     known: dict = {}
     try:
@@ -77,11 +90,8 @@ def measure_block_speed(checkpoint: Checkpoint, device: torch.device, dtype: tor
     speed = BlockSpeed(step_s, FORWARD_TOKENS / forward_s, block_bytes)
     log.info("one block: %.2f ms per step, %.0f tokens/s forward, %.1f MiB (measured in %.1f s)",
              step_s * 1000, speed.forward_tokens_per_s, block_bytes / 2**20, time.monotonic() - t0)
-    known[key] = asdict(speed)
     try:
-        with open(path + ".tmp", "w") as f:
-            json.dump(known, f)
-        os.replace(path + ".tmp", path)
+        save_speed(state_dir, key, speed, known)
     except OSError as e:
         log.warning("cannot keep the measured speed in %s: %s", path, e.strerror)
     return speed

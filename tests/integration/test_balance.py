@@ -8,8 +8,7 @@ import time
 
 import torch
 from conftest import hf_reference
-from helpers import SWARMCTL, Daemon
-from test_membership import generate_equals_hf
+from helpers import SWARMCTL, Daemon, generate_equals_hf
 
 from libswarm import AutoDistributedModelForCausalLM
 

@@ -7,8 +7,7 @@ import time
 
 import pytest
 import torch
-from conftest import hf_reference
-from helpers import Daemon, curve_dealer, running_swarm
+from helpers import Daemon, curve_dealer, generate_equals_hf, online_ids, running_swarm, wait_tables
 
 from libswarm import AutoDistributedModelForCausalLM
 from libswarm.errors import NoRouteError
@@ -20,33 +19,12 @@ CONVERGE_LIMIT_S = 10.0  # issue: a new daemon appears everywhere within 5 s on 
 DEAD_LIMIT_S = 10.0
 
 
-def online_ids(d: Daemon) -> set[str]:
-    return {p["node_id"] for p in d.ctl("peers")["peers"] if p["state"] == "online"}
-
-
-def wait_converged(daemons: list[Daemon], ids: set[str], limit_s: float) -> float:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < limit_s:
-        if all(online_ids(d) >= ids for d in daemons):
-            return time.monotonic() - t0
-        time.sleep(0.1)
-    seen = {d.name: sorted(x[:8] for x in online_ids(d)) for d in daemons}
-    raise AssertionError(f"tables did not converge in {limit_s} s: {seen}")
-
-
-def generate_equals_hf(model_dir: str, socket: str) -> None:
-    model = AutoDistributedModelForCausalLM.from_pretrained(model_dir, socket=socket)
-    ids = torch.randint(3, 500, (1, 6), generator=torch.Generator().manual_seed(4))
-    kw = dict(do_sample=False, max_new_tokens=5, pad_token_id=0)
-    assert torch.equal(model.generate(ids, **kw), hf_reference(model_dir).generate(ids, **kw))
-
-
 def test_seeds_gossip_converge_then_a_killed_daemon_is_dropped_and_routed_around(model_dirs):
     """Each daemon knows only the first as a seed: the rest comes from gossip."""
     d = model_dirs("llama", layers=4)
     with running_swarm(d, ["0:2", "0:2", "2:4", "2:4"], gateway=True, seeds="first") as (servers, gw):
         ids = {s.node_id for s in servers}
-        took = wait_converged([*servers, gw], ids, CONVERGE_LIMIT_S)
+        took = wait_tables([*servers, gw], ids, CONVERGE_LIMIT_S)
         print(f"seeds: 5 tables converged {took:.2f} s after the last daemon was ready")
         status = gw.ctl("status")
         cov = next(c for c in status["coverage"] if c["model_id"] == status["model"]["id"])
@@ -72,7 +50,7 @@ def test_mdns_alone_finds_every_daemon(model_dirs):
     d = model_dirs("llama", layers=4)
     with running_swarm(d, ["0:1", "1:2", "2:3", "3:4"], gateway=False, seeds="none", mdns=True) as (servers, _):
         ids = {s.node_id for s in servers}
-        took = wait_converged(servers, ids, CONVERGE_LIMIT_S)
+        took = wait_tables(servers, ids, CONVERGE_LIMIT_S)
         print(f"mDNS: 4 tables converged {took:.2f} s after the last daemon was ready")
         peers = servers[0].ctl("peers")["peers"]
         assert sorted(tuple(p["span"]) for p in peers if p["state"] == "online") == [(0, 1), (1, 2), (2, 3), (3, 4)]
@@ -121,7 +99,7 @@ def test_private_swarm_refuses_an_unlisted_key_until_it_is_listed(model_dirs, tm
             x.start([a.address, b.address])
         for x in everyone:
             x.wait_ready()
-        wait_converged([a, b], {a.node_id, b.node_id}, CONVERGE_LIMIT_S)
+        wait_tables([a, b], {a.node_id, b.node_id}, CONVERGE_LIMIT_S)
         time.sleep(2.0)  # several gossip rounds in which c tries
         assert c.node_id not in online_ids(a) | online_ids(b)
         assert online_ids(c) == {c.node_id}  # c read no records
@@ -145,7 +123,7 @@ def test_private_swarm_refuses_an_unlisted_key_until_it_is_listed(model_dirs, tm
         allow(b, c)
         a.kill(signal.SIGHUP)
         b.kill(signal.SIGHUP)
-        took = wait_converged([a, b, c], {a.node_id, b.node_id, c.node_id}, CONVERGE_LIMIT_S)
+        took = wait_tables([a, b, c], {a.node_id, b.node_id, c.node_id}, CONVERGE_LIMIT_S)
         print(f"private: admitted {took:.2f} s after SIGHUP")
         generate_equals_hf(d, c.socket)
         assert a.alive and b.alive  # SIGHUP reloads; it does not stop anything
@@ -172,7 +150,7 @@ def test_forged_and_bad_records_are_rejected_and_a_good_one_accepted(model_dirs)
     d = model_dirs("llama", layers=4)
     with running_swarm(d, ["0:2", "2:4"], gateway=False) as (servers, _):
         a, b = servers
-        wait_converged(servers, {a.node_id, b.node_id}, CONVERGE_LIMIT_S)
+        wait_tables(servers, {a.node_id, b.node_id}, CONVERGE_LIMIT_S)
         relay = NodeIdentity(os.urandom(32))
         s = curve_dealer(a.address, a.node_id, relay)
 

@@ -7,8 +7,8 @@ import subprocess
 import time
 
 import pytest
-from helpers import Daemon
-from test_membership import CONVERGE_LIMIT_S, generate_equals_hf, wait_converged
+from helpers import Daemon, generate_equals_hf, wait_tables
+from test_membership import CONVERGE_LIMIT_S
 
 pytestmark = pytest.mark.netns
 
@@ -69,7 +69,7 @@ def test_three_namespaces_find_each_other_by_mdns_and_generate(model_dirs, three
             x.start([])
         for x in daemons:
             x.wait_ready()
-        took = wait_converged(daemons, {x.node_id for x in daemons}, CONVERGE_LIMIT_S)
+        took = wait_tables(daemons, {x.node_id for x in daemons}, CONVERGE_LIMIT_S)
         print(f"netns: 3 hosts found each other by mDNS in {took:.2f} s")
         peers = daemons[0].ctl("peers")["peers"]
         assert sorted(p["address"] for p in peers) == sorted(x.address for x in daemons)

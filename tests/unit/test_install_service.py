@@ -35,7 +35,11 @@ def test_writes_units_user_dirs_and_config(tmp_path):
         assert "/opt/swarmd" not in unit
         # the rest is the packaged unit, line for line
         with open(os.path.join(ROOT, "packaging/systemd", name)) as f:
-            assert unit == f.read().replace("/opt/swarmd/bin/swarmd", SWARMD)
+            expected = f.read().replace("/opt/swarmd/bin/swarmd", SWARMD)
+        if service_files.under_home(SWARMD):  # a checkout in a home directory: the one line that differs
+            expected = expected.replace("ProtectHome=yes\n", f"# {SWARMD} lies in a home directory: readable "
+                                        "(not writable) by the service\nProtectHome=read-only\n")
+        assert unit == expected
     assert (tmp_path / "etc/swarmd/swarmd.yaml").read_text() == open(os.path.join(ROOT, "etc/swarmd.yaml")).read()
     if shutil.which("systemd-sysusers"):
         passwd = (tmp_path / "etc/passwd").read_text()

@@ -120,17 +120,13 @@ def test_allowed_keys_dir_reads_keys_skips_bad_files_and_reloads(tmp_path, caplo
     assert AccessControl("open", str(tmp_path / "missing"), "k").allows(ident().public_key)
 
 
-def test_key_file_with_hash_in_the_key_is_read():
+def test_key_file_with_hash_in_the_key_is_read(tmp_path):
     i = ident()
     while "#" not in i.public_key:
         i = ident()
-    path = f"/tmp/swarm-keyfile-{os.getpid()}"
-    with open(path, "w") as f:
-        f.write(i.public_key + "\n")
-    try:
-        assert read_key_file(path) == i.public_key
-    finally:
-        os.remove(path)
+    path = tmp_path / "peer"
+    path.write_text(i.public_key + "\n")
+    assert read_key_file(str(path)) == i.public_key
 
 
 def test_key_query_answers_over_udp_only_to_full_size_questions():

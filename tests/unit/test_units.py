@@ -4,12 +4,11 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 
 import pytest
+from localswarm import SWARMD
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SWARMD = os.path.join(os.path.dirname(sys.executable), "swarmd")
 MAX_EXPOSURE = 2.0  # documented in docs/operations.md (measured: 1.9)
 
 pytestmark = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
