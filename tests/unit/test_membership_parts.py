@@ -63,6 +63,18 @@ def test_bad_records_are_rejected_with_their_reason(tamper, reason):
         decode_record(tamper(wire, i, other))
 
 
+def test_key_for_follows_nodes_that_change_address():
+    t = PeerTable()
+    a, b = ident(), ident()
+    x, y = "tcp://10.0.0.1:31330", "tcp://10.0.0.2:31330"
+    t.merge(record(a, addresses=(x,)), {})
+    assert t.key_for(x) == a.public_key and t.key_for(y) is None
+    t.merge(record(a, seq=2, addresses=(y,)), {})  # a moved to y
+    assert t.key_for(y) == a.public_key and t.key_for(x) is None
+    t.merge(record(b, addresses=(x,)), {})  # and b answers at x
+    assert t.key_for(y) == a.public_key and t.key_for(x) == b.public_key
+
+
 def test_table_keeps_the_newest_version_and_marks_silence_as_dead():
     t = PeerTable(gossip_interval_s=0.05)
     i = ident()
