@@ -369,15 +369,21 @@ class Gateway:
             try:
                 reply = conn.receive(req_id, t0 + allowance, "step")
                 outputs[k] = self._accept(hops[k], reply, expect_position, time.monotonic() - t_prev, tokens)
-                if reply.get("pushed") is False and i + 1 < len(sent):
-                    # the server could not reach the next one: hand the output over ourselves
-                    nk, nconn, _ = sent[i + 1]
+            except SwarmError as e:
+                raise HopFailure(k, outputs, e) from None
+            if reply.get("pushed") is False and i + 1 < len(sent):
+                # the server could not reach the next one: hand the output over ourselves. If we
+                # cannot reach it either, the next server is the one that failed, not this one
+                # (blaming this one would replace a healthy server and then fail again on the
+                # dead one: two failovers for one death)
+                nk, nconn, _ = sent[i + 1]
+                try:
                     fields = {"session": sids[nk], "step": step}
                     if nk < n - 1:
                         fields["next"] = self._next_hop(hops[nk + 1], sids[nk + 1])
                     sent[i + 1] = (nk, nconn, nconn.send("step", fields, {"hidden": outputs[k], **small}))
-            except SwarmError as e:
-                raise HopFailure(k, outputs, e) from None
+                except SwarmError as e:
+                    raise HopFailure(nk, outputs, e) from None
             t_prev = time.monotonic()
         if send_failure is not None:
             raise send_failure

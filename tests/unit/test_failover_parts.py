@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from swarmd.gateway.bans import BAN_MAX_S, Bans
@@ -50,3 +51,88 @@ def test_step_times_scale_with_tokens_and_follow_changes():
     for _ in range(50):
         st.record("a", 0.170, 1)
     assert abs(st.expected_s("a", 1) - 0.170) < 1e-3
+
+
+class FakeServer:
+    """One hop's connection as the gateway sees it: answers steps in order, or is unreachable.
+    `pushes` False: it answers as a server that could not reach the next one."""
+
+    def __init__(self, address: str, reachable: bool = True, pushes: bool = True):
+        self.address, self.reachable, self.pushes = address, reachable, pushes
+        self.replies: dict[int, object] = {}
+        self.sends = 0
+
+    def send(self, msg_type, fields=None, tensors=None, timeout_s=30.0):
+        from libswarm.errors import PeerUnavailableError
+        from libswarm.protocol import Message
+
+        self.sends += 1
+        if not self.reachable:
+            raise PeerUnavailableError(f"peer {self.address} refuses connections")
+        req_id = len(self.replies) + 1000 * self.sends
+        reply = {"position": 1}
+        if "next" in (fields or {}) and not self.pushes:
+            reply["pushed"] = False
+        self.replies[req_id] = Message("ok", req_id, reply, {"hidden": torch.zeros(1, 1, 4)})
+        return req_id
+
+    def receive(self, req_id, deadline, what="request"):
+        return self.replies.pop(req_id)
+
+
+class FakePool:
+    def __init__(self, servers):
+        self.servers = {s.address: s for s in servers}
+
+    def get(self, address, key=None):
+        return self.servers[address]
+
+    def resolve_key(self, address):
+        return "k" * 40
+
+    def drop(self, address):
+        pass
+
+
+def chain_gateway(servers):
+    from swarmd.gateway.gateway import Gateway, GatewaySession
+    from swarmd.gateway.routing import Hop
+
+    gw = Gateway(model_id="m", num_layers=6, hidden_size=4, pool=FakePool(servers), table=None, membership=None,
+                 status=dict)
+    hops = [Hop(s.address, 2 * i, 2 * i + 2) for i, s in enumerate(servers)]
+    sess = GatewaySession("s", 1, 8, hops, [f"sid{i}" for i in range(len(hops))])
+    return gw, sess
+
+
+def test_a_hand_over_to_an_unreachable_server_blames_that_server_not_the_one_handing_over():
+    """The last server dies after the gateway sent it the step but before the middle one pushed:
+    the middle one answers `pushed: false`, the gateway's own hand-over finds the last one gone,
+    and the failure names the last hop (blaming the middle one replaced a healthy server and
+    then failed over a second time on the dead one)."""
+    from swarmd.gateway.gateway import HopFailure
+
+    a, b, c = FakeServer("a"), FakeServer("b", pushes=False), FakeServer("c")
+    gw, sess = chain_gateway([a, b, c])
+    small = {"position_ids": torch.zeros(1, 1, dtype=torch.long)}
+    original_send = c.send
+
+    def dies_after_first_send(*args, **kwargs):
+        if c.sends == 1:
+            c.reachable = False
+        return original_send(*args, **kwargs)
+
+    c.send = dies_after_first_send
+    with pytest.raises(HopFailure) as failure:
+        gw._run_chain(sess, 0, torch.zeros(1, 1, 4), small, step=0, tokens=1)
+    assert failure.value.index == 2
+    assert sorted(failure.value.outputs) == [0, 1]  # the last one's input is known: replay from there
+    assert not gw.bans.banned()  # only the repair bans, and it is given the right hop
+
+
+def test_a_server_that_cannot_push_has_its_output_handed_over_by_the_gateway():
+    a, b, c = FakeServer("a"), FakeServer("b", pushes=False), FakeServer("c")
+    gw, sess = chain_gateway([a, b, c])
+    small = {"position_ids": torch.zeros(1, 1, dtype=torch.long)}
+    outputs = gw._run_chain(sess, 0, torch.zeros(1, 1, 4), small, step=0, tokens=1)
+    assert sorted(outputs) == [0, 1, 2] and c.sends == 2
