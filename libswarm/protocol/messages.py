@@ -88,6 +88,17 @@ def decode(frames: Sequence) -> Message:
     """Parse a multipart message (bytes, memoryviews or zmq.Frame) into a Message.
 
     Raises ProtocolError or TensorError with a one-line reason; never anything else."""
+    try:
+        return _decode(frames)
+    except (ProtocolError, TensorError):
+        raise
+    except RecursionError:  # JSON nested deeper than the interpreter's stack
+        raise ProtocolError("header is nested too deeply") from None
+    except (TypeError, ValueError, OverflowError, MemoryError) as e:  # a check missed below: still one line
+        raise ProtocolError(f"malformed message ({type(e).__name__})") from None
+
+
+def _decode(frames: Sequence) -> Message:
     if not frames:
         raise ProtocolError("empty message")
     head = _buffer(frames[0])

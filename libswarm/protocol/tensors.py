@@ -23,6 +23,7 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 MAX_NDIM = 8
+MAX_DIM = 2**31 - 1  # one dimension; a larger one could not be backed by any frame ZeroMQ takes
 
 # Buffers received from ZeroMQ are read-only; the tensors built on them are only read
 # (every server op writes to fresh memory), so torch's warning about that is noise.
@@ -54,9 +55,9 @@ def tensor_from_buffer(spec: object, buf: memoryview | bytes) -> torch.Tensor:
     if (
         not isinstance(shape, list)
         or len(shape) > MAX_NDIM
-        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIM for d in shape)
     ):
-        raise TensorError(f"bad tensor shape {shape!r}: a list of at most {MAX_NDIM} non-negative ints")
+        raise TensorError(f"bad tensor shape {str(shape)[:80]}: a list of at most {MAX_NDIM} ints in 0..{MAX_DIM}")
     dtype = DTYPES[name]
     itemsize = torch.empty((), dtype=dtype).element_size()
     expected = math.prod(shape) * itemsize

@@ -68,12 +68,24 @@ def test_malformed_frames_raise_protocol_error_naming_the_problem(frames, needle
         ({"dtype": "float32", "shape": [1.5]}, 4, "bad tensor shape"),
         ({"dtype": "float32", "shape": [1] * 9}, 4, "bad tensor shape"),
         ({"dtype": "float32", "shape": [2, 2]}, 15, "needs 16 bytes"),
+        ({"dtype": "float32", "shape": [0, 2**70]}, 0, "bad tensor shape"),
         ("nope", 4, "spec must be"),
     ],
 )
 def test_bad_tensor_specs_raise_tensor_error(spec, nbytes, needle):
     with pytest.raises(TensorError, match=needle):
         tensor_from_buffer(spec, b"\0" * nbytes)
+
+
+def test_a_hostile_header_raises_only_the_promised_errors():
+    """decode() promises ProtocolError or TensorError: anything else would abort a gossip round
+    or become an internal error instead of a refused message."""
+    deep = b'{"v":"1.0","type":"x","id":1,"a":' + b"[" * 20000 + b"]" * 20000 + b"}"
+    huge = json.dumps({"v": "1.0", "type": "x", "id": 1,
+                       "tensors": [{"name": "a", "dtype": "float32", "shape": [0, 2**70]}]}).encode()
+    for frames in ([deep], [huge, b""]):
+        with pytest.raises((ProtocolError, TensorError)):
+            decode(frames)
 
 
 def test_errors_cross_the_wire_as_the_same_class_with_one_line():
