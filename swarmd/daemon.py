@@ -352,6 +352,11 @@ class Daemon:
                 "free_bytes": budget.free_bytes if budget else 0,
             },
             "stats": vars(self.server.stats).copy() if self.server else {},
+            "peer_plane": {  # what other peers hold here: bounded, whatever they send
+                "pushes_waiting": len(self.server.pushed) if self.server else 0,
+                "steps_waiting": len(self.server.pending) if self.server else 0,
+                "push_connections": self.server.peers.count() if self.server else 0,
+            },
             "gateway": {
                 "sessions": len(self.gateway.sessions),
                 "failovers": self.gateway.failovers,

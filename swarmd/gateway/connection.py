@@ -185,8 +185,9 @@ class ConnectionPool:
     """One connection per (thread, peer address)."""
 
     def __init__(self, zctx: zmq.Context, identity: NodeIdentity, resolve_key: Callable[[str], str | None],
-                 max_message_bytes: int = 0):
+                 max_message_bytes: int = 0, max_connections: int = 0):
         self.zctx, self.identity, self.max_message_bytes = zctx, identity, max_message_bytes
+        self.max_connections = max_connections  # per thread; 0: no bound. Beyond it the least recently used goes
         self.resolve_key = resolve_key  # address -> the node id known to answer there
         self._local = threading.local()
         self._all: list[PeerConnection] = []
@@ -201,15 +202,24 @@ class ConnectionPool:
         conns = getattr(self._local, "conns", None)
         if conns is None:
             conns = self._local.conns = {}
-        conn = conns.get(address)
+        conn = conns.pop(address, None)  # re-inserted below: the dict's order is least recently used first
         if conn is not None and conn.server_key != key:  # another node now answers there
+            conns[address] = conn
             self.drop(address)
             conn = None
         if conn is None:
-            conn = conns[address] = PeerConnection(self.zctx, address, self.identity, key, self.max_message_bytes)
+            if self.max_connections and len(conns) >= self.max_connections:
+                self.drop(next(iter(conns)))
+            conn = PeerConnection(self.zctx, address, self.identity, key, self.max_message_bytes)
             with self._lock:
                 self._all.append(conn)
+        conns[address] = conn
         return conn
+
+    def count(self) -> int:
+        """Connections open, over all threads."""
+        with self._lock:
+            return len(self._all)
 
     def drop(self, address: str) -> None:
         """Forget this thread's connection to a peer (after a failure, reconnect afresh)."""

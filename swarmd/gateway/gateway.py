@@ -309,14 +309,17 @@ class Gateway:
         sess.steps += 1
         inputs: dict[int, torch.Tensor] = {0: hidden}  # block boundary -> this step's input there
         deadline = time.monotonic() + sess.route_timeout_s
-        start = 0
+        start, computing_failures = 0, 0
         while True:
             try:
                 outputs = self._run_chain(sess, start, inputs[sess.hops[start].first], small, step, B * T)
             except HopFailure as f:
                 for k, out in f.outputs.items():
                     inputs[sess.hops[k].last] = out
-                if not isinstance(f.error, RETRIABLE):
+                computing_failures += isinstance(f.error, RemoteError)
+                # a step that a replacement fails to compute too is the step's fault (a query of
+                # death): back to the caller, rather than banning server after server
+                if not isinstance(f.error, RETRIABLE) or computing_failures > 1:
                     raise f.error from None
                 self._repair(sess, f.index, f.error, deadline)
                 start = f.index
@@ -353,8 +356,8 @@ class Gateway:
         sent, send_failure = [], None
         for k in range(start, n):
             fields: dict = {"session": sids[k], "step": step}
-            if k > start:
-                fields["expect_push"] = True
+            if k > start:  # its input is pushed by the previous hop, and by no other key
+                fields["expect_push"], fields["from"] = True, self.pool.resolve_key(hops[k - 1].address)
             try:
                 if k < n - 1:
                     fields["next"] = self._next_hop(hops[k + 1], sids[k + 1])
@@ -453,15 +456,35 @@ class Gateway:
         x, first = tensors["hidden"], 0
         small = {k: v for k, v in tensors.items() if k != "hidden"}
         tokens = x.shape[0] * x.shape[1]
+        suspects: dict[Hop, SwarmError] = {}
         while first < self.num_layers:
-            for hop in self._plan(first, self.num_layers, deadline, spread=True, adapter=fields.get("adapter")):
+            for hop in self._plan(first, self.num_layers, deadline, spread=True, adapter=fields.get("adapter"),
+                                  exclude={h.address for h in suspects}):
                 try:
                     x = self._forward_hop(hop, x, small, lora, fields, tokens)
                 except RETRIABLE as e:
-                    self._fail(hop, e)
+                    self._hop_failed(hop, e, suspects)
                     break
                 first = hop.last
+        self._convict(suspects)
         return {"hidden": x}
+
+    def _hop_failed(self, hop: Hop, error: SwarmError, suspects: dict[Hop, SwarmError]) -> None:
+        """A hop of a forward or backward pass failed. A server that failed while computing
+        (RemoteError) may have been handed a request that no server can compute (a query of
+        death): it is only suspected and routed around; if a second server fails the same
+        request that way, the request goes back to the caller and nobody is banned. The
+        suspects are banned once another server has computed what they could not."""
+        if not isinstance(error, RemoteError):
+            self._fail(hop, error)
+        elif suspects:
+            raise error
+        else:
+            suspects[hop] = error
+
+    def _convict(self, suspects: dict[Hop, SwarmError]) -> None:
+        for hop, error in suspects.items():
+            self._fail(hop, error)
 
     def _forward_hop(self, hop: Hop, x: torch.Tensor, small: dict, lora: dict[str, torch.Tensor], fields: dict,
                      tokens: int) -> torch.Tensor:
@@ -498,8 +521,10 @@ class Gateway:
         grad = tensors["grad_output"]
         small = {k: v for k, v in tensors.items() if k not in ("hidden", "grad_output")}
         tokens = tensors["hidden"].shape[0] * tensors["hidden"].shape[1]
+        suspects: dict[Hop, SwarmError] = {}
         while True:
-            hops = self._plan(0, self.num_layers, deadline, spread=True, adapter=fields.get("adapter"))
+            hops = self._plan(0, self.num_layers, deadline, spread=True, adapter=fields.get("adapter"),
+                              exclude={h.address for h in suspects})
             inputs = [tensors["hidden"]]  # each hop's input; the last hop's output is not needed
             hop = hops[0]
             try:
@@ -518,9 +543,10 @@ class Gateway:
                     g = g_in
                     for k, parts in lora_grads.items():
                         parts.insert(0, reply.tensors[k])  # hops come back last first
+                self._convict(suspects)
                 return {"grad_input": g, **{k: torch.cat(v) for k, v in lora_grads.items()}}
             except RETRIABLE as e:
-                self._fail(hop, e)
+                self._hop_failed(hop, e, suspects)
                 if time.monotonic() > deadline:
                     raise
 
@@ -548,8 +574,21 @@ class Gateway:
             if bad:
                 raise TensorError(f"LoRA tensors and deep prompts must be [{self.num_layers} blocks, ...]: "
                                   f"{bad[0]} is not")
+            self._check_deep_prompts(lora.get("deep_prompts"), msg.tensor("hidden"))
             fields["lora_scaling"] = msg.get("lora_scaling", 1.0)
         return lora, fields
+
+    def _check_deep_prompts(self, deep: torch.Tensor | None, hidden: torch.Tensor | None) -> None:
+        """Deep prompts fit the hidden states: checked here, so that a request no server could
+        compute is refused before any server is asked (and blamed)."""
+        if deep is None or hidden is None:
+            return
+        B, T, H = hidden.shape
+        per_sample = deep.ndim == 4
+        if deep.shape[-1] != H or deep.shape[-2] > T or (per_sample and deep.shape[1] != B):
+            want = f"[{self.num_layers}, {B}, prompt <= {T}, {H}]" if per_sample else \
+                f"[{self.num_layers}, prompt <= {T}, {H}]"
+            raise TensorError(f"deep_prompts must be {want} for hidden {list(hidden.shape)}, got {list(deep.shape)}")
 
     # --- housekeeping -------------------------------------------------------------------------
     def _close_remote(self, opened: list[tuple[Hop, str]]) -> None:

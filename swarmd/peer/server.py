@@ -32,6 +32,7 @@ from swarmd.discovery.access import ZAP_DOMAIN, AccessControl
 from swarmd.gateway.connection import ConnectionPool, emulated_delay_s
 from swarmd.identity import NodeIdentity, is_key
 from swarmd.inputs import positions_and_mask
+from swarmd.logs import RateLimitedLog
 from swarmd.metrics import Histogram
 from swarmd.runtime.adapters import load_adapter, slice_lora
 from swarmd.runtime.cache import CacheBudget, SessionCache
@@ -44,7 +45,14 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # A step waiting for its push (or a push waiting for its step) is dropped after this long: the
 # gateway has long given up on it by then and resent the step from its history.
 PENDING_TIMEOUT_S = 60.0
-MAX_PENDING = 4096  # bounds the memory a confused or hostile peer can pin with unmatched pushes
+MAX_PENDING = 4096  # bounds the steps waiting for pushes, over all sessions
+# Pushes that arrive before their step wait, but only for a session that exists, at most this
+# many per session (a route has one previous hop; a few steps of slack cover a resend after a
+# failure), each no larger than a step of that session can be: a flood of pushes for made-up
+# sessions, or of huge ones, pins nothing.
+MAX_EARLY_PUSHES_PER_SESSION = 4
+MAX_PUSH_PEERS = 64  # connections kept for pushing to next hops; the least recently used goes
+LOG_EVERY_S = 10.0  # refused requests are logged at most once per peer and reason this often
 DEFERRED = object()  # a handler's answer when the reply is sent later (a step waiting for its push)
 
 
@@ -54,6 +62,7 @@ class PendingStep:
 
     ident: bytes
     req_id: int
+    sender: str | None  # the key that sent the step (its reply goes there)
     session: ServerSession
     msg: Message
     created: float = field(default_factory=time.monotonic)
@@ -64,6 +73,7 @@ class ServerSession:
     id: str
     cache: SessionCache
     span: Span  # the span it was opened on (after a move, old sessions drain on the old one)
+    owner: str | None  # the key that opened it: only that key may step or close it
     lora: Lora | None = None  # a hosted adapter the client picked, for the session's blocks
     last_used: float = field(default_factory=time.monotonic)
     # the last step's number and output: a gateway that resends a step after a failure
@@ -106,9 +116,13 @@ class SpanServer:
         self.access = access
         self._lock = threading.Lock()  # guards self.sessions for readers in other threads
         self.pending: dict[tuple[str, int], PendingStep] = {}
-        self.pushed: dict[tuple[str, int], tuple[torch.Tensor, float]] = {}
-        self.peers = ConnectionPool(zctx, identity, resolve_key, max_message_bytes)  # serving thread only
-        self._current: tuple[bytes, int] = (b"", 0)
+        # pushes that came before their step: (session, step) -> (hidden, arrival, sender key)
+        self.pushed: dict[tuple[str, int], tuple[torch.Tensor, float, str | None]] = {}
+        self.resolve_key = resolve_key
+        self.peers = ConnectionPool(zctx, identity, resolve_key, max_message_bytes,
+                                    max_connections=MAX_PUSH_PEERS)  # serving thread only
+        self._current: tuple[bytes, int, str | None] = (b"", 0, None)  # (ident, request id, sender key)
+        self.quiet_log = RateLimitedLog(log, LOG_EVERY_S)
         self.delay_s = emulated_delay_s()
         # test-only fault injection, e.g. SWARMD_FAILPOINTS=exit_on_replay
         self.failpoints = set(filter(None, os.environ.get("SWARMD_FAILPOINTS", "").split(",")))
@@ -162,26 +176,28 @@ class SpanServer:
 
     def handle(self, frames) -> None:
         ident, body = frames[0].bytes, frames[1:]
-        if self.access.private and not self.access.allows(body[0].get("User-Id") if body else None):
+        sender = _sender_key(body[0]) if body else None
+        if self.access.private and not self.access.allows(sender):
             return  # its key was removed from the allowed list (SIGHUP) after it connected
         req_id = 0
         try:
             msg = decode(body)
             req_id = msg.id
             if msg.type == "push":  # fire-and-forget from another server: never answered
-                self.on_push(msg)
+                self.on_push(msg, sender)
                 return
             handler = self.handlers.get(msg.type)
             if handler is None:
                 raise ProtocolError(f"unknown message type {msg.type!r}")
-            self._current = (ident, req_id)
+            self._current = (ident, req_id, sender)
             result = handler(msg)
             if result is DEFERRED:
                 return
             reply = ok_reply(req_id, *result)
         except SwarmError as e:
             self.stats.errors += 1
-            log.info("request %s refused: %s", req_id, e)
+            self.quiet_log.info((sender, type(e).__name__), "request %s from %s refused: %s", req_id,
+                                (sender or "?")[:8], e)
             reply = error_reply(req_id, e)
         except Exception as e:  # a bug must cost one request, never the daemon
             self.stats.errors += 1
@@ -295,6 +311,7 @@ class SpanServer:
             raise LimitError(f"max_length {max_length} is outside 1..{self.max_length} allowed by this server")
         if not 0 < batch <= self.max_batch:
             raise LimitError(f"batch {batch} is outside 1..{self.max_batch} allowed by this server")
+        lora = self._hosted_adapter(msg, first, last)  # before reserving: a refusal must hold nothing
         nbytes = SessionCache.bytes_needed(
             blocks=last - first, batch=batch, max_length=max_length, kv_heads=self.span.num_kv_heads,
             head_dim=self.span.head_dim, dtype=self.span.dtype,
@@ -309,17 +326,18 @@ class SpanServer:
             self.budget.release(nbytes)
             raise
         sid = secrets.token_hex(12)
-        lora = self._hosted_adapter(msg, first, last)
         with self._lock:
-            self.sessions[sid] = ServerSession(sid, cache, self.span, lora)
+            self.sessions[sid] = ServerSession(sid, cache, self.span, self._current[2], lora)
         self.stats.sessions_opened += 1
         return {"session": sid, "cache_bytes": nbytes}, None
 
     def _session(self, msg: Message) -> ServerSession:
+        """The caller's session: another key (the previous hop, which learns the id to push to
+        it) gets the same answer as for a session that does not exist."""
         sid = msg.get("session")
         s = self.sessions.get(sid) if isinstance(sid, str) else None
-        if s is None:
-            raise SessionError(f"unknown or expired session {sid!r}")
+        if s is None or s.owner != self._current[2]:
+            raise SessionError(f"unknown or expired session {str(sid)[:32]!r}")
         s.last_used = time.monotonic()
         return s
 
@@ -352,6 +370,8 @@ class SpanServer:
         if msg.tensors.get("hidden") is None and msg.get("expect_push"):
             key = (s.id, msg.get("step"))
             pushed = self.pushed.pop(key, None)
+            if pushed is not None and not _push_from(msg, pushed[2]):
+                pushed = None  # pushed by another key than the route's previous hop: not this step's input
             if pushed is None:  # the previous server has not pushed yet: answer when it does
                 if len(self.pending) >= MAX_PENDING:
                     raise LimitError("too many steps waiting for pushes")
@@ -395,36 +415,51 @@ class SpanServer:
         return fields, {"hidden": s.last_output}
 
     def _push(self, nxt: object, step: object, out: torch.Tensor) -> bool:
-        """Send this span's output straight to the next server of the route (server-to-server push)."""
+        """Send this span's output straight to the next server of the route (server-to-server
+        push). Only to a tcp address that a known peer with that key answers at, and never
+        waiting: a peer not connected yet (or gone) gets False, and the gateway hands the
+        output over itself (the connection is being made for the next step meanwhile)."""
         if not (isinstance(nxt, dict) and isinstance(nxt.get("address"), str) and isinstance(nxt.get("session"), str)
                 and is_key(nxt.get("key"))):
             raise ProtocolError("step: 'next' must be {address, key, session}")
-        if not self.access.allows(nxt["key"]):
-            log.info("push to %s not sent: its key is not allowed in this private swarm", nxt["address"])
+        address, key = nxt["address"], nxt["key"]
+        if not address.startswith("tcp://") or self.resolve_key(address) != key:
+            self.quiet_log.info(("next", address), "push to %s not sent: no known peer with key %s answers there",
+                                address[:80], key[:8])
             return False
-        conn = self.peers.get(nxt["address"], nxt["key"])
-        if conn.push("push", {"session": nxt["session"], "step": step}, {"hidden": out}):
+        if not self.access.allows(key):
+            self.quiet_log.info(("next", address), "push to %s not sent: its key is not allowed in this private "
+                                "swarm", address)
+            return False
+        conn = self.peers.get(address, key)
+        if conn.push("push", {"session": nxt["session"], "step": step}, {"hidden": out}, wait_s=0.0):
             self.stats.pushes_sent += 1
             return True
-        log.info("push to %s not delivered: peer not connected", nxt["address"])
+        self.quiet_log.info(("next", address), "push to %s not delivered: peer not connected", address)
         return False
 
-    def on_push(self, msg: Message) -> None:
+    def on_push(self, msg: Message, sender: str | None = None) -> None:
         hidden = msg.tensors.get("hidden")
         sid, step = msg.get("session"), msg.get("step")
-        if hidden is None or not isinstance(sid, str):
-            log.info("malformed push ignored")
+        session = self.sessions.get(sid) if isinstance(sid, str) else None
+        if hidden is None or session is None or not isinstance(step, int) or not _fits_step(hidden, session):
+            # made up, malformed or larger than any step of the session: dropped at once
+            self.quiet_log.info((sender, "push"), "push from %s dropped: no such session, or not a step of it",
+                                (sender or "?")[:8])
             return
-        key = (sid, step)
+        key = (session.id, step)
         self.stats.pushes_received += 1
-        waiting = self.pending.pop(key, None)
+        waiting = self.pending.get(key)
+        if waiting is not None and not _push_from(waiting.msg, sender):
+            return  # not from the route's previous hop
+        self.pending.pop(key, None)
         if waiting is None:
-            known = self.sessions.get(sid)
-            if known is not None and known.last_step == step:
+            if session.last_step == step:
                 return  # a second push of a step already run (a resend after a failure): nothing to do
-            if len(self.pushed) >= MAX_PENDING:
-                self.pushed.pop(next(iter(self.pushed)))  # forget the oldest
-            self.pushed[key] = (hidden, time.monotonic())
+            early = [k for k in self.pushed if k[0] == session.id]
+            if len(early) >= MAX_EARLY_PUSHES_PER_SESSION:
+                self.pushed.pop(early[0])  # the oldest for this session
+            self.pushed[key] = (hidden, time.monotonic(), sender)
             return
         try:
             waiting.session.last_used = time.monotonic()
@@ -468,8 +503,12 @@ class SpanServer:
         scaling = msg.get("lora_scaling", 1.0)
         if not isinstance(scaling, (int, float)) or isinstance(scaling, bool):
             raise ProtocolError("LoRA tensors need a numeric 'lora_scaling' (alpha / r)")
-        if "deep_prompts" in tensors and tensors["deep_prompts"].shape[-2] > msg.tensors["hidden"].shape[1]:
+        deep, hidden = tensors.get("deep_prompts"), msg.tensors["hidden"]
+        if deep is not None and deep.shape[-2] > hidden.shape[1]:
             raise TensorError("deep_prompts cover more positions than hidden has")
+        if deep is not None and deep.ndim == 4 and deep.shape[1] != hidden.shape[0]:
+            raise TensorError(f"deep_prompts given per sample are for batch {deep.shape[1]}, hidden has "
+                              f"{hidden.shape[0]}")
         lora = Lora(float(scaling), tensors)
         self.span.check_lora(lora, first, last)
         return lora
@@ -493,7 +532,8 @@ class SpanServer:
 
     def on_close(self, msg: Message):
         sid = msg.get("session")
-        closed = isinstance(sid, str) and self._drop(sid)
+        s = self.sessions.get(sid) if isinstance(sid, str) else None
+        closed = s is not None and s.owner == self._current[2] and self._drop(s.id)
         return {"closed": bool(closed)}, None
 
     # --- housekeeping ------------------------------------------------------------------------
@@ -514,11 +554,34 @@ class SpanServer:
                 del self.pending[key]
                 err = SessionError("the previous server's push never arrived")
                 self._send(p.ident, error_reply(p.req_id, err), p.req_id)
-        for key, (_, t) in list(self.pushed.items()):
-            if now - t > PENDING_TIMEOUT_S:
+        for key, (_, t, _) in list(self.pushed.items()):
+            if now - t > PENDING_TIMEOUT_S or key[0] not in self.sessions:
                 del self.pushed[key]
         for sid, s in list(self.sessions.items()):
             if now - s.last_used > self.idle_timeout_s:
                 log.info("session %s idle for %.0f s: freeing its cache", sid[:8], now - s.last_used)
                 self._drop(sid)
 
+
+
+def _sender_key(frame) -> str | None:
+    """The CURVE key a frame came from (ZAP puts it in the User-Id), or None over plain sockets."""
+    try:
+        key = frame.get("User-Id")
+    except (AttributeError, zmq.ZMQError):
+        return None
+    return key if isinstance(key, str) and key else None
+
+
+def _push_from(step: Message, sender: str | None) -> bool:
+    """Whether a push from `sender` may be this step's input: the gateway names the previous
+    hop's key in `from` (older gateways do not: then any sender)."""
+    expected = step.get("from")
+    return expected is None or expected == sender
+
+
+def _fits_step(hidden: torch.Tensor, s: ServerSession) -> bool:
+    """Whether `hidden` could be a step's input for session `s` (its batch, at most the positions
+    it has left, the span's width): anything else is refused before it is kept."""
+    return (hidden.dtype in FLOAT_DTYPES and hidden.ndim == 3 and hidden.shape[0] == s.cache.batch
+            and 0 < hidden.shape[1] <= s.cache.max_length - s.cache.length and hidden.shape[2] == s.span.hidden_size)

@@ -1,0 +1,151 @@
+"""Peers that lie, flood and poke at the peer plane: each attack is made against real daemons,
+is refused or dropped, and the daemons go on serving everyone else with nothing held for it."""
+
+import os
+import time
+
+import psutil
+import pytest
+import torch
+from helpers import curve_dealer, generate_equals_hf, running_swarm
+
+from libswarm import AutoDistributedModelForCausalLM, SwarmClient, TensorError
+from libswarm.protocol import decode, encode
+from swarmd.identity import NodeIdentity
+
+HIDDEN = 64
+
+
+@pytest.fixture(scope="module")
+def swarm(model_dirs):
+    d = model_dirs("llama")
+    with running_swarm(d, ["0:3", "3:6"]) as (servers, gw):
+        yield d, servers, gw
+
+
+class Peer:
+    """A peer with a key of its own, speaking raw frames to one server's peer plane."""
+
+    def __init__(self, server):
+        self.identity = NodeIdentity(os.urandom(32))
+        self.key = self.identity.public_key
+        self.sock = curve_dealer(server.address, server.node_id, self.identity)
+        self.ids = iter(range(1, 10**9))
+
+    def send(self, msg_type: str, fields: dict | None = None, tensors: dict | None = None) -> int:
+        req_id = next(self.ids)
+        self.sock.send_multipart(encode(msg_type, req_id, fields, tensors))
+        return req_id
+
+    def request(self, msg_type: str, fields: dict | None = None, tensors: dict | None = None):
+        req_id = self.send(msg_type, fields, tensors)
+        while True:
+            assert self.sock.poll(15_000), f"no answer to {msg_type}"
+            reply = decode(self.sock.recv_multipart())
+            if reply.id == req_id:
+                return reply
+
+    def open(self, server, model_id: str, **extra):
+        fields = {"model_id": model_id, "blocks": server.cfg["serve"]["blocks"].split(":"), "max_length": 64,
+                  "batch": 1, **extra}
+        fields["blocks"] = [int(b) for b in fields["blocks"]]
+        return self.request("open", fields)
+
+    def close(self):
+        self.sock.close()
+
+
+def model_id(gw) -> str:
+    return SwarmClient(socket=gw.socket).model_info()["model_id"]
+
+
+def test_opens_naming_an_adapter_not_hosted_hold_no_cache(swarm):
+    d, servers, gw = swarm
+    peer = Peer(servers[0])
+    try:
+        for _ in range(20):
+            reply = peer.open(servers[0], model_id(gw), adapter="nope")
+            assert reply.type == "error" and reply.get("code") == "limit", reply.fields
+    finally:
+        peer.close()
+    assert servers[0].ctl("status")["cache"]["used_bytes"] == 0
+    generate_equals_hf(d, gw.socket)
+
+
+def test_pushes_for_made_up_or_oversized_steps_pin_no_memory(swarm):
+    d, servers, gw = swarm
+    s0 = servers[0]
+    proc = psutil.Process(s0.proc.pid)
+    rss_before = proc.memory_info().rss
+    peer = Peer(s0)
+    try:
+        own = peer.open(s0, model_id(gw)).get("session")
+        big = torch.zeros(1, 65536, HIDDEN)  # 16 MiB: more positions than the session's 64
+        for i in range(40):
+            peer.send("push", {"session": f"made-up-{i}", "step": i}, {"hidden": big})
+            peer.send("push", {"session": own, "step": i}, {"hidden": big})
+        assert peer.request("ping").type == "ok"  # handled in order: every push is in by now
+        status = s0.ctl("status")
+    finally:
+        peer.close()
+    assert status["peer_plane"]["pushes_waiting"] == 0
+    grown_mib = (proc.memory_info().rss - rss_before) / 2**20
+    assert grown_mib < 200, f"the server grew {grown_mib:.0f} MiB from 1.25 GiB of refused pushes"
+    generate_equals_hf(d, gw.socket)
+
+
+def test_next_hop_must_be_a_known_peer_and_never_stalls_the_server(swarm):
+    d, servers, gw = swarm
+    s0 = servers[0]
+    connections_before = s0.ctl("status")["peer_plane"]["push_connections"]  # to s1, for real routes
+    peer = Peer(s0)
+    try:
+        sid = peer.open(s0, model_id(gw)).get("session")
+        bogus = [("tcp://127.0.0.1:1", NodeIdentity(os.urandom(32)).public_key),
+                 (f"ipc:///tmp/not-a-peer-{os.getpid()}", NodeIdentity(os.urandom(32)).public_key),
+                 (servers[1].address, NodeIdentity(os.urandom(32)).public_key)]  # a real address, a wrong key
+        t0 = time.monotonic()
+        for step in range(30):
+            address, key = bogus[step % 3]
+            reply = peer.request("step", {"session": sid, "step": step,
+                                          "next": {"address": address, "key": key, "session": "x"}},
+                                 {"hidden": torch.zeros(1, 1, HIDDEN)})
+            assert reply.type == "ok" and reply.get("pushed") is False, reply.fields
+        elapsed = time.monotonic() - t0
+        status = s0.ctl("status")
+    finally:
+        peer.close()
+    assert elapsed < 5, f"30 steps naming bogus next hops took {elapsed:.1f} s"  # 0.3-0.5 s each before
+    assert status["peer_plane"]["push_connections"] == connections_before
+    generate_equals_hf(d, gw.socket)
+
+
+def test_a_session_answers_only_the_key_that_opened_it(swarm):
+    d, servers, gw = swarm
+    s0 = servers[0]
+    owner, other = Peer(s0), Peer(s0)
+    try:
+        sid = owner.open(s0, model_id(gw)).get("session")
+        x = {"hidden": torch.zeros(1, 1, HIDDEN)}
+        stolen = other.request("step", {"session": sid, "step": 0}, x)
+        assert stolen.type == "error" and stolen.get("code") == "session"
+        assert other.request("close", {"session": sid}).get("closed") is False
+        assert owner.request("step", {"session": sid, "step": 0}, x).get("position") == 1
+        assert owner.request("close", {"session": sid}).get("closed") is True
+    finally:
+        owner.close()
+        other.close()
+
+
+def test_a_request_no_server_can_compute_goes_back_to_the_caller_and_bans_nobody(swarm):
+    d, servers, gw = swarm
+    model = AutoDistributedModelForCausalLM.from_pretrained(d, socket=gw.socket)
+    client = SwarmClient(socket=gw.socket)
+    before = client.status()["gateway"]
+    hidden = torch.randn(2, 5, HIDDEN)
+    deep = torch.randn(6, 3, 2, HIDDEN)  # prompts for a batch of 3, hidden states for 2
+    with pytest.raises(TensorError, match="deep_prompts"):
+        client.forward(model.model_id, hidden, lora={"deep_prompts": deep}, lora_scaling=1.0)
+    after = client.status()["gateway"]
+    assert after["banned"] == [] and after["failovers"] == before["failovers"]
+    generate_equals_hf(d, gw.socket)

@@ -1,0 +1,49 @@
+"""Bounds on what a peer can make a daemon do: log lines, connections."""
+
+import logging
+import os
+
+import zmq
+
+from swarmd.gateway.connection import ConnectionPool
+from swarmd.identity import NodeIdentity
+from swarmd.logs import RateLimitedLog
+
+
+class Clock:
+    t = 100.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_refusals_log_once_per_key_and_interval_counting_the_rest(caplog):
+    clock = Clock()
+    quiet = RateLimitedLog(logging.getLogger("test.quiet"), 10.0, clock)
+    with caplog.at_level(logging.INFO, "test.quiet"):
+        logged = [quiet.info(("peer-a", "garbage"), "refused %s", i) for i in range(1000)]
+        quiet.info(("peer-b", "garbage"), "refused b")
+        clock.t += 10.5
+        quiet.info(("peer-a", "garbage"), "refused again")
+    assert logged.count(True) == 1
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["refused 0", "refused b", "refused again (999 more like it in the last 10 s not logged)"]
+
+
+def test_a_bounded_pool_closes_the_least_recently_used_connection():
+    ctx = zmq.Context()
+    me = NodeIdentity(os.urandom(32))
+    keys = {f"tcp://127.0.0.1:{p}": NodeIdentity(os.urandom(32)).public_key for p in range(2, 7)}
+    pool = ConnectionPool(ctx, me, keys.get, max_connections=3)
+    try:
+        addresses = list(keys)
+        first, second, third = (pool.get(a) for a in addresses[:3])
+        assert pool.get(addresses[0]) is first  # used again: now the most recent
+        pool.get(addresses[3])  # evicts addresses[1], the least recently used
+        assert pool.count() == 3
+        assert pool.get(addresses[0]) is first and pool.get(addresses[3]) is not None
+        assert pool.get(addresses[1]) is not second  # it was closed: a new one (evicting addresses[2])
+        assert pool.count() == 3 and pool.get(addresses[0]) is first
+    finally:
+        pool.close_all()
+        ctx.term()
