@@ -10,6 +10,7 @@ import time
 import torch
 from conftest import hf_reference
 from helpers import Daemon, running_swarm
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from libswarm import AutoDistributedModelForCausalLM
 
@@ -98,17 +99,32 @@ def test_drain_during_a_generation_lets_it_finish_and_exits_zero(model_dirs):
         model = AutoDistributedModelForCausalLM.from_pretrained(d, socket=gw.socket)
         ids = torch.randint(3, 500, (1, 6), generator=torch.Generator().manual_seed(32))
         kw = dict(do_sample=False, max_new_tokens=150, min_new_tokens=150, pad_token_id=0)
+        # the generation waits at step 5 until the drain is sent: without that, on a loaded
+        # machine it could finish before the test finds the busy server (seen in CI)
+        mid_generation, drain_sent = threading.Event(), threading.Event()
+
+        class PauseAtStep5(LogitsProcessor):
+            step = 0
+
+            def __call__(self, input_ids, scores):
+                self.step += 1
+                if self.step == 5:
+                    mid_generation.set()
+                    drain_sent.wait(60)
+                return scores
+
         out: dict = {}
-        t = threading.Thread(target=lambda: out.setdefault("tokens", model.generate(ids, **kw)))
+        t = threading.Thread(target=lambda: out.setdefault("tokens", model.generate(
+            ids, logits_processor=LogitsProcessorList([PauseAtStep5()]), **kw)))
         t.start()
-        t0 = time.monotonic()
-        while not any(s.ctl("status")["sessions"]["server"] for s in servers):
-            assert time.monotonic() - t0 < 20
-            time.sleep(0.05)
-        busy = next(s for s in servers if s.ctl("status")["sessions"]["server"])
-        reply = busy.ctl("drain")
-        assert reply["draining"]
-        states = {p["node_id"]: p["state"] for p in gw.ctl("peers")["peers"]}
+        try:
+            assert mid_generation.wait(60), "the generation did not start"
+            busy = next(s for s in servers if s.ctl("status")["sessions"]["server"])
+            reply = busy.ctl("drain")
+            assert reply["draining"]
+            states = {p["node_id"]: p["state"] for p in gw.ctl("peers")["peers"]}
+        finally:
+            drain_sent.set()
         t.join(120)
         assert torch.equal(out["tokens"], hf_reference(d).generate(ids, **kw))
         assert busy.proc.wait(40) == 0
