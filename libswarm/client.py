@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import socket as pysocket
 import threading
 import time
 from typing import TYPE_CHECKING
@@ -52,8 +53,7 @@ class SwarmClient:
 
     def _socket(self) -> zmq.Socket:
         if self._sock is None:
-            if not os.path.exists(self.socket_path):
-                raise PeerUnavailableError(f"swarmd is not running: no socket at {self.socket_path}")
+            _check_listening(self.socket_path)
             s = self._ctx.socket(zmq.DEALER)
             s.setsockopt(zmq.LINGER, 0)
             s.connect(f"ipc://{self.socket_path}")
@@ -171,6 +171,27 @@ class SwarmClient:
         if g is None:
             raise ProtocolError("reply carries no grad_input")
         return g, {k: v for k, v in reply.tensors.items() if k.startswith(("grad_lora_", "grad_deep_prompts"))}
+
+
+def _check_listening(path: str) -> None:
+    """Fail at once, saying why, when nothing can answer at `path` (ZeroMQ would instead wait
+    out the whole timeout on a socket file that a killed daemon left behind)."""
+    if not os.path.exists(path):
+        raise PeerUnavailableError(f"swarmd is not running: no socket at {path}")
+    probe = pysocket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM)
+    try:
+        probe.settimeout(2.0)
+        probe.connect(path)
+    except ConnectionRefusedError:
+        raise PeerUnavailableError(f"swarmd is not running: nothing listens on {path} (left by a daemon that "
+                                   "was killed; start swarmd again)") from None
+    except PermissionError:
+        raise PeerUnavailableError(f"no permission to use {path}: add this user to the socket's group "
+                                   "(swarmd) or run as root") from None
+    except OSError as e:
+        raise PeerUnavailableError(f"cannot reach swarmd at {path}: {e.strerror or e}") from None
+    finally:
+        probe.close()
 
 
 def _inputs(hidden, position_ids, key_mask) -> dict[str, torch.Tensor]:

@@ -215,3 +215,19 @@ def test_swarmctl_without_a_daemon_fails_with_one_line(tmp_path):
                        text=True, timeout=30, env=dict(os.environ))
     assert r.returncode != 0
     assert r.stderr.strip().count("\n") == 0 and "not running" in r.stderr
+
+
+def test_swarmctl_against_a_socket_left_by_a_killed_daemon_says_so_at_once(tmp_path):
+    import socket
+    import time
+
+    path = str(tmp_path / "stale.sock")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(path)
+    s.close()  # the file stays, as after kill -9: nothing listens
+    t0 = time.monotonic()
+    r = subprocess.run([SWARMCTL, "--socket", path, "status"], capture_output=True, text=True, timeout=60)
+    elapsed = time.monotonic() - t0
+    assert r.returncode != 0 and r.stderr.strip().count("\n") == 0
+    assert "not running" in r.stderr and "nothing listens" in r.stderr
+    assert elapsed < 10, f"took {elapsed:.1f} s (the default timeout is 30 s)"
