@@ -30,6 +30,7 @@ DEFAULTS: dict[str, Any] = {
         "session_idle_timeout_s": 600,
         "rebalance_interval_s": 60,
         "drain_timeout_s": 300,
+        "stall_timeout_s": 300,
         "adapters": {},
         "cache": {"max_bytes": "auto", "kv_dtype": "auto"},
     },
@@ -74,6 +75,7 @@ class ServeConfig:
     session_idle_timeout_s: float
     rebalance_interval_s: float
     drain_timeout_s: float
+    stall_timeout_s: float
     adapters: tuple[tuple[str, str], ...]  # (name, PEFT adapter directory)
     cache: CacheConfig
 
@@ -275,6 +277,7 @@ def load_config(path: str, overrides: dict | None = None) -> Config:
         session_idle_timeout_s=float(r.positive_int("serve.session_idle_timeout_s", s["session_idle_timeout_s"]) or 1),
         rebalance_interval_s=float(r.positive_int("serve.rebalance_interval_s", s["rebalance_interval_s"]) or 1),
         drain_timeout_s=float(r.positive_int("serve.drain_timeout_s", s["drain_timeout_s"]) or 1),
+        stall_timeout_s=float(r.positive_int("serve.stall_timeout_s", s["stall_timeout_s"]) or 1),
         adapters=_adapters(r, s["adapters"], base_dir),
         cache=CacheConfig(
             max_bytes=r.size("serve.cache.max_bytes", s["cache"]["max_bytes"], allow_auto=True),

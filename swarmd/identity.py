@@ -12,6 +12,7 @@ holds it for operators."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -97,13 +98,32 @@ def load_or_create_identity(state_dir: str) -> NodeIdentity:
     if os.path.exists(secret_path):
         return _load(secret_path)
     identity = NodeIdentity(os.urandom(32))
-    # create the file 0600 from the start: the secret is never readable by others, not even briefly
-    fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(z85.encode(identity.seed).decode() + "\n")
-    with open(os.path.join(state_dir, "node.pub"), "w") as f:
-        f.write(identity.public_key + "\n")
+    # 0600 from the start (the secret is never readable by others, not even briefly), written
+    # whole to a temporary file, synced, then renamed: a crash or power loss leaves either no
+    # key or the whole key, never an empty or torn one that would refuse every later start
+    _write_durably(secret_path, z85.encode(identity.seed).decode() + "\n", 0o600)
+    _write_durably(os.path.join(state_dir, "node.pub"), identity.public_key + "\n", 0o644)
     return identity
+
+
+def _write_durably(path: str, text: str, mode: int) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself survives a power loss
+    finally:
+        os.close(dir_fd)
 
 
 def _load(secret_path: str) -> NodeIdentity:

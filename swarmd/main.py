@@ -75,8 +75,6 @@ def main(argv: list[str] | None = None) -> int:
     while not stop.is_set() and not daemon.drain_requested.is_set():
         wake.wait(min(1.0, watchdog_s or 1.0))
         wake.clear()
-        if watchdog_s:
-            notify("WATCHDOG=1")  # from the loop that also watches the worker threads
         if hup.is_set():
             hup.clear()
             notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
@@ -86,6 +84,17 @@ def main(argv: list[str] | None = None) -> int:
             log.error("a worker thread died; exiting so that systemd restarts us")
             daemon.stop()
             return 1
+        stalled_s = daemon.server.stalled_s() if daemon.server else 0.0
+        if stalled_s > config.serve.stall_timeout_s:
+            # the serving thread is wedged (a hung CUDA call cannot be interrupted): no more
+            # WATCHDOG=1, and exit without joining it, so that systemd restarts a working daemon
+            log.error("the serving thread has been stuck in one request for %.0f s (serve.stall_timeout_s: %.0f); "
+                      "exiting so that systemd restarts us", stalled_s, config.serve.stall_timeout_s)
+            notify(f"STATUS=serving thread stuck for {stalled_s:.0f} s; restarting")
+            logging.shutdown()
+            os._exit(1)
+        if watchdog_s:
+            notify("WATCHDOG=1")  # only after checking the worker threads and the serving thread
         if time.monotonic() - last_status >= STATUS_INTERVAL_S:
             notify(f"STATUS={daemon.status_line()}")
             last_status = time.monotonic()

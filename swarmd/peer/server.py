@@ -135,6 +135,7 @@ class SpanServer:
         self.drain_timeout_s = 300.0
         self.draining = False  # stopping: no new sessions
         self.step_seconds = Histogram()
+        self.busy_since: float | None = None  # monotonic start of the request being handled, if any
         self.adapter_dirs: dict[str, str] = {}  # serve.adapters
         self.adapters: dict[str, Lora] = {}  # loaded for the current span
         self.handlers = {
@@ -165,7 +166,11 @@ class SpanServer:
                         frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
-                    self.handle(frames)
+                    self.busy_since = time.monotonic()
+                    try:
+                        self.handle(frames)
+                    finally:
+                        self.busy_since = None
             if time.monotonic() - last_sweep >= POLL_INTERVAL_MS / 1000:  # not on every decode step
                 self.expire_idle()
                 last_sweep = time.monotonic()
@@ -212,6 +217,12 @@ class SpanServer:
             self.sock.send_multipart([ident, *reply], copy=False)
         except zmq.ZMQError as e:
             log.warning("could not reply to request %s: %s", req_id, e)
+
+    def stalled_s(self) -> float:
+        """How long the request being handled has been computing (0 when idle); read by the
+        main thread, which does not feed the watchdog past serve.stall_timeout_s."""
+        since = self.busy_since
+        return 0.0 if since is None else time.monotonic() - since
 
     # --- moving ----------------------------------------------------------------------------
     def switch_span(self, span: Span, timeout_s: float = 10.0) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -61,6 +62,13 @@ def save_speed(state_dir: str, key: str, speed: BlockSpeed, known: dict | None =
     os.replace(path + ".tmp", path)
 
 
+def _plausible(speed: BlockSpeed) -> bool:
+    """A kept measurement that placement can divide by: positive and finite (a hand-edited or
+    corrupted step_s of 0 crashed placement)."""
+    return all(math.isfinite(x) and x > 0 for x in (speed.step_s, speed.forward_tokens_per_s)) and \
+        speed.block_bytes > 0
+
+
 def measure_block_speed(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype, state_dir: str,
                         model_id: str) -> BlockSpeed:
     key = speed_key(model_id, device, dtype)
@@ -71,8 +79,11 @@ def measure_block_speed(checkpoint: Checkpoint, device: torch.device, dtype: tor
             known = json.load(f)
         cached = known.get(key) if isinstance(known, dict) else None
         if isinstance(cached, dict):
-            return BlockSpeed(float(cached["step_s"]), float(cached["forward_tokens_per_s"]),
-                              int(cached["block_bytes"]))
+            speed = BlockSpeed(float(cached["step_s"]), float(cached["forward_tokens_per_s"]),
+                               int(cached["block_bytes"]))
+            if _plausible(speed):
+                return speed
+            log.warning("%s holds an impossible measurement for this model (%s): measuring again", path, cached)
     except (OSError, ValueError, KeyError, TypeError):
         known = {}
     log.info("measuring one block's speed on %s as %s (once; kept in %s)", device, str(dtype)[6:], path)

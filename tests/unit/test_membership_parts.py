@@ -39,6 +39,27 @@ def test_identity_file_is_private_and_stable(tmp_path):
     assert (tmp_path / "node.pub").read_text().strip() == a.public_key
 
 
+def test_the_node_key_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A crash while the key is written leaves no node.key (the next start makes one), never a
+    torn one (which would refuse every later start); the secret goes through fsync first."""
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    real_replace = os.replace
+
+    def crash_on_rename(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", crash_on_rename)
+    with pytest.raises(OSError):
+        load_or_create_identity(str(tmp_path))
+    assert synced and os.listdir(tmp_path) == []  # nothing half-written, no temporary left behind
+    monkeypatch.setattr(os, "replace", real_replace)
+    a = load_or_create_identity(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["node.key", "node.pub"]
+    assert load_or_create_identity(str(tmp_path)).public_key == a.public_key
+
+
 def test_signed_record_round_trips():
     i = ident()
     r = record(i, rtt_ms={"abcdefgh": 1.5}, fingerprints=("00ff", "11ee"))

@@ -105,3 +105,16 @@ def test_cache_budget_and_limits():
                                                      dtype=torch.float32) == 2 * 4 * 2 * 4
     with pytest.raises(LimitError, match="max_length 4"):
         cache.check_step(1, 5)
+
+
+@pytest.mark.parametrize("step_s", [0.0, -1.0, float("nan"), float("inf")])
+def test_an_impossible_kept_speed_is_measured_again(model_dirs, tmp_path, step_s):
+    """throughput.json with step_s 0 (hand-edited, corrupted) crashed placement with a division
+    by zero; it is measured again instead."""
+    from swarmd.runtime.speed import BlockSpeed, measure_block_speed, save_speed, speed_key
+
+    ckpt = Checkpoint(model_dirs("llama"))
+    key = speed_key(ckpt.model_id, "cpu", torch.float32)
+    save_speed(str(tmp_path), key, BlockSpeed(step_s, 1000.0, 100_000))
+    speed = measure_block_speed(ckpt, torch.device("cpu"), torch.float32, str(tmp_path), ckpt.model_id)
+    assert 0 < speed.step_s < 1 and speed.span_throughput(3) > 0

@@ -35,3 +35,6 @@ def test_units_verify_and_are_hardened(tmp_path, name, as_name):
     assert float(m.group(1)) <= MAX_EXPOSURE
     text = open(unit).read()
     assert "Type=notify" in text and "WatchdogSec=" in text and "DevicePolicy=closed" in text
+    # resource bounds: a flood or a leak is stopped with swarmd, not with the machine
+    for bound in ("LimitNOFILE=", "TasksMax=", "MemoryMax="):
+        assert re.search(rf"^{bound}\S+", text, re.M), bound
