@@ -31,7 +31,7 @@ from swarmd.discovery.table import PeerTable
 from swarmd.gateway.connection import ConnectionPool
 from swarmd.gateway.gateway import Gateway
 from swarmd.gateway.routing import ServerSpan, missing_blocks
-from swarmd.identity import load_or_create_identity
+from swarmd.identity import load_or_create_identity, next_incarnation
 from swarmd.local import LocalServer
 from swarmd.metrics import MetricsServer
 from swarmd.metrics import render as render_metrics
@@ -80,7 +80,8 @@ class Daemon:
         self.table = PeerTable()
         self._fingerprints: dict[int, str | None] = {}
         self.membership = Membership(identity=self.identity, pool=self.pool, table=self.table, access=self.access,
-                                     own_fields=self._own_fields, expected_fingerprint=self._expected_fingerprint)
+                                     own_fields=self._own_fields, expected_fingerprint=self._expected_fingerprint,
+                                     incarnation=next_incarnation(config.state_dir))
         self.membership.set_seeds(list(config.discovery.seeds))
         self.mdns: Mdns | None = None
         self.gateway = Gateway(
@@ -104,8 +105,11 @@ class Daemon:
                               f"the model has blocks 0:{n}")
         return start, end
 
-    def _expected_fingerprint(self, block: int) -> str | None:
-        """This daemon's checkpoint's fingerprint of a block, or None when it lacks the block."""
+    def _expected_fingerprint(self, model_id: str | None, block: int) -> str | None:
+        """This daemon's checkpoint's fingerprint of a block of `model_id`, or None when that
+        is another model (nothing to compare) or the checkpoint lacks the block."""
+        if model_id != self.model_id:
+            return None
         if block not in self._fingerprints:
             try:
                 self._fingerprints[block] = self.checkpoint.block_fingerprint(block)

@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import os
 import re
+import time
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -139,3 +140,21 @@ def _load(secret_path: str) -> NodeIdentity:
         raise ConfigError(f"the node key {secret_path} is not a node secret (40 Z85 characters); "
                           "move it away to make a new one")
     return NodeIdentity(z85.decode(secret.encode()))
+
+
+def next_incarnation(state_dir: str) -> int:
+    """This start's incarnation: above the last one kept in state_dir/incarnation, and at least
+    the wall clock's seconds (so that a lost state_dir still starts above older runs). Peers
+    order this node's records and beats by it, so a clock stepped backwards, before or after a
+    restart, never makes its news look old."""
+    path = os.path.join(state_dir, "incarnation")
+    try:
+        with open(path) as f:
+            last = int(f.read().strip())
+    except (OSError, ValueError):
+        last = 0
+    incarnation = max(last + 1, int(time.time()))
+    with contextlib.suppress(OSError):  # unwritable: the clock alone orders this start
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        _write_durably(path, f"{incarnation}\n", 0o644)
+    return incarnation

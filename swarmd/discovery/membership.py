@@ -1,14 +1,19 @@
-"""Membership: bootstrap from seeds and mDNS, then gossip signed records until every daemon
-holds the same table.
+"""Membership: bootstrap from seeds and mDNS, then gossip signed records and beats until every
+daemon holds the same table.
 
-Each round (GOSSIP_INTERVAL_S), a daemon re-signs its own record (fresh timestamp: this is
-its heartbeat), and sends it with a digest of its table ({node id: version}) to FANOUT random
-live peers plus any bootstrap contact not yet known; each answers with the records it holds
-that are newer than the digest. Pull plus own push spreads a change to n daemons in about
-log2(n) rounds. Gateway-only daemons pull, and publish nothing.
+Each round (GOSSIP_INTERVAL_S), a daemon makes a new beat (a small signed liveness stamp) and
+re-signs its record only if what it says has changed (at once for its state, span, addresses
+or adapters; at most every BODY_REFRESH_S for loads and measurements). It sends its beat, its
+record while that is recent news, and a digest of its table ({id prefix: [incarnation, seq,
+beat]}) to FANOUT random reachable peers, to peers whose retry time has come, and to any
+bootstrap contact not yet known; each answers with the records and beats it holds that are
+newer than the digest, at most MAX_REPLY_BYTES. So a round costs in proportion to what
+changed, not to the size of the swarm, and pull plus push spreads a change to n daemons in
+about log2(n) rounds. Gateway-only daemons pull, and publish nothing.
 
 A record is accepted only when verified (records.py), its key is allowed (private swarms),
-and it is newer than the one held. Bad records are logged once per sender and reason."""
+and it is newer than the one held; a beat only when signed by the key of the record held.
+Bad records are logged once per sender and reason."""
 
 from __future__ import annotations
 
@@ -25,8 +30,8 @@ from libswarm.protocol import PROTOCOL_VERSION, Message
 from swarmd.config import Seed
 from swarmd.discovery.access import AccessControl
 from swarmd.discovery.keyquery import query_key
-from swarmd.discovery.records import MAX_RTTS, Record, RecordError, decode_record
-from swarmd.discovery.table import PeerTable
+from swarmd.discovery.records import MAX_RTTS, Beat, Record, RecordError, decode_beat, decode_record
+from swarmd.discovery.table import MAX_DIGEST_ENTRIES, MAX_NODES, PeerTable
 from swarmd.gateway.connection import ConnectionPool
 from swarmd.identity import NodeIdentity
 
@@ -35,9 +40,17 @@ log = logging.getLogger("swarmd.discovery")
 FANOUT = 3
 GOSSIP_TIMEOUT_S = 1.0
 MAX_GOSSIP_RECORDS = 4096  # records taken from one reply
-# records taken from one request: an honest caller sends only its own, and requests are
-# handled on the serving thread, so a flood of signed records must not stall decode steps
+# records and beats taken from one request: an honest caller sends only its own, and requests
+# are handled on the serving thread, so a flood of signed records must not stall decode steps
 MAX_REQUEST_RECORDS = 8
+MAX_REQUEST_BEATS = 8
+MAX_REPLY_BEATS = 4096
+BODY_REFRESH_S = 10.0  # loads and measurements (cache free, sessions, round trips) go out this often at most
+BODY_PUSH_ROUNDS = 5  # a new record rides on this many of the node's own requests
+PEER_RETRY_MAX_S = 30.0  # a peer that failed is retried after 1, 2, 4 ... s, at most this far apart
+MAX_RETRIES_PER_ROUND = 4
+# What a record says that is news at once; the rest (loads, measurements) waits for BODY_REFRESH_S.
+STABLE_FIELDS = ("addresses", "state", "model_id", "span", "fingerprints", "movable", "adapters")
 HINT_RETRY_MAX_S = 5.0  # a contact that fails is retried at most this far apart
 FINGERPRINT_PREFIX = 16  # hex characters of each block's fingerprint carried in records
 BANDWIDTH_PROBE_INTERVAL_S = 30.0  # how often the bandwidth to one random peer is measured
@@ -58,8 +71,16 @@ class Hint:
 
 class Membership:
     def __init__(self, *, identity: NodeIdentity, pool: ConnectionPool, table: PeerTable, access: AccessControl,
-                 own_fields: Callable[[], dict | None], expected_fingerprint: Callable[[int], str | None]):
+                 own_fields: Callable[[], dict | None], expected_fingerprint: Callable[[str | None, int], str | None],
+                 incarnation: int | None = None):
         self.identity, self.pool, self.table, self.access = identity, pool, table, access
+        # grows with every start (the daemon keeps it in state_dir): orders this node's news
+        self.incarnation = int(time.time()) if incarnation is None else incarnation
+        self._beat = 0
+        self._body_at = -1e9  # monotonic time of the last re-signed record
+        self._body_round = -BODY_PUSH_ROUNDS  # the round it was made in
+        self._rounds = 0
+        self._retry: dict[str, tuple[int, float]] = {}  # node id -> (failures, monotonic time of next try)
         self.own_fields, self.expected_fingerprint = own_fields, expected_fingerprint
         self.hints: dict[str, Hint] = {}
         self.rejected = 0  # records refused (bad signature, forged, from the future, not allowed...)
@@ -109,21 +130,34 @@ class Membership:
 
     # --- own record ----------------------------------------------------------------------------
     def publish(self, state: str | None = None) -> Record | None:
+        """A new beat, and a new record when what it says has changed (see the module's doc);
+        returns the record in force (None for a node that serves nothing)."""
         fields = self.own_fields()
         if fields is None:
             return None
         if state is not None:
             fields["state"] = state
-        self._seq += 1
-        rtts = sorted((e.rtt_ms, e.record.short_id) for e in self.table.entries()
-                       if not e.is_self and e.rtt_ms is not None)[:MAX_RTTS]
-        record = Record(node_id=self.identity.public_key, sign_key=self.identity.sign_key, timestamp=time.time(),
-                        seq=self._seq, version=__version__, protocol=PROTOCOL_VERSION,
-                        rtt_ms={short: round(ms, 3) for ms, short in rtts},
-                        bandwidth_mbps=round(self.bandwidth_bps * 8 / 1e6, 1) if self.bandwidth_bps else 0.0,
-                        **fields)
-        self.table.merge(record, record.sign(self.identity), is_self=True)
-        return record
+        own = self.table.get(self.identity.public_key)
+        now = time.monotonic()
+        stable_changed = own is None or any(
+            _wire_value(getattr(own.record, k)) != _wire_value(fields.get(k, getattr(own.record, k)))
+            for k in STABLE_FIELDS)
+        if stable_changed or now - self._body_at >= BODY_REFRESH_S:
+            self._seq += 1
+            rtts = sorted((e.rtt_ms, e.record.short_id) for e in self.table.entries()
+                           if not e.is_self and e.rtt_ms is not None)[:MAX_RTTS]
+            record = Record(node_id=self.identity.public_key, sign_key=self.identity.sign_key, timestamp=time.time(),
+                            seq=self._seq, incarnation=self.incarnation, version=__version__,
+                            protocol=PROTOCOL_VERSION, rtt_ms={short: round(ms, 3) for ms, short in rtts},
+                            bandwidth_mbps=round(self.bandwidth_bps * 8 / 1e6, 1) if self.bandwidth_bps else 0.0,
+                            **fields)
+            self.table.merge(record, record.sign(self.identity), is_self=True)
+            self._body_at, self._body_round = now, self._rounds
+        self._beat += 1
+        self.table.set_own_beat(self.identity.public_key, decode_beat(
+            Beat.signed(self.identity, self.incarnation, self._beat)))
+        own = self.table.get(self.identity.public_key)
+        return own.record if own is not None else None
 
     # --- receiving -----------------------------------------------------------------------------
     def receive(self, wires: object, source: str, via_key: str | None = None, via: str | None = None,
@@ -142,6 +176,7 @@ class Membership:
                 self.rejected += 1
                 self._log_once(source, str(e))
                 continue
+            wire = {"body": wire["body"], "sig": wire["sig"]}  # only what is signed is kept and relayed
             if record.node_id == self.identity.public_key:
                 continue  # only this daemon speaks for itself
             if not self.access.allows(record.node_id):
@@ -159,13 +194,35 @@ class Membership:
                              f"blocks {record.span[0]}:{record.span[1]}" if record.span else "no blocks")
         return changed
 
+    def receive_beats(self, wires: object, source: str, limit: int = MAX_REPLY_BEATS) -> int:
+        """Merge beats from a peer; returns how many were newer."""
+        if not isinstance(wires, list):
+            self._log_once(source, "sent beats that are not a list")
+            return 0
+        newer = 0
+        for wire in wires[:limit]:
+            try:
+                beat = decode_beat(wire)
+            except RecordError as e:
+                self.rejected += 1
+                self._log_once(source, str(e))
+                continue
+            if beat.node_id == self.identity.public_key:
+                continue
+            result = self.table.merge_beat(beat)
+            if result == "bad":
+                self.rejected += 1
+                self._log_once(source, f"beat of {beat.node_id[:8]}: bad signature")
+            newer += result == "newer"
+        return newer
+
     def _weights_mismatch(self, r: Record) -> str | None:
         """Why a peer's weights differ from this daemon's checkpoint, or None (also when this
         daemon cannot tell: it lacks those blocks, or the record has no fingerprints)."""
         if r.span is None or len(r.fingerprints) != r.span[1] - r.span[0]:
             return None
         for block, theirs in zip(range(*r.span), r.fingerprints):
-            ours = self.expected_fingerprint(block)
+            ours = self.expected_fingerprint(r.model_id, block)
             if ours is not None and theirs != ours[:FINGERPRINT_PREFIX]:
                 reason = f"weights of block {block} differ from this daemon's checkpoint (same config, other weights)"
                 self._log_once(r.short_id, reason + "; it will not be routed to", level=logging.WARNING)
@@ -182,10 +239,12 @@ class Membership:
     def on_gossip(self, msg: Message) -> tuple[dict, None]:
         """The peer-plane handler: merge what the caller sent, answer what it lacks."""
         self.receive(msg.get("records", []), source="a gossip request", limit=MAX_REQUEST_RECORDS)
+        self.receive_beats(msg.get("beats", []), source="a gossip request", limit=MAX_REQUEST_BEATS)
         digest = msg.get("digest", {})
-        if not isinstance(digest, dict) or len(digest) > MAX_GOSSIP_RECORDS:
+        if not isinstance(digest, dict) or len(digest) > 2 * MAX_DIGEST_ENTRIES:
             digest = {}
-        return {"records": self.table.newer_than(digest)}, None
+        records, beats = self.table.newer_than(digest)
+        return {"records": records, "beats": beats}, None
 
     # --- gossip rounds -------------------------------------------------------------------------
     def _targets(self, skip: set[str] | frozenset[str], everyone: bool) -> list[tuple[str, str | None, str | None]]:
@@ -193,6 +252,8 @@ class Membership:
         `everyone`), plus bootstrap contacts not already known as live nodes."""
         now = time.monotonic()
         live: list[tuple[str, str | None, str | None]] = []
+        answered: set[str] = set()  # addresses of peers reached before
+        due: list[tuple[float, tuple[str, str | None, str | None]]] = []  # failed before, retry time come
         known_addresses: set[str] = set()
         for e in self.table.entries():
             if e.is_self:
@@ -201,8 +262,27 @@ class Membership:
             if state not in ("dead", "offline"):
                 known_addresses.update(e.record.addresses)
                 if e.address not in skip and self.access.allows(e.record.node_id):
-                    live.append((e.address, e.record.node_id, e.record.node_id))
-        targets = list(live) if everyone else random.sample(live, min(FANOUT, len(live)))
+                    target = (e.address, e.record.node_id, e.record.node_id)
+                    retry = self._retry.get(e.record.node_id)
+                    if retry is None:
+                        live.append(target)
+                        if e.verified:
+                            answered.add(e.address)
+                    elif retry[1] <= now or everyone:
+                        due.append((retry[1], target))
+        # peers that fail (gone, or made up by a liar) do not take the fanout's places from
+        # those that answer: they are retried with capped doubling backoff, a few per round
+        # and peers never reached (new, or made up) take at most the fanout's places that peers
+        # which answered before leave free, and at least one: a flood of made-up records cannot
+        # cut this daemon off from the peers it gossips with
+        if everyone:
+            targets = live + [t for _, t in due]
+        else:
+            old = [t for t in live if t[0] in answered]
+            new = [t for t in live if t[0] not in answered]
+            n_new = min(len(new), max(1, FANOUT - len(old)))
+            targets = random.sample(old, min(len(old), FANOUT - n_new)) + random.sample(new, n_new)
+            targets += [t for _, t in sorted(due)[:MAX_RETRIES_PER_ROUND]]
         with self._hint_lock:
             hints = list(self.hints.values())
         own = set(self.own_addresses())
@@ -219,9 +299,12 @@ class Membership:
 
     def round(self, skip: set[str] | frozenset[str] = frozenset(), everyone: bool = False) -> None:
         with self._lock:
+            self._rounds += 1
             self.publish()
             own = self.table.get(self.identity.public_key)
-            fields = {"records": [own.wire] if own else [], "digest": self.table.digest()}
+            recent = own is not None and self._rounds - self._body_round < BODY_PUSH_ROUNDS
+            fields = {"records": [own.wire] if recent and own else [],
+                      "beats": [own.beat_wire] if own and own.beat_wire else [], "digest": self.table.digest()}
             pending = []
             for address, key, node_id in self._targets(skip, everyone):
                 try:
@@ -246,8 +329,9 @@ class Membership:
                     continue
                 rtt_ms = (time.monotonic() - t0) * 1000
                 self.receive(reply.get("records", []), source=address, via_key=key, via=address)
+                self.receive_beats(reply.get("beats", []), source=address)
                 self.table.observe(key, rtt_ms=rtt_ms, unreachable=None)
-                self._contact_ok(address)
+                self._contact_ok(address, key)
             if pending and time.monotonic() >= self._next_probe:
                 address, key = pending[0][0], pending[0][1]
                 self._probe_bandwidth(address, key)
@@ -276,7 +360,8 @@ class Membership:
             # the best path seen lately: one slow peer should not make this node look slow
             self.bandwidth_bps = bps if self.bandwidth_bps is None else max(bps, 0.5 * self.bandwidth_bps)
 
-    def _contact_ok(self, address: str) -> None:
+    def _contact_ok(self, address: str, node_id: str | None = None) -> None:
+        self._retry.pop(node_id or "", None)
         h = self.hints.get(address)
         if h is not None:
             if h.failures:
@@ -287,6 +372,11 @@ class Membership:
         self.pool.drop(address)
         if node_id is not None:
             self.table.observe(node_id, unreachable=error)
+            failures = self._retry.get(node_id, (0, 0.0))[0] + 1
+            if len(self._retry) > 4 * MAX_NODES:
+                self._retry.clear()
+            self._retry[node_id] = (failures, time.monotonic() + min(self.interval_s * 2 ** (failures - 1),
+                                                                      PEER_RETRY_MAX_S))
         h = self.hints.get(address)
         if h is not None:
             if h.failures == 0:
@@ -324,7 +414,7 @@ class Membership:
             return
         own = self.table.get(self.identity.public_key)
         assert own is not None
-        fields = {"records": [own.wire], "digest": {}}
+        fields = {"records": [own.wire], "digest": self.table.digest()}
         deadline = time.monotonic() + timeout_s
         sent = []
         for address, key, _ in self._targets(set(), everyone=True):
@@ -355,3 +445,8 @@ class Membership:
                              "cache_free_bytes": 0, "sessions": 0, "version": "", "protocol": "", "rtt_ms": None,
                              "last_seen_s_ago": None, "error": h.error, "is_self": False, "source": h.source})
         return rows
+
+
+def _wire_value(value: object) -> object:
+    """A record field as it is compared for changes (tuples and lists alike)."""
+    return list(value) if isinstance(value, tuple) else value

@@ -1,16 +1,25 @@
-"""Peer records: what a daemon says about itself, signed so that no relay can change it.
+"""Peer records and heartbeats: what a daemon says about itself, signed so that no relay can
+change it.
 
 A record travels as {"body": JSON text, "sig": base64 Ed25519 signature of that text}. The
 body names its `sign_key`; the node id must be the CURVE form of that key (see
 swarmd/identity.py), so a relay can neither edit a record nor sign one in another node's
 name. Checks, in order, each with its own reason: shape, size, JSON, fields, key binding,
-signature, timestamp not in the future."""
+signature, timestamp not in the future, every value within its bounds. Only `body` and `sig`
+are kept and relayed: anything else a sender adds to the wire form is dropped.
+
+A record is re-signed only when what it says changes. Liveness travels apart, as a beat: a
+small signed stamp {"id", "inc", "beat", "sig"} that the node makes every gossip round. Both
+are ordered by the node's incarnation (a number that grows with every start, kept in
+state_dir) and a counter within it, never by its wall clock: a clock stepped backwards does
+not make a node's news look old."""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -22,6 +31,17 @@ MAX_CLOCK_SKEW_S = 30.0  # a record stamped further ahead than this is "from the
 STATES = ("joining", "online", "draining", "offline")
 MAX_ADDRESSES = 8
 MAX_RTTS = 32
+# Bounds on what a record may claim; each is far beyond any honest value (the largest models
+# have ~100 blocks; a step of a block takes microseconds at best), and without them one record
+# could hang every node (a span to 2^40 that coverage loops over) or win every route.
+MAX_BLOCKS = 4096
+MAX_THROUGHPUT = 1e6  # one-token steps per second through a span
+MAX_FORWARD_THROUGHPUT = 1e9  # positions per second
+MAX_BANDWIDTH_MBPS = 1e6
+MAX_RTT_MS = 1e6
+MAX_COUNT = 2**53  # cache bytes, sessions, sequence numbers, incarnations: exact in every JSON reader
+MAX_NAMES = 64  # adapters
+MAX_NAME_CHARS = 128  # model id, adapter names, version strings, fingerprints
 
 
 class RecordError(ProtocolError):
@@ -34,8 +54,8 @@ class Record:
     sign_key: str
     addresses: tuple[str, ...]
     state: str
-    timestamp: float
-    seq: int
+    timestamp: float  # when it was signed (shown to operators; never used to order versions)
+    seq: int  # grows with every new version within an incarnation
     model_id: str | None = None
     span: tuple[int, int] | None = None
     throughput: float = 0.0  # one-token decode steps per second through the whole span
@@ -49,14 +69,15 @@ class Record:
     movable: bool = False  # serve.blocks: auto: placement may move it
     bandwidth_mbps: float = 0.0  # measured to its best peer lately (0: not measured yet)
     adapters: tuple[str, ...] = ()  # names of the LoRA adapters it hosts (serve.adapters)
+    incarnation: int = 0  # grows with every start of the node (state_dir/incarnation)
 
     @property
     def short_id(self) -> str:
         return self.node_id[:8]
 
     @property
-    def version_key(self) -> tuple[float, int]:
-        return self.timestamp, self.seq
+    def version_key(self) -> tuple[int, int]:
+        return self.incarnation, self.seq
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -77,6 +98,30 @@ def _type(d: dict, key: str, types, *, optional: bool = False):
         return None
     if not isinstance(value, types) or isinstance(value, bool):
         raise RecordError(f"record field {key!r} is missing or has the wrong type")
+    return value
+
+
+def _number(d: dict, key: str, high: float, *, integer: bool = False) -> float:
+    """An optional finite number in [0, high] (0 when absent)."""
+    value = _type(d, key, int if integer else (int, float), optional=True)
+    if value is None:
+        return 0
+    if not (math.isfinite(value) and 0 <= value <= high):
+        raise RecordError(f"record field {key!r} must be within 0..{high:g}, got {str(value)[:32]}")
+    return value
+
+
+def _names(d: dict, key: str, limit: int) -> tuple[str, ...]:
+    values = _type(d, key, list, optional=True) or []
+    if len(values) > limit or not all(isinstance(v, str) and 0 < len(v) <= MAX_NAME_CHARS for v in values):
+        raise RecordError(f"record field {key!r} must be at most {limit} strings of 1..{MAX_NAME_CHARS} characters")
+    return tuple(values)
+
+
+def _short_string(d: dict, key: str) -> str | None:
+    value = _type(d, key, str, optional=True)
+    if value is not None and len(value) > MAX_NAME_CHARS:
+        raise RecordError(f"record field {key!r} is longer than {MAX_NAME_CHARS} characters")
     return value
 
 
@@ -114,33 +159,91 @@ def decode_record(wire: object, now: float | None = None) -> Record:
         raise RecordError(f"record of {node_id[:8]}: unknown state {state!r}")
     timestamp = float(_type(d, "timestamp", (int, float)))
     now = time.time() if now is None else now
-    if timestamp > now + MAX_CLOCK_SKEW_S:
+    if not math.isfinite(timestamp) or timestamp > now + MAX_CLOCK_SKEW_S:
         raise RecordError(f"record of {node_id[:8]} is from the future ({timestamp - now:.0f} s ahead)")
+    try:
+        return _fields(d, node_id, sign_key, addresses, state, timestamp)
+    except RecordError as e:
+        raise RecordError(f"record of {node_id[:8]}: {str(e).removeprefix('record ')}") from None
+
+
+def _fields(d: dict, node_id: str, sign_key: str, addresses: list, state: str, timestamp: float) -> Record:
     span = _type(d, "span", list, optional=True)
     if span is not None and not (
-        len(span) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in span) and 0 <= span[0] < span[1]
+        len(span) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in span)
+        and 0 <= span[0] < span[1] <= MAX_BLOCKS
     ):
-        raise RecordError(f"record of {node_id[:8]}: span must be [start, end]")
+        raise RecordError(f"span must be [start, end] with 0 <= start < end <= {MAX_BLOCKS}")
     rtt = _type(d, "rtt_ms", dict, optional=True) or {}
-    if len(rtt) > MAX_RTTS or not all(isinstance(v, (int, float)) for v in rtt.values()):
-        raise RecordError(f"record of {node_id[:8]}: rtt_ms must map at most {MAX_RTTS} ids to numbers")
-    fingerprints = _type(d, "fingerprints", list, optional=True) or []
-    if not all(isinstance(f, str) for f in fingerprints):
-        raise RecordError(f"record of {node_id[:8]}: fingerprints must be strings")
+    if len(rtt) > MAX_RTTS or not all(
+            isinstance(k, str) and len(k) <= 16 and isinstance(v, (int, float)) and not isinstance(v, bool)
+            and math.isfinite(v) and 0 <= v <= MAX_RTT_MS for k, v in rtt.items()):
+        raise RecordError(f"rtt_ms must map at most {MAX_RTTS} short ids to round trips in 0..{MAX_RTT_MS:g} ms")
+    fingerprints = _names(d, "fingerprints", MAX_BLOCKS)
+    if span is not None and len(fingerprints) > span[1] - span[0]:
+        raise RecordError("more fingerprints than blocks in its span")
     return Record(
         node_id=node_id, sign_key=sign_key, addresses=tuple(addresses), state=state, timestamp=timestamp,
-        seq=int(_type(d, "seq", int)),
-        model_id=_type(d, "model_id", str, optional=True),
+        seq=int(_number(d, "seq", MAX_COUNT, integer=True)),
+        incarnation=int(_number(d, "incarnation", MAX_COUNT, integer=True)),
+        model_id=_short_string(d, "model_id"),
         span=(span[0], span[1]) if span else None,
-        throughput=float(_type(d, "throughput", (int, float), optional=True) or 0.0),
-        forward_throughput=float(_type(d, "forward_throughput", (int, float), optional=True) or 0.0),
-        cache_free_bytes=int(_type(d, "cache_free_bytes", int, optional=True) or 0),
-        sessions=int(_type(d, "sessions", int, optional=True) or 0),
-        version=str(_type(d, "version", str, optional=True) or ""),
-        protocol=str(_type(d, "protocol", str, optional=True) or ""),
-        rtt_ms={str(k): float(v) for k, v in rtt.items()},
-        fingerprints=tuple(fingerprints),
+        throughput=float(_number(d, "throughput", MAX_THROUGHPUT)),
+        forward_throughput=float(_number(d, "forward_throughput", MAX_FORWARD_THROUGHPUT)),
+        cache_free_bytes=int(_number(d, "cache_free_bytes", MAX_COUNT, integer=True)),
+        sessions=int(_number(d, "sessions", MAX_COUNT, integer=True)),
+        version=_short_string(d, "version") or "",
+        protocol=_short_string(d, "protocol") or "",
+        rtt_ms={k: float(v) for k, v in rtt.items()},
+        fingerprints=fingerprints,
         movable=d.get("movable") is True,
-        bandwidth_mbps=float(_type(d, "bandwidth_mbps", (int, float), optional=True) or 0.0),
-        adapters=tuple(a for a in (_type(d, "adapters", list, optional=True) or []) if isinstance(a, str))[:64],
+        bandwidth_mbps=float(_number(d, "bandwidth_mbps", MAX_BANDWIDTH_MBPS)),
+        adapters=_names(d, "adapters", MAX_NAMES),
     )
+
+
+# --- beats ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Beat:
+    """A node's liveness stamp: its `incarnation` and a counter that grows every gossip round."""
+
+    node_id: str
+    incarnation: int
+    beat: int
+    sig: bytes
+
+    @staticmethod
+    def signed(identity: NodeIdentity, incarnation: int, beat: int) -> dict:
+        text = _beat_text(identity.public_key, incarnation, beat)
+        return {"id": identity.public_key, "inc": incarnation, "beat": beat,
+                "sig": base64.b64encode(identity.sign(text)).decode()}
+
+    def verify(self, sign_key: str) -> bool:
+        return verify(sign_key, self.sig, _beat_text(self.node_id, self.incarnation, self.beat))
+
+    def wire(self) -> dict:
+        """Rebuilt from the checked fields: nothing a sender added travels on."""
+        return {"id": self.node_id, "inc": self.incarnation, "beat": self.beat,
+                "sig": base64.b64encode(self.sig).decode()}
+
+
+def _beat_text(node_id: str, incarnation: int, beat: int) -> bytes:
+    return f"swarm-beat:{node_id}:{incarnation}:{beat}".encode()
+
+
+def decode_beat(wire: object) -> Beat:
+    """A well-formed beat (its signature is checked by the holder of the node's record)."""
+    if not isinstance(wire, dict):
+        raise RecordError("malformed beat (want {id, inc, beat, sig})")
+    node_id, inc, beat, sig = wire.get("id"), wire.get("inc"), wire.get("beat"), wire.get("sig")
+    if not (isinstance(node_id, str) and is_key(node_id)):
+        raise RecordError("beat without a node id")
+    if not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= MAX_COUNT for x in (inc, beat)):
+        raise RecordError(f"beat of {node_id[:8]}: inc and beat must be counts")
+    if not isinstance(sig, str) or len(sig) > 128:
+        raise RecordError(f"beat of {node_id[:8]}: malformed signature")
+    try:
+        raw = base64.b64decode(sig, validate=True)
+    except (binascii.Error, ValueError):
+        raise RecordError(f"beat of {node_id[:8]}: signature is not base64") from None
+    return Beat(node_id, inc, beat, raw)

@@ -1,6 +1,7 @@
 """Peers that lie, flood and poke at the peer plane: each attack is made against real daemons,
 is refused or dropped, and the daemons go on serving everyone else with nothing held for it."""
 
+import json
 import os
 import time
 
@@ -149,3 +150,63 @@ def test_a_request_no_server_can_compute_goes_back_to_the_caller_and_bans_nobody
     after = client.status()["gateway"]
     assert after["banned"] == [] and after["failovers"] == before["failovers"]
     generate_equals_hf(d, gw.socket)
+
+
+def test_eighty_big_records_re_signed_every_second_neither_flap_the_servers_nor_get_lost(model_dirs):
+    """80 realistic records (a 40-block span's fingerprints, 32 round trips: ~1.7 KB each) of
+    made-up nodes, re-signed every second as old daemons did, gossiped into one of two real
+    servers for 20 s: the two never see each other leave `online`, and all 80 reach the other
+    one (before, a pull reply of them all passed the 64 KiB header limit and was refused)."""
+    import threading
+
+    from helpers import free_port
+
+    from swarmd.discovery.records import Record
+
+    d = model_dirs("llama")
+    with running_swarm(d, ["0:3", "3:6"], gateway=False) as (servers, _):
+        a, b = servers
+        fakes = [NodeIdentity(os.urandom(32)) for _ in range(80)]
+        ports = [free_port() for _ in fakes]  # nothing listens there: contacting them fails at once
+
+        def signed(i: int, seq: int) -> dict:
+            ident = fakes[i]
+            return Record(
+                node_id=ident.public_key, sign_key=ident.sign_key, addresses=(f"tcp://127.0.0.1:{ports[i]}",),
+                state="online", timestamp=time.time(), seq=seq, incarnation=1, model_id="another-model-0123456789",
+                span=(0, 40), throughput=3.0, fingerprints=tuple(os.urandom(8).hex() for _ in range(40)),
+                rtt_ms={os.urandom(4).hex(): 10.0 + k for k in range(32)}).sign(ident)
+
+        assert len(json.dumps(signed(0, 1))) > 1500
+        stop = threading.Event()
+
+        def flood():
+            peer = Peer(a)
+            try:
+                seq = 0
+                while not stop.is_set():
+                    seq += 1
+                    for k in range(0, 80, 8):
+                        peer.request("gossip", {"records": [signed(i, seq) for i in range(k, k + 8)], "digest": {}})
+                    stop.wait(1.0)
+            finally:
+                peer.close()
+
+        flooder = threading.Thread(target=flood, daemon=True)
+        flooder.start()
+        states = []
+        try:
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 20:
+                a_sees = {p["node_id"]: p["state"] for p in a.ctl("peers")["peers"]}
+                b_sees = {p["node_id"]: p["state"] for p in b.ctl("peers")["peers"]}
+                states.append((a_sees.get(b.node_id), b_sees.get(a.node_id)))
+                time.sleep(1.0)
+            fake_ids = {f.public_key for f in fakes}
+            on_b = fake_ids & {p["node_id"] for p in b.ctl("peers")["peers"]}
+        finally:
+            stop.set()
+            flooder.join(10)
+        assert all(s == ("online", "online") for s in states), states
+        assert len(on_b) == 80, f"only {len(on_b)} of the 80 records reached the other server"
+        generate_equals_hf(d, a.socket)  # a serves as the gateway too: the route over both still works

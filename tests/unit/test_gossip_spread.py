@@ -1,7 +1,7 @@
 """The epidemic itself, without sockets: many Membership instances exchange gossip through an
 in-process pool. Checks that the tables converge in about log2(n) rounds, and that in steady
-state no live node's record ever goes unrefreshed for as long as the table's dead threshold
-(so a large swarm does not flap)."""
+state no live node's beat ever goes unrefreshed for as long as the table's dead threshold
+(so a large swarm does not flap), while records are not re-sent once everyone has them."""
 
 import math
 import os
@@ -51,7 +51,7 @@ def swarm(n: int) -> tuple[list[Membership], Pool]:
         m = Membership(identity=identity, pool=pool, table=PeerTable(), access=AccessControl("open", "", ""),
                        own_fields=lambda address=address, i=i: {"addresses": (address,), "state": "online",
                                                                 "model_id": "m", "span": (i % 8, i % 8 + 1)},
-                       expected_fingerprint=lambda b: None)
+                       expected_fingerprint=lambda m, b: None)
         pool.members[address] = m
         members.append(m)
     first = members[0].own_fields()["addresses"][0]
@@ -73,18 +73,21 @@ def test_tables_converge_in_logarithmic_rounds_and_never_look_dead_in_steady_sta
 
     # steady state: per (holder, node), rounds since a newer version arrived
     threshold_rounds = members[0].table.stale_after_s() / members[0].table.gossip_interval_s
-    last_seq = {(i, e.record.node_id): e.record.seq for i, m in enumerate(members) for e in m.table.entries()}
-    age = dict.fromkeys(last_seq, 0)
+    last_beat = {(i, e.record.node_id): e.beat for i, m in enumerate(members) for e in m.table.entries()}
+    age = dict.fromkeys(last_beat, 0)
     worst = 0
+    seqs = {e.record.node_id: e.record.seq for e in members[0].table.entries()}
     for _ in range(10):
         for m in members:
             m.round()
         for i, m in enumerate(members):
             for e in m.table.entries():
                 key = (i, e.record.node_id)
-                age[key] = 0 if e.record.seq != last_seq.get(key) else age[key] + 1
-                last_seq[key] = e.record.seq
+                age[key] = 0 if e.beat != last_beat.get(key) else age[key] + 1
+                last_beat[key] = e.beat
                 worst = max(worst, age[key])
+    # nothing changed, and less than BODY_REFRESH_S passed: no record was re-signed
+    assert {e.record.node_id: e.record.seq for e in members[0].table.entries()} == seqs
     print(f"{n} nodes: converged in {rounds} rounds; oldest record in steady state {worst} rounds "
           f"(dead after {threshold_rounds:.1f})")
     assert worst + 1 < threshold_rounds

@@ -1,5 +1,6 @@
 """Records, keys, the peer table and access lists, without daemons."""
 
+import json
 import os
 import threading
 import time
@@ -10,8 +11,8 @@ import zmq
 from swarmd.daemon import coverage
 from swarmd.discovery.access import AccessControl, read_key_file
 from swarmd.discovery.keyquery import KeyResponder, query_key
-from swarmd.discovery.records import MAX_RECORD_BYTES, Record, RecordError, decode_record
-from swarmd.discovery.table import PeerTable
+from swarmd.discovery.records import MAX_RECORD_BYTES, Beat, Record, RecordError, decode_beat, decode_record
+from swarmd.discovery.table import DIGEST_ID_CHARS, MAX_REPLY_BYTES, PeerTable
 from swarmd.identity import NodeIdentity, load_or_create_identity, node_id_of_sign_key
 
 
@@ -108,18 +109,153 @@ def test_table_keeps_the_newest_version_and_marks_silence_as_dead():
     assert t.key_for("tcp://10.0.0.1:31330") == i.public_key
     time.sleep(t.stale_after_s() + 0.05)
     assert t.state(e) == "dead" and t.servers_for("m") == []
-    assert t.newer_than({}) == []  # dead records are not passed on
+    assert t.newer_than({}) == ([], [])  # dead records are not passed on
 
 
 def test_newer_than_sends_only_what_the_digest_lacks():
     t = PeerTable()
-    a, b = ident(), ident()
-    ra, rb = record(a, seq=5), record(b, seq=1)
-    t.merge(ra, ra.sign(a))
-    t.merge(rb, rb.sign(b))
-    digest = {a.public_key: [ra.timestamp, 5], b.public_key: [rb.timestamp - 1, 1]}
-    sent = t.newer_than(digest)
-    assert len(sent) == 1 and b.public_key in sent[0]["body"]
+    a, b, c = ident(), ident(), ident()
+    ra, rb, rc = record(a, seq=5), record(b, seq=2), record(c, seq=1)
+    for i, r in ((a, ra), (b, rb), (c, rc)):
+        t.merge(r, r.sign(i))
+        assert t.merge_beat(decode_beat(Beat.signed(i, 0, 7))) == "newer"
+    p = DIGEST_ID_CHARS
+    # a: same record, older beat; b: older record; c: all known
+    digest = {a.public_key[:p]: [0, 5, 6], b.public_key[:p]: [0, 1, 9], c.public_key[:p]: [0, 1, 7]}
+    records, beats = t.newer_than(digest)
+    assert [json.loads(r["body"])["node_id"] for r in records] == [b.public_key]
+    assert sorted(x["id"] for x in beats) == sorted([a.public_key, b.public_key])
+
+
+def test_beats_keep_a_node_alive_without_re_signing_its_record_and_forged_ones_do_not():
+    t = PeerTable(gossip_interval_s=0.05)
+    i, liar = ident(), ident()
+    r = record(i, incarnation=3)
+    t.merge(r, r.sign(i))
+    assert t.merge_beat(decode_beat(Beat.signed(i, 2, 50))) == "unknown"  # another incarnation
+    forged = {**Beat.signed(liar, 3, 9), "id": i.public_key}
+    assert t.merge_beat(decode_beat(forged)) == "bad"
+    for n in range(1, 6):
+        time.sleep(t.stale_after_s() * 0.6)
+        assert t.merge_beat(decode_beat(Beat.signed(i, 3, n))) == "newer"
+        assert t.state(t.get(i.public_key)) == "online"
+    assert t.merge_beat(decode_beat(Beat.signed(i, 3, 2))) == "old"
+    time.sleep(t.stale_after_s() + 0.05)
+    assert t.state(t.get(i.public_key)) == "dead"
+
+
+def test_a_reply_stays_within_its_byte_budget_and_rotates_what_it_carries():
+    t = PeerTable()
+    big = {}
+    for _ in range(80):  # realistic records: a 40-block span's fingerprints and 32 round trips
+        i = ident()
+        r = record(i, span=(0, 40), fingerprints=tuple(os.urandom(8).hex() for _ in range(40)),
+                   rtt_ms={os.urandom(4).hex(): 12.5 for _ in range(32)})
+        t.merge(r, r.sign(i))
+        big[i.public_key] = len(json.dumps(r.sign(i)))
+    assert min(big.values()) > 1500
+    seen = set()
+    for _ in range(30):
+        records, beats = t.newer_than({}, max_bytes=MAX_REPLY_BYTES)
+        assert len(json.dumps({"records": records, "beats": beats})) <= MAX_REPLY_BYTES + 1024
+        seen |= {json.loads(r["body"])["node_id"] for r in records}
+    assert seen == set(big)  # what did not fit in one reply went in later ones
+
+
+def test_a_node_restarted_with_its_clock_stepped_back_is_still_news():
+    """Versions are ordered by incarnation and sequence, not by wall clock: a record signed at
+    an earlier time by a later incarnation replaces the older one."""
+    t = PeerTable()
+    i = ident()
+    before = record(i, incarnation=1_800_000_000, seq=40, timestamp=time.time())
+    after = record(i, incarnation=1_800_000_001, seq=1, timestamp=time.time() - 3600, span=(2, 4))
+    t.merge(before, before.sign(i))
+    assert t.merge(after, after.sign(i)) == "newer" and t.get(i.public_key).record.span == (2, 4)
+
+
+def test_own_record_advances_though_the_clock_steps_back(monkeypatch):
+    from swarmd.discovery.membership import Membership
+
+    i = ident()
+    span = [(0, 2)]
+    m = Membership(identity=i, pool=None, table=PeerTable(), access=AccessControl("open", "", ""),
+                   own_fields=lambda: {"addresses": ("tcp://127.0.0.1:1",), "state": "online", "model_id": "m",
+                                       "span": span[0]}, expected_fingerprint=lambda m, b: None)
+    m.publish()
+    clock = time.time()
+    monkeypatch.setattr(time, "time", lambda: clock - 86400)  # an NTP step back by a day
+    span[0] = (2, 4)
+    m.publish()
+    assert m.table.get(i.public_key).record.span == (2, 4)
+
+
+def test_next_incarnation_grows_across_starts_even_with_a_clock_behind(tmp_path, monkeypatch):
+    from swarmd.identity import next_incarnation
+
+    first = next_incarnation(str(tmp_path))
+    monkeypatch.setattr(time, "time", lambda: 1000.0)
+    assert next_incarnation(str(tmp_path)) == first + 1
+
+
+@pytest.mark.parametrize("over, needle", [
+    (dict(span=(0, 2**40)), "span must be"),
+    (dict(throughput=float("inf")), "'throughput' must be within"),
+    (dict(throughput=1e300), "'throughput' must be within"),
+    (dict(cache_free_bytes=-5), "'cache_free_bytes' must be within"),
+    (dict(rtt_ms={"abcdefgh": float("nan")}), "rtt_ms must map"),
+    (dict(adapters=("x" * 500,)), "'adapters'"),
+    (dict(model_id="m" * 1000), "'model_id' is longer"),
+    (dict(span=(0, 2), fingerprints=("a", "b", "c")), "more fingerprints"),
+    (dict(seq=-1), "'seq' must be within"),
+])
+def test_record_values_beyond_their_bounds_are_refused(over, needle):
+    i = ident()
+    with pytest.raises(RecordError, match=needle):
+        decode_record(record(i, **over).sign(i))
+
+
+def test_unsigned_extras_on_a_record_are_neither_kept_nor_relayed():
+    from swarmd.discovery.membership import Membership
+
+    m = Membership(identity=ident(), pool=None, table=PeerTable(), access=AccessControl("open", "", ""),
+                   own_fields=lambda: None, expected_fingerprint=lambda m, b: None)
+    i = ident()
+    padded = {**record(i).sign(i), "padding": "x" * 100_000}
+    assert m.receive([padded], source="test") == 1
+    assert set(m.table.get(i.public_key).wire) == {"body", "sig"}
+    records, _ = m.table.newer_than({})
+    assert all(set(r) == {"body", "sig"} for r in records)
+
+
+def test_an_address_belongs_to_the_node_reached_there_not_the_first_to_claim_it():
+    t = PeerTable()
+    honest, liar = ident(), ident()
+    x = "tcp://10.0.0.1:31330"
+    claim = record(liar, addresses=(x,))
+    t.merge(claim, claim.sign(liar))  # the liar's claim arrives first
+    real = record(honest, addresses=(x,))
+    t.merge(real, real.sign(honest), via=x)  # this daemon reached the honest node at x
+    assert t.key_for(x) == honest.public_key
+    assert [s.address for s in t.servers_for("m")] == [x] and len(t.servers_for("m")) == 1
+
+
+def test_a_full_table_makes_room_for_new_nodes_but_keeps_those_it_reached(monkeypatch):
+    import swarmd.discovery.table as table_module
+
+    monkeypatch.setattr(table_module, "MAX_NODES", 5)
+    t = PeerTable()
+    reached = []
+    for n in range(5):
+        i = ident()
+        r = record(i, addresses=(f"tcp://10.0.0.{n}:1",))
+        t.merge(r, r.sign(i), via=r.addresses[0] if n < 2 else None)
+        if n < 2:
+            reached.append(i.public_key)
+    newcomer = ident()
+    r = record(newcomer, addresses=("tcp://10.0.1.1:1",))
+    assert t.merge(r, r.sign(newcomer)) == "new"
+    ids = {e.record.node_id for e in t.entries()}
+    assert newcomer.public_key in ids and set(reached) <= ids and len(ids) == 5
 
 
 def test_coverage_lists_servers_throughput_and_gaps():
@@ -190,7 +326,7 @@ def test_a_gossip_request_carrying_a_flood_of_records_is_cut_to_a_few():
     from swarmd.discovery.membership import MAX_REQUEST_RECORDS, Membership
 
     m = Membership(identity=ident(), pool=None, table=PeerTable(), access=AccessControl("open", "", ""),
-                   own_fields=lambda: None, expected_fingerprint=lambda b: None)
+                   own_fields=lambda: None, expected_fingerprint=lambda m, b: None)
     flood = []
     for _ in range(50):
         i = ident()
