@@ -33,6 +33,7 @@ DEFAULTS: dict[str, Any] = {
         "stall_timeout_s": 300,
         "adapters": {},
         "cache": {"max_bytes": "auto", "kv_dtype": "auto"},
+        "limits": {"sessions_per_key": 1024, "cache_share_per_key": 0.5, "requests_per_s_per_key": 5000},
     },
     "network": {
         "listen": "tcp://0.0.0.0:31330",
@@ -64,6 +65,15 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    """What one peer key may hold or ask of this server (docs/protocol.md, Limits)."""
+
+    sessions_per_key: int
+    cache_share_per_key: float  # of the KV cache budget
+    requests_per_s_per_key: int
+
+
+@dataclass(frozen=True)
 class ServeConfig:
     blocks: tuple[int, int] | str  # (start, end), "auto" or "none"
     num_blocks: int | None
@@ -78,6 +88,7 @@ class ServeConfig:
     stall_timeout_s: float
     adapters: tuple[tuple[str, str], ...]  # (name, PEFT adapter directory)
     cache: CacheConfig
+    limits: LimitsConfig
 
 
 @dataclass(frozen=True)
@@ -171,6 +182,11 @@ class _Reader:
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise self.fail(key, f"must be a positive integer{' or auto' if allow_auto else ''}, got {value!r}")
         return value
+
+    def fraction(self, key: str, value: Any) -> float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= 1:
+            raise self.fail(key, f"must be a number in (0, 1], got {value!r}")
+        return float(value)
 
     def size(self, key: str, value: Any, allow_auto: bool = False) -> int | None:
         if allow_auto and value == "auto":
@@ -282,6 +298,12 @@ def load_config(path: str, overrides: dict | None = None) -> Config:
         cache=CacheConfig(
             max_bytes=r.size("serve.cache.max_bytes", s["cache"]["max_bytes"], allow_auto=True),
             kv_dtype=r.choice("serve.cache.kv_dtype", s["cache"]["kv_dtype"], ("auto", "int8")),
+        ),
+        limits=LimitsConfig(
+            sessions_per_key=r.positive_int("serve.limits.sessions_per_key", s["limits"]["sessions_per_key"]) or 1,
+            cache_share_per_key=r.fraction("serve.limits.cache_share_per_key", s["limits"]["cache_share_per_key"]),
+            requests_per_s_per_key=r.positive_int("serve.limits.requests_per_s_per_key",
+                                                  s["limits"]["requests_per_s_per_key"]) or 1,
         ),
     )
     if serve.quant != "none":

@@ -227,7 +227,7 @@ class Daemon:
         self.server = SpanServer(self.zctx, span, budget, self.model_id, max_length=s.max_length,
                                  max_batch=s.max_batch, idle_timeout_s=s.session_idle_timeout_s,
                                  max_message_bytes=self.config.network.max_message_bytes, identity=self.identity,
-                                 access=self.access, resolve_key=self.membership.key_for)
+                                 access=self.access, resolve_key=self.membership.key_for, limits=s.limits)
         self.server.handlers["gossip"] = self.membership.on_gossip
         self.server.drain_timeout_s = s.drain_timeout_s
         self.server.adapter_dirs = dict(s.adapters)

@@ -7,6 +7,7 @@ every other session untouched."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -19,6 +20,7 @@ import torch
 import zmq
 
 from libswarm.errors import (
+    CacheFullError,
     LimitError,
     ProtocolError,
     SessionError,
@@ -28,12 +30,14 @@ from libswarm.errors import (
     WrongModelError,
 )
 from libswarm.protocol import Message, decode, error_reply, ok_reply
+from swarmd.config import LimitsConfig
 from swarmd.discovery.access import ZAP_DOMAIN, AccessControl
 from swarmd.gateway.connection import ConnectionPool, emulated_delay_s
 from swarmd.identity import NodeIdentity, is_key
 from swarmd.inputs import positions_and_mask
 from swarmd.logs import RateLimitedLog
 from swarmd.metrics import Histogram
+from swarmd.peer.limits import KeyLimits
 from swarmd.runtime.adapters import load_adapter, slice_lora
 from swarmd.runtime.cache import CacheBudget, SessionCache
 from swarmd.runtime.span import Lora, Span
@@ -97,7 +101,7 @@ class ServerStats:
 class SpanServer:
     def __init__(self, zctx: zmq.Context, span: Span, budget: CacheBudget, model_id: str, *, max_length: int,
                  max_batch: int, idle_timeout_s: float, max_message_bytes: int, identity: NodeIdentity,
-                 access: AccessControl, resolve_key: Callable[[str], str | None]):
+                 access: AccessControl, resolve_key: Callable[[str], str | None], limits: LimitsConfig):
         self.span, self.budget, self.model_id = span, budget, model_id
         self.max_length, self.max_batch = max_length, max_batch
         self.idle_timeout_s = idle_timeout_s
@@ -123,6 +127,7 @@ class SpanServer:
                                     max_connections=MAX_PUSH_PEERS)  # serving thread only
         self._current: tuple[bytes, int, str | None] = (b"", 0, None)  # (ident, request id, sender key)
         self.quiet_log = RateLimitedLog(log, LOG_EVERY_S)
+        self.key_limits = KeyLimits(limits)
         self.delay_s = emulated_delay_s()
         # test-only fault injection, e.g. SWARMD_FAILPOINTS=exit_on_replay
         self.failpoints = set(filter(None, os.environ.get("SWARMD_FAILPOINTS", "").split(",")))
@@ -188,6 +193,12 @@ class SpanServer:
         try:
             msg = decode(body)
             req_id = msg.id
+            try:
+                self.key_limits.admit_request(sender)
+            except LimitError:
+                if msg.type == "push":
+                    return  # never answered: dropped
+                raise
             if msg.type == "push":  # fire-and-forget from another server: never answered
                 self.on_push(msg, sender)
                 return
@@ -327,8 +338,11 @@ class SpanServer:
             blocks=last - first, batch=batch, max_length=max_length, kv_heads=self.span.num_kv_heads,
             head_dim=self.span.head_dim, dtype=self.span.dtype,
         )
-        self.budget.reserve(nbytes)
+        with self._lock:
+            held = [x.cache.nbytes for x in self.sessions.values() if x.owner == self._current[2]]
+        self.budget.reserve(nbytes)  # a session that fits nowhere here is cache_full, before any per-key limit
         try:
+            self.key_limits.admit_session(self._current[2], held, nbytes, self.budget.max_bytes)
             cache = SessionCache(
                 first=first, last=last, batch=batch, max_length=max_length, kv_heads=self.span.num_kv_heads,
                 head_dim=self.span.head_dim, dtype=self.span.dtype, device=self.span.device,
@@ -490,9 +504,27 @@ class SpanServer:
         if pos is None:
             pos = torch.arange(T).expand(B, T)
         lora = self._lora(msg, first, last)
-        out = self.span.run(hidden, pos, mask, first, last, lora=lora)
+        with self._scratch(B, T, blocks=1, what="forward"):
+            out = self.span.run(hidden, pos, mask, first, last, lora=lora)
         self.stats.forwards += 1
         return {}, {"hidden": out}
+
+    @contextlib.contextmanager
+    def _scratch(self, batch: int, length: int, blocks: int, what: str):
+        """Hold the attention scratch of a forward or backward in the cache budget while it
+        runs: it grows with length squared, and unaccounted one request could exhaust the
+        server's memory (and the next one again)."""
+        nbytes = self.span.attention_scratch_bytes(batch, length, blocks)
+        try:
+            self.budget.reserve(nbytes)
+        except CacheFullError:
+            raise LimitError(f"{what} of batch {batch} x length {length} needs {nbytes / 2**20:.0f} MiB of attention "
+                             f"memory; {self.budget.free_bytes / 2**20:.0f} MiB are free here: send smaller batches "
+                             "or shorter sequences") from None
+        try:
+            yield
+        finally:
+            self.budget.release(nbytes)
 
     def _hosted_adapter(self, msg: Message, first: int, last: int) -> Lora | None:
         name = msg.get("adapter")
@@ -537,7 +569,9 @@ class SpanServer:
         B, T, _ = hidden.shape
         if pos is None:
             pos = torch.arange(T).expand(B, T)
-        grad_input, lora_grads = self.span.backward(hidden, pos, mask, first, last, grad, self._lora(msg, first, last))
+        lora = self._lora(msg, first, last)
+        with self._scratch(B, T, blocks=last - first, what="backward"):
+            grad_input, lora_grads = self.span.backward(hidden, pos, mask, first, last, grad, lora)
         self.stats.backwards += 1
         return {}, {"grad_input": grad_input, **lora_grads}
 

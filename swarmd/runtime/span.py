@@ -65,6 +65,7 @@ class Span:
         self.head_dim: int = first.head_dim
         self.windows: set[int | None] = {first.window}
         self.hidden_size = self.config.hidden_size
+        self.num_heads: int = self.hidden_size // self.head_dim
         self.fingerprints: list[str] = []  # one per block, from the checkpoint (see Checkpoint.block_fingerprint)
 
     def _make_block(self, i: int) -> LlamaBlock | BloomBlock:
@@ -130,6 +131,13 @@ class Span:
                 out = self._run(x, position_ids, key_mask, first, last, None, lora)
             grads = torch.autograd.grad(out, [x, *leaves.values()], grad_output.to(self.device, out.dtype))
         return grads[0], {f"grad_{name}": g for name, g in zip(leaves, grads[1:])}
+
+    def attention_scratch_bytes(self, batch: int, length: int, blocks: int = 1) -> int:
+        """What attention over `length` new positions may allocate beyond the KV cache: scores
+        and an ALiBi bias [B, heads, T, T] and a mask [B, 1, T, T], for each block held at once
+        (one in a forward; every block of the call in a backward, whose autograd keeps them)."""
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return blocks * batch * length * length * (2 * self.num_heads * itemsize + 1)
 
     def check_lora(self, lora: Lora, first: int, last: int) -> None:
         """Each `lora_A.<module>` [blocks, r, in] has its `lora_B.<module>` [blocks, out, r], for a

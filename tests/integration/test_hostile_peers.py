@@ -152,6 +152,70 @@ def test_a_request_no_server_can_compute_goes_back_to_the_caller_and_bans_nobody
     generate_equals_hf(d, gw.socket)
 
 
+def test_a_forward_whose_attention_would_not_fit_is_refused_before_allocating(swarm):
+    """Attention memory grows with length squared, outside the KV cache: a forward of 16 x 8192
+    positions would need ~17 GiB here. It is refused with a `limit` error and nothing is held."""
+    d, servers, gw = swarm
+    s0 = servers[0]
+    proc = psutil.Process(s0.proc.pid)
+    rss_before = proc.memory_info().rss
+    peer = Peer(s0)
+    try:
+        for what, extra in (("forward", {}), ("backward", {"grad_output": torch.zeros(16, 8192, HIDDEN)})):
+            reply = peer.request(what, {"model_id": model_id(gw), "blocks": [0, 3]},
+                                 {"hidden": torch.zeros(16, 8192, HIDDEN), **extra})
+            assert reply.type == "error" and reply.get("code") == "limit", reply.fields
+            assert "attention memory" in reply.get("message")
+    finally:
+        peer.close()
+    assert (proc.memory_info().rss - rss_before) / 2**20 < 500
+    assert s0.ctl("status")["cache"]["used_bytes"] == 0
+    generate_equals_hf(d, gw.socket)
+
+
+def test_one_key_cannot_take_the_whole_cache_or_the_serving_thread(swarm):
+    """Sessions of one key stop at its share of the cache (half by default), while another key
+    still opens; a flood of requests from one key gets `limit` answers beyond its rate while
+    another key is answered."""
+    d, servers, gw = swarm
+    s0 = servers[0]
+    greedy, other = Peer(s0), Peer(s0)
+    try:
+        big = {"max_length": 8192}  # 6 MiB each here: the 64 MiB budget's half holds 5
+        replies = [greedy.open(s0, model_id(gw), **big) for _ in range(8)]
+        codes = [r.get("code") if r.type == "error" else "ok" for r in replies]
+        assert codes == ["ok"] * 5 + ["limit"] * 3, codes
+        assert "cache_share_per_key" in replies[-1].get("message")
+        assert other.open(s0, model_id(gw), **big).type == "ok"
+        for r in replies[:5]:
+            assert greedy.request("close", {"session": r.get("session")}).get("closed") is True
+    finally:
+        greedy.close()
+        other.close()
+    generate_equals_hf(d, gw.socket)
+
+
+def test_a_flood_of_requests_from_one_key_is_refused_beyond_its_rate_and_others_are_served(model_dirs):
+    d = model_dirs("llama")
+    with running_swarm(d, ["0:3", "3:6"], extra={"serve": {"limits": {"requests_per_s_per_key": 50}}}) as (
+            servers, gw):
+        s0 = servers[0]
+        flood, other = Peer(s0), Peer(s0)
+        try:
+            ids = [flood.send("ping") for _ in range(600)]  # the burst is 100, the rate 50 a second
+            answers = {}
+            while len(answers) < len(ids):
+                assert flood.sock.poll(30_000)
+                r = decode(flood.sock.recv_multipart())
+                answers[r.id] = r.get("code") if r.type == "error" else r.type
+            assert list(answers.values()).count("limit") > 300
+            assert other.request("ping").type == "ok"
+        finally:
+            flood.close()
+            other.close()
+        generate_equals_hf(d, gw.socket)
+
+
 def test_eighty_big_records_re_signed_every_second_neither_flap_the_servers_nor_get_lost(model_dirs):
     """80 realistic records (a 40-block span's fingerprints, 32 round trips: ~1.7 KB each) of
     made-up nodes, re-signed every second as old daemons did, gossiped into one of two real

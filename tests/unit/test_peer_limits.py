@@ -47,3 +47,39 @@ def test_a_bounded_pool_closes_the_least_recently_used_connection():
     finally:
         pool.close_all()
         ctx.term()
+
+
+def test_a_key_gets_its_rate_with_a_burst_and_no_more():
+    import pytest
+
+    from libswarm.errors import LimitError
+    from swarmd.config import LimitsConfig
+    from swarmd.peer.limits import BURST_S, KeyLimits
+
+    clock = Clock()
+    limits = KeyLimits(LimitsConfig(sessions_per_key=2, cache_share_per_key=0.5, requests_per_s_per_key=100), clock)
+    for _ in range(int(100 * BURST_S)):
+        limits.admit_request("a")
+    with pytest.raises(LimitError, match="at most 100 a second"):
+        limits.admit_request("a")
+    limits.admit_request("b")  # another key is not starved
+    clock.t += 0.5
+    for _ in range(50):  # half a second refills half a second's worth
+        limits.admit_request("a")
+    with pytest.raises(LimitError):
+        limits.admit_request("a")
+
+
+def test_a_key_holds_at_most_its_sessions_and_its_share_of_the_cache():
+    import pytest
+
+    from libswarm.errors import LimitError
+    from swarmd.config import LimitsConfig
+    from swarmd.peer.limits import KeyLimits
+
+    limits = KeyLimits(LimitsConfig(sessions_per_key=2, cache_share_per_key=0.5, requests_per_s_per_key=100))
+    limits.admit_session("a", [10], 30, budget_bytes=100)
+    with pytest.raises(LimitError, match="share of"):
+        limits.admit_session("a", [25], 30, budget_bytes=100)
+    with pytest.raises(LimitError, match="sessions_per_key"):
+        limits.admit_session("a", [1, 1], 1, budget_bytes=100)

@@ -1,0 +1,47 @@
+"""What one peer key may hold or ask of a server: sessions, a share of the KV cache, requests
+per second. Keys are what CURVE proves, so one gateway or server is one key; a hostile peer
+can make many keys, but each must complete a handshake, and each new key starts with the
+same small allowance as everyone else."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+
+from libswarm.errors import LimitError
+from swarmd.config import LimitsConfig
+
+BURST_S = 2.0  # a key may spend this many seconds' worth of requests at once
+MAX_TRACKED_KEYS = 10_000  # request buckets kept; the least recently seen goes beyond
+
+
+class KeyLimits:
+    def __init__(self, limits: LimitsConfig, clock=time.monotonic):
+        self.limits, self._clock = limits, clock
+        self._buckets: OrderedDict[str | None, tuple[float, float]] = OrderedDict()  # key -> (tokens, when)
+        self.refused = 0
+
+    def admit_request(self, key: str | None) -> None:
+        """Take one request from `key`'s token bucket, or raise LimitError."""
+        rate = float(self.limits.requests_per_s_per_key)
+        now = self._clock()
+        tokens, then = self._buckets.pop(key, (rate * BURST_S, now))
+        tokens = min(rate * BURST_S, tokens + (now - then) * rate)
+        if len(self._buckets) >= MAX_TRACKED_KEYS:
+            self._buckets.popitem(last=False)
+        if tokens < 1.0:
+            self._buckets[key] = (tokens, now)
+            self.refused += 1
+            raise LimitError(f"too many requests from this key: at most {self.limits.requests_per_s_per_key} a second "
+                             "(serve.limits.requests_per_s_per_key)")
+        self._buckets[key] = (tokens - 1.0, now)
+
+    def admit_session(self, key: str | None, held: list[int], nbytes: int, budget_bytes: int) -> None:
+        """A new session of `nbytes` for `key`, which holds sessions of `held` bytes already."""
+        if len(held) >= self.limits.sessions_per_key:
+            raise LimitError(f"this key has {len(held)} sessions open here, the most allowed "
+                             "(serve.limits.sessions_per_key)")
+        share = int(budget_bytes * self.limits.cache_share_per_key)
+        if sum(held) + nbytes > share:
+            raise LimitError(f"this key's sessions would hold {(sum(held) + nbytes) / 2**20:.1f} MiB of KV cache here, "
+                             f"more than its share of {share / 2**20:.1f} MiB (serve.limits.cache_share_per_key)")
