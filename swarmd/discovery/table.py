@@ -196,8 +196,13 @@ class PeerTable:
         of, within `max_bytes`, in this order: this daemon's own; nodes the caller has never
         heard of (joins spread first); newer records of nodes it knows; newer beats. Within
         each, a random order: what does not fit goes in a later round. Dead nodes are not
-        passed on: they would look fresh to a node that never saw them."""
+        passed on: they would look fresh to a node that never saw them.
+
+        Another node's beat is passed on only once the caller's is BEAT_LAG_FRACTION of the
+        dead threshold behind: liveness needs a beat within that threshold, not every one, and
+        this cuts beat traffic by that many rounds."""
         now = time.monotonic()
+        lag = max(1, int(BEAT_LAG_FRACTION * self.stale_after_s() / self.gossip_interval_s))
         entries = self.entries()  # own entry first
         unknown, updated, beating = [], [], []
         for e in entries[1:]:
@@ -206,7 +211,7 @@ class PeerTable:
                 unknown.append(e)
             elif theirs[:2] < (e.record.incarnation, e.record.seq):
                 updated.append(e)
-            elif e.beat_wire is not None and theirs[0] == e.record.incarnation and theirs[2] < e.beat:
+            elif e.beat_wire is not None and theirs[0] == e.record.incarnation and theirs[2] <= e.beat - lag:
                 beating.append(e)
         for group in (unknown, updated, beating):
             random.shuffle(group)
@@ -294,6 +299,7 @@ class PeerTable:
         return [self.to_json(e) for e in self.entries()]
 
 
+BEAT_LAG_FRACTION = 0.25  # of the dead threshold: a relayed beat keeps a node 3/4 of it from looking dead
 BEAT_BYTES = 160  # a beat's JSON: 40-character id, two counts, an 88-character signature
 
 
