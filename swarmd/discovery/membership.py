@@ -85,7 +85,8 @@ class Membership:
         self.hints: dict[str, Hint] = {}
         self.rejected = 0  # records refused (bad signature, forged, from the future, not allowed...)
         self._seq = 0
-        self._lock = threading.Lock()  # one round at a time
+        self._lock = threading.RLock()  # one round (or publish) at a time: versions never collide
+        self._left = False  # offline published (stopping): every later record says offline too
         self._hint_lock = threading.Lock()
         self._logged: set[tuple[str, str]] = set()
         self._states: dict[str, str] = {}
@@ -132,9 +133,15 @@ class Membership:
     def publish(self, state: str | None = None) -> Record | None:
         """A new beat, and a new record when what it says has changed (see the module's doc);
         returns the record in force (None for a node that serves nothing)."""
+        with self._lock:
+            return self._publish(state)
+
+    def _publish(self, state: str | None) -> Record | None:
         fields = self.own_fields()
         if fields is None:
             return None
+        if self._left:
+            state = "offline"  # a round after leave() must not announce this node online again
         if state is not None:
             fields["state"] = state
         own = self.table.get(self.identity.public_key)
@@ -410,6 +417,7 @@ class Membership:
 
     def leave(self, timeout_s: float = 1.0) -> None:
         """Publish `offline` to every live peer before stopping (best effort, bounded)."""
+        self._left = True
         if self.publish(state="offline") is None:
             return
         own = self.table.get(self.identity.public_key)

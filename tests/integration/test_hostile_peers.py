@@ -32,6 +32,7 @@ class Peer:
         self.key = self.identity.public_key
         self.sock = curve_dealer(server.address, server.node_id, self.identity)
         self.ids = iter(range(1, 10**9))
+        self.sessions: list[str] = []  # opened here: closed by close(), so tests leave nothing behind
 
     def send(self, msg_type: str, fields: dict | None = None, tensors: dict | None = None) -> int:
         req_id = next(self.ids)
@@ -50,9 +51,14 @@ class Peer:
         fields = {"model_id": model_id, "blocks": server.cfg["serve"]["blocks"].split(":"), "max_length": 64,
                   "batch": 1, **extra}
         fields["blocks"] = [int(b) for b in fields["blocks"]]
-        return self.request("open", fields)
+        reply = self.request("open", fields)
+        if reply.type == "ok":
+            self.sessions.append(reply.get("session"))
+        return reply
 
     def close(self):
+        for sid in self.sessions:
+            self.request("close", {"session": sid})
         self.sock.close()
 
 

@@ -28,9 +28,12 @@ class NotifySocket:
     def _read(self) -> None:
         while not self.stop.is_set():
             try:
-                self.messages.append((time.monotonic(), self.sock.recv(4096).decode()))
+                message = self.sock.recv(4096).decode()
             except TimeoutError:
                 continue
+            # stamped once received (a tuple built in one expression would stamp it before recv
+            # started waiting, up to its 0.2 s timeout earlier)
+            self.messages.append((time.monotonic(), message))
 
     def wait_for(self, needle: str, after: float = 0.0, timeout: float = 60.0) -> float:
         t0 = time.monotonic()
