@@ -155,14 +155,14 @@ def test_a_reply_stays_within_its_byte_budget_and_rotates_what_it_carries():
         big[i.public_key] = len(json.dumps(r.sign(i)))
     assert min(big.values()) > 1500
     digest: dict = {}  # the caller's, growing with what it receives, as a real caller's does
-    for replies in range(1, 10):
+    replies = 0
+    while len(digest) < len(big) and replies < 10:
+        replies += 1
         records, beats = t.newer_than(digest, max_bytes=MAX_REPLY_BYTES)
         assert len(json.dumps({"records": records, "beats": beats})) <= MAX_REPLY_BYTES + 1024
         for r in records:
             body = json.loads(r["body"])
             digest[body["node_id"][:DIGEST_ID_CHARS]] = [body["incarnation"], body["seq"], 0]
-        if len(digest) == len(big):
-            break
     assert len(digest) == len(big) and replies <= 6  # what did not fit in one reply went in the next ones
 
 
