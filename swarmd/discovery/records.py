@@ -246,4 +246,4 @@ def decode_beat(wire: object) -> Beat:
         raw = base64.b64decode(sig, validate=True)
     except (binascii.Error, ValueError):
         raise RecordError(f"beat of {node_id[:8]}: signature is not base64") from None
-    return Beat(node_id, inc, beat, raw)
+    return Beat(node_id, int(inc), int(beat), raw)  # (ints, as checked above)
