@@ -238,12 +238,17 @@ def decode_beat(wire: object) -> Beat:
     node_id, inc, beat, sig = wire.get("id"), wire.get("inc"), wire.get("beat"), wire.get("sig")
     if not (isinstance(node_id, str) and is_key(node_id)):
         raise RecordError("beat without a node id")
-    if not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= MAX_COUNT for x in (inc, beat)):
+    if not (_is_count(inc) and _is_count(beat)):
         raise RecordError(f"beat of {node_id[:8]}: inc and beat must be counts")
+    assert isinstance(inc, int) and isinstance(beat, int)
     if not isinstance(sig, str) or len(sig) > 128:
         raise RecordError(f"beat of {node_id[:8]}: malformed signature")
     try:
         raw = base64.b64decode(sig, validate=True)
     except (binascii.Error, ValueError):
         raise RecordError(f"beat of {node_id[:8]}: signature is not base64") from None
-    return Beat(node_id, int(inc), int(beat), raw)  # (ints, as checked above)
+    return Beat(node_id, inc, beat, raw)
+
+
+def _is_count(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= MAX_COUNT
