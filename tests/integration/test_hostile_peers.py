@@ -62,6 +62,10 @@ class Peer:
         self.sock.close()
 
 
+def rss_mib(daemon) -> float:
+    return psutil.Process(daemon.proc.pid).memory_info().rss / 2**20
+
+
 def model_id(gw) -> str:
     return SwarmClient(socket=gw.socket).model_info()["model_id"]
 
@@ -82,8 +86,7 @@ def test_opens_naming_an_adapter_not_hosted_hold_no_cache(swarm):
 def test_pushes_for_made_up_or_oversized_steps_pin_no_memory(swarm):
     d, servers, gw = swarm
     s0 = servers[0]
-    proc = psutil.Process(s0.proc.pid)
-    rss_before = proc.memory_info().rss
+    rss_before = rss_mib(s0)
     peer = Peer(s0)
     try:
         own = peer.open(s0, model_id(gw)).get("session")
@@ -96,7 +99,7 @@ def test_pushes_for_made_up_or_oversized_steps_pin_no_memory(swarm):
     finally:
         peer.close()
     assert status["peer_plane"]["pushes_waiting"] == 0
-    grown_mib = (proc.memory_info().rss - rss_before) / 2**20
+    grown_mib = rss_mib(s0) - rss_before
     assert grown_mib < 200, f"the server grew {grown_mib:.0f} MiB from 1.25 GiB of refused pushes"
     generate_equals_hf(d, gw.socket)
 
@@ -163,8 +166,7 @@ def test_a_forward_whose_attention_would_not_fit_is_refused_before_allocating(sw
     positions would need ~17 GiB here. It is refused with a `limit` error and nothing is held."""
     d, servers, gw = swarm
     s0 = servers[0]
-    proc = psutil.Process(s0.proc.pid)
-    rss_before = proc.memory_info().rss
+    rss_before = rss_mib(s0)
     peer = Peer(s0)
     try:
         for what, extra in (("forward", {}), ("backward", {"grad_output": torch.zeros(16, 8192, HIDDEN)})):
@@ -174,7 +176,7 @@ def test_a_forward_whose_attention_would_not_fit_is_refused_before_allocating(sw
             assert "attention memory" in reply.get("message")
     finally:
         peer.close()
-    assert (proc.memory_info().rss - rss_before) / 2**20 < 500
+    assert rss_mib(s0) - rss_before < 500
     assert s0.ctl("status")["cache"]["used_bytes"] == 0
     generate_equals_hf(d, gw.socket)
 
