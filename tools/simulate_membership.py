@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import logging
 import os
 import random
 import statistics
@@ -58,6 +59,7 @@ from swarmd.discovery.table import PeerTable  # noqa: E402
 from swarmd.identity import NodeIdentity  # noqa: E402
 
 records_module.verify = functools.lru_cache(maxsize=None)(records_module.verify)
+logging.getLogger("swarmd").setLevel(logging.ERROR)  # a refusal per member would be thousands of lines
 
 
 class Traffic:

@@ -279,16 +279,20 @@ class Membership:
                         due.append((retry[1], target))
         # peers that fail (gone, or made up by a liar) do not take the fanout's places from
         # those that answer: they are retried with capped doubling backoff, a few per round
-        # and peers never reached (new, or made up) take at most the fanout's places that peers
-        # which answered before leave free, and at least one: a flood of made-up records cannot
-        # cut this daemon off from the peers it gossips with
+        # and of the FANOUT drawn at random, at most one may be a peer never reached (new, or
+        # made up): the others give their places to peers that answered before, so a flood of
+        # made-up records cannot cut this daemon off from the peers it gossips with. The draw
+        # stays uniform, so a node that just joined is contacted by a few peers a round, not
+        # by all of them at once
         if everyone:
             targets = live + [t for _, t in due]
         else:
-            old = [t for t in live if t[0] in answered]
-            new = [t for t in live if t[0] not in answered]
-            n_new = min(len(new), max(1, FANOUT - len(old)))
-            targets = random.sample(old, min(len(old), FANOUT - n_new)) + random.sample(new, n_new)
+            drawn = random.sample(live, min(FANOUT, len(live)))
+            new = [t for t in drawn if t[0] not in answered]
+            targets = [t for t in drawn if t[0] in answered] + new[:1]
+            spare = [t for t in live if t[0] in answered and t not in targets]
+            fill = random.sample(spare, min(len(new) - 1, len(spare))) if len(new) > 1 else []
+            targets += fill + new[1:len(new) - len(fill)]  # no such peers to give: keep the drawn
             targets += [t for _, t in sorted(due)[:MAX_RETRIES_PER_ROUND]]
         with self._hint_lock:
             hints = list(self.hints.values())
