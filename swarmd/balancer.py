@@ -1,5 +1,12 @@
 """Placement at run time: choosing this server's blocks when it starts with `serve.blocks:
-auto`, re-choosing them periodically, and moving without breaking any generation.
+auto`, re-choosing them periodically (at once when the model has a gap), and moving without
+breaking any generation.
+
+Joining: the server announces the span it would take (record state `joining`) before loading
+anything, waits until the joiners it knows of stop changing, and takes the span that
+`assign_joiners` gives it: servers that start together take turns by key, so they do not all
+take the first blocks, and every one of them computes the same turns. It then announces
+`loading` (its span is fixed from then on, and later joiners build around it) and loads.
 
 A move loads the new blocks first (the old ones keep serving), checks again that every old
 block is still covered by someone else, switches (new sessions go to the new blocks; the
@@ -16,7 +23,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from libswarm.errors import LimitError
-from swarmd.placement import Holder, Move, block_throughput, bottleneck, choose_span, pick_mover, plan_move
+from swarmd.placement import Holder, Move, assign_joiners, block_throughput, bottleneck, gaps, pick_mover, plan_move
 
 if TYPE_CHECKING:
     from swarmd.daemon import Daemon
@@ -24,6 +31,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("swarmd.balancer")
 
 DISCOVERY_WAIT_S = 3.0  # before choosing, how long to listen for the swarm (when peers are expected)
+JOIN_SETTLE_S = 2.0  # joining: how long the joiners known and this server's span must stay the same
+JOIN_WAIT_MAX_S = 15.0  # ...at most, before loading whatever it has then
+JOIN_POLL_S = 0.25
+GAP_CHECK_S = 1.0  # how often a server looks for blocks nobody holds (between rebalance intervals)
 
 
 class Balancer:
@@ -34,13 +45,14 @@ class Balancer:
         self.last_move: dict = {}
         self._lock = threading.Lock()
 
-    def holders(self) -> list[Holder]:
-        """Online servers of this daemon's model (itself included), as placement sees them."""
+    def holders(self, states: tuple[str, ...] = ("online",)) -> list[Holder]:
+        """Servers of this daemon's model (itself included) in one of `states`, as placement sees
+        them."""
         table = self.d.table
         return [
             Holder(e.record.node_id, e.record.span[0], e.record.span[1], e.record.throughput, e.record.movable)
             for e in table.entries()
-            if e.record.model_id == self.d.model_id and e.record.span is not None and table.state(e) == "online"
+            if e.record.model_id == self.d.model_id and e.record.span is not None and table.state(e) in states
         ]
 
     def discover(self) -> None:
@@ -59,13 +71,41 @@ class Balancer:
     def others(self) -> list[Holder]:
         return [h for h in self.holders() if h.key != self.d.identity.public_key]
 
-    def choose(self, length: int, throughput: float) -> tuple[int, int]:
-        others = self.others()
-        start, end = choose_span(others, self.d.num_layers, length, throughput)
-        tp = block_throughput(others, self.d.num_layers)
-        log.info("placement: %d servers known; taking blocks %d:%d (their throughput now %s)", len(others),
-                 start, end, ", ".join(f"{x:.1f}" for x in tp[start:end]))
-        return start, end
+    def _turns(self, length: int, throughput: float) -> tuple[tuple[int, int], list[Holder], list[Holder]]:
+        """This server's span by `assign_joiners`, with the servers settled (online, or loading
+        their span) and the joiners it was computed from. Each joiner, this one included once
+        its record is in the table, counts as its record says: every joiner computes from the
+        same numbers."""
+        me = self.d.identity.public_key
+        settled = [h for h in self.holders(("online", "loading")) if h.key != me]
+        joiners = [h for h in self.holders(("joining",)) if h.key != me]
+        mine = next((h for h in self.holders(("joining",)) if h.key == me), Holder(me, 0, length, throughput))
+        return assign_joiners(settled, [*joiners, mine], self.d.num_layers)[me], settled, joiners
+
+    def join(self, length: int, throughput: float) -> tuple[int, int]:
+        """Choose this server's span with the servers starting at the same time (see the module's
+        doc): announce a span, and take it once it has stayed the same for JOIN_SETTLE_S (long
+        enough for the announcements of servers started together to reach everyone). Returns
+        the span to load; the record says `joining` until the caller moves on to loading."""
+        span, settled, joiners = self._turns(length, throughput)
+        log.info("placement: %d servers known, %d joining too; announcing blocks %d:%d", len(settled),
+                 len(joiners), *span)
+        self.d.blocks = span
+        self.d.membership.round()  # announce it now
+        t0 = last_change = time.monotonic()
+        while time.monotonic() - last_change < JOIN_SETTLE_S and time.monotonic() - t0 < JOIN_WAIT_MAX_S:
+            time.sleep(JOIN_POLL_S)
+            span, settled, joiners = self._turns(length, throughput)
+            if span != self.d.blocks:
+                log.info("placement: %d servers known, %d joining too; now announcing blocks %d:%d", len(settled),
+                         len(joiners), *span)
+                self.d.blocks = span
+                self.d.membership.round()
+                last_change = time.monotonic()
+        tp = block_throughput(settled, self.d.num_layers)
+        log.info("placement: %d servers known (%d more joining); taking blocks %d:%d (their throughput now %s)",
+                 len(settled), len(joiners), *span, ", ".join(f"{x:.1f}" for x in tp[span[0]:span[1]]))
+        return span
 
     def plan(self, margin: float | None = None) -> Move | None:
         """This server's move, if it is the one server that should move now (pick_mover)."""
@@ -106,13 +146,29 @@ class Balancer:
             finally:
                 self.moving = False
 
+    def gap(self) -> list[int]:
+        """Blocks of the model that no server holds, loads, or has announced it will take (a
+        joiner takes its span within JOIN_WAIT_MAX_S, or its record goes dead)."""
+        return gaps(self.holders(("online", "loading", "joining")), self.d.num_layers)
+
     def run(self, stop: threading.Event) -> None:
+        """Re-plan every rebalance interval (with jitter, so servers do not move in step), and at
+        once when the table shows a gap: an uncovered block stops every generation. All servers
+        compute the same pick (pick_mover), so exactly one moves into a gap."""
         interval = self.d.config.serve.rebalance_interval_s
-        while not stop.wait(interval * random.uniform(0.75, 1.25)):  # jitter: servers do not move in step
+        due = time.monotonic() + interval * random.uniform(0.75, 1.25)
+        while not stop.wait(min(GAP_CHECK_S, max(0.0, due - time.monotonic()))):
             try:
+                missing = self.gap()
+                if time.monotonic() < due and not missing:
+                    continue
+                if time.monotonic() >= due:
+                    due = time.monotonic() + interval * random.uniform(0.75, 1.25)
                 move = self.plan()
                 if move is not None:
-                    self.move(move.new, f"swarm throughput {move.before:.1f} -> {move.after:.1f} steps/s")
+                    why = f"blocks {_runs(missing)} uncovered" if missing else \
+                        f"swarm throughput {move.before:.1f} -> {move.after:.1f} steps/s"
+                    self.move(move.new, why)
             except Exception:
                 log.exception("rebalancing failed")
 
@@ -136,3 +192,14 @@ class Balancer:
             reply["moving"] = True
             start_move(lambda: self.move(move.new, "swarmctl rebalance"))
         return reply
+
+
+def _runs(blocks: list[int]) -> str:
+    """[2, 3, 5] -> "2:4, 5:6"."""
+    out: list[list[int]] = []
+    for b in blocks:
+        if out and out[-1][1] == b:
+            out[-1][1] = b + 1
+        else:
+            out.append([b, b + 1])
+    return ", ".join(f"{a}:{b}" for a, b in out)

@@ -1,8 +1,11 @@
 """The Daemon: owns the ZeroMQ context, the sockets, the threads and the loaded span.
 
 Start-up order matters to operators: the local socket comes up first, so `swarmctl status`
-answers (state "loading") while weights load; the peer plane binds only once the span is
-ready, so no peer ever sees a half-loaded server."""
+answers while weights load. The peer plane binds next, before anything is loaded, so that a
+server can gossip the span it intends to take (record state `joining`, then `loading`): servers
+started together see each other's choices and do not all take the same blocks. Until the span
+is loaded it answers only gossip, ping and info, and no gateway routes to it (only `online`
+servers are routed to)."""
 
 from __future__ import annotations
 
@@ -68,6 +71,7 @@ class Daemon:
         self.span: Span | None = None
         self.server: SpanServer | None = None
         self.address: str | None = None
+        self.bound = ""  # the peer plane's endpoint as bound
         self.addresses: list[str] = []
         self.started = time.time()
         self.threads: list[threading.Thread] = []
@@ -79,6 +83,7 @@ class Daemon:
                                    config.network.max_message_bytes)
         self.table = PeerTable()
         self._fingerprints: dict[int, str | None] = {}
+        self._uncovered_since: dict[tuple[str, int], float] = {}  # (model, block): first seen uncovered
         self.membership = Membership(identity=self.identity, pool=self.pool, table=self.table, access=self.access,
                                      own_fields=self._own_fields, expected_fingerprint=self._expected_fingerprint,
                                      incarnation=next_incarnation(config.state_dir))
@@ -118,20 +123,29 @@ class Daemon:
         return self._fingerprints[block]
 
     def _own_fields(self) -> dict | None:
-        """This daemon's record, but for what membership stamps and signs (None: serves nothing)."""
-        if self.server is None or self.span is None or self.speed is None:
+        """This daemon's record, but for what membership stamps and signs (None: it serves
+        nothing, or has not chosen its blocks yet). Before its span is loaded, the record
+        announces the blocks it chose: `joining` while placement may still change them,
+        `loading` once it loads them."""
+        server, span, blocks = self.server, self.span, self.blocks
+        if server is None or self.speed is None or blocks is None:
             return None
-        n = self.span.end - self.span.start
+        if span is not None:
+            blocks = (span.start, span.end)
+            state = "draining" if self.state == "draining" else "online"
+        else:
+            state = "joining" if self.state == "placing" else "loading"
+        n = blocks[1] - blocks[0]
         return {
-            "addresses": self.addresses, "state": "draining" if self.state == "draining" else "online",
+            "addresses": self.addresses, "state": state,
             "model_id": self.model_id,
-            "span": (self.span.start, self.span.end),
-            "throughput": self.speed.span_throughput(n, self.span.hidden_size * self.span.dtype.itemsize,
+            "span": blocks,
+            "throughput": self.speed.span_throughput(n, self.checkpoint.config.hidden_size * self.dtype.itemsize,
                                                      self.membership.bandwidth_bps),
             "forward_throughput": round(self.speed.forward_tokens_per_s / n, 1), "movable": self.auto,
-            "adapters": tuple(sorted(self.server.adapters)),
-            "cache_free_bytes": self.server.budget.free_bytes, "sessions": len(self.server.sessions),
-            "fingerprints": tuple(f[:FINGERPRINT_PREFIX] for f in self.span.fingerprints),
+            "adapters": tuple(sorted(server.adapters)),
+            "cache_free_bytes": server.budget.free_bytes, "sessions": len(server.sessions),
+            "fingerprints": tuple(f[:FINGERPRINT_PREFIX] for f in span.fingerprints) if span else (),
         }
 
     # --- lifecycle -------------------------------------------------------------------------------
@@ -142,10 +156,15 @@ class Daemon:
         serves = self.config.serve.blocks != "none"
         if serves:
             self._start_access()
+            self._bind_peer_plane()
         self._thread("gossip", self.membership.run)  # from the start: placement needs the swarm's table
         if self.config.discovery.mdns:
             self._start_mdns()
         if serves:
+            if self.mdns is not None and self.address:
+                host_port = split_address(self.address)
+                if host_port:
+                    self.mdns.announce(*host_port)
             self.state = "measuring"
             notify("STATUS=measuring one block's speed (first start on this device and dtype only)")
             self.speed = measure_block_speed(self.checkpoint, self.device, self.dtype, self.config.state_dir,
@@ -155,13 +174,10 @@ class Daemon:
                 notify("STATUS=placing: learning the swarm to choose blocks")
                 n = self.config.serve.num_blocks or self._blocks_that_fit(self.speed)
                 self.balancer.discover()
-                self.blocks = self.balancer.choose(n, self.speed.span_throughput(n))
+                self.blocks = self.balancer.join(n, self.speed.span_throughput(n))
             self.state = "loading"
+            self.membership.round()  # the swarm learns at once that these blocks are taken
             self._load_and_serve(*self.blocks)
-            if self.mdns is not None and self.address:
-                host_port = split_address(self.address)
-                if host_port:
-                    self.mdns.announce(*host_port)
             if self.auto:
                 self._thread("balancer", self.balancer.run)
         if self.config.metrics.listen is not None:
@@ -220,26 +236,25 @@ class Daemon:
         if not ready.wait(5):
             raise SwarmError("the access control thread did not start")
 
-    def _load_and_serve(self, start: int, end: int) -> None:
-        span = self.load_span(start, end)
-        budget = CacheBudget(self.config.serve.cache.max_bytes or self._auto_cache_bytes())
+    def _bind_peer_plane(self) -> None:
+        """Bind the peer plane before loading: gossip (and the span this server announces) flows
+        from the start; requests for blocks are refused until `_load_and_serve` attaches the span."""
         s = self.config.serve
-        self.server = SpanServer(self.zctx, span, budget, self.model_id, max_length=s.max_length,
+        self.server = SpanServer(self.zctx, None, CacheBudget(0), self.model_id, max_length=s.max_length,
                                  max_batch=s.max_batch, idle_timeout_s=s.session_idle_timeout_s,
                                  max_message_bytes=self.config.network.max_message_bytes, identity=self.identity,
                                  access=self.access, resolve_key=self.membership.key_for, limits=s.limits)
         self.server.handlers["gossip"] = self.membership.on_gossip
         self.server.drain_timeout_s = s.drain_timeout_s
         self.server.adapter_dirs = dict(s.adapters)
-        self.server.adapters = self.server.read_adapters(span)
         try:
             bound = self.server.bind(self.config.network.listen)
         except zmq.ZMQError as e:
             raise ConfigError(f"{self.config.path}: network.listen: cannot bind {self.config.network.listen}: {e}") \
                 from None
-        self.span = span
         self.addresses = list(self.config.network.announce) or _connectable(bound)
         self.address = self.addresses[0]
+        self.bound = bound
         host_port = split_address(bound)
         if host_port is not None:
             try:
@@ -249,8 +264,17 @@ class Daemon:
                 log.warning("key query: cannot bind UDP %s:%d (%s); seeds must list this node's key",
                             host_port[0], host_port[1], e.strerror)
         self._thread("peer", self.server.serve)
+        log.info("peer plane on %s (gossip only until blocks are loaded)", bound)
+
+    def _load_and_serve(self, start: int, end: int) -> None:
+        assert self.server is not None
+        span = self.load_span(start, end)
+        budget = CacheBudget(self.config.serve.cache.max_bytes or self._auto_cache_bytes())
+        self.server.attach(span, budget, self.server.read_adapters(span))
+        self.span = span
         self.membership.retry_contacts_now()
-        log.info("serving blocks %d:%d on %s (KV cache budget %.1f MiB)", start, end, bound,
+        self.membership.round()  # online: routable from now on
+        log.info("serving blocks %d:%d on %s (KV cache budget %.1f MiB)", start, end, self.bound,
                  budget.max_bytes / 2**20)
 
     def _auto_cache_bytes(self) -> int:
@@ -375,7 +399,7 @@ class Daemon:
                 "mdns": self.mdns is not None,
                 "seeds": len(self.config.discovery.seeds),
             },
-            "coverage": coverage(self.table, self.model_id, self.num_layers),
+            "coverage": coverage(self.table, self.model_id, self.num_layers, self._uncovered_since),
             "peers": self.membership.rows(),
         }
 
@@ -408,13 +432,24 @@ def _connectable(endpoint: str) -> list[str]:
     return [f"tcp://{ip}:{port}" for ip in ips[:MAX_ADDRESSES - 1]] + [f"tcp://127.0.0.1:{port}"]
 
 
-def coverage(table: PeerTable, own_model: str, own_layers: int) -> list[dict]:
+def coverage(table: PeerTable, own_model: str, own_layers: int, since: dict | None = None) -> list[dict]:
     """Per model: for each block, the online servers holding it and their summed throughput;
-    runs of blocks nobody serves are listed as gaps."""
+    runs of blocks nobody serves are listed as gaps, and under `missing` with the time this
+    daemon first saw each of their blocks uncovered (kept in `since`, {(model, block): time}).
+    Servers announced but not serving yet (joining, loading) are listed apart."""
     models: dict[str, list] = {own_model: []}
+    coming: dict[str, list] = {}
     for e in table.entries():
-        if e.record.model_id and e.record.span and table.state(e) == "online":
+        if not (e.record.model_id and e.record.span):
+            continue
+        state = table.state(e)
+        if state == "online":
             models.setdefault(e.record.model_id, []).append(e)
+        elif state in ("joining", "loading"):
+            coming.setdefault(e.record.model_id, []).append(
+                {"server": e.record.short_id, "span": list(e.record.span), "state": state})
+    since = {} if since is None else since
+    now = time.time()
     out = []
     for model_id, entries in models.items():
         n = own_layers if model_id == own_model else max(e.record.span[1] for e in entries)
@@ -423,9 +458,17 @@ def coverage(table: PeerTable, own_model: str, own_layers: int) -> list[dict]:
             holders = [e for e in entries if e.record.span[0] <= b < e.record.span[1]]
             blocks.append({"block": b, "servers": [e.record.short_id for e in holders],
                            "throughput": round(sum(e.record.throughput for e in holders), 2)})
+            if holders:
+                since.pop((model_id, b), None)
+            else:
+                since.setdefault((model_id, b), now)
         gaps = [list(g) for g in missing_blocks([ServerSpan(e.address, *e.record.span) for e in entries], n)]
+        missing = []
+        for start, end in gaps:
+            first = min(since[model_id, b] for b in range(start, end))
+            missing.append({"blocks": [start, end], "since": round(first, 3), "for_s": round(now - first, 1)})
         out.append({"model_id": model_id, "num_blocks": n, "blocks": blocks, "gaps": gaps,
-                    "complete": not gaps})
+                    "complete": not gaps, "missing": missing, "coming": coming.get(model_id, [])})
     return out
 
 

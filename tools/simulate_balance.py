@@ -3,10 +3,13 @@
 
     python tools/simulate_balance.py [--swarms 100] [--seed 0]
 
-Random swarms (heterogeneous speeds and memories) go through joins one by one, leaves, and a
-burst of joins that all choose from the same stale view. Servers choose and re-choose their
-blocks with the daemon's own functions (swarmd/placement.py): `choose_span` when joining,
-then the moves `pick_mover` names, one at a time as in the daemons, until nobody moves. After each phase the swarm's
+Random swarms (heterogeneous speeds and memories) go through joins one by one, leaves, a
+burst of joins that all choose from the same stale view, a restart of a third to two thirds of
+the servers at once, and a start of the whole swarm at once (a fleet, or power back after a
+cut). Servers choose and re-choose their blocks with the daemon's own functions
+(swarmd/placement.py): `choose_span` when joining alone, `assign_joiners` when several
+announce themselves together, then the moves `pick_mover` names, one at a time as in the
+daemons, until nobody moves. After each phase the swarm's
 bottleneck throughput is compared with the optimum for the same machines, computed exactly
 as a mixed-integer program (each server's start block; maximize the smallest block
 throughput) with scipy's HiGHS. Prints the median, 10th percentile and worst ratio, and the
@@ -15,6 +18,7 @@ moves made."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import random
 import statistics
@@ -26,11 +30,14 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from swarmd.placement import MOVE_MARGIN, Holder, bottleneck, choose_span, pick_mover  # noqa: E402
+from swarmd.placement import MOVE_MARGIN, Holder, assign_joiners, bottleneck, choose_span, gaps, pick_mover  # noqa: E402
 
 MAX_MOVES = 500
 TIME_LIMIT_S = 5.0
-STATS = {"unproven": 0}
+FEASIBILITY_STEPS = 12
+PROVEN_WITHIN = 0.005  # an optimum bracketed this closely counts as found (ratios within 0.5 %)
+OPTIMA: dict[tuple, float] = {}
+STATS = {"unproven": 0, "uncovering moves": 0, "settled with a gap": 0}
 
 
 def optimum(servers: list[tuple[str, int, float]], num_blocks: int) -> float:
@@ -60,27 +67,51 @@ def optimum(servers: list[tuple[str, int, float]], num_blocks: int) -> float:
         ub.append(0)
     integrality = np.ones(n)
     integrality[-1] = 0
-    upper = np.ones(n)
-    upper[-1] = np.inf
-    saved = os.dup(1)  # HiGHS prints progress lines on stdout from C++
-    with open(os.devnull, "w") as null:
-        os.dup2(null.fileno(), 1)
-        try:
-            res = milp(c, constraints=LinearConstraint(np.array(rows), lb, ub), integrality=integrality,
-                       bounds=Bounds(np.zeros(n), upper), options={"time_limit": TIME_LIMIT_S})
-        finally:
-            os.dup2(saved, 1)
-            os.close(saved)
+    constraints = LinearConstraint(np.array(rows), lb, ub)
+
+    def solve(objective: np.ndarray, t_low: float, t_high: float):
+        low, high = np.zeros(n), np.ones(n)
+        low[-1], high[-1] = t_low, t_high
+        saved = os.dup(1)  # HiGHS prints progress lines on stdout from C++
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            try:
+                return milp(objective, constraints=constraints, integrality=integrality, bounds=Bounds(low, high),
+                            options={"time_limit": TIME_LIMIT_S})
+            finally:
+                os.dup2(saved, 1)
+                os.close(saved)
+
+    res = solve(c, 0.0, np.inf)
     if res.status == 0:
         return float(-res.fun)
-    # not proven in time: the solver's bound is at least the optimum, so the ratio is a lower bound
-    STATS["unproven"] += 1
-    return float(-res.mip_dual_bound)
+    # Not proven in time: the solver's bound is at least the optimum, but often far above it
+    # (the LP relaxation spreads servers fractionally). Feasibility questions ("can every block
+    # reach T?") are answered much faster, so bisect between the best placement found and that
+    # bound: the smallest T proven infeasible is a tighter bound on the optimum.
+    found = float(-res.fun) if res.x is not None else 0.0
+    bound = float(-res.mip_dual_bound)
+    for _ in range(FEASIBILITY_STEPS):
+        if bound - found <= PROVEN_WITHIN * bound:
+            return bound
+        mid = (found + bound) / 2
+        check = solve(np.zeros(n), mid, mid)
+        if check.status == 2:  # infeasible
+            bound = mid
+        elif check.status == 0:
+            found = mid
+        else:
+            break  # not answered in time either
+    if bound - found <= PROVEN_WITHIN * bound:
+        return bound
+    STATS["unproven"] += 1  # the bound is used, so the ratio is a lower bound
+    return bound
 
 
 class Swarm:
-    def __init__(self, num_blocks: int):
+    def __init__(self, num_blocks: int, measure: bool = True):
         self.num_blocks = num_blocks
+        self.measure = measure  # compare with the optimum (a MILP each time: the slow part)
         self.holders: dict[str, Holder] = {}  # a holder keeps its machine's length and throughput
         self.moves = 0
 
@@ -88,6 +119,13 @@ class Swarm:
         view = list(self.holders.values()) if view is None else view
         start, end = choose_span(view, self.num_blocks, length, tp)
         self.holders[key] = Holder(key, start, end, tp)
+
+    def join_together(self, machines: dict[str, tuple[int, float]]) -> None:
+        """Servers that start at once: each announces itself (state `joining`) and, once the
+        announcements have spread, takes the span `assign_joiners` gives it."""
+        joiners = [Holder(key, 0, length, tp) for key, (length, tp) in machines.items()]
+        for key, (start, _) in assign_joiners(list(self.holders.values()), joiners, self.num_blocks).items():
+            self.holders[key] = Holder(key, start, start + machines[key][0], machines[key][1])
 
     def leave(self, key: str) -> None:
         del self.holders[key]
@@ -97,17 +135,31 @@ class Swarm:
 
     def rebalance(self) -> None:
         """Moves as the daemons make them: each time, the one server pick_mover names (every
-        server computes the same choice from the same table), until nobody should move."""
+        server computes the same choice from the same table), until nobody should move. A move
+        that leaves a covered block uncovered is counted (it must never happen)."""
         for _ in range(MAX_MOVES):
             chosen = pick_mover(list(self.holders.values()), self.num_blocks)
             if chosen is None:
                 return
             key, move = chosen
+            before = set(gaps(self.holders.values(), self.num_blocks))
             self.holders[key] = self.holders[key].at(move.new[0])
             self.moves += 1
+            if set(gaps(self.holders.values(), self.num_blocks)) - before:
+                STATS["uncovering moves"] += 1
+
+    def settled_with_gap(self) -> bool:
+        """A settled swarm that leaves a block uncovered although its servers could cover all."""
+        return bool(gaps(self.holders.values(), self.num_blocks)) and self.blocks_held() >= self.num_blocks
 
     def ratio(self) -> float:
-        best = optimum([(k, h.length, h.throughput) for k, h in self.holders.items()], self.num_blocks)
+        if not self.measure:
+            return math.nan
+        machines = tuple(sorted((h.length, h.throughput) for h in self.holders.values()))
+        if (machines, self.num_blocks) not in OPTIMA:  # depends on the machines alone, not where they are
+            OPTIMA[machines, self.num_blocks] = optimum([(str(i), k, tp) for i, (k, tp) in enumerate(machines)],
+                                                        self.num_blocks)
+        best = OPTIMA[machines, self.num_blocks]
         got = bottleneck(self.holders.values(), self.num_blocks)
         return 1.0 if best <= 0 else got / best
 
@@ -119,31 +171,50 @@ def machine(rng: random.Random, num_blocks: int) -> tuple[int, float]:
     return length, round(speed / length * 100, 3)  # requests/s through the whole span
 
 
-def one_swarm(rng: random.Random, copies: tuple[float, float]) -> dict:
+def one_swarm(rng: random.Random, copies: tuple[float, float], measure: bool = True) -> dict:
     """A swarm whose machines together hold between copies[0] and copies[1] copies of the model."""
     num_blocks = rng.choice([8, 12, 16, 24, 32])
     names = iter(f"s{i}" for i in range(1000))
     target = rng.uniform(*copies) * num_blocks
-    swarm = Swarm(num_blocks)
+    swarm = Swarm(num_blocks, measure)
     while swarm.blocks_held() < target:
         swarm.join(next(names), *machine(rng, num_blocks))
     results = {}
-    swarm.rebalance()
-    results["joins"] = swarm.ratio()
+    settle(swarm, results, "joins")
     for key in rng.sample(list(swarm.holders), k=min(rng.randint(1, 3), len(swarm.holders) - 2)):
         swarm.leave(key)
     if swarm.blocks_held() >= num_blocks:  # else the model no longer fits
-        swarm.rebalance()
-        results["leaves"] = swarm.ratio()
+        settle(swarm, results, "leaves")
     stale = list(swarm.holders.values())
-    for _ in range(rng.randint(2, 5)):  # a burst: every newcomer sees the same old table
-        swarm.join(next(names), *machine(rng, num_blocks), view=stale)
+    burst = {next(names): machine(rng, num_blocks) for _ in range(rng.randint(2, 5))}
+    for key, m in burst.items():  # without announcements: every newcomer sees the same old table
+        swarm.join(key, *m, view=stale)
+    results["burst, no announcement"] = swarm.ratio()
+    for key in burst:
+        swarm.leave(key)
+    swarm.join_together(burst)  # as the daemons do: announced, then turns by key
     results["burst, before moves"] = swarm.ratio()
-    swarm.rebalance()
-    results["burst"] = swarm.ratio()
-    results["moves"] = swarm.moves
+    settle(swarm, results, "burst")
+    machines = {k: (h.length, h.throughput) for k, h in swarm.holders.items()}
+    restarting = rng.sample(sorted(machines), k=max(1, round(len(machines) * rng.uniform(1 / 3, 2 / 3))))
+    for key in restarting:
+        swarm.leave(key)
+    swarm.join_together({k: machines[k] for k in restarting})
+    results["restart, before moves"] = swarm.ratio()
+    settle(swarm, results, "restart")
+    fleet = Swarm(num_blocks, measure)  # the same machines, all started at once
+    fleet.join_together(machines)
+    results["start together, before moves"] = fleet.ratio()
+    settle(fleet, results, "start together")
+    results["moves"] = swarm.moves + fleet.moves
     results["servers"] = len(swarm.holders)
     return results
+
+
+def settle(swarm: Swarm, results: dict, phase: str) -> None:
+    swarm.rebalance()
+    results[phase] = swarm.ratio()
+    STATS["settled with a gap"] += swarm.settled_with_gap()
 
 
 def main() -> None:
@@ -160,20 +231,31 @@ def main() -> None:
         print(f"{count} {label} (seed {args.seed}, margin {MOVE_MARGIN:.0%}), {time.time() - t0:.0f} s")
         report(runs)
     print(f"optima not proven within {TIME_LIMIT_S:.0f} s (the solver's bound used, so those ratios are lower "
-          f"bounds): {STATS['unproven']}")
+          f"bounds): {STATS['unproven']} of {len(OPTIMA)}")
+    print(f"moves that uncovered a block: {STATS['uncovering moves']}; settled states with a block uncovered "
+          f"although memory allowed full cover: {STATS['settled with a gap']}")
+
+
+PHASES = ("joins", "leaves", "burst, no announcement", "burst, before moves", "burst", "restart, before moves",
+          "restart", "start together, before moves", "start together")
+UNSETTLED = ("burst, no announcement", "burst, before moves", "restart, before moves", "start together, before moves")
 
 
 def report(runs: list[dict]) -> None:
+    if not runs:
+        return
     settled = []
-    for phase in ("joins", "leaves", "burst, before moves", "burst"):
+    for phase in PHASES:
         ratios = sorted(r[phase] for r in runs if phase in r)
-        if phase != "burst, before moves":
+        if not ratios:
+            continue
+        if phase not in UNSETTLED:
             settled += ratios
-        print(f"  after {phase:20s} median {statistics.median(ratios):6.1%}  p10 {p10(ratios):6.1%}  "
+        print(f"  after {phase:30s} median {statistics.median(ratios):6.1%}  p10 {p10(ratios):6.1%}  "
               f"worst {ratios[0]:6.1%}  ({len(ratios)} swarms)")
     settled.sort()
     moves = [r["moves"] for r in runs]
-    print(f"  all settled states     median {statistics.median(settled):6.1%}  p10 {p10(settled):6.1%}  "
+    print(f"  {'all settled states':36s} median {statistics.median(settled):6.1%}  p10 {p10(settled):6.1%}  "
           f"worst {settled[0]:6.1%}  ({len(settled)} states)")
     print(f"  moves per swarm: median {statistics.median(moves):.0f}, max {max(moves)}, total {sum(moves)} "
           f"for {sum(r['servers'] for r in runs)} servers at the end")

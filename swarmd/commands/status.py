@@ -17,7 +17,15 @@ def coverage_line(cov: dict) -> str:
         n = len(blocks[i]["servers"])
         parts.append(f"{i}:{j + 1} " + (f"x{n} ({blocks[i]['throughput']:.1f} steps/s)" if n else "GAP"))
         i = j + 1
-    return "  ".join(parts) + ("" if cov["complete"] else "  (incomplete)")
+    line = "  ".join(parts)
+    if not cov["complete"]:
+        line += "  (incomplete: " + ", ".join(
+            f"{m['blocks'][0]}:{m['blocks'][1]} missing for {m['for_s']:.0f} s" for m in cov.get("missing", [])) + ")"
+    coming = cov.get("coming", [])
+    if coming:
+        line += "  coming: " + ", ".join(f"{c['server']} {c['span'][0]}:{c['span'][1]} ({c['state']})"
+                                         for c in coming)
+    return line
 
 
 class StatusCommand(Command):

@@ -28,7 +28,7 @@ from swarmd.identity import NodeIdentity, is_key, node_id_of_sign_key, verify
 
 MAX_RECORD_BYTES = 16 * 1024
 MAX_CLOCK_SKEW_S = 30.0  # a record stamped further ahead than this is "from the future"
-STATES = ("joining", "online", "draining", "offline")
+STATES = ("joining", "loading", "online", "draining", "offline")
 MAX_ADDRESSES = 8
 MAX_RTTS = 32
 # Bounds on what a record may claim; each is far beyond any honest value (the largest models

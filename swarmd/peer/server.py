@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 import zmq
@@ -58,6 +59,7 @@ MAX_EARLY_PUSHES_PER_SESSION = 4
 MAX_PUSH_PEERS = 64  # connections kept for pushing to next hops; the least recently used goes
 LOG_EVERY_S = 10.0  # refused requests are logged at most once per peer and reason this often
 DEFERRED = object()  # a handler's answer when the reply is sent later (a step waiting for its push)
+WHILE_JOINING = ("gossip", "ping", "info")  # answered before the span is loaded
 
 
 @dataclass
@@ -99,10 +101,12 @@ class ServerStats:
 
 
 class SpanServer:
-    def __init__(self, zctx: zmq.Context, span: Span, budget: CacheBudget, model_id: str, *, max_length: int,
+    def __init__(self, zctx: zmq.Context, span: Span | None, budget: CacheBudget, model_id: str, *, max_length: int,
                  max_batch: int, idle_timeout_s: float, max_message_bytes: int, identity: NodeIdentity,
                  access: AccessControl, resolve_key: Callable[[str], str | None], limits: LimitsConfig):
-        self.span, self.budget, self.model_id = span, budget, model_id
+        # None until attach() (a server bound before it loads): handle() then answers WHILE_JOINING only
+        self.span, self.budget, self.model_id = cast(Span, span), budget, model_id
+        self.attached = span is not None
         self.max_length, self.max_batch = max_length, max_batch
         self.idle_timeout_s = idle_timeout_s
         self.sessions: dict[str, ServerSession] = {}
@@ -157,6 +161,13 @@ class SpanServer:
         self.sock.bind(endpoint)
         return self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
+    def attach(self, span: Span, budget: CacheBudget, adapters: dict[str, Lora]) -> None:
+        """From another thread, once: start serving `span`. Until then (a server that binds
+        before it loads, so the swarm can see the span it announced) only gossip, ping and
+        info are answered. The span goes last: the serving thread checks it first."""
+        self.budget, self.adapters, self.span = budget, adapters, span
+        self.attached = True
+
     # --- the loop -------------------------------------------------------------------------
     def serve(self, stop: threading.Event) -> None:
         poller = zmq.Poller()
@@ -199,6 +210,10 @@ class SpanServer:
                 if msg.type == "push":
                     return  # never answered: dropped
                 raise
+            if not self.attached and msg.type not in WHILE_JOINING:
+                if msg.type == "push":
+                    return
+                raise LimitError("this server is still joining the swarm: it serves no blocks yet")
             if msg.type == "push":  # fire-and-forget from another server: never answered
                 self.on_push(msg, sender)
                 return
@@ -283,6 +298,9 @@ class SpanServer:
 
     # --- handlers ------------------------------------------------------------------------
     def info(self) -> dict:
+        if not self.attached:
+            return {"model_id": self.model_id, "span": None, "sessions": 0, "max_length": self.max_length,
+                    "max_batch": self.max_batch}
         return {
             "model_id": self.model_id,
             "span": [self.span.start, self.span.end],

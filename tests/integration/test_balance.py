@@ -2,13 +2,14 @@
 re-covers blocks when a server dies, and `swarmctl rebalance` moves a server while a
 generation runs through it."""
 
+import os
 import subprocess
 import threading
 import time
 
 import torch
 from conftest import hf_reference
-from helpers import SWARMCTL, Daemon, generate_equals_hf
+from helpers import SWARMCTL, Daemon, generate_equals_hf, online_ids, until
 
 from libswarm import AutoDistributedModelForCausalLM
 
@@ -19,9 +20,91 @@ def span_of(d: Daemon) -> list[int] | None:
     return d.ctl("status")["serve"]["blocks"]
 
 
-def auto(root: str, name: str, model_dir: str, step_s: float, interval_s: int) -> Daemon:
-    d = Daemon(root, name, model_dir, "auto", {"serve": {"num_blocks": 2, "rebalance_interval_s": interval_s}})
-    return d.seed_speed(step_s)
+def auto(root: str, name: str, model_dir: str, step_s: float, interval_s: int | None, blocks: int = 2) -> Daemon:
+    serve: dict = {"num_blocks": blocks}
+    if interval_s is not None:  # else the default (60 s)
+        serve["rebalance_interval_s"] = interval_s
+    return Daemon(root, name, model_dir, "auto", {"serve": serve}).seed_speed(step_s)
+
+
+def ready_times(daemons: list[Daemon], limit_s: float = 90) -> list[float]:
+    """When each daemon went online (monotonic), polling them all together."""
+    t0, ready = time.monotonic(), {}
+    while len(ready) < len(daemons):
+        assert time.monotonic() - t0 < limit_s, [x.tail() for x in daemons if x.name not in ready]
+        for x in daemons:
+            if x.name in ready:
+                continue
+            assert x.alive, x.tail()
+            if os.path.exists(x.socket):
+                r = x.ctl("status", timeout=5, check=False)
+                if isinstance(r, dict) and r["state"] == "online":
+                    ready[x.name] = time.monotonic()
+        time.sleep(0.1)
+    return [ready[x.name] for x in daemons]
+
+
+def test_four_auto_daemons_started_together_cover_the_model(model_dirs, tmp_path):
+    """A fleet started at once (systemctl start on every machine, or power back after a cut):
+    each announces the span it would take before loading, so they do not all take blocks 0:3;
+    generation works within 15 s of the last READY, with the default rebalance interval."""
+    d = model_dirs("llama")  # 6 blocks; each server holds 3
+    root = str(tmp_path)
+    daemons = [auto(root, f"d{i}", d, 0.002, None, blocks=3) for i in range(4)]
+    addresses = [x.address for x in daemons]
+    try:
+        t_start = time.monotonic()
+        for x in daemons:
+            x.start(addresses)
+        assert time.monotonic() - t_start < 0.1 * len(daemons)
+        last_ready = max(ready_times(daemons))
+
+        def complete() -> bool:
+            return all(x.ctl("status")["coverage"][0]["complete"] for x in daemons)
+
+        until(complete, 15 - (time.monotonic() - last_ready), "the model covered")
+        generate_equals_hf(d, daemons[0].socket)
+        took = time.monotonic() - last_ready
+        assert took < 15, took
+        spans = sorted(span_of(x) for x in daemons)
+        moves = sum(x.ctl("status")["serve"]["moves"] for x in daemons)
+        print(f"covered and generated {took:.1f} s after the last READY; spans {spans}, {moves} moves")
+        assert spans == [[0, 3], [0, 3], [3, 6], [3, 6]]
+    finally:
+        for x in daemons:
+            x.stop()
+
+
+def test_the_only_holder_dies_and_its_blocks_are_covered_at_once(model_dirs, tmp_path):
+    """A gap is an emergency: it is filled within 10 s of the death being noticed, not at the
+    next rebalance interval (60 s by default)."""
+    d = model_dirs("llama")  # 6 blocks; each server holds 3
+    root = str(tmp_path)
+    daemons = [auto(root, f"d{i}", d, 0.002, None, blocks=3) for i in range(3)]
+    try:
+        for x in daemons:  # one after another: 0:3, 3:6, then 0:3 again (the lowest start of equals)
+            x.start([daemons[0].address]).wait_ready()
+        assert [span_of(x) for x in daemons] == [[0, 3], [3, 6], [0, 3]]
+        watcher = daemons[0]
+        until(lambda: len(online_ids(watcher)) == 3, 15, "all three online at d0")
+        dead = daemons[1]
+        dead_id = dead.node_id
+        dead.kill()  # the only holder of 3:6
+
+        def noticed() -> bool:
+            st = watcher.ctl("status")
+            return bool(st["coverage"][0]["gaps"]) or any(
+                p["node_id"] == dead_id and p["state"] != "online" for p in st["peers"])
+
+        until(noticed, 30, "the death noticed")
+        t_noticed = time.monotonic()
+        until(lambda: watcher.ctl("status")["coverage"][0]["complete"], 10, "blocks 3:6 covered again")
+        print(f"blocks 3:6 covered again {time.monotonic() - t_noticed:.1f} s after the death was noticed")
+        assert sorted(span_of(x) for x in daemons if x.alive) == [[0, 3], [3, 6]]
+        generate_equals_hf(d, watcher.socket)
+    finally:
+        for x in daemons:
+            x.stop()
 
 
 def test_auto_spans_cover_the_model_take_the_weakest_blocks_and_recover_from_a_death(model_dirs, tmp_path):
@@ -79,7 +162,7 @@ def test_swarmctl_rebalance_dry_run_then_a_move_during_a_generation(model_dirs, 
     b = Daemon(root, "b", d, "2:4").seed_speed(0.004)  # slow: blocks 2:4 are the bottleneck
     daemons = [mover, a, b]
     try:
-        for x in (a, b):
+        for x in (b, a):  # b first: with a first, blocks 2:4 would be a gap the mover fills at once
             x.start([mover.address]).wait_ready()
         t0 = time.monotonic()
         while len({p["node_id"] for p in mover.ctl("peers")["peers"] if p["state"] == "online"}) < 3:

@@ -274,6 +274,24 @@ def test_coverage_lists_servers_throughput_and_gaps():
     assert cov["gaps"] == [[2, 3], [4, 6]] and not cov["complete"]
 
 
+def test_coverage_says_since_when_blocks_are_missing_and_who_is_coming():
+    t, since = PeerTable(), {}
+    holder, joiner = ident(), ident()
+    for i, span, state in ((holder, (0, 4), "online"), (joiner, (4, 6), "loading")):
+        r = record(i, span=span, state=state)
+        t.merge(r, r.sign(i))
+    [cov] = coverage(t, "m", 6, since)
+    first = cov["missing"][0]["since"]
+    assert cov["gaps"] == [[4, 6]] and [m["blocks"] for m in cov["missing"]] == [[4, 6]]
+    assert cov["coming"] == [{"server": joiner.public_key[:8], "span": [4, 6], "state": "loading"}]
+    time.sleep(0.05)
+    assert coverage(t, "m", 6, since)[0]["missing"][0]["since"] == first  # the first time it was seen
+    r = record(joiner, span=(4, 6), state="online", seq=2)
+    t.merge(r, r.sign(joiner))
+    [cov] = coverage(t, "m", 6, since)
+    assert cov["complete"] and cov["missing"] == [] and cov["coming"] == [] and since == {}
+
+
 def test_allowed_keys_dir_reads_keys_skips_bad_files_and_reloads(tmp_path, caplog):
     a, b = ident(), ident()
     (tmp_path / "a").write_text(f"# alice's box\n{a.public_key}\n")

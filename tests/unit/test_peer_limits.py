@@ -83,3 +83,56 @@ def test_a_key_holds_at_most_its_sessions_and_its_share_of_the_cache():
         limits.admit_session("a", [25], 30, budget_bytes=100)
     with pytest.raises(LimitError, match="sessions_per_key"):
         limits.admit_session("a", [1, 1], 1, budget_bytes=100)
+
+
+def test_a_server_bound_before_its_span_is_loaded_answers_gossip_and_ping_only(model_dirs):
+    """Joining: the peer plane is up (the swarm must see the span it announces), but nothing
+    that needs blocks is served until the span is attached."""
+    import threading
+
+    import torch
+
+    from libswarm.checkpoint import Checkpoint
+    from libswarm.protocol import decode, encode
+    from swarmd.config import LimitsConfig
+    from swarmd.discovery.access import AccessControl
+    from swarmd.peer.server import SpanServer
+    from swarmd.runtime.cache import CacheBudget
+    from swarmd.runtime.span import Span
+
+    ctx, me, client = zmq.Context(), NodeIdentity(os.urandom(32)), NodeIdentity(os.urandom(32))
+    server = SpanServer(ctx, None, CacheBudget(0), "m", max_length=64, max_batch=1, idle_timeout_s=60,
+                        max_message_bytes=2**24, identity=me, access=AccessControl("open", "", me.public_key),
+                        resolve_key=lambda a: None, limits=LimitsConfig(16, 0.5, 1000))
+    server.handlers["gossip"] = lambda msg: ({"records": [], "beats": []}, None)
+    address = server.bind("tcp://127.0.0.1:*")
+    stop = threading.Event()
+    thread = threading.Thread(target=server.serve, args=(stop,), daemon=True)
+    thread.start()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.curve_secretkey, s.curve_publickey = client.secret_key.encode(), client.public_key.encode()
+    s.curve_serverkey = me.public_key.encode()
+    s.connect(address)
+
+    def ask(msg_type: str, req_id: int, fields: dict | None = None):
+        s.send_multipart(encode(msg_type, req_id, fields or {}))
+        assert s.poll(5000)
+        return decode(s.recv_multipart())
+
+    try:
+        assert ask("ping", 1).type == "ok"
+        assert ask("gossip", 2).type == "ok"
+        assert ask("info", 3).fields["span"] is None
+        refused = ask("open", 4, {"model_id": "m", "blocks": [0, 1], "max_length": 8})
+        assert refused.type == "error" and refused.fields["code"] == "limit"
+        assert "still joining" in refused.fields["message"]
+        span = Span(Checkpoint(model_dirs("llama", layers=2)), 0, 2, torch.device("cpu"), torch.float32).load()
+        server.attach(span, CacheBudget(2**24), {})
+        assert ask("info", 5).fields["span"] == [0, 2]
+        assert ask("open", 6, {"model_id": "m", "blocks": [0, 1], "max_length": 8, "batch": 1}).type == "ok"
+    finally:
+        stop.set()
+        thread.join(5)
+        s.close()
+        ctx.term()

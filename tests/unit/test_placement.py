@@ -61,7 +61,9 @@ def test_only_one_server_is_picked_to_move_so_two_never_leave_the_same_blocks():
 
     # c and d both hold 4:6 and either could fill the gap 2:4 alone; both moving would open 4:6
     holders = [Holder("a", 0, 2, 10.0), Holder("d", 4, 6, 10.0), Holder("c", 4, 6, 10.0)]
-    assert pick_mover(holders, 6) == ("c", plan_move(holders, "c", 6))
+    key, move = pick_mover(holders, 6)
+    assert key in "cd" and move.new == (2, 4)
+    assert pick_mover(holders, 6) == (key, move)  # every server computes the same pick
     # fixed servers are never picked
     holders = [Holder("a", 0, 2, 10.0), Holder("c", 4, 6, 10.0, movable=False), Holder("d", 4, 6, 10.0)]
     key, move = pick_mover(holders, 6)
@@ -75,3 +77,54 @@ def test_span_throughput_is_capped_by_the_network():
     assert speed.span_throughput(4) == 250.0
     assert speed.span_throughput(4, step_bytes=8192, bandwidth_bps=10e6) == 250.0  # 10 MB/s: 610 steps/s
     assert speed.span_throughput(4, step_bytes=8192, bandwidth_bps=1e6) == round(1e6 / 16384, 3)  # 1 MB/s: 61
+
+
+def settle(holders: list[Holder], num_blocks: int, limit: int = 50) -> list[Holder]:
+    """pick_mover's moves one at a time, as the daemons make them; none may uncover a block."""
+    from swarmd.placement import pick_mover
+
+    for _ in range(limit):
+        chosen = pick_mover(holders, num_blocks)
+        if chosen is None:
+            return holders
+        before = block_throughput(holders, num_blocks)
+        holders = [h.at(chosen[1].new[0]) if h.key == chosen[0] else h for h in holders]
+        after = block_throughput(holders, num_blocks)
+        assert not any(b > 0 and a == 0 for b, a in zip(before, after)), (chosen, holders)
+    raise AssertionError(f"still moving after {limit} moves: {holders}")
+
+
+def test_the_swarm_plan_gets_out_of_a_local_optimum_in_a_safe_order():
+    from swarmd.placement import plan_swarm
+
+    # blocks [1, 4, 4, 1]: no single move helps (c alone holds block 3, and b moving to 2:4
+    # changes nothing), but b to 2:4 and then c to 0:2 makes [2, 2, 3, 3]
+    holders = [Holder("a", 0, 2, 1.0), Holder("b", 1, 3, 3.0), Holder("c", 2, 4, 1.0)]
+    assert all(plan_move(holders, k, 4) is None for k in "abc")
+    plan = plan_swarm(holders, 4)
+    settled = settle(holders, 4)
+    assert bottleneck(settled, 4) == 2.0
+    assert {h.key: h.start for h in settled} == plan
+    # the plan depends on who the servers are, not where they are: it holds while carried out
+    assert plan_swarm(settled, 4) == plan
+
+
+def test_alike_servers_do_not_trade_places_for_nothing():
+    from swarmd.placement import plan_swarm
+
+    holders = [Holder("a", 0, 3, 5.0), Holder("b", 3, 6, 5.0), Holder("c", 0, 3, 5.0), Holder("d", 3, 6, 5.0)]
+    assert plan_swarm(holders, 6) == {"a": 0, "b": 3, "c": 0, "d": 3}
+    assert settle(holders, 6) == holders
+
+
+def test_servers_joining_together_take_turns_by_key_and_cover_the_model():
+    from swarmd.placement import assign_joiners
+
+    # four servers of 3 blocks start at once on a 6-block model: each announced 0:3 (the table
+    # was empty); every one of them computes the same turns from the same table
+    joiners = [Holder(k, 0, 3, 10.0) for k in "dbca"]
+    spans = assign_joiners([], joiners, 6)
+    assert spans == {"a": (0, 3), "b": (3, 6), "c": (0, 3), "d": (3, 6)}
+    assert assign_joiners([], list(reversed(joiners)), 6) == spans
+    # a server already online (or loading) keeps its blocks; joiners fill around it
+    assert assign_joiners([Holder("z", 0, 3, 10.0)], joiners[:1], 6) == {"d": (3, 6)}
