@@ -43,6 +43,7 @@ class Balancer:
         self.moves = 0
         self.moving = False
         self.last_move: dict = {}
+        self._unmovable: tuple | None = None  # the table when a gap last found no server able to move
         self._lock = threading.Lock()
 
     def holders(self, states: tuple[str, ...] = ("online",)) -> list[Holder]:
@@ -146,6 +147,11 @@ class Balancer:
             finally:
                 self.moving = False
 
+    def _snapshot(self) -> tuple:
+        """What placement depends on: the servers, their spans and throughputs."""
+        holders = self.holders(("online", "loading", "joining"))
+        return tuple(sorted((h.key, h.start, h.end, h.throughput) for h in holders))
+
     def gap(self) -> list[int]:
         """Blocks of the model that no server holds, loads, or has announced it will take (a
         joiner takes its span within JOIN_WAIT_MAX_S, or its record goes dead)."""
@@ -160,11 +166,12 @@ class Balancer:
         while not stop.wait(min(GAP_CHECK_S, max(0.0, due - time.monotonic()))):
             try:
                 missing = self.gap()
-                if time.monotonic() < due and not missing:
-                    continue
                 if time.monotonic() >= due:
                     due = time.monotonic() + interval * random.uniform(0.75, 1.25)
+                elif not missing or self._unmovable == self._snapshot():
+                    continue  # no gap; or a gap nobody could fill, and the table has not changed since
                 move = self.plan()
+                self._unmovable = self._snapshot() if move is None and missing else None
                 if move is not None:
                     why = f"blocks {_runs(missing)} uncovered" if missing else \
                         f"swarm throughput {move.before:.1f} -> {move.after:.1f} steps/s"
