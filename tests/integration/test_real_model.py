@@ -1,0 +1,79 @@
+"""SmolLM2-135M-Instruct (real weights: outliers, a real tokenizer, a chat template) through
+three daemons of 10 blocks each, against Hugging Face's own model on the same weights."""
+
+import threading
+
+import pytest
+import torch
+from helpers import running_swarm
+from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
+
+from libswarm import AutoDistributedModelForCausalLM
+
+SPANS = ["0:10", "10:20", "20:30"]
+PROMPTS = [
+    "What is the capital of France? Answer in one sentence.",
+    "Name three colors of the rainbow.",
+    "Write a haiku about the sea.",
+]
+
+
+@pytest.fixture(scope="module")
+def swarm(real_model):
+    with running_swarm(real_model, SPANS, gateway=False) as (servers, first):
+        tokenizer = AutoTokenizer.from_pretrained(real_model)
+        model = AutoDistributedModelForCausalLM.from_pretrained(real_model, socket=first.socket)
+        ref = AutoModelForCausalLM.from_pretrained(real_model, dtype=torch.float32).eval()
+        yield tokenizer, model, ref
+
+
+def chat_ids(tokenizer, messages: list[dict]) -> torch.Tensor:
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+    return ids if torch.is_tensor(ids) else ids["input_ids"]
+
+
+def test_chat_answers_equal_hf_token_for_token_and_logits_within_1e_4(swarm):
+    tokenizer, model, ref = swarm
+    for prompt in PROMPTS:
+        ids = chat_ids(tokenizer, [{"role": "user", "content": prompt}])
+        kw = dict(do_sample=False, max_new_tokens=24)
+        out = model.generate(ids, **kw)
+        expected = ref.generate(ids, **kw)
+        assert torch.equal(out, expected), (tokenizer.decode(out[0]), tokenizer.decode(expected[0]))
+        with torch.no_grad():
+            ours, theirs = model(out).logits, ref(out).logits
+        assert (ours - theirs).abs().max().item() < 1e-4
+    answer = tokenizer.decode(model.generate(chat_ids(tokenizer, [{"role": "user", "content": PROMPTS[0]}]),
+                                             do_sample=False, max_new_tokens=24)[0], skip_special_tokens=True)
+    assert "Paris" in answer
+
+
+def test_a_multi_turn_chat_in_one_session_equals_hf_on_the_whole_conversation(swarm):
+    tokenizer, model, ref = swarm
+    messages: list[dict] = []
+    with model.inference_session(max_length=512) as session:
+        for turn in ("Hi! What is 2 + 2?", "And what is that times ten?", "Thanks. Say goodbye in French."):
+            messages.append({"role": "user", "content": turn})
+            ids = chat_ids(tokenizer, messages)
+            known = 0 if session.ids is None else session.ids.shape[1]
+            if known:  # the servers hold the conversation so far: only the new turn's tokens are sent
+                assert torch.equal(ids[:, :known], session.ids), "the chat template must extend the conversation"
+            out = model.generate(ids[:, known:], do_sample=False, max_new_tokens=40)
+            expected = ref.generate(ids, do_sample=False, max_new_tokens=40)
+            assert torch.equal(out, expected), turn
+            reply = out[0, ids.shape[1]:]
+            messages.append({"role": "assistant", "content": tokenizer.decode(reply, skip_special_tokens=True)})
+
+
+def test_hf_streamers_work_through_the_swarm(swarm):
+    tokenizer, model, _ = swarm
+    ids = chat_ids(tokenizer, [{"role": "user", "content": PROMPTS[0]}])
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    out: dict = {}
+    thread = threading.Thread(target=lambda: out.setdefault(
+        "ids", model.generate(ids, do_sample=False, max_new_tokens=24, streamer=streamer)))
+    thread.start()
+    pieces = list(streamer)  # arrives while generate() runs
+    thread.join(60)
+    assert len(pieces) > 3
+    assert "".join(pieces).strip() == tokenizer.decode(out["ids"][0, ids.shape[1]:], skip_special_tokens=True).strip()
