@@ -21,8 +21,6 @@ ARCHITECTURES = {
     "Qwen2ForCausalLM": "llama",
     "BloomForCausalLM": "bloom",
 }
-MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-               "bloom": "BloomForCausalLM"}  # for configs without `architectures`
 
 # Config keys that do not change what the model computes: left out of the model id so that
 # the same weights saved by another transformers version, or in another dtype, match.
@@ -34,7 +32,7 @@ _LAYER_RE = re.compile(r"^(.*?)(?:layers|h)\.(\d+)\.(.+)$")
 
 class Checkpoint:
     def __init__(self, model_dir: str):
-        from libswarm.models import resolve_model
+        from libswarm.models import MODEL_TYPES, resolve_model
 
         self.dir = resolve_model(model_dir)  # a path, or a short name of a model got by `swarmctl model get`
         if not os.path.isdir(self.dir):
@@ -52,7 +50,7 @@ class Checkpoint:
         archs = self.raw_config.get("architectures") or []
         arch = next((a for a in archs if a in ARCHITECTURES), None)
         if not archs:  # as HF's Auto classes do: the model type says the class (GGUF-converted configs)
-            arch = MODEL_TYPES.get(self.raw_config.get("model_type"))
+            arch = MODEL_TYPES.get(str(self.raw_config.get("model_type")))
         if arch is None:
             raise ModelError(
                 f"unsupported architecture {archs or self.raw_config.get('model_type')!r} in {path}; "

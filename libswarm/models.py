@@ -31,13 +31,15 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from libswarm.checkpoint import MODEL_TYPES
 from libswarm.errors import ModelError
 
 SYSTEM_MODELS_DIR = "/var/lib/swarmd/models"
 USER_MODELS_DIR = "~/.local/share/swarm/models"
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-# transformers' GGUF reader gives these model types; the families swarm serves (checkpoint.py)
+# model_type -> the architecture swarm serves it as (checkpoint.py): for configs without
+# `architectures` (GGUF-converted ones), and the GGUF architectures `import` accepts
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+               "bloom": "BloomForCausalLM"}
 GGUF_ARCHITECTURES = MODEL_TYPES
 COMPLETE = ".swarm-model.json"  # written last into a model directory: what it is and where it came from
 
@@ -195,7 +197,7 @@ def _convert(gguf: str, target: str, card: dict, tmp: str, progress: Progress | 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder, file = os.path.split(gguf)
-    arch = GGUF_ARCHITECTURES.get(_gguf_architecture(gguf))
+    arch = GGUF_ARCHITECTURES[_gguf_architecture(gguf)]
     try:
         config = AutoConfig.from_pretrained(folder, gguf_file=file)
     except Exception as e:  # transformers' GGUF reader raises many kinds on a bad file

@@ -13,7 +13,8 @@ from typing import Any
 
 import yaml
 
-from libswarm.errors import ConfigError
+from libswarm.errors import ConfigError, SwarmError
+from libswarm.models import NAME_RE, resolve_model
 from swarmd.identity import is_key
 
 DEFAULTS: dict[str, Any] = {
@@ -278,9 +279,15 @@ def load_config(path: str, overrides: dict | None = None) -> Config:
 
     if d["model"] is None:
         raise r.fail("model", "not set: point it at a local Hugging Face checkpoint directory")
-    model = os.path.expanduser(r.string("model", d["model"]))
+    raw_model = r.string("model", d["model"])
+    model = os.path.expanduser(raw_model)
     if not os.path.isabs(model):
         model = os.path.join(base_dir, model)
+        if not os.path.exists(model) and NAME_RE.match(raw_model):  # a short name: `swarmctl model get NAME`
+            try:
+                model = resolve_model(raw_model)
+            except SwarmError as e:
+                raise r.fail("model", str(e)) from None
     s = d["serve"]
     serve = ServeConfig(
         blocks=parse_blocks(r, s["blocks"]),

@@ -313,9 +313,10 @@ def pick_mover(holders: Sequence[Holder], num_blocks: int, margin: float = MOVE_
     covered block uncovered and ranks the swarm highest (ties: the smallest key). Moves are
     thus carried out one at a time in a safe order, while the old span serves until the new one
     is loaded (balancer.py). When the plan is no better, or no step towards it is safe, the best
-    single move (`plan_move`) of a server that is not where the plan puts it. So every move
-    either puts one more server where the plan wants it, or keeps that count and ranks the
-    swarm strictly higher: with the same table, the moves end."""
+    single move (`plan_move`) of a server that is not where the plan puts it, or of any server
+    if its move fills a gap. No move uncovers a block; every move either covers one, or puts
+    one more server where the plan wants it, or keeps both and ranks the swarm strictly higher:
+    with the same table, the moves end."""
     holders = sorted(holders, key=lambda h: h.key)
     now = block_throughput(holders, num_blocks)
     target = plan_swarm(holders, num_blocks)
@@ -331,12 +332,15 @@ def pick_mover(holders: Sequence[Holder], num_blocks: int, margin: float = MOVE_
                 start = target[h.key]
                 return h.key, Move((h.start, h.end), (start, start + h.length), min(now), min(after), _rank(after))
     best: tuple | None = None
+    gaps_now = sum(1 for x in now if x <= 0)
     for h in holders:
-        if not h.movable or target.get(h.key) == h.start:
-            continue  # a server where the plan puts it stays: no move undoes a step towards the plan
+        if not h.movable:
+            continue
         move = plan_move(holders, h.key, num_blocks, margin)
         if move is None:
             continue
+        if target.get(h.key) == h.start and sum(1 for x in move.rank if x <= 0) >= gaps_now:
+            continue  # a server where the plan puts it stays, but to fill a gap no step of the plan can
         if best is None or move.rank > best[0]:
             best = (move.rank, h.key, move)
     return (best[1], best[2]) if best else None

