@@ -32,11 +32,13 @@ _LAYER_RE = re.compile(r"^(.*?)(?:layers|h)\.(\d+)\.(.+)$")
 
 class Checkpoint:
     def __init__(self, model_dir: str):
-        from libswarm.models import MODEL_TYPES, resolve_model
+        from libswarm.models import KNOWN, MODEL_TYPES, resolve_model
 
         self.dir = resolve_model(model_dir)  # a path, or a short name of a model got by `swarmctl model get`
         if not os.path.isdir(self.dir):
-            raise ModelError(f"model directory {self.dir} does not exist")
+            name = os.path.basename(self.dir)
+            raise ModelError(f"model directory {self.dir} does not exist" + (
+                f"; get it with `swarmctl model get {name}`" if name in KNOWN else ""))
         path = os.path.join(self.dir, "config.json")
         try:
             with open(path) as f:
