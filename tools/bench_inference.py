@@ -4,6 +4,11 @@ swarmd server, (c) through three servers, all on loopback behind a gateway-only 
 side by side in one run. Prints each, the ratios, and the overhead per extra hop.
 
     python tools/bench_inference.py [--family llama] [--layers 6] [--hidden 64] [--tokens 200]
+    python tools/bench_inference.py --model smollm2-135m-instruct
+
+With --model (a short name from libswarm.models, got into .cache/models once), the model is
+that real checkpoint, the prompt is a chat, and a forward/backward pass (a training step's,
+with the blocks frozen as the swarm's training keeps them) is timed side by side too.
 
 The overhead per hop is (three servers - one server) / 2: the two extra round trips between
 the gateway and a server that a three-server chain makes for every token."""
@@ -56,6 +61,16 @@ def swarm_step_s(model, prompt: torch.Tensor, tokens: int) -> list[float]:
     return times
 
 
+def fwd_bwd_s(model, ids: torch.Tensor, repeats: int) -> list[float]:
+    """A causal-LM loss over `ids`, forward and backward: what one training step computes."""
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        model(ids, labels=ids).loss.backward()
+        times.append(time.perf_counter() - t)
+    return times
+
+
 def spans(n_layers: int, parts: int) -> list[str]:
     cuts = [round(i * n_layers / parts) for i in range(parts + 1)]
     return [f"{a}:{b}" for a, b in zip(cuts, cuts[1:])]
@@ -63,6 +78,7 @@ def spans(n_layers: int, parts: int) -> list[str]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="a real model by short name, e.g. smollm2-135m-instruct")
     p.add_argument("--family", default="llama")
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--hidden", type=int, default=64)
@@ -76,11 +92,27 @@ def main(argv=None) -> int:
 
     from libswarm import AutoDistributedModelForCausalLM
 
-    d = make_model(a.family, tempfile.mkdtemp(prefix="bench-"), layers=a.layers, hidden=a.hidden)
+    if a.model:
+        from transformers import AutoTokenizer
+
+        from libswarm.models import get_model
+
+        d = get_model(a.model, os.path.join(os.path.dirname(HERE), ".cache", "models"))
+        tokenizer = AutoTokenizer.from_pretrained(d)
+        chat = tokenizer.apply_chat_template([{"role": "user", "content": "Tell me about swarms of bees."}],
+                                             add_generation_prompt=True, return_tensors="pt")
+        prompt = chat if torch.is_tensor(chat) else chat["input_ids"]
+    else:
+        d = make_model(a.family, tempfile.mkdtemp(prefix="bench-"), layers=a.layers, hidden=a.hidden)
+        prompt = torch.randint(3, 500, (1, 16), generator=torch.Generator().manual_seed(0))
     ref = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
-    prompt = torch.randint(3, 500, (1, 16), generator=torch.Generator().manual_seed(0))
+    layers = ref.config.num_hidden_layers
     results: dict[str, list[float]] = {"local HF": [], "1 server": [], "3 servers": []}
-    with running_swarm(d, spans(a.layers, 1)) as (_, gw1), running_swarm(d, spans(a.layers, 3)) as (_, gw3):
+    passes: dict[str, list[float]] = {"local HF": [], "1 server": [], "3 servers": []}
+    batch = torch.randint(3, 500, (4, 64), generator=torch.Generator().manual_seed(1))
+    for name, param in ref.named_parameters():  # the swarm trains nothing inside its blocks
+        param.requires_grad_(".layers." not in name and ".h." not in name)
+    with running_swarm(d, spans(layers, 1)) as (_, gw1), running_swarm(d, spans(layers, 3)) as (_, gw3):
         m1 = AutoDistributedModelForCausalLM.from_pretrained(d, socket=gw1.socket)
         m3 = AutoDistributedModelForCausalLM.from_pretrained(d, socket=gw3.socket)
         swarm_step_s(m1, prompt, 20)  # warm up connections and allocators
@@ -90,14 +122,24 @@ def main(argv=None) -> int:
             results["local HF"] += local_step_s(ref, prompt, a.tokens)
             results["1 server"] += swarm_step_s(m1, prompt, a.tokens)
             results["3 servers"] += swarm_step_s(m3, prompt, a.tokens)
+            if a.model:
+                for key, model in (("local HF", ref), ("1 server", m1), ("3 servers", m3)):
+                    passes[key] += fwd_bwd_s(model, batch, 3)
     med = {k: statistics.median(v) * 1e3 for k, v in results.items()}
     print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
-    print(f"model: {a.family}, {a.layers} layers, hidden {a.hidden}; {a.tokens * a.rounds} decode steps each, median")
+    what = a.model or f"{a.family}, {a.layers} layers, hidden {a.hidden}"
+    print(f"model: {what}; {a.tokens * a.rounds} decode steps each after a {prompt.shape[1]}-token prompt, median")
     for k, v in med.items():
         print(f"  {k:10s} {v:8.3f} ms/token   ({v / med['local HF']:.2f}x local)")
     per_hop_us = (med["3 servers"] - med["1 server"]) / 2 * 1e3
     print(f"  overhead of the swarm with one server: {(med['1 server'] - med['local HF']) * 1e3:.0f} us/token")
     print(f"  overhead per extra hop: {per_hop_us:.0f} us  (target <= 200 us)")
+    if a.model:
+        fb = {k: statistics.median(v) * 1e3 for k, v in passes.items()}
+        print(f"forward/backward of a {batch.shape[0]}x{batch.shape[1]} batch (blocks frozen), "
+              f"{len(passes['local HF'])} passes each, median:")
+        for k, v in fb.items():
+            print(f"  {k:10s} {v:8.1f} ms/pass    ({v / fb['local HF']:.2f}x local)")
     return 0
 
 
