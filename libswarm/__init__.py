@@ -18,6 +18,7 @@ from libswarm.errors import (
     SessionError,
     SwarmError,
     TensorError,
+    UnsupportedError,
     WrongModelError,
 )
 
@@ -48,6 +49,7 @@ __all__ = [
     "SwarmClient",
     "SwarmError",
     "TensorError",
+    "UnsupportedError",
     "WrongModelError",
     "__version__",
     "resolve_socket",

@@ -83,6 +83,13 @@ class SpanMovedError(SwarmError):
     code = "moved"
 
 
+class UnsupportedError(SwarmError, NotImplementedError):
+    """Something the swarm cannot do (yet), refused before anything runs: never a silent
+    difference from what the whole model would compute."""
+
+    code = "unsupported"
+
+
 _BY_CODE: dict[str, type[SwarmError]] = {
     cls.code: cls
     for cls in (
@@ -99,6 +106,7 @@ _BY_CODE: dict[str, type[SwarmError]] = {
         LimitError,
         RemoteError,
         SpanMovedError,
+        UnsupportedError,
     )
 }
 

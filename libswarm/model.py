@@ -20,11 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.generation.configuration_utils import GenerationMode
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from libswarm.checkpoint import Checkpoint
 from libswarm.client import SwarmClient
-from libswarm.errors import ModelError, ProtocolError, SessionError, WrongModelError
+from libswarm.errors import ModelError, ProtocolError, SessionError, UnsupportedError, WrongModelError
 from libswarm.layers import RMSNorm, positions_from_mask
 from libswarm.lora import LoraAdapters
 
@@ -296,6 +297,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
     def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
         """Hugging Face generate(), running in the active inference session or in one opened for
         this call. In a session, pass either the whole sequence so far or only the new tokens."""
+        self._check_generation_mode(kwargs)
         ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
         sess = self.active_session
         if sess is None:
@@ -312,12 +314,35 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         sess.mask = torch.cat([mask, mask.new_ones(mask.shape[0], grown)], dim=1)
         return out
 
+    def _check_generation_mode(self, kwargs: dict) -> None:
+        """Refuse, in one line and before anything runs, what generate() cannot do through the
+        swarm: every mode but greedy and sampling needs the servers' caches reordered by beam
+        or cut back to a position (beam search, assisted and prompt-lookup decoding, contrastive
+        search), or per-block outputs the servers do not return (DoLa, hidden states, attention
+        weights). HF would run them anyway and return other tokens than the whole model's."""
+        import copy
+
+        gc = copy.deepcopy(kwargs.get("generation_config") or self.generation_config)
+        gc.update(**{k: v for k, v in kwargs.items() if k != "generation_config"})
+        mode = gc.get_generation_mode(kwargs.get("assistant_model"))
+        if mode not in SUPPORTED_GENERATION_MODES:
+            raise UnsupportedError(
+                f"generate(): {mode.value.replace('_', ' ')} is not supported through the swarm yet (the servers' "
+                "attention caches can be neither reordered by beam nor cut back); use greedy decoding or sampling")
+        for flag in ("output_hidden_states", "output_attentions"):
+            if getattr(gc, flag, False):
+                raise UnsupportedError(f"generate(): {flag} is not supported through the swarm (the servers return "
+                                       "only the last block's output)")
+
     def _session_length(self, ids: torch.Tensor, kwargs: dict) -> int:
         gc = kwargs.get("generation_config") or self.generation_config
         new = kwargs.get("max_new_tokens", gc.max_new_tokens)
         if new is not None:
             return ids.shape[1] + new
         return max(kwargs.get("max_length", gc.max_length or 0), ids.shape[1] + 1)
+
+
+SUPPORTED_GENERATION_MODES = (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE)
 
 
 def _new_mask(attention_mask: torch.Tensor | None, T: int) -> torch.Tensor | None:

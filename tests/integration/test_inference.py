@@ -127,3 +127,48 @@ def test_steps_are_pushed_server_to_server(family_swarm):
     assert [x["steps"] for x in d] == [steps] * 3
     assert [x["pushes_sent"] for x in d] == [steps, steps, 0]
     assert [x["pushes_received"] for x in d] == [0, steps, steps]
+
+
+# HF's generation modes, each either equal to HF through the swarm or refused in one line before
+# anything runs: never other tokens than the whole model's (beam search used to return some).
+EQUAL_MODES = {
+    "greedy": dict(do_sample=False),
+    "sampling, 2 sequences": dict(do_sample=True, top_k=20, num_return_sequences=2),
+    "greedy with scores": dict(do_sample=False, output_scores=True, return_dict_in_generate=True),
+}
+REFUSED_MODES = {
+    "beam search": dict(num_beams=3),
+    "beam search, length penalty": dict(num_beams=4, length_penalty=0.5),
+    "beam sampling": dict(num_beams=2, do_sample=True),
+    "group beam search": dict(num_beams=4, num_beam_groups=2, diversity_penalty=0.5),
+    "constrained beam search": dict(num_beams=2, force_words_ids=[[7]]),
+    "contrastive search": dict(penalty_alpha=0.6, top_k=4),
+    "prompt lookup": dict(prompt_lookup_num_tokens=3),
+    "DoLa": dict(dola_layers="low"),
+    "hidden states": dict(output_hidden_states=True, return_dict_in_generate=True),
+    "attentions": dict(output_attentions=True, return_dict_in_generate=True),
+}
+
+
+def test_every_generation_mode_is_equal_to_hf_or_refused_in_one_line(family_swarm):
+    from libswarm import UnsupportedError
+
+    family, model, ref, servers, _ = family_swarm
+    ids = prompt(seed=9)
+    for name, opts in EQUAL_MODES.items():
+        torch.manual_seed(5)
+        ours = model.generate(ids, max_new_tokens=8, min_new_tokens=8, **opts, **GEN)
+        torch.manual_seed(5)
+        theirs = ref.generate(ids, max_new_tokens=8, min_new_tokens=8, **opts, **GEN)
+        if isinstance(ours, torch.Tensor):
+            assert torch.equal(ours, theirs), name
+        else:
+            assert torch.equal(ours.sequences, theirs.sequences), name
+            for a, b in zip(ours.scores, theirs.scores):  # -inf where min_new_tokens bans EOS: equal too
+                torch.testing.assert_close(a, b, atol=1e-4, rtol=0, msg=name)
+    steps = sum(s.ctl("status")["stats"]["steps"] for s in servers)
+    for name, opts in {**REFUSED_MODES, "assisted decoding": dict(assistant_model=ref)}.items():
+        with pytest.raises(UnsupportedError) as e:
+            model.generate(ids, max_new_tokens=8, **opts, **GEN)
+        assert "not supported through the swarm" in str(e.value) and "\n" not in str(e.value), name
+    assert sum(s.ctl("status")["stats"]["steps"] for s in servers) == steps  # refused before any step
