@@ -128,9 +128,15 @@ class SwarmClient:
         return self.step_with_info(session, hidden, position_ids, key_mask)[0]
 
     def step_with_info(self, session: str, hidden: torch.Tensor, position_ids: torch.Tensor | None = None,
-                       key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-        """The step's output and the reply's fields (position, the route now in use)."""
-        reply = self.request("step", {"session": session}, _inputs(hidden, position_ids, key_mask))
+                       key_mask: torch.Tensor | None = None,
+                       beam_order: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """The step's output and the reply's fields (position, the route now in use).
+        `beam_order` [batch]: the cached sequences, reordered before this step (beam search:
+        row i continues the sequence that was row beam_order[i])."""
+        tensors = _inputs(hidden, position_ids, key_mask)
+        if beam_order is not None:
+            tensors["beam_order"] = beam_order.long()
+        reply = self.request("step", {"session": session}, tensors)
         return _hidden(reply), reply.fields
 
     def close_session(self, session: str) -> None:

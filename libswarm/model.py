@@ -13,8 +13,10 @@ another. Outside a session, a forward call runs the whole sequence without cache
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +50,13 @@ class RemoteSession:
         self.ids: torch.Tensor | None = None
         self.mask: torch.Tensor | None = None
         self.closed = False
+        self.beam_order: torch.Tensor | None = None  # a reordering of the cached rows, sent with the next step
+
+    def reorder(self, order: torch.Tensor) -> None:
+        """Beam search: row i of the next step continues the sequence cached as row order[i].
+        The servers reorder their caches (and the gateway its history) with the next step."""
+        order = order.to(torch.int64).cpu()
+        self.beam_order = order if self.beam_order is None else self.beam_order[order]
 
     def _open(self, batch: int) -> None:
         reply = self.model.client.open_session(self.model.model_id, self.max_length, batch,
@@ -69,7 +78,8 @@ class RemoteSession:
                 "open the session with a larger max_length"
             )
         assert self.id is not None
-        out, info = self.model.client.step_with_info(self.id, hidden, position_ids, key_mask)
+        out, info = self.model.client.step_with_info(self.id, hidden, position_ids, key_mask, self.beam_order)
+        self.beam_order = None
         self.route = info.get("route", self.route)  # changes when a server failed and was replaced
         self.position += T
         return out
@@ -79,6 +89,17 @@ class RemoteSession:
             with contextlib.suppress(Exception):  # the daemon frees it on its idle timeout anyway
                 self.model.client.close_session(self.id)
         self.closed = True
+
+
+class _SwarmCache:
+    """What generate() sees of the attention caches: they are on the servers; this names the
+    session that holds them, so that beam search can reorder them (`_reorder_cache`)."""
+
+    def __init__(self, session: RemoteSession):
+        self.session = session
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.session.position
 
 
 class RemoteBlocks(torch.autograd.Function):
@@ -266,7 +287,14 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         if labels is not None:
             shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
             loss = F.cross_entropy(shift_logits, labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits)
+        # in a session, generate() carries this handle between steps and asks it to reorder (beams)
+        handle: dict[str, Any] = {CACHE_FIELD: _SwarmCache(sess)} if sess is not None else {}
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **handle)
+
+    def _reorder_cache(self, past: _SwarmCache, beam_idx: torch.Tensor) -> _SwarmCache:
+        """HF's beam search, after choosing the beams of a step: the servers' caches follow."""
+        past.session.reorder(beam_idx)
+        return past
 
     def _positions(self, position_ids, attention_mask, past: int, B: int, T: int, device) -> torch.Tensor:
         """Position ids as the family's own Hugging Face model would use them."""
@@ -304,7 +332,11 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             if ids is None:
                 raise ValueError("generate() needs input_ids")
             with self.inference_session(self._session_length(ids, kwargs)):
-                return self.generate(ids, *args, **kwargs)
+                self._local.own_session = True
+                try:
+                    return self.generate(ids, *args, **kwargs)
+                finally:
+                    self._local.own_session = False
         mask = kwargs.pop("attention_mask", None)
         ids, mask = _continue(sess, ids, mask)
         out = super().generate(ids, *args, attention_mask=mask, **kwargs)
@@ -328,7 +360,10 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         if mode not in SUPPORTED_GENERATION_MODES:
             raise UnsupportedError(
                 f"generate(): {mode.value.replace('_', ' ')} is not supported through the swarm yet (the servers' "
-                "attention caches can be neither reordered by beam nor cut back); use greedy decoding or sampling")
+                "attention caches cannot be cut back); use greedy decoding, sampling or beam search")
+        if mode in BEAM_MODES and self.active_session is not None and not getattr(self._local, "own_session", False):
+            raise UnsupportedError("generate(): beam search runs in a session of its own (its beams cannot continue "
+                                   "as one conversation): call generate() outside inference_session()")
         for flag in ("output_hidden_states", "output_attentions"):
             if getattr(gc, flag, False):
                 raise UnsupportedError(f"generate(): {flag} is not supported through the swarm (the servers return "
@@ -342,7 +377,10 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         return max(kwargs.get("max_length", gc.max_length or 0), ids.shape[1] + 1)
 
 
-SUPPORTED_GENERATION_MODES = (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE)
+# what HF's outputs call the cache: `cache` in transformers 5.24, `past_key_values` before
+CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+BEAM_MODES = (GenerationMode.BEAM_SEARCH, GenerationMode.BEAM_SAMPLE)
+SUPPORTED_GENERATION_MODES = (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE, *BEAM_MODES)
 
 
 def _new_mask(attention_mask: torch.Tensor | None, T: int) -> torch.Tensor | None:

@@ -22,3 +22,16 @@ def positions_and_mask(msg: Message, B: int, T: int) -> tuple[torch.Tensor | Non
     if mask is not None and (mask.dtype != torch.bool or list(mask.shape) != [B, T]):
         raise TensorError(f"key_mask must be bool [{B}, {T}], got {str(mask.dtype)[6:]} {list(mask.shape)}")
     return pos, mask
+
+
+def beam_order(msg: Message, B: int) -> torch.Tensor | None:
+    """beam_order int64 [B], a permutation-with-repeats of the rows 0..B-1 (beam search keeps
+    some beams twice and drops others), or None."""
+    order = msg.tensor("beam_order", optional=True)
+    if order is None:
+        return None
+    if order.dtype != torch.int64 or list(order.shape) != [B]:
+        raise TensorError(f"beam_order must be int64 [{B}], got {str(order.dtype)[6:]} {list(order.shape)}")
+    if int(order.min()) < 0 or int(order.max()) >= B:
+        raise TensorError(f"beam_order must name rows 0..{B - 1}")
+    return order

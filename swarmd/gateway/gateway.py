@@ -41,7 +41,7 @@ from swarmd.gateway.bans import Bans
 from swarmd.gateway.connection import ConnectionPool
 from swarmd.gateway.history import History, StepTimes
 from swarmd.gateway.routing import Hop, missing_blocks, plan_chain
-from swarmd.inputs import positions_and_mask
+from swarmd.inputs import beam_order, positions_and_mask
 from swarmd.runtime.span import Lora
 
 log = logging.getLogger("swarmd.gateway")
@@ -258,6 +258,9 @@ class Gateway:
         out["position_ids"] = pos if pos is not None else torch.arange(T).expand(B, T)
         if mask is not None:
             out["key_mask"] = mask
+        order = beam_order(msg, B)
+        if order is not None:  # every hop reorders its cache with the step, and the history follows
+            out["beam_order"] = order
         return out
 
     def on_step(self, msg: Message):
@@ -327,7 +330,8 @@ class Gateway:
             for k, out in outputs.items():
                 inputs[sess.hops[k].last] = out
             break
-        sess.history.append(inputs, [h.first for h in sess.hops], small["position_ids"], small.get("key_mask"))
+        sess.history.append(inputs, [h.first for h in sess.hops], small["position_ids"], small.get("key_mask"),
+                            small.get("beam_order"))
         sess.position += T
         return inputs[self.num_layers]
 

@@ -22,7 +22,15 @@ class History:
     masks: list[torch.Tensor | None] = field(default_factory=list)
 
     def append(self, step_inputs: dict[int, torch.Tensor], boundaries: list[int], positions: torch.Tensor,
-               mask: torch.Tensor | None) -> None:
+               mask: torch.Tensor | None, order: torch.Tensor | None = None) -> None:
+        """A completed step. With `order` (beam search), the rows of everything before it were
+        reordered first, as the servers reordered their caches: a replay rebuilds those."""
+        if order is not None and self.positions:  # one entry of all steps so far, its rows reordered
+            for b in self.inputs:
+                self.inputs[b] = [torch.cat(self.inputs[b], dim=1)[order]]
+            mask = self.replay_inputs(next(iter(self.inputs))).get("key_mask") if self.inputs else None
+            self.positions = [torch.cat(self.positions, dim=1)[order]]
+            self.masks = [mask[order] if mask is not None else None]
         for b in boundaries:
             self.inputs.setdefault(b, []).append(step_inputs[b])
         self.positions.append(positions)

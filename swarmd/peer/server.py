@@ -35,7 +35,7 @@ from swarmd.config import LimitsConfig
 from swarmd.discovery.access import ZAP_DOMAIN, AccessControl
 from swarmd.gateway.connection import ConnectionPool, emulated_delay_s
 from swarmd.identity import NodeIdentity, is_key
-from swarmd.inputs import positions_and_mask
+from swarmd.inputs import beam_order, positions_and_mask
 from swarmd.logs import RateLimitedLog
 from swarmd.metrics import Histogram
 from swarmd.peer.limits import KeyLimits
@@ -430,6 +430,9 @@ class SpanServer:
         hidden, pos, mask = self._inputs(msg, batch=s.cache.batch, hidden=hidden)
         B, T, _ = hidden.shape
         s.cache.check_step(B, T)
+        order = beam_order(msg, B)
+        if order is not None:
+            s.cache.reorder(order)
         if pos is None:
             pos = torch.arange(s.cache.length, s.cache.length + T).expand(B, T)
         t0 = time.perf_counter()

@@ -56,6 +56,16 @@ class SessionCache:
             self._mask[:, s:e] = key_mask
             self._pending_pad = not bool(key_mask.all())
 
+    def reorder(self, order: torch.Tensor) -> None:
+        """Beam search: row i continues the sequence cached as row order[i] (rows may repeat)."""
+        n = self.length
+        index = order.to(self._positions.device)
+        for k, v in self.kv:
+            k[:, :, :n] = k[index, :, :n]
+            v[:, :, :n] = v[index, :, :n]
+        self._positions[:, :n] = self._positions[index, :n]
+        self._mask[:, :n] = self._mask[index, :n]
+
     def advance(self, length: int) -> None:
         self.padded = self.padded or self._pending_pad
         self._pending_pad = False

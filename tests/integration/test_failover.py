@@ -96,6 +96,24 @@ def test_kill_server_mid_generation_keeps_tokens(live, first_block):
     assert gw.ctl("status")["gateway"]["failovers"] == before + 1
 
 
+def test_kill_a_server_mid_beam_search_replays_the_reordered_history(live):
+    """Beam search reorders the servers' caches at every step; the replacement's cache is
+    rebuilt from the gateway's history, reordered the same way."""
+    model, servers, gw, ids, _ = live
+    opts = dict(num_beams=3, max_new_tokens=16, min_new_tokens=16, pad_token_id=0)
+    expected = hf_reference(model.checkpoint.dir).generate(ids, **opts)
+    victims = []
+
+    def act() -> None:
+        victims.append(serving(servers, model.active_session, 2))
+        victims[0].kill()
+
+    before = gw.ctl("status")["gateway"]["failovers"]
+    out = model.generate(ids, logits_processor=LogitsProcessorList([At({9: act})]), **opts)
+    assert victims and torch.equal(out, expected)
+    assert gw.ctl("status")["gateway"]["failovers"] == before + 1
+
+
 def test_spare_covering_the_failed_blocks_as_two_smaller_spans(live):
     model, servers, gw, ids, expected = live
 

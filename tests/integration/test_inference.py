@@ -135,11 +135,12 @@ EQUAL_MODES = {
     "greedy": dict(do_sample=False),
     "sampling, 2 sequences": dict(do_sample=True, top_k=20, num_return_sequences=2),
     "greedy with scores": dict(do_sample=False, output_scores=True, return_dict_in_generate=True),
+    "beam search, 3 beams": dict(num_beams=3),
+    "beam search, 4 beams, length penalty, 2 sequences": dict(num_beams=4, length_penalty=0.5,
+                                                              num_return_sequences=2),
+    "beam sampling": dict(num_beams=2, do_sample=True),
 }
 REFUSED_MODES = {
-    "beam search": dict(num_beams=3),
-    "beam search, length penalty": dict(num_beams=4, length_penalty=0.5),
-    "beam sampling": dict(num_beams=2, do_sample=True),
     "group beam search": dict(num_beams=4, num_beam_groups=2, diversity_penalty=0.5),
     "constrained beam search": dict(num_beams=2, force_words_ids=[[7]]),
     "contrastive search": dict(penalty_alpha=0.6, top_k=4),
@@ -171,4 +172,6 @@ def test_every_generation_mode_is_equal_to_hf_or_refused_in_one_line(family_swar
         with pytest.raises(UnsupportedError) as e:
             model.generate(ids, max_new_tokens=8, **opts, **GEN)
         assert "not supported through the swarm" in str(e.value) and "\n" not in str(e.value), name
+    with model.inference_session(max_length=64), pytest.raises(UnsupportedError, match="session of its own"):
+        model.generate(ids, max_new_tokens=8, num_beams=2, **GEN)  # its beams cannot go on as one conversation
     assert sum(s.ctl("status")["stats"]["steps"] for s in servers) == steps  # refused before any step

@@ -48,6 +48,17 @@ def test_chat_answers_equal_hf_token_for_token_and_logits_within_1e_4(swarm):
     assert "Paris" in answer
 
 
+def test_beam_search_and_beam_sampling_equal_hf(swarm):
+    tokenizer, model, ref = swarm
+    ids = chat_ids(tokenizer, [{"role": "user", "content": PROMPTS[1]}])
+    for opts in (dict(num_beams=3), dict(num_beams=4, length_penalty=0.6, num_return_sequences=2),
+                 dict(num_beams=2, do_sample=True, top_k=30)):
+        torch.manual_seed(3)
+        ours = model.generate(ids, max_new_tokens=16, **opts)
+        torch.manual_seed(3)
+        assert torch.equal(ours, ref.generate(ids, max_new_tokens=16, **opts)), opts
+
+
 def test_a_multi_turn_chat_in_one_session_equals_hf_on_the_whole_conversation(swarm):
     tokenizer, model, ref = swarm
     messages: list[dict] = []
