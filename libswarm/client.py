@@ -128,15 +128,19 @@ class SwarmClient:
         return self.step_with_info(session, hidden, position_ids, key_mask)[0]
 
     def step_with_info(self, session: str, hidden: torch.Tensor, position_ids: torch.Tensor | None = None,
-                       key_mask: torch.Tensor | None = None,
-                       beam_order: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                       key_mask: torch.Tensor | None = None, beam_order: torch.Tensor | None = None,
+                       start: int | None = None) -> tuple[torch.Tensor, dict]:
         """The step's output and the reply's fields (position, the route now in use).
         `beam_order` [batch]: the cached sequences, reordered before this step (beam search:
-        row i continues the sequence that was row beam_order[i])."""
+        row i continues the sequence that was row beam_order[i]). `start`: the session is cut
+        back to this position before the step (drafted tokens that were rejected)."""
         tensors = _inputs(hidden, position_ids, key_mask)
         if beam_order is not None:
             tensors["beam_order"] = beam_order.long()
-        reply = self.request("step", {"session": session}, tensors)
+        fields: dict = {"session": session}
+        if start is not None:
+            fields["start"] = start
+        reply = self.request("step", fields, tensors)
         return _hidden(reply), reply.fields
 
     def close_session(self, session: str) -> None:

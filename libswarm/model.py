@@ -51,6 +51,15 @@ class RemoteSession:
         self.mask: torch.Tensor | None = None
         self.closed = False
         self.beam_order: torch.Tensor | None = None  # a reordering of the cached rows, sent with the next step
+        self.start: int | None = None  # the position the next step starts at, after a rollback
+
+    def rollback(self, position: int) -> None:
+        """Forget the positions from `position` on (drafted tokens that the model rejected): the
+        servers and the gateway cut the session back with the next step."""
+        if not 0 <= position <= self.position:
+            raise SessionError(f"cannot cut the session back to {position}: it holds {self.position} positions")
+        if position < self.position:
+            self.position = self.start = position
 
     def reorder(self, order: torch.Tensor) -> None:
         """Beam search: row i of the next step continues the sequence cached as row order[i].
@@ -78,8 +87,9 @@ class RemoteSession:
                 "open the session with a larger max_length"
             )
         assert self.id is not None
-        out, info = self.model.client.step_with_info(self.id, hidden, position_ids, key_mask, self.beam_order)
-        self.beam_order = None
+        out, info = self.model.client.step_with_info(self.id, hidden, position_ids, key_mask, self.beam_order,
+                                                     self.start)
+        self.beam_order = self.start = None
         self.route = info.get("route", self.route)  # changes when a server failed and was replaced
         self.position += T
         return out
@@ -98,8 +108,20 @@ class _SwarmCache:
     def __init__(self, session: RemoteSession):
         self.session = session
 
+    is_croppable = True
+    is_compileable = False  # nothing here for torch.compile: the blocks run on the servers
+    is_linear = (False,)  # attention caches, not recurrent states
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.session.position
+
+    def activate_past_recording(self) -> None:
+        pass  # the servers' caches can always be cut back
+
+    def crop(self, n: int) -> None:
+        """Assisted decoding drops rejected drafts: `n` < 0 removes -n positions (transformers
+        5.24); `n` > 0 keeps the first n (earlier versions)."""
+        self.session.rollback(self.session.position + n if n <= 0 else min(n, self.session.position))
 
 
 class RemoteBlocks(torch.autograd.Function):
@@ -291,6 +313,15 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         handle: dict[str, Any] = {CACHE_FIELD: _SwarmCache(sess)} if sess is not None else {}
         return CausalLMOutputWithPast(loss=loss, logits=logits, **handle)
 
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs):
+        """Assisted decoding looks for a cache before its first step: the session's handle."""
+        out = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)  # type: ignore[misc]
+        mode = kwargs.get("generation_mode", args[0] if args else None)
+        sess = self.active_session
+        if mode == GenerationMode.ASSISTED_GENERATION and sess is not None and model_kwargs.get(CACHE_FIELD) is None:
+            model_kwargs[CACHE_FIELD] = _SwarmCache(sess)
+        return out
+
     def _reorder_cache(self, past: _SwarmCache, beam_idx: torch.Tensor) -> _SwarmCache:
         """HF's beam search, after choosing the beams of a step: the servers' caches follow."""
         past.session.reorder(beam_idx)
@@ -359,8 +390,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         mode = gc.get_generation_mode(kwargs.get("assistant_model"))
         if mode not in SUPPORTED_GENERATION_MODES:
             raise UnsupportedError(
-                f"generate(): {mode.value.replace('_', ' ')} is not supported through the swarm yet (the servers' "
-                "attention caches cannot be cut back); use greedy decoding, sampling or beam search")
+                f"generate(): {mode.value.replace('_', ' ')} is not supported through the swarm yet; use greedy "
+                "decoding, sampling, beam search, or assisted decoding (assistant_model=, prompt_lookup_num_tokens=)")
         if mode in BEAM_MODES and self.active_session is not None and not getattr(self._local, "own_session", False):
             raise UnsupportedError("generate(): beam search runs in a session of its own (its beams cannot continue "
                                    "as one conversation): call generate() outside inference_session()")
@@ -380,7 +411,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
 # what HF's outputs call the cache: `cache` in transformers 5.24, `past_key_values` before
 CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
 BEAM_MODES = (GenerationMode.BEAM_SEARCH, GenerationMode.BEAM_SAMPLE)
-SUPPORTED_GENERATION_MODES = (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE, *BEAM_MODES)
+SUPPORTED_GENERATION_MODES = (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE, GenerationMode.ASSISTED_GENERATION,
+                              *BEAM_MODES)
 
 
 def _new_mask(attention_mask: torch.Tensor | None, T: int) -> torch.Tensor | None:

@@ -74,6 +74,7 @@ class GatewaySession:
     steps: int = 0  # steps sent so far; numbers each step so that pushes find their request
     broken: bool = False  # a step failed after some servers ran it: rebuild before the next one
     history: History = field(default_factory=History)
+    cut: int | None = None  # the position the step being run starts at, when the app cut the session back
     last_used: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -273,10 +274,21 @@ class Gateway:
             raise LimitError(
                 f"step of {T} positions at position {sess.position} passes the session's max_length {sess.max_length}"
             )
-        if "position_ids" not in msg.tensors:
-            tensors["position_ids"] = tensors["position_ids"] + sess.position
+        start = msg.get("start")
+        if start is not None and (not isinstance(start, int) or isinstance(start, bool)
+                                  or not 0 <= start <= sess.position):
+            raise SessionError(f"step: 'start' must be a position within 0..{sess.position}, got {start!r}")
         with sess.lock:
-            out = self._step(sess, tensors)
+            if start is not None and start < sess.position:  # cut back: drafts the app rejected
+                sess.history.truncate(start)
+                sess.position = start
+                sess.cut = start
+            if "position_ids" not in msg.tensors:
+                tensors["position_ids"] = tensors["position_ids"] + sess.position
+            try:
+                out = self._step(sess, tensors)
+            finally:
+                sess.cut = None
         return {"position": sess.position, "route": _route_json(sess.hops)}, {"hidden": out}
 
     def _step(self, sess: GatewaySession, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -349,7 +361,7 @@ class Gateway:
                 try:
                     t0 = time.monotonic()
                     reply = self.pool.get(hops[k].address).request(
-                        "step", {"session": sids[k], "step": step}, {"hidden": x, **small},
+                        "step", self._step_fields(sess, k, step), {"hidden": x, **small},
                         timeout_s=self._allowance_s(hops[k].address, tokens))
                     x = self._accept(hops[k], reply, expect_position, time.monotonic() - t0, tokens)
                 except SwarmError as e:
@@ -359,7 +371,7 @@ class Gateway:
         t0 = time.monotonic()
         sent, send_failure = [], None
         for k in range(start, n):
-            fields: dict = {"session": sids[k], "step": step}
+            fields = self._step_fields(sess, k, step)
             if k > start:  # its input is pushed by the previous hop, and by no other key
                 fields["expect_push"], fields["from"] = True, self.pool.resolve_key(hops[k - 1].address)
             try:
@@ -385,7 +397,7 @@ class Gateway:
                 # dead one: two failovers for one death)
                 nk, nconn, _ = sent[i + 1]
                 try:
-                    fields = {"session": sids[nk], "step": step}
+                    fields = self._step_fields(sess, nk, step)
                     if nk < n - 1:
                         fields["next"] = self._next_hop(hops[nk + 1], sids[nk + 1])
                     sent[i + 1] = (nk, nconn, nconn.send("step", fields, {"hidden": outputs[k], **small}))
@@ -395,6 +407,13 @@ class Gateway:
         if send_failure is not None:
             raise send_failure
         return outputs
+
+    @staticmethod
+    def _step_fields(sess: GatewaySession, k: int, step: int) -> dict:
+        fields: dict = {"session": sess.server_sessions[k], "step": step}
+        if sess.cut is not None:
+            fields["start"] = sess.cut  # every hop cuts its cache back there before the step
+        return fields
 
     def _next_hop(self, hop: Hop, sid: str) -> dict:
         """Where a server pushes its output: the next server's address, key and session."""

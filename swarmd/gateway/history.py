@@ -36,6 +36,14 @@ class History:
         self.positions.append(positions)
         self.masks.append(mask)
 
+    def truncate(self, n: int) -> None:
+        """Forget every position from `n` on (the app cut its session back: rejected drafts)."""
+        for b in self.inputs:
+            self.inputs[b] = _cut(self.inputs[b], n)
+        kept = _cut(self.positions, n)
+        self.masks = [m[:, :p.shape[1]] if m is not None else None for m, p in zip(self.masks, kept)]
+        self.positions = kept
+
     def replay_inputs(self, boundary: int) -> dict[str, torch.Tensor]:
         """The tensors of one step that replays every position so far into the hop at `boundary`."""
         out = {"hidden": torch.cat(self.inputs[boundary], dim=1), "position_ids": torch.cat(self.positions, dim=1)}
@@ -48,6 +56,17 @@ class History:
     def reset_boundary(self, boundary: int, replayed: torch.Tensor) -> None:
         """A new boundary made by splitting a span: its history is the replay's output."""
         self.inputs[boundary] = [replayed]
+
+
+def _cut(tensors: list[torch.Tensor], n: int) -> list[torch.Tensor]:
+    """The first `n` positions (dim 1) of tensors laid end to end."""
+    out, total = [], 0
+    for t in tensors:
+        if total >= n:
+            break
+        out.append(t if total + t.shape[1] <= n else t[:, :n - total])
+        total += t.shape[1]
+    return out
 
 
 # A step's time is a fixed part (network, Python, kernel launches) plus a part that grows with

@@ -429,6 +429,11 @@ class SpanServer:
         waiting = self.pending.pop((s.id, step), None)
         hidden, pos, mask = self._inputs(msg, batch=s.cache.batch, hidden=hidden)
         B, T, _ = hidden.shape
+        start = msg.get("start")
+        if start is not None:  # the session was cut back (rejected drafts): the step starts there
+            if not isinstance(start, int) or isinstance(start, bool):
+                raise ProtocolError("step: 'start' must be an integer position")
+            s.cache.truncate(start)
         s.cache.check_step(B, T)
         order = beam_order(msg, B)
         if order is not None:

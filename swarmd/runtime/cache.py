@@ -56,6 +56,12 @@ class SessionCache:
             self._mask[:, s:e] = key_mask
             self._pending_pad = not bool(key_mask.all())
 
+    def truncate(self, length: int) -> None:
+        """Forget the positions from `length` on (they are overwritten by the next step)."""
+        if not 0 <= length <= self.length:
+            raise SessionError(f"cannot cut the session back to position {length}: it holds {self.length}")
+        self.length = length
+
     def reorder(self, order: torch.Tensor) -> None:
         """Beam search: row i continues the sequence cached as row order[i] (rows may repeat)."""
         n = self.length

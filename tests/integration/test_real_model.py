@@ -59,6 +59,37 @@ def test_beam_search_and_beam_sampling_equal_hf(swarm):
         assert torch.equal(ours, ref.generate(ids, max_new_tokens=16, **opts)), opts
 
 
+def early_exit_draft(model_dir: str, blocks: int):
+    """A draft model for speculative decoding: the same model's first `blocks` blocks, then its
+    final norm and LM head (same tokenizer, a third of the work per token)."""
+    draft = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    draft.model.layers = draft.model.layers[:blocks]
+    draft.config.num_hidden_layers = blocks
+    return draft
+
+
+def test_speculative_and_prompt_lookup_decoding_equal_hf_greedy_with_fewer_passes(swarm, real_model):
+    tokenizer, model, ref = swarm
+    ids = chat_ids(tokenizer, [{"role": "user", "content": "Repeat after me: the quick brown fox jumps over "
+                                                            "the lazy dog. The quick brown fox jumps over the lazy dog."}])
+    expected = ref.generate(ids, do_sample=False, max_new_tokens=30)
+    draft = early_exit_draft(real_model, 10)
+    for opts in (dict(assistant_model=draft), dict(prompt_lookup_num_tokens=4)):
+        with model.inference_session(max_length=ids.shape[1] + 64) as session:
+            steps = []
+            original = session.step
+
+            def counting(*args, **kwargs):
+                steps.append(1)
+                return original(*args, **kwargs)
+
+            session.step = counting
+            out = model.generate(ids, do_sample=False, max_new_tokens=30, **opts)
+        assert torch.equal(out, expected), list(opts)
+        generated = out.shape[1] - ids.shape[1]
+        assert len(steps) < generated, (list(opts), len(steps), generated)  # several tokens verified per pass
+
+
 def test_a_multi_turn_chat_in_one_session_equals_hf_on_the_whole_conversation(swarm):
     tokenizer, model, ref = swarm
     messages: list[dict] = []
