@@ -70,24 +70,30 @@ def early_exit_draft(model_dir: str, blocks: int):
 
 def test_speculative_and_prompt_lookup_decoding_equal_hf_greedy_with_fewer_passes(swarm, real_model):
     tokenizer, model, ref = swarm
-    ids = chat_ids(tokenizer, [{"role": "user", "content": "Repeat after me: the quick brown fox jumps over "
-                                                            "the lazy dog. The quick brown fox jumps over the lazy dog."}])
+    text = "Repeat after me: the quick brown fox jumps over the lazy dog. The quick brown fox jumps over the lazy dog."
+    ids = chat_ids(tokenizer, [{"role": "user", "content": text}])
     expected = ref.generate(ids, do_sample=False, max_new_tokens=30)
     draft = early_exit_draft(real_model, 10)
     for opts in (dict(assistant_model=draft), dict(prompt_lookup_num_tokens=4)):
         with model.inference_session(max_length=ids.shape[1] + 64) as session:
-            steps = []
-            original = session.step
-
-            def counting(*args, **kwargs):
-                steps.append(1)
-                return original(*args, **kwargs)
-
-            session.step = counting
+            steps = counted_steps(session)
             out = model.generate(ids, do_sample=False, max_new_tokens=30, **opts)
         assert torch.equal(out, expected), list(opts)
         generated = out.shape[1] - ids.shape[1]
         assert len(steps) < generated, (list(opts), len(steps), generated)  # several tokens verified per pass
+
+
+def counted_steps(session) -> list:
+    """A list that grows by one with every step the session sends through the swarm."""
+    steps: list = []
+    original = session.step
+
+    def counting(*args, **kwargs):
+        steps.append(1)
+        return original(*args, **kwargs)
+
+    session.step = counting
+    return steps
 
 
 def test_a_multi_turn_chat_in_one_session_equals_hf_on_the_whole_conversation(swarm):
