@@ -403,11 +403,17 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
     def _session_length(self, ids: torch.Tensor, kwargs: dict) -> int:
         gc = kwargs.get("generation_config") or self.generation_config
         new = kwargs.get("max_new_tokens", gc.max_new_tokens)
+        # assisted decoding verifies drafts that may run past the last token it keeps
+        drafts = 0
+        if kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens"):
+            drafts = max(DRAFT_HEADROOM, 2 * int(kwargs.get("num_assistant_tokens") or gc.num_assistant_tokens or 0),
+                         2 * int(kwargs.get("prompt_lookup_num_tokens") or 0))
         if new is not None:
-            return ids.shape[1] + new
-        return max(kwargs.get("max_length", gc.max_length or 0), ids.shape[1] + 1)
+            return ids.shape[1] + new + drafts
+        return max(kwargs.get("max_length", gc.max_length or 0), ids.shape[1] + 1) + drafts
 
 
+DRAFT_HEADROOM = 64  # positions a session opened by generate() keeps for drafts beyond max_new_tokens
 # what HF's outputs call the cache: `cache` in transformers 5.24, `past_key_values` before
 CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
 BEAM_MODES = (GenerationMode.BEAM_SEARCH, GenerationMode.BEAM_SAMPLE)

@@ -1,0 +1,103 @@
+#!/usr/bin/env python3
+"""Tokens per second of greedy decoding through a 3-server swarm over an emulated slow network,
+plain and speculative, side by side in one run, with the same tokens checked.
+
+    python tools/bench_speculative.py [--model smollm2-135m-instruct] [--delay-ms 50] [--draft-blocks 10 20]
+
+Every peer message is delayed by --delay-ms (SWARMD_NET_DELAY_MS: a round trip of twice that),
+so a token's cost is mostly the chain's round trips. Speculative decoding drafts tokens locally
+and verifies several in one pass through the swarm:
+- "assisted": HF's assisted generation with a draft model made of the same model's first
+  --draft-blocks blocks, its final norm and LM head (same tokenizer, no other checkpoint),
+  drafting --draft-tokens tokens per pass;
+- "prompt lookup": drafts copied from the prompt (HF's prompt_lookup_num_tokens), for
+  answers that repeat their input.
+Each mode must give exactly the plain greedy tokens."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from localswarm import running_swarm  # noqa: E402
+
+PROMPTS = [
+    "Repeat after me, word for word: the swarm serves every block of the model, and the gateway keeps the "
+    "inputs it sent, so a replacement server is rebuilt by replay.",
+    "Write two sentences about why bees live in swarms.",
+]
+
+
+def early_exit(model_dir: str, blocks: int, tokens: int):
+    """The draft: the model's first `blocks` blocks, then its final norm and LM head."""
+    from transformers import AutoModelForCausalLM
+
+    draft = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    draft.model.layers = draft.model.layers[:blocks]
+    draft.config.num_hidden_layers = blocks
+    draft.generation_config.num_assistant_tokens = tokens
+    draft.generation_config.num_assistant_tokens_schedule = "constant"
+    return draft
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--delay-ms", type=float, default=50.0, help="added to every peer message (RTT: twice this)")
+    p.add_argument("--draft-blocks", type=int, nargs="+", default=[10, 20])
+    p.add_argument("--draft-tokens", type=int, default=4, help="tokens drafted per pass (constant)")
+    p.add_argument("--tokens", type=int, default=48)
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from libswarm import AutoDistributedModelForCausalLM
+    from libswarm.models import get_model
+
+    d = get_model(a.model, os.path.join(os.path.dirname(HERE), ".cache", "models"))
+    tokenizer = AutoTokenizer.from_pretrained(d)
+    n = AutoModelForCausalLM.from_pretrained(d).config.num_hidden_layers
+    cuts = [round(i * n / 3) for i in range(4)]
+    spans = [f"{x}:{y}" for x, y in zip(cuts, cuts[1:])]
+    modes: dict[str, dict] = {"plain": {}}
+    for blocks in a.draft_blocks:
+        modes[f"assisted, {blocks} blocks"] = {"assistant_model": early_exit(d, blocks, a.draft_tokens)}
+    modes["prompt lookup"] = {"prompt_lookup_num_tokens": 10}
+    results: dict[str, list[tuple[int, float]]] = {m: [] for m in modes}
+    same = {m: True for m in modes}
+    env = {"SWARMD_NET_DELAY_MS": str(a.delay_ms)}
+    with running_swarm(d, spans, env_all=env) as (_, gw):
+        model = AutoDistributedModelForCausalLM.from_pretrained(d, socket=gw.socket)
+        for prompt in PROMPTS:
+            chat = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                 return_tensors="pt")
+            ids = chat if torch.is_tensor(chat) else chat["input_ids"]
+            plain = None
+            for mode, opts in modes.items():
+                t0 = time.perf_counter()
+                out = model.generate(ids, do_sample=False, max_new_tokens=a.tokens, **opts)
+                results[mode].append((out.shape[1] - ids.shape[1], time.perf_counter() - t0))
+                plain = out if plain is None else plain
+                same[mode] = same[mode] and torch.equal(out, plain)
+    print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
+    print(f"model: {a.model}, servers {', '.join(spans)}; every peer message delayed {a.delay_ms:g} ms; "
+          f"greedy, up to {a.tokens} new tokens for each of {len(PROMPTS)} chat prompts (prefill included)")
+    base = sum(t for t, _ in results["plain"]) / sum(s for _, s in results["plain"])
+    for mode, runs in results.items():
+        rate = sum(t for t, _ in runs) / sum(s for _, s in runs)
+        per_prompt = ", ".join(f"{t / s:.2f}" for t, s in runs)
+        print(f"  {mode:14s} {rate:6.2f} tokens/s  ({rate / base:.2f}x plain; per prompt {per_prompt})  "
+              f"same tokens as plain: {'yes' if same[mode] else 'NO'}")
+    return 0 if all(same.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
