@@ -10,6 +10,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+PEER_STATES = ("online", "joining", "loading", "draining", "offline", "dead", "unreachable", "mismatch", "contacting")
 
 
 class Histogram:
@@ -61,7 +62,7 @@ def render(status: dict, step_seconds: Histogram | None) -> str:
         "# HELP swarmd_peers Peers in the table by state.", "# TYPE swarmd_peers gauge",
     ]
     by_state = Counter(p["state"] for p in status.get("peers", []) if not p.get("is_self"))
-    for state in ("online", "draining", "offline", "dead", "unreachable", "mismatch", "contacting"):
+    for state in PEER_STATES:
         lines.append(f'swarmd_peers{{state="{state}"}} {by_state.get(state, 0)}')
     if step_seconds is not None:
         lines += ["# HELP swarmd_step_seconds Time to compute one inference step of this span.",
