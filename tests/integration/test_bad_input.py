@@ -231,3 +231,53 @@ def test_swarmctl_against_a_socket_left_by_a_killed_daemon_says_so_at_once(tmp_p
     assert r.returncode != 0 and r.stderr.strip().count("\n") == 0
     assert "not running" in r.stderr and "nothing listens" in r.stderr
     assert elapsed < 10, f"took {elapsed:.1f} s (the default timeout is 30 s)"
+
+
+def test_beam_order_and_start_garbage_or_beyond_limits_get_one_line_errors(swarm):
+    """The step fields of beam search (beam_order) and of cutting a session back (start), sent
+    wrong to the gateway and straight to a server by a peer: refused, and nothing breaks."""
+    from swarmd.identity import NodeIdentity
+
+    d, model, servers, gw = swarm
+    local = f"ipc://{gw.socket}"
+    client = SwarmClient(socket=gw.socket)
+    sid = client.open_session(model.model_id, max_length=8, batch=2)["session"]
+    client.step(sid, torch.zeros(2, 3, HIDDEN))
+    hidden = {"hidden": torch.zeros(2, 1, HIDDEN)}
+    for order, needle in ((torch.zeros(2), "beam_order must be int64 [2]"),
+                          (torch.zeros(3, dtype=torch.int64), "beam_order must be int64 [2]"),
+                          (torch.tensor([0, 2]), "beam_order must name rows 0..1"),
+                          (torch.tensor([-1, 0]), "beam_order must name rows 0..1")):
+        reply = raw_request(local, encode("step", 1, {"session": sid}, {**hidden, "beam_order": order}))
+        assert reply["code"] == "tensor" and needle in reply["message"], reply
+    for start in ("3", 4, -1, True, 2**40):
+        reply = raw_request(local, encode("step", 2, {"session": sid, "start": start}, hidden))
+        assert reply["code"] == "session" and "'start' must be a position within 0..3" in reply["message"], reply
+    assert client.step_with_info(sid, torch.zeros(2, 1, HIDDEN), beam_order=torch.tensor([1, 1]),
+                                 start=2)[1]["position"] == 3  # cut back to 2, reordered, one more
+    client.close_session(sid)
+
+    # a peer talking to a server directly: the server checks the same
+    server = servers[0]
+    me = NodeIdentity(os.urandom(32))
+    s = curve_dealer(server.address, server.node_id, me)
+    try:
+        def ask(msg_type: str, req_id: int, fields: dict, tensors: dict | None = None) -> dict:
+            s.send_multipart(encode(msg_type, req_id, fields, tensors))
+            assert s.poll(10_000), "server did not answer"
+            reply = decode(s.recv_multipart())
+            return {"type": reply.type, **reply.fields}
+
+        opened = ask("open", 1, {"model_id": model.model_id, "blocks": [0, 3], "max_length": 8, "batch": 2})
+        psid = opened["session"]
+        assert ask("step", 2, {"session": psid, "step": 1}, {"hidden": torch.zeros(2, 2, HIDDEN)})["type"] == "ok"
+        reply = ask("step", 3, {"session": psid, "step": 2, "start": "x"}, hidden)
+        assert reply["code"] == "protocol" and "'start' must be an integer" in reply["message"]
+        reply = ask("step", 4, {"session": psid, "step": 3, "start": 5}, hidden)
+        assert reply["code"] == "session" and "cannot cut the session back to position 5" in reply["message"]
+        reply = ask("step", 5, {"session": psid, "step": 4}, {**hidden, "beam_order": torch.tensor([0, 9])})
+        assert reply["code"] == "tensor"
+        ask("close", 6, {"session": psid})
+    finally:
+        s.close()
+    still_generates(model, d)
