@@ -40,7 +40,6 @@ NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 # `architectures` (GGUF-converted ones), and the GGUF architectures `import` accepts
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                "bloom": "BloomForCausalLM"}
-GGUF_ARCHITECTURES = MODEL_TYPES
 COMPLETE = ".swarm-model.json"  # written last into a model directory: what it is and where it came from
 
 
@@ -197,12 +196,12 @@ def _convert(gguf: str, target: str, card: dict, tmp: str, progress: Progress | 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder, file = os.path.split(gguf)
-    arch = GGUF_ARCHITECTURES[_gguf_architecture(gguf)]
+    arch = MODEL_TYPES[_gguf_architecture(gguf)]
     try:
         config = AutoConfig.from_pretrained(folder, gguf_file=file)
     except Exception as e:  # transformers' GGUF reader raises many kinds on a bad file
         raise ModelError(f"{gguf}: cannot read it as GGUF (truncated or corrupt?): {_first_line(e)}") from None
-    arch = GGUF_ARCHITECTURES.get(config.model_type, arch)
+    arch = MODEL_TYPES.get(config.model_type, arch)
     t0 = time.monotonic()
     _say(progress, f"dequantizing {file} to float32 (tens of seconds for small models)")
     try:
@@ -261,9 +260,9 @@ def _gguf_architecture(path: str) -> str:
         raise ModelError(f"{path}: the GGUF file names no architecture (general.architecture)") from None
     except Exception as e:  # the reader raises ValueError, IndexError... on a file cut short
         raise ModelError(f"{path}: not a complete GGUF file (truncated or corrupt?): {_first_line(e)}") from None
-    if arch not in GGUF_ARCHITECTURES:
+    if arch not in MODEL_TYPES:
         raise ModelError(f"{path}: architecture {arch!r} is not one swarm serves "
-                         f"(supported: {', '.join(GGUF_ARCHITECTURES)})")
+                         f"(supported: {', '.join(MODEL_TYPES)})")
     return arch
 
 
