@@ -244,7 +244,8 @@ class Daemon:
                                  max_batch=s.max_batch, idle_timeout_s=s.session_idle_timeout_s,
                                  max_message_bytes=self.config.network.max_message_bytes, identity=self.identity,
                                  access=self.access, resolve_key=self.membership.key_for, limits=s.limits)
-        self.server.handlers["gossip"] = self.membership.on_gossip
+        server = self.server
+        self.server.handlers["gossip"] = lambda msg: self.membership.on_gossip(msg, sender=server.sender)
         self.server.drain_timeout_s = s.drain_timeout_s
         self.server.adapter_dirs = dict(s.adapters)
         try:

@@ -10,7 +10,8 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-PEER_STATES = ("online", "joining", "loading", "draining", "offline", "dead", "unreachable", "mismatch", "contacting")
+PEER_STATES = ("online", "joining", "loading", "draining", "offline", "dead", "unreachable", "suspect", "mismatch",
+               "contacting")
 
 
 class Histogram:

@@ -89,7 +89,11 @@ class Conn:
         frames = [bytes(f) for f in encode(msg_type, req_id, fields)]
         self.net.traffic.count(self.source, frames)
         self.net.traffic.count(self.target, frames)
-        reply_fields, _ = member.on_gossip(decode(frames))
+        sender = self.net.members[self.source].identity.public_key if self.source in self.net.members else None
+        if msg_type == "ping":
+            reply_fields = {}
+        else:
+            reply_fields, _ = member.on_gossip(decode(frames), sender=sender)
         reply = [bytes(f) for f in encode("ok", req_id, reply_fields)]
         self.net.traffic.count(self.source, reply)
         self.net.traffic.count(self.target, reply)
@@ -180,17 +184,17 @@ def main() -> None:
     net = Net()
     t0 = time.perf_counter()
     members = [net.add(i, None) for i in range(args.nodes)]
-    # converged start: everyone holds everyone's record and beat, as after a long run
+    # converged start: everyone holds everyone's record, as after a long run, and has reached
+    # each node before
     for m in members:
         m.publish()
-    wires = [(m.table.get(m.identity.public_key).wire, m.table.get(m.identity.public_key).beat_wire) for m in members]
+    wires = [m.table.get(m.identity.public_key).wire for m in members]
     for m in members:
-        m.receive([w for w, _ in wires], source="start", limit=len(wires))
-        m.receive_beats([b for _, b in wires], source="start", limit=len(wires))
-        for other in members:  # and has talked to each before
+        m.receive(wires, source="start", limit=len(wires), news=False)
+        for other in members:
             if other is not m:
-                e = m.table.get(other.identity.public_key)
-                e.verified = True
+                m.table.observe(other.identity.public_key, unreachable=None)
+        m._hot.clear()  # its own record is old news
     print(f"{args.nodes} members set up in {time.perf_counter() - t0:.0f} s", flush=True)
 
     hostile, flood = members[-1], hostile_records(6)
@@ -198,25 +202,31 @@ def main() -> None:
     joiner = victim = None
     join_done = death_done = None
     steady_from, steady_bytes, steady = 3, {}, {}
+    flood_traffic = Traffic()
+    flooded_before: dict[str, int] = {}
+    flooded: dict[str, int] = {}
     for r in range(1, args.rounds + 1):
         if r == steady_from:
             steady_bytes = dict(net.traffic.bytes)
+            flooded_before = dict(flood_traffic.bytes)
         if r == join_round:
-            joiner = net.add(len(net.members), random.choice(members[:-1]))
-            joiner_id = joiner.identity.public_key
+            seed_member = random.choice(members[:-1])
+            joiner = net.add(len(net.members), seed_member)
         if r == death_round:
             victim = members[len(members) // 2]
             net.dead.add(victim.sim_address)  # type: ignore[attr-defined]
         # the hostile member sends its flood to a few peers besides gossiping as usual
+        honest_traffic, net.traffic = net.traffic, flood_traffic  # the flood is counted apart
         for target in random.sample(members[:-1], 3):
             if target.sim_address not in net.dead:  # type: ignore[attr-defined]
                 net.pool(hostile.sim_address).get(target.sim_address).send(  # type: ignore[attr-defined]
-                    "gossip", {"records": flood, "digest": {}})
+                    "gossip", {"records": flood})
+        net.traffic = honest_traffic
         t_round = time.perf_counter()
         net.round()
         live = [m for m in net.live() if m is not victim]
         if joiner is not None and join_done is None:
-            if all(m.table.get(joiner_id) is not None and m.table.state(m.table.get(joiner_id)) == "online"
+            if all(any(s.address == joiner.sim_address for s in m.table.servers_for("sim-model"))  # type: ignore
                    for m in live if m is not joiner):
                 join_done = r - join_round + 1
         if victim is not None and death_done is None:
@@ -225,24 +235,34 @@ def main() -> None:
                 death_done = r - death_round + 1
         if r == steady_from + 10:
             steady = {a: net.traffic.bytes.get(a, 0) - steady_bytes.get(a, 0) for a in net.members}
+            flooded = {a: flood_traffic.bytes.get(a, 0) - flooded_before.get(a, 0) for a in net.members}
         print(f"round {r}: {time.perf_counter() - t_round:.1f} s", flush=True)
 
-    honest = {a: v / 10 for a, v in steady.items() if a not in net.dead and a != hostile.sim_address}  # type: ignore
+    seed_bytes = steady.get(seed_member.sim_address, 0) / 10  # type: ignore[attr-defined]
+    honest = {a: v / 10 for a, v in steady.items()  # type: ignore[attr-defined]
+              if a not in net.dead and a not in (hostile.sim_address, joiner.sim_address, seed_member.sim_address)}
     per_node = list(honest.values())
     lies = sum(1 for m in net.live() for e in m.table.entries() if e.record.node_id in LIARS)
     made_up = sum(1 for m in net.live() for e in m.table.entries() if e.record.addresses[0].startswith("tcp://127.9."))
     padded = sum(1 for m in net.live() for e in m.table.entries() if "padding" in e.wire)
-    stale = members[0].table.stale_after_s()
-    print(f"\n{args.nodes} members, 1 s rounds, fanout 3, dead after {stale:.0f} s without news")
+    stale = members[0].table.suspect_after_s()
+    print(f"\n{args.nodes} members, 1 s rounds, fanout 3, suspected nodes dead after {stale:.0f} s; "
+          f"loads re-signed every {members[0].body_refresh_s():.0f} s")
     print(f"join reached every live member in: {join_done} rounds" if join_done else
           f"join: not everywhere after {args.rounds - join_round + 1} rounds")
     print(f"death: no live member routes to it after {death_done} rounds" if death_done else
           f"death: still routed to somewhere after {args.rounds - death_round + 1} rounds")
-    print(f"steady state, sent+received per honest node: median {statistics.median(per_node) / 1000:.1f} KB/s, "
+    print(f"steady state, sent+received per honest node (but the joiner's seed): "
+          f"median {statistics.median(per_node) / 1000:.1f} KB/s, "
           f"mean {statistics.mean(per_node) / 1000:.1f} KB/s, worst {max(per_node) / 1000:.1f} KB/s (rounds "
-          f"{steady_from}-{steady_from + 10}, with the join, the death and the flood; the flooder itself: "
-          f"{steady.get(hostile.sim_address, 0) / 10 / 1000:.1f} KB/s)")  # type: ignore[attr-defined]
-    print(f"largest message: {net.traffic.largest / 1024:.1f} KiB (limit 64 KiB)")
+          f"{steady_from}-{steady_from + 10}, with the join, the death and the answers to the flood; the flooder: "
+          f"{steady.get(hostile.sim_address, 0) / 10 / 1000:.1f} KB/s; the joiner, reached by every member once: "
+          f"{steady.get(joiner.sim_address, 0) / 10 / 1000:.1f} KB/s; its seed, which it pulls the table from: "
+          f"{seed_bytes / 1000:.1f} KB/s)")  # type: ignore[attr-defined]
+    with_flood = [v + flooded.get(a, 0) / 10 for a, v in honest.items()]
+    print(f"  with the flood's requests counted too: worst {max(with_flood) / 1000:.1f} KB/s (a flood request "
+          f"is {flood_traffic.largest / 1024:.1f} KiB: a member can always be sent bytes; it keeps none of them)")
+    print(f"largest message of the protocol: {net.traffic.largest / 1024:.1f} KiB (limit 64 KiB)")
     print(f"hostile: made-up nodes held by honest members {made_up} "
           f"(of {len(flood) - 2} x {len(net.live()) - 1} possible), padded wires kept {padded}, lying records kept "
           f"{lies}; made-up nodes are unreachable, so they are never routed to and leave the fanout")

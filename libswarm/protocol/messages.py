@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 # torch is imported only when a message carries tensors, so that swarmctl starts in a blink
 
-PROTOCOL_VERSION = "1.2"
+PROTOCOL_VERSION = "1.3"
 PROTOCOL_MAJOR = 1
 MAX_HEADER_BYTES = 64 * 1024
 MAX_TENSORS = 64

@@ -1,22 +1,30 @@
-"""Membership: bootstrap from seeds and mDNS, then gossip signed records and beats until every
-daemon holds the same table.
+"""Membership: bootstrap from seeds and mDNS, then gossip signed records until every daemon
+holds the same table, and find dead nodes by probing (SWIM), not by relaying heartbeats.
 
-Each round (GOSSIP_INTERVAL_S), a daemon makes a new beat (a small signed liveness stamp) and
-re-signs its record only if what it says has changed (at once for its state, span, addresses
-or adapters; at most every BODY_REFRESH_S for loads and measurements). It sends its beat, its
-record while that is recent news, and a digest of its table ({id prefix: [incarnation, seq,
-beat]}) to FANOUT random reachable peers, to peers whose retry time has come, and to any
-bootstrap contact not yet known; each answers with the records and beats it holds that are
-newer than the digest, at most MAX_REPLY_BYTES. So a round costs in proportion to what
-changed, not to the size of the swarm, and pull plus push spreads a change to n daemons in
-about log2(n) rounds. Gateway-only daemons pull, and publish nothing.
+Each round (GOSSIP_INTERVAL_S), a daemon re-signs its record only if what it says has changed
+(at once for its state, span, addresses or adapters; loads and measurements at most every
+`body_refresh_s()`, which grows with the swarm so that the whole swarm's news stays within a
+few records a second) and sends `gossip` to FANOUT random peers, to peers whose retry time has
+come, and to any bootstrap contact not yet known. A request carries the tags of the news the
+caller passes on (`news`), its own record while it is news, its suspicions, and now and then
+its table's bucket sums (`sums`, anti-entropy); the reply carries the callee's news that the
+caller's tags lack, and with `sums` the records of the buckets that differ. So a round costs in
+proportion to what changed, and pull plus push spreads news to n daemons in about log2(n)
+rounds.
+
+News is a record this daemon believes (it reached the node itself), a suspicion this daemon's
+own contact confirmed, or a beat that lifts a suspicion; each is passed on for `hot_rounds()`.
+A contact that fails makes the peer suspect here and the suspicion news; a daemon hearing it
+checks the peer itself before it passes it on, and a suspected node that hears of it refutes
+with a new signed beat. A suspicion not lifted in `suspect_after_s()` makes the node dead.
 
 A record is accepted only when verified (records.py), its key is allowed (private swarms),
-and it is newer than the one held; a beat only when signed by the key of the record held.
-Bad records are logged once per sender and reason."""
+and it is newer than the one held; a beat only when signed by the key of the record held. Bad
+records are logged once per sender and reason. Gateway-only daemons pull, and publish nothing."""
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import threading
@@ -31,30 +39,38 @@ from swarmd.config import Seed
 from swarmd.discovery.access import AccessControl
 from swarmd.discovery.keyquery import query_key
 from swarmd.discovery.records import MAX_RTTS, Beat, Record, RecordError, decode_beat, decode_record
-from swarmd.discovery.table import MAX_DIGEST_ENTRIES, MAX_NODES, PeerTable
+from swarmd.discovery.table import LARGE_BUCKETS, MAX_NODES, MAX_REPLY_BYTES, SMALL_BUCKETS, TAG_CHARS, PeerTable
 from swarmd.gateway.connection import ConnectionPool
-from swarmd.identity import NodeIdentity
+from swarmd.identity import NodeIdentity, is_key
 
 log = logging.getLogger("swarmd.discovery")
 
 FANOUT = 3
 GOSSIP_TIMEOUT_S = 1.0
 MAX_GOSSIP_RECORDS = 4096  # records taken from one reply
-# records and beats taken from one request: an honest caller sends only its own, and requests
-# are handled on the serving thread, so a flood of signed records must not stall decode steps
+# records, beats and suspicions taken from one request: an honest caller sends its own and a
+# few suspicions, and requests are handled on the serving thread, so a flood of signed records
+# must not stall decode steps
 MAX_REQUEST_RECORDS = 8
 MAX_REQUEST_BEATS = 8
+MAX_SUSPECTS = 16
 MAX_REPLY_BEATS = 4096
+MAX_NEWS = 512  # tags in one request (and news items a daemon passes on at once)
+MAX_CHECKS_PER_ROUND = 32  # pings to nodes heard of but not reached yet, or suspected by others
+AE_EVERY_ROUNDS = 10  # anti-entropy with one peer this often (every round while catching up)
 BODY_REFRESH_S = 10.0  # loads and measurements (cache free, sessions, round trips) go out this often at most
+BODY_REFRESH_PER_NODE_S = 0.5  # ... and no more often than this times the swarm's size
 BODY_PUSH_ROUNDS = 5  # a new record rides on this many of the node's own requests
+FRESH_ROUNDS = 2  # a node heard from this recently is not checked on another's suspicion
 PEER_RETRY_MAX_S = 30.0  # a peer that failed is retried after 1, 2, 4 ... s, at most this far apart
 MAX_RETRIES_PER_ROUND = 4
-# What a record says that is news at once; the rest (loads, measurements) waits for BODY_REFRESH_S.
+# What a record says that is news at once; the rest (loads, measurements) waits for body_refresh_s().
 STABLE_FIELDS = ("addresses", "state", "model_id", "span", "fingerprints", "movable", "adapters")
 HINT_RETRY_MAX_S = 5.0  # a contact that fails is retried at most this far apart
 FINGERPRINT_PREFIX = 16  # hex characters of each block's fingerprint carried in records
 BANDWIDTH_PROBE_INTERVAL_S = 30.0  # how often the bandwidth to one random peer is measured
 BANDWIDTH_PROBE_BYTES = 256 * 1024
+NODE_CHARS = 6  # of a node id, at the start of a news tag
 
 
 @dataclass
@@ -76,7 +92,8 @@ class Membership:
         self.identity, self.pool, self.table, self.access = identity, pool, table, access
         # grows with every start (the daemon keeps it in state_dir): orders this node's news
         self.incarnation = int(time.time()) if incarnation is None else incarnation
-        self._beat = 0
+        self._beat = 0  # grows only to refute a suspicion of this node
+        self._refuted_round = -1
         self._body_at = -1e9  # monotonic time of the last re-signed record
         self._body_round = -BODY_PUSH_ROUNDS  # the round it was made in
         self._rounds = 0
@@ -92,6 +109,13 @@ class Membership:
         self._states: dict[str, str] = {}
         self.bandwidth_bps: float | None = None  # the best recently measured to a peer, bytes/s
         self._next_probe = 0.0
+        # news this daemon passes on: tag -> (last round, kind, wire); kind: record, beat, suspect
+        self._hot: dict[str, tuple[int, str, object]] = {}
+        self._hot_lock = threading.Lock()  # requests are answered on the serving thread
+        self._beat_lock = threading.Lock()
+        self._heard_news: dict[str, int] = {}  # node id -> round its record came as news, not yet reached
+        self._catching_up = True  # the last anti-entropy exchange brought records: another one next round
+        self._ae_phase = random.randrange(AE_EVERY_ROUNDS)
 
     @property
     def interval_s(self) -> float:
@@ -136,6 +160,11 @@ class Membership:
         with self._lock:
             return self._publish(state)
 
+    def body_refresh_s(self) -> float:
+        """How long loads and measurements wait before they are re-signed: BODY_REFRESH_S, and
+        longer in large swarms, where each node's news costs every node its bytes."""
+        return max(BODY_REFRESH_S, BODY_REFRESH_PER_NODE_S * len(self.table.entries()))
+
     def _publish(self, state: str | None) -> Record | None:
         fields = self.own_fields()
         if fields is None:
@@ -149,7 +178,7 @@ class Membership:
         stable_changed = own is None or any(
             _wire_value(getattr(own.record, k)) != _wire_value(fields.get(k, getattr(own.record, k)))
             for k in STABLE_FIELDS)
-        if stable_changed or now - self._body_at >= BODY_REFRESH_S:
+        if stable_changed or now - self._body_at >= self.body_refresh_s():
             self._seq += 1
             rtts = sorted((e.rtt_ms, e.record.short_id) for e in self.table.entries()
                            if not e.is_self and e.rtt_ms is not None)[:MAX_RTTS]
@@ -158,18 +187,73 @@ class Membership:
                             protocol=PROTOCOL_VERSION, rtt_ms={short: round(ms, 3) for ms, short in rtts},
                             bandwidth_mbps=round(self.bandwidth_bps * 8 / 1e6, 1) if self.bandwidth_bps else 0.0,
                             **fields)
-            self.table.merge(record, record.sign(self.identity), is_self=True)
+            wire = record.sign(self.identity)
+            self.table.merge(record, wire, is_self=True)
             self._body_at, self._body_round = now, self._rounds
-        self._beat += 1
-        self.table.set_own_beat(self.identity.public_key, decode_beat(
-            Beat.signed(self.identity, self.incarnation, self._beat)))
+            self._make_hot("record", wire)
         own = self.table.get(self.identity.public_key)
         return own.record if own is not None else None
 
+    def _refute(self, beat: int) -> None:
+        """Another node suspects this node's `beat`: a newer one, signed, says it is alive."""
+        with self._beat_lock:  # not the round's lock: this runs on the serving thread
+            if beat < self._beat or self._refuted_round == self._rounds:
+                return  # refuted already (at most once a round: suspicions can be made up at will)
+            self._beat = beat + 1
+            self._refuted_round = self._rounds
+            wire = Beat.signed(self.identity, self.incarnation, self._beat)
+            self.table.set_own_beat(self.identity.public_key, decode_beat(wire))
+            self._make_hot("beat", wire)
+
+    # --- news --------------------------------------------------------------------------------
+    def _make_hot(self, kind: str, wire: object) -> None:
+        tag = _tag(kind, wire)
+        with self._hot_lock:
+            if kind != "suspect":  # a newer version replaces the node's older news
+                for old in [t for t in self._hot if t[:NODE_CHARS] == tag[:NODE_CHARS] and self._hot[t][1] == kind]:
+                    del self._hot[old]
+            self._hot[tag] = (self._rounds, kind, wire)
+            if len(self._hot) > MAX_NEWS:
+                oldest = min(self._hot, key=lambda t: self._hot[t][0])
+                del self._hot[oldest]
+
+    def _expire_hot(self) -> None:
+        keep = self.table.hot_rounds()
+        with self._hot_lock:
+            for tag in [t for t, (r, _, _) in self._hot.items() if self._rounds - r >= keep]:
+                del self._hot[tag]
+        for node_id in [n for n, r in self._heard_news.items() if self._rounds - r >= keep]:
+            del self._heard_news[node_id]
+
+    def news(self, known: set[str] | frozenset[str] = frozenset(),
+             max_bytes: int = MAX_REPLY_BYTES) -> dict[str, list]:
+        """The news this daemon passes on that `known` (a caller's tags) lacks, within
+        `max_bytes`: suspicions first, then beats, then records, each in random order."""
+        with self._hot_lock:
+            items = [(tag, kind, wire) for tag, (_, kind, wire) in self._hot.items() if tag not in known]
+        random.shuffle(items)
+        nodes = {t[:NODE_CHARS] for t in known}
+        items.sort(key=lambda item: item[0][:NODE_CHARS] in nodes)  # nodes the caller has no news of first
+        out: dict[str, list] = {"suspects": [], "beats": [], "records": []}
+        left = max_bytes
+        for kind in ("suspect", "beat", "record"):
+            for _, k, wire in items:
+                if k == kind:
+                    size = len(json.dumps(wire)) + 8
+                    if size <= left:
+                        out[kind + "s"].append(wire)
+                        left -= size
+        return out
+
+    def news_tags(self) -> list[str]:
+        with self._hot_lock:
+            return sorted(self._hot, key=lambda t: -self._hot[t][0])[:MAX_NEWS]
+
     # --- receiving -----------------------------------------------------------------------------
     def receive(self, wires: object, source: str, via_key: str | None = None, via: str | None = None,
-                limit: int = MAX_GOSSIP_RECORDS) -> int:
-        """Merge records from a peer; returns how many were new or newer."""
+                limit: int = MAX_GOSSIP_RECORDS, news: bool = True) -> int:
+        """Merge records from a peer; returns how many were new or newer. `news`: they came as
+        news (not from anti-entropy), and are passed on once this daemon has reached their node."""
         if not isinstance(wires, list):
             self._log_once(source, "sent records that are not a list")
             return 0
@@ -196,13 +280,20 @@ class Membership:
             elif result != "old":
                 changed += 1
                 self.table.set_mismatch(record.node_id, self._weights_mismatch(record))
+                entry = self.table.get(record.node_id)
+                if news and entry is not None:
+                    if entry.verified:
+                        self._make_hot("record", wire)
+                    else:
+                        self._heard_news[record.node_id] = self._rounds
                 if result == "new":
                     log.info("peer %s joined: %s, %s", record.short_id, record.addresses[0],
                              f"blocks {record.span[0]}:{record.span[1]}" if record.span else "no blocks")
         return changed
 
     def receive_beats(self, wires: object, source: str, limit: int = MAX_REPLY_BEATS) -> int:
-        """Merge beats from a peer; returns how many were newer."""
+        """Merge beats from a peer; returns how many were newer. A beat that lifts a suspicion
+        held here is passed on; others are news to nobody."""
         if not isinstance(wires, list):
             self._log_once(source, "sent beats that are not a list")
             return 0
@@ -216,12 +307,38 @@ class Membership:
                 continue
             if beat.node_id == self.identity.public_key:
                 continue
+            held = self.table.get(beat.node_id)
+            doubted = held is not None and (held.suspect_since is not None or held.doubt is not None)
             result = self.table.merge_beat(beat)
             if result == "bad":
                 self.rejected += 1
                 self._log_once(source, f"beat of {beat.node_id[:8]}: bad signature")
-            newer += result == "newer"
+            elif result == "newer":
+                newer += 1
+                if doubted:
+                    self._make_hot("beat", beat.wire())
         return newer
+
+    def receive_suspects(self, items: object, source: str, limit: int = MAX_SUSPECTS) -> int:
+        """Another node could not reach these nodes ([node id, incarnation, beat] each): each
+        is checked here before this daemon passes the suspicion on; one of this node itself is
+        refuted. Returns how many are to be checked."""
+        if not isinstance(items, list):
+            self._log_once(source, "sent suspicions that are not a list")
+            return 0
+        checks = 0
+        for item in items[:limit]:
+            if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str) and is_key(item[0])
+                    and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**53 for x in item[1:])):
+                self._log_once(source, "sent a malformed suspicion")
+                continue
+            node_id, inc, beat = item
+            if node_id == self.identity.public_key:
+                if inc == self.incarnation:
+                    self._refute(beat)
+            elif self.table.doubt(node_id, inc, beat, fresh_s=FRESH_ROUNDS * self.interval_s):
+                checks += 1
+        return checks
 
     def _weights_mismatch(self, r: Record) -> str | None:
         """Why a peer's weights differ from this daemon's checkpoint, or None (also when this
@@ -243,15 +360,21 @@ class Membership:
             self._logged.add((source, reason))
             log.log(level, "from %s: %s; ignored", source, reason)
 
-    def on_gossip(self, msg: Message) -> tuple[dict, None]:
-        """The peer-plane handler: merge what the caller sent, answer what it lacks."""
+    def on_gossip(self, msg: Message, sender: str | None = None) -> tuple[dict, None]:
+        """The peer-plane handler: merge what the caller sent, answer the news its tags lack
+        and, for anti-entropy `sums`, the records of the buckets that differ. `sender`: the
+        caller's key (its CURVE handshake proves it): a request is evidence of its life."""
+        self.table.heard_from(sender)
         self.receive(msg.get("records", []), source="a gossip request", limit=MAX_REQUEST_RECORDS)
         self.receive_beats(msg.get("beats", []), source="a gossip request", limit=MAX_REQUEST_BEATS)
-        digest = msg.get("digest", {})
-        if not isinstance(digest, dict) or len(digest) > 2 * MAX_DIGEST_ENTRIES:
-            digest = {}
-        records, beats = self.table.newer_than(digest)
-        return {"records": records, "beats": beats}, None
+        self.receive_suspects(msg.get("suspects", []), source="a gossip request")
+        known = msg.get("news", [])
+        known = {t for t in known[:MAX_NEWS] if isinstance(t, str)} if isinstance(known, list) else set()
+        reply: dict = self.news(known)
+        if "sums" in msg.fields:
+            left = MAX_REPLY_BYTES - len(json.dumps(reply))
+            reply["table"] = self.table.differing(msg.get("sums"), left)
+        return reply, None
 
     # --- gossip rounds -------------------------------------------------------------------------
     def _targets(self, skip: set[str] | frozenset[str], everyone: bool) -> list[tuple[str, str | None, str | None]]:
@@ -259,6 +382,9 @@ class Membership:
         `everyone`), plus bootstrap contacts not already known as live nodes."""
         now = time.monotonic()
         live: list[tuple[str, str | None, str | None]] = []
+        kin: list[tuple[str, str | None, str | None]] = []  # of this daemon's model
+        me = self.table.get(self.identity.public_key)
+        own_model = me.record.model_id if me is not None else None
         answered: set[str] = set()  # addresses of peers reached before
         due: list[tuple[float, tuple[str, str | None, str | None]]] = []  # failed before, retry time come
         known_addresses: set[str] = set()
@@ -273,6 +399,8 @@ class Membership:
                     retry = self._retry.get(e.record.node_id)
                     if retry is None:
                         live.append(target)
+                        if e.record.model_id == own_model and own_model is not None and e.verified:
+                            kin.append(target)
                         if e.verified:
                             answered.add(e.address)
                     elif retry[1] <= now or everyone:
@@ -287,7 +415,11 @@ class Membership:
         if everyone:
             targets = live + [t for _, t in due]
         else:
-            drawn = random.sample(live, min(FANOUT, len(live)))
+            # one of the FANOUT is a peer of this daemon's own model that answered before: its
+            # model's news, which matter most here, never wait on a draw among other models' nodes
+            first = [random.choice(kin)] if kin else []
+            rest = [t for t in live if t not in first]
+            drawn = first + random.sample(rest, min(FANOUT - len(first), len(rest)))
             new = [t for t in drawn if t[0] not in answered]
             targets = [t for t in drawn if t[0] in answered] + new[:1]
             spare = [t for t in live if t[0] in answered and t not in targets]
@@ -308,16 +440,42 @@ class Membership:
         e = self.table.get(self.identity.public_key)
         return list(e.record.addresses) if e else []
 
+    def _checks(self, targets: set[str]) -> list[tuple[str, str]]:
+        """(address, node id) to ping this round: nodes another node suspects, then nodes heard
+        of as news, then others not reached yet; none that is a gossip target anyway."""
+        now = time.monotonic()
+        doubted: list[tuple[str, str]] = []
+        heard: list[tuple[str, str]] = []
+        others: list[tuple[str, str]] = []
+        for e in self.table.entries():
+            if e.is_self or e.address in targets or e.unreachable or self.table.state(e, now) in ("dead", "offline"):
+                continue
+            node_id = e.record.node_id
+            if e.doubt is not None:
+                doubted.append((e.address, node_id))
+            elif not e.verified and self.access.allows(node_id):
+                (heard if node_id in self._heard_news else others).append((e.address, node_id))
+        random.shuffle(others)
+        return (doubted + heard + others)[:MAX_CHECKS_PER_ROUND]
+
     def round(self, skip: set[str] | frozenset[str] = frozenset(), everyone: bool = False) -> None:
         with self._lock:
             self._rounds += 1
+            self._expire_hot()
             self.publish()
             own = self.table.get(self.identity.public_key)
             recent = own is not None and self._rounds - self._body_round < BODY_PUSH_ROUNDS
-            fields = {"records": [own.wire] if recent and own else [],
-                      "beats": [own.beat_wire] if own and own.beat_wire else [], "digest": self.table.digest()}
+            news = self.news(max_bytes=MAX_REPLY_BYTES // 4)
+            fields: dict = {"news": self.news_tags(), "records": [own.wire] if recent and own else [],
+                            "beats": [own.beat_wire] if own and own.beat_wire and self._rounds - self._refuted_round
+                            < self.table.hot_rounds() else [], "suspects": news["suspects"]}
+            targets = self._targets(skip, everyone)
+            peers = sum(1 for e in self.table.entries() if not e.is_self)
+            ae_all = self._catching_up or peers < 2  # a table still filling: ask everyone contacted
+            ae_one = self._rounds % AE_EVERY_ROUNDS == self._ae_phase
+            sums = self.table.sums(LARGE_BUCKETS if peers >= LARGE_BUCKETS else SMALL_BUCKETS)
             pending = []
-            for address, key, node_id in self._targets(skip, everyone):
+            for address, key, node_id in targets:
                 try:
                     if key is None:
                         key = query_key(address)
@@ -327,25 +485,40 @@ class Membership:
                     if not self.access.allows(key):
                         raise SwarmError(f"its key {key[:8]} is not allowed in this private swarm")
                     conn = self.pool.get(address, key)
-                    req_id = conn.send("gossip", fields, timeout_s=GOSSIP_TIMEOUT_S)
-                    pending.append((address, key, node_id, conn, req_id, time.monotonic()))
+                    ae = ae_all or ae_one
+                    ae_one = ae_one and not ae
+                    req_id = conn.send("gossip", {**fields, "sums": sums} if ae else fields,
+                                       timeout_s=GOSSIP_TIMEOUT_S)
+                    pending.append(("gossip", address, key, node_id, conn, req_id, time.monotonic()))
+                except SwarmError as e:
+                    self._contact_failed(address, node_id, str(e))
+            for address, node_id in self._checks({t[0] for t in targets}):
+                try:
+                    conn = self.pool.get(address, node_id)
+                    req_id = conn.send("ping", {}, timeout_s=GOSSIP_TIMEOUT_S)
+                    pending.append(("ping", address, node_id, node_id, conn, req_id, time.monotonic()))
                 except SwarmError as e:
                     self._contact_failed(address, node_id, str(e))
             deadline = time.monotonic() + GOSSIP_TIMEOUT_S
-            for address, key, node_id, conn, req_id, t0 in pending:
+            caught_up = True
+            for what, address, key, node_id, conn, req_id, t0 in pending:
                 try:
-                    reply = conn.receive(req_id, deadline, "gossip")
+                    reply = conn.receive(req_id, deadline, what)
                 except SwarmError as e:
                     self._contact_failed(address, node_id, str(e))
                     continue
                 rtt_ms = (time.monotonic() - t0) * 1000
-                self.receive(reply.get("records", []), source=address, via_key=key, via=address)
-                self.receive_beats(reply.get("beats", []), source=address)
-                self.table.observe(key, rtt_ms=rtt_ms, unreachable=None)
-                self._contact_ok(address, key)
-            if pending and time.monotonic() >= self._next_probe:
-                address, key = pending[0][0], pending[0][1]
-                self._probe_bandwidth(address, key)
+                if what == "gossip":
+                    self.receive(reply.get("records", []), source=address, via_key=key, via=address)
+                    if self.receive(reply.get("table", []), source=address, via_key=key, via=address, news=False):
+                        caught_up = False
+                    self.receive_beats(reply.get("beats", []), source=address)
+                    self.receive_suspects(reply.get("suspects", []), source=address)
+                self._contact_ok(address, key, rtt_ms)
+            self._catching_up = not caught_up
+            gossiped = [p for p in pending if p[0] == "gossip"]
+            if gossiped and time.monotonic() >= self._next_probe:
+                self._probe_bandwidth(gossiped[0][1], gossiped[0][2])
             self._log_transitions()
             self.table.prune()
 
@@ -371,8 +544,13 @@ class Membership:
             # the best path seen lately: one slow peer should not make this node look slow
             self.bandwidth_bps = bps if self.bandwidth_bps is None else max(bps, 0.5 * self.bandwidth_bps)
 
-    def _contact_ok(self, address: str, node_id: str | None = None) -> None:
+    def _contact_ok(self, address: str, node_id: str | None = None, rtt_ms: float | None = None) -> None:
         self._retry.pop(node_id or "", None)
+        if node_id is not None:
+            self.table.observe(node_id, rtt_ms=rtt_ms, unreachable=None, address=address)
+            e = self.table.get(node_id)
+            if e is not None and e.verified and self._heard_news.pop(node_id, None) is not None:
+                self._make_hot("record", e.wire)  # news heard before: believed now, so passed on
         h = self.hints.get(address)
         if h is not None:
             if h.failures:
@@ -382,7 +560,9 @@ class Membership:
     def _contact_failed(self, address: str, node_id: str | None, error: str) -> None:
         self.pool.drop(address)
         if node_id is not None:
-            self.table.observe(node_id, unreachable=error)
+            e = self.table.get(node_id)
+            if self.table.observe(node_id, unreachable=error) and e is not None:
+                self._make_hot("suspect", [node_id, e.record.incarnation, e.beat])
             failures = self._retry.get(node_id, (0, 0.0))[0] + 1
             if len(self._retry) > 4 * MAX_NODES:
                 self._retry.clear()
@@ -426,7 +606,7 @@ class Membership:
             return
         own = self.table.get(self.identity.public_key)
         assert own is not None
-        fields = {"records": [own.wire], "digest": self.table.digest()}
+        fields = {"records": [own.wire], "news": self.news_tags()}
         deadline = time.monotonic() + timeout_s
         sent = []
         for address, key, _ in self._targets(set(), everyone=True):
@@ -457,6 +637,17 @@ class Membership:
                              "cache_free_bytes": 0, "sessions": 0, "version": "", "protocol": "", "rtt_ms": None,
                              "last_seen_s_ago": None, "error": h.error, "is_self": False, "source": h.source})
         return rows
+
+
+def _tag(kind: str, wire: object) -> str:
+    """Names one piece of news: prefixes of the node's id and of the signature of its record or
+    beat; for a suspicion, the node and the beat suspected."""
+    if kind == "suspect":
+        assert isinstance(wire, list)
+        return f"s{wire[0][:NODE_CHARS - 1]}.{wire[1]}.{wire[2]}"
+    assert isinstance(wire, dict)
+    node_id = wire["id"] if kind == "beat" else json.loads(wire["body"])["node_id"]
+    return node_id[:NODE_CHARS] + str(wire["sig"])[:TAG_CHARS - NODE_CHARS]
 
 
 def _wire_value(value: object) -> object:

@@ -1,14 +1,19 @@
-"""The peer table: the latest verified record and beat of every node this daemon has heard of,
-and what this daemon itself observed about each (round trip, reachability, weights mismatch).
+"""The peer table: the latest verified record of every node this daemon has heard of, and what
+this daemon itself observed about each (round trip, reachability, suspicion, weights mismatch).
 
-Liveness does not trust clocks across machines: an entry is alive while newer beats (or
-records) of its node keep arriving (every node makes a beat each gossip round). One that has
-not advanced for `stale_after_s()` is dead: it stays listed, is never routed to, and is
-forgotten after FORGET_AFTER_S.
+Liveness is by probing, not by relaying heartbeats (SWIM): a node is taken to be alive until a
+contact with it fails. A failed contact makes it `unreachable` here and starts its suspicion;
+a suspicion not lifted within `suspect_after_s()` makes it `dead`: still listed, never routed
+to, forgotten after FORGET_AFTER_S. Evidence of life lifts a suspicion: a newer record or
+beat signed by the node, a request from it, or a contact that succeeds. Another node's
+suspicion is only a reason to check (`suspect`, not routed to until this daemon's own contact
+settles it): one liar cannot make honest nodes drop a live peer.
 
-An address belongs to the node this daemon reached there (a CURVE handshake proves the key);
-until then to the first record that claimed it. A node claiming an address that a verified
-node holds is not routed to: lying about addresses cannot take an honest node's place."""
+A record is believed once this daemon has reached its node at its address (a CURVE handshake
+proves the key): until then it is not routed to and not passed on as news, so a flood of
+made-up records stays where it was sent. An address belongs to the node reached there; until
+then to the node using it, then to the first record that claimed it. A node claiming an
+address that a verified node holds is not routed to."""
 
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import math
 import random
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 
 from swarmd.discovery.records import Beat, Record
@@ -25,12 +31,12 @@ from swarmd.gateway.routing import ServerSpan
 GOSSIP_INTERVAL_S = 1.0
 FORGET_AFTER_S = 60.0
 MAX_NODES = 10_000  # bounds the memory a flood of self-signed records can take
-# Digests name nodes by a prefix of their id: 16 Z85 characters are ~100 bits, beyond any
-# grinding, and keep a digest of 1,000 nodes near 45 KB (a full id would pass the 64 KiB
-# header limit near 900 nodes). Beyond MAX_DIGEST_ENTRIES a random part is sent.
-DIGEST_ID_CHARS = 16
-MAX_DIGEST_ENTRIES = 1200
-MAX_REPLY_BYTES = 32 * 1024  # records and beats in one gossip reply: well inside the 64 KiB header
+MAX_REPLY_BYTES = 32 * 1024  # what one gossip reply carries: well inside the 64 KiB header
+# Anti-entropy: a node's table is summed in buckets by node id; two nodes compare the sums and
+# the callee sends the records of the buckets that differ. 16 buckets for small tables, 256 for
+# large ones (a bucket of a 1,000-node table holds ~4 records).
+SMALL_BUCKETS, LARGE_BUCKETS = 16, 256
+TAG_CHARS = 12  # of a news tag (membership.py), and of a signature naming a version in bucket sums
 
 
 @dataclass
@@ -39,7 +45,7 @@ class Entry:
     wire: dict
     address: str  # the address this daemon uses for the node (one of the record's)
     advanced_at: float  # time.monotonic() when a newer version last arrived
-    last_seen: float  # time.time() of that
+    last_seen: float  # time.time() of the last evidence of life
     rtt_ms: float | None = None  # measured by this daemon
     unreachable: str | None = None  # why this daemon's last contact failed
     mismatch: str | None = None  # why its weights are not this daemon's
@@ -48,6 +54,14 @@ class Entry:
     beat_wire: dict | None = None
     verified: bool = False  # this daemon reached it at `address` with its key
     wire_bytes: int = 0  # of `wire`, for capping replies
+    suspect_since: float | None = None  # monotonic: a contact failed and nothing has lifted it since
+    doubt: int | None = None  # another node suspects this beat of it: to be checked here
+    heard_at: float = 0.0  # monotonic time of the last evidence of life (-inf: none yet)
+    cleared: int = -1  # the latest beat suspected by another node that this daemon found alive
+
+    @property
+    def tag(self) -> str:
+        return self.wire["sig"][:TAG_CHARS] if self.wire else ""
 
 
 class PeerTable:
@@ -56,33 +70,45 @@ class PeerTable:
         self._entries: dict[str, Entry] = {}
         self._lock = threading.Lock()
         # address -> node id for key_for (asked on every hop of every step): rebuilt after a
-        # change of who is where, not on the heartbeats that only re-sign the same record
+        # change of who is where
         self._by_address: dict[str, str] | None = None
 
     # --- liveness ----------------------------------------------------------------------------
-    def stale_after_s(self) -> float:
-        """How long a record may go without a newer version before its node counts as dead:
-        a few gossip rounds more than an epidemic needs to reach everyone (about log2 of the
-        swarm's size), so a live node is not declared dead in a large swarm."""
+    def suspect_after_s(self) -> float:
+        """How long a suspicion may stand before its node counts as dead: a few rounds more
+        than it takes the node to hear of it and its refutation to spread (about log2 of the
+        swarm's size)."""
         n = max(len(self._entries), 2)
-        return self.gossip_interval_s * (3 + 2 * math.log2(n))
+        return self.gossip_interval_s * (3 + math.log2(n))
+
+    def hot_rounds(self) -> int:
+        """Rounds a daemon passes news on: enough for an epidemic to reach the whole swarm."""
+        return 4 + math.ceil(math.log2(max(len(self._entries), 2)))
 
     def state(self, e: Entry, now: float | None = None) -> str:
         if e.is_self or e.record.state == "offline":
             return e.record.state
-        if (time.monotonic() if now is None else now) - e.advanced_at > self.stale_after_s():
+        now = time.monotonic() if now is None else now
+        if e.suspect_since is not None and now - e.suspect_since > self.suspect_after_s():
             return "dead"
         if e.unreachable:
             return "unreachable"
+        if e.doubt is not None:
+            return "suspect"
         if e.mismatch:
             return "mismatch"
         return e.record.state
+
+    def routable(self, e: Entry, now: float | None = None) -> bool:
+        """Believed (reached by this daemon) and alive: its records may be passed on."""
+        return (e.is_self or e.verified) and self.state(e, now) not in ("dead", "unreachable", "suspect")
 
     # --- updates -------------------------------------------------------------------------------
     def merge(self, record: Record, wire: dict, via: str | None = None, is_self: bool = False) -> str:
         """Take a verified record: "new" node, "newer" version, "old" (ignored), or "full"
         (a new node while the table holds MAX_NODES nodes that this daemon has reached).
-        `via`: the address at which this daemon just reached the node itself."""
+        `via`: the address at which this daemon just reached the node itself. A newer
+        version is evidence of life: it lifts a suspicion."""
         now = time.monotonic()
         size = len(json.dumps(wire)) if wire else 0
         with self._lock:
@@ -97,22 +123,25 @@ class PeerTable:
                 return "full"
             if e is None:
                 self._entries[record.node_id] = Entry(record, wire, address, now, time.time(), is_self=is_self,
-                                                      verified=is_self or via == address, wire_bytes=size)
+                                                      verified=is_self or via == address, wire_bytes=size,
+                                                      heard_at=now if is_self or via == address else -math.inf)
                 self._by_address = None
                 return "new"
             if address != e.address or record.addresses != e.record.addresses:
                 self._by_address = None
                 e.verified = False
             if record.incarnation != e.record.incarnation:  # a restart: its beats count afresh
-                e.beat, e.beat_wire = 0, None
+                e.beat, e.beat_wire, e.cleared = 0, None, -1
             e.record, e.wire, e.address, e.advanced_at, e.last_seen = record, wire, address, now, time.time()
             e.verified = e.verified or is_self or via == address
             e.wire_bytes = size
+            if e.verified:
+                self._alive(e, now)
             return "newer"
 
     def merge_beat(self, beat: Beat) -> str:
-        """Take a beat: "newer" (the node is alive), "old", "unknown" (no record of that
-        incarnation here yet: its record must come first) or "bad" (signature)."""
+        """Take a beat: "newer" (the node is alive: a suspicion is lifted), "old", "unknown" (no
+        record of that incarnation here yet: its record must come first) or "bad" (signature)."""
         with self._lock:
             e = self._entries.get(beat.node_id)
             if e is None or e.record.incarnation != beat.incarnation:
@@ -126,7 +155,8 @@ class PeerTable:
         with self._lock:
             if e.record.incarnation != beat.incarnation or beat.beat <= e.beat:
                 return "old"
-            e.beat, e.beat_wire, e.advanced_at, e.last_seen = beat.beat, beat.wire(), now, time.time()
+            e.beat, e.beat_wire = beat.beat, beat.wire()
+            self._alive(e, now)
             return "newer"
 
     def set_own_beat(self, node_id: str, beat: Beat) -> None:
@@ -134,6 +164,36 @@ class PeerTable:
             e = self._entries.get(node_id)
             if e is not None:
                 e.beat, e.beat_wire, e.advanced_at = beat.beat, beat.wire(), time.monotonic()
+
+    def _alive(self, e: Entry, now: float) -> None:
+        """Evidence of life from the node itself. Called with the lock held."""
+        if e.doubt is not None:
+            e.cleared = max(e.cleared, e.doubt)  # that suspicion, heard again, is not checked again
+        e.suspect_since, e.doubt, e.heard_at, e.last_seen = None, None, now, time.time()
+
+    def heard_from(self, node_id: str | None) -> None:
+        """A request from the node arrived (its CURVE key proves who sent it): it is alive,
+        though this daemon may still fail to reach it (`unreachable` stays)."""
+        if node_id is None:
+            return
+        with self._lock:
+            e = self._entries.get(node_id)
+            if e is not None and not e.is_self:
+                self._alive(e, time.monotonic())
+
+    def doubt(self, node_id: str, incarnation: int, beat: int, fresh_s: float) -> bool:
+        """Another node suspects this node's `beat`: True when this daemon should check it
+        (it believes the node, holds that beat or an older one, and has no evidence of life
+        from the last `fresh_s`); the node is `suspect` here until the check settles it."""
+        now = time.monotonic()
+        with self._lock:
+            e = self._entries.get(node_id)
+            if (e is None or e.is_self or not e.verified or e.record.incarnation != incarnation or beat < e.beat
+                    or beat <= e.cleared or e.unreachable or e.doubt is not None or now - e.heard_at < fresh_s
+                    or e.record.state == "offline"):
+                return False
+            e.doubt = beat
+            return True
 
     def _evict_one(self, now: float) -> bool:
         """Room for a new node in a full table: forget the node that went longest without news
@@ -147,15 +207,34 @@ class PeerTable:
         self._by_address = None
         return True
 
-    def observe(self, node_id: str, *, rtt_ms: float | None = None, unreachable: str | None = None) -> None:
-        """This daemon's own contact with a node: a round trip, or why it failed."""
+    def observe(self, node_id: str, *, rtt_ms: float | None = None, unreachable: str | None = None,
+                address: str | None = None) -> bool:
+        """This daemon's own contact with a node (at `address`, if given): a round trip, or why it
+        failed. Returns True when a failure makes a node it believed alive and reached suspect
+        (news the swarm should hear)."""
+        now = time.monotonic()
         with self._lock:
             e = self._entries.get(node_id)
-            if e is None:
-                return
+            if e is None or e.is_self:
+                return False
+            was_reachable = e.unreachable is None
             e.unreachable = unreachable
-            if rtt_ms is not None:
-                e.rtt_ms = rtt_ms
+            if unreachable is None:
+                if address is None or address == e.address:
+                    if not e.verified:
+                        self._by_address = None
+                    e.verified = True
+                self._alive(e, now)
+                if rtt_ms is not None:
+                    e.rtt_ms = rtt_ms
+                return False
+            e.doubt = None
+            # news only when a node that answered stops answering: one this daemon could never
+            # reach, or that others found alive since, is not suspected over and over
+            news = e.verified and was_reachable and e.suspect_since is None and e.record.state != "offline"
+            if e.suspect_since is None:
+                e.suspect_since = now
+            return news
 
     def set_mismatch(self, node_id: str, reason: str | None) -> None:
         with self._lock:
@@ -165,9 +244,11 @@ class PeerTable:
     def prune(self) -> list[Record]:
         """Forget nodes dead or offline for FORGET_AFTER_S; returns their records."""
         now = time.monotonic()
+        dead_after = self.suspect_after_s() + FORGET_AFTER_S
         with self._lock:
-            gone = [e for e in self._entries.values() if not e.is_self and now - e.advanced_at > max(
-                FORGET_AFTER_S, self.stale_after_s())]
+            gone = [e for e in self._entries.values() if not e.is_self and (
+                (e.suspect_since is not None and now - e.suspect_since > dead_after)
+                or (e.record.state == "offline" and now - e.advanced_at > FORGET_AFTER_S))]
             for e in gone:
                 del self._entries[e.record.node_id]
             if gone:
@@ -183,57 +264,41 @@ class PeerTable:
         with self._lock:
             return sorted(self._entries.values(), key=lambda e: (not e.is_self, e.address))
 
-    def digest(self) -> dict[str, list[int]]:
-        """What this daemon holds, {id prefix: [incarnation, seq, beat]}, for a gossip request."""
-        with self._lock:
-            entries = list(self._entries.values())
-        if len(entries) > MAX_DIGEST_ENTRIES:
-            entries = random.sample(entries, MAX_DIGEST_ENTRIES)
-        return {e.record.node_id[:DIGEST_ID_CHARS]: [e.record.incarnation, e.record.seq, e.beat] for e in entries}
-
-    def newer_than(self, digest: dict, max_bytes: int = MAX_REPLY_BYTES) -> tuple[list[dict], list[dict]]:
-        """(records, beats) of live nodes that the holder of `digest` lacks or holds older ones
-        of, within `max_bytes`, in this order: this daemon's own; nodes the caller has never
-        heard of (joins spread first); newer records of nodes it knows; newer beats. Within
-        each, a random order: what does not fit goes in a later round. Dead nodes are not
-        passed on: they would look fresh to a node that never saw them.
-
-        Another node's beat is passed on only once the caller's is BEAT_LAG_FRACTION of the
-        dead threshold behind: liveness needs a beat within that threshold, not every one, and
-        this cuts beat traffic by that many rounds."""
+    def sums(self, buckets: int) -> str:
+        """Anti-entropy: for each of `buckets` buckets of node ids, a 32-bit sum of the versions
+        this daemon holds and believes (see `routable`), as 8 hex digits each."""
+        acc = [0] * buckets
         now = time.monotonic()
-        lag = max(1, int(BEAT_LAG_FRACTION * self.stale_after_s() / self.gossip_interval_s))
-        entries = self.entries()  # own entry first
-        unknown, updated, beating = [], [], []
-        for e in entries[1:]:
-            theirs = _digest_entry(digest.get(e.record.node_id[:DIGEST_ID_CHARS]))
-            if theirs is None:
-                unknown.append(e)
-            elif theirs[:2] < (e.record.incarnation, e.record.seq):
-                updated.append(e)
-            elif e.beat_wire is not None and theirs[0] == e.record.incarnation and theirs[2] <= e.beat - lag:
-                beating.append(e)
-        for group in (unknown, updated, beating):
-            random.shuffle(group)
-        records: list[dict] = []
-        beats: list[dict] = []
-        left = max_bytes
-        for e in entries[:1] + unknown + updated + beating:
-            if self.state(e, now) == "dead":
-                continue
-            theirs = _digest_entry(digest.get(e.record.node_id[:DIGEST_ID_CHARS]))
-            ours = (e.record.incarnation, e.record.seq, e.beat)
-            if theirs is None or theirs[:2] < ours[:2]:
-                if e.wire_bytes + 8 > left:
-                    continue
-                records.append(e.wire)
+        for e in self.entries():
+            if self.routable(e, now):
+                acc[_bucket(e.record.node_id, buckets)] ^= zlib.crc32(e.tag.encode())
+        return "".join(f"{x:08x}" for x in acc)
+
+    def differing(self, sums: object, max_bytes: int) -> list[dict]:
+        """Anti-entropy: the records this daemon believes in the buckets whose sums differ from
+        the caller's `sums` (this daemon's own record first, then whole buckets in random
+        order), within `max_bytes`; nothing for sums that are not well formed."""
+        if (not isinstance(sums, str) or len(sums) not in (8 * SMALL_BUCKETS, 8 * LARGE_BUCKETS)
+                or sums.strip("0123456789abcdef")):
+            return []
+        buckets = len(sums) // 8
+        ours = self.sums(buckets)
+        differ = {b for b in range(buckets) if ours[8 * b:8 * b + 8] != sums[8 * b:8 * b + 8]}
+        now = time.monotonic()
+        own: list[Entry] = []
+        by_bucket: dict[int, list[Entry]] = {}
+        for e in self.entries():
+            b = _bucket(e.record.node_id, buckets)
+            if b in differ and self.routable(e, now):
+                (own if e.is_self else by_bucket.setdefault(b, [])).append(e)
+        order = list(by_bucket)
+        random.shuffle(order)
+        out, left = [], max_bytes
+        for e in own + [e for b in order for e in by_bucket[b]]:
+            if e.wire and e.wire_bytes + 8 <= left:
+                out.append(e.wire)
                 left -= e.wire_bytes + 8
-            elif theirs[0] != ours[0] or theirs[2] >= ours[2]:
-                continue
-            if e.beat_wire is not None and BEAT_BYTES <= left:
-                beats.append(e.beat_wire)
-                left -= BEAT_BYTES
-        return records, beats
+        return out
 
     def key_for(self, address: str) -> str | None:
         """The node id (CURVE public key) of the node reached at `address`, if known: the one
@@ -261,6 +326,8 @@ class PeerTable:
             r = e.record
             if r.model_id != model_id or r.span is None or self.state(e, now) != "online":
                 continue
+            if not (e.verified or e.is_self):
+                continue  # not reached by this daemon yet: it may be made up
             if self.key_for(e.address) != r.node_id:
                 continue  # another node holds that address (a verified one, or an earlier claim)
             if adapter is not None and adapter not in r.adapters:
@@ -299,12 +366,5 @@ class PeerTable:
         return [self.to_json(e) for e in self.entries()]
 
 
-BEAT_LAG_FRACTION = 0.25  # of the dead threshold: a relayed beat keeps a node 3/4 of it from looking dead
-BEAT_BYTES = 160  # a beat's JSON: 40-character id, two counts, an 88-character signature
-
-
-def _digest_entry(value: object) -> tuple[int, int, int] | None:
-    if isinstance(value, list) and len(value) == 3 and all(
-            isinstance(x, int) and not isinstance(x, bool) for x in value):
-        return value[0], value[1], value[2]
-    return None
+def _bucket(node_id: str, buckets: int) -> int:
+    return zlib.crc32(node_id.encode()) % buckets

@@ -244,6 +244,11 @@ class SpanServer:
         except zmq.ZMQError as e:
             log.warning("could not reply to request %s: %s", req_id, e)
 
+    @property
+    def sender(self) -> str | None:
+        """The key (CURVE-proven) of the peer whose request is being handled."""
+        return self._current[2]
+
     def stalled_s(self) -> float:
         """How long the request being handled has been computing (0 when idle); read by the
         main thread, which does not feed the watchdog past serve.stall_timeout_s."""

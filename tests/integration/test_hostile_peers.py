@@ -224,14 +224,52 @@ def test_a_flood_of_requests_from_one_key_is_refused_beyond_its_rate_and_others_
         generate_equals_hf(d, gw.socket)
 
 
-def test_eighty_big_records_re_signed_every_second_neither_flap_the_servers_nor_get_lost(model_dirs):
-    """80 realistic records (a 40-block span's fingerprints, 32 round trips: ~1.7 KB each) of
-    made-up nodes, re-signed every second as old daemons did, gossiped into one of two real
-    servers for 20 s: the two never see each other leave `online`, and all 80 reach the other
-    one (before, a pull reply of them all passed the 64 KiB header limit and was refused)."""
+def answer_pings(identities: list, stop) -> tuple[list[int], object]:
+    """A peer plane for each identity (CURVE with its key) that answers every request with an
+    empty `ok`: nodes that exist, as far as a daemon checking them can tell. Returns the ports
+    and the thread serving them."""
     import threading
 
-    from helpers import free_port
+    import zmq
+
+    ctx = zmq.Context.instance()
+    socks, ports = [], []
+    for ident in identities:
+        s = ctx.socket(zmq.ROUTER)
+        s.curve_server = True
+        s.curve_secretkey = ident.secret_key.encode()
+        s.curve_publickey = ident.public_key.encode()
+        s.linger = 0
+        ports.append(s.bind_to_random_port("tcp://127.0.0.1"))
+        socks.append(s)
+
+    def serve():
+        poller = zmq.Poller()
+        for s in socks:
+            poller.register(s, zmq.POLLIN)
+        while not stop.is_set():
+            for s, _ in poller.poll(100):
+                frames = s.recv_multipart()
+                try:
+                    msg = decode(frames[1:])
+                except Exception:
+                    continue
+                s.send_multipart([frames[0], *encode("ok", msg.id, {})])
+        for s in socks:
+            s.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return ports, thread
+
+
+def test_eighty_big_records_re_signed_every_second_neither_flap_the_servers_nor_get_lost(model_dirs):
+    """80 realistic records (a 40-block span's fingerprints, 32 round trips: ~1.7 KB each) of
+    nodes that answer pings, re-signed every second as old daemons did, gossiped into one of
+    two real servers for 20 s: the two never see each other leave `online`, and all 80 reach
+    the other one (before, a pull reply of them all passed the 64 KiB header limit and was
+    refused). A daemon passes a record on only once it has reached its node: the 80 answer."""
+    import threading
 
     from swarmd.discovery.records import Record
 
@@ -239,7 +277,8 @@ def test_eighty_big_records_re_signed_every_second_neither_flap_the_servers_nor_
     with running_swarm(d, ["0:3", "3:6"], gateway=False) as (servers, _):
         a, b = servers
         fakes = [NodeIdentity(os.urandom(32)) for _ in range(80)]
-        ports = [free_port() for _ in fakes]  # nothing listens there: contacting them fails at once
+        stop = threading.Event()
+        ports, responder = answer_pings(fakes, stop)
 
         def signed(i: int, seq: int) -> dict:
             ident = fakes[i]
@@ -250,7 +289,6 @@ def test_eighty_big_records_re_signed_every_second_neither_flap_the_servers_nor_
                 rtt_ms={os.urandom(4).hex(): 10.0 + k for k in range(32)}).sign(ident)
 
         assert len(json.dumps(signed(0, 1))) > 1500
-        stop = threading.Event()
 
         def flood():
             peer = Peer(a)
@@ -259,11 +297,22 @@ def test_eighty_big_records_re_signed_every_second_neither_flap_the_servers_nor_
                 while not stop.is_set():
                     seq += 1
                     for k in range(0, 80, 8):
-                        peer.request("gossip", {"records": [signed(i, seq) for i in range(k, k + 8)], "digest": {}})
+                        peer.request("gossip", {"records": [signed(i, seq) for i in range(k, k + 8)]})
                     stop.wait(1.0)
             finally:
                 peer.close()
 
+        # and 8 records of nodes that do not exist (nothing answers at their addresses)
+        from helpers import free_port
+
+        ghosts = [NodeIdentity(os.urandom(32)) for _ in range(8)]
+        ghost_ports = [free_port() for _ in ghosts]
+        peer = Peer(a)
+        peer.request("gossip", {"records": [Record(
+            node_id=g.public_key, sign_key=g.sign_key, addresses=(f"tcp://127.0.0.1:{port}",), state="online",
+            timestamp=time.time(), seq=1, incarnation=1, model_id="another-model-0123456789", span=(0, 40),
+            throughput=3.0).sign(g) for g, port in zip(ghosts, ghost_ports)]})
+        peer.close()
         flooder = threading.Thread(target=flood, daemon=True)
         flooder.start()
         states = []
@@ -275,10 +324,15 @@ def test_eighty_big_records_re_signed_every_second_neither_flap_the_servers_nor_
                 states.append((a_sees.get(b.node_id), b_sees.get(a.node_id)))
                 time.sleep(1.0)
             fake_ids = {f.public_key for f in fakes}
-            on_b = fake_ids & {p["node_id"] for p in b.ctl("peers")["peers"]}
+            b_holds = {p["node_id"] for p in b.ctl("peers")["peers"]}
+            a_sees = {p["node_id"]: p["state"] for p in a.ctl("peers")["peers"]}
         finally:
             stop.set()
             flooder.join(10)
+            responder.join(5)
         assert all(s == ("online", "online") for s in states), states
+        on_b = fake_ids & b_holds
         assert len(on_b) == 80, f"only {len(on_b)} of the 80 records reached the other server"
+        assert not b_holds & {g.public_key for g in ghosts}, "records of nodes nobody can reach were passed on"
+        assert all(a_sees.get(g.public_key) in (None, "unreachable", "dead") for g in ghosts)
         generate_equals_hf(d, a.socket)  # a serves as the gateway too: the route over both still works

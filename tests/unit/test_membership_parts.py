@@ -12,7 +12,7 @@ from swarmd.daemon import coverage
 from swarmd.discovery.access import AccessControl, read_key_file
 from swarmd.discovery.keyquery import KeyResponder, query_key
 from swarmd.discovery.records import MAX_RECORD_BYTES, Beat, Record, RecordError, decode_beat, decode_record
-from swarmd.discovery.table import DIGEST_ID_CHARS, MAX_REPLY_BYTES, PeerTable
+from swarmd.discovery.table import MAX_REPLY_BYTES, PeerTable
 from swarmd.identity import NodeIdentity, load_or_create_identity, node_id_of_sign_key
 
 
@@ -97,7 +97,7 @@ def test_key_for_follows_nodes_that_change_address():
     assert t.key_for(y) == a.public_key and t.key_for(x) == b.public_key
 
 
-def test_table_keeps_the_newest_version_and_marks_silence_as_dead():
+def test_table_keeps_the_newest_version_and_a_failed_contact_ends_in_dead_unless_the_node_shows_life():
     t = PeerTable(gossip_interval_s=0.05)
     i = ident()
     r1, r2 = record(i, seq=1), record(i, seq=2, span=(2, 4))
@@ -105,65 +105,74 @@ def test_table_keeps_the_newest_version_and_marks_silence_as_dead():
     assert t.merge(r1, r1.sign(i)) == "old"  # an older version relayed late changes nothing
     e = t.get(i.public_key)
     assert e is not None and e.record.span == (2, 4) and t.state(e) == "online"
+    assert t.servers_for("m") == []  # not reached by this daemon yet: it may be made up
+    t.observe(i.public_key, rtt_ms=3.0, unreachable=None)
     assert [s.start for s in t.servers_for("m")] == [2]
     assert t.key_for("tcp://10.0.0.1:31330") == i.public_key
-    time.sleep(t.stale_after_s() + 0.05)
-    assert t.state(e) == "dead" and t.servers_for("m") == []
-    assert t.newer_than({}) == ([], [])  # dead records are not passed on
+    time.sleep(t.suspect_after_s() + 0.05)  # silence alone kills nobody
+    assert t.state(e) == "online"
+    assert t.observe(i.public_key, unreachable="timed out") is True  # news: a believed node is suspect
+    assert t.observe(i.public_key, unreachable="timed out") is False  # once
+    assert t.state(e) == "unreachable" and t.servers_for("m") == []
+    t.heard_from(i.public_key)  # it called this daemon: alive, though not reachable from here
+    time.sleep(t.suspect_after_s() + 0.05)
+    assert t.state(e) == "unreachable"
+    t.observe(i.public_key, unreachable="timed out")
+    time.sleep(t.suspect_after_s() + 0.05)
+    assert t.state(e) == "dead" and t.sums(16) == "0" * 128  # dead records are not passed on
 
 
-def test_newer_than_sends_only_what_the_digest_lacks():
-    t = PeerTable()
-    a, b, c = ident(), ident(), ident()
-    ra, rb, rc = record(a, seq=5), record(b, seq=2), record(c, seq=1)
-    for i, r in ((a, ra), (b, rb), (c, rc)):
-        t.merge(r, r.sign(i))
-        assert t.merge_beat(decode_beat(Beat.signed(i, 0, 7))) == "newer"
-    p = DIGEST_ID_CHARS
-    # a: same record, older beat; b: older record; c: all known
-    digest = {a.public_key[:p]: [0, 5, 6], b.public_key[:p]: [0, 1, 9], c.public_key[:p]: [0, 1, 7]}
-    records, beats = t.newer_than(digest)
-    assert [json.loads(r["body"])["node_id"] for r in records] == [b.public_key]
-    assert sorted(x["id"] for x in beats) == sorted([a.public_key, b.public_key])
+def test_anti_entropy_sends_only_the_buckets_that_differ():
+    ours, theirs = PeerTable(), PeerTable()
+    nodes = [ident() for _ in range(40)]
+    for i in nodes:
+        r = record(i, seq=5)
+        for t in (ours, theirs):
+            t.merge(r, r.sign(i))
+            t.observe(i.public_key, unreachable=None)
+    assert ours.sums(16) == theirs.sums(16)
+    assert ours.differing(theirs.sums(16), MAX_REPLY_BYTES) == []
+    newer = record(nodes[7], seq=6)
+    ours.merge(newer, newer.sign(nodes[7]))
+    sent = [json.loads(w["body"]) for w in ours.differing(theirs.sums(16), MAX_REPLY_BYTES)]
+    assert {(b["node_id"], b["seq"]) for b in sent} >= {(nodes[7].public_key, 6)}
+    assert len(sent) < 10  # one bucket of 16, not the table
+    for bad in ("", "zz" * 64, 5, "0" * 100):
+        assert ours.differing(bad, MAX_REPLY_BYTES) == []
 
 
-def test_beats_keep_a_node_alive_without_re_signing_its_record_and_forged_ones_do_not():
+def test_beats_lift_a_suspicion_and_forged_ones_do_not():
     t = PeerTable(gossip_interval_s=0.05)
     i, liar = ident(), ident()
     r = record(i, incarnation=3)
     t.merge(r, r.sign(i))
+    t.observe(i.public_key, unreachable=None)
+    t.observe(i.public_key, unreachable="timed out")
     assert t.merge_beat(decode_beat(Beat.signed(i, 2, 50))) == "unknown"  # another incarnation
     forged = {**Beat.signed(liar, 3, 9), "id": i.public_key}
     assert t.merge_beat(decode_beat(forged)) == "bad"
-    for n in range(1, 6):
-        time.sleep(t.stale_after_s() * 0.6)
-        assert t.merge_beat(decode_beat(Beat.signed(i, 3, n))) == "newer"
-        assert t.state(t.get(i.public_key)) == "online"
-    assert t.merge_beat(decode_beat(Beat.signed(i, 3, 2))) == "old"
-    time.sleep(t.stale_after_s() + 0.05)
-    assert t.state(t.get(i.public_key)) == "dead"
+    time.sleep(t.suspect_after_s() * 0.6)
+    assert t.merge_beat(decode_beat(Beat.signed(i, 3, 1))) == "newer"
+    time.sleep(t.suspect_after_s() * 0.6)
+    assert t.state(t.get(i.public_key)) == "unreachable"  # alive, but this daemon's contact failed
+    assert t.merge_beat(decode_beat(Beat.signed(i, 3, 1))) == "old"
 
 
-def test_a_reply_stays_within_its_byte_budget_and_rotates_what_it_carries():
-    t = PeerTable()
-    big = {}
-    for _ in range(80):  # realistic records: a 40-block span's fingerprints and 32 round trips
-        i = ident()
-        r = record(i, span=(0, 40), fingerprints=tuple(os.urandom(8).hex() for _ in range(40)),
-                   rtt_ms={os.urandom(4).hex(): 12.5 for _ in range(32)})
-        t.merge(r, r.sign(i))
-        big[i.public_key] = len(json.dumps(r.sign(i)))
-    assert min(big.values()) > 1500
-    digest: dict = {}  # the caller's, growing with what it receives, as a real caller's does
-    replies = 0
-    while len(digest) < len(big) and replies < 10:
-        replies += 1
-        records, beats = t.newer_than(digest, max_bytes=MAX_REPLY_BYTES)
-        assert len(json.dumps({"records": records, "beats": beats})) <= MAX_REPLY_BYTES + 1024
-        for r in records:
-            body = json.loads(r["body"])
-            digest[body["node_id"][:DIGEST_ID_CHARS]] = [body["incarnation"], body["seq"], 0]
-    assert len(digest) == len(big) and replies <= 6  # what did not fit in one reply went in the next ones
+def test_another_nodes_suspicion_is_checked_here_before_it_counts():
+    t = PeerTable(gossip_interval_s=0.05)
+    i = ident()
+    r = record(i, incarnation=3)
+    t.merge(r, r.sign(i))
+    assert not t.doubt(i.public_key, 3, 0, fresh_s=0.1)  # not reached yet: nothing to doubt
+    t.observe(i.public_key, unreachable=None)
+    assert not t.doubt(i.public_key, 3, 0, fresh_s=0.1)  # heard from it just now
+    time.sleep(0.15)
+    assert not t.doubt(i.public_key, 2, 0, fresh_s=0.1)  # another incarnation
+    assert t.doubt(i.public_key, 3, 0, fresh_s=0.1)
+    assert t.state(t.get(i.public_key)) == "suspect" and t.servers_for("m") == []
+    assert not t.doubt(i.public_key, 3, 0, fresh_s=0.1)  # checked once
+    t.observe(i.public_key, rtt_ms=1.0, unreachable=None)  # the check answered
+    assert t.state(t.get(i.public_key)) == "online" and len(t.servers_for("m")) == 1
 
 
 def test_a_node_restarted_with_its_clock_stepped_back_is_still_news():
@@ -227,8 +236,9 @@ def test_unsigned_extras_on_a_record_are_neither_kept_nor_relayed():
     padded = {**record(i).sign(i), "padding": "x" * 100_000}
     assert m.receive([padded], source="test") == 1
     assert set(m.table.get(i.public_key).wire) == {"body", "sig"}
-    records, _ = m.table.newer_than({})
-    assert all(set(r) == {"body", "sig"} for r in records)
+    m.table.observe(i.public_key, unreachable=None)
+    records = m.table.differing("0" * 128, MAX_REPLY_BYTES)
+    assert records and all(set(r) == {"body", "sig"} for r in records)
 
 
 def test_an_address_belongs_to_the_node_reached_there_not_the_first_to_claim_it():
@@ -353,5 +363,5 @@ def test_a_gossip_request_carrying_a_flood_of_records_is_cut_to_a_few():
     for _ in range(50):
         i = ident()
         flood.append(record(i).sign(i))
-    m.on_gossip(Message("gossip", 1, {"records": flood, "digest": {}}))
+    m.on_gossip(Message("gossip", 1, {"records": flood, "news": []}))
     assert len(m.table.entries()) == MAX_REQUEST_RECORDS
