@@ -440,9 +440,9 @@ class Membership:
         e = self.table.get(self.identity.public_key)
         return list(e.record.addresses) if e else []
 
-    def _checks(self, targets: set[str]) -> list[tuple[str, str]]:
+    def _checks(self, targets: set[str], news_only: bool = False) -> list[tuple[str, str]]:
         """(address, node id) to ping this round: nodes another node suspects, then nodes heard
-        of as news, then others not reached yet; none that is a gossip target anyway."""
+        of as news, then (unless `news_only`) others not reached yet; none at `targets`."""
         now = time.monotonic()
         doubted: list[tuple[str, str]] = []
         heard: list[tuple[str, str]] = []
@@ -456,7 +456,26 @@ class Membership:
             elif not e.verified and self.access.allows(node_id):
                 (heard if node_id in self._heard_news else others).append((e.address, node_id))
         random.shuffle(others)
-        return (doubted + heard + others)[:MAX_CHECKS_PER_ROUND]
+        return (doubted + heard + ([] if news_only else others))[:MAX_CHECKS_PER_ROUND]
+
+    def _ping(self, checks: list[tuple[str, str]]) -> None:
+        """Ping each (address, node id) at once, and wait for the answers (GOSSIP_TIMEOUT_S)."""
+        pending = []
+        for address, node_id in checks:
+            try:
+                conn = self.pool.get(address, node_id)
+                pending.append((address, node_id, conn, conn.send("ping", {}, timeout_s=GOSSIP_TIMEOUT_S),
+                                time.monotonic()))
+            except SwarmError as e:
+                self._contact_failed(address, node_id, str(e))
+        deadline = time.monotonic() + GOSSIP_TIMEOUT_S
+        for address, node_id, conn, req_id, t0 in pending:
+            try:
+                conn.receive(req_id, deadline, "ping")
+            except SwarmError as e:
+                self._contact_failed(address, node_id, str(e))
+                continue
+            self._contact_ok(address, node_id, (time.monotonic() - t0) * 1000)
 
     def round(self, skip: set[str] | frozenset[str] = frozenset(), everyone: bool = False) -> None:
         with self._lock:
@@ -492,7 +511,9 @@ class Membership:
                     pending.append(("gossip", address, key, node_id, conn, req_id, time.monotonic()))
                 except SwarmError as e:
                     self._contact_failed(address, node_id, str(e))
-            for address, node_id in self._checks({t[0] for t in targets}):
+            contacted = {t[0] for t in targets}
+            checks = self._checks(contacted)
+            for address, node_id in checks:
                 try:
                     conn = self.pool.get(address, node_id)
                     req_id = conn.send("ping", {}, timeout_s=GOSSIP_TIMEOUT_S)
@@ -516,6 +537,12 @@ class Membership:
                     self.receive_suspects(reply.get("suspects", []), source=address)
                 self._contact_ok(address, key, rtt_ms)
             self._catching_up = not caught_up
+            # news and suspicions these replies brought are checked now, not a round later: each
+            # hop of an epidemic would otherwise cost a round
+            contacted |= {a for a, _ in checks}
+            more = self._checks(contacted, news_only=True)[:MAX_CHECKS_PER_ROUND - len(checks)]
+            if more:
+                self._ping(more)
             gossiped = [p for p in pending if p[0] == "gossip"]
             if gossiped and time.monotonic() >= self._next_probe:
                 self._probe_bandwidth(gossiped[0][1], gossiped[0][2])

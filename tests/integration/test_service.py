@@ -96,6 +96,40 @@ def test_notify_ready_watchdog_reload_and_stop(model_dirs, tmp_path):
         notify.close()
 
 
+def test_a_wedged_serving_thread_stops_the_watchdog_and_exits_one(model_dirs, tmp_path):
+    """A request that never returns (as a hung CUDA call): past serve.stall_timeout_s the main
+    loop sends no more WATCHDOG=1, says why, and exits 1 for systemd to restart it."""
+    d = model_dirs("llama")
+    notify = NotifySocket(str(tmp_path / "notify.sock"))
+    daemon = Daemon(str(tmp_path), "wedged", d, "0:6", {"serve": {"stall_timeout_s": 2}},
+                    env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "400000",
+                         "SWARMD_FAILPOINTS": "hang_on_forward"})
+    try:
+        daemon.start([])
+        notify.wait_for("READY=1")
+        model = AutoDistributedModelForCausalLM.from_pretrained(d, socket=daemon.socket)
+        ids = torch.randint(3, 500, (1, 5), generator=torch.Generator().manual_seed(32))
+        t0 = time.monotonic()
+        threading.Thread(target=lambda: _swallow(lambda: model(ids)), daemon=True).start()
+        assert daemon.proc.wait(30) == 1
+        took = time.monotonic() - t0
+        dogs = [t for t, m in notify.messages if "WATCHDOG=1" in m.split("\n")]
+        stuck = [m for _, m in notify.messages if "serving thread stuck" in m]
+        assert stuck and dogs and dogs[-1] < t0 + 2 + 1.0, (took, dogs[-3:])  # no watchdog past the stall bound
+        assert 2 <= took < 20, took
+        assert "stuck in one request" in daemon.tail()
+    finally:
+        daemon.stop()
+        notify.close()
+
+
+def _swallow(call) -> None:
+    try:
+        call()
+    except Exception:
+        pass  # the daemon it waits on exits: the app's error is not what this test checks
+
+
 def test_drain_during_a_generation_lets_it_finish_and_exits_zero(model_dirs):
     d = model_dirs("llama")
     with running_swarm(d, ["0:6", "0:6"], extra={"serve": {"drain_timeout_s": 30}}) as (servers, gw):
