@@ -108,7 +108,8 @@ class Conn:
 
 
 class Net:
-    def __init__(self):
+    def __init__(self, blocks: int = 1):
+        self.blocks = blocks  # per member's span: its record carries a fingerprint per block
         self.members: dict[str, Membership] = {}
         self.dead: set[str] = set()
         self.traffic = Traffic()
@@ -128,8 +129,10 @@ class Net:
     def add(self, i: int, seed: Membership | None) -> Membership:
         identity = NodeIdentity(os.urandom(32))
         address = f"tcp://127.0.{i // 250}.{i % 250 + 1}:31330"  # names only: nothing is sent anywhere
-        fields = {"addresses": (address,), "state": "online", "model_id": "sim-model", "span": (i % 40, i % 40 + 1),
-                  "throughput": 10.0, "fingerprints": (os.urandom(8).hex(),)}
+        blocks = self.blocks
+        fields = {"addresses": (address,), "state": "online", "model_id": "sim-model",
+                  "span": (i % 40, i % 40 + blocks), "throughput": 10.0,
+                  "fingerprints": tuple(os.urandom(8).hex() for _ in range(blocks))}
         m = Membership(identity=identity, pool=self.pool(address), table=PeerTable(),
                        access=AccessControl("open", "", ""), own_fields=lambda: dict(fields),
                        expected_fingerprint=lambda model, block: None, incarnation=1)
@@ -177,11 +180,14 @@ def hostile_records(n: int) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nodes", type=int, default=1000)
-    ap.add_argument("--rounds", type=int, default=40, help="at least 13 (steady state is rounds 3-13)")
+    ap.add_argument("--rounds", type=int, default=40,
+                    help="at least 25: rounds 3-13 hold the join, the death and the flood; the last 10 the flood alone")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--blocks", type=int, default=1,
+                    help="blocks per member (40: realistic records of ~1.7 KB with 32 round trips)")
     args = ap.parse_args()
     random.seed(args.seed)
-    net = Net()
+    net = Net(args.blocks)
     t0 = time.perf_counter()
     members = [net.add(i, None) for i in range(args.nodes)]
     # converged start: everyone holds everyone's record, as after a long run, and has reached
@@ -201,11 +207,13 @@ def main() -> None:
     join_round, death_round = 5, 5
     joiner = victim = None
     join_done = death_done = None
-    steady_from, steady_bytes, steady = 3, {}, {}
+    steady_from, steady_bytes, steady, quiet_bytes = 3, {}, {}, {}
     flood_traffic = Traffic()
     flooded_before: dict[str, int] = {}
     flooded: dict[str, int] = {}
     for r in range(1, args.rounds + 1):
+        if r == args.rounds - 10:
+            quiet_bytes = dict(net.traffic.bytes)
         if r == steady_from:
             steady_bytes = dict(net.traffic.bytes)
             flooded_before = dict(flood_traffic.bytes)
@@ -252,7 +260,7 @@ def main() -> None:
           f"join: not everywhere after {args.rounds - join_round + 1} rounds")
     print(f"death: no live member routes to it after {death_done} rounds" if death_done else
           f"death: still routed to somewhere after {args.rounds - death_round + 1} rounds")
-    print(f"steady state, sent+received per honest node (but the joiner's seed): "
+    print(f"rounds {steady_from}-{steady_from + 10}, sent+received per honest node (but the joiner's seed): "
           f"median {statistics.median(per_node) / 1000:.1f} KB/s, "
           f"mean {statistics.mean(per_node) / 1000:.1f} KB/s, worst {max(per_node) / 1000:.1f} KB/s (rounds "
           f"{steady_from}-{steady_from + 10}, with the join, the death and the answers to the flood; the flooder: "
@@ -262,6 +270,10 @@ def main() -> None:
     with_flood = [v + flooded.get(a, 0) / 10 for a, v in honest.items()]
     print(f"  with the flood's requests counted too: worst {max(with_flood) / 1000:.1f} KB/s (a flood request "
           f"is {flood_traffic.largest / 1024:.1f} KiB: a member can always be sent bytes; it keeps none of them)")
+    quiet = [(net.traffic.bytes.get(a, 0) - quiet_bytes.get(a, 0)) / 10 for a in honest]
+    print(f"steady state, rounds {args.rounds - 10}-{args.rounds} (the join and death settled; the flood goes on), "
+          f"per honest node: median {statistics.median(quiet) / 1000:.1f} KB/s, "
+          f"mean {statistics.mean(quiet) / 1000:.1f} KB/s, worst {max(quiet) / 1000:.1f} KB/s")
     print(f"largest message of the protocol: {net.traffic.largest / 1024:.1f} KiB (limit 64 KiB)")
     print(f"hostile: made-up nodes held by honest members {made_up} "
           f"(of {len(flood) - 2} x {len(net.live()) - 1} possible), padded wires kept {padded}, lying records kept "
