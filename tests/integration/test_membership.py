@@ -162,8 +162,13 @@ def test_forged_and_bad_records_are_rejected_and_a_good_one_accepted(model_dirs)
             return reply.fields["records"] + reply.fields.get("table", [])
 
         try:
-            held = gossip(1, [])
-            b_wire = next(w for w in held if b.node_id in w["body"])
+            # a passes b's record on once it has reached b itself (a round at most after
+            # hearing of it)
+            deadline = time.monotonic() + 5
+            while not any(b.node_id in w["body"] for w in gossip(1, [])):
+                assert time.monotonic() < deadline, "a never passed b's record on"
+                time.sleep(0.2)
+            b_wire = next(w for w in gossip(1, []) if b.node_id in w["body"])
             # a relay edits b's record (claims b serves 0:4): the signature no longer matches
             edited = {"body": b_wire["body"].replace('"span":[2,4]', '"span":[0,4]'), "sig": b_wire["sig"]}
             assert edited["body"] != b_wire["body"]
