@@ -40,8 +40,9 @@ class RemoteSession:
     step)."""
 
     def __init__(self, model: DistributedModelForCausalLM, max_length: int, route_timeout_s: float | None = None,
-                 push: bool = True):
+                 push: bool = True, client: SwarmClient | None = None):
         self.model, self.max_length = model, max_length
+        self.client = client or model.client  # a connection of its own lets sessions step at once
         self.route_timeout_s, self.push = route_timeout_s, push
         self.id: str | None = None
         self.route: list = []
@@ -68,7 +69,7 @@ class RemoteSession:
         self.beam_order = order if self.beam_order is None else self.beam_order[order]
 
     def _open(self, batch: int) -> None:
-        reply = self.model.client.open_session(self.model.model_id, self.max_length, batch,
+        reply = self.client.open_session(self.model.model_id, self.max_length, batch,
                                                route_timeout_s=self.route_timeout_s, push=self.push,
                                                adapter=self.model.adapter)
         self.id, self.route, self.batch = reply["session"], reply.get("route", []), batch
@@ -87,7 +88,7 @@ class RemoteSession:
                 "open the session with a larger max_length"
             )
         assert self.id is not None
-        out, info = self.model.client.step_with_info(self.id, hidden, position_ids, key_mask, self.beam_order,
+        out, info = self.client.step_with_info(self.id, hidden, position_ids, key_mask, self.beam_order,
                                                      self.start)
         self.beam_order = self.start = None
         self.route = info.get("route", self.route)  # changes when a server failed and was replaced
@@ -97,7 +98,7 @@ class RemoteSession:
     def close(self) -> None:
         if self.id is not None and not self.closed:
             with contextlib.suppress(Exception):  # the daemon frees it on its idle timeout anyway
-                self.model.client.close_session(self.id)
+                self.client.close_session(self.id)
         self.closed = True
 
 
@@ -224,15 +225,18 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
 
     @contextlib.contextmanager
     def inference_session(self, max_length: int, route_timeout_s: float | None = None,
-                          push: bool = True) -> Iterator[RemoteSession]:
+                          push: bool = True, client: SwarmClient | None = None) -> Iterator[RemoteSession]:
         """Keep attention caches on the servers for up to max_length positions.
 
         route_timeout_s: how long the swarm may wait for servers to cover every block (at open,
-        and while replacing a failed server) before raising NoRouteError; default 60 s."""
+        and while replacing a failed server) before raising NoRouteError; default 60 s.
+        client: the connection to swarmd this session uses (default: the model's). Requests on
+        one connection wait for each other, so threads that step sessions at the same time give
+        each its own `SwarmClient`."""
         if self.active_session is not None:
             raise SessionError("an inference session is already active in this thread")
         sess = RemoteSession(self, max_length, route_timeout_s if route_timeout_s is not None else
-                             self.route_timeout_s, push)
+                             self.route_timeout_s, push, client)
         self._local.session = sess
         try:
             yield sess

@@ -99,6 +99,21 @@ def resolve_model(name_or_path: str) -> str:
                      f"{' or '.join(models_dirs())}{hint}")
 
 
+def model_from_config(raw: str, config_dir: str) -> str:
+    """The `model` key of swarmd.yaml as a directory: a path (relative to the config file's
+    directory) or a short name found in a models directory. swarmd and swarm-api read the same
+    file, so both resolve it here. A missing directory is returned as is: the caller says so."""
+    model = os.path.expanduser(raw)
+    if not os.path.isabs(model):
+        model = os.path.join(config_dir, model)
+        if not os.path.exists(model) and NAME_RE.match(raw):  # a short name: `swarmctl model get NAME`
+            try:
+                model = resolve_model(raw)
+            except ModelError:
+                pass  # the directory is reported missing where it is opened
+    return model
+
+
 Progress = Callable[[str], None]
 
 

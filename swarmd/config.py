@@ -5,7 +5,6 @@ as data, and a test keeps the two in step."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import re
@@ -14,8 +13,9 @@ from typing import Any
 
 import yaml
 
-from libswarm.errors import ConfigError, SwarmError
-from libswarm.models import NAME_RE, resolve_model
+from libswarm.api.config import API_DEFAULTS, ApiSettings, host_port, parse_api
+from libswarm.errors import ConfigError
+from libswarm.models import model_from_config
 from swarmd.identity import is_key
 
 DEFAULTS: dict[str, Any] = {
@@ -50,6 +50,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "swarm": {"access": "open", "allowed_keys_dir": "/etc/swarmd/peers.d"},
     "metrics": {"listen": None},
+    "api": dict(API_DEFAULTS),  # read by swarm-api (libswarm/api); checked here too
     "state_dir": "/var/lib/swarmd",
     "log_level": "info",
 }
@@ -136,6 +137,7 @@ class Config:
     discovery: DiscoveryConfig
     swarm: SwarmConfig
     metrics: MetricsConfig
+    api: ApiSettings
     state_dir: str
     log_level: str
 
@@ -280,13 +282,7 @@ def load_config(path: str, overrides: dict | None = None) -> Config:
 
     if d["model"] is None:
         raise r.fail("model", "not set: point it at a local Hugging Face checkpoint directory")
-    raw_model = r.string("model", d["model"])
-    model = os.path.expanduser(raw_model)
-    if not os.path.isabs(model):
-        model = os.path.join(base_dir, model)
-        if not os.path.exists(model) and NAME_RE.match(raw_model):  # a short name: `swarmctl model get NAME`
-            with contextlib.suppress(SwarmError):  # else the daemon says at start that the directory is missing
-                model = resolve_model(raw_model)
+    model = model_from_config(r.string("model", d["model"]), base_dir)
     s = d["serve"]
     serve = ServeConfig(
         blocks=parse_blocks(r, s["blocks"]),
@@ -347,16 +343,15 @@ def load_config(path: str, overrides: dict | None = None) -> Config:
     listen = d["metrics"]["listen"]
     metrics_listen = None
     if listen is not None:
-        m = re.match(r"^\[?([A-Za-z0-9.:\-]+?)\]?:(\d{1,5})$", str(listen))
-        if not m or not 0 < int(m.group(2)) < 65536:
+        metrics_listen = host_port(listen)
+        if metrics_listen is None:
             raise r.fail("metrics.listen", f"must be host:port like 127.0.0.1:9464, or null (off), got {listen!r}")
-        metrics_listen = (m.group(1), int(m.group(2)))
     model_id = d["model_id"]
     if model_id is not None:
         model_id = r.string("model_id", model_id)
     return Config(
         path=shown, model=model, model_id=model_id, serve=serve, network=network, discovery=discovery,
-        swarm=swarm, metrics=MetricsConfig(metrics_listen),
+        swarm=swarm, metrics=MetricsConfig(metrics_listen), api=parse_api(d["api"], r.fail, base_dir),
         state_dir=os.path.expanduser(r.string("state_dir", d["state_dir"])),
         log_level=r.choice("log_level", d["log_level"], ("debug", "info", "warning", "error")),
     )

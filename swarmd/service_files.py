@@ -12,6 +12,7 @@ from importlib import resources
 
 # the path the units name; installers substitute the real one
 PACKAGED_SWARMD = "/opt/swarmd/bin/swarmd"
+PACKAGED_BIN = os.path.dirname(PACKAGED_SWARMD)  # swarm-api lies beside swarmd
 # trees that ProtectHome=yes hides from the service
 HOME_TREES = ("/home/", "/root/", "/run/user/")
 
@@ -26,6 +27,8 @@ class ServiceFile:
 SERVICE_FILES = (
     ServiceFile("swarmd.service", "usr/lib/systemd/system/swarmd.service", "etc/systemd/system/swarmd.service"),
     ServiceFile("swarmd@.service", "usr/lib/systemd/system/swarmd@.service", "etc/systemd/system/swarmd@.service"),
+    ServiceFile("swarm-api.service", "usr/lib/systemd/system/swarm-api.service",
+                "etc/systemd/system/swarm-api.service"),
     ServiceFile("sysusers.conf", "usr/lib/sysusers.d/swarmd.conf", "etc/sysusers.d/swarmd.conf"),
     ServiceFile("tmpfiles.conf", "usr/lib/tmpfiles.d/swarmd.conf", "etc/tmpfiles.d/swarmd.conf"),
 )
@@ -59,7 +62,7 @@ def render(f: ServiceFile, swarmd: str = PACKAGED_SWARMD) -> str:
         return text
     if any(c.isspace() for c in swarmd) or not os.path.isabs(swarmd):
         raise ValueError(f"swarmd path must be absolute and without spaces: {swarmd!r}")
-    text = text.replace(f"ExecStart={PACKAGED_SWARMD} ", f"ExecStart={swarmd} ")
+    text = text.replace(f"ExecStart={PACKAGED_BIN}/", f"ExecStart={os.path.dirname(swarmd)}/")
     if under_home(swarmd):
         text = text.replace(
             "ProtectHome=yes\n",

@@ -73,8 +73,9 @@ def make_venv(python: str, venv: str, args: argparse.Namespace, wheel: str) -> N
     index = ["--extra-index-url", args.torch_index] if args.torch_index else []
     # torch first and alone, so the project's dependencies cannot pull another build of it
     run([*pip, *index, args.torch])
-    extras = f"[{args.extras}]" if args.extras else ""
-    run([*pip, *index, f"swarm{extras} @ file://{wheel}"])
+    # swarm-api ships in every package: its unit is there, disabled until the operator enables it
+    extras = ",".join(["api", *filter(None, args.extras.split(","))])
+    run([*pip, *index, f"swarm[{extras}] @ file://{wheel}"])
 
 
 def relocate(venv: str) -> None:
@@ -125,7 +126,7 @@ def stage_files(stage: str) -> None:
           " /opt/swarmd/lib holds Python packages under their own licenses (see each one's\n"
           " dist-info directory).\n")
     os.makedirs(os.path.join(stage, "usr/bin"), exist_ok=True)
-    for exe in ("swarmd", "swarmctl"):
+    for exe in ("swarmd", "swarmctl", "swarm-api"):
         os.symlink(f"{PREFIX}/bin/{exe}", os.path.join(stage, "usr/bin", exe))
 
 
@@ -141,7 +142,8 @@ def control(version: str, arch: str, python_ver: str, size_kib: int, light: bool
             " swarmd serves a contiguous span of a model's transformer blocks to a swarm over\n"
             " ZeroMQ and routes local apps' requests (libswarm, swarmctl) through a chain of\n"
             " servers that covers the whole model. Runs as the systemd service swarmd.service\n"
-            " (swarmd@N.service, one per GPU).\n" + desc)
+            " (swarmd@N.service, one per GPU). swarm-api.service, off by default, serves an\n"
+            " OpenAI-compatible HTTP API and a live page of the swarm.\n" + desc)
 
 
 def md5sums(stage: str) -> str:

@@ -237,3 +237,45 @@ def running_swarm(model_dir: str, spans: list[str], gateway: bool = True, extra:
     finally:
         for d in everyone:
             d.stop()
+
+
+@contextmanager
+def running_api(daemon: Daemon, api: dict | None = None, limit_s: float = 60.0):
+    """`swarm-api --config` for `daemon`'s own config file with an `api` section added (the
+    daemon reads the same file); yields the base URL once it answers. Stopped with SIGTERM."""
+    import urllib.error
+    import urllib.request
+
+    port = free_port()
+    cfg = dict(daemon.cfg, api={"listen": f"127.0.0.1:{port}", **(api or {})})
+    path = os.path.join(daemon.dir, "swarm-api.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f)
+    log_path = os.path.join(daemon.dir, "swarm-api.log")
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen([os.path.join(BIN, "swarm-api"), "--config", path], stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                env=dict(os.environ, OMP_NUM_THREADS="1"))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + limit_s
+        while True:
+            if proc.poll() is not None:
+                with open(log_path, "rb") as f:
+                    raise RuntimeError(f"swarm-api exited with {proc.returncode}: {f.read()[-2000:].decode()}")
+            try:
+                urllib.request.urlopen(url + "/", timeout=2).read()
+                break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"swarm-api did not answer at {url} in {limit_s} s") from None
+                time.sleep(0.2)
+        yield url
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)

@@ -125,7 +125,9 @@ class InstallServiceCommand(Command):
             self._activate(root, result)
         result["next"] = [f"set model: in {config}",
                           "systemctl enable --now swarmd   (or swarmd@N, one per GPU, with /etc/swarmd/swarmd-N.yaml)",
-                          "swarmctl status   (as root or a member of group swarmd)"]
+                          "swarmctl status   (as root or a member of group swarmd)",
+                          "systemctl enable --now swarm-api   (optional: the OpenAI-compatible API and the swarm "
+                          "page on api.listen; needs the api extra)"]
         return result
 
     def remove(self, root: str, args: argparse.Namespace) -> dict:
@@ -145,7 +147,8 @@ class InstallServiceCommand(Command):
         result: dict = {"root": root, "files": [], "ran": [], "warnings": []}
         systemd = root == "/" and os.path.isdir("/run/systemd/system") and not args.no_activate
         if systemd:  # a drain each, before the unit files go
-            units = ["swarmd.service", *sorted({os.path.basename(p) for p in enabled_instances(root)})]
+            units = ["swarmd.service", "swarm-api.service",
+                     *sorted({os.path.basename(p) for p in enabled_instances(root)})]
             r = subprocess.run(["systemctl", "disable", "--now", *units], capture_output=True, text=True,
                                timeout=180)
             result["ran"].append(" ".join(["systemctl", "disable", "--now", *units]))
@@ -157,7 +160,8 @@ class InstallServiceCommand(Command):
                 result["files"].append({"path": path, "action": "removed"})
         except OSError as e:
             raise SwarmError(f"cannot remove {e.filename}: {e.strerror} (run as root, or pass --root DIR)") from None
-        for link in enabled_instances(root) + enabled_instances(root, "swarmd.service"):
+        for link in (enabled_instances(root) + enabled_instances(root, "swarmd.service")
+                     + enabled_instances(root, "swarm-api.service")):
             os.unlink(link)  # enablement left behind by units that no longer exist
             result["files"].append({"path": link, "action": "removed"})
         if systemd:

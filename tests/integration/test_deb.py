@@ -52,6 +52,8 @@ def test_package_metadata_files_and_scripts(debs, tmp_path):
     paths = {row[5].removeprefix(".") for row in rows}
     assert all(row[1] == "root/root" for row in rows)
     for p in ("/usr/lib/systemd/system/swarmd.service", "/usr/lib/systemd/system/swarmd@.service",
+              "/usr/lib/systemd/system/swarm-api.service", "/opt/swarmd/bin/swarm-api",
+              f"/opt/swarmd/lib/{PY}/site-packages/libswarm/api/static/index.html",
               "/usr/lib/sysusers.d/swarmd.conf", "/usr/lib/tmpfiles.d/swarmd.conf", "/etc/swarmd/swarmd.yaml",
               "/opt/swarmd/bin/swarmd", "/opt/swarmd/bin/swarmctl", "/opt/swarmd/pyvenv.cfg",
               f"/opt/swarmd/lib/{PY}/site-packages/swarmd/daemon.py",
@@ -60,6 +62,7 @@ def test_package_metadata_files_and_scripts(debs, tmp_path):
               "/usr/share/doc/swarmd/operations.md", "/usr/share/doc/swarmd/copyright"):
         assert p in paths, p
     assert "/usr/bin/swarmctl -> /opt/swarmd/bin/swarmctl" in listing
+    assert "/usr/bin/swarm-api -> /opt/swarmd/bin/swarm-api" in listing
     assert not any("__pycache__" in p or p.endswith(".pyc") for p in paths)
 
     x = tmp_path / "x"
@@ -70,7 +73,7 @@ def test_package_metadata_files_and_scripts(debs, tmp_path):
         assert os.access(path, os.X_OK) and path.read_text().startswith("#!/bin/sh\n")
         assert subprocess.run(["sh", "-n", str(path)]).returncode == 0
         assert path.read_text() == open(os.path.join(ROOT, "packaging/deb", script)).read()
-    for unit in ("swarmd.service", "swarmd@.service"):
+    for unit in ("swarmd.service", "swarmd@.service", "swarm-api.service"):
         shipped = (x / "usr/lib/systemd/system" / unit).read_text()
         assert shipped == open(os.path.join(ROOT, "packaging/systemd", unit)).read()
     # the venv was built elsewhere; nothing in it may name that place

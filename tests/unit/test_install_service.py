@@ -27,15 +27,18 @@ def test_writes_units_user_dirs_and_config(tmp_path):
     assert out["swarmd"] == SWARMD
     actions = {os.path.relpath(f["path"], tmp_path): f["action"] for f in out["files"]}
     assert actions == {"etc/systemd/system/swarmd.service": "wrote", "etc/systemd/system/swarmd@.service": "wrote",
+                       "etc/systemd/system/swarm-api.service": "wrote",
                        "etc/sysusers.d/swarmd.conf": "wrote", "etc/tmpfiles.d/swarmd.conf": "wrote",
                        "etc/swarmd/swarmd.yaml": "wrote"}
-    for name in ("swarmd.service", "swarmd@.service"):
+    bin_dir = os.path.dirname(SWARMD)
+    for name in ("swarmd.service", "swarmd@.service", "swarm-api.service"):
         unit = (tmp_path / "etc/systemd/system" / name).read_text()
-        assert f"ExecStart={SWARMD} --config /etc/swarmd/swarmd" in unit
+        exe = "swarm-api" if name == "swarm-api.service" else "swarmd"
+        assert f"ExecStart={bin_dir}/{exe} --config /etc/swarmd/swarmd" in unit
         assert "/opt/swarmd" not in unit
         # the rest is the packaged unit, line for line
         with open(os.path.join(ROOT, "packaging/systemd", name)) as f:
-            expected = f.read().replace("/opt/swarmd/bin/swarmd", SWARMD)
+            expected = f.read().replace("/opt/swarmd/bin/", bin_dir + "/")
         if service_files.under_home(SWARMD):  # a checkout in a home directory: the one line that differs
             expected = expected.replace("ProtectHome=yes\n", f"# {SWARMD} lies in a home directory: readable "
                                         "(not writable) by the service\nProtectHome=read-only\n")
@@ -101,6 +104,7 @@ def test_remove_undoes_the_install_but_keeps_config_and_state(tmp_path):
     assert r.returncode == 0, r.stderr
     removed = {os.path.relpath(f["path"], tmp_path) for f in json.loads(r.stdout)["files"]}
     assert removed == {"etc/systemd/system/swarmd.service", "etc/systemd/system/swarmd@.service",
+                       "etc/systemd/system/swarm-api.service",
                        "etc/sysusers.d/swarmd.conf", "etc/tmpfiles.d/swarmd.conf",
                        "etc/systemd/system/multi-user.target.wants/swarmd.service",
                        "etc/systemd/system/multi-user.target.wants/swarmd@0.service"}

@@ -15,9 +15,9 @@ pytestmark = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason=
 
 
 def installed_copy(tmp_path, name: str, as_name: str | None = None) -> str:
-    """The unit with ExecStart pointing at this venv's swarmd (verify checks that it exists)."""
+    """The unit with ExecStart pointing at this venv's swarmd or swarm-api (verify checks that it exists)."""
     with open(os.path.join(ROOT, "packaging", "systemd", name)) as f:
-        text = f.read().replace("/opt/swarmd/bin/swarmd", SWARMD)
+        text = f.read().replace("/opt/swarmd/bin/", os.path.dirname(SWARMD) + "/")
     path = tmp_path / (as_name or name)
     path.write_text(text)
     return str(path)
@@ -36,5 +36,21 @@ def test_units_verify_and_are_hardened(tmp_path, name, as_name):
     text = open(unit).read()
     assert "Type=notify" in text and "WatchdogSec=" in text and "DevicePolicy=closed" in text
     # resource bounds: a flood or a leak is stopped with swarmd, not with the machine
+    for bound in ("LimitNOFILE=", "TasksMax=", "MemoryMax="):
+        assert re.search(rf"^{bound}\S+", text, re.M), bound
+
+
+def test_swarm_api_unit_verifies_runs_after_swarmd_and_is_hardened(tmp_path):
+    unit = installed_copy(tmp_path, "swarm-api.service")
+    r = subprocess.run(["systemd-analyze", "verify", unit], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run(["systemd-analyze", "security", "--offline=yes", unit], capture_output=True, text=True,
+                       timeout=60)
+    m = re.search(r"Overall exposure level for \S+: ([\d.]+)", r.stdout + r.stderr)
+    assert m, r.stdout[-500:]
+    assert float(m.group(1)) <= MAX_EXPOSURE
+    text = open(unit).read()
+    assert re.search(r"^After=.*swarmd\.service", text, re.M) and "--config /etc/swarmd/swarmd.yaml" in text
+    assert "InaccessiblePaths=-/var/lib/swarmd/node.key" in text  # the HTTP side cannot read the node's key
     for bound in ("LimitNOFILE=", "TasksMax=", "MemoryMax="):
         assert re.search(rf"^{bound}\S+", text, re.M), bound

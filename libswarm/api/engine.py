@@ -1,0 +1,156 @@
+"""One completion: a decoding loop in its own thread, its own inference session and its own
+connection to swarmd, reporting text as it comes and stopping at once when cancelled.
+
+The loop is ours rather than Hugging Face's generate() for three reasons: OpenAI's `seed` must
+make sampling reproducible while other requests sample at the same time (HF samples from the
+process-wide generator; here each request has its own `torch.Generator`); a client that goes
+away must end the session before the next step; and `stop` strings must be cut from the text,
+streamed or not. Greedy decoding picks the argmax of the same logits, so with temperature 0 the
+tokens are those of HF's greedy generate() on the whole model."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Callable
+
+import torch
+
+from libswarm.client import SwarmClient
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    max_tokens: int
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+
+@dataclasses.dataclass
+class Result:
+    text: str = ""
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None  # "stop" (end of text or a stop string), "length", "cancelled"
+
+
+# events sent to the caller, in order: ("text", delta) ..., then ("done", Result) or ("error", exc)
+Event = tuple[str, object]
+
+
+class Completion:
+    """Decode `prompt` ([1, T] token ids) through the swarm; events go to `emit` from the
+    decoding thread."""
+
+    def __init__(self, model, tokenizer, socket: str, prompt: torch.Tensor, sampling: Sampling,
+                 emit: Callable[[Event], None], route_timeout_s: float, eos: set[int]):
+        self.model, self.tokenizer, self.socket = model, tokenizer, socket
+        self.prompt, self.sampling, self.emit = prompt, sampling, emit
+        self.route_timeout_s, self.eos = route_timeout_s, eos
+        self.cancelled = threading.Event()
+        self.session_id: str | None = None
+        self.thread = threading.Thread(target=self._run, name="completion", daemon=True)
+
+    def start(self) -> Completion:
+        self.thread.start()
+        return self
+
+    def cancel(self) -> None:
+        """Stop before the next step; the session is closed on the servers as the thread ends."""
+        self.cancelled.set()
+
+    def _run(self) -> None:
+        try:
+            result = self._decode()
+        except BaseException as e:  # every failure reaches the request that waits for it
+            self.emit(("error", e))
+        else:
+            self.emit(("done", result))
+
+    def _decode(self) -> Result:
+        s = self.sampling
+        gen = torch.Generator()
+        if s.seed is not None:
+            gen.manual_seed(s.seed)
+        else:
+            gen.seed()
+        result = Result()
+        stops = StopText(s.stop)
+        length = self.prompt.shape[1] + s.max_tokens
+        counts = torch.zeros(self.model.config.vocab_size)
+        with SwarmClient(socket=self.socket) as client, torch.no_grad(), \
+                self.model.inference_session(length, route_timeout_s=self.route_timeout_s, client=client) as sess:
+            step_input = self.prompt
+            while True:
+                if self.cancelled.is_set():
+                    result.finish_reason = "cancelled"
+                    break
+                logits = self.model(input_ids=step_input).logits[0, -1].float()
+                self.session_id = sess.id
+                token = self._choose(logits, counts, gen)
+                result.tokens.append(token)
+                counts[token] += 1
+                if token in self.eos:  # what was held back for a stop string goes out
+                    self._send(result, self.tokenizer.decode(result.tokens[:-1], skip_special_tokens=True))
+                    result.finish_reason = "stop"
+                    break
+                text = self.tokenizer.decode(result.tokens, skip_special_tokens=True)
+                cut = stops.cut(text)
+                if cut is not None:
+                    self._send(result, cut)
+                    result.finish_reason = "stop"
+                    break
+                self._send(result, text[:stops.safe_end(text)])
+                if len(result.tokens) >= s.max_tokens:
+                    self._send(result, text)
+                    result.finish_reason = "length"
+                    break
+                step_input = torch.tensor([[token]])
+        return result
+
+    def _send(self, result: Result, text: str) -> None:
+        """Report the text that has grown; held back: a possible start of a stop string, and a
+        character still missing bytes (the tokenizer's replacement character)."""
+        while text.endswith("\ufffd"):
+            text = text[:-1]
+        if len(text) > len(result.text) and text.startswith(result.text):
+            delta, result.text = text[len(result.text):], text
+            self.emit(("text", delta))
+
+    def _choose(self, logits: torch.Tensor, counts: torch.Tensor, gen: torch.Generator) -> int:
+        s = self.sampling
+        if s.presence_penalty or s.frequency_penalty:  # OpenAI's definition, on the completion's tokens
+            logits = logits - s.frequency_penalty * counts - s.presence_penalty * (counts > 0).float()
+        if s.temperature == 0:
+            return int(logits.argmax())
+        probs = torch.softmax(logits / s.temperature, dim=-1)
+        if s.top_p < 1.0:
+            sorted_probs, order = probs.sort(descending=True)
+            keep = sorted_probs.cumsum(0) - sorted_probs < s.top_p  # the smallest set reaching top_p
+            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+        return int(torch.multinomial(probs, 1, generator=gen))
+
+
+class StopText:
+    """OpenAI's `stop`: the text ends before the first stop string, which is not returned."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = tuple(x for x in stops if x)
+
+    def cut(self, text: str) -> str | None:
+        """The text up to the earliest stop string, or None when none occurs."""
+        hits = [i for i in (text.find(x) for x in self.stops) if i >= 0]
+        return text[:min(hits)] if hits else None
+
+    def safe_end(self, text: str) -> int:
+        """How much of `text` can be sent: all but a tail that may be the start of a stop string."""
+        held = 0
+        for x in self.stops:
+            for n in range(min(len(x) - 1, len(text)), held, -1):
+                if text.endswith(x[:n]):
+                    held = n
+                    break
+        return len(text) - held

@@ -1,0 +1,210 @@
+"""swarm-api with the official `openai` client, against real daemons serving SmolLM2-135M-Instruct
+(two servers of 15 blocks) and against Hugging Face's own model on the same weights."""
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+import torch
+from helpers import Daemon, running_swarm
+from localswarm import running_api, until
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+MODEL = "smollm2-135m-instruct"
+KEY = "sk-test-7f3a9c"
+QUESTION = "What is the capital of France? Answer in one sentence."
+
+
+@pytest.fixture(scope="module")
+def api(real_model, tmp_path_factory):
+    keys = tmp_path_factory.mktemp("keys") / "keys"
+    keys.write_text(f"# swarm-api keys\n{KEY}\nsk-other-key\n")
+    with running_swarm(real_model, ["0:15", "15:30"], gateway=False) as (servers, first):
+        with running_api(first, {"keys_file": str(keys), "route_timeout_s": 5}) as url:
+            tokenizer = AutoTokenizer.from_pretrained(real_model)
+            ref = AutoModelForCausalLM.from_pretrained(real_model, dtype=torch.float32).eval()
+            client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+            yield url, client, tokenizer, ref, servers
+
+
+def chat_ids(tokenizer, content: str) -> torch.Tensor:
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                        return_tensors="pt")
+    return ids if torch.is_tensor(ids) else ids["input_ids"]
+
+
+def hf_greedy(ref, tokenizer, ids: torch.Tensor, n: int) -> tuple[str, int]:
+    """HF's greedy answer (text without special tokens) and how many tokens it generated."""
+    out = ref.generate(ids, do_sample=False, max_new_tokens=n)[0, ids.shape[1]:]
+    return tokenizer.decode(out, skip_special_tokens=True), out.shape[0]
+
+
+def raw(url: str, path: str, body: bytes | None, key: str | None = KEY) -> tuple[int, dict]:
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    req = urllib.request.Request(url + path, data=body, headers=headers, method="POST" if body is not None else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def server_sessions(servers) -> int:
+    return sum(s.ctl("status")["sessions"]["server"] for s in servers)
+
+
+def test_chat_completion_equals_hf_greedy_streamed_and_not_with_usage(api):
+    url, client, tokenizer, ref, _ = api
+    ids = chat_ids(tokenizer, QUESTION)
+    expected, generated = hf_greedy(ref, tokenizer, ids, 40)
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUESTION}],
+                                       temperature=0, max_tokens=40)
+    assert r.choices[0].message.content == expected
+    assert "Paris" in expected
+    assert r.choices[0].finish_reason == ("stop" if generated < 40 else "length")
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == \
+        (ids.shape[1], generated, ids.shape[1] + generated)
+
+    chunks = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUESTION}],
+                                                 temperature=0, max_tokens=40, stream=True,
+                                                 stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) > 3  # token by token, not at once
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == \
+        [r.choices[0].finish_reason]
+    assert chunks[-1].usage.completion_tokens == generated and chunks[-1].usage.prompt_tokens == ids.shape[1]
+
+
+def test_completion_equals_hf_greedy_and_stop_cuts_the_text(api):
+    url, client, tokenizer, ref, _ = api
+    prompt = "The three primary colors are"
+    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+    expected, generated = hf_greedy(ref, tokenizer, ids, 24)
+    r = client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=24)
+    assert r.choices[0].text == expected
+    assert r.usage.prompt_tokens == ids.shape[1] and r.usage.completion_tokens == generated
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=MODEL, prompt=prompt, temperature=0, max_tokens=24, stream=True) if c.choices)
+    assert streamed == expected
+    # a stop string: the text ends before it, streamed or not
+    words = expected.split()
+    stop = words[len(words) // 2]
+    cut = expected[:expected.index(stop)]
+    r = client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=24, stop=[stop, "\n\n\n"])
+    assert r.choices[0].text == cut and r.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=MODEL, prompt=prompt, temperature=0, max_tokens=24, stop=stop, stream=True) if c.choices)
+    assert streamed == cut
+
+
+def test_seed_makes_sampling_reproducible(api):
+    url, client, *_ = api
+
+    def sample(seed: int) -> str:
+        r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Tell me a story."}],
+                                           temperature=1.0, top_p=0.95, seed=seed, max_tokens=24)
+        return r.choices[0].message.content
+
+    first = sample(11)
+    assert sample(11) == first
+    assert len({first, sample(12), sample(13)}) > 1  # a seed does pick the draws
+
+
+def test_errors_come_back_in_openai_shape_with_their_status(api):
+    url, client, tokenizer, *_ = api
+    status, body = raw(url, "/v1/chat/completions", b"{not json")
+    assert status == 400 and body["error"]["type"] == "invalid_request_error" and "JSON" in body["error"]["message"]
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "hi"}])
+    assert e.value.code == "model_not_found" and e.value.body["param"] == "model"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="word " * 9000, max_tokens=5)
+    assert e.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=8190)
+    assert e.value.code == "context_length_exceeded" and "8192" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], temperature=3)
+    assert e.value.body["param"] == "temperature"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], n=2)
+    assert e.value.body["param"] == "n"
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "robot", "content": "hi"}])
+    # bearer keys
+    with pytest.raises(openai.AuthenticationError) as e:
+        openai.OpenAI(base_url=url + "/v1", api_key="sk-wrong", max_retries=0).models.list()
+    assert e.value.code == "invalid_api_key"
+    status, body = raw(url, "/v1/models", None, key=None)
+    assert status == 401 and body["error"]["code"] == "invalid_api_key"
+    assert [m.id for m in openai.OpenAI(base_url=url + "/v1", api_key="sk-other-key").models.list()] == [MODEL]
+    status, body = raw(url, "/v1/nothing-here", None)
+    assert status == 404 and "error" in body
+
+
+def test_two_clients_at_once_both_get_their_own_answer(api):
+    url, client, tokenizer, ref, _ = api
+    questions = ["Name three colors of the rainbow.", "Write a haiku about the sea."]
+    expected = [hf_greedy(ref, tokenizer, chat_ids(tokenizer, q), 32)[0] for q in questions]
+    answers: dict[int, str] = {}
+    spans: dict[int, tuple[float, float]] = {}
+
+    def ask(i: int) -> None:
+        t0 = time.monotonic()
+        stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": questions[i]}],
+                                                temperature=0, max_tokens=32, stream=True)
+        answers[i] = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        spans[i] = (t0, time.monotonic())
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert answers == {0: expected[0], 1: expected[1]}
+    assert spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1]  # they did run at the same time
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_session(api):
+    url, client, tokenizer, ref, servers = api
+    until(lambda: server_sessions(servers) == 0, 20, "no sessions left from earlier tests")
+    body = json.dumps({"model": MODEL, "stream": True, "max_tokens": 400, "temperature": 0.7,
+                       "messages": [{"role": "user", "content": "Write a long story about a lighthouse."}]}).encode()
+    req = urllib.request.Request(url + "/v1/chat/completions", data=body, method="POST",
+                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    r = urllib.request.urlopen(req, timeout=60)
+    lines = [r.readline() for _ in range(10)]  # a few tokens in: the session is open on both servers
+    assert any(b"content" in line for line in lines)
+    assert server_sessions(servers) == 2
+    r.close()
+    t0 = time.monotonic()
+    # freed at once: within a step or two, not at the end of 400 tokens or the servers' idle timeout
+    took = until(lambda: server_sessions(servers) == 0, 5, "the servers to drop the left client's session")
+    assert took < 3.0, took
+    assert time.monotonic() - t0 < 5
+
+
+def test_no_route_is_503_with_the_gateways_reason(real_model, tmp_path):
+    """A daemon that knows no server of the model: swarm-api answers 503, and says why."""
+    lonely = Daemon(str(tmp_path), "alone", real_model, "none")
+    lonely.start([])
+    try:
+        lonely.wait_ready()
+        with running_api(lonely, {"route_timeout_s": 2}) as url:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+            t0 = time.monotonic()
+            with pytest.raises(openai.InternalServerError) as e:
+                client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+            assert e.value.status_code == 503 and e.value.code == "no_route"
+            assert "block" in e.value.message  # the gateway's reason: which blocks nobody serves
+            assert time.monotonic() - t0 < 30
+    finally:
+        assert lonely.stop() == 0
