@@ -157,11 +157,20 @@ class Daemon:
             self.proc.wait(10)
         return self.start(seeds).wait_ready()
 
+    def terminate(self) -> None:
+        """SIGTERM (a drain), without waiting: `stop` waits. Stopping several daemons, terminate
+        them all first, so that their drains run at the same time."""
+        if self.alive:
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGTERM)
+            self._terminated = self.proc.pid
+
     def stop(self, timeout: float = 15) -> int | None:
         if self.proc is None:
             return None
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            if getattr(self, "_terminated", None) != self.proc.pid:
+                self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -236,6 +245,8 @@ def running_swarm(model_dir: str, spans: list[str], gateway: bool = True, extra:
         yield servers, (gw or servers[0])
     finally:
         for d in everyone:
+            d.terminate()
+        for d in everyone:
             d.stop()
 
 
@@ -279,3 +290,51 @@ def running_api(daemon: Daemon, api: dict | None = None, limit_s: float = 60.0):
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(5)
+
+
+class Churn:
+    """The paper's robustness setting: servers are killed (SIGKILL) at random and restarted.
+
+    Each server, independently, lives an exponentially distributed time of mean `mean_life_s`,
+    is killed, stays down `downtime_s`, and starts again on the same address and config (its
+    node key and measured speed kept). Use as a context manager around the work to disturb;
+    `kills` counts the kills, `errors` what went wrong restarting."""
+
+    def __init__(self, servers: list[Daemon], seeds: list[str], mean_life_s: float, downtime_s: float = 2.0,
+                 seed: int = 0):
+        import threading
+
+        self.servers, self.seeds = servers, seeds
+        self.mean_life_s, self.downtime_s = mean_life_s, downtime_s
+        self.rng = random.Random(seed)
+        self.stop_event = threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(d, self.rng.random()), daemon=True)
+                        for d in servers]
+        self.kills = 0
+        self.errors: list[str] = []
+
+    def _run(self, d: Daemon, seed: float) -> None:
+        rng = random.Random(seed)
+        while not self.stop_event.wait(rng.expovariate(1.0 / self.mean_life_s)):
+            d.kill()
+            self.kills += 1
+            if self.stop_event.wait(self.downtime_s):
+                break
+            try:
+                d.start(self.seeds).wait_ready()
+            except RuntimeError as e:
+                self.errors.append(f"{d.name}: {str(e)[:200]}")
+
+    def __enter__(self) -> Churn:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """Stop killing; every server is running again when this returns."""
+        self.stop_event.set()
+        for t in self.threads:
+            t.join(120)
+        for d in self.servers:
+            if not d.alive:
+                d.start(self.seeds).wait_ready()

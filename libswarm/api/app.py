@@ -10,6 +10,7 @@ client disconnects, static files."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -130,6 +131,7 @@ class Service:
         self._load_lock = threading.Lock()
         self.status_client = SwarmClient(socket=config.socket, timeout_s=10.0)
         self.slots = threading.BoundedSemaphore(config.api.max_concurrent)
+        self.jobs: set[Completion] = set()  # running completions, cancelled when swarm-api stops
         self.created = int(os.stat(config.model).st_mtime)
         if self.tokenizer is None:
             from transformers import AutoTokenizer
@@ -234,7 +236,7 @@ def _stops(data: dict) -> tuple[str, ...]:
     return tuple(v)
 
 
-class Request_:
+class Params:
     """What every completion request says, checked."""
 
     def __init__(self, data: dict, service: Service, kind: str):
@@ -318,7 +320,11 @@ def chat_prompt(tokenizer, messages: Any) -> torch.Tensor:
         turns.append({"role": role, "content": content})
     if not getattr(tokenizer, "chat_template", None):
         raise ApiError(400, "this model has no chat template: use /v1/completions", param="messages")
-    ids = tokenizer.apply_chat_template(turns, add_generation_prompt=True, return_tensors="pt")
+    try:
+        ids = tokenizer.apply_chat_template(turns, add_generation_prompt=True, return_tensors="pt")
+    except Exception as e:  # a template may raise on what it does not accept (e.g. roles out of turn)
+        line = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ApiError(400, f"the model's chat template refused these messages: {line}", param="messages") from None
     return ids if torch.is_tensor(ids) else ids["input_ids"]
 
 
@@ -373,7 +379,7 @@ def create_app(config: ApiConfig, model=None, tokenizer=None) -> Starlette:
     async def complete(request: Request, kind: str) -> Response:
         data = await read_json(request)
         model = await _in_thread(service.model)
-        req = Request_(data, service, kind)
+        req = Params(data, service, kind)
         if kind == "chat":
             prompt, param = chat_prompt(service.tokenizer, data.get("messages")), "messages"
         else:
@@ -386,12 +392,16 @@ def create_app(config: ApiConfig, model=None, tokenizer=None) -> Starlette:
         events: asyncio.Queue = asyncio.Queue()
 
         def emit(event) -> None:
-            if event[0] in ("done", "error"):
-                service.slots.release()  # the session is closed by now
-            loop.call_soon_threadsafe(events.put_nowait, event)
+            if event[0] in ("done", "error"):  # the session is closed by now
+                service.slots.release()
+                service.jobs.discard(job)
+            with contextlib.suppress(RuntimeError):  # the loop is gone: swarm-api is stopping
+                loop.call_soon_threadsafe(events.put_nowait, event)
 
         job = Completion(model, service.tokenizer, config.socket, prompt, sampling, emit,
-                         config.api.route_timeout_s, service.eos(model)).start()
+                         config.api.route_timeout_s, service.eos(model))
+        service.jobs.add(job)
+        job.start()
         reply = Reply(kind, req.model_name, prompt.shape[1])
         try:
             first = await _next(events, request)
@@ -479,7 +489,21 @@ def create_app(config: ApiConfig, model=None, tokenizer=None) -> Starlette:
         Route("/v1/chat/completions", chat, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
     ]
-    app = Starlette(routes=routes, exception_handlers={HTTPException: not_found, ApiError: api_error})
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        # stopping: whatever still decodes ends before its next step and closes its session on
+        # the servers (instead of leaving it to their idle timeout)
+        jobs = list(service.jobs)
+        for job in jobs:
+            job.cancel()
+        deadline = time.monotonic() + 10
+        for job in jobs:
+            await asyncio.get_running_loop().run_in_executor(None, job.thread.join,
+                                                             max(0.0, deadline - time.monotonic()))
+
+    app = Starlette(routes=routes, exception_handlers={HTTPException: not_found, ApiError: api_error},
+                    lifespan=lifespan)
     app.state.service = service
     return app
 

@@ -16,7 +16,6 @@ connections in a ConnectionPool."""
 from __future__ import annotations
 
 import itertools
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from libswarm.errors import PeerUnavailableError, ProtocolError
 from libswarm.protocol import Message, decode, encode
 from libswarm.protocol.messages import raise_if_error
 from swarmd.identity import NodeIdentity
+from swarmd.netem import Link, frames_size, process_profile
 
 CONNECT_TIMEOUT_S = 3.0  # a peer that accepts no connection in this time is unreachable
 RECONNECT_GRACE_S = 0.3  # after a disconnect, how long a send waits for the connection to come back
@@ -39,11 +39,6 @@ _ids = itertools.count(1)
 _HANDSHAKE_FAILED = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | \
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 _MONITOR_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED | _HANDSHAKE_FAILED
-
-
-def emulated_delay_s() -> float:
-    """Benchmarks emulate a slower network with SWARMD_NET_DELAY_MS (added to every peer message)."""
-    return float(os.environ.get("SWARMD_NET_DELAY_MS", "0")) / 1000
 
 
 class PeerConnection:
@@ -67,7 +62,9 @@ class PeerConnection:
         self.monitor = self.sock.get_monitor_socket(_MONITOR_EVENTS)
         self.state = "connecting"  # connecting | up | down | refused | denied
         self.disconnects = 0
-        self.delay_s = emulated_delay_s()
+        # benchmarks and tests: an emulated link to this peer (swarmd/netem.py), else None
+        profile = process_profile()
+        self.link = Link(profile) if profile is not None else None
         # replies that arrived while another request was awaited (one peer, two hops of a route)
         self._stash: dict[int, Message] = {}
         self.sock.connect(address)
@@ -122,10 +119,22 @@ class PeerConnection:
                       "denied": "refused the handshake (our key is not allowed there, or its key is not "
                                 f"{self.server_key[:8]})"}.get(self.state, "is unreachable")
             raise PeerUnavailableError(f"peer {self.address} {reason}")
-        if self.delay_s:
-            time.sleep(self.delay_s)
+        if self.link is not None:
+            self._emulated_send(frames, 0)
+            return req_id
         self.sock.send_multipart(frames, copy=False)
         return req_id
+
+    def _emulated_send(self, frames: list, flags: int) -> None:
+        """Across the emulated link: after its delay, or never (lost); the connection may break."""
+        assert self.link is not None
+        wait_s, cut = self.link.admit(frames_size(frames))
+        if wait_s is not None:
+            time.sleep(wait_s)
+            self.sock.send_multipart(frames, flags=flags, copy=False)
+        if cut:  # whatever waits on this connection fails, as when a route breaks
+            self.sock.disconnect(self.address)
+            self.sock.connect(self.address)
 
     def receive(self, req_id: int, deadline: float, what: str = "request") -> Message:
         """Wait until the monotonic `deadline` for the reply to `req_id`; drop late replies to
@@ -167,10 +176,12 @@ class PeerConnection:
         """Fire-and-forget: False when the peer cannot take it (gone, or not connected in wait_s)."""
         if not self._wait_writable(wait_s):
             return False
-        if self.delay_s:
-            time.sleep(self.delay_s)
         try:
-            self.sock.send_multipart(encode(msg_type, next(_ids), fields, tensors), flags=zmq.NOBLOCK, copy=False)
+            frames = encode(msg_type, next(_ids), fields, tensors)
+            if self.link is not None:
+                self._emulated_send(frames, zmq.NOBLOCK)
+            else:
+                self.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
             return True
         except zmq.Again:
             return False

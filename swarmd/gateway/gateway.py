@@ -116,15 +116,25 @@ class Gateway:
     def _plan(self, first: int, last: int, deadline: float,
               exclude: frozenset[str] | set[str] = frozenset(), spread: bool = False,
               adapter: str | None = None) -> list[Hop]:
-        """A chain over blocks [first, last) avoiding banned servers, waiting (with capped
-        doubling backoff, refreshing the peer table) until `deadline` for one to exist. The
-        lowest-latency chain, or with `spread` (forward batches) a random one weighted by speed."""
+        """A chain over blocks [first, last) avoiding banned servers (unless, after a refresh of
+        the table, only banned ones cover a block), waiting (with capped doubling backoff,
+        refreshing the peer table) until `deadline` for one to exist. The lowest-latency chain,
+        or with `spread` (forward batches) a random one weighted by speed."""
         backoff_s, t0, refreshed = 0.2, time.monotonic(), 0
         while True:
-            banned = self.bans.banned() | exclude
-            servers = [s for s in self.table.servers_for(self.model_id, adapter) if s.address not in banned]
+            candidates = [s for s in self.table.servers_for(self.model_id, adapter) if s.address not in exclude]
+            banned = self.bans.banned()
+            servers = [s for s in candidates if s.address not in banned]
             try:
-                hops = plan_chain(servers, last, self.model_id, start=first, rng=self._rng if spread else None)
+                try:
+                    hops = plan_chain(servers, last, self.model_id, start=first, rng=self._rng if spread else None)
+                except NoRouteError:
+                    if not refreshed or len(servers) == len(candidates):
+                        raise
+                    # only servers that failed lately cover some block: a ban is a preference, and a
+                    # server that failed (often one that restarted, under churn) beats no route
+                    hops = plan_chain(candidates, last, self.model_id, start=first,
+                                      rng=self._rng if spread else None)
                 if refreshed:
                     log.info("route for blocks %d:%d found after %.2f s and %d table refreshes", first, last,
                              time.monotonic() - t0, refreshed)

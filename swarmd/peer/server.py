@@ -33,11 +33,12 @@ from libswarm.errors import (
 from libswarm.protocol import Message, decode, error_reply, ok_reply
 from swarmd.config import LimitsConfig
 from swarmd.discovery.access import ZAP_DOMAIN, AccessControl
-from swarmd.gateway.connection import ConnectionPool, emulated_delay_s
+from swarmd.gateway.connection import ConnectionPool
 from swarmd.identity import NodeIdentity, is_key
 from swarmd.inputs import beam_order, positions_and_mask
 from swarmd.logs import RateLimitedLog
 from swarmd.metrics import Histogram
+from swarmd.netem import Link, frames_size, process_profile
 from swarmd.peer.limits import KeyLimits
 from swarmd.runtime.adapters import load_adapter, slice_lora
 from swarmd.runtime.cache import CacheBudget, SessionCache
@@ -132,7 +133,9 @@ class SpanServer:
         self._current: tuple[bytes, int, str | None] = (b"", 0, None)  # (ident, request id, sender key)
         self.quiet_log = RateLimitedLog(log, LOG_EVERY_S)
         self.key_limits = KeyLimits(limits)
-        self.delay_s = emulated_delay_s()
+        # benchmarks and tests: emulated links back to each caller (swarmd/netem.py), else None
+        self.netem = process_profile()
+        self.links: dict[bytes, Link] = {}
         # test-only fault injection, e.g. SWARMD_FAILPOINTS=exit_on_replay
         self.failpoints = set(filter(None, os.environ.get("SWARMD_FAILPOINTS", "").split(",")))
         # moving to other blocks (rebalancing): the new span, handed over by another thread and
@@ -213,7 +216,9 @@ class SpanServer:
             if not self.attached and msg.type not in WHILE_JOINING:
                 if msg.type == "push":
                     return
-                raise LimitError("this server is still joining the swarm: it serves no blocks yet")
+                # a restarted server no gateway has seen leave: answered like a moved span, so that
+                # the gateway routes around it (a limit error would go back to the app)
+                raise SpanMovedError("this server is still joining the swarm: it serves no blocks yet")
             if msg.type == "push":  # fire-and-forget from another server: never answered
                 self.on_push(msg, sender)
                 return
@@ -237,8 +242,16 @@ class SpanServer:
         self._send(ident, reply, req_id)
 
     def _send(self, ident: bytes, reply: list, req_id: int) -> None:
-        if self.delay_s:
-            time.sleep(self.delay_s)
+        if self.netem is not None:
+            link = self.links.get(ident)
+            if link is None:
+                if len(self.links) >= 4096:
+                    self.links.clear()
+                link = self.links[ident] = Link(self.netem)
+            wait_s, _ = link.admit(frames_size(reply))  # a reply cannot cut the caller's connection
+            if wait_s is None:
+                return
+            time.sleep(wait_s)
         try:
             self.sock.send_multipart([ident, *reply], copy=False)
         except zmq.ZMQError as e:

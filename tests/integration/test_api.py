@@ -192,8 +192,9 @@ def test_a_client_that_leaves_mid_stream_frees_its_session(api):
     assert time.monotonic() - t0 < 5
 
 
-def test_no_route_is_503_with_the_gateways_reason(real_model, tmp_path):
-    """A daemon that knows no server of the model: swarm-api answers 503, and says why."""
+def test_no_route_and_no_swarmd_are_503_with_the_reason(real_model, tmp_path):
+    """A daemon that knows no server of the model: swarm-api answers 503 and says why; with the
+    daemon stopped, 503 again, and swarm-api keeps serving what it can."""
     lonely = Daemon(str(tmp_path), "alone", real_model, "none")
     lonely.start([])
     try:
@@ -206,5 +207,11 @@ def test_no_route_is_503_with_the_gateways_reason(real_model, tmp_path):
             assert e.value.status_code == 503 and e.value.code == "no_route"
             assert "block" in e.value.message  # the gateway's reason: which blocks nobody serves
             assert time.monotonic() - t0 < 30
+            assert lonely.stop() == 0
+            with pytest.raises(openai.InternalServerError) as e:
+                client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+            assert e.value.status_code == 503 and e.value.code == "swarmd_unavailable"
+            assert "swarmd is not running" in e.value.message
+            assert [m.id for m in client.models.list()] == [MODEL]
     finally:
-        assert lonely.stop() == 0
+        lonely.stop()

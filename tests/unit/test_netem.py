@@ -1,0 +1,46 @@
+"""The emulated link (swarmd/netem.py): delay, jitter, bandwidth queueing, loss, drops."""
+
+import time
+
+import pytest
+
+from libswarm.errors import ConfigError
+from swarmd.netem import Link, parse_profile, profile_from_env
+
+
+def test_profiles_parse_and_bad_ones_are_one_line_errors():
+    p = parse_profile("delay_ms=50,jitter_ms=2,rate_mbit=100,loss=0.01,drop=0.001,seed=7")
+    assert (p.delay_s, p.jitter_s, p.rate_bps, p.loss, p.drop, p.seed) == (0.05, 0.002, 1e8, 0.01, 0.001, 7)
+    assert profile_from_env({}) is None and profile_from_env({"SWARMD_NETEM": "delay_ms=0"}) is None
+    assert profile_from_env({"SWARMD_NET_DELAY_MS": "20"}).delay_s == pytest.approx(0.02)
+    for bad in ("delay=5", "loss=2", "rate_mbit=-1", "jitter_ms=x"):
+        with pytest.raises(ConfigError, match="SWARMD_NETEM"):
+            parse_profile(bad)
+
+
+def test_delay_and_jitter_keep_order_and_bounds():
+    link = Link(parse_profile("delay_ms=50,jitter_ms=10,seed=1"))
+    t0 = time.monotonic()
+    arrivals = []
+    for _ in range(200):
+        wait, cut = link.admit(100)
+        assert wait is not None and not cut
+        arrivals.append(link.last_arrival - t0)
+    assert all(b >= a for a, b in zip(arrivals, arrivals[1:]))  # never before the message sent before it
+    assert 0.04 - 0.005 <= min(arrivals) and max(arrivals) <= 0.06 + 0.05
+
+
+def test_a_bandwidth_cap_queues_messages_by_size():
+    link = Link(parse_profile("rate_mbit=100"))  # 12.5 MB/s
+    waits = [link.admit(1_250_000)[0] for _ in range(4)]  # 0.1 s each, queued behind each other
+    assert waits == pytest.approx([0.1, 0.2, 0.3, 0.4], abs=0.01)
+
+
+def test_loss_and_drops_happen_at_their_rates():
+    link = Link(parse_profile("loss=0.05,drop=0.02,seed=3"))
+    results = [link.admit(10) for _ in range(20_000)]
+    lost = sum(w is None for w, _ in results) / len(results)
+    cut = sum(c for _, c in results) / len(results)
+    assert lost == pytest.approx(0.05, abs=0.01) and cut == pytest.approx(0.02, abs=0.006)
+    assert (link.lost, link.dropped, link.sent) == (sum(w is None for w, _ in results), sum(c for _, c in results),
+                                                    20_000)
