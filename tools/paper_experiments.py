@@ -4,7 +4,7 @@ churn, against a local single-process run and against the ideal for each network
 
     python tools/paper_experiments.py                      # SmolLM2-135M, every setting (~10 min on 2 cores)
     python tools/paper_experiments.py --quick              # a few steps per setting (CI)
-    python tools/paper_experiments.py --plots docs/plots   # also RTT/bandwidth/failure sweeps as PNG plots
+    python tools/paper_experiments.py --plots docs/plots [--sweeps]   # PNG plots (--sweeps: more points)
     python tools/paper_experiments.py --model DIR --spans 0:24 24:48 48:70 --dtype bfloat16   # a GPU machine
 
 Every networked setting runs three servers (--spans) behind a gateway-only daemon, all with the
@@ -146,7 +146,7 @@ def run(a: argparse.Namespace) -> dict:
     prompts = {"short": torch.randint(3, vocab, (1, sizes.short_prompt), generator=g),
                "long": torch.randint(3, vocab, (1, sizes.long_prompt), generator=g)}
     chosen = [s for s in SETTINGS if not a.settings or any(k.lower() in s.name.lower() for k in a.settings)]
-    sweeps = sweep_settings() if a.plots else []
+    sweeps = sweep_settings() if a.sweeps else []
     progress = Progress(len(chosen) + len(sweeps), a.no_progress)
     results: dict = {"machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
                                 f"torch {torch.__version__}",
@@ -238,7 +238,8 @@ def main(argv=None) -> int:
     p.add_argument("--settings", nargs="+", help="only the settings whose names contain one of these")
     p.add_argument("--churn-window-s", type=float, default=180.0,
                    help="how long each churn setting keeps generating (quick: a 60th)")
-    p.add_argument("--plots", help="also run the sweeps and write PNG plots into this directory")
+    p.add_argument("--plots", help="write PNG plots (latency against RTT, bandwidth, loss, churn) here")
+    p.add_argument("--sweeps", action="store_true", help="more points for the plots: one parameter varied at a time")
     p.add_argument("--json", help="write every figure to this file")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
