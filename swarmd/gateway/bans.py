@@ -23,7 +23,9 @@ class Bans:
         with self._lock:
             n = self._failures.get(address, 0) + 1
             self._failures[address] = n
-            duration = min(BAN_MAX_S, BAN_BASE_S * 2 ** (n - 1))
+            # the exponent is capped: a server may fail thousands of times in a long run, and
+            # 2 ** n of a large n is an int no float can hold
+            duration = min(BAN_MAX_S, BAN_BASE_S * 2.0 ** min(n - 1, 32))
             self._until[address] = self._clock() + duration
             return duration
 
@@ -34,6 +36,11 @@ class Bans:
     def is_banned(self, address: str) -> bool:
         with self._lock:
             return self._until.get(address, 0.0) > self._clock()
+
+    def remaining_s(self, address: str) -> float:
+        """Seconds until the server's ban ends (0 when it is not banned)."""
+        with self._lock:
+            return max(0.0, self._until.get(address, 0.0) - self._clock())
 
     def banned(self) -> set[str]:
         now = self._clock()

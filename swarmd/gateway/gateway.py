@@ -52,6 +52,7 @@ MAX_ROUTE_TIMEOUT_S = 3600.0
 STEP_DEADLINE_FLOOR_S = 1.0  # no hop is declared failed sooner than this
 STEP_DEADLINE_FACTOR = 10.0  # ...nor before it took this many times its usual time
 UNMEASURED_STEP_S = 30.0  # the allowance for a server whose speed is not known yet
+FALLBACK_PACE_S = 2.0  # a route through servers that all failed lately is tried at most this often
 APP_IDLE_TIMEOUT_S = 600.0  # an app session untouched this long is closed
 # Errors after which another server may succeed; anything else is the request's own fault
 # and goes straight back to the app.
@@ -132,9 +133,13 @@ class Gateway:
                     if not refreshed or len(servers) == len(candidates):
                         raise
                     # only servers that failed lately cover some block: a ban is a preference, and a
-                    # server that failed (often one that restarted, under churn) beats no route
+                    # server that failed (often one that restarted, under churn) beats no route. It
+                    # is paced by its ban (at most FALLBACK_PACE_S), so that one failing fast is
+                    # not asked again in a tight loop
                     hops = plan_chain(candidates, last, self.model_id, start=first,
                                       rng=self._rng if spread else None)
+                    wait_s = max((self.bans.remaining_s(h.address) for h in hops), default=0.0)
+                    time.sleep(max(0.0, min(wait_s, FALLBACK_PACE_S, deadline - time.monotonic())))
                 if refreshed:
                     log.info("route for blocks %d:%d found after %.2f s and %d table refreshes", first, last,
                              time.monotonic() - t0, refreshed)
@@ -193,6 +198,8 @@ class Gateway:
             except RETRIABLE as e:
                 self._fail(hop, e)
                 self._close_remote([(h, sid) for h, sid in opened if h is not hop])
+                if time.monotonic() > deadline:  # servers exist but keep failing
+                    raise
 
     def _replay(self, hop: Hop, sid: str, replay: dict[str, torch.Tensor]) -> torch.Tensor:
         """One step that feeds a fresh session every position so far; returns its output."""
@@ -344,7 +351,7 @@ class Gateway:
                 computing_failures += isinstance(f.error, RemoteError)
                 # a step that a replacement fails to compute too is the step's fault (a query of
                 # death): back to the caller, rather than banning server after server
-                if not isinstance(f.error, RETRIABLE) or computing_failures > 1:
+                if not isinstance(f.error, RETRIABLE) or computing_failures > 1 or time.monotonic() > deadline:
                     raise f.error from None
                 self._repair(sess, f.index, f.error, deadline)
                 start = f.index
@@ -497,6 +504,8 @@ class Gateway:
                     x = self._forward_hop(hop, x, small, lora, fields, tokens)
                 except RETRIABLE as e:
                     self._hop_failed(hop, e, suspects)
+                    if time.monotonic() > deadline:  # servers exist but keep failing
+                        raise
                     break
                 first = hop.last
         self._convict(suspects)
@@ -522,9 +531,11 @@ class Gateway:
     def _forward_hop(self, hop: Hop, x: torch.Tensor, small: dict, lora: dict[str, torch.Tensor], fields: dict,
                      tokens: int) -> torch.Tensor:
         """One hop's `forward` request: its blocks of the stack, without cache."""
-        return _hidden(self.pool.get(hop.address).request(
+        out = _hidden(self.pool.get(hop.address).request(
             "forward", {**fields, "blocks": [hop.first, hop.last]}, {"hidden": x, **small, **_slice(lora, hop)},
             timeout_s=max(UNMEASURED_STEP_S, self._allowance_s(hop.address, tokens))))
+        self.bans.succeeded(hop.address)
+        return out
 
     def on_backward(self, msg: Message):
         """The gradient of the whole model's block stack w.r.t. its input, given its input and
@@ -574,6 +585,7 @@ class Gateway:
                     if g_in is None or any(k not in reply.tensors for k in lora_grads):
                         raise ProtocolError("backward reply lacks grad_input or a LoRA gradient")
                     g = g_in
+                    self.bans.succeeded(hop.address)
                     for k, parts in lora_grads.items():
                         parts.insert(0, reply.tensors[k])  # hops come back last first
                 self._convict(suspects)

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from libswarm.errors import SwarmError
 from swarmd.gateway.bans import BAN_MAX_S, Bans
 from swarmd.gateway.history import History, StepTimes
 
@@ -25,6 +26,9 @@ def test_bans_double_with_each_failure_up_to_a_cap_and_expire():
     assert last == BAN_MAX_S
     bans.succeeded("a")
     assert bans.ban("a") == 1.0  # a success forgets the failures
+    for _ in range(5000):  # a long run of failures (churn, hours) must not overflow the doubling
+        last = bans.ban("a")
+    assert last == BAN_MAX_S and bans.remaining_s("a") == BAN_MAX_S and bans.remaining_s("b") == 0.0
 
 
 def test_history_replays_every_step_exactly_and_fills_missing_masks():
@@ -136,3 +140,51 @@ def test_a_server_that_cannot_push_has_its_output_handed_over_by_the_gateway():
     small = {"position_ids": torch.zeros(1, 1, dtype=torch.long)}
     outputs = gw._run_chain(sess, 0, torch.zeros(1, 1, 4), small, step=0, tokens=1)
     assert sorted(outputs) == [0, 1, 2] and c.sends == 2
+
+
+class FailingServer:
+    """Answers every request at once with an error, as a server does while it restarts."""
+
+    def __init__(self):
+        self.requests = 0
+
+    def request(self, msg_type, fields=None, tensors=None, timeout_s=30.0):
+        from libswarm.errors import SpanMovedError
+
+        self.requests += 1
+        raise SpanMovedError("moved: this server is joining the swarm")
+
+
+def test_a_lone_server_that_keeps_failing_fast_is_paced_and_the_forward_ends_at_its_deadline():
+    """The only server covering the blocks fails every request at once. Routing through it anyway
+    (a ban is a preference when nothing else covers the blocks) must neither ask it in a tight
+    loop nor run past the caller's deadline (found in a long churn run: thousands of failures in
+    a loop, until the ban's doubling overflowed)."""
+    import time
+
+    from swarmd.gateway.gateway import FALLBACK_PACE_S, Gateway
+    from swarmd.gateway.routing import ServerSpan
+
+    class Table:
+        def servers_for(self, model_id, adapter=None):
+            return [ServerSpan("a", 0, 6)]
+
+    class Membership:
+        refreshes = 0
+
+        def refresh(self, skip=()):
+            self.refreshes += 1
+
+    server = FailingServer()
+    pool = FakePool([])
+    pool.servers["a"] = server
+    gw = Gateway(model_id="m", num_layers=6, hidden_size=4, pool=pool, table=Table(), membership=Membership(),
+                 status=dict)
+    tensors = {"hidden": torch.zeros(1, 2, 4), "position_ids": torch.zeros(1, 2, dtype=torch.long)}
+    t0 = time.monotonic()
+    with pytest.raises(SwarmError):
+        gw._forward_chain(tensors, {}, {"model_id": "m"}, deadline=t0 + 4.0)
+    took = time.monotonic() - t0
+    assert 4.0 <= took < 4.0 + FALLBACK_PACE_S + 1.0
+    # bans of 1, 2, 2 ... s apart: a handful of requests in 4 s, not thousands
+    assert 2 <= server.requests <= 5, server.requests
