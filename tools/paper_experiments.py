@@ -5,7 +5,8 @@ churn, against a local single-process run and against the ideal for each network
     python tools/paper_experiments.py                      # SmolLM2-135M, every setting (~10 min on 2 cores)
     python tools/paper_experiments.py --quick              # a few steps per setting (CI)
     python tools/paper_experiments.py --plots docs/plots [--sweeps]   # PNG plots (--sweeps: more points)
-    python tools/paper_experiments.py --model DIR --spans 0:24 24:48 48:70 --dtype bfloat16   # a GPU machine
+    python tools/paper_experiments.py --model DIR --spans 0:24 24:48 48:70 --dtype bfloat16 --device cuda
+                                                           # a GPU machine: adds the offloading baseline
 
 Every networked setting runs three servers (--spans) behind a gateway-only daemon, all with the
 setting's link emulation (SWARMD_NETEM: swarmd/netem.py) on every peer message. Measured per
@@ -42,6 +43,7 @@ class Setting:
     rate_mbit: float = 0.0  # 0: no cap
     churn_life_s: float = 0.0  # each server's mean life (0: no churn)
     local: bool = False
+    offload: bool = False  # the whole model in one process, its weights streamed from RAM each step
 
 
 SETTINGS = [
@@ -55,6 +57,9 @@ SETTINGS = [
     Setting("1 % message loss", "loss=0.01,seed=1"),
     Setting("5 % message loss", "loss=0.05,seed=1"),
 ]
+# the paper's baseline: what one GPU does with a model it cannot hold (on by default with
+# --device cuda; on the CPU it only checks the code path, weights being in RAM already)
+OFFLOAD = Setting("offloading: accelerate cpu_offload", local=True, offload=True)
 
 
 @dataclasses.dataclass
@@ -86,7 +91,7 @@ class Progress:
         self.bar.update(1)
 
 
-def measure(model, ref, prompts: dict[str, torch.Tensor], sizes: Sizes, vocab: int) -> dict:
+def measure(model, ref, prompts: dict[str, torch.Tensor], sizes: Sizes, vocab: int, device: str = "cpu") -> dict:
     """Steps/s of greedy decoding after each prompt (prefill excluded), forward tokens/s at two
     batch sizes, and whether every generation equals the local model's."""
     out: dict = {"same": True}
@@ -104,13 +109,13 @@ def measure(model, ref, prompts: dict[str, torch.Tensor], sizes: Sizes, vocab: i
                 self.stamps.append(time.perf_counter())
                 return scores
 
-        got = model.generate(ids, do_sample=False, max_new_tokens=sizes.steps, min_new_tokens=sizes.steps,
+        got = model.generate(ids.to(device), do_sample=False, max_new_tokens=sizes.steps, min_new_tokens=sizes.steps,
                              pad_token_id=0, logits_processor=LogitsProcessorList([Clock(stamps)]))
-        out["same"] = out["same"] and torch.equal(got, expected)
+        out["same"] = out["same"] and torch.equal(got.cpu(), expected)
         out[f"steps_per_s_{name}"] = (len(stamps) - 1) / (stamps[-1] - stamps[0])  # decode steps only
     g = torch.Generator().manual_seed(0)
     for batch in (1, sizes.large_batch):
-        ids = torch.randint(3, vocab, (batch, sizes.forward_tokens), generator=g)
+        ids = torch.randint(3, vocab, (batch, sizes.forward_tokens), generator=g).to(device)
         with torch.no_grad():
             model(ids)  # warm
             t0 = time.perf_counter()
@@ -145,7 +150,8 @@ def run(a: argparse.Namespace) -> dict:
     g = torch.Generator().manual_seed(1)
     prompts = {"short": torch.randint(3, vocab, (1, sizes.short_prompt), generator=g),
                "long": torch.randint(3, vocab, (1, sizes.long_prompt), generator=g)}
-    chosen = [s for s in SETTINGS if not a.settings or any(k.lower() in s.name.lower() for k in a.settings)]
+    every = [SETTINGS[0], OFFLOAD, *SETTINGS[1:]] if a.offload or a.device.startswith("cuda") else SETTINGS
+    chosen = [s for s in every if not a.settings or any(k.lower() in s.name.lower() for k in a.settings)]
     sweeps = sweep_settings() if a.sweeps else []
     progress = Progress(len(chosen) + len(sweeps), a.no_progress)
     results: dict = {"machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
@@ -156,8 +162,17 @@ def run(a: argparse.Namespace) -> dict:
     for s in chosen + sweeps:
         progress.step(s.name)
         t0 = time.monotonic()
-        if s.local:
-            r = measure(ref, ref, prompts, sizes, vocab)
+        if s.offload:
+            from accelerate import cpu_offload
+
+            offloaded = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+            cpu_offload(offloaded, execution_device=torch.device(a.device))
+            r = measure(offloaded, ref, prompts, sizes, vocab, device=a.device)
+            del offloaded
+        elif s.local:
+            local = ref if a.device == "cpu" else \
+                AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval().to(a.device)
+            r = measure(local, ref, prompts, sizes, vocab, device=a.device)
         else:
             env = {"SWARMD_NETEM": s.netem} if s.netem else None
             with running_swarm(model_dir, spans, extra=extra, env_all=env) as (servers, gw):
@@ -190,7 +205,7 @@ def run(a: argparse.Namespace) -> dict:
                     continue
                 for name in ("short", "long"):
                     ideal = ideal_step_s(Setting(**{k: r[k] for k in ("name", "netem", "delay_ms", "rate_mbit",
-                                                                       "churn_life_s", "local")}),
+                                                                       "churn_life_s", "local", "offload")}),
                                          len(spans), hidden, itemsize, 1 / loop[f"steps_per_s_{name}"])
                     r[f"ideal_steps_per_s_{name}"] = 1 / ideal
                     r[f"vs_ideal_{name}"] = r[f"steps_per_s_{name}"] * ideal
@@ -224,6 +239,20 @@ def tables(results: dict) -> str:
                      f"{ratio} | {r['forward_tokens_per_s_b1']:.0f} | "
                      f"{r['forward_tokens_per_s_b' + str(sizes['large_batch'])]:.0f} | "
                      f"{r.get('failovers', '-')} | {'yes' if r['same'] else 'NO'} |")
+    if results["sweeps"]:
+        lines += ["", "one parameter varied at a time (the plots' extra points):", "",
+                  "| sweep | steps/s short | steps/s long | measured/ideal | failovers | tokens equal |",
+                  "|---|---|---|---|---|---|"]
+        for name, r in results["sweeps"].items():
+            ratio = f"{r['vs_ideal_short']:.2f} / {r['vs_ideal_long']:.2f}" if "vs_ideal_short" in r else "-"
+            extra = f" ({r['kills']} kills, {r['generations']} generations)" if "kills" in r else ""
+            lines.append(f"| {name}{extra} | {r['steps_per_s_short']:.2f} | {r['steps_per_s_long']:.2f} | {ratio} | "
+                         f"{r.get('failovers', '-')} | {'yes' if r['same'] else 'NO'} |")
+    off = results["settings"].get(OFFLOAD.name)
+    if off is not None:  # the paper's comparison: each setting's decode speed over offloading's
+        lines += ["", "steps/s (short) over offloading's: " + ", ".join(
+            f"{name} {r['steps_per_s_short'] / off['steps_per_s_short']:.2f}x"
+            for name, r in results["settings"].items() if not r["local"])]
     return "\n".join(lines)
 
 
@@ -241,11 +270,18 @@ def main(argv=None) -> int:
     p.add_argument("--plots", help="write PNG plots (latency against RTT, bandwidth, loss, churn) here")
     p.add_argument("--sweeps", action="store_true", help="more points for the plots: one parameter varied at a time")
     p.add_argument("--json", help="write every figure to this file")
+    p.add_argument("--offload", action="store_true",
+                   help="add the offloading baseline on the CPU too (with --device cuda it is always there)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--from-json", metavar="FILE", help="print the tables (and --plots) of a saved run; run nothing")
     a = p.parse_args(argv)
-    results = run(a)
+    if a.from_json:
+        with open(a.from_json) as f:
+            results = json.load(f)
+    else:
+        results = run(a)
     print(tables(results))
-    if a.json:
+    if a.json and not a.from_json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=1)
     if a.plots:
@@ -267,8 +303,10 @@ def plot(results: dict, directory: str) -> None:
     def loss(r: dict) -> float:
         return float(r["netem"].split("loss=")[1].split(",")[0]) * 100
 
+    delayed = [r for r in every if r["delay_ms"]]
+    uncapped = [r for r in delayed if not r["rate_mbit"]]  # the sweep's: latency alone on the x axis
     groups = {
-        "rtt": ("RTT (ms)", [(2 * r["delay_ms"], r) for r in every if r["delay_ms"]] + [(0.0, r) for r in base]),
+        "rtt": ("RTT (ms)", [(2 * r["delay_ms"], r) for r in (uncapped or delayed)] + [(0.0, r) for r in base]),
         "bandwidth": ("bandwidth (Mbit/s), 4 ms RTT", [(r["rate_mbit"], r) for r in every
                                                        if r["rate_mbit"] and r["delay_ms"] == 2]),
         "failures": ("message loss (%)", [(loss(r), r) for r in every if "loss=" in r["netem"]]
