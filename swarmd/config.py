@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from libswarm.api.config import API_DEFAULTS, ApiSettings, host_port, parse_api
+from libswarm.api.config import API_DEFAULTS, ApiSettings, host_port, parse_api, read_config_file
 from libswarm.errors import ConfigError
 from libswarm.models import model_from_config
 from swarmd.identity import is_key
@@ -263,17 +263,7 @@ def load_config(path: str, overrides: dict | None = None) -> Config:
     data: Any = {}
     shown = path or "(built-in defaults)"
     if path is not None:
-        try:
-            with open(path) as f:
-                data = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}: not valid YAML{where}") from None
+        data = read_config_file(path)
     if overrides:
         data = _deep_update(dict(data) if isinstance(data, dict) else data, overrides)
     r = _Reader(shown)

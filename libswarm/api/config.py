@@ -81,12 +81,11 @@ def parse_api(section: Any, fail: Fail, base_dir: str) -> ApiSettings:
                        max_concurrent=s["max_concurrent"], route_timeout_s=float(s["route_timeout_s"]))
 
 
-def load_api_config(path: str) -> ApiConfig:
-    """What swarm-api needs from the daemon's config file: `model`, `network.socket`, `api`.
-    The other sections are the daemon's to check."""
+def read_config_file(path: str) -> Any:
+    """The YAML of swarmd's config file (the daemon's and swarm-api's), or a one-line error."""
     try:
         with open(path) as f:
-            data = yaml.safe_load(f) or {}
+            return yaml.safe_load(f) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except OSError as e:
@@ -94,6 +93,12 @@ def load_api_config(path: str) -> ApiConfig:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         raise ConfigError(f"{path}: not valid YAML{f' at line {mark.line + 1}' if mark else ''}") from None
+
+
+def load_api_config(path: str) -> ApiConfig:
+    """What swarm-api needs from the daemon's config file: `model`, `network.socket`, `api`.
+    The other sections are the daemon's to check."""
+    data = read_config_file(path)
 
     def fail(key: str, problem: str) -> ConfigError:
         return ConfigError(f"{path}: {key}: {problem}")

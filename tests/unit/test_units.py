@@ -23,9 +23,8 @@ def installed_copy(tmp_path, name: str, as_name: str | None = None) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("name, as_name", [("swarmd.service", None), ("swarmd@.service", "swarmd@0.service")])
-def test_units_verify_and_are_hardened(tmp_path, name, as_name):
-    unit = installed_copy(tmp_path, name, as_name)
+def verified_and_hardened(unit: str) -> str:
+    """systemd verifies the unit and rates its exposure within MAX_EXPOSURE; returns its text."""
     r = subprocess.run(["systemd-analyze", "verify", unit], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     r = subprocess.run(["systemd-analyze", "security", "--offline=yes", unit], capture_output=True, text=True,
@@ -33,7 +32,13 @@ def test_units_verify_and_are_hardened(tmp_path, name, as_name):
     m = re.search(r"Overall exposure level for \S+: ([\d.]+)", r.stdout + r.stderr)
     assert m, r.stdout[-500:]
     assert float(m.group(1)) <= MAX_EXPOSURE
-    text = open(unit).read()
+    return open(unit).read()
+
+
+@pytest.mark.parametrize("name, as_name", [("swarmd.service", None), ("swarmd@.service", "swarmd@0.service")])
+def test_units_verify_and_are_hardened(tmp_path, name, as_name):
+    unit = installed_copy(tmp_path, name, as_name)
+    text = verified_and_hardened(unit)
     assert "Type=notify" in text and "WatchdogSec=" in text and "DevicePolicy=closed" in text
     # resource bounds: a flood or a leak is stopped with swarmd, not with the machine
     for bound in ("LimitNOFILE=", "TasksMax=", "MemoryMax="):
@@ -42,14 +47,7 @@ def test_units_verify_and_are_hardened(tmp_path, name, as_name):
 
 def test_swarm_api_unit_verifies_runs_after_swarmd_and_is_hardened(tmp_path):
     unit = installed_copy(tmp_path, "swarm-api.service")
-    r = subprocess.run(["systemd-analyze", "verify", unit], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    r = subprocess.run(["systemd-analyze", "security", "--offline=yes", unit], capture_output=True, text=True,
-                       timeout=60)
-    m = re.search(r"Overall exposure level for \S+: ([\d.]+)", r.stdout + r.stderr)
-    assert m, r.stdout[-500:]
-    assert float(m.group(1)) <= MAX_EXPOSURE
-    text = open(unit).read()
+    text = verified_and_hardened(unit)
     assert re.search(r"^After=.*swarmd\.service", text, re.M) and "--config /etc/swarmd/swarmd.yaml" in text
     assert "InaccessiblePaths=-/var/lib/swarmd/node.key" in text  # the HTTP side cannot read the node's key
     for bound in ("LimitNOFILE=", "TasksMax=", "MemoryMax="):
