@@ -116,9 +116,6 @@ class Checkpoint:
                 return key[: m.start(2)]
         raise ModelError(f"{self.dir}: no transformer block tensors found in the checkpoint")
 
-    def has(self, name: str) -> bool:
-        return name in self.index
-
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         """Read just these tensors, opening each file once."""
         from safetensors import safe_open

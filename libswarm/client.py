@@ -152,6 +152,16 @@ class SwarmClient:
                 adapter: str | None = None) -> torch.Tensor:
         """The last block's output for `hidden` (block 0's input), with no cache; `lora`: the
         client's adapters by wire name ([num_layers, ...] each), applied for this call only."""
+        return self.forward_with_info(model_id, hidden, position_ids, key_mask, route_timeout_s, lora, lora_scaling,
+                                      adapter)[0]
+
+    def forward_with_info(self, model_id: str, hidden: torch.Tensor, position_ids: torch.Tensor | None = None,
+                          key_mask: torch.Tensor | None = None, route_timeout_s: float | None = None,
+                          lora: dict[str, torch.Tensor] | None = None, lora_scaling: float | None = None,
+                          adapter: str | None = None, keep: bool = False) -> tuple[torch.Tensor, dict]:
+        """`forward`, and the reply's fields. With `keep`, the gateway keeps each hop's input for
+        the backward of this pass: give the reply's `pass` to `backward` (which then does not
+        run the blocks forward again)."""
         fields: dict = {"model_id": model_id}
         if route_timeout_s is not None:
             fields["route_timeout_s"] = route_timeout_s
@@ -159,20 +169,28 @@ class SwarmClient:
             fields["lora_scaling"] = lora_scaling
         if adapter is not None:
             fields["adapter"] = adapter
+        if keep:
+            fields["keep"] = True
         reply = self.request("forward", fields, {**_inputs(hidden, position_ids, key_mask), **(lora or {})})
-        return _hidden(reply)
+        return _hidden(reply), reply.fields
 
 
     def backward(self, model_id: str, hidden: torch.Tensor, grad_output: torch.Tensor,
                  position_ids: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
                  route_timeout_s: float | None = None, lora: dict[str, torch.Tensor] | None = None,
-                 lora_scaling: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                 lora_scaling: float | None = None, pass_id: str | None = None
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The gradient w.r.t. `hidden` (the input of block 0) of the block stack's output, given
         the gradient of that output, and the gradients of the LoRA tensors (`grad_<wire name>`).
-        Servers recompute the forward; nothing is kept there."""
+        Servers recompute the forward inside their blocks; nothing is kept there. `pass_id`: the
+        `pass` of a `forward_with_info(keep=True)` of the same inputs, whose hop inputs the
+        gateway kept (without it, or once it has expired, the gateway runs the chain forward
+        again first)."""
         fields: dict = {"model_id": model_id}
         if route_timeout_s is not None:
             fields["route_timeout_s"] = route_timeout_s
+        if pass_id is not None:
+            fields["pass"] = pass_id
         if lora and lora_scaling is not None:
             fields["lora_scaling"] = lora_scaling
         reply = self.request("backward", fields, {**_inputs(hidden, position_ids, key_mask),

@@ -126,23 +126,28 @@ class _SwarmCache:
 
 
 class RemoteBlocks(torch.autograd.Function):
-    """The swarm's blocks as one autograd node: forward through the gateway, and backward by
-    sending the same input with the output's gradient (servers recompute and differentiate).
+    """The swarm's blocks as one autograd node: forward through the gateway (which keeps each
+    hop's input), and backward by sending the same input with the output's gradient and the
+    forward's pass id (servers recompute their blocks and differentiate).
     The client's LoRA parameters, if any, are inputs of the node, so they get gradients too."""
 
     @staticmethod
     def forward(ctx, hidden, positions, key_mask, model, *lora_params):  # type: ignore[override]
         ctx.model, ctx.positions, ctx.key_mask = model, positions, key_mask
         ctx.save_for_backward(hidden)
-        return model.client.forward(model.model_id, hidden.detach(), positions, key_mask,
-                                    route_timeout_s=model.route_timeout_s, **model._lora_wire()).to(hidden.dtype)
+        out, fields = model.client.forward_with_info(model.model_id, hidden.detach(), positions, key_mask,
+                                                     route_timeout_s=model.route_timeout_s, keep=True,
+                                                     **model._lora_wire())
+        ctx.pass_id = fields.get("pass")  # the gateway keeps each hop's input for backward
+        return out.to(hidden.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):  # type: ignore[override]
         (hidden,) = ctx.saved_tensors
         m = ctx.model
         grad, lora_grads = m.client.backward(m.model_id, hidden.detach(), grad_output.contiguous(), ctx.positions,
-                                             ctx.key_mask, route_timeout_s=m.route_timeout_s, **m._lora_wire())
+                                             ctx.key_mask, route_timeout_s=m.route_timeout_s, pass_id=ctx.pass_id,
+                                             **m._lora_wire())
         trainables = m._trainables()
         missing = [n for n, _ in trainables if f"grad_{n}" not in lora_grads]
         if missing:

@@ -5,7 +5,6 @@ as data, and a test keeps the two in step."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ DEFAULTS: dict[str, Any] = {
         "rebalance_interval_s": 60,
         "drain_timeout_s": 300,
         "stall_timeout_s": 300,
+        "threads": "auto",
         "adapters": {},
         "cache": {"max_bytes": "auto", "kv_dtype": "auto"},
         "limits": {"sessions_per_key": 1024, "cache_share_per_key": 0.5, "requests_per_s_per_key": 5000},
@@ -89,6 +89,7 @@ class ServeConfig:
     rebalance_interval_s: float
     drain_timeout_s: float
     stall_timeout_s: float
+    threads: int | None  # torch's compute threads on CPU; None: torch's default (one per core)
     adapters: tuple[tuple[str, str], ...]  # (name, PEFT adapter directory)
     cache: CacheConfig
     limits: LimitsConfig
@@ -140,13 +141,6 @@ class Config:
     api: ApiSettings
     state_dir: str
     log_level: str
-
-    @property
-    def serves_blocks(self) -> bool:
-        return self.serve.blocks != "none"
-
-    def replace(self, **changes) -> Config:
-        return dataclasses.replace(self, **changes)
 
 
 class _Reader:
@@ -286,6 +280,7 @@ def load_config(path: str, overrides: dict | None = None) -> Config:
         rebalance_interval_s=float(r.positive_int("serve.rebalance_interval_s", s["rebalance_interval_s"]) or 1),
         drain_timeout_s=float(r.positive_int("serve.drain_timeout_s", s["drain_timeout_s"]) or 1),
         stall_timeout_s=float(r.positive_int("serve.stall_timeout_s", s["stall_timeout_s"]) or 1),
+        threads=r.positive_int("serve.threads", s["threads"], allow_auto=True),
         adapters=_adapters(r, s["adapters"], base_dir),
         cache=CacheConfig(
             max_bytes=r.size("serve.cache.max_bytes", s["cache"]["max_bytes"], allow_auto=True),

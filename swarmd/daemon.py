@@ -4,12 +4,13 @@ Start-up order matters to operators: the local socket comes up first, so `swarmc
 answers while weights load. The peer plane binds next, before anything is loaded, so that a
 server can gossip the span it intends to take (record state `joining`, then `loading`): servers
 started together see each other's choices and do not all take the same blocks. Until the span
-is loaded it answers only gossip, ping and info, and no gateway routes to it (only `online`
+is loaded it answers only gossip and ping, and no gateway routes to it (only `online`
 servers are routed to)."""
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import socket
 import threading
@@ -25,25 +26,25 @@ from libswarm.errors import ConfigError, SwarmError
 from libswarm.protocol import PROTOCOL_VERSION
 from swarmd.balancer import Balancer
 from swarmd.config import Config, load_config
-from swarmd.discovery.access import AccessControl
 from swarmd.discovery.keyquery import KeyResponder, split_address
 from swarmd.discovery.mdns import Mdns
 from swarmd.discovery.membership import FINGERPRINT_PREFIX, Membership
 from swarmd.discovery.records import MAX_ADDRESSES
 from swarmd.discovery.table import PeerTable
-from swarmd.gateway.connection import ConnectionPool
 from swarmd.gateway.gateway import Gateway
-from swarmd.gateway.routing import ServerSpan, missing_blocks
 from swarmd.identity import load_or_create_identity, next_incarnation
 from swarmd.local import LocalServer
-from swarmd.metrics import MetricsServer
-from swarmd.metrics import render as render_metrics
+from swarmd.metrics import MetricsServer, registry
+from swarmd.peer import failpoints
 from swarmd.peer.server import SpanServer
 from swarmd.placement import blocks_that_fit
+from swarmd.routing import ServerSpan, missing_blocks
 from swarmd.runtime.cache import CacheBudget
 from swarmd.runtime.span import Span
 from swarmd.runtime.speed import BlockSpeed, measure_block_speed
 from swarmd.sdnotify import notify
+from swarmd.transport.access import AccessControl
+from swarmd.transport.connection import ConnectionPool
 
 log = logging.getLogger("swarmd")
 
@@ -183,8 +184,8 @@ class Daemon:
         if self.config.metrics.listen is not None:
             host, port = self.config.metrics.listen
             try:
-                metrics = MetricsServer(host, port, lambda: render_metrics(
-                    self.status(), self.server.step_seconds if self.server else None))
+                metrics = MetricsServer(host, port, registry(
+                    self.status, lambda: self.server.step_seconds if self.server else None))
             except OSError as e:
                 raise ConfigError(f"{self.config.path}: metrics.listen: cannot bind {host}:{port}: {e.strerror}") \
                     from None
@@ -231,10 +232,7 @@ class Daemon:
 
     def _start_access(self) -> None:
         """The ZAP handler must be up before the peer plane binds: no handshake goes unchecked."""
-        ready = threading.Event()
-        self._thread("zap", lambda stop: self.access.serve(self.zctx, stop, ready))
-        if not ready.wait(5):
-            raise SwarmError("the access control thread did not start")
+        self.access.start(self.zctx)
 
     def _bind_peer_plane(self) -> None:
         """Bind the peer plane before loading: gossip (and the span this server announces) flows
@@ -247,6 +245,7 @@ class Daemon:
         server = self.server
         self.server.handlers["gossip"] = lambda msg: self.membership.on_gossip(msg, sender=server.sender)
         self.server.drain_timeout_s = s.drain_timeout_s
+        failpoints.install(self.server, os.environ.get("SWARMD_FAILPOINTS", ""))
         self.server.adapter_dirs = dict(s.adapters)
         try:
             bound = self.server.bind(self.config.network.listen)
@@ -298,6 +297,7 @@ class Daemon:
         self.stop_event.set()
         for t in self.threads:
             t.join(timeout=5)
+        self.access.stop()
         self.pool.close_all()
         self.zctx.destroy(linger=0)
 
@@ -380,7 +380,8 @@ class Daemon:
                 "used_bytes": budget.used_bytes if budget else 0,
                 "free_bytes": budget.free_bytes if budget else 0,
             },
-            "stats": vars(self.server.stats).copy() if self.server else {},
+            "stats": {**vars(self.server.stats), "shed": self.server.compute.shed,
+                      "queued": self.server.compute.queued()} if self.server else {},
             "peer_plane": {  # what other peers hold here: bounded, whatever they send
                 "pushes_waiting": len(self.server.pushed) if self.server else 0,
                 "steps_waiting": len(self.server.pending) if self.server else 0,
@@ -390,7 +391,9 @@ class Daemon:
                 "sessions": len(self.gateway.sessions),
                 "failovers": self.gateway.failovers,
                 "last_failover": self.gateway.last_failover,
-                "banned": sorted(self.gateway.bans.banned()),
+                "banned": sorted(self.gateway.router.bans.banned()),
+                "kept_passes": len(self.gateway.training.kept),
+                "kept_bytes": self.gateway.training.kept.nbytes,
             },
             "membership": {
                 "access": self.access.mode,

@@ -62,7 +62,7 @@ class NodeIdentity:
 
     @property
     def short_id(self) -> str:
-        return self.public_key[:8]
+        return short_id(self.public_key)
 
     @cached_property
     def _signer(self) -> Ed25519PrivateKey:
@@ -73,6 +73,15 @@ class NodeIdentity:
 
     def __repr__(self) -> str:  # never print the seed
         return f"NodeIdentity({self.public_key})"
+
+
+def short_id(key: str | None) -> str:
+    """The form of a node id people read, type and say aloud: the first 4 bytes of the key in
+    hex (`3fa8c2d1`), where the Z85 text would need shell quoting (`h7)}%^hB`). "?" for none."""
+    if not is_key(key):
+        return "?"
+    assert key is not None
+    return z85.decode(key[:10].encode())[:4].hex()
 
 
 def node_id_of_sign_key(sign_key: str) -> str:

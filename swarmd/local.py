@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import zmq
 
 from libswarm.errors import ConfigError, ProtocolError, SwarmError
-from libswarm.protocol import Message, decode, error_reply, ok_reply
+from libswarm.protocol import Message, decode, error_reply, ok_reply, registry
 
 log = logging.getLogger("swarmd.local")
 
@@ -107,9 +107,10 @@ class LocalServer:
         try:
             msg = decode(body)
             req_id = msg.id
+            registry.check(registry.LOCAL, msg)
             handler = self.handlers.get(msg.type)
             if handler is None:
-                raise ProtocolError(f"unknown request type {msg.type!r}")
+                raise ProtocolError(f"{msg.type!r} is not served by this daemon")
             fields, tensors = handler(msg)
             reply = ok_reply(req_id, fields, tensors)
         except SwarmError as e:

@@ -41,11 +41,10 @@ def main(argv: list[str] | None = None) -> int:
         notify(f"STATUS=not started: {e}")  # what `systemctl status swarmd` shows the operator
         return 2
     setup_logging(config.log_level)
-    threads = os.environ.get("SWARMD_TORCH_THREADS")
-    if threads:
+    if config.serve.threads:
         import torch
 
-        torch.set_num_threads(int(threads))
+        torch.set_num_threads(config.serve.threads)
 
     from swarmd.daemon import Daemon
 

@@ -58,7 +58,9 @@ class Daemon:
         self.config_path = os.path.join(self.dir, "swarmd.yaml")
         self.cfg: dict = {
             "model": model_dir,
-            "serve": {"blocks": blocks, "device": "cpu", "dtype": "float32", "cache": {"max_bytes": "64MiB"}},
+            # one compute thread per daemon: several daemons share this machine's cores
+            "serve": {"blocks": blocks, "device": "cpu", "dtype": "float32", "cache": {"max_bytes": "64MiB"},
+                      "threads": 1},
             "network": {"listen": self.address, "socket": self.socket},
             "discovery": {"mdns": False, "seeds": []},
             "state_dir": os.path.join(self.dir, "state"),
@@ -80,8 +82,7 @@ class Daemon:
 
     def start(self, seeds: list[str]) -> Daemon:
         self.write_config(seeds)
-        # one compute thread per daemon: several daemons share this machine's cores
-        env = dict(os.environ, SWARMD_TORCH_THREADS="1", **self.env)
+        env = dict(os.environ, **self.env)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen([*self.prefix, SWARMD, "--config", self.config_path], stdout=log,
                                          stderr=subprocess.STDOUT, start_new_session=True, env=env)

@@ -9,7 +9,7 @@ churn, against a local single-process run and against the ideal for each network
                                                            # a GPU machine: adds the offloading baseline
 
 Every networked setting runs three servers (--spans) behind a gateway-only daemon, all with the
-setting's link emulation (SWARMD_NETEM: swarmd/netem.py) on every peer message. Measured per
+setting's link emulation (SWARMD_NETEM: swarmd/transport/netem.py) on every peer message. Measured per
 setting, in one run: inference steps/s after a short and after a long prompt; forward tokens/s at
 batch 1 and at a large batch; and for the networked ones the ideal (one-way delays along the
 route with push, n+1 messages per decode step, plus each message's transfer time at the cap, plus

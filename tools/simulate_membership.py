@@ -52,11 +52,11 @@ time.time = CLOCK.time
 from libswarm.errors import PeerUnavailableError  # noqa: E402
 from libswarm.protocol import Message, decode, encode  # noqa: E402
 from swarmd.discovery import records as records_module  # noqa: E402
-from swarmd.discovery.access import AccessControl  # noqa: E402
 from swarmd.discovery.membership import Membership  # noqa: E402
 from swarmd.discovery.records import Record  # noqa: E402
 from swarmd.discovery.table import PeerTable  # noqa: E402
 from swarmd.identity import NodeIdentity  # noqa: E402
+from swarmd.transport.access import AccessControl  # noqa: E402
 
 records_module.verify = functools.lru_cache(maxsize=None)(records_module.verify)
 logging.getLogger("swarmd").setLevel(logging.ERROR)  # a refusal per member would be thousands of lines

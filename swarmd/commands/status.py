@@ -4,6 +4,7 @@ import argparse
 
 from swarmd.commands.base import Command, human_bytes
 from swarmd.commands.peers import peer_rows
+from swarmd.identity import short_id
 
 
 def coverage_line(cov: dict) -> str:
@@ -39,7 +40,7 @@ class StatusCommand(Command):
         blocks = f"{s['blocks'][0]}:{s['blocks'][1]}" if s["blocks"] else "none (gateway only)"
         lines = [
             f"swarmd {r['version']} (protocol {r['protocol']}), {r['state']}, up {r['uptime_s']:.0f} s, "
-            f"node {r['node_id'][:8]}",
+            f"node {short_id(r['node_id'])}",
             f"model     {m['id']}  ({m['architecture']}, {m['num_layers']} blocks, {m['path']})",
             f"serving   blocks {blocks} on {s['device']} as {s['dtype']}"
             + (f" at {r['address']}" if r["address"] else ""),

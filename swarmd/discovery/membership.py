@@ -36,12 +36,12 @@ from libswarm import __version__
 from libswarm.errors import SwarmError
 from libswarm.protocol import PROTOCOL_VERSION, Message
 from swarmd.config import Seed
-from swarmd.discovery.access import AccessControl
 from swarmd.discovery.keyquery import query_key
 from swarmd.discovery.records import MAX_RTTS, Beat, Record, RecordError, decode_beat, decode_record
 from swarmd.discovery.table import LARGE_BUCKETS, MAX_NODES, MAX_REPLY_BYTES, SMALL_BUCKETS, TAG_CHARS, PeerTable
-from swarmd.gateway.connection import ConnectionPool
-from swarmd.identity import NodeIdentity, is_key
+from swarmd.identity import NodeIdentity, is_key, short_id
+from swarmd.transport.access import AccessControl
+from swarmd.transport.connection import ConnectionPool
 
 log = logging.getLogger("swarmd.discovery")
 
@@ -312,7 +312,7 @@ class Membership:
             result = self.table.merge_beat(beat)
             if result == "bad":
                 self.rejected += 1
-                self._log_once(source, f"beat of {beat.node_id[:8]}: bad signature")
+                self._log_once(source, f"beat of {short_id(beat.node_id)}: bad signature")
             elif result == "newer":
                 newer += 1
                 if doubted:
@@ -502,7 +502,7 @@ class Membership:
                             raise SwarmError("does not answer the key query (no swarmd there, or UDP blocked)")
                         self.add_hint(address, key, self.hints[address].source if address in self.hints else "seed")
                     if not self.access.allows(key):
-                        raise SwarmError(f"its key {key[:8]} is not allowed in this private swarm")
+                        raise SwarmError(f"its key {short_id(key)} is not allowed in this private swarm")
                     conn = self.pool.get(address, key)
                     ae = ae_all or ae_one
                     ae_one = ae_one and not ae
@@ -658,7 +658,7 @@ class Membership:
             hints = list(self.hints.values())
         for h in hints:
             if h.address not in known:
-                rows.append({"node_id": h.key, "short_id": (h.key or "-")[:8], "address": h.address,
+                rows.append({"node_id": h.key, "short_id": short_id(h.key) if h.key else "-", "address": h.address,
                              "addresses": [h.address], "model_id": None, "span": None,
                              "state": "unreachable" if h.failures else "contacting", "throughput": 0.0,
                              "cache_free_bytes": 0, "sessions": 0, "version": "", "protocol": "", "rtt_ms": None,

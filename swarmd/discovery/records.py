@@ -24,7 +24,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from libswarm.errors import ProtocolError
-from swarmd.identity import NodeIdentity, is_key, node_id_of_sign_key, verify
+from swarmd.identity import NodeIdentity, is_key, node_id_of_sign_key, short_id, verify
 
 MAX_RECORD_BYTES = 16 * 1024
 MAX_CLOCK_SKEW_S = 30.0  # a record stamped further ahead than this is "from the future"
@@ -73,7 +73,7 @@ class Record:
 
     @property
     def short_id(self) -> str:
-        return self.node_id[:8]
+        return short_id(self.node_id)
 
     @property
     def version_key(self) -> tuple[int, int]:
@@ -142,29 +142,29 @@ def decode_record(wire: object, now: float | None = None) -> Record:
     if not is_key(node_id) or not is_key(sign_key):
         raise RecordError("record node_id or sign_key is not a Z85 key")
     if node_id_of_sign_key(sign_key) != node_id:
-        raise RecordError(f"record of {node_id[:8]}: its signing key belongs to another node")
+        raise RecordError(f"record of {short_id(node_id)}: its signing key belongs to another node")
     try:
         sig = base64.b64decode(wire["sig"], validate=True)
     except (binascii.Error, ValueError):
-        raise RecordError(f"record of {node_id[:8]}: signature is not base64") from None
+        raise RecordError(f"record of {short_id(node_id)}: signature is not base64") from None
     if not verify(sign_key, sig, body.encode()):
-        raise RecordError(f"record of {node_id[:8]}: bad signature")
+        raise RecordError(f"record of {short_id(node_id)}: bad signature")
     addresses = _type(d, "addresses", list)
     if not (1 <= len(addresses) <= MAX_ADDRESSES) or not all(
         isinstance(a, str) and a.startswith("tcp://") and len(a) < 256 for a in addresses
     ):
-        raise RecordError(f"record of {node_id[:8]}: addresses must be 1..{MAX_ADDRESSES} tcp:// strings")
+        raise RecordError(f"record of {short_id(node_id)}: addresses must be 1..{MAX_ADDRESSES} tcp:// strings")
     state = _type(d, "state", str)
     if state not in STATES:
-        raise RecordError(f"record of {node_id[:8]}: unknown state {state!r}")
+        raise RecordError(f"record of {short_id(node_id)}: unknown state {state!r}")
     timestamp = float(_type(d, "timestamp", (int, float)))
     now = time.time() if now is None else now
     if not math.isfinite(timestamp) or timestamp > now + MAX_CLOCK_SKEW_S:
-        raise RecordError(f"record of {node_id[:8]} is from the future ({timestamp - now:.0f} s ahead)")
+        raise RecordError(f"record of {short_id(node_id)} is from the future ({timestamp - now:.0f} s ahead)")
     try:
         return _fields(d, node_id, sign_key, addresses, state, timestamp)
     except RecordError as e:
-        raise RecordError(f"record of {node_id[:8]}: {str(e).removeprefix('record ')}") from None
+        raise RecordError(f"record of {short_id(node_id)}: {str(e).removeprefix('record ')}") from None
 
 
 def _fields(d: dict, node_id: str, sign_key: str, addresses: list, state: str, timestamp: float) -> Record:
@@ -239,14 +239,14 @@ def decode_beat(wire: object) -> Beat:
     if not (isinstance(node_id, str) and is_key(node_id)):
         raise RecordError("beat without a node id")
     if not (_is_count(inc) and _is_count(beat)):
-        raise RecordError(f"beat of {node_id[:8]}: inc and beat must be counts")
+        raise RecordError(f"beat of {short_id(node_id)}: inc and beat must be counts")
     assert isinstance(inc, int) and isinstance(beat, int)
     if not isinstance(sig, str) or len(sig) > 128:
-        raise RecordError(f"beat of {node_id[:8]}: malformed signature")
+        raise RecordError(f"beat of {short_id(node_id)}: malformed signature")
     try:
         raw = base64.b64decode(sig, validate=True)
     except (binascii.Error, ValueError):
-        raise RecordError(f"beat of {node_id[:8]}: signature is not base64") from None
+        raise RecordError(f"beat of {short_id(node_id)}: signature is not base64") from None
     return Beat(node_id, inc, beat, raw)
 
 

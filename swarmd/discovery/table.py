@@ -26,7 +26,7 @@ import zlib
 from dataclasses import dataclass
 
 from swarmd.discovery.records import Beat, Record
-from swarmd.gateway.routing import ServerSpan
+from swarmd.routing import ServerSpan
 
 GOSSIP_INTERVAL_S = 1.0
 FORGET_AFTER_S = 60.0
@@ -334,7 +334,10 @@ class PeerTable:
                 continue
             block_s = 1.0 / (r.throughput * (r.span[1] - r.span[0])) if r.throughput > 0 else None
             rtt_s = 0.0 if e.is_self else (e.rtt_ms / 1000 if e.rtt_ms is not None else None)
-            out.append(ServerSpan(e.address, r.span[0], r.span[1], r.cache_free_bytes, block_s, rtt_s))
+            forward_block_s = (1.0 / (r.forward_throughput * (r.span[1] - r.span[0]))
+                               if r.forward_throughput > 0 else None)
+            out.append(ServerSpan(e.address, r.span[0], r.span[1], r.cache_free_bytes, block_s, rtt_s,
+                                  forward_block_s))
         return out
 
     def to_json(self, e: Entry) -> dict:

@@ -1,7 +1,11 @@
 """The peer plane's server role: a ROUTER socket serving one span of blocks.
 
-Requests are handled inline in this thread, in arrival order: a decode step is a few
-milliseconds of compute, and a hand-off to another thread would cost more than it saves.
+The thread that owns the socket answers gossip, ping, info, open, close and pushes itself,
+and runs small decode steps inline, in arrival order: such a step is a few milliseconds of
+compute, and a hand-off to another thread would cost more than it saves. Forward and backward
+passes and large steps (prefills) go to the compute thread (compute.py), which runs steps
+first: a long pass delays neither liveness nor other sessions' tokens.
+
 Every request gets exactly one reply; a request that fails gets an error reply and leaves
 every other session untouched."""
 
@@ -9,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import secrets
 import threading
 import time
@@ -30,19 +33,20 @@ from libswarm.errors import (
     TensorError,
     WrongModelError,
 )
-from libswarm.protocol import Message, decode, error_reply, ok_reply
+from libswarm.protocol import Message, decode, error_reply, ok_reply, registry
 from swarmd.config import LimitsConfig
-from swarmd.discovery.access import ZAP_DOMAIN, AccessControl
-from swarmd.gateway.connection import ConnectionPool
-from swarmd.identity import NodeIdentity, is_key
+from swarmd.identity import NodeIdentity, is_key, short_id
 from swarmd.inputs import beam_order, positions_and_mask
 from swarmd.logs import RateLimitedLog
-from swarmd.metrics import Histogram
-from swarmd.netem import Link, frames_size, process_profile
+from swarmd.metrics import step_histogram
+from swarmd.peer.compute import PASS, STEP, ComputeThread
 from swarmd.peer.limits import KeyLimits
 from swarmd.runtime.adapters import load_adapter, slice_lora
 from swarmd.runtime.cache import CacheBudget, SessionCache
 from swarmd.runtime.span import Lora, Span
+from swarmd.transport.access import ZAP_DOMAIN, AccessControl
+from swarmd.transport.connection import ConnectionPool
+from swarmd.transport.netem import Link, frames_size, process_profile
 
 log = logging.getLogger("swarmd.peer")
 
@@ -60,7 +64,8 @@ MAX_EARLY_PUSHES_PER_SESSION = 4
 MAX_PUSH_PEERS = 64  # connections kept for pushing to next hops; the least recently used goes
 LOG_EVERY_S = 10.0  # refused requests are logged at most once per peer and reason this often
 DEFERRED = object()  # a handler's answer when the reply is sent later (a step waiting for its push)
-WHILE_JOINING = ("gossip", "ping", "info")  # answered before the span is loaded
+INLINE_MAX_TOKENS = 32  # a step of at most this many tokens (batch x length) runs on the socket's thread
+WHILE_JOINING = ("gossip", "ping")  # answered before the span is loaded
 
 
 @dataclass
@@ -87,6 +92,7 @@ class ServerSession:
     # elsewhere in the route gets the same answer, and the cache does not advance twice
     last_step: int | None = None
     last_output: torch.Tensor | None = None
+    queued: int = 0  # its steps on the compute thread: while any is, its next steps queue behind them
 
 
 @dataclass
@@ -133,11 +139,11 @@ class SpanServer:
         self._current: tuple[bytes, int, str | None] = (b"", 0, None)  # (ident, request id, sender key)
         self.quiet_log = RateLimitedLog(log, LOG_EVERY_S)
         self.key_limits = KeyLimits(limits)
-        # benchmarks and tests: emulated links back to each caller (swarmd/netem.py), else None
+        # benchmarks and tests: emulated links back to each caller (swarmd/transport/netem.py), else None
         self.netem = process_profile()
         self.links: dict[bytes, Link] = {}
-        # test-only fault injection, e.g. SWARMD_FAILPOINTS=exit_on_replay
-        self.failpoints = set(filter(None, os.environ.get("SWARMD_FAILPOINTS", "").split(",")))
+        self.compute = ComputeThread(zctx)
+        self._stats_lock = threading.Lock()  # the socket's and the compute thread both count
         # moving to other blocks (rebalancing): the new span, handed over by another thread and
         # switched to by the serving thread; earlier spans drain their sessions until a deadline
         self._next_span: Span | None = None
@@ -146,12 +152,11 @@ class SpanServer:
         self.old_spans: list[tuple[Span, float]] = []  # (span, drain deadline, monotonic)
         self.drain_timeout_s = 300.0
         self.draining = False  # stopping: no new sessions
-        self.step_seconds = Histogram()
+        self.step_seconds = step_histogram()
         self.busy_since: float | None = None  # monotonic start of the request being handled, if any
         self.adapter_dirs: dict[str, str] = {}  # serve.adapters
         self.adapters: dict[str, Lora] = {}  # loaded for the current span
         self.handlers = {
-            "info": self.on_info,
             "open": self.on_open,
             "step": self.on_step,
             "close": self.on_close,
@@ -166,8 +171,8 @@ class SpanServer:
 
     def attach(self, span: Span, budget: CacheBudget, adapters: dict[str, Lora]) -> None:
         """From another thread, once: start serving `span`. Until then (a server that binds
-        before it loads, so the swarm can see the span it announced) only gossip, ping and
-        info are answered. The span goes last: the serving thread checks it first."""
+        before it loads, so the swarm can see the span it announced) only gossip and ping
+        are answered. The span goes last: the serving thread checks it first."""
         self.budget, self.adapters, self.span = budget, adapters, span
         self.attached = True
 
@@ -175,11 +180,15 @@ class SpanServer:
     def serve(self, stop: threading.Event) -> None:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.compute.wakeups, zmq.POLLIN)
         last_sweep = time.monotonic()
         while not stop.is_set():
             if self._next_span is not None:
                 self._switch()
-            if poller.poll(POLL_INTERVAL_MS):
+            events = dict(poller.poll(POLL_INTERVAL_MS))
+            if self.compute.wakeups in events:
+                self._deliver()
+            if self.sock in events:
                 while True:
                     try:
                         frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -193,6 +202,7 @@ class SpanServer:
             if time.monotonic() - last_sweep >= POLL_INTERVAL_MS / 1000:  # not on every decode step
                 self.expire_idle()
                 last_sweep = time.monotonic()
+        self.compute.stop()
         self.sock.close(0)
         self.peers.close_all()
         for sid in list(self.sessions):
@@ -207,39 +217,65 @@ class SpanServer:
         try:
             msg = decode(body)
             req_id = msg.id
-            try:
-                self.key_limits.admit_request(sender)
-            except LimitError:
-                if msg.type == "push":
-                    return  # never answered: dropped
-                raise
-            if not self.attached and msg.type not in WHILE_JOINING:
-                if msg.type == "push":
+            if msg.type == "push":  # fire-and-forget from another server: never answered, dropped if bad
+                try:
+                    self.key_limits.admit_request(sender)
+                except LimitError:
                     return
+                if self.attached:
+                    self.on_push(msg, sender)
+                return
+            self.key_limits.admit_request(sender)
+            registry.check(registry.PEER, msg)
+            if not self.attached and msg.type not in WHILE_JOINING:
                 # a restarted server no gateway has seen leave: answered like a moved span, so that
                 # the gateway routes around it (a limit error would go back to the app)
                 raise SpanMovedError("this server is still joining the swarm: it serves no blocks yet")
-            if msg.type == "push":  # fire-and-forget from another server: never answered
-                self.on_push(msg, sender)
-                return
             handler = self.handlers.get(msg.type)
             if handler is None:
-                raise ProtocolError(f"unknown message type {msg.type!r}")
+                raise ProtocolError(f"{msg.type!r} is not served by this daemon")
             self._current = (ident, req_id, sender)
             result = handler(msg)
             if result is DEFERRED:
                 return
             reply = ok_reply(req_id, *result)
-        except SwarmError as e:
-            self.stats.errors += 1
-            self.quiet_log.info((sender, type(e).__name__), "request %s from %s refused: %s", req_id,
-                                (sender or "?")[:8], e)
-            reply = error_reply(req_id, e)
-        except Exception as e:  # a bug must cost one request, never the daemon
-            self.stats.errors += 1
-            log.exception("request %s failed", req_id)
-            reply = error_reply(req_id, e)
+        except Exception as e:
+            reply = self._error_reply(req_id, sender, e)
         self._send(ident, reply, req_id)
+
+    def _error_reply(self, req_id: int, sender: str | None, e: Exception) -> list:
+        self._count(errors=1)
+        if isinstance(e, SwarmError):
+            self.quiet_log.info((sender, type(e).__name__), "request %s from %s refused: %s", req_id,
+                                short_id(sender), e)
+        else:  # a bug must cost one request, never the daemon
+            log.exception("request %s failed", req_id, exc_info=e)
+        return error_reply(req_id, e)
+
+    def _count(self, **added: int) -> None:
+        with self._stats_lock:
+            for name, n in added.items():
+                setattr(self.stats, name, getattr(self.stats, name) + n)
+
+    # --- work for the compute thread -------------------------------------------------------------
+    def _defer(self, priority: int, work: Callable[[], tuple], ident: bytes, req_id: int, sender: str | None,
+               deadline: float | None, done: Callable[[], None] | None = None) -> object:
+        """Run `work` (a handler's computation, returning its reply's fields and tensors) on the
+        compute thread; its reply is sent when it is done."""
+        def run() -> list:
+            try:
+                return ok_reply(req_id, *work())
+            except Exception as e:
+                return self._error_reply(req_id, sender, e)
+        self.compute.submit(priority, run, ident, req_id, deadline, done)
+        return DEFERRED
+
+    def _deliver(self) -> None:
+        """Send the replies of the compute thread's finished work (on the socket's thread)."""
+        for job, reply in self.compute.finished():
+            if job.done is not None:
+                job.done()
+            self._send(job.ident, reply, job.req_id)
 
     def _send(self, ident: bytes, reply: list, req_id: int) -> None:
         if self.netem is not None:
@@ -263,10 +299,11 @@ class SpanServer:
         return self._current[2]
 
     def stalled_s(self) -> float:
-        """How long the request being handled has been computing (0 when idle); read by the
-        main thread, which does not feed the watchdog past serve.stall_timeout_s."""
-        since = self.busy_since
-        return 0.0 if since is None else time.monotonic() - since
+        """How long the request being handled, on the socket's or the compute thread, has been
+        computing (0 when idle); read by the main thread, which does not feed the watchdog past
+        serve.stall_timeout_s."""
+        now = time.monotonic()
+        return max([0.0, *(now - since for since in (self.busy_since, self.compute.busy_since) if since is not None)])
 
     # --- moving ----------------------------------------------------------------------------
     def switch_span(self, span: Span, timeout_s: float = 10.0) -> bool:
@@ -334,9 +371,6 @@ class SpanServer:
             "fingerprints": self.span.fingerprints,
         }
 
-    def on_info(self, msg: Message):
-        return self.info(), None
-
     def _check_model(self, msg: Message) -> None:
         asked = msg.get("model_id")
         if asked != self.model_id:
@@ -389,7 +423,7 @@ class SpanServer:
         sid = secrets.token_hex(12)
         with self._lock:
             self.sessions[sid] = ServerSession(sid, cache, self.span, self._current[2], lora)
-        self.stats.sessions_opened += 1
+        self._count(sessions_opened=1)
         return {"session": sid, "cache_bytes": nbytes}, None
 
     def _session(self, msg: Message) -> ServerSession:
@@ -423,13 +457,9 @@ class SpanServer:
     def on_step(self, msg: Message):
         s = self._session(msg)
         step = msg.get("step")
-        if isinstance(step, int) and step == s.last_step and s.last_output is not None:
-            return self._repeat_step(s, msg)
-        if msg.get("replay") and "exit_on_replay" in self.failpoints:
-            log.warning("failpoint exit_on_replay: exiting")
-            os._exit(3)
-        if msg.tensors.get("hidden") is None and msg.get("expect_push"):
-            key = (s.id, msg.get("step"))
+        repeat = s.queued == 0 and isinstance(step, int) and step == s.last_step and s.last_output is not None
+        if not repeat and msg.tensors.get("hidden") is None and msg.get("expect_push"):
+            key = (s.id, step)
             pushed = self.pushed.pop(key, None)
             if pushed is not None and not _push_from(msg, pushed[2]):
                 pushed = None  # pushed by another key than the route's previous hop: not this step's input
@@ -438,13 +468,39 @@ class SpanServer:
                     raise LimitError("too many steps waiting for pushes")
                 self.pending[key] = PendingStep(*self._current, s, msg)
                 return DEFERRED
-            return self._run_step(s, msg, pushed[0])
-        return self._run_step(s, msg, None)
+            return self._dispatch_step(s, msg, pushed[0], *self._current)
+        return self._dispatch_step(s, msg, None, *self._current)
+
+    def _dispatch_step(self, s: ServerSession, msg: Message, hidden: torch.Tensor | None, ident: bytes, req_id: int,
+                       sender: str | None):
+        """Run a step here and now when it is small and its session has nothing queued, else on
+        the compute thread (after any earlier step of its session: a session's steps never
+        overlap)."""
+        # a step resent with its input (its push was lost) replaces the request waiting for that push
+        waiting = self.pending.pop((s.id, msg.get("step")), None)
+        if waiting is not None and waiting.ident != ident:
+            err = SessionError("step superseded by a resend with its input")
+            self._send(waiting.ident, error_reply(waiting.req_id, err), waiting.req_id)
+        x = hidden if hidden is not None else msg.tensors.get("hidden")
+        tokens = x.shape[0] * x.shape[1] if x is not None and x.ndim == 3 else 0
+        if s.queued == 0 and tokens <= INLINE_MAX_TOKENS:
+            return self._step(s, msg, hidden)
+        s.queued += 1
+
+        def done() -> None:
+            s.queued -= 1
+        return self._defer(STEP, lambda: self._step(s, msg, hidden), ident, req_id, sender, msg.deadline, done)
+
+    def _step(self, s: ServerSession, msg: Message, hidden: torch.Tensor | None):
+        """A step's computation, on whichever thread runs it: a repeat of the last step gets its
+        answer again, anything else runs the blocks."""
+        step = msg.get("step")
+        if isinstance(step, int) and step == s.last_step and s.last_output is not None:
+            return self._repeat_step(s, msg)
+        return self._run_step(s, msg, hidden)
 
     def _run_step(self, s: ServerSession, msg: Message, hidden: torch.Tensor | None):
         step = msg.get("step")
-        # a step resent with its input (its push was lost) replaces the request waiting for that push
-        waiting = self.pending.pop((s.id, step), None)
         hidden, pos, mask = self._inputs(msg, batch=s.cache.batch, hidden=hidden)
         B, T, _ = hidden.shape
         start = msg.get("start")
@@ -460,13 +516,11 @@ class SpanServer:
             pos = torch.arange(s.cache.length, s.cache.length + T).expand(B, T)
         t0 = time.perf_counter()
         out = s.span.run(hidden, pos, mask, s.cache.first, s.cache.last, cache=s.cache, lora=s.lora)
+        if out.device.type != "cpu":
+            out = out.cpu()  # once: the push, the reply and a repeat all send this copy
         self.step_seconds.observe(time.perf_counter() - t0)
-        self.stats.steps += 1
-        self.stats.tokens += B * T
+        self._count(steps=1, tokens=B * T)
         s.last_step, s.last_output = (step, out) if isinstance(step, int) else (None, None)
-        if waiting is not None and waiting.ident != self._current[0]:
-            err = SessionError("step superseded by a resend with its input")
-            self._send(waiting.ident, error_reply(waiting.req_id, err), waiting.req_id)
         nxt = msg.get("next")
         pushed = self._push(nxt, step, out) if nxt is not None else None
         fields: dict = {"position": s.cache.length}
@@ -494,7 +548,7 @@ class SpanServer:
         address, key = nxt["address"], nxt["key"]
         if not address.startswith("tcp://") or self.resolve_key(address) != key:
             self.quiet_log.info(("next", address), "push to %s not sent: no known peer with key %s answers there",
-                                address[:80], key[:8])
+                                address[:80], short_id(key))
             return False
         if not self.access.allows(key):
             self.quiet_log.info(("next", address), "push to %s not sent: its key is not allowed in this private "
@@ -502,7 +556,7 @@ class SpanServer:
             return False
         conn = self.peers.get(address, key)
         if conn.push("push", {"session": nxt["session"], "step": step}, {"hidden": out}, wait_s=0.0):
-            self.stats.pushes_sent += 1
+            self._count(pushes_sent=1)
             return True
         self.quiet_log.info(("next", address), "push to %s not delivered: peer not connected", address)
         return False
@@ -514,10 +568,10 @@ class SpanServer:
         if hidden is None or session is None or not isinstance(step, int) or not _fits_step(hidden, session):
             # made up, malformed or larger than any step of the session: dropped at once
             self.quiet_log.info((sender, "push"), "push from %s dropped: no such session, or not a step of it",
-                                (sender or "?")[:8])
+                                short_id(sender))
             return
         key = (session.id, step)
-        self.stats.pushes_received += 1
+        self._count(pushes_received=1)
         waiting = self.pending.get(key)
         if waiting is not None and not _push_from(waiting.msg, sender):
             return  # not from the route's previous hop
@@ -532,18 +586,16 @@ class SpanServer:
             return
         try:
             waiting.session.last_used = time.monotonic()
-            reply = ok_reply(waiting.req_id, *self._run_step(waiting.session, waiting.msg, hidden))
-        except SwarmError as e:
-            reply = error_reply(waiting.req_id, e)
+            result = self._dispatch_step(waiting.session, waiting.msg, hidden, waiting.ident, waiting.req_id,
+                                         waiting.sender)
+            if result is DEFERRED:
+                return
+            reply = ok_reply(waiting.req_id, *result)
         except Exception as e:
-            log.exception("pushed step failed")
-            reply = error_reply(waiting.req_id, e)
+            reply = self._error_reply(waiting.req_id, waiting.sender, e)
         self._send(waiting.ident, reply, waiting.req_id)
 
     def on_forward(self, msg: Message):
-        if "hang_on_forward" in self.failpoints:  # a wedged device call: it never returns
-            log.warning("failpoint hang_on_forward: this request never returns")
-            threading.Event().wait()
         self._check_model(msg)
         first, last = self._check_blocks(msg)
         hidden, pos, mask = self._inputs(msg)
@@ -551,17 +603,24 @@ class SpanServer:
         if pos is None:
             pos = torch.arange(T).expand(B, T)
         lora = self._lora(msg, first, last)
-        with self._scratch(B, T, blocks=1, what="forward"):
-            out = self.span.run(hidden, pos, mask, first, last, lora=lora)
-        self.stats.forwards += 1
+        span = self.span  # the one asked for, even if the server moves before the work runs
+        return self._defer(PASS, lambda: self._forward(span, hidden, pos, mask, first, last, lora), *self._current,
+                           msg.deadline)
+
+    def _forward(self, span: Span, hidden: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, first: int,
+                 last: int, lora: Lora | None):
+        B, T, _ = hidden.shape
+        with self._scratch(span, B, T, blocks=1, what="forward"):
+            out = span.run(hidden, pos, mask, first, last, lora=lora)
+        self._count(forwards=1)
         return {}, {"hidden": out}
 
     @contextlib.contextmanager
-    def _scratch(self, batch: int, length: int, blocks: int, what: str):
+    def _scratch(self, span: Span, batch: int, length: int, blocks: int, what: str):
         """Hold the attention scratch of a forward or backward in the cache budget while it
         runs: it grows with length squared, and unaccounted one request could exhaust the
         server's memory (and the next one again)."""
-        nbytes = self.span.attention_scratch_bytes(batch, length, blocks)
+        nbytes = span.attention_scratch_bytes(batch, length, blocks)
         try:
             self.budget.reserve(nbytes)
         except CacheFullError:
@@ -617,10 +676,14 @@ class SpanServer:
         if pos is None:
             pos = torch.arange(T).expand(B, T)
         lora = self._lora(msg, first, last)
-        with self._scratch(B, T, blocks=last - first, what="backward"):
-            grad_input, lora_grads = self.span.backward(hidden, pos, mask, first, last, grad, lora)
-        self.stats.backwards += 1
-        return {}, {"grad_input": grad_input, **lora_grads}
+        span = self.span
+
+        def work():
+            with self._scratch(span, B, T, blocks=last - first, what="backward"):
+                grad_input, lora_grads = span.backward(hidden, pos, mask, first, last, grad, lora)
+            self._count(backwards=1)
+            return {}, {"grad_input": grad_input, **lora_grads}
+        return self._defer(PASS, work, *self._current, msg.deadline)
 
     def on_close(self, msg: Message):
         sid = msg.get("session")

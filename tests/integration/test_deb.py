@@ -127,7 +127,7 @@ def test_install_serve_upgrade_remove_purge(debs, tmp_path, model_dirs):
     # the installed daemon serves (its dependencies lent by this venv: the light build has none;
     # the scripts' #!/opt/swarmd/bin/python is outside the scratch root, so its python runs them)
     python = os.path.join(opt, "bin/python")
-    env = dict(os.environ, PYTHONPATH=sysconfig.get_paths()["purelib"], SWARMD_TORCH_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=sysconfig.get_paths()["purelib"])
     daemon = Daemon(str(tmp_path), "pkg", model_dirs("llama"), "0:6")
     daemon.write_config([])
     with open(daemon.log_path, "ab") as log:

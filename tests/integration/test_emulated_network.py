@@ -1,4 +1,4 @@
-"""The emulated network (SWARMD_NETEM, swarmd/netem.py) does what it says, and the swarm stays
+"""The emulated network (SWARMD_NETEM, swarmd/transport/netem.py) does what it says, and the swarm stays
 exact under message loss and under churn (servers killed and restarted: tools/localswarm.Churn)."""
 
 import os
@@ -13,9 +13,9 @@ from localswarm import Churn
 
 from libswarm import AutoDistributedModelForCausalLM
 from libswarm.errors import SwarmError
-from swarmd.gateway.connection import PeerConnection
 from swarmd.identity import NodeIdentity
-from swarmd.netem import Link, parse_profile
+from swarmd.transport.connection import PeerConnection
+from swarmd.transport.netem import Link, parse_profile
 
 REDUNDANT = ["0:3", "3:6", "0:3", "3:6"]  # every block on two servers
 

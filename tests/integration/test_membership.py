@@ -13,7 +13,7 @@ from libswarm import AutoDistributedModelForCausalLM
 from libswarm.errors import NoRouteError
 from libswarm.protocol import decode, encode
 from swarmd.discovery.records import Record
-from swarmd.identity import NodeIdentity, load_or_create_identity
+from swarmd.identity import NodeIdentity, load_or_create_identity, short_id
 
 CONVERGE_LIMIT_S = 10.0  # issue: a new daemon appears everywhere within 5 s on a LAN; margin for a loaded CI
 DEAD_LIMIT_S = 10.0
@@ -112,7 +112,7 @@ def test_private_swarm_refuses_an_unlisted_key_until_it_is_listed(model_dirs, tm
             assert s.poll(2000) == 0
         finally:
             s.close()
-        assert f"refused peer {c.node_id}" in a.tail(20000)
+        assert f"refused peer {short_id(c.node_id)} ({c.node_id})" in a.tail(20000)
         assert a.ctl("status")["membership"]["refused_handshakes"] > 0
         m = AutoDistributedModelForCausalLM.from_pretrained(d, socket=c.socket)
         m.route_timeout_s = 1.0

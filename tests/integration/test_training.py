@@ -17,7 +17,9 @@ from libswarm import AutoDistributedModelForCausalLM
 @pytest.fixture(scope="module")
 def swarm(model_dirs):
     d = model_dirs("llama")
-    with running_swarm(d, ["0:2", "2:4", "4:6", "2:6"]) as (servers, gw):
+    # known speeds (1 ms per block and position in forwards), so that the gateway's split of large
+    # batches, which follows the servers' measured throughput, does not depend on this machine
+    with running_swarm(d, ["0:2", "2:4", "4:6", "2:6"], speeds={i: 0.001 for i in range(4)}) as (servers, gw):
         yield d, servers, gw
 
 
@@ -113,7 +115,7 @@ def test_lora_training_steps_match_peft_locally_and_server_memory_stays_flat(swa
     assert max(grown) < 64 * 2**20, grown
 
 
-@pytest.mark.parametrize("shape", [(2, 9), (8, 70)])  # the second is split across chains by the gateway
+@pytest.mark.parametrize("shape", [(2, 9), (8, 70)])  # the second is split across chains (over 0.25 s)
 def test_client_lora_gradients_equal_peft_and_the_saved_adapter_loads_in_peft(swarm, tmp_path, shape):
     from peft import PeftModel
 

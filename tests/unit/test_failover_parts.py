@@ -100,7 +100,7 @@ class FakePool:
 
 def chain_gateway(servers):
     from swarmd.gateway.gateway import Gateway, GatewaySession
-    from swarmd.gateway.routing import Hop
+    from swarmd.routing import Hop
 
     gw = Gateway(model_id="m", num_layers=6, hidden_size=4, pool=FakePool(servers), table=None, membership=None,
                  status=dict)
@@ -131,7 +131,7 @@ def test_a_hand_over_to_an_unreachable_server_blames_that_server_not_the_one_han
         gw._run_chain(sess, 0, torch.zeros(1, 1, 4), small, step=0, tokens=1)
     assert failure.value.index == 2
     assert sorted(failure.value.outputs) == [0, 1]  # the last one's input is known: replay from there
-    assert not gw.bans.banned()  # only the repair bans, and it is given the right hop
+    assert not gw.router.bans.banned()  # only the repair bans, and it is given the right hop
 
 
 def test_a_server_that_cannot_push_has_its_output_handed_over_by_the_gateway():
@@ -162,8 +162,9 @@ def test_a_lone_server_that_keeps_failing_fast_is_paced_and_the_forward_ends_at_
     a loop, until the ban's doubling overflowed)."""
     import time
 
-    from swarmd.gateway.gateway import FALLBACK_PACE_S, Gateway
-    from swarmd.gateway.routing import ServerSpan
+    from swarmd.gateway.gateway import Gateway
+    from swarmd.gateway.router import FALLBACK_PACE_S
+    from swarmd.routing import ServerSpan
 
     class Table:
         def servers_for(self, model_id, adapter=None):
@@ -183,7 +184,7 @@ def test_a_lone_server_that_keeps_failing_fast_is_paced_and_the_forward_ends_at_
     tensors = {"hidden": torch.zeros(1, 2, 4), "position_ids": torch.zeros(1, 2, dtype=torch.long)}
     t0 = time.monotonic()
     with pytest.raises(SwarmError):
-        gw._forward_chain(tensors, {}, {"model_id": "m"}, deadline=t0 + 4.0)
+        gw.training._forward_chain(tensors, {}, {"model_id": "m"}, deadline=t0 + 4.0)
     took = time.monotonic() - t0
     assert 4.0 <= took < 4.0 + FALLBACK_PACE_S + 1.0
     # bans of 1, 2, 2 ... s apart: a handful of requests in 4 s, not thousands

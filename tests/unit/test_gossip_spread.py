@@ -12,11 +12,11 @@ import pytest
 
 from libswarm.errors import PeerUnavailableError
 from libswarm.protocol import Message, decode, encode
-from swarmd.discovery.access import AccessControl
 from swarmd.discovery.membership import Membership
 from swarmd.discovery.records import Record
 from swarmd.discovery.table import PeerTable
 from swarmd.identity import NodeIdentity
+from swarmd.transport.access import AccessControl
 
 
 class Clock:

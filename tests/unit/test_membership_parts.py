@@ -9,11 +9,11 @@ import pytest
 import zmq
 
 from swarmd.daemon import coverage
-from swarmd.discovery.access import AccessControl, read_key_file
 from swarmd.discovery.keyquery import KeyResponder, query_key
 from swarmd.discovery.records import MAX_RECORD_BYTES, Beat, Record, RecordError, decode_beat, decode_record
 from swarmd.discovery.table import MAX_REPLY_BYTES, PeerTable
-from swarmd.identity import NodeIdentity, load_or_create_identity, node_id_of_sign_key
+from swarmd.identity import NodeIdentity, load_or_create_identity, node_id_of_sign_key, short_id
+from swarmd.transport.access import AccessControl, read_key_file
 
 
 def ident() -> NodeIdentity:
@@ -293,7 +293,7 @@ def test_coverage_says_since_when_blocks_are_missing_and_who_is_coming():
     [cov] = coverage(t, "m", 6, since)
     first = cov["missing"][0]["since"]
     assert cov["gaps"] == [[4, 6]] and [m["blocks"] for m in cov["missing"]] == [[4, 6]]
-    assert cov["coming"] == [{"server": joiner.public_key[:8], "span": [4, 6], "state": "loading"}]
+    assert cov["coming"] == [{"server": short_id(joiner.public_key), "span": [4, 6], "state": "loading"}]
     time.sleep(0.05)
     assert coverage(t, "m", 6, since)[0]["missing"][0]["since"] == first  # the first time it was seen
     r = record(joiner, span=(4, 6), state="online", seq=2)

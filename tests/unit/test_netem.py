@@ -1,11 +1,11 @@
-"""The emulated link (swarmd/netem.py): delay, jitter, bandwidth queueing, loss, drops."""
+"""The emulated link (swarmd/transport/netem.py): delay, jitter, bandwidth queueing, loss, drops."""
 
 import time
 
 import pytest
 
 from libswarm.errors import ConfigError
-from swarmd.netem import Link, parse_profile, profile_from_env
+from swarmd.transport.netem import Link, parse_profile, profile_from_env
 
 
 def test_profiles_parse_and_bad_ones_are_one_line_errors():

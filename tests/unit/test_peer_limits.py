@@ -5,9 +5,9 @@ import os
 
 import zmq
 
-from swarmd.gateway.connection import ConnectionPool
 from swarmd.identity import NodeIdentity
 from swarmd.logs import RateLimitedLog
+from swarmd.transport.connection import ConnectionPool
 
 
 class Clock:
@@ -95,10 +95,10 @@ def test_a_server_bound_before_its_span_is_loaded_answers_gossip_and_ping_only(m
     from libswarm.checkpoint import Checkpoint
     from libswarm.protocol import decode, encode
     from swarmd.config import LimitsConfig
-    from swarmd.discovery.access import AccessControl
     from swarmd.peer.server import SpanServer
     from swarmd.runtime.cache import CacheBudget
     from swarmd.runtime.span import Span
+    from swarmd.transport.access import AccessControl
 
     ctx, me, client = zmq.Context(), NodeIdentity(os.urandom(32)), NodeIdentity(os.urandom(32))
     server = SpanServer(ctx, None, CacheBudget(0), "m", max_length=64, max_batch=1, idle_timeout_s=60,
@@ -123,13 +123,14 @@ def test_a_server_bound_before_its_span_is_loaded_answers_gossip_and_ping_only(m
     try:
         assert ask("ping", 1).type == "ok"
         assert ask("gossip", 2).type == "ok"
-        assert ask("info", 3).fields["span"] is None
-        refused = ask("open", 4, {"model_id": "m", "blocks": [0, 1], "max_length": 8})
+        assert ask("info", 3).fields["code"] == "protocol"  # no such message: the status has what it said
+        assert server.info()["span"] is None
+        refused = ask("open", 4, {"model_id": "m", "blocks": [0, 1], "max_length": 8, "batch": 1})
         assert refused.type == "error" and refused.fields["code"] == "moved"  # gateways route around it
         assert "still joining" in refused.fields["message"]
         span = Span(Checkpoint(model_dirs("llama", layers=2)), 0, 2, torch.device("cpu"), torch.float32).load()
         server.attach(span, CacheBudget(2**24), {})
-        assert ask("info", 5).fields["span"] == [0, 2]
+        assert server.info()["span"] == [0, 2]
         assert ask("open", 6, {"model_id": "m", "blocks": [0, 1], "max_length": 8, "batch": 1}).type == "ok"
     finally:
         stop.set()

@@ -95,3 +95,68 @@ def test_errors_cross_the_wire_as_the_same_class_with_one_line():
     reply = decode([bytes(f) for f in error_reply(3, ValueError("boom"))])
     with pytest.raises(RemoteError, match="ValueError: boom"):
         raise_if_error(reply)
+
+
+def _sections(text: str, start: str, end: str) -> str:
+    return text[text.index(start):text.index(end, text.index(start))]
+
+
+def test_the_message_registry_and_docs_protocol_md_define_the_same_messages_and_fields():
+    """docs/protocol.md is the protocol's authority and libswarm.protocol.registry what the
+    daemons dispatch by: every message type and every field the one has, the other has."""
+    import os
+    import re
+
+    from libswarm.protocol import registry
+
+    text = open(os.path.join(os.path.dirname(__file__), "..", "..", "docs", "protocol.md")).read()
+    peer = _sections(text, "## Peer plane (server role)", "## How a gateway runs a step")
+    gossip = _sections(text, "## Gossip", "## Liveness")
+    local = _sections(text, "## Local plane (gateway role)", "## Limits")
+
+    documented_peer = set(re.findall(r"^### `(\w+)`", peer, re.M)) | set(re.findall(r"^\| `(\w+)` \|", gossip, re.M))
+    assert documented_peer == set(registry.PEER)
+    for spec in registry.PEER.values():
+        where = gossip if spec.name == "gossip" else peer
+        missing = [n for n in (*spec.fields, *spec.optional, *spec.tensors, *spec.optional_tensors)
+                   if f"`{n}`" not in where]
+        assert not missing, f"peer {spec.name}: {missing} not in docs/protocol.md"
+
+    rows = {m.group(1): m.group(0) for m in re.finditer(r"^\| `(\w+)` \|.*$", local, re.M)}
+    assert set(rows) == set(registry.LOCAL)
+    for spec in registry.LOCAL.values():
+        missing = [n for n in (*spec.fields, *spec.optional) if f"`{n}`" not in rows[spec.name]]
+        assert not missing, f"local {spec.name}: {missing} not in its row of docs/protocol.md"
+
+
+def test_every_registered_message_has_a_handler_and_every_handler_a_registered_message():
+    """What the daemons answer is what the registry (and so the spec) says."""
+    import inspect
+    import os
+
+    import zmq
+
+    from libswarm.protocol import registry
+    from swarmd import daemon
+    from swarmd.config import LimitsConfig
+    from swarmd.gateway.gateway import Gateway
+    from swarmd.identity import NodeIdentity
+    from swarmd.peer.server import SpanServer
+    from swarmd.runtime.cache import CacheBudget
+    from swarmd.transport.access import AccessControl
+
+    ctx, me = zmq.Context(), NodeIdentity(os.urandom(32))
+    server = SpanServer(ctx, None, CacheBudget(0), "m", max_length=8, max_batch=1, idle_timeout_s=60,
+                        max_message_bytes=2**20, identity=me, access=AccessControl("open", "", me.public_key),
+                        resolve_key=lambda a: None, limits=LimitsConfig(1, 0.5, 1))
+    try:
+        # the daemon adds gossip (membership's); a push is taken before dispatch (never answered)
+        assert {*server.handlers, "gossip", "push"} == set(registry.PEER)
+    finally:
+        server.compute.stop()
+        server.sock.close(0)
+        ctx.term()
+    gateway = Gateway(model_id="m", num_layers=2, hidden_size=4, pool=None, table=None, membership=None, status=dict)
+    added = {"key", "rebalance", "drain"}  # the daemon's own, beside the gateway's
+    assert all(f"{name}=lambda m:" in inspect.getsource(daemon.Daemon.__init__) for name in added)
+    assert {*gateway.handlers, *added} == set(registry.LOCAL)

@@ -1,7 +1,7 @@
 import pytest
 
 from libswarm.errors import NoRouteError
-from swarmd.gateway.routing import Hop, ServerSpan, missing_blocks, plan_chain
+from swarmd.routing import Hop, ServerSpan, forward_seconds, missing_blocks, plan_chain
 
 
 def test_chain_covers_all_blocks_with_fewest_hops():
@@ -60,3 +60,22 @@ def test_forward_batches_spread_over_servers_by_speed():
     picks = [plan_chain(servers, 4, "m", rng=rng)[0].address for _ in range(2000)]
     fast = picks.count("fast") / len(picks)
     assert 0.6 < fast < 0.95  # both used, the faster one more
+
+
+def test_a_forward_is_expected_to_take_the_fastest_holder_of_each_block_per_position():
+    servers = [ServerSpan("a", 0, 4, forward_block_s=0.002), ServerSpan("b", 2, 6, forward_block_s=0.001),
+               ServerSpan("c", 4, 6)]  # c measured nothing: b is known for 4:6
+    assert forward_seconds(servers, 6, 100) == pytest.approx(100 * (2 * 0.002 + 4 * 0.001))
+    assert forward_seconds([ServerSpan("a", 0, 4, forward_block_s=0.002), ServerSpan("c", 4, 6)], 6, 100) is None
+
+
+def test_short_ids_are_hex_of_the_keys_first_bytes():
+    import os
+
+    from zmq.utils import z85
+
+    from swarmd.identity import NodeIdentity, short_id
+
+    key = NodeIdentity(os.urandom(32)).public_key
+    assert short_id(key) == z85.decode(key.encode())[:4].hex() and len(short_id(key)) == 8
+    assert short_id(None) == "?" and short_id("not a key") == "?"

@@ -27,8 +27,8 @@ from zmq.utils.monitor import parse_monitor_message
 from libswarm.errors import PeerUnavailableError, ProtocolError
 from libswarm.protocol import Message, decode, encode
 from libswarm.protocol.messages import raise_if_error
-from swarmd.identity import NodeIdentity
-from swarmd.netem import Link, frames_size, process_profile
+from swarmd.identity import NodeIdentity, short_id
+from swarmd.transport.netem import Link, frames_size, process_profile
 
 CONNECT_TIMEOUT_S = 3.0  # a peer that accepts no connection in this time is unreachable
 RECONNECT_GRACE_S = 0.3  # after a disconnect, how long a send waits for the connection to come back
@@ -62,11 +62,14 @@ class PeerConnection:
         self.monitor = self.sock.get_monitor_socket(_MONITOR_EVENTS)
         self.state = "connecting"  # connecting | up | down | refused | denied
         self.disconnects = 0
-        # benchmarks and tests: an emulated link to this peer (swarmd/netem.py), else None
+        # benchmarks and tests: an emulated link to this peer (swarmd/transport/netem.py), else None
         profile = process_profile()
         self.link = Link(profile) if profile is not None else None
         # replies that arrived while another request was awaited (one peer, two hops of a route)
         self._stash: dict[int, Message] = {}
+        self._replies = zmq.Poller()  # what receive() waits on: one for the connection's life
+        self._replies.register(self.sock, zmq.POLLIN)
+        self._replies.register(self.monitor, zmq.POLLIN)
         self.sock.connect(address)
 
     # --- connection state ------------------------------------------------------------------
@@ -117,7 +120,7 @@ class PeerConnection:
         if not self._wait_writable(min(timeout_s, CONNECT_TIMEOUT_S)):
             reason = {"refused": "refuses connections",
                       "denied": "refused the handshake (our key is not allowed there, or its key is not "
-                                f"{self.server_key[:8]})"}.get(self.state, "is unreachable")
+                                f"{short_id(self.server_key)})"}.get(self.state, "is unreachable")
             raise PeerUnavailableError(f"peer {self.address} {reason}")
         if self.link is not None:
             self._emulated_send(frames, 0)
@@ -142,12 +145,9 @@ class PeerConnection:
         if req_id in self._stash:
             return raise_if_error(self._stash.pop(req_id))
         disconnects = self.disconnects
-        poller = zmq.Poller()
-        poller.register(self.sock, zmq.POLLIN)
-        poller.register(self.monitor, zmq.POLLIN)
         while True:
             left_ms = int((deadline - time.monotonic()) * 1000)
-            events = dict(poller.poll(left_ms)) if left_ms > 0 else {}
+            events = dict(self._replies.poll(left_ms)) if left_ms > 0 else {}
             if not events:
                 raise PeerUnavailableError(f"peer {self.address} did not answer {what} in time")
             if self.monitor in events:

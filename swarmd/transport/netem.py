@@ -81,6 +81,7 @@ def profile_from_env(env=os.environ) -> LinkProfile | None:
 
 
 @functools.lru_cache(maxsize=1)
+@functools.cache
 def process_profile() -> LinkProfile | None:
     """This process's emulated link, read once from its environment."""
     return profile_from_env()

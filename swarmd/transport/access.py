@@ -1,4 +1,5 @@
-"""Who may talk to this daemon's peer plane: a ZAP handler in front of every CURVE handshake.
+"""Who may talk to this daemon's peer plane: pyzmq's ZAP authenticator in front of every CURVE
+handshake, asking this module about each key.
 
 - open: any key may connect (traffic is still encrypted, and every peer is known by its key);
 - private: only the keys in `swarm.allowed_keys_dir` (one file per peer, holding its node id,
@@ -13,17 +14,15 @@ from __future__ import annotations
 import logging
 import os
 import re
-import threading
 import time
 
 import zmq
-from zmq.utils import z85
+from zmq.auth.thread import ThreadAuthenticator
 
-from swarmd.identity import is_key
+from swarmd.identity import is_key, short_id
 
 log = logging.getLogger("swarmd.access")
 
-ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 ZAP_DOMAIN = "swarmd"
 REFUSAL_LOG_INTERVAL_S = 60.0  # a refused peer retries every second; say so once a minute
 MAX_KEY_FILE_BYTES = 4096
@@ -60,6 +59,7 @@ class AccessControl:
         self.allowed: frozenset[str] = frozenset()
         self.refusals = 0
         self._last_refusal_log: dict[str, float] = {}
+        self._auth: ThreadAuthenticator | None = None
         if mode == "private":
             self.reload()
 
@@ -94,35 +94,30 @@ class AccessControl:
         return key is not None and (key == self.own_key or key in self.allowed)
 
     # --- the ZAP handler -----------------------------------------------------------------------
-    def serve(self, zctx: zmq.Context, stop: threading.Event, ready: threading.Event | None = None) -> None:
-        """Answer ZAP requests until `stop` (runs in its own thread)."""
-        sock = zctx.socket(zmq.REP)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.bind(ZAP_ENDPOINT)
-        if ready is not None:
-            ready.set()
-        try:
-            while not stop.is_set():
-                if not sock.poll(200):
-                    continue
-                frames = sock.recv_multipart()
-                sock.send_multipart(self._answer(frames))
-        finally:
-            sock.close(0)
+    def start(self, zctx: zmq.Context) -> None:
+        """Put pyzmq's authenticator (its own thread) in front of every CURVE handshake on
+        `zctx`: it asks `callback` about each key. Call before the peer plane binds."""
+        self._auth = ThreadAuthenticator(zctx, log=logging.getLogger("swarmd.zap"))
+        self._auth.start()
+        self._auth.configure_curve_callback(ZAP_DOMAIN, credentials_provider=self)
 
-    def _answer(self, frames: list[bytes]) -> list[bytes]:
-        if len(frames) < 6:
-            return [b"1.0", b"", b"500", b"malformed ZAP request", b"", b""]
-        version, request_id, _domain, address, _identity, mechanism = frames[:6]
-        if mechanism != b"CURVE" or len(frames) < 7 or len(frames[6]) != 32:
-            return [version, request_id, b"400", b"CURVE required", b"", b""]
-        key = z85.encode(frames[6]).decode()
-        if self.allows(key):
-            return [version, request_id, b"200", b"OK", key.encode(), b""]
+    def stop(self) -> None:
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        """Whether the peer with this CURVE key (Z85) may finish its handshake. pyzmq's
+        authenticator then makes the key the connection's User-Id, which the servers read."""
+        text = key.decode("ascii", errors="replace")
+        if self.allows(text):
+            return True
         self.refusals += 1
         now = time.monotonic()
-        if now - self._last_refusal_log.get(key, -1e9) >= REFUSAL_LOG_INTERVAL_S:
-            self._last_refusal_log[key] = now
-            log.warning("refused peer %s from %s: its key is not in %s (private swarm)", key,
-                        address.decode(errors="replace"), self.keys_dir)
-        return [version, request_id, b"400", b"key not allowed in this private swarm", b"", b""]
+        if now - self._last_refusal_log.get(text, -1e9) >= REFUSAL_LOG_INTERVAL_S:
+            if len(self._last_refusal_log) >= 4096:
+                self._last_refusal_log.clear()
+            self._last_refusal_log[text] = now
+            log.warning("refused peer %s (%s): its key is not in %s (private swarm)", short_id(text), text,
+                        self.keys_dir)
+        return False

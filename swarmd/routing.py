@@ -23,6 +23,7 @@ class ServerSpan:
     free_cache_bytes: int = -1  # -1: unknown
     block_s: float | None = None  # its time per block for a one-token step
     rtt_s: float | None = None  # round trip from this daemon
+    forward_block_s: float | None = None  # its time per block per position in large forward passes
 
     def hop_cost(self, blocks: int) -> float:
         cost = (self.rtt_s if self.rtt_s is not None else DEFAULT_RTT_S) + blocks * (
@@ -35,6 +36,21 @@ class Hop:
     address: str
     first: int
     last: int
+
+
+def forward_seconds(servers: Iterable[ServerSpan], num_layers: int, positions: int) -> float | None:
+    """What a forward of `positions` through blocks [0, num_layers) takes on the fastest holder
+    of each block, as measured by the servers (None when some block's holders measured none)."""
+    best: list[float | None] = [None] * num_layers
+    for s in servers:
+        if s.forward_block_s is None:
+            continue
+        for b in range(max(0, s.start), min(num_layers, s.end)):
+            if best[b] is None or s.forward_block_s < best[b]:  # type: ignore[operator]
+                best[b] = s.forward_block_s
+    if any(t is None for t in best):
+        return None
+    return positions * sum(t for t in best if t is not None)
 
 
 def missing_blocks(servers: Iterable[ServerSpan], num_layers: int, start: int = 0) -> list[tuple[int, int]]:

@@ -1,0 +1,76 @@
+"""Every request type of both planes, with the fields and tensors it carries: one registry that
+the servers dispatch by and that a test compares with docs/protocol.md, so that neither the
+code nor the spec can grow a message the other lacks.
+
+A request of a type not listed here is refused (`protocol`); one without a required field or
+tensor is refused naming it, before any handler runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from libswarm.errors import ProtocolError, TensorError
+from libswarm.protocol.messages import Message
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    fields: tuple[str, ...] = ()  # required
+    optional: tuple[str, ...] = ()
+    tensors: tuple[str, ...] = ()  # required
+    optional_tensors: tuple[str, ...] = ()
+
+    def check(self, msg: Message) -> None:
+        """Required fields and tensors are there (their values are each handler's to check)."""
+        for name in self.fields:
+            if msg.fields.get(name) is None:
+                raise ProtocolError(f"{self.name}: field {name!r} is missing")
+        for name in self.tensors:
+            if name not in msg.tensors:
+                raise TensorError(f"{self.name}: tensor {name!r} is missing")
+
+
+INPUTS = ("position_ids", "key_mask")  # optional tensors beside `hidden` (shared conventions)
+LORA = "lora_*, deep_prompts"  # client-held trainables: any number, by wire name (see the spec)
+
+# Server role: what peers send to a daemon's peer plane.
+PEER = {s.name: s for s in (
+    Spec("ping"),
+    Spec("gossip", optional=("news", "records", "beats", "suspects", "sums")),
+    Spec("open", fields=("model_id", "blocks", "max_length", "batch"), optional=("adapter",)),
+    Spec("step", fields=("session",), optional=("step", "expect_push", "from", "next", "replay", "start"),
+         optional_tensors=("hidden", *INPUTS, "beam_order")),
+    Spec("push", fields=("session", "step"), tensors=("hidden",)),
+    Spec("close", fields=("session",)),
+    Spec("forward", fields=("model_id", "blocks"), optional=("adapter", "lora_scaling"), tensors=("hidden",),
+         optional_tensors=INPUTS),
+    Spec("backward", fields=("model_id", "blocks"), optional=("adapter", "lora_scaling"),
+         tensors=("hidden", "grad_output"), optional_tensors=INPUTS),
+)}
+
+# Gateway role: what apps and swarmctl send to their own daemon's local plane.
+LOCAL = {s.name: s for s in (
+    Spec("status"),
+    Spec("peers"),
+    Spec("model_info"),
+    Spec("drain"),
+    Spec("rebalance", optional=("dry_run",)),
+    Spec("key"),
+    Spec("open", fields=("model_id", "max_length", "batch"), optional=("route_timeout_s", "push", "adapter")),
+    Spec("step", fields=("session",), optional=("start",), tensors=("hidden",),
+         optional_tensors=(*INPUTS, "beam_order")),
+    Spec("close", fields=("session",)),
+    Spec("forward", fields=("model_id",), optional=("route_timeout_s", "keep", "adapter", "lora_scaling"),
+         tensors=("hidden",), optional_tensors=INPUTS),
+    Spec("backward", fields=("model_id",), optional=("route_timeout_s", "pass", "adapter", "lora_scaling"),
+         tensors=("hidden", "grad_output"), optional_tensors=INPUTS),
+)}
+
+
+def check(plane: dict[str, Spec], msg: Message) -> None:
+    """Refuse a request the plane does not define, or one lacking what its type requires."""
+    spec = plane.get(msg.type)
+    if spec is None:
+        raise ProtocolError(f"unknown message type {msg.type!r}")
+    spec.check(msg)

@@ -1,0 +1,164 @@
+"""What the gateway's inference sessions and training chains share: the swarm's servers as
+chains of hops (planned from the peer table, avoiding servers that failed lately), how long a
+hop may take, and the app's inputs as checked tensors."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+
+import torch
+
+from libswarm.errors import (
+    NoRouteError,
+    PeerUnavailableError,
+    ProtocolError,
+    RemoteError,
+    SessionError,
+    SpanMovedError,
+    SwarmError,
+    WrongModelError,
+)
+from libswarm.protocol import Message
+from swarmd.discovery.membership import Membership
+from swarmd.discovery.table import PeerTable
+from swarmd.gateway.bans import Bans
+from swarmd.gateway.history import StepTimes
+from swarmd.inputs import beam_order, positions_and_mask
+from swarmd.routing import Hop, plan_chain
+from swarmd.transport.connection import ConnectionPool
+
+log = logging.getLogger("swarmd.gateway")
+
+DEFAULT_ROUTE_TIMEOUT_S = 60.0  # how long a step or open may wait for servers to cover the blocks
+MAX_ROUTE_TIMEOUT_S = 3600.0
+STEP_DEADLINE_FLOOR_S = 1.0  # no hop is declared failed sooner than this
+STEP_DEADLINE_FACTOR = 10.0  # ...nor before it took this many times its usual time
+UNMEASURED_STEP_S = 30.0  # the allowance for a server whose speed is not known yet
+FALLBACK_PACE_S = 2.0  # a route through servers that all failed lately is tried at most this often
+# Errors after which another server may succeed; anything else is the request's own fault
+# and goes straight back to the app.
+RETRIABLE = (PeerUnavailableError, RemoteError, SessionError, SpanMovedError)
+
+
+class Router:
+    def __init__(self, *, model_id: str, num_layers: int, hidden_size: int, pool: ConnectionPool, table: PeerTable,
+                 membership: Membership):
+        self.model_id, self.num_layers, self.hidden_size = model_id, num_layers, hidden_size
+        self.pool, self.table, self.membership = pool, table, membership
+        self.bans = Bans()
+        self.step_times = StepTimes()
+        self._rng = random.Random()
+
+    def plan(self, first: int, last: int, deadline: float, exclude: frozenset[str] | set[str] = frozenset(),
+             spread: bool = False, adapter: str | None = None) -> list[Hop]:
+        """A chain over blocks [first, last) avoiding banned servers (unless, after a refresh of
+        the table, only banned ones cover a block), waiting (with capped doubling backoff,
+        refreshing the peer table) until `deadline` for one to exist. The lowest-latency chain,
+        or with `spread` (forward batches) a random one weighted by speed."""
+        backoff_s, t0, refreshed = 0.2, time.monotonic(), 0
+        while True:
+            candidates = [s for s in self.table.servers_for(self.model_id, adapter) if s.address not in exclude]
+            banned = self.bans.banned()
+            servers = [s for s in candidates if s.address not in banned]
+            try:
+                try:
+                    hops = plan_chain(servers, last, self.model_id, start=first, rng=self._rng if spread else None)
+                except NoRouteError:
+                    if not refreshed or len(servers) == len(candidates):
+                        raise
+                    # only servers that failed lately cover some block: a ban is a preference, and a
+                    # server that failed (often one that restarted, under churn) beats no route. It
+                    # is paced by its ban (at most FALLBACK_PACE_S), so that one failing fast is
+                    # not asked again in a tight loop
+                    hops = plan_chain(candidates, last, self.model_id, start=first,
+                                      rng=self._rng if spread else None)
+                    wait_s = max((self.bans.remaining_s(h.address) for h in hops), default=0.0)
+                    time.sleep(max(0.0, min(wait_s, FALLBACK_PACE_S, deadline - time.monotonic())))
+                if refreshed:
+                    log.info("route for blocks %d:%d found after %.2f s and %d table refreshes", first, last,
+                             time.monotonic() - t0, refreshed)
+                return hops
+            except NoRouteError as e:
+                if refreshed:  # the table was fresh and still no route: wait for servers to come
+                    left_s = deadline - time.monotonic()
+                    if left_s <= 0:
+                        hosting = f" hosting adapter {adapter!r}" if adapter else ""
+                        raise NoRouteError(f"{e}{hosting} (waited {time.monotonic() - t0:.1f} s)") from None
+                    time.sleep(min(backoff_s, left_s))
+                    backoff_s = min(backoff_s * 2, 2.0)
+                # ask the peers again (a server may have just come back); banned ones, maybe
+                # hung, would only stall the refresh
+                self.membership.refresh(skip=self.bans.banned())
+                refreshed += 1
+
+    def allowance_s(self, address: str, tokens: int, floor: bool = True) -> float:
+        """How long a hop may take before it is called failed (without `floor`, the part to add
+        per further hop of a chain, which shares one floor)."""
+        expected = self.step_times.expected_s(address, tokens)
+        if expected is None:
+            return UNMEASURED_STEP_S
+        return (STEP_DEADLINE_FLOOR_S if floor else 0.0) + STEP_DEADLINE_FACTOR * expected
+
+    def fail(self, hop: Hop, error: SwarmError) -> None:
+        banned_s = self.bans.ban(hop.address)
+        self.pool.drop(hop.address)
+        log.warning("server %s failed on blocks %d:%d (%s); avoiding it for %.0f s", hop.address, hop.first,
+                    hop.last, error, banned_s)
+
+    def close_remote(self, opened: list[tuple[Hop, str]]) -> None:
+        """Close server sessions (best effort: a server frees idle sessions itself)."""
+        for hop, sid in opened:
+            if self.bans.is_banned(hop.address):
+                continue  # it failed: closing could hang on it
+            try:
+                self.pool.get(hop.address).request("close", {"session": sid}, timeout_s=2.0)
+            except SwarmError as e:
+                log.info("closing session on %s: %s", hop.address, e)
+
+    def check_model(self, msg: Message) -> None:
+        asked = msg.get("model_id")
+        if asked != self.model_id:
+            raise WrongModelError(
+                f"this swarmd serves model {self.model_id}; the app asked for {asked} "
+                "(is the app's model directory the same checkpoint as the daemon's `model`?)"
+            )
+
+    def tensors(self, msg: Message) -> dict[str, torch.Tensor]:
+        """The app's hidden states with their position ids (and key mask, beam order), checked."""
+        hidden = msg.tensor("hidden")
+        assert hidden is not None
+        if hidden.ndim != 3 or hidden.shape[-1] != self.hidden_size:
+            raise ProtocolError(f"hidden must be [batch, length, {self.hidden_size}], got {list(hidden.shape)}")
+        B, T, _ = hidden.shape
+        out = {"hidden": hidden}
+        pos, mask = positions_and_mask(msg, B, T)
+        out["position_ids"] = pos if pos is not None else torch.arange(T).expand(B, T)
+        if mask is not None:
+            out["key_mask"] = mask
+        order = beam_order(msg, B)
+        if order is not None:  # every hop reorders its cache with the step, and the history follows
+            out["beam_order"] = order
+        return out
+
+
+def route_timeout(msg: Message) -> float:
+    value = msg.get("route_timeout_s", DEFAULT_ROUTE_TIMEOUT_S)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= MAX_ROUTE_TIMEOUT_S:
+        raise ProtocolError(f"route_timeout_s must be a number of seconds within 0..{MAX_ROUTE_TIMEOUT_S:.0f}")
+    return float(value)
+
+
+def route_json(hops: list[Hop]) -> list[list]:
+    return [[h.address, h.first, h.last] for h in hops]
+
+
+def route_text(hops: list[Hop]) -> str:
+    return " -> ".join(f"{h.address}[{h.first}:{h.last})" for h in hops)
+
+
+def hidden_of(reply: Message) -> torch.Tensor:
+    hidden = reply.tensor("hidden")
+    assert hidden is not None  # tensor() raises when it is missing
+    return hidden

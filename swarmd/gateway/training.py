@@ -1,0 +1,330 @@
+"""The gateway's training chains: `forward` and `backward` passes through every block, with no
+cache on the servers, each re-routed around failed hops.
+
+A backward pass needs each hop's input. A forward asked with `keep` leaves them here (keyed
+by a pass id the app gets back, bounded in bytes, dropped on backward or after
+KEEP_TIMEOUT_S), so that its backward sends them straight to the servers: each block then runs
+forward twice per training step (the pass, and the server's recomputation inside backward)
+rather than three times. A backward without a kept pass, or whose kept route fails, runs the
+chain forward again first."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from libswarm.errors import ProtocolError, RemoteError, SwarmError, TensorError
+from libswarm.protocol import Message
+from swarmd.gateway.router import RETRIABLE, UNMEASURED_STEP_S, Router, hidden_of, route_timeout
+from swarmd.routing import Hop, forward_seconds
+from swarmd.runtime.span import Lora
+
+log = logging.getLogger("swarmd.gateway")
+
+# A batch expected (from the servers' measured forward throughput) to take longer than this is
+# split into at most MAX_SPLIT_PARTS parts run at once: each takes its own speed-weighted chain
+# (spreading over the swarm), and the parts pipeline through the hops of one chain. With no
+# measurement yet, a batch of SPLIT_MIN_TOKENS positions is split.
+SPLIT_MIN_S = 0.25
+SPLIT_MIN_TOKENS = 512
+MAX_SPLIT_PARTS = 4
+KEEP_MAX_BYTES = 512 * 2**20  # hop inputs kept for backward passes, over all apps; the oldest go first
+KEEP_TIMEOUT_S = 300.0  # a kept pass whose backward has not come by then is dropped
+
+Chain = list[tuple[Hop, torch.Tensor]]  # the hops of a pass, in order, each with its input
+
+
+@dataclass
+class KeptPass:
+    parts: list[Chain]  # one chain per part of a split batch
+    lora: dict[str, torch.Tensor]  # the app's LoRA tensors of the forward: the backward must send the same
+    nbytes: int
+    created: float = field(default_factory=time.monotonic)
+
+
+class KeptPasses:
+    """Forwards' hop inputs awaiting their backward; thread-safe (apps' requests run at once)."""
+
+    def __init__(self, max_bytes: int = KEEP_MAX_BYTES, timeout_s: float = KEEP_TIMEOUT_S,
+                 clock: Callable[[], float] = time.monotonic):
+        self.max_bytes, self.timeout_s, self.clock = max_bytes, timeout_s, clock
+        self._passes: OrderedDict[str, KeptPass] = OrderedDict()
+        self.nbytes = 0
+        self.dropped = 0  # passes dropped unused (timeout or room): their backward recomputes
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._passes)
+
+    def put(self, parts: list[Chain], lora: dict[str, torch.Tensor]) -> str | None:
+        """Keep a forward's chains; its id, or None when it alone exceeds the bound."""
+        nbytes = sum(x.numel() * x.element_size() for chain in parts for _, x in chain)
+        if nbytes > self.max_bytes:
+            return None
+        pass_id = secrets.token_hex(12)
+        with self._lock:
+            self._expire()
+            while self._passes and self.nbytes + nbytes > self.max_bytes:
+                self._drop(next(iter(self._passes)))
+            self._passes[pass_id] = KeptPass(parts, lora, nbytes, self.clock())
+            self.nbytes += nbytes
+        return pass_id
+
+    def take(self, pass_id: object) -> KeptPass | None:
+        with self._lock:
+            self._expire()
+            kept = self._passes.pop(pass_id, None) if isinstance(pass_id, str) else None
+            if kept is not None:
+                self.nbytes -= kept.nbytes
+            return kept
+
+    def expire(self) -> None:
+        with self._lock:
+            self._expire()
+
+    def _expire(self) -> None:
+        now = self.clock()
+        while self._passes:
+            pass_id, kept = next(iter(self._passes.items()))
+            if now - kept.created <= self.timeout_s:
+                break
+            self._drop(pass_id)
+
+    def _drop(self, pass_id: str) -> None:
+        kept = self._passes.pop(pass_id)
+        self.nbytes -= kept.nbytes
+        self.dropped += 1
+
+
+class TrainingChains:
+    def __init__(self, router: Router, kept: KeptPasses | None = None):
+        self.router = router
+        self.kept = kept or KeptPasses()
+        self._split_pool = ThreadPoolExecutor(MAX_SPLIT_PARTS, thread_name_prefix="split")
+
+    def on_forward(self, msg: Message):
+        """A batch through every block with no cache; a failed hop is re-routed and retried.
+        A large batch is split across several chains run at once. With `keep`, each hop's input
+        stays here for the backward of this pass (its id comes back as `pass`)."""
+        self.router.check_model(msg)
+        tensors = self.router.tensors(msg)
+        deadline = time.monotonic() + route_timeout(msg)
+        lora, fields = self._lora(msg)
+        keep = msg.get("keep") is True
+        chunks = self._chunks(tensors, self._parts(tensors["hidden"], lora, fields.get("adapter")))
+        outs = self._run_parts(chunks, lambda part: self._forward_chain(part, lora, fields, deadline))
+        reply: dict = {}
+        if keep:
+            pass_id = self.kept.put([chain for _, chain in outs], lora)
+            if pass_id is not None:
+                reply["pass"] = pass_id
+        return reply, {"hidden": torch.cat([x for x, _ in outs])}
+
+    def _forward_chain(self, tensors: dict[str, torch.Tensor], lora: dict[str, torch.Tensor], fields: dict,
+                       deadline: float) -> tuple[torch.Tensor, Chain]:
+        """The last block's output, and the chain that computed it with each hop's input."""
+        x, first = tensors["hidden"], 0
+        small = {k: v for k, v in tensors.items() if k != "hidden"}
+        tokens = x.shape[0] * x.shape[1]
+        suspects: dict[Hop, SwarmError] = {}
+        chain: Chain = []
+        while first < self.router.num_layers:
+            for hop in self.router.plan(first, self.router.num_layers, deadline, spread=True,
+                                        adapter=fields.get("adapter"), exclude={h.address for h in suspects}):
+                try:
+                    out = self._forward_hop(hop, x, small, lora, fields, tokens)
+                except RETRIABLE as e:
+                    self._hop_failed(hop, e, suspects)
+                    if time.monotonic() > deadline:  # servers exist but keep failing
+                        raise
+                    break
+                chain.append((hop, x))
+                x, first = out, hop.last
+        self._convict(suspects)
+        return x, chain
+
+    def _hop_failed(self, hop: Hop, error: SwarmError, suspects: dict[Hop, SwarmError]) -> None:
+        """A hop of a forward or backward pass failed. A server that failed while computing
+        (RemoteError) may have been handed a request that no server can compute (a query of
+        death): it is only suspected and routed around; if a second server fails the same
+        request that way, the request goes back to the caller and nobody is banned. The
+        suspects are banned once another server has computed what they could not."""
+        if not isinstance(error, RemoteError):
+            self.router.fail(hop, error)
+        elif suspects:
+            raise error
+        else:
+            suspects[hop] = error
+
+    def _convict(self, suspects: dict[Hop, SwarmError]) -> None:
+        for hop, error in suspects.items():
+            self.router.fail(hop, error)
+
+    def _forward_hop(self, hop: Hop, x: torch.Tensor, small: dict, lora: dict[str, torch.Tensor], fields: dict,
+                     tokens: int) -> torch.Tensor:
+        """One hop's `forward` request: its blocks of the stack, without cache."""
+        out = hidden_of(self.router.pool.get(hop.address).request(
+            "forward", {**fields, "blocks": [hop.first, hop.last]}, {"hidden": x, **small, **_slice(lora, hop)},
+            timeout_s=max(UNMEASURED_STEP_S, self.router.allowance_s(hop.address, tokens))))
+        self.router.bans.succeeded(hop.address)
+        return out
+
+    def on_backward(self, msg: Message):
+        """The gradient of the whole model's block stack w.r.t. its input, given its input and
+        the gradient of its output, hop by hop in reverse from each hop's input: kept by the
+        forward named in `pass`, else computed by running the chain forward again. Any failed
+        hop bans its server and the whole pass is re-planned and redone, until the caller's
+        deadline. A large batch is split across several chains run at once; LoRA gradients are
+        summed."""
+        self.router.check_model(msg)
+        tensors = self.router.tensors(msg)
+        grad = msg.tensor("grad_output")
+        assert grad is not None
+        if grad.shape != tensors["hidden"].shape:
+            raise ProtocolError(f"grad_output must have the shape of hidden {list(tensors['hidden'].shape)}, "
+                                f"got {list(grad.shape)}")
+        deadline = time.monotonic() + route_timeout(msg)
+        lora, fields = self._lora(msg)
+        kept = self.kept.take(msg.get("pass")) if msg.get("pass") is not None else None
+        parts = kept.parts if kept is not None and _same_pass(kept, tensors["hidden"], lora) else None
+        n = len(parts) if parts is not None else self._parts(tensors["hidden"], lora, fields.get("adapter"))
+        chunks = self._chunks({**tensors, "grad_output": grad}, n)
+        jobs = [(chunk, parts[i] if parts is not None else None) for i, chunk in enumerate(chunks)]
+        outs = self._run_parts(jobs, lambda job: self._backward_chain(job[0], lora, fields, deadline, job[1]))
+        result = {"grad_input": torch.cat([o["grad_input"] for o in outs])}
+        for k in outs[0]:
+            if k != "grad_input":
+                result[k] = torch.stack([o[k] for o in outs]).sum(0)
+        return {}, result
+
+    def _backward_chain(self, tensors: dict[str, torch.Tensor], lora: dict[str, torch.Tensor], fields: dict,
+                        deadline: float, kept: Chain | None) -> dict[str, torch.Tensor]:
+        grad = tensors["grad_output"]
+        small = {k: v for k, v in tensors.items() if k not in ("hidden", "grad_output")}
+        tokens = tensors["hidden"].shape[0] * tensors["hidden"].shape[1]
+        suspects: dict[Hop, SwarmError] = {}
+        while True:
+            if kept is not None:
+                chain: Chain | None = kept
+                kept = None  # one try: after a failure the pass is re-planned
+            else:
+                chain = self._chain_inputs(tensors["hidden"], small, lora, fields, deadline, tokens, suspects)
+            if chain is None:
+                continue
+            hop = chain[-1][0]
+            try:
+                g = grad
+                lora_grads: dict[str, list[torch.Tensor]] = {f"grad_{k}": [] for k in lora}
+                for hop, x_in in reversed(chain):
+                    reply = self.router.pool.get(hop.address).request(
+                        "backward", {**fields, "blocks": [hop.first, hop.last]},
+                        {"hidden": x_in, "grad_output": g, **small, **_slice(lora, hop)},
+                        timeout_s=max(UNMEASURED_STEP_S, 3 * self.router.allowance_s(hop.address, tokens)))
+                    g_in = reply.tensors.get("grad_input")
+                    if g_in is None or any(k not in reply.tensors for k in lora_grads):
+                        raise ProtocolError("backward reply lacks grad_input or a LoRA gradient")
+                    g = g_in
+                    self.router.bans.succeeded(hop.address)
+                    for k, parts in lora_grads.items():
+                        parts.insert(0, reply.tensors[k])  # hops come back last first
+                self._convict(suspects)
+                return {"grad_input": g, **{k: torch.cat(v) for k, v in lora_grads.items()}}
+            except RETRIABLE as e:
+                self._hop_failed(hop, e, suspects)
+                if time.monotonic() > deadline:
+                    raise
+
+    def _chain_inputs(self, hidden: torch.Tensor, small: dict, lora: dict[str, torch.Tensor], fields: dict,
+                      deadline: float, tokens: int, suspects: dict[Hop, SwarmError]) -> Chain | None:
+        """A planned chain run forward, keeping each hop's input (the last hop's output is not
+        needed); None when a hop failed (it is dealt with: plan again)."""
+        hops = self.router.plan(0, self.router.num_layers, deadline, spread=True, adapter=fields.get("adapter"),
+                                exclude={h.address for h in suspects})
+        chain: Chain = [(hops[0], hidden)]
+        for hop, nxt in zip(hops, hops[1:]):
+            try:
+                chain.append((nxt, self._forward_hop(hop, chain[-1][1], small, lora, fields, tokens)))
+            except RETRIABLE as e:
+                self._hop_failed(hop, e, suspects)
+                if time.monotonic() > deadline:
+                    raise
+                return None
+        return chain
+
+    def _parts(self, hidden: torch.Tensor, lora: dict[str, torch.Tensor], adapter: str | None) -> int:
+        """Into how many parts to split a batch (see SPLIT_MIN_S)."""
+        B, T = hidden.shape[:2]
+        if B == 1 or any(v.ndim == 4 for v in lora.values()):  # deep prompts given per sample: keep whole
+            return 1
+        servers = self.router.table.servers_for(self.router.model_id, adapter)
+        expected_s = forward_seconds(servers, self.router.num_layers, B * T)
+        big = expected_s > SPLIT_MIN_S if expected_s is not None else B * T >= SPLIT_MIN_TOKENS
+        return min(B, MAX_SPLIT_PARTS) if big else 1
+
+    @staticmethod
+    def _chunks(tensors: dict[str, torch.Tensor], parts: int) -> list[dict]:
+        if parts == 1:
+            return [tensors]
+        return [dict(zip(tensors, vals)) for vals in zip(*(v.tensor_split(parts) for v in tensors.values()))]
+
+    def _run_parts(self, jobs: list, run) -> list:
+        if len(jobs) == 1:
+            return [run(jobs[0])]
+        return list(self._split_pool.map(run, jobs))
+
+    def _lora(self, msg: Message) -> tuple[dict[str, torch.Tensor], dict]:
+        """The app's LoRA tensors ([num_layers, ...] each, sliced per hop) and the fields that go
+        with every hop's request."""
+        num_layers = self.router.num_layers
+        lora = Lora.client_tensors(msg.tensors)
+        fields: dict = {"model_id": self.router.model_id}
+        adapter = adapter_name(msg)
+        if adapter is not None:
+            fields["adapter"] = adapter
+        if lora:
+            bad = [k for k, v in lora.items() if v.ndim not in (3, 4) or v.shape[0] != num_layers]
+            if bad:
+                raise TensorError(f"LoRA tensors and deep prompts must be [{num_layers} blocks, ...]: "
+                                  f"{bad[0]} is not")
+            self._check_deep_prompts(lora.get("deep_prompts"), msg.tensor("hidden"))
+            fields["lora_scaling"] = msg.get("lora_scaling", 1.0)
+        return lora, fields
+
+    def _check_deep_prompts(self, deep: torch.Tensor | None, hidden: torch.Tensor | None) -> None:
+        """Deep prompts fit the hidden states: checked here, so that a request no server could
+        compute is refused before any server is asked (and blamed)."""
+        if deep is None or hidden is None:
+            return
+        B, T, H = hidden.shape
+        per_sample = deep.ndim == 4
+        if deep.shape[-1] != H or deep.shape[-2] > T or (per_sample and deep.shape[1] != B):
+            n = self.router.num_layers
+            want = f"[{n}, {B}, prompt <= {T}, {H}]" if per_sample else f"[{n}, prompt <= {T}, {H}]"
+            raise TensorError(f"deep_prompts must be {want} for hidden {list(hidden.shape)}, got {list(deep.shape)}")
+
+
+def _same_pass(kept: KeptPass, hidden: torch.Tensor, lora: dict[str, torch.Tensor]) -> bool:
+    """Whether a backward sends the input and LoRA tensors of the forward that was kept (anything
+    else would differentiate another computation than the one asked for: recompute then)."""
+    first_inputs = [chain[0][1] for chain in kept.parts]
+    return (torch.equal(torch.cat(first_inputs), hidden) and kept.lora.keys() == lora.keys()
+            and all(torch.equal(kept.lora[k], v) for k, v in lora.items()))
+
+
+def adapter_name(msg: Message) -> str | None:
+    name = msg.get("adapter")
+    if name is not None and not (isinstance(name, str) and 0 < len(name) <= 64):
+        raise ProtocolError("adapter must be an adapter name (a string)")
+    return name
+
+
+def _slice(lora: dict[str, torch.Tensor], hop: Hop) -> dict[str, torch.Tensor]:
+    return {k: v[hop.first:hop.last] for k, v in lora.items()}
