@@ -65,7 +65,9 @@ class Daemon:
         self.blocks = self._configured_blocks()  # with blocks: auto, chosen at start (and moved later)
         self.device = _device(config.serve.device)
         self.dtype = _dtype(config.serve.dtype, self.device)
-        self.zctx = zmq.Context()
+        # two I/O threads: CURVE encrypts in them, and a large tensor's frames then go at twice
+        # the speed (tools/bench_transport.py); small messages are not slowed
+        self.zctx = zmq.Context(io_threads=2)
         self.stop_event = threading.Event()
         self.state = "starting"
         self.loaded_blocks = 0
@@ -80,9 +82,9 @@ class Daemon:
         self.drain_requested = threading.Event()  # swarmctl drain: main() drains and exits 0
         self.balancer = Balancer(self)
         self.access = AccessControl(config.swarm.access, config.swarm.allowed_keys_dir, self.identity.public_key)
-        self.pool = ConnectionPool(self.zctx, self.identity, lambda a: self.membership.key_for(a),
-                                   config.network.max_message_bytes)
         self.table = PeerTable()
+        self.pool = ConnectionPool(self.zctx, self.identity, lambda a: self.membership.key_for(a),
+                                   config.network.max_message_bytes, resolve_protocol=self.table.protocol_for)
         self._fingerprints: dict[int, str | None] = {}
         self._uncovered_since: dict[tuple[str, int], float] = {}  # (model, block): first seen uncovered
         self.membership = Membership(identity=self.identity, pool=self.pool, table=self.table, access=self.access,
@@ -241,12 +243,11 @@ class Daemon:
         self.server = SpanServer(self.zctx, None, CacheBudget(0), self.model_id, max_length=s.max_length,
                                  max_batch=s.max_batch, idle_timeout_s=s.session_idle_timeout_s,
                                  max_message_bytes=self.config.network.max_message_bytes, identity=self.identity,
-                                 access=self.access, resolve_key=self.membership.key_for, limits=s.limits)
-        server = self.server
-        self.server.handlers["gossip"] = lambda msg: self.membership.on_gossip(msg, sender=server.sender)
-        self.server.drain_timeout_s = s.drain_timeout_s
+                                 access=self.access, resolve_key=self.membership.key_for, limits=s.limits,
+                                 resolve_protocol=self.table.protocol_for,
+                                 on_gossip=self.membership.on_gossip, drain_timeout_s=s.drain_timeout_s,
+                                 adapter_dirs=dict(s.adapters))
         failpoints.install(self.server, os.environ.get("SWARMD_FAILPOINTS", ""))
-        self.server.adapter_dirs = dict(s.adapters)
         try:
             bound = self.server.bind(self.config.network.listen)
         except zmq.ZMQError as e:

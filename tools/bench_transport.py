@@ -8,7 +8,8 @@ A DEALER sends one message of the size (a tensor's bytes in one frame, as a hop'
 states) to a ROUTER, which answers with 8 bytes; the median round trip gives MiB/s. With
 --parallel N, the message is cut into N parts sent over N connections at once (what chunking
 a prefill hop across connections would gain: CURVE encrypts each connection in one I/O
-thread)."""
+thread). The "frames" rows send the message as a multipart message of frames of that size,
+as daemons speaking protocol 1.4 do with tensors over 1 MiB (CURVE encrypts frame by frame)."""
 
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def echo_server(ctx: zmq.Context, curve: NodeIdentity | None, stop: threading.Ev
     def serve():
         while not stop.is_set():
             if sock.poll(100):
-                ident, _ = sock.recv_multipart(copy=False)
+                ident = sock.recv_multipart(copy=False)[0]
                 sock.send_multipart([ident, b"12345678"])
         sock.close(0)
     threading.Thread(target=serve, daemon=True).start()
@@ -60,15 +61,20 @@ def client(ctx: zmq.Context, address: str, curve: NodeIdentity | None) -> zmq.So
     return sock
 
 
-def round_trip_s(socks: list[zmq.Socket], payload: bytes, rounds: int) -> float:
+def round_trip_s(socks: list[zmq.Socket], payload: bytes, rounds: int, frame_bytes: int = 0) -> float:
     n = len(socks)
     part = len(payload) // n
     parts = [memoryview(payload)[i * part:(i + 1) * part if i < n - 1 else len(payload)] for i in range(n)]
+    if frame_bytes:  # each part as a multipart message of frames of at most frame_bytes
+        parts = [[p[i:i + frame_bytes] for i in range(0, len(p), frame_bytes)] for p in parts]  # type: ignore
     times = []
     for _ in range(rounds + 1):
         t0 = time.perf_counter()
         for s, p in zip(socks, parts):
-            s.send(p, copy=False)
+            if frame_bytes:
+                s.send_multipart(p, copy=False)
+            else:
+                s.send(p, copy=False)
         for s in socks:
             s.recv()
         times.append(time.perf_counter() - t0)
@@ -83,12 +89,15 @@ def main() -> None:
     a = p.parse_args()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, pyzmq {zmq.__version__}, libzmq {zmq.zmq_version()}")
     server_key = NodeIdentity(os.urandom(32))
-    configs = [("plain TCP, 1 I/O thread", None, 1, 1), ("CURVE, 1 I/O thread", server_key, 1, 1),
-               ("CURVE, 2 I/O threads", server_key, 2, 1),
-               (f"CURVE, 2 I/O threads, {a.parallel} connections", server_key, 2, a.parallel)]
+    configs = [("plain TCP, 1 I/O thread", None, 1, 1, 0), ("CURVE, 1 I/O thread", server_key, 1, 1, 0),
+               ("CURVE, 1 I/O thread, 1 MiB frames", server_key, 1, 1, 2**20),
+               ("CURVE, 1 I/O thread, 256 KiB frames", server_key, 1, 1, 2**18),
+               ("CURVE, 2 I/O threads", server_key, 2, 1, 0),
+               ("CURVE, 2 I/O threads, 1 MiB frames", server_key, 2, 1, 2**20),
+               (f"CURVE, 2 I/O threads, {a.parallel} connections", server_key, 2, a.parallel, 0)]
     sizes = [float(x) for x in a.sizes_mib.split(",")]
     print(f"{'':44}" + "".join(f"{s:>10g} MiB" for s in sizes))
-    for name, curve, io_threads, conns in configs:
+    for name, curve, io_threads, conns, frame_bytes in configs:
         ctx = zmq.Context(io_threads=io_threads)
         stop = threading.Event()
         address = echo_server(ctx, curve, stop)
@@ -97,7 +106,7 @@ def main() -> None:
         row = []
         for size in sizes:
             payload = os.urandom(int(size * 2**20))
-            s = round_trip_s(socks, payload, a.rounds)
+            s = round_trip_s(socks, payload, a.rounds, frame_bytes)
             row.append(f"{size / s:>9.0f}/s")
         print(f"{name:44}" + "".join(f"{r:>14}" for r in row) + "  (MiB/s)")
         for s in socks:

@@ -24,10 +24,15 @@ if TYPE_CHECKING:
 
 # torch is imported only when a message carries tensors, so that swarmctl starts in a blink
 
-PROTOCOL_VERSION = "1.3"
+PROTOCOL_VERSION = "1.4"
 PROTOCOL_MAJOR = 1
 MAX_HEADER_BYTES = 64 * 1024
 MAX_TENSORS = 64
+MAX_FRAMES = 8192  # tensor frames of one message, all tensors together
+# Since 1.4 a tensor's bytes may come in several consecutive frames (its spec's `frames`): CURVE
+# encrypts each frame on its own, and a 32 MiB frame goes at half the speed of 1 MiB ones.
+FRAME_BYTES = 2**20
+CHUNKED_SINCE = (1, 4)
 _RESERVED = ("v", "type", "id", "deadline", "tensors")
 
 
@@ -38,6 +43,12 @@ class Message:
     fields: dict[str, Any] = field(default_factory=dict)
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     deadline: float | None = None
+    version: str = PROTOCOL_VERSION  # the sender's
+
+    @property
+    def chunked(self) -> bool:
+        """Whether the sender reads tensors cut into several frames (its replies may be)."""
+        return speaks(self.version, CHUNKED_SINCE)
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.fields.get(key, default)
@@ -63,7 +74,10 @@ def encode(
     fields: dict[str, Any] | None = None,
     tensors: dict[str, torch.Tensor] | None = None,
     deadline: float | None = None,
+    frame_bytes: int = 0,
 ) -> list:
+    """The frames of a message. With `frame_bytes` (for a receiver that speaks 1.4), a larger
+    tensor goes in frames of at most that many bytes."""
     header: dict[str, Any] = {"v": PROTOCOL_VERSION, "type": msg_type, "id": req_id}
     if deadline is not None:
         header["deadline"] = deadline
@@ -76,7 +90,13 @@ def encode(
             spec, buf = tensor_to_buffer(t)
             spec["name"] = name
             specs.append(spec)
-            frames.append(buf)
+            if frame_bytes and buf.nbytes > frame_bytes:
+                raw = buf.cast("B")
+                parts = [raw[i:i + frame_bytes] for i in range(0, raw.nbytes, frame_bytes)]
+                spec["frames"] = len(parts)
+                frames.extend(parts)
+            else:
+                frames.append(buf)
         header["tensors"] = specs
     if fields:
         header.update(fields)
@@ -122,22 +142,46 @@ def _decode(frames: Sequence) -> Message:
     specs = header.get("tensors", [])
     if not isinstance(specs, list) or len(specs) > MAX_TENSORS:
         raise ProtocolError(f"'tensors' must be a list of at most {MAX_TENSORS} specs")
-    if len(specs) != len(frames) - 1:
-        raise ProtocolError(f"header announces {len(specs)} tensors but {len(frames) - 1} frames follow")
+    counts = [_frame_count(spec) for spec in specs]
+    if sum(counts) != len(frames) - 1:
+        raise ProtocolError(f"header announces {sum(counts)} tensor frames but {len(frames) - 1} follow")
     tensors: dict[str, torch.Tensor] = {}
     if specs:
         from libswarm.protocol.tensors import tensor_from_buffer
-    for spec, frame in zip(specs, frames[1:]):
-        name = spec.get("name") if isinstance(spec, dict) else None
+    at = 1
+    for spec, n in zip(specs, counts):
+        name = spec.get("name")
         if not isinstance(name, str) or name in tensors:
             raise ProtocolError("each tensor spec needs a unique string 'name'")
-        tensors[name] = tensor_from_buffer(spec, _buffer(frame))
+        # a tensor in several frames is joined (one copy; its frames went through CURVE faster)
+        buf = _buffer(frames[at]) if n == 1 else memoryview(b"".join(_buffer(f) for f in frames[at:at + n]))
+        tensors[name] = tensor_from_buffer(spec, buf)
+        at += n
     fields = {k: v for k, v in header.items() if k not in _RESERVED}
-    return Message(msg_type, req_id, fields, tensors, deadline)
+    return Message(msg_type, req_id, fields, tensors, deadline, version)
 
 
-def ok_reply(req_id: int, fields: dict[str, Any] | None = None, tensors: dict[str, torch.Tensor] | None = None):
-    return encode("ok", req_id, fields, tensors)
+def speaks(version: str, since: tuple[int, int]) -> bool:
+    """Whether a peer of protocol `version` ("1.4") has what came with version `since`."""
+    try:
+        major, minor = (int(x) for x in version.split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= since
+
+
+def _frame_count(spec: object) -> int:
+    if not isinstance(spec, dict):
+        raise ProtocolError("each tensor spec must be an object")
+    n = spec.get("frames", 1)
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_FRAMES:
+        raise ProtocolError(f"a tensor's 'frames' must be a count in 1..{MAX_FRAMES}")
+    return n
+
+
+def ok_reply(req_id: int, fields: dict[str, Any] | None = None, tensors: dict[str, torch.Tensor] | None = None,
+             frame_bytes: int = 0):
+    return encode("ok", req_id, fields, tensors, frame_bytes=frame_bytes)
 
 
 def error_reply(req_id: int, exc: BaseException) -> list:

@@ -318,6 +318,13 @@ class PeerTable:
                 self._by_address = {**listed, **used, **verified}
             return self._by_address.get(address)
 
+    def protocol_for(self, address: str) -> str | None:
+        """The protocol version in the record of the node at `address`, if known."""
+        key = self.key_for(address)
+        with self._lock:
+            e = self._entries.get(key) if key is not None else None
+            return e.record.protocol if e is not None else None
+
     def servers_for(self, model_id: str, adapter: str | None = None) -> list[ServerSpan]:
         """Spans of the online servers of this model (hosting `adapter`, if given), for routing."""
         now = time.monotonic()

@@ -33,7 +33,7 @@ log = logging.getLogger("swarmd.gateway")
 # split into at most MAX_SPLIT_PARTS parts run at once: each takes its own speed-weighted chain
 # (spreading over the swarm), and the parts pipeline through the hops of one chain. With no
 # measurement yet, a batch of SPLIT_MIN_TOKENS positions is split.
-SPLIT_MIN_S = 0.25
+SPLIT_MIN_S = 0.02
 SPLIT_MIN_TOKENS = 512
 MAX_SPLIT_PARTS = 4
 KEEP_MAX_BYTES = 512 * 2**20  # hop inputs kept for backward passes, over all apps; the oldest go first

@@ -34,6 +34,7 @@ from libswarm.errors import (
     WrongModelError,
 )
 from libswarm.protocol import Message, decode, error_reply, ok_reply, registry
+from libswarm.protocol.messages import FRAME_BYTES
 from swarmd.config import LimitsConfig
 from swarmd.identity import NodeIdentity, is_key, short_id
 from swarmd.inputs import beam_order, positions_and_mask
@@ -110,7 +111,12 @@ class ServerStats:
 class SpanServer:
     def __init__(self, zctx: zmq.Context, span: Span | None, budget: CacheBudget, model_id: str, *, max_length: int,
                  max_batch: int, idle_timeout_s: float, max_message_bytes: int, identity: NodeIdentity,
-                 access: AccessControl, resolve_key: Callable[[str], str | None], limits: LimitsConfig):
+                 access: AccessControl, resolve_key: Callable[[str], str | None], limits: LimitsConfig,
+                 resolve_protocol: Callable[[str], str | None] | None = None,
+                 on_gossip: Callable[..., tuple[dict, None]] | None = None, drain_timeout_s: float = 300.0,
+                 adapter_dirs: dict[str, str] | None = None):
+        """`on_gossip(msg, sender)`: membership's handler of `gossip` requests (none: refused);
+        `adapter_dirs`: serve.adapters, {name: PEFT directory}."""
         # None until attach() (a server bound before it loads): handle() then answers WHILE_JOINING only
         self.span, self.budget, self.model_id = cast(Span, span), budget, model_id
         self.attached = span is not None
@@ -134,8 +140,8 @@ class SpanServer:
         # pushes that came before their step: (session, step) -> (hidden, arrival, sender key)
         self.pushed: dict[tuple[str, int], tuple[torch.Tensor, float, str | None]] = {}
         self.resolve_key = resolve_key
-        self.peers = ConnectionPool(zctx, identity, resolve_key, max_message_bytes,
-                                    max_connections=MAX_PUSH_PEERS)  # serving thread only
+        self.peers = ConnectionPool(zctx, identity, resolve_key, max_message_bytes, max_connections=MAX_PUSH_PEERS,
+                                    resolve_protocol=resolve_protocol)  # one set of connections per thread
         self._current: tuple[bytes, int, str | None] = (b"", 0, None)  # (ident, request id, sender key)
         self.quiet_log = RateLimitedLog(log, LOG_EVERY_S)
         self.key_limits = KeyLimits(limits)
@@ -150,11 +156,11 @@ class SpanServer:
         self._next_adapters: dict[str, Lora] = {}
         self._switched = threading.Event()
         self.old_spans: list[tuple[Span, float]] = []  # (span, drain deadline, monotonic)
-        self.drain_timeout_s = 300.0
+        self.drain_timeout_s = drain_timeout_s
         self.draining = False  # stopping: no new sessions
         self.step_seconds = step_histogram()
         self.busy_since: float | None = None  # monotonic start of the request being handled, if any
-        self.adapter_dirs: dict[str, str] = {}  # serve.adapters
+        self.adapter_dirs = dict(adapter_dirs or {})
         self.adapters: dict[str, Lora] = {}  # loaded for the current span
         self.handlers = {
             "open": self.on_open,
@@ -164,6 +170,8 @@ class SpanServer:
             "backward": self.on_backward,
             "ping": lambda msg: ({}, None),
         }
+        if on_gossip is not None:  # answered here, on the socket's thread, whatever compute is running
+            self.handlers["gossip"] = lambda msg: on_gossip(msg, sender=self.sender)
 
     def bind(self, endpoint: str) -> str:
         self.sock.bind(endpoint)
@@ -238,7 +246,8 @@ class SpanServer:
             result = handler(msg)
             if result is DEFERRED:
                 return
-            reply = ok_reply(req_id, *result)
+            fields, tensors = result
+            reply = ok_reply(req_id, fields, tensors, frame_bytes=_frame_bytes(msg))
         except Exception as e:
             reply = self._error_reply(req_id, sender, e)
         self._send(ident, reply, req_id)
@@ -259,15 +268,18 @@ class SpanServer:
 
     # --- work for the compute thread -------------------------------------------------------------
     def _defer(self, priority: int, work: Callable[[], tuple], ident: bytes, req_id: int, sender: str | None,
-               deadline: float | None, done: Callable[[], None] | None = None) -> object:
-        """Run `work` (a handler's computation, returning its reply's fields and tensors) on the
-        compute thread; its reply is sent when it is done."""
+               msg: Message, done: Callable[[], None] | None = None) -> object:
+        """Run `work` (the computation of request `msg`, returning its reply's fields and
+        tensors) on the compute thread; its reply is sent when it is done."""
+        frame_bytes = _frame_bytes(msg)
+
         def run() -> list:
             try:
-                return ok_reply(req_id, *work())
+                fields, tensors = work()
+                return ok_reply(req_id, fields, tensors, frame_bytes=frame_bytes)
             except Exception as e:
                 return self._error_reply(req_id, sender, e)
-        self.compute.submit(priority, run, ident, req_id, deadline, done)
+        self.compute.submit(priority, run, ident, req_id, msg.deadline, done)
         return DEFERRED
 
     def _deliver(self) -> None:
@@ -489,7 +501,7 @@ class SpanServer:
 
         def done() -> None:
             s.queued -= 1
-        return self._defer(STEP, lambda: self._step(s, msg, hidden), ident, req_id, sender, msg.deadline, done)
+        return self._defer(STEP, lambda: self._step(s, msg, hidden), ident, req_id, sender, msg, done)
 
     def _step(self, s: ServerSession, msg: Message, hidden: torch.Tensor | None):
         """A step's computation, on whichever thread runs it: a repeat of the last step gets its
@@ -590,7 +602,8 @@ class SpanServer:
                                          waiting.sender)
             if result is DEFERRED:
                 return
-            reply = ok_reply(waiting.req_id, *result)
+            fields, tensors = result
+            reply = ok_reply(waiting.req_id, fields, tensors, frame_bytes=_frame_bytes(waiting.msg))
         except Exception as e:
             reply = self._error_reply(waiting.req_id, waiting.sender, e)
         self._send(waiting.ident, reply, waiting.req_id)
@@ -605,7 +618,7 @@ class SpanServer:
         lora = self._lora(msg, first, last)
         span = self.span  # the one asked for, even if the server moves before the work runs
         return self._defer(PASS, lambda: self._forward(span, hidden, pos, mask, first, last, lora), *self._current,
-                           msg.deadline)
+                           msg)
 
     def _forward(self, span: Span, hidden: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, first: int,
                  last: int, lora: Lora | None):
@@ -683,7 +696,7 @@ class SpanServer:
                 grad_input, lora_grads = span.backward(hidden, pos, mask, first, last, grad, lora)
             self._count(backwards=1)
             return {}, {"grad_input": grad_input, **lora_grads}
-        return self._defer(PASS, work, *self._current, msg.deadline)
+        return self._defer(PASS, work, *self._current, msg)
 
     def on_close(self, msg: Message):
         sid = msg.get("session")
@@ -717,6 +730,11 @@ class SpanServer:
                 log.info("session %s idle for %.0f s: freeing its cache", sid[:8], now - s.last_used)
                 self._drop(sid)
 
+
+
+def _frame_bytes(request: Message) -> int:
+    """How a reply to `request` may cut its tensors into frames (none for a 1.3 caller)."""
+    return FRAME_BYTES if request.chunked else 0
 
 
 def _sender_key(frame) -> str | None:

@@ -103,8 +103,8 @@ def test_a_server_bound_before_its_span_is_loaded_answers_gossip_and_ping_only(m
     ctx, me, client = zmq.Context(), NodeIdentity(os.urandom(32)), NodeIdentity(os.urandom(32))
     server = SpanServer(ctx, None, CacheBudget(0), "m", max_length=64, max_batch=1, idle_timeout_s=60,
                         max_message_bytes=2**24, identity=me, access=AccessControl("open", "", me.public_key),
-                        resolve_key=lambda a: None, limits=LimitsConfig(16, 0.5, 1000))
-    server.handlers["gossip"] = lambda msg: ({"records": [], "beats": []}, None)
+                        resolve_key=lambda a: None, limits=LimitsConfig(16, 0.5, 1000),
+                        on_gossip=lambda msg, sender: ({"records": [], "beats": []}, None))
     address = server.bind("tcp://127.0.0.1:*")
     stop = threading.Event()
     thread = threading.Thread(target=server.serve, args=(stop,), daemon=True)

@@ -51,7 +51,7 @@ def test_message_roundtrip_keeps_fields_tensors_and_id():
         ([b"[1,2]"], "JSON object"),
         ([b'{"v":"9.0","type":"x","id":1}'], "version"),
         ([b'{"v":"1.0","type":"x"}'], "integer 'id'"),
-        ([b'{"v":"1.0","type":"x","id":1,"tensors":[{"name":"a","dtype":"float32","shape":[2]}]}'], "frames follow"),
+        ([b'{"v":"1.0","type":"x","id":1,"tensors":[{"name":"a","dtype":"float32","shape":[2]}]}'], "tensor frames but 0 follow"),
         ([b"x" * 70000], "exceeds"),
     ],
 )
@@ -160,3 +160,37 @@ def test_every_registered_message_has_a_handler_and_every_handler_a_registered_m
     added = {"key", "rebalance", "drain"}  # the daemon's own, beside the gateway's
     assert all(f"{name}=lambda m:" in inspect.getsource(daemon.Daemon.__init__) for name in added)
     assert {*gateway.handlers, *added} == set(registry.LOCAL)
+
+
+def test_a_tensor_cut_into_frames_arrives_whole_and_whole_tensors_still_decode():
+    """1.4: tensors over frame_bytes travel in several frames; a 1.3 sender's whole ones too."""
+    from libswarm.protocol.messages import speaks
+
+    big, small = torch.randn(3, 1000, 7), torch.arange(5)
+    frames = encode("forward", 7, {"model_id": "m"}, {"hidden": big, "position_ids": small}, frame_bytes=4096)
+    header = json.loads(bytes(frames[0]))
+    assert [s.get("frames", 1) for s in header["tensors"]] == [-(-big.numel() * 4 // 4096), 1]
+    assert all(len(f) <= 4096 for f in frames[1:])
+    msg = decode(frames)
+    assert torch.equal(msg.tensors["hidden"], big) and torch.equal(msg.tensors["position_ids"], small)
+    assert msg.chunked and torch.equal(decode(encode("x", 1, None, {"hidden": big})).tensors["hidden"], big)
+    assert speaks("1.4", (1, 4)) and speaks("2.0", (1, 4)) and not speaks("1.3", (1, 4)) and not speaks("x", (1, 4))
+
+
+@pytest.mark.parametrize("frames_field", [0, -1, True, "2", 10**6])
+def test_a_bad_frame_count_is_one_protocol_error(frames_field):
+    frames = encode("forward", 1, None, {"hidden": torch.zeros(4, 4)}, frame_bytes=16)
+    header = json.loads(bytes(frames[0]))
+    header["tensors"][0]["frames"] = frames_field
+    with pytest.raises(ProtocolError):
+        decode([json.dumps(header).encode(), *frames[1:]])
+
+
+def test_frames_that_do_not_add_up_to_the_specs_are_refused():
+    frames = encode("forward", 1, None, {"hidden": torch.zeros(4, 4)}, frame_bytes=16)
+    with pytest.raises(ProtocolError, match="tensor frames"):
+        decode(frames[:-1])
+    header = json.loads(bytes(frames[0]))
+    header["tensors"][0]["frames"] -= 1  # the bytes no longer match the shape
+    with pytest.raises(TensorError):
+        decode([json.dumps(header).encode(), *frames[1:-1]])
