@@ -4,7 +4,7 @@ swarmd server, (c) through three servers, all on loopback behind a gateway-only 
 side by side in one run. Prints each, the ratios, and the overhead per extra hop.
 
     python tools/bench_inference.py [--family llama] [--layers 6] [--hidden 64] [--tokens 200]
-    python tools/bench_inference.py --model smollm2-135m-instruct
+    python tools/bench_inference.py --model smollm2-135m-instruct [--dtype float16] [--llama-bench PATH --gguf FILE]
 
 With --model (a short name from libswarm.models, got into .cache/models once), the model is
 that real checkpoint, the prompt is a chat, and a forward/backward pass to the input
@@ -73,6 +73,16 @@ def fwd_bwd_s(model, ids: torch.Tensor, repeats: int) -> list[float]:
     return times
 
 
+def llama_cpp_step_s(binary: str, gguf: str, tokens: int) -> list[float]:
+    """llama.cpp's time per generated token (one thread, no prompt), from llama-bench."""
+    import json
+    import subprocess
+
+    out = subprocess.run([binary, "-m", gguf, "-t", "1", "-p", "0", "-n", str(tokens), "-r", "1", "-o", "json"],
+                         capture_output=True, text=True, check=True, timeout=600).stdout
+    return [1.0 / ts for ts in json.loads(out)[0]["samples_ts"]] * tokens
+
+
 def spans(n_layers: int, parts: int) -> list[str]:
     cuts = [round(i * n_layers / parts) for i in range(parts + 1)]
     return [f"{a}:{b}" for a, b in zip(cuts, cuts[1:])]
@@ -86,7 +96,16 @@ def main(argv=None) -> int:
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--tokens", type=int, default=200, help="decode steps timed per configuration")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds; the median step is reported")
+    p.add_argument("--llama-bench", default=None, metavar="PATH",
+                   help="llama.cpp's llama-bench, run between rounds on --gguf with one thread (the same weights "
+                        "converted by llama.cpp's convert_hf_to_gguf.py at the same precision)")
+    p.add_argument("--gguf", default=None, metavar="FILE")
+    p.add_argument("--no-passes", action="store_true", help="with --model: time decode only (no forward/backward)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                   help="weights and compute everywhere: local HF, the servers (serve.dtype) and libswarm's "
+                        "embeddings and head")
     a = p.parse_args(argv)
+    dtype = getattr(torch, a.dtype)
     torch.set_num_threads(1)  # the daemons run with one thread each, so does the local reference
 
     from localswarm import running_swarm
@@ -107,35 +126,42 @@ def main(argv=None) -> int:
     else:
         d = make_model(a.family, tempfile.mkdtemp(prefix="bench-"), layers=a.layers, hidden=a.hidden)
         prompt = torch.randint(3, 500, (1, 16), generator=torch.Generator().manual_seed(0))
-    ref = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    ref = AutoModelForCausalLM.from_pretrained(d, dtype=dtype).eval()
     layers = ref.config.num_hidden_layers
     results: dict[str, list[float]] = {"local HF": [], "1 server": [], "3 servers": []}
+    if a.llama_bench:
+        results = {"llama.cpp": [], **results}
     passes: dict[str, list[float]] = {"local HF": [], "1 server": [], "3 servers": []}
     batch = torch.randint(3, 500, (4, 64), generator=torch.Generator().manual_seed(1))
     ref.requires_grad_(False)  # as the swarm's blocks: gradients flow to the inputs only
-    with running_swarm(d, spans(layers, 1)) as (_, gw1), running_swarm(d, spans(layers, 3)) as (_, gw3):
-        m1 = AutoDistributedModelForCausalLM.from_pretrained(d, socket=gw1.socket)
-        m3 = AutoDistributedModelForCausalLM.from_pretrained(d, socket=gw3.socket)
+    serve = {"serve": {"dtype": a.dtype}}
+    with running_swarm(d, spans(layers, 1), extra=serve) as (_, gw1), \
+            running_swarm(d, spans(layers, 3), extra=serve) as (_, gw3):
+        m1 = AutoDistributedModelForCausalLM.from_pretrained(d, socket=gw1.socket, dtype=dtype)
+        m3 = AutoDistributedModelForCausalLM.from_pretrained(d, socket=gw3.socket, dtype=dtype)
         swarm_step_s(m1, prompt, 20)  # warm up connections and allocators
         swarm_step_s(m3, prompt, 20)
         local_step_s(ref, prompt, 20)
         for _ in range(a.rounds):  # interleaved, so that machine noise hits all three alike
+            if a.llama_bench:
+                results["llama.cpp"] += llama_cpp_step_s(a.llama_bench, a.gguf, a.tokens)
             results["local HF"] += local_step_s(ref, prompt, a.tokens)
             results["1 server"] += swarm_step_s(m1, prompt, a.tokens)
             results["3 servers"] += swarm_step_s(m3, prompt, a.tokens)
-            if a.model:
+            if a.model and not a.no_passes:
                 for key, model in (("local HF", ref), ("1 server", m1), ("3 servers", m3)):
                     passes[key] += fwd_bwd_s(model, batch, 3)
     med = {k: statistics.median(v) * 1e3 for k, v in results.items()}
     print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
-    what = a.model or f"{a.family}, {a.layers} layers, hidden {a.hidden}"
+    what = (a.model or f"{a.family}, {a.layers} layers, hidden {a.hidden}") + f", {a.dtype}"
     print(f"model: {what}; {a.tokens * a.rounds} decode steps each after a {prompt.shape[1]}-token prompt, median")
     for k, v in med.items():
-        print(f"  {k:10s} {v:8.3f} ms/token   ({v / med['local HF']:.2f}x local)")
+        vs_llama = f", {v / med['llama.cpp']:.2f}x llama.cpp" if "llama.cpp" in med else ""
+        print(f"  {k:10s} {v:8.3f} ms/token   ({v / med['local HF']:.2f}x local{vs_llama})")
     per_hop_us = (med["3 servers"] - med["1 server"]) / 2 * 1e3
     print(f"  overhead of the swarm with one server: {(med['1 server'] - med['local HF']) * 1e3:.0f} us/token")
     print(f"  overhead per extra hop: {per_hop_us:.0f} us  (target <= 200 us)")
-    if a.model:
+    if a.model and not a.no_passes:
         fb = {k: statistics.median(v) * 1e3 for k, v in passes.items()}
         print(f"forward/backward to the input embeddings of a {batch.shape[0]}x{batch.shape[1]} batch, "
               f"{len(passes['local HF'])} passes each, median:")

@@ -105,3 +105,28 @@ def test_kept_passes_stay_within_their_bytes_dropping_the_oldest():
     assert kept.nbytes == 8000 and kept.take(ids[0]) is None and kept.take(ids[2]) is not None
     assert kept.put([chain(20_000)], {}) is None  # alone over the bound: not kept at all
     assert kept.take("made-up") is None and kept.take(None) is None
+
+
+def test_batches_are_split_by_the_servers_measured_speed_and_never_for_a_single_server():
+    from swarmd.gateway.router import Router
+    from swarmd.gateway.training import TrainingChains
+    from swarmd.routing import ServerSpan
+
+    class Table:
+        servers: list = []
+
+        def servers_for(self, model_id, adapter=None):
+            return self.servers
+
+    table = Table()
+    chains = TrainingChains(Router(model_id="m", num_layers=6, hidden_size=4, pool=None, table=table,
+                                   membership=None))
+    batch = torch.zeros(8, 64, 4)  # 512 positions
+    slow = [ServerSpan(f"s{i}", 2 * i, 2 * i + 2, forward_block_s=1e-3) for i in range(3)]  # 3 s expected
+    fast = [ServerSpan(f"s{i}", 2 * i, 2 * i + 2, forward_block_s=1e-6) for i in range(3)]  # 3 ms expected
+    for servers, parts in ((slow, 4), (fast, 1), ([ServerSpan("a", 0, 6, forward_block_s=1e-3)], 1),
+                           ([ServerSpan(f"s{i}", 2 * i, 2 * i + 2) for i in range(3)], 4)):  # unmeasured: >= 512
+        table.servers = servers
+        assert chains._parts(batch, {}, None) == parts
+    table.servers = slow
+    assert chains._parts(torch.zeros(1, 512, 4), {}, None) == 1  # one sequence stays whole
