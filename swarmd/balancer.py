@@ -20,13 +20,14 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from libswarm.errors import LimitError
+from swarmd.discovery.membership import Membership
+from swarmd.discovery.table import PeerTable
+from swarmd.peer.server import SpanServer
 from swarmd.placement import Holder, Move, assign_joiners, block_throughput, bottleneck, gaps, pick_mover, plan_move
-
-if TYPE_CHECKING:
-    from swarmd.daemon import Daemon
+from swarmd.runtime.span import Span
 
 log = logging.getLogger("swarmd.balancer")
 
@@ -37,9 +38,33 @@ JOIN_POLL_S = 0.25
 GAP_CHECK_S = 1.0  # how often a server looks for blocks nobody holds (between rebalance intervals)
 
 
+class SpanHost(Protocol):
+    """What the balancer needs of the daemon that serves the span: its blocks (announced in its
+    record), its server, and loading a span."""
+
+    @property
+    def blocks(self) -> tuple[int, int] | None: ...
+
+    @property
+    def server(self) -> SpanServer | None: ...
+
+    def announce_blocks(self, blocks: tuple[int, int]) -> None:
+        """From now on the record says these blocks (joining: the ones this server would take)."""
+
+    def serving(self, span: Span) -> None:
+        """The server switched to `span`: the record says its blocks from now on."""
+
+    def load_span(self, start: int, end: int) -> Span: ...
+
+
 class Balancer:
-    def __init__(self, daemon: Daemon):
-        self.d = daemon
+    def __init__(self, host: SpanHost, *, table: PeerTable, membership: Membership, key: str, model_id: str,
+                 num_layers: int, auto: bool, interval_s: float, expects_peers: Callable[[], bool]):
+        """`key`: this node's id; `expects_peers`: whether discovery has anyone to ask (seeds or
+        mDNS), so that joining waits for the swarm's answers."""
+        self.host, self.table, self.membership, self.key = host, table, membership, key
+        self.model_id, self.num_layers, self.auto, self.interval_s = model_id, num_layers, auto, interval_s
+        self.expects_peers = expects_peers
         self.moves = 0
         self.moving = False
         self.last_move: dict = {}
@@ -49,39 +74,39 @@ class Balancer:
     def holders(self, states: tuple[str, ...] = ("online",)) -> list[Holder]:
         """Servers of this daemon's model (itself included) in one of `states`, as placement sees
         them."""
-        table = self.d.table
+        table = self.table
         return [
             Holder(e.record.node_id, e.record.span[0], e.record.span[1], e.record.throughput, e.record.movable)
             for e in table.entries()
-            if e.record.model_id == self.d.model_id and e.record.span is not None and table.state(e) in states
+            if e.record.model_id == self.model_id and e.record.span is not None and table.state(e) in states
         ]
 
     def discover(self) -> None:
         """Before choosing: gossip with the contacts until the table stops growing (bounded)."""
-        if not self.d.membership.hints and self.d.mdns is None:
+        if not self.expects_peers():
             return
         deadline, seen = time.monotonic() + DISCOVERY_WAIT_S, -1
         while time.monotonic() < deadline:
-            self.d.membership.refresh()
-            n = len(self.d.table.entries())
+            self.membership.refresh()
+            n = len(self.table.entries())
             if n == seen and n > 0:
                 return
             seen = n
             time.sleep(0.5)
 
     def others(self) -> list[Holder]:
-        return [h for h in self.holders() if h.key != self.d.identity.public_key]
+        return [h for h in self.holders() if h.key != self.key]
 
     def _turns(self, length: int, throughput: float) -> tuple[tuple[int, int], list[Holder], list[Holder]]:
         """This server's span by `assign_joiners`, with the servers settled (online, or loading
         their span) and the joiners it was computed from. Each joiner, this one included once
         its record is in the table, counts as its record says: every joiner computes from the
         same numbers."""
-        me = self.d.identity.public_key
+        me = self.key
         settled = [h for h in self.holders(("online", "loading")) if h.key != me]
         joiners = [h for h in self.holders(("joining",)) if h.key != me]
         mine = next((h for h in self.holders(("joining",)) if h.key == me), Holder(me, 0, length, throughput))
-        return assign_joiners(settled, [*joiners, mine], self.d.num_layers)[me], settled, joiners
+        return assign_joiners(settled, [*joiners, mine], self.num_layers)[me], settled, joiners
 
     def join(self, length: int, throughput: float) -> tuple[int, int]:
         """Choose this server's span with the servers starting at the same time (see the module's
@@ -91,19 +116,17 @@ class Balancer:
         span, settled, joiners = self._turns(length, throughput)
         log.info("placement: %d servers known, %d joining too; announcing blocks %d:%d", len(settled),
                  len(joiners), *span)
-        self.d.blocks = span
-        self.d.membership.round()  # announce it now
+        self.host.announce_blocks(span)  # and the record says it now
         t0 = last_change = time.monotonic()
         while time.monotonic() - last_change < JOIN_SETTLE_S and time.monotonic() - t0 < JOIN_WAIT_MAX_S:
             time.sleep(JOIN_POLL_S)
             span, settled, joiners = self._turns(length, throughput)
-            if span != self.d.blocks:
+            if span != self.host.blocks:
                 log.info("placement: %d servers known, %d joining too; now announcing blocks %d:%d", len(settled),
                          len(joiners), *span)
-                self.d.blocks = span
-                self.d.membership.round()
+                self.host.announce_blocks(span)
                 last_change = time.monotonic()
-        tp = block_throughput(settled, self.d.num_layers)
+        tp = block_throughput(settled, self.num_layers)
         log.info("placement: %d servers known (%d more joining); taking blocks %d:%d (their throughput now %s)",
                  len(settled), len(joiners), *span, ", ".join(f"{x:.1f}" for x in tp[span[0]:span[1]]))
         return span
@@ -111,34 +134,33 @@ class Balancer:
     def plan(self, margin: float | None = None) -> Move | None:
         """This server's move, if it is the one server that should move now (pick_mover)."""
         if margin is None:
-            chosen = pick_mover(self.holders(), self.d.num_layers)
-            return chosen[1] if chosen and chosen[0] == self.d.identity.public_key else None
-        return plan_move(self.holders(), self.d.identity.public_key, self.d.num_layers, margin=margin)
+            chosen = pick_mover(self.holders(), self.num_layers)
+            return chosen[1] if chosen and chosen[0] == self.key else None
+        return plan_move(self.holders(), self.key, self.num_layers, margin=margin)
 
     def still_safe(self, old: tuple[int, int], new: tuple[int, int]) -> bool:
         """Every block of `old` outside `new` is held by another online server right now."""
-        tp = block_throughput(self.others(), self.d.num_layers)
+        tp = block_throughput(self.others(), self.num_layers)
         return all(tp[b] > 0 for b in range(*old) if not new[0] <= b < new[1])
 
     def move(self, new: tuple[int, int], reason: str) -> bool:
         """Load `new`, switch to it, drain the old span. False when the move was abandoned."""
         with self._lock:
-            server, old = self.d.server, self.d.blocks
+            server, old = self.host.server, self.host.blocks
             if server is None or old is None or new == old:
                 return False
             self.moving = True
             try:
                 t0 = time.monotonic()
                 log.info("moving from blocks %d:%d to %d:%d (%s): loading the new blocks first", *old, *new, reason)
-                span = self.d.load_span(*new)
+                span = self.host.load_span(*new)
                 if not self.still_safe(old, new):
                     log.info("move to %d:%d abandoned: blocks %d:%d would be left uncovered", *new, *old)
                     return False
                 if not server.switch_span(span):
                     log.error("move to %d:%d abandoned: the serving thread did not switch", *new)
                     return False
-                self.d.span, self.d.blocks = span, new
-                self.d.membership.round()  # tell the swarm now, not at the next round
+                self.host.serving(span)  # the record says so now, not at the next round
                 self.moves += 1
                 self.last_move = {"at": time.time(), "from": list(old), "to": list(new), "reason": reason,
                                   "seconds": round(time.monotonic() - t0, 2)}
@@ -155,13 +177,13 @@ class Balancer:
     def gap(self) -> list[int]:
         """Blocks of the model that no server holds, loads, or has announced it will take (a
         joiner takes its span within JOIN_WAIT_MAX_S, or its record goes dead)."""
-        return gaps(self.holders(("online", "loading", "joining")), self.d.num_layers)
+        return gaps(self.holders(("online", "loading", "joining")), self.num_layers)
 
     def run(self, stop: threading.Event) -> None:
         """Re-plan every rebalance interval (with jitter, so servers do not move in step), and at
         once when the table shows a gap: an uncovered block stops every generation. All servers
         compute the same pick (pick_mover), so exactly one moves into a gap."""
-        interval = self.d.config.serve.rebalance_interval_s
+        interval = self.interval_s
         due = time.monotonic() + interval * random.uniform(0.75, 1.25)
         while not stop.wait(min(GAP_CHECK_S, max(0.0, due - time.monotonic()))):
             try:
@@ -181,13 +203,14 @@ class Balancer:
 
     # --- swarmctl rebalance ----------------------------------------------------------------------
     def on_rebalance(self, dry_run: bool, start_move: Callable[[Callable[[], object]], None]) -> dict:
-        if self.d.blocks is None:
+        blocks = self.host.blocks
+        if blocks is None:
             raise LimitError("this daemon serves no blocks (serve.blocks: none)")
         holders = self.holders()
-        before = bottleneck(holders, self.d.num_layers)
-        reply: dict = {"current": list(self.d.blocks), "proposed": None, "before": before, "after": before,
-                 "moving": False, "auto": self.d.auto}
-        if not self.d.auto:
+        before = bottleneck(holders, self.num_layers)
+        reply: dict = {"current": list(blocks), "proposed": None, "before": before, "after": before,
+                 "moving": False, "auto": self.auto}
+        if not self.auto:
             reply["reason"] = "serve.blocks is fixed in the config; only blocks: auto moves"
             return reply
         move = self.plan(margin=0.0)  # the operator asked: any strict improvement counts

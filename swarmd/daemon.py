@@ -80,7 +80,6 @@ class Daemon:
         self.threads: list[threading.Thread] = []
         self.speed: BlockSpeed | None = None
         self.drain_requested = threading.Event()  # swarmctl drain: main() drains and exits 0
-        self.balancer = Balancer(self)
         self.access = AccessControl(config.swarm.access, config.swarm.allowed_keys_dir, self.identity.public_key)
         self.table = PeerTable()
         self.pool = ConnectionPool(self.zctx, self.identity, lambda a: self.membership.key_for(a),
@@ -92,6 +91,10 @@ class Daemon:
                                      incarnation=next_incarnation(config.state_dir))
         self.membership.set_seeds(list(config.discovery.seeds))
         self.mdns: Mdns | None = None
+        self.balancer = Balancer(self, table=self.table, membership=self.membership, key=self.identity.public_key,
+                                 model_id=self.model_id, num_layers=self.num_layers, auto=self.auto,
+                                 interval_s=config.serve.rebalance_interval_s,
+                                 expects_peers=lambda: bool(self.membership.hints) or self.mdns is not None)
         self.gateway = Gateway(
             model_id=self.model_id, num_layers=self.num_layers, hidden_size=self.checkpoint.config.hidden_size,
             pool=self.pool, table=self.table, membership=self.membership, status=self.status,
@@ -210,6 +213,15 @@ class Daemon:
         log.info("%d of %d blocks fit (%.1f MiB each, %.1f GiB usable, %.1f GiB for the KV cache)", n,
                  self.num_layers, speed.block_bytes / 2**20, usable / 2**30, cache / 2**30)
         return n
+
+    # --- what the balancer asks of the daemon (balancer.SpanHost) ---------------------------------
+    def announce_blocks(self, blocks: tuple[int, int]) -> None:
+        self.blocks = blocks
+        self.membership.round()
+
+    def serving(self, span: Span) -> None:
+        self.span, self.blocks = span, (span.start, span.end)
+        self.membership.round()
 
     def load_span(self, start: int, end: int) -> Span:
         log.info("loading blocks %d:%d of %s on %s as %s", start, end, self.checkpoint.dir, self.device,
