@@ -25,7 +25,7 @@ from libswarm.errors import ProtocolError, RemoteError, SwarmError, TensorError
 from libswarm.protocol import Message
 from swarmd.gateway.router import RETRIABLE, UNMEASURED_STEP_S, Router, hidden_of, route_timeout
 from swarmd.routing import Hop, forward_seconds
-from swarmd.runtime.span import Lora
+from swarmd.runtime.span import client_trainables
 
 log = logging.getLogger("swarmd.gateway")
 
@@ -287,7 +287,7 @@ class TrainingChains:
         """The app's LoRA tensors ([num_layers, ...] each, sliced per hop) and the fields that go
         with every hop's request."""
         num_layers = self.router.num_layers
-        lora = Lora.client_tensors(msg.tensors)
+        lora = client_trainables(msg.tensors)
         fields: dict = {"model_id": self.router.model_id}
         adapter = adapter_name(msg)
         if adapter is not None:

@@ -44,7 +44,7 @@ from swarmd.peer.compute import PASS, STEP, ComputeThread
 from swarmd.peer.limits import KeyLimits
 from swarmd.runtime.adapters import load_adapter, slice_lora
 from swarmd.runtime.cache import CacheBudget, SessionCache
-from swarmd.runtime.span import Lora, Span
+from swarmd.runtime.span import DEEP_PROMPTS, Lora, Span, client_trainables
 from swarmd.transport.access import ZAP_DOMAIN, AccessControl
 from swarmd.transport.connection import ConnectionPool
 from swarmd.transport.netem import Link, frames_size, process_profile
@@ -615,16 +615,16 @@ class SpanServer:
         B, T, _ = hidden.shape
         if pos is None:
             pos = torch.arange(T).expand(B, T)
-        lora = self._lora(msg, first, last)
+        lora, deep = self._trainables(msg, first, last)
         span = self.span  # the one asked for, even if the server moves before the work runs
-        return self._defer(PASS, lambda: self._forward(span, hidden, pos, mask, first, last, lora), *self._current,
-                           msg)
+        return self._defer(PASS, lambda: self._forward(span, hidden, pos, mask, first, last, lora, deep),
+                           *self._current, msg)
 
     def _forward(self, span: Span, hidden: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, first: int,
-                 last: int, lora: Lora | None):
+                 last: int, lora: Lora | None, deep: torch.Tensor | None):
         B, T, _ = hidden.shape
         with self._scratch(span, B, T, blocks=1, what="forward"):
-            out = span.run(hidden, pos, mask, first, last, lora=lora)
+            out = span.run(hidden, pos, mask, first, last, lora=lora, deep_prompts=deep)
         self._count(forwards=1)
         return {}, {"hidden": out}
 
@@ -653,27 +653,31 @@ class SpanServer:
             raise LimitError(f"adapter {name!r} is not hosted here (this server has {sorted(self.adapters)})")
         return slice_lora(self.adapters[name], self.span.start, first, last)
 
-    def _lora(self, msg: Message, first: int, last: int) -> Lora | None:
+    def _trainables(self, msg: Message, first: int, last: int) -> tuple[Lora | None, torch.Tensor | None]:
+        """The LoRA (a hosted adapter, or the client's own) and the client's deep prompts of a
+        forward or backward, checked against these blocks."""
         hosted = self._hosted_adapter(msg, first, last)
+        tensors = client_trainables(msg.tensors)
         if hosted is not None:
-            if any(k.startswith(("lora_", "deep_")) for k in msg.tensors):
+            if tensors:
                 raise ProtocolError("a hosted adapter and the client's own LoRA cannot be combined")
-            return hosted
-        tensors = Lora.client_tensors(msg.tensors)
+            return hosted, None
+        deep, hidden = tensors.pop(DEEP_PROMPTS, None), msg.tensors["hidden"]
+        if deep is not None:
+            self.span.check_deep_prompts(deep, first, last)
+            if deep.shape[-2] > hidden.shape[1]:
+                raise TensorError("deep_prompts cover more positions than hidden has")
+            if deep.ndim == 4 and deep.shape[1] != hidden.shape[0]:
+                raise TensorError(f"deep_prompts given per sample are for batch {deep.shape[1]}, hidden has "
+                                  f"{hidden.shape[0]}")
         if not tensors:
-            return None
+            return None, deep
         scaling = msg.get("lora_scaling", 1.0)
         if not isinstance(scaling, (int, float)) or isinstance(scaling, bool):
             raise ProtocolError("LoRA tensors need a numeric 'lora_scaling' (alpha / r)")
-        deep, hidden = tensors.get("deep_prompts"), msg.tensors["hidden"]
-        if deep is not None and deep.shape[-2] > hidden.shape[1]:
-            raise TensorError("deep_prompts cover more positions than hidden has")
-        if deep is not None and deep.ndim == 4 and deep.shape[1] != hidden.shape[0]:
-            raise TensorError(f"deep_prompts given per sample are for batch {deep.shape[1]}, hidden has "
-                              f"{hidden.shape[0]}")
         lora = Lora(float(scaling), tensors)
         self.span.check_lora(lora, first, last)
-        return lora
+        return lora, deep
 
     def on_backward(self, msg: Message):
         """Gradient of blocks' input given their input and the gradient of their output."""
@@ -688,12 +692,12 @@ class SpanServer:
         B, T, _ = hidden.shape
         if pos is None:
             pos = torch.arange(T).expand(B, T)
-        lora = self._lora(msg, first, last)
+        lora, deep = self._trainables(msg, first, last)
         span = self.span
 
         def work():
             with self._scratch(span, B, T, blocks=last - first, what="backward"):
-                grad_input, lora_grads = span.backward(hidden, pos, mask, first, last, grad, lora)
+                grad_input, lora_grads = span.backward(hidden, pos, mask, first, last, grad, lora, deep)
             self._count(backwards=1)
             return {}, {"grad_input": grad_input, **lora_grads}
         return self._defer(PASS, work, *self._current, msg)

@@ -19,24 +19,22 @@ from swarmd.runtime.cache import SessionCache
 log = logging.getLogger("swarmd.runtime")
 
 
+DEEP_PROMPTS = "deep_prompts"  # [blocks, (batch,) prompt, hidden]: added to the first positions at each block
+
+
+def client_trainables(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The client-held trainables among a message's tensors: LoRA matrices and deep prompts."""
+    return {k: v for k, v in tensors.items() if k.startswith(("lora_A.", "lora_B.")) or k == DEEP_PROMPTS}
+
+
 @dataclass
 class Lora:
-    """A client's trainable tensors for one call: LoRA adapters, `lora_A.<module path>`
-    [blocks, r, in] and `lora_B.<module path>` [blocks, out, r] per target module with their
-    scaling alpha / r, and deep prompts, `deep_prompts` [blocks, (batch,) prompt, hidden],
-    added to the first positions' hidden states at the input of every block."""
+    """LoRA adapters for one call (a client's own, or one hosted here): `lora_A.<module path>`
+    [blocks, r, in] and `lora_B.<module path>` [blocks, out, r] per target module, with their
+    scaling alpha / r."""
 
     scaling: float
     tensors: dict[str, torch.Tensor]
-
-    @property
-    def deep_prompts(self) -> torch.Tensor | None:
-        return self.tensors.get("deep_prompts")
-
-    @staticmethod
-    def client_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The LoRA tensors and deep prompts among a message's tensors."""
-        return {k: v for k, v in tensors.items() if k.startswith(("lora_A.", "lora_B.")) or k == "deep_prompts"}
 
     def pairs(self):
         for name, a in self.tensors.items():
@@ -102,33 +100,38 @@ class Span:
 
     @torch.inference_mode()
     def run(self, hidden: torch.Tensor, position_ids: torch.Tensor, key_mask: torch.Tensor | None, first: int,
-            last: int, cache: SessionCache | None = None, lora: Lora | None = None) -> torch.Tensor:
+            last: int, cache: SessionCache | None = None, lora: Lora | None = None,
+            deep_prompts: torch.Tensor | None = None) -> torch.Tensor:
         """Run blocks [first, last) (global indices) on hidden [B, T, H], without autograd.
 
         With a cache, the new positions go to slots [cache.length, cache.length + T) and attend
-        to everything cached before them; without one, this is a plain causal forward. With
-        `lora`, the client's adapters are applied for this call only."""
+        to everything cached before them; without one, this is a plain causal forward. `lora`
+        and `deep_prompts` apply for this call only."""
         if lora is None:  # the decode hot path: no hooks to set up
-            return self._run(hidden, position_ids, key_mask, first, last, cache)
+            return self._run(hidden, position_ids, key_mask, first, last, cache, deep_prompts)
         with self._lora_applied(lora, first, last):
-            return self._run(hidden, position_ids, key_mask, first, last, cache, lora)
+            return self._run(hidden, position_ids, key_mask, first, last, cache, deep_prompts)
 
     def backward(self, hidden: torch.Tensor, position_ids: torch.Tensor, key_mask: torch.Tensor | None, first: int,
-                 last: int, grad_output: torch.Tensor, lora: Lora | None = None
-                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                 last: int, grad_output: torch.Tensor, lora: Lora | None = None,
+                 deep_prompts: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The gradient of blocks [first, last)'s output w.r.t. their input `hidden` (and w.r.t.
-        the client's LoRA matrices, by tensor name), given the gradient of the output. The
-        forward is recomputed with autograd (nothing was kept from an earlier forward); the
-        weights stay frozen."""
+        the client's LoRA matrices and deep prompts, `grad_<tensor name>`), given the gradient
+        of the output. The forward is recomputed with autograd (nothing was kept from an earlier
+        forward); the weights stay frozen."""
+        def leaf(t: torch.Tensor) -> torch.Tensor:
+            return t.to(self.device, self.dtype).detach().requires_grad_(True)
+
         with torch.enable_grad():
-            x = hidden.to(self.device, self.dtype).detach().requires_grad_(True)
+            x = leaf(hidden)
             leaves: dict[str, torch.Tensor] = {}
             if lora is not None:
-                leaves = {name: t.to(self.device, self.dtype).detach().requires_grad_(True)
-                          for name, t in lora.tensors.items()}
+                leaves = {name: leaf(t) for name, t in lora.tensors.items()}
                 lora = Lora(lora.scaling, leaves)
+            if deep_prompts is not None:
+                deep_prompts = leaves[DEEP_PROMPTS] = leaf(deep_prompts)
             with self._lora_applied(lora, first, last):
-                out = self._run(x, position_ids, key_mask, first, last, None, lora)
+                out = self._run(x, position_ids, key_mask, first, last, None, deep_prompts)
             grads = torch.autograd.grad(out, [x, *leaves.values()], grad_output.to(self.device, out.dtype))
         return grads[0], {f"grad_{name}": g for name, g in zip(leaves, grads[1:])}
 
@@ -139,15 +142,15 @@ class Span:
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         return blocks * batch * length * length * (2 * self.num_heads * itemsize + 1)
 
+    def check_deep_prompts(self, deep: torch.Tensor, first: int, last: int) -> None:
+        if deep.ndim not in (3, 4) or deep.shape[0] != last - first or deep.shape[-1] != self.hidden_size:
+            raise TensorError(f"deep_prompts must be [{last - first} blocks, (batch,) prompt, {self.hidden_size}], "
+                              f"got {list(deep.shape)}")
+
     def check_lora(self, lora: Lora, first: int, last: int) -> None:
         """Each `lora_A.<module>` [blocks, r, in] has its `lora_B.<module>` [blocks, out, r], for a
         module of these blocks; a TensorError names what does not fit."""
         block = self.blocks[first - self.start]
-        deep = lora.deep_prompts
-        if deep is not None and (deep.ndim not in (3, 4) or deep.shape[0] != last - first
-                                 or deep.shape[-1] != self.hidden_size):
-            raise TensorError(f"deep_prompts must be [{last - first} blocks, (batch,) prompt, {self.hidden_size}], "
-                              f"got {list(deep.shape)}")
         for path, a, b in lora.pairs():
             try:
                 mod = block.get_submodule(path)
@@ -189,10 +192,9 @@ class Span:
         first: int,
         last: int,
         cache: SessionCache | None = None,
-        client: Lora | None = None,
+        deep: torch.Tensor | None = None,
     ) -> torch.Tensor:
         x = hidden.to(self.device, self.dtype)
-        deep = client.deep_prompts if client is not None else None
         position_ids = position_ids.to(self.device)
         B, T, _ = x.shape
         if cache is not None:
