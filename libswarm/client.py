@@ -80,7 +80,9 @@ class SwarmClient:
                     reply = decode(sock.recv_multipart(copy=False))
                 except ProtocolError as e:
                     raise PeerUnavailableError(f"swarmd sent a bad reply: {e}") from None
-                if reply.id == req_id:
+                # one request at a time on this socket: an error the daemon could not even tie to a
+                # request (id 0: it could not read ours) is this request's
+                if reply.id == req_id or (reply.id == 0 and reply.type == "error"):
                     return raise_if_error(reply)
 
     def _reset(self) -> None:

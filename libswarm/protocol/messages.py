@@ -101,6 +101,8 @@ def encode(
     if fields:
         header.update(fields)
     frames[0] = json.dumps(header, separators=(",", ":")).encode()
+    if len(frames[0]) > MAX_HEADER_BYTES:  # every receiver would refuse it: say so here, at once
+        raise ProtocolError(f"{msg_type}: header of {len(frames[0])} bytes exceeds the limit of {MAX_HEADER_BYTES}")
     return frames
 
 

@@ -12,6 +12,7 @@ import torch
 from helpers import running_swarm
 
 from libswarm import SwarmClient
+from libswarm.errors import ProtocolError
 
 SLOW_FORWARD_S = 3.0
 
@@ -95,12 +96,27 @@ def test_a_training_step_runs_each_block_forward_at_most_twice_and_frees_what_it
         status = gw.ctl("status")["gateway"]
         assert status["kept_passes"] == 0 and status["kept_bytes"] == 0
 
+        # a pass id that is made up, of another type, huge, or kept for other inputs, and a `keep`
+        # that is not `true`: the backward recomputes and is right, nothing is kept
+        client = SwarmClient(gw.socket)
+        info = client.model_info()
+        h, h2, g = (torch.randn(1, 8, info["hidden_size"], generator=torch.Generator().manual_seed(i))
+                    for i in range(3))
+        want, _ = client.backward(info["model_id"], h2, g)
+        _, fields = client.forward_with_info(info["model_id"], h, keep=True)
+        for bad in ("made-up", 12, "x" * 60_000, fields["pass"]):
+            got, _ = client.backward(info["model_id"], h2, g, pass_id=bad)
+            assert torch.allclose(got, want, atol=1e-6), bad
+        with pytest.raises(ProtocolError, match="header"):  # beyond the header's 64 KiB: refused at once
+            client.backward(info["model_id"], h2, g, pass_id="x" * 70_000)
+        reply = client.request("forward", {"model_id": info["model_id"], "keep": "yes"}, {"hidden": h})
+        assert "pass" not in reply.fields and gw.ctl("status")["gateway"]["kept_passes"] == 0
+
         # a hop over 1 MiB travels in 1 MiB frames both ways (protocol 1.4), and computes the same
         from helpers import curve_dealer
 
         from libswarm.protocol import decode, encode
 
-        info = SwarmClient(gw.socket).model_info()
         hidden = torch.randn(64, 80, info["hidden_size"])  # over 1 MiB with the test model
         s = curve_dealer(servers[0].address, servers[0].node_id)
         replies = []

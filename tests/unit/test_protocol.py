@@ -194,3 +194,40 @@ def test_frames_that_do_not_add_up_to_the_specs_are_refused():
     header["tensors"][0]["frames"] -= 1  # the bytes no longer match the shape
     with pytest.raises(TensorError):
         decode([json.dumps(header).encode(), *frames[1:-1]])
+
+
+def test_a_header_beyond_its_limit_is_refused_by_the_sender_at_once():
+    with pytest.raises(ProtocolError, match="exceeds the limit"):
+        encode("backward", 1, {"pass": "x" * 70_000})
+
+
+def test_the_client_takes_an_error_the_daemon_could_not_tie_to_a_request_as_its_answer(tmp_path):
+    """A daemon that cannot read a request answers with id 0; the client, with one request in
+    flight, fails at once with that error instead of waiting out its timeout."""
+    import threading
+    import time
+
+    import zmq
+
+    from libswarm import SwarmClient
+
+    path = str(tmp_path / "d.sock")
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.bind(f"ipc://{path}")
+
+    def answer():
+        if router.poll(5000):
+            ident = router.recv_multipart()[0]
+            router.send_multipart([ident, *error_reply(0, ProtocolError("header is not valid JSON"))])
+    t = threading.Thread(target=answer)
+    t.start()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(ProtocolError, match="not valid JSON"):
+            SwarmClient(socket=path, timeout_s=30, context=ctx).request("status")
+        assert time.monotonic() - t0 < 5
+    finally:
+        t.join()
+        router.close(0)
+        ctx.term()
