@@ -31,8 +31,9 @@ class Spec:
                 raise TensorError(f"{self.name}: tensor {name!r} is missing")
 
 
-INPUTS = ("position_ids", "key_mask")  # optional tensors beside `hidden` (shared conventions)
-LORA = "lora_*, deep_prompts"  # client-held trainables: any number, by wire name (see the spec)
+# Optional tensors beside `hidden` (shared conventions). Client-held trainables (lora_A.*,
+# lora_B.*, deep_prompts) come by wire name, any number, on forward and backward.
+INPUTS = ("position_ids", "key_mask")
 
 # Server role: what peers send to a daemon's peer plane.
 PEER = {s.name: s for s in (
