@@ -20,6 +20,7 @@ from libswarm.errors import (
     TensorError,
     UnsupportedError,
     WrongModelError,
+    WrongOutputError,
 )
 
 __version__ = "0.1.0"
@@ -51,6 +52,7 @@ __all__ = [
     "TensorError",
     "UnsupportedError",
     "WrongModelError",
+    "WrongOutputError",
     "__version__",
     "resolve_socket",
 ]

@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import mmap
 import os
 import re
+import struct
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 
 import torch
@@ -28,10 +33,14 @@ _ID_IGNORED_KEYS = {"transformers_version", "_name_or_path", "torch_dtype", "dty
                     "architectures", "model_id"}
 
 _LAYER_RE = re.compile(r"^(.*?)(?:layers|h)\.(\d+)\.(.+)$")
+MAX_HEADER_BYTES = 100 << 20  # a safetensors header is JSON; the format itself caps it at 100 MB
+HASH_THREADS = 4  # hashlib frees the GIL: tensors are hashed side by side
+
+log = logging.getLogger("libswarm.checkpoint")
 
 
 class Checkpoint:
-    def __init__(self, model_dir: str):
+    def __init__(self, model_dir: str, digest_cache: str | None = None):
         from libswarm.models import KNOWN, MODEL_TYPES, resolve_model
 
         self.dir = resolve_model(model_dir)  # a path, or a short name of a model got by `swarmctl model get`
@@ -60,6 +69,7 @@ class Checkpoint:
             )
         self.architecture = arch
         self.family = ARCHITECTURES[arch]
+        self.digest_cache = digest_cache  # a JSON file keeping each weight file's tensor digests
 
     @cached_property
     def config(self):
@@ -134,29 +144,65 @@ class Checkpoint:
         return out
 
     def block_fingerprint(self, block: int) -> str:
-        """A short hash that tells one checkpoint's block from another's with the same config.
+        """A hash of every byte of a block's weights (with each tensor's name, dtype and shape).
 
-        It covers every tensor's name, dtype and shape and the bytes of its first and last rows,
-        read without loading the tensor: two different trainings (or fine-tunes) of a model
-        differ there, while two copies of the same files always agree. A checkpoint converted
-        to another dtype counts as different, which is the safe side."""
-        from safetensors import safe_open
-
+        Two copies of the same files always agree; any changed bit (bit rot, a tampered file, a
+        partial fine-tune) makes it differ. A checkpoint converted to another dtype counts as
+        different, which is the safe side. Each file is hashed once and its tensors' digests
+        kept in `digest_cache` (keyed by the file's size and mtime), so later starts read nothing."""
         digest = hashlib.sha256()
-        names = sorted(self.block_tensor_names(block))
-        by_file: dict[str, list[str]] = {}
-        for n in names:
-            by_file.setdefault(self.index[n], []).append(n)
-        for path, keys in sorted(by_file.items()):
-            with safe_open(path, framework="pt") as f:
-                for k in keys:
-                    sl = f.get_slice(k)
-                    shape = sl.get_shape()
-                    digest.update(f"{k[len(self.layer_prefix):]}|{sl.get_dtype()}|{shape}".encode())
-                    if shape and shape[0] > 0:
-                        for row in (sl[0:1], sl[shape[0] - 1:shape[0]]):
-                            digest.update(row.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-        return digest.hexdigest()[:16]
+        for k in sorted(self.block_tensor_names(block)):
+            dtype, shape, tensor_digest = self.tensor_digests(self.index[k])[k]
+            digest.update(f"{k[len(self.layer_prefix):]}|{dtype}|{shape}|{tensor_digest}\n".encode())
+        return digest.hexdigest()
+
+    def tensor_digests(self, path: str) -> dict[str, tuple[str, list[int], str]]:
+        """name -> (dtype, shape, sha256 of its bytes) of every tensor in one safetensors file."""
+        with self._digest_lock:
+            done = self._digests.get(path)
+            if done is not None:
+                return done
+            st = os.stat(path)
+            stamp = [st.st_size, st.st_mtime_ns]
+            cached = self._read_digest_cache().get(path)
+            if isinstance(cached, dict) and cached.get("stamp") == stamp and isinstance(cached.get("tensors"), dict):
+                done = {k: (v[0], v[1], v[2]) for k, v in cached["tensors"].items()}
+            else:
+                done = _hash_safetensors(path)
+                self._write_digest_cache(path, stamp, done)
+            self._digests[path] = done
+            return done
+
+    @cached_property
+    def _digest_lock(self) -> threading.Lock:
+        return threading.Lock()
+
+    @cached_property
+    def _digests(self) -> dict[str, dict[str, tuple[str, list[int], str]]]:
+        return {}
+
+    def _read_digest_cache(self) -> dict:
+        if not self.digest_cache:
+            return {}
+        try:
+            with open(self.digest_cache) as f:
+                data = json.load(f)
+            return data.get("files", {}) if isinstance(data, dict) and data.get("version") == 1 else {}
+        except (OSError, ValueError):
+            return {}  # absent or damaged: hash again
+
+    def _write_digest_cache(self, path: str, stamp: list[int], digests: dict) -> None:
+        if not self.digest_cache:
+            return
+        files = self._read_digest_cache()
+        files[path] = {"stamp": stamp, "tensors": {k: list(v) for k, v in digests.items()}}
+        tmp = f"{self.digest_cache}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "w") as f:
+                json.dump({"version": 1, "files": files}, f)
+            os.replace(tmp, self.digest_cache)
+        except OSError as e:  # a read-only state dir costs a rehash at the next start, nothing else
+            log.warning("cannot keep weight digests in %s: %s", self.digest_cache, e)
 
     def block_tensor_names(self, block: int) -> list[str]:
         prefix = f"{self.layer_prefix}{block}."
@@ -164,6 +210,42 @@ class Checkpoint:
         if not names:
             raise ModelError(f"{self.dir}: checkpoint has no tensors for block {block}")
         return names
+
+
+def _hash_safetensors(path: str) -> dict[str, tuple[str, list[int], str]]:
+    """sha256 of each tensor's bytes, read straight from the file's mapped data section: the
+    safetensors header (8-byte length, then JSON) gives each tensor's offsets, which the
+    library does not expose."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > MAX_HEADER_BYTES:
+                raise ModelError(f"{path}: safetensors header of {n} bytes is beyond the format's limit")
+            header = json.loads(f.read(n))
+            size = os.fstat(f.fileno()).st_size
+            spans = {}
+            for name, meta in header.items():
+                if name == "__metadata__":
+                    continue
+                begin, end = meta["data_offsets"]
+                if not 0 <= begin <= end <= size - 8 - n:
+                    raise ModelError(f"{path}: tensor {name} lies outside the file")
+                spans[name] = (str(meta["dtype"]), list(meta["shape"]), 8 + n + begin, 8 + n + end)
+            if size == 0 or not spans:
+                return {}
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                view = memoryview(mm)
+                try:
+                    def one(item):
+                        dtype, shape, a, b = item
+                        return dtype, shape, hashlib.sha256(view[a:b]).hexdigest()
+
+                    with ThreadPoolExecutor(HASH_THREADS) as pool:
+                        return dict(zip(spans, pool.map(one, spans.values())))
+                finally:
+                    view.release()
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
+        raise ModelError(f"cannot read {path} to fingerprint its weights: {e}") from None
 
 
 def model_id_of(raw_config: dict) -> str:

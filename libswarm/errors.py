@@ -12,6 +12,7 @@
     ├── CacheFullError              a session does not fit the KV cache budget
     ├── LimitError                  a request beyond a configured limit (batch, length, bytes)
     └── RemoteError                 a peer failed while computing (message only, never a traceback)
+        └── WrongOutputError        a peer's output failed the gateway's checks (docs/security.md)
 
 Every error crosses the wire as a `code` string and a one-line `message`; `error_from_wire`
 rebuilds the same class on the other side, so a `CacheFullError` raised in a server
@@ -77,6 +78,13 @@ class RemoteError(SwarmError):
     code = "remote"
 
 
+class WrongOutputError(RemoteError):
+    """A server's output is not what its blocks compute: impossible values, or contradicted by
+    two other servers. The gateway distrusts the server and recomputes elsewhere."""
+
+    code = "wrong_output"
+
+
 class SpanMovedError(SwarmError):
     """The server has moved to other blocks (rebalancing): route around it and try again."""
 
@@ -105,6 +113,7 @@ _BY_CODE: dict[str, type[SwarmError]] = {
         CacheFullError,
         LimitError,
         RemoteError,
+        WrongOutputError,
         SpanMovedError,
         UnsupportedError,
     )

@@ -48,7 +48,8 @@ DEFAULTS: dict[str, Any] = {
         "mdns_interfaces": "all",
         "seeds": "/etc/swarmd/seeds.yaml",
     },
-    "swarm": {"access": "open", "allowed_keys_dir": "/etc/swarmd/peers.d"},
+    "swarm": {"access": "open", "allowed_keys_dir": "/etc/swarmd/peers.d", "verify": "sample",
+              "verify_probability": 0.05},
     "metrics": {"listen": None},
     "api": dict(API_DEFAULTS),  # read by swarm-api (libswarm/api); checked here too
     "state_dir": "/var/lib/swarmd",
@@ -121,6 +122,8 @@ class DiscoveryConfig:
 class SwarmConfig:
     access: str
     allowed_keys_dir: str
+    verify: str = "sample"  # off / sample / strict: how the gateway checks servers' outputs (docs/security.md)
+    verify_probability: float = 0.05  # with sample: the chance that a step has one span checked elsewhere
 
 
 @dataclass(frozen=True)
@@ -324,6 +327,8 @@ def load_config(path: str, overrides: dict | None = None) -> Config:
     swarm = SwarmConfig(
         access=r.choice("swarm.access", sw["access"], ("open", "private")),
         allowed_keys_dir=r.string("swarm.allowed_keys_dir", sw["allowed_keys_dir"]),
+        verify=r.choice("swarm.verify", sw["verify"], ("off", "sample", "strict")),
+        verify_probability=r.fraction("swarm.verify_probability", sw["verify_probability"]),
     )
     listen = d["metrics"]["listen"]
     metrics_listen = None

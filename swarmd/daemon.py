@@ -52,13 +52,14 @@ log = logging.getLogger("swarmd")
 # the rest is headroom for activations and the allocator's fragmentation.
 AUTO_CACHE_SHARE = 0.5
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WEIGHT_DIGESTS = "weights.json"  # in state_dir: each weight file's tensor digests (libswarm.checkpoint)
 
 
 class Daemon:
     def __init__(self, config: Config):
         self.config = config
         self.identity = load_or_create_identity(config.state_dir)
-        self.checkpoint = Checkpoint(config.model)
+        self.checkpoint = Checkpoint(config.model, digest_cache=os.path.join(config.state_dir, WEIGHT_DIGESTS))
         self.model_id = config.model_id or self.checkpoint.model_id
         self.num_layers = self.checkpoint.num_layers
         self.auto = config.serve.blocks == "auto"
@@ -98,6 +99,7 @@ class Daemon:
         self.gateway = Gateway(
             model_id=self.model_id, num_layers=self.num_layers, hidden_size=self.checkpoint.config.hidden_size,
             pool=self.pool, table=self.table, membership=self.membership, status=self.status,
+            verify=config.swarm.verify, verify_probability=config.swarm.verify_probability,
         )
         handlers = dict(self.gateway.handlers, key=lambda m: (self.key_info(), None),
                         rebalance=lambda m: (self.balancer.on_rebalance(bool(m.get("dry_run")), _in_thread), None),
@@ -121,12 +123,20 @@ class Daemon:
         is another model (nothing to compare) or the checkpoint lacks the block."""
         if model_id != self.model_id:
             return None
-        if block not in self._fingerprints:
+        return self._fingerprints.get(block)
+
+    def _fingerprint_weights(self) -> None:
+        """Every block's fingerprint, before any peer's record is read: a full hash of the
+        checkpoint at first start (about 8 s for 13.5 GB; docs/benchmarks.md), read from
+        state_dir after that."""
+        t0 = time.monotonic()
+        notify("STATUS=fingerprinting the checkpoint's weights (first start only)")
+        for block in range(self.num_layers):
             try:
                 self._fingerprints[block] = self.checkpoint.block_fingerprint(block)
-            except SwarmError:
-                self._fingerprints[block] = None
-        return self._fingerprints[block]
+            except SwarmError as e:  # this checkpoint lacks the block: no comparison for it
+                log.debug("block %d: no fingerprint (%s)", block, e)
+        log.info("weights fingerprinted in %.2f s", time.monotonic() - t0)
 
     def _own_fields(self) -> dict | None:
         """This daemon's record, but for what membership stamps and signs (None: it serves
@@ -160,6 +170,7 @@ class Daemon:
         self._thread("local", self.local.serve)
         log.info("listening for apps on %s", self.config.network.socket)
         serves = self.config.serve.blocks != "none"
+        self._fingerprint_weights()
         if serves:
             self._start_access()
             self._bind_peer_plane()
@@ -407,6 +418,7 @@ class Daemon:
                 "banned": sorted(self.gateway.router.bans.banned()),
                 "kept_passes": len(self.gateway.training.kept),
                 "kept_bytes": self.gateway.training.kept.nbytes,
+                "verify": self.gateway.verify_status(),
             },
             "membership": {
                 "access": self.access.mode,

@@ -16,7 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 PEER_STATES = ("online", "joining", "loading", "draining", "offline", "dead", "unreachable", "suspect", "mismatch",
-               "contacting")
+               "distrusted", "contacting")
 COUNTERS = (("steps", "Inference steps served."), ("tokens", "Positions computed in inference steps."),
             ("forwards", "Cache-less forward passes served."), ("backwards", "Backward passes served."),
             ("errors", "Requests answered with an error."),

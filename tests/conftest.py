@@ -51,3 +51,20 @@ def real_model() -> str:
     from libswarm.models import get_model
 
     return get_model(REAL_MODEL, REAL_MODEL_CACHE)
+
+
+def tampered_copy(model_dir: str, out: str, block: int) -> str:
+    """A copy of a checkpoint whose block `block` differs in one element of a middle row of one
+    weight (bit rot, a tampered file, a partial fine-tune): same config, same shapes."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model_dir, out)
+    path = os.path.join(out, "model.safetensors")
+    tensors = load_file(path)
+    name = next(k for k in sorted(tensors) if f".{block}." in k and tensors[k].ndim == 2)
+    w = tensors[name]
+    w[w.shape[0] // 2, 0] += 0.5
+    save_file(tensors, path, metadata={"format": "pt"})
+    return out

@@ -49,6 +49,8 @@ class Entry:
     rtt_ms: float | None = None  # measured by this daemon
     unreachable: str | None = None  # why this daemon's last contact failed
     mismatch: str | None = None  # why its weights are not this daemon's
+    distrust: str | None = None  # why this daemon's gateway caught it computing wrong outputs
+    distrust_until: float = 0.0  # monotonic
     is_self: bool = False
     beat: int = 0  # its latest beat within the record's incarnation
     beat_wire: dict | None = None
@@ -97,6 +99,8 @@ class PeerTable:
             return "suspect"
         if e.mismatch:
             return "mismatch"
+        if e.distrust and e.distrust_until > now:
+            return "distrusted"
         return e.record.state
 
     def routable(self, e: Entry, now: float | None = None) -> bool:
@@ -241,6 +245,12 @@ class PeerTable:
             if node_id in self._entries:
                 self._entries[node_id].mismatch = reason
 
+    def set_distrust(self, node_id: str, reason: str, seconds: float) -> None:
+        with self._lock:
+            if node_id in self._entries:
+                e = self._entries[node_id]
+                e.distrust, e.distrust_until = reason, time.monotonic() + seconds
+
     def prune(self) -> list[Record]:
         """Forget nodes dead or offline for FORGET_AFTER_S; returns their records."""
         now = time.monotonic()
@@ -368,7 +378,7 @@ class PeerTable:
             "protocol": r.protocol,
             "rtt_ms": e.rtt_ms,
             "last_seen_s_ago": round(time.time() - e.last_seen, 1),
-            "error": e.unreachable or e.mismatch,
+            "error": e.unreachable or e.mismatch or (e.distrust if e.distrust_until > time.monotonic() else None),
             "is_self": e.is_self,
         }
 

@@ -11,15 +11,28 @@ states its cache position, which the gateway checks."""
 from __future__ import annotations
 
 import logging
+import queue
+import random
 import secrets
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
-from libswarm.errors import CacheFullError, LimitError, PeerUnavailableError, RemoteError, SessionError, SwarmError
+from libswarm.errors import (
+    CacheFullError,
+    LimitError,
+    NoRouteError,
+    PeerUnavailableError,
+    RemoteError,
+    SessionError,
+    SwarmError,
+    TensorError,
+    WrongOutputError,
+)
 from libswarm.protocol import Message
 from swarmd.discovery.membership import Membership
 from swarmd.discovery.table import PeerTable
@@ -34,6 +47,7 @@ from swarmd.gateway.router import (
     route_timeout,
 )
 from swarmd.gateway.training import TrainingChains, adapter_name
+from swarmd.gateway.verify import DEFAULT_VERIFY_PROBABILITY, disagreement, tolerance
 from swarmd.routing import Hop, missing_blocks
 from swarmd.transport.connection import ConnectionPool
 
@@ -41,6 +55,23 @@ log = logging.getLogger("swarmd.gateway")
 
 OPEN_TIMEOUT_S = 10.0
 APP_IDLE_TIMEOUT_S = 600.0  # an app session untouched this long is closed
+CHECK_TIMEOUT_S = 30.0  # a spot check that cannot find or use other servers this long gives up
+MAX_QUEUED_CHECKS = 4  # spot checks waiting for the checking thread; more are skipped (counted)
+MAX_WRONG_OUTPUT_ROUTES = 64  # routes a step is tried on after wrong outputs (within its route timeout)
+
+
+@dataclass
+class Shadow:
+    """With strict verification: servers other than the hop's own that compute the same blocks
+    for the same session, step by step, to compare."""
+
+    main: str  # the address of the hop it checks
+    hops: list[Hop]
+    sids: list[str]
+
+
+class LieDetected(Exception):
+    """A step's output was shown wrong after the whole route ran it: rebuild and run it again."""
 
 
 @dataclass
@@ -58,6 +89,9 @@ class GatewaySession:
     broken: bool = False  # a step failed after some servers ran it: rebuild before the next one
     history: History = field(default_factory=History)
     cut: int | None = None  # the position the step being run starts at, when the app cut the session back
+    since: list[int] = field(default_factory=list)  # per hop: the position from which its server's outputs are kept
+    shadows: dict[tuple[int, int], Shadow] = field(default_factory=dict)  # strict verification
+    checking: bool = False  # a spot check of this session is queued or running
     last_used: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -75,7 +109,8 @@ class Gateway:
     training.py, both over one Router."""
 
     def __init__(self, *, model_id: str, num_layers: int, hidden_size: int, pool: ConnectionPool, table: PeerTable,
-                 membership: Membership, status: Callable[[], dict]):
+                 membership: Membership, status: Callable[[], dict], verify: str = "sample",
+                 verify_probability: float = DEFAULT_VERIFY_PROBABILITY):
         self.model_id, self.num_layers, self.hidden_size = model_id, num_layers, hidden_size
         self.router = Router(model_id=model_id, num_layers=num_layers, hidden_size=hidden_size, pool=pool,
                              table=table, membership=membership)
@@ -86,6 +121,12 @@ class Gateway:
         self.failovers = 0
         self.last_failover: dict = {}  # when and how long the phases of the latest failover took
         self._lock = threading.Lock()
+        self.verify, self.verify_probability = verify, verify_probability
+        self.checks = {"run": 0, "passed": 0, "failed": 0, "inconclusive": 0, "skipped": 0}
+        self._rng = random.Random()
+        self._check_queue: queue.Queue = queue.Queue(MAX_QUEUED_CHECKS)
+        self._checker: threading.Thread | None = None
+        self._shadow_pool = ThreadPoolExecutor(8, thread_name_prefix="shadow") if verify == "strict" else None
         self.handlers: dict[str, Callable[[Message], tuple[dict, dict | None]]] = {
             "status": lambda m: (self.status_fn(), None),
             "peers": lambda m: ({"peers": self.membership.rows()}, None),
@@ -98,7 +139,7 @@ class Gateway:
         }
 
     def _open_span(self, first: int, last: int, *, max_length: int, batch: int, deadline: float,
-                   history: History | None, adapter: str | None = None
+                   history: History | None, adapter: str | None = None, avoid: frozenset[str] = frozenset()
                    ) -> tuple[list[Hop], list[str], dict[int, torch.Tensor], float]:
         """Open sessions on servers covering [first, last); with a history, replay it into them.
         Returns the hops, their session ids, the replay's output at each new inner boundary, and
@@ -107,7 +148,7 @@ class Gateway:
         replay_s = 0.0
         full: set[str] = set()  # servers without room for this session (not banned: they work)
         while True:
-            hops = self.router.plan(first, last, deadline, exclude=full, adapter=adapter)
+            hops = self.router.plan(first, last, deadline, exclude=full | avoid, adapter=adapter)
             opened: list[tuple[Hop, str]] = []
             outputs: dict[int, torch.Tensor] = {}
             hop = hops[0]
@@ -132,7 +173,7 @@ class Gateway:
                 self.router.close_remote(opened)
                 full.add(hop.address)
                 candidates = [s for s in self.router.table.servers_for(self.model_id, adapter)
-                              if s.address not in full and not self.router.bans.is_banned(s.address)]
+                              if s.address not in full | avoid and not self.router.bans.is_banned(s.address)]
                 if missing_blocks(candidates, last, first):  # nobody else could take it: say so now
                     raise
             except RETRIABLE as e:
@@ -152,7 +193,7 @@ class Gateway:
         if reply.get("position") != length:
             raise SessionError(f"server {hop.address} replayed to position {reply.get('position')}, not {length}")
         self.router.step_times.record(hop.address, time.monotonic() - t0, tokens)
-        return hidden_of(reply)
+        return self.router.check(hop, hidden_of(reply), tuple(replay["hidden"].shape))
 
     # --- handlers --------------------------------------------------------------------------
     def on_model_info(self, msg: Message):
@@ -169,7 +210,7 @@ class Gateway:
         hops, sids, _, _ = self._open_span(0, self.num_layers, max_length=max_length, batch=batch, deadline=deadline,
                                         history=None, adapter=adapter)
         sess = GatewaySession(secrets.token_hex(12), batch, max_length, hops, sids, route_timeout_s=route_timeout_s,
-                              push=msg.get("push", True) is not False, adapter=adapter)
+                              push=msg.get("push", True) is not False, adapter=adapter, since=[0] * len(hops))
         with self._lock:
             self.sessions[sess.id] = sess
         log.info("session %s opened over %s", sess.id[:8], route_text(hops))
@@ -187,6 +228,8 @@ class Gateway:
         sess = self._app_session(msg)
         tensors = self.router.tensors(msg)
         B, T, _ = tensors["hidden"].shape
+        if not bool(torch.isfinite(tensors["hidden"]).all()):  # no server is blamed for what it was given
+            raise TensorError("hidden holds NaN or infinite values")
         if B != sess.batch:
             raise SessionError(f"step has batch {B} but the session was opened with batch {sess.batch}")
         if sess.position + T > sess.max_length:
@@ -211,15 +254,25 @@ class Gateway:
         return {"position": sess.position, "route": route_json(sess.hops)}, {"hidden": out}
 
     def _step(self, sess: GatewaySession, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-        if sess.broken:
-            self._rebuild(sess)
-        try:
-            return self._step_once(sess, tensors)
-        except BaseException:
-            # some servers may have cached this step's positions and others not: the history,
-            # which holds only completed steps, is the truth to rebuild from
-            sess.broken = True
-            raise
+        deadline = time.monotonic() + sess.route_timeout_s
+        for _ in range(MAX_WRONG_OUTPUT_ROUTES):  # each round distrusts a server: it ends
+            if sess.broken:
+                self._rebuild(sess)
+            try:
+                return self._step_once(sess, tensors)
+            except LieDetected:
+                # a server's output was wrong and later hops ran on it: their caches hold this
+                # step's positions computed from it. The history holds only checked steps:
+                # rebuild the route from it (the liar is distrusted now) and run the step again
+                sess.broken = True
+                if time.monotonic() > deadline:
+                    break
+            except BaseException:
+                # some servers may have cached this step's positions and others not: the history,
+                # which holds only completed steps, is the truth to rebuild from
+                sess.broken = True
+                raise
+        raise WrongOutputError("the step's outputs kept being wrong over rebuilt routes")
 
     def _rebuild(self, sess: GatewaySession) -> None:
         """Fresh sessions on a fresh route, their caches replayed from the history."""
@@ -229,7 +282,8 @@ class Gateway:
                                                  deadline=deadline, history=sess.history if sess.position else None,
                                                  adapter=sess.adapter)
         self.router.close_remote(old)
-        sess.hops, sess.server_sessions = hops, sids
+        self._close_shadows(sess)
+        sess.hops, sess.server_sessions, sess.since = hops, sids, [sess.position] * len(hops)
         for boundary, out in outputs.items():
             sess.history.reset_boundary(boundary, out)
         sess.broken = False
@@ -255,15 +309,24 @@ class Gateway:
                 # death): back to the caller, rather than banning server after server
                 if not isinstance(f.error, RETRIABLE) or computing_failures > 1 or time.monotonic() > deadline:
                     raise f.error from None
+                if isinstance(f.error, WrongOutputError):
+                    # with push, the hops after it may have run on the wrong output already
+                    self.router.fail(sess.hops[f.index], f.error)
+                    raise LieDetected() from None
                 self._repair(sess, f.index, f.error, deadline)
                 start = f.index
                 continue
             for k, out in outputs.items():
                 inputs[sess.hops[k].last] = out
             break
-        sess.history.append(inputs, [h.first for h in sess.hops], small["position_ids"], small.get("key_mask"),
-                            small.get("beam_order"))
+        if self.verify == "strict":
+            self._cross_check(sess, inputs, small, step)
+        # the final boundary too: the output of the last hop, for spot checks of it
+        sess.history.append(inputs, [h.first for h in sess.hops] + [self.num_layers], small["position_ids"],
+                            small.get("key_mask"), small.get("beam_order"))
         sess.position += T
+        if self.verify == "sample" and self._rng.random() < self.verify_probability:
+            self._queue_check(sess)
         return inputs[self.num_layers]
 
     def _run_chain(self, sess: GatewaySession, start: int, x: torch.Tensor, small: dict[str, torch.Tensor],
@@ -282,7 +345,7 @@ class Gateway:
                     reply = self.router.pool.get(hops[k].address).request(
                         "step", self._step_fields(sess, k, step), {"hidden": x, **small},
                         timeout_s=self.router.allowance_s(hops[k].address, tokens))
-                    x = self._accept(hops[k], reply, expect_position, time.monotonic() - t0, tokens)
+                    x = self._accept(hops[k], reply, expect_position, time.monotonic() - t0, tokens, tuple(x.shape))
                 except SwarmError as e:
                     raise HopFailure(k, outputs, e) from None
                 outputs[k] = x
@@ -307,7 +370,8 @@ class Gateway:
             allowance += self.router.allowance_s(hops[k].address, tokens, floor=i == 0)
             try:
                 reply = conn.receive(req_id, t0 + allowance, "step")
-                outputs[k] = self._accept(hops[k], reply, expect_position, time.monotonic() - t_prev, tokens)
+                outputs[k] = self._accept(hops[k], reply, expect_position, time.monotonic() - t_prev, tokens,
+                                          tuple(x.shape))
             except SwarmError as e:
                 raise HopFailure(k, outputs, e) from None
             if reply.get("pushed") is False and i + 1 < len(sent):
@@ -342,14 +406,16 @@ class Gateway:
             raise PeerUnavailableError(f"peer {hop.address}: its public key is not known")
         return {"address": hop.address, "key": key, "session": sid}
 
-    def _accept(self, hop: Hop, reply: Message, expect_position: int, seconds: float, tokens: int) -> torch.Tensor:
+    def _accept(self, hop: Hop, reply: Message, expect_position: int, seconds: float, tokens: int,
+                shape: tuple[int, ...]) -> torch.Tensor:
         if reply.get("position") != expect_position:
             raise SessionError(f"server {hop.address} is at position {reply.get('position')}, "
                                f"the session at {expect_position}")
+        out = self.router.check(hop, hidden_of(reply), shape)
         if not reply.get("repeated"):
             self.router.step_times.record(hop.address, seconds, tokens)
         self.router.bans.succeeded(hop.address)
-        return hidden_of(reply)
+        return out
 
     def _repair(self, sess: GatewaySession, index: int, error: SwarmError, deadline: float) -> None:
         """Replace hop `index` by servers covering its blocks, their caches rebuilt by replay."""
@@ -369,6 +435,7 @@ class Gateway:
         }
         sess.hops[index:index + 1] = hops
         sess.server_sessions[index:index + 1] = sids
+        sess.since[index:index + 1] = [sess.position] * len(hops)
         for boundary, out in outputs.items():
             sess.history.reset_boundary(boundary, out)
         self.failovers += 1
@@ -382,7 +449,217 @@ class Gateway:
         if sess is None:
             return {"closed": False}, None
         self.router.close_remote(list(zip(sess.hops, sess.server_sessions)))
+        self._close_shadows(sess)
         return {"closed": True}, None
+
+    # --- checking servers' outputs (docs/security.md) ---------------------------------------------
+    def _compute_elsewhere(self, first: int, last: int, replay: dict[str, torch.Tensor], avoid: frozenset[str],
+                           batch: int, adapter: str | None) -> tuple[torch.Tensor, list[Hop]]:
+        """Blocks [first, last) run on `replay` by servers other than `avoid`, in fresh sessions
+        closed afterwards: the output, and the hops that computed it."""
+        length = replay["hidden"].shape[1]
+        hops, sids, _, _ = self._open_span(first, last, max_length=length, batch=batch,
+                                           deadline=time.monotonic() + CHECK_TIMEOUT_S, history=None, adapter=adapter,
+                                           avoid=avoid)
+        try:
+            x = dict(replay)
+            for hop, sid in zip(hops, sids):
+                x["hidden"] = self._replay(hop, sid, x)
+            return x["hidden"], hops
+        finally:
+            self.router.close_remote(list(zip(hops, sids)))
+
+    def _judge(self, first: int, last: int, replay: dict[str, torch.Tensor], cut: int, claims: dict[str, torch.Tensor],
+               avoid: frozenset[str], batch: int, adapter: str | None) -> str | None:
+        """Two servers' outputs (`claims`: address -> its output from position `cut` on) differ:
+        a third computes the same, and the one it contradicts while confirming the other is
+        distrusted. Returns the address found lying, or None (no third, or no majority)."""
+        try:
+            third, hops = self._compute_elsewhere(first, last, replay, avoid, batch, adapter)
+        except SwarmError as e:
+            self._count("inconclusive")
+            log.warning("blocks %d:%d: %s disagree and no third server settles it (%s)", first, last,
+                        " and ".join(claims), e)
+            return None
+        third = third[:, cut:]
+        tol = tolerance(third.dtype, *(c.dtype for c in claims.values()))
+        verdict = {a: disagreement(out, third, tol) for a, out in claims.items()}
+        wrong = [a for a, why in verdict.items() if why is not None]
+        if len(wrong) != 1:
+            self._count("inconclusive")
+            log.warning("blocks %d:%d: %s disagree and %s agrees with %s", first, last, " and ".join(claims),
+                        route_text(hops), "neither" if wrong else "both")
+            return None
+        liar = wrong[0]
+        for a in claims:
+            if a != liar:
+                self.router.reputation.passed(a)
+        self.router.reputation.offence(liar, f"blocks {first}:{last}: {verdict[liar]} "
+                                              f"(contradicted by {' and '.join(a for a in claims if a != liar)} and "
+                                              f"{route_text(hops)})")
+        self.router.bans.ban(liar)
+        return liar
+
+    def _cross_check(self, sess: GatewaySession, inputs: dict[int, torch.Tensor], small: dict[str, torch.Tensor],
+                     step: int) -> None:
+        """strict: each hop's output for this step computed again by a shadow (other servers
+        holding its blocks, fed the same inputs every step), side by side; raises LieDetected
+        when a hop's output was wrong (after distrusting its server)."""
+        assert self._shadow_pool is not None
+        jobs = [(hop, self._shadow_pool.submit(self._shadow_step, sess, hop, inputs[hop.first], small, step))
+                for hop in sess.hops]
+        for hop, job in jobs:
+            shadow, theirs = job.result()
+            ours = inputs[hop.last]
+            why = disagreement(ours, theirs, tolerance(ours.dtype, theirs.dtype))
+            self._count("run")
+            if why is None:
+                self._count("passed")
+                for a in {hop.address, *(h.address for h in shadow.hops)}:
+                    self.router.reputation.passed(a)
+                continue
+            self._count("failed")
+            # the third computes every position so far and this step's, from the history
+            trial = History({b: list(v) for b, v in sess.history.inputs.items()}, list(sess.history.positions),
+                            list(sess.history.masks))
+            trial.append(inputs, [hop.first], small["position_ids"], small.get("key_mask"), small.get("beam_order"))
+            replay = trial.replay_inputs(hop.first)
+            cut = replay["hidden"].shape[1] - ours.shape[1]
+            claims = {hop.address: ours}
+            if len(shadow.hops) == 1:
+                claims[shadow.hops[0].address] = theirs
+            else:  # a chain's wrong answer cannot be pinned on one of its servers: only the hop's
+                claims[route_text(shadow.hops)] = theirs
+            liar = self._judge(hop.first, hop.last, replay, cut, claims,
+                               frozenset({hop.address, *(h.address for h in shadow.hops)}), sess.batch, sess.adapter)
+            if liar == hop.address:
+                raise LieDetected()
+            self._close_shadow(sess, (hop.first, hop.last))
+            if liar is None:
+                raise WrongOutputError(f"blocks {hop.first}:{hop.last}: the servers' outputs disagree ({why}) and "
+                                       "strict verification found no majority")
+
+    def _shadow_step(self, sess: GatewaySession, hop: Hop, x: torch.Tensor, small: dict[str, torch.Tensor],
+                     step: int) -> tuple[Shadow, torch.Tensor]:
+        span = (hop.first, hop.last)
+        shadow = sess.shadows.get(span)
+        if shadow is not None and shadow.main != hop.address:
+            self._close_shadow(sess, span)
+            shadow = None
+        deadline = time.monotonic() + sess.route_timeout_s
+        for attempt in range(3):
+            if shadow is None:
+                try:
+                    hops, sids, _, _ = self._open_span(
+                        hop.first, hop.last, max_length=sess.max_length, batch=sess.batch, deadline=deadline,
+                        history=sess.history if sess.position else None, adapter=sess.adapter,
+                        avoid=frozenset({hop.address}))
+                except NoRouteError as e:
+                    raise NoRouteError(f"strict verification needs a second server for blocks "
+                                       f"{hop.first}:{hop.last}: {e}") from None
+                shadow = sess.shadows[span] = Shadow(hop.address, hops, sids)
+            try:
+                out = x
+                for h, sid in zip(shadow.hops, shadow.sids):
+                    fields = self._step_fields(sess, 0, step)
+                    fields["session"] = sid
+                    t0 = time.monotonic()
+                    tokens = out.shape[0] * out.shape[1]
+                    reply = self.router.pool.get(h.address).request(
+                        "step", fields, {"hidden": out, **small}, timeout_s=self.router.allowance_s(h.address, tokens))
+                    out = self._accept(h, reply, sess.position + x.shape[1], time.monotonic() - t0, tokens,
+                                       tuple(x.shape))
+                return shadow, out
+            except SwarmError as e:
+                if isinstance(e, RETRIABLE):
+                    for h in shadow.hops:
+                        if not self.router.bans.is_banned(h.address):
+                            self.router.fail(h, e)
+                self._close_shadow(sess, span)
+                shadow = None
+                if not isinstance(e, RETRIABLE) or attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _close_shadow(self, sess: GatewaySession, span: tuple[int, int]) -> None:
+        shadow = sess.shadows.pop(span, None)
+        if shadow is not None:
+            self.router.close_remote(list(zip(shadow.hops, shadow.sids)))
+
+    def _close_shadows(self, sess: GatewaySession) -> None:
+        for span in list(sess.shadows):
+            self._close_shadow(sess, span)
+
+    def _queue_check(self, sess: GatewaySession) -> None:
+        """sample: one hop of the session, picked at random, checked off the step's path. What
+        is checked is a copy of the history, so the app goes on meanwhile."""
+        if sess.checking:
+            self._count("skipped")
+            return
+        k = self._rng.randrange(len(sess.hops))
+        hop, since = sess.hops[k], min(sess.since[k], sess.position)
+        if since >= sess.position:
+            return
+        replay = sess.history.replay_inputs(hop.first)
+        expected = torch.cat(sess.history.inputs[hop.last], dim=1)[:, since:]
+        try:
+            self._check_queue.put_nowait((sess, hop, replay, since, expected))
+        except queue.Full:
+            self._count("skipped")
+            return
+        sess.checking = True
+        if self._checker is None:
+            self._checker = threading.Thread(target=self._check_loop, name="checks", daemon=True)
+            self._checker.start()
+
+    def _check_loop(self) -> None:
+        while True:
+            sess, hop, replay, since, expected = self._check_queue.get()
+            try:
+                self._spot_check(sess, hop, replay, since, expected)
+            except Exception as e:  # a check must never take the gateway down
+                self._count("inconclusive")
+                log.warning("spot check of %s on blocks %d:%d: %s", hop.address, hop.first, hop.last, e)
+            finally:
+                sess.checking = False
+
+    def _spot_check(self, sess: GatewaySession, hop: Hop, replay: dict[str, torch.Tensor], since: int,
+                    expected: torch.Tensor) -> None:
+        """Positions `since`.. of the session as the hop's server computed them, against other
+        servers given the same inputs (every position, to rebuild the cache)."""
+        try:
+            theirs, checkers = self._compute_elsewhere(hop.first, hop.last, replay, frozenset({hop.address}),
+                                                       sess.batch, sess.adapter)
+        except SwarmError as e:
+            self._count("inconclusive")
+            log.info("spot check of %s on blocks %d:%d: no other server to check it (%s)", hop.address, hop.first,
+                     hop.last, e)
+            return
+        theirs = theirs[:, since:]
+        self._count("run")
+        why = disagreement(expected, theirs, tolerance(expected.dtype, theirs.dtype))
+        if why is None:
+            self._count("passed")
+            for a in {hop.address, *(h.address for h in checkers)}:
+                self.router.reputation.passed(a)
+            return
+        self._count("failed")
+        claims = {hop.address: expected}
+        claims[checkers[0].address if len(checkers) == 1 else route_text(checkers)] = theirs
+        liar = self._judge(hop.first, hop.last, replay, since, claims,
+                           frozenset({hop.address, *(h.address for h in checkers)}), sess.batch, sess.adapter)
+        if liar == hop.address:
+            # its wrong outputs are in the session's caches and history: the next step rebuilds
+            # the route from the app's own inputs, through servers that did not lie
+            sess.broken = True
+
+    def _count(self, what: str) -> None:
+        with self._lock:
+            self.checks[what] += 1
+
+    def verify_status(self) -> dict:
+        return {"mode": self.verify, "probability": self.verify_probability if self.verify == "sample" else None,
+                "checks": dict(self.checks), "servers": self.router.reputation.to_json()}
 
     # --- housekeeping -------------------------------------------------------------------------
     def expire_idle(self) -> None:
@@ -395,6 +672,7 @@ class Gateway:
         for s in stale:
             log.info("app session %s idle: closing it", s.id[:8])
             self.router.close_remote(list(zip(s.hops, s.server_sessions)))
+            self._close_shadows(s)
 
     def close_all(self) -> None:
         with self._lock:
@@ -402,5 +680,6 @@ class Gateway:
             self.sessions.clear()
         for s in sessions:
             self.router.close_remote(list(zip(s.hops, s.server_sessions)))
+            self._close_shadows(s)
 
 

@@ -19,12 +19,14 @@ from libswarm.errors import (
     SpanMovedError,
     SwarmError,
     WrongModelError,
+    WrongOutputError,
 )
 from libswarm.protocol import Message
 from swarmd.discovery.membership import Membership
 from swarmd.discovery.table import PeerTable
 from swarmd.gateway.bans import Bans
 from swarmd.gateway.history import StepTimes
+from swarmd.gateway.verify import NormBands, Reputation, check_output
 from swarmd.inputs import beam_order, positions_and_mask
 from swarmd.routing import Hop, plan_chain
 from swarmd.transport.connection import ConnectionPool
@@ -49,6 +51,9 @@ class Router:
         self.pool, self.table, self.membership = pool, table, membership
         self.bans = Bans()
         self.step_times = StepTimes()
+        self.bands = NormBands()
+        self.reputation = Reputation(key_of=lambda a: self.pool.resolve_key(a),
+                                     distrust=lambda key, why, s: self.table.set_distrust(key, why, s))
         self._rng = random.Random()
 
     def plan(self, first: int, last: int, deadline: float, exclude: frozenset[str] | set[str] = frozenset(),
@@ -59,7 +64,9 @@ class Router:
         or with `spread` (forward batches) a random one weighted by speed."""
         backoff_s, t0, refreshed = 0.2, time.monotonic(), 0
         while True:
-            candidates = [s for s in self.table.servers_for(self.model_id, adapter) if s.address not in exclude]
+            # a server caught computing wrong outputs is never used, not even as a last resort
+            candidates = [s for s in self.table.servers_for(self.model_id, adapter)
+                          if s.address not in exclude and not self.reputation.is_distrusted(s.address)]
             banned = self.bans.banned()
             servers = [s for s in candidates if s.address not in banned]
             try:
@@ -101,7 +108,14 @@ class Router:
             return UNMEASURED_STEP_S
         return (STEP_DEADLINE_FLOOR_S if floor else 0.0) + STEP_DEADLINE_FACTOR * expected
 
+    def check(self, hop: Hop, out: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """A hop's output, checked (shape, dtype, finite, norms in the band of its block)."""
+        check_output(out, shape, hop.last, self.bands)
+        return out
+
     def fail(self, hop: Hop, error: SwarmError) -> None:
+        if isinstance(error, WrongOutputError):
+            self.reputation.offence(hop.address, str(error))
         banned_s = self.bans.ban(hop.address)
         self.pool.drop(hop.address)
         log.warning("server %s failed on blocks %d:%d (%s); avoiding it for %.0f s", hop.address, hop.first,

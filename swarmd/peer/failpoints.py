@@ -6,7 +6,11 @@ no test at all.
   server that dies in the middle of a failover);
 - hang_on_forward: a forward pass never returns (a wedged device call);
 - slow_forward: a forward pass takes 3 s longer (a long prefill, a large training batch, a
-  slow GPU), so that tests can see what else goes on meanwhile."""
+  slow GPU), so that tests can see what else goes on meanwhile;
+- lie_always / lie_sometimes: a step's output (steps and replays) has one element of its last
+  position moved by 8 times its row's norm, every time / once in 50 (a lying or faulty server);
+- reply_nan / reply_wrong_shape / reply_huge: every step's output is NaN / lacks its last
+  hidden element / is 1000 times too large after 3 right ones (impossible replies)."""
 
 from __future__ import annotations
 
@@ -48,8 +52,42 @@ def _slow_forward(server) -> None:
     server._forward = slow
 
 
+LIE_EVERY = 50
+HONEST_FIRST = 3  # reply_huge answers right this often first: the gateway learns its norms from them
+
+
+def _nudge(out):
+    out = out.clone()
+    row = out[0, -1]
+    row[0] += 8 * max(1.0, float(row.float().pow(2).mean().sqrt()))
+    return out
+
+
+def _wrong_steps(change: Callable, every: int = 1, after: int = 0) -> Callable:
+    """Outputs of this server's steps (runs with a cache: steps and replays), changed by
+    `change` once in `every`, after `after` right ones. Installed on the Span class: the
+    daemon is a test's process."""
+    def install(server) -> None:
+        from swarmd.runtime.span import Span
+
+        run, count = Span.run, [0]
+
+        def wrong(self, *args, **kwargs):
+            out = run(self, *args, **kwargs)
+            if kwargs.get("cache") is None:
+                return out
+            count[0] += 1
+            return change(out) if count[0] > after and count[0] % every == 0 else out
+        Span.run = wrong  # type: ignore[method-assign]
+    return install
+
+
 FAILPOINTS: dict[str, Callable] = {"exit_on_replay": _exit_on_replay, "hang_on_forward": _hang_on_forward,
-                                   "slow_forward": _slow_forward}
+                                   "slow_forward": _slow_forward,
+                                   "lie_always": _wrong_steps(_nudge), "lie_sometimes": _wrong_steps(_nudge, LIE_EVERY),
+                                   "reply_nan": _wrong_steps(lambda out: out * float("nan")),
+                                   "reply_wrong_shape": _wrong_steps(lambda out: out[..., :-1].contiguous()),
+                                   "reply_huge": _wrong_steps(lambda out: out * 1000, after=HONEST_FIRST)}
 
 
 def install(server, names: str) -> None:

@@ -1,9 +1,10 @@
 """Two checkpoints with the same config.json but different weights share a model id; the
-fingerprints of their blocks keep them from being mixed in one route."""
+fingerprints of their blocks (a hash of every byte) keep them from being mixed in one route,
+even when they differ in one element of one middle row."""
 
 import pytest
 import torch
-from conftest import hf_reference
+from conftest import hf_reference, tampered_copy
 from helpers import running_swarm
 from localswarm import Daemon
 
@@ -13,9 +14,12 @@ from libswarm.checkpoint import Checkpoint
 
 def test_server_with_other_weights_is_never_routed_to(model_dirs, tmp_path):
     ours = model_dirs("llama")
-    theirs = model_dirs("llama", seed=99)  # same shapes and config, other random weights
+    other = model_dirs("llama", seed=99)  # same shapes and config, other random weights
+    assert Checkpoint(ours).block_fingerprint(4) != Checkpoint(other).block_fingerprint(4)
+    theirs = tampered_copy(ours, str(tmp_path / "tampered"), block=3)  # one element of a middle row
     assert Checkpoint(ours).model_id == Checkpoint(theirs).model_id
-    assert Checkpoint(ours).block_fingerprint(4) != Checkpoint(theirs).block_fingerprint(4)
+    assert [Checkpoint(ours).block_fingerprint(b) == Checkpoint(theirs).block_fingerprint(b)
+            for b in range(6)] == [True, True, True, False, True, True]
     ids = torch.randint(3, 500, (1, 8), generator=torch.Generator().manual_seed(15))
     opts = dict(do_sample=False, max_new_tokens=8, min_new_tokens=8, pad_token_id=0)
     expected = hf_reference(ours).generate(ids, **opts)

@@ -3,8 +3,8 @@ import libswarm
 EXPECTED = {
     "AutoDistributedModelForCausalLM", "CacheFullError", "ConfigError", "DistributedModelForCausalLM",
     "LimitError", "ModelError", "NoRouteError", "PeerUnavailableError", "ProtocolError", "RemoteError",
-    "SessionError", "SwarmClient", "SwarmError", "TensorError", "UnsupportedError", "WrongModelError", "__version__",
-    "resolve_socket",
+    "SessionError", "SwarmClient", "SwarmError", "TensorError", "UnsupportedError", "WrongModelError",
+    "WrongOutputError", "__version__", "resolve_socket",
 }
 
 

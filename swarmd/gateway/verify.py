@@ -1,0 +1,182 @@
+"""What the gateway believes of a server's outputs: every reply checked for shape, dtype,
+finiteness and a norm within what the swarm's servers have produced at that block (always,
+cheap), outputs of two servers for the same input compared within a tolerance of their
+dtypes, and the servers caught lying distrusted (docs/security.md).
+
+A server is distrusted on evidence only: a reply that no honest computation gives (non-finite,
+the wrong shape, a norm far outside the band), or an output that a second server contradicts
+and a third one confirms the second. Distrust lasts an hour, doubling with each further
+offence up to a week; it is not a score that a server could earn back by answering well for a
+while between lies."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from libswarm.errors import WrongOutputError
+
+log = logging.getLogger("swarmd.gateway")
+
+VERIFY_MODES = ("off", "sample", "strict")
+DEFAULT_VERIFY_PROBABILITY = 0.05
+
+# |a - b| <= tol * (|b| + rms(row of b)), element by element. Measured (swarm/docs/security.md):
+# a one-token decode against a prefill of the same positions differs by 1e-5 of that in
+# float32, and by up to 0.1 in bfloat16 (0.3 between a bfloat16 and a float32 server over
+# SmolLM2's 30 blocks): the tolerances leave a margin of 100x and 3x. A lie smaller than its
+# tolerance goes unseen, and changes the output by no more than honest 16-bit arithmetic does.
+TOLERANCE = {torch.float32: 1e-3, torch.float16: 1.0, torch.bfloat16: 1.0}
+
+# The band of a boundary's row norms (root mean square over the hidden size): learned from
+# accepted replies, and enforced once it has seen BAND_MIN_ROWS rows. A reply whose row norm
+# is beyond BAND_FACTOR times the largest (or below the smallest over it) seen is wrong; before
+# the band is learned, only ABSOLUTE_MAX_RMS holds.
+BAND_MIN_ROWS = 8
+BAND_FACTOR = 16.0
+ABSOLUTE_MAX_RMS = 1e5
+
+DISTRUST_S = 3600.0
+DISTRUST_MAX_S = 7 * 86400.0
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def tolerance(*dtypes: torch.dtype) -> float:
+    """The coarsest tolerance among the dtypes that took part."""
+    return max(TOLERANCE.get(d, 1.0) for d in dtypes)
+
+
+def disagreement(a: torch.Tensor, b: torch.Tensor, tol: float) -> str | None:
+    """Why `a` is not `b` within `tol` (None: they agree). Both [B, T, H]."""
+    if a.shape != b.shape:
+        return f"shapes {list(a.shape)} and {list(b.shape)}"
+    a, b = a.float(), b.float()
+    rms = b.pow(2).mean(-1, keepdim=True).sqrt()
+    excess = (a - b).abs() - tol * (b.abs() + rms)
+    if not bool((excess > 0).any()):
+        return None
+    i = int(excess.flatten().argmax())
+    H, T = b.shape[-1], b.shape[-2]
+    row, pos, el = i // (T * H), (i // H) % T, i % H
+    return (f"row {row}, position {pos}, element {el}: {a[row, pos, el].item():.6g} vs {b[row, pos, el].item():.6g} "
+            f"(tolerance {tol:g} of |value| + row rms {rms[row, pos, 0].item():.4g})")
+
+
+class NormBands:
+    """Per block boundary, the range of row norms that accepted replies had."""
+
+    def __init__(self):
+        self._bands: dict[int, list[float]] = {}  # boundary -> [lowest, highest, rows seen]
+        self._lock = threading.Lock()
+
+    def check(self, boundary: int, out: torch.Tensor) -> str | None:
+        rms = out.float().pow(2).mean(-1).sqrt()
+        hi = float(rms.max())
+        if hi > ABSOLUTE_MAX_RMS:
+            return f"a row norm of {hi:.4g} (no block output is beyond {ABSOLUTE_MAX_RMS:g})"
+        with self._lock:
+            band = self._bands.get(boundary)
+            if band is None or band[2] < BAND_MIN_ROWS:
+                return None
+            low, high = band[0] / BAND_FACTOR, band[1] * BAND_FACTOR
+        lo = float(rms.min())
+        if hi > high or lo < low:
+            return (f"row norms {lo:.4g}..{hi:.4g} outside the band {low:.4g}..{high:.4g} of the swarm's "
+                    f"outputs at block {boundary}")
+        return None
+
+    def learn(self, boundary: int, out: torch.Tensor) -> None:
+        rms = out.float().pow(2).mean(-1).sqrt()
+        with self._lock:
+            band = self._bands.setdefault(boundary, [float("inf"), 0.0, 0])
+            band[0] = min(band[0], float(rms.min()))
+            band[1] = max(band[1], float(rms.max()))
+            band[2] += rms.numel()
+
+
+def check_output(out: torch.Tensor, shape: tuple[int, ...], boundary: int, bands: NormBands) -> None:
+    """A reply's hidden states, checked before anything uses them; raises WrongOutputError."""
+    if out.dtype not in FLOAT_DTYPES:
+        raise WrongOutputError(f"output of dtype {str(out.dtype)[6:]}, not a floating point dtype served here")
+    if tuple(out.shape) != tuple(shape):
+        raise WrongOutputError(f"output of shape {list(out.shape)}, expected {list(shape)}")
+    if not bool(torch.isfinite(out).all()):
+        raise WrongOutputError("output holds NaN or infinite values")
+    why = bands.check(boundary, out)
+    if why is not None:
+        raise WrongOutputError(why)
+    bands.learn(boundary, out)
+
+
+@dataclass
+class Standing:
+    """One server as this gateway has found it."""
+
+    address: str
+    passed: int = 0  # cross-checks its outputs passed
+    failed: int = 0  # offences: checks it failed, impossible replies
+    distrusted_until: float = 0.0  # time.time()
+    reason: str = ""
+    evidence: list[str] = field(default_factory=list)
+
+
+class Reputation:
+    """Per node key: checks passed and offences. A distrusted node is set so in the peer table
+    (state `distrusted`), which routing and placement skip."""
+
+    def __init__(self, key_of: Callable[[str], str | None], distrust: Callable[[str, str, float], None],
+                 clock: Callable[[], float] = time.time):
+        self.key_of, self._distrust, self._clock = key_of, distrust, clock
+        self._standing: dict[str, Standing] = {}
+        self._lock = threading.Lock()
+
+    def _get(self, address: str) -> Standing:
+        key = self.key_of(address) or address
+        s = self._standing.get(key)
+        if s is None:
+            if len(self._standing) > 100_000:  # bounded: forget those without offences first
+                for k in [k for k, v in self._standing.items() if not v.failed][:50_000]:
+                    del self._standing[k]
+            s = self._standing[key] = Standing(address)
+        s.address = address
+        return s
+
+    def passed(self, address: str) -> None:
+        with self._lock:
+            self._get(address).passed += 1
+
+    def offence(self, address: str, reason: str) -> float:
+        """Evidence that the server at `address` computed wrong outputs: distrust it. Returns
+        for how long."""
+        key = self.key_of(address)
+        with self._lock:
+            s = self._get(address)
+            s.failed += 1
+            seconds = min(DISTRUST_MAX_S, DISTRUST_S * 2.0 ** min(s.failed - 1, 20))
+            s.distrusted_until = self._clock() + seconds
+            s.reason = reason
+            s.evidence = (s.evidence + [f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {reason}"])[-5:]
+        log.warning("server %s (%s) returned wrong outputs: %s; distrusted for %.0f s", address,
+                    key[:8] if key else "key unknown", reason, seconds)
+        if key is not None:
+            self._distrust(key, reason, seconds)
+        return seconds
+
+    def is_distrusted(self, address: str) -> bool:
+        with self._lock:
+            key = self.key_of(address) or address
+            s = self._standing.get(key)
+            return s is not None and s.distrusted_until > self._clock()
+
+    def to_json(self) -> list[dict]:
+        now = self._clock()
+        with self._lock:
+            return [{"node_id": k, "address": s.address, "checks_passed": s.passed, "offences": s.failed,
+                     "distrusted_s": round(max(0.0, s.distrusted_until - now), 1), "reason": s.reason,
+                     "evidence": list(s.evidence)}
+                    for k, s in self._standing.items() if s.failed or s.passed]

@@ -1,0 +1,117 @@
+"""Untrusted servers (docs/security.md): a server that returns wrong outputs is caught and
+distrusted, and the app's generation stays the whole model's. Liars are real daemons armed with
+a test-only failpoint (swarmd/peer/failpoints.py) and advertising a fast speed, so that routes
+prefer them, as a liar after traffic would."""
+
+import pytest
+import torch
+from conftest import hf_reference
+from helpers import Daemon, running_swarm, until
+
+from libswarm import AutoDistributedModelForCausalLM
+from swarmd.peer.failpoints import HONEST_FIRST, LIE_EVERY
+
+FAST, SLOW = 0.00001, 0.001  # seconds per block and step, advertised
+
+
+def greedy(model_dir: str, socket: str, prompt_seed: int, tokens: int):
+    ids = torch.randint(3, 500, (1, 6), generator=torch.Generator().manual_seed(prompt_seed))
+    kw = dict(do_sample=False, max_new_tokens=tokens, min_new_tokens=tokens, pad_token_id=0)
+    model = AutoDistributedModelForCausalLM.from_pretrained(model_dir, socket=socket)
+    return model.generate(ids, **kw), hf_reference(model_dir).generate(ids, **kw)
+
+
+def standing(gw: Daemon, node_id: str) -> dict:
+    rows = gw.ctl("status")["gateway"]["verify"]["servers"]
+    return next((r for r in rows if r["node_id"] == node_id), {})
+
+
+def peer_state(gw: Daemon, node_id: str) -> str | None:
+    return next((p["state"] for p in gw.ctl("peers")["peers"] if p.get("node_id") == node_id), None)
+
+
+def test_strict_generation_through_a_lying_server_equals_hf_and_the_liar_is_distrusted(model_dirs):
+    d = model_dirs("llama")
+    with running_swarm(d, ["0:6", "0:6", "0:6"], extra={"swarm": {"verify": "strict"}},
+                       env={0: {"SWARMD_FAILPOINTS": "lie_always"}}, speeds={0: FAST, 1: SLOW, 2: SLOW}) as (s, gw):
+        got, want = greedy(d, gw.socket, 1, 8)
+        assert torch.equal(got, want)
+        liar = standing(gw, s[0].node_id)
+        assert liar["offences"] >= 1 and "contradicted by" in liar["reason"]
+        assert peer_state(gw, s[0].node_id) == "distrusted"
+        verify = gw.ctl("status")["gateway"]["verify"]
+        assert verify["mode"] == "strict" and verify["checks"]["passed"] >= 8
+        assert all(standing(gw, h.node_id).get("offences", 0) == 0 for h in s[1:])  # nobody framed
+        got, want = greedy(d, gw.socket, 2, 6)  # and the liar is never used again
+        assert torch.equal(got, want)
+        assert s[0].ctl("status")["stats"]["steps"] == 1
+
+
+def test_sampled_checks_catch_a_server_lying_once_in_50_steps_within_the_stated_steps(model_dirs):
+    """Default p (0.05): a check of the liar's span follows its first lie after 20 steps on
+    average; within 300 steps but with probability 0.95**300 (2e-7)."""
+    d = model_dirs("llama")
+    with running_swarm(d, ["0:6", "0:6", "0:6"], env={0: {"SWARMD_FAILPOINTS": "lie_sometimes"}},
+                       speeds={0: FAST, 1: SLOW, 2: SLOW}) as (s, gw):
+        assert gw.ctl("status")["gateway"]["verify"]["mode"] == "sample"
+        steps, seed = 0, 10
+        while not standing(gw, s[0].node_id).get("offences"):
+            assert steps <= LIE_EVERY + 300, "the lying server was not caught in time"
+            greedy(d, gw.socket, seed, 40)
+            steps, seed = steps + 40, seed + 1
+        assert peer_state(gw, s[0].node_id) == "distrusted"
+        assert "contradicted by" in standing(gw, s[0].node_id)["reason"]
+        assert all(standing(gw, h.node_id).get("offences", 0) == 0 for h in s[1:])
+        served = s[0].ctl("status")["stats"]["steps"]
+        got, want = greedy(d, gw.socket, 99, 8)
+        assert torch.equal(got, want) and s[0].ctl("status")["stats"]["steps"] == served
+
+
+@pytest.mark.parametrize("failpoint,why", [("reply_nan", "NaN"), ("reply_wrong_shape", "shape"),
+                                           ("reply_huge", "outside the band")])
+def test_an_impossible_reply_is_distrusted_at_once_and_the_generation_goes_on(model_dirs, failpoint, why):
+    """NaN, a wrong shape, norms 1000x those it gave before: the first such reply is the last
+    one used (verify off: the checks on every reply alone)."""
+    d = model_dirs("llama")
+    with running_swarm(d, ["0:3", "0:3", "3:6"], extra={"swarm": {"verify": "off"}},
+                       env={0: {"SWARMD_FAILPOINTS": failpoint}}, speeds={0: FAST, 1: 10 * SLOW, 2: SLOW}) as (s, gw):
+        got, want = greedy(d, gw.socket, 3, 8)
+        assert torch.equal(got, want)
+        assert why in standing(gw, s[0].node_id)["reason"]
+        assert peer_state(gw, s[0].node_id) == "distrusted"
+        wrong_at = HONEST_FIRST + 1 if failpoint == "reply_huge" else 1
+        assert s[0].ctl("status")["stats"]["steps"] == wrong_at  # its first wrong reply was its last
+
+
+def test_honest_fp32_and_bf16_servers_agree_and_off_sends_no_extra_step(model_dirs, tmp_path):
+    """No false positive between a float32 and a bfloat16 server, checked on every step
+    (strict) and by replay (sample with p = 1); with `off`, servers run exactly the app's steps."""
+    d = model_dirs("llama")
+    bf16 = {"serve": {"dtype": "bfloat16"}}
+    with running_swarm(d, ["0:6"]) as (s, _):
+        other = Daemon(str(tmp_path), "bf16", d, "0:6", bf16)
+        gws = {mode: Daemon(str(tmp_path), f"gw-{mode}", d, "none", {"swarm": {"verify": mode,
+                                                                             "verify_probability": 1.0}})
+               for mode in ("strict", "sample", "off")}
+        try:
+            for x in (other, *gws.values()):
+                x.start([s[0].address])
+            for x in (other, *gws.values()):
+                x.wait_ready()
+            for g in gws.values():
+                until(lambda g=g: sum(p["state"] == "online" for p in g.ctl("peers")["peers"]) == 2, 30)
+            for mode in ("strict", "sample"):
+                greedy(d, gws[mode].socket, 5, 12)
+                verify = gws[mode].ctl("status")["gateway"]["verify"]
+                until(lambda m=mode: gws[m].ctl("status")["gateway"]["verify"]["checks"]["run"] >= 3, 20)
+                verify = gws[mode].ctl("status")["gateway"]["verify"]
+                assert verify["checks"]["failed"] == 0 and verify["checks"]["passed"] >= 3, verify
+                assert all(r["offences"] == 0 for r in verify["servers"])
+            before = sum(x.ctl("status")["stats"]["steps"] for x in (s[0], other))
+            greedy(d, gws["off"].socket, 6, 12)
+            after = sum(x.ctl("status")["stats"]["steps"] for x in (s[0], other))
+            assert after - before == 12  # one hop, one step per token: not one message more
+            assert gws["off"].ctl("status")["gateway"]["verify"]["checks"]["run"] == 0
+        finally:
+            for x in (other, *gws.values()):
+                x.stop()
