@@ -18,6 +18,7 @@ from libswarm.errors import (
     SessionError,
     SpanMovedError,
     SwarmError,
+    TensorError,
     WrongModelError,
     WrongOutputError,
 )
@@ -108,9 +109,10 @@ class Router:
             return UNMEASURED_STEP_S
         return (STEP_DEADLINE_FLOOR_S if floor else 0.0) + STEP_DEADLINE_FACTOR * expected
 
-    def check(self, hop: Hop, out: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-        """A hop's output, checked (shape, dtype, finite, norms in the band of its block)."""
-        check_output(out, shape, hop.last, self.bands)
+    def check(self, hop: Hop, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """A hop's output for the input `x`, checked (shape, dtype, finite, norms in the band
+        of its span)."""
+        check_output(x, out, (hop.first, hop.last), self.bands)
         return out
 
     def fail(self, hop: Hop, error: SwarmError) -> None:
@@ -145,6 +147,8 @@ class Router:
         assert hidden is not None
         if hidden.ndim != 3 or hidden.shape[-1] != self.hidden_size:
             raise ProtocolError(f"hidden must be [batch, length, {self.hidden_size}], got {list(hidden.shape)}")
+        if not bool(torch.isfinite(hidden).all()):  # no server is to be blamed for what it was given
+            raise TensorError("hidden holds NaN or infinite values")
         B, T, _ = hidden.shape
         out = {"hidden": hidden}
         pos, mask = positions_and_mask(msg, B, T)

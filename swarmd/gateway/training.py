@@ -24,6 +24,7 @@ import torch
 from libswarm.errors import ProtocolError, RemoteError, SwarmError, TensorError
 from libswarm.protocol import Message
 from swarmd.gateway.router import RETRIABLE, UNMEASURED_STEP_S, Router, hidden_of, route_timeout
+from swarmd.gateway.verify import check_gradient
 from swarmd.routing import Hop, forward_seconds
 from swarmd.runtime.span import client_trainables
 
@@ -175,6 +176,7 @@ class TrainingChains:
         out = hidden_of(self.router.pool.get(hop.address).request(
             "forward", {**fields, "blocks": [hop.first, hop.last]}, {"hidden": x, **small, **_slice(lora, hop)},
             timeout_s=max(UNMEASURED_STEP_S, self.router.allowance_s(hop.address, tokens))))
+        self.router.check(hop, x, out)
         self.router.bans.succeeded(hop.address)
         return out
 
@@ -192,6 +194,8 @@ class TrainingChains:
         if grad.shape != tensors["hidden"].shape:
             raise ProtocolError(f"grad_output must have the shape of hidden {list(tensors['hidden'].shape)}, "
                                 f"got {list(grad.shape)}")
+        if not bool(torch.isfinite(grad).all()):
+            raise TensorError("grad_output holds NaN or infinite values")
         deadline = time.monotonic() + route_timeout(msg)
         lora, fields = self._lora(msg)
         kept = self.kept.take(msg.get("pass")) if msg.get("pass") is not None else None
@@ -232,6 +236,7 @@ class TrainingChains:
                     g_in = reply.tensors.get("grad_input")
                     if g_in is None or any(k not in reply.tensors for k in lora_grads):
                         raise ProtocolError("backward reply lacks grad_input or a LoRA gradient")
+                    check_gradient(g_in, tuple(x_in.shape))
                     g = g_in
                     self.router.bans.succeeded(hop.address)
                     for k, parts in lora_grads.items():

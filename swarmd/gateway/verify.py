@@ -33,13 +33,17 @@ DEFAULT_VERIFY_PROBABILITY = 0.05
 # tolerance goes unseen, and changes the output by no more than honest 16-bit arithmetic does.
 TOLERANCE = {torch.float32: 1e-3, torch.float16: 1.0, torch.bfloat16: 1.0}
 
-# The band of a boundary's row norms (root mean square over the hidden size): learned from
-# accepted replies, and enforced once it has seen BAND_MIN_ROWS rows. A reply whose row norm
-# is beyond BAND_FACTOR times the largest (or below the smallest over it) seen is wrong; before
-# the band is learned, only ABSOLUTE_MAX_RMS holds.
+# The band of a span's growth: per position, the norm (root mean square over the hidden size)
+# of its output over that of its input. Learned per span [first, last) from accepted replies,
+# and enforced once it has seen BAND_MIN_ROWS positions: a reply growing a position more than
+# BAND_FACTOR times the most seen there is wrong; before that, only ABSOLUTE_MAX_RMS holds.
+# Relative to the input, because an app's inputs set the scale (zeros in, small norms out),
+# and upper only: small outputs may be honest (padding), and a lie of small values is for
+# the cross-checks to see.
 BAND_MIN_ROWS = 8
 BAND_FACTOR = 16.0
 ABSOLUTE_MAX_RMS = 1e5
+TINY_RMS = 1e-6  # keeps a zero input's growth finite (and large: such a row widens the band)
 
 DISTRUST_S = 3600.0
 DISTRUST_MAX_S = 7 * 86400.0
@@ -67,50 +71,58 @@ def disagreement(a: torch.Tensor, b: torch.Tensor, tol: float) -> str | None:
             f"(tolerance {tol:g} of |value| + row rms {rms[row, pos, 0].item():.4g})")
 
 
+def _rms(x: torch.Tensor) -> torch.Tensor:
+    return x.float().pow(2).mean(-1).sqrt()
+
+
 class NormBands:
-    """Per block boundary, the range of row norms that accepted replies had."""
+    """Per span, the largest growth of a position's norm that accepted replies had."""
 
     def __init__(self):
-        self._bands: dict[int, list[float]] = {}  # boundary -> [lowest, highest, rows seen]
+        self._bands: dict[tuple[int, int], tuple[float, int]] = {}  # span -> (highest growth, rows seen)
         self._lock = threading.Lock()
 
-    def check(self, boundary: int, out: torch.Tensor) -> str | None:
-        rms = out.float().pow(2).mean(-1).sqrt()
-        hi = float(rms.max())
-        if hi > ABSOLUTE_MAX_RMS:
-            return f"a row norm of {hi:.4g} (no block output is beyond {ABSOLUTE_MAX_RMS:g})"
+    def check(self, span: tuple[int, int], x: torch.Tensor, out: torch.Tensor) -> str | None:
+        out_rms = _rms(out)
+        if float(out_rms.max()) > ABSOLUTE_MAX_RMS:
+            return f"a position's norm of {float(out_rms.max()):.4g} (no block output is beyond {ABSOLUTE_MAX_RMS:g})"
+        growth = float((out_rms / (_rms(x) + TINY_RMS)).max())
         with self._lock:
-            band = self._bands.get(boundary)
-            if band is None or band[2] < BAND_MIN_ROWS:
-                return None
-            low, high = band[0] / BAND_FACTOR, band[1] * BAND_FACTOR
-        lo = float(rms.min())
-        if hi > high or lo < low:
-            return (f"row norms {lo:.4g}..{hi:.4g} outside the band {low:.4g}..{high:.4g} of the swarm's "
-                    f"outputs at block {boundary}")
+            highest, rows = self._bands.get(span, (0.0, 0))
+        if rows >= BAND_MIN_ROWS and growth > highest * BAND_FACTOR:
+            return (f"a position's norm grown {growth:.4g}x over blocks {span[0]}:{span[1]}, outside the band of the "
+                    f"swarm's outputs (at most {highest * BAND_FACTOR:.4g}x: {BAND_FACTOR:g} times the most seen)")
         return None
 
-    def learn(self, boundary: int, out: torch.Tensor) -> None:
-        rms = out.float().pow(2).mean(-1).sqrt()
+    def learn(self, span: tuple[int, int], x: torch.Tensor, out: torch.Tensor) -> None:
+        growth = _rms(out) / (_rms(x) + TINY_RMS)
         with self._lock:
-            band = self._bands.setdefault(boundary, [float("inf"), 0.0, 0])
-            band[0] = min(band[0], float(rms.min()))
-            band[1] = max(band[1], float(rms.max()))
-            band[2] += rms.numel()
+            highest, rows = self._bands.get(span, (0.0, 0))
+            self._bands[span] = (max(highest, float(growth.max())), rows + growth.numel())
 
 
-def check_output(out: torch.Tensor, shape: tuple[int, ...], boundary: int, bands: NormBands) -> None:
-    """A reply's hidden states, checked before anything uses them; raises WrongOutputError."""
+def check_output(x: torch.Tensor, out: torch.Tensor, span: tuple[int, int], bands: NormBands) -> None:
+    """A reply's hidden states `out` for the input `x`, checked before anything uses them;
+    raises WrongOutputError."""
     if out.dtype not in FLOAT_DTYPES:
         raise WrongOutputError(f"output of dtype {str(out.dtype)[6:]}, not a floating point dtype served here")
-    if tuple(out.shape) != tuple(shape):
-        raise WrongOutputError(f"output of shape {list(out.shape)}, expected {list(shape)}")
+    if out.shape != x.shape:
+        raise WrongOutputError(f"output of shape {list(out.shape)}, expected {list(x.shape)}")
     if not bool(torch.isfinite(out).all()):
         raise WrongOutputError("output holds NaN or infinite values")
-    why = bands.check(boundary, out)
+    why = bands.check(span, x, out)
     if why is not None:
         raise WrongOutputError(why)
-    bands.learn(boundary, out)
+    bands.learn(span, x, out)
+
+
+def check_gradient(grad: torch.Tensor, shape: tuple[int, ...]) -> None:
+    """A backward reply's gradient: the input's shape, a float dtype, finite (its size has no
+    band: a gradient's scale is the app's loss's)."""
+    if grad.dtype not in FLOAT_DTYPES or tuple(grad.shape) != tuple(shape):
+        raise WrongOutputError(f"gradient of {str(grad.dtype)[6:]} {list(grad.shape)}, expected {list(shape)}")
+    if not bool(torch.isfinite(grad).all()):
+        raise WrongOutputError("gradient holds NaN or infinite values")
 
 
 @dataclass

@@ -10,7 +10,8 @@ no test at all.
 - lie_always / lie_sometimes: a step's output (steps and replays) has one element of its last
   position moved by 8 times its row's norm, every time / once in 50 (a lying or faulty server);
 - reply_nan / reply_wrong_shape / reply_huge: every step's output is NaN / lacks its last
-  hidden element / is 1000 times too large after 3 right ones (impossible replies)."""
+  hidden element / is 1000 times too large after 3 right ones (impossible replies);
+- forward_nan: every forward pass (training) answers NaN."""
 
 from __future__ import annotations
 
@@ -63,10 +64,10 @@ def _nudge(out):
     return out
 
 
-def _wrong_steps(change: Callable, every: int = 1, after: int = 0) -> Callable:
-    """Outputs of this server's steps (runs with a cache: steps and replays), changed by
-    `change` once in `every`, after `after` right ones. Installed on the Span class: the
-    daemon is a test's process."""
+def _wrong_steps(change: Callable, every: int = 1, after: int = 0, passes: bool = False) -> Callable:
+    """Outputs of this server's steps (runs with a cache: steps and replays; with `passes`,
+    forward passes instead), changed by `change` once in `every`, after `after` right ones.
+    Installed on the Span class: the daemon is a test's process."""
     def install(server) -> None:
         from swarmd.runtime.span import Span
 
@@ -74,7 +75,7 @@ def _wrong_steps(change: Callable, every: int = 1, after: int = 0) -> Callable:
 
         def wrong(self, *args, **kwargs):
             out = run(self, *args, **kwargs)
-            if kwargs.get("cache") is None:
+            if (kwargs.get("cache") is None) != passes:
                 return out
             count[0] += 1
             return change(out) if count[0] > after and count[0] % every == 0 else out
@@ -87,7 +88,8 @@ FAILPOINTS: dict[str, Callable] = {"exit_on_replay": _exit_on_replay, "hang_on_f
                                    "lie_always": _wrong_steps(_nudge), "lie_sometimes": _wrong_steps(_nudge, LIE_EVERY),
                                    "reply_nan": _wrong_steps(lambda out: out * float("nan")),
                                    "reply_wrong_shape": _wrong_steps(lambda out: out[..., :-1].contiguous()),
-                                   "reply_huge": _wrong_steps(lambda out: out * 1000, after=HONEST_FIRST)}
+                                   "reply_huge": _wrong_steps(lambda out: out * 1000, after=HONEST_FIRST),
+                                   "forward_nan": _wrong_steps(lambda out: out * float("nan"), passes=True)}
 
 
 def install(server, names: str) -> None:

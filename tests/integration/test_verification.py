@@ -8,7 +8,7 @@ import torch
 from conftest import hf_reference
 from helpers import Daemon, running_swarm, until
 
-from libswarm import AutoDistributedModelForCausalLM
+from libswarm import AutoDistributedModelForCausalLM, TensorError
 from swarmd.peer.failpoints import HONEST_FIRST, LIE_EVERY
 
 FAST, SLOW = 0.00001, 0.001  # seconds per block and step, advertised
@@ -115,3 +115,30 @@ def test_honest_fp32_and_bf16_servers_agree_and_off_sends_no_extra_step(model_di
         finally:
             for x in (other, *gws.values()):
                 x.stop()
+
+
+def test_a_training_pass_through_a_server_answering_nan_is_redone_elsewhere_and_the_server_distrusted(model_dirs):
+    """Forward passes (training) are checked like steps: the gradient equals HF's."""
+    d = model_dirs("llama")
+    with running_swarm(d, ["0:3", "0:3", "3:6"], extra={"swarm": {"verify": "off"}},
+                       env={0: {"SWARMD_FAILPOINTS": "forward_nan"}},
+                       speeds={0: FAST, 1: 10 * SLOW, 2: SLOW}) as (s, gw):
+        ids = torch.randint(3, 500, (1, 9), generator=torch.Generator().manual_seed(21))
+        ref = hf_reference(d)
+        emb = ref.get_input_embeddings()(ids).detach().requires_grad_(True)
+        ref(inputs_embeds=emb, labels=ids).loss.backward()
+        model = AutoDistributedModelForCausalLM.from_pretrained(d, socket=gw.socket)
+        for _ in range(3):  # passes spread over servers at random, weighted by speed: the liar is tried
+            x = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+            model(inputs_embeds=x, labels=ids).loss.backward()
+            assert ((x.grad - emb.grad).norm() / emb.grad.norm()).item() <= 1e-4
+            if standing(gw, s[0].node_id).get("offences"):
+                break
+        assert "NaN" in standing(gw, s[0].node_id)["reason"]
+        assert peer_state(gw, s[0].node_id) == "distrusted"
+        # an app's own NaN is refused before any server sees it
+        bad = x.detach().clone()
+        bad[0, 0, 0] = float("nan")
+        with pytest.raises(TensorError, match="NaN"):
+            model(inputs_embeds=bad)
+        assert all(standing(gw, h.node_id).get("offences", 0) == 0 for h in s[1:])
