@@ -45,6 +45,7 @@ def test_repo_default_config_documents_every_key():
         ({"model": "/m", "discovery": {"mdns": "yes"}}, r"discovery\.mdns: must be true or false"),
         ({"model": "/m", "swarm": {"verify": "always"}}, r"swarm\.verify: must be one of"),
         ({"model": "/m", "swarm": {"verify_probability": 0}}, r"swarm\.verify_probability: must be a number in"),
+        ({"model": "/m", "swarm": {"verify_probability": 1.5}}, r"swarm\.verify_probability: must be a number in"),
         ({"model": "/m", "swarm": {"verify_probability": "often"}}, r"swarm\.verify_probability: must be a number"),
         ({"serve": {"blocks": "0:2"}}, r"model: not set"),
         ({"model": "/m", "log_level": "loud"}, r"log_level"),
