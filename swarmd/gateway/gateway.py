@@ -318,8 +318,9 @@ class Gateway:
             break
         if self.verify == "strict":
             self._cross_check(sess, inputs, small, step)
-        # the final boundary too: the output of the last hop, for spot checks of it
-        sess.history.append(inputs, [h.first for h in sess.hops] + [self.num_layers], small["position_ids"],
+        # with sample, the final boundary too: the last hop's output, for spot checks of it
+        final = [self.num_layers] if self.verify == "sample" else []
+        sess.history.append(inputs, [h.first for h in sess.hops] + final, small["position_ids"],
                             small.get("key_mask"), small.get("beam_order"))
         sess.position += T
         if self.verify == "sample" and self._rng.random() < self.verify_probability:
@@ -509,27 +510,15 @@ class Gateway:
         for hop, job in jobs:
             shadow, theirs = job.result()
             ours = inputs[hop.last]
-            why = disagreement(ours, theirs, tolerance(ours.dtype, theirs.dtype))
-            self._count("run")
+            why = self._compare(hop, ours, theirs, shadow.hops)
             if why is None:
-                self._count("passed")
-                for a in {hop.address, *(h.address for h in shadow.hops)}:
-                    self.router.reputation.passed(a)
                 continue
-            self._count("failed")
             # the third computes every position so far and this step's, from the history
             trial = History({b: list(v) for b, v in sess.history.inputs.items()}, list(sess.history.positions),
                             list(sess.history.masks))
             trial.append(inputs, [hop.first], small["position_ids"], small.get("key_mask"), small.get("beam_order"))
             replay = trial.replay_inputs(hop.first)
-            cut = replay["hidden"].shape[1] - ours.shape[1]
-            claims = {hop.address: ours}
-            if len(shadow.hops) == 1:
-                claims[shadow.hops[0].address] = theirs
-            else:  # a chain's wrong answer cannot be pinned on one of its servers: only the hop's
-                claims[route_text(shadow.hops)] = theirs
-            liar = self._judge(hop.first, hop.last, replay, cut, claims,
-                               frozenset({hop.address, *(h.address for h in shadow.hops)}), sess.batch, sess.adapter)
+            liar = self._settle(sess, hop, ours, theirs, shadow.hops, replay, replay["hidden"].shape[1] - ours.shape[1])
             if liar == hop.address:
                 raise LieDetected()
             self._close_shadow(sess, (hop.first, hop.last))
@@ -638,22 +627,32 @@ class Gateway:
                      hop.last, e)
             return
         theirs = theirs[:, since:]
-        self._count("run")
-        why = disagreement(expected, theirs, tolerance(expected.dtype, theirs.dtype))
-        if why is None:
-            self._count("passed")
-            for a in {hop.address, *(h.address for h in checkers)}:
-                self.router.reputation.passed(a)
+        if self._compare(hop, expected, theirs, checkers) is None:
             return
-        self._count("failed")
-        claims = {hop.address: expected}
-        claims[checkers[0].address if len(checkers) == 1 else route_text(checkers)] = theirs
-        liar = self._judge(hop.first, hop.last, replay, since, claims,
-                           frozenset({hop.address, *(h.address for h in checkers)}), sess.batch, sess.adapter)
-        if liar == hop.address:
+        if self._settle(sess, hop, expected, theirs, checkers, replay, since) == hop.address:
             # its wrong outputs are in the session's caches and history: the next step rebuilds
             # the route from the app's own inputs, through servers that did not lie
             sess.broken = True
+
+    def _compare(self, hop: Hop, ours: torch.Tensor, theirs: torch.Tensor, checkers: list[Hop]) -> str | None:
+        """A check of the hop's output against the checkers' (counted): why they differ, or None
+        (then every server involved passed)."""
+        why = disagreement(ours, theirs, tolerance(ours.dtype, theirs.dtype))
+        self._count("run")
+        self._count("failed" if why is not None else "passed")
+        if why is None:
+            for a in {hop.address, *(h.address for h in checkers)}:
+                self.router.reputation.passed(a)
+        return why
+
+    def _settle(self, sess: GatewaySession, hop: Hop, ours: torch.Tensor, theirs: torch.Tensor, checkers: list[Hop],
+                replay: dict[str, torch.Tensor], cut: int) -> str | None:
+        """The hop and its checkers disagree: a third settles it (_judge). A chain of checkers
+        is one claim: its wrong answer cannot be pinned on one of its servers."""
+        claims = {hop.address: ours,
+                  checkers[0].address if len(checkers) == 1 else route_text(checkers): theirs}
+        return self._judge(hop.first, hop.last, replay, cut, claims,
+                           frozenset({hop.address, *(h.address for h in checkers)}), sess.batch, sess.adapter)
 
     def _count(self, what: str) -> None:
         with self._lock:
