@@ -42,6 +42,9 @@ DEFAULTS: dict[str, Any] = {
         "announce": [],
         "socket": "/run/swarmd/swarmd.sock",
         "max_message_bytes": "1GiB",
+        "relay": False,
+        "relay_max_bytes_per_s": "50MB",
+        "relay_max_servers": 16,
     },
     "discovery": {
         "mdns": True,
@@ -102,6 +105,9 @@ class NetworkConfig:
     announce: tuple[str, ...]
     socket: str
     max_message_bytes: int
+    relay: bool = False  # relay for servers that accept no connections (docs/operations.md, Ports)
+    relay_max_bytes_per_s: int = 50_000_000  # all that it forwards, both ways
+    relay_max_servers: int = 16  # servers it relays for at once
 
 
 @dataclass(frozen=True)
@@ -311,7 +317,12 @@ def load_config(path: str, overrides: dict | None = None) -> Config:
         announce=tuple(r.endpoint(f"network.announce[{i}]", a) for i, a in enumerate(announce)),
         socket=os.path.expanduser(r.string("network.socket", n["socket"])),
         max_message_bytes=r.size("network.max_message_bytes", n["max_message_bytes"]) or 0,
+        relay=n["relay"],
+        relay_max_bytes_per_s=r.size("network.relay_max_bytes_per_s", n["relay_max_bytes_per_s"]) or 1,
+        relay_max_servers=r.positive_int("network.relay_max_servers", n["relay_max_servers"]) or 1,
     )
+    if not isinstance(n["relay"], bool):
+        raise r.fail("network.relay", f"must be true or false, got {n['relay']!r}")
     disc = d["discovery"]
     if not isinstance(disc["mdns"], bool):
         raise r.fail("discovery.mdns", f"must be true or false, got {disc['mdns']!r}")

@@ -29,6 +29,7 @@ from swarmd.config import Config, load_config
 from swarmd.discovery.keyquery import KeyResponder, split_address
 from swarmd.discovery.mdns import Mdns
 from swarmd.discovery.membership import FINGERPRINT_PREFIX, Membership
+from swarmd.discovery.reach import Reachability
 from swarmd.discovery.records import MAX_ADDRESSES
 from swarmd.discovery.table import PeerTable
 from swarmd.gateway.gateway import Gateway
@@ -45,6 +46,7 @@ from swarmd.runtime.speed import BlockSpeed, measure_block_speed
 from swarmd.sdnotify import notify
 from swarmd.transport.access import AccessControl
 from swarmd.transport.connection import ConnectionPool
+from swarmd.transport.relay import RelayService
 
 log = logging.getLogger("swarmd")
 
@@ -92,6 +94,7 @@ class Daemon:
                                      incarnation=next_incarnation(config.state_dir))
         self.membership.set_seeds(list(config.discovery.seeds))
         self.mdns: Mdns | None = None
+        self.reach: Reachability | None = None  # with a peer plane: whether peers can connect to it
         self.balancer = Balancer(self, table=self.table, membership=self.membership, key=self.identity.public_key,
                                  model_id=self.model_id, num_layers=self.num_layers, auto=self.auto,
                                  interval_s=config.serve.rebalance_interval_s,
@@ -162,7 +165,13 @@ class Daemon:
             "adapters": tuple(sorted(server.adapters)),
             "cache_free_bytes": server.budget.free_bytes, "sessions": len(server.sessions),
             "fingerprints": tuple(f[:FINGERPRINT_PREFIX] for f in span.fingerprints) if span else (),
+            **self._reach_fields(),
         }
+
+    def _reach_fields(self) -> dict:
+        reachable = self.reach.state if self.reach is not None else "unknown"
+        return {"reachable": reachable, "relay": self.config.network.relay and reachable != "no",
+                "via": tuple(self.server.relays_up) if self.server and reachable == "no" else ()}
 
     # --- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -262,14 +271,15 @@ class Daemon:
     def _bind_peer_plane(self) -> None:
         """Bind the peer plane before loading: gossip (and the span this server announces) flows
         from the start; requests for blocks are refused until `_load_and_serve` attaches the span."""
-        s = self.config.serve
+        s, n = self.config.serve, self.config.network
         self.server = SpanServer(self.zctx, None, CacheBudget(0), self.model_id, max_length=s.max_length,
                                  max_batch=s.max_batch, idle_timeout_s=s.session_idle_timeout_s,
                                  max_message_bytes=self.config.network.max_message_bytes, identity=self.identity,
                                  access=self.access, resolve_key=self.membership.key_for, limits=s.limits,
                                  resolve_protocol=self.table.protocol_for,
                                  on_gossip=self.membership.on_gossip, drain_timeout_s=s.drain_timeout_s,
-                                 adapter_dirs=dict(s.adapters))
+                                 adapter_dirs=dict(s.adapters), relay=RelayService(
+                                     n.relay, n.relay_max_bytes_per_s, n.relay_max_servers))
         failpoints.install(self.server, os.environ.get("SWARMD_FAILPOINTS", ""))
         try:
             bound = self.server.bind(self.config.network.listen)
@@ -289,6 +299,18 @@ class Daemon:
                             host_port[0], host_port[1], e.strerror)
         self._thread("peer", self.server.serve)
         log.info("peer plane on %s (gossip only until blocks are loaded)", bound)
+        self.reach = Reachability(pool=self.pool, table=self.table, own_id=self.identity.public_key,
+                                  address=self.address, server=self.server)
+        self._thread("reach", self._check_reach)
+
+    def _check_reach(self, stop: threading.Event) -> None:
+        assert self.reach is not None
+        while not stop.is_set():
+            try:
+                self.reach.tick()
+            except Exception:
+                log.exception("reachability check failed")
+            stop.wait(1.0)
 
     def _load_and_serve(self, start: int, end: int) -> None:
         assert self.server is not None
@@ -410,6 +432,11 @@ class Daemon:
                 "pushes_waiting": len(self.server.pushed) if self.server else 0,
                 "steps_waiting": len(self.server.pending) if self.server else 0,
                 "push_connections": self.server.peers.count() if self.server else 0,
+            },
+            "network": {
+                "reachable": self.reach.state if self.reach else "unknown",
+                "via": [{"node_id": rid, "address": a} for rid, a in self.server.relays_up] if self.server else [],
+                "relay": self.server.relay.info() if self.server else {"enabled": False},
             },
             "gateway": {
                 "sessions": len(self.gateway.sessions),

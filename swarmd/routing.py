@@ -24,9 +24,11 @@ class ServerSpan:
     block_s: float | None = None  # its time per block for a one-token step
     rtt_s: float | None = None  # round trip from this daemon
     forward_block_s: float | None = None  # its time per block per position in large forward passes
+    relayed: bool = False  # reached through a relay (its round trip, when measured, includes the relay's)
 
     def hop_cost(self, blocks: int) -> float:
-        cost = (self.rtt_s if self.rtt_s is not None else DEFAULT_RTT_S) + blocks * (
+        rtt_s = self.rtt_s if self.rtt_s is not None else DEFAULT_RTT_S * (2 if self.relayed else 1)
+        cost = rtt_s + blocks * (
             self.block_s if self.block_s is not None else DEFAULT_BLOCK_S)
         return cost + (FULL_PENALTY_S if self.free_cache_bytes == 0 else 0.0)
 

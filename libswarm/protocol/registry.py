@@ -48,6 +48,10 @@ PEER = {s.name: s for s in (
          optional_tensors=INPUTS),
     Spec("backward", fields=("model_id", "blocks"), optional=("adapter", "lora_scaling"),
          tensors=("hidden", "grad_output"), optional_tensors=INPUTS),
+    Spec("reach", fields=("address", "nonce")),
+    Spec("reach_back", fields=("nonce",)),
+    Spec("relay_register"),
+    Spec("relay", fields=("to",), tensors=("sealed",)),
 )}
 
 # Gateway role: what apps and swarmctl send to their own daemon's local plane.

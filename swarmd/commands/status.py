@@ -54,6 +54,12 @@ class StatusCommand(Command):
             + (f", {r['membership']['rejected_records']} records rejected"
                if r["membership"]["rejected_records"] else ""),
         ]
+        net = r.get("network")
+        if net:
+            via = ", ".join(f"{short_id(v['node_id'])} at {v['address']}" for v in net["via"])
+            relay = net["relay"]
+            lines.append(f"network   reachable: {net['reachable']}" + (f", through relays {via}" if via else "")
+                         + (f"; relaying for {len(relay['servers'])} servers" if relay.get("enabled") else ""))
         for cov in r["coverage"]:
             lines.append(f"coverage  {cov['model_id']}: " + coverage_line(cov))
         rows = peer_rows(r["peers"])

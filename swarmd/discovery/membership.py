@@ -65,7 +65,8 @@ FRESH_ROUNDS = 2  # a node heard from this recently is not checked on another's 
 PEER_RETRY_MAX_S = 30.0  # a peer that failed is retried after 1, 2, 4 ... s, at most this far apart
 MAX_RETRIES_PER_ROUND = 4
 # What a record says that is news at once; the rest (loads, measurements) waits for body_refresh_s().
-STABLE_FIELDS = ("addresses", "state", "model_id", "span", "fingerprints", "movable", "adapters")
+STABLE_FIELDS = ("addresses", "state", "model_id", "span", "fingerprints", "movable", "adapters", "reachable", "relay",
+                 "via")
 HINT_RETRY_MAX_S = 5.0  # a contact that fails is retried at most this far apart
 FINGERPRINT_PREFIX = 16  # hex characters of each block's fingerprint carried in records
 BANDWIDTH_PROBE_INTERVAL_S = 30.0  # how often the bandwidth to one random peer is measured

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 
 from libswarm.errors import ProtocolError
 from swarmd.identity import NodeIdentity, is_key, node_id_of_sign_key, short_id, verify
+from swarmd.transport.relay import relayed_address
 
 MAX_RECORD_BYTES = 16 * 1024
 MAX_CLOCK_SKEW_S = 30.0  # a record stamped further ahead than this is "from the future"
@@ -42,6 +43,8 @@ MAX_RTT_MS = 1e6
 MAX_COUNT = 2**53  # cache bytes, sessions, sequence numbers, incarnations: exact in every JSON reader
 MAX_NAMES = 64  # adapters
 MAX_NAME_CHARS = 128  # model id, adapter names, version strings, fingerprints
+MAX_RELAYS = 2  # a server that accepts no connections is reached through at most this many relays
+REACHABLE = ("yes", "no", "unknown")
 
 
 class RecordError(ProtocolError):
@@ -70,6 +73,16 @@ class Record:
     bandwidth_mbps: float = 0.0  # measured to its best peer lately (0: not measured yet)
     adapters: tuple[str, ...] = ()  # names of the LoRA adapters it hosts (serve.adapters)
     incarnation: int = 0  # grows with every start of the node (state_dir/incarnation)
+    reachable: str = "unknown"  # yes | no | unknown: whether peers can connect to its addresses
+    relay: bool = False  # it relays for servers that accept no connections (network.relay)
+    via: tuple[tuple[str, str], ...] = ()  # (node id, address) of the relays it is reached through
+
+    @property
+    def contact_addresses(self) -> tuple[str, ...]:
+        """Where peers reach it: through its relays when it names any, else at its addresses."""
+        if self.via:
+            return tuple(relayed_address(address, self.node_id) for _, address in self.via)
+        return self.addresses
 
     @property
     def short_id(self) -> str:
@@ -85,6 +98,7 @@ class Record:
         d["span"] = list(self.span) if self.span else None
         d["fingerprints"] = list(self.fingerprints)
         d["adapters"] = list(self.adapters)
+        d["via"] = [list(v) for v in self.via]
         return d
 
     def sign(self, identity: NodeIdentity) -> dict:
@@ -179,6 +193,14 @@ def _fields(d: dict, node_id: str, sign_key: str, addresses: list, state: str, t
             isinstance(k, str) and len(k) <= 16 and isinstance(v, (int, float)) and not isinstance(v, bool)
             and math.isfinite(v) and 0 <= v <= MAX_RTT_MS for k, v in rtt.items()):
         raise RecordError(f"rtt_ms must map at most {MAX_RTTS} short ids to round trips in 0..{MAX_RTT_MS:g} ms")
+    reachable = _short_string(d, "reachable") or "unknown"
+    if reachable not in REACHABLE:
+        raise RecordError(f"reachable must be one of {', '.join(REACHABLE)}")
+    via = _type(d, "via", list, optional=True) or []
+    if len(via) > MAX_RELAYS or not all(
+            isinstance(v, list) and len(v) == 2 and is_key(v[0]) and v[0] != node_id and isinstance(v[1], str)
+            and v[1].startswith("tcp://") and len(v[1]) < 256 for v in via):
+        raise RecordError(f"via must list at most {MAX_RELAYS} [relay node id, tcp:// address] pairs")
     fingerprints = _names(d, "fingerprints", MAX_BLOCKS)
     if span is not None and len(fingerprints) > span[1] - span[0]:
         raise RecordError("more fingerprints than blocks in its span")
@@ -199,6 +221,9 @@ def _fields(d: dict, node_id: str, sign_key: str, addresses: list, state: str, t
         movable=d.get("movable") is True,
         bandwidth_mbps=float(_number(d, "bandwidth_mbps", MAX_BANDWIDTH_MBPS)),
         adapters=_names(d, "adapters", MAX_NAMES),
+        reachable=reachable,
+        relay=d.get("relay") is True,
+        via=tuple((v[0], v[1]) for v in via),
     )
 
 

@@ -26,6 +26,7 @@ import zlib
 from dataclasses import dataclass
 
 from swarmd.discovery.records import Beat, Record
+from swarmd.identity import short_id
 from swarmd.routing import ServerSpan
 
 GOSSIP_INTERVAL_S = 1.0
@@ -121,8 +122,9 @@ class PeerTable:
                 if via is not None and via == e.address:
                     e.verified = True
                 return "old"
-            address = via if via in record.addresses else (
-                e.address if e is not None and e.address in record.addresses else record.addresses[0])
+            contacts = record.contact_addresses
+            address = via if via in contacts else (
+                e.address if e is not None and e.address in contacts else contacts[0])
             if e is None and len(self._entries) >= MAX_NODES and not is_self and not self._evict_one(now):
                 return "full"
             if e is None:
@@ -131,9 +133,11 @@ class PeerTable:
                                                       heard_at=now if is_self or via == address else -math.inf)
                 self._by_address = None
                 return "new"
-            if address != e.address or record.addresses != e.record.addresses:
+            if address != e.address or contacts != e.record.contact_addresses:
                 self._by_address = None
                 e.verified = False
+                if address != e.address:  # a failure at its old address says nothing of the new one
+                    e.unreachable = None
             if record.incarnation != e.record.incarnation:  # a restart: its beats count afresh
                 e.beat, e.beat_wire, e.cleared = 0, None, -1
             e.record, e.wire, e.address, e.advanced_at, e.last_seen = record, wire, address, now, time.time()
@@ -323,7 +327,7 @@ class PeerTable:
                     if e.verified:
                         verified.setdefault(e.address, e.record.node_id)
                     used.setdefault(e.address, e.record.node_id)
-                    for a in e.record.addresses:
+                    for a in e.record.contact_addresses:
                         listed.setdefault(a, e.record.node_id)
                 self._by_address = {**listed, **used, **verified}
             return self._by_address.get(address)
@@ -354,7 +358,7 @@ class PeerTable:
             forward_block_s = (1.0 / (r.forward_throughput * (r.span[1] - r.span[0]))
                                if r.forward_throughput > 0 else None)
             out.append(ServerSpan(e.address, r.span[0], r.span[1], r.cache_free_bytes, block_s, rtt_s,
-                                  forward_block_s))
+                                  forward_block_s, relayed=bool(r.via)))
         return out
 
     def to_json(self, e: Entry) -> dict:
@@ -372,6 +376,9 @@ class PeerTable:
             "bandwidth_mbps": r.bandwidth_mbps,
             "movable": r.movable,
             "adapters": list(r.adapters),
+            "reachable": r.reachable,
+            "relay": r.relay,
+            "via": [short_id(rid) for rid, _ in r.via],
             "cache_free_bytes": r.cache_free_bytes,
             "sessions": r.sessions,
             "version": r.version,

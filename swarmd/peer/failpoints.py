@@ -11,7 +11,10 @@ no test at all.
   position moved by 8 times its row's norm, every time / once in 50 (a lying or faulty server);
 - reply_nan / reply_wrong_shape / reply_huge: every step's output is NaN / lacks its last
   hidden element / is 1000 times too large after 3 right ones (impossible replies);
-- forward_nan: every forward pass (training) answers NaN."""
+- forward_nan: every forward pass (training) answers NaN;
+- relay_tap: as a relay, every message it forwards is appended, as it saw it, to the file
+  named by SWARMD_RELAY_TAP (what a curious relay could read): its length (8 bytes, little
+  endian), then its frames as swarmd.transport.relay.pack lays them out."""
 
 from __future__ import annotations
 
@@ -83,8 +86,21 @@ def _wrong_steps(change: Callable, every: int = 1, after: int = 0, passes: bool 
     return install
 
 
+def _relay_tap(server) -> None:
+    relay, path = server._relay, os.environ.get("SWARMD_RELAY_TAP", "relay-tap.bin")
+
+    def tapped(ident, body, sender):
+        from swarmd.transport.relay import pack
+
+        blob = pack(body)
+        with open(path, "ab") as f:
+            f.write(len(blob).to_bytes(8, "little") + blob)
+        return relay(ident, body, sender)
+    server._relay = tapped
+
+
 FAILPOINTS: dict[str, Callable] = {"exit_on_replay": _exit_on_replay, "hang_on_forward": _hang_on_forward,
-                                   "slow_forward": _slow_forward,
+                                   "slow_forward": _slow_forward, "relay_tap": _relay_tap,
                                    "lie_always": _wrong_steps(_nudge), "lie_sometimes": _wrong_steps(_nudge, LIE_EVERY),
                                    "reply_nan": _wrong_steps(lambda out: out * float("nan")),
                                    "reply_wrong_shape": _wrong_steps(lambda out: out[..., :-1].contiguous()),

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
@@ -36,6 +38,7 @@ from libswarm.errors import (
 from libswarm.protocol import Message, decode, error_reply, ok_reply, registry
 from libswarm.protocol.messages import FRAME_BYTES
 from swarmd.config import LimitsConfig
+from swarmd.discovery.keyquery import split_address
 from swarmd.identity import NodeIdentity, is_key, short_id
 from swarmd.inputs import beam_order, positions_and_mask
 from swarmd.logs import RateLimitedLog
@@ -46,8 +49,19 @@ from swarmd.runtime.adapters import load_adapter, slice_lora
 from swarmd.runtime.cache import CacheBudget, SessionCache
 from swarmd.runtime.span import DEEP_PROMPTS, Lora, Span, client_trainables
 from swarmd.transport.access import ZAP_DOMAIN, AccessControl
-from swarmd.transport.connection import ConnectionPool
+from swarmd.transport.connection import ConnectionPool, PeerConnection
 from swarmd.transport.netem import Link, frames_size, process_profile
+from swarmd.transport.relay import (
+    KEEPALIVE_S,
+    RelayLink,
+    RelayService,
+    Sealer,
+    is_relay_ident,
+    open_relayed,
+    relay_ident,
+    sealed_message,
+    split_relay_ident,
+)
 
 log = logging.getLogger("swarmd.peer")
 
@@ -66,7 +80,12 @@ MAX_PUSH_PEERS = 64  # connections kept for pushing to next hops; the least rece
 LOG_EVERY_S = 10.0  # refused requests are logged at most once per peer and reason this often
 DEFERRED = object()  # a handler's answer when the reply is sent later (a step waiting for its push)
 INLINE_MAX_TOKENS = 32  # a step of at most this many tokens (batch x length) runs on the socket's thread
-WHILE_JOINING = ("gossip", "ping")  # answered before the span is loaded
+# answered before the span is loaded: membership, and relaying (which needs no blocks)
+WHILE_JOINING = ("gossip", "ping", "reach", "reach_back", "relay_register")
+REACH_TIMEOUT_S = 3.0  # a dial-back that does not get through in this time finds the node unreachable
+MAX_DIAL_BACKS = 4  # reachability checks this daemon runs for others at once
+MAX_REACHED = 64  # dial-back nonces remembered
+_TYPE = re.compile(rb'"type"\s*:\s*"([a-z_]{1,32})"')
 
 
 @dataclass
@@ -114,9 +133,10 @@ class SpanServer:
                  access: AccessControl, resolve_key: Callable[[str], str | None], limits: LimitsConfig,
                  resolve_protocol: Callable[[str], str | None] | None = None,
                  on_gossip: Callable[..., tuple[dict, None]] | None = None, drain_timeout_s: float = 300.0,
-                 adapter_dirs: dict[str, str] | None = None):
+                 adapter_dirs: dict[str, str] | None = None, relay: RelayService | None = None):
         """`on_gossip(msg, sender)`: membership's handler of `gossip` requests (none: refused);
-        `adapter_dirs`: serve.adapters, {name: PEFT directory}."""
+        `adapter_dirs`: serve.adapters, {name: PEFT directory}; `relay`: what this daemon relays
+        for servers that accept no connections (none: it relays nothing)."""
         # None until attach() (a server bound before it loads): handle() then answers WHILE_JOINING only
         self.span, self.budget, self.model_id = cast(Span, span), budget, model_id
         self.attached = span is not None
@@ -140,9 +160,21 @@ class SpanServer:
         # pushes that came before their step: (session, step) -> (hidden, arrival, sender key)
         self.pushed: dict[tuple[str, int], tuple[torch.Tensor, float, str | None]] = {}
         self.resolve_key = resolve_key
+        self.zctx, self.identity = zctx, identity
+        # relaying (swarmd/transport/relay.py): as a relay, for others; as a server that accepts
+        # no connections, its links to its relays (wanted ones set by another thread)
+        self.relay = relay or RelayService(False, 0, 0)
+        self.sealer = Sealer(identity)
+        self.relay_links: dict[str, RelayLink] = {}
+        self._want_relays: list[tuple[str, str]] | None = None
+        self.relay_failures: dict[str, tuple[float, str]] = {}  # relay id -> (monotonic, why) of its last failure
+        self.relays_up: list[tuple[str, str]] = []  # (relay id, address) registered, for the record
+        self._dial_backs = 0
+        self.reached: OrderedDict[str, float] = OrderedDict()  # dial-back nonces that got through
         self.peers = ConnectionPool(zctx, identity, resolve_key, max_message_bytes, max_connections=MAX_PUSH_PEERS,
                                     resolve_protocol=resolve_protocol)  # one set of connections per thread
         self._current: tuple[bytes, int, str | None] = (b"", 0, None)  # (ident, request id, sender key)
+        self._peer_host: str | None = None  # the IP address the request being handled came from
         self.quiet_log = RateLimitedLog(log, LOG_EVERY_S)
         self.key_limits = KeyLimits(limits)
         # benchmarks and tests: emulated links back to each caller (swarmd/transport/netem.py), else None
@@ -169,6 +201,9 @@ class SpanServer:
             "forward": self.on_forward,
             "backward": self.on_backward,
             "ping": lambda msg: ({}, None),
+            "relay_register": self.on_relay_register,
+            "reach": self.on_reach,
+            "reach_back": self.on_reach_back,
         }
         if on_gossip is not None:  # answered here, on the socket's thread, whatever compute is running
             self.handlers["gossip"] = lambda msg: on_gossip(msg, sender=self.sender)
@@ -193,7 +228,12 @@ class SpanServer:
         while not stop.is_set():
             if self._next_span is not None:
                 self._switch()
+            if self._want_relays is not None or self.relay_links:
+                self._tend_links(poller)
             events = dict(poller.poll(POLL_INTERVAL_MS))
+            for link in list(self.relay_links.values()):
+                if link.sock in events:
+                    self._from_relay(link)
             if self.compute.wakeups in events:
                 self._deliver()
             if self.sock in events:
@@ -212,6 +252,8 @@ class SpanServer:
                 last_sweep = time.monotonic()
         self.compute.stop()
         self.sock.close(0)
+        for link in self.relay_links.values():
+            link.close()
         self.peers.close_all()
         for sid in list(self.sessions):
             self._drop(sid)
@@ -219,6 +261,14 @@ class SpanServer:
     def handle(self, frames) -> None:
         ident, body = frames[0].bytes, frames[1:]
         sender = _sender_key(body[0]) if body else None
+        if body and _message_type(body[0]) == "relay":
+            self._relay(ident, body, sender)
+            return
+        self._handle(ident, body, sender)
+
+    def _handle(self, ident: bytes, body: list, sender: str | None) -> None:
+        """A request from `sender` (CURVE-proven, or proven by its seal when relayed), whose
+        reply goes to `ident`."""
         if self.access.private and not self.access.allows(sender):
             return  # its key was removed from the allowed list (SIGHUP) after it connected
         req_id = 0
@@ -243,6 +293,7 @@ class SpanServer:
             if handler is None:
                 raise ProtocolError(f"{msg.type!r} is not served by this daemon")
             self._current = (ident, req_id, sender)
+            self._peer_host = _peer_address(body[0]) if not is_relay_ident(ident) else None
             result = handler(msg)
             if result is DEFERRED:
                 return
@@ -290,6 +341,9 @@ class SpanServer:
             self._send(job.ident, reply, job.req_id)
 
     def _send(self, ident: bytes, reply: list, req_id: int) -> None:
+        if is_relay_ident(ident):
+            self._send_relayed(ident, reply, req_id)
+            return
         if self.netem is not None:
             link = self.links.get(ident)
             if link is None:
@@ -304,6 +358,142 @@ class SpanServer:
             self.sock.send_multipart([ident, *reply], copy=False)
         except zmq.ZMQError as e:
             log.warning("could not reply to request %s: %s", req_id, e)
+
+    # --- relaying ---------------------------------------------------------------------------
+    def _relay(self, ident: bytes, body: list, sender: str | None) -> None:
+        """As a relay: forward a sealed message to the server it is for (or a server's answer to
+        its client). Not counted against the sender's request rate: the byte budget bounds it."""
+        req_id = 0
+        try:
+            msg = decode(body)
+            req_id = msg.id
+            to = msg.get("to")
+            if msg.type != "relay":
+                raise ProtocolError("malformed relay message")
+            if not is_key(to):
+                raise ProtocolError("relay: field 'to' must be a node id")
+            sealed = msg.tensor("sealed")
+            assert sealed is not None
+            self.relay.expire()
+            target = self.relay.route(sender, to, ident, sum(len(_buffer(f)) for f in body))
+            if target is None:
+                return
+            frames = sealed_message("relay", msg.id, {"from": sender}, sealed)
+            self.sock.send_multipart([target, *frames], copy=False)
+        except Exception as e:
+            if sender not in self.relay.servers:  # a relayed server's answers get no answer
+                self._send(ident, self._error_reply(req_id, sender, e), req_id)
+
+    def on_relay_register(self, msg: Message):
+        self.relay.register(self.sender, self._current[0])
+        return {"keepalive_s": KEEPALIVE_S}, None
+
+    def want_relays(self, relays: list[tuple[str, str]]) -> None:
+        """From another thread: keep links to these relays ((node id, address) each), none other."""
+        self._want_relays = list(relays)
+
+    def _tend_links(self, poller: zmq.Poller) -> None:
+        """On the serving thread: links made and closed as wanted; failed ones closed (and
+        remembered, so that another relay is chosen); registrations kept alive."""
+        want, self._want_relays = self._want_relays, None
+        if want is not None:
+            wanted = dict(want)
+            for rid in [r for r in self.relay_links if r not in wanted]:
+                self._close_link(poller, rid, None)
+            for rid, address in wanted.items():
+                if rid not in self.relay_links:
+                    link = self.relay_links[rid] = RelayLink(self.zctx, self.identity, rid, address)
+                    poller.register(link.sock, zmq.POLLIN)
+        for rid, link in list(self.relay_links.items()):
+            link.tick()
+            if link.failed is not None:
+                self._close_link(poller, rid, link.failed)
+        self.relays_up = [(rid, link.address) for rid, link in self.relay_links.items() if link.registered]
+
+    def _close_link(self, poller: zmq.Poller, rid: str, why: str | None) -> None:
+        link = self.relay_links.pop(rid)
+        poller.unregister(link.sock)
+        link.close()
+        if why is not None:
+            self.relay_failures[rid] = (time.monotonic(), why)
+            log.warning("relay %s at %s lost: %s", short_id(rid), link.address, why)
+
+    def _from_relay(self, link: RelayLink) -> None:
+        while True:
+            try:
+                frames = link.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            if _message_type(frames[0]) != "relay":
+                try:
+                    link.on_reply(decode(frames))
+                except ProtocolError:
+                    pass
+                continue
+            try:
+                client, inner = open_relayed(self.sealer, frames)
+            except (ProtocolError, TensorError) as e:
+                self.quiet_log.warning(("relay", link.relay_id, str(e)[-24:]), "relayed message through %s dropped: %s",
+                                       short_id(link.relay_id), e)
+                continue
+            self.busy_since = time.monotonic()
+            try:
+                self._handle(relay_ident(link.relay_id, client), inner, client)
+            finally:
+                self.busy_since = None
+
+    def _send_relayed(self, ident: bytes, reply: list, req_id: int) -> None:
+        relay_id, client = split_relay_ident(ident)
+        link = self.relay_links.get(relay_id)
+        if link is None:  # the relay is gone: so is the client's connection through it
+            return
+        try:
+            frames = sealed_message("relay", req_id, {"to": client}, self.sealer.seal(client, reply))
+            link.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except (zmq.ZMQError, ProtocolError) as e:
+            log.warning("could not reply to relayed request %s: %s", req_id, e)
+
+    # --- reachability --------------------------------------------------------------------------
+    def on_reach(self, msg: Message):
+        """A peer asks to be called back at its announced address: whether others can connect to
+        it. Only the host it speaks from is called (never a third party), once, with its key
+        (so nothing but a CURVE handshake is ever attempted), and only a few at a time; the
+        answer travels as a `reach_back` with the peer's nonce, or not at all."""
+        address, nonce = msg.require("address", str), msg.require("nonce", str)
+        ident, _, sender = self._current
+        if is_relay_ident(ident) or sender is None:
+            raise ProtocolError("reach: ask over a direct connection")
+        host_port = split_address(address)
+        if host_port is None or len(nonce) > 64:
+            raise ProtocolError("reach: 'address' must be tcp://host:port and 'nonce' at most 64 characters")
+        seen = self._peer_host
+        if seen is not None and _host(host_port[0]) != _host(seen):
+            return {"calling": False, "why": f"its requests come from {seen}, not {host_port[0]}"}, None
+        if self._dial_backs >= MAX_DIAL_BACKS:
+            raise LimitError("too many reachability checks under way here; ask again later")
+        self._dial_backs += 1
+        threading.Thread(target=self._dial_back, args=(address, sender, nonce), name="dial-back",
+                         daemon=True).start()
+        return {"calling": True}, None
+
+    def _dial_back(self, address: str, key: str, nonce: str) -> None:
+        conn = PeerConnection(self.zctx, address, self.identity, key)
+        try:
+            conn.request("reach_back", {"nonce": nonce}, timeout_s=REACH_TIMEOUT_S)
+        except SwarmError:
+            pass
+        finally:
+            conn.close()
+            self._dial_backs -= 1
+
+    def on_reach_back(self, msg: Message):
+        nonce = msg.require("nonce", str)
+        if is_relay_ident(self._current[0]):
+            raise ProtocolError("reach_back: must come over a direct connection")
+        self.reached[nonce[:64]] = time.monotonic()
+        while len(self.reached) > MAX_REACHED:
+            self.reached.popitem(last=False)
+        return {}, None
 
     @property
     def sender(self) -> str | None:
@@ -736,6 +926,23 @@ class SpanServer:
 
 
 
+def _message_type(frame) -> str | None:
+    """A message's type read from its header without decoding it (None when there is none)."""
+    head = _buffer(frame)
+    if len(head) > 4096:
+        head = head[:4096]
+    m = _TYPE.search(bytes(head))
+    return m.group(1).decode() if m else None
+
+
+def _buffer(frame) -> memoryview:
+    return frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
+
+
+def _host(host: str) -> str:
+    return host.removeprefix("::ffff:").strip("[]")
+
+
 def _frame_bytes(request: Message) -> int:
     """How a reply to `request` may cut its tensors into frames (none for a 1.3 caller)."""
     return FRAME_BYTES if request.chunked else 0
@@ -748,6 +955,15 @@ def _sender_key(frame) -> str | None:
     except (AttributeError, zmq.ZMQError):
         return None
     return key if isinstance(key, str) and key else None
+
+
+def _peer_address(frame) -> str | None:
+    """The IP address a frame came from, as the connection saw it."""
+    try:
+        value = frame.get("Peer-Address")
+    except (AttributeError, zmq.ZMQError):
+        return None
+    return value if isinstance(value, str) and value else None
 
 
 def _push_from(step: Message, sender: str | None) -> bool:

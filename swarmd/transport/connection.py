@@ -29,6 +29,7 @@ from libswarm.protocol import Message, decode, encode
 from libswarm.protocol.messages import CHUNKED_SINCE, FRAME_BYTES, raise_if_error, speaks
 from swarmd.identity import NodeIdentity, short_id
 from swarmd.transport.netem import Link, frames_size, process_profile
+from swarmd.transport.relay import Sealer, sealed_bytes, sealed_message, split_relayed
 
 CONNECT_TIMEOUT_S = 3.0  # a peer that accepts no connection in this time is unreachable
 RECONNECT_GRACE_S = 0.3  # after a disconnect, how long a send waits for the connection to come back
@@ -45,6 +46,7 @@ class PeerConnection:
     def __init__(self, zctx: zmq.Context, address: str, identity: NodeIdentity, server_key: str,
                  max_message_bytes: int = 0):
         self.address, self.server_key = address, server_key
+        self.endpoint = address  # where the socket connects (a relay's address, for a relayed peer)
         self.sock = zctx.socket(zmq.DEALER)
         self.sock.curve_secretkey = identity.secret_key.encode()
         self.sock.curve_publickey = identity.public_key.encode()
@@ -73,7 +75,7 @@ class PeerConnection:
         self._replies = zmq.Poller()  # what receive() waits on: one for the connection's life
         self._replies.register(self.sock, zmq.POLLIN)
         self._replies.register(self.monitor, zmq.POLLIN)
-        self.sock.connect(address)
+        self.sock.connect(self.endpoint)
 
     # --- connection state ------------------------------------------------------------------
     def _drain_monitor(self) -> None:
@@ -119,8 +121,7 @@ class PeerConnection:
              timeout_s: float = 30.0) -> int:
         """Send a request; returns its id for `receive`."""
         req_id = next(_ids)
-        frames = encode(msg_type, req_id, fields, tensors, deadline=time.time() + timeout_s,
-                        frame_bytes=self.frame_bytes)
+        frames = self._frames(msg_type, req_id, fields, tensors, deadline=time.time() + timeout_s)
         if not self._wait_writable(min(timeout_s, CONNECT_TIMEOUT_S)):
             reason = {"refused": "refuses connections",
                       "denied": "refused the handshake (our key is not allowed there, or its key is not "
@@ -140,8 +141,8 @@ class PeerConnection:
             time.sleep(wait_s)
             self.sock.send_multipart(frames, flags=flags, copy=False)
         if cut:  # whatever waits on this connection fails, as when a route breaks
-            self.sock.disconnect(self.address)
-            self.sock.connect(self.address)
+            self.sock.disconnect(self.endpoint)
+            self.sock.connect(self.endpoint)
 
     def receive(self, req_id: int, deadline: float, what: str = "request") -> Message:
         """Wait until the monotonic `deadline` for the reply to `req_id`; drop late replies to
@@ -161,7 +162,7 @@ class PeerConnection:
             if self.sock not in events:
                 continue
             try:
-                reply = decode(self.sock.recv_multipart(copy=False))
+                reply = self._unwrap(decode(self.sock.recv_multipart(copy=False)))
             except ProtocolError as e:
                 raise PeerUnavailableError(f"peer {self.address} sent a bad reply: {e}") from None
             if reply.chunked:
@@ -183,7 +184,7 @@ class PeerConnection:
         if not self._wait_writable(wait_s):
             return False
         try:
-            frames = encode(msg_type, next(_ids), fields, tensors, frame_bytes=self.frame_bytes)
+            frames = self._frames(msg_type, next(_ids), fields, tensors)
             if self.link is not None:
                 self._emulated_send(frames, zmq.NOBLOCK)
             else:
@@ -192,10 +193,42 @@ class PeerConnection:
         except zmq.Again:
             return False
 
+    def _frames(self, msg_type: str, req_id: int, fields: dict | None, tensors: dict[str, torch.Tensor] | None,
+                deadline: float | None = None) -> list:
+        return encode(msg_type, req_id, fields, tensors, deadline=deadline, frame_bytes=self.frame_bytes)
+
+    def _unwrap(self, reply: Message) -> Message:
+        return reply
+
     def close(self) -> None:
         self.sock.disable_monitor()
         self.monitor.close(0)
         self.sock.close(0)
+
+
+class RelayedConnection(PeerConnection):
+    """To a peer that accepts no connections, through a relay that forwards sealed messages
+    (swarmd/transport/relay.py): the same requests, replies and failures as a direct one. The
+    relay's own answers (it cannot forward) come back as errors of the request; the relay
+    failing is the peer failing."""
+
+    def __init__(self, zctx: zmq.Context, address: str, identity: NodeIdentity, relay_key: str, node_id: str,
+                 sealer: Sealer, max_message_bytes: int = 0):
+        relay_address, _ = split_relayed(address) or ("", "")
+        super().__init__(zctx, relay_address, identity, relay_key, max_message_bytes)
+        self.address, self.server_key, self.relay_key, self.sealer = address, node_id, relay_key, sealer
+
+    def _frames(self, msg_type: str, req_id: int, fields: dict | None, tensors: dict[str, torch.Tensor] | None,
+                deadline: float | None = None) -> list:
+        inner = encode(msg_type, req_id, fields, tensors, deadline=deadline)
+        return sealed_message("relay", req_id, {"to": self.server_key}, self.sealer.seal(self.server_key, inner))
+
+    def _unwrap(self, reply: Message) -> Message:
+        if reply.type != "relay":
+            return reply  # the relay's own answer: it could not forward the request
+        if reply.get("from") != self.server_key:
+            raise ProtocolError("a relayed answer from another node")
+        return decode(self.sealer.open(self.server_key, sealed_bytes(reply)))
 
 
 class ConnectionPool:
@@ -209,11 +242,17 @@ class ConnectionPool:
         self.resolve_key = resolve_key  # address -> the node id known to answer there
         self.resolve_protocol = resolve_protocol  # address -> the protocol version its record states
         self._local = threading.local()
+        self.sealer: Sealer | None = None  # for relayed peers, made at the first
         self._all: list[PeerConnection] = []
         self._lock = threading.Lock()
 
     def get(self, address: str, key: str | None = None) -> PeerConnection:
         """This thread's connection to the node at `address` (whose key is `key`, or looked up)."""
+        relayed = split_relayed(address)
+        if relayed is not None:  # the address names the node's key itself
+            if key is not None and key != relayed[1]:
+                raise PeerUnavailableError(f"peer {address} is not {short_id(key)}")
+            key = relayed[1]
         key = key or self.resolve_key(address)
         if key is None:
             raise PeerUnavailableError(f"peer {address}: its public key is not known (not in any record, "
@@ -229,13 +268,24 @@ class ConnectionPool:
         if conn is None:
             if self.max_connections and len(conns) >= self.max_connections:
                 self.drop(next(iter(conns)))
-            conn = PeerConnection(self.zctx, address, self.identity, key, self.max_message_bytes)
+            conn = self._connect(address, key, relayed)
             if self.resolve_protocol is not None and speaks(self.resolve_protocol(address) or "", CHUNKED_SINCE):
                 conn.frame_bytes = FRAME_BYTES
             with self._lock:
                 self._all.append(conn)
         conns[address] = conn
         return conn
+
+    def _connect(self, address: str, key: str, relayed: tuple[str, str] | None) -> PeerConnection:
+        if relayed is None:
+            return PeerConnection(self.zctx, address, self.identity, key, self.max_message_bytes)
+        relay_key = self.resolve_key(relayed[0])
+        if relay_key is None:
+            raise PeerUnavailableError(f"peer {short_id(key)}: the key of its relay {relayed[0]} is not known")
+        if self.sealer is None:
+            self.sealer = Sealer(self.identity)
+        return RelayedConnection(self.zctx, address, self.identity, relay_key, key, self.sealer,
+                                 self.max_message_bytes)
 
     def count(self) -> int:
         """Connections open, over all threads."""

@@ -220,6 +220,10 @@ def test_next_incarnation_grows_across_starts_even_with_a_clock_behind(tmp_path,
     (dict(model_id="m" * 1000), "'model_id' is longer"),
     (dict(span=(0, 2), fingerprints=("a", "b", "c")), "more fingerprints"),
     (dict(seq=-1), "'seq' must be within"),
+    (dict(reachable="maybe"), "reachable must be one of"),
+    (dict(via=(("not a key", "tcp://10.0.0.2:1"),)), "via must list"),
+    (dict(via=tuple((ident().public_key, "tcp://10.0.0.2:1") for _ in range(3))), "via must list"),
+    (dict(via=((ident().public_key, "udp://10.0.0.2:1"),)), "via must list"),
 ])
 def test_record_values_beyond_their_bounds_are_refused(over, needle):
     i = ident()

@@ -150,8 +150,8 @@ def test_every_registered_message_has_a_handler_and_every_handler_a_registered_m
                         max_message_bytes=2**20, identity=me, access=AccessControl("open", "", me.public_key),
                         resolve_key=lambda a: None, limits=LimitsConfig(1, 0.5, 1))
     try:
-        # the daemon adds gossip (membership's); a push is taken before dispatch (never answered)
-        assert {*server.handlers, "gossip", "push"} == set(registry.PEER)
+        # the daemon adds gossip (membership's); a push and a relay are taken before dispatch
+        assert {*server.handlers, "gossip", "push", "relay"} == set(registry.PEER)
     finally:
         server.compute.stop()
         server.sock.close(0)

@@ -1,0 +1,136 @@
+"""A server that accepts no connections serves through relays (docs/operations.md, Ports).
+
+On loopback, the unreachable server listens on 127.0.0.1 but announces 127.0.0.2, where
+nothing listens: every connection to it is refused, as by a firewall, while its own
+connections out work. Two relays serve the first blocks; a gateway-only daemon generates.
+(tests/integration/test_netns.py has the same across network namespaces, with a firewall.)"""
+
+import os
+import signal
+
+import pytest
+import torch
+from conftest import hf_reference
+from helpers import Daemon, curve_dealer, until
+from test_failover import At
+
+from libswarm import AutoDistributedModelForCausalLM
+from libswarm.protocol import decode, encode
+from swarmd.identity import NodeIdentity
+from swarmd.transport.relay import Sealer, sealed_bytes, sealed_message
+
+NEW_TOKENS = 16
+GEN = dict(do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, pad_token_id=0)
+LIMIT_S = 60.0
+
+
+def peer_row(d: Daemon, node_id: str) -> dict | None:
+    return next((p for p in d.ctl("peers")["peers"] if p["node_id"] == node_id), None)
+
+
+def relayed_through(gw: Daemon, n: Daemon) -> str | None:
+    """The relay's address in the gateway's address for `n`, once it routes there through one."""
+    row = peer_row(gw, n.node_id)
+    if row is None or not row["address"].startswith("relay+") or row["state"] != "online":
+        return None
+    return row["address"][len("relay+"):-41]
+
+
+@pytest.fixture(scope="module")
+def relayed_swarm(model_dirs, tmp_path_factory):
+    d = model_dirs("llama", layers=4)
+    tmp_path = tmp_path_factory.mktemp("relay")
+    relays = [Daemon(str(tmp_path), f"r{k}", d, "0:2", {"network": {"relay": True}}).seed_speed(0.002) for k in (1, 2)]
+    n = Daemon(str(tmp_path), "n", d, "2:4").seed_speed(0.002)
+    n.cfg["network"]["announce"] = [n.address.replace("127.0.0.1", "127.0.0.2")]
+    gw = Daemon(str(tmp_path), "gw", d, "none")
+    everyone = [*relays, n, gw]
+    try:
+        for r in relays:
+            r.start([x.address for x in relays])
+        n.start([r.address for r in relays])
+        gw.start([r.address for r in relays])
+        for x in everyone:
+            x.wait_ready()
+        until(lambda: len(n.ctl("status")["network"]["via"]) == 2, LIMIT_S, "the server to be relayed by both")
+        until(lambda: relayed_through(gw, n), LIMIT_S, "the gateway to reach the server through a relay")
+        yield d, relays, n, gw
+    finally:
+        for x in everyone:
+            x.stop()
+
+
+def test_relay_forwards_only_sealed_messages_and_refuses_the_rest(relayed_swarm):
+    """A peer's own seal goes through and is answered; the same bytes again (a replay), one
+    altered byte (a relay tampering), or messages for nobody it relays are refused, and the
+    swarm serves on."""
+    d, relays, n, gw = relayed_swarm
+    r = relays[0]
+    me = NodeIdentity(os.urandom(32))
+    sealer = Sealer(me)
+    s = curve_dealer(r.address, r.node_id, me)
+    try:
+        def ask(frames, wait_ms=5000):
+            s.send_multipart(frames)
+            if not s.poll(wait_ms):
+                return None
+            return decode(s.recv_multipart())
+
+        sealed = sealer.seal(n.node_id, encode("ping", 7, {}))
+        reply = ask(sealed_message("relay", 1, {"to": n.node_id}, sealed))
+        assert reply.type == "relay" and reply.get("from") == n.node_id
+        inner = decode(sealer.open(n.node_id, sealed_bytes(reply)))
+        assert inner.type == "ok" and inner.id == 7
+        assert ask(sealed_message("relay", 2, {"to": n.node_id}, sealed), 1000) is None  # a replay: dropped
+        tampered = bytearray(sealed)
+        tampered[-1] ^= 1
+        assert ask(sealed_message("relay", 3, {"to": n.node_id}, bytes(tampered)), 1000) is None
+        reply = ask(encode("relay", 4, {"to": gw.node_id}, {"sealed": torch.zeros(64, dtype=torch.uint8)}))
+        assert reply.type == "error" and reply.get("code") == "unavailable" and "not relayed here" in \
+            reply.get("message")
+        reply = ask(encode("relay", 5, {"to": n.node_id}))
+        assert reply.type == "error" and reply.get("code") == "tensor"
+        reply = ask(encode("relay", 6, {"to": "not a key"}, {"sealed": torch.zeros(8, dtype=torch.uint8)}))
+        assert reply.type == "error" and reply.get("code") == "protocol"
+    finally:
+        s.close(0)
+    log = n.tail(50000)
+    assert "was received before (a replay)" in log and "fails authentication" in log
+    ids = torch.randint(3, 500, (1, 6), generator=torch.Generator().manual_seed(6))
+    model = AutoDistributedModelForCausalLM.from_pretrained(d, socket=gw.socket)
+    assert torch.equal(model.generate(ids, **GEN), hf_reference(d).generate(ids, **GEN))
+
+
+def test_unreachable_server_serves_through_relays_and_survives_losing_one(relayed_swarm):
+    d, relays, n, gw = relayed_swarm
+    net = n.ctl("status")["network"]
+    assert net["reachable"] == "no"
+    assert {v["node_id"] for v in net["via"]} == {r.node_id for r in relays}
+    row = peer_row(gw, n.node_id)
+    assert row["reachable"] == "no" and len(row["via"]) == 2
+    assert all(peer_row(gw, r.node_id)["reachable"] == "yes" for r in relays)
+
+    model = AutoDistributedModelForCausalLM.from_pretrained(d, socket=gw.socket)
+    ids = torch.randint(3, 500, (1, 6), generator=torch.Generator().manual_seed(5))
+    expected = hf_reference(d).generate(ids, **GEN)
+    assert torch.equal(model.generate(ids, **GEN), expected)
+    assert n.ctl("status")["stats"]["steps"] > 0
+
+    # the relay the gateway reaches the server through dies mid-generation: the session moves
+    # (to the other relay, once the server names only that one) by replay; tokens unchanged
+    killed = []
+
+    def kill_relay():
+        address = relayed_through(gw, n)
+        victim = next(r for r in relays if r.address == address)
+        victim.kill(signal.SIGKILL)
+        killed.append(victim)
+
+    failovers = gw.ctl("status")["gateway"]["failovers"]
+    with model.inference_session(max_length=64, route_timeout_s=LIMIT_S):
+        out = model.generate(ids, logits_processor=[At({5: kill_relay})], **GEN)
+    assert killed and torch.equal(out, expected)
+    assert gw.ctl("status")["gateway"]["failovers"] > failovers
+    survivor = next(r for r in relays if r is not killed[0])
+    assert [v["node_id"] for v in n.ctl("status")["network"]["via"]] == [survivor.node_id]
+    assert relayed_through(gw, n) == survivor.address

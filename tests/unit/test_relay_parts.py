@@ -1,0 +1,126 @@
+"""The parts of relaying that need no daemon: the seal, relayed addresses, a relay's limits,
+records naming relays, and routing's cost of the extra hop."""
+
+import os
+import struct
+import time
+
+import pytest
+import torch
+
+from libswarm.errors import LimitError, PeerUnavailableError, ProtocolError
+from libswarm.protocol import decode, encode
+from swarmd.discovery.records import Record, decode_record
+from swarmd.discovery.table import PeerTable
+from swarmd.identity import NodeIdentity
+from swarmd.routing import ServerSpan, plan_chain
+from swarmd.transport import relay
+from swarmd.transport.relay import RelayService, Sealer, relayed_address, split_relayed
+
+
+def ident() -> NodeIdentity:
+    return NodeIdentity(os.urandom(32))
+
+
+def test_a_seal_opens_only_for_its_receiver_once_unaltered_and_hides_the_message():
+    a, b, c = ident(), ident(), ident()
+    hidden = torch.randn(1, 4, 64)
+    frames = encode("step", 9, {"session": "s1"}, {"hidden": hidden})
+    sealed = Sealer(a).seal(b.public_key, frames)
+    assert b'"session"' not in sealed and hidden.numpy().tobytes()[:16] not in sealed
+    opener = Sealer(b)
+    msg = decode(opener.open(a.public_key, sealed))
+    assert msg.type == "step" and msg.get("session") == "s1" and torch.equal(msg.tensors["hidden"], hidden)
+    with pytest.raises(ProtocolError, match="a replay"):
+        opener.open(a.public_key, sealed)
+    tampered = bytearray(Sealer(a).seal(b.public_key, frames))
+    tampered[40] ^= 1
+    with pytest.raises(ProtocolError, match="fails authentication"):
+        opener.open(a.public_key, bytes(tampered))
+    with pytest.raises(ProtocolError, match="fails authentication"):  # claimed to be from another node
+        opener.open(c.public_key, Sealer(a).seal(b.public_key, frames))
+    with pytest.raises(ProtocolError, match="fails authentication"):  # sealed to another node
+        Sealer(c).open(a.public_key, Sealer(a).seal(b.public_key, frames))
+    own = Sealer(a)
+    with pytest.raises(ProtocolError, match="fails authentication"):  # turned back to its sender
+        own.open(b.public_key, own.seal(b.public_key, frames))
+    old = Sealer(a, clock=lambda: time.time() - 2 * relay.REPLAY_WINDOW_S).seal(b.public_key, frames)
+    with pytest.raises(ProtocolError, match="off this node's clock"):
+        opener.open(a.public_key, old)
+    for junk in (b"", b"x" * 30, os.urandom(200)):
+        with pytest.raises(ProtocolError):
+            opener.open(a.public_key, junk)
+
+
+def test_packed_frames_with_sizes_that_do_not_add_up_are_refused():
+    blob = relay.pack([b"ab", b"cde"])
+    assert [bytes(f) for f in relay.unpack(memoryview(blob))] == [b"ab", b"cde"]
+    for bad in (blob[:-1], struct.pack("<I", 0), struct.pack("<IQ", 1, 2**60) + b"x", b"\x01"):
+        with pytest.raises(ProtocolError):
+            relay.unpack(memoryview(bad))
+
+
+def test_relayed_addresses_round_trip_and_nothing_else_parses_as_one():
+    node = ident().public_key
+    address = relayed_address("tcp://10.0.0.1:31330", node)
+    assert split_relayed(address) == ("tcp://10.0.0.1:31330", node)
+    for junk in ("tcp://10.0.0.1:31330", "relay+", f"relay+udp://x:1/{node}", "relay+tcp://x:1/" + "a" * 39,
+                 f"relay+tcp://x:1{node}"):
+        assert split_relayed(junk) is None
+
+
+class Clock:
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_a_relay_refuses_beyond_its_limits_and_forgets_lapsed_servers():
+    clock = Clock()
+    r = RelayService(True, max_bytes_per_s=10_000, max_servers=2, clock=clock)
+    s1, s2, s3, client = (ident().public_key for _ in range(4))
+    r.register(s1, b"i1")
+    r.register(s2, b"i2")
+    with pytest.raises(LimitError, match="relay_max_servers"):
+        r.register(s3, b"i3")
+    r.register(s1, b"i1")  # a renewal is not a new server
+    assert r.route(client, s1, b"c", 6_000) == b"i1"
+    assert r.route(s1, client, b"i1", 500) == b"c"  # its answer goes back to the client
+    assert r.route(s2, client, b"i2", 500) is None  # s2 was asked nothing: dropped
+    with pytest.raises(PeerUnavailableError, match="relay_max_bytes_per_s"):
+        r.route(client, s1, b"c", 6_000)
+    clock.t += 1.0  # a second later the budget is back
+    assert r.route(client, s1, b"c", 6_000) == b"i1"
+    with pytest.raises(PeerUnavailableError, match="not relayed here"):
+        r.route(client, s3, b"c", 10)
+    clock.t += relay.EXPIRE_S + 1  # no renewal: forgotten, and its room is free
+    r.expire()
+    with pytest.raises(PeerUnavailableError, match="not relayed here"):
+        r.route(client, s1, b"c", 10)
+    r.register(s3, b"i3")
+    off = RelayService(False, 1, 1)
+    with pytest.raises(ProtocolError, match="does not relay"):
+        off.register(s1, b"i1")
+    with pytest.raises(PeerUnavailableError, match="does not relay"):
+        off.route(client, s1, b"c", 10)
+
+
+def test_a_record_naming_relays_is_reached_through_them_and_costs_a_hop_more():
+    i, r1 = ident(), ident()
+    rec = Record(node_id=i.public_key, sign_key=i.sign_key, addresses=("tcp://10.0.0.9:31330",), state="online",
+                 timestamp=time.time(), seq=1, model_id="m", span=(0, 2), throughput=10.0, reachable="no",
+                 via=((r1.public_key, "tcp://10.0.0.1:31330"),))
+    back = decode_record(rec.sign(i))
+    assert back.via == rec.via and back.reachable == "no"
+    assert back.contact_addresses == (relayed_address("tcp://10.0.0.1:31330", i.public_key),)
+    table = PeerTable()
+    via = back.contact_addresses[0]
+    table.merge(back, rec.sign(i), via=via)
+    assert table.key_for(via) == i.public_key and table.get(i.public_key).verified
+    [span] = table.servers_for("m")
+    assert span.address == via and span.relayed
+    direct = ServerSpan("tcp://10.0.0.2:31330", 0, 2)
+    assert plan_chain([span, direct], 2, "m")[0].address == direct.address
+    assert plan_chain([span], 2, "m")[0].address == via
