@@ -340,20 +340,28 @@ class SpanServer:
                 job.done()
             self._send(job.ident, reply, job.req_id)
 
+    def _emulate(self, ident: bytes, frames: list) -> bool:
+        """Benchmarks and tests: wait as the emulated link to `ident` would; False when the
+        message is lost on it."""
+        if self.netem is None:
+            return True
+        link = self.links.get(ident)
+        if link is None:
+            if len(self.links) >= 4096:
+                self.links.clear()
+            link = self.links[ident] = Link(self.netem)
+        wait_s, _ = link.admit(frames_size(frames))  # a reply cannot cut the caller's connection
+        if wait_s is None:
+            return False
+        time.sleep(wait_s)
+        return True
+
     def _send(self, ident: bytes, reply: list, req_id: int) -> None:
+        if not self._emulate(ident, reply):
+            return
         if is_relay_ident(ident):
             self._send_relayed(ident, reply, req_id)
             return
-        if self.netem is not None:
-            link = self.links.get(ident)
-            if link is None:
-                if len(self.links) >= 4096:
-                    self.links.clear()
-                link = self.links[ident] = Link(self.netem)
-            wait_s, _ = link.admit(frames_size(reply))  # a reply cannot cut the caller's connection
-            if wait_s is None:
-                return
-            time.sleep(wait_s)
         try:
             self.sock.send_multipart([ident, *reply], copy=False)
         except zmq.ZMQError as e:
@@ -379,7 +387,8 @@ class SpanServer:
             if target is None:
                 return
             frames = sealed_message("relay", msg.id, {"from": sender}, sealed)
-            self.sock.send_multipart([target, *frames], copy=False)
+            if self._emulate(target, frames):
+                self.sock.send_multipart([target, *frames], copy=False)
         except Exception as e:
             if sender not in self.relay.servers:  # a relayed server's answers get no answer
                 self._send(ident, self._error_reply(req_id, sender, e), req_id)
