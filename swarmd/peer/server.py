@@ -12,9 +12,11 @@ every other session untouched."""
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import re
 import secrets
+import socket
 import threading
 import time
 from collections import OrderedDict
@@ -476,23 +478,33 @@ class SpanServer:
         if host_port is None or len(nonce) > 64:
             raise ProtocolError("reach: 'address' must be tcp://host:port and 'nonce' at most 64 characters")
         seen = self._peer_host
-        if seen is not None and _host(host_port[0]) != _host(seen):
+        if seen is not None and _is_ip(host_port[0]) and _host(host_port[0]) != _host(seen):
             return {"calling": False, "why": f"its requests come from {seen}, not {host_port[0]}"}, None
         if self._dial_backs >= MAX_DIAL_BACKS:
             raise LimitError("too many reachability checks under way here; ask again later")
         self._dial_backs += 1
-        threading.Thread(target=self._dial_back, args=(address, sender, nonce), name="dial-back",
+        threading.Thread(target=self._dial_back, args=(address, sender, nonce, seen), name="dial-back",
                          daemon=True).start()
         return {"calling": True}, None
 
-    def _dial_back(self, address: str, key: str, nonce: str) -> None:
-        conn = PeerConnection(self.zctx, address, self.identity, key)
+    def _dial_back(self, address: str, key: str, nonce: str, seen: str | None) -> None:
         try:
-            conn.request("reach_back", {"nonce": nonce}, timeout_s=REACH_TIMEOUT_S)
-        except SwarmError:
-            pass
+            host = split_address(address)[0]  # type: ignore[index]
+            if seen is not None and not _is_ip(host):  # a name: called only if it names that host
+                try:
+                    hosts = {_host(str(info[4][0])) for info in socket.getaddrinfo(host, None)}
+                except OSError:
+                    return
+                if _host(seen) not in hosts:
+                    return
+            conn = PeerConnection(self.zctx, address, self.identity, key)
+            try:
+                conn.request("reach_back", {"nonce": nonce}, timeout_s=REACH_TIMEOUT_S)
+            except SwarmError:
+                pass
+            finally:
+                conn.close()
         finally:
-            conn.close()
             self._dial_backs -= 1
 
     def on_reach_back(self, msg: Message):
@@ -949,7 +961,15 @@ def _buffer(frame) -> memoryview:
 
 
 def _host(host: str) -> str:
-    return host.removeprefix("::ffff:").strip("[]")
+    return host.strip("[]").removeprefix("::ffff:")
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(_host(host))
+        return True
+    except ValueError:
+        return False
 
 
 def _frame_bytes(request: Message) -> int:
