@@ -462,7 +462,7 @@ class SpanServer:
             frames = sealed_message("relay", req_id, {"to": client}, self.sealer.seal(client, reply))
             link.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
         except (zmq.ZMQError, ProtocolError) as e:
-            log.warning("could not reply to relayed request %s: %s", req_id, e)
+            self.quiet_log.warning(("relay-reply", relay_id), "could not reply to relayed request %s: %s", req_id, e)
 
     # --- reachability --------------------------------------------------------------------------
     def on_reach(self, msg: Message):

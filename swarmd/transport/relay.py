@@ -53,7 +53,7 @@ log = logging.getLogger("swarmd.relay")
 PREFIX = "relay+"
 KEY_CHARS = 40
 REPLAY_WINDOW_S = 600.0  # a seal older (or further ahead) than this is refused: clocks may differ by less
-MAX_NONCES = 200_000  # seals remembered against replays (a few MB); the oldest go first
+MAX_NONCES = 100_000  # seals remembered against replays (~15 MB at most); the oldest go first
 MAX_SEALED_BYTES = 2**31 - 1 - 1024  # ChaCha20-Poly1305 in `cryptography` takes less than 2 GiB at once
 KEEPALIVE_S = 1.0  # a relayed server renews its registration this often...
 EXPIRE_S = 3.5  # ...and a relay forgets one not renewed in this time
@@ -114,6 +114,7 @@ class Sealer:
         self._secret = X25519PrivateKey.from_private_bytes(z85.decode(identity.secret_key.encode()))
         self._keys: OrderedDict[str, ChaCha20Poly1305] = OrderedDict()
         self._seen: OrderedDict[bytes, float] = OrderedDict()  # nonce -> seal time
+        self._floor = 0.0  # seals stamped before this are refused: their nonces may have been forgotten
         self._lock = threading.Lock()  # several threads seal (gateway, pushes) and open (serving)
         self._clock = clock
 
@@ -157,6 +158,9 @@ class Sealer:
         if not abs(now - when) <= REPLAY_WINDOW_S:
             raise ProtocolError(f"sealed payload from {short_id(peer_key)} is stamped {now - when:.0f} s off this "
                                 "node's clock")
+        if when < self._floor:
+            raise ProtocolError(f"sealed payload from {short_id(peer_key)} is older than the seals remembered "
+                                "against replays")
         aad = f"{peer_key}>{self.own_key}".encode() + stamp
         try:
             blob = self._aead(peer_key).decrypt(nonce, sealed[20:], aad)
@@ -168,7 +172,9 @@ class Sealer:
             self._seen[nonce] = when
             while self._seen and (len(self._seen) > MAX_NONCES
                                   or next(iter(self._seen.values())) < now - 2 * REPLAY_WINDOW_S):
-                self._seen.popitem(last=False)
+                _, forgotten = self._seen.popitem(last=False)
+                if len(self._seen) >= MAX_NONCES:  # forgotten before its window closed: older ones are refused
+                    self._floor = max(self._floor, forgotten)
         return unpack(memoryview(blob))
 
 

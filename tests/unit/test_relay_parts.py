@@ -124,3 +124,21 @@ def test_a_record_naming_relays_is_reached_through_them_and_costs_a_hop_more():
     direct = ServerSpan("tcp://10.0.0.2:31330", 0, 2)
     assert plan_chain([span, direct], 2, "m")[0].address == direct.address
     assert plan_chain([span], 2, "m")[0].address == via
+
+
+def test_seals_older_than_the_nonces_remembered_are_refused(monkeypatch):
+    """When the nonce cache is full, forgetting a nonce raises the floor: the forgotten seal
+    cannot come back as a replay."""
+    monkeypatch.setattr(relay, "MAX_NONCES", 3)
+    a, b = ident(), ident()
+    clock = Clock()
+    sender, opener = Sealer(a, clock=clock), Sealer(b, clock=clock)
+    seals = []
+    for _ in range(5):
+        clock.t += 1
+        seals.append(sender.seal(b.public_key, [b"x"]))
+        opener.open(a.public_key, seals[-1])
+    with pytest.raises(ProtocolError, match="older than the seals remembered"):
+        opener.open(a.public_key, seals[0])
+    with pytest.raises(ProtocolError, match="a replay"):
+        opener.open(a.public_key, seals[-1])
