@@ -28,6 +28,7 @@ DEFAULTS: dict[str, Any] = {
         "quant": "none",
         "max_length": 8192,
         "max_batch": 64,
+        "batch_window_ms": "auto",
         "session_idle_timeout_s": 600,
         "rebalance_interval_s": 60,
         "drain_timeout_s": 300,
@@ -97,6 +98,7 @@ class ServeConfig:
     adapters: tuple[tuple[str, str], ...]  # (name, PEFT adapter directory)
     cache: CacheConfig
     limits: LimitsConfig
+    batch_window_s: float | None = None  # decode steps of several sessions wait this long to run together; None: auto
 
 
 @dataclass(frozen=True)
@@ -219,6 +221,15 @@ class _Reader:
         return value
 
 
+def _window(r, value: Any) -> float | None:
+    """serve.batch_window_ms: auto (None), or milliseconds in 0..1000 (0: no batching)."""
+    if value == "auto":
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1000:
+        raise r.fail("serve.batch_window_ms", f"must be auto or milliseconds in 0..1000, got {value!r}")
+    return value / 1000
+
+
 def parse_blocks(r: _Reader, value: Any) -> tuple[int, int] | str:
     if value in ("auto", "none") or value is None:
         return "none" if value is None else value
@@ -285,6 +296,7 @@ def load_config(path: str, overrides: dict | None = None) -> Config:
         quant=r.choice("serve.quant", s["quant"], ("none", "int8", "nf4")),
         max_length=r.positive_int("serve.max_length", s["max_length"]) or 1,
         max_batch=r.positive_int("serve.max_batch", s["max_batch"]) or 1,
+        batch_window_s=_window(r, s["batch_window_ms"]),
         session_idle_timeout_s=float(r.positive_int("serve.session_idle_timeout_s", s["session_idle_timeout_s"]) or 1),
         rebalance_interval_s=float(r.positive_int("serve.rebalance_interval_s", s["rebalance_interval_s"]) or 1),
         drain_timeout_s=float(r.positive_int("serve.drain_timeout_s", s["drain_timeout_s"]) or 1),

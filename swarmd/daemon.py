@@ -279,7 +279,8 @@ class Daemon:
                                  resolve_protocol=self.table.protocol_for,
                                  on_gossip=self.membership.on_gossip, drain_timeout_s=s.drain_timeout_s,
                                  adapter_dirs=dict(s.adapters), relay=RelayService(
-                                     n.relay, n.relay_max_bytes_per_s, n.relay_max_servers))
+                                     n.relay, n.relay_max_bytes_per_s, n.relay_max_servers),
+                                 batch_window_s=s.batch_window_s)
         failpoints.install(self.server, os.environ.get("SWARMD_FAILPOINTS", ""))
         try:
             bound = self.server.bind(self.config.network.listen)

@@ -19,7 +19,7 @@ from libswarm.protocol import Message, decode, error_reply, ok_reply, registry
 
 log = logging.getLogger("swarmd.local")
 
-WORKERS = 8  # concurrent app requests; each holds its own peer connections
+WORKERS = 64  # concurrent app requests (each holds its own peer connections): many sessions step at once
 POLL_INTERVAL_MS = 500
 
 Handler = Callable[[Message], tuple[dict, dict | None]]

@@ -1,8 +1,10 @@
 """The peer plane's server role: a ROUTER socket serving one span of blocks.
 
 The thread that owns the socket answers gossip, ping, info, open, close and pushes itself,
-and runs small decode steps inline, in arrival order: such a step is a few milliseconds of
-compute, and a hand-off to another thread would cost more than it saves. Forward and backward
+and runs small decode steps inline: such a step is a few milliseconds of compute, and a
+hand-off to another thread would cost more than it saves. Decode steps of different sessions
+that arrive together run as one batch (`serve.batch_window_ms`): the weights are read once
+for all of them, which is where a shared server's throughput comes from. Forward and backward
 passes and large steps (prefills) go to the compute thread (compute.py), which runs steps
 first: a long pass delays neither liveness nor other sessions' tokens.
 
@@ -82,6 +84,10 @@ MAX_PUSH_PEERS = 64  # connections kept for pushing to next hops; the least rece
 LOG_EVERY_S = 10.0  # refused requests are logged at most once per peer and reason this often
 DEFERRED = object()  # a handler's answer when the reply is sent later (a step waiting for its push)
 INLINE_MAX_TOKENS = 32  # a step of at most this many tokens (batch x length) runs on the socket's thread
+MAX_BATCH_ROWS = 64  # rows (sessions' batches together) of one batched decode step
+DEFAULT_WINDOW_S = 0.002  # serve.batch_window_ms: auto, before a step's time is measured...
+MAX_AUTO_WINDOW_S = 0.050  # ...and at most, whatever a step takes
+ACTIVE_S = 1.0  # a session that stepped this recently is waited for (within the window)
 # answered before the span is loaded: membership, and relaying (which needs no blocks)
 WHILE_JOINING = ("gossip", "ping", "reach", "reach_back", "relay_register")
 REACH_TIMEOUT_S = 3.0  # a dial-back that does not get through in this time finds the node unreachable
@@ -115,6 +121,21 @@ class ServerSession:
     last_step: int | None = None
     last_output: torch.Tensor | None = None
     queued: int = 0  # its steps on the compute thread: while any is, its next steps queue behind them
+    in_batch: bool = False  # a step of it waits in the batch being gathered
+
+
+@dataclass
+class BatchedStep:
+    """A decode step checked and waiting to run in the next batch."""
+
+    session: ServerSession
+    msg: Message
+    hidden: torch.Tensor
+    pos: torch.Tensor
+    mask: torch.Tensor | None
+    ident: bytes
+    req_id: int
+    sender: str | None
 
 
 @dataclass
@@ -127,6 +148,8 @@ class ServerStats:
     sessions_opened: int = 0
     pushes_sent: int = 0
     pushes_received: int = 0
+    runs: int = 0  # times the blocks ran for steps: a batch of several sessions' steps is one
+    batched_steps: int = 0  # steps that ran in a batch with other sessions' steps
 
 
 class SpanServer:
@@ -135,10 +158,13 @@ class SpanServer:
                  access: AccessControl, resolve_key: Callable[[str], str | None], limits: LimitsConfig,
                  resolve_protocol: Callable[[str], str | None] | None = None,
                  on_gossip: Callable[..., tuple[dict, None]] | None = None, drain_timeout_s: float = 300.0,
-                 adapter_dirs: dict[str, str] | None = None, relay: RelayService | None = None):
+                 adapter_dirs: dict[str, str] | None = None, relay: RelayService | None = None,
+                 batch_window_s: float | None = None):
         """`on_gossip(msg, sender)`: membership's handler of `gossip` requests (none: refused);
         `adapter_dirs`: serve.adapters, {name: PEFT directory}; `relay`: what this daemon relays
-        for servers that accept no connections (none: it relays nothing)."""
+        for servers that accept no connections (none: it relays nothing); `batch_window_s`: how
+        long a decode step may wait for other sessions' steps to run with (0: never batched;
+        None: half a step's time, as measured)."""
         # None until attach() (a server bound before it loads): handle() then answers WHILE_JOINING only
         self.span, self.budget, self.model_id = cast(Span, span), budget, model_id
         self.attached = span is not None
@@ -173,6 +199,11 @@ class SpanServer:
         self.relays_up: list[tuple[str, str]] = []  # (relay id, address) registered, for the record
         self._dial_backs = 0
         self.reached: OrderedDict[str, float] = OrderedDict()  # dial-back nonces that got through
+        self.batch_window_s = batch_window_s
+        self._batch: list[BatchedStep] = []
+        self._batch_since = 0.0  # monotonic: when its first step came
+        self._step_s: float | None = None  # a decode step's time lately (the batch window's default)
+        self._stepped: dict[str, float] = {}  # session id -> monotonic time of its latest step
         self.peers = ConnectionPool(zctx, identity, resolve_key, max_message_bytes, max_connections=MAX_PUSH_PEERS,
                                     resolve_protocol=resolve_protocol)  # one set of connections per thread
         self._current: tuple[bytes, int, str | None] = (b"", 0, None)  # (ident, request id, sender key)
@@ -232,7 +263,10 @@ class SpanServer:
                 self._switch()
             if self._want_relays is not None or self.relay_links:
                 self._tend_links(poller)
-            events = dict(poller.poll(POLL_INTERVAL_MS))
+            wait_ms = POLL_INTERVAL_MS
+            if self._batch:
+                wait_ms = max(0, min(wait_ms, int((self._batch_deadline() - time.monotonic()) * 1000)))
+            events = dict(poller.poll(wait_ms))
             for link in list(self.relay_links.values()):
                 if link.sock in events:
                     self._from_relay(link)
@@ -249,6 +283,8 @@ class SpanServer:
                         self.handle(frames)
                     finally:
                         self.busy_since = None
+            if self._batch and self._batch_due():
+                self._run_batch()
             if time.monotonic() - last_sweep >= POLL_INTERVAL_MS / 1000:  # not on every decode step
                 self.expire_idle()
                 last_sweep = time.monotonic()
@@ -704,9 +740,13 @@ class SpanServer:
         if waiting is not None and waiting.ident != ident:
             err = SessionError("step superseded by a resend with its input")
             self._send(waiting.ident, error_reply(waiting.req_id, err), waiting.req_id)
+        if s.in_batch:  # its earlier step runs first: a session's steps never overlap
+            self._run_batch()
         x = hidden if hidden is not None else msg.tensors.get("hidden")
         tokens = x.shape[0] * x.shape[1] if x is not None and x.ndim == 3 else 0
         if s.queued == 0 and tokens <= INLINE_MAX_TOKENS:
+            if self._batchable(s, msg, x):
+                return self._gather(s, msg, hidden, ident, req_id, sender)
             return self._step(s, msg, hidden)
         s.queued += 1
 
@@ -722,8 +762,83 @@ class SpanServer:
             return self._repeat_step(s, msg)
         return self._run_step(s, msg, hidden)
 
-    def _run_step(self, s: ServerSession, msg: Message, hidden: torch.Tensor | None):
+    # --- batches of decode steps across sessions -------------------------------------------------
+    def _batchable(self, s: ServerSession, msg: Message, x: torch.Tensor | None) -> bool:
+        """A plain decode step (one position, no adapter, no cut-back or beam reordering, not a
+        repeat), with batching on."""
         step = msg.get("step")
+        return (self.batch_window_s != 0 and x is not None and x.ndim == 3 and x.shape[1] == 1 and s.lora is None
+                and msg.get("start") is None and "beam_order" not in msg.tensors
+                and not (isinstance(step, int) and step == s.last_step))
+
+    def _gather(self, s: ServerSession, msg: Message, hidden: torch.Tensor | None, ident: bytes, req_id: int,
+                sender: str | None) -> object:
+        """Check a decode step now (a bad one is refused at once, alone) and keep it for the batch."""
+        hidden, pos, mask = self._inputs(msg, batch=s.cache.batch, hidden=hidden)
+        s.cache.check_step(hidden.shape[0], 1)
+        if pos is None:
+            pos = torch.full((hidden.shape[0], 1), s.cache.length)
+        if not self._batch:
+            self._batch_since = time.monotonic()
+        self._batch.append(BatchedStep(s, msg, hidden, pos, mask, ident, req_id, sender))
+        s.in_batch = True
+        return DEFERRED
+
+    def _batch_deadline(self) -> float:
+        window = self.batch_window_s
+        if window is None:
+            window = min(MAX_AUTO_WINDOW_S, 0.5 * self._step_s) if self._step_s is not None else DEFAULT_WINDOW_S
+        return self._batch_since + window
+
+    def _batch_due(self) -> bool:
+        """Run the batch now: it is full, its first step has waited the window, or no other
+        session that stepped lately (and so may step again any moment) is missing from it."""
+        now = time.monotonic()
+        if now >= self._batch_deadline() or sum(b.hidden.shape[0] for b in self._batch) >= MAX_BATCH_ROWS:
+            return True
+        waiting = {b.session.id for b in self._batch}
+        return not any(now - t < ACTIVE_S and sid not in waiting for sid, t in list(self._stepped.items()))
+
+    def _run_batch(self) -> None:
+        """Run the gathered steps: one batch per span and block range, each reply and push to its
+        own next hop. A session closed meanwhile gets an error; a batch that fails is run again
+        one step at a time, so that only a step at fault fails."""
+        items, self._batch = self._batch, []
+        groups: dict[tuple[int, int, int], list[BatchedStep]] = {}
+        for b in items:
+            b.session.in_batch = False
+            if self.sessions.get(b.session.id) is not b.session:
+                err = SessionError(f"session {b.session.id[:8]} was closed while its step waited")
+                self._send(b.ident, self._error_reply(b.req_id, b.sender, err), b.req_id)
+                continue
+            c = b.session.cache
+            groups.setdefault((id(b.session.span), c.first, c.last), []).append(b)
+        for group in groups.values():
+            outs: list[torch.Tensor] | None = None
+            if len(group) > 1:
+                t0 = time.perf_counter()
+                try:
+                    span, c = group[0].session.span, group[0].session.cache
+                    outs = span.run_steps([(b.hidden, b.pos, b.mask, b.session.cache) for b in group], c.first, c.last)
+                    self._timed(time.perf_counter() - t0, runs=1, batched_steps=len(group))
+                except Exception as e:
+                    log.warning("a batch of %d steps failed (%s); running them one at a time", len(group), e)
+                    outs = None
+            for k, b in enumerate(group):
+                try:
+                    out = outs[k] if outs is not None else self._compute_step(b.session, b.hidden, b.pos, b.mask)
+                    fields, tensors = self._finish_step(b.session, b.msg, out)
+                    reply = ok_reply(b.req_id, fields, tensors, frame_bytes=_frame_bytes(b.msg))
+                except Exception as e:
+                    reply = self._error_reply(b.req_id, b.sender, e)
+                self._send(b.ident, reply, b.req_id)
+
+    def _timed(self, seconds: float, **counts: int) -> None:
+        self.step_seconds.observe(seconds)
+        self._step_s = seconds if self._step_s is None else 0.8 * self._step_s + 0.2 * seconds
+        self._count(**counts)
+
+    def _run_step(self, s: ServerSession, msg: Message, hidden: torch.Tensor | None):
         hidden, pos, mask = self._inputs(msg, batch=s.cache.batch, hidden=hidden)
         B, T, _ = hidden.shape
         start = msg.get("start")
@@ -737,12 +852,22 @@ class SpanServer:
             s.cache.reorder(order)
         if pos is None:
             pos = torch.arange(s.cache.length, s.cache.length + T).expand(B, T)
+        return self._finish_step(s, msg, self._compute_step(s, hidden, pos, mask))
+
+    def _compute_step(self, s: ServerSession, hidden: torch.Tensor, pos: torch.Tensor,
+                      mask: torch.Tensor | None) -> torch.Tensor:
         t0 = time.perf_counter()
         out = s.span.run(hidden, pos, mask, s.cache.first, s.cache.last, cache=s.cache, lora=s.lora)
+        self._timed(time.perf_counter() - t0, runs=1)
+        return out
+
+    def _finish_step(self, s: ServerSession, msg: Message, out: torch.Tensor):
+        """A step's output: kept for a repeat, pushed to the next hop, and the reply's content."""
         if out.device.type != "cpu":
             out = out.cpu()  # once: the push, the reply and a repeat all send this copy
-        self.step_seconds.observe(time.perf_counter() - t0)
-        self._count(steps=1, tokens=B * T)
+        step = msg.get("step")
+        self._count(steps=1, tokens=out.shape[0] * out.shape[1])
+        self._stepped[s.id] = time.monotonic()
         s.last_step, s.last_output = (step, out) if isinstance(step, int) else (None, None)
         nxt = msg.get("next")
         pushed = self._push(nxt, step, out) if nxt is not None else None
@@ -944,6 +1069,9 @@ class SpanServer:
             if now - s.last_used > self.idle_timeout_s:
                 log.info("session %s idle for %.0f s: freeing its cache", sid[:8], now - s.last_used)
                 self._drop(sid)
+        for sid, t in list(self._stepped.items()):
+            if now - t > ACTIVE_S:
+                self._stepped.pop(sid, None)
 
 
 

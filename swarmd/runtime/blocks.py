@@ -17,6 +17,9 @@ from torch import nn
 from libswarm.layers import RMSNorm, alibi_slopes
 
 KV = tuple[torch.Tensor, torch.Tensor]  # per layer: K, V [B, kv_heads, max_length, head_dim]
+# Rows of a step's batch that share one cache and one context: a session's. A step of one session
+# is one part; a batched step of several sessions (peer/server.py) has one part per session.
+Part = tuple[slice, "StepContext", "KV | None"]
 
 
 @dataclass
@@ -90,23 +93,31 @@ class LlamaBlock(nn.Module):
         self.act = ACT2FN[config.hidden_act]
 
     def forward(self, x: torch.Tensor, ctx: StepContext, kv: KV | None) -> torch.Tensor:
-        # x: [B, T, hidden]
+        return self.forward_parts(x, [(slice(0, x.shape[0]), ctx, kv)])
+
+    def forward_parts(self, x: torch.Tensor, parts: list[Part]) -> torch.Tensor:
+        """x [B, T, hidden] whose rows are the parts' (in order): the projections and the MLP run
+        once over all rows (the weights are read once), attention per part over its own cache."""
         B, T, _ = x.shape
         attn = self.self_attn
         h = self.input_layernorm(x)
-        q = attn.q_proj(h).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = attn.k_proj(h).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = attn.v_proj(h).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        assert ctx.rope is not None
-        cos, sin = ctx.rope[0].unsqueeze(1), ctx.rope[1].unsqueeze(1)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        k, v = _write_cache(kv, k, v, ctx.start)
-        mask = ctx.masks.get(self.window)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=ctx.causal and mask is None,
-            scale=self.head_dim**-0.5, enable_gqa=self.num_kv_heads != self.num_heads,
-        )
+        q_all = attn.q_proj(h).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k_all = attn.k_proj(h).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v_all = attn.v_proj(h).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        outs = []
+        for rows, ctx, kv in parts:
+            q, k, v = q_all[rows], k_all[rows], v_all[rows]
+            assert ctx.rope is not None
+            cos, sin = ctx.rope[0].unsqueeze(1), ctx.rope[1].unsqueeze(1)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            k, v = _write_cache(kv, k, v, ctx.start)
+            mask = ctx.masks.get(self.window)
+            outs.append(F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=ctx.causal and mask is None,
+                scale=self.head_dim**-0.5, enable_gqa=self.num_kv_heads != self.num_heads,
+            ))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
         x = x + attn.o_proj(out.transpose(1, 2).reshape(B, T, -1))
         h = self.post_attention_layernorm(x)
         return x + self.mlp.down_proj(self.act(self.mlp.gate_proj(h)) * self.mlp.up_proj(h))
@@ -139,13 +150,20 @@ class BloomBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, ctx: StepContext, kv: KV | None) -> torch.Tensor:
+        return self.forward_parts(x, [(slice(0, x.shape[0]), ctx, kv)])
+
+    def forward_parts(self, x: torch.Tensor, parts: list[Part]) -> torch.Tensor:
+        """As LlamaBlock.forward_parts."""
         B, T, H = x.shape
         ln = self.input_layernorm(x)
         residual = ln if self.post_ln_residual else x
         fused = self.self_attention.query_key_value(ln).view(B, T, self.num_heads, 3, self.head_dim)
-        q, k, v = (fused[..., i, :].transpose(1, 2) for i in range(3))
-        k, v = _write_cache(kv, k, v, ctx.start)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.alibi, scale=self.head_dim**-0.5)
+        outs = []
+        for rows, ctx, kv in parts:
+            q, k, v = (fused[rows, :, :, i, :].transpose(1, 2) for i in range(3))
+            k, v = _write_cache(kv, k, v, ctx.start)
+            outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.alibi, scale=self.head_dim**-0.5))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
         x = self.self_attention.dense(out.transpose(1, 2).reshape(B, T, H)) + residual
         ln = self.post_attention_layernorm(x)
         residual = ln if self.post_ln_residual else x

@@ -7,13 +7,22 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
 
 from libswarm.checkpoint import Checkpoint
 from libswarm.errors import ConfigError, ModelError, TensorError
-from swarmd.runtime.blocks import BLOCK_CLASSES, BloomBlock, LlamaBlock, Rotary, build_context, make_slopes
+from swarmd.runtime.blocks import (
+    BLOCK_CLASSES,
+    BloomBlock,
+    LlamaBlock,
+    Rotary,
+    StepContext,
+    build_context,
+    make_slopes,
+)
 from swarmd.runtime.cache import SessionCache
 
 log = logging.getLogger("swarmd.runtime")
@@ -196,18 +205,8 @@ class Span:
     ) -> torch.Tensor:
         x = hidden.to(self.device, self.dtype)
         position_ids = position_ids.to(self.device)
-        B, T, _ = x.shape
-        if cache is not None:
-            start = cache.length
-            cache.record(position_ids, key_mask)
-            key_positions, full_mask = cache.key_positions(start + T), cache.key_mask(start + T)
-        else:
-            start, key_positions = 0, position_ids
-            full_mask = None if key_mask is None or bool(key_mask.all()) else key_mask.to(self.device)
-        ctx = build_context(
-            self.family, start=start, length=T, key_mask=full_mask, key_positions=key_positions,
-            position_ids=position_ids, windows=self.windows, rotary=self.rotary, slopes=self.slopes, like=x,
-        )
+        T = x.shape[1]
+        ctx = self._context(x, position_ids, key_mask, cache)
         for i in range(first, last):
             kv = cache.layer(i) if cache is not None else None
             if deep is not None:  # out of place: autograd needs x as it was
@@ -217,3 +216,45 @@ class Span:
         if cache is not None:
             cache.advance(T)
         return x
+
+    def _context(self, x: torch.Tensor, position_ids: torch.Tensor, key_mask: torch.Tensor | None,
+                 cache: SessionCache | None) -> StepContext:
+        """Masks and position encodings of a step of `x` [B, T, H] (recorded in its cache)."""
+        T = x.shape[1]
+        if cache is not None:
+            start = cache.length
+            cache.record(position_ids, key_mask)
+            key_positions, full_mask = cache.key_positions(start + T), cache.key_mask(start + T)
+        else:
+            start, key_positions = 0, position_ids
+            full_mask = None if key_mask is None or bool(key_mask.all()) else key_mask.to(self.device)
+        return build_context(
+            self.family, start=start, length=T, key_mask=full_mask, key_positions=key_positions,
+            position_ids=position_ids, windows=self.windows, rotary=self.rotary, slopes=self.slopes, like=x,
+        )
+
+    @torch.inference_mode()
+    def run_steps(self, steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, SessionCache]],
+                  first: int, last: int) -> list[torch.Tensor]:
+        """One step of each of several sessions through blocks [first, last), as one batch:
+        `steps` are (hidden [B_i, T, H], position_ids [B_i, T], key_mask or None, cache), all of
+        the same T. The projections and MLPs run once over every session's rows (a decode step
+        reads the weights once, however many sessions it carries); attention runs per session
+        over its own cache, each at its own length. Returns each session's output."""
+        lengths = {h.shape[1] for h, _, _, _ in steps}
+        if len(lengths) != 1:
+            raise TensorError(f"steps of one batch must have one length, got {sorted(lengths)}")
+        (T,) = lengths
+        xs = [h.to(self.device, self.dtype) for h, _, _, _ in steps]
+        parts, at = [], 0
+        for x, (_, pos, mask, cache) in zip(xs, steps):
+            rows = slice(at, at + x.shape[0])
+            parts.append((rows, self._context(x, pos.to(self.device), mask, cache), cache))
+            at = rows.stop
+        x = torch.cat(xs)
+        for i in range(first, last):
+            block = cast(LlamaBlock | BloomBlock, self.blocks[i - self.start])
+            x = block.forward_parts(x, [(rows, ctx, cache.layer(i)) for rows, ctx, cache in parts])
+        for _, _, cache in parts:
+            cache.advance(T)
+        return [x[rows] for rows, _, _ in parts]
