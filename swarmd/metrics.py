@@ -20,12 +20,16 @@ PEER_STATES = ("online", "joining", "loading", "draining", "offline", "dead", "u
 COUNTERS = (("steps", "Inference steps served."), ("tokens", "Positions computed in inference steps."),
             ("forwards", "Cache-less forward passes served."), ("backwards", "Backward passes served."),
             ("errors", "Requests answered with an error."),
-            ("shed", "Requests dropped unrun: their deadline passed while they waited for compute."))
+            ("shed", "Requests dropped unrun: their deadline passed while they waited for compute."),
+            ("runs", "Times the blocks ran for steps (a batch of several sessions' steps is one)."),
+            ("batched_steps", "Steps that ran in a batch with other sessions' steps."))
 
 
 def step_histogram() -> Histogram:
-    """Time to compute one inference step of this span (registered by the daemon's registry)."""
-    return Histogram("swarmd_step_seconds", "Time to compute one inference step of this span.", buckets=BUCKETS_S,
+    """Time to compute one inference step of this span, or one batch of several sessions' steps
+    (registered by the daemon's registry)."""
+    return Histogram("swarmd_step_seconds", "Time to compute one inference step (or batch of steps) of this span.",
+                     buckets=BUCKETS_S,
                      registry=None)
 
 
