@@ -9,8 +9,10 @@ Prints, for each N, the total tokens per second and the per-token latency percen
 Two swarms run at once, identical but for the window: each has two servers (the model's blocks
 in halves) and a gateway-only daemon. Each client opens its own session (a prompt of 8 tokens)
 and decodes greedily, one token per step, timing each step; the clients of one measurement
-start together. Embedding and the LM head run in this process, shared by the clients (as many
-apps would each run them), so that the servers are what is measured."""
+start together. The clients compute nothing themselves: each step sends the embedding of the
+token the first client would pick (what a step costs the servers does not depend on the
+values), so that this machine's cores go to the servers, which are what is measured; apps
+would run their embeddings and heads on their own machines."""
 
 from __future__ import annotations
 
@@ -75,8 +77,8 @@ def main(argv=None) -> int:
             until(lambda gw=gw, servers=servers: sum(p["state"] == "online" for p in gw.ctl("peers")["peers"])
                   == len(servers), 60)
         model_id = SwarmClient(swarms["off"][1].socket).model_info()["model_id"]
-        embed, norm, head = ref.model.embed_tokens, ref.model.norm, ref.lm_head
-        lock = threading.Lock()  # the shared head runs one client at a time, as one app's would
+        with torch.no_grad():
+            token = ref.model.embed_tokens(ref(torch.arange(3, 11)[None]).logits[:, -1:].argmax(-1))
 
         @torch.no_grad()
         def client(socket: str, seed: int, times: list[float], ready: threading.Barrier) -> None:
@@ -85,13 +87,10 @@ def main(argv=None) -> int:
             sid = c.open_session(model_id, max_length=8 + a.tokens + 1, batch=1)["session"]
             try:
                 ready.wait()
-                hidden = c.step(sid, embed(ids))
+                c.step(sid, ref.model.embed_tokens(ids))
                 for _ in range(a.tokens):
-                    with lock:
-                        nxt = head(norm(hidden[:, -1:].float())).argmax(-1)
-                        x = embed(nxt)
                     t = time.perf_counter()
-                    hidden = c.step(sid, x)
+                    c.step(sid, token)
                     times.append(time.perf_counter() - t)
             finally:
                 c.close_session(sid)

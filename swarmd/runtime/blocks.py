@@ -104,13 +104,16 @@ class LlamaBlock(nn.Module):
         q_all = attn.q_proj(h).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k_all = attn.k_proj(h).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v_all = attn.v_proj(h).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        # rotary positions over all rows at once (each part's rows at their own positions)
+        ropes = [ctx.rope for _, ctx, _ in parts if ctx.rope is not None]
+        assert len(ropes) == len(parts)
+        cos = (ropes[0][0] if len(ropes) == 1 else torch.cat([c for c, _ in ropes])).unsqueeze(1)
+        sin = (ropes[0][1] if len(ropes) == 1 else torch.cat([s for _, s in ropes])).unsqueeze(1)
+        q_all = q_all * cos + _rotate_half(q_all) * sin
+        k_all = k_all * cos + _rotate_half(k_all) * sin
         outs = []
         for rows, ctx, kv in parts:
             q, k, v = q_all[rows], k_all[rows], v_all[rows]
-            assert ctx.rope is not None
-            cos, sin = ctx.rope[0].unsqueeze(1), ctx.rope[1].unsqueeze(1)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
             k, v = _write_cache(kv, k, v, ctx.start)
             mask = ctx.masks.get(self.window)
             outs.append(F.scaled_dot_product_attention(
