@@ -288,6 +288,8 @@ class SpanServer:
             if time.monotonic() - last_sweep >= POLL_INTERVAL_MS / 1000:  # not on every decode step
                 self.expire_idle()
                 last_sweep = time.monotonic()
+        if self._batch:  # steps gathered when the stop came are answered, not dropped
+            self._run_batch()
         self.compute.stop()
         self.sock.close(0)
         for link in self.relay_links.values():
@@ -820,6 +822,8 @@ class SpanServer:
                 try:
                     span, c = group[0].session.span, group[0].session.cache
                     outs = span.run_steps([(b.hidden, b.pos, b.mask, b.session.cache) for b in group], c.first, c.last)
+                    if outs[0].device.type != "cpu":  # one copy to the host for the whole batch
+                        outs = list(torch.cat(outs).cpu().split([o.shape[0] for o in outs]))
                     self._timed(time.perf_counter() - t0, runs=1, batched_steps=len(group))
                 except Exception as e:
                     log.warning("a batch of %d steps failed (%s); running them one at a time", len(group), e)
