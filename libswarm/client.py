@@ -32,8 +32,14 @@ def resolve_socket(socket: str | None = None) -> str:
     if os.path.exists(DEFAULT_SYSTEM_SOCKET):
         return DEFAULT_SYSTEM_SOCKET
     runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime:
-        return os.path.join(runtime, "swarmd.sock")
+    own = os.path.join(runtime, "swarmd.sock") if runtime else None
+    if own is not None and os.path.exists(own):
+        return own
+    closed = _closed_directory(DEFAULT_SYSTEM_SOCKET)
+    if closed is not None:  # a system swarmd this user may not use (it cannot even see the socket)
+        raise SwarmError(_not_in_group(closed))
+    if own is not None:
+        return own
     raise SwarmError(
         "no swarmd socket found: pass socket=, set $SWARMD_SOCKET, or start swarmd "
         f"(it listens on {DEFAULT_SYSTEM_SOCKET} by default)"
@@ -207,6 +213,9 @@ def _check_listening(path: str) -> None:
     """Fail at once, saying why, when nothing can answer at `path` (ZeroMQ would instead wait
     out the whole timeout on a socket file that a killed daemon left behind)."""
     if not os.path.exists(path):
+        closed = _closed_directory(path)
+        if closed is not None:
+            raise PeerUnavailableError(_not_in_group(closed))
         raise PeerUnavailableError(f"swarmd is not running: no socket at {path}")
     probe = pysocket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM)
     try:
@@ -222,6 +231,22 @@ def _check_listening(path: str) -> None:
         raise PeerUnavailableError(f"cannot reach swarmd at {path}: {e.strerror or e}") from None
     finally:
         probe.close()
+
+
+def _closed_directory(path: str) -> str | None:
+    """The directory on the way to `path` that this user may not enter, if any (then whether
+    the socket exists cannot even be seen)."""
+    d = os.path.dirname(os.path.abspath(path))
+    while d not in ("/", ""):
+        if os.path.isdir(d) and not os.access(d, os.X_OK):
+            return d
+        d = os.path.dirname(d)
+    return None
+
+
+def _not_in_group(directory: str) -> str:
+    return (f"permission denied on {directory}: this user may not use swarmd's socket; add it to the group "
+            "swarmd (usermod -aG swarmd $USER, then log in again) or run as root")
 
 
 def _inputs(hidden, position_ids, key_mask) -> dict[str, torch.Tensor]:

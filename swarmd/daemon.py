@@ -370,8 +370,8 @@ class Daemon:
         online = sum(1 for p in self.membership.rows() if p["state"] == "online" and not p.get("is_self"))
         what = f"serving blocks {self.blocks[0]}:{self.blocks[1]} of {self.model_id}" if self.blocks else \
             f"gateway for {self.model_id}"
-        return (f"{what}; {self.open_sessions()} sessions served, {len(self.gateway.sessions)} from local apps; "
-                f"{online} peers online")
+        return (f"{what}; sessions open now: {self.open_sessions()} served here, {len(self.gateway.sessions)} "
+                f"from local apps; other peers online: {online}")
 
     def reload(self) -> None:
         """SIGHUP: re-read the seed list and the allowed keys; sessions and connections stay."""

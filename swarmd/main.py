@@ -99,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
             last_status = time.monotonic()
     bound_s = min(config.serve.drain_timeout_s, STOP_DRAIN_MAX_S)
     notify(f"STOPPING=1\nSTATUS=draining: no new sessions; waiting up to {bound_s:.0f} s for open ones")
-    log.info("draining: no new sessions; waiting up to %.0f s for %d open ones", bound_s, daemon.open_sessions())
+    n = daemon.open_sessions()
+    log.info("draining: no new sessions; waiting up to %.0f s for %d open %s", bound_s, n,
+             "session" if n == 1 else "sessions")
     daemon.begin_drain()
     deadline = time.monotonic() + bound_s
     while daemon.open_sessions() and time.monotonic() < deadline:

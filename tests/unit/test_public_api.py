@@ -29,3 +29,33 @@ def test_socket_resolution_order(monkeypatch, tmp_path):
     assert libswarm.resolve_socket() == "/env.sock"
     monkeypatch.delenv("SWARMD_SOCKET")
     assert libswarm.resolve_socket() in ("/run/swarmd/swarmd.sock", str(tmp_path / "swarmd.sock"))
+
+
+def test_a_socket_behind_a_directory_closed_to_this_user_says_to_join_the_group(monkeypatch, tmp_path):
+    """A user outside group swarmd cannot even see /run/swarmd/swarmd.sock: the error names the
+    directory and the group, not "swarmd is not running". (The test runs as root, whom no mode
+    stops: the kernel's answer for another user is what os.access gives here.)"""
+    import os
+
+    from libswarm import client
+
+    closed = tmp_path / "run-swarmd"
+    closed.mkdir(mode=0o750)
+    real_access = os.access
+    monkeypatch.setattr(client.os, "access", lambda p, mode: False if str(p) == str(closed) else real_access(p, mode))
+    for call in (lambda: libswarm.SwarmClient(socket=str(closed / "swarmd.sock")).status(),
+                 lambda: client._check_listening(str(closed / "swarmd.sock"))):
+        try:
+            call()
+        except libswarm.SwarmError as e:
+            assert str(e).startswith(f"permission denied on {closed}") and "group swarmd" in str(e)
+        else:
+            raise AssertionError("no error")
+    monkeypatch.delenv("SWARMD_SOCKET", raising=False)
+    monkeypatch.setattr(client, "DEFAULT_SYSTEM_SOCKET", str(closed / "swarmd.sock"))
+    try:
+        libswarm.resolve_socket()
+    except libswarm.SwarmError as e:
+        assert "permission denied on" in str(e) and "usermod -aG swarmd" in str(e)
+    else:
+        raise AssertionError("no error")
