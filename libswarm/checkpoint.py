@@ -42,10 +42,15 @@ log = logging.getLogger("libswarm.checkpoint")
 class Checkpoint:
     def __init__(self, model_dir: str, digest_cache: str | None = None):
         from libswarm.models import KNOWN, MODEL_TYPES, resolve_model
+        from libswarm.paths import closed_directory
 
         self.dir = resolve_model(model_dir)  # a path, or a short name of a model got by `swarmctl model get`
         if not os.path.isdir(self.dir):
             name = os.path.basename(self.dir)
+            closed = closed_directory(self.dir)
+            if closed is not None:
+                raise ModelError(f"cannot read {self.dir}: permission denied on {closed} (models for apps and "
+                                 "daemons alike belong in /srv/swarmd/models, readable by everyone)")
             raise ModelError(f"model directory {self.dir} does not exist" + (
                 f"; get it with `swarmctl model get {name}`" if name in KNOWN else ""))
         path = os.path.join(self.dir, "config.json")

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import zmq
 
 from libswarm.errors import PeerUnavailableError, ProtocolError, SwarmError
+from libswarm.paths import closed_directory
 from libswarm.protocol import Message, decode, encode
 from libswarm.protocol.messages import raise_if_error
 
@@ -35,7 +36,7 @@ def resolve_socket(socket: str | None = None) -> str:
     own = os.path.join(runtime, "swarmd.sock") if runtime else None
     if own is not None and os.path.exists(own):
         return own
-    closed = _closed_directory(DEFAULT_SYSTEM_SOCKET)
+    closed = closed_directory(DEFAULT_SYSTEM_SOCKET)
     if closed is not None:  # a system swarmd this user may not use (it cannot even see the socket)
         raise SwarmError(_not_in_group(closed))
     if own is not None:
@@ -213,7 +214,7 @@ def _check_listening(path: str) -> None:
     """Fail at once, saying why, when nothing can answer at `path` (ZeroMQ would instead wait
     out the whole timeout on a socket file that a killed daemon left behind)."""
     if not os.path.exists(path):
-        closed = _closed_directory(path)
+        closed = closed_directory(path)
         if closed is not None:
             raise PeerUnavailableError(_not_in_group(closed))
         raise PeerUnavailableError(f"swarmd is not running: no socket at {path}")
@@ -231,17 +232,6 @@ def _check_listening(path: str) -> None:
         raise PeerUnavailableError(f"cannot reach swarmd at {path}: {e.strerror or e}") from None
     finally:
         probe.close()
-
-
-def _closed_directory(path: str) -> str | None:
-    """The directory on the way to `path` that this user may not enter, if any (then whether
-    the socket exists cannot even be seen)."""
-    d = os.path.dirname(os.path.abspath(path))
-    while d not in ("/", ""):
-        if os.path.isdir(d) and not os.access(d, os.X_OK):
-            return d
-        d = os.path.dirname(d)
-    return None
 
 
 def _not_in_group(directory: str) -> str:

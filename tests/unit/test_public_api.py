@@ -37,12 +37,12 @@ def test_a_socket_behind_a_directory_closed_to_this_user_says_to_join_the_group(
     stops: the kernel's answer for another user is what os.access gives here.)"""
     import os
 
-    from libswarm import client
+    from libswarm import client, paths
 
     closed = tmp_path / "run-swarmd"
     closed.mkdir(mode=0o750)
     real_access = os.access
-    monkeypatch.setattr(client.os, "access", lambda p, mode: False if str(p) == str(closed) else real_access(p, mode))
+    monkeypatch.setattr(paths.os, "access", lambda p, mode: False if str(p) == str(closed) else real_access(p, mode))
     for call in (lambda: libswarm.SwarmClient(socket=str(closed / "swarmd.sock")).status(),
                  lambda: client._check_listening(str(closed / "swarmd.sock"))):
         try:
@@ -57,5 +57,25 @@ def test_a_socket_behind_a_directory_closed_to_this_user_says_to_join_the_group(
         libswarm.resolve_socket()
     except libswarm.SwarmError as e:
         assert "permission denied on" in str(e) and "usermod -aG swarmd" in str(e)
+    else:
+        raise AssertionError("no error")
+
+
+def test_a_model_behind_a_directory_closed_to_this_user_is_not_called_missing(monkeypatch, tmp_path):
+    import os
+
+    from libswarm import paths
+    from libswarm.errors import ModelError
+    from libswarm.models import resolve_model
+
+    closed = tmp_path / "state"
+    (closed / "models").mkdir(parents=True)
+    real_access = os.access
+    monkeypatch.setattr(paths.os, "access", lambda p, mode: False if str(p) == str(closed) else real_access(p, mode))
+    monkeypatch.setenv("SWARM_MODELS_DIR", str(closed / "models"))
+    try:
+        resolve_model("some-model")
+    except ModelError as e:
+        assert f"this user may not read {closed}: permission denied" in str(e)
     else:
         raise AssertionError("no error")
