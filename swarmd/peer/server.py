@@ -87,7 +87,7 @@ INLINE_MAX_TOKENS = 32  # a step of at most this many tokens (batch x length) ru
 MAX_BATCH_ROWS = 64  # rows (sessions' batches together) of one batched decode step
 DEFAULT_WINDOW_S = 0.002  # serve.batch_window_ms: auto, before a step's time is measured...
 MAX_AUTO_WINDOW_S = 0.050  # ...and at most, whatever a step takes
-ACTIVE_S = 1.0  # a session that stepped this recently is waited for (within the window)
+ACTIVE_S = 1.0  # a session that stepped this recently, and is due again within the window, is waited for
 # answered before the span is loaded: membership, and relaying (which needs no blocks)
 WHILE_JOINING = ("gossip", "ping", "reach", "reach_back", "relay_register")
 REACH_TIMEOUT_S = 3.0  # a dial-back that does not get through in this time finds the node unreachable
@@ -203,7 +203,8 @@ class SpanServer:
         self._batch: list[BatchedStep] = []
         self._batch_since = 0.0  # monotonic: when its first step came
         self._step_s: float | None = None  # a decode step's time lately (the batch window's default)
-        self._stepped: dict[str, float] = {}  # session id -> monotonic time of its latest step
+        # session id -> (monotonic time of its latest step here, the time between its steps here lately)
+        self._stepped: dict[str, tuple[float, float | None]] = {}
         self.peers = ConnectionPool(zctx, identity, resolve_key, max_message_bytes, max_connections=MAX_PUSH_PEERS,
                                     resolve_protocol=resolve_protocol)  # one set of connections per thread
         self._current: tuple[bytes, int, str | None] = (b"", 0, None)  # (ident, request id, sender key)
@@ -793,13 +794,20 @@ class SpanServer:
         return self._batch_since + window
 
     def _batch_due(self) -> bool:
-        """Run the batch now: it is full, its first step has waited the window, or no other
-        session that stepped lately (and so may step again any moment) is missing from it."""
+        """Run the batch now: it is full, its first step has waited the window, or no session
+        missing from it is due here before the window closes (by the pace of its steps here:
+        a session whose next step is further off, being elsewhere in its route, is not waited for)."""
         now = time.monotonic()
-        if now >= self._batch_deadline() or sum(b.hidden.shape[0] for b in self._batch) >= MAX_BATCH_ROWS:
+        deadline = self._batch_deadline()
+        if now >= deadline or sum(b.hidden.shape[0] for b in self._batch) >= MAX_BATCH_ROWS:
             return True
         waiting = {b.session.id for b in self._batch}
-        return not any(now - t < ACTIVE_S and sid not in waiting for sid, t in list(self._stepped.items()))
+        for sid, (last, period) in list(self._stepped.items()):
+            if sid in waiting or period is None or now - last > min(ACTIVE_S, 2 * period):
+                continue
+            if last + period <= deadline:
+                return False
+        return True
 
     def _run_batch(self) -> None:
         """Run the gathered steps: one batch per span and block range, each reply and push to its
@@ -871,7 +879,13 @@ class SpanServer:
             out = out.cpu()  # once: the push, the reply and a repeat all send this copy
         step = msg.get("step")
         self._count(steps=1, tokens=out.shape[0] * out.shape[1])
-        self._stepped[s.id] = time.monotonic()
+        now = time.monotonic()
+        last = self._stepped.get(s.id)
+        if last is None or now - last[0] > ACTIVE_S:
+            self._stepped[s.id] = (now, None)
+        else:
+            pace = now - last[0]
+            self._stepped[s.id] = (now, pace if last[1] is None else 0.7 * last[1] + 0.3 * pace)
         s.last_step, s.last_output = (step, out) if isinstance(step, int) else (None, None)
         nxt = msg.get("next")
         pushed = self._push(nxt, step, out) if nxt is not None else None
@@ -1073,7 +1087,7 @@ class SpanServer:
             if now - s.last_used > self.idle_timeout_s:
                 log.info("session %s idle for %.0f s: freeing its cache", sid[:8], now - s.last_used)
                 self._drop(sid)
-        for sid, t in list(self._stepped.items()):
+        for sid, (t, _) in list(self._stepped.items()):
             if now - t > ACTIVE_S:
                 self._stepped.pop(sid, None)
 
