@@ -113,3 +113,19 @@ def test_with_the_window_at_zero_every_step_runs_at_once_alone(server, span):
                                                 s.id.encode(), k, None)
         assert fields["position"] == 4 and tensors["hidden"].shape == (1, 1, span.hidden_size)
     assert not server._batch and server.stats.runs == 2 and server.stats.batched_steps == 0
+
+
+def test_a_batch_waits_only_for_sessions_due_here_within_the_window(server, span):
+    import time
+
+    server.batch_window_s = 0.05
+    a = session(server, span, "a", 3)
+    server._dispatch_step(a, step("a", 1, torch.randn(1, 1, span.hidden_size)), None, b"a", 1, None)
+    now = time.monotonic()
+    server._stepped["b"] = (now - 0.01, 0.02)  # steps here every 20 ms: due in 10 ms, within the window
+    assert not server._batch_due()
+    server._stepped["b"] = (now - 0.01, 0.5)  # elsewhere in its route: due in 490 ms, not waited for
+    assert server._batch_due()
+    server._stepped["b"] = (now - 0.01, 0.02)
+    server._batch_since -= 0.06  # the window has passed: it runs whoever is missing
+    assert server._batch_due()
