@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TORCH   := torch==2.13.0
 
-.PHONY: demo test check bench install deb clean
+.PHONY: demo test check bench install deb system-test clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -37,6 +37,13 @@ DEB_EXTRAS      ?=
 deb: $(STAMP)
 	$(BIN)/python tools/build_deb.py --torch '$(TORCH)' \
 		$(if $(DEB_TORCH_INDEX),--torch-index '$(DEB_TORCH_INDEX)') $(if $(DEB_EXTRAS),--extras '$(DEB_EXTRAS)')
+
+# The package under a real systemd: a Debian 12 container (systemd-nspawn; root, and
+# `apt-get install systemd-container debootstrap`) walks the operator's path. tools/system_test.py
+system-test: deb
+	test -d .cache/models/smollm2-135m-instruct || \
+		$(BIN)/swarmctl model --dir .cache/models get smollm2-135m-instruct
+	$(BIN)/python tools/system_test.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
