@@ -32,7 +32,9 @@ from swarmd.service_files import write_file  # noqa: E402
 
 PREFIX = "/opt/swarmd"
 DOCS = ["README.md", "docs/operations.md", "docs/protocol.md"]
-SCRIPTS = ["postinst", "prerm", "postrm"]
+SCRIPTS = ["preinst", "postinst", "prerm", "postrm"]
+# directories of the system, not of this package: not listed in it (preinst makes /opt if missing)
+SYSTEM_DIRS = {"./opt"}
 
 
 def run(argv: list[str], **kw) -> subprocess.CompletedProcess:
@@ -170,6 +172,34 @@ def dir_kib(path: str) -> int:
     return (total + 1023) // 1024
 
 
+def disown(deb: str, work: str, compress: str) -> None:
+    """Rewrite the package's data without the entries of directories the system owns (dpkg-deb
+    lists every directory of the tree: a package listing ./opt/, which no Debian package owns,
+    makes its purge remove an empty /opt), then compress it. dpkg-deb builds the members; `ar`
+    and `xz`/`gzip`/`zstd` put them back together."""
+    import tarfile
+
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    run(["ar", "x", deb], cwd=work)
+    src, dst = os.path.join(work, "data.tar"), os.path.join(work, "data.new.tar")
+    with tarfile.open(src, "r:") as tin, tarfile.open(dst, "w:", format=tarfile.GNU_FORMAT) as tout:
+        for member in tin:
+            if member.isdir() and member.name.rstrip("/") in SYSTEM_DIRS:
+                continue
+            tout.addfile(member, tin.extractfile(member) if member.isfile() else None)
+    os.replace(dst, src)
+    data = "data.tar"
+    if compress != "none":
+        tool = {"xz": ["xz", "-T0", "-6"], "gzip": ["gzip", "-9n"], "zstd": ["zstd", "-q", "-19", "-T0", "--rm"]}
+        run([*tool[compress], src], cwd=work)
+        data = "data.tar." + {"xz": "xz", "gzip": "gz", "zstd": "zst"}[compress]
+    os.remove(deb)
+    control = next(n for n in os.listdir(work) if n.startswith("control.tar"))
+    run(["ar", "rc", deb, "debian-binary", control, data], cwd=work)  # in this order, as dpkg requires
+    shutil.rmtree(work)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.path.join(ROOT, "dist"), help="where the .deb goes (default: dist/)")
@@ -215,8 +245,8 @@ def main(argv: list[str] | None = None) -> int:
 
     os.makedirs(args.out, exist_ok=True)
     deb = os.path.join(os.path.abspath(args.out), f"swarmd_{version}_{arch}.deb")
-    run(["dpkg-deb", "--root-owner-group", f"-Z{args.compress}", "--build", stage, deb],
-        stdout=subprocess.DEVNULL)
+    run(["dpkg-deb", "--root-owner-group", "-Znone", "--build", stage, deb], stdout=subprocess.DEVNULL)
+    disown(deb, os.path.join(work, "ar"), args.compress)
     installed = dir_kib(stage) / 1024
     print(f"built {deb}: {os.path.getsize(deb) / 2**20:.1f} MiB, {installed:.0f} MiB installed, "
           f"torch {variant or 'none'}, python {python_ver}, {time.monotonic() - t0:.0f} s")

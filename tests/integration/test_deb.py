@@ -64,11 +64,12 @@ def test_package_metadata_files_and_scripts(debs, tmp_path):
     assert "/usr/bin/swarmctl -> /opt/swarmd/bin/swarmctl" in listing
     assert "/usr/bin/swarm-api -> /opt/swarmd/bin/swarm-api" in listing
     assert not any("__pycache__" in p or p.endswith(".pyc") for p in paths)
+    assert "/opt/" not in paths and "/opt/swarmd/" in paths  # /opt is the system's, not this package's
 
     x = tmp_path / "x"
     subprocess.run(["dpkg-deb", "--raw-extract", deb, str(x)], check=True)
     assert (x / "DEBIAN/conffiles").read_text() == "/etc/swarmd/swarmd.yaml\n"
-    for script in ("postinst", "prerm", "postrm"):
+    for script in ("preinst", "postinst", "prerm", "postrm"):
         path = x / "DEBIAN" / script
         assert os.access(path, os.X_OK) and path.read_text().startswith("#!/bin/sh\n")
         assert subprocess.run(["sh", "-n", str(path)]).returncode == 0
@@ -170,5 +171,6 @@ def test_install_serve_upgrade_remove_purge(debs, tmp_path, model_dirs):
     assert r.returncode == 0, r.stdout + r.stderr
     assert not os.path.exists(os.path.join(root, "etc/swarmd"))
     assert not os.path.exists(os.path.join(root, "var/lib/swarmd"))
+    assert os.path.isdir(os.path.join(root, "opt"))  # not the package's to remove
     assert os.listdir(models) == ["w.safetensors"]
     assert "swarmd" not in dpkg(root, "-l").stdout.split()
