@@ -40,7 +40,9 @@ def relayed_through(gw: Daemon, n: Daemon) -> str | None:
 def relayed_swarm(model_dirs, tmp_path_factory):
     d = model_dirs("llama", layers=4)
     tmp_path = tmp_path_factory.mktemp("relay")
-    relays = [Daemon(str(tmp_path), f"r{k}", d, "0:2", {"network": {"relay": True}}).seed_speed(0.002) for k in (1, 2)]
+    # r1 relays for at most two servers: the server, and one more the refusal test registers
+    relays = [Daemon(str(tmp_path), f"r{k}", d, "0:2", {"network": {"relay": True, "relay_max_servers": 2}})
+              .seed_speed(0.002) for k in (1, 2)]
     # a session the gateway abandoned through the killed relay stays open here until it idles out:
     # not worth waiting for at the end
     n = Daemon(str(tmp_path), "n", d, "2:4", {"serve": {"drain_timeout_s": 1}}).seed_speed(0.002)
@@ -101,6 +103,17 @@ def test_relay_forwards_only_sealed_messages_and_refuses_the_rest(relayed_swarm)
         assert reply.type == "ok" and reply.get("calling") is False and "10.9.9.9" in reply.get("why")
         reply = ask(encode("reach", 8, {"address": "udp://127.0.0.1:1", "nonce": "n"}))
         assert reply.type == "error" and reply.get("code") == "protocol"
+        # the relay takes a second server to relay for, and refuses a third (network.relay_max_servers)
+        assert ask(encode("relay_register", 9)).type == "ok"
+        third = curve_dealer(r.address, r.node_id)
+        try:
+            third.send_multipart(encode("relay_register", 10))
+            assert third.poll(5000)
+            reply = decode(third.recv_multipart())
+            assert reply.type == "error" and reply.get("code") == "limit" and "relay_max_servers" in \
+                reply.get("message")
+        finally:
+            third.close(0)
     finally:
         s.close(0)
     log = n.tail(50000)

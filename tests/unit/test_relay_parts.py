@@ -142,3 +142,45 @@ def test_seals_older_than_the_nonces_remembered_are_refused(monkeypatch):
         opener.open(a.public_key, seals[0])
     with pytest.raises(ProtocolError, match="a replay"):
         opener.open(a.public_key, seals[-1])
+
+
+def test_reachability_questions_beyond_the_limits_are_refused():
+    import zmq
+
+    from libswarm.errors import LimitError
+    from libswarm.protocol import Message
+    from swarmd.config import LimitsConfig
+    from swarmd.peer import server as peer_server
+    from swarmd.peer.server import SpanServer
+    from swarmd.runtime.cache import CacheBudget
+    from swarmd.transport.access import AccessControl
+
+    ctx, me, asker = zmq.Context(), ident(), ident()
+    srv = SpanServer(ctx, None, CacheBudget(0), "m", max_length=8, max_batch=1, idle_timeout_s=60,
+                     max_message_bytes=2**20, identity=me, access=AccessControl("open", "", me.public_key),
+                     resolve_key=lambda a: None, limits=LimitsConfig(1, 0.5, 1))
+    try:
+        srv._current, srv._peer_host = (b"\x00abcd", 1, asker.public_key), "10.0.0.7"
+
+        def reach(address: str, nonce: str = "n"):
+            return srv.on_reach(Message("reach", 1, {"address": address, "nonce": nonce}))
+
+        with pytest.raises(ProtocolError, match="at most 64"):
+            reach("tcp://10.0.0.7:1", "x" * 65)
+        with pytest.raises(ProtocolError, match="tcp://host:port"):
+            reach("10.0.0.7:1")
+        fields, _ = reach("tcp://10.0.0.8:1")  # another host than the one asking: never called
+        assert fields["calling"] is False and "10.0.0.7" in fields["why"]
+        srv._dial_backs = peer_server.MAX_DIAL_BACKS  # as many calls under way as allowed
+        with pytest.raises(LimitError, match="too many reachability checks"):
+            reach("tcp://10.0.0.7:1")
+        srv._current = (relay.relay_ident(ident().public_key, asker.public_key), 1, asker.public_key)
+        with pytest.raises(ProtocolError, match="direct connection"):  # through a relay it means nothing
+            reach("tcp://10.0.0.7:1")
+        with pytest.raises(ProtocolError, match="direct connection"):
+            srv.on_reach_back(Message("reach_back", 1, {"nonce": "n"}))
+        assert not srv.reached
+    finally:
+        srv.compute.stop()
+        srv.sock.close(0)
+        ctx.term()
