@@ -302,6 +302,8 @@ class SpanServer:
     def handle(self, frames) -> None:
         ident, body = frames[0].bytes, frames[1:]
         sender = _sender_key(body[0]) if body else None
+        if self.access.private and not self.access.allows(sender):
+            return  # its key was removed from the allowed list (SIGHUP) after it connected
         if body and _message_type(body[0]) == "relay":
             self._relay(ident, body, sender)
             return
@@ -311,7 +313,7 @@ class SpanServer:
         """A request from `sender` (CURVE-proven, or proven by its seal when relayed), whose
         reply goes to `ident`."""
         if self.access.private and not self.access.allows(sender):
-            return  # its key was removed from the allowed list (SIGHUP) after it connected
+            return  # not allowed (a relayed sender is checked here: its relay was, in handle())
         req_id = 0
         try:
             msg = decode(body)
