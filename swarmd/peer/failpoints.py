@@ -74,15 +74,21 @@ def _wrong_steps(change: Callable, every: int = 1, after: int = 0, passes: bool 
     def install(server) -> None:
         from swarmd.runtime.span import Span
 
-        run, count = Span.run, [0]
+        run, run_steps, count = Span.run, Span.run_steps, [0]
+
+        def changed(out):
+            count[0] += 1
+            return change(out) if count[0] > after and count[0] % every == 0 else out
 
         def wrong(self, *args, **kwargs):
             out = run(self, *args, **kwargs)
-            if (kwargs.get("cache") is None) != passes:
-                return out
-            count[0] += 1
-            return change(out) if count[0] > after and count[0] % every == 0 else out
+            return changed(out) if (kwargs.get("cache") is None) == passes else out
+
+        def wrong_batch(self, *args, **kwargs):  # decode steps of several sessions run together
+            outs = run_steps(self, *args, **kwargs)
+            return outs if passes else [changed(out) for out in outs]
         Span.run = wrong  # type: ignore[method-assign]
+        Span.run_steps = wrong_batch  # type: ignore[method-assign]
     return install
 
 
