@@ -32,6 +32,10 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+from localswarm import until  # noqa: E402
+
 MODEL = "smollm2-135m-instruct"
 MIRROR = "http://deb.debian.org/debian"
 PACKAGES = "systemd,dbus,python3,python3-venv,ca-certificates"
@@ -126,15 +130,6 @@ def cached_root(cache: str) -> str:
     return base
 
 
-def until(what: str, cond, limit_s: float) -> float:
-    t0 = time.monotonic()
-    while not cond():
-        if time.monotonic() - t0 > limit_s:
-            raise Failed(f"{what}: not within {limit_s:.0f} s")
-        time.sleep(0.5)
-    return time.monotonic() - t0
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--deb", help="the package (default: the newest dist/swarmd_*.deb)")
@@ -214,8 +209,8 @@ def main(argv=None) -> int:
 
         def reload() -> None:
             c.run("systemctl", "reload", "swarmd")
-            until("reload in the journal", lambda: "reload:" in c.run(
-                "journalctl", "-u", "swarmd", "--no-pager", "-o", "cat").stdout, 30)
+            until(lambda: "reload:" in c.run("journalctl", "-u", "swarmd", "--no-pager", "-o", "cat").stdout, 30,
+                  "reload in the journal")
             assert c.run("systemctl", "is-active", "swarmd").stdout.strip() == "active"
         step("systemctl reload swarmd", reload)
 
@@ -241,15 +236,14 @@ def main(argv=None) -> int:
             c.run("systemctl", "start", "swarmd", timeout=600)
             pid = c.run("systemctl", "show", "-p", "MainPID", "--value", "swarmd").stdout.strip()
             c.run("kill", "-9", pid)
-            until("restarted after kill -9", lambda: c.run("systemctl", "show", "-p", "MainPID", "--value",
-                                                           "swarmd").stdout.strip() not in ("0", pid)
-                  and status_text().startswith("serving"), 120)
+            until(lambda: c.run("systemctl", "show", "-p", "MainPID", "--value", "swarmd").stdout.strip()
+                  not in ("0", pid) and status_text().startswith("serving"), 120, "restarted after kill -9")
         step("restart after kill -9 (Restart=on-failure)", restart_after_kill)
 
         def reboot() -> None:
             c.poweroff()
             c.boot()
-            until("swarmd serving after boot", lambda: status_text().startswith("serving"), 180)
+            until(lambda: status_text().startswith("serving"), 180, "swarmd serving after boot")
         step("start at boot (enabled)", reboot)
 
         def remove() -> None:
@@ -266,7 +260,7 @@ def main(argv=None) -> int:
             assert os.path.isdir(c.path(f"/srv/swarmd/models/{MODEL}"))
             assert os.path.isdir(c.path("/opt")), "purge removed /opt: the package must not own it"
         step("apt-get purge: config and key gone; models and /opt stay", purge)
-    except (Failed, AssertionError, subprocess.TimeoutExpired) as e:
+    except (Failed, AssertionError, subprocess.TimeoutExpired, TimeoutError) as e:
         print(f"FAIL {e}")
         if c.leader:
             print(c.run("journalctl", "-u", "swarmd", "--no-pager", "-n", "40", check=False).stdout)
