@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# CPU torch first, so nothing below pulls a multi-GB CUDA build.
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[test,api,bench]'
+	$(BIN)/pip install -q -e '.[test,api,bench,quant]'
 	touch $(STAMP)
 
 install: $(STAMP)

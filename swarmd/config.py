@@ -5,6 +5,7 @@ as data, and a test keeps the two in step."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from dataclasses import dataclass
@@ -53,13 +54,14 @@ DEFAULTS: dict[str, Any] = {
         "seeds": "/etc/swarmd/seeds.yaml",
     },
     "swarm": {"access": "open", "allowed_keys_dir": "/etc/swarmd/peers.d", "verify": "sample",
-              "verify_probability": 0.05},
+              "verify_probability": 0.05, "quantized": "use"},
     "metrics": {"listen": None},
     "api": dict(API_DEFAULTS),  # read by swarm-api (libswarm/api); checked here too
     "state_dir": "/var/lib/swarmd",
     "log_level": "info",
 }
 
+QUANTIZED_POLICIES = ("use", "avoid", "refuse")
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -132,6 +134,7 @@ class SwarmConfig:
     allowed_keys_dir: str
     verify: str = "sample"  # off / sample / strict: how the gateway checks servers' outputs (docs/security.md)
     verify_probability: float = 0.05  # with sample: the chance that a step has one span checked elsewhere
+    quantized: str = "use"  # use / avoid / refuse: routes through servers with quantized weights or KV caches
 
 
 @dataclass(frozen=True)
@@ -288,6 +291,9 @@ def load_config(path: str, overrides: dict | None = None) -> Config:
         raise r.fail("model", "not set: point it at a local Hugging Face checkpoint directory")
     model = model_from_config(r.string("model", d["model"]), base_dir)
     s = d["serve"]
+    if s["quant"] in ("int8", "nf4") and importlib.util.find_spec("bitsandbytes") is None:
+        raise r.fail("serve.quant", f"{s['quant']} weights need bitsandbytes, which is not installed here "
+                     "(pip install bitsandbytes); or use none")
     serve = ServeConfig(
         blocks=parse_blocks(r, s["blocks"]),
         num_blocks=r.positive_int("serve.num_blocks", s["num_blocks"], allow_auto=True),
@@ -314,10 +320,6 @@ def load_config(path: str, overrides: dict | None = None) -> Config:
                                                   s["limits"]["requests_per_s_per_key"]) or 1,
         ),
     )
-    if serve.quant != "none":
-        raise r.fail("serve.quant", f"{serve.quant} weights are not supported by this version yet; use none")
-    if serve.cache.kv_dtype != "auto":
-        raise r.fail("serve.cache.kv_dtype", "int8 KV caches are not supported by this version yet; use auto")
     n = d["network"]
     announce = n["announce"]
     if isinstance(announce, str):
@@ -352,6 +354,7 @@ def load_config(path: str, overrides: dict | None = None) -> Config:
         allowed_keys_dir=r.string("swarm.allowed_keys_dir", sw["allowed_keys_dir"]),
         verify=r.choice("swarm.verify", sw["verify"], ("off", "sample", "strict")),
         verify_probability=r.fraction("swarm.verify_probability", sw["verify_probability"]),
+        quantized=r.choice("swarm.quantized", sw["quantized"], QUANTIZED_POLICIES),
     )
     listen = d["metrics"]["listen"]
     metrics_listen = None

@@ -68,6 +68,7 @@ class Daemon:
         self.blocks = self._configured_blocks()  # with blocks: auto, chosen at start (and moved later)
         self.device = _device(config.serve.device)
         self.dtype = _dtype(config.serve.dtype, self.device)
+        self.kv_int8 = config.serve.cache.kv_dtype == "int8"
         # two I/O threads: CURVE encrypts in them, and a large tensor's frames then go at twice
         # the speed (tools/bench_transport.py); small messages are not slowed
         self.zctx = zmq.Context(io_threads=2)
@@ -85,6 +86,7 @@ class Daemon:
         self.drain_requested = threading.Event()  # swarmctl drain: main() drains and exits 0
         self.access = AccessControl(config.swarm.access, config.swarm.allowed_keys_dir, self.identity.public_key)
         self.table = PeerTable()
+        self.table.quantized = config.swarm.quantized
         self.pool = ConnectionPool(self.zctx, self.identity, lambda a: self.membership.key_for(a),
                                    config.network.max_message_bytes, resolve_protocol=self.table.protocol_for)
         self._fingerprints: dict[int, str | None] = {}
@@ -165,6 +167,7 @@ class Daemon:
             "adapters": tuple(sorted(server.adapters)),
             "cache_free_bytes": server.budget.free_bytes, "sessions": len(server.sessions),
             "fingerprints": tuple(f[:FINGERPRINT_PREFIX] for f in span.fingerprints) if span else (),
+            "quant": self.config.serve.quant, "kv_dtype": self.config.serve.cache.kv_dtype,
             **self._reach_fields(),
         }
 
@@ -194,7 +197,7 @@ class Daemon:
             self.state = "measuring"
             notify("STATUS=measuring one block's speed (first start on this device and dtype only)")
             self.speed = measure_block_speed(self.checkpoint, self.device, self.dtype, self.config.state_dir,
-                                             self.model_id)
+                                             self.model_id, self.config.serve.quant)
             if self.blocks is None:
                 self.state = "placing"
                 notify("STATUS=placing: learning the swarm to choose blocks")
@@ -244,8 +247,10 @@ class Daemon:
         self.membership.round()
 
     def load_span(self, start: int, end: int) -> Span:
-        log.info("loading blocks %d:%d of %s on %s as %s", start, end, self.checkpoint.dir, self.device,
-                 str(self.dtype).removeprefix("torch."))
+        log.info("loading blocks %d:%d of %s on %s as %s%s%s", start, end, self.checkpoint.dir, self.device,
+                 str(self.dtype).removeprefix("torch."),
+                 f", {self.config.serve.quant} weights" if self.config.serve.quant != "none" else "",
+                 ", int8 KV cache" if self.kv_int8 else "")
 
         def progress(done: int, total: int) -> None:
             self.loaded_blocks = done
@@ -253,7 +258,8 @@ class Daemon:
             if self.state == "loading":  # starting: before READY=1, what systemctl status shows
                 notify(f"STATUS=loading blocks {start}:{end} of {self.model_id}: {done} of {total} loaded")
 
-        return Span(self.checkpoint, start, end, self.device, self.dtype).load(progress)
+        return Span(self.checkpoint, start, end, self.device, self.dtype, quant=self.config.serve.quant,
+                    kv_int8=self.kv_int8).load(progress)
 
     def _start_mdns(self) -> None:
         self.mdns = Mdns(self.config.discovery.mdns_interfaces, self.identity.public_key, self.model_id,
@@ -392,6 +398,8 @@ class Daemon:
     def status(self) -> dict:
         server_info = self.server.info() if self.server else None
         budget = self.server.budget if self.server else None
+        span = self.span
+        per_token = span.cache_bytes(span.start, span.end, 1, 1) if span else 0
         return {
             "version": __version__,
             "protocol": PROTOCOL_VERSION,
@@ -417,15 +425,22 @@ class Daemon:
                 "loaded_blocks": self.loaded_blocks,
                 "device": str(self.device),
                 "dtype": str(self.dtype).removeprefix("torch."),
+                "quant": self.config.serve.quant,
+                "weight_bytes": self.span.weight_bytes() if self.span else None,
             },
             "sessions": {
                 "server": server_info["sessions"] if server_info else 0,
                 "gateway": len(self.gateway.sessions),
             },
             "cache": {
+                "kv_dtype": "int8" if self.kv_int8 else str(self.dtype).removeprefix("torch."),
                 "max_bytes": budget.max_bytes if budget else 0,
                 "used_bytes": budget.used_bytes if budget else 0,
                 "free_bytes": budget.free_bytes if budget else 0,
+                # positions of one sequence through every block served here that the budget holds
+                "bytes_per_token": per_token,
+                "capacity_tokens": budget.max_bytes // per_token if budget and per_token else 0,
+                "free_tokens": budget.free_bytes // per_token if budget and per_token else 0,
             },
             "stats": {**vars(self.server.stats), "shed": self.server.compute.shed,
                       "queued": self.server.compute.queued()} if self.server else {},

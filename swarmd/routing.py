@@ -13,6 +13,7 @@ from libswarm.errors import NoRouteError
 DEFAULT_RTT_S = 0.002
 DEFAULT_BLOCK_S = 0.001
 FULL_PENALTY_S = 1.0
+QUANTIZED_PENALTY_S = 1.0  # swarm.quantized: avoid
 
 
 @dataclass(frozen=True)
@@ -25,12 +26,13 @@ class ServerSpan:
     rtt_s: float | None = None  # round trip from this daemon
     forward_block_s: float | None = None  # its time per block per position in large forward passes
     relayed: bool = False  # reached through a relay (its round trip, when measured, includes the relay's)
+    penalty_s: float = 0.0  # added to its cost: a quantized server that the gateway avoids (swarm.quantized)
 
     def hop_cost(self, blocks: int) -> float:
         rtt_s = self.rtt_s if self.rtt_s is not None else DEFAULT_RTT_S * (2 if self.relayed else 1)
         cost = rtt_s + blocks * (
             self.block_s if self.block_s is not None else DEFAULT_BLOCK_S)
-        return cost + (FULL_PENALTY_S if self.free_cache_bytes == 0 else 0.0)
+        return cost + self.penalty_s + (FULL_PENALTY_S if self.free_cache_bytes == 0 else 0.0)
 
 
 @dataclass(frozen=True)

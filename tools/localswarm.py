@@ -219,18 +219,20 @@ def wait_converged(daemons: list[Daemon], servers: int, limit_s: float = 15.0) -
 @contextmanager
 def running_swarm(model_dir: str, spans: list[str], gateway: bool = True, extra: dict | None = None,
                   root: str | None = None, env: dict | None = None, env_all: dict | None = None,
-                  seeds: str = "all", mdns: bool = False, speeds: dict[int, float] | None = None):
+                  seeds: str = "all", mdns: bool = False, speeds: dict[int, float] | None = None,
+                  server_extra: dict[int, dict] | None = None):
     """Servers for `spans` ("0:2", ...) plus a gateway-only daemon; yields (servers, gateway).
     `env` maps a server's index to extra environment variables for it; `env_all` goes to all.
     Discovery: `seeds` "all" (every server's address), "first" (only the first server's: the
     rest is learnt by gossip) or "none"; `mdns` adds mDNS on loopback. `speeds` maps a server's
-    index to a known block step time (seconds; see Daemon.seed_speed)."""
+    index to a known block step time (seconds; see Daemon.seed_speed). `server_extra` maps a
+    server's index to config sections merged over `extra` for it alone."""
     root = root or tempfile.mkdtemp(prefix="swarm-test-")
     extra = dict(extra or {})
     if mdns:
         extra["discovery"] = {**extra.get("discovery", {}), "mdns": True, "mdns_interfaces": ["127.0.0.1"]}
-    servers = [Daemon(root, f"s{i}", model_dir, b, extra, {**(env_all or {}), **(env or {}).get(i, {})})
-               for i, b in enumerate(spans)]
+    servers = [Daemon(root, f"s{i}", model_dir, b, _merged(extra, (server_extra or {}).get(i, {})),
+                      {**(env_all or {}), **(env or {}).get(i, {})}) for i, b in enumerate(spans)]
     for i, step_s in (speeds or {}).items():
         servers[i].seed_speed(step_s)
     gw = Daemon(root, "gw", model_dir, "none", extra, env_all) if gateway else None
@@ -249,6 +251,14 @@ def running_swarm(model_dir: str, spans: list[str], gateway: bool = True, extra:
             d.terminate()
         for d in everyone:
             d.stop()
+
+
+def _merged(base: dict, over: dict) -> dict:
+    """Config sections `over` merged into `base`, key by key (a section's dicts too)."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+    for k, v in over.items():
+        out[k] = _merged(out.get(k, {}), v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 @contextmanager

@@ -43,10 +43,14 @@ class StatusCommand(Command):
             f"node {short_id(r['node_id'])}",
             f"model     {m['id']}  ({m['architecture']}, {m['num_layers']} blocks, {m['path']})",
             f"serving   blocks {blocks} on {s['device']} as {s['dtype']}"
+            + (f", {s['quant']} weights" if s.get("quant", "none") != "none" else "")
+            + (f" ({human_bytes(s['weight_bytes'])})" if s.get("weight_bytes") else "")
             + (f" at {r['address']}" if r["address"] else ""),
             f"sessions  {r['sessions']['server']} served, {r['sessions']['gateway']} from local apps",
             f"cache     {human_bytes(c['used_bytes'])} used, {human_bytes(c['free_bytes'])} free "
-            f"of {human_bytes(c['max_bytes'])}",
+            f"of {human_bytes(c['max_bytes'])}"
+            + (f" ({c['kv_dtype']}: {c['free_tokens']:,} of {c['capacity_tokens']:,} tokens free)"
+               if c.get("bytes_per_token") else ""),
             f"swarm     {r['membership']['access']}, "
             f"{sum(p['state'] == 'online' for p in r['peers'])} of {len(r['peers'])} peers online"
             + (f", {r['membership']['refused_handshakes']} handshakes refused"

@@ -45,6 +45,8 @@ MAX_NAMES = 64  # adapters
 MAX_NAME_CHARS = 128  # model id, adapter names, version strings, fingerprints
 MAX_RELAYS = 2  # a server that accepts no connections is reached through at most this many relays
 REACHABLE = ("yes", "no", "unknown")
+QUANTS = ("none", "int8", "nf4")
+KV_DTYPES = ("auto", "int8")
 
 
 class RecordError(ProtocolError):
@@ -76,6 +78,13 @@ class Record:
     reachable: str = "unknown"  # yes | no | unknown: whether peers can connect to its addresses
     relay: bool = False  # it relays for servers that accept no connections (network.relay)
     via: tuple[tuple[str, str], ...] = ()  # (node id, address) of the relays it is reached through
+    quant: str = "none"  # none | int8 | nf4: its weights' quantization (serve.quant)
+    kv_dtype: str = "auto"  # auto | int8: its KV cache (serve.cache.kv_dtype)
+
+    @property
+    def quantized(self) -> bool:
+        """Its outputs carry quantization error (weights or KV cache)."""
+        return self.quant != "none" or self.kv_dtype != "auto"
 
     @property
     def contact_addresses(self) -> tuple[str, ...]:
@@ -201,6 +210,10 @@ def _fields(d: dict, node_id: str, sign_key: str, addresses: list, state: str, t
             isinstance(v, list) and len(v) == 2 and is_key(v[0]) and v[0] != node_id and isinstance(v[1], str)
             and v[1].startswith("tcp://") and len(v[1]) < 256 for v in via):
         raise RecordError(f"via must list at most {MAX_RELAYS} [relay node id, tcp:// address] pairs")
+    quant = _short_string(d, "quant") or "none"
+    kv_dtype = _short_string(d, "kv_dtype") or "auto"
+    if quant not in QUANTS or kv_dtype not in KV_DTYPES:
+        raise RecordError(f"quant must be one of {', '.join(QUANTS)} and kv_dtype one of {', '.join(KV_DTYPES)}")
     fingerprints = _names(d, "fingerprints", MAX_BLOCKS)
     if span is not None and len(fingerprints) > span[1] - span[0]:
         raise RecordError("more fingerprints than blocks in its span")
@@ -224,6 +237,8 @@ def _fields(d: dict, node_id: str, sign_key: str, addresses: list, state: str, t
         reachable=reachable,
         relay=d.get("relay") is True,
         via=tuple((v[0], v[1]) for v in via),
+        quant=quant,
+        kv_dtype=kv_dtype,
     )
 
 

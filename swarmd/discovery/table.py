@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from swarmd.discovery.records import Beat, Record
 from swarmd.identity import short_id
-from swarmd.routing import ServerSpan
+from swarmd.routing import QUANTIZED_PENALTY_S, ServerSpan
 
 GOSSIP_INTERVAL_S = 1.0
 FORGET_AFTER_S = 60.0
@@ -75,6 +75,7 @@ class PeerTable:
         # address -> node id for key_for (asked on every hop of every step): rebuilt after a
         # change of who is where
         self._by_address: dict[str, str] | None = None
+        self.quantized = "use"  # swarm.quantized: how servers_for offers quantized servers to routing
 
     # --- liveness ----------------------------------------------------------------------------
     def suspect_after_s(self) -> float:
@@ -339,6 +340,19 @@ class PeerTable:
             e = self._entries.get(key) if key is not None else None
             return e.record.protocol if e is not None else None
 
+    def numerics(self, address: str) -> tuple[str, str]:
+        """(quant, kv_dtype) of the server at `address` as its record says (unknown: unquantized)."""
+        key = self.key_for(address)
+        with self._lock:
+            e = self._entries.get(key) if key is not None else None
+        return (e.record.quant, e.record.kv_dtype) if e is not None else ("none", "auto")
+
+    def unlike(self, address: str) -> frozenset[str]:
+        """The servers whose outputs carry another quantization than that of the server at
+        `address`: a cross-check of its outputs cannot use them (docs/security.md)."""
+        mine = self.numerics(address)
+        return frozenset(e.address for e in self.entries() if (e.record.quant, e.record.kv_dtype) != mine)
+
     def servers_for(self, model_id: str, adapter: str | None = None) -> list[ServerSpan]:
         """Spans of the online servers of this model (hosting `adapter`, if given), for routing."""
         now = time.monotonic()
@@ -353,12 +367,15 @@ class PeerTable:
                 continue  # another node holds that address (a verified one, or an earlier claim)
             if adapter is not None and adapter not in r.adapters:
                 continue
+            if r.quantized and self.quantized == "refuse":
+                continue
             block_s = 1.0 / (r.throughput * (r.span[1] - r.span[0])) if r.throughput > 0 else None
             rtt_s = 0.0 if e.is_self else (e.rtt_ms / 1000 if e.rtt_ms is not None else None)
             forward_block_s = (1.0 / (r.forward_throughput * (r.span[1] - r.span[0]))
                                if r.forward_throughput > 0 else None)
             out.append(ServerSpan(e.address, r.span[0], r.span[1], r.cache_free_bytes, block_s, rtt_s,
-                                  forward_block_s, relayed=bool(r.via)))
+                                  forward_block_s, relayed=bool(r.via),
+                                  penalty_s=QUANTIZED_PENALTY_S if r.quantized and self.quantized == "avoid" else 0.0))
         return out
 
     def to_json(self, e: Entry) -> dict:
@@ -379,6 +396,8 @@ class PeerTable:
             "reachable": r.reachable,
             "relay": r.relay,
             "via": [short_id(rid) for rid, _ in r.via],
+            "quant": r.quant,
+            "kv_dtype": r.kv_dtype,
             "cache_free_bytes": r.cache_free_bytes,
             "sessions": r.sessions,
             "version": r.version,

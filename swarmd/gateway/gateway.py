@@ -481,7 +481,7 @@ class Gateway:
                         " and ".join(claims), e)
             return None
         third = third[:, cut:]
-        tol = tolerance(third.dtype, *(c.dtype for c in claims.values()))
+        tol = tolerance(third.dtype, *(c.dtype for c in claims.values()), quantized=self._quantized(hops[0].address))
         verdict = {a: disagreement(out, third, tol) for a, out in claims.items()}
         wrong = [a for a, why in verdict.items() if why is not None]
         if len(wrong) != 1:
@@ -540,7 +540,7 @@ class Gateway:
                     hops, sids, _, _ = self._open_span(
                         hop.first, hop.last, max_length=sess.max_length, batch=sess.batch, deadline=deadline,
                         history=sess.history if sess.position else None, adapter=sess.adapter,
-                        avoid=frozenset({hop.address}))
+                        avoid=self.router.table.unlike(hop.address) | {hop.address})
                 except NoRouteError as e:
                     raise NoRouteError(f"strict verification needs a second server for blocks "
                                        f"{hop.first}:{hop.last}: {e}") from None
@@ -586,8 +586,10 @@ class Gateway:
         hop, since = sess.hops[k], min(sess.since[k], sess.position)
         if since >= sess.position:
             return
+        unlike = self.router.table.unlike(hop.address)  # another quantization: not comparable
         others = [s for s in self.router.table.servers_for(self.model_id, sess.adapter) if s.address != hop.address
-                  and not self.router.bans.is_banned(s.address) and not self.router.reputation.is_distrusted(s.address)]
+                  and s.address not in unlike and not self.router.bans.is_banned(s.address)
+                  and not self.router.reputation.is_distrusted(s.address)]
         if missing_blocks(others, hop.last, hop.first):  # nobody else holds those blocks now: nothing to compare
             self._count("skipped")
             return
@@ -619,7 +621,8 @@ class Gateway:
         """Positions `since`.. of the session as the hop's server computed them, against other
         servers given the same inputs (every position, to rebuild the cache)."""
         try:
-            theirs, checkers = self._compute_elsewhere(hop.first, hop.last, replay, frozenset({hop.address}),
+            theirs, checkers = self._compute_elsewhere(hop.first, hop.last, replay,
+                                                       self.router.table.unlike(hop.address) | {hop.address},
                                                        sess.batch, sess.adapter)
         except SwarmError as e:
             self._count("inconclusive")
@@ -637,7 +640,7 @@ class Gateway:
     def _compare(self, hop: Hop, ours: torch.Tensor, theirs: torch.Tensor, checkers: list[Hop]) -> str | None:
         """A check of the hop's output against the checkers' (counted): why they differ, or None
         (then every server involved passed)."""
-        why = disagreement(ours, theirs, tolerance(ours.dtype, theirs.dtype))
+        why = disagreement(ours, theirs, tolerance(ours.dtype, theirs.dtype, quantized=self._quantized(hop.address)))
         self._count("run")
         self._count("failed" if why is not None else "passed")
         if why is None:
@@ -651,8 +654,13 @@ class Gateway:
         is one claim: its wrong answer cannot be pinned on one of its servers."""
         claims = {hop.address: ours,
                   checkers[0].address if len(checkers) == 1 else route_text(checkers): theirs}
-        return self._judge(hop.first, hop.last, replay, cut, claims,
-                           frozenset({hop.address, *(h.address for h in checkers)}), sess.batch, sess.adapter)
+        avoid = frozenset({hop.address, *(h.address for h in checkers)}) | self.router.table.unlike(hop.address)
+        return self._judge(hop.first, hop.last, replay, cut, claims, avoid, sess.batch, sess.adapter)
+
+    def _quantized(self, address: str) -> bool:
+        """Whether the server at `address` serves quantized weights or KV caches (then it is
+        compared only with servers of the same quantization, at their tolerance)."""
+        return self.router.table.numerics(address) != ("none", "auto")
 
     def _count(self, what: str) -> None:
         with self._lock:

@@ -32,6 +32,13 @@ DEFAULT_VERIFY_PROBABILITY = 0.05
 # SmolLM2's 30 blocks): the tolerances leave a margin of 100x and 3x. A lie smaller than its
 # tolerance goes unseen, and changes the output by no more than honest 16-bit arithmetic does.
 TOLERANCE = {torch.float32: 1e-3, torch.float16: 1.0, torch.bfloat16: 1.0}
+# Servers with quantized weights or KV caches (serve.quant, serve.cache.kv_dtype) are only ever
+# compared with servers of the same quantization: against the full-precision model they differ
+# by the quantization error itself (nf4 weights: 20 % of the output's norm over 10 of SmolLM2's
+# blocks), which no tolerance separates from a lie. Between two of them, the int8 rounding of a
+# value that one server's arithmetic puts on the other side of a step changes it by a step (at
+# most 1/127 of its vector's largest value), which later blocks carry on: hence 0.1, not 1e-3.
+TOLERANCE_QUANTIZED = 0.1
 
 # The band of a span's growth: per position, the norm (root mean square over the hidden size)
 # of its output over that of its input. Learned per span [first, last) from accepted replies,
@@ -50,9 +57,10 @@ DISTRUST_MAX_S = 7 * 86400.0
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def tolerance(*dtypes: torch.dtype) -> float:
-    """The coarsest tolerance among the dtypes that took part."""
-    return max(TOLERANCE.get(d, 1.0) for d in dtypes)
+def tolerance(*dtypes: torch.dtype, quantized: bool = False) -> float:
+    """The coarsest tolerance among the dtypes that took part (and of quantized servers, when
+    they were)."""
+    return max([TOLERANCE.get(d, 1.0) for d in dtypes] + ([TOLERANCE_QUANTIZED] if quantized else []))
 
 
 def disagreement(a: torch.Tensor, b: torch.Tensor, tol: float) -> str | None:

@@ -668,19 +668,13 @@ class SpanServer:
         if not 0 < batch <= self.max_batch:
             raise LimitError(f"batch {batch} is outside 1..{self.max_batch} allowed by this server")
         lora = self._hosted_adapter(msg, first, last)  # before reserving: a refusal must hold nothing
-        nbytes = SessionCache.bytes_needed(
-            blocks=last - first, batch=batch, max_length=max_length, kv_heads=self.span.num_kv_heads,
-            head_dim=self.span.head_dim, dtype=self.span.dtype,
-        )
+        nbytes = self.span.cache_bytes(first, last, batch, max_length)
         with self._lock:
             held = [x.cache.nbytes for x in self.sessions.values() if x.owner == self._current[2]]
         self.budget.reserve(nbytes)  # a session that fits nowhere here is cache_full, before any per-key limit
         try:
             self.key_limits.admit_session(self._current[2], held, nbytes, self.budget.max_bytes)
-            cache = SessionCache(
-                first=first, last=last, batch=batch, max_length=max_length, kv_heads=self.span.num_kv_heads,
-                head_dim=self.span.head_dim, dtype=self.span.dtype, device=self.span.device,
-            )
+            cache = self.span.new_cache(first, last, batch, max_length)
         except BaseException:
             self.budget.release(nbytes)
             raise

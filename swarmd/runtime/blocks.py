@@ -15,8 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from libswarm.layers import RMSNorm, alibi_slopes
+from swarmd.runtime.kvint8 import Int8KV
 
-KV = tuple[torch.Tensor, torch.Tensor]  # per layer: K, V [B, kv_heads, max_length, head_dim]
+# per layer: K, V [B, kv_heads, max_length, head_dim] in the serving dtype, or their int8 form
+KV = tuple[torch.Tensor, torch.Tensor] | Int8KV
 # Rows of a step's batch that share one cache and one context: a session's. A step of one session
 # is one part; a batched step of several sessions (peer/server.py) has one part per session.
 Part = tuple[slice, "StepContext", "KV | None"]
@@ -38,6 +40,8 @@ def _write_cache(kv: KV | None, k: torch.Tensor, v: torch.Tensor, start: int) ->
     """Store this step's keys/values at [start, start+T) and return all keys/values so far."""
     if kv is None:
         return k, v
+    if isinstance(kv, Int8KV):
+        return kv.write(k, v, start)
     kbuf, vbuf = kv
     end = start + k.shape[2]
     kbuf[:, :, start:end] = k

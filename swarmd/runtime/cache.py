@@ -1,5 +1,6 @@
 """KV caches owned by the server: one per inference session, allocated up front for the
-session's max_length, accounted against a byte budget."""
+session's max_length, accounted against a byte budget. Keys and values are kept in the
+serving dtype, or as int8 with scales (serve.cache.kv_dtype: int8; swarmd/runtime/kvint8.py)."""
 
 from __future__ import annotations
 
@@ -8,32 +9,41 @@ import threading
 import torch
 
 from libswarm.errors import CacheFullError, LimitError, SessionError
+from swarmd.runtime.kvint8 import SCALE_DTYPE, Int8KV, Kernels
 
 
 class SessionCache:
     """Keys/values of blocks [first, last) for `batch` sequences of up to `max_length` positions."""
 
     def __init__(self, *, first: int, last: int, batch: int, max_length: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, kv_int8: bool = False, kernels: Kernels | None = None):
         self.first, self.last = first, last
         self.batch, self.max_length = batch, max_length
         self.length = 0
         shape = (batch, kv_heads, max_length, head_dim)
-        self.kv = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-                   for _ in range(last - first)]
+        self.kv: list[tuple[torch.Tensor, torch.Tensor] | Int8KV]
+        if kv_int8:
+            self.kv = [Int8KV(shape, dtype, device, kernels) for _ in range(last - first)]
+        else:
+            self.kv = [(torch.zeros(shape, dtype=dtype, device=device),
+                        torch.zeros(shape, dtype=dtype, device=device)) for _ in range(last - first)]
         self._positions = torch.zeros(batch, max_length, dtype=torch.long, device=device)
         self._mask = torch.ones(batch, max_length, dtype=torch.bool, device=device)
         self.padded = False  # whether any cached slot is padding (then masks are needed)
         self._pending_pad = False  # whether the step being run brings padding
-        self.nbytes = sum(k.numel() * k.element_size() * 2 for k, _ in self.kv)
+        self.nbytes = sum(kv.nbytes if isinstance(kv, Int8KV) else kv[0].numel() * kv[0].element_size() * 2
+                          for kv in self.kv)
 
     @staticmethod
     def bytes_needed(*, blocks: int, batch: int, max_length: int, kv_heads: int, head_dim: int,
-                     dtype: torch.dtype) -> int:
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        return 2 * blocks * batch * kv_heads * max_length * head_dim * itemsize
+                     dtype: torch.dtype, kv_int8: bool = False) -> int:
+        """Exactly what the cache of such a session allocates (its `nbytes`)."""
+        values = 2 * blocks * batch * kv_heads * max_length * head_dim
+        if kv_int8:
+            return values + SCALE_DTYPE.itemsize * (values // head_dim)  # int8 values, a scale per vector
+        return values * dtype.itemsize
 
-    def layer(self, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def layer(self, block: int) -> tuple[torch.Tensor, torch.Tensor] | Int8KV:
         return self.kv[block - self.first]
 
     def check_step(self, batch: int, length: int) -> None:
@@ -66,7 +76,11 @@ class SessionCache:
         """Beam search: row i continues the sequence cached as row order[i] (rows may repeat)."""
         n = self.length
         index = order.to(self._positions.device)
-        for k, v in self.kv:
+        for kv in self.kv:
+            if isinstance(kv, Int8KV):
+                kv.reorder(index, n)
+                continue
+            k, v = kv
             k[:, :, :n] = k[index, :, :n]
             v[:, :, :n] = v[index, :, :n]
         self._positions[:, :n] = self._positions[index, :n]

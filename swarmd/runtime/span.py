@@ -24,6 +24,8 @@ from swarmd.runtime.blocks import (
     make_slopes,
 )
 from swarmd.runtime.cache import SessionCache
+from swarmd.runtime.kvint8 import Kernels, kernels_for
+from swarmd.runtime.quant import QUANT_MODES, module_bytes, quantize_block
 
 log = logging.getLogger("swarmd.runtime")
 
@@ -56,12 +58,21 @@ class Lora:
 
 
 class Span:
-    def __init__(self, checkpoint: Checkpoint, start: int, end: int, device: torch.device, dtype: torch.dtype):
+    def __init__(self, checkpoint: Checkpoint, start: int, end: int, device: torch.device, dtype: torch.dtype,
+                 quant: str = "none", kv_int8: bool = False):
+        """Blocks [start, end) of `checkpoint` computing in `dtype` on `device`, their linear
+        layers' weights quantized by `quant` (swarmd/runtime/quant.py), and sessions' KV caches
+        kept as int8 when `kv_int8` (swarmd/runtime/kvint8.py)."""
         n = checkpoint.num_layers
         if not (0 <= start < end <= n):
             raise ConfigError(f"blocks {start}:{end} out of range: the model has blocks 0:{n}")
+        if quant not in QUANT_MODES:
+            raise ConfigError(f"unknown weight quantization {quant!r} (one of {', '.join(QUANT_MODES)})")
         self.checkpoint, self.start, self.end = checkpoint, start, end
         self.device, self.dtype = device, dtype
+        self.quant, self.kv_int8 = quant, kv_int8
+        self.kv_kernels: Kernels | None = None  # set by load() on CUDA
+        self._weight_bytes = 0
         self.config = checkpoint.config
         self.family = checkpoint.family
         self.blocks = nn.ModuleList()
@@ -99,13 +110,33 @@ class Span:
                     f"(missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]})"
                 )
             block.load_state_dict({k: state[k] for k in expected}, assign=True)
+            quantize_block(block, self.quant, self.device, self.dtype)
             block.to(self.device).eval().requires_grad_(False)
             self.blocks.append(block)
             self.windows.add(block.window)
             if progress:
                 progress(n + 1, self.end - self.start)
-        log.info("loaded blocks %d:%d in %.1f s", self.start, self.end, time.monotonic() - t0)
+        self._weight_bytes = module_bytes(self.blocks)
+        if self.kv_int8:
+            self.kv_kernels = kernels_for(self.device, self.dtype, self.head_dim)
+        log.info("loaded blocks %d:%d in %.1f s%s", self.start, self.end, time.monotonic() - t0,
+                 f" ({self.quant} weights, {self.weight_bytes() / 2**20:.1f} MiB)" if self.quant != "none" else "")
         return self
+
+    def weight_bytes(self) -> int:
+        """What the loaded blocks' weights take in memory (quantized ones with their scales)."""
+        return self._weight_bytes
+
+    def cache_bytes(self, first: int, last: int, batch: int, max_length: int) -> int:
+        """What a session's KV cache over blocks [first, last) takes (SessionCache.nbytes)."""
+        return SessionCache.bytes_needed(blocks=last - first, batch=batch, max_length=max_length,
+                                         kv_heads=self.num_kv_heads, head_dim=self.head_dim, dtype=self.dtype,
+                                         kv_int8=self.kv_int8)
+
+    def new_cache(self, first: int, last: int, batch: int, max_length: int) -> SessionCache:
+        return SessionCache(first=first, last=last, batch=batch, max_length=max_length, kv_heads=self.num_kv_heads,
+                            head_dim=self.head_dim, dtype=self.dtype, device=self.device, kv_int8=self.kv_int8,
+                            kernels=self.kv_kernels)
 
     @torch.inference_mode()
     def run(self, hidden: torch.Tensor, position_ids: torch.Tensor, key_mask: torch.Tensor | None, first: int,

@@ -24,7 +24,7 @@ FORWARD_TOKENS = 128  # the "large batch": one forward of this many positions
 class BlockSpeed:
     step_s: float  # one block, one one-token inference step (batch 1)
     forward_tokens_per_s: float  # one block, a forward of FORWARD_TOKENS positions
-    block_bytes: int  # one block's weights in the serving dtype
+    block_bytes: int  # one block's weights in the serving dtype (quantized: with their scales)
 
     def span_throughput(self, blocks: int, step_bytes: int = 0, bandwidth_bps: float | None = None) -> float:
         """One-token steps per second through a span of `blocks` blocks: its compute, or its
@@ -49,9 +49,10 @@ def _timed(fn, device: torch.device, runs: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def speed_key(model_id: str, device: torch.device | str, dtype: torch.dtype) -> str:
-    """Where a measurement is kept in throughput.json: one per model, device and dtype."""
-    return f"{model_id}:{device}:{dtype}"
+def speed_key(model_id: str, device: torch.device | str, dtype: torch.dtype, quant: str = "none") -> str:
+    """Where a measurement is kept in throughput.json: one per model, device, dtype and weight
+    quantization."""
+    return f"{model_id}:{device}:{dtype}" + (f":{quant}" if quant != "none" else "")
 
 
 def save_speed(state_dir: str, key: str, speed: BlockSpeed, known: dict | None = None) -> None:
@@ -70,8 +71,8 @@ def _plausible(speed: BlockSpeed) -> bool:
 
 
 def measure_block_speed(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype, state_dir: str,
-                        model_id: str) -> BlockSpeed:
-    key = speed_key(model_id, device, dtype)
+                        model_id: str, quant: str = "none") -> BlockSpeed:
+    key = speed_key(model_id, device, dtype, quant)
     path = os.path.join(state_dir, "throughput.json")
     known: dict = {}
     try:
@@ -86,10 +87,11 @@ def measure_block_speed(checkpoint: Checkpoint, device: torch.device, dtype: tor
             log.warning("%s holds an impossible measurement for this model (%s): measuring again", path, cached)
     except (OSError, ValueError, KeyError, TypeError):
         known = {}
-    log.info("measuring one block's speed on %s as %s (once; kept in %s)", device, str(dtype)[6:], path)
+    log.info("measuring one block's speed on %s as %s%s (once; kept in %s)", device, str(dtype)[6:],
+             f" with {quant} weights" if quant != "none" else "", path)
     t0 = time.monotonic()
-    span = Span(checkpoint, 0, 1, device, dtype).load()
-    block_bytes = sum(p.numel() * p.element_size() for p in span.blocks.parameters())
+    span = Span(checkpoint, 0, 1, device, dtype, quant=quant).load()
+    block_bytes = span.weight_bytes()
     H = span.hidden_size
     with torch.no_grad():
         x1 = torch.zeros(1, 1, H, dtype=dtype, device=device)

@@ -54,6 +54,9 @@ def test_repo_default_config_documents_every_key():
         ({"model": "/m", "serve": {"batch_window_ms": "soon"}}, r"serve\.batch_window_ms: must be auto or"),
         ({"model": "/m", "serve": {"batch_window_ms": -1}}, r"serve\.batch_window_ms: must be auto or"),
         ({"model": "/m", "serve": {"batch_window_ms": 5000}}, r"serve\.batch_window_ms: must be auto or"),
+        ({"model": "/m", "serve": {"quant": "int4"}}, r"serve\.quant: must be one of"),
+        ({"model": "/m", "serve": {"cache": {"kv_dtype": "fp8"}}}, r"serve\.cache\.kv_dtype: must be one of"),
+        ({"model": "/m", "swarm": {"quantized": "never"}}, r"swarm\.quantized: must be one of"),
         ({"serve": {"blocks": "0:2"}}, r"model: not set"),
         ({"model": "/m", "log_level": "loud"}, r"log_level"),
         ("model: [unclosed", r"not valid YAML"),
@@ -65,6 +68,18 @@ def test_bad_config_names_file_and_key(tmp_path, data, needle):
     with pytest.raises(ConfigError, match=needle) as e:
         load_config(path)
     assert str(e.value).startswith(path)
+    assert "\n" not in str(e.value)
+
+
+def test_quantized_weights_without_bitsandbytes_are_refused_in_one_line(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    path = write(tmp_path, {"model": "/m", "serve": {"quant": "nf4"}})
+    with pytest.raises(ConfigError, match=r"serve\.quant: nf4 weights need bitsandbytes") as e:
+        load_config(path)
     assert "\n" not in str(e.value)
 
 

@@ -122,6 +122,28 @@ def test_table_keeps_the_newest_version_and_a_failed_contact_ends_in_dead_unless
     assert t.state(e) == "dead" and t.sums(16) == "0" * 128  # dead records are not passed on
 
 
+def test_quantized_servers_are_offered_to_routing_as_the_gateway_is_configured():
+    from swarmd.routing import plan_chain
+
+    t = PeerTable()
+    plain, quant = ident(), ident()
+    for i, over, address in ((plain, {}, "tcp://10.0.0.1:1"), (quant, dict(quant="nf4", kv_dtype="int8"),
+                                                                "tcp://10.0.0.2:1")):
+        # the quantized server looks a little faster: a gateway that takes it routes through it
+        r = record(i, addresses=(address,), throughput=10.5 if over else 10.0, **over)
+        t.merge(r, r.sign(i))
+        t.observe(i.public_key, rtt_ms=3.0, unreachable=None)
+    assert t.numerics("tcp://10.0.0.2:1") == ("nf4", "int8") and t.numerics("tcp://10.0.0.1:1") == ("none", "auto")
+    assert t.unlike("tcp://10.0.0.2:1") == {"tcp://10.0.0.1:1"}
+    routes = {}
+    for policy in ("use", "avoid", "refuse"):
+        t.quantized = policy
+        servers = t.servers_for("m")
+        routes[policy] = ([h.address for h in plan_chain(servers, 2, "m")], len(servers))
+    assert routes == {"use": (["tcp://10.0.0.2:1"], 2), "avoid": (["tcp://10.0.0.1:1"], 2),
+                      "refuse": (["tcp://10.0.0.1:1"], 1)}
+
+
 def test_anti_entropy_sends_only_the_buckets_that_differ():
     ours, theirs = PeerTable(), PeerTable()
     nodes = [ident() for _ in range(40)]
@@ -221,6 +243,9 @@ def test_next_incarnation_grows_across_starts_even_with_a_clock_behind(tmp_path,
     (dict(span=(0, 2), fingerprints=("a", "b", "c")), "more fingerprints"),
     (dict(seq=-1), "'seq' must be within"),
     (dict(reachable="maybe"), "reachable must be one of"),
+    (dict(quant="int3"), "quant must be one of"),
+    (dict(kv_dtype="fp8"), "quant must be one of"),
+    (dict(quant=["int8"]), "'quant'"),
     (dict(via=(("not a key", "tcp://10.0.0.2:1"),)), "via must list"),
     (dict(via=tuple((ident().public_key, "tcp://10.0.0.2:1") for _ in range(3))), "via must list"),
     (dict(via=((ident().public_key, "udp://10.0.0.2:1"),)), "via must list"),

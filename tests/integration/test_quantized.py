@@ -1,0 +1,89 @@
+"""Servers with quantized weights and int8 KV caches (serve.quant, serve.cache.kv_dtype) in a
+swarm of real daemons on SmolLM2-135M: what they hold, what they say, how gateways route
+around them (swarm.quantized) and check them (only against servers of the same quantization)."""
+
+import subprocess
+
+import pytest
+import torch
+from helpers import SWARMCTL, running_swarm, until
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from libswarm import AutoDistributedModelForCausalLM
+from libswarm.client import SwarmClient
+
+# s0 serves the first half; s1 the second with int8 weights and an int8 KV cache, s2 the same
+# blocks unquantized but announced slow, so that a gateway that takes quantized servers uses s1
+SPANS = ["0:15", "15:30", "15:30"]
+CACHE = "16MiB"
+QUANTIZED = {"serve": {"quant": "int8", "cache": {"max_bytes": CACHE, "kv_dtype": "int8"}}}
+# s0's own gateway takes quantized servers and checks a span of every step elsewhere; the
+# gateway-only daemon refuses quantized servers
+USES = {"swarm": {"quantized": "use", "verify": "sample", "verify_probability": 1.0}}
+
+
+@pytest.fixture(scope="module")
+def swarm(real_model):
+    extra = {"swarm": {"quantized": "refuse"}, "serve": {"cache": {"max_bytes": CACHE}}}
+    with running_swarm(real_model, SPANS, extra=extra, speeds={2: 0.5},
+                       server_extra={0: USES, 1: QUANTIZED}) as (servers, gw):
+        yield servers, gw
+
+
+def chat(tokenizer, prompt: str) -> torch.Tensor:
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                        return_tensors="pt")
+    return ids if torch.is_tensor(ids) else ids["input_ids"]
+
+
+def sessions_opened(daemon) -> int:
+    return SwarmClient(socket=daemon.socket).status()["stats"]["sessions_opened"]
+
+
+def test_a_quantized_server_holds_less_and_twice_the_tokens_and_says_so(swarm):
+    servers, gw = swarm
+    plain, quant = (SwarmClient(socket=s.socket).status() for s in (servers[2], servers[1]))
+    assert quant["serve"]["quant"] == "int8" and plain["serve"]["quant"] == "none"
+    # int8 rows of a float32 checkpoint: a quarter of the weights' bytes, and a little more
+    assert quant["serve"]["weight_bytes"] <= 0.27 * plain["serve"]["weight_bytes"]
+    assert quant["cache"]["kv_dtype"] == "int8" and plain["cache"]["kv_dtype"] == "float32"
+    assert quant["cache"]["max_bytes"] == plain["cache"]["max_bytes"]
+    # the same budget holds 4 / (1 + 2 / 64) times the positions of a float32 cache
+    ratio = quant["cache"]["capacity_tokens"] / plain["cache"]["capacity_tokens"]
+    assert 3.8 <= ratio <= 3.9, ratio
+    # its record says so, and an operator sees it
+    peers = {p["address"]: p for p in SwarmClient(socket=gw.socket).peers()}
+    assert peers[servers[1].address]["quant"] == "int8" and peers[servers[1].address]["kv_dtype"] == "int8"
+    assert peers[servers[2].address]["quant"] == "none"
+    out = subprocess.run([SWARMCTL, "--socket", servers[1].socket, "status"], capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert "int8 weights" in out.stdout and "int8:" in out.stdout and "tokens free" in out.stdout
+
+
+def test_generation_through_int8_weights_and_cache_gives_hf_answer_and_checks_only_like_servers(swarm, real_model):
+    servers, gw = swarm
+    tokenizer = AutoTokenizer.from_pretrained(real_model)
+    ref = AutoModelForCausalLM.from_pretrained(real_model, dtype=torch.float32).eval()
+    model = AutoDistributedModelForCausalLM.from_pretrained(real_model, socket=servers[0].socket)
+    before = sessions_opened(servers[1])
+    ids = chat(tokenizer, "What is the capital of France? Answer in one sentence.")
+    kw = dict(do_sample=False, max_new_tokens=12)
+    out = model.generate(ids, **kw)
+    assert sessions_opened(servers[1]) > before  # it went through the quantized server
+    assert torch.equal(out, ref.generate(ids, **kw)), tokenizer.decode(out[0])
+    # every step had a span checked elsewhere: s1 (int8) has no twin of its quantization, so
+    # its outputs were never held against an unquantized server's (which differ by design)
+    status = SwarmClient(socket=servers[0].socket).status()["gateway"]["verify"]
+    assert status["checks"].get("failed", 0) == 0 and status["checks"].get("skipped", 0) > 0
+    assert all(s["offences"] == 0 and s["distrusted_s"] == 0 for s in status["servers"])
+
+
+def test_a_gateway_that_refuses_quantized_servers_routes_around_them(swarm, real_model):
+    servers, gw = swarm
+    model = AutoDistributedModelForCausalLM.from_pretrained(real_model, socket=gw.socket)
+    before = [sessions_opened(s) for s in servers[1:]]
+    ids = torch.randint(100, 40000, (1, 6), generator=torch.Generator().manual_seed(8))
+    model.generate(ids, do_sample=False, max_new_tokens=3)
+    until(lambda: sessions_opened(servers[2]) > before[1], 10, "the unquantized server opened no session")
+    assert sessions_opened(servers[1]) == before[0]
