@@ -542,7 +542,10 @@ class Gateway:
                         history=sess.history if sess.position else None, adapter=sess.adapter,
                         avoid=self.router.table.unlike(hop.address) | {hop.address})
                 except NoRouteError as e:
-                    raise NoRouteError(f"strict verification needs a second server for blocks "
+                    quant, kv = self.router.table.numerics(hop.address)
+                    like = f" with {quant} weights and a {kv} KV cache like {hop.address}'s" \
+                        if self._quantized(hop.address) else ""
+                    raise NoRouteError(f"strict verification needs a second server{like} for blocks "
                                        f"{hop.first}:{hop.last}: {e}") from None
                 shadow = sess.shadows[span] = Shadow(hop.address, hops, sids)
             try:
