@@ -30,6 +30,7 @@ DEFAULTS: dict[str, Any] = {
         "max_length": 8192,
         "max_batch": 64,
         "batch_window_ms": "auto",
+        "cuda_graphs": True,
         "session_idle_timeout_s": 600,
         "rebalance_interval_s": 60,
         "drain_timeout_s": 300,
@@ -101,6 +102,7 @@ class ServeConfig:
     cache: CacheConfig
     limits: LimitsConfig
     batch_window_s: float | None = None  # decode steps of several sessions wait this long to run together; None: auto
+    cuda_graphs: bool = True  # on CUDA, sessions' one-position steps replayed as CUDA graphs
 
 
 @dataclass(frozen=True)
@@ -303,6 +305,7 @@ def load_config(path: str, overrides: dict | None = None) -> Config:
         max_length=r.positive_int("serve.max_length", s["max_length"]) or 1,
         max_batch=r.positive_int("serve.max_batch", s["max_batch"]) or 1,
         batch_window_s=_window(r, s["batch_window_ms"]),
+        cuda_graphs=s["cuda_graphs"],
         session_idle_timeout_s=float(r.positive_int("serve.session_idle_timeout_s", s["session_idle_timeout_s"]) or 1),
         rebalance_interval_s=float(r.positive_int("serve.rebalance_interval_s", s["rebalance_interval_s"]) or 1),
         drain_timeout_s=float(r.positive_int("serve.drain_timeout_s", s["drain_timeout_s"]) or 1),
@@ -335,6 +338,8 @@ def load_config(path: str, overrides: dict | None = None) -> Config:
         relay_max_bytes_per_s=r.size("network.relay_max_bytes_per_s", n["relay_max_bytes_per_s"]) or 1,
         relay_max_servers=r.positive_int("network.relay_max_servers", n["relay_max_servers"]) or 1,
     )
+    if not isinstance(s["cuda_graphs"], bool):
+        raise r.fail("serve.cuda_graphs", f"must be true or false, got {s['cuda_graphs']!r}")
     if not isinstance(n["relay"], bool):
         raise r.fail("network.relay", f"must be true or false, got {n['relay']!r}")
     disc = d["discovery"]

@@ -259,7 +259,7 @@ class Daemon:
                 notify(f"STATUS=loading blocks {start}:{end} of {self.model_id}: {done} of {total} loaded")
 
         return Span(self.checkpoint, start, end, self.device, self.dtype, quant=self.config.serve.quant,
-                    kv_int8=self.kv_int8).load(progress)
+                    kv_int8=self.kv_int8, cuda_graphs=self.config.serve.cuda_graphs).load(progress)
 
     def _start_mdns(self) -> None:
         self.mdns = Mdns(self.config.discovery.mdns_interfaces, self.identity.public_key, self.model_id,
@@ -427,6 +427,9 @@ class Daemon:
                 "dtype": str(self.dtype).removeprefix("torch."),
                 "quant": self.config.serve.quant,
                 "weight_bytes": self.span.weight_bytes() if self.span else None,
+                # on CUDA: sessions whose decode steps were captured, or why graphs are off
+                "cuda_graphs": ({"captured": span.graphs.captured, "held": len(span.graphs.graphs),
+                                 "off": span.graphs.off} if span is not None and span.graphs is not None else None),
             },
             "sessions": {
                 "server": server_info["sessions"] if server_info else 0,

@@ -1065,6 +1065,7 @@ class SpanServer:
         if s is None:
             return False
         self.budget.release(s.cache.nbytes)
+        s.span.forget(s.cache)
         return True
 
     def expire_idle(self) -> None:

@@ -34,12 +34,24 @@ class StepContext:
     causal: bool  # no mask and a fresh prefix: let SDPA apply the causal mask itself
     rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin [B, T, head_dim]
     alibi: torch.Tensor | None = None  # float [B, heads, T|1, L] with masked slots at -inf
+    # a decode step with static shapes (build_static_context): the cache slot of the new position
+    # as a device tensor [1]; keys/values are written there and attention spans the whole cache
+    slot: torch.Tensor | None = None
 
 
-def _write_cache(kv: KV | None, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Store this step's keys/values at [start, start+T) and return all keys/values so far."""
+def _write_cache(kv: KV | None, k: torch.Tensor, v: torch.Tensor,
+                 ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """Store this step's keys/values at [start, start+T) and return all keys/values so far
+    (with a static slot: at that slot, and return the whole cache)."""
     if kv is None:
         return k, v
+    if ctx.slot is not None:
+        if isinstance(kv, Int8KV):
+            return kv.write_at(k, v, ctx.slot)
+        kv[0].index_copy_(2, ctx.slot, k)
+        kv[1].index_copy_(2, ctx.slot, v)
+        return kv
+    start = ctx.start
     if isinstance(kv, Int8KV):
         return kv.write(k, v, start)
     kbuf, vbuf = kv
@@ -118,7 +130,7 @@ class LlamaBlock(nn.Module):
         outs = []
         for rows, ctx, kv in parts:
             q, k, v = q_all[rows], k_all[rows], v_all[rows]
-            k, v = _write_cache(kv, k, v, ctx.start)
+            k, v = _write_cache(kv, k, v, ctx)
             mask = ctx.masks.get(self.window)
             outs.append(F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=ctx.causal and mask is None,
@@ -168,7 +180,7 @@ class BloomBlock(nn.Module):
         outs = []
         for rows, ctx, kv in parts:
             q, k, v = (fused[rows, :, :, i, :].transpose(1, 2) for i in range(3))
-            k, v = _write_cache(kv, k, v, ctx.start)
+            k, v = _write_cache(kv, k, v, ctx)
             outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.alibi, scale=self.head_dim**-0.5))
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
         x = self.self_attention.dense(out.transpose(1, 2).reshape(B, T, H)) + residual
@@ -265,6 +277,28 @@ def build_context(
         ctx.alibi = bias.to(like.dtype)
         ctx.causal = False
     return ctx
+
+
+def build_static_context(*, slot: torch.Tensor, key_mask: torch.Tensor, position_ids: torch.Tensor,
+                         windows: set[int | None], rotary: Rotary, like: torch.Tensor) -> StepContext:
+    """A one-position decode step (Llama family) whose shapes do not depend on the session's
+    length, so that it can be captured once as a CUDA graph and replayed at every position:
+    the new keys/values go to cache slot `slot` (a device tensor [1]) and attention spans all
+    `key_mask.shape[1]` slots of the cache, those after `slot` masked out.
+
+    key_mask: bool [B, max_length], False for padding (the cache's own mask, slots not yet
+    written included: they are masked by position). position_ids: [B, 1]."""
+    L = key_mask.shape[1]
+    k_slots = torch.arange(L, device=like.device)
+    seen = k_slots <= slot  # [L]
+    padded = key_mask[:, None, None, :]  # [B, 1, 1, L]
+    masks: dict[int | None, torch.Tensor | None] = {}
+    for w in windows:
+        allowed = seen if w is None else seen & (k_slots > slot - w)
+        masks[w] = allowed[None, None, None, :] & padded
+    cos, sin = rotary(like, position_ids)
+    return StepContext(start=-1, length=1, masks=masks, causal=False, rope=(cos.to(like.dtype), sin.to(like.dtype)),
+                       slot=slot)
 
 
 def make_slopes(config, family: str) -> torch.Tensor | None:

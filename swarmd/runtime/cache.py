@@ -94,6 +94,11 @@ class SessionCache:
     def key_positions(self, end: int) -> torch.Tensor:
         return self._positions[:, :end]
 
+    def slot_mask(self) -> torch.Tensor:
+        """bool [batch, max_length]: False where a written slot is padding (for static-shape
+        steps, which mask the slots not written yet by position)."""
+        return self._mask
+
     def key_mask(self, end: int) -> torch.Tensor | None:
         if self.padded or self._pending_pad:
             return self._mask[:, :end]

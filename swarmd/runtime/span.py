@@ -21,9 +21,11 @@ from swarmd.runtime.blocks import (
     Rotary,
     StepContext,
     build_context,
+    build_static_context,
     make_slopes,
 )
 from swarmd.runtime.cache import SessionCache
+from swarmd.runtime.graphs import DecodeGraphs
 from swarmd.runtime.kvint8 import Kernels, kernels_for
 from swarmd.runtime.quant import QUANT_MODES, module_bytes, quantize_block
 
@@ -59,10 +61,11 @@ class Lora:
 
 class Span:
     def __init__(self, checkpoint: Checkpoint, start: int, end: int, device: torch.device, dtype: torch.dtype,
-                 quant: str = "none", kv_int8: bool = False):
+                 quant: str = "none", kv_int8: bool = False, cuda_graphs: bool = True):
         """Blocks [start, end) of `checkpoint` computing in `dtype` on `device`, their linear
         layers' weights quantized by `quant` (swarmd/runtime/quant.py), and sessions' KV caches
-        kept as int8 when `kv_int8` (swarmd/runtime/kvint8.py)."""
+        kept as int8 when `kv_int8` (swarmd/runtime/kvint8.py). On CUDA, sessions' one-position
+        steps are replayed as CUDA graphs unless `cuda_graphs` is False (swarmd/runtime/graphs.py)."""
         n = checkpoint.num_layers
         if not (0 <= start < end <= n):
             raise ConfigError(f"blocks {start}:{end} out of range: the model has blocks 0:{n}")
@@ -72,6 +75,8 @@ class Span:
         self.device, self.dtype = device, dtype
         self.quant, self.kv_int8 = quant, kv_int8
         self.kv_kernels: Kernels | None = None  # set by load() on CUDA
+        self.graphs: DecodeGraphs | None = None  # set by load() on CUDA
+        self._cuda_graphs = cuda_graphs
         self._weight_bytes = 0
         self.config = checkpoint.config
         self.family = checkpoint.family
@@ -119,9 +124,46 @@ class Span:
         self._weight_bytes = module_bytes(self.blocks)
         if self.kv_int8:
             self.kv_kernels = kernels_for(self.device, self.dtype, self.head_dim)
+        if self.device.type == "cuda" and self._cuda_graphs and self.static_steps():
+            self.graphs = DecodeGraphs(self)
         log.info("loaded blocks %d:%d in %.1f s%s", self.start, self.end, time.monotonic() - t0,
                  f" ({self.quant} weights, {self.weight_bytes() / 2**20:.1f} MiB)" if self.quant != "none" else "")
         return self
+
+    def static_steps(self) -> bool:
+        """Whether one-position steps can run with static shapes (_static_step): the Llama
+        family, with rotary embeddings that do not change with the sequence's length."""
+        if self.family != "llama" or self.rotary is None:
+            return False
+        rope_type = str(getattr(self.rotary.impl, "rope_type", "default"))
+        return "dynamic" not in rope_type and "longrope" not in rope_type
+
+    @torch.inference_mode()
+    def decode_static(self, hidden: torch.Tensor, position_ids: torch.Tensor, first: int, last: int,
+                      cache: SessionCache) -> torch.Tensor:
+        """A one-position step as a CUDA graph runs it, eagerly: equal to run() (tested)."""
+        pos = position_ids.to(self.device)
+        cache.record(pos, None)
+        slot = torch.full((1,), cache.length, dtype=torch.long, device=self.device)
+        out = self._static_step(hidden.to(self.device, self.dtype), pos, slot, cache, first, last)
+        cache.advance(1)
+        return out
+
+    def _static_step(self, x: torch.Tensor, position_ids: torch.Tensor, slot: torch.Tensor, cache: SessionCache,
+                     first: int, last: int) -> torch.Tensor:
+        """Blocks [first, last) on x [B, 1, H] at cache slot `slot` (a device tensor), with
+        shapes that do not depend on the slot (what a CUDA graph captures)."""
+        assert self.rotary is not None
+        ctx = build_static_context(slot=slot, key_mask=cache.slot_mask(), position_ids=position_ids,
+                                   windows=self.windows, rotary=self.rotary, like=x)
+        for i in range(first, last):
+            x = self.blocks[i - self.start](x, ctx, cache.layer(i))
+        return x
+
+    def forget(self, cache: SessionCache) -> None:
+        """A session over this span is closed (its CUDA graph, if any, is dropped)."""
+        if self.graphs is not None:
+            self.graphs.forget(cache)
 
     def weight_bytes(self) -> int:
         """What the loaded blocks' weights take in memory (quantized ones with their scales)."""
@@ -148,6 +190,11 @@ class Span:
         to everything cached before them; without one, this is a plain causal forward. `lora`
         and `deep_prompts` apply for this call only."""
         if lora is None:  # the decode hot path: no hooks to set up
+            if self.graphs is not None and cache is not None and hidden.shape[1] == 1 and deep_prompts is None \
+                    and (key_mask is None or bool(key_mask.all())):
+                out = self.graphs.step(hidden, position_ids, cache, first, last)
+                if out is not None:
+                    return out
             return self._run(hidden, position_ids, key_mask, first, last, cache, deep_prompts)
         with self._lora_applied(lora, first, last):
             return self._run(hidden, position_ids, key_mask, first, last, cache, deep_prompts)

@@ -57,6 +57,7 @@ def test_repo_default_config_documents_every_key():
         ({"model": "/m", "serve": {"quant": "int4"}}, r"serve\.quant: must be one of"),
         ({"model": "/m", "serve": {"cache": {"kv_dtype": "fp8"}}}, r"serve\.cache\.kv_dtype: must be one of"),
         ({"model": "/m", "swarm": {"quantized": "never"}}, r"swarm\.quantized: must be one of"),
+        ({"model": "/m", "serve": {"cuda_graphs": "yes"}}, r"serve\.cuda_graphs: must be true or false"),
         ({"serve": {"blocks": "0:2"}}, r"model: not set"),
         ({"model": "/m", "log_level": "loud"}, r"log_level"),
         ("model: [unclosed", r"not valid YAML"),
