@@ -139,7 +139,7 @@ class RemoteBlocks(torch.autograd.Function):
                                                      route_timeout_s=model.route_timeout_s, keep=True,
                                                      **model._lora_wire())
         ctx.pass_id = fields.get("pass")  # the gateway keeps each hop's input for backward
-        return out.to(hidden.dtype)
+        return out.to(hidden.device, hidden.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):  # type: ignore[override]
@@ -152,8 +152,8 @@ class RemoteBlocks(torch.autograd.Function):
         missing = [n for n, _ in trainables if f"grad_{n}" not in lora_grads]
         if missing:
             raise ProtocolError(f"the swarm returned no gradient for {missing[0]}")
-        return (grad.to(hidden.dtype), None, None, None,
-                *(lora_grads[f"grad_{n}"].to(p.dtype) for n, p in trainables))
+        return (grad.to(hidden.device, hidden.dtype), None, None, None,
+                *(lora_grads[f"grad_{n}"].to(p.device, p.dtype) for n, p in trainables))
 
 
 class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
@@ -312,7 +312,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         else:
             out = self.client.forward(self.model_id, hidden, positions, key_mask, route_timeout_s=self.route_timeout_s,
                                       adapter=self.adapter, **self._lora_wire())
-        out = out.to(hidden.dtype)[:, n_prompt:]
+        out = out.to(hidden.device, hidden.dtype)[:, n_prompt:]  # the client's parts may be on a GPU
         logits = self.lm_head(self.norm(out))
         loss = None
         if labels is not None:
