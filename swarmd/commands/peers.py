@@ -5,12 +5,20 @@ import argparse
 from swarmd.commands.base import Command, table
 
 
+def _quantized(p: dict) -> str:
+    """What a server's outputs are quantized by, after its span: " nf4", " int8 KV", " int8+int8 KV"."""
+    parts = [q for q in (p.get("quant", "none"),) if q != "none"]
+    if p.get("kv_dtype", "auto") == "int8":
+        parts.append("int8 KV")
+    return (" " + "+".join(parts)) if parts else ""
+
+
 def peer_rows(peers: list[dict]) -> str:
     rows = [
         [
             (p.get("short_id") or "-") + (" (self)" if p.get("is_self") else ""),
             p["address"],
-            f"{p['span'][0]}:{p['span'][1]}" if p.get("span") else "-",
+            (f"{p['span'][0]}:{p['span'][1]}" if p.get("span") else "-") + _quantized(p),
             p["state"],
             f"{p['throughput']:.1f}" if p.get("throughput") else "-",
             f"{p['rtt_ms']:.2f}" if p.get("rtt_ms") is not None else "-",

@@ -59,6 +59,7 @@ def test_a_quantized_server_holds_less_and_twice_the_tokens_and_says_so(swarm):
                          timeout=30)
     assert out.returncode == 0, out.stderr
     assert "int8 weights" in out.stdout and "int8:" in out.stdout and "tokens free" in out.stdout
+    assert "15:30 int8+int8 KV" in out.stdout  # its row among the peers
 
 
 def test_generation_through_int8_weights_and_cache_gives_hf_answer_and_checks_only_like_servers(swarm, real_model):
