@@ -35,22 +35,24 @@ class StepContext:
     rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin [B, T, head_dim]
     alibi: torch.Tensor | None = None  # float [B, heads, T|1, L] with masked slots at -inf
     # a decode step with static shapes (build_static_context): the cache slot of the new position
-    # as a device tensor [1]; keys/values are written there and attention spans the whole cache
+    # as a device tensor [1]; keys/values are written there and attention spans the cache's
+    # first `attend` slots (a bucket that holds the slot)
     slot: torch.Tensor | None = None
+    attend: int = 0
 
 
 def _write_cache(kv: KV | None, k: torch.Tensor, v: torch.Tensor,
                  ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
     """Store this step's keys/values at [start, start+T) and return all keys/values so far
-    (with a static slot: at that slot, and return the whole cache)."""
+    (with a static slot: at that slot, and return the first ctx.attend slots)."""
     if kv is None:
         return k, v
     if ctx.slot is not None:
         if isinstance(kv, Int8KV):
-            return kv.write_at(k, v, ctx.slot)
+            return kv.write_at(k, v, ctx.slot, ctx.attend)
         kv[0].index_copy_(2, ctx.slot, k)
         kv[1].index_copy_(2, ctx.slot, v)
-        return kv
+        return kv[0][:, :, :ctx.attend], kv[1][:, :, :ctx.attend]
     start = ctx.start
     if isinstance(kv, Int8KV):
         return kv.write(k, v, start)
@@ -282,12 +284,13 @@ def build_context(
 def build_static_context(*, slot: torch.Tensor, key_mask: torch.Tensor, position_ids: torch.Tensor,
                          windows: set[int | None], rotary: Rotary, like: torch.Tensor) -> StepContext:
     """A one-position decode step (Llama family) whose shapes do not depend on the session's
-    length, so that it can be captured once as a CUDA graph and replayed at every position:
-    the new keys/values go to cache slot `slot` (a device tensor [1]) and attention spans all
-    `key_mask.shape[1]` slots of the cache, those after `slot` masked out.
+    length, so that it can be captured once as a CUDA graph and replayed at every position of
+    a bucket: the new keys/values go to cache slot `slot` (a device tensor [1]) and attention
+    spans the first `key_mask.shape[1]` slots of the cache (the bucket), those after `slot`
+    masked out.
 
-    key_mask: bool [B, max_length], False for padding (the cache's own mask, slots not yet
-    written included: they are masked by position). position_ids: [B, 1]."""
+    key_mask: bool [B, bucket], the cache's own mask of those slots, False for padding (slots
+    not yet written are masked by position). position_ids: [B, 1]."""
     L = key_mask.shape[1]
     k_slots = torch.arange(L, device=like.device)
     seen = k_slots <= slot  # [L]
@@ -298,7 +301,20 @@ def build_static_context(*, slot: torch.Tensor, key_mask: torch.Tensor, position
         masks[w] = allowed[None, None, None, :] & padded
     cos, sin = rotary(like, position_ids)
     return StepContext(start=-1, length=1, masks=masks, causal=False, rope=(cos.to(like.dtype), sin.to(like.dtype)),
-                       slot=slot)
+                       slot=slot, attend=L)
+
+
+MIN_BUCKET = 64
+
+
+def attend_bucket(length: int, max_length: int) -> int:
+    """The cache slots a static-shape step at slot `length` attends over: the smallest power
+    of two (at least MIN_BUCKET) above `length`, at most the cache's size. A step costs what
+    its bucket holds, not the session's max_length, for log2(max_length / 64) graphs a session."""
+    bucket = MIN_BUCKET
+    while bucket <= length:
+        bucket *= 2
+    return min(bucket, max_length)
 
 
 def make_slopes(config, family: str) -> torch.Tensor | None:

@@ -2,11 +2,12 @@
 hundred small kernels (0.7 ms per Llama-7B layer eagerly on an H100, against a memory floor
 near 0.07 ms), so on CUDA it is captured once per session and replayed at every position.
 
-What makes a step replayable is Span._static_step: the same shapes at every position (the new
-keys/values go to a slot given as a device tensor, attention spans the session's whole cache
-with the slots after it masked out). A graph bakes in the addresses of its session's cache, so
-there is one per session (at most MAX_GRAPHS, the least recently used dropped), captured at the
-session's first single-position step. The first replay on a span is checked against the same
+What makes a step replayable is Span._static_step: the same shapes at every position of a
+bucket (the new keys/values go to a slot given as a device tensor; attention spans the
+cache's first 64, 128, 256, ... slots, a power of two above the slot, with the slots after it
+masked out). A graph bakes in the addresses of its session's cache, so there is one per session
+and bucket (at most MAX_GRAPHS, the least recently used dropped), captured at the first step in
+that bucket. The first replay on a span is checked against the same
 step run eagerly; a capture or a check that fails turns graphs off for the span (logged), and
 steps run eagerly as before. Prefills, several positions, LoRA, deep prompts and batched steps
 of several sessions always run eagerly.
@@ -22,6 +23,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from swarmd.runtime.blocks import attend_bucket
+
 if TYPE_CHECKING:
     from swarmd.runtime.cache import SessionCache
     from swarmd.runtime.span import Span
@@ -33,11 +36,11 @@ CHECK_TOLERANCE = 1e-2  # graph against eager on the first replay: the same kern
 
 
 class _Graph:
-    """One session's captured step over blocks [first, last)."""
+    """One session's captured step over blocks [first, last), attending over `attend` slots."""
 
-    def __init__(self, span: Span, cache: SessionCache, first: int, last: int):
+    def __init__(self, span: Span, cache: SessionCache, first: int, last: int, attend: int):
         dev, B, H = span.device, cache.batch, span.hidden_size
-        self.cache, self.first, self.last = cache, first, last
+        self.cache, self.first, self.last, self.attend = cache, first, last, attend
         self.x = torch.zeros(B, 1, H, dtype=span.dtype, device=dev)
         self.pos = torch.zeros(B, 1, dtype=torch.long, device=dev)
         # capturing runs the step: with the slot at the cache's length, what it writes there is
@@ -50,11 +53,11 @@ class _Graph:
         side.wait_stream(stream)
         with torch.cuda.stream(side):  # warm-up off the capture (allocator, lazy inits)
             for _ in range(2):
-                span._static_step(self.x, self.pos, self.slot, cache, first, last)
+                span._static_step(self.x, self.pos, self.slot, cache, first, last, attend)
         stream.wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.out = span._static_step(self.x, self.pos, self.slot, cache, first, last)
+            self.out = span._static_step(self.x, self.pos, self.slot, cache, first, last, attend)
 
     def replay(self, hidden: torch.Tensor, position_ids: torch.Tensor, slot: int) -> torch.Tensor:
         self.x_host.copy_(hidden)
@@ -72,7 +75,8 @@ class DecodeGraphs:
 
     def __init__(self, span: Span):
         self.span = span
-        self.graphs: OrderedDict[int, _Graph] = OrderedDict()  # id(cache) -> graph, least recent first
+        # (id(cache), bucket) -> graph, least recently used first
+        self.graphs: OrderedDict[tuple[int, int], _Graph] = OrderedDict()
         self.off: str | None = None  # why graphs are not used (None: they are)
         self.checked = False
         self.captured = 0
@@ -83,22 +87,24 @@ class DecodeGraphs:
         """The step's output (on the CPU), or None when it is to run eagerly."""
         if self.off is not None:
             return None
+        attend = attend_bucket(cache.length, cache.max_length)
+        key = (id(cache), attend)
         with self._lock:
-            g = self.graphs.get(id(cache))
+            g = self.graphs.get(key)
             if g is not None and (g.cache is not cache or (g.first, g.last) != (first, last)):
                 g = None
             if g is not None:
-                self.graphs.move_to_end(id(cache))
+                self.graphs.move_to_end(key)
         cache.record(position_ids.to(self.span.device), None)
         slot = cache.length
         if g is None:
             try:
-                g = _Graph(self.span, cache, first, last)
+                g = _Graph(self.span, cache, first, last, attend)
             except Exception as e:  # e.g. an op that cannot be captured on this build
                 self._turn_off(f"capture failed: {type(e).__name__}: {e}")
                 return None
             with self._lock:
-                self.graphs[id(cache)] = g
+                self.graphs[key] = g
                 self.captured += 1
                 while len(self.graphs) > MAX_GRAPHS:
                     self.graphs.popitem(last=False)
@@ -107,7 +113,8 @@ class DecodeGraphs:
             # the same step eagerly (it writes the same keys/values to the same slot again)
             x = hidden.to(self.span.device, self.span.dtype)
             eager = self.span._static_step(x, position_ids.to(self.span.device),
-                                           torch.full((1,), slot, device=self.span.device), cache, first, last).cpu()
+                                           torch.full((1,), slot, device=self.span.device), cache, first, last,
+                                           attend).cpu()
             scale = eager.abs().max().item() or 1.0
             if not torch.isfinite(out).all() or (out - eager).abs().max().item() > CHECK_TOLERANCE * scale:
                 self._turn_off("a replayed step differs from the same step run eagerly")
@@ -117,9 +124,10 @@ class DecodeGraphs:
         return out
 
     def forget(self, cache: SessionCache) -> None:
-        """The session is closed: its graph (and the memory it holds) goes."""
+        """The session is closed: its graphs (and the memory they hold) go."""
         with self._lock:
-            self.graphs.pop(id(cache), None)
+            for key in [k for k, g in self.graphs.items() if g.cache is cache]:
+                del self.graphs[key]
 
     def _turn_off(self, why: str) -> None:
         self.off = why

@@ -74,15 +74,17 @@ class Int8KV:
         return (dequantize(self.k[:, :, :end], self.k_scale[:, :, :end], self.dtype),
                 dequantize(self.v[:, :, :end], self.v_scale[:, :, :end], self.dtype))
 
-    def write_at(self, k: torch.Tensor, v: torch.Tensor, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def write_at(self, k: torch.Tensor, v: torch.Tensor, slot: torch.Tensor,
+                 attend: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A static-shape decode step (a CUDA graph): keys/values [B, kv_heads, 1, D] stored
-        at `slot` (a device tensor [1]); returns the whole cache in the attention's dtype. Torch
-        operations only, so that the step can be captured."""
+        at `slot` (a device tensor [1]); returns the first `attend` slots in the attention's
+        dtype. Torch operations only, so that the step can be captured."""
         for src, buf, scale in ((k, self.k, self.k_scale), (v, self.v, self.v_scale)):
             q, s = quantize(src)
             buf.index_copy_(2, slot, q)
             scale.index_copy_(2, slot, s)
-        return dequantize(self.k, self.k_scale, self.dtype), dequantize(self.v, self.v_scale, self.dtype)
+        return (dequantize(self.k[:, :, :attend], self.k_scale[:, :, :attend], self.dtype),
+                dequantize(self.v[:, :, :attend], self.v_scale[:, :, :attend], self.dtype))
 
     def reorder(self, index: torch.Tensor, n: int) -> None:
         for t in (self.k, self.v, self.k_scale, self.v_scale):

@@ -20,6 +20,7 @@ from swarmd.runtime.blocks import (
     LlamaBlock,
     Rotary,
     StepContext,
+    attend_bucket,
     build_context,
     build_static_context,
     make_slopes,
@@ -145,16 +146,18 @@ class Span:
         pos = position_ids.to(self.device)
         cache.record(pos, None)
         slot = torch.full((1,), cache.length, dtype=torch.long, device=self.device)
-        out = self._static_step(hidden.to(self.device, self.dtype), pos, slot, cache, first, last)
+        out = self._static_step(hidden.to(self.device, self.dtype), pos, slot, cache, first, last,
+                                attend_bucket(cache.length, cache.max_length))
         cache.advance(1)
         return out
 
     def _static_step(self, x: torch.Tensor, position_ids: torch.Tensor, slot: torch.Tensor, cache: SessionCache,
-                     first: int, last: int) -> torch.Tensor:
-        """Blocks [first, last) on x [B, 1, H] at cache slot `slot` (a device tensor), with
-        shapes that do not depend on the slot (what a CUDA graph captures)."""
+                     first: int, last: int, attend: int) -> torch.Tensor:
+        """Blocks [first, last) on x [B, 1, H] at cache slot `slot` (a device tensor), attending
+        over the cache's first `attend` slots: shapes that do not depend on the slot (what a
+        CUDA graph captures, once per bucket of slots)."""
         assert self.rotary is not None
-        ctx = build_static_context(slot=slot, key_mask=cache.slot_mask(), position_ids=position_ids,
+        ctx = build_static_context(slot=slot, key_mask=cache.slot_mask()[:, :attend], position_ids=position_ids,
                                    windows=self.windows, rotary=self.rotary, like=x)
         for i in range(first, last):
             x = self.blocks[i - self.start](x, ctx, cache.layer(i))

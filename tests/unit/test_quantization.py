@@ -231,3 +231,25 @@ def test_static_shape_decode_steps_equal_the_eager_path(model_dirs, family, int8
     # rounding boundary of the cache changes by a step (5e-4 to 8e-4 of the largest output)
     rel = ((a - b).abs().max() / b.abs().max()).item()
     assert rel <= (5e-3 if int8 else 1e-5), rel
+
+
+@pytest.mark.parametrize("int8", [False, True])
+@torch.no_grad()
+def test_static_steps_attend_over_growing_buckets_and_equal_the_eager_path(model_dirs, int8):
+    """A static-shape step attends over the cache's first 64, 128, ... slots (the bucket that
+    holds its slot; a CUDA graph each), not over all of max_length: crossing 64 and 128 here."""
+    from swarmd.runtime.blocks import attend_bucket
+
+    assert [attend_bucket(n, 200) for n in (0, 63, 64, 127, 128, 199)] == [64, 64, 128, 128, 200, 200]
+    assert attend_bucket(10, 32) == 32
+    ck = Checkpoint(model_dirs("llama"))
+    sp = Span(ck, 0, ck.num_layers, CPU, torch.float32, kv_int8=int8).load()
+    h = torch.randn(1, 140, ck.config.hidden_size, generator=torch.Generator().manual_seed(10))
+    pos = torch.arange(140)[None]
+    a, b = sp.new_cache(0, sp.end, 1, 200), sp.new_cache(0, sp.end, 1, 200)
+    sp.run(h[:, :4], pos[:, :4], None, 0, sp.end, cache=a)
+    sp.run(h[:, :4], pos[:, :4], None, 0, sp.end, cache=b)
+    eager = torch.cat([sp.run(h[:, t:t + 1], pos[:, t:t + 1], None, 0, sp.end, cache=a) for t in range(4, 140)], 1)
+    static = torch.cat([sp.decode_static(h[:, t:t + 1], pos[:, t:t + 1], 0, sp.end, b) for t in range(4, 140)], 1)
+    rel = ((static - eager).abs().max() / eager.abs().max()).item()
+    assert rel <= (5e-3 if int8 else 1e-5), rel
