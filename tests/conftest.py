@@ -34,6 +34,20 @@ def model_dirs(tmp_path_factory):
     return get
 
 
+def embed(ref, ids):
+    """What HF's model feeds its first block for `ids` (BLOOM: after its embedding LayerNorm)."""
+    base = ref.base_model
+    h = base.get_input_embeddings()(ids)
+    return base.word_embeddings_layernorm(h) if hasattr(base, "word_embeddings_layernorm") else h
+
+
+def head(ref, h):
+    """HF's model's logits for its last block's output `h`."""
+    base = ref.base_model
+    norm = base.ln_f if hasattr(base, "ln_f") else base.norm
+    return ref.lm_head(norm(h))
+
+
 def hf_reference(model_dir: str):
     from transformers import AutoModelForCausalLM
 

@@ -3,7 +3,7 @@ against Hugging Face's model and the full-precision cache on the same weights.""
 
 import pytest
 import torch
-from conftest import hf_reference
+from conftest import embed, head, hf_reference
 
 from libswarm.checkpoint import Checkpoint
 from swarmd.runtime import kvint8
@@ -11,18 +11,6 @@ from swarmd.runtime.cache import SessionCache
 from swarmd.runtime.span import Span
 
 CPU = torch.device("cpu")
-
-
-def embed(ref, ids):
-    base = ref.base_model
-    h = base.get_input_embeddings()(ids)
-    return base.word_embeddings_layernorm(h) if hasattr(base, "word_embeddings_layernorm") else h
-
-
-def head(ref, h):
-    base = ref.base_model
-    norm = base.ln_f if hasattr(base, "ln_f") else base.norm
-    return ref.lm_head(norm(h))
 
 
 def test_int8_reference_round_trip_is_within_half_a_step_and_keeps_zero_vectors():

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import hf_reference
+from conftest import embed, head, hf_reference
 
 from libswarm.checkpoint import Checkpoint, model_id_of
 from libswarm.errors import CacheFullError, ConfigError, LimitError, ModelError
@@ -11,18 +11,6 @@ from swarmd.runtime.cache import CacheBudget, SessionCache
 from swarmd.runtime.span import Span
 
 FAMILIES = ["llama", "mistral", "qwen2", "bloom"]
-
-
-def embed(ref, ids):
-    base = ref.base_model
-    h = base.get_input_embeddings()(ids)
-    return base.word_embeddings_layernorm(h) if hasattr(base, "word_embeddings_layernorm") else h
-
-
-def head(ref, h):
-    base = ref.base_model
-    norm = base.ln_f if hasattr(base, "ln_f") else base.norm
-    return ref.lm_head(norm(h))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
