@@ -31,14 +31,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("swarmd.runtime")
 
-MAX_GRAPHS = 32  # sessions with a captured step at once (each holds its own activation memory)
+MAX_GRAPHS = 32  # captured steps kept (sessions x buckets), the least recently used dropped
 CHECK_TOLERANCE = 1e-2  # graph against eager on the first replay: the same kernels, so ~0
 
 
 class _Graph:
     """One session's captured step over blocks [first, last), attending over `attend` slots."""
 
-    def __init__(self, span: Span, cache: SessionCache, first: int, last: int, attend: int):
+    def __init__(self, span: Span, cache: SessionCache, first: int, last: int, attend: int, pool):
         dev, B, H = span.device, cache.batch, span.hidden_size
         self.cache, self.first, self.last, self.attend = cache, first, last, attend
         self.x = torch.zeros(B, 1, H, dtype=span.dtype, device=dev)
@@ -56,7 +56,8 @@ class _Graph:
                 span._static_step(self.x, self.pos, self.slot, cache, first, last, attend)
         stream.wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: other threads of the daemon may use the device while this one captures
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
             self.out = span._static_step(self.x, self.pos, self.slot, cache, first, last, attend)
 
     def replay(self, hidden: torch.Tensor, position_ids: torch.Tensor, slot: int) -> torch.Tensor:
@@ -81,6 +82,11 @@ class DecodeGraphs:
         self.checked = False
         self.captured = 0
         self._lock = threading.Lock()
+        # one memory pool for every graph's activations: graphs replay one at a time, on the
+        # compute thread, and each output is copied out at once, so what one leaves behind
+        # another may overwrite (without sharing, each graph would hold its own: for an int8
+        # cache, the dequantized keys and values of a whole bucket)
+        self.pool = torch.cuda.graph_pool_handle()
 
     def step(self, hidden: torch.Tensor, position_ids: torch.Tensor, cache: SessionCache, first: int,
              last: int) -> torch.Tensor | None:
@@ -99,7 +105,7 @@ class DecodeGraphs:
         slot = cache.length
         if g is None:
             try:
-                g = _Graph(self.span, cache, first, last, attend)
+                g = _Graph(self.span, cache, first, last, attend, self.pool)
             except Exception as e:  # e.g. an op that cannot be captured on this build
                 self._turn_off(f"capture failed: {type(e).__name__}: {e}")
                 return None
