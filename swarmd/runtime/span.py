@@ -125,7 +125,8 @@ class Span:
         self._weight_bytes = module_bytes(self.blocks)
         if self.kv_int8:
             self.kv_kernels = kernels_for(self.device, self.dtype, self.head_dim)
-        if self.device.type == "cuda" and self._cuda_graphs and self.static_steps():
+        # LLM.int8() picks outlier columns per input (shapes that depend on the data): not capturable
+        if self.device.type == "cuda" and self._cuda_graphs and self.static_steps() and self.quant != "int8":
             self.graphs = DecodeGraphs(self)
         log.info("loaded blocks %d:%d in %.1f s%s", self.start, self.end, time.monotonic() - t0,
                  f" ({self.quant} weights, {self.weight_bytes() / 2**20:.1f} MiB)" if self.quant != "none" else "")
