@@ -241,3 +241,24 @@ def test_static_steps_attend_over_growing_buckets_and_equal_the_eager_path(model
     static = torch.cat([sp.decode_static(h[:, t:t + 1], pos[:, t:t + 1], 0, sp.end, b) for t in range(4, 140)], 1)
     rel = ((static - eager).abs().max() / eager.abs().max()).item()
     assert rel <= (5e-3 if int8 else 1e-5), rel
+
+
+def test_a_quantized_servers_measured_block_is_its_quantized_size_and_kept_apart(model_dirs, tmp_path):
+    """The number of blocks that fit (placement.blocks_that_fit) divides by the block's bytes as
+    measured at first start: with serve.quant, those of the quantized block, kept under their
+    own key so that switching quantization measures again."""
+    import json
+
+    from swarmd.placement import blocks_that_fit
+    from swarmd.runtime.speed import measure_block_speed
+
+    d = model_dirs("llama", hidden=128, heads=2)
+    ck = Checkpoint(d)
+    plain = measure_block_speed(ck, CPU, torch.float32, str(tmp_path), ck.model_id)
+    nf4 = measure_block_speed(ck, CPU, torch.float32, str(tmp_path), ck.model_id, "nf4")
+    assert nf4.block_bytes <= 0.2 * plain.block_bytes
+    with open(tmp_path / "throughput.json") as f:
+        kept = json.load(f)
+    assert len(kept) == 2 and any(k.endswith(":nf4") for k in kept)
+    memory = 20 * plain.block_bytes
+    assert blocks_that_fit(memory, nf4.block_bytes, 0, 1000) >= 5 * blocks_that_fit(memory, plain.block_bytes, 0, 1000)
