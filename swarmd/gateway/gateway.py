@@ -543,7 +543,7 @@ class Gateway:
                         avoid=self.router.table.unlike(hop.address) | {hop.address})
                 except NoRouteError as e:
                     quant, kv = self.router.table.numerics(hop.address)
-                    like = f" with {quant} weights and a {kv} KV cache like {hop.address}'s" \
+                    like = f" quantized like {hop.address} (weights {quant}, KV cache {kv})" \
                         if self._quantized(hop.address) else ""
                     raise NoRouteError(f"strict verification needs a second server{like} for blocks "
                                        f"{hop.first}:{hop.last}: {e}") from None
