@@ -63,6 +63,8 @@ DEFAULTS: dict[str, Any] = {
 }
 
 QUANTIZED_POLICIES = ("use", "avoid", "refuse")
+QUANT_MODES = ("none", "int8", "nf4")  # serve.quant, and a record's quant
+KV_DTYPES = ("auto", "int8")  # serve.cache.kv_dtype, and a record's kv_dtype
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -301,7 +303,7 @@ def load_config(path: str, overrides: dict | None = None) -> Config:
         num_blocks=r.positive_int("serve.num_blocks", s["num_blocks"], allow_auto=True),
         device=_device(r, s["device"]),
         dtype=r.choice("serve.dtype", s["dtype"], ("auto", "float32", "bfloat16", "float16")),
-        quant=r.choice("serve.quant", s["quant"], ("none", "int8", "nf4")),
+        quant=r.choice("serve.quant", s["quant"], QUANT_MODES),
         max_length=r.positive_int("serve.max_length", s["max_length"]) or 1,
         max_batch=r.positive_int("serve.max_batch", s["max_batch"]) or 1,
         batch_window_s=_window(r, s["batch_window_ms"]),
@@ -314,7 +316,7 @@ def load_config(path: str, overrides: dict | None = None) -> Config:
         adapters=_adapters(r, s["adapters"], base_dir),
         cache=CacheConfig(
             max_bytes=r.size("serve.cache.max_bytes", s["cache"]["max_bytes"], allow_auto=True),
-            kv_dtype=r.choice("serve.cache.kv_dtype", s["cache"]["kv_dtype"], ("auto", "int8")),
+            kv_dtype=r.choice("serve.cache.kv_dtype", s["cache"]["kv_dtype"], KV_DTYPES),
         ),
         limits=LimitsConfig(
             sessions_per_key=r.positive_int("serve.limits.sessions_per_key", s["limits"]["sessions_per_key"]) or 1,

@@ -24,6 +24,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from libswarm.errors import ProtocolError
+from swarmd.config import KV_DTYPES, QUANT_MODES
 from swarmd.identity import NodeIdentity, is_key, node_id_of_sign_key, short_id, verify
 from swarmd.transport.relay import relayed_address
 
@@ -45,8 +46,6 @@ MAX_NAMES = 64  # adapters
 MAX_NAME_CHARS = 128  # model id, adapter names, version strings, fingerprints
 MAX_RELAYS = 2  # a server that accepts no connections is reached through at most this many relays
 REACHABLE = ("yes", "no", "unknown")
-QUANTS = ("none", "int8", "nf4")
-KV_DTYPES = ("auto", "int8")
 
 
 class RecordError(ProtocolError):
@@ -212,8 +211,8 @@ def _fields(d: dict, node_id: str, sign_key: str, addresses: list, state: str, t
         raise RecordError(f"via must list at most {MAX_RELAYS} [relay node id, tcp:// address] pairs")
     quant = _short_string(d, "quant") or "none"
     kv_dtype = _short_string(d, "kv_dtype") or "auto"
-    if quant not in QUANTS or kv_dtype not in KV_DTYPES:
-        raise RecordError(f"quant must be one of {', '.join(QUANTS)} and kv_dtype one of {', '.join(KV_DTYPES)}")
+    if quant not in QUANT_MODES or kv_dtype not in KV_DTYPES:
+        raise RecordError(f"quant must be one of {', '.join(QUANT_MODES)} and kv_dtype one of {', '.join(KV_DTYPES)}")
     fingerprints = _names(d, "fingerprints", MAX_BLOCKS)
     if span is not None and len(fingerprints) > span[1] - span[0]:
         raise RecordError("more fingerprints than blocks in its span")

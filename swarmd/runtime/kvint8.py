@@ -39,10 +39,6 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torc
     return (q.float() * scale.float().unsqueeze(-1)).to(dtype)
 
 
-def bytes_per_value(head_dim: int) -> float:
-    return 1.0 + SCALE_DTYPE.itemsize / head_dim
-
-
 class Int8KV:
     """One block's keys and values for a session: int8 [B, kv_heads, max_length, head_dim]
     each, with float16 scales [B, kv_heads, max_length]. Attention gets them back in `dtype`."""

@@ -22,7 +22,6 @@ from libswarm.errors import ConfigError
 
 log = logging.getLogger("swarmd.runtime")
 
-QUANT_MODES = ("none", "int8", "nf4")
 INT8_THRESHOLD = 6.0  # LLM.int8()'s outlier threshold (bitsandbytes' and transformers' default)
 
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from libswarm.checkpoint import Checkpoint
 from libswarm.errors import ConfigError, ModelError, TensorError
+from swarmd.config import QUANT_MODES
 from swarmd.runtime.blocks import (
     BLOCK_CLASSES,
     BloomBlock,
@@ -28,7 +29,7 @@ from swarmd.runtime.blocks import (
 from swarmd.runtime.cache import SessionCache
 from swarmd.runtime.graphs import DecodeGraphs
 from swarmd.runtime.kvint8 import Kernels, kernels_for
-from swarmd.runtime.quant import QUANT_MODES, module_bytes, quantize_block
+from swarmd.runtime.quant import module_bytes, quantize_block
 
 log = logging.getLogger("swarmd.runtime")
 
