@@ -20,7 +20,7 @@ from libswarm.protocol import Message, decode, error_reply, ok_reply, registry
 log = logging.getLogger("swarmd.local")
 
 WORKERS = 64  # concurrent app requests (each holds its own peer connections): many sessions step at once
-POLL_INTERVAL_MS = 500
+POLL_INTERVAL_MS = 100  # how long the loop waits for a message before it looks at idle sessions and at stop
 
 Handler = Callable[[Message], tuple[dict, dict | None]]
 
