@@ -80,7 +80,6 @@ def profile_from_env(env=os.environ) -> LinkProfile | None:
     return profile if profile is not None and profile.active else None
 
 
-@functools.lru_cache(maxsize=1)
 @functools.cache
 def process_profile() -> LinkProfile | None:
     """This process's emulated link, read once from its environment."""
