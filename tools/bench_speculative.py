@@ -3,6 +3,7 @@
 plain and speculative, side by side in one run, with the same tokens checked.
 
     python tools/bench_speculative.py [--model smollm2-135m-instruct] [--delay-ms 50] [--draft-blocks 10 20]
+                                      [--draft-model DIR ...]
 
 Every peer message is delayed by --delay-ms (SWARMD_NET_DELAY_MS: a round trip of twice that),
 so a token's cost is mostly the chain's round trips. Speculative decoding drafts tokens locally
@@ -10,6 +11,8 @@ and verifies several in one pass through the swarm:
 - "assisted": HF's assisted generation with a draft model made of the same model's first
   --draft-blocks blocks, its final norm and LM head (same tokenizer, no other checkpoint),
   drafting --draft-tokens tokens per pass;
+- "assisted, DIR": the same with a separate draft checkpoint of the same tokenizer (--draft-model:
+  a directory, or a model name libswarm.models knows);
 - "prompt lookup": drafts copied from the prompt (HF's prompt_lookup_num_tokens), for
   answers that repeat their input.
 Each mode must give exactly the plain greedy tokens."""
@@ -36,13 +39,15 @@ PROMPTS = [
 ]
 
 
-def early_exit(model_dir: str, blocks: int, tokens: int):
-    """The draft: the model's first `blocks` blocks, then its final norm and LM head."""
+def early_exit(model_dir: str, blocks: int | None, tokens: int):
+    """The draft: the model's first `blocks` blocks (all of them: None), then its final norm and
+    LM head."""
     from transformers import AutoModelForCausalLM
 
     draft = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    draft.model.layers = draft.model.layers[:blocks]
-    draft.config.num_hidden_layers = blocks
+    if blocks is not None:
+        draft.model.layers = draft.model.layers[:blocks]
+        draft.config.num_hidden_layers = blocks
     draft.generation_config.num_assistant_tokens = tokens
     draft.generation_config.num_assistant_tokens_schedule = "constant"
     return draft
@@ -52,7 +57,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--delay-ms", type=float, default=50.0, help="added to every peer message (RTT: twice this)")
-    p.add_argument("--draft-blocks", type=int, nargs="+", default=[10, 20])
+    p.add_argument("--draft-blocks", type=int, nargs="*", default=[10, 20])
+    p.add_argument("--draft-model", nargs="*", default=[],
+                   help="separate draft checkpoints (directories or known model names); the model's own name is "
+                        "the perfect draft, an upper bound")
     p.add_argument("--draft-tokens", type=int, default=4, help="tokens drafted per pass (constant)")
     p.add_argument("--tokens", type=int, default=48)
     a = p.parse_args(argv)
@@ -70,6 +78,10 @@ def main(argv=None) -> int:
     modes: dict[str, dict] = {"plain": {}}
     for blocks in a.draft_blocks:
         modes[f"assisted, {blocks} blocks"] = {"assistant_model": early_exit(d, blocks, a.draft_tokens)}
+    for name in a.draft_model:
+        path = name if os.path.isdir(name) else get_model(name, os.path.join(os.path.dirname(HERE), ".cache", "models"))
+        modes[f"assisted, {os.path.basename(os.path.normpath(name))}"] = {
+            "assistant_model": early_exit(path, None, a.draft_tokens)}
     modes["prompt lookup"] = {"prompt_lookup_num_tokens": 10}
     results: dict[str, list[tuple[int, float]]] = {m: [] for m in modes}
     same = {m: True for m in modes}
@@ -94,7 +106,7 @@ def main(argv=None) -> int:
     for mode, runs in results.items():
         rate = sum(t for t, _ in runs) / sum(s for _, s in runs)
         per_prompt = ", ".join(f"{t / s:.2f}" for t, s in runs)
-        print(f"  {mode:14s} {rate:6.2f} tokens/s  ({rate / base:.2f}x plain; per prompt {per_prompt})  "
+        print(f"  {mode:34s} {rate:6.2f} tokens/s  ({rate / base:.2f}x plain; per prompt {per_prompt})  "
               f"same tokens as plain: {'yes' if same[mode] else 'NO'}")
     return 0 if all(same.values()) else 1
 
