@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 import time
+from typing import NoReturn
 
 from libswarm import __version__
 from libswarm.errors import SwarmError
@@ -113,10 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     log.info("stopping")
     daemon.stop()
     exit_now(0)
-    return 0  # not reached
 
 
-def exit_now(code: int) -> None:
+def exit_now(code: int) -> NoReturn:
     """Exit once the daemon has stopped, without the interpreter's own teardown: freeing the
     objects of torch and transformers one by one costs about a CPU second on every stop and
     restart, and nothing is left to flush by then (sockets closed, state written, logs flushed

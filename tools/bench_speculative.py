@@ -39,7 +39,7 @@ PROMPTS = [
 ]
 
 
-def early_exit(model_dir: str, blocks: int | None, tokens: int):
+def draft_model(model_dir: str, blocks: int | None, tokens: int):
     """The draft: the model's first `blocks` blocks (all of them: None), then its final norm and
     LM head."""
     from transformers import AutoModelForCausalLM
@@ -77,11 +77,11 @@ def main(argv=None) -> int:
     spans = [f"{x}:{y}" for x, y in zip(cuts, cuts[1:])]
     modes: dict[str, dict] = {"plain": {}}
     for blocks in a.draft_blocks:
-        modes[f"assisted, {blocks} blocks"] = {"assistant_model": early_exit(d, blocks, a.draft_tokens)}
+        modes[f"assisted, {blocks} blocks"] = {"assistant_model": draft_model(d, blocks, a.draft_tokens)}
     for name in a.draft_model:
         path = name if os.path.isdir(name) else get_model(name, os.path.join(os.path.dirname(HERE), ".cache", "models"))
         modes[f"assisted, {os.path.basename(os.path.normpath(name))}"] = {
-            "assistant_model": early_exit(path, None, a.draft_tokens)}
+            "assistant_model": draft_model(path, None, a.draft_tokens)}
     modes["prompt lookup"] = {"prompt_lookup_num_tokens": 10}
     results: dict[str, list[tuple[int, float]]] = {m: [] for m in modes}
     same = {m: True for m in modes}
