@@ -20,5 +20,7 @@ def test_passes_stop_at_the_first_disagreement_at_k_drafts_and_at_an_answers_end
     assert tokens_per_pass(agrees, [8], 2) == 8 / 3
     # the same positions as two answers of 4: [a0 a1 +1], [a3 | end], [a4..a7 | end]: 3 passes
     assert tokens_per_pass(agrees, [4, 8], None) == 8 / 3
+    # a draft that always agrees: k drafts and the model's own token a pass, 3 + 3 + 3 + 1 here
+    assert tokens_per_pass(torch.ones(10, dtype=torch.bool), [10], 2) == 10 / 4
     # a draft that never agrees: one token a pass, as plain decoding
     assert tokens_per_pass(torch.zeros(5, dtype=torch.bool), [5], 4) == 1.0
