@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     test = generated(model, tokenizer, TEST_PROMPTS, a.test_tokens, sample=False)
     cal_states, cal_last, _, _ = hidden(model, calibration, a.cuts)
     states, _, choice, answer = hidden(model, test, a.cuts)
-    ends = torch.tensor([max(len(seq) - n, 0) for seq, n in test]).cumsum(0).tolist()
+    ends = torch.tensor([max(len(seq) - prompt, 0) for seq, prompt in test]).cumsum(0).tolist()
     norm, head = model.model.norm, model.lm_head
     print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
     print(f"model: {a.model} ({n} blocks); fitted on {len(cal_last)} positions of {len(calibration)} sampled "
@@ -147,10 +147,9 @@ def main(argv=None) -> int:
                                  ("fitted map", head((torch.cat([x, torch.ones(len(x), 1)], 1).double() @ A).float()))):
                 lg = logits[answer]
                 want = choice[answer]
-                agree = float((lg.argmax(-1) == want).float().mean())
-                top4 = float(((lg > lg.gather(1, want[:, None])).sum(1) < 4).float().mean())
                 hits = lg.argmax(-1) == want
-                print(f"  {f'first {L} blocks, ' + name:28s} {agree:7.3f} {top4:6.3f} "
+                top4 = float(((lg > lg.gather(1, want[:, None])).sum(1) < 4).float().mean())
+                print(f"  {f'first {L} blocks, ' + name:28s} {float(hits.float().mean()):7.3f} {top4:6.3f} "
                       f"{tokens_per_pass(hits, ends, a.drafts):18.2f} {tokens_per_pass(hits, ends, None):12.2f}")
     return 0
 
