@@ -8,7 +8,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tools"))
 
+import localswarm  # noqa: E402
 from make_test_model import make_model  # noqa: E402
+
+# Daemons are forked from a process that imported torch and transformers once (~0.3 s a start
+# instead of ~4 s): see localswarm.fork_daemons
+localswarm.fork_daemons()
 
 # One small shape per family; kv heads < heads exercises GQA. Mistral gets a sliding window
 # shorter than the test sequences so that the window matters; Qwen2 ties its embeddings.

@@ -59,8 +59,9 @@ class NotifySocket:
 def test_notify_ready_watchdog_reload_and_stop(model_dirs, tmp_path):
     d = model_dirs("llama")
     notify = NotifySocket(str(tmp_path / "notify.sock"))
+    # the `swarmd` script itself, as the unit starts it (other tests fork the daemon: localswarm)
     daemon = Daemon(str(tmp_path), "svc", d, "0:6", {"serve": {"drain_timeout_s": 5}},
-                    env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "400000"})
+                    env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "400000"}, fork=False)
     try:
         daemon.start([])
         t_ready = notify.wait_for("READY=1")
