@@ -24,6 +24,9 @@ from __future__ import annotations
 
 class SwarmError(Exception):
     code = "error"
+    # raised while parsing a request whose header was read: its id, so that the error reply
+    # answers it (one for id 0 answers nothing the sender waits for)
+    req_id = 0
 
     def __init__(self, message: str):
         # one line: a peer's message may never smuggle a traceback into a log line

@@ -30,7 +30,8 @@ class LocalServer:
         self.zctx, self.path, self.handlers = zctx, socket_path, handlers
         self.sock = zctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        self.max_message_bytes = max_message_bytes
+        self.sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)  # each frame; decode() checks the whole
         self._replies_addr = f"inproc://local-replies-{id(self)}"
         self.replies = zctx.socket(zmq.PULL)
         self.replies.bind(self._replies_addr)
@@ -105,7 +106,7 @@ class LocalServer:
         ident, body = frames[0], frames[1:]
         req_id = 0
         try:
-            msg = decode(body)
+            msg = decode(body, self.max_message_bytes)
             req_id = msg.id
             registry.check(registry.LOCAL, msg)
             handler = self.handlers.get(msg.type)
@@ -114,6 +115,7 @@ class LocalServer:
             fields, tensors = handler(msg)
             reply = ok_reply(req_id, fields, tensors)
         except SwarmError as e:
+            req_id = req_id or e.req_id
             log.info("local request %s refused: %s", req_id, e)
             reply = error_reply(req_id, e)
         except Exception as e:

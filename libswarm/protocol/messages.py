@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from libswarm.errors import ProtocolError, SwarmError, TensorError, error_to_wire
+from libswarm.errors import LimitError, ProtocolError, SwarmError, TensorError, error_to_wire
 
 if TYPE_CHECKING:
     import torch
@@ -28,7 +28,7 @@ PROTOCOL_VERSION = "1.4"
 PROTOCOL_MAJOR = 1
 MAX_HEADER_BYTES = 64 * 1024
 MAX_TENSORS = 64
-MAX_FRAMES = 8192  # tensor frames of one message, all tensors together
+MAX_FRAMES = 8192  # frames of one tensor (its spec's `frames`)
 # Since 1.4 a tensor's bytes may come in several consecutive frames (its spec's `frames`): CURVE
 # encrypts each frame on its own, and a 32 MiB frame goes at half the speed of 1 MiB ones.
 FRAME_BYTES = 2**20
@@ -106,13 +106,15 @@ def encode(
     return frames
 
 
-def decode(frames: Sequence) -> Message:
-    """Parse a multipart message (bytes, memoryviews or zmq.Frame) into a Message.
+def decode(frames: Sequence, max_bytes: int = 0) -> Message:
+    """Parse a multipart message (bytes, memoryviews or zmq.Frame) into a Message; one of more
+    than `max_bytes` (0: no limit) in all is refused before any tensor is built.
 
-    Raises ProtocolError or TensorError with a one-line reason; never anything else."""
+    Raises ProtocolError, TensorError or LimitError with a one-line reason; never anything
+    else. Once the header is read, the error carries the message's id (`req_id`)."""
     try:
-        return _decode(frames)
-    except (ProtocolError, TensorError):
+        return _decode(frames, max_bytes)
+    except (ProtocolError, TensorError, LimitError):
         raise
     except RecursionError:  # JSON nested deeper than the interpreter's stack
         raise ProtocolError("header is nested too deeply") from None
@@ -120,7 +122,7 @@ def decode(frames: Sequence) -> Message:
         raise ProtocolError(f"malformed message ({type(e).__name__})") from None
 
 
-def _decode(frames: Sequence) -> Message:
+def _decode(frames: Sequence, max_bytes: int) -> Message:
     if not frames:
         raise ProtocolError("empty message")
     head = _buffer(frames[0])
@@ -138,6 +140,15 @@ def _decode(frames: Sequence) -> Message:
     msg_type, req_id = header.get("type"), header.get("id")
     if not isinstance(msg_type, str) or not isinstance(req_id, int) or isinstance(req_id, bool):
         raise ProtocolError("header needs a string 'type' and an integer 'id'")
+    try:
+        return _decode_rest(frames, header, msg_type, req_id, version, max_bytes)
+    except SwarmError as e:
+        e.req_id = req_id
+        raise
+
+
+def _decode_rest(frames: Sequence, header: dict, msg_type: str, req_id: int, version: str,
+                 max_bytes: int) -> Message:
     deadline = header.get("deadline")
     if deadline is not None and not isinstance(deadline, (int, float)):
         raise ProtocolError("'deadline' must be a number (unix seconds)")
@@ -147,6 +158,13 @@ def _decode(frames: Sequence) -> Message:
     counts = [_frame_count(spec) for spec in specs]
     if sum(counts) != len(frames) - 1:
         raise ProtocolError(f"header announces {sum(counts)} tensor frames but {len(frames) - 1} follow")
+    if max_bytes:
+        # ZeroMQ bounds each frame (MAXMSGSIZE), not how many a message has: the whole is checked
+        # here, before a tensor's frames are joined into one more copy
+        size = sum(len(_buffer(f)) for f in frames)
+        if size > max_bytes:
+            raise LimitError(f"{msg_type}: message of {size} bytes is over the receiver's limit of {max_bytes} "
+                             "(network.max_message_bytes)")
     tensors: dict[str, torch.Tensor] = {}
     if specs:
         from libswarm.protocol.tensors import tensor_from_buffer

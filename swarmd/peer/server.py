@@ -174,7 +174,8 @@ class SpanServer:
         self.stats = ServerStats()
         self.sock = zctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        self.max_message_bytes = max_message_bytes
+        self.sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)  # each frame; decode() checks the whole
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
         # CURVE server: every peer is encrypted and known by its key; the ZAP handler (access.py)
         # decides which keys may connect
@@ -316,7 +317,7 @@ class SpanServer:
             return  # not allowed (a relayed sender is checked here: its relay was, in handle())
         req_id = 0
         try:
-            msg = decode(body)
+            msg = decode(body, self.max_message_bytes)
             req_id = msg.id
             if msg.type == "push":  # fire-and-forget from another server: never answered, dropped if bad
                 try:
@@ -343,6 +344,9 @@ class SpanServer:
             fields, tensors = result
             reply = ok_reply(req_id, fields, tensors, frame_bytes=_frame_bytes(msg))
         except Exception as e:
+            if not req_id and body and _message_type(body[0]) == "push":
+                return  # a push that does not even parse: dropped unanswered, as every push
+            req_id = req_id or (e.req_id if isinstance(e, SwarmError) else 0)
             reply = self._error_reply(req_id, sender, e)
         self._send(ident, reply, req_id)
 
@@ -416,7 +420,7 @@ class SpanServer:
         its client). Not counted against the sender's request rate: the byte budget bounds it."""
         req_id = 0
         try:
-            msg = decode(body)
+            msg = decode(body, self.max_message_bytes)
             req_id = msg.id
             to = msg.get("to")
             if msg.type != "relay":
@@ -433,6 +437,7 @@ class SpanServer:
             if self._emulate(target, frames):
                 self.sock.send_multipart([target, *frames], copy=False)
         except Exception as e:
+            req_id = req_id or (e.req_id if isinstance(e, SwarmError) else 0)
             if sender not in self.relay.servers:  # a relayed server's answers get no answer
                 self._send(ident, self._error_reply(req_id, sender, e), req_id)
 

@@ -24,7 +24,7 @@ import torch
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from libswarm.errors import PeerUnavailableError, ProtocolError
+from libswarm.errors import LimitError, PeerUnavailableError, ProtocolError
 from libswarm.protocol import Message, decode, encode
 from libswarm.protocol.messages import CHUNKED_SINCE, FRAME_BYTES, raise_if_error, speaks
 from swarmd.identity import NodeIdentity, short_id
@@ -59,8 +59,9 @@ class PeerConnection:
         self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
         self.sock.setsockopt(zmq.RECONNECT_IVL, 100)
         self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)  # a peer back from a restart is found within 1 s
+        self.max_message_bytes = max_message_bytes
         if max_message_bytes:
-            self.sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+            self.sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)  # each frame; decode() checks the whole
         self.monitor = self.sock.get_monitor_socket(_MONITOR_EVENTS)
         self.state = "connecting"  # connecting | up | down | refused | denied
         # tensors over FRAME_BYTES go in frames of that size once the peer is known to read them
@@ -162,8 +163,8 @@ class PeerConnection:
             if self.sock not in events:
                 continue
             try:
-                reply = self._unwrap(decode(self.sock.recv_multipart(copy=False)))
-            except ProtocolError as e:
+                reply = self._unwrap(decode(self.sock.recv_multipart(copy=False), self.max_message_bytes))
+            except (ProtocolError, LimitError) as e:
                 raise PeerUnavailableError(f"peer {self.address} sent a bad reply: {e}") from None
             if reply.chunked:
                 self.frame_bytes = FRAME_BYTES

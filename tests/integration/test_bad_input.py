@@ -281,3 +281,44 @@ def test_beam_order_and_start_garbage_or_beyond_limits_get_one_line_errors(swarm
     finally:
         s.close()
     still_generates(model, d)
+
+
+def test_a_message_over_max_message_bytes_in_small_frames_is_refused_with_its_id(model_dirs):
+    """ZeroMQ bounds each frame (MAXMSGSIZE), not how many frames a message has, and tensors
+    travel in 1 MiB frames: each plane checks the whole message against network.max_message_bytes
+    and answers `limit` to the request's own id, before any tensor is built. Errors found after
+    the header was read answer the request's id too (not 0, which answers nothing), and a push
+    that does not parse gets no answer at all, as every push."""
+    d = model_dirs("llama")
+    with running_swarm(d, ["0:6"], extra={"network": {"max_message_bytes": "4MiB"}}) as (servers, gw):
+        model_id = SwarmClient(socket=gw.socket).model_info()["model_id"]
+        server = servers[0]
+        big = {"hidden": torch.zeros(1, 5 * 2**20 // (4 * HIDDEN), HIDDEN)}  # 5 MiB, in 1 MiB frames
+        s = curve_dealer(server.address, server.node_id)
+        local = zmq.Context.instance().socket(zmq.DEALER)
+        local.setsockopt(zmq.LINGER, 0)
+        local.connect(f"ipc://{gw.socket}")
+        try:
+            def ask(sock, frames: list):
+                sock.send_multipart(frames)
+                assert sock.poll(10_000), "daemon did not answer"
+                return decode(sock.recv_multipart())
+
+            for sock, req_id in ((s, 41), (local, 42)):
+                reply = ask(sock, encode("forward", req_id, {"model_id": model_id, "blocks": [0, 6]}, big,
+                                         frame_bytes=2**20))
+                assert reply.id == req_id and reply.get("code") == "limit", reply.fields
+                assert "over the receiver's limit of 4194304 (network.max_message_bytes)" in reply.get("message")
+            bad_tensor = [b'{"v":"1.4","type":"forward","id":43,"tensors":[{"name":"hidden","dtype":"float32",'
+                          b'"shape":[1,1,64]}]}', b"\0" * 10]
+            reply = ask(s, bad_tensor)
+            assert reply.id == 43 and reply.get("code") == "tensor"
+            s.send_multipart([b'{"v":"1.4","type":"push","id":44,"tensors":[{"name":"hidden","frames":0}]}'])
+            reply = ask(s, encode("ping", 45))
+            assert reply.id == 45 and reply.type == "ok"  # the bad push (sent first) got no answer
+            assert server.ctl("status")["cache"]["used_bytes"] == 0
+        finally:
+            s.close()
+            local.close()
+        model = AutoDistributedModelForCausalLM.from_pretrained(d, socket=gw.socket)
+        still_generates(model, d)
