@@ -21,6 +21,8 @@ reaches the app as a `CacheFullError`.
 
 from __future__ import annotations
 
+MAX_MESSAGE_CHARS = 1000  # an error's text, whatever a peer's input it quotes (its reply stays small)
+
 
 class SwarmError(Exception):
     code = "error"
@@ -29,8 +31,12 @@ class SwarmError(Exception):
     req_id = 0
 
     def __init__(self, message: str):
-        # one line: a peer's message may never smuggle a traceback into a log line
-        super().__init__(" ".join(str(message).split()))
+        # one line: a peer's message may never smuggle a traceback into a log line; and short:
+        # an error quoting 64 KiB of a peer's header would not fit in a reply's header itself
+        text = " ".join(str(message).split())
+        if len(text) > MAX_MESSAGE_CHARS:
+            text = text[:MAX_MESSAGE_CHARS - 3] + "..."
+        super().__init__(text)
 
     @property
     def message(self) -> str:
@@ -131,5 +137,5 @@ def error_from_wire(code: str, message: str) -> SwarmError:
 def error_to_wire(exc: BaseException) -> tuple[str, str]:
     """(code, one-line message) for a reply. Unexpected exceptions say only their type and text."""
     if isinstance(exc, SwarmError):
-        return exc.code, exc.message
+        return exc.code, exc.message[:MAX_MESSAGE_CHARS]
     return RemoteError.code, " ".join(f"{type(exc).__name__}: {exc}".split())[:500]

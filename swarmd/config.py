@@ -68,7 +68,18 @@ KV_DTYPES = ("auto", "int8")  # serve.cache.kv_dtype, and a record's kv_dtype
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-_ENDPOINT_RE = re.compile(r"^tcp://(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+|\*):(\d{1,5})$")
+_ENDPOINT_RE = re.compile(r"^tcp://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.\-]+|\*):(\d{1,5})$")
+
+
+def is_endpoint(value: object, wildcard: bool = False) -> bool:
+    """Whether `value` is a tcp://host:port ZeroMQ can connect to (or, with `wildcard`, bind):
+    a host name, IPv4 or [IPv6] address, and a port in 1..65535 (0 too for a bind)."""
+    if not isinstance(value, str) or len(value) > 255:
+        return False
+    m = _ENDPOINT_RE.match(value)
+    if m is None or (m.group(1) == "*" and not wildcard):
+        return False
+    return (0 if wildcard else 1) <= int(m.group(2)) < 65536
 
 
 @dataclass(frozen=True)
@@ -218,7 +229,7 @@ class _Reader:
         return n
 
     def endpoint(self, key: str, value: Any) -> str:
-        if not isinstance(value, str) or not _ENDPOINT_RE.match(value) or not 0 <= int(value.rsplit(":", 1)[1]) < 65536:
+        if not is_endpoint(value, wildcard=True):
             raise self.fail(key, f"must be an address like tcp://0.0.0.0:31330, got {value!r}")
         return value
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -58,7 +59,7 @@ class Message:
         value = self.fields.get(key)
         if value is None or not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
             names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
-            raise ProtocolError(f"{self.type}: field {key!r} must be {names}, got {value!r}")
+            raise ProtocolError(f"{self.type}: field {key!r} must be {names}, got {_short(value)}")
         return value
 
     def tensor(self, name: str, optional: bool = False) -> torch.Tensor | None:
@@ -150,8 +151,10 @@ def _decode(frames: Sequence, max_bytes: int) -> Message:
 def _decode_rest(frames: Sequence, header: dict, msg_type: str, req_id: int, version: str,
                  max_bytes: int) -> Message:
     deadline = header.get("deadline")
-    if deadline is not None and not isinstance(deadline, (int, float)):
-        raise ProtocolError("'deadline' must be a number (unix seconds)")
+    if deadline is not None and not (isinstance(deadline, (int, float)) and not isinstance(deadline, bool)
+                                     and abs(deadline) < 1e12 and math.isfinite(deadline)):
+        # NaN (JSON lets it through) would never be shed; 10**400 overflows where it is used
+        raise ProtocolError("'deadline' must be a finite number (unix seconds)")
     specs = header.get("tensors", [])
     if not isinstance(specs, list) or len(specs) > MAX_TENSORS:
         raise ProtocolError(f"'tensors' must be a list of at most {MAX_TENSORS} specs")
@@ -181,6 +184,12 @@ def _decode_rest(frames: Sequence, header: dict, msg_type: str, req_id: int, ver
     return Message(msg_type, req_id, fields, tensors, deadline, version)
 
 
+def _short(value: object, n: int = 60) -> str:
+    """A peer's value quoted in an error: its repr, cut to `n` characters."""
+    text = repr(value)
+    return text if len(text) <= n else text[:n - 3] + "..."
+
+
 def speaks(version: str, since: tuple[int, int]) -> bool:
     """Whether a peer of protocol `version` ("1.4") has what came with version `since`."""
     try:
@@ -206,7 +215,10 @@ def ok_reply(req_id: int, fields: dict[str, Any] | None = None, tensors: dict[st
 
 def error_reply(req_id: int, exc: BaseException) -> list:
     code, message = error_to_wire(exc)
-    return encode("error", req_id, {"code": code, "message": message})
+    try:
+        return encode("error", req_id, {"code": code, "message": message})
+    except ProtocolError:  # a header over its limit (never, with messages cut to 1000 characters)
+        return encode("error", req_id, {"code": code, "message": message.encode("ascii", "replace")[:200].decode()})
 
 
 def raise_if_error(msg: Message) -> Message:

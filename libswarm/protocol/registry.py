@@ -22,14 +22,28 @@ class Spec:
     optional_tensors: tuple[str, ...] = ()
 
     def check(self, msg: Message) -> None:
-        """Required fields and tensors are there (their values are each handler's to check)."""
+        """Required fields and tensors are there, and fields of a known type have it (the rest
+        of their values are each handler's to check)."""
         for name in self.fields:
             if msg.fields.get(name) is None:
                 raise ProtocolError(f"{self.name}: field {name!r} is missing")
+        for name in (*self.fields, *self.optional):
+            kind = FIELD_TYPES.get(name)
+            if kind is not None and msg.fields.get(name) is not None:
+                msg.require(name, kind)
         for name in self.tensors:
             if name not in msg.tensors:
                 raise TensorError(f"{self.name}: tensor {name!r} is missing")
 
+
+# The type a field must have wherever it appears (a wrong one is a `protocol` error naming it,
+# before a handler could trip over it). Fields not listed are their handlers' to check, or are
+# read leniently by design (`keep`, `push`, `pass`: anything but true / false / a kept pass id
+# is the default).
+FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "model_id": str, "blocks": list, "max_length": int, "batch": int, "adapter": str, "session": str,
+    "step": int, "from": str, "next": dict, "address": str, "nonce": str, "to": str,
+}
 
 # Optional tensors beside `hidden` (shared conventions). Client-held trainables (lora_A.*,
 # lora_B.*, deep_prompts) come by wire name, any number, on forward and backward.

@@ -21,12 +21,13 @@ log = logging.getLogger("swarmd.discovery")
 QUERY = b"SWARMD-KEY? 1"
 QUERY_BYTES = 64
 ANSWER_PREFIX = b"SWARMD-KEY 1 "
-_TCP = re.compile(r"^tcp://\[?([^\]]+?)\]?:(\d+)$")
+_TCP = re.compile(r"^tcp://\[?([^\]]+?)\]?:(\d{1,5})$")
 
 
 def split_address(address: str) -> tuple[str, int] | None:
+    """(host, port) of a tcp:// address, or None (a port of any length came from peers' input)."""
     m = _TCP.match(address)
-    return (m.group(1), int(m.group(2))) if m else None
+    return (m.group(1), int(m.group(2))) if m and int(m.group(2)) < 65536 else None
 
 
 class KeyResponder:

@@ -40,6 +40,7 @@ from swarmd.discovery.keyquery import query_key
 from swarmd.discovery.records import MAX_RTTS, Beat, Record, RecordError, decode_beat, decode_record
 from swarmd.discovery.table import LARGE_BUCKETS, MAX_NODES, MAX_REPLY_BYTES, SMALL_BUCKETS, TAG_CHARS, PeerTable
 from swarmd.identity import NodeIdentity, is_key, short_id
+from swarmd.logs import LineBudget
 from swarmd.transport.access import AccessControl
 from swarmd.transport.connection import ConnectionPool
 
@@ -107,6 +108,9 @@ class Membership:
         self._left = False  # offline published (stopping): every later record says offline too
         self._hint_lock = threading.Lock()
         self._logged: set[tuple[str, str]] = set()
+        # distinct reasons are each logged once, but a peer can vary them: 20 lines per source and
+        # 200 in all per 10 s
+        self._lines = LineBudget(20, 10.0, 200)
         self._states: dict[str, str] = {}
         self.bandwidth_bps: float | None = None  # the best recently measured to a peer, bytes/s
         self._next_probe = 0.0
@@ -359,16 +363,18 @@ class Membership:
             if len(self._logged) > 10_000:
                 self._logged.clear()
             self._logged.add((source, reason))
-            log.log(level, "from %s: %s; ignored", source, reason)
+            if self._lines.take(source):
+                log.log(level, "from %s: %s; ignored", source, reason)
 
     def on_gossip(self, msg: Message, sender: str | None = None) -> tuple[dict, None]:
         """The peer-plane handler: merge what the caller sent, answer the news its tags lack
         and, for anti-entropy `sums`, the records of the buckets that differ. `sender`: the
         caller's key (its CURVE handshake proves it): a request is evidence of its life."""
         self.table.heard_from(sender)
-        self.receive(msg.get("records", []), source="a gossip request", limit=MAX_REQUEST_RECORDS)
-        self.receive_beats(msg.get("beats", []), source="a gossip request", limit=MAX_REQUEST_BEATS)
-        self.receive_suspects(msg.get("suspects", []), source="a gossip request")
+        source = f"a gossip request of {short_id(sender)}" if sender else "a gossip request"
+        self.receive(msg.get("records", []), source=source, limit=MAX_REQUEST_RECORDS)
+        self.receive_beats(msg.get("beats", []), source=source, limit=MAX_REQUEST_BEATS)
+        self.receive_suspects(msg.get("suspects", []), source=source)
         known = msg.get("news", [])
         known = {t for t in known[:MAX_NEWS] if isinstance(t, str)} if isinstance(known, list) else set()
         reply: dict = self.news(known)
@@ -605,6 +611,7 @@ class Membership:
             h.next_try = time.monotonic() + min(self.interval_s * 2 ** h.failures, HINT_RETRY_MAX_S)
 
     def _log_transitions(self) -> None:
+        states = {}
         for e in self.table.entries():
             if e.is_self:
                 continue
@@ -612,7 +619,8 @@ class Membership:
             before = self._states.get(e.record.node_id)
             if before is not None and before != state and state in ("dead", "offline", "unreachable", "online"):
                 log.info("peer %s (%s): %s -> %s", e.record.short_id, e.address, before, state)
-            self._states[e.record.node_id] = state
+            states[e.record.node_id] = state
+        self._states = states  # only the table's nodes: the ids of evicted records are not kept
 
     def refresh(self, skip: set[str] | frozenset[str] = frozenset()) -> None:
         """A round with every known peer and contact now (the gateway found no route)."""

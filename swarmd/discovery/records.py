@@ -24,7 +24,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from libswarm.errors import ProtocolError
-from swarmd.config import KV_DTYPES, QUANT_MODES
+from swarmd.config import KV_DTYPES, QUANT_MODES, is_endpoint
 from swarmd.identity import NodeIdentity, is_key, node_id_of_sign_key, short_id, verify
 from swarmd.transport.relay import relayed_address
 
@@ -158,6 +158,8 @@ def decode_record(wire: object, now: float | None = None) -> Record:
         d = json.loads(body)
     except ValueError:
         raise RecordError("record body is not JSON (truncated?)") from None
+    except RecursionError:  # parsed before its signature is checked: anyone can send one
+        raise RecordError("record body is nested too deeply") from None
     if not isinstance(d, dict):
         raise RecordError("record body is not an object")
     node_id, sign_key = _type(d, "node_id", str), _type(d, "sign_key", str)
@@ -172,13 +174,12 @@ def decode_record(wire: object, now: float | None = None) -> Record:
     if not verify(sign_key, sig, body.encode()):
         raise RecordError(f"record of {short_id(node_id)}: bad signature")
     addresses = _type(d, "addresses", list)
-    if not (1 <= len(addresses) <= MAX_ADDRESSES) or not all(
-        isinstance(a, str) and a.startswith("tcp://") and len(a) < 256 for a in addresses
-    ):
-        raise RecordError(f"record of {short_id(node_id)}: addresses must be 1..{MAX_ADDRESSES} tcp:// strings")
+    if not (1 <= len(addresses) <= MAX_ADDRESSES) or not all(is_endpoint(a) for a in addresses):
+        # ZeroMQ refuses to connect to anything else, and that refusal must not come at gossip time
+        raise RecordError(f"record of {short_id(node_id)}: addresses must be 1..{MAX_ADDRESSES} tcp://host:port")
     state = _type(d, "state", str)
     if state not in STATES:
-        raise RecordError(f"record of {short_id(node_id)}: unknown state {state!r}")
+        raise RecordError(f"record of {short_id(node_id)}: unknown state {state[:24]!r}")
     timestamp = float(_type(d, "timestamp", (int, float)))
     now = time.time() if now is None else now
     if not math.isfinite(timestamp) or timestamp > now + MAX_CLOCK_SKEW_S:
@@ -207,7 +208,7 @@ def _fields(d: dict, node_id: str, sign_key: str, addresses: list, state: str, t
     via = _type(d, "via", list, optional=True) or []
     if len(via) > MAX_RELAYS or not all(
             isinstance(v, list) and len(v) == 2 and is_key(v[0]) and v[0] != node_id and isinstance(v[1], str)
-            and v[1].startswith("tcp://") and len(v[1]) < 256 for v in via):
+            and is_endpoint(v[1]) for v in via):
         raise RecordError(f"via must list at most {MAX_RELAYS} [relay node id, tcp:// address] pairs")
     quant = _short_string(d, "quant") or "none"
     kv_dtype = _short_string(d, "kv_dtype") or "auto"

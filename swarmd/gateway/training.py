@@ -237,6 +237,8 @@ class TrainingChains:
                     if g_in is None or any(k not in reply.tensors for k in lora_grads):
                         raise ProtocolError("backward reply lacks grad_input or a LoRA gradient")
                     check_gradient(g_in, tuple(x_in.shape))
+                    for k in lora:  # the app's trainables: a hostile server must not poison them
+                        check_gradient(reply.tensors[f"grad_{k}"], (hop.last - hop.first, *lora[k].shape[1:]))
                     g = g_in
                     self.router.bans.succeeded(hop.address)
                     for k, parts in lora_grads.items():

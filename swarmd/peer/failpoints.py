@@ -12,6 +12,8 @@ no test at all.
 - reply_nan / reply_wrong_shape / reply_huge: every step's output is NaN / lacks its last
   hidden element / is 1000 times too large after 3 right ones (impossible replies);
 - forward_nan: every forward pass (training) answers NaN;
+- lora_grad_nan: every backward pass answers NaN gradients for the client's LoRA weights (its
+  gradient of the input is right);
 - relay_tap: as a relay, every message it forwards is appended, as it saw it, to the file
   named by SWARMD_RELAY_TAP (what a curious relay could read): its length (8 bytes, little
   endian), then its frames as swarmd.transport.relay.pack lays them out."""
@@ -92,6 +94,17 @@ def _wrong_steps(change: Callable, every: int = 1, after: int = 0, passes: bool 
     return install
 
 
+def _lora_grad_nan(server) -> None:
+    from swarmd.runtime.span import Span
+
+    backward = Span.backward
+
+    def nan_lora(self, *args, **kwargs):
+        grad_input, lora_grads = backward(self, *args, **kwargs)
+        return grad_input, {k: v * float("nan") for k, v in lora_grads.items()}
+    Span.backward = nan_lora  # type: ignore[method-assign]
+
+
 def _relay_tap(server) -> None:
     relay, path = server._relay, os.environ.get("SWARMD_RELAY_TAP", "relay-tap.bin")
 
@@ -111,7 +124,8 @@ FAILPOINTS: dict[str, Callable] = {"exit_on_replay": _exit_on_replay, "hang_on_f
                                    "reply_nan": _wrong_steps(lambda out: out * float("nan")),
                                    "reply_wrong_shape": _wrong_steps(lambda out: out[..., :-1].contiguous()),
                                    "reply_huge": _wrong_steps(lambda out: out * 1000, after=HONEST_FIRST),
-                                   "forward_nan": _wrong_steps(lambda out: out * float("nan"), passes=True)}
+                                   "forward_nan": _wrong_steps(lambda out: out * float("nan"), passes=True),
+                                   "lora_grad_nan": _lora_grad_nan}
 
 
 def install(server, names: str) -> None:

@@ -283,6 +283,8 @@ class SpanServer:
                     self.busy_since = time.monotonic()
                     try:
                         self.handle(frames)
+                    except Exception as e:  # a bug must cost one request, never the serving thread
+                        self._survived(e)
                     finally:
                         self.busy_since = None
             if self._batch and self._batch_due():
@@ -355,9 +357,18 @@ class SpanServer:
         if isinstance(e, SwarmError):
             self.quiet_log.info((sender, type(e).__name__), "request %s from %s refused: %s", req_id,
                                 short_id(sender), e)
-        else:  # a bug must cost one request, never the daemon
-            log.exception("request %s failed", req_id, exc_info=e)
+        elif self.quiet_log.allow(("bug", sender, type(e).__name__)):
+            # a bug must cost one request, never the daemon; its traceback once a while per
+            # sender and kind, whatever a peer repeats
+            log.exception("request %s from %s failed", req_id, short_id(sender), exc_info=e)
         return error_reply(req_id, e)
+
+    def _survived(self, e: Exception) -> None:
+        """An exception that escaped a request's own handling (a bug): logged, and the serving
+        thread goes on with the next message."""
+        if self.quiet_log.allow(("escaped", type(e).__name__)):
+            log.error("a message could not be handled (%s: %s); serving on", type(e).__name__, str(e)[:200],
+                      exc_info=e)
 
     def _count(self, **added: int) -> None:
         with self._stats_lock:
@@ -484,7 +495,7 @@ class SpanServer:
             if _message_type(frames[0]) != "relay":
                 try:
                     link.on_reply(decode(frames))
-                except ProtocolError:
+                except SwarmError:  # a relay's own reply that does not parse: dropped
                     pass
                 continue
             try:
@@ -496,6 +507,8 @@ class SpanServer:
             self.busy_since = time.monotonic()
             try:
                 self._handle(relay_ident(link.relay_id, client), inner, client)
+            except Exception as e:
+                self._survived(e)
             finally:
                 self.busy_since = None
 

@@ -76,7 +76,11 @@ class PeerConnection:
         self._replies = zmq.Poller()  # what receive() waits on: one for the connection's life
         self._replies.register(self.sock, zmq.POLLIN)
         self._replies.register(self.monitor, zmq.POLLIN)
-        self.sock.connect(self.endpoint)
+        try:
+            self.sock.connect(self.endpoint)
+        except zmq.ZMQError as e:  # an address ZeroMQ cannot use (from a record, a seed, mDNS)
+            self.close()
+            raise PeerUnavailableError(f"peer {address[:300]}: cannot connect there ({e})") from None
 
     # --- connection state ------------------------------------------------------------------
     def _drain_monitor(self) -> None:

@@ -336,3 +336,49 @@ def test_eighty_big_records_re_signed_every_second_neither_flap_the_servers_nor_
         assert not b_holds & {g.public_key for g in ghosts}, "records of nodes nobody can reach were passed on"
         assert all(a_sees.get(g.public_key) in (None, "unreachable", "dead") for g in ghosts)
         generate_equals_hf(d, a.socket)  # a serves as the gateway too: the route over both still works
+
+
+def test_requests_quoting_huge_text_or_with_fields_of_the_wrong_type_get_short_errors(swarm):
+    """An error quoting a peer's 64 KiB of text (an unknown type, a model id) is cut short, so
+    its reply fits: once it did not, and the exception killed the serving thread and the
+    daemon. Fields of the wrong type and impossible deadlines are `protocol` errors naming
+    them, with no traceback logged; the server goes on serving."""
+    d, servers, gw = swarm
+    s0 = servers[0]
+    tracebacks = s0.tail(10**7).count("Traceback")
+    peer = Peer(s0)
+    try:
+        def raw(header: bytes, req_id: int):
+            peer.sock.send_multipart([header])
+            while True:
+                assert peer.sock.poll(15_000), f"no answer to request {req_id}"
+                reply = decode(peer.sock.recv_multipart())
+                if reply.id == req_id:
+                    return reply
+
+        emoji = "\U0001F600" * 16000  # 64 KB as UTF-8; escaped in a JSON reply, three times that
+        header = json.dumps({"v": "1.4", "type": emoji, "id": 7}, ensure_ascii=False).encode()
+        assert len(header) <= 64 * 1024
+        reply = raw(header, 7)
+        assert reply.get("code") == "protocol" and "unknown message type" in reply.get("message")
+        assert len(reply.get("message")) <= 1000
+        reply = peer.open(s0, emoji[:5000])  # 60 KB once escaped
+        assert reply.get("code") == "wrong_model" and len(reply.get("message")) <= 1000
+
+        sid = peer.open(s0, model_id(gw)).get("session")
+        cases = [("step", {"session": sid, "step": [0], "expect_push": True}, "field 'step' must be int"),
+                 ("open", {"model_id": model_id(gw), "blocks": [0, 3], "max_length": 8, "batch": 1, "adapter": []},
+                  "field 'adapter' must be str"),
+                 ("step", {"session": sid, "next": "tcp://127.0.0.1:1"}, "field 'next' must be dict")]
+        hidden = {"hidden": torch.zeros(1, 1, HIDDEN)}
+        for msg_type, fields, needle in cases:
+            reply = peer.request(msg_type, fields, hidden if msg_type == "step" else None)
+            assert reply.get("code") == "protocol" and needle in reply.get("message"), reply.fields
+        for i, deadline in enumerate((b"NaN", b"Infinity", b"1" + b"0" * 400, b"true")):
+            reply = raw(b'{"v":"1.4","type":"ping","id":%d,"deadline":%s}' % (20 + i, deadline), 20 + i)
+            assert reply.get("code") == "protocol" and "'deadline' must be a finite number" in reply.get("message")
+        assert peer.request("ping").type == "ok"
+    finally:
+        peer.close()
+    assert s0.alive and s0.tail(10**7).count("Traceback") == tracebacks
+    generate_equals_hf(d, gw.socket)

@@ -192,6 +192,19 @@ def test_forged_and_bad_records_are_rejected_and_a_good_one_accepted(model_dirs)
                            "not JSON", "malformed"):
                 assert reason in log, reason
 
+            # signed, but with an address ZeroMQ cannot connect to (once accepted, every gossip
+            # round tripped over it and ended before reading any reply) or a body nested too deeply
+            # to parse: refused, and gossip goes on
+            rejected = a.ctl("status")["membership"]["rejected_records"]
+            spaced = Record(node_id=relay.public_key, sign_key=relay.sign_key, addresses=("tcp://x y:1",),
+                            state="online", timestamp=time.time(), seq=1).sign(relay)
+            nested = {"body": "[" * 8000 + "]" * 8000, "sig": spaced["sig"]}
+            gossip(4, [spaced, nested])
+            assert a.ctl("status")["membership"]["rejected_records"] == rejected + 2
+            log = a.tail(30000)
+            assert "addresses must be 1..8 tcp://host:port" in log and "nested too deeply" in log
+            assert relay.public_key not in {p["node_id"] for p in a.ctl("peers")["peers"]}
+
             # the control: the same relay's own, honest record is accepted
             honest = Record(node_id=relay.public_key, sign_key=relay.sign_key, addresses=("tcp://127.0.0.1:9",),
                             state="online", timestamp=time.time(), seq=1, model_id="other-model", span=(0, 1))

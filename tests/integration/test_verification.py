@@ -163,3 +163,41 @@ def test_a_training_pass_through_a_server_answering_nan_is_redone_elsewhere_and_
             model(inputs_embeds=bad)
         assert all(standing(gw, h.node_id).get("offences", 0) == 0 for h in s[1:])
         dismiss(s[0])
+
+
+def test_lora_gradients_from_a_server_answering_nan_are_refused_and_redone_elsewhere(model_dirs, tmp_path):
+    """The client's LoRA gradients a server returns are checked like the input's: a server
+    answering NaN for them is distrusted, and the pass is redone on another; what the app gets
+    equals PEFT's gradients on the local model."""
+    from peft import PeftModel
+
+    from libswarm.lora import TARGETS
+
+    d = model_dirs("llama")
+    with running_swarm(d, ["0:3", "0:3", "3:6"], extra={"swarm": {"verify": "off"}},
+                       env={0: {"SWARMD_FAILPOINTS": "lora_grad_nan"}},
+                       speeds={0: FAST, 1: 10 * SLOW, 2: SLOW}) as (s, gw):
+        ids = torch.randint(3, 500, (1, 9), generator=torch.Generator().manual_seed(22))
+        model = AutoDistributedModelForCausalLM.from_pretrained(d, socket=gw.socket)
+        lora = model.add_lora(rank=4, alpha=8, target_modules=["q_proj"])
+        with torch.no_grad():  # B starts at zero; nonzero, A gets gradients too
+            for p in lora.B.values():
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+        for _ in range(4):  # passes spread over servers at random, weighted by speed: the liar is tried
+            for p in (*lora.A.values(), *lora.B.values()):
+                p.grad = None
+            model(ids, labels=ids).loss.backward()
+            assert all(bool(torch.isfinite(p.grad).all()) for p in (*lora.A.values(), *lora.B.values()))
+            if standing(gw, s[0].node_id).get("offences"):
+                break
+        assert "NaN" in standing(gw, s[0].node_id)["reason"]
+        assert peer_state(gw, s[0].node_id) == "distrusted"
+        model.save_lora(str(tmp_path / "adapter"))
+        ref = PeftModel.from_pretrained(hf_reference(d), str(tmp_path / "adapter"), is_trainable=True)
+        ref(input_ids=ids, labels=ids).loss.backward()
+        n = model.checkpoint.num_layers
+        for part, ours in (("lora_A", lora.A["q_proj"].grad), ("lora_B", lora.B["q_proj"].grad)):
+            theirs = torch.stack([ref.get_parameter(f"base_model.model.model.layers.{i}.{TARGETS['llama']['q_proj']}."
+                                                    f"{part}.default.weight").grad for i in range(n)])
+            assert ((ours - theirs).norm() / theirs.norm()).item() <= 1e-4, part
+        dismiss(s[0])

@@ -137,3 +137,33 @@ def test_a_server_bound_before_its_span_is_loaded_answers_gossip_and_ping_only(m
         thread.join(5)
         s.close()
         ctx.term()
+
+
+
+def test_line_budget_caps_each_key_and_all_keys_per_window():
+    from swarmd.logs import LineBudget
+
+    now = [0.0]
+    b = LineBudget(2, 10.0, 3, clock=lambda: now[0])
+    assert [b.take("a"), b.take("a"), b.take("a")] == [True, True, False]  # 2 per key
+    assert [b.take("b"), b.take("c")] == [True, False]  # 3 in all
+    now[0] = 10.0  # a new window
+    assert [b.take("a"), b.take("c")] == [True, True]
+
+
+def test_an_address_zeromq_cannot_connect_to_is_a_peer_unavailable_error():
+    """A record, seed or mDNS answer naming such an address fails that contact alone (ZeroMQ's
+    own error used to escape a gossip round and end it)."""
+    import pytest
+
+    from libswarm.errors import PeerUnavailableError
+
+    ctx, me = zmq.Context(), NodeIdentity(os.urandom(32))
+    pool = ConnectionPool(ctx, me, resolve_key=lambda a: None)
+    try:
+        with pytest.raises(PeerUnavailableError, match="cannot connect there"):
+            pool.get("tcp://x y:1", NodeIdentity(os.urandom(32)).public_key)
+        assert pool.count() == 0
+    finally:
+        pool.close_all()
+        ctx.term()
