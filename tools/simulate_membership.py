@@ -81,7 +81,7 @@ class Conn:
         self.net, self.source, self.target = net, source, target
         self.replies: dict[int, Message] = {}
 
-    def send(self, msg_type, fields=None, tensors=None, timeout_s=1.0) -> int:
+    def send(self, msg_type, fields=None, tensors=None, timeout_s=1.0, connect_by=None) -> int:  # connected at once
         member = self.net.members.get(self.target)
         if member is None or self.target in self.net.dead:
             raise PeerUnavailableError(f"peer {self.target} refuses connections")

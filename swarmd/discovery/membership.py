@@ -468,11 +468,17 @@ class Membership:
     def _ping(self, checks: list[tuple[str, str]]) -> None:
         """Ping each (address, node id) at once, and wait for the answers (GOSSIP_TIMEOUT_S)."""
         pending = []
+        opened = []
         for address, node_id in checks:
             try:
-                conn = self.pool.get(address, node_id)
-                pending.append((address, node_id, conn, conn.send("ping", {}, timeout_s=GOSSIP_TIMEOUT_S),
-                                time.monotonic()))
+                opened.append((address, node_id, self.pool.get(address, node_id)))
+            except SwarmError as e:
+                self._contact_failed(address, node_id, str(e))
+        connect_by = time.monotonic() + GOSSIP_TIMEOUT_S  # one wait for every connection being made
+        for address, node_id, conn in opened:
+            try:
+                pending.append((address, node_id, conn, conn.send("ping", {}, timeout_s=GOSSIP_TIMEOUT_S,
+                                                                  connect_by=connect_by), time.monotonic()))
             except SwarmError as e:
                 self._contact_failed(address, node_id, str(e))
         deadline = time.monotonic() + GOSSIP_TIMEOUT_S
@@ -501,6 +507,9 @@ class Membership:
             ae_one = self._rounds % AE_EVERY_ROUNDS == self._ae_phase
             sums = self.table.sums(LARGE_BUCKETS if peers >= LARGE_BUCKETS else SMALL_BUCKETS)
             pending = []
+            opened = []  # every connection is started first, then they share one wait to come up:
+            # nodes that never finish a handshake (records naming blackholed addresses) cost a round
+            # one GOSSIP_TIMEOUT_S, not one each
             for address, key, node_id in targets:
                 try:
                     if key is None:
@@ -510,21 +519,27 @@ class Membership:
                         self.add_hint(address, key, self.hints[address].source if address in self.hints else "seed")
                     if not self.access.allows(key):
                         raise SwarmError(f"its key {short_id(key)} is not allowed in this private swarm")
-                    conn = self.pool.get(address, key)
-                    ae = ae_all or ae_one
-                    ae_one = ae_one and not ae
-                    req_id = conn.send("gossip", {**fields, "sums": sums} if ae else fields,
-                                       timeout_s=GOSSIP_TIMEOUT_S)
-                    pending.append(("gossip", address, key, node_id, conn, req_id, time.monotonic()))
+                    opened.append(("gossip", address, key, node_id, self.pool.get(address, key)))
                 except SwarmError as e:
                     self._contact_failed(address, node_id, str(e))
             contacted = {t[0] for t in targets}
             checks = self._checks(contacted)
             for address, node_id in checks:
                 try:
-                    conn = self.pool.get(address, node_id)
-                    req_id = conn.send("ping", {}, timeout_s=GOSSIP_TIMEOUT_S)
-                    pending.append(("ping", address, node_id, node_id, conn, req_id, time.monotonic()))
+                    opened.append(("ping", address, node_id, node_id, self.pool.get(address, node_id)))
+                except SwarmError as e:
+                    self._contact_failed(address, node_id, str(e))
+            connect_by = time.monotonic() + GOSSIP_TIMEOUT_S
+            for what, address, key, node_id, conn in opened:
+                try:
+                    if what == "gossip":
+                        ae = ae_all or ae_one
+                        ae_one = ae_one and not ae
+                        req_id = conn.send("gossip", {**fields, "sums": sums} if ae else fields,
+                                           timeout_s=GOSSIP_TIMEOUT_S, connect_by=connect_by)
+                    else:
+                        req_id = conn.send("ping", {}, timeout_s=GOSSIP_TIMEOUT_S, connect_by=connect_by)
+                    pending.append((what, address, key, node_id, conn, req_id, time.monotonic()))
                 except SwarmError as e:
                     self._contact_failed(address, node_id, str(e))
             deadline = time.monotonic() + GOSSIP_TIMEOUT_S

@@ -123,11 +123,15 @@ class PeerConnection:
 
     # --- messages --------------------------------------------------------------------------
     def send(self, msg_type: str, fields: dict | None = None, tensors: dict[str, torch.Tensor] | None = None,
-             timeout_s: float = 30.0) -> int:
-        """Send a request; returns its id for `receive`."""
+             timeout_s: float = 30.0, connect_by: float | None = None) -> int:
+        """Send a request; returns its id for `receive`. `connect_by`: a monotonic time after
+        which a connection still being made is given up (several made at once share one wait)."""
         req_id = next(_ids)
         frames = self._frames(msg_type, req_id, fields, tensors, deadline=time.time() + timeout_s)
-        if not self._wait_writable(min(timeout_s, CONNECT_TIMEOUT_S)):
+        wait_s = min(timeout_s, CONNECT_TIMEOUT_S)
+        if connect_by is not None:
+            wait_s = max(0.0, min(wait_s, connect_by - time.monotonic()))
+        if not self._wait_writable(wait_s):
             reason = {"refused": "refuses connections",
                       "denied": "refused the handshake (our key is not allowed there, or its key is not "
                                 f"{short_id(self.server_key)})"}.get(self.state, "is unreachable")

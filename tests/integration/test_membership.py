@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from helpers import Daemon, curve_dealer, generate_equals_hf, online_ids, running_swarm, wait_tables
+from helpers import Daemon, curve_dealer, generate_equals_hf, online_ids, running_swarm, until, wait_tables
 
 from libswarm import AutoDistributedModelForCausalLM
 from libswarm.errors import NoRouteError
@@ -233,3 +233,47 @@ def test_forged_and_bad_records_are_rejected_and_a_good_one_accepted(model_dirs)
         assert a.tail(50000).count(f"seed {dead}:") == 1
         rows = {p["address"]: p for p in a.ctl("peers")["peers"]}
         assert rows[dead]["state"] == "unreachable" and rows[b.address]["state"] == "online"
+
+
+def test_records_naming_addresses_that_never_answer_a_handshake_do_not_stall_gossip(model_dirs):
+    """Signed records whose addresses accept TCP but never answer ZeroMQ's handshake (a
+    blackhole): a round pings such nodes, and each ping's connection used to wait a second of
+    its own, one after another, while nothing else was heard. They now share one wait: a
+    daemon started just after eight of them arrive is still reached within a couple of rounds."""
+    import socket
+
+    d = model_dirs("llama", layers=4)
+    silent = []
+    try:
+        for _ in range(8):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            s.listen(64)  # connections complete in the kernel and are never accepted nor answered
+            silent.append(s)
+        with running_swarm(d, ["0:2"], gateway=False) as ([a], _):
+            peer = curve_dealer(a.address, a.node_id)
+            try:
+                records = []
+                for s in silent:
+                    ghost = NodeIdentity(os.urandom(32))
+                    records.append(Record(node_id=ghost.public_key, sign_key=ghost.sign_key,
+                                          addresses=(f"tcp://127.0.0.1:{s.getsockname()[1]}",), state="online",
+                                          timestamp=time.time(), seq=1, model_id="m", span=(0, 2)).sign(ghost))
+                peer.send_multipart(encode("gossip", 1, {"records": records}))
+                assert peer.poll(5000) and decode(peer.recv_multipart()).type == "ok"
+            finally:
+                peer.close()
+            c = Daemon(a.dir + "-c", "c", d, "2:4")
+            try:
+                c.start([a.address]).wait_ready()
+
+                def a_reached_c() -> bool:
+                    row = next((p for p in a.ctl("peers")["peers"] if p.get("node_id") == c.node_id), None)
+                    return row is not None and row.get("rtt_ms") is not None
+                took = until(a_reached_c, 30, "a reaching c")
+                assert took < 5.0, f"a reached c {took:.1f} s after its start (8 s: a ping's wait each)"
+            finally:
+                c.stop()
+    finally:
+        for s in silent:
+            s.close()

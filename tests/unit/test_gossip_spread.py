@@ -48,7 +48,7 @@ class Conn:
     def __init__(self, pool: "Pool", source: str, target: str):
         self.pool, self.source, self.target, self.replies = pool, source, target, {}
 
-    def send(self, msg_type, fields, tensors=None, timeout_s=1.0) -> int:
+    def send(self, msg_type, fields, tensors=None, timeout_s=1.0, connect_by=None) -> int:
         if self.target in self.pool.dead or (self.source, self.target) in self.pool.cut or \
                 self.target not in self.pool.members:
             raise PeerUnavailableError(f"{self.target} does not answer")
