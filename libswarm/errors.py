@@ -137,5 +137,5 @@ def error_from_wire(code: str, message: str) -> SwarmError:
 def error_to_wire(exc: BaseException) -> tuple[str, str]:
     """(code, one-line message) for a reply. Unexpected exceptions say only their type and text."""
     if isinstance(exc, SwarmError):
-        return exc.code, exc.message[:MAX_MESSAGE_CHARS]
+        return exc.code, exc.message
     return RemoteError.code, " ".join(f"{type(exc).__name__}: {exc}".split())[:500]
