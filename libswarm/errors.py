@@ -29,6 +29,9 @@ class SwarmError(Exception):
     # raised while parsing a request whose header was read: its id, so that the error reply
     # answers it (one for id 0 answers nothing the sender waits for)
     req_id = 0
+    # the address of the peer whose error reply this is (set by the daemon's peer connections):
+    # a peer's refusal may be its own fault, where an error raised here is the request's
+    peer: str | None = None
 
     def __init__(self, message: str):
         # one line: a peer's message may never smuggle a traceback into a log line; and short:

@@ -38,9 +38,10 @@ from swarmd.discovery.table import PeerTable
 from swarmd.gateway.history import History
 from swarmd.gateway.router import (
     DEFAULT_ROUTE_TIMEOUT_S,
-    RETRIABLE,
     Router,
     hidden_of,
+    refused,
+    retriable,
     route_json,
     route_text,
     route_timeout,
@@ -159,8 +160,10 @@ class Gateway:
                               "batch": batch}
                     if adapter is not None:
                         fields["adapter"] = adapter
-                    reply = conn.request("open", fields, timeout_s=OPEN_TIMEOUT_S)
-                    opened.append((hop, reply.require("session", str)))
+                    sid = conn.request("open", fields, timeout_s=OPEN_TIMEOUT_S).get("session")
+                    if not isinstance(sid, str):
+                        raise RemoteError(f"server {hop.address} opened a session without naming it")
+                    opened.append((hop, sid))
                     if replay is not None:
                         t0 = time.monotonic()
                         replay["hidden"] = self._replay(hop, opened[-1][1], replay)
@@ -168,14 +171,20 @@ class Gateway:
                         if hop.last < last:
                             outputs[hop.last] = replay["hidden"]
                 return hops, [sid for _, sid in opened], outputs, replay_s
-            except CacheFullError:
-                self.router.close_remote(opened)
-                full.add(hop.address)
-                candidates = [s for s in self.router.table.servers_for(self.model_id, adapter)
-                              if s.address not in full | avoid and not self.router.bans.is_banned(s.address)]
-                if missing_blocks(candidates, last, first):  # nobody else could take it: say so now
+            except SwarmError as e:
+                if isinstance(e, (CacheFullError, LimitError)) and e.peer is not None:
+                    # no room there, or the session is beyond that server's limits (length, batch,
+                    # its share per key, its rate): it works, it is not banned; another may take it
+                    self.router.close_remote(opened)
+                    full.add(hop.address)
+                    candidates = [s for s in self.router.table.servers_for(self.model_id, adapter)
+                                  if s.address not in full | avoid and not self.router.bans.is_banned(s.address)]
+                    if missing_blocks(candidates, last, first):  # nobody else could take it: say so now
+                        raise
+                    continue
+                # what the gateway asks to open is checked here: any other refusal is the server's
+                if not retriable(e):
                     raise
-            except RETRIABLE as e:
                 self.router.fail(hop, e)
                 self.router.close_remote([(h, sid) for h, sid in opened if h is not hop])
                 if time.monotonic() > deadline:  # servers exist but keep failing
@@ -192,7 +201,7 @@ class Gateway:
         if reply.get("position") != length:
             raise SessionError(f"server {hop.address} replayed to position {reply.get('position')}, not {length}")
         self.router.step_times.record(hop.address, time.monotonic() - t0, tokens)
-        return self.router.check(hop, replay["hidden"], hidden_of(reply))
+        return self.router.check(hop, replay["hidden"], hidden_of(reply, hop.address))
 
     # --- handlers --------------------------------------------------------------------------
     def on_model_info(self, msg: Message):
@@ -294,18 +303,21 @@ class Gateway:
         sess.steps += 1
         inputs: dict[int, torch.Tensor] = {0: hidden}  # block boundary -> this step's input there
         deadline = time.monotonic() + sess.route_timeout_s
-        start, computing_failures = 0, 0
+        start, complaints = 0, set()  # codes of the errors hops failed this step with while computing or refused it
         while True:
             try:
                 outputs = self._run_chain(sess, start, inputs[sess.hops[start].first], small, step, B * T)
             except HopFailure as f:
                 for k, out in f.outputs.items():
                     inputs[sess.hops[k].last] = out
-                computing_failures += isinstance(f.error, RemoteError)
-                # a step that a replacement fails to compute too is the step's fault (a query of
-                # death): back to the caller, rather than banning server after server
-                if not isinstance(f.error, RETRIABLE) or computing_failures > 1 or time.monotonic() > deadline:
+                # a step that a replacement fails to compute or refuses too, in the same way, is
+                # the step's fault (a query of death): back to the caller, rather than banning
+                # server after server. Servers that fail in different ways are each at fault
+                complaint = f.error.code if isinstance(f.error, RemoteError) or refused(f.error) else None
+                if (not retriable(f.error) or complaint in complaints or time.monotonic() > deadline):
                     raise f.error from None
+                if complaint is not None:
+                    complaints.add(complaint)
                 if isinstance(f.error, WrongOutputError):
                     # with push, the hops after it may have run on the wrong output already
                     self.router.fail(sess.hops[f.index], f.error)
@@ -410,7 +422,7 @@ class Gateway:
         if reply.get("position") != expect_position:
             raise SessionError(f"server {hop.address} is at position {reply.get('position')}, "
                                f"the session at {expect_position}")
-        out = self.router.check(hop, x, hidden_of(reply))
+        out = self.router.check(hop, x, hidden_of(reply, hop.address))
         if not reply.get("repeated"):
             self.router.step_times.record(hop.address, seconds, tokens)
         self.router.bans.succeeded(hop.address)
@@ -560,13 +572,13 @@ class Gateway:
                     out = self._accept(h, reply, sess.position + x.shape[1], time.monotonic() - t0, tokens, out)
                 return shadow, out
             except SwarmError as e:
-                if isinstance(e, RETRIABLE):
+                if retriable(e):
                     for h in shadow.hops:
                         if not self.router.bans.is_banned(h.address):
                             self.router.fail(h, e)
                 self._close_shadow(sess, span)
                 shadow = None
-                if not isinstance(e, RETRIABLE) or attempt == 2:
+                if not retriable(e) or attempt == 2:
                     raise
         raise AssertionError("unreachable")
 

@@ -40,9 +40,24 @@ STEP_DEADLINE_FLOOR_S = 1.0  # no hop is declared failed sooner than this
 STEP_DEADLINE_FACTOR = 10.0  # ...nor before it took this many times its usual time
 UNMEASURED_STEP_S = 30.0  # the allowance for a server whose speed is not known yet
 FALLBACK_PACE_S = 2.0  # a route through servers that all failed lately is tried at most this often
-# Errors after which another server may succeed; anything else is the request's own fault
-# and goes straight back to the app.
+# Errors after which another server may succeed: the server is gone, failed, lost the
+# session or moved. Other errors are refusals (see refused) when a server answered them, and
+# the request's own fault when raised here.
 RETRIABLE = (PeerUnavailableError, RemoteError, SessionError, SpanMovedError)
+
+
+def refused(error: SwarmError) -> bool:
+    """A server answered a request with an error of another kind (a limit, a protocol or tensor
+    error, another model): requests reach servers checked by the gateway, so the fault may be
+    the server's (its own limits or load, a broken or hostile server) or the request's (one no
+    server takes). Another server is tried; when a second one refuses the same request too, the
+    refusal goes back to the app."""
+    return error.peer is not None and not isinstance(error, RETRIABLE)
+
+
+def retriable(error: SwarmError) -> bool:
+    """Whether another server may succeed where this one failed or refused."""
+    return isinstance(error, RETRIABLE) or refused(error)
 
 
 class Router:
@@ -176,7 +191,9 @@ def route_text(hops: list[Hop]) -> str:
     return " -> ".join(f"{h.address}[{h.first}:{h.last})" for h in hops)
 
 
-def hidden_of(reply: Message) -> torch.Tensor:
-    hidden = reply.tensor("hidden")
-    assert hidden is not None  # tensor() raises when it is missing
+def hidden_of(reply: Message, address: str) -> torch.Tensor:
+    """A step's or forward's output in the reply of the server at `address`."""
+    hidden = reply.tensors.get("hidden")
+    if hidden is None:  # an impossible reply, as an output of the wrong shape
+        raise WrongOutputError(f"server {address} answered without its output")
     return hidden

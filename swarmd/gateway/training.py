@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from libswarm.errors import ProtocolError, RemoteError, SwarmError, TensorError
+from libswarm.errors import ProtocolError, RemoteError, SwarmError, TensorError, WrongOutputError
 from libswarm.protocol import Message
-from swarmd.gateway.router import RETRIABLE, UNMEASURED_STEP_S, Router, hidden_of, route_timeout
+from swarmd.gateway.router import UNMEASURED_STEP_S, Router, hidden_of, refused, retriable, route_timeout
 from swarmd.gateway.verify import check_gradient
-from swarmd.routing import Hop, forward_seconds
+from swarmd.routing import Hop, forward_seconds, missing_blocks
 from swarmd.runtime.span import client_trainables
 
 log = logging.getLogger("swarmd.gateway")
@@ -143,8 +143,8 @@ class TrainingChains:
                                         adapter=fields.get("adapter"), exclude={h.address for h in suspects}):
                 try:
                     out = self._forward_hop(hop, x, small, lora, fields, tokens)
-                except RETRIABLE as e:
-                    self._hop_failed(hop, e, suspects)
+                except SwarmError as e:
+                    self._hop_failed(hop, e, suspects, fields.get("adapter"))
                     if time.monotonic() > deadline:  # servers exist but keep failing
                         raise
                     break
@@ -153,18 +153,25 @@ class TrainingChains:
         self._convict(suspects)
         return x, chain
 
-    def _hop_failed(self, hop: Hop, error: SwarmError, suspects: dict[Hop, SwarmError]) -> None:
-        """A hop of a forward or backward pass failed. A server that failed while computing
-        (RemoteError) may have been handed a request that no server can compute (a query of
-        death): it is only suspected and routed around; if a second server fails the same
-        request that way, the request goes back to the caller and nobody is banned. The
-        suspects are banned once another server has computed what they could not."""
-        if not isinstance(error, RemoteError):
-            self.router.fail(hop, error)
-        elif suspects:
+    def _hop_failed(self, hop: Hop, error: SwarmError, suspects: dict[Hop, SwarmError], adapter: str | None) -> None:
+        """A hop of a forward or backward pass failed (an error no other server could avoid
+        is raised again). A server that failed while computing (RemoteError) or refused (see
+        router.refused) may have been handed a request that no server can compute or takes (a
+        query of death): it is only suspected and routed around; if a second server fails the
+        same request in the same way (the same error code), or no other server holds its
+        blocks, the request goes back to the caller and nobody is banned. The suspects are
+        banned once another server has computed what they could not."""
+        if not retriable(error):
             raise error
-        else:
-            suspects[hop] = error
+        if not (isinstance(error, RemoteError) or refused(error)):
+            self.router.fail(hop, error)
+            return
+        others = [s for s in self.router.table.servers_for(self.router.model_id, adapter)
+                  if s.address != hop.address and s.address not in {h.address for h in suspects}
+                  and not self.router.reputation.is_distrusted(s.address)]
+        if any(e.code == error.code for e in suspects.values()) or missing_blocks(others, hop.last, hop.first):
+            raise error
+        suspects[hop] = error
 
     def _convict(self, suspects: dict[Hop, SwarmError]) -> None:
         for hop, error in suspects.items():
@@ -175,7 +182,7 @@ class TrainingChains:
         """One hop's `forward` request: its blocks of the stack, without cache."""
         out = hidden_of(self.router.pool.get(hop.address).request(
             "forward", {**fields, "blocks": [hop.first, hop.last]}, {"hidden": x, **small, **_slice(lora, hop)},
-            timeout_s=max(UNMEASURED_STEP_S, self.router.allowance_s(hop.address, tokens))))
+            timeout_s=max(UNMEASURED_STEP_S, self.router.allowance_s(hop.address, tokens))), hop.address)
         self.router.check(hop, x, out)
         self.router.bans.succeeded(hop.address)
         return out
@@ -235,7 +242,8 @@ class TrainingChains:
                         timeout_s=max(UNMEASURED_STEP_S, 3 * self.router.allowance_s(hop.address, tokens)))
                     g_in = reply.tensors.get("grad_input")
                     if g_in is None or any(k not in reply.tensors for k in lora_grads):
-                        raise ProtocolError("backward reply lacks grad_input or a LoRA gradient")
+                        raise WrongOutputError(f"server {hop.address} answered a backward without grad_input or "
+                                               "a LoRA gradient")
                     check_gradient(g_in, tuple(x_in.shape))
                     for k in lora:  # the app's trainables: a hostile server must not poison them
                         check_gradient(reply.tensors[f"grad_{k}"], (hop.last - hop.first, *lora[k].shape[1:]))
@@ -245,8 +253,8 @@ class TrainingChains:
                         parts.insert(0, reply.tensors[k])  # hops come back last first
                 self._convict(suspects)
                 return {"grad_input": g, **{k: torch.cat(v) for k, v in lora_grads.items()}}
-            except RETRIABLE as e:
-                self._hop_failed(hop, e, suspects)
+            except SwarmError as e:
+                self._hop_failed(hop, e, suspects, fields.get("adapter"))
                 if time.monotonic() > deadline:
                     raise
 
@@ -260,8 +268,8 @@ class TrainingChains:
         for hop, nxt in zip(hops, hops[1:]):
             try:
                 chain.append((nxt, self._forward_hop(hop, chain[-1][1], small, lora, fields, tokens)))
-            except RETRIABLE as e:
-                self._hop_failed(hop, e, suspects)
+            except SwarmError as e:
+                self._hop_failed(hop, e, suspects, fields.get("adapter"))
                 if time.monotonic() > deadline:
                     raise
                 return None

@@ -14,6 +14,10 @@ no test at all.
 - forward_nan: every forward pass (training) answers NaN;
 - lora_grad_nan: every backward pass answers NaN gradients for the client's LoRA weights (its
   gradient of the input is right);
+- refuse_opens / refuse_work: every open / every step (not its repeats) and forward pass is
+  answered with an error of the code in SWARMD_REFUSE_CODE (`protocol` by default) instead of its result (a
+  server that is overloaded, misconfigured, of another version, or hostile);
+- reply_no_hidden: every step is answered `ok` without its output tensor (a broken reply);
 - relay_tap: as a relay, every message it forwards is appended, as it saw it, to the file
   named by SWARMD_RELAY_TAP (what a curious relay could read): its length (8 bytes, little
   endian), then its frames as swarmd.transport.relay.pack lays them out."""
@@ -105,6 +109,39 @@ def _lora_grad_nan(server) -> None:
     Span.backward = nan_lora  # type: ignore[method-assign]
 
 
+def _refusal():
+    from libswarm.errors import error_from_wire
+
+    code = os.environ.get("SWARMD_REFUSE_CODE", "protocol")
+    return error_from_wire(code, f"failpoint: this server refuses with {code!r}")
+
+
+def _refuse_opens(server) -> None:
+    def refuse(msg):
+        raise _refusal()
+    server.handlers["open"] = refuse
+
+
+def _finished_steps(change: Callable) -> Callable:
+    """Every step's reply (run alone, batched, or a replay) changed by `change(fields, tensors)`."""
+    def install(server) -> None:
+        finish = server._finish_step
+
+        def changed(s, msg, out):
+            return change(*finish(s, msg, out))
+        server._finish_step = changed
+    return install
+
+
+def _raise_refusal(*args):
+    raise _refusal()
+
+
+def _refuse_work(server) -> None:
+    _finished_steps(_raise_refusal)(server)
+    server._forward = _raise_refusal
+
+
 def _relay_tap(server) -> None:
     relay, path = server._relay, os.environ.get("SWARMD_RELAY_TAP", "relay-tap.bin")
 
@@ -125,7 +162,9 @@ FAILPOINTS: dict[str, Callable] = {"exit_on_replay": _exit_on_replay, "hang_on_f
                                    "reply_wrong_shape": _wrong_steps(lambda out: out[..., :-1].contiguous()),
                                    "reply_huge": _wrong_steps(lambda out: out * 1000, after=HONEST_FIRST),
                                    "forward_nan": _wrong_steps(lambda out: out * float("nan"), passes=True),
-                                   "lora_grad_nan": _lora_grad_nan}
+                                   "lora_grad_nan": _lora_grad_nan, "refuse_opens": _refuse_opens,
+                                   "refuse_work": _refuse_work,
+                                   "reply_no_hidden": _finished_steps(lambda fields, tensors: (fields, {}))}
 
 
 def install(server, names: str) -> None:

@@ -24,7 +24,7 @@ import torch
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from libswarm.errors import LimitError, PeerUnavailableError, ProtocolError
+from libswarm.errors import LimitError, PeerUnavailableError, ProtocolError, SwarmError
 from libswarm.protocol import Message, decode, encode
 from libswarm.protocol.messages import CHUNKED_SINCE, FRAME_BYTES, raise_if_error, speaks
 from swarmd.identity import NodeIdentity, short_id
@@ -157,7 +157,7 @@ class PeerConnection:
         """Wait until the monotonic `deadline` for the reply to `req_id`; drop late replies to
         older requests; fail at once if the connection drops meanwhile."""
         if req_id in self._stash:
-            return raise_if_error(self._stash.pop(req_id))
+            return self._checked(self._stash.pop(req_id))
         disconnects = self.disconnects
         while True:
             left_ms = int((deadline - time.monotonic()) * 1000)
@@ -177,10 +177,18 @@ class PeerConnection:
             if reply.chunked:
                 self.frame_bytes = FRAME_BYTES
             if reply.id == req_id:
-                return raise_if_error(reply)
+                return self._checked(reply)
             self._stash[reply.id] = reply
             while len(self._stash) > MAX_STASHED:  # late replies nobody will ask for again
                 self._stash.pop(next(iter(self._stash)))
+
+    def _checked(self, reply: Message) -> Message:
+        """The reply, or its error raised, marked as this peer's."""
+        try:
+            return raise_if_error(reply)
+        except SwarmError as e:
+            e.peer = self.address
+            raise
 
     def request(self, msg_type: str, fields: dict | None = None, tensors: dict[str, torch.Tensor] | None = None,
                 timeout_s: float = 30.0) -> Message:
