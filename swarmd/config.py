@@ -38,7 +38,8 @@ DEFAULTS: dict[str, Any] = {
         "threads": "auto",
         "adapters": {},
         "cache": {"max_bytes": "auto", "kv_dtype": "auto"},
-        "limits": {"sessions_per_key": 1024, "cache_share_per_key": 0.5, "requests_per_s_per_key": 5000},
+        "limits": {"sessions_per_key": 1024, "cache_share_per_key": 0.5, "requests_per_s_per_key": 5000,
+                   "queued_per_key": 64, "queued_bytes_per_key": "4GiB"},
     },
     "network": {
         "listen": "tcp://0.0.0.0:31330",
@@ -95,6 +96,8 @@ class LimitsConfig:
     sessions_per_key: int
     cache_share_per_key: float  # of the KV cache budget
     requests_per_s_per_key: int
+    queued_per_key: int = 64  # requests waiting for the compute thread
+    queued_bytes_per_key: int = 4 << 30  # their tensors
 
 
 @dataclass(frozen=True)
@@ -334,6 +337,9 @@ def load_config(path: str, overrides: dict | None = None) -> Config:
             cache_share_per_key=r.fraction("serve.limits.cache_share_per_key", s["limits"]["cache_share_per_key"]),
             requests_per_s_per_key=r.positive_int("serve.limits.requests_per_s_per_key",
                                                   s["limits"]["requests_per_s_per_key"]) or 1,
+            queued_per_key=r.positive_int("serve.limits.queued_per_key", s["limits"]["queued_per_key"]) or 1,
+            queued_bytes_per_key=r.size("serve.limits.queued_bytes_per_key", s["limits"]["queued_bytes_per_key"])
+            or 1,
         ),
     )
     n = d["network"]

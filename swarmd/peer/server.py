@@ -121,6 +121,7 @@ class ServerSession:
     last_step: int | None = None
     last_output: torch.Tensor | None = None
     queued: int = 0  # its steps on the compute thread: while any is, its next steps queue behind them
+    waiting_step: int | None = None  # the number of its step last left waiting for its push
     in_batch: bool = False  # a step of it waits in the batch being gathered
 
 
@@ -215,7 +216,7 @@ class SpanServer:
         # benchmarks and tests: emulated links back to each caller (swarmd/transport/netem.py), else None
         self.netem = process_profile()
         self.links: dict[bytes, Link] = {}
-        self.compute = ComputeThread(zctx)
+        self.compute = ComputeThread(zctx, limits.queued_per_key, limits.queued_bytes_per_key)
         self._stats_lock = threading.Lock()  # the socket's and the compute thread both count
         # moving to other blocks (rebalancing): the new span, handed over by another thread and
         # switched to by the serving thread; earlier spans drain their sessions until a deadline
@@ -299,6 +300,7 @@ class SpanServer:
         for link in self.relay_links.values():
             link.close()
         self.peers.close_all()
+        self.pending.clear()  # the socket is closed: nobody is answered now
         for sid in list(self.sessions):
             self._drop(sid)
 
@@ -388,7 +390,8 @@ class SpanServer:
                 return ok_reply(req_id, fields, tensors, frame_bytes=frame_bytes)
             except Exception as e:
                 return self._error_reply(req_id, sender, e)
-        self.compute.submit(priority, run, ident, req_id, msg.deadline, done)
+        self.compute.submit(priority, run, ident, req_id, msg.deadline, done, key=sender,
+                            nbytes=sum(t.nbytes for t in msg.tensors.values()))
         return DEFERRED
 
     def _deliver(self) -> None:
@@ -742,6 +745,10 @@ class SpanServer:
             if pushed is None:  # the previous server has not pushed yet: answer when it does
                 if len(self.pending) >= MAX_PENDING:
                     raise LimitError("too many steps waiting for pushes")
+                # one step of a session waits at a time (a route runs its steps in turn): a key
+                # holds no more waiting steps than it has sessions open here
+                self._unwait(s, f"superseded by step {step} of its session", keep=step)
+                s.waiting_step = step
                 self.pending[key] = PendingStep(*self._current, s, msg)
                 return DEFERRED
             return self._dispatch_step(s, msg, pushed[0], *self._current)
@@ -765,11 +772,11 @@ class SpanServer:
             if self._batchable(s, msg, x):
                 return self._gather(s, msg, hidden, ident, req_id, sender)
             return self._step(s, msg, hidden)
-        s.queued += 1
-
         def done() -> None:
             s.queued -= 1
-        return self._defer(STEP, lambda: self._step(s, msg, hidden), ident, req_id, sender, msg, done)
+        deferred = self._defer(STEP, lambda: self._step(s, msg, hidden), ident, req_id, sender, msg, done)
+        s.queued += 1  # once queued (a refused step never runs, and never calls done)
+        return deferred
 
     def _step(self, s: ServerSession, msg: Message, hidden: torch.Tensor | None):
         """A step's computation, on whichever thread runs it: a repeat of the last step gets its
@@ -1077,11 +1084,22 @@ class SpanServer:
         return {"closed": bool(closed)}, None
 
     # --- housekeeping ------------------------------------------------------------------------
+    def _unwait(self, s: ServerSession, why: str, keep: object = None) -> None:
+        """The session's step waiting for its push, if any (other than step `keep`), answered
+        with a session error."""
+        if s.waiting_step is None or s.waiting_step == keep:
+            return
+        p = self.pending.pop((s.id, s.waiting_step), None)
+        s.waiting_step = None
+        if p is not None:
+            self._send(p.ident, error_reply(p.req_id, SessionError(f"step {p.msg.get('step')}: {why}")), p.req_id)
+
     def _drop(self, sid: str) -> bool:
         with self._lock:
             s = self.sessions.pop(sid, None)
         if s is None:
             return False
+        self._unwait(s, "its session was closed")
         self.budget.release(s.cache.nbytes)
         s.span.forget(s.cache)
         return True

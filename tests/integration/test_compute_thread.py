@@ -20,7 +20,8 @@ SLOW_FORWARD_S = 3.0
 @pytest.fixture(scope="module")
 def slow_swarm(model_dirs):
     d = model_dirs("llama")
-    with running_swarm(d, ["0:6", "0:3"], env={0: {"SWARMD_FAILPOINTS": "slow_forward"}}) as (servers, gw):
+    with running_swarm(d, ["0:6", "0:3"], env={0: {"SWARMD_FAILPOINTS": "slow_forward"}},
+                       server_extra={0: {"serve": {"limits": {"queued_per_key": 2}}}}) as (servers, gw):
         yield servers, gw
 
 
@@ -70,6 +71,51 @@ def test_a_long_forward_neither_marks_its_server_unreachable_nor_holds_up_decode
     status = gw.ctl("status")
     assert status["gateway"]["failovers"] == 0 and status["gateway"]["banned"] == []
     client.close_session(sess["session"])
+
+
+def test_a_key_queueing_passes_delays_another_keys_pass_by_one_and_is_refused_beyond_its_queue(slow_swarm):
+    """Key a sends four passes of 3 s: one runs, two wait, the fourth is refused (its queue
+    holds 2 here). Key b's pass, sent next, runs after a's second, before a's third: keys take
+    turns (first come first served, b would wait for all of a's)."""
+    from helpers import curve_dealer
+
+    from libswarm.protocol import decode, encode
+
+    servers, gw = slow_swarm
+    slow = servers[0]
+    info = SwarmClient(gw.socket).model_info()
+    fields = {"model_id": info["model_id"], "blocks": [0, 6]}
+    x = torch.randn(1, 4, info["hidden_size"])
+    a, b = curve_dealer(slow.address, slow.node_id), curve_dealer(slow.address, slow.node_id)
+    arrived: dict[tuple[str, int], float] = {}
+
+    def wait_for(name: str, req_id: int):
+        while (name, req_id) not in arrived:
+            for s, n in ((a, "a"), (b, "b")):
+                if s.poll(10):
+                    reply = decode(s.recv_multipart())
+                    arrived[(n, reply.id)] = time.monotonic()
+                    replies[(n, reply.id)] = reply
+            assert time.monotonic() - t0 < 60, f"no answer to {name}{req_id}"
+
+    replies: dict = {}
+    t0 = time.monotonic()
+    try:
+        for req_id in (1, 2, 3, 4):
+            a.send_multipart(encode("forward", req_id, fields, {"hidden": x}))
+        wait_for("a", 4)
+        refused = replies[("a", 4)]
+        assert refused.type == "error" and refused.get("code") == "limit", refused.fields
+        assert "queued_per_key" in refused.get("message")
+        b.send_multipart(encode("forward", 1, fields, {"hidden": x}))
+        wait_for("a", 3)
+        wait_for("b", 1)
+    finally:
+        a.close()
+        b.close()
+    assert all(replies[("a", i)].type == "ok" for i in (1, 2, 3)) and replies[("b", 1)].type == "ok"
+    order = sorted(arrived, key=arrived.get)
+    assert order == [("a", 4), ("a", 1), ("a", 2), ("b", 1), ("a", 3)], order
 
 
 def test_a_training_step_runs_each_block_forward_at_most_twice_and_frees_what_it_kept(model_dirs):

@@ -104,6 +104,42 @@ def test_pushes_for_made_up_or_oversized_steps_pin_no_memory(swarm):
     generate_equals_hf(d, gw.socket)
 
 
+def test_a_session_holds_one_step_waiting_for_its_push_and_none_once_closed(swarm):
+    """Steps that wait for a push nobody sends, under made-up step numbers: each replaces the
+    one before it (answered `session`), so that a key holds no more waiting steps than it has
+    sessions; closing the session answers the last one. Before, a key could fill the server's
+    4096 places in a second and every route through it waited on nothing."""
+    d, servers, gw = swarm
+    s0 = servers[0]
+    peer = Peer(s0)
+    try:
+        sid = peer.open(s0, model_id(gw)).get("session")
+        ids = [peer.send("step", {"session": sid, "step": step, "expect_push": True}) for step in range(50)]
+        ping, answers = peer.send("ping"), {}
+        while ping not in answers:  # handled in order: every step is in by then
+            assert peer.sock.poll(15_000), f"{len(answers)} of 49 steps answered"
+            reply = decode(peer.sock.recv_multipart())
+            answers[reply.id] = reply
+        del answers[ping]
+        assert s0.ctl("status")["peer_plane"]["steps_waiting"] == 1
+        assert set(answers) == set(ids[:49])
+        assert all(r.type == "error" and r.get("code") == "session" and "superseded" in r.get("message")
+                   for r in answers.values())
+        close, answers = peer.send("close", {"session": sid}), {}
+        while close not in answers:
+            assert peer.sock.poll(15_000), "no answer to close"
+            reply = decode(peer.sock.recv_multipart())
+            answers[reply.id] = reply
+        peer.sessions.remove(sid)
+        assert answers[close].get("closed") is True
+        last = answers[ids[49]]
+        assert last.get("code") == "session" and "closed" in last.get("message")
+        assert s0.ctl("status")["peer_plane"]["steps_waiting"] == 0
+    finally:
+        peer.close()
+    generate_equals_hf(d, gw.socket)
+
+
 def test_next_hop_must_be_a_known_peer_and_never_stalls_the_server(swarm):
     d, servers, gw = swarm
     s0 = servers[0]

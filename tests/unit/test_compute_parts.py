@@ -8,6 +8,7 @@ import pytest
 import torch
 import zmq
 
+from libswarm.errors import LimitError
 from libswarm.protocol import decode, ok_reply
 from swarmd.gateway.training import KeptPasses
 from swarmd.peer.compute import MIN_ALLOWANCE_S, PASS, STEP, ComputeThread, expires_at
@@ -52,6 +53,59 @@ def test_steps_queued_behind_a_pass_run_before_the_passes_queued_earlier(compute
     done = wait_finished(compute, 5)
     assert order == ["pass 1", "step 1", "step 2", "pass 2", "pass 3"]
     assert [job.req_id for job, _ in done] == [1, 3, 5, 2, 4]  # each reply comes back with its request
+
+
+def test_keys_with_work_queued_take_turns_one_request_each(compute):
+    """Key a queues four passes, then b one: b's runs after a's next one, not after all four."""
+    order, gate = [], threading.Event()
+
+    def job(name, wait=False):
+        def run():
+            if wait:
+                gate.wait(5)
+            order.append(name)
+            return ok_reply(0)
+        return run
+
+    compute.submit(PASS, job("a1", wait=True), b"a", 1, None, key="a")
+    time.sleep(0.1)  # a1 runs; the rest queue
+    for i in (2, 3, 4):
+        compute.submit(PASS, job(f"a{i}"), b"a", i, None, key="a")
+    compute.submit(PASS, job("b1"), b"b", 5, None, key="b")
+    compute.submit(PASS, job("c1"), b"c", 6, None, key="c")
+    compute.submit(PASS, job("b2"), b"b", 7, None, key="b")
+    gate.set()
+    wait_finished(compute, 7)
+    assert order == ["a1", "a2", "b1", "c1", "a3", "b2", "a4"]
+
+
+def test_a_key_queues_at_most_its_requests_and_bytes_and_others_still_queue():
+    ctx = zmq.Context()
+    compute = ComputeThread(ctx, per_key=2, per_key_bytes=100)
+    gate = threading.Event()
+    try:
+        def blocker():
+            gate.wait(5)
+            return ok_reply(0)
+        compute.submit(PASS, blocker, b"a", 1, None, key="a")  # running: not waiting any more
+        time.sleep(0.1)
+        compute.submit(PASS, lambda: ok_reply(0), b"a", 2, None, key="a", nbytes=500)  # alone: any size waits
+        with pytest.raises(LimitError, match="MiB of requests"):
+            compute.submit(PASS, lambda: ok_reply(0), b"a", 3, None, key="a", nbytes=1)
+        compute.submit(PASS, lambda: ok_reply(0), b"b", 4, None, key="b", nbytes=60)
+        compute.submit(STEP, lambda: ok_reply(0), b"b", 5, None, key="b", nbytes=40)
+        with pytest.raises(LimitError, match="2 requests waiting"):
+            compute.submit(STEP, lambda: ok_reply(0), b"b", 6, None, key="b")
+        assert compute.queued() == 3 and compute.refused == 2
+        gate.set()
+        assert len(wait_finished(compute, 4)) == 4
+        assert compute.queued() == 0
+        compute.submit(PASS, lambda: ok_reply(0), b"a", 7, None, key="a", nbytes=90)  # its turn is free again
+        assert len(wait_finished(compute, 1)) == 1
+    finally:
+        gate.set()
+        compute.stop()
+        ctx.term()
 
 
 def test_work_whose_deadline_passed_while_queued_is_shed_unrun(compute):
