@@ -14,7 +14,7 @@ import zmq
 from libswarm.errors import PeerUnavailableError, ProtocolError, SwarmError
 from libswarm.paths import closed_directory
 from libswarm.protocol import Message, decode, encode
-from libswarm.protocol.messages import raise_if_error
+from libswarm.protocol.messages import LOCAL_REPLY_HEADER_BYTES, raise_if_error
 
 if TYPE_CHECKING:  # torch is imported by the calls that carry tensors; swarmctl never needs it
     import torch
@@ -84,7 +84,7 @@ class SwarmClient:
                         f"swarmd at {self.socket_path} did not answer {msg_type} in {timeout:g} s"
                     )
                 try:
-                    reply = decode(sock.recv_multipart(copy=False))
+                    reply = decode(sock.recv_multipart(copy=False), max_header_bytes=LOCAL_REPLY_HEADER_BYTES)
                 except ProtocolError as e:
                     raise PeerUnavailableError(f"swarmd sent a bad reply: {e}") from None
                 # one request at a time on this socket: an error the daemon could not even tie to a

@@ -16,6 +16,7 @@ import zmq
 
 from libswarm.errors import ConfigError, ProtocolError, SwarmError
 from libswarm.protocol import Message, decode, error_reply, ok_reply, registry
+from libswarm.protocol.messages import LOCAL_REPLY_HEADER_BYTES
 
 log = logging.getLogger("swarmd.local")
 
@@ -113,7 +114,7 @@ class LocalServer:
             if handler is None:
                 raise ProtocolError(f"{msg.type!r} is not served by this daemon")
             fields, tensors = handler(msg)
-            reply = ok_reply(req_id, fields, tensors)
+            reply = ok_reply(req_id, fields, tensors, max_header_bytes=LOCAL_REPLY_HEADER_BYTES)
         except SwarmError as e:
             req_id = req_id or e.req_id
             log.info("local request %s refused: %s", req_id, e)

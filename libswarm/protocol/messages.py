@@ -28,6 +28,10 @@ if TYPE_CHECKING:
 PROTOCOL_VERSION = "1.4"
 PROTOCOL_MAJOR = 1
 MAX_HEADER_BYTES = 64 * 1024
+# The replies of a daemon to its own apps (the local plane) may carry larger headers: `status`
+# and `peers` list every node of the swarm, ~550 bytes each (10,000 at most, and records are
+# bounded). Requests, and every message between peers, keep MAX_HEADER_BYTES.
+LOCAL_REPLY_HEADER_BYTES = 64 * 2**20
 MAX_TENSORS = 64
 MAX_FRAMES = 8192  # frames of one tensor (its spec's `frames`)
 # Since 1.4 a tensor's bytes may come in several consecutive frames (its spec's `frames`): CURVE
@@ -76,6 +80,7 @@ def encode(
     tensors: dict[str, torch.Tensor] | None = None,
     deadline: float | None = None,
     frame_bytes: int = 0,
+    max_header_bytes: int = MAX_HEADER_BYTES,
 ) -> list:
     """The frames of a message. With `frame_bytes` (for a receiver that speaks 1.4), a larger
     tensor goes in frames of at most that many bytes."""
@@ -102,19 +107,20 @@ def encode(
     if fields:
         header.update(fields)
     frames[0] = json.dumps(header, separators=(",", ":")).encode()
-    if len(frames[0]) > MAX_HEADER_BYTES:  # every receiver would refuse it: say so here, at once
-        raise ProtocolError(f"{msg_type}: header of {len(frames[0])} bytes exceeds the limit of {MAX_HEADER_BYTES}")
+    if len(frames[0]) > max_header_bytes:  # every receiver would refuse it: say so here, at once
+        raise ProtocolError(f"{msg_type}: header of {len(frames[0])} bytes exceeds the limit of {max_header_bytes}")
     return frames
 
 
-def decode(frames: Sequence, max_bytes: int = 0) -> Message:
+def decode(frames: Sequence, max_bytes: int = 0, max_header_bytes: int = MAX_HEADER_BYTES) -> Message:
     """Parse a multipart message (bytes, memoryviews or zmq.Frame) into a Message; one of more
-    than `max_bytes` (0: no limit) in all is refused before any tensor is built.
+    than `max_bytes` (0: no limit) in all, or with a header of more than `max_header_bytes`,
+    is refused before any tensor is built.
 
     Raises ProtocolError, TensorError or LimitError with a one-line reason; never anything
     else. Once the header is read, the error carries the message's id (`req_id`)."""
     try:
-        return _decode(frames, max_bytes)
+        return _decode(frames, max_bytes, max_header_bytes)
     except (ProtocolError, TensorError, LimitError):
         raise
     except RecursionError:  # JSON nested deeper than the interpreter's stack
@@ -123,12 +129,12 @@ def decode(frames: Sequence, max_bytes: int = 0) -> Message:
         raise ProtocolError(f"malformed message ({type(e).__name__})") from None
 
 
-def _decode(frames: Sequence, max_bytes: int) -> Message:
+def _decode(frames: Sequence, max_bytes: int, max_header_bytes: int) -> Message:
     if not frames:
         raise ProtocolError("empty message")
     head = _buffer(frames[0])
-    if len(head) > MAX_HEADER_BYTES:
-        raise ProtocolError(f"header of {len(head)} bytes exceeds the limit of {MAX_HEADER_BYTES}")
+    if len(head) > max_header_bytes:
+        raise ProtocolError(f"header of {len(head)} bytes exceeds the limit of {max_header_bytes}")
     try:
         header = json.loads(bytes(head))
     except (ValueError, UnicodeDecodeError):
@@ -209,8 +215,8 @@ def _frame_count(spec: object) -> int:
 
 
 def ok_reply(req_id: int, fields: dict[str, Any] | None = None, tensors: dict[str, torch.Tensor] | None = None,
-             frame_bytes: int = 0):
-    return encode("ok", req_id, fields, tensors, frame_bytes=frame_bytes)
+             frame_bytes: int = 0, max_header_bytes: int = MAX_HEADER_BYTES):
+    return encode("ok", req_id, fields, tensors, frame_bytes=frame_bytes, max_header_bytes=max_header_bytes)
 
 
 def error_reply(req_id: int, exc: BaseException) -> list:

@@ -13,6 +13,7 @@ import logging
 import re
 import socket
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 from swarmd.identity import is_key
 
@@ -21,6 +22,9 @@ log = logging.getLogger("swarmd.discovery")
 QUERY = b"SWARMD-KEY? 1"
 QUERY_BYTES = 64
 ANSWER_PREFIX = b"SWARMD-KEY 1 "
+# queries in flight at once (each a thread: a name may need a blocking DNS lookup first); a
+# seed list of hundreds, many of them gone, costs a round a few waits, not one per seed
+MAX_QUERIES_AT_ONCE = 128
 _TCP = re.compile(r"^tcp://\[?([^\]]+?)\]?:(\d{1,5})$")
 
 
@@ -78,3 +82,12 @@ def query_key(address: str, timeout_s: float = 0.5, tries: int = 2) -> str | Non
                 if is_key(key):
                     return key
     return None
+
+
+def query_keys(addresses: list[str], timeout_s: float = 0.5, tries: int = 2) -> dict[str, str | None]:
+    """query_key of each address, all at once (MAX_QUERIES_AT_ONCE in flight)."""
+    unique = list(dict.fromkeys(addresses))
+    if not unique:
+        return {}
+    with ThreadPoolExecutor(min(MAX_QUERIES_AT_ONCE, len(unique)), thread_name_prefix="keyquery") as pool:
+        return dict(zip(unique, pool.map(lambda a: query_key(a, timeout_s, tries), unique)))

@@ -36,7 +36,7 @@ from libswarm import __version__
 from libswarm.errors import SwarmError
 from libswarm.protocol import PROTOCOL_VERSION, Message
 from swarmd.config import Seed
-from swarmd.discovery.keyquery import query_key
+from swarmd.discovery.keyquery import query_keys
 from swarmd.discovery.records import MAX_RTTS, Beat, Record, RecordError, decode_beat, decode_record
 from swarmd.discovery.table import LARGE_BUCKETS, MAX_NODES, MAX_REPLY_BYTES, SMALL_BUCKETS, TAG_CHARS, PeerTable
 from swarmd.identity import NodeIdentity, is_key, short_id
@@ -509,11 +509,13 @@ class Membership:
             pending = []
             opened = []  # every connection is started first, then they share one wait to come up:
             # nodes that never finish a handshake (records naming blackholed addresses) cost a round
-            # one GOSSIP_TIMEOUT_S, not one each
+            # one GOSSIP_TIMEOUT_S, not one each; likewise the key queries of contacts given
+            # without a key (seeds), which used to wait half a second each, one after another
+            learnt = query_keys([address for address, key, _ in targets if key is None])
             for address, key, node_id in targets:
                 try:
                     if key is None:
-                        key = query_key(address)
+                        key = learnt[address]
                         if key is None:
                             raise SwarmError("does not answer the key query (no swarmd there, or UDP blocked)")
                         self.add_hint(address, key, self.hints[address].source if address in self.hints else "seed")

@@ -1,6 +1,7 @@
 """Membership across real daemons: discovery by seeds alone and by mDNS alone, gossip
 convergence, liveness after kill -9, private swarms, and forged records."""
 
+import json
 import os
 import signal
 import time
@@ -277,3 +278,25 @@ def test_records_naming_addresses_that_never_answer_a_handshake_do_not_stall_gos
     finally:
         for s in silent:
             s.close()
+
+
+def test_status_and_peers_of_a_swarm_of_hundreds_reach_swarmctl_and_apps(model_dirs, tmp_path):
+    """A row of `swarmctl peers` is about 550 bytes: the replies of a swarm of more than ~115
+    nodes outgrew the 64 KiB header every message had. Here 300 seeds that never answer are
+    300 rows; `status` and `peers` come back whole, to swarmctl and to libswarm. (Their key
+    queries, half a second each one after another, also kept the daemon from coming online
+    for 150 s; they now go out at once.)"""
+    from libswarm import SwarmClient
+
+    d = model_dirs("llama", layers=4)
+    a = Daemon(str(tmp_path), "a", d, "0:4")
+    seeds = [f"tcp://127.0.0.1:{port}" for port in range(20001, 20301)]
+    try:
+        a.start(seeds).wait_ready()
+        rows = a.ctl("peers")["peers"]
+        assert len(rows) >= 300
+        status = a.ctl("status")
+        assert len(json.dumps(status, separators=(",", ":"))) > 64 * 1024 and len(status["peers"]) == len(rows)
+        assert len(SwarmClient(socket=a.socket).peers()) == len(rows)
+    finally:
+        a.stop()

@@ -9,7 +9,7 @@ import pytest
 import zmq
 
 from swarmd.daemon import coverage
-from swarmd.discovery.keyquery import KeyResponder, query_key
+from swarmd.discovery.keyquery import KeyResponder, query_key, query_keys
 from swarmd.discovery.records import MAX_RECORD_BYTES, Beat, Record, RecordError, decode_beat, decode_record
 from swarmd.discovery.table import MAX_REPLY_BYTES, PeerTable
 from swarmd.identity import NodeIdentity, load_or_create_identity, node_id_of_sign_key, short_id
@@ -378,6 +378,16 @@ def test_key_query_answers_over_udp_only_to_full_size_questions():
             with pytest.raises(TimeoutError):
                 s.recvfrom(512)
         assert query_key(f"tcp://127.0.0.1:{free_port()}", timeout_s=0.2) is None
+        # a seed list of 200 addresses where nothing answers, and the one that does: all asked
+        # at once, one wait (one after another, 200 x 0.5 s)
+        silent = [f"tcp://127.0.0.1:{p}" for p in range(21001, 21201) if p != port]
+        t0 = time.monotonic()
+        keys = query_keys([*silent, f"tcp://127.0.0.1:{port}", silent[0]])
+        took = time.monotonic() - t0
+        assert keys[f"tcp://127.0.0.1:{port}"] == i.public_key
+        assert len(keys) == len(silent) + 1 and all(keys[a] is None for a in silent)
+        assert took < 10, f"200 key queries took {took:.1f} s"
+        assert query_keys([]) == {}
     finally:
         stop.set()
         t.join(2)
