@@ -45,7 +45,7 @@ from swarmd.runtime.span import Span
 from swarmd.runtime.speed import BlockSpeed, measure_block_speed
 from swarmd.sdnotify import notify
 from swarmd.transport.access import AccessControl
-from swarmd.transport.connection import ConnectionPool
+from swarmd.transport.connection import ConnectionPool, peer_context
 from swarmd.transport.relay import RelayService
 
 log = logging.getLogger("swarmd")
@@ -55,6 +55,9 @@ log = logging.getLogger("swarmd")
 AUTO_CACHE_SHARE = 0.5
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHT_DIGESTS = "weights.json"  # in state_dir: each weight file's tensor digests (libswarm.checkpoint)
+# peer connections one thread keeps (the least recently used closed first): twice what a gossip
+# round opens at once (membership.MAX_CONTACTS_PER_ROUND), far more than a route has hops
+PEER_CONNECTIONS_PER_THREAD = 256
 
 
 class Daemon:
@@ -71,7 +74,7 @@ class Daemon:
         self.kv_int8 = config.serve.cache.kv_dtype == "int8"
         # two I/O threads: CURVE encrypts in them, and a large tensor's frames then go at twice
         # the speed (tools/bench_transport.py); small messages are not slowed
-        self.zctx = zmq.Context(io_threads=2)
+        self.zctx = peer_context(io_threads=2)
         self.stop_event = threading.Event()
         self.state = "starting"
         self.loaded_blocks = 0
@@ -88,7 +91,8 @@ class Daemon:
         self.table = PeerTable()
         self.table.quantized = config.swarm.quantized
         self.pool = ConnectionPool(self.zctx, self.identity, lambda a: self.membership.key_for(a),
-                                   config.network.max_message_bytes, resolve_protocol=self.table.protocol_for)
+                                   config.network.max_message_bytes, max_connections=PEER_CONNECTIONS_PER_THREAD,
+                                   resolve_protocol=self.table.protocol_for)
         self._fingerprints: dict[int, str | None] = {}
         self._uncovered_since: dict[tuple[str, int], float] = {}  # (model, block): first seen uncovered
         self.membership = Membership(identity=self.identity, pool=self.pool, table=self.table, access=self.access,

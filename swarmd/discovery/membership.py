@@ -65,6 +65,10 @@ BODY_PUSH_ROUNDS = 5  # a new record rides on this many of the node's own reques
 FRESH_ROUNDS = 2  # a node heard from this recently is not checked on another's suspicion
 PEER_RETRY_MAX_S = 30.0  # a peer that failed is retried after 1, 2, 4 ... s, at most this far apart
 MAX_RETRIES_PER_ROUND = 4
+# peers a round (or a leave) contacts at most, checks included: a refresh in a swarm of
+# thousands, or a seed list of hundreds, opens this many connections at once, not one each;
+# the rest wait for the next rounds (the daemon's pool keeps twice this many per thread)
+MAX_CONTACTS_PER_ROUND = 128
 # What a record says that is news at once; the rest (loads, measurements) waits for body_refresh_s().
 STABLE_FIELDS = ("addresses", "state", "model_id", "span", "fingerprints", "movable", "adapters", "reachable", "relay",
                  "via")
@@ -419,8 +423,8 @@ class Membership:
         # made-up records cannot cut this daemon off from the peers it gossips with. The draw
         # stays uniform, so a node that just joined is contacted by a few peers a round, not
         # by all of them at once
-        if everyone:
-            targets = live + [t for _, t in due]
+        if everyone:  # this model's servers first: a round contacts at most MAX_CONTACTS_PER_ROUND
+            targets = kin + [t for t in live if t not in kin] + [t for _, t in sorted(due)]
         else:
             # one of the FANOUT is a peer of this daemon's own model that answered before: its
             # model's news, which matter most here, never wait on a draw among other models' nodes
@@ -435,9 +439,9 @@ class Membership:
             targets += [t for _, t in sorted(due)[:MAX_RETRIES_PER_ROUND]]
         with self._hint_lock:
             hints = list(self.hints.values())
-        own = set(self.own_addresses())
-        for h in hints:
-            if h.address in known_addresses | own | skip or h.key == self.identity.public_key:
+        not_hints = known_addresses | set(self.own_addresses()) | set(skip)
+        for h in sorted(hints, key=lambda h: h.next_try):  # longest due first: a round takes only so many
+            if h.address in not_hints or h.key == self.identity.public_key:
                 continue
             if h.next_try <= now or everyone:
                 targets.append((h.address, h.key, None))
@@ -501,7 +505,7 @@ class Membership:
             fields: dict = {"news": self.news_tags(), "records": [own.wire] if recent and own else [],
                             "beats": [own.beat_wire] if own and own.beat_wire and self._rounds - self._refuted_round
                             < self.table.hot_rounds() else [], "suspects": news["suspects"]}
-            targets = self._targets(skip, everyone)
+            targets = self._targets(skip, everyone)[:MAX_CONTACTS_PER_ROUND]
             peers = sum(1 for e in self.table.entries() if not e.is_self)
             ae_all = self._catching_up or peers < 2  # a table still filling: ask everyone contacted
             ae_one = self._rounds % AE_EVERY_ROUNDS == self._ae_phase
@@ -525,7 +529,7 @@ class Membership:
                 except SwarmError as e:
                     self._contact_failed(address, node_id, str(e))
             contacted = {t[0] for t in targets}
-            checks = self._checks(contacted)
+            checks = self._checks(contacted)[:MAX_CONTACTS_PER_ROUND - len(targets)]
             for address, node_id in checks:
                 try:
                     opened.append(("ping", address, node_id, node_id, self.pool.get(address, node_id)))
@@ -662,7 +666,7 @@ class Membership:
         fields = {"records": [own.wire], "news": self.news_tags()}
         deadline = time.monotonic() + timeout_s
         sent = []
-        for address, key, _ in self._targets(set(), everyone=True):
+        for address, key, _ in self._targets(set(), everyone=True)[:MAX_CONTACTS_PER_ROUND]:
             if key is None or time.monotonic() > deadline:
                 continue
             try:

@@ -47,7 +47,10 @@ class PeerConnection:
                  max_message_bytes: int = 0):
         self.address, self.server_key = address, server_key
         self.endpoint = address  # where the socket connects (a relay's address, for a relayed peer)
-        self.sock = zctx.socket(zmq.DEALER)
+        try:
+            self.sock = zctx.socket(zmq.DEALER)
+        except zmq.ZMQError as e:  # out of sockets or file descriptors: this peer cannot be reached now
+            raise PeerUnavailableError(f"peer {address[:300]}: no connection can be opened now ({e})") from None
         self.sock.curve_secretkey = identity.secret_key.encode()
         self.sock.curve_publickey = identity.public_key.encode()
         self.sock.curve_serverkey = server_key.encode()
@@ -62,7 +65,11 @@ class PeerConnection:
         self.max_message_bytes = max_message_bytes
         if max_message_bytes:
             self.sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)  # each frame; decode() checks the whole
-        self.monitor = self.sock.get_monitor_socket(_MONITOR_EVENTS)
+        try:
+            self.monitor = self.sock.get_monitor_socket(_MONITOR_EVENTS)
+        except zmq.ZMQError as e:
+            self.sock.close(0)
+            raise PeerUnavailableError(f"peer {address[:300]}: no connection can be opened now ({e})") from None
         self.state = "connecting"  # connecting | up | down | refused | denied
         # tensors over FRAME_BYTES go in frames of that size once the peer is known to read them
         # (its record's protocol, or any reply): CURVE is twice as fast on 1 MiB frames as on 32 MiB
@@ -248,8 +255,34 @@ class RelayedConnection(PeerConnection):
         return decode(self.sealer.open(self.server_key, sealed_bytes(reply)))
 
 
+def peer_context(io_threads: int = 1) -> zmq.Context:
+    """A ZeroMQ context for a daemon: a peer connection holds three sockets (and about four file
+    descriptors), and ZeroMQ's default of 1023 sockets ran out at ~340 peers."""
+    zctx = zmq.Context(io_threads=io_threads)
+    zctx.set(zmq.MAX_SOCKETS, max(1023, raise_open_files_limit() * 2 // 3))
+    return zctx
+
+
+def raise_open_files_limit(want: int = 65536) -> int:
+    """Raise this process's soft limit on open files toward `want`, within its hard limit (a
+    daemon of a large swarm holds a few descriptors per peer); returns the soft limit now."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return want if soft == resource.RLIM_INFINITY else soft
+
+
 class ConnectionPool:
-    """One connection per (thread, peer address)."""
+    """One connection per (thread, peer address); with `max_connections`, at most that many per
+    thread, the least recently used closed first (each connection holds three ZeroMQ sockets
+    and their file descriptors)."""
 
     def __init__(self, zctx: zmq.Context, identity: NodeIdentity, resolve_key: Callable[[str], str | None],
                  max_message_bytes: int = 0, max_connections: int = 0,

@@ -209,3 +209,28 @@ def test_a_node_one_peer_cannot_reach_stays_online_for_the_others():
         assert others_keep_x()
     assert all(address(x) in routable(m) for m in members if m is not a)
 
+
+
+def test_a_round_opens_at_most_its_contacts_and_the_rest_wait_for_the_next():
+    """300 seeds that are gone: a round used to open a connection to every one of them at once
+    (and a daemon's sockets ran out at ~340). Each round contacts at most
+    MAX_CONTACTS_PER_ROUND; the others are contacted by the next rounds."""
+    from swarmd.discovery.membership import MAX_CONTACTS_PER_ROUND
+
+    members, pool = swarm(1)
+    m = members[0]
+    seeds = [f"tcp://10.9.{i // 250}.{i % 250}:31330" for i in range(300)]
+    for s in seeds:
+        m.add_hint(s, NodeIdentity(os.urandom(32)).public_key, "seed")
+    asked: list[set[str]] = []
+    real_get = m.pool.get
+
+    def get(address, key=None):
+        asked[-1].add(address)
+        return real_get(address, key)
+    m.pool.get = get
+    for _ in range(4):
+        asked.append(set())
+        one_round(members, pool)
+    assert all(len(a) <= MAX_CONTACTS_PER_ROUND for a in asked), [len(a) for a in asked]
+    assert set(seeds) <= set().union(*asked[:3])  # every seed tried within three rounds

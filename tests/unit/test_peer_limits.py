@@ -2,12 +2,13 @@
 
 import logging
 import os
+import time
 
 import zmq
 
 from swarmd.identity import NodeIdentity
 from swarmd.logs import RateLimitedLog
-from swarmd.transport.connection import ConnectionPool
+from swarmd.transport.connection import ConnectionPool, peer_context
 
 
 class Clock:
@@ -44,6 +45,52 @@ def test_a_bounded_pool_closes_the_least_recently_used_connection():
         assert pool.get(addresses[0]) is first and pool.get(addresses[3]) is not None
         assert pool.get(addresses[1]) is not second  # it was closed: a new one (evicting addresses[2])
         assert pool.count() == 3 and pool.get(addresses[0]) is first
+    finally:
+        pool.close_all()
+        ctx.term()
+
+
+def test_the_daemons_pool_reaches_a_thousand_peers_and_running_out_of_sockets_is_a_peer_failure():
+    """A connection holds three ZeroMQ sockets, and a context 1023 by default: an unbounded
+    pool failed with a raw ZMQError at its 341st peer (every gossip round after it failed). The
+    daemon's pool keeps PEER_CONNECTIONS_PER_THREAD; a context out of sockets anyway makes the
+    peer unavailable, which callers route around."""
+    import pytest
+
+    from libswarm.errors import PeerUnavailableError
+    from swarmd.daemon import PEER_CONNECTIONS_PER_THREAD
+    from swarmd.discovery.membership import MAX_CONTACTS_PER_ROUND
+
+    assert PEER_CONNECTIONS_PER_THREAD >= 2 * MAX_CONTACTS_PER_ROUND  # a round's connections are never evicted
+    ctx = peer_context()  # as the daemon's
+    me = NodeIdentity(os.urandom(32))
+    keys = {f"tcp://127.0.0.1:{p}": NodeIdentity(os.urandom(32)).public_key for p in range(20001, 21001)}
+    pool = ConnectionPool(ctx, me, keys.get, max_connections=PEER_CONNECTIONS_PER_THREAD)
+    try:
+        for a in keys:
+            pool.get(a)
+        assert pool.count() == PEER_CONNECTIONS_PER_THREAD
+    finally:
+        pool.close_all()
+        ctx.term()
+    ctx = zmq.Context()
+    ctx.set(zmq.MAX_SOCKETS, 10)  # room for three connections
+    pool = ConnectionPool(ctx, me, keys.get)
+    try:
+        addresses = list(keys)
+        for a in addresses[:3]:
+            pool.get(a)
+        with pytest.raises(PeerUnavailableError, match="no connection can be opened now"):
+            pool.get(addresses[3])
+        pool.drop(addresses[0])  # closing one makes room again, once ZeroMQ has reaped its sockets
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert pool.get(addresses[3]) is not None
+                break
+            except PeerUnavailableError:
+                assert time.monotonic() < deadline, "no room after a connection was closed"
+                time.sleep(0.05)
     finally:
         pool.close_all()
         ctx.term()
