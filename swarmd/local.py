@@ -1,8 +1,11 @@
 """The local plane: a ROUTER socket on the Unix socket, serving apps and swarmctl.
 
-One thread owns the ROUTER; requests run on a small worker pool (a slow generation step of
-one app must not hold up another app or `swarmctl status`), and workers hand their replies
-back to the owner thread over an inproc PUSH/PULL pair."""
+One thread owns the ROUTER; requests run on a worker pool (a slow generation step of one app
+must not hold up another app), and workers hand their replies back to the owner thread over an
+inproc PUSH/PULL pair. Operators' requests (`status`, `peers`, `drain` ...) have workers of
+their own: apps that keep every app worker busy do not hold up `swarmctl`. App requests beyond
+what the workers run wait, up to MAX_WAITING of them and MAX_WAITING_BYTES; more are refused
+with a `limit` error at once, so that a flood of requests cannot exhaust the daemon's memory."""
 
 from __future__ import annotations
 
@@ -14,13 +17,17 @@ from concurrent.futures import ThreadPoolExecutor
 
 import zmq
 
-from libswarm.errors import ConfigError, ProtocolError, SwarmError
+from libswarm.errors import ConfigError, LimitError, ProtocolError, SwarmError
 from libswarm.protocol import Message, decode, error_reply, ok_reply, registry
-from libswarm.protocol.messages import LOCAL_REPLY_HEADER_BYTES
+from libswarm.protocol.messages import LOCAL_REPLY_HEADER_BYTES, peek_type
 
 log = logging.getLogger("swarmd.local")
 
 WORKERS = 64  # concurrent app requests (each holds its own peer connections): many sessions step at once
+CONTROL = frozenset({"status", "peers", "model_info", "drain", "rebalance", "key"})
+CONTROL_WORKERS = 4
+MAX_WAITING = 256  # app requests waiting for a worker
+MAX_WAITING_BYTES = 4 << 30  # their frames (a request alone may always wait, whatever its size)
 POLL_INTERVAL_MS = 100  # how long the loop waits for a message before it looks at idle sessions and at stop
 
 Handler = Callable[[Message], tuple[dict, dict | None]]
@@ -40,6 +47,10 @@ class LocalServer:
         self._pushers: list[zmq.Socket] = []
         self._pushers_lock = threading.Lock()
         self.pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="local")
+        self.control = ThreadPoolExecutor(CONTROL_WORKERS, thread_name_prefix="local-control")
+        self._held = [0, 0]  # app requests submitted and not finished, and their bytes
+        self._held_lock = threading.Lock()
+        self.refused = 0
         self.on_idle: Callable[[], None] | None = None
 
     def bind(self) -> None:
@@ -79,10 +90,11 @@ class LocalServer:
                         frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
-                    self.pool.submit(self._work, frames)
+                    self._dispatch(frames)
             if not events and self.on_idle:
                 self.on_idle()
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.control.shutdown(wait=False, cancel_futures=True)
         self.sock.close(0)
         self.replies.close(0)
         with self._pushers_lock:
@@ -102,6 +114,40 @@ class LocalServer:
             with self._pushers_lock:
                 self._pushers.append(s)
         return s
+
+    def _dispatch(self, frames) -> None:
+        """On the socket's thread: the request to a worker, or refused when too many wait."""
+        if len(frames) > 1 and peek_type(frames[1]) in CONTROL:
+            self.control.submit(self._work, frames)
+            return
+        nbytes = sum(len(f) for f in frames)
+        with self._held_lock:
+            waiting = self._held[0] - WORKERS  # requests are taken in order: the oldest run
+            if waiting >= MAX_WAITING or (waiting >= 0 and self._held[1] + nbytes > MAX_WAITING_BYTES):
+                self.refused += 1
+                refuse = True
+            else:
+                self._held[0] += 1
+                self._held[1] += nbytes
+                refuse = False
+        if refuse:
+            try:  # its header alone, for its id (the error about its missing tensors carries the id too)
+                req_id = decode(frames[1:2]).id
+            except SwarmError as e:
+                req_id = e.req_id
+            err = LimitError(f"{max(waiting, 0)} app requests are waiting for this daemon already "
+                             f"(at most {MAX_WAITING}, {MAX_WAITING_BYTES >> 30} GiB): try again shortly")
+            self.sock.send_multipart([frames[0], *error_reply(req_id, err)], copy=False)
+            return
+        self.pool.submit(self._app_work, frames, nbytes)
+
+    def _app_work(self, frames, nbytes: int) -> None:
+        try:
+            self._work(frames)
+        finally:
+            with self._held_lock:
+                self._held[0] -= 1
+                self._held[1] -= nbytes
 
     def _work(self, frames) -> None:
         ident, body = frames[0], frames[1:]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import builtins
 import json
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -233,6 +234,19 @@ def raise_if_error(msg: Message) -> Message:
     if msg.type != "ok":
         raise ProtocolError(f"unexpected reply type {msg.type!r}")
     return msg
+
+
+_TYPE = re.compile(rb'"type"\s*:\s*"([a-z_]{1,32})"')
+
+
+def peek_type(frame) -> str | None:
+    """A message's type read from its header frame without decoding it (None when none shows
+    in its first 4 KiB): where a message goes is decided before it is parsed."""
+    head = _buffer(frame)
+    if len(head) > 4096:
+        head = head[:4096]
+    m = _TYPE.search(bytes(head))
+    return m.group(1).decode() if m else None
 
 
 def _buffer(frame) -> memoryview:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
-import re
 import secrets
 import socket
 import threading
@@ -40,7 +39,7 @@ from libswarm.errors import (
     WrongModelError,
 )
 from libswarm.protocol import Message, decode, error_reply, ok_reply, registry
-from libswarm.protocol.messages import FRAME_BYTES
+from libswarm.protocol.messages import FRAME_BYTES, peek_type
 from swarmd.config import LimitsConfig
 from swarmd.discovery.keyquery import split_address
 from swarmd.identity import NodeIdentity, is_key, short_id
@@ -93,7 +92,6 @@ WHILE_JOINING = ("gossip", "ping", "reach", "reach_back", "relay_register")
 REACH_TIMEOUT_S = 3.0  # a dial-back that does not get through in this time finds the node unreachable
 MAX_DIAL_BACKS = 4  # reachability checks this daemon runs for others at once
 MAX_REACHED = 64  # dial-back nonces remembered
-_TYPE = re.compile(rb'"type"\s*:\s*"([a-z_]{1,32})"')
 
 
 @dataclass
@@ -309,7 +307,7 @@ class SpanServer:
         sender = _sender_key(body[0]) if body else None
         if self.access.private and not self.access.allows(sender):
             return  # its key was removed from the allowed list (SIGHUP) after it connected
-        if body and _message_type(body[0]) == "relay":
+        if body and peek_type(body[0]) == "relay":
             self._relay(ident, body, sender)
             return
         self._handle(ident, body, sender)
@@ -348,7 +346,7 @@ class SpanServer:
             fields, tensors = result
             reply = ok_reply(req_id, fields, tensors, frame_bytes=_frame_bytes(msg))
         except Exception as e:
-            if not req_id and body and _message_type(body[0]) == "push":
+            if not req_id and body and peek_type(body[0]) == "push":
                 return  # a push that does not even parse: dropped unanswered, as every push
             req_id = req_id or (e.req_id if isinstance(e, SwarmError) else 0)
             reply = self._error_reply(req_id, sender, e)
@@ -495,7 +493,7 @@ class SpanServer:
                 frames = link.sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            if _message_type(frames[0]) != "relay":
+            if peek_type(frames[0]) != "relay":
                 try:
                     link.on_reply(decode(frames))
                 except SwarmError:  # a relay's own reply that does not parse: dropped
@@ -1124,15 +1122,6 @@ class SpanServer:
             if now - t > ACTIVE_S:
                 self._stepped.pop(sid, None)
 
-
-
-def _message_type(frame) -> str | None:
-    """A message's type read from its header without decoding it (None when there is none)."""
-    head = _buffer(frame)
-    if len(head) > 4096:
-        head = head[:4096]
-    m = _TYPE.search(bytes(head))
-    return m.group(1).decode() if m else None
 
 
 def _buffer(frame) -> memoryview:

@@ -322,3 +322,43 @@ def test_a_message_over_max_message_bytes_in_small_frames_is_refused_with_its_id
             local.close()
         model = AutoDistributedModelForCausalLM.from_pretrained(d, socket=gw.socket)
         still_generates(model, d)
+
+
+def test_apps_flooding_the_local_plane_get_limit_errors_and_swarmctl_still_answers(model_dirs, tmp_path):
+    """A gateway with no servers: every forward waits out its route timeout (3 s), so 64 keep
+    every app worker busy. `swarmctl status` still answers at once (operators' requests have
+    their own workers); of 400 more, those beyond the 256 allowed to wait are refused with a
+    `limit` error at once instead of piling up in memory."""
+    import time
+
+    from helpers import Daemon
+
+    from swarmd.local import MAX_WAITING, WORKERS
+
+    d = model_dirs("llama")
+    gw = Daemon(str(tmp_path), "gw", d, "none")
+    gw.start([]).wait_ready()
+    app = zmq.Context.instance().socket(zmq.DEALER)
+    app.setsockopt(zmq.LINGER, 0)
+    app.connect(f"ipc://{gw.socket}")
+    try:
+        model_id = SwarmClient(socket=gw.socket).model_info()["model_id"]
+        x = torch.zeros(1, 2, HIDDEN)
+        n = WORKERS + MAX_WAITING + 400
+        for req_id in range(1, n + 1):
+            app.send_multipart(encode("forward", req_id, {"model_id": model_id, "route_timeout_s": 3}, {"hidden": x}))
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        status = gw.ctl("status")
+        assert time.monotonic() - t0 < 3 and status["state"] == "online"
+        refused = []
+        while len(refused) < n - WORKERS - MAX_WAITING:
+            assert app.poll(5000), f"{len(refused)} refused so far"
+            reply = decode(app.recv_multipart())
+            assert reply.type == "error" and reply.get("code") == "limit", reply.fields
+            assert "waiting" in reply.get("message")
+            refused.append(reply.id)
+        assert sorted(refused) == list(range(WORKERS + MAX_WAITING + 1, n + 1))  # the latest, each by its id
+    finally:
+        app.close()
+        gw.kill()
