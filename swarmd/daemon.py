@@ -450,7 +450,9 @@ class Daemon:
                 "free_tokens": budget.free_bytes // per_token if budget and per_token else 0,
             },
             "stats": {**vars(self.server.stats), "shed": self.server.compute.shed,
-                      "queued": self.server.compute.queued()} if self.server else {},
+                      "queued": self.server.compute.queued(),
+                      "limited": self.server.key_limits.refused + self.server.compute.refused}
+            if self.server else {},
             "peer_plane": {  # what other peers hold here: bounded, whatever they send
                 "pushes_waiting": len(self.server.pushed) if self.server else 0,
                 "steps_waiting": len(self.server.pending) if self.server else 0,

@@ -21,6 +21,7 @@ COUNTERS = (("steps", "Inference steps served."), ("tokens", "Positions computed
             ("forwards", "Cache-less forward passes served."), ("backwards", "Backward passes served."),
             ("errors", "Requests answered with an error."),
             ("shed", "Requests dropped unrun: their deadline passed while they waited for compute."),
+            ("limited", "Requests refused by a per-key limit: its request rate, or its work waiting for compute."),
             ("runs", "Times the blocks ran for steps (a batch of several sessions' steps is one)."),
             ("batched_steps", "Steps that ran in a batch with other sessions' steps."))
 

@@ -350,7 +350,8 @@ def test_apps_flooding_the_local_plane_get_limit_errors_and_swarmctl_still_answe
         time.sleep(0.5)
         t0 = time.monotonic()
         status = gw.ctl("status")
-        assert time.monotonic() - t0 < 3 and status["state"] == "online"
+        # behind the app requests it would wait 15 s: 320 of them in waves of 64, 3 s each
+        assert time.monotonic() - t0 < 8 and status["state"] == "online"
         refused = []
         while len(refused) < n - WORKERS - MAX_WAITING:
             assert app.poll(5000), f"{len(refused)} refused so far"

@@ -107,6 +107,7 @@ def test_a_key_queueing_passes_delays_another_keys_pass_by_one_and_is_refused_be
         refused = replies[("a", 4)]
         assert refused.type == "error" and refused.get("code") == "limit", refused.fields
         assert "queued_per_key" in refused.get("message")
+        assert slow.ctl("status")["stats"]["limited"] >= 1  # counted for the operator
         b.send_multipart(encode("forward", 1, fields, {"hidden": x}))
         wait_for("a", 3)
         wait_for("b", 1)
