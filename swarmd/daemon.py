@@ -470,6 +470,7 @@ class Daemon:
                 "banned": sorted(self.gateway.router.bans.banned()),
                 "kept_passes": len(self.gateway.training.kept),
                 "kept_bytes": self.gateway.training.kept.nbytes,
+                "limited": self.local.refused,
                 "verify": self.gateway.verify_status(),
             },
             "membership": {

@@ -50,8 +50,8 @@ def refused(error: SwarmError) -> bool:
     """A server answered a request with an error of another kind (a limit, a protocol or tensor
     error, another model): requests reach servers checked by the gateway, so the fault may be
     the server's (its own limits or load, a broken or hostile server) or the request's (one no
-    server takes). Another server is tried; when a second one refuses the same request too, the
-    refusal goes back to the app."""
+    server takes). Another server is tried; when a second one refuses the same request with the
+    same code, the refusal goes back to the app (docs/protocol.md, "Failure detection")."""
     return error.peer is not None and not isinstance(error, RETRIABLE)
 
 

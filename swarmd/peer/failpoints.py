@@ -15,8 +15,8 @@ no test at all.
 - lora_grad_nan: every backward pass answers NaN gradients for the client's LoRA weights (its
   gradient of the input is right);
 - refuse_opens / refuse_work: every open / every step (not its repeats) and forward pass is
-  answered with an error of the code in SWARMD_REFUSE_CODE (`protocol` by default) instead of its result (a
-  server that is overloaded, misconfigured, of another version, or hostile);
+  answered with an error of the code in SWARMD_REFUSE_CODE (`protocol` by default) instead of
+  its result (a server that is overloaded, misconfigured, of another version, or hostile);
 - reply_no_hidden: every step is answered `ok` without its output tensor (a broken reply);
 - relay_tap: as a relay, every message it forwards is appended, as it saw it, to the file
   named by SWARMD_RELAY_TAP (what a curious relay could read): its length (8 bytes, little

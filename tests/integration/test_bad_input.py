@@ -360,6 +360,7 @@ def test_apps_flooding_the_local_plane_get_limit_errors_and_swarmctl_still_answe
             assert "waiting" in reply.get("message")
             refused.append(reply.id)
         assert sorted(refused) == list(range(WORKERS + MAX_WAITING + 1, n + 1))  # the latest, each by its id
+        assert gw.ctl("status")["gateway"]["limited"] == len(refused)
     finally:
         app.close()
         gw.kill()
