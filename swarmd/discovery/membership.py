@@ -509,7 +509,9 @@ class Membership:
             peers = sum(1 for e in self.table.entries() if not e.is_self)
             ae_all = self._catching_up or peers < 2  # a table still filling: ask everyone contacted
             ae_one = self._rounds % AE_EVERY_ROUNDS == self._ae_phase
-            sums = self.table.sums(LARGE_BUCKETS if peers >= LARGE_BUCKETS else SMALL_BUCKETS)
+            # the table's sums cost a pass over every record: only for a round that sends them
+            sums = self.table.sums(LARGE_BUCKETS if peers >= LARGE_BUCKETS else SMALL_BUCKETS) \
+                if ae_all or ae_one else None
             pending = []
             opened = []  # every connection is started first, then they share one wait to come up:
             # nodes that never finish a handshake (records naming blackholed addresses) cost a round
