@@ -91,15 +91,23 @@ def plan_chain(servers: Iterable[ServerSpan], num_layers: int, model_id: str, st
         raise NoRouteError(f"no server covers blocks {text} of model {model_id}")
     factor = {s.address: rng.expovariate(1.0) if rng else 1.0 for s in servers}
     bounds = sorted({start, num_layers, *(min(max(x, start), num_layers) for s in servers for x in (s.start, s.end))})
+    index = {b: i for i, b in enumerate(bounds)}
+    # covering[i]: the servers holding the block after boundary i, each with its last boundary
+    # (so that a swarm of thousands is planned in milliseconds, not seconds)
+    covering: list[list[tuple[ServerSpan, int]]] = [[] for _ in bounds]
+    for srv in servers:
+        if srv.end <= start or srv.start >= num_layers:
+            continue  # nothing of the range
+        last = index[min(srv.end, num_layers)]
+        for i in range(index[max(srv.start, start)], last):
+            covering[i].append((srv, last))
     # best[pos]: (cost, hops, tie-break) of the best chain from boundary pos to the end
     best: dict[int, tuple[float, int, tuple, list[Hop]]] = {num_layers: (0.0, 0, (), [])}
-    for pos in reversed(bounds[:-1]):
-        choice = None
-        for srv in servers:
-            if not srv.start <= pos < srv.end:
-                continue
-            for end in bounds:
-                if end <= pos or end > min(srv.end, num_layers) or end not in best:
+    for i in reversed(range(len(bounds) - 1)):
+        pos, choice = bounds[i], None
+        for srv, last in covering[i]:
+            for end in bounds[i + 1:last + 1]:  # the boundaries after pos up to the server's end
+                if end not in best:
                     continue
                 rest = best[end]
                 cost = round(srv.hop_cost(end - pos) * factor[srv.address] + rest[0], 9)
