@@ -79,3 +79,25 @@ def test_short_ids_are_hex_of_the_keys_first_bytes():
     key = NodeIdentity(os.urandom(32)).public_key
     assert short_id(key) == z85.decode(key.encode())[:4].hex() and len(short_id(key)) == 8
     assert short_id(None) == "?" and short_id("not a key") == "?"
+
+
+def test_plans_equal_trying_every_server_at_every_boundary():
+    """The planner looks only at the servers holding each boundary's next block: on random
+    swarms (overlaps, full caches, unmeasured servers), for the whole stack and for the
+    sub-ranges a failover replans, it picks exactly the chain of the plain shortest path over
+    every (server, boundary, end) in tools/bench_routing.py."""
+    import random
+
+    from bench_routing import reference_plan, swarm
+
+    rng = random.Random(7)
+    for _ in range(200):
+        blocks = rng.choice([6, 12, 30])
+        servers = swarm(rng.randrange(1, 30), blocks, rng)
+        servers = [ServerSpan(s.address, s.start, s.end, free_cache_bytes=rng.choice([-1, 0, 5]),
+                              block_s=rng.choice([None, s.block_s]), rtt_s=rng.choice([None, s.rtt_s]))
+                   for s in servers]
+        assert plan_chain(servers, blocks, "m") == reference_plan(servers, blocks)
+        first = rng.randrange(0, blocks - 1)
+        last = rng.randrange(first + 1, blocks + 1)
+        assert plan_chain(servers, last, "m", start=first) == reference_plan(servers, last, first)
