@@ -9,26 +9,11 @@ import time
 
 import pytest
 import torch
-from conftest import hf_reference
-from helpers import running_swarm, until
+from helpers import greedy, reached_all, running_swarm
 
 from libswarm import AutoDistributedModelForCausalLM, LimitError, SwarmClient
 
 FAST, SLOW = 0.00001, 0.001  # seconds per block and step, advertised
-
-
-def greedy(model_dir: str, socket: str, prompt_seed: int, tokens: int):
-    ids = torch.randint(3, 500, (1, 6), generator=torch.Generator().manual_seed(prompt_seed))
-    kw = dict(do_sample=False, max_new_tokens=tokens, min_new_tokens=tokens, pad_token_id=0)
-    model = AutoDistributedModelForCausalLM.from_pretrained(model_dir, socket=socket)
-    return model.generate(ids, **kw), hf_reference(model_dir).generate(ids, **kw)
-
-
-def reached_all(gw, servers) -> None:
-    """Routes use only servers the gateway has reached itself (a measured round trip)."""
-    ids = {x.node_id for x in servers}
-    until(lambda: {p.get("node_id") for p in gw.ctl("peers")["peers"] if p.get("rtt_ms") is not None} >= ids, 30,
-          "the gateway to reach every server")
 
 
 def gateway_state(gw) -> dict:

@@ -6,19 +6,12 @@ prefer them, as a liar after traffic would."""
 import pytest
 import torch
 from conftest import hf_reference
-from helpers import Daemon, running_swarm, until
+from helpers import Daemon, greedy, reached_all, running_swarm, until
 
 from libswarm import AutoDistributedModelForCausalLM, TensorError
 from swarmd.peer.failpoints import HONEST_FIRST, LIE_EVERY
 
 FAST, SLOW = 0.00001, 0.001  # seconds per block and step, advertised
-
-
-def greedy(model_dir: str, socket: str, prompt_seed: int, tokens: int):
-    ids = torch.randint(3, 500, (1, 6), generator=torch.Generator().manual_seed(prompt_seed))
-    kw = dict(do_sample=False, max_new_tokens=tokens, min_new_tokens=tokens, pad_token_id=0)
-    model = AutoDistributedModelForCausalLM.from_pretrained(model_dir, socket=socket)
-    return model.generate(ids, **kw), hf_reference(model_dir).generate(ids, **kw)
 
 
 def standing(gw: Daemon, node_id: str) -> dict:
@@ -87,10 +80,7 @@ def test_nan_wrong_shape_and_huge_replies_are_each_distrusted_at_once_and_the_ge
     with running_swarm(d, ["0:3", "0:3", "0:3", "0:3", "3:6"], extra={"swarm": {"verify": "off"}},
                        env={i: {"SWARMD_FAILPOINTS": name} for i, name in enumerate(liars)},
                        speeds={0: FAST, 1: 50 * SLOW, 2: 200 * SLOW, 3: 1000 * SLOW, 4: SLOW}) as (s, gw):
-        # routes use only servers the gateway has reached itself (measured round trip)
-        ids = {x.node_id for x in s}
-        until(lambda: {p.get("node_id") for p in gw.ctl("peers")["peers"] if p.get("rtt_ms") is not None} >= ids, 30,
-              "the gateway to reach every server")
+        reached_all(gw, s)
         for seed in range(3, 9):  # one generation meets the three in turn; more if one was missed
             got, want = greedy(d, gw.socket, seed, 8)
             assert torch.equal(got, want)

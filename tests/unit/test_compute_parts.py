@@ -32,9 +32,8 @@ def wait_finished(c: ComputeThread, n: int, limit_s: float = 10.0) -> list:
     return done
 
 
-def test_steps_queued_behind_a_pass_run_before_the_passes_queued_earlier(compute):
-    order, gate = [], threading.Event()
-
+def recorder(order: list, gate: threading.Event):
+    """Jobs that append their name to `order` when they run; with `wait`, not before `gate`."""
     def job(name, wait=False):
         def run():
             if wait:
@@ -42,6 +41,12 @@ def test_steps_queued_behind_a_pass_run_before_the_passes_queued_earlier(compute
             order.append(name)
             return ok_reply(0)
         return run
+    return job
+
+
+def test_steps_queued_behind_a_pass_run_before_the_passes_queued_earlier(compute):
+    order, gate = [], threading.Event()
+    job = recorder(order, gate)
 
     compute.submit(PASS, job("pass 1", wait=True), b"a", 1, None)  # running while the rest queue
     time.sleep(0.1)
@@ -58,14 +63,7 @@ def test_steps_queued_behind_a_pass_run_before_the_passes_queued_earlier(compute
 def test_keys_with_work_queued_take_turns_one_request_each(compute):
     """Key a queues four passes, then b one: b's runs after a's next one, not after all four."""
     order, gate = [], threading.Event()
-
-    def job(name, wait=False):
-        def run():
-            if wait:
-                gate.wait(5)
-            order.append(name)
-            return ok_reply(0)
-        return run
+    job = recorder(order, gate)
 
     compute.submit(PASS, job("a1", wait=True), b"a", 1, None, key="a")
     time.sleep(0.1)  # a1 runs; the rest queue
