@@ -109,6 +109,9 @@ class Membership:
         self.rejected = 0  # records refused (bad signature, forged, from the future, not allowed...)
         self._seq = 0
         self._lock = threading.RLock()  # one round (or publish) at a time: versions never collide
+        # refreshes asked by several threads at once share one round (see refresh)
+        self._refresh = threading.Condition()
+        self._refreshing, self._refreshes = False, 0
         self._left = False  # offline published (stopping): every later record says offline too
         self._hint_lock = threading.Lock()
         self._logged: set[tuple[str, str]] = set()
@@ -646,8 +649,25 @@ class Membership:
         self._states = states  # only the table's nodes: the ids of evicted records are not kept
 
     def refresh(self, skip: set[str] | frozenset[str] = frozenset()) -> None:
-        """A round with every known peer and contact now (the gateway found no route)."""
-        self.round(skip=set(skip), everyone=True)
+        """A round with every known peer and contact now (the gateway found no route). Apps'
+        requests waiting for a route each ask for one: a refresh asked while another runs
+        waits for that one instead of queueing a round of its own behind it (rounds take the
+        round lock one at a time, up to a second each, and waiters would pile up past their
+        deadlines)."""
+        with self._refresh:
+            if self._refreshing:
+                started = self._refreshes
+                while self._refreshing and self._refreshes == started:
+                    self._refresh.wait()
+                return
+            self._refreshing = True
+        try:
+            self.round(skip=set(skip), everyone=True)
+        finally:
+            with self._refresh:
+                self._refreshing = False
+                self._refreshes += 1
+                self._refresh.notify_all()
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():

@@ -234,3 +234,33 @@ def test_a_round_opens_at_most_its_contacts_and_the_rest_wait_for_the_next():
         one_round(members, pool)
     assert all(len(a) <= MAX_CONTACTS_PER_ROUND for a in asked), [len(a) for a in asked]
     assert set(seeds) <= set().union(*asked[:3])  # every seed tried within three rounds
+
+
+def test_refreshes_asked_at_once_share_one_round():
+    """Eight apps' requests find no route at once and each asks for a refresh: they share the
+    round that runs (0.3 s here), instead of eight rounds one after another (2.4 s) while the
+    last waits past its deadline."""
+    import threading
+    import time as real_time
+
+    members, pool = swarm(2)
+    m = members[1]
+    get = m.pool.get
+
+    def slow_get(address, key=None):
+        real_time.sleep(0.3)  # a round's contacts take this long
+        return get(address, key)
+    m.pool.get = slow_get
+    before, barrier = m._rounds, threading.Barrier(8)
+
+    def refresh():
+        barrier.wait()
+        m.refresh()
+    threads = [threading.Thread(target=refresh) for _ in range(8)]
+    t0 = real_time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    took = real_time.perf_counter() - t0
+    assert m._rounds - before <= 2 and took < 1.5, (m._rounds - before, took)
