@@ -427,7 +427,8 @@ class Membership:
         # stays uniform, so a node that just joined is contacted by a few peers a round, not
         # by all of them at once
         if everyone:  # this model's servers first: a round contacts at most MAX_CONTACTS_PER_ROUND
-            targets = kin + [t for t in live if t not in kin] + [t for _, t in sorted(due)]
+            kin_set = set(kin)
+            targets = kin + [t for t in live if t not in kin_set] + [t for _, t in sorted(due)]
         else:
             # one of the FANOUT is a peer of this daemon's own model that answered before: its
             # model's news, which matter most here, never wait on a draw among other models' nodes
