@@ -347,6 +347,17 @@ class PeerTable:
             e = self._entries.get(key) if key is not None else None
         return (e.record.quant, e.record.kv_dtype) if e is not None else ("none", "auto")
 
+    def claimed_step_s(self, address: str, tokens: int) -> float | None:
+        """What a step of `tokens` positions through the whole span of the server at `address`
+        takes by its record's claims (a one-token step, plus the positions at its large-forward
+        rate); None when it claims no speed."""
+        key = self.key_for(address)
+        with self._lock:
+            e = self._entries.get(key) if key is not None else None
+        if e is None or e.record.throughput <= 0 or e.record.forward_throughput <= 0:
+            return None
+        return 1.0 / e.record.throughput + tokens / e.record.forward_throughput
+
     def unlike(self, address: str) -> frozenset[str]:
         """The servers whose outputs carry another quantization than that of the server at
         `address`: a cross-check of its outputs cannot use them (docs/security.md)."""

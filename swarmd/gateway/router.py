@@ -38,7 +38,12 @@ DEFAULT_ROUTE_TIMEOUT_S = 60.0  # how long a step or open may wait for servers t
 MAX_ROUTE_TIMEOUT_S = 3600.0
 STEP_DEADLINE_FLOOR_S = 1.0  # no hop is declared failed sooner than this
 STEP_DEADLINE_FACTOR = 10.0  # ...nor before it took this many times its usual time
-UNMEASURED_STEP_S = 30.0  # the allowance for a server whose speed is not known yet
+UNMEASURED_STEP_S = 30.0  # the allowance for a server whose speed is neither measured nor claimed
+# A server not measured yet by this gateway is given what its record claims (10 times its
+# advertised time for the step) plus this much for one-time costs of a first step; at most
+# UNMEASURED_MAX_S, so that a claim of extreme slowness cannot hold a step for ever.
+UNMEASURED_FLOOR_S = 10.0
+UNMEASURED_MAX_S = 300.0
 FALLBACK_PACE_S = 2.0  # a route through servers that all failed lately is tried at most this often
 # Errors after which another server may succeed: the server is gone, failed, lost the
 # session or moved. Other errors are refusals (see refused) when a server answered them, and
@@ -121,7 +126,14 @@ class Router:
         per further hop of a chain, which shares one floor)."""
         expected = self.step_times.expected_s(address, tokens)
         if expected is None:
-            return UNMEASURED_STEP_S
+            # not measured by this gateway yet: as fast as its record claims, with a margin. A
+            # claim of speed that the server does not keep (a wedged device, a hostile server)
+            # fails it in seconds rather than a flat half minute; an honest slow server's long
+            # prefill gets the time its claim says it needs
+            claimed = self.table.claimed_step_s(address, tokens)
+            if claimed is None:
+                return UNMEASURED_STEP_S
+            return min(UNMEASURED_MAX_S, UNMEASURED_FLOOR_S + STEP_DEADLINE_FACTOR * claimed)
         return (STEP_DEADLINE_FLOOR_S if floor else 0.0) + STEP_DEADLINE_FACTOR * expected
 
     def check(self, hop: Hop, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,8 @@ no test at all.
 - exit_on_replay: the process exits when a gateway replays a session's history to it (a
   server that dies in the middle of a failover);
 - hang_on_forward: a forward pass never returns (a wedged device call);
+- hang_steps: a step (run alone, batched, or a replay) is computed and its reply never sent
+  (a wedged device call or a hostile server that accepts work and stalls it);
 - slow_forward: a forward pass takes 3 s longer (a long prefill, a large training batch, a
   slow GPU), so that tests can see what else goes on meanwhile;
 - lie_always / lie_sometimes: a step's output (steps and replays) has one element of its last
@@ -133,6 +135,11 @@ def _finished_steps(change: Callable) -> Callable:
     return install
 
 
+def _hang(*args):
+    log.warning("failpoint hang_steps: this step is never answered")
+    threading.Event().wait()
+
+
 def _raise_refusal(*args):
     raise _refusal()
 
@@ -156,6 +163,7 @@ def _relay_tap(server) -> None:
 
 
 FAILPOINTS: dict[str, Callable] = {"exit_on_replay": _exit_on_replay, "hang_on_forward": _hang_on_forward,
+                                   "hang_steps": _finished_steps(_hang),
                                    "slow_forward": _slow_forward, "relay_tap": _relay_tap,
                                    "lie_always": _wrong_steps(_nudge), "lie_sometimes": _wrong_steps(_nudge, LIE_EVERY),
                                    "reply_nan": _wrong_steps(lambda out: out * float("nan")),

@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 from conftest import hf_reference
-from helpers import running_swarm
+from helpers import reached_all, running_swarm
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from libswarm import AutoDistributedModelForCausalLM, NoRouteError
@@ -165,6 +165,30 @@ def test_sigstopped_server_is_detected_and_routed_around(live):
     assert torch.equal(out, expected)
     assert act.victims[0].address not in addresses
     assert elapsed < 15, f"a hung server took {elapsed:.1f} s to route around"
+
+
+def test_a_server_never_measured_that_hangs_is_given_up_on_by_its_claimed_speed(model_dirs):
+    """A server this gateway has not measured yet is given what its record claims (10 times,
+    plus 10 s for one-time costs), not a flat 30 s: one that claims to be fast and stalls its
+    first step is routed around within seconds, and the tokens stay HF's."""
+    d = model_dirs("llama")
+    ids = torch.randint(3, 500, (1, 8), generator=torch.Generator().manual_seed(15))
+    expected = hf_reference(d).generate(ids, **GEN)
+    # s0 claims 0.1 ms a block, so the route takes it; it never answers a step
+    with running_swarm(d, ["0:6", "0:6"], speeds={0: 0.0001, 1: 0.01},
+                       env={0: {"SWARMD_FAILPOINTS": "hang_steps"}}) as (servers, gw):
+        reached_all(gw, servers)
+        model = AutoDistributedModelForCausalLM.from_pretrained(d, socket=gw.socket)
+        t0 = time.monotonic()
+        with model.inference_session(max_length=64) as sess:
+            out = model.generate(ids, **GEN)
+            route = [h[0] for h in sess.route]
+        elapsed = time.monotonic() - t0
+        servers[0].kill()  # its compute thread is stuck: no drain
+        assert torch.equal(out, expected)
+        assert route == [servers[1].address]
+        assert gw.ctl("status")["gateway"]["failovers"] >= 1
+        assert elapsed < 22, f"an unmeasured hung server took {elapsed:.1f} s to route around"
 
 
 def test_failed_over_session_frees_caches_on_surviving_servers_at_close(live):

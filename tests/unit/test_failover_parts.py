@@ -1,9 +1,15 @@
+import os
+import time
+
 import pytest
 import torch
 
 from libswarm.errors import SwarmError
+from swarmd.discovery.records import Record
+from swarmd.discovery.table import PeerTable
 from swarmd.gateway.bans import BAN_MAX_S, Bans
 from swarmd.gateway.history import History, StepTimes
+from swarmd.identity import NodeIdentity
 
 
 class Clock:
@@ -57,6 +63,30 @@ def test_step_times_scale_with_tokens_and_follow_changes():
     assert abs(st.expected_s("a", 1) - 0.170) < 1e-3
 
 
+def test_a_server_not_measured_yet_is_given_what_its_record_claims_within_bounds():
+    """Before a gateway has timed a server, a step may take 10 times what the server's record
+    claims plus 10 s for first-step costs, at most 5 minutes; 30 s when it claims nothing."""
+    from swarmd.gateway.router import UNMEASURED_MAX_S, UNMEASURED_STEP_S, Router
+    table = PeerTable()
+    router = Router(model_id="m", num_layers=8, hidden_size=4, pool=None, table=table, membership=None)
+
+    def server(address, **claims):
+        i = NodeIdentity(os.urandom(32))
+        table.merge(Record(node_id=i.public_key, sign_key=i.sign_key, addresses=(address,), state="online",
+                           timestamp=time.time(), seq=1, model_id="m", span=(0, 8), **claims), {})
+        return address
+
+    fast = server("tcp://10.0.0.1:1", throughput=100.0, forward_throughput=1000.0)  # 10 ms + 1 ms a position
+    slow = server("tcp://10.0.0.2:1", throughput=0.5, forward_throughput=20.0)  # a CPU server: 2 s + 50 ms
+    silent = server("tcp://10.0.0.3:1")
+    assert abs(router.allowance_s(fast, 1) - (10 + 10 * 0.011)) < 1e-9  # far under 30 s: a stall is seen soon
+    assert abs(router.allowance_s(slow, 100) - (10 + 10 * 7.0)) < 1e-9  # a long prefill gets the time it needs
+    assert router.allowance_s(slow, 4000) == UNMEASURED_MAX_S
+    assert router.allowance_s(silent, 1) == router.allowance_s("tcp://10.0.0.9:1", 1) == UNMEASURED_STEP_S
+    router.step_times.record(fast, 0.017, 1)  # measured: its own times from now on
+    assert abs(router.allowance_s(fast, 1) - (1 + 10 * 0.017)) < 1e-9
+
+
 class FakeServer:
     """One hop's connection as the gateway sees it: answers steps in order, or is unreachable.
     `pushes` False: it answers as a server that could not reach the next one."""
@@ -102,7 +132,7 @@ def chain_gateway(servers):
     from swarmd.gateway.gateway import Gateway, GatewaySession
     from swarmd.routing import Hop
 
-    gw = Gateway(model_id="m", num_layers=6, hidden_size=4, pool=FakePool(servers), table=None, membership=None,
+    gw = Gateway(model_id="m", num_layers=6, hidden_size=4, pool=FakePool(servers), table=PeerTable(), membership=None,
                  status=dict)
     hops = [Hop(s.address, 2 * i, 2 * i + 2) for i, s in enumerate(servers)]
     sess = GatewaySession("s", 1, 8, hops, [f"sid{i}" for i in range(len(hops))])
@@ -160,7 +190,6 @@ def test_a_lone_server_that_keeps_failing_fast_is_paced_and_the_forward_ends_at_
     (a ban is a preference when nothing else covers the blocks) must neither ask it in a tight
     loop nor run past the caller's deadline (found in a long churn run: thousands of failures in
     a loop, until the ban's doubling overflowed)."""
-    import time
 
     from swarmd.gateway.gateway import Gateway
     from swarmd.gateway.router import FALLBACK_PACE_S
@@ -169,6 +198,9 @@ def test_a_lone_server_that_keeps_failing_fast_is_paced_and_the_forward_ends_at_
     class Table:
         def servers_for(self, model_id, adapter=None):
             return [ServerSpan("a", 0, 6)]
+
+        def claimed_step_s(self, address, tokens):
+            return None  # its record claims no speed
 
     class Membership:
         refreshes = 0
