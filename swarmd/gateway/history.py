@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -73,14 +74,23 @@ def _cut(tensors: list[torch.Tensor], n: int) -> list[torch.Tensor]:
 # the tokens; counting the fixed part as 16 tokens' worth fits small and large models alike.
 FIXED_COST_TOKENS = 16
 EMA_WEIGHT = 0.2  # how fast the estimate follows a server that speeds up or slows down
+# Servers whose times are kept: past this, the one timed longest ago is forgotten (it is then
+# given what its record claims, as before its first step). Every address a gateway ever
+# stepped through would otherwise stay for good in a long run under churn.
+MAX_TIMED_SERVERS = 4096
 
 
 class StepTimes:
     """Per server: an moving average of seconds per token of step work."""
 
-    def __init__(self):
-        self._per_unit: dict[str, float] = {}
+    def __init__(self, max_servers: int = MAX_TIMED_SERVERS):
+        self._per_unit: OrderedDict[str, float] = OrderedDict()
+        self._max = max_servers
         self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._per_unit)
 
     @staticmethod
     def units(tokens: int) -> int:
@@ -89,8 +99,10 @@ class StepTimes:
     def record(self, address: str, seconds: float, tokens: int) -> None:
         x = seconds / self.units(tokens)
         with self._lock:
-            old = self._per_unit.get(address)
+            old = self._per_unit.pop(address, None)
             self._per_unit[address] = x if old is None else (1 - EMA_WEIGHT) * old + EMA_WEIGHT * x
+            if len(self._per_unit) > self._max:
+                self._per_unit.popitem(last=False)
 
     def expected_s(self, address: str, tokens: int) -> float | None:
         with self._lock:

@@ -37,6 +37,38 @@ def test_bans_double_with_each_failure_up_to_a_cap_and_expire():
     assert last == BAN_MAX_S and bans.remaining_s("a") == BAN_MAX_S and bans.remaining_s("b") == 0.0
 
 
+def test_bans_and_step_times_keep_a_bounded_number_of_addresses_under_churn():
+    """A long run under churn meets ever new addresses (restarts at new ports, remapping
+    NATs): what is kept about old ones is forgotten once it no longer matters, and nothing
+    that still matters is."""
+    from swarmd.gateway.bans import PRUNE_ABOVE
+
+    clock = Clock()
+    bans = Bans(clock)
+    bans.ban("kept")
+    for i in range(20 * PRUNE_ABOVE):  # each address fails once, a second apart
+        bans.ban(f"tcp://10.0.0.1:{i}")
+        clock.t += 1.0
+    assert len(bans) <= PRUNE_ABOVE + BAN_MAX_S + 2
+    hot = [f"tcp://10.0.0.1:{i}" for i in range(20 * PRUNE_ABOVE - 5, 20 * PRUNE_ABOVE)]
+    for a in hot:  # recent failures: still counted (a second failure doubles the ban)
+        assert bans.ban(a) == 2.0
+    bans.succeeded(hot[0])
+    clock.t += BAN_MAX_S
+    bans.succeeded(hot[1])  # its ban is over and it worked: forgotten at once
+    assert bans.ban(hot[1]) == 1.0
+
+    st = StepTimes(max_servers=100)
+    st.record("steady", 0.017, 1)
+    for i in range(1000):
+        st.record(f"tcp://10.0.0.1:{i}", 0.017, 1)
+        if i % 50 == 0:
+            st.record("steady", 0.017, 1)  # timed again and again: never the oldest
+    assert len(st) == 100
+    assert st.expected_s("steady", 1) is not None and st.expected_s("tcp://10.0.0.1:999", 1) is not None
+    assert st.expected_s("tcp://10.0.0.1:0", 1) is None
+
+
 def test_history_replays_every_step_exactly_and_fills_missing_masks():
     h = History()
     steps = [torch.randn(2, 3, 4), torch.randn(2, 1, 4), torch.randn(2, 2, 4).to(torch.bfloat16).float()]
@@ -67,6 +99,7 @@ def test_a_server_not_measured_yet_is_given_what_its_record_claims_within_bounds
     """Before a gateway has timed a server, a step may take 10 times what the server's record
     claims plus 10 s for first-step costs, at most 5 minutes; 30 s when it claims nothing."""
     from swarmd.gateway.router import UNMEASURED_MAX_S, UNMEASURED_STEP_S, Router
+
     table = PeerTable()
     router = Router(model_id="m", num_layers=8, hidden_size=4, pool=None, table=table, membership=None)
 
