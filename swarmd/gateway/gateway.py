@@ -200,7 +200,7 @@ class Gateway:
         )
         if reply.get("position") != length:
             raise SessionError(f"server {hop.address} replayed to position {reply.get('position')}, not {length}")
-        self.router.step_times.record(hop.address, time.monotonic() - t0, tokens)
+        self.router.step_times.record(hop.address, time.monotonic() - t0, tokens, hop.last - hop.first)
         return self.router.check(hop, replay["hidden"], hidden_of(reply, hop.address))
 
     # --- handlers --------------------------------------------------------------------------
@@ -424,7 +424,7 @@ class Gateway:
                                f"the session at {expect_position}")
         out = self.router.check(hop, x, hidden_of(reply, hop.address))
         if not reply.get("repeated"):
-            self.router.step_times.record(hop.address, seconds, tokens)
+            self.router.step_times.record(hop.address, seconds, tokens, hop.last - hop.first)
         self.router.bans.succeeded(hop.address)
         return out
 

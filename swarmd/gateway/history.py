@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -81,30 +82,42 @@ MAX_TIMED_SERVERS = 4096
 
 
 class StepTimes:
-    """Per server: an moving average of seconds per token of step work."""
+    """Per server: a moving average of seconds per token of step work, with how many blocks the
+    server ran in its last timed step and when that was."""
 
-    def __init__(self, max_servers: int = MAX_TIMED_SERVERS):
-        self._per_unit: OrderedDict[str, float] = OrderedDict()
+    def __init__(self, max_servers: int = MAX_TIMED_SERVERS, clock=time.monotonic):
+        self._timed: OrderedDict[str, tuple[float, int, float]] = OrderedDict()  # per unit, blocks, when
         self._max = max_servers
+        self._clock = clock
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         with self._lock:
-            return len(self._per_unit)
+            return len(self._timed)
 
     @staticmethod
     def units(tokens: int) -> int:
         return tokens + FIXED_COST_TOKENS
 
-    def record(self, address: str, seconds: float, tokens: int) -> None:
+    def record(self, address: str, seconds: float, tokens: int, blocks: int = 0) -> None:
         x = seconds / self.units(tokens)
         with self._lock:
-            old = self._per_unit.pop(address, None)
-            self._per_unit[address] = x if old is None else (1 - EMA_WEIGHT) * old + EMA_WEIGHT * x
-            if len(self._per_unit) > self._max:
-                self._per_unit.popitem(last=False)
+            old = self._timed.pop(address, None)
+            per_unit = x if old is None else (1 - EMA_WEIGHT) * old[0] + EMA_WEIGHT * x
+            self._timed[address] = (per_unit, blocks or (old[1] if old else 0), self._clock())
+            if len(self._timed) > self._max:
+                self._timed.popitem(last=False)
 
     def expected_s(self, address: str, tokens: int) -> float | None:
         with self._lock:
-            per_unit = self._per_unit.get(address)
-        return None if per_unit is None else per_unit * self.units(tokens)
+            timed = self._timed.get(address)
+        return None if timed is None else timed[0] * self.units(tokens)
+
+    def block_s(self, address: str, rtt_s: float, max_age_s: float) -> float | None:
+        """Its measured time per block of a one-token step, the round trip `rtt_s` taken off;
+        None when it was not timed within `max_age_s` or its blocks are unknown."""
+        with self._lock:
+            timed = self._timed.get(address)
+        if timed is None or not timed[1] or self._clock() - timed[2] > max_age_s:
+            return None
+        return max(0.0, timed[0] * self.units(1) - rtt_s) / timed[1]

@@ -4,6 +4,7 @@ hop may take, and the app's inputs as checked tensors."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
@@ -29,7 +30,7 @@ from swarmd.gateway.bans import Bans
 from swarmd.gateway.history import StepTimes
 from swarmd.gateway.verify import NormBands, Reputation, check_output
 from swarmd.inputs import beam_order, positions_and_mask
-from swarmd.routing import Hop, plan_chain
+from swarmd.routing import Hop, ServerSpan, plan_chain
 from swarmd.transport.connection import ConnectionPool
 
 log = logging.getLogger("swarmd.gateway")
@@ -44,6 +45,14 @@ UNMEASURED_STEP_S = 30.0  # the allowance for a server whose speed is neither me
 # UNMEASURED_MAX_S, so that a claim of extreme slowness cannot hold a step for ever.
 UNMEASURED_FLOOR_S = 10.0
 UNMEASURED_MAX_S = 300.0
+# A server this gateway timed much slower than its record claims (a lying server, or one whose
+# device is now shared with other work: a record's speed is measured once, at its first start)
+# is routed by the time measured, for this long after its last timed step; then its claim is
+# believed again, so that one that recovered is tried and timed anew. "Much": over 3 times its
+# claim and over 100 ms more a one-token step through its span, well beyond noise.
+MEASURED_FOR_S = 300.0
+SLOWER_FACTOR = 3.0
+SLOWER_MARGIN_S = 0.1
 FALLBACK_PACE_S = 2.0  # a route through servers that all failed lately is tried at most this often
 # Errors after which another server may succeed: the server is gone, failed, lost the
 # session or moved. Other errors are refusals (see refused) when a server answered them, and
@@ -86,7 +95,7 @@ class Router:
         backoff_s, t0, refreshed = 0.2, time.monotonic(), 0
         while True:
             # a server caught computing wrong outputs is never used, not even as a last resort
-            candidates = [s for s in self.table.servers_for(self.model_id, adapter)
+            candidates = [self._as_measured(s) for s in self.table.servers_for(self.model_id, adapter)
                           if s.address not in exclude and not self.reputation.is_distrusted(s.address)]
             banned = self.bans.banned()
             servers = [s for s in candidates if s.address not in banned]
@@ -120,6 +129,17 @@ class Router:
                 # hung, would only stall the refresh
                 self.membership.refresh(skip=self.bans.banned())
                 refreshed += 1
+
+    def _as_measured(self, s: ServerSpan) -> ServerSpan:
+        """`s` with its measured speed in place of its record's claim when it claims none or is
+        much slower."""
+        measured = self.step_times.block_s(s.address, s.rtt_s or 0.0, MEASURED_FOR_S)
+        if measured is None:
+            return s
+        if s.block_s is not None and (measured <= SLOWER_FACTOR * s.block_s
+                                      or (measured - s.block_s) * (s.end - s.start) <= SLOWER_MARGIN_S):
+            return s
+        return dataclasses.replace(s, block_s=measured)
 
     def allowance_s(self, address: str, tokens: int, floor: bool = True) -> float:
         """How long a hop may take before it is called failed (without `floor`, the part to add

@@ -7,6 +7,8 @@ no test at all.
 - hang_on_forward: a forward pass never returns (a wedged device call);
 - hang_steps: a step (run alone, batched, or a replay) is computed and its reply never sent
   (a wedged device call or a hostile server that accepts work and stalls it);
+- slow_steps: every step (run alone, batched, or a replay) is computed 0.3 s slower (a server
+  much slower than its record claims: a lying one, or one whose device is now shared);
 - slow_forward: a forward pass takes 3 s longer (a long prefill, a large training batch, a
   slow GPU), so that tests can see what else goes on meanwhile;
 - lie_always / lie_sometimes: a step's output (steps and replays) has one element of its last
@@ -35,6 +37,7 @@ from collections.abc import Callable
 log = logging.getLogger("swarmd.peer")
 
 SLOW_FORWARD_S = 3.0
+SLOW_STEP_S = 0.3
 
 
 def _exit_on_replay(server) -> None:
@@ -100,6 +103,25 @@ def _wrong_steps(change: Callable, every: int = 1, after: int = 0, passes: bool 
     return install
 
 
+def _slow_steps(server) -> None:
+    """Steps computed SLOW_STEP_S slower, on the compute thread as a slow device would be (the
+    server's network thread, and so its pings, unaffected)."""
+    from swarmd.runtime.span import Span
+
+    run, run_steps = Span.run, Span.run_steps
+
+    def slow(self, *args, **kwargs):
+        if kwargs.get("cache") is not None:
+            time.sleep(SLOW_STEP_S)
+        return run(self, *args, **kwargs)
+
+    def slow_batch(self, *args, **kwargs):
+        time.sleep(SLOW_STEP_S)
+        return run_steps(self, *args, **kwargs)
+    Span.run = slow  # type: ignore[method-assign]
+    Span.run_steps = slow_batch  # type: ignore[method-assign]
+
+
 def _lora_grad_nan(server) -> None:
     from swarmd.runtime.span import Span
 
@@ -163,7 +185,7 @@ def _relay_tap(server) -> None:
 
 
 FAILPOINTS: dict[str, Callable] = {"exit_on_replay": _exit_on_replay, "hang_on_forward": _hang_on_forward,
-                                   "hang_steps": _finished_steps(_hang),
+                                   "hang_steps": _finished_steps(_hang), "slow_steps": _slow_steps,
                                    "slow_forward": _slow_forward, "relay_tap": _relay_tap,
                                    "lie_always": _wrong_steps(_nudge), "lie_sometimes": _wrong_steps(_nudge, LIE_EVERY),
                                    "reply_nan": _wrong_steps(lambda out: out * float("nan")),

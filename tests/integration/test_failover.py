@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 from conftest import hf_reference
-from helpers import reached_all, running_swarm
+from helpers import reached_all, running_swarm, until
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from libswarm import AutoDistributedModelForCausalLM, NoRouteError
@@ -189,6 +189,32 @@ def test_a_server_never_measured_that_hangs_is_given_up_on_by_its_claimed_speed(
         assert route == [servers[1].address]
         assert gw.ctl("status")["gateway"]["failovers"] >= 1
         assert elapsed < 22, f"an unmeasured hung server took {elapsed:.1f} s to route around"
+
+
+def test_a_server_much_slower_than_it_claims_loses_the_next_routes_to_one_that_keeps_its_word(model_dirs):
+    """Routes follow what the gateway measured, not what a record claims, once a server proves
+    much slower than it says (a lying server, or one whose device is now shared: a record's
+    speed is measured once)."""
+    d = model_dirs("llama")
+    ids = torch.randint(3, 500, (1, 8), generator=torch.Generator().manual_seed(16))
+    kw = dict(do_sample=False, max_new_tokens=6, min_new_tokens=6, pad_token_id=0)
+    expected = hf_reference(d).generate(ids, **kw)
+    # s0 claims 0.1 ms a block and answers every step 0.3 s late; s1 claims 10 ms a block
+    with running_swarm(d, ["0:6", "0:6"], speeds={0: 0.0001, 1: 0.01},
+                       env={0: {"SWARMD_FAILPOINTS": "slow_steps"}}) as (servers, gw):
+        reached_all(gw, servers)
+        model = AutoDistributedModelForCausalLM.from_pretrained(d, socket=gw.socket)
+        routes = []
+        for _ in range(2):
+            with model.inference_session(max_length=32) as sess:
+                assert torch.equal(model.generate(ids, **kw), expected)
+                routes.append([h[0] for h in sess.route])
+            # s0 runs decode steps on its network thread, so pings sent meanwhile measured its
+            # round trip long: wait for one sent since, so that the route is not decided by that
+            until(lambda: next(p["rtt_ms"] for p in gw.ctl("peers")["peers"] if p["address"] == servers[0].address)
+                  < 30, 20, "a round trip to s0 measured while it is idle")
+        assert routes == [[servers[0].address], [servers[1].address]]
+        assert gw.ctl("status")["gateway"]["failovers"] == 0  # slow, not failed
 
 
 def test_failed_over_session_frees_caches_on_surviving_servers_at_close(live):

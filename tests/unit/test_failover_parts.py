@@ -120,6 +120,28 @@ def test_a_server_not_measured_yet_is_given_what_its_record_claims_within_bounds
     assert abs(router.allowance_s(fast, 1) - (1 + 10 * 0.017)) < 1e-9
 
 
+def test_routes_take_a_server_by_its_measured_speed_while_much_slower_than_it_claims():
+    """A server timed over 3x and over 100 ms a step slower than its record claims is routed by
+    the time measured, for 5 minutes after its last timed step; then its claim again (it may
+    have recovered: it is tried and timed anew)."""
+    from swarmd.gateway.router import MEASURED_FOR_S, Router
+    from swarmd.routing import ServerSpan
+
+    clock = Clock()
+    router = Router(model_id="m", num_layers=6, hidden_size=4, pool=None, table=PeerTable(), membership=None)
+    router.step_times = StepTimes(clock=clock)
+    claim = ServerSpan("a", 0, 6, block_s=0.001, rtt_s=0.002)  # 6 ms a step through its span
+    assert router._as_measured(claim) == claim  # not timed yet
+    router.step_times.record("a", 0.302, 1, blocks=6)  # 300 ms a step beyond the round trip
+    assert abs(router._as_measured(claim).block_s - 0.05) < 1e-9
+    clock.t += MEASURED_FOR_S + 1
+    assert router._as_measured(claim) == claim
+    router.step_times.record("b", 0.050, 1, blocks=6)  # 8x its claim, but only 42 ms more: noise, not a lie
+    assert router._as_measured(ServerSpan("b", 0, 6, block_s=0.001, rtt_s=0.002)).block_s == 0.001
+    router.step_times.record("c", 0.050, 1, blocks=2)  # claims nothing: what was measured
+    assert abs(router._as_measured(ServerSpan("c", 0, 2, rtt_s=0.002)).block_s - 0.024) < 1e-9
+
+
 class FakeServer:
     """One hop's connection as the gateway sees it: answers steps in order, or is unreachable.
     `pushes` False: it answers as a server that could not reach the next one."""
