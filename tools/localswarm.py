@@ -9,6 +9,7 @@ import json
 import multiprocessing
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -326,7 +327,9 @@ def running_swarm(model_dir: str, spans: list[str], gateway: bool = True, extra:
     Discovery: `seeds` "all" (every server's address), "first" (only the first server's: the
     rest is learnt by gossip) or "none"; `mdns` adds mDNS on loopback. `speeds` maps a server's
     index to a known block step time (seconds; see Daemon.seed_speed). `server_extra` maps a
-    server's index to config sections merged over `extra` for it alone."""
+    server's index to config sections merged over `extra` for it alone. The daemons' folder
+    (made here unless `root` is given) is removed afterwards, unless the body raised."""
+    made_root = root is None
     root = root or tempfile.mkdtemp(prefix="swarm-test-")
     extra = dict(extra or {})
     if mdns:
@@ -346,11 +349,16 @@ def running_swarm(model_dir: str, spans: list[str], gateway: bool = True, extra:
         if seeds != "none" or mdns:
             wait_converged(everyone, len(servers))
         yield servers, (gw or servers[0])
+    except BaseException:
+        made_root = False  # the daemons' logs and state stay for a look at what went wrong
+        raise
     finally:
         for d in everyone:
             d.terminate()
         for d in everyone:
             d.stop()
+        if made_root:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def _merged(base: dict, over: dict) -> dict:
