@@ -482,7 +482,7 @@ class Daemon:
                 "seeds": len(self.config.discovery.seeds),
             },
             "coverage": coverage(self.table, self.model_id, self.num_layers, self._uncovered_since),
-            "peers": self.membership.rows(),
+            "peers": self.gateway.router.annotate(self.membership.rows()),
         }
 
 

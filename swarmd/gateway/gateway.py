@@ -129,7 +129,7 @@ class Gateway:
         self._shadow_pool = ThreadPoolExecutor(8, thread_name_prefix="shadow") if verify == "strict" else None
         self.handlers: dict[str, Callable[[Message], tuple[dict, dict | None]]] = {
             "status": lambda m: (self.status_fn(), None),
-            "peers": lambda m: ({"peers": self.membership.rows()}, None),
+            "peers": lambda m: ({"peers": self.router.annotate(self.membership.rows())}, None),
             "model_info": self.on_model_info,
             "open": self.on_open,
             "step": self.on_step,

@@ -141,6 +141,25 @@ class Router:
             return s
         return dataclasses.replace(s, block_s=measured)
 
+    def annotate(self, rows: list[dict]) -> list[dict]:
+        """Peer-table rows (`swarmctl peers`) with what this gateway timed: `step_ms`, a one-token
+        step measured lately (None if never), and a note on a server routed by that rather than
+        its claim."""
+        for row in rows:
+            address, span = row.get("address"), row.get("span")
+            expected = self.step_times.expected_s(address, 1) if address else None
+            row["step_ms"] = round(expected * 1000, 3) if expected is not None else None
+            if address is None or expected is None or not span or row.get("is_self"):
+                continue
+            blocks = span[1] - span[0]
+            claim = ServerSpan(address, span[0], span[1], block_s=(1.0 / (row["throughput"] * blocks)
+                                                                  if row.get("throughput") else None),
+                               rtt_s=row["rtt_ms"] / 1000 if row.get("rtt_ms") is not None else None)
+            if claim.block_s is not None and self._as_measured(claim) != claim and not row.get("error"):
+                row["error"] = (f"slower than it claims: {claim.block_s * blocks * 1000:.1f} ms a step, "
+                                f"{expected * 1000:.1f} measured")
+        return rows
+
     def allowance_s(self, address: str, tokens: int, floor: bool = True) -> float:
         """How long a hop may take before it is called failed (without `floor`, the part to add
         per further hop of a chain, which shares one floor)."""

@@ -215,6 +215,11 @@ def test_a_server_much_slower_than_it_claims_loses_the_next_routes_to_one_that_k
                   < 30, 20, "a round trip to s0 measured while it is idle")
         assert routes == [[servers[0].address], [servers[1].address]]
         assert gw.ctl("status")["gateway"]["failovers"] == 0  # slow, not failed
+        # the operator sees why: swarmctl peers on the gateway
+        rows = {p["address"]: p for p in gw.ctl("peers")["peers"]}
+        slow, kept = rows[servers[0].address], rows[servers[1].address]
+        assert slow["step_ms"] >= 150 and "slower than it claims" in slow["error"], slow
+        assert kept["step_ms"] is not None and not kept["error"], kept
 
 
 def test_failed_over_session_frees_caches_on_surviving_servers_at_close(live):
