@@ -48,58 +48,77 @@ def resolve_socket(socket: str | None = None) -> str:
 
 
 class SwarmClient:
-    """Requests to the local swarmd. Safe to share between threads (requests are serialised)."""
+    """Requests to the local swarmd. Safe to share between threads: each thread has a connection
+    of its own (ZeroMQ sockets are not to be shared), so threads' requests run at once, and one
+    thread waiting on a slow step or a failover does not hold up the others."""
 
     def __init__(self, socket: str | None = None, timeout_s: float = 300.0, context: zmq.Context | None = None):
         self.socket_path = resolve_socket(socket)
         self.timeout_s = timeout_s
         self._ctx = context or zmq.Context.instance()
-        self._sock: zmq.Socket | None = None
+        self._local = threading.local()
         self._ids = itertools.count(1)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _socks
+        self._socks: dict[int, tuple[threading.Thread, zmq.Socket]] = {}  # per thread ident
 
     def _socket(self) -> zmq.Socket:
-        if self._sock is None:
+        sock = getattr(self._local, "sock", None)
+        if sock is None:
             _check_listening(self.socket_path)
-            s = self._ctx.socket(zmq.DEALER)
-            s.setsockopt(zmq.LINGER, 0)
-            s.connect(f"ipc://{self.socket_path}")
-            self._sock = s
-        return self._sock
+            sock = self._ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(f"ipc://{self.socket_path}")
+            me = threading.current_thread()
+            with self._lock:
+                # the connections of threads that ended go with them (a pool's threads come and go)
+                for ident, (thread, old) in list(self._socks.items()):
+                    if not thread.is_alive():
+                        old.close(0)
+                        del self._socks[ident]
+                self._socks[me.ident or 0] = (me, sock)
+            self._local.sock = sock
+        return sock
 
     def request(self, msg_type: str, fields: dict | None = None, tensors: dict[str, torch.Tensor] | None = None,
                 timeout_s: float | None = None) -> Message:
         timeout = self.timeout_s if timeout_s is None else timeout_s
-        with self._lock:
-            sock = self._socket()
-            req_id = next(self._ids)
-            sock.send_multipart(encode(msg_type, req_id, fields, tensors), copy=False)
-            deadline = time.monotonic() + timeout
-            while True:
-                left_ms = int((deadline - time.monotonic()) * 1000)
-                if left_ms <= 0 or not sock.poll(left_ms, zmq.POLLIN):
-                    # the socket may hold a late reply now; start clean next time
-                    self._reset()
-                    raise PeerUnavailableError(
-                        f"swarmd at {self.socket_path} did not answer {msg_type} in {timeout:g} s"
-                    )
-                try:
-                    reply = decode(sock.recv_multipart(copy=False), max_header_bytes=LOCAL_REPLY_HEADER_BYTES)
-                except ProtocolError as e:
-                    raise PeerUnavailableError(f"swarmd sent a bad reply: {e}") from None
-                # one request at a time on this socket: an error the daemon could not even tie to a
-                # request (id 0: it could not read ours) is this request's
-                if reply.id == req_id or (reply.id == 0 and reply.type == "error"):
-                    return raise_if_error(reply)
+        sock = self._socket()
+        req_id = next(self._ids)
+        sock.send_multipart(encode(msg_type, req_id, fields, tensors), copy=False)
+        deadline = time.monotonic() + timeout
+        while True:
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0 or not sock.poll(left_ms, zmq.POLLIN):
+                # the socket may hold a late reply now; start clean next time
+                self._reset()
+                raise PeerUnavailableError(
+                    f"swarmd at {self.socket_path} did not answer {msg_type} in {timeout:g} s"
+                )
+            try:
+                reply = decode(sock.recv_multipart(copy=False), max_header_bytes=LOCAL_REPLY_HEADER_BYTES)
+            except ProtocolError as e:
+                raise PeerUnavailableError(f"swarmd sent a bad reply: {e}") from None
+            # one request at a time on this thread's socket: an error the daemon could not even tie
+            # to a request (id 0: it could not read ours) is this request's
+            if reply.id == req_id or (reply.id == 0 and reply.type == "error"):
+                return raise_if_error(reply)
 
     def _reset(self) -> None:
-        if self._sock is not None:
-            self._sock.close(0)
-            self._sock = None
+        """Close this thread's connection (the next request opens a fresh one)."""
+        sock = getattr(self._local, "sock", None)
+        if sock is not None:
+            self._local.sock = None
+            with self._lock:
+                self._socks.pop(threading.get_ident(), None)
+            sock.close(0)
 
     def close(self) -> None:
+        """Close every thread's connection; call it when no request is running."""
         with self._lock:
-            self._reset()
+            socks, self._socks = list(self._socks.values()), {}
+        for _, sock in socks:
+            sock.close(0)
+        self._local = threading.local()
 
     def __enter__(self) -> SwarmClient:
         return self

@@ -42,7 +42,7 @@ class RemoteSession:
     def __init__(self, model: DistributedModelForCausalLM, max_length: int, route_timeout_s: float | None = None,
                  push: bool = True, client: SwarmClient | None = None):
         self.model, self.max_length = model, max_length
-        self.client = client or model.client  # a connection of its own lets sessions step at once
+        self.client = client or model.client
         self.route_timeout_s, self.push = route_timeout_s, push
         self.id: str | None = None
         self.route: list = []
@@ -235,9 +235,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
 
         route_timeout_s: how long the swarm may wait for servers to cover every block (at open,
         and while replacing a failed server) before raising NoRouteError; default 60 s.
-        client: the connection to swarmd this session uses (default: the model's). Requests on
-        one connection wait for each other, so threads that step sessions at the same time give
-        each its own `SwarmClient`."""
+        client: the `SwarmClient` this session uses (default: the model's, which gives each
+        thread a connection of its own: threads with sessions of their own step at once)."""
         if self.active_session is not None:
             raise SessionError("an inference session is already active in this thread")
         sess = RemoteSession(self, max_length, route_timeout_s if route_timeout_s is not None else

@@ -179,3 +179,53 @@ def test_every_generation_mode_is_equal_to_hf_or_refused_in_one_line(family_swar
     with model.inference_session(max_length=64), pytest.raises(UnsupportedError, match="session of its own"):
         model.generate(ids, max_new_tokens=8, num_beams=2, **GEN)  # its beams cannot go on as one conversation
     assert sum(s.ctl("status")["stats"]["steps"] for s in servers) == steps  # refused before any step
+
+
+def test_threads_sharing_one_model_step_at_once(model_dirs):
+    """One model object (one SwarmClient) used from several threads: each thread has its own
+    connection to swarmd, so a thread waiting a long time on the swarm (here an open for an
+    adapter no server hosts, waiting for one to appear) holds up none of the others, and
+    concurrent generations are each Hugging Face's."""
+    import threading
+    import time
+
+    from libswarm import NoRouteError
+
+    d = model_dirs("llama")
+    ref = hf_reference(d)
+    with running_swarm(d, ["0:3", "3:6"]) as (servers, gw):
+        model = AutoDistributedModelForCausalLM.from_pretrained(d, socket=gw.socket)
+        waited: dict = {}
+
+        def wait_for_adapter():
+            t0 = time.monotonic()
+            try:
+                model.client.open_session(model.model_id, 16, 1, route_timeout_s=6, adapter="hosted-by-nobody")
+            except NoRouteError as e:
+                waited["error"] = e
+            waited["s"] = time.monotonic() - t0
+
+        results: dict[int, bool] = {}
+
+        def generate(seed: int):
+            ids = prompt(seed=seed)
+            kw = dict(do_sample=False, max_new_tokens=8, min_new_tokens=8, **GEN)
+            results[seed] = torch.equal(model.generate(ids, **kw), ref.generate(ids, **kw))
+
+        slow = threading.Thread(target=wait_for_adapter)
+        slow.start()
+        time.sleep(0.5)  # its open is with the gateway now
+        workers = [threading.Thread(target=generate, args=(seed,)) for seed in (21, 22)]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join(60)
+        assert slow.is_alive(), "the generations waited for the open that waits 6 s"
+        assert results == {21: True, 22: True}
+        slow.join(30)
+        assert isinstance(waited.get("error"), NoRouteError) and waited["s"] >= 5.5, waited
+        # the connections of ended threads are closed when another thread opens one
+        late = threading.Thread(target=model.client.status)
+        late.start()
+        late.join(30)
+        assert sorted(model.client._socks) == sorted([threading.get_ident(), late.ident])
