@@ -378,8 +378,12 @@ class Gateway:
         allowance, t_prev = 0.0, t0
         for i, (k, conn, req_id) in enumerate(sent):
             allowance += self.router.allowance_s(hops[k].address, tokens, floor=i == 0)
+            # within the chain's allowance from the start, and within its own from when the hop
+            # before answered (its input was pushed then): a hung hop after fast ones is not
+            # given the others' unused time (for hops not measured yet, 10 s each)
+            deadline = min(t0 + allowance, t_prev + self.router.allowance_s(hops[k].address, tokens))
             try:
-                reply = conn.receive(req_id, t0 + allowance, "step")
+                reply = conn.receive(req_id, deadline, "step")
                 hop_input = x if k == start else outputs[k - 1]
                 outputs[k] = self._accept(hops[k], reply, expect_position, time.monotonic() - t_prev, tokens,
                                           hop_input)

@@ -194,6 +194,27 @@ def chain_gateway(servers):
     return gw, sess
 
 
+def test_a_hop_after_others_that_answered_has_its_own_allowance_from_their_answer_not_theirs_too():
+    """Hops not measured yet get 10 s each: a chain's last hop that hangs after the others
+    answered is given up on 10 s after they did, not 10 s for each hop of the chain."""
+    from swarmd.gateway.gateway import HopFailure
+
+    class Hung(FakeServer):
+        def receive(self, req_id, deadline, what="request"):
+            from libswarm.errors import PeerUnavailableError
+
+            self.deadline = deadline
+            raise PeerUnavailableError(f"peer {self.address} did not answer {what} in time")
+
+    servers = [FakeServer("a"), FakeServer("b"), Hung("c")]
+    gw, sess = chain_gateway(servers)
+    t0 = time.monotonic()
+    with pytest.raises(HopFailure) as e:
+        gw._run_chain(sess, 0, torch.zeros(1, 1, 4), {"position_ids": torch.zeros(1, 1, dtype=torch.long)}, 1, 1)
+    assert e.value.index == 2
+    assert 29.0 < servers[2].deadline - t0 < 31.0  # without: 3 x 30 s (nothing claimed: 30 s a hop)
+
+
 def test_a_hand_over_to_an_unreachable_server_blames_that_server_not_the_one_handing_over():
     """The last server dies after the gateway sent it the step but before the middle one pushed:
     the middle one answers `pushed: false`, the gateway's own hand-over finds the last one gone,
