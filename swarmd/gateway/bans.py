@@ -23,14 +23,19 @@ class Bans:
         self._lock = threading.Lock()
 
     def ban(self, address: str) -> float:
-        """Record a failure; returns how long the server is banned for."""
+        """Record a failure; returns how long the server is banned for. A failure while its ban
+        lasts is the same incident seen by another session (every session routed through a
+        server that died finds out): it does not double the ban."""
         with self._lock:
+            now = self._clock()
+            until = self._until.get(address, 0.0)
+            if until > now:
+                return until - now
             n = self._failures.get(address, 0) + 1
             self._failures[address] = n
             # the exponent is capped: a server may fail thousands of times in a long run, and
             # 2 ** n of a large n is an int no float can hold
             duration = min(BAN_MAX_S, BAN_BASE_S * 2.0 ** min(n - 1, 32))
-            now = self._clock()
             self._until[address] = now + duration
             if len(self._until) > PRUNE_ABOVE:
                 for a in [a for a, t in self._until.items() if t < now - BAN_MAX_S]:

@@ -23,18 +23,37 @@ class Clock:
 def test_bans_double_with_each_failure_up_to_a_cap_and_expire():
     clock = Clock()
     bans = Bans(clock)
-    assert [bans.ban("a") for _ in range(4)] == [1.0, 2.0, 4.0, 8.0]
+
+    def fail_after_ban(address="a"):  # tried again once its ban is over, and failed again
+        clock.t += bans.remaining_s(address)
+        return bans.ban(address)
+
+    assert [fail_after_ban() for _ in range(4)] == [1.0, 2.0, 4.0, 8.0]
     assert bans.is_banned("a") and not bans.is_banned("b")
     clock.t += 8.5
     assert not bans.is_banned("a") and bans.banned() == set()
     for _ in range(20):
-        last = bans.ban("a")
+        last = fail_after_ban()
     assert last == BAN_MAX_S
+    clock.t += BAN_MAX_S
     bans.succeeded("a")
     assert bans.ban("a") == 1.0  # a success forgets the failures
     for _ in range(5000):  # a long run of failures (churn, hours) must not overflow the doubling
-        last = bans.ban("a")
+        last = fail_after_ban()
     assert last == BAN_MAX_S and bans.remaining_s("a") == BAN_MAX_S and bans.remaining_s("b") == 0.0
+
+
+def test_failures_of_a_banned_server_seen_by_other_sessions_do_not_double_its_ban():
+    """Every session routed through a server that died or restarted finds out on its own: that
+    is one incident, not one per session (64 sessions would ban a server that restarts in a
+    second for the 5-minute maximum)."""
+    clock = Clock()
+    bans = Bans(clock)
+    assert [bans.ban("a") for _ in range(8)] == [1.0] * 8
+    clock.t += 0.5
+    assert bans.ban("a") == 0.5 and bans.remaining_s("a") == 0.5
+    clock.t += 0.5
+    assert bans.ban("a") == 2.0  # tried again after its ban, failed again: doubled
 
 
 def test_bans_and_step_times_keep_a_bounded_number_of_addresses_under_churn():
