@@ -72,6 +72,10 @@ class PeerTable:
         self.gossip_interval_s = gossip_interval_s
         self._entries: dict[str, Entry] = {}
         self._lock = threading.Lock()
+        # news that may give a gateway waiting for servers a route: a node's new record version,
+        # or this daemon reaching one (see wait_news)
+        self._news = threading.Condition(self._lock)
+        self._version = 0
         # address -> node id for key_for (asked on every hop of every step): rebuilt after a
         # change of who is where
         self._by_address: dict[str, str] | None = None
@@ -133,6 +137,7 @@ class PeerTable:
                                                       verified=is_self or via == address, wire_bytes=size,
                                                       heard_at=now if is_self or via == address else -math.inf)
                 self._by_address = None
+                self._announce()
                 return "new"
             if address != e.address or contacts != e.record.contact_addresses:
                 self._by_address = None
@@ -141,12 +146,32 @@ class PeerTable:
                     e.unreachable = None
             if record.incarnation != e.record.incarnation:  # a restart: its beats count afresh
                 e.beat, e.beat_wire, e.cleared = 0, None, -1
+            routing_news = (record.state, record.span, record.incarnation, address) != (
+                e.record.state, e.record.span, e.record.incarnation, e.address)
             e.record, e.wire, e.address, e.advanced_at, e.last_seen = record, wire, address, now, time.time()
             e.verified = e.verified or is_self or via == address
             e.wire_bytes = size
             if e.verified:
                 self._alive(e, now)
+            if routing_news:  # not for its counters (sessions, free cache): they change all the time
+                self._announce()
             return "newer"
+
+    def _announce(self) -> None:
+        """Wake those waiting for news (called with the lock held)."""
+        self._version += 1
+        self._news.notify_all()
+
+    def version(self) -> int:
+        """A counter of news (see wait_news)."""
+        with self._lock:
+            return self._version
+
+    def wait_news(self, seen: int, timeout_s: float) -> None:
+        """Wait until there is news since `seen` (a `version()` read before looking at the
+        table), or for `timeout_s`."""
+        with self._news:
+            self._news.wait_for(lambda: self._version != seen, timeout=max(0.0, timeout_s))
 
     def merge_beat(self, beat: Beat) -> str:
         """Take a beat: "newer" (the node is alive: a suspicion is lifted), "old", "unknown" (no
@@ -229,6 +254,8 @@ class PeerTable:
             was_reachable = e.unreachable is None
             e.unreachable = unreachable
             if unreachable is None:
+                if not was_reachable or (not e.verified and (address is None or address == e.address)):
+                    self._announce()  # reached again, or for the first time: it may be routed to now
                 if address is None or address == e.address:
                     if not e.verified:
                         self._by_address = None

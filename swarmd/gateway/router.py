@@ -54,6 +54,7 @@ MEASURED_FOR_S = 300.0
 SLOWER_FACTOR = 3.0
 SLOWER_MARGIN_S = 0.1
 FALLBACK_PACE_S = 2.0  # a route through servers that all failed lately is tried at most this often
+NEWS_PACE_S = 0.05  # a gateway waiting for a route looks at the table's news at most this often
 # Errors after which another server may succeed: the server is gone, failed, lost the
 # session or moved. Other errors are refusals (see refused) when a server answered them, and
 # the request's own fault when raised here.
@@ -93,7 +94,9 @@ class Router:
         refreshing the peer table) until `deadline` for one to exist. The lowest-latency chain,
         or with `spread` (forward batches) a random one weighted by speed."""
         backoff_s, t0, refreshed = 0.2, time.monotonic(), 0
+        next_refresh = t0
         while True:
+            seen = self.table.version()
             # a server caught computing wrong outputs is never used, not even as a last resort
             candidates = [self._as_measured(s) for s in self.table.servers_for(self.model_id, adapter)
                           if s.address not in exclude and not self.reputation.is_distrusted(s.address)]
@@ -123,12 +126,19 @@ class Router:
                     if left_s <= 0:
                         hosting = f" hosting adapter {adapter!r}" if adapter else ""
                         raise NoRouteError(f"{e}{hosting} (waited {time.monotonic() - t0:.1f} s)") from None
-                    time.sleep(min(backoff_s, left_s))
+                    # until news in the table (a server that comes back is routed at once), or the
+                    # backoff: a ban that ends is no news. News is looked at without asking the
+                    # peers again; they are asked once the backoff is over
+                    self.table.wait_news(seen, min(next_refresh - time.monotonic(), left_s))
+                    if time.monotonic() < next_refresh:
+                        time.sleep(NEWS_PACE_S)  # a burst of news is looked at once
+                        continue
                     backoff_s = min(backoff_s * 2, 2.0)
                 # ask the peers again (a server may have just come back); banned ones, maybe
                 # hung, would only stall the refresh
                 self.membership.refresh(skip=self.bans.banned())
                 refreshed += 1
+                next_refresh = time.monotonic() + backoff_s
 
     def _as_measured(self, s: ServerSpan) -> ServerSpan:
         """`s` with its measured speed in place of its record's claim when it claims none or is
@@ -186,7 +196,7 @@ class Router:
             self.reputation.offence(hop.address, str(error))
         banned_s = self.bans.ban(hop.address)
         self.pool.drop(hop.address)
-        log.warning("server %s failed on blocks %d:%d (%s); avoiding it for %.0f s", hop.address, hop.first,
+        log.warning("server %s failed on blocks %d:%d (%s); avoiding it for %.1f s", hop.address, hop.first,
                     hop.last, error, banned_s)
 
     def close_remote(self, opened: list[tuple[Hop, str]]) -> None:

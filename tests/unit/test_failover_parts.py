@@ -161,6 +161,42 @@ def test_routes_take_a_server_by_its_measured_speed_while_much_slower_than_it_cl
     assert abs(router._as_measured(ServerSpan("c", 0, 2, rtt_s=0.002)).block_s - 0.024) < 1e-9
 
 
+def test_a_gateway_waiting_for_a_route_takes_a_server_as_soon_as_its_table_has_it():
+    """While no server covers some blocks, the gateway asks its peers again with a backoff
+    that grows to 2 s; a server that comes back (its record, or this daemon reaching it) is
+    routed to at once, not at the next backoff."""
+    import threading
+
+    from swarmd.gateway.router import Router
+
+    class Membership:
+        refreshes = 0
+
+        def refresh(self, skip=()):
+            Membership.refreshes += 1
+
+    table = PeerTable()
+    router = Router(model_id="m", num_layers=6, hidden_size=4, pool=FakePool([]), table=table,
+                    membership=Membership())
+    i = NodeIdentity(os.urandom(32))
+    address = "tcp://10.0.0.7:1"
+    back = Record(node_id=i.public_key, sign_key=i.sign_key, addresses=(address,), state="online",
+                  timestamp=time.time(), seq=1, model_id="m", span=(0, 6), throughput=10.0)
+    arrived = {}
+
+    def comes_back():
+        time.sleep(3.2)  # the backoff has grown to 2 s by now (0.2, 0.4, 0.8, 1.6 ...)
+        arrived["t"] = time.monotonic()
+        table.merge(back, {}, via=address)  # its record, from the node itself
+
+    threading.Thread(target=comes_back).start()
+    hops = router.plan(0, 6, deadline=time.monotonic() + 20)
+    waited = time.monotonic() - arrived["t"]
+    assert [h.address for h in hops] == [address]
+    assert waited < 0.5, f"routed {waited:.2f} s after the server was back"
+    assert Membership.refreshes <= 8  # news is looked at without asking the peers again
+
+
 class FakeServer:
     """One hop's connection as the gateway sees it: answers steps in order, or is unreachable.
     `pushes` False: it answers as a server that could not reach the next one."""
@@ -296,6 +332,12 @@ def test_a_lone_server_that_keeps_failing_fast_is_paced_and_the_forward_ends_at_
 
         def claimed_step_s(self, address, tokens):
             return None  # its record claims no speed
+
+        def version(self):
+            return 0  # never news
+
+        def wait_news(self, seen, timeout_s):
+            time.sleep(max(0.0, timeout_s))
 
     class Membership:
         refreshes = 0
