@@ -377,11 +377,12 @@ class Gateway:
                 break
         allowance, t_prev = 0.0, t0
         for i, (k, conn, req_id) in enumerate(sent):
-            allowance += self.router.allowance_s(hops[k].address, tokens, floor=i == 0)
+            own, added = self.router.allowances(hops[k].address, tokens)
+            allowance += own if i == 0 else added
             # within the chain's allowance from the start, and within its own from when the hop
             # before answered (its input was pushed then): a hung hop after fast ones is not
             # given the others' unused time (for hops not measured yet, 10 s each)
-            deadline = min(t0 + allowance, t_prev + self.router.allowance_s(hops[k].address, tokens))
+            deadline = min(t0 + allowance, t_prev + own)
             try:
                 reply = conn.receive(req_id, deadline, "step")
                 hop_input = x if k == start else outputs[k - 1]

@@ -170,9 +170,13 @@ class Router:
                                 f"{expected * 1000:.1f} measured")
         return rows
 
-    def allowance_s(self, address: str, tokens: int, floor: bool = True) -> float:
-        """How long a hop may take before it is called failed (without `floor`, the part to add
-        per further hop of a chain, which shares one floor)."""
+    def allowance_s(self, address: str, tokens: int) -> float:
+        """How long a hop may take before it is called failed."""
+        return self.allowances(address, tokens)[0]
+
+    def allowances(self, address: str, tokens: int) -> tuple[float, float]:
+        """(How long a hop may take before it is called failed, what it adds to a chain's
+        allowance after the chain's first hop: the hops of a chain share one floor.)"""
         expected = self.step_times.expected_s(address, tokens)
         if expected is None:
             # not measured by this gateway yet: as fast as its record claims, with a margin. A
@@ -180,10 +184,10 @@ class Router:
             # fails it in seconds rather than a flat half minute; an honest slow server's long
             # prefill gets the time its claim says it needs
             claimed = self.table.claimed_step_s(address, tokens)
-            if claimed is None:
-                return UNMEASURED_STEP_S
-            return min(UNMEASURED_MAX_S, UNMEASURED_FLOOR_S + STEP_DEADLINE_FACTOR * claimed)
-        return (STEP_DEADLINE_FLOOR_S if floor else 0.0) + STEP_DEADLINE_FACTOR * expected
+            own = UNMEASURED_STEP_S if claimed is None else min(
+                UNMEASURED_MAX_S, UNMEASURED_FLOOR_S + STEP_DEADLINE_FACTOR * claimed)
+            return own, own
+        return STEP_DEADLINE_FLOOR_S + STEP_DEADLINE_FACTOR * expected, STEP_DEADLINE_FACTOR * expected
 
     def check(self, hop: Hop, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """A hop's output for the input `x`, checked (shape, dtype, finite, norms in the band

@@ -104,8 +104,9 @@ def _wrong_steps(change: Callable, every: int = 1, after: int = 0, passes: bool 
 
 
 def _slow_steps(server) -> None:
-    """Steps computed SLOW_STEP_S slower, on the compute thread as a slow device would be (the
-    server's network thread, and so its pings, unaffected)."""
+    """Steps computed SLOW_STEP_S slower, inside the blocks' computation where a slow device is
+    slow (decode steps run inline on the socket's thread, so requests behind them wait as they
+    would for a slow device)."""
     from swarmd.runtime.span import Span
 
     run, run_steps = Span.run, Span.run_steps

@@ -184,7 +184,7 @@ def test_a_server_never_measured_that_hangs_is_given_up_on_by_its_claimed_speed(
             out = model.generate(ids, **GEN)
             route = [h[0] for h in sess.route]
         elapsed = time.monotonic() - t0
-        servers[0].kill()  # its compute thread is stuck: no drain
+        servers[0].kill()  # its serving thread is stuck: no drain
         assert torch.equal(out, expected)
         assert route == [servers[1].address]
         assert gw.ctl("status")["gateway"]["failovers"] >= 1
@@ -199,7 +199,7 @@ def test_a_server_much_slower_than_it_claims_loses_the_next_routes_to_one_that_k
     ids = torch.randint(3, 500, (1, 8), generator=torch.Generator().manual_seed(16))
     kw = dict(do_sample=False, max_new_tokens=6, min_new_tokens=6, pad_token_id=0)
     expected = hf_reference(d).generate(ids, **kw)
-    # s0 claims 0.1 ms a block and answers every step 0.3 s late; s1 claims 10 ms a block
+    # s0 claims 0.1 ms a block and computes every step 0.3 s slower; s1 claims 10 ms a block
     with running_swarm(d, ["0:6", "0:6"], speeds={0: 0.0001, 1: 0.01},
                        env={0: {"SWARMD_FAILPOINTS": "slow_steps"}}) as (servers, gw):
         reached_all(gw, servers)
