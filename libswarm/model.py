@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.generation.configuration_utils import GenerationMode
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -102,27 +103,81 @@ class RemoteSession:
         self.closed = True
 
 
-class _SwarmCache:
-    """What generate() sees of the attention caches: they are on the servers; this names the
-    session that holds them, so that beam search can reorder them (`_reorder_cache`)."""
+class _RemoteLayer(CacheLayerMixin):
+    """The attention caches of every block, as one layer of a Hugging Face `Cache`: they live on the
+    servers, so this layer holds no tensors and answers from the session (its position, its
+    max_length) and turns HF's cache edits into the session's: `crop` rolls the session back,
+    `reorder_cache` reorders its rows with the next step. The blocks never run here, so `update`
+    is never called; a call is a bug and says so."""
+
+    is_compileable = False  # nothing here for torch.compile: the blocks run on the servers
+    is_croppable = True  # the servers cut their caches back to any position, so a rollback leaves no trace
+    is_sliding = False  # the servers apply any sliding window themselves, over the whole history
+    supports_early_init = False  # nothing to allocate here
 
     def __init__(self, session: RemoteSession):
+        super().__init__()
         self.session = session
+        self.is_initialized = True
 
-    is_croppable = True
-    is_compileable = False  # nothing here for torch.compile: the blocks run on the servers
-    is_linear = (False,)  # attention caches, not recurrent states
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        pass
 
-    def get_seq_length(self, layer_idx: int = 0) -> int:
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        raise UnsupportedError("the swarm's attention caches live on the servers: no block runs in this process")
+
+    def get_seq_length(self, *args, **kwargs) -> int:
         return self.session.position
 
-    def activate_past_recording(self) -> None:
-        pass  # the servers' caches can always be cut back
+    def get_max_length(self) -> int:
+        return self.session.max_length
+
+    get_max_cache_shape = get_max_length  # its name before transformers 5.17
+
+    def get_mask_sizes(self, query_length, *args, **kwargs) -> tuple[int, int]:
+        # (kv_length, kv_offset): every cached position plus the new ones, from position 0.
+        # Before 5.17 the argument is the new positions' cache_position tensor.
+        n = query_length.shape[0] if isinstance(query_length, torch.Tensor) else int(query_length)
+        return self.session.position + n, 0
 
     def crop(self, n: int) -> None:
         """Assisted decoding drops rejected drafts: `n` < 0 removes -n positions (transformers
-        5.24); `n` > 0 keeps the first n (earlier versions)."""
+        5.17 and later); `n` > 0 keeps the first n (earlier versions)."""
         self.session.rollback(self.session.position + n if n <= 0 else min(n, self.session.position))
+
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        self.session.reorder(beam_idx)
+
+    def reset(self) -> None:
+        self.session.rollback(0)
+
+    def activate_past_recording(self, *args, **kwargs) -> None:
+        pass  # every past position stays on the servers until cropped
+
+    def offload(self) -> None:
+        pass
+
+    def prefetch(self) -> None:
+        pass
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise UnsupportedError("the swarm's caches cannot be repeated per row: run one generate() per input")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise UnsupportedError("the swarm's caches cannot drop rows: run one generate() per input")
+
+
+class _SwarmCache(Cache):
+    """What generate() sees of the attention caches: a Hugging Face `Cache` (the documented base
+    class, so methods a release adds get the base's behaviour over our one layer) whose layer is
+    the session that holds them on the servers."""
+
+    def __init__(self, session: RemoteSession):
+        super().__init__(layers=[_RemoteLayer(session)])
+        self.session = session
+
+    def get_seq_length(self, layer_idx: int | None = 0, *args, **kwargs) -> int:
+        return self.session.position
 
 
 class RemoteBlocks(torch.autograd.Function):
@@ -329,11 +384,6 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         if mode == GenerationMode.ASSISTED_GENERATION and sess is not None and model_kwargs.get(CACHE_FIELD) is None:
             model_kwargs[CACHE_FIELD] = _SwarmCache(sess)
         return out
-
-    def _reorder_cache(self, past: _SwarmCache, beam_idx: torch.Tensor) -> _SwarmCache:
-        """HF's beam search, after choosing the beams of a step: the servers' caches follow."""
-        past.session.reorder(beam_idx)
-        return past
 
     def _positions(self, position_ids, attention_mask, past: int, B: int, T: int, device) -> torch.Tensor:
         """Position ids as the family's own Hugging Face model would use them."""

@@ -4,6 +4,7 @@ systemd units, sysusers and tmpfiles entries, /etc/swarmd/swarmd.yaml as a conff
 maintainer scripts (packaging/deb/) that create the user and tell systemd.
 
     python tools/build_deb.py [--out dist] [--torch torch==2.13.0] [--torch-index URL] [--extras gpu]
+                              [--lock requirements.lock]
     python tools/build_deb.py --light   # the project alone, without its dependencies (tests)
 
 Torch is whatever `--torch` resolves to from pip's sources plus `--torch-index`: CPU where pip's
@@ -11,7 +12,11 @@ sources hold the CPU wheel (this project's build machines), CUDA with
 `--torch-index https://download.pytorch.org/whl/cu128`. The variant is named in the package's
 version (`0.1.0-1+cpu`, `+cu128`). The venv is built at a staging path and its few absolute
 paths (script shebangs, pyvenv.cfg) are rewritten to /opt/swarmd; nothing is byte-compiled here,
-postinst does it in place."""
+postinst does it in place.
+
+Every dependency gets the version the lock (requirements.lock, `make lock`) pins: the package holds
+what the last green run tested. A CUDA build (`--torch-index`) takes torch and what only it needs
+from that index instead; the rest stays pinned."""
 
 from __future__ import annotations
 
@@ -65,6 +70,21 @@ def build_wheel(workdir: str) -> str:
     return os.path.join(out, whl)
 
 
+def constraints_from_lock(lock_text: str, drop: frozenset[str] = frozenset()) -> str:
+    """The lock's pins as a pip constraints file, without hashes: pip takes a constraint with
+    hashes as an order to check every file by hash, the project's own wheel included, which has
+    none. The versions are what makes the build reproducible; `drop` names packages (normalized)
+    another source provides."""
+    pins = []
+    for line in lock_text.splitlines():
+        m = re.match(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)", line)
+        if m and re.sub(r"[-_.]+", "-", m.group(1)).lower() not in drop:
+            pins.append(f"{m.group(1)}=={m.group(2)}\n")
+    if not pins:
+        raise SystemExit("build_deb: the lock pins nothing (is it a pip-compile output?)")
+    return "".join(pins)
+
+
 def make_venv(python: str, venv: str, args: argparse.Namespace, wheel: str) -> None:
     run([python, "-m", "venv", "--without-pip", venv])
     pip = [sys.executable, "-m", "pip", "--python", os.path.join(venv, "bin", "python"), "install", "-q",
@@ -73,6 +93,12 @@ def make_venv(python: str, venv: str, args: argparse.Namespace, wheel: str) -> N
         run([*pip, "--no-deps", wheel])
         return
     index = ["--extra-index-url", args.torch_index] if args.torch_index else []
+    with open(args.lock) as f:
+        pins = constraints_from_lock(f.read(), frozenset({"torch"}) if args.torch_index else frozenset())
+    constraints = os.path.join(os.path.dirname(wheel), "constraints.txt")
+    with open(constraints, "w") as f:
+        f.write(pins)
+    index += ["-c", constraints]
     # torch first and alone, so the project's dependencies cannot pull another build of it
     run([*pip, *index, args.torch])
     # swarm-api ships in every package: its unit is there, disabled until the operator enables it
@@ -208,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the interpreter the package's venv uses (it becomes a dependency)")
     p.add_argument("--torch", default="torch==2.13.0", help="the PyTorch requirement (default torch==2.13.0)")
     p.add_argument("--torch-index", default="", help="an extra index for PyTorch's builds (CPU or a CUDA version)")
+    p.add_argument("--lock", default=os.path.join(ROOT, "requirements.lock"),
+                   help="the versions every dependency gets (default: the repo's requirements.lock)")
     p.add_argument("--extras", default="", help="the project's extras to include, e.g. gpu (bitsandbytes, cupy)")
     p.add_argument("--revision", default="1", help="the Debian revision (default 1)")
     p.add_argument("--light", action="store_true", help="the project without its dependencies (a test build)")
