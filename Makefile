@@ -24,15 +24,16 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(BIN)/pip check
 	touch $(STAMP)
 
-# Refresh the lock to the newest releases within pyproject.toml's ranges (one package:
-# make lock UPGRADE=transformers), then run `make test` on it before committing it.
-UPGRADE ?=
+# Refresh the lock to the newest releases within pyproject.toml's ranges, then run `make test` on
+# it before committing it. One package: make lock UPGRADE=transformers; none (only add or drop
+# what pyproject.toml changed): make lock UPGRADE=
+UPGRADE ?= all
 lock:
 	test -x .venv-lock/bin/pip-compile || { $(PY) -m venv .venv-lock && .venv-lock/bin/pip install -q $(PIP_PIN) pip-tools; }
 	echo '$(TORCH)' > .venv-lock/torch.txt
 	CUSTOM_COMPILE_COMMAND='make lock' .venv-lock/bin/pip-compile -q --generate-hashes --strip-extras \
 		--allow-unsafe --no-emit-find-links --no-emit-index-url --extra $(LOCK_EXTRAS) \
-		-c .venv-lock/torch.txt $(if $(UPGRADE),--upgrade-package '$(UPGRADE)',--upgrade) -o $(LOCK) pyproject.toml
+		-c .venv-lock/torch.txt $(if $(filter all,$(UPGRADE)),--upgrade,$(if $(UPGRADE),--upgrade-package '$(UPGRADE)')) -o $(LOCK) pyproject.toml
 
 # The whole suite on the newest release of every dependency (torch stays $(TORCH): the newer builds
 # here are CUDA ones of several GB). Not in CI: run it before `make lock` to find what would break.

