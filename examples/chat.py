@@ -11,10 +11,9 @@ its tokenizer's chat template formats the conversation."""
 import argparse
 
 import torch
-from transformers import AutoTokenizer, TextStreamer
+from transformers import TextStreamer
 
-from libswarm import AutoDistributedModelForCausalLM
-from libswarm.models import resolve_model
+from libswarm import AutoDistributedModelForCausalLM, load_tokenizer, resolve_model
 
 p = argparse.ArgumentParser()
 p.add_argument("model")
@@ -24,7 +23,7 @@ p.add_argument("--max-new-tokens", type=int, default=200)
 args = p.parse_args()
 
 model_dir = resolve_model(args.model)
-tokenizer = AutoTokenizer.from_pretrained(model_dir)
+tokenizer = load_tokenizer(model_dir)
 model = AutoDistributedModelForCausalLM.from_pretrained(model_dir, socket=args.socket)
 streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 messages: list[dict] = []

@@ -11,9 +11,8 @@ saved in PEFT's format at the end.
 import argparse
 
 import torch
-from transformers import AutoTokenizer
 
-from libswarm import AutoDistributedModelForCausalLM
+from libswarm import AutoDistributedModelForCausalLM, load_tokenizer
 
 p = argparse.ArgumentParser()
 p.add_argument("model")
@@ -23,7 +22,7 @@ p.add_argument("--rank", type=int, default=8)
 p.add_argument("--out", default=None, help="save the adapter here (PEFT format)")
 args = p.parse_args()
 
-tokenizer = AutoTokenizer.from_pretrained(args.model)
+tokenizer = load_tokenizer(args.model)  # a short name or a path
 model = AutoDistributedModelForCausalLM.from_pretrained(args.model, socket=args.socket)
 lora = model.add_lora(rank=args.rank, alpha=2 * args.rank, target_modules=["q_proj", "v_proj", "down_proj"])
 texts = ["the swarm serves every block", "servers keep nothing of ours", "gradients come back home"]

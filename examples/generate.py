@@ -8,9 +8,7 @@ final norm, LM head and tokenizer are loaded here)."""
 
 import argparse
 
-from transformers import AutoTokenizer
-
-from libswarm import AutoDistributedModelForCausalLM
+from libswarm import AutoDistributedModelForCausalLM, load_tokenizer
 
 p = argparse.ArgumentParser()
 p.add_argument("model")
@@ -19,7 +17,7 @@ p.add_argument("--socket", default=None)
 p.add_argument("--max-new-tokens", type=int, default=40)
 args = p.parse_args()
 
-tokenizer = AutoTokenizer.from_pretrained(args.model)
+tokenizer = load_tokenizer(args.model)  # a short name or a path
 model = AutoDistributedModelForCausalLM.from_pretrained(args.model, socket=args.socket)
 ids = tokenizer(args.prompt, return_tensors="pt").input_ids
 out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=True, top_p=0.9, temperature=0.7)

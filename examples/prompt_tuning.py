@@ -11,9 +11,8 @@ every question with the same word.
 import argparse
 
 import torch
-from transformers import AutoTokenizer
 
-from libswarm import AutoDistributedModelForCausalLM
+from libswarm import AutoDistributedModelForCausalLM, load_tokenizer
 
 p = argparse.ArgumentParser()
 p.add_argument("model")
@@ -23,7 +22,7 @@ p.add_argument("--prompt-tokens", type=int, default=8)
 p.add_argument("--deep", action="store_true", help="a trainable prompt for every block too")
 args = p.parse_args()
 
-tokenizer = AutoTokenizer.from_pretrained(args.model)
+tokenizer = load_tokenizer(args.model)  # a short name or a path
 model = AutoDistributedModelForCausalLM.from_pretrained(args.model, socket=args.socket)
 texts = [f"Q: {q}? A: swarm" for q in ("who serves the blocks", "what runs the model", "who answers", "what is this")]
 batch = tokenizer(texts, return_tensors="pt", padding=True)

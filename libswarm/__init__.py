@@ -1,7 +1,8 @@
 """libswarm: use a model served by a swarm of swarmd daemons as if it were local.
 
-    from libswarm import AutoDistributedModelForCausalLM, SwarmClient
-    model = AutoDistributedModelForCausalLM.from_pretrained(model_dir, socket=path)
+    from libswarm import AutoDistributedModelForCausalLM, SwarmClient, load_tokenizer
+    model = AutoDistributedModelForCausalLM.from_pretrained("smollm2-135m-instruct", socket=path)
+    tokenizer = load_tokenizer("smollm2-135m-instruct")   # short names or paths, never the hub
     model.generate(input_ids, max_new_tokens=20)
 """
 
@@ -22,6 +23,7 @@ from libswarm.errors import (
     WrongModelError,
     WrongOutputError,
 )
+from libswarm.models import load_tokenizer, resolve_model
 
 __version__ = "0.1.0"
 
@@ -54,5 +56,7 @@ __all__ = [
     "WrongModelError",
     "WrongOutputError",
     "__version__",
+    "load_tokenizer",
+    "resolve_model",
     "resolve_socket",
 ]

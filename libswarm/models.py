@@ -105,6 +105,14 @@ def resolve_model(name_or_path: str) -> str:
                      f"{' or '.join(models_dirs())}{hint}")
 
 
+def load_tokenizer(name_or_path: str, **kwargs):
+    """The model's own tokenizer (and chat template), by short name or path, from its directory:
+    `transformers.AutoTokenizer.from_pretrained("smollm2-135m-instruct")` would ask the hub."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model(name_or_path), **kwargs)
+
+
 def model_from_config(raw: str, config_dir: str) -> str:
     """The `model` key of swarmd.yaml as a directory: a path (relative to the config file's
     directory) or a short name found in a models directory. swarmd and swarm-api read the same

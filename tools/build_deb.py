@@ -103,7 +103,7 @@ def make_venv(python: str, venv: str, args: argparse.Namespace, wheel: str) -> N
     run([*pip, *index, args.torch])
     # swarm-api ships in every package: its unit is there, disabled until the operator enables it
     extras = ",".join(["api", *filter(None, args.extras.split(","))])
-    run([*pip, *index, f"swarm[{extras}] @ file://{wheel}"])
+    run([*pip, *index, f"swarmd[{extras}] @ file://{wheel}"])
 
 
 def relocate(venv: str) -> None:

@@ -22,7 +22,8 @@ def main(argv: list[str] | None = None) -> int:
 
         from libswarm.api.app import create_app
     except ImportError as e:
-        print(f"swarm-api: {e.name} is missing: install the api extra (pip install 'swarm[api]')", file=sys.stderr)
+        print(f"swarm-api: {e.name} is missing: install the api extra (pip install './swarm[api]' from "
+              "the repository, or the .deb)", file=sys.stderr)
         return 2
     from libswarm.api.config import load_api_config
     from libswarm.errors import SwarmError

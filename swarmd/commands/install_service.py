@@ -39,6 +39,46 @@ def unreachable_dirs(path: str) -> list[str]:
     return out
 
 
+def interpreter_of(script: str) -> str | None:
+    """The interpreter a script's `#!` line names (a venv's bin/python, usually a link), or None."""
+    try:
+        with open(script, "rb") as f:
+            first = f.readline(4096)
+    except OSError:
+        return None
+    if not first.startswith(b"#!"):
+        return None
+    parts = first[2:].decode(errors="replace").split()
+    return parts[0] if parts and os.path.isabs(parts[0]) else None
+
+
+def interpreter_problems(swarmd: str) -> list[str]:
+    """Why user swarmd could not start the interpreter that runs `swarmd`: a venv made from a
+    Python under /root (pyenv, a user's build) links its bin/python there, so `swarmd` itself is
+    readable and still fails 'Permission denied' (exit 126) for the service, and ProtectHome=yes
+    hides every home directory from the unit whatever the modes."""
+    py = interpreter_of(swarmd)
+    if py is None or not os.path.exists(py):
+        return []
+    real = os.path.realpath(py)
+    where = f"{py} -> {real}" if real != py else py
+    if service_files.under_home(real):
+        return [f"swarmd runs on {where}, which is under a home directory that the service cannot see "
+                "(ProtectHome, and user swarmd may not enter it)"]
+    closed = unreachable_dirs(real)
+    if closed:
+        d = closed[0]  # the nearest: opening it may not be enough, but it is the first to fix
+        return [f"swarmd runs on {where}, and user swarmd cannot enter {d} "
+                f"(mode {stat.S_IMODE(os.stat(d).st_mode):04o})"]
+    if not os.stat(real).st_mode & stat.S_IXOTH:
+        return [f"swarmd runs on {where}, which user swarmd may not execute"]
+    return []
+
+
+INTERPRETER_FIX = ("make the venv from a system Python that every user can run, e.g. "
+                   "`/usr/bin/python3 -m venv /opt/swarmd`, and install swarm into it again")
+
+
 def ours(f: service_files.ServiceFile, text: str) -> bool:
     """Whether `text` is exactly what install-service writes for some swarmd path."""
     m = re.search(r"^ExecStart=(\S+) ", text, re.M)
@@ -78,6 +118,9 @@ class InstallServiceCommand(Command):
             raise SwarmError(f"--swarmd must be an absolute path: {swarmd}")
         if not (os.path.isfile(swarmd) and os.access(swarmd, os.X_OK)):
             raise SwarmError(f"no swarmd executable at {swarmd} (pass --swarmd PATH)")
+        problems = interpreter_problems(swarmd)
+        if problems and root == "/":  # the unit would fail to start (exit 126): refuse before writing anything
+            raise SwarmError(f"{problems[0]}: {INTERPRETER_FIX}")
         try:
             planned = [(f, service_files.render(f, swarmd)) for f in service_files.SERVICE_FILES]
         except ValueError as e:
@@ -121,6 +164,8 @@ class InstallServiceCommand(Command):
             for d in unreachable_dirs(swarmd):
                 warnings.append(f"user swarmd cannot enter {d} (mode {stat.S_IMODE(os.stat(d).st_mode):04o}), "
                                 "so it cannot run swarmd: install it elsewhere (e.g. /opt) or open that directory")
+        # into another root (an image), the same venv may be laid out otherwise there: say it, go on
+        warnings += [f"{p}: {INTERPRETER_FIX}" for p in problems]
         if not args.no_activate:
             self._activate(root, result)
         result["next"] = [f"set model: in {config}",

