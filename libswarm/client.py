@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import socket as pysocket
 import threading
@@ -20,6 +21,10 @@ if TYPE_CHECKING:  # torch is imported by the calls that carry tensors; swarmctl
     import torch
 
 DEFAULT_SYSTEM_SOCKET = "/run/swarmd/swarmd.sock"
+ROUTED = frozenset({"open", "step", "forward", "backward"})  # requests that wait for a route to the blocks
+WAIT_NOTICE_S = 5.0  # a step takes milliseconds; one that waits this long is waiting for a route
+WAIT_NOTICE_EVERY_S = 10.0
+log = logging.getLogger("libswarm")
 
 
 def resolve_socket(socket: str | None = None) -> str:
@@ -85,15 +90,22 @@ class SwarmClient:
         sock = self._socket()
         req_id = next(self._ids)
         sock.send_multipart(encode(msg_type, req_id, fields, tensors), copy=False)
-        deadline = time.monotonic() + timeout
+        start = time.monotonic()
+        deadline = start + timeout
+        notice = start + WAIT_NOTICE_S if msg_type in ROUTED else float("inf")
         while True:
-            left_ms = int((deadline - time.monotonic()) * 1000)
-            if left_ms <= 0 or not sock.poll(left_ms, zmq.POLLIN):
+            now = time.monotonic()
+            if now >= deadline:
                 # the socket may hold a late reply now; start clean next time
                 self._reset()
                 raise PeerUnavailableError(
                     f"swarmd at {self.socket_path} did not answer {msg_type} in {timeout:g} s"
                 )
+            if now >= notice:
+                self._say_why_waiting(msg_type, now - start)
+                notice = time.monotonic() + WAIT_NOTICE_EVERY_S
+            if not sock.poll(max(1, int((min(deadline, notice) - now) * 1000)), zmq.POLLIN):
+                continue
             try:
                 reply = decode(sock.recv_multipart(copy=False), max_header_bytes=LOCAL_REPLY_HEADER_BYTES)
             except ProtocolError as e:
@@ -102,6 +114,27 @@ class SwarmClient:
             # to a request (id 0: it could not read ours) is this request's
             if reply.id == req_id or (reply.id == 0 and reply.type == "error"):
                 return raise_if_error(reply)
+
+    def _say_why_waiting(self, msg_type: str, waited_s: float) -> None:
+        """A request that waits for a route (a server gone, a gap in coverage) says so while it
+        waits, in the log (logger `libswarm`, a warning: shown without any set-up), with what the
+        daemon knows of the gap, instead of only failing once the route timeout has passed. The
+        daemon is asked on a connection of its own (status is served apart from routed work)."""
+        why = ""
+        try:
+            with SwarmClient(self.socket_path, timeout_s=2.0, context=self._ctx) as probe:
+                cov = probe.status().get("coverage") or []
+            missing = cov[0].get("missing", []) if cov else []
+            if missing:
+                why = "no server holds " + ", ".join(
+                    f"blocks {m['blocks'][0]}:{m['blocks'][1]} (for {m['for_s']:.0f} s)" for m in missing) + \
+                    f" of {cov[0]['model_id']}; swarmd waits for one up to the route timeout (60 s by default)"
+        except SwarmError:
+            pass  # the daemon is busy or gone: the request's own timeout will say so
+        if why:
+            log.warning("%s has waited %.0f s for swarmd: %s", msg_type, waited_s, why)
+        else:  # a long training pass, a slow swarm: not news worth a warning
+            log.debug("%s has waited %.0f s for swarmd; no gap in coverage", msg_type, waited_s)
 
     def _reset(self) -> None:
         """Close this thread's connection (the next request opens a fresh one)."""

@@ -26,6 +26,7 @@ from libswarm.errors import ConfigError, SwarmError
 from libswarm.protocol import PROTOCOL_VERSION
 from swarmd.balancer import Balancer
 from swarmd.config import Config, load_config
+from swarmd.coverage import coverage, single_text
 from swarmd.discovery.keyquery import KeyResponder, split_address
 from swarmd.discovery.mdns import Mdns
 from swarmd.discovery.membership import FINGERPRINT_PREFIX, Membership
@@ -39,7 +40,6 @@ from swarmd.metrics import MetricsServer, registry
 from swarmd.peer import failpoints
 from swarmd.peer.server import SpanServer
 from swarmd.placement import blocks_that_fit
-from swarmd.routing import ServerSpan, missing_blocks
 from swarmd.runtime.cache import CacheBudget
 from swarmd.runtime.span import Span
 from swarmd.runtime.speed import BlockSpeed, measure_block_speed
@@ -58,6 +58,8 @@ WEIGHT_DIGESTS = "weights.json"  # in state_dir: each weight file's tensor diges
 # peer connections one thread keeps (the least recently used closed first): twice what a gossip
 # round opens at once (membership.MAX_CONTACTS_PER_ROUND), far more than a route has hops
 PEER_CONNECTIONS_PER_THREAD = 256
+COVERAGE_WATCH_S = 1.0  # how often coverage is looked at: a gap's age is right to a second
+COVERAGE_SETTLE_S = 10.0  # after start the table is still filling: no coverage warnings before
 
 
 class Daemon:
@@ -95,6 +97,7 @@ class Daemon:
                                    resolve_protocol=self.table.protocol_for)
         self._fingerprints: dict[int, str | None] = {}
         self._uncovered_since: dict[tuple[str, int], float] = {}  # (model, block): first seen uncovered
+        self._coverage_lock = threading.Lock()  # the watch thread and status both update _uncovered_since
         self.membership = Membership(identity=self.identity, pool=self.pool, table=self.table, access=self.access,
                                      own_fields=self._own_fields, expected_fingerprint=self._expected_fingerprint,
                                      incarnation=next_incarnation(config.state_dir))
@@ -191,6 +194,7 @@ class Daemon:
             self._start_access()
             self._bind_peer_plane()
         self._thread("gossip", self.membership.run)  # from the start: placement needs the swarm's table
+        self._thread("coverage", self._watch_coverage)
         if self.config.discovery.mdns:
             self._start_mdns()
         if serves:
@@ -322,6 +326,37 @@ class Daemon:
             except Exception:
                 log.exception("reachability check failed")
             stop.wait(1.0)
+
+    def coverage(self) -> list[dict]:
+        with self._coverage_lock:
+            return coverage(self.table, self.model_id, self.num_layers, self._uncovered_since)
+
+    def _watch_coverage(self, stop: threading.Event) -> None:
+        """Look at the model's coverage every second, so that a gap's age counts from when it
+        began (not from the first `swarmctl status` that saw it), and say in the log when a gap
+        opens or closes and when some blocks have one server only: with fixed spans that do not
+        overlap, losing any server stops every request, and nothing else would say so."""
+        said_gaps: set[tuple[int, int]] = set()
+        said_single: tuple = ()
+        while not stop.wait(COVERAGE_WATCH_S):
+            try:
+                cov = self.coverage()[0]  # this daemon's own model comes first
+                if self.state != "online" or time.time() - self.started < COVERAGE_SETTLE_S:
+                    continue  # the table is still filling: what it lacks now is not news
+                gaps = {(m["blocks"][0], m["blocks"][1]) for m in cov["missing"]}
+                for a, b in sorted(gaps - said_gaps):
+                    log.warning("no server holds blocks %d:%d of %s: requests wait for one (their route timeout, "
+                                "60 s by default), then fail", a, b, self.model_id)
+                for a, b in sorted(said_gaps - gaps):
+                    log.info("blocks %d:%d of %s are served again", a, b, self.model_id)
+                single = tuple((tuple(x["blocks"]), x["server"]) for x in cov["single"])
+                if single and single != said_single:
+                    log.warning("%s of %s %s one server only: if it stops, requests wait until it is back; "
+                                "overlap the spans, use serve.blocks: auto, or run a spare", single_text(cov["single"]),
+                                self.model_id, "have" if len(single) > 1 else "has")
+                said_gaps, said_single = gaps, single
+            except Exception:
+                log.exception("coverage watch failed")
 
     def _load_and_serve(self, start: int, end: int) -> None:
         assert self.server is not None
@@ -481,7 +516,7 @@ class Daemon:
                 "mdns": self.mdns is not None,
                 "seeds": len(self.config.discovery.seeds),
             },
-            "coverage": coverage(self.table, self.model_id, self.num_layers, self._uncovered_since),
+            "coverage": self.coverage(),
             "peers": self.gateway.router.annotate(self.membership.rows()),
         }
 
@@ -512,46 +547,6 @@ def _connectable(endpoint: str) -> list[str]:
     ips = [a.address for addrs in psutil.net_if_addrs().values() for a in addrs
            if a.family == socket.AF_INET and not a.address.startswith("127.")]
     return [f"tcp://{ip}:{port}" for ip in ips[:MAX_ADDRESSES - 1]] + [f"tcp://127.0.0.1:{port}"]
-
-
-def coverage(table: PeerTable, own_model: str, own_layers: int, since: dict | None = None) -> list[dict]:
-    """Per model: for each block, the online servers holding it and their summed throughput;
-    runs of blocks nobody serves are listed as gaps, and under `missing` with the time this
-    daemon first saw each of their blocks uncovered (kept in `since`, {(model, block): time}).
-    Servers announced but not serving yet (joining, loading) are listed apart."""
-    models: dict[str, list] = {own_model: []}
-    coming: dict[str, list] = {}
-    for e in table.entries():
-        if not (e.record.model_id and e.record.span):
-            continue
-        state = table.state(e)
-        if state == "online":
-            models.setdefault(e.record.model_id, []).append(e)
-        elif state in ("joining", "loading"):
-            coming.setdefault(e.record.model_id, []).append(
-                {"server": e.record.short_id, "span": list(e.record.span), "state": state})
-    since = {} if since is None else since
-    now = time.time()
-    out = []
-    for model_id, entries in models.items():
-        n = own_layers if model_id == own_model else max(e.record.span[1] for e in entries)
-        blocks = []
-        for b in range(n):
-            holders = [e for e in entries if e.record.span[0] <= b < e.record.span[1]]
-            blocks.append({"block": b, "servers": [e.record.short_id for e in holders],
-                           "throughput": round(sum(e.record.throughput for e in holders), 2)})
-            if holders:
-                since.pop((model_id, b), None)
-            else:
-                since.setdefault((model_id, b), now)
-        gaps = [list(g) for g in missing_blocks([ServerSpan(e.address, *e.record.span) for e in entries], n)]
-        missing = []
-        for start, end in gaps:
-            first = min(since[model_id, b] for b in range(start, end))
-            missing.append({"blocks": [start, end], "since": round(first, 3), "for_s": round(now - first, 1)})
-        out.append({"model_id": model_id, "num_blocks": n, "blocks": blocks, "gaps": gaps,
-                    "complete": not gaps, "missing": missing, "coming": coming.get(model_id, [])})
-    return out
 
 
 def _in_thread(fn) -> None:

@@ -4,6 +4,7 @@ import argparse
 
 from swarmd.commands.base import Command, human_bytes
 from swarmd.commands.peers import peer_rows
+from swarmd.coverage import single_text
 from swarmd.identity import short_id
 
 
@@ -66,6 +67,9 @@ class StatusCommand(Command):
                          + (f"; relaying for {len(relay['servers'])} servers" if relay.get("enabled") else ""))
         for cov in r["coverage"]:
             lines.append(f"coverage  {cov['model_id']}: " + coverage_line(cov))
+            if cov.get("single"):
+                lines.append(f"warning   {single_text(cov['single'])}: one server only; if it stops, requests wait "
+                             "until it is back (overlap the spans, serve.blocks: auto, or a spare)")
         rows = peer_rows(r["peers"])
         if rows:
             lines.append(rows)

@@ -8,7 +8,7 @@ import time
 import pytest
 import zmq
 
-from swarmd.daemon import coverage
+from swarmd.coverage import coverage
 from swarmd.discovery.keyquery import KeyResponder, query_key, query_keys
 from swarmd.discovery.records import MAX_RECORD_BYTES, Beat, Record, RecordError, decode_beat, decode_record
 from swarmd.discovery.table import MAX_REPLY_BYTES, PeerTable
