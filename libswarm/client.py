@@ -47,7 +47,8 @@ def resolve_socket(socket: str | None = None) -> str:
     if own is not None:
         return own
     raise SwarmError(
-        "no swarmd socket found: pass socket=, set $SWARMD_SOCKET, or start swarmd "
+        "no swarmd socket found: pass its path (swarmctl --socket PATH; socket= in Python), set $SWARMD_SOCKET, "
+        "or start swarmd "
         f"(it listens on {DEFAULT_SYSTEM_SOCKET} by default)"
     )
 

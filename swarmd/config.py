@@ -306,7 +306,8 @@ def load_config(path: str, overrides: dict | None = None) -> Config:
     base_dir = os.path.dirname(os.path.abspath(path)) if path else os.getcwd()
 
     if d["model"] is None:
-        raise r.fail("model", "not set: point it at a local Hugging Face checkpoint directory")
+        raise r.fail("model", "not set: a short name of a model got with `swarmctl model get NAME` (e.g. "
+                     "smollm2-135m-instruct) or the path of a Hugging Face checkpoint directory")
     model = model_from_config(r.string("model", d["model"]), base_dir)
     s = d["serve"]
     if s["quant"] in ("int8", "nf4") and importlib.util.find_spec("bitsandbytes") is None:

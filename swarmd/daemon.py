@@ -445,6 +445,7 @@ class Daemon:
             "state": self.state,
             "uptime_s": round(time.time() - self.started, 1),
             "node_id": self.identity.public_key,
+            "short_id": self.identity.short_id,  # the form logs, peers and status lines use
             "address": self.address,
             "socket": self.config.network.socket,
             "model": {

@@ -13,4 +13,5 @@ class DrainCommand(Command):
     request_type = "drain"
 
     def format(self, r: dict, args: argparse.Namespace) -> str:
-        return f"draining: no new sessions; {r['sessions']} open sessions may finish, then swarmd exits"
+        n = r["sessions"]
+        return f"draining: no new sessions; {n} open session{'' if n == 1 else 's'} may finish, then swarmd exits"

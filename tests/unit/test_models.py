@@ -124,3 +124,22 @@ def test_the_tokenizer_of_a_short_name_loads_from_its_directory_not_the_hub(monk
     assert libswarm.resolve_model(name) == real_model
     assert tok("A swarm of").input_ids == AutoTokenizer.from_pretrained(real_model)("A swarm of").input_ids
     assert tok.chat_template
+
+
+def test_model_info_gives_the_block_count_to_write_spans_by(tmp_path, model_dirs):
+    import subprocess
+
+    from localswarm import SWARMCTL
+    from transformers import AutoModelForCausalLM
+
+    src = model_dirs("llama", layers=2)
+    r = subprocess.run([SWARMCTL, "--json", "model", "info", src], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    hf = AutoModelForCausalLM.from_pretrained(src)
+    assert info["num_blocks"] == 2 and info["architecture"] == "LlamaForCausalLM"
+    assert info["parameters"] == sum(p.numel() for p in hf.state_dict().values())
+    text = subprocess.run([SWARMCTL, "model", "info", src], capture_output=True, text=True, timeout=60).stdout
+    assert "2 blocks" in text and '"0:2"' in text
+    r = subprocess.run([SWARMCTL, "model", "info", str(tmp_path / "nope")], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and r.stderr.count("\n") == 1
