@@ -428,6 +428,11 @@ class Daemon:
             self.membership.set_seeds(list(seeds))
             log.info("reload: %d seeds", len(seeds))
         self.access.reload()
+        gone = self.table.drop(self.access.allows)
+        for record in gone:
+            log.warning("peer %s removed: its key is no longer in %s", record.short_id, self.access.keys_dir)
+        if gone:
+            self.gateway.forget_servers({a for r in gone for a in r.addresses})
 
     # --- what swarmctl status and key show ------------------------------------------------------
     def key_info(self) -> dict:

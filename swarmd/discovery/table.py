@@ -283,6 +283,18 @@ class PeerTable:
                 e = self._entries[node_id]
                 e.distrust, e.distrust_until = reason, time.monotonic() + seconds
 
+    def drop(self, keep) -> list[Record]:
+        """Forget at once every node (but this one) whose key `keep(key)` refuses: a key removed
+        from a private swarm's list must leave the table and every route now, not when it dies."""
+        with self._lock:
+            gone = [e for e in self._entries.values() if not e.is_self and not keep(e.record.node_id)]
+            for e in gone:
+                del self._entries[e.record.node_id]
+            if gone:
+                self._by_address = None
+                self._announce()
+        return [e.record for e in gone]
+
     def prune(self) -> list[Record]:
         """Forget nodes dead or offline for FORGET_AFTER_S; returns their records."""
         now = time.monotonic()

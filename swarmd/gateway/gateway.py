@@ -691,6 +691,16 @@ class Gateway:
                 "checks": dict(self.checks), "servers": self.router.reputation.to_json()}
 
     # --- housekeeping -------------------------------------------------------------------------
+    def forget_servers(self, addresses: set[str]) -> None:
+        """Servers that may no longer be used (their key left a private swarm's list): every
+        session routed through one rebuilds its route from its history before its next step."""
+        with self._lock:
+            hit = [s for s in self.sessions.values() if any(h.address in addresses for h in s.hops)]
+        for s in hit:
+            s.broken = True
+            log.warning("session %s: %s left the swarm; its route is rebuilt before the next step", s.id[:8],
+                        ", ".join(sorted(h.address for h in s.hops if h.address in addresses)))
+
     def expire_idle(self) -> None:
         self.training.kept.expire()
         now = time.monotonic()

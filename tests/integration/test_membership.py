@@ -142,6 +142,11 @@ def test_private_swarm_refuses_an_unlisted_key_until_it_is_listed(model_dirs, tm
             assert s.poll(2000) == 0
         finally:
             s.close()
+        # and c left a's table and its routes at once, not when it would have died
+        assert c.node_id not in {p["node_id"] for p in a.ctl("peers")["peers"]}
+        assert all(short_id(c.node_id) not in blk["servers"]
+                   for blk in a.ctl("status")["coverage"][0]["blocks"])
+        assert f"peer {short_id(c.node_id)} removed" in a.tail(20000)
     finally:
         for x in everyone:
             x.stop()
