@@ -69,6 +69,10 @@ class LocalServer:
             raise ConfigError(f"network.socket: cannot bind {self.path}: {e}") from None
         # apps and swarmctl of the socket's group may connect (systemd makes the group swarmd)
         os.chmod(self.path, 0o660)
+        if os.geteuid() == 0:  # by hand as root: the socket takes its directory's group (swarmd's), not root's
+            gid = os.stat(directory).st_gid
+            if gid != 0:
+                os.chown(self.path, -1, gid)
 
     def serve(self, stop: threading.Event) -> None:
         poller = zmq.Poller()

@@ -27,6 +27,29 @@ def setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr, force=True)
 
 
+def root_in_a_users_state_dir(state_dir: str) -> str | None:
+    """Why root must not run this daemon: its state_dir belongs to another user (the service's
+    user, swarmd), so a run by hand as root would leave there a node key that user cannot read,
+    and a socket its group cannot use. None when nothing is wrong."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        owner = os.stat(state_dir).st_uid
+    except OSError:
+        return None  # made by this run, as root's
+    if owner == 0:
+        return None
+    try:
+        import pwd
+
+        user = pwd.getpwuid(owner).pw_name
+    except KeyError:
+        user = str(owner)
+    return (f"state_dir {state_dir} belongs to user {user}: run swarmd as that user, not as root "
+            f"(`systemctl start swarmd`, or in the foreground `runuser -u {user} -- swarmd --config PATH`); as root "
+            "it would leave a node key and a socket there that the service cannot use")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="swarmd", description="serve transformer blocks to a swarm")
     parser.add_argument("--config", default="/etc/swarmd/swarmd.yaml", help="path to swarmd.yaml")
@@ -40,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     except SwarmError as e:
         print(f"swarmd: {e}", file=sys.stderr)
         notify(f"STATUS=not started: {e}")  # what `systemctl status swarmd` shows the operator
+        return 2
+    problem = root_in_a_users_state_dir(config.state_dir)
+    if problem:
+        print(f"swarmd: {problem}", file=sys.stderr)
         return 2
     setup_logging(config.log_level)
     if config.serve.threads:

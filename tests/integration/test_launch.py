@@ -27,3 +27,37 @@ def test_a_forked_daemon_exits_logs_and_dies_as_the_script_does(model_dirs, tmp_
         assert d.proc.returncode == -signal.SIGKILL and not d.alive
     finally:
         d.stop()
+
+
+NOBODY = 65534  # a uid and gid that exist on Debian (nobody, nogroup) and are not root's
+
+
+def test_root_refuses_a_state_dir_of_the_service_user_and_gives_the_socket_its_directorys_group(
+        model_dirs, tmp_path):
+    if os.geteuid() != 0:
+        import pytest
+
+        pytest.skip("runs as root, as an operator who starts swarmd by hand does")
+    # the service user's state dir: root must not leave a node key there that swarmd cannot read
+    d = Daemon(str(tmp_path), "by-hand", model_dirs("llama"), "0:6")
+    os.makedirs(d.cfg["state_dir"])
+    os.chown(d.cfg["state_dir"], NOBODY, NOBODY)
+    d.start([])
+    assert d.proc is not None and d.proc.wait(60) == 2
+    line = d.tail().strip().splitlines()[-1]
+    assert "belongs to user" in line and "runuser -u" in line and "systemctl start swarmd" in line
+    assert os.listdir(d.cfg["state_dir"]) == []  # no root-owned key was made
+
+    # a socket directory of the service's group (systemd's RuntimeDirectory): the socket keeps it
+    run = tmp_path / "run"
+    run.mkdir()
+    os.chown(run, 0, NOBODY)
+    ok = Daemon(str(tmp_path), "root-socket", model_dirs("llama"), "0:6",
+                {"network": {"socket": str(run / "swarmd.sock")}})
+    ok.socket = str(run / "swarmd.sock")
+    try:
+        ok.start([]).wait_ready()
+        st = os.stat(ok.socket)
+        assert st.st_gid == NOBODY and st.st_mode & 0o777 == 0o660
+    finally:
+        ok.stop()
