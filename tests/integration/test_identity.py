@@ -1,5 +1,6 @@
 """The node key: made at first start (0600), kept across restarts, printed by `swarmctl key`."""
 
+import json
 import os
 import stat
 import subprocess
@@ -7,6 +8,9 @@ import subprocess
 import pytest
 from helpers import SWARMCTL, SWARMD
 from localswarm import Daemon
+
+from swarmd.identity import short_id
+from swarmd.transport.access import read_key_file
 
 
 def test_node_key_is_made_once_private_and_printed_by_swarmctl(model_dirs, tmp_path):
@@ -16,9 +20,23 @@ def test_node_key_is_made_once_private_and_printed_by_swarmctl(model_dirs, tmp_p
         assert stat.S_IMODE(os.stat(key_path).st_mode) == 0o600
         public = open(os.path.join(d.cfg["state_dir"], "node.pub")).read().strip()
         plain = subprocess.run([SWARMCTL, "--socket", d.socket, "key"], capture_output=True, text=True, timeout=30)
-        assert plain.returncode == 0 and plain.stdout.strip() == public and len(public) == 40
+        first, second = plain.stdout.strip().splitlines()
+        assert plain.returncode == 0 and first == public and len(public) == 40
+        # one short form everywhere a person reads one: status, peers and the key's comment line
+        short = d.ctl("status")["short_id"]
+        assert second.startswith(f"# node {short}") and short == short_id(public)
+        # printed as it is into a peers.d file, it is that file
+        (tmp_path / "peer").write_text(plain.stdout)
+        assert read_key_file(str(tmp_path / "peer")) == public
         assert d.ctl("key")["public_key"] == public == d.ctl("status")["node_id"]
         d.stop()
+        # without a running daemon: read from the state_dir the config names
+        off = subprocess.run([SWARMCTL, "--socket", d.socket, "--json", "key", "--config", d.config_path],
+                             capture_output=True, text=True, timeout=30)
+        assert off.returncode == 0 and json.loads(off.stdout)["public_key"] == public
+        gone = subprocess.run([SWARMCTL, "--socket", d.socket, "key", "--state-dir", str(tmp_path / "none")],
+                              capture_output=True, text=True, timeout=30)
+        assert gone.returncode != 0 and gone.stderr.count("\n") == 1 and "node.pub" in gone.stderr
         d.start([]).wait_ready()
         assert d.ctl("key")["public_key"] == public  # the same identity after a restart
     finally:
