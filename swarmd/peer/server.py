@@ -442,10 +442,11 @@ class SpanServer:
             sealed = msg.tensor("sealed")
             assert sealed is not None
             self.relay.expire()
-            target = self.relay.route(sender, to, ident, sum(len(_buffer(f)) for f in body))
-            if target is None:
+            routed = self.relay.route(sender, to, ident, sum(len(_buffer(f)) for f in body), msg.id)
+            if routed is None:
                 return
-            frames = sealed_message("relay", msg.id, {"from": sender}, sealed)
+            target, outer_id = routed
+            frames = sealed_message("relay", outer_id, {"from": sender}, sealed)
             if self._emulate(target, frames):
                 self.sock.send_multipart([target, *frames], copy=False)
         except Exception as e:
@@ -500,26 +501,26 @@ class SpanServer:
                     pass
                 continue
             try:
-                client, inner = open_relayed(self.sealer, frames)
+                client, inner, outer_id = open_relayed(self.sealer, frames)
             except (ProtocolError, TensorError) as e:
                 self.quiet_log.warning(("relay", link.relay_id, str(e)[-24:]), "relayed message through %s dropped: %s",
                                        short_id(link.relay_id), e)
                 continue
             self.busy_since = time.monotonic()
             try:
-                self._handle(relay_ident(link.relay_id, client), inner, client)
+                self._handle(relay_ident(link.relay_id, client, outer_id), inner, client)
             except Exception as e:
                 self._survived(e)
             finally:
                 self.busy_since = None
 
     def _send_relayed(self, ident: bytes, reply: list, req_id: int) -> None:
-        relay_id, client = split_relay_ident(ident)
+        relay_id, client, outer_id = split_relay_ident(ident)
         link = self.relay_links.get(relay_id)
         if link is None:  # the relay is gone: so is the client's connection through it
             return
         try:
-            frames = sealed_message("relay", req_id, {"to": client}, self.sealer.seal(client, reply))
+            frames = sealed_message("relay", outer_id, {"to": client}, self.sealer.seal(client, reply))
             link.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
         except (zmq.ZMQError, ProtocolError) as e:
             self.quiet_log.warning(("relay-reply", relay_id), "could not reply to relayed request %s: %s", req_id, e)

@@ -29,6 +29,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import zmq
@@ -57,7 +58,7 @@ MAX_NONCES = 100_000  # seals remembered against replays (~15 MB at most); the o
 MAX_SEALED_BYTES = 2**31 - 1 - 1024  # ChaCha20-Poly1305 in `cryptography` takes less than 2 GiB at once
 KEEPALIVE_S = 1.0  # a relayed server renews its registration this often...
 EXPIRE_S = 3.5  # ...and a relay forgets one not renewed in this time
-PAIR_TTL_S = 600.0  # a relayed server may answer a client through the relay this long after its last request
+PAIR_TTL_S = 600.0  # a relayed server may answer a request through the relay this long after it
 LINK_TIMEOUT_S = 3.0  # a relay that does not acknowledge a registration in this time is given up
 _SEAL_INFO = b"swarm relay seal 1"
 _nonce_ids = itertools.count()
@@ -197,17 +198,33 @@ def sealed_bytes(msg: Message) -> memoryview:
 
 
 # --- the relay's side --------------------------------------------------------------------------
+MAX_PENDING = 65_536  # requests a relay remembers awaiting their answer (~100 bytes each)
+MAX_OUTER_ID = 2**31 - 1  # the ids a relay gives forwarded requests cycle below this
+
+
+@dataclass(frozen=True)
+class Pending:
+    ident: bytes  # the asking connection, here
+    req_id: int  # the id it asked under
+    client: str  # its key
+    server: str  # the relayed server asked
+    at: float
+
+
 class RelayService:
     """What a relay keeps: the servers registered with it (their connections' identities) and
-    which clients each may answer; a byte budget over all it forwards. Used on the serving
+    the requests each may answer; a byte budget over all it forwards. Used on the serving
     thread only."""
 
     def __init__(self, enabled: bool, max_bytes_per_s: int, max_servers: int, clock=time.monotonic):
         self.enabled, self.max_bytes_per_s, self.max_servers = enabled, max_bytes_per_s, max_servers
         self._clock = clock
         self.servers: dict[str, tuple[bytes, float]] = {}  # relayed node id -> (its ident here, renewed at)
-        self.clients: OrderedDict[str, bytes] = OrderedDict()  # client key -> its latest ident here
-        self.pairs: OrderedDict[tuple[str, str], float] = OrderedDict()  # (server, client) -> its last request
+        # requests forwarded and not answered yet, under the id the relay gave each: an answer goes
+        # to the connection that asked, under that request's own id (one key may hold many
+        # connections, one per thread, whose ids overlap), and only once
+        self.pending: OrderedDict[int, Pending] = OrderedDict()
+        self._ids = itertools.count(1)
         self._tokens, self._at = float(max_bytes_per_s), clock()
         self.forwarded_bytes = 0
         self.refused = 0
@@ -231,23 +248,27 @@ class RelayService:
             if now - at > EXPIRE_S:
                 del self.servers[key]
                 log.info("no longer relaying for %s (its registration lapsed)", short_id(key))
-        while self.pairs and next(iter(self.pairs.values())) < now - PAIR_TTL_S:
-            self.pairs.popitem(last=False)
+        while self.pending and next(iter(self.pending.values())).at < now - PAIR_TTL_S:
+            self.pending.popitem(last=False)
 
-    def route(self, sender: str | None, to: str, ident: bytes, nbytes: int) -> bytes | None:
-        """Where a `relay` message from `sender` (at `ident`) to `to` goes: the identity to send
-        it to; None to drop it silently (an answer nobody asked for); PeerUnavailableError when
-        a request cannot go through (the client then routes elsewhere)."""
+    def route(self, sender: str | None, to: str, ident: bytes, nbytes: int,
+              req_id: int = 0) -> tuple[bytes, int] | None:
+        """Where a `relay` message from `sender` (at `ident`, with outer id `req_id`) to `to`
+        goes: (the identity to send it to, the outer id to send it under); None to drop it
+        silently (an answer to no request forwarded here, or a second answer to one);
+        PeerUnavailableError when a request cannot go through (the client routes elsewhere)."""
         if not self.enabled:
             raise PeerUnavailableError("this daemon does not relay (network.relay: false)")
         if sender is None:
             raise ProtocolError("relay needs a CURVE key")
         now = self._clock()
-        if sender in self.servers and (sender, to) in self.pairs:  # an answer to a client
+        if sender in self.servers:  # a relayed server speaks only to answer
+            asked = self.pending.get(req_id)
+            if asked is None or asked.server != sender or asked.client != to:
+                return None  # nobody asked it this: dropped, and no byte of the budget spent on it
+            del self.pending[req_id]
             self._spend(nbytes, now)
-            return self.clients.get(to)
-        if sender in self.servers and to not in self.servers:  # to nobody that asked it anything
-            return None
+            return asked.ident, asked.req_id
         target = self.servers.get(to)
         if target is None or now - target[1] > EXPIRE_S:
             raise PeerUnavailableError(f"{short_id(to)} is not relayed here (it left, or moved to another relay)")
@@ -255,13 +276,11 @@ class RelayService:
             self.refused += 1
             raise PeerUnavailableError(f"relay over its limit of {self.max_bytes_per_s} bytes/s "
                                        "(network.relay_max_bytes_per_s)")
-        self.clients.pop(sender, None)
-        self.clients[sender] = ident
-        while len(self.clients) > 4 * 4096:
-            self.clients.popitem(last=False)
-        self.pairs.pop((to, sender), None)
-        self.pairs[(to, sender)] = now
-        return target[0]
+        outer = next(self._ids) % MAX_OUTER_ID + 1
+        self.pending[outer] = Pending(ident, req_id, sender, to, now)
+        while len(self.pending) > MAX_PENDING:
+            self.pending.popitem(last=False)
+        return target[0], outer
 
     def _spend(self, nbytes: int, now: float, strict: bool = False) -> bool:
         """Take `nbytes` from the budget (a burst of one second's worth). Answers always go (a
@@ -339,21 +358,23 @@ def is_relay_ident(ident: bytes) -> bool:
     return ident.startswith(b"R|")
 
 
-def relay_ident(relay_id: str, client: str) -> bytes:
+def relay_ident(relay_id: str, client: str, outer_id: int = 0) -> bytes:
     """The identity under which a relayed request's reply is routed back (never a ZeroMQ one:
-    those start with a zero byte)."""
-    return f"R|{relay_id}|{client}".encode()
+    those start with a zero byte): the relay, the client, and the outer id the relay gave the
+    request, which the answer must carry for the relay to find the connection that asked."""
+    return f"R|{relay_id}|{client}|{outer_id}".encode()
 
 
-def split_relay_ident(ident: bytes) -> tuple[str, str]:
+def split_relay_ident(ident: bytes) -> tuple[str, str, int]:
     text = ident.decode()
-    return text[2:2 + KEY_CHARS], text[3 + KEY_CHARS:]
+    return text[2:2 + KEY_CHARS], text[3 + KEY_CHARS:3 + 2 * KEY_CHARS], int(text[4 + 2 * KEY_CHARS:] or 0)
 
 
-def open_relayed(sealer: Sealer, frames: list) -> tuple[str, list[memoryview]]:
-    """A `relay` message as a relayed server receives it: (the client's key, the inner frames)."""
+def open_relayed(sealer: Sealer, frames: list) -> tuple[str, list[memoryview], int]:
+    """A `relay` message as a relayed server receives it: (the client's key, the inner frames,
+    the outer id its answer goes back under)."""
     msg = decode(frames)
     sender = msg.get("from")
     if msg.type != "relay" or not is_key(sender):
         raise ProtocolError("relay: a forwarded message needs 'from', a node id")
-    return sender, sealer.open(sender, sealed_bytes(msg))
+    return sender, sealer.open(sender, sealed_bytes(msg)), msg.id

@@ -123,6 +123,23 @@ def test_relay_forwards_only_sealed_messages_and_refuses_the_rest(relayed_swarm)
     assert torch.equal(model.generate(ids, **GEN), hf_reference(d).generate(ids, **GEN))
 
 
+def test_concurrent_sessions_through_a_relayed_server_get_their_own_answers(relayed_swarm):
+    """Each thread's pool has its own connection under the gateway's one key, with request ids
+    that overlap: every answer must reach the connection that asked (no waits, no failovers)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    d, relays, n, gw = relayed_swarm
+    model = AutoDistributedModelForCausalLM.from_pretrained(d, socket=gw.socket)
+    prompts = [torch.randint(3, 500, (1, 6), generator=torch.Generator().manual_seed(40 + i)) for i in range(3)]
+    hf = hf_reference(d)
+    expected = [hf.generate(p, **GEN) for p in prompts]
+    failovers = gw.ctl("status")["gateway"]["failovers"]
+    with ThreadPoolExecutor(3) as pool:
+        outs = list(pool.map(lambda p: model.generate(p, **GEN), prompts))
+    assert all(torch.equal(o, e) for o, e in zip(outs, expected))
+    assert gw.ctl("status")["gateway"]["failovers"] == failovers
+
+
 def test_unreachable_server_serves_through_relays_and_survives_losing_one(relayed_swarm):
     d, relays, n, gw = relayed_swarm
     net = n.ctl("status")["network"]

@@ -86,13 +86,15 @@ def test_a_relay_refuses_beyond_its_limits_and_forgets_lapsed_servers():
     with pytest.raises(LimitError, match="relay_max_servers"):
         r.register(s3, b"i3")
     r.register(s1, b"i1")  # a renewal is not a new server
-    assert r.route(client, s1, b"c", 6_000) == b"i1"
-    assert r.route(s1, client, b"i1", 500) == b"c"  # its answer goes back to the client
-    assert r.route(s2, client, b"i2", 500) is None  # s2 was asked nothing: dropped
+    target, outer = r.route(client, s1, b"c", 6_000, 7)
+    assert target == b"i1"
+    assert r.route(s2, client, b"i2", 500, outer) is None  # s2 was asked nothing: dropped
+    assert r.route(s1, client, b"i1", 500, outer) == (b"c", 7)  # its answer goes back to the client
+    assert r.route(s1, client, b"i1", 500, outer) is None  # once
     with pytest.raises(PeerUnavailableError, match="relay_max_bytes_per_s"):
-        r.route(client, s1, b"c", 6_000)
+        r.route(client, s1, b"c", 6_000, 8)
     clock.t += 1.0  # a second later the budget is back
-    assert r.route(client, s1, b"c", 6_000) == b"i1"
+    assert r.route(client, s1, b"c", 6_000, 8)[0] == b"i1"
     with pytest.raises(PeerUnavailableError, match="not relayed here"):
         r.route(client, s3, b"c", 10)
     clock.t += relay.EXPIRE_S + 1  # no renewal: forgotten, and its room is free
@@ -105,6 +107,27 @@ def test_a_relay_refuses_beyond_its_limits_and_forgets_lapsed_servers():
         off.register(s1, b"i1")
     with pytest.raises(PeerUnavailableError, match="does not relay"):
         off.route(client, s1, b"c", 10)
+
+
+def test_answers_go_to_the_connection_that_asked_not_the_keys_latest():
+    """One client key, two connections (two threads' pools) whose request ids overlap: each
+    answer goes back to its own connection under its own id; an answer nobody asked for, or
+    one naming another client, is dropped and spends nothing."""
+    clock = Clock()
+    r = RelayService(True, max_bytes_per_s=10_000, max_servers=4, clock=clock)
+    server, client, other = (ident().public_key for _ in range(3))
+    r.register(server, b"srv")
+    _, out_a = r.route(client, server, b"conn-a", 100, 5)
+    _, out_b = r.route(client, server, b"conn-b", 100, 5)  # the same id on another connection
+    assert out_a != out_b
+    assert r.route(server, client, b"srv", 100, out_b) == (b"conn-b", 5)
+    assert r.route(server, client, b"srv", 100, out_a) == (b"conn-a", 5)
+    _, out_c = r.route(client, server, b"conn-a", 100, 6)
+    spent = r.forwarded_bytes
+    assert r.route(server, other, b"srv", 10**6, out_c) is None  # not the client that asked
+    assert r.route(server, client, b"srv", 10**6, 123456) is None  # no such request
+    assert r.forwarded_bytes == spent  # unsolicited answers cost the shared budget nothing
+    assert r.route(server, client, b"srv", 100, out_c) == (b"conn-a", 6)
 
 
 def test_a_record_naming_relays_is_reached_through_them_and_costs_a_hop_more():
