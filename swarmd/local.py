@@ -122,7 +122,7 @@ class LocalServer:
     def _dispatch(self, frames) -> None:
         """On the socket's thread: the request to a worker, or refused when too many wait."""
         if len(frames) > 1 and peek_type(frames[1]) in CONTROL:
-            self.control.submit(self._work, frames)
+            self.control.submit(self._work, frames, True)
             return
         nbytes = sum(len(f) for f in frames)
         with self._held_lock:
@@ -153,12 +153,14 @@ class LocalServer:
                 self._held[0] -= 1
                 self._held[1] -= nbytes
 
-    def _work(self, frames) -> None:
+    def _work(self, frames, control: bool = False) -> None:
         ident, body = frames[0], frames[1:]
         req_id = 0
         try:
             msg = decode(body, self.max_message_bytes)
             req_id = msg.id
+            if control and msg.type not in CONTROL:  # its header said otherwise: a disguise
+                raise ProtocolError(f"{msg.type!r} sent as a control request")
             registry.check(registry.LOCAL, msg)
             handler = self.handlers.get(msg.type)
             if handler is None:

@@ -236,16 +236,23 @@ def raise_if_error(msg: Message) -> Message:
     return msg
 
 
-_TYPE = re.compile(rb'"type"\s*:\s*"([a-z_]{1,32})"')
+
+
+# the header as `encode` writes it begins with the version, then the type: a type is read there
+# only, never further on (`{"v": "1.4", "id": 1, "x": "\"type\": \"status\"", "type": "open"}` is an
+# `open` disguised as a status request). A duplicate "type" key still fools a peek (JSON keeps the
+# last): whoever routes by a peeked type checks the decoded one.
+_LEADING_TYPE = re.compile(rb'\A\s*\{\s*"v"\s*:\s*"[0-9.]{1,16}"\s*,\s*"type"\s*:\s*"([a-z_]{1,32})"')
 
 
 def peek_type(frame) -> str | None:
-    """A message's type read from its header frame without decoding it (None when none shows
-    in its first 4 KiB): where a message goes is decided before it is parsed."""
+    """A message's type read from its header frame without decoding it, where `encode` puts it
+    (right after the version); None otherwise: where a message goes is decided before it is
+    parsed, and the decoded type must still be checked where that matters."""
     head = _buffer(frame)
-    if len(head) > 4096:
-        head = head[:4096]
-    m = _TYPE.search(bytes(head))
+    if len(head) > 256:
+        head = head[:256]
+    m = _LEADING_TYPE.match(bytes(head))
     return m.group(1).decode() if m else None
 
 

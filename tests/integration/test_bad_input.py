@@ -364,3 +364,42 @@ def test_apps_flooding_the_local_plane_get_limit_errors_and_swarmctl_still_answe
     finally:
         app.close()
         gw.kill()
+
+
+def test_requests_disguised_as_control_ones_do_not_take_the_operators_workers(model_dirs, tmp_path):
+    """A forward whose header says "status" first (JSON keeps the last of two "type" keys)
+    would run on the control workers: four of them, each waiting out its route timeout on a
+    gateway with no servers, would hold `swarmctl status` for that long. They are refused."""
+    import json
+    import time
+
+    from helpers import Daemon
+
+    from libswarm.protocol import PROTOCOL_VERSION
+
+    gw = Daemon(str(tmp_path), "gw", model_dirs("llama"), "none")
+    gw.start([]).wait_ready()
+    app = zmq.Context.instance().socket(zmq.DEALER)
+    app.setsockopt(zmq.LINGER, 0)
+    app.connect(f"ipc://{gw.socket}")
+    try:
+        model_id = SwarmClient(socket=gw.socket).model_info()["model_id"]
+        x = torch.zeros(1, 2, HIDDEN)
+        honest = encode("forward", 1, {"model_id": model_id, "route_timeout_s": 20}, {"hidden": x})
+        header = json.loads(bytes(honest[0]))
+        for req_id in range(1, 9):
+            fields = {k: v for k, v in header.items() if k not in ("v", "type", "id")}
+            text = (f'{{"v":"{PROTOCOL_VERSION}","type":"status","type":"forward","id":{req_id},'
+                    + json.dumps(fields)[1:])
+            app.send_multipart([text.encode(), *honest[1:]])
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        assert gw.ctl("status")["state"] == "online"
+        assert time.monotonic() - t0 < 5
+        replies = []
+        while app.poll(3000):
+            replies.append(decode(app.recv_multipart()))
+        assert len(replies) == 8 and all(r.type == "error" and "control request" in r.get("message") for r in replies)
+    finally:
+        app.close()
+        gw.kill()

@@ -231,3 +231,14 @@ def test_the_client_takes_an_error_the_daemon_could_not_tie_to_a_request_as_its_
         t.join()
         router.close(0)
         ctx.term()
+
+
+def test_a_type_is_peeked_where_encode_puts_it_never_from_a_field_further_on():
+    from libswarm.protocol.messages import peek_type
+
+    frames = encode("open", 3, {"model_id": "m", "note": {"type": "status"}})
+    assert peek_type(frames[0]) == "open"
+    assert peek_type(encode("status", 4)[0]) == "status"
+    disguised = b'{"v":"1.4","id":1,"note":"\\"type\\":\\"status\\"","type":"open"}'
+    assert peek_type(disguised) is None  # not "status": it would be served as a control request
+    assert peek_type(b'{"id": 2, "v": "1.4", "type": "status"}') is None  # not our encoder's order
