@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from libswarm.api.config import ApiConfig
+from libswarm.api.config import ApiConfig, host_port
 from libswarm.api.engine import Completion, Sampling
 from libswarm.client import SwarmClient
 from libswarm.errors import (
@@ -180,6 +180,11 @@ class Service:
 
 # --- requests ----------------------------------------------------------------------------------------
 async def read_json(request: Request) -> dict:
+    # a page in a browser may POST text/plain or a form to any address without asking first
+    # (no CORS preflight): only JSON, which it cannot send cross-site unasked, is read
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "application/json":
+        raise ApiError(415, f"The body of your request must be sent as application/json, not {ctype or 'untyped'}.")
     size = request.headers.get("content-length")
     if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
         raise ApiError(413, f"the request body is over {MAX_BODY_BYTES >> 20} MiB")
@@ -192,6 +197,8 @@ async def read_json(request: Request) -> dict:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise ApiError(400, "We could not parse the JSON body of your request: it is not valid JSON.") from None
+    except RecursionError:
+        raise ApiError(400, "The JSON body of your request nests too deeply.") from None
     if not isinstance(data, dict):
         raise ApiError(400, "The body of your request must be a JSON object.")
     return data
@@ -345,8 +352,21 @@ def text_prompt(tokenizer, prompt: Any) -> torch.Tensor:
 def create_app(config: ApiConfig, model=None, tokenizer=None) -> Starlette:
     service = Service(config, model, tokenizer)
 
+    def check_host(request: Request) -> None:
+        """Without keys, only an address may name this server in Host: a page whose own name
+        was rebound to 127.0.0.1 (DNS rebinding) would otherwise read and use an open API."""
+        if config.api.keys_file is not None:
+            return
+        host = request.headers.get("host", "")
+        m = host_port(host)
+        name = (m[0] if m else host).strip("[]").lower()
+        if not (name == "localhost" or _is_address(name)):
+            raise ApiError(421, f"Host {host!r} does not name this server: use its address (an API without "
+                           "api.keys_file answers only to addresses)", code="misdirected_request")
+
     async def guarded(request: Request, handler) -> Response:
         try:
+            check_host(request)
             service.keys.check(request)
             return await handler(request)
         except ApiError as e:
@@ -573,3 +593,13 @@ class Reply:
     @staticmethod
     def sse(obj: dict) -> str:
         return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+def _is_address(name: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False

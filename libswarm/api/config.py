@@ -55,6 +55,17 @@ def host_port(value: Any) -> tuple[str, int] | None:
     return m.group(1), int(m.group(2))
 
 
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: whatever it resolves to later
+
+
 def parse_api(section: Any, fail: Fail, base_dir: str) -> ApiSettings:
     """The `api` mapping, defaults filled in; every error names the key."""
     if section is None:
@@ -73,6 +84,9 @@ def parse_api(section: Any, fail: Fail, base_dir: str) -> ApiSettings:
         if not isinstance(keys_file, str) or not keys_file:
             raise fail("api.keys_file", f"must be a file path or null (no key asked), got {keys_file!r}")
         keys_file = os.path.join(base_dir, os.path.expanduser(keys_file))
+    if keys_file is None and not is_loopback(listen[0]):
+        raise fail("api.keys_file", f"must be set when api.listen ({s['listen']}) is not a loopback address: "
+                                    "without keys, anyone who reaches it uses the swarm")
     for key in ("max_tokens", "max_concurrent", "route_timeout_s"):
         v = s[key]
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:

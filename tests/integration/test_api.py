@@ -213,5 +213,27 @@ def test_no_route_and_no_swarmd_are_503_with_the_reason(real_model, tmp_path):
             assert e.value.status_code == 503 and e.value.code == "swarmd_unavailable"
             assert "swarmd is not running" in e.value.message
             assert [m.id for m in client.models.list()] == [MODEL]
+
+            # without keys it answers only to its address: not to a name a page rebound to it
+            port = url.rsplit(":", 1)[1]
+            for host, code in ((f"127.0.0.1:{port}", 200), (f"localhost:{port}", 200),
+                               (f"attacker.example:{port}", 421)):
+                req = urllib.request.Request(url + "/v1/models", headers={"Host": host})
+                try:
+                    with urllib.request.urlopen(req, timeout=30) as r:
+                        got = r.status
+                except urllib.error.HTTPError as e:
+                    got = e.code
+                    assert json.loads(e.read())["error"]["code"] == "misdirected_request"
+                assert got == code, host
+            # and reads no body a page could send cross-site without asking (text/plain, a form)
+            req = urllib.request.Request(url + "/v1/chat/completions", method="POST", headers={
+                "Content-Type": "text/plain"}, data=json.dumps({"model": MODEL, "messages": []}).encode())
+            with pytest.raises(urllib.error.HTTPError) as he:
+                urllib.request.urlopen(req, timeout=30)
+            assert he.value.code == 415 and "application/json" in json.loads(he.value.read())["error"]["message"]
+            # JSON nested beyond the parser's depth: OpenAI's error shape, not a plain-text 500
+            status, body = raw(url, "/v1/chat/completions", b"[" * 100_000 + b"]" * 100_000, key=None)
+            assert status == 400 and "nests too deeply" in body["error"]["message"]
     finally:
         lonely.stop()

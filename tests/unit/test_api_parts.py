@@ -41,6 +41,8 @@ def test_api_config_reads_model_socket_and_its_section(tmp_path):
     ({"max_concurrent": "many"}, "api.max_concurrent"),
     ({"port": 8000}, "api.port"),
     ("on", "api"),
+    ({"listen": "0.0.0.0:8000"}, "api.keys_file"),  # beyond loopback, only with keys
+    ({"listen": "192.168.1.10:8000", "keys_file": None}, "api.keys_file"),
 ])
 def test_a_bad_api_section_is_one_error_naming_file_and_key_in_both_programs(tmp_path, api, key):
     (tmp_path / "m").mkdir()
