@@ -70,6 +70,9 @@ def swarm_error(e: BaseException) -> ApiError:
     if isinstance(e, CacheFullError):
         return ApiError(503, line, "server_error", code="cache_full")
     if isinstance(e, LimitError):
+        if "max_length" in line:  # the servers' serve.max_length: this request's length, not load
+            return ApiError(400, f"This request's prompt and max_tokens are longer than the swarm's servers take: "
+                            f"{line}", param="max_tokens", code="context_length_exceeded")
         return ApiError(429, line, "rate_limit_error", code="limit")
     if isinstance(e, (TensorError, SessionError)):
         return ApiError(400, line)
@@ -400,14 +403,20 @@ def create_app(config: ApiConfig, model=None, tokenizer=None) -> Starlette:
         data = await read_json(request)
         model = await _in_thread(service.model)
         req = Params(data, service, kind)
-        if kind == "chat":
-            prompt, param = chat_prompt(service.tokenizer, data.get("messages")), "messages"
-        else:
-            prompt, param = text_prompt(service.tokenizer, data.get("prompt")), "prompt"
-        sampling = req.sampling(prompt.shape[1], service.context(model), config.api.max_tokens, param)
+        # a slot first, then the prompt tokenized off the event loop: a prompt of megabytes takes
+        # seconds to tokenize, and neither holds up other requests nor runs beyond the limit
         if not service.slots.acquire(blocking=False):
             raise ApiError(429, f"{config.api.max_concurrent} completions are running (api.max_concurrent); "
                            "try again shortly", "rate_limit_error", code="too_many_requests")
+        try:
+            if kind == "chat":
+                prompt, param = await _in_thread(chat_prompt, service.tokenizer, data.get("messages")), "messages"
+            else:
+                prompt, param = await _in_thread(text_prompt, service.tokenizer, data.get("prompt")), "prompt"
+            sampling = req.sampling(prompt.shape[1], service.context(model), config.api.max_tokens, param)
+        except BaseException:
+            service.slots.release()
+            raise
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
@@ -528,9 +537,9 @@ def create_app(config: ApiConfig, model=None, tokenizer=None) -> Starlette:
     return app
 
 
-async def _in_thread(fn):
+async def _in_thread(fn, *args):
     try:
-        return await asyncio.get_running_loop().run_in_executor(None, fn)
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
     except SwarmError as e:
         raise swarm_error(e) from None
 

@@ -23,7 +23,9 @@ QUESTION = "What is the capital of France? Answer in one sentence."
 def api(real_model, tmp_path_factory):
     keys = tmp_path_factory.mktemp("keys") / "keys"
     keys.write_text(f"# swarm-api keys\n{KEY}\nsk-other-key\n")
-    with running_swarm(real_model, ["0:15", "15:30"], gateway=False) as (servers, first):
+    # servers take 2048 positions of the model's 8192: a longer request is the request's fault
+    with running_swarm(real_model, ["0:15", "15:30"], gateway=False,
+                       extra={"serve": {"max_length": 2048}}) as (servers, first):
         with running_api(first, {"keys_file": str(keys), "route_timeout_s": 5}) as url:
             tokenizer = AutoTokenizer.from_pretrained(real_model)
             ref = AutoModelForCausalLM.from_pretrained(real_model, dtype=torch.float32).eval()
@@ -131,6 +133,9 @@ def test_errors_come_back_in_openai_shape_with_their_status(api):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=8190)
     assert e.value.code == "context_length_exceeded" and "8192" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:  # within the model's context, beyond the servers'
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3000)
+    assert e.value.code == "context_length_exceeded" and "2048" in e.value.message
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], temperature=3)
     assert e.value.body["param"] == "temperature"
@@ -148,6 +153,29 @@ def test_errors_come_back_in_openai_shape_with_their_status(api):
     assert [m.id for m in openai.OpenAI(base_url=url + "/v1", api_key="sk-other-key").models.list()] == [MODEL]
     status, body = raw(url, "/v1/nothing-here", None)
     assert status == 404 and "error" in body
+
+
+def test_a_huge_prompt_is_tokenized_off_the_event_loop(api):
+    """A 3.6 MiB prompt takes seconds to tokenize (then fails: longer than any context);
+    meanwhile other requests are answered at once, not after it."""
+    url, *_ = api
+    body = json.dumps({"model": MODEL, "prompt": "word " * 760_000, "max_tokens": 1}).encode()
+    done = {}
+
+    def big():
+        done["status"] = raw(url, "/v1/completions", body)[0]
+        done["at"] = time.monotonic()
+
+    t = threading.Thread(target=big)
+    t.start()
+    time.sleep(0.4)  # uploaded, and tokenizing
+    t0 = time.monotonic()
+    status, _ = raw(url, "/v1/models", None)
+    answered = time.monotonic()
+    t.join(120)
+    assert status == 200 and done["status"] == 400
+    assert answered < done["at"], "the models request waited for the prompt's tokenizing"
+    assert answered - t0 < 1.0
 
 
 def test_two_clients_at_once_both_get_their_own_answer(api):
