@@ -75,10 +75,13 @@ class Balancer:
         """Servers of this daemon's model (itself included) in one of `states`, as placement sees
         them."""
         table = self.table
+        # only nodes this daemon reached with their key: a record anyone may sign for a made-up
+        # node (a huge throughput on some span) must not steer placement nor hide a gap
         return [
             Holder(e.record.node_id, e.record.span[0], e.record.span[1], e.record.throughput, e.record.movable)
             for e in table.entries()
             if e.record.model_id == self.model_id and e.record.span is not None and table.state(e) in states
+            and (e.is_self or e.verified)
         ]
 
     def discover(self) -> None:

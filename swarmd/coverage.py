@@ -27,7 +27,7 @@ def coverage(table: PeerTable, own_model: str, own_layers: int, since: dict | No
         if not (e.record.model_id and e.record.span):
             continue
         state = table.state(e)
-        if state == "online":
+        if state == "online" and (e.is_self or e.verified):  # never reached: not a server of the swarm yet
             models.setdefault(e.record.model_id, []).append(e)
         elif state in ("joining", "loading"):
             coming.setdefault(e.record.model_id, []).append(

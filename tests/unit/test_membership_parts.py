@@ -307,7 +307,10 @@ def test_coverage_lists_servers_throughput_and_gaps():
     for span, tp in (((0, 2), 10.0), ((0, 1), 5.0), ((3, 4), 7.0)):
         i = ident()
         r = record(i, span=span, throughput=tp)
-        t.merge(r, r.sign(i))
+        t.merge(r, r.sign(i), via=r.addresses[0])  # reached with its key
+    liar = ident()  # a record nobody reached: a made-up server on the gap must not hide it
+    r = record(liar, span=(2, 3), throughput=1e6)
+    t.merge(r, r.sign(liar))
     [cov] = coverage(t, "m", 6)
     assert [len(b["servers"]) for b in cov["blocks"]] == [2, 1, 0, 1, 0, 0]
     assert [b["throughput"] for b in cov["blocks"]] == [15.0, 10.0, 0.0, 7.0, 0.0, 0.0]
@@ -319,7 +322,7 @@ def test_coverage_says_since_when_blocks_are_missing_and_who_is_coming():
     holder, joiner = ident(), ident()
     for i, span, state in ((holder, (0, 4), "online"), (joiner, (4, 6), "loading")):
         r = record(i, span=span, state=state)
-        t.merge(r, r.sign(i))
+        t.merge(r, r.sign(i), via=r.addresses[0])
     [cov] = coverage(t, "m", 6, since)
     first = cov["missing"][0]["since"]
     assert cov["gaps"] == [[4, 6]] and [m["blocks"] for m in cov["missing"]] == [[4, 6]]
@@ -327,7 +330,7 @@ def test_coverage_says_since_when_blocks_are_missing_and_who_is_coming():
     time.sleep(0.05)
     assert coverage(t, "m", 6, since)[0]["missing"][0]["since"] == first  # the first time it was seen
     r = record(joiner, span=(4, 6), state="online", seq=2)
-    t.merge(r, r.sign(joiner))
+    t.merge(r, r.sign(joiner), via=r.addresses[0])
     [cov] = coverage(t, "m", 6, since)
     assert cov["complete"] and cov["missing"] == [] and cov["coming"] == [] and since == {}
 
@@ -405,3 +408,17 @@ def test_a_gossip_request_carrying_a_flood_of_records_is_cut_to_a_few():
         flood.append(record(i).sign(i))
     m.on_gossip(Message("gossip", 1, {"records": flood, "news": []}))
     assert len(m.table.entries()) == MAX_REQUEST_RECORDS
+
+
+def test_placement_counts_only_servers_reached_with_their_key():
+    from swarmd.balancer import Balancer
+
+    t = PeerTable()
+    honest, liar = ident(), ident()
+    r = record(honest, span=(0, 3), throughput=5.0)
+    t.merge(r, r.sign(honest), via=r.addresses[0])
+    r = record(liar, span=(3, 6), throughput=1e6)  # gossiped, never reached: maybe made up
+    t.merge(r, r.sign(liar))
+    b = Balancer(None, table=t, membership=None, key="k", model_id="m", num_layers=6, auto=True, interval_s=1.0,
+                 expects_peers=lambda: False)
+    assert [h.key for h in b.holders()] == [honest.public_key]
