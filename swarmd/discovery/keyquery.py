@@ -1,18 +1,22 @@
 """Learning a seed's public key when the seed list gives only its address.
 
 CURVE needs the server's key before the first byte, so a daemon answers one tiny UDP
-question on the same port number as its TCP peer plane: "SWARMD-KEY? 1" padded to
-QUERY_BYTES, answered by "SWARMD-KEY 1 <node id>". The answer is never larger than the
-question (no amplification). A key learnt this way is trusted on first use, like ssh's; pin
+question on the same port number as its TCP peer plane: "SWARMD-KEY? 1 <nonce>" padded to
+QUERY_BYTES, answered by "SWARMD-KEY 1 <node id> <nonce>". The asker takes only an answer
+from the address it asked (its socket is connected there) that repeats its random nonce, so
+nobody who did not see the question can pin a wrong key for a seed. The answer is never
+larger than the question (no amplification). A key learnt this way is trusted on first use, like ssh's; pin
 keys in the seed list where that matters, and in private swarms the key must also be listed
 in peers.d, so a forged answer gains nothing."""
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from swarmd.identity import is_key
@@ -20,7 +24,8 @@ from swarmd.identity import is_key
 log = logging.getLogger("swarmd.discovery")
 
 QUERY = b"SWARMD-KEY? 1"
-QUERY_BYTES = 64
+QUERY_BYTES = 96  # room for the nonce, and more than the answer with it (70 bytes)
+NONCE_HEX = 16
 ANSWER_PREFIX = b"SWARMD-KEY 1 "
 # queries in flight at once (each a thread: a name may need a blocking DNS lookup first); a
 # seed list of hundreds, many of them gone, costs a round a few waits, not one per seed
@@ -51,9 +56,14 @@ class KeyResponder:
                 continue
             except OSError:
                 break
-            if data.startswith(QUERY) and len(data) >= max(QUERY_BYTES, len(answer)):
+            if not data.startswith(QUERY):
+                continue
+            parts = data[len(QUERY):].split()
+            nonce = parts[0] if parts and re.fullmatch(rb"[0-9a-f]{%d}" % NONCE_HEX, parts[0]) else None
+            reply = answer + b" " + nonce if nonce is not None else answer  # no nonce: an older asker
+            if len(data) >= len(reply):
                 try:
-                    self.sock.sendto(answer, peer)
+                    self.sock.sendto(reply, peer)
                 except OSError:
                     pass
         self.sock.close()
@@ -69,18 +79,30 @@ def query_key(address: str, timeout_s: float = 0.5, tries: int = 2) -> str | Non
     except OSError:
         return None
     family, _, _, _, sockaddr = infos[0]
+    nonce = os.urandom(NONCE_HEX // 2).hex().encode()
+    question = (QUERY + b" " + nonce).ljust(QUERY_BYTES, b" ")
     with socket.socket(family, socket.SOCK_DGRAM) as s:
         s.settimeout(timeout_s / tries)
+        try:
+            s.connect(sockaddr)  # the kernel then passes on datagrams from that address and port only
+        except OSError:
+            return None
+        deadline = time.monotonic() + timeout_s
         for _ in range(tries):
             try:
-                s.sendto(QUERY.ljust(QUERY_BYTES, b" "), sockaddr)
-                data, _ = s.recvfrom(512)
+                s.send(question)
             except OSError:
                 continue
-            if data.startswith(ANSWER_PREFIX):
-                key = data[len(ANSWER_PREFIX):].decode(errors="replace").strip()
-                if is_key(key):
-                    return key
+            while time.monotonic() < deadline:
+                try:
+                    data = s.recv(512)
+                except OSError:
+                    break
+                parts = data[len(ANSWER_PREFIX):].split() if data.startswith(ANSWER_PREFIX) else []
+                if len(parts) == 2 and parts[1] == nonce:  # an answer to this question, not a guess
+                    key = parts[0].decode(errors="replace")
+                    if is_key(key):
+                        return key
     return None
 
 

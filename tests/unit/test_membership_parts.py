@@ -422,3 +422,44 @@ def test_placement_counts_only_servers_reached_with_their_key():
     b = Balancer(None, table=t, membership=None, key="k", model_id="m", num_layers=6, auto=True, interval_s=1.0,
                  expects_peers=lambda: False)
     assert [h.key for h in b.holders()] == [honest.public_key]
+
+
+@pytest.mark.parametrize("forger", ["another port", "the seed's port, without the nonce"])
+def test_a_key_answer_is_taken_only_from_the_seed_and_with_the_questions_nonce(forger):
+    """Anyone on the path of no packet can still send datagrams: a forged answer must not pin
+    a wrong key for the seed until SIGHUP."""
+    import socket
+
+    from localswarm import free_port
+
+    fake_key = ident().public_key
+    port = free_port()
+    seed = socket.socket(type=socket.SOCK_DGRAM)
+    seed.bind(("127.0.0.1", port))
+    other = socket.socket(type=socket.SOCK_DGRAM)
+    other.bind(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def forge():
+        seed.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                _, asker = seed.recvfrom(512)
+            except TimeoutError:
+                continue
+            forged = b"SWARMD-KEY 1 " + fake_key.encode()
+            if forger == "another port":  # in the old form, which the asker took from anyone
+                other.sendto(forged, asker)
+            else:  # from the seed itself: a guessed nonce, and none
+                seed.sendto(forged + b" 0123456789abcdef", asker)
+                seed.sendto(forged, asker)
+
+    t = threading.Thread(target=forge, daemon=True)
+    t.start()
+    try:
+        assert query_key(f"tcp://127.0.0.1:{port}", timeout_s=0.5) is None
+    finally:
+        stop.set()
+        t.join()
+        seed.close()
+        other.close()
