@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
@@ -36,6 +37,8 @@ RECONNECT_GRACE_S = 0.3  # after a disconnect, how long a send waits for the con
 HEARTBEAT_IVL_MS = 500  # ping an idle connection this often...
 HEARTBEAT_TIMEOUT_MS = 2000  # ...and drop it when no pong comes back in this time (hung peer)
 MAX_STASHED = 64
+MAX_ASKED = 256  # requests sent on one connection whose replies may still be kept for `receive`
+RECEIVE_HWM = 64  # messages ZeroMQ queues from one peer before reading it stops (each <= max_message_bytes)
 _ids = itertools.count(1)
 _HANDSHAKE_FAILED = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | \
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
@@ -62,6 +65,8 @@ class PeerConnection:
         self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
         self.sock.setsockopt(zmq.RECONNECT_IVL, 100)
         self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)  # a peer back from a restart is found within 1 s
+        # a peer answers what was asked; what it sends beyond waits in its own queues, not ours
+        self.sock.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
         self.max_message_bytes = max_message_bytes
         if max_message_bytes:
             self.sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)  # each frame; decode() checks the whole
@@ -80,6 +85,7 @@ class PeerConnection:
         self.link = Link(profile) if profile is not None else None
         # replies that arrived while another request was awaited (one peer, two hops of a route)
         self._stash: dict[int, Message] = {}
+        self._asked: OrderedDict[int, None] = OrderedDict()  # sent here, reply not received yet
         self._replies = zmq.Poller()  # what receive() waits on: one for the connection's life
         self._replies.register(self.sock, zmq.POLLIN)
         self._replies.register(self.monitor, zmq.POLLIN)
@@ -145,8 +151,11 @@ class PeerConnection:
             raise PeerUnavailableError(f"peer {self.address} {reason}")
         if self.link is not None:
             self._emulated_send(frames, 0)
-            return req_id
-        self.sock.send_multipart(frames, copy=False)
+        else:
+            self.sock.send_multipart(frames, copy=False)
+        self._asked[req_id] = None
+        while len(self._asked) > MAX_ASKED:
+            self._asked.popitem(last=False)
         return req_id
 
     def _emulated_send(self, frames: list, flags: int) -> None:
@@ -163,6 +172,7 @@ class PeerConnection:
     def receive(self, req_id: int, deadline: float, what: str = "request") -> Message:
         """Wait until the monotonic `deadline` for the reply to `req_id`; drop late replies to
         older requests; fail at once if the connection drops meanwhile."""
+        self._asked.pop(req_id, None)  # asked for now: whatever comes later under this id is no one's
         if req_id in self._stash:
             return self._checked(self._stash.pop(req_id))
         disconnects = self.disconnects
@@ -185,8 +195,11 @@ class PeerConnection:
                 self.frame_bytes = FRAME_BYTES
             if reply.id == req_id:
                 return self._checked(reply)
-            self._stash[reply.id] = reply
-            while len(self._stash) > MAX_STASHED:  # late replies nobody will ask for again
+            if reply.id not in self._asked:
+                continue  # a reply to nothing sent and not received yet (late, or unsolicited): dropped
+            del self._asked[reply.id]
+            self._stash[reply.id] = reply  # a request sent on this connection and not received yet
+            while len(self._stash) > MAX_STASHED:
                 self._stash.pop(next(iter(self._stash)))
 
     def _checked(self, reply: Message) -> Message:

@@ -214,3 +214,43 @@ def test_an_address_zeromq_cannot_connect_to_is_a_peer_unavailable_error():
     finally:
         pool.close_all()
         ctx.term()
+
+
+def test_a_peer_that_sends_replies_nobody_asked_for_pins_no_memory():
+    """A peer (a fake seed) answering one request with 100 unrequested 1 MiB replies first:
+    the connection keeps none of them, and the real reply still arrives."""
+    import threading
+
+    import torch
+
+    from libswarm.protocol import decode, encode
+    from swarmd.transport.connection import PeerConnection
+
+    me, peer = NodeIdentity(os.urandom(32)), NodeIdentity(os.urandom(32))
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.curve_server = True
+    router.curve_secretkey = peer.secret_key.encode()
+    router.curve_publickey = peer.public_key.encode()
+    router.linger = 0
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+
+    def serve():
+        frames = router.recv_multipart()
+        msg = decode(frames[1:])
+        junk = torch.zeros(1 << 18)  # 1 MiB
+        for i in range(100):
+            router.send_multipart([frames[0], *encode("ok", msg.id + 1000 + i, {}, {"junk": junk})])
+        router.send_multipart([frames[0], *encode("ok", msg.id, {"real": True})])
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    conn = PeerConnection(ctx, f"tcp://127.0.0.1:{port}", me, peer.public_key, 8 << 20)
+    try:
+        reply = conn.request("ping", timeout_s=20)
+        assert reply.get("real") is True
+        assert conn._stash == {}
+    finally:
+        conn.close()
+        router.close(0)
+        ctx.term()
