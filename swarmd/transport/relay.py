@@ -54,7 +54,10 @@ log = logging.getLogger("swarmd.relay")
 PREFIX = "relay+"
 KEY_CHARS = 40
 REPLAY_WINDOW_S = 600.0  # a seal older (or further ahead) than this is refused: clocks may differ by less
-MAX_NONCES = 100_000  # seals remembered against replays (~15 MB at most); the oldest go first
+# seals remembered against replays, per sender (~100 bytes each; the oldest go first, raising that
+# sender's floor), and senders remembered (the least recent go): ~100 MB at the very most
+MAX_NONCES = 4096
+MAX_SENDERS = 256
 MAX_SEALED_BYTES = 2**31 - 1 - 1024  # ChaCha20-Poly1305 in `cryptography` takes less than 2 GiB at once
 KEEPALIVE_S = 1.0  # a relayed server renews its registration this often...
 EXPIRE_S = 3.5  # ...and a relay forgets one not renewed in this time
@@ -114,8 +117,11 @@ class Sealer:
         self.own_key = identity.public_key
         self._secret = X25519PrivateKey.from_private_bytes(z85.decode(identity.secret_key.encode()))
         self._keys: OrderedDict[str, ChaCha20Poly1305] = OrderedDict()
-        self._seen: OrderedDict[bytes, float] = OrderedDict()  # nonce -> seal time
-        self._floor = 0.0  # seals stamped before this are refused: their nonces may have been forgotten
+        # per sender: nonce -> seal time, and the floor below which its seals are refused (their
+        # nonces may have been forgotten). Per sender, so that one key filling its cache (or
+        # forgetting a seal stamped far ahead) shuts out only itself, never the others
+        self._seen: OrderedDict[str, OrderedDict[bytes, float]] = OrderedDict()
+        self._floor: dict[str, float] = {}
         self._lock = threading.Lock()  # several threads seal (gateway, pushes) and open (serving)
         self._clock = clock
 
@@ -159,24 +165,39 @@ class Sealer:
         if not abs(now - when) <= REPLAY_WINDOW_S:
             raise ProtocolError(f"sealed payload from {short_id(peer_key)} is stamped {now - when:.0f} s off this "
                                 "node's clock")
-        if when < self._floor:
+        if when < self._floor.get(peer_key, 0.0):
             raise ProtocolError(f"sealed payload from {short_id(peer_key)} is older than the seals remembered "
                                 "against replays")
         aad = f"{peer_key}>{self.own_key}".encode() + stamp
-        try:
+        try:  # authenticated before anything is remembered: only the key's holder fills its cache
             blob = self._aead(peer_key).decrypt(nonce, sealed[20:], aad)
         except InvalidTag:
             raise ProtocolError(f"sealed payload from {short_id(peer_key)} fails authentication") from None
         with self._lock:
-            if nonce in self._seen:
+            seen = self._seen.get(peer_key)
+            if seen is None:
+                seen = self._seen[peer_key] = OrderedDict()
+            self._seen.move_to_end(peer_key)
+            if nonce in seen:
                 raise ProtocolError(f"sealed payload from {short_id(peer_key)} was received before (a replay)")
-            self._seen[nonce] = when
-            while self._seen and (len(self._seen) > MAX_NONCES
-                                  or next(iter(self._seen.values())) < now - 2 * REPLAY_WINDOW_S):
-                _, forgotten = self._seen.popitem(last=False)
-                if len(self._seen) >= MAX_NONCES:  # forgotten before its window closed: older ones are refused
-                    self._floor = max(self._floor, forgotten)
+            seen[nonce] = when
+            while seen and (len(seen) > MAX_NONCES or next(iter(seen.values())) < now - 2 * REPLAY_WINDOW_S):
+                _, forgotten = seen.popitem(last=False)
+                if len(seen) >= MAX_NONCES:  # forgotten before its window closed: its older seals are refused
+                    self._floor[peer_key] = max(self._floor.get(peer_key, 0.0), forgotten)
+            self._forget_senders(now)
         return unpack(memoryview(blob))
+
+    def _forget_senders(self, now: float) -> None:
+        """Senders beyond MAX_SENDERS: the least recent goes, its floor raised to its newest seal
+        (any seal of it still within the window is then refused: it must seal anew)."""
+        while len(self._seen) > MAX_SENDERS:
+            key, seen = self._seen.popitem(last=False)
+            if seen:
+                self._floor[key] = max(self._floor.get(key, 0.0), max(seen.values()))
+        if len(self._floor) > 4 * MAX_SENDERS:  # floors past the window protect nothing
+            for key in [k for k, f in self._floor.items() if f < now - 2 * REPLAY_WINDOW_S]:
+                del self._floor[key]
 
 
 def sealed_message(msg_type: str, req_id: int, fields: dict, sealed: bytes | memoryview | torch.Tensor) -> list:

@@ -1,6 +1,7 @@
 """The parts of relaying that need no daemon: the seal, relayed addresses, a relay's limits,
 records naming relays, and routing's cost of the extra hop."""
 
+import contextlib
 import os
 import struct
 import time
@@ -165,6 +166,26 @@ def test_seals_older_than_the_nonces_remembered_are_refused(monkeypatch):
         opener.open(a.public_key, seals[0])
     with pytest.raises(ProtocolError, match="a replay"):
         opener.open(a.public_key, seals[-1])
+
+
+def test_one_sender_filling_the_replay_cache_shuts_out_only_itself(monkeypatch):
+    """Security review 7: one seal stamped far ahead, then enough cheap seals to push it out of
+    the cache, raised the one floor for everyone: every honest client of the relayed server was
+    refused for ~10 minutes. Floors are per sender now."""
+    monkeypatch.setattr(relay, "MAX_NONCES", 3)
+    attacker, honest, server = ident(), ident(), ident()
+    clock = Clock()
+    opener = Sealer(server, clock=clock)
+    ahead = Clock()
+    ahead.t = clock.t + relay.REPLAY_WINDOW_S - 1
+    opener.open(attacker.public_key, Sealer(attacker, clock=ahead).seal(server.public_key, [b"x"]))
+    flood = Sealer(attacker, clock=clock)
+    for _ in range(10):
+        with contextlib.suppress(ProtocolError):  # it shuts itself out on the way
+            opener.open(attacker.public_key, flood.seal(server.public_key, [b"x"]))
+    assert opener.open(honest.public_key, Sealer(honest, clock=clock).seal(server.public_key, [b"hi"])) == [b"hi"]
+    with pytest.raises(ProtocolError, match="older than the seals remembered"):
+        opener.open(attacker.public_key, flood.seal(server.public_key, [b"x"]))
 
 
 def test_reachability_questions_beyond_the_limits_are_refused():
