@@ -168,7 +168,9 @@ class Checkpoint:
             if done is not None:
                 return done
             st = os.stat(path)
-            stamp = [st.st_size, st.st_mtime_ns]
+            # size and mtime can be put back by whoever may write the file (touch -d); the
+            # change time and the inode cannot: a rewrite or a replacement always shows
+            stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
             cached = self._read_digest_cache().get(path)
             if isinstance(cached, dict) and cached.get("stamp") == stamp and isinstance(cached.get("tensors"), dict):
                 done = {k: (v[0], v[1], v[2]) for k, v in cached["tensors"].items()}

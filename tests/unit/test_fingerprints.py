@@ -1,5 +1,5 @@
 """Block fingerprints hash every byte of a block's weights, once per file: the digests are kept
-in the state dir keyed by the file's size and mtime."""
+in the state dir keyed by the file's size, mtime, change time and inode."""
 
 import json
 import os
@@ -49,3 +49,25 @@ def test_a_damaged_weights_file_is_one_line_model_error(tmp_path, header):
     with pytest.raises(ModelError, match="model.safetensors") as e:
         checkpoint._hash_safetensors(str(path))
     assert "\n" not in str(e.value)
+
+
+def test_weights_rewritten_with_their_size_and_mtime_put_back_are_hashed_again(model_dirs, tmp_path):
+    """Group swarmd may write the models directory: a changed weight with the file's size and
+    mtime restored (touch -d) must not keep the old fingerprint (security review 19)."""
+    d = tampered_copy(model_dirs("llama"), str(tmp_path / "m"), block=0)
+    cache = str(tmp_path / "weights.json")
+    first = [Checkpoint(d, digest_cache=cache).block_fingerprint(b) for b in range(6)]
+    weights = os.path.join(d, "model.safetensors")
+    st = os.stat(weights)
+    with open(weights, "r+b") as f:  # one byte of block 2's tensors, in place
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        name = next(k for k in header if k.startswith("model.layers.2."))
+        at = 8 + n + header[name]["data_offsets"][0]
+        f.seek(at)
+        byte = f.read(1)
+        f.seek(at)
+        f.write(bytes([byte[0] ^ 0x40]))
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(weights).st_size == st.st_size and os.stat(weights).st_mtime_ns == st.st_mtime_ns
+    assert [Checkpoint(d, digest_cache=cache).block_fingerprint(b) for b in range(6)] != first
