@@ -50,6 +50,10 @@ def test_writes_units_user_dirs_and_config(tmp_path):
         passwd = (tmp_path / "etc/passwd").read_text()
         assert any(line.startswith("swarmd:") and line.split(":")[5] == "/var/lib/swarmd"
                    for line in passwd.splitlines())
+        # swarm-api: a user of its own, in group swarmd (the socket), not swarmd itself
+        assert any(line.startswith("swarm-api:") for line in passwd.splitlines())
+        group = (tmp_path / "etc/group").read_text()
+        assert "swarm-api" in next(line for line in group.splitlines() if line.startswith("swarmd:")).split(":")[3]
         assert any("systemd-sysusers" in c for c in out["ran"])
     if shutil.which("systemd-tmpfiles"):
         assert oct((tmp_path / "var/lib/swarmd").stat().st_mode & 0o777) == oct(0o700)

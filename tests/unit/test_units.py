@@ -49,6 +49,9 @@ def test_swarm_api_unit_verifies_runs_after_swarmd_and_is_hardened(tmp_path):
     unit = installed_copy(tmp_path, "swarm-api.service")
     text = verified_and_hardened(unit)
     assert re.search(r"^After=.*swarmd\.service", text, re.M) and "--config /etc/swarmd/swarmd.yaml" in text
-    assert "InaccessiblePaths=-/var/lib/swarmd/node.key" in text  # the HTTP side cannot read the node's key
+    # the HTTP side is not swarmd: a user of its own, in group swarmd for the socket, and none of
+    # swarmd's state (every instance's node key) visible
+    assert re.search(r"^User=swarm-api$", text, re.M) and re.search(r"^SupplementaryGroups=swarmd$", text, re.M)
+    assert "InaccessiblePaths=-/var/lib/swarmd\n" in text
     for bound in ("LimitNOFILE=", "TasksMax=", "MemoryMax="):
         assert re.search(rf"^{bound}\S+", text, re.M), bound
