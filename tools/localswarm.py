@@ -68,6 +68,11 @@ def fork_daemons() -> None:
     if _forkserver is None:
         ctx = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload(_PRELOAD)
+        # started now, in the background of the imports that follow: else the first daemon's
+        # start pays for the server's imports (seconds), and a test that times starts sees it
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
         _forkserver = ctx
 
 
