@@ -133,6 +133,53 @@ def check_gradient(grad: torch.Tensor, shape: tuple[int, ...]) -> None:
         raise WrongOutputError("gradient holds NaN or infinite values")
 
 
+# A server whose push the next hop says differed from what it returned to the gateway is not
+# asked to push for this long: the gateway hands its outputs over itself (a network hop more per
+# step through it). Neither server is distrusted: the gateway cannot tell which of the two lied
+# (a hostile next hop could say so of an honest pusher), and with every input handed over by
+# the gateway a lying pusher gains nothing, while a lying next hop is judged on its outputs.
+PUSH_SUSPECT_S = 3600.0
+MAX_PUSH_ENTRIES = 4096  # addresses remembered (the oldest forgotten first)
+
+
+class PushLinks:
+    """Which servers the gateway lets push their outputs to the next hop of a route: not one
+    whose push was disputed lately (`suspect`), and not to one that does not say what it ran
+    on (`blind`: a server older than protocol 1.5), since then a push could not be vouched for."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self._clock = clock
+        self._suspects: dict[str, tuple[float, str]] = {}  # address -> (until, why)
+        self._blind: dict[str, None] = {}
+        self._lock = threading.Lock()
+
+    def suspect(self, address: str, why: str) -> None:
+        log.warning("server %s: %s; its outputs go to the next hop through this gateway for %.0f s", address, why,
+                    PUSH_SUSPECT_S)
+        with self._lock:
+            self._suspects.pop(address, None)
+            self._suspects[address] = (self._clock() + PUSH_SUSPECT_S, why)
+            while len(self._suspects) > MAX_PUSH_ENTRIES:
+                del self._suspects[next(iter(self._suspects))]
+
+    def blind(self, address: str) -> None:
+        with self._lock:
+            self._blind[address] = None
+            while len(self._blind) > MAX_PUSH_ENTRIES:
+                del self._blind[next(iter(self._blind))]
+
+    def allowed(self, pusher: str, receiver: str) -> bool:
+        with self._lock:
+            suspect = self._suspects.get(pusher)
+            return (suspect is None or suspect[0] <= self._clock()) and receiver not in self._blind
+
+    def to_json(self) -> list[dict]:
+        now = self._clock()
+        with self._lock:
+            return [{"address": a, "for_s": round(until - now, 1), "reason": why}
+                    for a, (until, why) in self._suspects.items() if until > now]
+
+
 @dataclass
 class Standing:
     """One server as this gateway has found it."""
