@@ -48,7 +48,7 @@ from swarmd.gateway.router import (
     route_timeout,
 )
 from swarmd.gateway.training import TrainingChains, adapter_name
-from swarmd.gateway.verify import DEFAULT_VERIFY_PROBABILITY, disagreement, tolerance
+from swarmd.gateway.verify import DEFAULT_VERIFY_PROBABILITY, ImplausibleOutput, disagreement, tolerance
 from swarmd.routing import Hop, missing_blocks
 from swarmd.transport.connection import ConnectionPool
 
@@ -206,7 +206,7 @@ class Gateway:
                 if time.monotonic() > deadline:  # servers exist but keep failing
                     raise
 
-    def _replay(self, hop: Hop, sid: str, replay: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _replay(self, hop: Hop, sid: str, replay: dict[str, torch.Tensor], band: bool = True) -> torch.Tensor:
         """One step that feeds a fresh session every position so far; returns its output."""
         length = replay["hidden"].shape[1]
         tokens = replay["hidden"].shape[0] * length
@@ -217,7 +217,7 @@ class Gateway:
         if reply.get("position") != length:
             raise SessionError(f"server {hop.address} replayed to position {reply.get('position')}, not {length}")
         self.router.step_times.record(hop.address, time.monotonic() - t0, tokens, hop.last - hop.first)
-        return self.router.check(hop, replay["hidden"], hidden_of(reply, hop.address))
+        return self.router.check(hop, replay["hidden"], hidden_of(reply, hop.address), band)
 
     # --- handlers --------------------------------------------------------------------------
     def on_model_info(self, msg: Message):
@@ -348,6 +348,21 @@ class Gateway:
             except HopFailure as f:
                 for k, out in f.outputs.items():
                     inputs[sess.hops[k].last] = out
+                if isinstance(f.error, ImplausibleOutput) and f.error.output is not None:
+                    verdict = self._second_opinion(sess, sess.hops[f.index], inputs[sess.hops[f.index].first],
+                                                   f.error.output, small, str(f.error))
+                    if verdict == "liar":
+                        raise LieDetected() from None
+                    if verdict == "confirmed":
+                        # its output stands: the later hops run from it (those that ran on its
+                        # push already answer `repeated`, with the same output)
+                        inputs[sess.hops[f.index].last] = f.error.output
+                        if f.index == len(sess.hops) - 1:
+                            break
+                        start = f.index + 1
+                        continue
+                    # unsettled: not used, and the server routed around for a while (banned,
+                    # not distrusted), as if it had failed
                 # a step that a replacement fails to compute or refuses too, in the same way, is
                 # the step's fault (a query of death): back to the caller, rather than banning
                 # server after server. Servers that fail in different ways are each at fault
@@ -514,11 +529,11 @@ class Gateway:
         return {"address": hop.address, "key": key, "session": sid}
 
     def _accept(self, hop: Hop, reply: Message, expect_position: int, seconds: float, tokens: int,
-                x: torch.Tensor) -> torch.Tensor:
+                x: torch.Tensor, band: bool = True) -> torch.Tensor:
         if reply.get("position") != expect_position:
             raise SessionError(f"server {hop.address} is at position {reply.get('position')}, "
                                f"the session at {expect_position}")
-        out = self.router.check(hop, x, hidden_of(reply, hop.address))
+        out = self.router.check(hop, x, hidden_of(reply, hop.address), band)
         if not reply.get("repeated"):
             self.router.step_times.record(hop.address, seconds, tokens, hop.last - hop.first)
         self.router.bans.succeeded(hop.address)
@@ -572,8 +587,8 @@ class Gateway:
                                            avoid=avoid)
         try:
             x = dict(replay)
-            for hop, sid in zip(hops, sids):
-                x["hidden"] = self._replay(hop, sid, x)
+            for hop, sid in zip(hops, sids):  # compared with another server's: no band needed
+                x["hidden"] = self._replay(hop, sid, x, band=False)
             return x["hidden"], hops
         finally:
             self.router.close_remote(list(zip(hops, sids)))
@@ -600,6 +615,7 @@ class Gateway:
                         route_text(hops), "neither" if wrong else "both")
             return None
         liar = wrong[0]
+        self.router.bands.learn((first, last), replay["hidden"][:, cut:], third)  # two servers agree on it
         for a in claims:
             if a != liar:
                 self.router.reputation.passed(a)
@@ -620,7 +636,7 @@ class Gateway:
         for hop, job in jobs:
             shadow, theirs = job.result()
             ours = inputs[hop.last]
-            why = self._compare(hop, ours, theirs, shadow.hops)
+            why = self._compare(hop, inputs[hop.first], ours, theirs, shadow.hops)
             if why is None:
                 continue
             # the third computes every position so far and this step's, from the history
@@ -667,7 +683,8 @@ class Gateway:
                     tokens = out.shape[0] * out.shape[1]
                     reply = self.router.pool.get(h.address).request(
                         "step", fields, {"hidden": out, **small}, timeout_s=self.router.allowance_s(h.address, tokens))
-                    out = self._accept(h, reply, sess.position + x.shape[1], time.monotonic() - t0, tokens, out)
+                    out = self._accept(h, reply, sess.position + x.shape[1], time.monotonic() - t0, tokens, out,
+                                       band=False)  # compared with the hop's own
                 return shadow, out
             except SwarmError as e:
                 if retriable(e):
@@ -743,23 +760,53 @@ class Gateway:
                      hop.last, e)
             return
         theirs = theirs[:, since:]
-        if self._compare(hop, expected, theirs, checkers) is None:
+        if self._compare(hop, replay["hidden"][:, since:], expected, theirs, checkers) is None:
             return
         if self._settle(sess, hop, expected, theirs, checkers, replay, since) == hop.address:
             # its wrong outputs are in the session's caches and history: the next step rebuilds
             # the route from the app's own inputs, through servers that did not lie
             sess.broken = True
 
-    def _compare(self, hop: Hop, ours: torch.Tensor, theirs: torch.Tensor, checkers: list[Hop]) -> str | None:
-        """A check of the hop's output against the checkers' (counted): why they differ, or None
-        (then every server involved passed)."""
+    def _compare(self, hop: Hop, x: torch.Tensor, ours: torch.Tensor, theirs: torch.Tensor,
+                 checkers: list[Hop]) -> str | None:
+        """A check of the hop's output `ours` for the input `x` against the checkers' (counted):
+        why they differ, or None (then every server involved passed, and the span's norm band
+        learns from the output two servers agree on)."""
         why = disagreement(ours, theirs, tolerance(ours.dtype, theirs.dtype, quantized=self._quantized(hop.address)))
         self._count("run")
         self._count("failed" if why is not None else "passed")
         if why is None:
             for a in {hop.address, *(h.address for h in checkers)}:
                 self.router.reputation.passed(a)
+            self.router.bands.learn((hop.first, hop.last), x, ours)
         return why
+
+    def _second_opinion(self, sess: GatewaySession, hop: Hop, x: torch.Tensor, out: torch.Tensor,
+                        small: dict[str, torch.Tensor], why: str) -> str:
+        """The hop's output `out` for this step's input `x` is outside the norm band: other
+        servers run its blocks on every position so far and this step's, at once. Returns
+        "confirmed" (they agree, or a third sided with the hop), "liar" (a third sided with
+        them: the hop's server is distrusted) or "unsettled" (no other server, no majority)."""
+        log.warning("server %s on blocks %d:%d: %s; asking another server", hop.address, hop.first, hop.last, why)
+        trial = History({b: list(v) for b, v in sess.history.inputs.items()}, list(sess.history.positions),
+                        list(sess.history.masks))
+        trial.append({hop.first: x}, [hop.first], small["position_ids"], small.get("key_mask"), small.get("beam_order"))
+        replay = trial.replay_inputs(hop.first)
+        cut = replay["hidden"].shape[1] - out.shape[1]
+        try:
+            theirs, checkers = self._compute_elsewhere(hop.first, hop.last, replay,
+                                                       self.router.table.unlike(hop.address) | {hop.address},
+                                                       sess.batch, sess.adapter)
+        except SwarmError as e:
+            self._count("inconclusive")
+            log.warning("blocks %d:%d: no other server to confirm %s's output (%s)", hop.first, hop.last,
+                        hop.address, e)
+            return "unsettled"
+        theirs = theirs[:, cut:]
+        if self._compare(hop, x, out, theirs, checkers) is None:
+            return "confirmed"
+        liar = self._settle(sess, hop, out, theirs, checkers, replay, cut)
+        return "unsettled" if liar is None else "liar" if liar == hop.address else "confirmed"
 
     def _settle(self, sess: GatewaySession, hop: Hop, ours: torch.Tensor, theirs: torch.Tensor, checkers: list[Hop],
                 replay: dict[str, torch.Tensor], cut: int) -> str | None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from libswarm.errors import WrongOutputError
+from libswarm.errors import RemoteError, WrongOutputError
 
 log = logging.getLogger("swarmd.gateway")
 
@@ -41,9 +41,13 @@ TOLERANCE = {torch.float32: 1e-3, torch.float16: 1.0, torch.bfloat16: 1.0}
 TOLERANCE_QUANTIZED = 0.1
 
 # The band of a span's growth: per position, the norm (root mean square over the hidden size)
-# of its output over that of its input. Learned per span [first, last) from accepted replies,
-# and enforced once it has seen BAND_MIN_ROWS positions: a reply growing a position more than
-# BAND_FACTOR times the most seen there is wrong; before that, only ABSOLUTE_MAX_RMS holds.
+# of its output over that of its input. Learned per span [first, last) only from outputs that a
+# second server confirmed (a cross-check that passed, or the side a third server sided with):
+# learned from every accepted reply, a liar's first replies (zeros, say) would set it, and every
+# honest output would then fall outside it. Enforced once it has seen BAND_MIN_ROWS positions: a
+# reply growing a position more than BAND_FACTOR times the most seen there is implausible; before
+# that, only ABSOLUTE_MAX_RMS holds. Implausible is not wrong: it sends the reply to a second
+# server at once (gateway.py), and only what that check finds can distrust anyone.
 # Relative to the input, because an app's inputs set the scale (zeros in, small norms out),
 # and upper only: small outputs may be honest (padding), and a lie of small values is for
 # the cross-checks to see.
@@ -109,19 +113,29 @@ class NormBands:
             self._bands[span] = (max(highest, float(growth.max())), rows + growth.numel())
 
 
-def check_output(x: torch.Tensor, out: torch.Tensor, span: tuple[int, int], bands: NormBands) -> None:
+class ImplausibleOutput(RemoteError):
+    """A reply outside the norm band (or the absolute bound): not proof of a lie, a reason to
+    ask a second server at once. Elsewhere than a session's step (a replay, a shadow, a forward
+    pass) the server is routed around like a failed one (banned for a while, not distrusted)."""
+
+    def __init__(self, message: str, output: torch.Tensor | None = None):
+        super().__init__(message)
+        self.output = output
+
+
+def check_output(x: torch.Tensor, out: torch.Tensor, span: tuple[int, int], bands: NormBands | None) -> None:
     """A reply's hidden states `out` for the input `x`, checked before anything uses them;
-    raises WrongOutputError."""
+    raises WrongOutputError for what no honest server returns (a non-float dtype, another
+    shape, NaN or infinity), ImplausibleOutput for a norm outside the band."""
     if out.dtype not in FLOAT_DTYPES:
         raise WrongOutputError(f"output of dtype {str(out.dtype)[6:]}, not a floating point dtype served here")
     if out.shape != x.shape:
         raise WrongOutputError(f"output of shape {list(out.shape)}, expected {list(x.shape)}")
     if not bool(torch.isfinite(out).all()):
         raise WrongOutputError("output holds NaN or infinite values")
-    why = bands.check(span, x, out)
+    why = bands.check(span, x, out) if bands is not None else None
     if why is not None:
-        raise WrongOutputError(why)
-    bands.learn(span, x, out)
+        raise ImplausibleOutput(why, out)
 
 
 def check_gradient(grad: torch.Tensor, shape: tuple[int, ...]) -> None:

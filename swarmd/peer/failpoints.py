@@ -15,6 +15,7 @@ no test at all.
   position moved by 8 times its row's norm, every time / once in 50 (a lying or faulty server);
 - reply_nan / reply_wrong_shape / reply_huge: every step's output is NaN / lacks its last
   hidden element / is 1000 times too large after 3 right ones (impossible replies);
+- reply_zeros: every step's output is zeros (plausible by norm: small outputs may be honest);
 - forward_nan: every forward pass (training) answers NaN;
 - lora_grad_nan: every backward pass answers NaN gradients for the client's LoRA weights (its
   gradient of the input is right);
@@ -226,6 +227,7 @@ FAILPOINTS: dict[str, Callable] = {"exit_on_replay": _exit_on_replay, "hang_on_f
                                    "reply_nan": _wrong_steps(lambda out: out * float("nan")),
                                    "reply_wrong_shape": _wrong_steps(lambda out: out[..., :-1].contiguous()),
                                    "reply_huge": _wrong_steps(lambda out: out * 1000, after=HONEST_FIRST),
+                                   "reply_zeros": _wrong_steps(lambda out: out * 0),
                                    "forward_nan": _wrong_steps(lambda out: out * float("nan"), passes=True),
                                    "lora_grad_nan": _lora_grad_nan, "refuse_opens": _refuse_opens,
                                    "refuse_work": _refuse_work,
