@@ -1,13 +1,13 @@
 """What the gateway believes of a server's outputs: every reply checked for shape, dtype,
-finiteness and a norm within what the swarm's servers have produced at that block (always,
-cheap), outputs of two servers for the same input compared within a tolerance of their
-dtypes, and the servers caught lying distrusted (docs/security.md).
+finiteness and a norm within what servers agreed on at that block (always, cheap), outputs
+of two servers for the same input compared within a tolerance of their dtypes, and the
+servers caught lying distrusted (docs/security.md).
 
 A server is distrusted on evidence only: a reply that no honest computation gives (non-finite,
-the wrong shape, a norm far outside the band), or an output that a second server contradicts
-and a third one confirms the second. Distrust lasts an hour, doubling with each further
-offence up to a week; it is not a score that a server could earn back by answering well for a
-while between lies."""
+the wrong shape), or an output that a second server contradicts and a third one confirms the
+second. A norm far outside the band is only implausible: it calls for that second opinion.
+Distrust lasts an hour, doubling with each further offence up to a week; it is not a score
+that a server could earn back by answering well for a while between lies."""
 
 from __future__ import annotations
 
