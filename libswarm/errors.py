@@ -32,6 +32,9 @@ class SwarmError(Exception):
     # the address of the peer whose error reply this is (set by the daemon's peer connections):
     # a peer's refusal may be its own fault, where an error raised here is the request's
     peer: str | None = None
+    # with a step's error: the digest of the input the server was given (docs/protocol.md,
+    # `consumed`), so that a gateway can tell a refusal of a pushed input it never saw
+    consumed: str | None = None
 
     def __init__(self, message: str):
         # one line: a peer's message may never smuggle a traceback into a log line; and short:

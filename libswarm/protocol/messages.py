@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 # torch is imported only when a message carries tensors, so that swarmctl starts in a blink
 
-PROTOCOL_VERSION = "1.4"
+PROTOCOL_VERSION = "1.5"
 PROTOCOL_MAJOR = 1
 MAX_HEADER_BYTES = 64 * 1024
 # The replies of a daemon to its own apps (the local plane) may carry larger headers: `status`
@@ -222,15 +222,29 @@ def ok_reply(req_id: int, fields: dict[str, Any] | None = None, tensors: dict[st
 
 def error_reply(req_id: int, exc: BaseException) -> list:
     code, message = error_to_wire(exc)  # at most 1000 characters: the header stays under its limit
-    return encode("error", req_id, {"code": code, "message": message})
+    fields = {"code": code, "message": message}
+    consumed = getattr(exc, "consumed", None)
+    if isinstance(consumed, str):
+        fields["consumed"] = consumed
+    return encode("error", req_id, fields)
+
+
+def _error_of(msg: Message) -> Exception:
+    """The exception for an error reply (built here, not in the raising frame, so that no
+    reference cycle through that frame keeps its caller's sockets alive)."""
+    from libswarm.errors import error_from_wire
+
+    e = error_from_wire(str(msg.get("code", "error")), str(msg.get("message", "unknown error")))
+    consumed = msg.get("consumed")
+    if isinstance(consumed, str):
+        e.consumed = consumed[:64]
+    return e
 
 
 def raise_if_error(msg: Message) -> Message:
     """Turn an error reply into the matching exception; pass an ok reply through."""
     if msg.type == "error":
-        from libswarm.errors import error_from_wire
-
-        raise error_from_wire(str(msg.get("code", "error")), str(msg.get("message", "unknown error")))
+        raise _error_of(msg)
     if msg.type != "ok":
         raise ProtocolError(f"unexpected reply type {msg.type!r}")
     return msg

@@ -3,6 +3,7 @@ in a frame of its own, sent without copies; nothing received is ever unpickled."
 
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
 
@@ -67,3 +68,17 @@ def tensor_from_buffer(spec: object, buf: memoryview | bytes) -> torch.Tensor:
     if expected == 0:
         return torch.empty(shape, dtype=dtype)
     return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+
+DIGEST_BYTES = 16  # 128 bits: a collision would take ~2**64 hashes; a pusher has to
+# find a wrong input whose digest equals the right one's (a second preimage: ~2**128)
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """What a step's `consumed` says (docs/protocol.md): sha256 over "dtype|shape|" and the
+    tensor's bytes as they travel (C order, little-endian), its first 16 bytes in hex. The dtype
+    and shape are in it because the same bytes read as another dtype or shape are another input."""
+    spec, buf = tensor_to_buffer(t)
+    h = hashlib.sha256(f"{spec['dtype']}|{','.join(map(str, spec['shape']))}|".encode())
+    h.update(buf)
+    return h.digest()[:DIGEST_BYTES].hex()

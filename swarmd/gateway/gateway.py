@@ -33,6 +33,7 @@ from libswarm.errors import (
     WrongOutputError,
 )
 from libswarm.protocol import Message
+from libswarm.protocol.tensors import tensor_digest
 from swarmd.discovery.membership import Membership
 from swarmd.discovery.table import PeerTable
 from swarmd.gateway.history import History
@@ -47,7 +48,7 @@ from swarmd.gateway.router import (
     route_timeout,
 )
 from swarmd.gateway.training import TrainingChains, adapter_name
-from swarmd.gateway.verify import DEFAULT_VERIFY_PROBABILITY, disagreement, tolerance
+from swarmd.gateway.verify import DEFAULT_VERIFY_PROBABILITY, ImplausibleOutput, disagreement, tolerance
 from swarmd.routing import Hop, missing_blocks
 from swarmd.transport.connection import ConnectionPool
 
@@ -58,6 +59,9 @@ APP_IDLE_TIMEOUT_S = 600.0  # an app session untouched this long is closed
 CHECK_TIMEOUT_S = 10.0  # a check that cannot find or use other servers this long gives up
 MAX_QUEUED_CHECKS = 4  # spot checks waiting for the checking thread; more are skipped (counted)
 MAX_WRONG_OUTPUT_ROUTES = 64  # routes a step is tried on after wrong outputs (within its route timeout)
+# Reruns of a step after disputed pushes: each one but the first after a failover marks a pusher
+# or a receiver, whose link the gateway then bridges itself, so a route of n hops needs < 2n
+MAX_PUSH_RERUNS = 16
 
 
 @dataclass
@@ -94,6 +98,18 @@ class GatewaySession:
     checking: bool = False  # a spot check of this session is queued or running
     last_used: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class PushDispute(Exception):
+    """Hop `index` ran on an input other than the one the hop before it returned to the gateway
+    (a push the gateway never saw), or does not say what it ran on: its output and every later
+    hop's are not to be used. `outputs` holds what the hops before it returned; `suspect` is the
+    pusher to stop trusting with pushes, `blind` the hop that does not say what it ran on."""
+
+    def __init__(self, index: int, outputs: dict[int, torch.Tensor], why: str, suspect: str | None = None,
+                 blind: str | None = None):
+        super().__init__(why)
+        self.index, self.outputs, self.why, self.suspect, self.blind = index, outputs, why, suspect, blind
 
 
 class HopFailure(Exception):
@@ -190,7 +206,7 @@ class Gateway:
                 if time.monotonic() > deadline:  # servers exist but keep failing
                     raise
 
-    def _replay(self, hop: Hop, sid: str, replay: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _replay(self, hop: Hop, sid: str, replay: dict[str, torch.Tensor], band: bool = True) -> torch.Tensor:
         """One step that feeds a fresh session every position so far; returns its output."""
         length = replay["hidden"].shape[1]
         tokens = replay["hidden"].shape[0] * length
@@ -201,7 +217,7 @@ class Gateway:
         if reply.get("position") != length:
             raise SessionError(f"server {hop.address} replayed to position {reply.get('position')}, not {length}")
         self.router.step_times.record(hop.address, time.monotonic() - t0, tokens, hop.last - hop.first)
-        return self.router.check(hop, replay["hidden"], hidden_of(reply, hop.address))
+        return self.router.check(hop, replay["hidden"], hidden_of(reply, hop.address), band)
 
     # --- handlers --------------------------------------------------------------------------
     def on_model_info(self, msg: Message):
@@ -304,12 +320,49 @@ class Gateway:
         inputs: dict[int, torch.Tensor] = {0: hidden}  # block boundary -> this step's input there
         deadline = time.monotonic() + sess.route_timeout_s
         start, complaints = 0, set()  # codes of the errors hops failed this step with while computing or refused it
+        joined: set[str] = set()  # servers that replaced failed ones during this step
+        rollback, reruns = False, 0
         while True:
             try:
-                outputs = self._run_chain(sess, start, inputs[sess.hops[start].first], small, step, B * T)
+                outputs = self._run_chain(sess, start, inputs[sess.hops[start].first], small, step, B * T, joined,
+                                          rollback)
+            except PushDispute as d:
+                # hop d.index (and every later one, fed from it) ran on an input the gateway never
+                # saw: none of their outputs is used. They run the step again, cut back to where
+                # it started, from the gateway's own copy of the input
+                for k, out in d.outputs.items():
+                    inputs[sess.hops[k].last] = out
+                if d.suspect is not None:
+                    self.router.pushes.suspect(d.suspect, d.why)
+                else:
+                    log.info("session %s: %s; running it again from the gateway's copy", sess.id[:8], d.why)
+                if d.blind is not None:
+                    self.router.pushes.blind(d.blind)
+                reruns += 1
+                if "beam_order" in small or reruns > MAX_PUSH_RERUNS or time.monotonic() > deadline:
+                    # a rerun would reorder the beams of a cache twice: rebuild it from the history
+                    raise LieDetected() from None
+                step, rollback, start = sess.steps, True, d.index
+                sess.steps += 1
+                continue
             except HopFailure as f:
                 for k, out in f.outputs.items():
                     inputs[sess.hops[k].last] = out
+                if isinstance(f.error, ImplausibleOutput) and f.error.output is not None:
+                    verdict = self._second_opinion(sess, sess.hops[f.index], inputs[sess.hops[f.index].first],
+                                                   f.error.output, small, str(f.error))
+                    if verdict == "liar":
+                        raise LieDetected() from None
+                    if verdict == "confirmed":
+                        # its output stands: the later hops run from it (those that ran on its
+                        # push already answer `repeated`, with the same output)
+                        inputs[sess.hops[f.index].last] = f.error.output
+                        if f.index == len(sess.hops) - 1:
+                            break
+                        start = f.index + 1
+                        continue
+                    # unsettled: not used, and the server routed around for a while (banned,
+                    # not distrusted), as if it had failed
                 # a step that a replacement fails to compute or refuses too, in the same way, is
                 # the step's fault (a query of death): back to the caller, rather than banning
                 # server after server. Servers that fail in different ways are each at fault
@@ -322,7 +375,7 @@ class Gateway:
                     # with push, the hops after it may have run on the wrong output already
                     self.router.fail(sess.hops[f.index], f.error)
                     raise LieDetected() from None
-                self._repair(sess, f.index, f.error, deadline)
+                joined.update(h.address for h in self._repair(sess, f.index, f.error, deadline))
                 start = f.index
                 continue
             for k, out in outputs.items():
@@ -340,11 +393,14 @@ class Gateway:
         return inputs[self.num_layers]
 
     def _run_chain(self, sess: GatewaySession, start: int, x: torch.Tensor, small: dict[str, torch.Tensor],
-                   step: int, tokens: int) -> dict[int, torch.Tensor]:
+                   step: int, tokens: int, joined: frozenset[str] | set[str] = frozenset(),
+                   rollback: bool = False) -> dict[int, torch.Tensor]:
         """Step hops start.. of the route. With push, the gateway sends the step to every hop at
         once (hidden states only to the first), and each server pushes its output to the next
-        and returns a copy here: n+1 network hops per token instead of 2n. Returns each hop's
-        output; raises HopFailure naming the first hop that failed."""
+        and returns a copy here: n+1 network hops per token instead of 2n. Each hop says what
+        input it ran on, which must be what the hop before returned here (raises PushDispute).
+        With `rollback`, every hop first cuts its cache back to where the step starts. Returns
+        each hop's output; raises HopFailure naming the first hop that failed."""
         hops, sids, n = sess.hops, sess.server_sessions, len(sess.hops)
         expect_position = sess.position + x.shape[1]
         outputs: dict[int, torch.Tensor] = {}
@@ -353,66 +409,116 @@ class Gateway:
                 try:
                     t0 = time.monotonic()
                     reply = self.router.pool.get(hops[k].address).request(
-                        "step", self._step_fields(sess, k, step), {"hidden": x, **small},
+                        "step", self._step_fields(sess, k, step, rollback), {"hidden": x, **small},
                         timeout_s=self.router.allowance_s(hops[k].address, tokens))
+                    self._check_consumed(hops, k, reply.get("consumed"), x, outputs, joined, could_be_pushed=False)
                     x = self._accept(hops[k], reply, expect_position, time.monotonic() - t0, tokens, x)
                 except SwarmError as e:
                     raise HopFailure(k, outputs, e) from None
                 outputs[k] = x
             return outputs
         t0 = time.monotonic()
-        sent, send_failure = [], None
         keys = [self.router.pool.resolve_key(h.address) for h in hops]  # once per hop and step
-        for k in range(start, n):
-            fields = self._step_fields(sess, k, step)
-            if k > start:  # its input is pushed by the previous hop, and by no other key
+        # pushes only over links the gateway can vouch for: from a server whose push was never
+        # disputed, to one that says what it ran on. Over others the gateway hands the input over
+        linked = [k > start and self.router.pushes.allowed(hops[k - 1].address, hops[k].address) for k in range(n)]
+        sent: dict[int, tuple] = {}
+        awaiting_push: set[int] = set()  # hops told to take their input from a push
+
+        def send(k: int, hidden: torch.Tensor | None) -> None:
+            fields = self._step_fields(sess, k, step, rollback)
+            if hidden is None:  # its input is pushed by the previous hop, and by no other key
                 fields["expect_push"], fields["from"] = True, keys[k - 1]
+                awaiting_push.add(k)
+            else:
+                awaiting_push.discard(k)
+            if k < n - 1 and linked[k + 1]:
+                fields["next"] = self._next_hop(hops[k + 1], sids[k + 1], keys[k + 1])
+            conn = self.router.pool.get(hops[k].address, keys[k])
+            sent[k] = (conn, conn.send("step", fields, {"hidden": hidden, **small} if hidden is not None else small))
+
+        send_failure = None
+        for k in range(start, n):
+            if k > start and not linked[k]:
+                continue  # sent once the hop before has answered, with its output as the input
             try:
-                if k < n - 1:
-                    fields["next"] = self._next_hop(hops[k + 1], sids[k + 1], keys[k + 1])
-                conn = self.router.pool.get(hops[k].address, keys[k])
-                sent.append((k, conn, conn.send("step", fields, {"hidden": x, **small} if k == start else small)))
+                send(k, x if k == start else None)
             except SwarmError as e:
                 send_failure = HopFailure(k, outputs, e)
                 break
         allowance, t_prev = 0.0, t0
-        for i, (k, conn, req_id) in enumerate(sent):
-            own, added = self.router.allowances(hops[k].address, tokens)
-            allowance += own if i == 0 else added
-            # within the chain's allowance from the start, and within its own from when the hop
-            # before answered (its input was pushed then): a hung hop after fast ones is not
-            # given the others' unused time (for hops not measured yet, 10 s each)
-            deadline = min(t0 + allowance, t_prev + own)
+        for k in range(start, n):
+            if send_failure is not None and k >= send_failure.index:
+                raise send_failure
+            hop_input = x if k == start else outputs[k - 1]
             try:
+                if k not in sent:
+                    send(k, hop_input)
+                conn, req_id = sent[k]
+                own, added = self.router.allowances(hops[k].address, tokens)
+                allowance += own if k == start else added
+                # within the chain's allowance from the start, and within its own from when the hop
+                # before answered (its input was pushed then): a hung hop after fast ones is not
+                # given the others' unused time (for hops not measured yet, 10 s each)
+                deadline = min(t0 + allowance, t_prev + own)
                 reply = conn.receive(req_id, deadline, "step")
-                hop_input = x if k == start else outputs[k - 1]
+                self._check_consumed(hops, k, reply.get("consumed"), hop_input, outputs, joined,
+                                     could_be_pushed=k in awaiting_push or bool(reply.get("repeated")),
+                                     repeated=bool(reply.get("repeated")))
                 outputs[k] = self._accept(hops[k], reply, expect_position, time.monotonic() - t_prev, tokens,
                                           hop_input)
             except SwarmError as e:
+                if k in awaiting_push and e.peer is not None and e.consumed is not None:
+                    # refused for its input: when that was not what the hop before returned here,
+                    # the refusal is the pusher's doing (raises PushDispute)
+                    self._check_consumed(hops, k, e.consumed, hop_input, outputs, joined, could_be_pushed=True)
                 raise HopFailure(k, outputs, e) from None
-            if reply.get("pushed") is False and i + 1 < len(sent):
+            if reply.get("pushed") is False and k + 1 in sent:
                 # the server could not reach the next one: hand the output over ourselves. If we
                 # cannot reach it either, the next server is the one that failed, not this one
                 # (blaming this one would replace a healthy server and then fail again on the
                 # dead one: two failovers for one death)
-                nk, nconn, _ = sent[i + 1]
                 try:
-                    fields = self._step_fields(sess, nk, step)
-                    if nk < n - 1:
-                        fields["next"] = self._next_hop(hops[nk + 1], sids[nk + 1], keys[nk + 1])
-                    sent[i + 1] = (nk, nconn, nconn.send("step", fields, {"hidden": outputs[k], **small}))
+                    send(k + 1, outputs[k])
                 except SwarmError as e:
-                    raise HopFailure(nk, outputs, e) from None
+                    raise HopFailure(k + 1, outputs, e) from None
             t_prev = time.monotonic()
         if send_failure is not None:
             raise send_failure
         return outputs
 
+    def _check_consumed(self, hops: list[Hop], k: int, said: object, hop_input: torch.Tensor,
+                        outputs: dict[int, torch.Tensor], joined: frozenset[str] | set[str],
+                        could_be_pushed: bool, repeated: bool = False) -> None:
+        """Hop k ran on `hop_input`, the input the gateway holds for it (what the hop before
+        returned), as its reply's `consumed` (`said`) says; else raises PushDispute, when its
+        input may have come by push, or WrongOutputError, when it came from the gateway alone
+        (the server then says itself that it ran on something else)."""
+        if said == tensor_digest(hop_input):
+            return
+        address = hops[k].address
+        if not could_be_pushed or k == 0:
+            if said is None:
+                return  # a server older than protocol 1.5: it ran on what this gateway sent it
+            raise WrongOutputError(f"server {address} says it ran on another input than the one it was sent")
+        if said is None:
+            raise PushDispute(k, outputs, f"server {address} does not say which input it ran on",
+                              blind=address)
+        pusher = hops[k - 1].address
+        if repeated and pusher in joined:
+            # it ran the step before, on the push of a server that failed since (and that the
+            # gateway never heard from): nobody to suspect, the step runs again from our copy
+            raise PushDispute(k, outputs, f"server {address} ran this step on a push of a server replaced since")
+        raise PushDispute(k, outputs, f"server {address} ran on another input than the one {pusher} returned "
+                                      f"(blocks {hops[k - 1].first}:{hops[k - 1].last})", suspect=pusher)
+
     @staticmethod
-    def _step_fields(sess: GatewaySession, k: int, step: int) -> dict:
+    def _step_fields(sess: GatewaySession, k: int, step: int, rollback: bool = False) -> dict:
         fields: dict = {"session": sess.server_sessions[k], "step": step}
-        if sess.cut is not None:
-            fields["start"] = sess.cut  # every hop cuts its cache back there before the step
+        if sess.cut is not None or rollback:
+            # every hop cuts its cache back there before the step: the app's cut (then the
+            # session's position is the cut), or a rerun of the step from the gateway's inputs
+            fields["start"] = sess.position
         return fields
 
     @staticmethod
@@ -423,18 +529,19 @@ class Gateway:
         return {"address": hop.address, "key": key, "session": sid}
 
     def _accept(self, hop: Hop, reply: Message, expect_position: int, seconds: float, tokens: int,
-                x: torch.Tensor) -> torch.Tensor:
+                x: torch.Tensor, band: bool = True) -> torch.Tensor:
         if reply.get("position") != expect_position:
             raise SessionError(f"server {hop.address} is at position {reply.get('position')}, "
                                f"the session at {expect_position}")
-        out = self.router.check(hop, x, hidden_of(reply, hop.address))
+        out = self.router.check(hop, x, hidden_of(reply, hop.address), band)
         if not reply.get("repeated"):
             self.router.step_times.record(hop.address, seconds, tokens, hop.last - hop.first)
         self.router.bans.succeeded(hop.address)
         return out
 
-    def _repair(self, sess: GatewaySession, index: int, error: SwarmError, deadline: float) -> None:
-        """Replace hop `index` by servers covering its blocks, their caches rebuilt by replay."""
+    def _repair(self, sess: GatewaySession, index: int, error: SwarmError, deadline: float) -> list[Hop]:
+        """Replace hop `index` by servers covering its blocks, their caches rebuilt by replay;
+        returns the new hops."""
         hop = sess.hops[index]
         detected_at = time.time()
         self.router.fail(hop, error)
@@ -457,6 +564,7 @@ class Gateway:
         self.failovers += 1
         log.warning("session %s: blocks %d:%d moved to %s in %.3f s (%d positions replayed in %.3f s)", sess.id[:8],
                     hop.first, hop.last, route_text(hops), total_s, sess.position, replay_s)
+        return hops
 
     def on_close(self, msg: Message):
         sid = msg.get("session")
@@ -479,8 +587,8 @@ class Gateway:
                                            avoid=avoid)
         try:
             x = dict(replay)
-            for hop, sid in zip(hops, sids):
-                x["hidden"] = self._replay(hop, sid, x)
+            for hop, sid in zip(hops, sids):  # compared with another server's: no band needed
+                x["hidden"] = self._replay(hop, sid, x, band=False)
             return x["hidden"], hops
         finally:
             self.router.close_remote(list(zip(hops, sids)))
@@ -507,6 +615,7 @@ class Gateway:
                         route_text(hops), "neither" if wrong else "both")
             return None
         liar = wrong[0]
+        self.router.bands.learn((first, last), replay["hidden"][:, cut:], third)  # two servers agree on it
         for a in claims:
             if a != liar:
                 self.router.reputation.passed(a)
@@ -527,7 +636,7 @@ class Gateway:
         for hop, job in jobs:
             shadow, theirs = job.result()
             ours = inputs[hop.last]
-            why = self._compare(hop, ours, theirs, shadow.hops)
+            why = self._compare(hop, inputs[hop.first], ours, theirs, shadow.hops)
             if why is None:
                 continue
             # the third computes every position so far and this step's, from the history
@@ -574,7 +683,8 @@ class Gateway:
                     tokens = out.shape[0] * out.shape[1]
                     reply = self.router.pool.get(h.address).request(
                         "step", fields, {"hidden": out, **small}, timeout_s=self.router.allowance_s(h.address, tokens))
-                    out = self._accept(h, reply, sess.position + x.shape[1], time.monotonic() - t0, tokens, out)
+                    out = self._accept(h, reply, sess.position + x.shape[1], time.monotonic() - t0, tokens, out,
+                                       band=False)  # compared with the hop's own
                 return shadow, out
             except SwarmError as e:
                 if retriable(e):
@@ -650,23 +760,53 @@ class Gateway:
                      hop.last, e)
             return
         theirs = theirs[:, since:]
-        if self._compare(hop, expected, theirs, checkers) is None:
+        if self._compare(hop, replay["hidden"][:, since:], expected, theirs, checkers) is None:
             return
         if self._settle(sess, hop, expected, theirs, checkers, replay, since) == hop.address:
             # its wrong outputs are in the session's caches and history: the next step rebuilds
             # the route from the app's own inputs, through servers that did not lie
             sess.broken = True
 
-    def _compare(self, hop: Hop, ours: torch.Tensor, theirs: torch.Tensor, checkers: list[Hop]) -> str | None:
-        """A check of the hop's output against the checkers' (counted): why they differ, or None
-        (then every server involved passed)."""
+    def _compare(self, hop: Hop, x: torch.Tensor, ours: torch.Tensor, theirs: torch.Tensor,
+                 checkers: list[Hop]) -> str | None:
+        """A check of the hop's output `ours` for the input `x` against the checkers' (counted):
+        why they differ, or None (then every server involved passed, and the span's norm band
+        learns from the output two servers agree on)."""
         why = disagreement(ours, theirs, tolerance(ours.dtype, theirs.dtype, quantized=self._quantized(hop.address)))
         self._count("run")
         self._count("failed" if why is not None else "passed")
         if why is None:
             for a in {hop.address, *(h.address for h in checkers)}:
                 self.router.reputation.passed(a)
+            self.router.bands.learn((hop.first, hop.last), x, ours)
         return why
+
+    def _second_opinion(self, sess: GatewaySession, hop: Hop, x: torch.Tensor, out: torch.Tensor,
+                        small: dict[str, torch.Tensor], why: str) -> str:
+        """The hop's output `out` for this step's input `x` is outside the norm band: other
+        servers run its blocks on every position so far and this step's, at once. Returns
+        "confirmed" (they agree, or a third sided with the hop), "liar" (a third sided with
+        them: the hop's server is distrusted) or "unsettled" (no other server, no majority)."""
+        log.warning("server %s on blocks %d:%d: %s; asking another server", hop.address, hop.first, hop.last, why)
+        trial = History({b: list(v) for b, v in sess.history.inputs.items()}, list(sess.history.positions),
+                        list(sess.history.masks))
+        trial.append({hop.first: x}, [hop.first], small["position_ids"], small.get("key_mask"), small.get("beam_order"))
+        replay = trial.replay_inputs(hop.first)
+        cut = replay["hidden"].shape[1] - out.shape[1]
+        try:
+            theirs, checkers = self._compute_elsewhere(hop.first, hop.last, replay,
+                                                       self.router.table.unlike(hop.address) | {hop.address},
+                                                       sess.batch, sess.adapter)
+        except SwarmError as e:
+            self._count("inconclusive")
+            log.warning("blocks %d:%d: no other server to confirm %s's output (%s)", hop.first, hop.last,
+                        hop.address, e)
+            return "unsettled"
+        theirs = theirs[:, cut:]
+        if self._compare(hop, x, out, theirs, checkers) is None:
+            return "confirmed"
+        liar = self._settle(sess, hop, out, theirs, checkers, replay, cut)
+        return "unsettled" if liar is None else "liar" if liar == hop.address else "confirmed"
 
     def _settle(self, sess: GatewaySession, hop: Hop, ours: torch.Tensor, theirs: torch.Tensor, checkers: list[Hop],
                 replay: dict[str, torch.Tensor], cut: int) -> str | None:
@@ -688,7 +828,8 @@ class Gateway:
 
     def verify_status(self) -> dict:
         return {"mode": self.verify, "probability": self.verify_probability if self.verify == "sample" else None,
-                "checks": dict(self.checks), "servers": self.router.reputation.to_json()}
+                "checks": dict(self.checks), "servers": self.router.reputation.to_json(),
+                "push_suspects": self.router.pushes.to_json()}
 
     # --- housekeeping -------------------------------------------------------------------------
     def forget_servers(self, addresses: set[str]) -> None:

@@ -1,13 +1,13 @@
 """What the gateway believes of a server's outputs: every reply checked for shape, dtype,
-finiteness and a norm within what the swarm's servers have produced at that block (always,
-cheap), outputs of two servers for the same input compared within a tolerance of their
-dtypes, and the servers caught lying distrusted (docs/security.md).
+finiteness and a norm within what servers agreed on at that block (always, cheap), outputs
+of two servers for the same input compared within a tolerance of their dtypes, and the
+servers caught lying distrusted (docs/security.md).
 
 A server is distrusted on evidence only: a reply that no honest computation gives (non-finite,
-the wrong shape, a norm far outside the band), or an output that a second server contradicts
-and a third one confirms the second. Distrust lasts an hour, doubling with each further
-offence up to a week; it is not a score that a server could earn back by answering well for a
-while between lies."""
+the wrong shape), or an output that a second server contradicts and a third one confirms the
+second. A norm far outside the band is only implausible: it calls for that second opinion.
+Distrust lasts an hour, doubling with each further offence up to a week; it is not a score
+that a server could earn back by answering well for a while between lies."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from libswarm.errors import WrongOutputError
+from libswarm.errors import RemoteError, WrongOutputError
 
 log = logging.getLogger("swarmd.gateway")
 
@@ -41,9 +41,13 @@ TOLERANCE = {torch.float32: 1e-3, torch.float16: 1.0, torch.bfloat16: 1.0}
 TOLERANCE_QUANTIZED = 0.1
 
 # The band of a span's growth: per position, the norm (root mean square over the hidden size)
-# of its output over that of its input. Learned per span [first, last) from accepted replies,
-# and enforced once it has seen BAND_MIN_ROWS positions: a reply growing a position more than
-# BAND_FACTOR times the most seen there is wrong; before that, only ABSOLUTE_MAX_RMS holds.
+# of its output over that of its input. Learned per span [first, last) only from outputs that a
+# second server confirmed (a cross-check that passed, or the side a third server sided with):
+# learned from every accepted reply, a liar's first replies (zeros, say) would set it, and every
+# honest output would then fall outside it. Enforced once it has seen BAND_MIN_ROWS positions: a
+# reply growing a position more than BAND_FACTOR times the most seen there is implausible; before
+# that, only ABSOLUTE_MAX_RMS holds. Implausible is not wrong: it sends the reply to a second
+# server at once (gateway.py), and only what that check finds can distrust anyone.
 # Relative to the input, because an app's inputs set the scale (zeros in, small norms out),
 # and upper only: small outputs may be honest (padding), and a lie of small values is for
 # the cross-checks to see.
@@ -109,19 +113,29 @@ class NormBands:
             self._bands[span] = (max(highest, float(growth.max())), rows + growth.numel())
 
 
-def check_output(x: torch.Tensor, out: torch.Tensor, span: tuple[int, int], bands: NormBands) -> None:
+class ImplausibleOutput(RemoteError):
+    """A reply outside the norm band (or the absolute bound): not proof of a lie, a reason to
+    ask a second server at once. Elsewhere than a session's step (a replay, a shadow, a forward
+    pass) the server is routed around like a failed one (banned for a while, not distrusted)."""
+
+    def __init__(self, message: str, output: torch.Tensor | None = None):
+        super().__init__(message)
+        self.output = output
+
+
+def check_output(x: torch.Tensor, out: torch.Tensor, span: tuple[int, int], bands: NormBands | None) -> None:
     """A reply's hidden states `out` for the input `x`, checked before anything uses them;
-    raises WrongOutputError."""
+    raises WrongOutputError for what no honest server returns (a non-float dtype, another
+    shape, NaN or infinity), ImplausibleOutput for a norm outside the band."""
     if out.dtype not in FLOAT_DTYPES:
         raise WrongOutputError(f"output of dtype {str(out.dtype)[6:]}, not a floating point dtype served here")
     if out.shape != x.shape:
         raise WrongOutputError(f"output of shape {list(out.shape)}, expected {list(x.shape)}")
     if not bool(torch.isfinite(out).all()):
         raise WrongOutputError("output holds NaN or infinite values")
-    why = bands.check(span, x, out)
+    why = bands.check(span, x, out) if bands is not None else None
     if why is not None:
-        raise WrongOutputError(why)
-    bands.learn(span, x, out)
+        raise ImplausibleOutput(why, out)
 
 
 def check_gradient(grad: torch.Tensor, shape: tuple[int, ...]) -> None:
@@ -131,6 +145,53 @@ def check_gradient(grad: torch.Tensor, shape: tuple[int, ...]) -> None:
         raise WrongOutputError(f"gradient of {str(grad.dtype)[6:]} {list(grad.shape)}, expected {list(shape)}")
     if not bool(torch.isfinite(grad).all()):
         raise WrongOutputError("gradient holds NaN or infinite values")
+
+
+# A server whose push the next hop says differed from what it returned to the gateway is not
+# asked to push for this long: the gateway hands its outputs over itself (a network hop more per
+# step through it). Neither server is distrusted: the gateway cannot tell which of the two lied
+# (a hostile next hop could say so of an honest pusher), and with every input handed over by
+# the gateway a lying pusher gains nothing, while a lying next hop is judged on its outputs.
+PUSH_SUSPECT_S = 3600.0
+MAX_PUSH_ENTRIES = 4096  # addresses remembered (the oldest forgotten first)
+
+
+class PushLinks:
+    """Which servers the gateway lets push their outputs to the next hop of a route: not one
+    whose push was disputed lately (`suspect`), and not to one that does not say what it ran
+    on (`blind`: a server older than protocol 1.5), since then a push could not be vouched for."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self._clock = clock
+        self._suspects: dict[str, tuple[float, str]] = {}  # address -> (until, why)
+        self._blind: dict[str, None] = {}
+        self._lock = threading.Lock()
+
+    def suspect(self, address: str, why: str) -> None:
+        log.warning("server %s: %s; its outputs go to the next hop through this gateway for %.0f s", address, why,
+                    PUSH_SUSPECT_S)
+        with self._lock:
+            self._suspects.pop(address, None)
+            self._suspects[address] = (self._clock() + PUSH_SUSPECT_S, why)
+            while len(self._suspects) > MAX_PUSH_ENTRIES:
+                del self._suspects[next(iter(self._suspects))]
+
+    def blind(self, address: str) -> None:
+        with self._lock:
+            self._blind[address] = None
+            while len(self._blind) > MAX_PUSH_ENTRIES:
+                del self._blind[next(iter(self._blind))]
+
+    def allowed(self, pusher: str, receiver: str) -> bool:
+        with self._lock:
+            suspect = self._suspects.get(pusher)
+            return (suspect is None or suspect[0] <= self._clock()) and receiver not in self._blind
+
+    def to_json(self) -> list[dict]:
+        now = self._clock()
+        with self._lock:
+            return [{"address": a, "for_s": round(until - now, 1), "reason": why}
+                    for a, (until, why) in self._suspects.items() if until > now]
 
 
 @dataclass

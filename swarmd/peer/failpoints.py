@@ -15,6 +15,7 @@ no test at all.
   position moved by 8 times its row's norm, every time / once in 50 (a lying or faulty server);
 - reply_nan / reply_wrong_shape / reply_huge: every step's output is NaN / lacks its last
   hidden element / is 1000 times too large after 3 right ones (impossible replies);
+- reply_zeros: every step's output is zeros (plausible by norm: small outputs may be honest);
 - forward_nan: every forward pass (training) answers NaN;
 - lora_grad_nan: every backward pass answers NaN gradients for the client's LoRA weights (its
   gradient of the input is right);
@@ -22,6 +23,11 @@ no test at all.
   answered with an error of the code in SWARMD_REFUSE_CODE (`protocol` by default) instead of
   its result (a server that is overloaded, misconfigured, of another version, or hostile);
 - reply_no_hidden: every step is answered `ok` without its output tensor (a broken reply);
+- push_wrong / push_extra / push_float16 / push_stale: every step's output is returned right to
+  the gateway but pushed to the next hop changed: nudged as lie_always does / with one position
+  more (a copy of its last) / rounded to float16
+  (bfloat16 from a float16 server: the right values in another dtype) / as the
+  previous step's output when it has the same shape (the right bytes for another step);
 - relay_tap: as a relay, every message it forwards is appended, as it saw it, to the file
   named by SWARMD_RELAY_TAP (what a curious relay could read): its length (8 bytes, little
   endian), then its frames as swarmd.transport.relay.pack lays them out."""
@@ -152,10 +158,39 @@ def _finished_steps(change: Callable) -> Callable:
     def install(server) -> None:
         finish = server._finish_step
 
-        def changed(s, msg, out):
-            return change(*finish(s, msg, out))
+        def changed(s, msg, out, x):
+            return change(*finish(s, msg, out, x))
         server._finish_step = changed
     return install
+
+
+def _wrong_pushes(change: Callable) -> Callable:
+    """What this server pushes to the next hop changed by `change(out, previous)` (`previous`:
+    the output it pushed before, or None); what it returns to the gateway stays right."""
+    def install(server) -> None:
+        push, previous = server._push, [None]
+
+        def changed(nxt, step, out):
+            wrong, previous[0] = change(out, previous[0]), out
+            return push(nxt, step, wrong)
+        server._push = changed
+    return install
+
+
+def _push_extra(out, previous):
+    import torch
+
+    return torch.cat([out, out[:, -1:]], dim=1)
+
+
+def _push_other_dtype(out, previous):
+    import torch
+
+    return out.half() if out.dtype != torch.float16 else out.bfloat16()
+
+
+def _push_stale(out, previous):
+    return previous if previous is not None and previous.shape == out.shape else _nudge(out)
 
 
 def _hang(*args):
@@ -192,10 +227,15 @@ FAILPOINTS: dict[str, Callable] = {"exit_on_replay": _exit_on_replay, "hang_on_f
                                    "reply_nan": _wrong_steps(lambda out: out * float("nan")),
                                    "reply_wrong_shape": _wrong_steps(lambda out: out[..., :-1].contiguous()),
                                    "reply_huge": _wrong_steps(lambda out: out * 1000, after=HONEST_FIRST),
+                                   "reply_zeros": _wrong_steps(lambda out: out * 0),
                                    "forward_nan": _wrong_steps(lambda out: out * float("nan"), passes=True),
                                    "lora_grad_nan": _lora_grad_nan, "refuse_opens": _refuse_opens,
                                    "refuse_work": _refuse_work,
-                                   "reply_no_hidden": _finished_steps(lambda fields, tensors: (fields, {}))}
+                                   "reply_no_hidden": _finished_steps(lambda fields, tensors: (fields, {})),
+                                   "push_wrong": _wrong_pushes(lambda out, previous: _nudge(out)),
+                                   "push_extra": _wrong_pushes(_push_extra),
+                                   "push_float16": _wrong_pushes(_push_other_dtype),
+                                   "push_stale": _wrong_pushes(_push_stale)}
 
 
 def install(server, names: str) -> None:

@@ -40,6 +40,7 @@ from libswarm.errors import (
 )
 from libswarm.protocol import Message, decode, error_reply, ok_reply, registry
 from libswarm.protocol.messages import FRAME_BYTES, peek_type
+from libswarm.protocol.tensors import tensor_digest
 from swarmd.config import LimitsConfig
 from swarmd.discovery.keyquery import split_address
 from swarmd.identity import NodeIdentity, is_key, short_id
@@ -118,6 +119,7 @@ class ServerSession:
     # elsewhere in the route gets the same answer, and the cache does not advance twice
     last_step: int | None = None
     last_output: torch.Tensor | None = None
+    last_consumed: str | None = None  # the digest of the input the last step ran on (its `consumed`)
     queued: int = 0  # its steps on the compute thread: while any is, its next steps queue behind them
     waiting_step: int | None = None  # the number of its step last left waiting for its push
     in_batch: bool = False  # a step of it waits in the batch being gathered
@@ -736,6 +738,11 @@ class SpanServer:
         s = self._session(msg)
         step = msg.get("step")
         repeat = s.queued == 0 and isinstance(step, int) and step == s.last_step and s.last_output is not None
+        if not repeat:
+            # a route runs a session's steps in turn: a step of another number (a rerun from the
+            # gateway's own copy of its input, after a push it could not vouch for) makes the one
+            # still waiting for its push moot. Left waiting, a late push would run it after the rerun
+            self._unwait(s, f"superseded by step {step} of its session", keep=step)
         if not repeat and msg.tensors.get("hidden") is None and msg.get("expect_push"):
             key = (s.id, step)
             pushed = self.pushed.pop(key, None)
@@ -744,9 +751,8 @@ class SpanServer:
             if pushed is None:  # the previous server has not pushed yet: answer when it does
                 if len(self.pending) >= MAX_PENDING:
                     raise LimitError("too many steps waiting for pushes")
-                # one step of a session waits at a time (a route runs its steps in turn): a key
-                # holds no more waiting steps than it has sessions open here
-                self._unwait(s, f"superseded by step {step} of its session", keep=step)
+                # one step of a session waits at a time (any other was let go above): a key holds
+                # no more waiting steps than it has sessions open here
                 s.waiting_step = step
                 self.pending[key] = PendingStep(*self._current, s, msg)
                 return DEFERRED
@@ -783,7 +789,8 @@ class SpanServer:
         step = msg.get("step")
         if isinstance(step, int) and step == s.last_step and s.last_output is not None:
             return self._repeat_step(s, msg)
-        return self._run_step(s, msg, hidden)
+        with _naming_input(msg, hidden):
+            return self._run_step(s, msg, hidden)
 
     # --- batches of decode steps across sessions -------------------------------------------------
     def _batchable(self, s: ServerSession, msg: Message, x: torch.Tensor | None) -> bool:
@@ -797,8 +804,9 @@ class SpanServer:
     def _gather(self, s: ServerSession, msg: Message, hidden: torch.Tensor | None, ident: bytes, req_id: int,
                 sender: str | None) -> object:
         """Check a decode step now (a bad one is refused at once, alone) and keep it for the batch."""
-        hidden, pos, mask = self._inputs(msg, batch=s.cache.batch, hidden=hidden)
-        s.cache.check_step(hidden.shape[0], 1)
+        with _naming_input(msg, hidden):
+            hidden, pos, mask = self._inputs(msg, batch=s.cache.batch, hidden=hidden)
+            s.cache.check_step(hidden.shape[0], 1)
         if pos is None:
             pos = torch.full((hidden.shape[0], 1), s.cache.length)
         if not self._batch:
@@ -859,7 +867,7 @@ class SpanServer:
             for k, b in enumerate(group):
                 try:
                     out = outs[k] if outs is not None else self._compute_step(b.session, b.hidden, b.pos, b.mask)
-                    fields, tensors = self._finish_step(b.session, b.msg, out)
+                    fields, tensors = self._finish_step(b.session, b.msg, out, b.hidden)
                     reply = ok_reply(b.req_id, fields, tensors, frame_bytes=_frame_bytes(b.msg))
                 except Exception as e:
                     reply = self._error_reply(b.req_id, b.sender, e)
@@ -884,7 +892,7 @@ class SpanServer:
             s.cache.reorder(order)
         if pos is None:
             pos = torch.arange(s.cache.length, s.cache.length + T).expand(B, T)
-        return self._finish_step(s, msg, self._compute_step(s, hidden, pos, mask))
+        return self._finish_step(s, msg, self._compute_step(s, hidden, pos, mask), hidden)
 
     def _compute_step(self, s: ServerSession, hidden: torch.Tensor, pos: torch.Tensor,
                       mask: torch.Tensor | None) -> torch.Tensor:
@@ -893,8 +901,10 @@ class SpanServer:
         self._timed(time.perf_counter() - t0, runs=1)
         return out
 
-    def _finish_step(self, s: ServerSession, msg: Message, out: torch.Tensor):
-        """A step's output: kept for a repeat, pushed to the next hop, and the reply's content."""
+    def _finish_step(self, s: ServerSession, msg: Message, out: torch.Tensor, x: torch.Tensor):
+        """A step's output: kept for a repeat, pushed to the next hop, and the reply's content,
+        which names the input `x` it ran on (`consumed`: the gateway compares it with what the
+        previous hop returned, so that a push it never saw cannot go unnoticed)."""
         if out.device.type != "cpu":
             out = out.cpu()  # once: the push, the reply and a repeat all send this copy
         step = msg.get("step")
@@ -906,10 +916,12 @@ class SpanServer:
         else:
             pace = now - last[0]
             self._stepped[s.id] = (now, pace if last[1] is None else 0.7 * last[1] + 0.3 * pace)
-        s.last_step, s.last_output = (step, out) if isinstance(step, int) else (None, None)
+        consumed = tensor_digest(x)
+        s.last_step, s.last_output, s.last_consumed = (step, out, consumed) if isinstance(step, int) \
+            else (None, None, None)
         nxt = msg.get("next")
         pushed = self._push(nxt, step, out) if nxt is not None else None
-        fields: dict = {"position": s.cache.length}
+        fields: dict = {"position": s.cache.length, "consumed": consumed}
         if pushed is False:
             fields["pushed"] = False  # the gateway sends `out` to the next server itself
         return fields, {"hidden": out}
@@ -918,7 +930,7 @@ class SpanServer:
         """A step already run (the gateway resent it after a failure elsewhere): same answer."""
         assert s.last_output is not None
         nxt = msg.get("next")
-        fields: dict = {"position": s.cache.length, "repeated": True}
+        fields: dict = {"position": s.cache.length, "repeated": True, "consumed": s.last_consumed}
         if nxt is not None and not self._push(nxt, s.last_step, s.last_output):
             fields["pushed"] = False
         return fields, {"hidden": s.last_output}
@@ -951,6 +963,18 @@ class SpanServer:
         hidden = msg.tensors.get("hidden")
         sid, step = msg.get("session"), msg.get("step")
         session = self.sessions.get(sid) if isinstance(sid, str) else None
+        if hidden is not None and session is not None and isinstance(step, int) and not _fits_step(hidden, session):
+            waiting = self.pending.get((session.id, step))
+            if waiting is not None and _push_from(waiting.msg, sender):
+                # the route's previous hop pushed what cannot be this step's input: the step is
+                # refused naming that input, so that its gateway blames the pusher, not this server
+                del self.pending[(session.id, step)]
+                session.waiting_step = None
+                err = TensorError(f"step {step}: the previous hop pushed {str(hidden.dtype)[6:]} "
+                                  f"{list(hidden.shape)[:8]}, not a step of this session")
+                err.consumed = tensor_digest(hidden)
+                self._send(waiting.ident, self._error_reply(waiting.req_id, waiting.sender, err), waiting.req_id)
+                return
         if hidden is None or session is None or not isinstance(step, int) or not _fits_step(hidden, session):
             # made up, malformed or larger than any step of the session: dropped at once
             self.quiet_log.info((sender, "push"), "push from %s dropped: no such session, or not a step of it",
@@ -1162,6 +1186,20 @@ def _peer_address(frame) -> str | None:
     except (AttributeError, zmq.ZMQError):
         return None
     return value if isinstance(value, str) and value else None
+
+
+@contextlib.contextmanager
+def _naming_input(msg: Message, hidden: torch.Tensor | None):
+    """A step refused for its input (its shape against its position ids, its length against
+    the positions left) names the input it was given (`consumed`): when that came by push, the
+    gateway can tell that the fault is the pusher's, not this server's."""
+    try:
+        yield
+    except SwarmError as e:
+        x = hidden if hidden is not None else msg.tensors.get("hidden")
+        if e.consumed is None and isinstance(x, torch.Tensor):
+            e.consumed = tensor_digest(x)
+        raise
 
 
 def _push_from(step: Message, sender: str | None) -> bool:

@@ -209,12 +209,14 @@ class FakeServer:
     def send(self, msg_type, fields=None, tensors=None, timeout_s=30.0):
         from libswarm.errors import PeerUnavailableError
         from libswarm.protocol import Message
+        from libswarm.protocol.tensors import tensor_digest
 
         self.sends += 1
         if not self.reachable:
             raise PeerUnavailableError(f"peer {self.address} refuses connections")
         req_id = len(self.replies) + 1000 * self.sends
-        reply = {"position": 1}
+        # every hop's output is zeros like the app's input: what it ran on (given or pushed) too
+        reply = {"position": 1, "consumed": tensor_digest(torch.zeros(1, 1, 4))}
         if "next" in (fields or {}) and not self.pushes:
             reply["pushed"] = False
         self.replies[req_id] = Message("ok", req_id, reply, {"hidden": torch.zeros(1, 1, 4)})
@@ -301,6 +303,48 @@ def test_a_server_that_cannot_push_has_its_output_handed_over_by_the_gateway():
     small = {"position_ids": torch.zeros(1, 1, dtype=torch.long)}
     outputs = gw._run_chain(sess, 0, torch.zeros(1, 1, 4), small, step=0, tokens=1)
     assert sorted(outputs) == [0, 1, 2] and c.sends == 2
+
+
+def test_a_hop_that_ran_on_another_input_than_the_one_before_returned_is_a_dispute_blaming_the_pusher():
+    """Hop c says it ran on something else than what b returned to the gateway (b pushed another
+    tensor): not c's failure (no ban, no distrust) but a dispute naming b; a push of something
+    c refused (it says what it was given) likewise; and a hop whose input came from the gateway
+    alone that says it ran on something else is the one at fault."""
+    from libswarm.errors import TensorError, WrongOutputError
+    from swarmd.gateway.gateway import HopFailure, PushDispute
+
+    class Pushed(FakeServer):  # ran on, or refused, what it was pushed: not zeros
+        def __init__(self, address, refuses=False):
+            super().__init__(address)
+            self.refuses = refuses
+
+        def send(self, msg_type, fields=None, tensors=None, timeout_s=30.0):
+            req_id = super().send(msg_type, fields, tensors, timeout_s)
+            if self.refuses:
+                err = TensorError("position_ids must be int64 [1, 2], got int64 [1, 1]")
+                err.peer, err.consumed = self.address, "0" * 32
+                self.replies[req_id] = err
+            else:
+                self.replies[req_id].fields["consumed"] = "0" * 32
+            return req_id
+
+        def receive(self, req_id, deadline, what="request"):
+            reply = self.replies.pop(req_id)
+            if isinstance(reply, Exception):
+                raise reply
+            return reply
+
+    small = {"position_ids": torch.zeros(1, 1, dtype=torch.long)}
+    for c in (Pushed("c"), Pushed("c", refuses=True)):
+        gw, sess = chain_gateway([FakeServer("a"), FakeServer("b"), c])
+        with pytest.raises(PushDispute) as dispute:
+            gw._run_chain(sess, 0, torch.zeros(1, 1, 4), small, step=0, tokens=1)
+        assert dispute.value.index == 2 and dispute.value.suspect == "b" and sorted(dispute.value.outputs) == [0, 1]
+        assert not gw.router.bans.banned()
+    gw, sess = chain_gateway([Pushed("a"), FakeServer("b")])  # the first hop's input is the gateway's own
+    with pytest.raises(HopFailure) as failure:
+        gw._run_chain(sess, 0, torch.zeros(1, 1, 4), small, step=0, tokens=1)
+    assert failure.value.index == 0 and isinstance(failure.value.error, WrongOutputError)
 
 
 class FailingServer:

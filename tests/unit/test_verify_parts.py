@@ -50,6 +50,26 @@ def test_the_band_holds_only_once_learned_and_catches_a_reply_grown_far_beyond_i
     assert bands.check(span, x * 100, out * 100) is None  # larger inputs, larger outputs: the same growth
 
 
+def test_an_accepted_reply_teaches_the_band_nothing_and_one_outside_it_is_implausible_not_wrong():
+    """Issue 38, finding 2: a liar's zeros accepted unchecked once set the band to "at most 0x"
+    and got every honest server distrusted. check_output learns nothing now (the gateway feeds the
+    band only outputs two servers agreed on), and a norm outside the band is ImplausibleOutput, a
+    reason for a second opinion, not a WrongOutputError (which distrusts at once)."""
+    from swarmd.gateway.verify import ImplausibleOutput
+
+    bands, span = NormBands(), (0, 3)
+    x = hidden(3)
+    for _ in range(4 * BAND_MIN_ROWS):
+        check_output(x, x * 0, span, bands)  # a liar's zeros, accepted: plausible, and not learned
+    assert bands.check(span, x, x * 3) is None
+    while bands._bands.get(span, (0, 0))[1] < BAND_MIN_ROWS:
+        bands.learn(span, x, x * 3)  # confirmed by a second server
+    with pytest.raises(ImplausibleOutput) as e:
+        check_output(x, x * 3000, span, bands)
+    assert not isinstance(e.value, WrongOutputError) and torch.equal(e.value.output, x * 3000)
+    check_output(x, x * 3000, span, None)  # an output compared with another server's: no band
+
+
 def test_a_band_learned_from_zero_inputs_refuses_no_real_output():
     """An app stepping zeros (tests, warm-ups) gives tiny outputs: the band, relative to the
     input, must not then call every real output wrong."""
