@@ -245,6 +245,7 @@ class RelayService:
         # to the connection that asked, under that request's own id (one key may hold many
         # connections, one per thread, whose ids overlap), and only once
         self.pending: OrderedDict[int, Pending] = OrderedDict()
+        self._by_client_id: dict[tuple[str, str, int], int] = {}  # (server, client, its id) -> relay's id
         self._ids = itertools.count(1)
         self._tokens, self._at = float(max_bytes_per_s), clock()
         self.forwarded_bytes = 0
@@ -270,7 +271,8 @@ class RelayService:
                 del self.servers[key]
                 log.info("no longer relaying for %s (its registration lapsed)", short_id(key))
         while self.pending and next(iter(self.pending.values())).at < now - PAIR_TTL_S:
-            self.pending.popitem(last=False)
+            _, old = self.pending.popitem(last=False)
+            self._forget_index(old)
 
     def route(self, sender: str | None, to: str, ident: bytes, nbytes: int,
               req_id: int = 0) -> tuple[bytes, int] | None:
@@ -284,10 +286,16 @@ class RelayService:
             raise ProtocolError("relay needs a CURVE key")
         now = self._clock()
         if sender in self.servers:  # a relayed server speaks only to answer
-            asked = self.pending.get(req_id)
+            outer = req_id
+            asked = self.pending.get(outer)
             if asked is None or asked.server != sender or asked.client != to:
-                return None  # nobody asked it this: dropped, and no byte of the budget spent on it
-            del self.pending[req_id]
+                # a server before 1.5 answers under the client's own id: the latest such request
+                outer = self._by_client_id.get((sender, to, req_id), 0)
+                asked = self.pending.get(outer)
+                if asked is None:
+                    return None  # nobody asked it this: dropped, and no byte of the budget spent on it
+            del self.pending[outer]
+            self._by_client_id.pop((asked.server, asked.client, asked.req_id), None)
             self._spend(nbytes, now)
             return asked.ident, asked.req_id
         target = self.servers.get(to)
@@ -299,9 +307,16 @@ class RelayService:
                                        "(network.relay_max_bytes_per_s)")
         outer = next(self._ids) % MAX_OUTER_ID + 1
         self.pending[outer] = Pending(ident, req_id, sender, to, now)
+        self._by_client_id[(to, sender, req_id)] = outer
         while len(self.pending) > MAX_PENDING:
-            self.pending.popitem(last=False)
+            _, old = self.pending.popitem(last=False)
+            self._forget_index(old)
         return target[0], outer
+
+    def _forget_index(self, p: Pending) -> None:
+        key = (p.server, p.client, p.req_id)
+        if (asked := self.pending.get(self._by_client_id.get(key, 0))) is None or asked is p:
+            self._by_client_id.pop(key, None)
 
     def _spend(self, nbytes: int, now: float, strict: bool = False) -> bool:
         """Take `nbytes` from the budget (a burst of one second's worth). Answers always go (a

@@ -129,6 +129,10 @@ def test_answers_go_to_the_connection_that_asked_not_the_keys_latest():
     assert r.route(server, client, b"srv", 10**6, 123456) is None  # no such request
     assert r.forwarded_bytes == spent  # unsolicited answers cost the shared budget nothing
     assert r.route(server, client, b"srv", 100, out_c) == (b"conn-a", 6)
+    # a server before 1.5 answers under the client's own id: still delivered, once
+    _, out_d = r.route(client, server, b"conn-b", 100, 9)
+    assert r.route(server, client, b"srv", 100, 9) == (b"conn-b", 9)
+    assert r.route(server, client, b"srv", 100, out_d) is None and r.pending == {} and r._by_client_id == {}
 
 
 def test_a_record_naming_relays_is_reached_through_them_and_costs_a_hop_more():
