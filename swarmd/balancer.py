@@ -91,10 +91,13 @@ class Balancer:
         deadline, seen = time.monotonic() + DISCOVERY_WAIT_S, -1
         while time.monotonic() < deadline:
             self.membership.refresh()
-            n = len(self.table.entries())
-            if n == seen and n > 0:
+            entries = self.table.entries()
+            # placement counts only nodes reached with their key: wait for those heard of to be reached
+            settled = all(e.is_self or e.verified or e.unreachable
+                          or self.table.state(e) in ("dead", "unreachable", "offline") for e in entries)
+            if len(entries) == seen and seen > 0 and settled:
                 return
-            seen = n
+            seen = len(entries)
             time.sleep(0.5)
 
     def others(self) -> list[Holder]:

@@ -68,11 +68,11 @@ def fork_daemons() -> None:
     if _forkserver is None:
         ctx = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload(_PRELOAD)
-        # started now, in the background of the imports that follow: else the first daemon's
-        # start pays for the server's imports (seconds), and a test that times starts sees it
-        from multiprocessing import forkserver
-
-        forkserver.ensure_running()
+        # started and through its imports now (one no-op child): else the first daemon's start
+        # pays for them (seconds), and a test that times starts sees it
+        warm = ctx.Process(target=int, name="forkserver-warm-up")
+        warm.start()
+        warm.join(120)
         _forkserver = ctx
 
 
