@@ -12,7 +12,7 @@ import zlib
 import pytest
 import torch
 from conftest import hf_reference
-from helpers import Daemon, generate_equals_hf, until, wait_tables
+from helpers import SWARMCTL, Daemon, generate_equals_hf, until, wait_tables
 from test_membership import CONVERGE_LIMIT_S
 
 from swarmd.identity import short_id
@@ -131,3 +131,87 @@ def tapped(path: str):
         n = int.from_bytes(data[at:at + 8], "little")
         yield unpack(memoryview(data[at + 8:at + 8 + n]))
         at += 8 + n
+
+
+def test_the_private_swarm_walk_of_the_operations_page_with_its_own_commands(model_dirs, three_hosts, tmp_path):
+    """docs/operations.md, "A private swarm of three machines, step by step", on three hosts of a
+    LAN, with the page's own commands where they do not need systemd: the config of step 2;
+    alone at first, handshakes refused and logged as step 3 shows; `swarmctl key` printed into
+    the others' peers.d as it is (step 4) and a reload (SIGHUP: what `systemctl reload` sends);
+    mDNS (step 5); step 6's checks; step 7's removal on every member."""
+    import re
+    import signal
+
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "docs",
+                           "operations.md")) as f:
+        page = f.read()
+    section = page[page.index("## A private swarm of three machines"):page.index("## Choosing blocks")]
+    refusal = re.search(r"^\s*(WARNING swarmd\.access: refused peer) 955c376f \(KEY-OF-BETA\)(: its key is not in) "
+                        r"/etc/swarmd/peers\.d( \(private swarm\))$", section, re.M)
+    assert refusal and "swarmctl key" in section and "swarm private, 3 of 3 peers online" in section
+    d = model_dirs("llama", layers=4)
+    daemons = []
+    for (ns, ip), blocks in zip(three_hosts, ("0:2", "1:3", "2:4")):  # overlapping, as step 2 advises
+        x = Daemon(str(tmp_path), ns, d, blocks, {
+            "network": {"listen": f"tcp://{ip}:31330"},
+            "discovery": {"mdns": True, "mdns_interfaces": [ip]},
+            "swarm": {"access": "private", "allowed_keys_dir": str(tmp_path / ns / "peers.d")},
+        })
+        os.makedirs(x.cfg["swarm"]["allowed_keys_dir"], mode=0o755)  # install -d -m 0755 .../peers.d
+        x.address = f"tcp://{ip}:31330"
+        x.prefix = ["ip", "netns", "exec", ns]
+        daemons.append(x)
+    try:
+        for x in daemons:
+            x.start([])
+        for x in daemons:
+            x.wait_ready()
+        # step 4: each key, as `swarmctl key` prints it, into the other two's peers.d; reload.
+        # First the first machine alone lists the others: they refuse its handshakes, as step 3 shows
+        keys = {}
+        for x in daemons:
+            printed = subprocess.run([SWARMCTL, "--socket", x.socket, "key"], capture_output=True, text=True,
+                                     timeout=30)
+            assert printed.returncode == 0, printed.stderr
+            keys[x.name] = printed.stdout
+        first, rest = daemons[0], daemons[1:]
+        for x in rest:
+            with open(os.path.join(first.cfg["swarm"]["allowed_keys_dir"], x.name), "w") as f:
+                f.write(keys[x.name])
+        first.kill(signal.SIGHUP)
+        until(lambda: all(refusal.group(1) in x.tail(1 << 20) for x in rest), 30, "refusals logged")
+        line = next(ln for ln in rest[0].tail(1 << 20).splitlines() if refusal.group(1) in ln)
+        assert f"refused peer {short_id(first.node_id)} ({first.node_id})" in line
+        assert refusal.group(2) in line and line.endswith(refusal.group(3))
+        for x in daemons:
+            for other in daemons:
+                if other is not x:
+                    with open(os.path.join(other.cfg["swarm"]["allowed_keys_dir"], x.name), "w") as f:
+                        f.write(keys[x.name])
+        for x in daemons:
+            x.kill(signal.SIGHUP)
+        # steps 5 and 6: found by mDNS; three rows online, "swarm private, 3 of 3 peers online", no GAP
+        wait_tables(daemons, {x.node_id for x in daemons}, CONVERGE_LIMIT_S)
+
+        def status_text() -> str:
+            return subprocess.run([SWARMCTL, "--socket", daemons[2].socket, "status"], capture_output=True,
+                                  text=True, timeout=30).stdout
+
+        until(lambda: "swarm     private, 3 of 3 peers online" in status_text(), 30, "status to say 3 of 3")
+        assert "GAP" not in status_text()
+        generate_equals_hf(d, daemons[2].socket)
+        # step 7: removed on every member and reloaded: gone from every table and its coverage at once
+        leaver = daemons[0]
+        for x in daemons[1:]:
+            os.remove(os.path.join(x.cfg["swarm"]["allowed_keys_dir"], leaver.name))
+            x.kill(signal.SIGHUP)
+        # (an mDNS contact of its address may still be listed, never online: records of its key are refused)
+        def online(x) -> set[str]:
+            return {p["node_id"] for p in x.ctl("peers")["peers"] if p["state"] == "online"}
+
+        until(lambda: all(leaver.node_id not in online(x) for x in daemons[1:]), 5,
+              "the removed key gone from every table")
+        assert daemons[2].ctl("status")["coverage"][0]["gaps"] == [[0, 1]]  # block 0 was its alone
+    finally:
+        for x in daemons:
+            x.stop()
