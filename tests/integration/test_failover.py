@@ -227,10 +227,15 @@ def test_failed_over_session_frees_caches_on_surviving_servers_at_close(live):
     act = kill(servers, 4)
     out, _, _ = generate_with(model, ids, {6: act})
     assert torch.equal(out, expected)
+    # a spot check (swarm.verify: sample) runs off the step's path and may still hold its own
+    # session on another server for a moment after the app's close: freed within seconds, never
+    # left for the idle timeout
     for s in servers:
         if s.alive:
-            status = s.ctl("status")
-            assert status["sessions"]["server"] == 0 and status["cache"]["used_bytes"] == 0, s.name
+            def freed(s=s) -> bool:
+                status = s.ctl("status")
+                return status["sessions"]["server"] == 0 and status["cache"]["used_bytes"] == 0
+            until(freed, 10, f"{s.name} to free every session")
 
 
 def test_replacement_that_dies_during_replay_is_replaced_too(model_dirs):
