@@ -234,7 +234,8 @@ class Daemon:
         from swarmd.runtime.speed import BlockSpeed, save_speed, speed_key
 
         os.makedirs(self.cfg["state_dir"], exist_ok=True)
-        key = speed_key(Checkpoint(self.cfg["model"]).model_id, "cpu", torch.float32)
+        quant = self.cfg.get("serve", {}).get("quant", "none")  # a quantized server keeps its speed apart
+        key = speed_key(Checkpoint(self.cfg["model"]).model_id, "cpu", torch.float32, quant)
         save_speed(self.cfg["state_dir"], key, BlockSpeed(step_s, 1000.0, 100_000))
         return self
 

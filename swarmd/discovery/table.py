@@ -397,12 +397,6 @@ class PeerTable:
             return None
         return 1.0 / e.record.throughput + tokens / e.record.forward_throughput
 
-    def unlike(self, address: str) -> frozenset[str]:
-        """The servers whose outputs carry another quantization than that of the server at
-        `address`: a cross-check of its outputs cannot use them (docs/security.md)."""
-        mine = self.numerics(address)
-        return frozenset(e.address for e in self.entries() if (e.record.quant, e.record.kv_dtype) != mine)
-
     def servers_for(self, model_id: str, adapter: str | None = None) -> list[ServerSpan]:
         """Spans of the online servers of this model (hosting `adapter`, if given), for routing."""
         now = time.monotonic()

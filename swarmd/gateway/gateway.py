@@ -48,7 +48,7 @@ from swarmd.gateway.router import (
     route_timeout,
 )
 from swarmd.gateway.training import TrainingChains, adapter_name
-from swarmd.gateway.verify import DEFAULT_VERIFY_PROBABILITY, ImplausibleOutput, disagreement, tolerance
+from swarmd.gateway.verify import DEFAULT_VERIFY_PROBABILITY, ImplausibleOutput, disagreement
 from swarmd.routing import Hop, missing_blocks
 from swarmd.transport.connection import ConnectionPool
 
@@ -593,11 +593,13 @@ class Gateway:
         finally:
             self.router.close_remote(list(zip(hops, sids)))
 
-    def _judge(self, first: int, last: int, replay: dict[str, torch.Tensor], cut: int, claims: dict[str, torch.Tensor],
-               avoid: frozenset[str], batch: int, adapter: str | None) -> str | None:
-        """Two servers' outputs (`claims`: address -> its output from position `cut` on) differ:
-        a third computes the same, and the one it contradicts while confirming the other is
-        distrusted. Returns the address found lying, or None (no third, or no majority)."""
+    def _judge(self, first: int, last: int, replay: dict[str, torch.Tensor], cut: int,
+               claims: dict[str, tuple[torch.Tensor, list[str]]], avoid: frozenset[str], batch: int,
+               adapter: str | None) -> str | None:
+        """Two servers' outputs (`claims`: name -> its output from position `cut` on, and the
+        addresses that computed it) differ: a third computes the same, and the one it
+        contradicts while confirming the other is distrusted. Returns the name found lying, or
+        None (no third, or no majority)."""
         try:
             third, hops = self._compute_elsewhere(first, last, replay, avoid, batch, adapter)
         except SwarmError as e:
@@ -606,8 +608,9 @@ class Gateway:
                         " and ".join(claims), e)
             return None
         third = third[:, cut:]
-        tol = tolerance(third.dtype, *(c.dtype for c in claims.values()), quantized=self._quantized(hops[0].address))
-        verdict = {a: disagreement(out, third, tol) for a, out in claims.items()}
+        judges = [h.address for h in hops]
+        verdict = {a: disagreement(out, third, self.router.tolerance(chain, judges, last - first))
+                   for a, (out, chain) in claims.items()}
         wrong = [a for a, why in verdict.items() if why is not None]
         if len(wrong) != 1:
             self._count("inconclusive")
@@ -666,12 +669,9 @@ class Gateway:
                     hops, sids, _, _ = self._open_span(
                         hop.first, hop.last, max_length=sess.max_length, batch=sess.batch, deadline=deadline,
                         history=sess.history if sess.position else None, adapter=sess.adapter,
-                        avoid=self.router.table.unlike(hop.address) | {hop.address})
+                        avoid=frozenset({hop.address}))
                 except NoRouteError as e:
-                    quant, kv = self.router.table.numerics(hop.address)
-                    like = f" quantized like {hop.address} (weights {quant}, KV cache {kv})" \
-                        if self._quantized(hop.address) else ""
-                    raise NoRouteError(f"strict verification needs a second server{like} for blocks "
+                    raise NoRouteError(f"strict verification needs a second server for blocks "
                                        f"{hop.first}:{hop.last}: {e}") from None
                 shadow = sess.shadows[span] = Shadow(hop.address, hops, sids)
             try:
@@ -716,9 +716,8 @@ class Gateway:
         hop, since = sess.hops[k], min(sess.since[k], sess.position)
         if since >= sess.position:
             return
-        unlike = self.router.table.unlike(hop.address)  # another quantization: not comparable
         others = [s for s in self.router.table.servers_for(self.model_id, sess.adapter) if s.address != hop.address
-                  and s.address not in unlike and not self.router.bans.is_banned(s.address)
+                  and not self.router.bans.is_banned(s.address)
                   and not self.router.reputation.is_distrusted(s.address)]
         if missing_blocks(others, hop.last, hop.first):  # nobody else holds those blocks now: nothing to compare
             self._count("skipped")
@@ -752,7 +751,7 @@ class Gateway:
         servers given the same inputs (every position, to rebuild the cache)."""
         try:
             theirs, checkers = self._compute_elsewhere(hop.first, hop.last, replay,
-                                                       self.router.table.unlike(hop.address) | {hop.address},
+                                                       frozenset({hop.address}),
                                                        sess.batch, sess.adapter)
         except SwarmError as e:
             self._count("inconclusive")
@@ -772,7 +771,8 @@ class Gateway:
         """A check of the hop's output `ours` for the input `x` against the checkers' (counted):
         why they differ, or None (then every server involved passed, and the span's norm band
         learns from the output two servers agree on)."""
-        why = disagreement(ours, theirs, tolerance(ours.dtype, theirs.dtype, quantized=self._quantized(hop.address)))
+        tol = self.router.tolerance([hop.address], [h.address for h in checkers], hop.last - hop.first)
+        why = disagreement(ours, theirs, tol)
         self._count("run")
         self._count("failed" if why is not None else "passed")
         if why is None:
@@ -795,7 +795,7 @@ class Gateway:
         cut = replay["hidden"].shape[1] - out.shape[1]
         try:
             theirs, checkers = self._compute_elsewhere(hop.first, hop.last, replay,
-                                                       self.router.table.unlike(hop.address) | {hop.address},
+                                                       frozenset({hop.address}),
                                                        sess.batch, sess.adapter)
         except SwarmError as e:
             self._count("inconclusive")
@@ -812,15 +812,11 @@ class Gateway:
                 replay: dict[str, torch.Tensor], cut: int) -> str | None:
         """The hop and its checkers disagree: a third settles it (_judge). A chain of checkers
         is one claim: its wrong answer cannot be pinned on one of its servers."""
-        claims = {hop.address: ours,
-                  checkers[0].address if len(checkers) == 1 else route_text(checkers): theirs}
-        avoid = frozenset({hop.address, *(h.address for h in checkers)}) | self.router.table.unlike(hop.address)
+        chain = [h.address for h in checkers]
+        claims = {hop.address: (ours, [hop.address]),
+                  chain[0] if len(chain) == 1 else route_text(checkers): (theirs, chain)}
+        avoid = frozenset({hop.address, *chain})
         return self._judge(hop.first, hop.last, replay, cut, claims, avoid, sess.batch, sess.adapter)
-
-    def _quantized(self, address: str) -> bool:
-        """Whether the server at `address` serves quantized weights or KV caches (then it is
-        compared only with servers of the same quantization, at their tolerance)."""
-        return self.router.table.numerics(address) != ("none", "auto")
 
     def _count(self, what: str) -> None:
         with self._lock:

@@ -28,7 +28,7 @@ from swarmd.discovery.membership import Membership
 from swarmd.discovery.table import PeerTable
 from swarmd.gateway.bans import Bans
 from swarmd.gateway.history import StepTimes
-from swarmd.gateway.verify import NormBands, PushLinks, Reputation, check_output
+from swarmd.gateway.verify import NormBands, Numerics, PushLinks, Reputation, Tolerance, check_output, pair_tolerance
 from swarmd.inputs import beam_order, positions_and_mask
 from swarmd.routing import Hop, ServerSpan, plan_chain
 from swarmd.transport.connection import ConnectionPool
@@ -58,6 +58,7 @@ NEWS_PACE_S = 0.05  # a gateway waiting for a route looks at the table's news at
 # Errors after which another server may succeed: the server is gone, failed, lost the
 # session or moved. Other errors are refusals (see refused) when a server answered them, and
 # the request's own fault when raised here.
+MAX_REMEMBERED = 4096  # servers whose output dtype is remembered (the oldest forgotten first)
 RETRIABLE = (PeerUnavailableError, RemoteError, SessionError, SpanMovedError)
 
 
@@ -84,6 +85,7 @@ class Router:
         self.step_times = StepTimes()
         self.bands = NormBands()
         self.pushes = PushLinks()
+        self._dtypes: dict[str, str] = {}  # address -> the dtype of its latest output
         self.reputation = Reputation(key_of=lambda a: self.pool.resolve_key(a),
                                      distrust=lambda key, why, s: self.table.set_distrust(key, why, s))
         self._rng = random.Random()
@@ -195,7 +197,27 @@ class Router:
         norms in the band of its span: not for an output that is compared with another server's
         anyway)."""
         check_output(x, out, (hop.first, hop.last), self.bands if band else None)
+        dtype = str(out.dtype).removeprefix("torch.")
+        if self._dtypes.get(hop.address) != dtype:
+            self._dtypes.pop(hop.address, None)
+            self._dtypes[hop.address] = dtype
+            while len(self._dtypes) > MAX_REMEMBERED:
+                del self._dtypes[next(iter(self._dtypes))]
         return out
+
+    def numerics(self, address: str) -> Numerics:
+        """How the server at `address` computes: the dtype of its outputs, and its weights' and KV
+        cache's quantization as its record says. Self-declared: a server that claims a coarser
+        one gets the looser tolerance an honest one of that kind needs, and nothing more."""
+        quant, kv = self.table.numerics(address)
+        return Numerics(self._dtypes.get(address, "float32"), quant, kv)
+
+    def tolerance(self, a: list[str], b: list[str], blocks: int) -> Tolerance:
+        """How far the outputs of two chains of servers (`a`, `b`: addresses) over the same
+        `blocks` blocks may honestly differ: as the coarsest server of each computes."""
+        def coarsest(chain: list[str]) -> Numerics:
+            return max((self.numerics(x) for x in chain), key=lambda n: n.error(blocks))
+        return pair_tolerance(coarsest(a), coarsest(b), blocks)
 
     def fail(self, hop: Hop, error: SwarmError) -> None:
         if isinstance(error, WrongOutputError):

@@ -26,19 +26,112 @@ log = logging.getLogger("swarmd.gateway")
 VERIFY_MODES = ("off", "sample", "strict")
 DEFAULT_VERIFY_PROBABILITY = 0.05
 
-# |a - b| <= tol * (|b| + rms(row of b)), element by element. Measured (swarm/docs/security.md):
-# a one-token decode against a prefill of the same positions differs by 1e-5 of that in
-# float32, and by up to 0.1 in bfloat16 (0.3 between a bfloat16 and a float32 server over
-# SmolLM2's 30 blocks): the tolerances leave a margin of 100x and 3x. A lie smaller than its
-# tolerance goes unseen, and changes the output by no more than honest 16-bit arithmetic does.
-TOLERANCE = {torch.float32: 1e-3, torch.float16: 1.0, torch.bfloat16: 1.0}
-# Servers with quantized weights or KV caches (serve.quant, serve.cache.kv_dtype) are only ever
-# compared with servers of the same quantization: against the full-precision model they differ
-# by the quantization error itself (nf4 weights: 20 % of the output's norm over 10 of SmolLM2's
-# blocks), which no tolerance separates from a lie. Between two of them, the int8 rounding of a
-# value that one server's arithmetic puts on the other side of a step changes it by a step (at
-# most 1/127 of its vector's largest value), which later blocks carry on: hence 0.1, not 1e-3.
-TOLERANCE_QUANTIZED = 0.1
+# How far two honest servers' outputs for one input may differ, per position, in two measures
+# (`errors`): `row`, the norm of the difference over that of the output (how far the whole vector
+# moved), and `element`, the largest |a - b| over |b| + the row's rms (how far its worst element
+# moved: a lie hidden in a few elements moves the row little).
+# Measured by tools/measure_tolerance.py on SmolLM2-135M (docs/security.md has the table), every
+# numerics a server can announce against the exact output (float32, unquantized) and against its
+# own kind, as the gateway compares them: the server's steps (a prefill, then one position a step,
+# with its KV cache) against a checker's replay of every position in one prefill, from the same
+# input; the worst of three prompts, every position, spans of 1, 4, 10 and 30 blocks at the start,
+# middle and end of the model. Errors of (row, element) at those lengths, by source:
+MEASURED_LENGTHS = (1, 4, 10, 30)
+MEASURED = {
+    # the dtype's rounding (float32: the prefill against the steps, the floor of every pair)
+    "float32": ((6.7e-07, 2.6e-06), (4.3e-06, 1.2e-05), (1.8e-06, 7.4e-06), (3.8e-06, 1.2e-05)),
+    "bfloat16": ((0.011, 0.074), (0.11, 0.26), (0.04, 0.15), (0.068, 0.43)),
+    "float16": ((0.0014, 0.0077), (0.0075, 0.02), (0.005, 0.016), (0.0083, 0.022)),
+    # weights' quantization and the int8 KV cache, against the exact output
+    "int8": ((0.068, 0.3), (0.37, 0.98), (0.13, 0.39), (0.28, 0.87)),
+    "nf4": ((0.15, 0.67), (0.52, 1.3), (0.39, 1.8), (1.3, 15)),
+    "int8 KV": ((0.012, 0.046), (0.088, 0.23), (0.029, 0.091), (0.076, 0.24)),
+    # two servers of one quantization, of one dtype (`=`: nf4 dequantizes the same weights on both
+    # sides; LLM.int8() quantizes activations per batch, so a prefill and steps round otherwise) and
+    # of two (`~`: each quantized the checkpoint rounded to its dtype)
+    "int8=int8": ((0.032, 0.085), (0.35, 1.6), (0.09, 0.37), (0.23, 0.98)),
+    "nf4=nf4": ((0.0063, 0.03), (0.014, 0.043), (0.023, 0.16), (0.032, 0.14)),
+    "int8 KV=int8 KV": ((0.0031, 0.014), (0.03, 0.077), (0.028, 0.093), (0.046, 0.2)),
+    "int8~int8": ((0.061, 0.24), (0.63, 2.8), (0.19, 0.86), (0.36, 2.7)),
+    "nf4~nf4": ((0.026, 0.31), (0.043, 0.25), (0.069, 0.67), (0.2, 1.1)),
+    "int8 KV~int8 KV": ((0.013, 0.14), (0.15, 0.39), (0.04, 0.14), (0.14, 0.34)),
+}
+# Not monotonic in the length (a 4-block span in the middle holds the worst positions): a span
+# of n blocks is allowed the worst error of any measured length up to the first one >= n, and
+# beyond 30 blocks that grown by sqrt(n / 30) (rounding errors add up like a random walk).
+# Float32 servers on other hardware (another BLAS, a GPU) round differently than these CPU runs:
+# their floor is set at 1e-4 of a row and 1e-3 of an element (as before), not the 4e-6 measured.
+FLOAT32_FLOOR = (1e-4, 1e-3)
+# The tolerance is TOLERANCE_MARGIN times the sum of the errors of what differs between the two
+# servers: 3x leaves room for prompts and models unlike the measured ones (tools/measure_tolerance.py
+# shows every pair within it), and a lie of twice the tolerance is caught (tests/unit/test_verify_parts.py).
+TOLERANCE_MARGIN = 3.0
+
+
+def measured_error(source: str, blocks: int) -> tuple[float, float]:
+    """The worst honest error (row, element) of `source` over a span of `blocks` blocks."""
+    table = MEASURED[source]
+    upto = next((i for i, n in enumerate(MEASURED_LENGTHS) if n >= blocks), len(MEASURED_LENGTHS) - 1)
+    grow = max(1.0, blocks / MEASURED_LENGTHS[-1]) ** 0.5
+    return max(r for r, _ in table[:upto + 1]) * grow, max(e for _, e in table[:upto + 1]) * grow
+
+
+@dataclass(frozen=True)
+class Numerics:
+    """How a server computes: its dtype (of its outputs), weights' quantization and KV cache."""
+
+    dtype: str = "float32"
+    quant: str = "none"
+    kv_dtype: str = "auto"
+
+    def __str__(self) -> str:
+        return "+".join([self.dtype] + ([f"{self.quant} weights"] if self.quant != "none" else [])
+                        + (["int8 KV"] if self.kv_dtype == "int8" else []))
+
+    def sources(self) -> list[str]:
+        return [self.dtype if self.dtype in MEASURED else "bfloat16"] + \
+            ([self.quant] if self.quant != "none" else []) + (["int8 KV"] if self.kv_dtype == "int8" else [])
+
+    def error(self, blocks: int) -> tuple[float, float]:
+        """Its worst honest error (row, element) against the exact output over `blocks` blocks."""
+        parts = [measured_error(s, blocks) for s in self.sources()]
+        return sum(p[0] for p in parts), sum(p[1] for p in parts)
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    row: float
+    element: float
+
+
+def pair_tolerance(a: Numerics, b: Numerics, blocks: int) -> Tolerance:
+    """What two honest servers of numerics `a` and `b` may differ by over `blocks` blocks: the
+    sum of the errors of every source of error on either side (each side's dtype; weights and KV
+    cache of different kinds each add both sides' error, of one kind their error between
+    themselves), times the margin."""
+    sources = [a.sources()[0], b.sources()[0]]  # their dtypes
+    for x, y, none, kind in ((a.quant, b.quant, "none", "{}"), (a.kv_dtype, b.kv_dtype, "auto", "{} KV")):
+        if x != y:
+            sources += [kind.format(v) for v in (x, y) if v != none]
+        elif x != none:  # of one kind: their error between themselves
+            alike = "=" if a.dtype == b.dtype else "~"
+            sources.append(f"{kind.format(x)}{alike}{kind.format(x)}")
+    parts = [measured_error(s, blocks) for s in sources]
+    row = max(FLOAT32_FLOOR[0], sum(p[0] for p in parts))
+    element = max(FLOAT32_FLOOR[1], sum(p[1] for p in parts))
+    return Tolerance(TOLERANCE_MARGIN * row, TOLERANCE_MARGIN * element)
+
+
+def errors(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per position of [B, T, H] outputs `a` and `b` (the reference): the row error |a - b| / |b|
+    and the element error max |a - b| / (|b| + rms(b)), each [B, T]."""
+    a, b = a.float(), b.float()
+    diff = (a - b).abs()
+    rms = b.pow(2).mean(-1).sqrt()
+    row = diff.pow(2).mean(-1).sqrt() / (rms + TINY_RMS)
+    element = (diff / (b.abs() + rms.unsqueeze(-1) + TINY_RMS)).amax(-1)
+    return row, element
+
 
 # The band of a span's growth: per position, the norm (root mean square over the hidden size)
 # of its output over that of its input. Learned per span [first, last) only from outputs that a
@@ -61,26 +154,18 @@ DISTRUST_MAX_S = 7 * 86400.0
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def tolerance(*dtypes: torch.dtype, quantized: bool = False) -> float:
-    """The coarsest tolerance among the dtypes that took part (and of quantized servers, when
-    they were)."""
-    return max([TOLERANCE.get(d, 1.0) for d in dtypes] + ([TOLERANCE_QUANTIZED] if quantized else []))
-
-
-def disagreement(a: torch.Tensor, b: torch.Tensor, tol: float) -> str | None:
+def disagreement(a: torch.Tensor, b: torch.Tensor, tol: Tolerance) -> str | None:
     """Why `a` is not `b` within `tol` (None: they agree). Both [B, T, H]."""
     if a.shape != b.shape:
         return f"shapes {list(a.shape)} and {list(b.shape)}"
-    a, b = a.float(), b.float()
-    rms = b.pow(2).mean(-1, keepdim=True).sqrt()
-    excess = (a - b).abs() - tol * (b.abs() + rms)
-    if not bool((excess > 0).any()):
-        return None
-    i = int(excess.flatten().argmax())
-    H, T = b.shape[-1], b.shape[-2]
-    row, pos, el = i // (T * H), (i // H) % T, i % H
-    return (f"row {row}, position {pos}, element {el}: {a[row, pos, el].item():.6g} vs {b[row, pos, el].item():.6g} "
-            f"(tolerance {tol:g} of |value| + row rms {rms[row, pos, 0].item():.4g})")
+    row, element = errors(a, b)
+    for name, err, bound in (("moved by", row, tol.row), ("an element moved by", element, tol.element)):
+        if bool((err > bound).any()):
+            i = int(err.flatten().argmax())
+            r, pos = divmod(i, err.shape[1])
+            return (f"row {r}, position {pos}: {name} {float(err.flatten()[i]):.3g} of its norm "
+                    f"(at most {bound:.3g} between honest servers)")
+    return None
 
 
 def _rms(x: torch.Tensor) -> torch.Tensor:

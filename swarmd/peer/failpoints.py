@@ -13,6 +13,9 @@ no test at all.
   slow GPU), so that tests can see what else goes on meanwhile;
 - lie_always / lie_sometimes: a step's output (steps and replays) has one element of its last
   position moved by 8 times its row's norm, every time / once in 50 (a lying or faulty server);
+- lie_scaled: a step's output (steps and replays) has its last position scaled by 1 +
+  SWARMD_LIE_SCALE (0.5 by default): a lie that moves a whole vector by that fraction of its
+  norm, sized by a test against the tolerance of the checks;
 - reply_nan / reply_wrong_shape / reply_huge: every step's output is NaN / lacks its last
   hidden element / is 1000 times too large after 3 right ones (impossible replies);
 - reply_zeros: every step's output is zeros (plausible by norm: small outputs may be honest);
@@ -81,6 +84,12 @@ def _nudge(out):
     out = out.clone()
     row = out[0, -1]
     row[0] += 8 * max(1.0, float(row.float().pow(2).mean().sqrt()))
+    return out
+
+
+def _scale_last(out):
+    out = out.clone()
+    out[0, -1] *= 1 + float(os.environ.get("SWARMD_LIE_SCALE", "0.5"))
     return out
 
 
@@ -224,6 +233,7 @@ FAILPOINTS: dict[str, Callable] = {"exit_on_replay": _exit_on_replay, "hang_on_f
                                    "hang_steps": _finished_steps(_hang), "slow_steps": _slow_steps,
                                    "slow_forward": _slow_forward, "relay_tap": _relay_tap,
                                    "lie_always": _wrong_steps(_nudge), "lie_sometimes": _wrong_steps(_nudge, LIE_EVERY),
+                                   "lie_scaled": _wrong_steps(_scale_last),
                                    "reply_nan": _wrong_steps(lambda out: out * float("nan")),
                                    "reply_wrong_shape": _wrong_steps(lambda out: out[..., :-1].contiguous()),
                                    "reply_huge": _wrong_steps(lambda out: out * 1000, after=HONEST_FIRST),

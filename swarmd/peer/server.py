@@ -795,9 +795,10 @@ class SpanServer:
     # --- batches of decode steps across sessions -------------------------------------------------
     def _batchable(self, s: ServerSession, msg: Message, x: torch.Tensor | None) -> bool:
         """A plain decode step (one position, no adapter, no cut-back or beam reordering, not a
-        repeat), with batching on."""
+        repeat), with batching on, on blocks whose rows do not affect each other's outputs."""
         step = msg.get("step")
-        return (self.batch_window_s != 0 and x is not None and x.ndim == 3 and x.shape[1] == 1 and s.lora is None
+        return (self.batch_window_s != 0 and self.span.rows_independent
+                and x is not None and x.ndim == 3 and x.shape[1] == 1 and s.lora is None
                 and msg.get("start") is None and "beam_order" not in msg.tensors
                 and not (isinstance(step, int) and step == s.last_step))
 

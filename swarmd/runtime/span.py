@@ -133,6 +133,16 @@ class Span:
                  f" ({self.quant} weights, {self.weight_bytes() / 2**20:.1f} MiB)" if self.quant != "none" else "")
         return self
 
+    @property
+    def rows_independent(self) -> bool:
+        """Whether a row's output is the same whatever other rows share its batch, so that steps
+        of several sessions may run as one batch. Not with LLM.int8() weights: bitsandbytes
+        quantizes a batch's activations together (and runs in 16 bits the columns holding an
+        outlier in any row), so one session's activations would change another's outputs by
+        up to 2 % of their largest value, and leak a little of themselves (measured on CPU,
+        tests/unit/test_quantization.py). nf4 dequantizes its weights: rows stay apart."""
+        return self.quant != "int8"
+
     def static_steps(self) -> bool:
         """Whether one-position steps can run with static shapes (_static_step): the Llama
         family, with rotary embeddings that do not change with the sequence's length."""

@@ -1,6 +1,7 @@
 """Servers with quantized weights and int8 KV caches (serve.quant, serve.cache.kv_dtype) in a
 swarm of real daemons on SmolLM2-135M: what they hold, what they say, how gateways route
-around them (swarm.quantized) and check them (only against servers of the same quantization)."""
+around them (swarm.quantized) and check them (against any server of their blocks, at the
+tolerance of that pair of numerics)."""
 
 import subprocess
 
@@ -62,7 +63,8 @@ def test_a_quantized_server_holds_less_and_twice_the_tokens_and_says_so(swarm):
     assert "15:30 int8+int8 KV" in out.stdout  # its row among the peers
 
 
-def test_generation_through_int8_weights_and_cache_gives_hf_answer_and_checks_only_like_servers(swarm, real_model):
+def test_generation_through_int8_weights_and_cache_gives_hf_answer_and_passes_checks_by_unquantized_servers(
+        swarm, real_model):
     servers, gw = swarm
     tokenizer = AutoTokenizer.from_pretrained(real_model)
     ref = AutoModelForCausalLM.from_pretrained(real_model, dtype=torch.float32).eval()
@@ -73,10 +75,14 @@ def test_generation_through_int8_weights_and_cache_gives_hf_answer_and_checks_on
     out = model.generate(ids, **kw)
     assert sessions_opened(servers[1]) > before  # it went through the quantized server
     assert torch.equal(out, ref.generate(ids, **kw)), tokenizer.decode(out[0])
-    # every step had a span checked elsewhere: s1 (int8) has no twin of its quantization, so
-    # its outputs were never held against an unquantized server's (which differ by design)
+    # every step had a span checked elsewhere. s1 (int8) has no twin of its quantization: its
+    # outputs are held against the unquantized s2's at the tolerance of that pair (issue 38,
+    # finding 3: they used to be checked against nobody), and pass
+    until(lambda: any(r["address"] == servers[1].address and r["checks_passed"] > 0
+                      for r in SwarmClient(socket=servers[0].socket).status()["gateway"]["verify"]["servers"]),
+          30, "a check of the int8 server")
     status = SwarmClient(socket=servers[0].socket).status()["gateway"]["verify"]
-    assert status["checks"].get("failed", 0) == 0 and status["checks"].get("skipped", 0) > 0
+    assert status["checks"].get("failed", 0) == 0, status
     assert all(s["offences"] == 0 and s["distrusted_s"] == 0 for s in status["servers"])
 
 

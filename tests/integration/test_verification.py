@@ -6,9 +6,10 @@ prefer them, as a liar after traffic would."""
 import pytest
 import torch
 from conftest import hf_reference
-from helpers import Daemon, greedy, reached_all, running_swarm, until
+from helpers import Daemon, greedy, reached_all, running_swarm, until, wait_tables
 
 from libswarm import AutoDistributedModelForCausalLM, TensorError
+from swarmd.gateway.verify import Numerics, pair_tolerance
 from swarmd.peer.failpoints import HONEST_FIRST, LIE_EVERY
 
 FAST, SLOW = 0.00001, 0.001  # seconds per block and step, advertised
@@ -45,6 +46,28 @@ def test_strict_generation_through_a_lying_server_equals_hf_and_the_liar_is_dist
         got, want = greedy(d, gw.socket, 2, 6)  # and the liar is never used again
         assert torch.equal(got, want)
         assert s[0].ctl("status")["stats"]["steps"] == 1
+        dismiss(s[0])
+
+
+def test_a_quantized_server_lying_by_twice_its_tolerance_is_checked_by_unquantized_ones_and_distrusted(model_dirs):
+    """Issue 38, finding 3: a server claiming a quantization no other server has was never
+    cross-checked (and under strict, every step through it failed with no_route while float32
+    servers held the same blocks). Now it is checked against them at the tolerance of that pair:
+    int8 weights lying by twice it (its outputs' last position scaled) are caught at once."""
+    d = model_dirs("llama")
+    lie = 2 * pair_tolerance(Numerics(quant="int8"), Numerics(), 6).row
+    with running_swarm(d, ["0:6", "0:6", "0:6"], extra={"swarm": {"verify": "strict"}},
+                       server_extra={0: {"serve": {"quant": "int8"}}},
+                       env={0: {"SWARMD_FAILPOINTS": "lie_scaled", "SWARMD_LIE_SCALE": f"{lie:.6f}"}},
+                       speeds={0: FAST, 1: SLOW, 2: SLOW}) as (s, gw):
+        wait_tables([gw], {x.node_id for x in s}, 60)  # int8 weights load slower: not online at once
+        reached_all(gw, s)
+        got, want = greedy(d, gw.socket, 1, 6)
+        assert torch.equal(got, want)
+        liar = standing(gw, s[0].node_id)
+        assert liar["offences"] >= 1 and "contradicted by" in liar["reason"], liar
+        assert peer_state(gw, s[0].node_id) == "distrusted"
+        assert all(standing(gw, h.node_id).get("offences", 0) == 0 for h in s[1:])  # nobody framed
         dismiss(s[0])
 
 

@@ -262,3 +262,31 @@ def test_a_quantized_servers_measured_block_is_its_quantized_size_and_kept_apart
     assert len(kept) == 2 and any(k.endswith(":nf4") for k in kept)
     memory = 20 * plain.block_bytes
     assert blocks_that_fit(memory, nf4.block_bytes, 0, 1000) >= 5 * blocks_that_fit(memory, plain.block_bytes, 0, 1000)
+
+
+@pytest.mark.parametrize("quant", ["none", "nf4", "int8"])
+@torch.no_grad()
+def test_only_int8_weights_couple_rows_batched_from_other_sessions_so_they_are_not_batched(model_dirs, quant):
+    """Issue 38 (suspected, confirmed): LLM.int8() quantizes a batch's activations together, so
+    with steps of several sessions batched, one session's activations (an outlier column here)
+    change another's outputs. Unquantized and nf4 blocks give a row the same alone and batched
+    (to float32 rounding); int8 blocks do not, and are not batched (Span.rows_independent)."""
+    d = model_dirs("llama")
+    sp = Span(Checkpoint(d), 0, 2, CPU, torch.float32, quant=quant).load()
+    g = torch.Generator().manual_seed(3)
+    mine, other = torch.randn(1, 4, sp.hidden_size, generator=g), torch.randn(1, 4, sp.hidden_size, generator=g)
+    other[..., 5] = 60.0  # far over LLM.int8()'s outlier threshold, in one column
+    pos = torch.arange(4).expand(1, 4)
+    alone = sp.run(mine[:, -1:], pos[:, -1:], None, 0, 2, cache=_primed(sp, mine[:, :3]))
+    batched = sp.run_steps([(mine[:, -1:], pos[:, -1:], None, _primed(sp, mine[:, :3])),
+                            (other[:, -1:], pos[:, -1:], None, _primed(sp, other[:, :3]))], 0, 2)[0]
+    moved = float((alone - batched).abs().max() / alone.abs().max())
+    assert sp.rows_independent == (quant != "int8")
+    assert (moved < 1e-5) == sp.rows_independent, moved
+
+
+def _primed(sp, h):
+    """A cache holding `h`'s positions, as a session's prefill leaves it."""
+    c = sp.new_cache(0, 2, h.shape[0], 8)
+    sp.run(h, torch.arange(h.shape[1]).expand(h.shape[0], -1), None, 0, 2, cache=c)
+    return c
