@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from make_test_model import make_model  # noqa: E402
 
+MAX_PROMPTS = 20  # prompts run before a liar not yet caught is called not caught
 FAST, SLOW = 0.00001, 0.001  # seconds per block and step, advertised: the hostile server looks fastest
 REPLICATED = ["0:6", "0:6", "0:6"]  # the hostile server is s0; two honest servers hold the same blocks
 CHAINED = ["0:3", "0:3", "3:6", "3:6", "3:6"]  # s0 (hostile) pushes to s2; s1, s3, s4 hold the same blocks
@@ -106,17 +107,20 @@ def run_one(model_dir: str, b: Behaviour, tokens: int, prompts: int, verify: str
         until(lambda: {p.get("node_id") for p in gw.ctl("peers")["peers"] if p.get("rtt_ms") is not None} >= ids,
               30, "the gateway to reach every server")
         model = AutoDistributedModelForCausalLM.from_pretrained(model_dir, socket=gw.socket)
-        equal, steps_at_catch = 0, None
+        equal, done, at_catch = 0, 0, None
         kw = dict(do_sample=False, max_new_tokens=tokens, min_new_tokens=tokens, pad_token_id=0)
-        for seed in range(prompts):
-            x = torch.randint(3, 500, (1, 6), generator=torch.Generator().manual_seed(seed))
+        while done < prompts or (at_catch is None and done < MAX_PROMPTS):  # a rare liar needs more steps
+            x = torch.randint(3, 500, (1, 6), generator=torch.Generator().manual_seed(done))
             equal += int(torch.equal(model.generate(x, **kw), ref.generate(x, **kw)))
-            if steps_at_catch is None and caught(gw, servers[0], b.pusher):
-                steps_at_catch = servers[0].ctl("status")["stats"]["steps"]
+            done += 1
+            if at_catch is None and caught(gw, servers[0], b.pusher):
+                # a distrusted server computes no step more; a suspect pusher keeps serving, but
+                # is not asked to push again
+                at_catch = servers[0].ctl("status")["stats"]["pushes_sent" if b.pusher else "steps"]
         honest_blamed = blamed(gw, servers[1:])
         for s in servers[:1]:
             s.kill()  # a hostile server keeps sessions the gateway gave up on: no graceful stop
-    return {"equal": equal, "prompts": prompts, "steps": steps_at_catch, "blamed": len(honest_blamed)}
+    return {"equal": equal, "prompts": done, "caught": at_catch, "blamed": len(honest_blamed)}
 
 
 def main(argv=None) -> int:
@@ -135,16 +139,17 @@ def main(argv=None) -> int:
         plan = [b for b in plan if b.name in a.only.split(",")]
     print(f"# tools/hostile.py --verify {a.verify}: tiny Llama (6 blocks), {a.prompts} prompts x {a.tokens} "
           f"greedy tokens per behaviour, {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}")
-    print("| behaviour | what the hostile server does | tokens = HF | its steps until caught | honest blamed |")
+    print("| behaviour | what the hostile server does | generations = HF | caught after | honest blamed |")
     print("|---|---|---|---|---|")
     failed = 0
     for b in plan:
         t0 = time.monotonic()
         r = run_one(d, b, a.tokens, a.prompts, a.verify)
-        ok = r["equal"] == r["prompts"] and r["steps"] is not None and r["blamed"] == 0
+        ok = r["equal"] == r["prompts"] and r["caught"] is not None and r["blamed"] == 0
         failed += not ok
-        caught_as = "not caught" if r["steps"] is None else \
-            f"{r['steps']} ({'push suspect' if b.pusher else 'distrusted'})"
+        caught_as = "not caught" if r["caught"] is None else \
+            f"{r['caught']} wrong push(es): not asked to push again" if b.pusher else \
+            f"{r['caught']} step(s) it computed: distrusted"
         print(f"| `{b.name}` | {b.what} | {r['equal']}/{r['prompts']} | {caught_as} | {r['blamed']} |", flush=True)
         print(f"  ({time.monotonic() - t0:.0f} s)", file=sys.stderr)
     return 1 if failed and a.verify == "strict" else 0
