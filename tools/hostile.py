@@ -66,6 +66,7 @@ def behaviours(tolerance_lie: float, int8_lie: float) -> list[Behaviour]:
                   pusher=True),
         Behaviour("push_stale", "returns the right output, pushes the previous step's", spans=list(CHAINED),
                   pusher=True),
+        Behaviour("push_none", "says it pushed its output, sends nothing", spans=list(CHAINED), pusher=True),
     ]
 
 

@@ -461,7 +461,13 @@ class Gateway:
                 # before answered (its input was pushed then): a hung hop after fast ones is not
                 # given the others' unused time (for hops not measured yet, 10 s each)
                 deadline = min(t0 + allowance, t_prev + own)
-                reply = conn.receive(req_id, deadline, "step")
+                try:
+                    reply = conn.receive(req_id, deadline, "step")
+                except PeerUnavailableError:
+                    if k not in awaiting_push:
+                        raise
+                    send(k, hop_input)
+                    reply = self._without_push(hops, k, sent[k], own)
                 self._check_consumed(hops, k, reply.get("consumed"), hop_input, outputs, joined,
                                      could_be_pushed=k in awaiting_push or bool(reply.get("repeated")),
                                      repeated=bool(reply.get("repeated")))
@@ -486,6 +492,20 @@ class Gateway:
         if send_failure is not None:
             raise send_failure
         return outputs
+
+    def _without_push(self, hops: list[Hop], k: int, resent: tuple, own_s: float) -> Message:
+        """Hop k, told to take its input from the hop before's push, did not answer in time: the
+        push may never have come (a hostile pusher saying it pushed, or a lost message), which
+        is no fault of hop k's. The step goes to it again with its input (replacing the one
+        waiting for the push); if it answers now, the pusher is not asked to push again, and hop
+        k is blamed only if it fails this time too. `resent`: (connection, request id) of the
+        step sent again with its input."""
+        log.info("server %s: no answer while waiting for the push of %s; sent it its input", hops[k].address,
+                 hops[k - 1].address)
+        conn, req_id = resent
+        reply = conn.receive(req_id, time.monotonic() + own_s, "step")
+        self.router.pushes.suspect(hops[k - 1].address, f"its push to {hops[k].address} never arrived")
+        return reply
 
     def _check_consumed(self, hops: list[Hop], k: int, said: object, hop_input: torch.Tensor,
                         outputs: dict[int, torch.Tensor], joined: frozenset[str] | set[str],

@@ -31,6 +31,8 @@ no test at all.
   more (a copy of its last) / rounded to float16
   (bfloat16 from a float16 server: the right values in another dtype) / as the
   previous step's output when it has the same shape (the right bytes for another step);
+- push_none: every step's output is returned right to the gateway, with `pushed: true`, and
+  never pushed (the next hop waits for nothing);
 - relay_tap: as a relay, every message it forwards is appended, as it saw it, to the file
   named by SWARMD_RELAY_TAP (what a curious relay could read): its length (8 bytes, little
   endian), then its frames as swarmd.transport.relay.pack lays them out."""
@@ -186,6 +188,14 @@ def _wrong_pushes(change: Callable) -> Callable:
     return install
 
 
+def _push_none(server) -> None:
+    def claim(nxt, step, out):
+        log.warning("failpoint push_none: saying a push went out, sending nothing")
+        server._count(pushes_sent=1)  # as it says
+        return True
+    server._push = claim
+
+
 def _push_extra(out, previous):
     import torch
 
@@ -243,7 +253,7 @@ FAILPOINTS: dict[str, Callable] = {"exit_on_replay": _exit_on_replay, "hang_on_f
                                    "refuse_work": _refuse_work,
                                    "reply_no_hidden": _finished_steps(lambda fields, tensors: (fields, {})),
                                    "push_wrong": _wrong_pushes(lambda out, previous: _nudge(out)),
-                                   "push_extra": _wrong_pushes(_push_extra),
+                                   "push_extra": _wrong_pushes(_push_extra), "push_none": _push_none,
                                    "push_float16": _wrong_pushes(_push_other_dtype),
                                    "push_stale": _wrong_pushes(_push_stale)}
 

@@ -50,3 +50,22 @@ def test_a_hop_pushing_another_tensor_than_it_returns_never_reaches_the_app_nor_
         assert status["verify"]["checks"]["failed"] == 0
         assert all(p["state"] != "distrusted" for p in gw.ctl("peers")["peers"])
         assert s[0].ctl("status")["stats"]["pushes_sent"] == 1  # never asked to push again
+
+
+def test_a_hop_saying_it_pushed_what_it_never_sent_gets_the_next_hop_its_input_and_no_blame(model_dirs):
+    """A pusher answering `pushed: true` and sending nothing left the next hop waiting for its
+    input until the gateway gave up on it: the honest next hop was banned and failed over. Now
+    the gateway, when a hop waiting for a push does not answer in time, sends it its input once
+    more; it answers, and the pusher is the one not trusted with pushes again."""
+    d = model_dirs("llama")
+    with running_swarm(d, ["0:3", "3:6", "3:6"], extra={"swarm": {"verify": "off"}},
+                       env={0: {"SWARMD_FAILPOINTS": "push_none"}}, speeds={0: FAST, 1: FAST, 2: SLOW}) as (s, gw):
+        reached_all(gw, s)
+        got, want = greedy(d, gw.socket, 5, 6)
+        assert torch.equal(got, want)
+        status = gw.ctl("status")["gateway"]
+        suspects = status["verify"]["push_suspects"]
+        assert [x["address"] for x in suspects] == [s[0].address], suspects
+        assert "never arrived" in suspects[0]["reason"]
+        assert status["failovers"] == 0 and s[1].address not in status["banned"], status
+        assert s[2].ctl("status")["stats"]["steps"] == 0  # the next hop was kept
