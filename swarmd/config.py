@@ -45,6 +45,7 @@ DEFAULTS: dict[str, Any] = {
         "listen": "tcp://0.0.0.0:31330",
         "announce": [],
         "socket": "/run/swarmd/swarmd.sock",
+        "operator_group": "swarmd-admin",
         "max_message_bytes": "1GiB",
         "relay": False,
         "relay_max_bytes_per_s": "50MB",
@@ -130,6 +131,8 @@ class NetworkConfig:
     relay: bool = False  # relay for servers that accept no connections (docs/operations.md, Ports)
     relay_max_bytes_per_s: int = 50_000_000  # all that it forwards, both ways
     relay_max_servers: int = 16  # servers it relays for at once
+    # besides root and the daemon's own user, who may drain and rebalance over the socket (None: nobody)
+    operator_group: str | None = "swarmd-admin"
 
 
 @dataclass(frozen=True)
@@ -353,6 +356,8 @@ def load_config(path: str, overrides: dict | None = None) -> Config:
         listen=r.endpoint("network.listen", n["listen"]),
         announce=tuple(r.endpoint(f"network.announce[{i}]", a) for i, a in enumerate(announce)),
         socket=os.path.expanduser(r.string("network.socket", n["socket"])),
+        operator_group=None if n["operator_group"] is None else r.string("network.operator_group",
+                                                                          n["operator_group"]),
         max_message_bytes=r.size("network.max_message_bytes", n["max_message_bytes"]) or 0,
         relay=n["relay"],
         relay_max_bytes_per_s=r.size("network.relay_max_bytes_per_s", n["relay_max_bytes_per_s"]) or 1,

@@ -37,6 +37,7 @@ from swarmd.gateway.gateway import Gateway
 from swarmd.identity import load_or_create_identity, next_incarnation
 from swarmd.local import LocalServer
 from swarmd.metrics import MetricsServer, registry
+from swarmd.operators import Operators
 from swarmd.peer import failpoints
 from swarmd.peer.server import SpanServer
 from swarmd.placement import blocks_that_fit
@@ -116,7 +117,8 @@ class Daemon:
         handlers = dict(self.gateway.handlers, key=lambda m: (self.key_info(), None),
                         rebalance=lambda m: (self.balancer.on_rebalance(bool(m.get("dry_run")), _in_thread), None),
                         drain=lambda m: (self._request_drain(), None))
-        self.local = LocalServer(self.zctx, config.network.socket, handlers, config.network.max_message_bytes)
+        self.local = LocalServer(self.zctx, config.network.socket, handlers, config.network.max_message_bytes,
+                                 Operators(config.network.operator_group))
         self.local.on_idle = self.gateway.expire_idle
 
     def _configured_blocks(self) -> tuple[int, int] | None:
