@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from libswarm.errors import LimitError, PeerUnavailableError, ProtocolError
-from libswarm.protocol import decode, encode
+from libswarm.protocol import Message, decode, encode
 from swarmd.discovery.records import Record, decode_record
 from swarmd.discovery.table import PeerTable
 from swarmd.identity import NodeIdentity
@@ -232,3 +232,79 @@ def test_reachability_questions_beyond_the_limits_are_refused():
         srv.compute.stop()
         srv.sock.close(0)
         ctx.term()
+
+
+class ReachPeers:
+    """Peers answering `reach` as told: "false" (calling: false), "calls" (calling: true, and
+    the call gets through), "silent" (calling: true, the call never comes), "down" (no answer)."""
+
+    def __init__(self, server, answers: dict[str, str]):
+        self.server, self.answers = server, answers
+
+    def get(self, address, key):
+        peers = self
+
+        class Conn:
+            def request(self, msg_type, fields, timeout_s):
+                answer = peers.answers[key]
+                if answer == "down":
+                    raise PeerUnavailableError("no answer")
+                if answer == "false":
+                    return Message("ok", 1, {"calling": False, "why": "its requests come from elsewhere"})
+                if answer == "calls":
+                    peers.server.reached[fields["nonce"]] = 0.0
+                return Message("ok", 1, {"calling": True})
+        return Conn()
+
+
+def reachability(answers: list[str], monkeypatch):
+    """A Reachability whose table holds one reached peer per answer, each on a host of its own."""
+    import types
+
+    from swarmd.discovery import reach
+
+    monkeypatch.setattr(reach, "CALL_WAIT_S", 0.0)
+    table, keys = PeerTable(), []
+    for k in range(len(answers)):
+        i = ident()
+        r = Record(node_id=i.public_key, sign_key=i.sign_key, addresses=(f"tcp://10.0.{k}.1:31330",),
+                   state="online", timestamp=time.time(), seq=1, model_id="m", span=(0, 2), reachable="yes")
+        table.merge(r, r.sign(i), via=r.addresses[0])
+        keys.append(i.public_key)
+    server = types.SimpleNamespace(reached={}, relay_failures={}, want_relays=lambda relays: None)
+    pool = ReachPeers(server, dict(zip(keys, answers)))
+    r = reach.Reachability(pool=pool, table=table, own_id=ident().public_key, address="tcp://10.9.9.9:1",
+                           server=server)
+    return r, pool, keys
+
+
+def check_once(r) -> str:
+    r._next_check = 0.0
+    r.tick()  # asks
+    time.sleep(0.01)
+    r.tick()  # settles
+    return r.state
+
+
+def test_one_peer_saying_it_will_not_call_back_does_not_make_a_node_unreachable(monkeypatch):
+    """A liar (or a peer with a broken route) answering `calling: false`, while the other peer
+    asked does not answer, used to make a reachable server hide behind relays for 5 minutes.
+    Unreachable takes two distinct peers that could not get through; short of that the last
+    verdict stands."""
+    r, pool, (liar, other) = reachability(["false", "down"], monkeypatch)
+    assert check_once(r) == "unknown"
+    pool.answers[other] = "calls"
+    assert check_once(r) == "yes"
+    pool.answers[other] = "down"
+    assert check_once(r) == "yes"  # one "no" again: still reachable
+    pool.answers[other] = "silent"  # two peers, neither got through: unreachable
+    assert check_once(r) == "no"
+
+
+def test_a_lone_peers_word_counts_only_once_the_table_had_time_to_fill(monkeypatch):
+    from swarmd.discovery import reach
+
+    r, _, _ = reachability(["false"], monkeypatch)
+    assert check_once(r) == "unknown"  # just started: a second peer may be known soon
+    r._started -= reach.SETTLE_S
+    assert check_once(r) == "no"  # a swarm of two: the only peer there is has the say
