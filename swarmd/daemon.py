@@ -295,7 +295,8 @@ class Daemon:
                                  resolve_protocol=self.table.protocol_for,
                                  on_gossip=self.membership.on_gossip, drain_timeout_s=s.drain_timeout_s,
                                  adapter_dirs=dict(s.adapters), relay=RelayService(
-                                     n.relay, n.relay_max_bytes_per_s, n.relay_max_servers),
+                                     n.relay, n.relay_max_bytes_per_s, n.relay_max_servers,
+                                     vouch=self._needs_relay),
                                  batch_window_s=s.batch_window_s)
         failpoints.install(self.server, os.environ.get("SWARMD_FAILPOINTS", ""))
         try:
@@ -319,6 +320,14 @@ class Daemon:
         self.reach = Reachability(pool=self.pool, table=self.table, own_id=self.identity.public_key,
                                   address=self.address, server=self.server)
         self._thread("reach", self._check_reach)
+
+    def _needs_relay(self, key: str) -> bool:
+        """As a relay: whether the table holds a signed record of `key` saying it is a server
+        that may need relaying (it serves blocks and was not found reachable): such a key ranks
+        above one that only registers (swarmd/transport/relay_slots.py)."""
+        e = self.table.get(key)
+        return (e is not None and e.record.span is not None and e.record.reachable != "yes"
+                and e.record.state != "offline")
 
     def _check_reach(self, stop: threading.Event) -> None:
         assert self.reach is not None

@@ -457,7 +457,7 @@ class SpanServer:
                 self._send(ident, self._error_reply(req_id, sender, e), req_id)
 
     def on_relay_register(self, msg: Message):
-        self.relay.register(self.sender, self._current[0])
+        self.relay.register(self.sender, self._current[0], self._peer_host)
         return {"keepalive_s": KEEPALIVE_S}, None
 
     def want_relays(self, relays: list[tuple[str, str]]) -> None:

@@ -308,3 +308,45 @@ def test_a_lone_peers_word_counts_only_once_the_table_had_time_to_fill(monkeypat
     assert check_once(r) == "unknown"  # just started: a second peer may be known soon
     r._started -= reach.SETTLE_S
     assert check_once(r) == "no"  # a swarm of two: the only peer there is has the say
+
+
+def test_keys_squatting_a_relays_slots_give_them_up_to_servers_that_need_them():
+    """Sybil keys that only register and renew used to hold every slot, first come first kept.
+    Now a server whose signed record says it needs a relay takes a squatter's slot, a slot
+    unused for a minute goes to any newcomer, a server in use is never displaced, and one
+    network holds at most a quarter of the slots."""
+    from swarmd.transport.relay_slots import ACTIVE_S
+
+    clock = Clock()
+    h1, idle_server, *newcomers = [ident().public_key for _ in range(9)]
+    vouched = {h1, idle_server, *newcomers}
+    r = RelayService(True, max_bytes_per_s=10**9, max_servers=8, clock=clock, vouch=lambda k: k in vouched)
+    squatters = [ident().public_key for _ in range(8)]
+    for k, key in enumerate(squatters):
+        r.register(key, b"s%d" % k, f"10.{k}.0.1")
+    r.register(h1, b"h1", "10.99.0.1")  # vouched: a squatter gives way
+    r.register(idle_server, b"v", "10.98.0.1")
+    assert {h1, idle_server} <= set(r.servers) and len(r.servers) == 8 and r.evicted == 2
+    with pytest.raises(LimitError, match="relay_max_servers"):  # another squatter displaces nobody
+        r.register(ident().public_key, b"x", "10.97.0.1")
+
+    for _ in range(int(ACTIVE_S) + 1):  # a minute of renewals, and nothing relayed
+        clock.t += 1.0
+        for key, slot in list(r.servers.items()):
+            r.register(key, slot.ident)
+    r.route(ident().public_key, h1, b"c", 100, 1)  # but h1 is in use
+    fresh = ident().public_key
+    r.register(fresh, b"f", "10.96.0.1")  # idle squatters give way even to an unvouched newcomer
+    assert fresh in r.servers and {h1, idle_server} <= set(r.servers)
+    for k, key in enumerate(newcomers):  # servers keep coming: the idle squatters, the newcomer
+        r.register(key, b"n", f"10.{100 + k}.0.1")  # not vouched for, then the unused server go
+    assert set(r.servers) == {h1, *newcomers}
+    with pytest.raises(LimitError, match="relay_max_servers"):  # every slot is a server in use or new
+        r.register(idle_server, b"v", "10.98.0.1")
+
+    r2 = RelayService(True, max_bytes_per_s=10**9, max_servers=8, clock=clock, vouch=lambda k: True)
+    r2.register(ident().public_key, b"a", "203.0.113.1")
+    r2.register(ident().public_key, b"b", "203.0.113.2")
+    with pytest.raises(LimitError, match="from 203.0.113.0/24, the most one network may hold"):
+        r2.register(ident().public_key, b"c", "203.0.113.3")
+    r2.register(ident().public_key, b"d", "198.51.100.1")  # another network: room
