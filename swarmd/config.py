@@ -38,8 +38,8 @@ DEFAULTS: dict[str, Any] = {
         "threads": "auto",
         "adapters": {},
         "cache": {"max_bytes": "auto", "kv_dtype": "auto"},
-        "limits": {"sessions_per_key": 1024, "cache_share_per_key": 0.5, "requests_per_s_per_key": 5000,
-                   "queued_per_key": 64, "queued_bytes_per_key": "4GiB"},
+        "limits": {"sessions_per_key": 1024, "cache_share_per_key": 0.5, "unused_session_timeout_s": 30,
+                   "requests_per_s_per_key": 5000, "queued_per_key": 64, "queued_bytes_per_key": "4GiB"},
     },
     "network": {
         "listen": "tcp://0.0.0.0:31330",
@@ -99,6 +99,9 @@ class LimitsConfig:
     requests_per_s_per_key: int
     queued_per_key: int = 64  # requests waiting for the compute thread
     queued_bytes_per_key: int = 4 << 30  # their tensors
+    # a session that has held no position this long after it opened is closed: `open`s alone
+    # hold no cache (a gateway steps at once after opening; one that waits reopens by replay)
+    unused_session_timeout_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -339,6 +342,8 @@ def load_config(path: str, overrides: dict | None = None) -> Config:
         limits=LimitsConfig(
             sessions_per_key=r.positive_int("serve.limits.sessions_per_key", s["limits"]["sessions_per_key"]) or 1,
             cache_share_per_key=r.fraction("serve.limits.cache_share_per_key", s["limits"]["cache_share_per_key"]),
+            unused_session_timeout_s=float(r.positive_int("serve.limits.unused_session_timeout_s",
+                                                          s["limits"]["unused_session_timeout_s"]) or 1),
             requests_per_s_per_key=r.positive_int("serve.limits.requests_per_s_per_key",
                                                   s["limits"]["requests_per_s_per_key"]) or 1,
             queued_per_key=r.positive_int("serve.limits.queued_per_key", s["limits"]["queued_per_key"]) or 1,
