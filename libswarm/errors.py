@@ -11,6 +11,7 @@
     ├── SessionError                unknown session, a step past max_length, a closed session
     ├── CacheFullError              a session does not fit the KV cache budget
     ├── LimitError                  a request beyond a configured limit (batch, length, bytes)
+    ├── AccessDeniedError           an operator command from a caller that is not an operator
     └── RemoteError                 a peer failed while computing (message only, never a traceback)
         └── WrongOutputError        a peer's output failed the gateway's checks (docs/security.md)
 
@@ -89,6 +90,13 @@ class LimitError(SwarmError):
     code = "limit"
 
 
+class AccessDeniedError(SwarmError):
+    """An operator command (`drain`, `rebalance`) on the local plane from an app's user: see
+    swarmd/operators.py."""
+
+    code = "denied"
+
+
 class RemoteError(SwarmError):
     code = "remote"
 
@@ -127,6 +135,7 @@ _BY_CODE: dict[str, type[SwarmError]] = {
         SessionError,
         CacheFullError,
         LimitError,
+        AccessDeniedError,
         RemoteError,
         WrongOutputError,
         SpanMovedError,

@@ -38,13 +38,14 @@ DEFAULTS: dict[str, Any] = {
         "threads": "auto",
         "adapters": {},
         "cache": {"max_bytes": "auto", "kv_dtype": "auto"},
-        "limits": {"sessions_per_key": 1024, "cache_share_per_key": 0.5, "requests_per_s_per_key": 5000,
-                   "queued_per_key": 64, "queued_bytes_per_key": "4GiB"},
+        "limits": {"sessions_per_key": 1024, "cache_share_per_key": 0.5, "unused_session_timeout_s": 30,
+                   "requests_per_s_per_key": 5000, "queued_per_key": 64, "queued_bytes_per_key": "4GiB"},
     },
     "network": {
         "listen": "tcp://0.0.0.0:31330",
         "announce": [],
         "socket": "/run/swarmd/swarmd.sock",
+        "operator_group": "swarmd-admin",
         "max_message_bytes": "1GiB",
         "relay": False,
         "relay_max_bytes_per_s": "50MB",
@@ -98,6 +99,9 @@ class LimitsConfig:
     requests_per_s_per_key: int
     queued_per_key: int = 64  # requests waiting for the compute thread
     queued_bytes_per_key: int = 4 << 30  # their tensors
+    # a session that has held no position this long after it opened is closed: `open`s alone
+    # hold no cache (a gateway steps at once after opening; one that waits reopens by replay)
+    unused_session_timeout_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -130,6 +134,8 @@ class NetworkConfig:
     relay: bool = False  # relay for servers that accept no connections (docs/operations.md, Ports)
     relay_max_bytes_per_s: int = 50_000_000  # all that it forwards, both ways
     relay_max_servers: int = 16  # servers it relays for at once
+    # besides root and the daemon's own user, who may drain and rebalance over the socket (None: nobody)
+    operator_group: str | None = "swarmd-admin"
 
 
 @dataclass(frozen=True)
@@ -336,6 +342,8 @@ def load_config(path: str, overrides: dict | None = None) -> Config:
         limits=LimitsConfig(
             sessions_per_key=r.positive_int("serve.limits.sessions_per_key", s["limits"]["sessions_per_key"]) or 1,
             cache_share_per_key=r.fraction("serve.limits.cache_share_per_key", s["limits"]["cache_share_per_key"]),
+            unused_session_timeout_s=float(r.positive_int("serve.limits.unused_session_timeout_s",
+                                                          s["limits"]["unused_session_timeout_s"]) or 1),
             requests_per_s_per_key=r.positive_int("serve.limits.requests_per_s_per_key",
                                                   s["limits"]["requests_per_s_per_key"]) or 1,
             queued_per_key=r.positive_int("serve.limits.queued_per_key", s["limits"]["queued_per_key"]) or 1,
@@ -353,6 +361,8 @@ def load_config(path: str, overrides: dict | None = None) -> Config:
         listen=r.endpoint("network.listen", n["listen"]),
         announce=tuple(r.endpoint(f"network.announce[{i}]", a) for i, a in enumerate(announce)),
         socket=os.path.expanduser(r.string("network.socket", n["socket"])),
+        operator_group=None if n["operator_group"] is None else r.string("network.operator_group",
+                                                                          n["operator_group"]),
         max_message_bytes=r.size("network.max_message_bytes", n["max_message_bytes"]) or 0,
         relay=n["relay"],
         relay_max_bytes_per_s=r.size("network.relay_max_bytes_per_s", n["relay_max_bytes_per_s"]) or 1,

@@ -37,6 +37,7 @@ from swarmd.gateway.gateway import Gateway
 from swarmd.identity import load_or_create_identity, next_incarnation
 from swarmd.local import LocalServer
 from swarmd.metrics import MetricsServer, registry
+from swarmd.operators import Operators
 from swarmd.peer import failpoints
 from swarmd.peer.server import SpanServer
 from swarmd.placement import blocks_that_fit
@@ -116,7 +117,8 @@ class Daemon:
         handlers = dict(self.gateway.handlers, key=lambda m: (self.key_info(), None),
                         rebalance=lambda m: (self.balancer.on_rebalance(bool(m.get("dry_run")), _in_thread), None),
                         drain=lambda m: (self._request_drain(), None))
-        self.local = LocalServer(self.zctx, config.network.socket, handlers, config.network.max_message_bytes)
+        self.local = LocalServer(self.zctx, config.network.socket, handlers, config.network.max_message_bytes,
+                                 Operators(config.network.operator_group))
         self.local.on_idle = self.gateway.expire_idle
 
     def _configured_blocks(self) -> tuple[int, int] | None:
@@ -293,7 +295,8 @@ class Daemon:
                                  resolve_protocol=self.table.protocol_for,
                                  on_gossip=self.membership.on_gossip, drain_timeout_s=s.drain_timeout_s,
                                  adapter_dirs=dict(s.adapters), relay=RelayService(
-                                     n.relay, n.relay_max_bytes_per_s, n.relay_max_servers),
+                                     n.relay, n.relay_max_bytes_per_s, n.relay_max_servers,
+                                     vouch=self._needs_relay),
                                  batch_window_s=s.batch_window_s)
         failpoints.install(self.server, os.environ.get("SWARMD_FAILPOINTS", ""))
         try:
@@ -317,6 +320,14 @@ class Daemon:
         self.reach = Reachability(pool=self.pool, table=self.table, own_id=self.identity.public_key,
                                   address=self.address, server=self.server)
         self._thread("reach", self._check_reach)
+
+    def _needs_relay(self, key: str) -> bool:
+        """As a relay: whether the table holds a signed record of `key` saying it is a server
+        that may need relaying (it serves blocks and was not found reachable): such a key ranks
+        above one that only registers (swarmd/transport/relay_slots.py)."""
+        e = self.table.get(key)
+        return (e is not None and e.record.span is not None and e.record.reachable != "yes"
+                and e.record.state != "offline")
 
     def _check_reach(self, stop: threading.Event) -> None:
         assert self.reach is not None

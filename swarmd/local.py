@@ -5,7 +5,9 @@ must not hold up another app), and workers hand their replies back to the owner 
 inproc PUSH/PULL pair. Operators' requests (`status`, `peers`, `drain` ...) have workers of
 their own: apps that keep every app worker busy do not hold up `swarmctl`. App requests beyond
 what the workers run wait, up to MAX_WAITING of them and MAX_WAITING_BYTES; more are refused
-with a `limit` error at once, so that a flood of requests cannot exhaust the daemon's memory."""
+with a `limit` error at once, so that a flood of requests cannot exhaust the daemon's memory.
+Every member of the socket's group may connect; `drain` and `rebalance` are for operators
+alone (swarmd/operators.py)."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import zmq
 from libswarm.errors import ConfigError, LimitError, ProtocolError, SwarmError
 from libswarm.protocol import Message, decode, error_reply, ok_reply, registry
 from libswarm.protocol.messages import LOCAL_REPLY_HEADER_BYTES, peek_type
+from swarmd.operators import Operators, needs_operator
 
 log = logging.getLogger("swarmd.local")
 
@@ -34,8 +37,11 @@ Handler = Callable[[Message], tuple[dict, dict | None]]
 
 
 class LocalServer:
-    def __init__(self, zctx: zmq.Context, socket_path: str, handlers: dict[str, Handler], max_message_bytes: int):
+    def __init__(self, zctx: zmq.Context, socket_path: str, handlers: dict[str, Handler], max_message_bytes: int,
+                 operators: Operators | None = None):
+        """`operators`: who may `drain` and `rebalance` (default: root and this process's user)."""
         self.zctx, self.path, self.handlers = zctx, socket_path, handlers
+        self.operators = operators or Operators(None)
         self.sock = zctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.max_message_bytes = max_message_bytes
@@ -162,6 +168,8 @@ class LocalServer:
             if control and msg.type not in CONTROL:  # its header said otherwise: a disguise
                 raise ProtocolError(f"{msg.type!r} sent as a control request")
             registry.check(registry.LOCAL, msg)
+            if needs_operator(msg):
+                self.operators.check(body[0], msg)
             handler = self.handlers.get(msg.type)
             if handler is None:
                 raise ProtocolError(f"{msg.type!r} is not served by this daemon")

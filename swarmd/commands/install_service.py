@@ -170,7 +170,8 @@ class InstallServiceCommand(Command):
             self._activate(root, result)
         result["next"] = [f"set model: in {config}",
                           "systemctl enable --now swarmd   (or swarmd@N, one per GPU, with /etc/swarmd/swarmd-N.yaml)",
-                          "swarmctl status   (as root or a member of group swarmd)",
+                          "swarmctl status   (as root or a member of group swarmd; drain and rebalance: "
+                          "root or a member of swarmd-admin too)",
                           "systemctl enable --now swarm-api   (optional: the OpenAI-compatible API and the swarm "
                           "page on api.listen; needs the api extra)"]
         return result

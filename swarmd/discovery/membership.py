@@ -18,6 +18,9 @@ A contact that fails makes the peer suspect here and the suspicion news; a daemo
 checks the peer itself before it passes it on, and a suspected node that hears of it refutes
 with a new signed beat. A suspicion not lifted in `suspect_after_s()` makes the node dead.
 
+Nodes heard of but never reached are contacted within a quota a round (first_contacts.py):
+made-up records cannot turn a daemon into a scanner.
+
 A record is accepted only when verified (records.py), its key is allowed (private swarms),
 and it is newer than the one held; a beat only when signed by the key of the record held. Bad
 records are logged once per sender and reason. Gateway-only daemons pull, and publish nothing."""
@@ -36,6 +39,7 @@ from libswarm import __version__
 from libswarm.errors import SwarmError
 from libswarm.protocol import PROTOCOL_VERSION, Message
 from swarmd.config import Seed
+from swarmd.discovery.first_contacts import Origins, RoundQuota
 from swarmd.discovery.keyquery import query_keys
 from swarmd.discovery.records import MAX_RTTS, Beat, Record, RecordError, decode_beat, decode_record
 from swarmd.discovery.table import LARGE_BUCKETS, MAX_NODES, MAX_REPLY_BYTES, SMALL_BUCKETS, TAG_CHARS, PeerTable
@@ -57,7 +61,7 @@ MAX_REQUEST_BEATS = 8
 MAX_SUSPECTS = 16
 MAX_REPLY_BEATS = 4096
 MAX_NEWS = 512  # tags in one request (and news items a daemon passes on at once)
-MAX_CHECKS_PER_ROUND = 32  # pings to nodes heard of but not reached yet, or suspected by others
+MAX_CHECKS_PER_ROUND = 32  # pings to nodes suspected by others, or heard of but not reached yet (first_contacts.py)
 AE_EVERY_ROUNDS = 10  # anti-entropy with one peer this often (every round while catching up)
 BODY_REFRESH_S = 10.0  # loads and measurements (cache free, sessions, round trips) go out this often at most
 BODY_REFRESH_PER_NODE_S = 0.5  # ... and no more often than this times the swarm's size
@@ -126,6 +130,7 @@ class Membership:
         self._hot_lock = threading.Lock()  # requests are answered on the serving thread
         self._beat_lock = threading.Lock()
         self._heard_news: dict[str, int] = {}  # node id -> round its record came as news, not yet reached
+        self.origins = Origins()  # who told this daemon of nodes it has not reached: their contacts' quota
         self._catching_up = True  # the last anti-entropy exchange brought records: another one next round
         self._ae_phase = random.randrange(AE_EVERY_ROUNDS)
 
@@ -287,12 +292,14 @@ class Membership:
                 self._log_once(source, f"record of {record.short_id}, whose key is not allowed in this private swarm")
                 continue
             result = self.table.merge(record, wire, via=via if record.node_id == via_key else None)
+            entry = self.table.get(record.node_id)
+            if entry is not None and not entry.verified:
+                self.origins.told(record.node_id, source)
             if result == "full":
                 self._log_once(source, f"record of {record.short_id}: the peer table is full")
             elif result != "old":
                 changed += 1
                 self.table.set_mismatch(record.node_id, self._weights_mismatch(record))
-                entry = self.table.get(record.node_id)
                 if news and entry is not None:
                     if entry.verified:
                         self._make_hot("record", wire)
@@ -391,9 +398,11 @@ class Membership:
         return reply, None
 
     # --- gossip rounds -------------------------------------------------------------------------
-    def _targets(self, skip: set[str] | frozenset[str], everyone: bool) -> list[tuple[str, str | None, str | None]]:
+    def _targets(self, skip: set[str] | frozenset[str], everyone: bool,
+                 quota: RoundQuota) -> list[tuple[str, str | None, str | None]]:
         """(address, key, node id) to gossip with: FANOUT random live peers (all, with
-        `everyone`), plus bootstrap contacts not already known as live nodes."""
+        `everyone`), plus bootstrap contacts not already known as live nodes. Nodes never
+        reached are contacted within `quota`."""
         now = time.monotonic()
         live: list[tuple[str, str | None, str | None]] = []
         kin: list[tuple[str, str | None, str | None]] = []  # of this daemon's model
@@ -402,9 +411,12 @@ class Membership:
         answered: set[str] = set()  # addresses of peers reached before
         due: list[tuple[float, tuple[str, str | None, str | None]]] = []  # failed before, retry time come
         known_addresses: set[str] = set()
+        never_reached: set[str] = set()
         for e in self.table.entries():
             if e.is_self:
                 continue
+            if not e.verified:
+                never_reached.add(e.record.node_id)
             state = self.table.state(e, now)
             if state not in ("dead", "offline"):
                 known_addresses.update(e.record.addresses)
@@ -441,6 +453,7 @@ class Membership:
             fill = random.sample(spare, min(len(new) - 1, len(spare))) if len(new) > 1 else []
             targets += fill + new[1:len(new) - len(fill)]  # no such peers to give: keep the drawn
             targets += [t for _, t in sorted(due)[:MAX_RETRIES_PER_ROUND]]
+        targets = [t for t in targets if t[2] is None or t[2] not in never_reached or quota.take(t[2])]
         with self._hint_lock:
             hints = list(self.hints.values())
         not_hints = known_addresses | set(self.own_addresses()) | set(skip)
@@ -455,9 +468,10 @@ class Membership:
         e = self.table.get(self.identity.public_key)
         return list(e.record.addresses) if e else []
 
-    def _checks(self, targets: set[str], news_only: bool = False) -> list[tuple[str, str]]:
+    def _checks(self, targets: set[str], quota: RoundQuota, news_only: bool = False) -> list[tuple[str, str]]:
         """(address, node id) to ping this round: nodes another node suspects, then nodes heard
-        of as news, then (unless `news_only`) others not reached yet; none at `targets`."""
+        of as news, then (unless `news_only`) others not reached yet, within `quota`; none at
+        `targets`."""
         now = time.monotonic()
         doubted: list[tuple[str, str]] = []
         heard: list[tuple[str, str]] = []
@@ -471,7 +485,13 @@ class Membership:
             elif not e.verified and self.access.allows(node_id):
                 (heard if node_id in self._heard_news else others).append((e.address, node_id))
         random.shuffle(others)
-        return (doubted + heard + ([] if news_only else others))[:MAX_CHECKS_PER_ROUND]
+        checks = doubted[:MAX_CHECKS_PER_ROUND]
+        for address, node_id in heard + ([] if news_only else others):
+            if len(checks) >= MAX_CHECKS_PER_ROUND:
+                break
+            if quota.take(node_id):
+                checks.append((address, node_id))
+        return checks
 
     def _ping(self, checks: list[tuple[str, str]]) -> None:
         """Ping each (address, node id) at once, and wait for the answers (GOSSIP_TIMEOUT_S)."""
@@ -509,7 +529,8 @@ class Membership:
             fields: dict = {"news": self.news_tags(), "records": [own.wire] if recent and own else [],
                             "beats": [own.beat_wire] if own and own.beat_wire and self._rounds - self._refuted_round
                             < self.table.hot_rounds() else [], "suspects": news["suspects"]}
-            targets = self._targets(skip, everyone)[:MAX_CONTACTS_PER_ROUND]
+            quota = RoundQuota(self.origins)  # this round's first contacts: made-up records cost few
+            targets = self._targets(skip, everyone, quota)[:MAX_CONTACTS_PER_ROUND]
             peers = sum(1 for e in self.table.entries() if not e.is_self)
             ae_all = self._catching_up or peers < 2  # a table still filling: ask everyone contacted
             ae_one = self._rounds % AE_EVERY_ROUNDS == self._ae_phase
@@ -535,7 +556,7 @@ class Membership:
                 except SwarmError as e:
                     self._contact_failed(address, node_id, str(e))
             contacted = {t[0] for t in targets}
-            checks = self._checks(contacted)[:MAX_CONTACTS_PER_ROUND - len(targets)]
+            checks = self._checks(contacted, quota)[:MAX_CONTACTS_PER_ROUND - len(targets)]
             for address, node_id in checks:
                 try:
                     opened.append(("ping", address, node_id, node_id, self.pool.get(address, node_id)))
@@ -574,7 +595,7 @@ class Membership:
             # news and suspicions these replies brought are checked now, not a round later: each
             # hop of an epidemic would otherwise cost a round
             contacted |= {a for a, _ in checks}
-            more = self._checks(contacted, news_only=True)[:MAX_CHECKS_PER_ROUND - len(checks)]
+            more = self._checks(contacted, quota, news_only=True)[:MAX_CHECKS_PER_ROUND - len(checks)]
             if more:
                 self._ping(more)
             gossiped = [p for p in pending if p[0] == "gossip"]
@@ -689,7 +710,7 @@ class Membership:
         fields = {"records": [own.wire], "news": self.news_tags()}
         deadline = time.monotonic() + timeout_s
         sent = []
-        for address, key, _ in self._targets(set(), everyone=True)[:MAX_CONTACTS_PER_ROUND]:
+        for address, key, _ in self._targets(set(), True, RoundQuota(self.origins))[:MAX_CONTACTS_PER_ROUND]:
             if key is None or time.monotonic() > deadline:
                 continue
             try:

@@ -1,10 +1,15 @@
 """Whether peers can connect to this daemon, and the relays it is reached through when they cannot.
 
-A check asks one or two peers (reached directly, and not themselves known unreachable) to
-call back at this daemon's announced address; a `reach_back` arriving there proves it
-reachable. Peers that accepted the question but whose calls never came make it unreachable;
-no answer at all leaves it unknown. Checks run at start and every CHECK_INTERVAL_S (sooner
-while the answer is unknown), and each change is logged.
+A check asks two peers (reached directly, and not themselves known unreachable; on distinct
+hosts where it can) to call back at this daemon's announced address; a `reach_back` arriving
+there proves it reachable. It is unreachable only when QUORUM peers of distinct keys took the
+question and none got through (each answered `calling: false`, or its call never came): one
+peer, a liar or one with a broken route, cannot make a reachable node hide behind relays. A
+check short of that changes nothing (a node keeps its last verdict) and is asked again soon,
+of other peers. A swarm with a single other peer has only that one to ask: its word counts
+once this daemon has been up SETTLE_S (its table may still be filling before). Checks run at
+start and every CHECK_INTERVAL_S (sooner while the answer is unknown), and each change is
+logged.
 
 An unreachable server keeps links to up to RELAYS_WANTED relays (peers that offer to relay and
 are not known unreachable: those found reachable first, then the nearest); a relay that fails is not chosen again for
@@ -31,6 +36,8 @@ log = logging.getLogger("swarmd.discovery")
 CHECK_INTERVAL_S = 300.0
 RETRY_S = 2.0  # while unknown (no peer to ask yet, or none answered)
 ASKED = 2  # peers asked at once
+QUORUM = 2  # distinct peers that must fail to get through for "unreachable"
+SETTLE_S = 30.0  # after start, a lone peer's word waits this long for a second peer to ask
 CALL_WAIT_S = 5.0  # how long a call back may take to arrive (the caller gives up after 3 s)
 RELAYS_WANTED = 2
 RELAY_RETRY_S = 30.0
@@ -41,7 +48,10 @@ class Reachability:
         self.pool, self.table, self.own_id, self.address, self.server = pool, table, own_id, address, server
         self.state = "unknown"
         self._next_check = 0.0
-        self._pending: tuple[list[str], float, int] | None = None  # (nonces, asked at, peers calling)
+        self._started = time.monotonic()
+        # a check under way: (nonce -> the key of the peer asked, asked at, keys of the peers calling)
+        self._pending: tuple[dict[str, str], float, set[str]] | None = None
+        self._eligible = 0  # peers that could be asked at the last check
         self._wanted: list[tuple[str, str]] = []
 
     def tick(self) -> None:
@@ -56,10 +66,10 @@ class Reachability:
     def _ask(self, now: float) -> None:
         peers = [e for e in self.table.entries() if not e.is_self and e.verified and e.record.reachable != "no"
                  and e.address.startswith("tcp://") and self.table.routable(e)]
-        random.shuffle(peers)
-        peers.sort(key=lambda e: e.record.reachable != "yes")  # those found reachable know best
-        nonces, calling = [], 0
-        for e in peers[:ASKED]:
+        self._eligible = len(peers)
+        asked: dict[str, str] = {}
+        calling: set[str] = set()
+        for e in _pick(peers, ASKED):
             nonce = secrets.token_hex(16)
             try:
                 reply = self.pool.get(e.address, e.record.node_id).request(
@@ -67,24 +77,38 @@ class Reachability:
             except SwarmError as err:
                 log.debug("reachability: %s did not take the question: %s", e.record.short_id, err)
                 continue
-            nonces.append(nonce)
+            asked[nonce] = e.record.node_id
             if reply.get("calling") is True:
-                calling += 1
+                calling.add(e.record.node_id)
             else:
                 log.info("reachability: %s will not call back: %s", e.record.short_id, reply.get("why"))
-        if nonces:
-            self._pending = (nonces, now, calling)
+        if asked:
+            self._pending = (asked, now, calling)
         else:
             self._next_check = now + RETRY_S
 
     def _settle(self, now: float) -> None:
         assert self._pending is not None
-        nonces, asked_at, calling = self._pending
-        if any(n in self.server.reached for n in nonces):
+        asked, asked_at, calling = self._pending
+        if any(n in self.server.reached for n in asked):
             self._decide("yes", now)
         elif now - asked_at > CALL_WAIT_S or not calling:
             # asked, and nobody got through (or would not try: it sees another address)
-            self._decide("no", now)
+            failed = set(asked.values())
+            if len(failed) >= self._quorum(now):
+                self._decide("no", now)
+            else:
+                self._pending = None  # too few to tell: the last verdict stands, others are asked soon
+                self._next_check = now + RETRY_S
+                log.debug("reachability: only %d peer(s) could not get through, %d needed: the verdict stays %s",
+                         len(failed), self._quorum(now), self.state)
+
+    def _quorum(self, now: float) -> int:
+        """Distinct peers whose failure makes this daemon unreachable: QUORUM, or a lone peer's
+        word in a swarm that has no second one to ask once the table has had time to fill."""
+        if self._eligible < QUORUM and now - self._started >= SETTLE_S:
+            return max(1, self._eligible)
+        return QUORUM
 
     def _decide(self, state: str, now: float) -> None:
         self._pending = None
@@ -125,3 +149,23 @@ class Reachability:
                 log.info("relays wanted: %s", ", ".join(f"{short_id(r)} at {a}" for r, a in wanted))
             self._wanted = wanted
             self.server.want_relays(wanted)
+
+
+def _pick(peers: list, n: int) -> list:
+    """`n` peers to ask: those found reachable first (they know best), each from another host
+    where there are enough (two Sybil keys on one machine then answer as one at most)."""
+    random.shuffle(peers)
+    peers.sort(key=lambda e: e.record.reachable != "yes")
+    chosen, hosts = [], set()
+    for e in peers:
+        host = _host_of(e.address)
+        if host not in hosts:
+            chosen.append(e)
+            hosts.add(host)
+    chosen += [e for e in peers if e not in chosen]
+    return chosen[:n]
+
+
+def _host_of(address: str) -> str:
+    """The host of a tcp://host:port address."""
+    return address[len("tcp://"):].rsplit(":", 1)[0]

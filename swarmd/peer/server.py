@@ -48,7 +48,7 @@ from swarmd.inputs import beam_order, positions_and_mask
 from swarmd.logs import RateLimitedLog
 from swarmd.metrics import step_histogram
 from swarmd.peer.compute import PASS, STEP, ComputeThread
-from swarmd.peer.limits import KeyLimits
+from swarmd.peer.limits import KeyLimits, shared_network
 from swarmd.runtime.adapters import load_adapter, slice_lora
 from swarmd.runtime.cache import CacheBudget, SessionCache
 from swarmd.runtime.span import DEEP_PROMPTS, Lora, Span, client_trainables
@@ -123,6 +123,7 @@ class ServerSession:
     queued: int = 0  # its steps on the compute thread: while any is, its next steps queue behind them
     waiting_step: int | None = None  # the number of its step last left waiting for its push
     in_batch: bool = False  # a step of it waits in the batch being gathered
+    network: str | None = None  # whose keys share a cache share with its owner (limits.shared_network)
 
 
 @dataclass
@@ -457,7 +458,7 @@ class SpanServer:
                 self._send(ident, self._error_reply(req_id, sender, e), req_id)
 
     def on_relay_register(self, msg: Message):
-        self.relay.register(self.sender, self._current[0])
+        self.relay.register(self.sender, self._current[0], self._peer_host)
         return {"keepalive_s": KEEPALIVE_S}, None
 
     def want_relays(self, relays: list[tuple[str, str]]) -> None:
@@ -691,18 +692,20 @@ class SpanServer:
             raise LimitError(f"batch {batch} is outside 1..{self.max_batch} allowed by this server")
         lora = self._hosted_adapter(msg, first, last)  # before reserving: a refusal must hold nothing
         nbytes = self.span.cache_bytes(first, last, batch, max_length)
+        network = shared_network(self._peer_host, self.access.private)
         with self._lock:
             held = [x.cache.nbytes for x in self.sessions.values() if x.owner == self._current[2]]
+            held_network = [x.cache.nbytes for x in self.sessions.values() if network and x.network == network]
         self.budget.reserve(nbytes)  # a session that fits nowhere here is cache_full, before any per-key limit
         try:
-            self.key_limits.admit_session(self._current[2], held, nbytes, self.budget.max_bytes)
+            self.key_limits.admit_session(self._current[2], held, nbytes, self.budget.max_bytes, network, held_network)
             cache = self.span.new_cache(first, last, batch, max_length)
         except BaseException:
             self.budget.release(nbytes)
             raise
         sid = secrets.token_hex(12)
         with self._lock:
-            self.sessions[sid] = ServerSession(sid, cache, self.span, self._current[2], lora)
+            self.sessions[sid] = ServerSession(sid, cache, self.span, self._current[2], lora, network=network)
         self._count(sessions_opened=1)
         return {"session": sid, "cache_bytes": nbytes}, None
 
@@ -1140,9 +1143,15 @@ class SpanServer:
         for key, (_, t, _) in list(self.pushed.items()):
             if now - t > PENDING_TIMEOUT_S or key[0] not in self.sessions:
                 del self.pushed[key]
+        unused_s = self.key_limits.limits.unused_session_timeout_s
         for sid, s in list(self.sessions.items()):
             if now - s.last_used > self.idle_timeout_s:
                 log.info("session %s idle for %.0f s: freeing its cache", sid[:8], now - s.last_used)
+                self._drop(sid)
+            elif s.cache.length == 0 and now - s.last_used > unused_s:  # reserved, never used (limits.py)
+                self.quiet_log.info(("unused", s.owner), "session %s of %s held no position for %.0f s: freeing "
+                                    "its cache (serve.limits.unused_session_timeout_s)", sid[:8],
+                                    short_id(s.owner) if s.owner else "?", now - s.last_used)
                 self._drop(sid)
         for sid, (t, _) in list(self._stepped.items()):
             if now - t > ACTIVE_S:

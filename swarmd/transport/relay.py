@@ -28,7 +28,7 @@ import struct
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -45,6 +45,8 @@ from libswarm.errors import LimitError, PeerUnavailableError, ProtocolError
 from libswarm.protocol import Message, decode, encode
 from libswarm.protocol.messages import FRAME_BYTES
 from swarmd.identity import NodeIdentity, is_key, short_id
+from swarmd.transport.prefixes import network_of
+from swarmd.transport.relay_slots import Slot, make_room
 
 if TYPE_CHECKING:
     import torch
@@ -237,10 +239,13 @@ class RelayService:
     the requests each may answer; a byte budget over all it forwards. Used on the serving
     thread only."""
 
-    def __init__(self, enabled: bool, max_bytes_per_s: int, max_servers: int, clock=time.monotonic):
+    def __init__(self, enabled: bool, max_bytes_per_s: int, max_servers: int, clock=time.monotonic,
+                 vouch: Callable[[str], bool] = lambda key: False):
+        """`vouch(key)`: whether a signed record says that `key` is a server needing a relay
+        (relay_slots.py); it decides who keeps a slot when more want one than fit."""
         self.enabled, self.max_bytes_per_s, self.max_servers = enabled, max_bytes_per_s, max_servers
-        self._clock = clock
-        self.servers: dict[str, tuple[bytes, float]] = {}  # relayed node id -> (its ident here, renewed at)
+        self._clock, self._vouch = clock, vouch
+        self.servers: dict[str, Slot] = {}  # relayed node id -> its registration
         # requests forwarded and not answered yet, under the id the relay gave each: an answer goes
         # to the connection that asked, under that request's own id (one key may hold many
         # connections, one per thread, whose ids overlap), and only once
@@ -250,24 +255,38 @@ class RelayService:
         self._tokens, self._at = float(max_bytes_per_s), clock()
         self.forwarded_bytes = 0
         self.refused = 0
+        self.evicted = 0  # registrations that gave their slot to a newcomer that ranked higher
 
-    def register(self, server: str | None, ident: bytes) -> None:
+    def register(self, server: str | None, ident: bytes, host: str | None = None) -> None:
+        """A registration (or its renewal) from `server` at `ident`, connected from `host`."""
         if not self.enabled:
             raise ProtocolError("this daemon does not relay (network.relay: false)")
         if server is None:
             raise ProtocolError("relay_register needs a CURVE key")
         self.expire()
-        if server not in self.servers and len(self.servers) >= self.max_servers:
+        now, vouched = self._clock(), self._vouch(server)
+        slot = self.servers.get(server)
+        if slot is not None:
+            slot.ident, slot.renewed, slot.vouched = ident, now, vouched
+            return
+        network = network_of(host)
+        try:
+            victim = make_room(self.servers, self.max_servers, network, vouched, now)
+        except LimitError:
             self.refused += 1
-            raise LimitError(f"this relay serves {len(self.servers)} servers, its most (network.relay_max_servers)")
-        if server not in self.servers:
-            log.info("relaying for %s", short_id(server))
-        self.servers[server] = (ident, self._clock())
+            raise
+        if victim is not None:
+            del self.servers[victim]
+            self.evicted += 1
+            log.info("no longer relaying for %s: its slot went to %s, which ranks higher (relay_slots.py)",
+                     short_id(victim), short_id(server))
+        log.info("relaying for %s", short_id(server))
+        self.servers[server] = Slot(ident, now, now, network, vouched)
 
     def expire(self) -> None:
         now = self._clock()
-        for key, (_, at) in list(self.servers.items()):
-            if now - at > EXPIRE_S:
+        for key, slot in list(self.servers.items()):
+            if now - slot.renewed > EXPIRE_S:
                 del self.servers[key]
                 log.info("no longer relaying for %s (its registration lapsed)", short_id(key))
         while self.pending and next(iter(self.pending.values())).at < now - PAIR_TTL_S:
@@ -296,10 +315,11 @@ class RelayService:
                     return None  # nobody asked it this: dropped, and no byte of the budget spent on it
             del self.pending[outer]
             self._by_client_id.pop((asked.server, asked.client, asked.req_id), None)
+            self.servers[sender].active = now  # only an answer to a request counts as use
             self._spend(nbytes, now)
             return asked.ident, asked.req_id
         target = self.servers.get(to)
-        if target is None or now - target[1] > EXPIRE_S:
+        if target is None or now - target.renewed > EXPIRE_S:
             raise PeerUnavailableError(f"{short_id(to)} is not relayed here (it left, or moved to another relay)")
         if not self._spend(nbytes, now, strict=True):
             self.refused += 1
@@ -311,7 +331,8 @@ class RelayService:
         while len(self.pending) > MAX_PENDING:
             _, old = self.pending.popitem(last=False)
             self._forget_index(old)
-        return target[0], outer
+        target.active = now
+        return target.ident, outer
 
     def _forget_index(self, p: Pending) -> None:
         key = (p.server, p.client, p.req_id)
@@ -332,7 +353,7 @@ class RelayService:
 
     def info(self) -> dict:
         return {"enabled": self.enabled, "servers": sorted(short_id(k) for k in self.servers),
-                "forwarded_bytes": self.forwarded_bytes, "refused": self.refused}
+                "forwarded_bytes": self.forwarded_bytes, "refused": self.refused, "evicted": self.evicted}
 
 
 # --- the relayed server's side -----------------------------------------------------------------

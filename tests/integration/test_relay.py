@@ -5,18 +5,21 @@ nothing listens: every connection to it is refused, as by a firewall, while its 
 connections out work. Two relays serve the first blocks; a gateway-only daemon generates.
 (tests/integration/test_netns.py has the same across network namespaces, with a firewall.)"""
 
+import contextlib
 import os
 import signal
+import threading
 
 import pytest
 import torch
+import zmq
 from conftest import hf_reference
 from helpers import Daemon, curve_dealer, until
 from test_failover import At
 
 from libswarm import AutoDistributedModelForCausalLM
 from libswarm.protocol import decode, encode
-from swarmd.identity import NodeIdentity
+from swarmd.identity import NodeIdentity, short_id
 from swarmd.transport.relay import Sealer, sealed_bytes, sealed_message
 
 NEW_TOKENS = 16
@@ -36,11 +39,44 @@ def relayed_through(gw: Daemon, n: Daemon) -> str | None:
     return row["address"][len("relay+"):-41]
 
 
+class Squatters:
+    """Keys that register with a relay and renew twice a second, serving nothing: Sybils
+    holding its slots before a server that needs one comes."""
+
+    def __init__(self, relay: Daemon, count: int):
+        self.relay, self.count = relay, count
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        socks = [curve_dealer(self.relay.address, self.relay.node_id) for _ in range(self.count)]
+        try:
+            while not self.stop.wait(0.5):
+                for s in socks:
+                    with contextlib.suppress(zmq.Again):
+                        s.send_multipart(encode("relay_register", 1), zmq.NOBLOCK)
+                    while s.poll(0):
+                        s.recv_multipart()
+        finally:
+            for s in socks:
+                s.close(0)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+
+
+def relayed_for(relay: Daemon) -> list[str]:
+    return relay.ctl("status")["network"]["relay"]["servers"]
+
+
 @pytest.fixture(scope="module")
 def relayed_swarm(model_dirs, tmp_path_factory):
     d = model_dirs("llama", layers=4)
     tmp_path = tmp_path_factory.mktemp("relay")
-    # r1 relays for at most two servers: the server, and one more the refusal test registers
+    # each relays for at most two servers: on r1, the server and one more the refusal test
+    # registers; r2's two are squatted before the server comes
     relays = [Daemon(str(tmp_path), f"r{k}", d, "0:2", {"network": {"relay": True, "relay_max_servers": 2}})
               .seed_speed(0.002) for k in (1, 2)]
     # a session the gateway abandoned through the killed relay stays open here until it idles out:
@@ -49,9 +85,14 @@ def relayed_swarm(model_dirs, tmp_path_factory):
     n.cfg["network"]["announce"] = [n.address.replace("127.0.0.1", "127.0.0.2")]
     gw = Daemon(str(tmp_path), "gw", d, "none")
     everyone = [*relays, n, gw]
+    squatters = None
     try:
         for r in relays:
             r.start([x.address for x in relays])
+        for r in relays:
+            r.wait_ready()
+        squatters = Squatters(relays[1], 2)
+        until(lambda: len(relayed_for(relays[1])) == 2, LIMIT_S, "the squatters to hold r2's slots")
         n.start([r.address for r in relays])
         gw.start([r.address for r in relays])
         for x in everyone:
@@ -60,10 +101,22 @@ def relayed_swarm(model_dirs, tmp_path_factory):
         until(lambda: relayed_through(gw, n), LIMIT_S, "the gateway to reach the server through a relay")
         yield d, relays, n, gw
     finally:
+        if squatters is not None:
+            squatters.close()
         for x in everyone:
             x.terminate()
         for x in everyone:
             x.stop()
+
+
+def test_keys_squatting_a_relay_before_the_server_came_gave_it_a_slot(relayed_swarm):
+    """r2's two slots were held by keys that only register (Sybils): the server, whose signed
+    record says it needs a relay, took one of them; the squatter it displaced is refused since,
+    and the other stays (it displaced nobody)."""
+    d, relays, n, gw = relayed_swarm
+    relay = relays[1].ctl("status")["network"]["relay"]
+    assert short_id(n.node_id) in relay["servers"] and len(relay["servers"]) == 2
+    assert relay["evicted"] >= 1 and relay["refused"] >= 1
 
 
 def test_relay_forwards_only_sealed_messages_and_refuses_the_rest(relayed_swarm):

@@ -264,3 +264,54 @@ def test_refreshes_asked_at_once_share_one_round():
         t.join(10)
     took = real_time.perf_counter() - t0
     assert m._rounds - before <= 2 and took < 1.5, (m._rounds - before, took)
+
+
+def test_made_up_records_cost_a_round_few_connections_and_hold_up_no_one_elses_news():
+    """A liar gossiping 48 records of made-up nodes at addresses of its choosing used to make
+    the daemon it told open 32 connections a round to them (a refresh: all 48). Now the records
+    one peer alone told of get PER_ORIGIN first contacts a round, all first contacts together
+    PER_ROUND, and a node that joins meanwhile, telling of itself, is reached at once."""
+    from swarmd.discovery.first_contacts import PER_ORIGIN, PER_ROUND
+
+    members, pool, _ = converged(8)
+    m = members[3]
+    liar = NodeIdentity(os.urandom(32))
+    made_up = set()
+    for k in range(6):  # 8 records a request, as a request is cut to
+        records = []
+        for j in range(8):
+            ident = NodeIdentity(os.urandom(32))
+            r = Record(node_id=ident.public_key, sign_key=ident.sign_key, addresses=(f"tcp://10.9.{k}.{j}:1",),
+                       state="online", timestamp=0.0, seq=1, model_id="m", span=(0, 8), throughput=1e6)
+            records.append(r.sign(ident))
+            made_up.add(r.addresses[0])
+        m.on_gossip(Message("gossip", 1, {"records": records}), sender=liar.public_key)
+    asked: list[set[str]] = []
+    real_get = m.pool.get
+
+    def get(address, key=None):
+        asked[-1].add(address)
+        return real_get(address, key)
+    m.pool.get = get
+    for _ in range(3):
+        asked.append(set())
+        one_round(members, pool)
+    asked.append(set())
+    m.refresh()
+    assert all(len(a & made_up) <= PER_ORIGIN for a in asked), [len(a & made_up) for a in asked]
+    assert all(len(a - {address(x) for x in members}) <= PER_ROUND for a in asked)
+
+    # a newcomer tells the daemon of itself while the made-up nodes still wait: reached at once
+    joiner_address = "tcp://10.0.5.5:31330"
+    joiner = Membership(identity=NodeIdentity(os.urandom(32)), pool=pool.for_member(joiner_address),
+                        table=PeerTable(), access=AccessControl("open", "", ""),
+                        own_fields=lambda: {"addresses": (joiner_address,), "state": "online", "model_id": "m",
+                                            "span": (0, 1)},
+                        expected_fingerprint=lambda m, b: None)
+    pool.members[joiner_address] = joiner
+    joiner.publish()
+    wire = joiner.table.get(joiner.identity.public_key).wire
+    m.on_gossip(Message("gossip", 1, {"records": [wire]}), sender=joiner.identity.public_key)
+    asked.append(set())
+    one_round(members, pool)
+    assert joiner_address in asked[-1] and len(asked[-1] & made_up) <= PER_ORIGIN

@@ -254,3 +254,94 @@ def test_a_peer_that_sends_replies_nobody_asked_for_pins_no_memory():
         conn.close()
         router.close(0)
         ctx.term()
+
+
+def test_keys_of_one_internet_network_share_one_cache_share_and_private_or_relayed_ones_do_not():
+    import pytest
+
+    from libswarm.errors import LimitError
+    from swarmd.config import LimitsConfig
+    from swarmd.peer.limits import KeyLimits, shared_network
+
+    limits = KeyLimits(LimitsConfig(sessions_per_key=8, cache_share_per_key=0.5, requests_per_s_per_key=100))
+    net = shared_network("93.184.216.7", private_swarm=False)
+    assert net == "93.184.216.0/24" and shared_network("::ffff:93.184.216.9", False) == net
+    for not_shared in (shared_network("10.0.0.7", False), shared_network("127.0.0.1", False),
+                       shared_network(None, False), shared_network("93.184.216.7", private_swarm=True)):
+        assert not_shared is None
+    limits.admit_session("sybil-1", [], 50, budget_bytes=100, network=net, network_held=[])
+    with pytest.raises(LimitError, match=r"keys from 93.184.216.0/24 .* the keys of one network share"):
+        limits.admit_session("sybil-2", [], 50, budget_bytes=100, network=net, network_held=[50])
+    limits.admit_session("elsewhere", [], 50, budget_bytes=100, network="151.101.1.0/24", network_held=[])
+
+
+def test_opens_alone_do_not_hold_the_cache_past_the_unused_session_timeout(model_dirs):
+    """Two keys at a share of 0.5 used to reserve the whole KV cache with `open`s only, for the
+    10 minutes of the idle timeout. A session that holds no position (not one step) for
+    serve.limits.unused_session_timeout_s is now closed: a third key gets room; a session in
+    use keeps its cache."""
+    import threading
+
+    import torch
+
+    from libswarm.checkpoint import Checkpoint
+    from libswarm.protocol import decode, encode
+    from swarmd.config import LimitsConfig
+    from swarmd.peer.server import SpanServer
+    from swarmd.runtime.cache import CacheBudget
+    from swarmd.runtime.span import Span
+    from swarmd.transport.access import AccessControl
+
+    ctx, me = zmq.Context(), NodeIdentity(os.urandom(32))
+    span = Span(Checkpoint(model_dirs("llama", layers=2)), 0, 2, torch.device("cpu"), torch.float32).load()
+    one = span.cache_bytes(0, 2, 1, 8)
+    access = AccessControl("open", "", me.public_key)
+    access.start(ctx)  # the ZAP handler: each peer's key is then its own
+    server = SpanServer(ctx, span, CacheBudget(2 * one), "m", max_length=8, max_batch=1, idle_timeout_s=600,
+                        max_message_bytes=2**24, identity=me, access=access,
+                        resolve_key=lambda a: None,
+                        limits=LimitsConfig(16, 0.5, 1000, unused_session_timeout_s=1.0))
+    address = server.bind("tcp://127.0.0.1:*")
+    stop = threading.Event()
+    thread = threading.Thread(target=server.serve, args=(stop,), daemon=True)
+    thread.start()
+    socks = []
+
+    def peer():
+        client = NodeIdentity(os.urandom(32))
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.curve_secretkey, s.curve_publickey = client.secret_key.encode(), client.public_key.encode()
+        s.curve_serverkey = me.public_key.encode()
+        s.connect(address)
+        socks.append(s)
+
+        def ask(msg_type: str, fields: dict, tensors: dict | None = None):
+            s.send_multipart(encode(msg_type, 1, fields, tensors))
+            assert s.poll(5000)
+            return decode(s.recv_multipart())
+        return ask
+
+    opening = {"model_id": "m", "blocks": [0, 2], "max_length": 8, "batch": 1}
+    try:
+        stepping, squatter, late = peer(), peer(), peer()
+        used = stepping("open", opening).fields["session"]
+        second = squatter("open", opening)
+        assert second.type == "ok", second.fields
+        refused = late("open", opening)
+        assert refused.fields["code"] == "cache_full"  # the two keys hold it all
+        x = {"hidden": torch.zeros(1, 1, span.hidden_size)}
+        assert stepping("step", {"session": used, "step": 0}, x).fields["position"] == 1
+        t0 = time.monotonic()
+        while late("open", opening).type != "ok":
+            assert time.monotonic() - t0 < 10, "the unused session still holds its cache"
+            time.sleep(0.2)
+        assert time.monotonic() - t0 >= 0.5  # not before its timeout
+        assert stepping("step", {"session": used, "step": 1}, x).fields["position"] == 2  # kept
+    finally:
+        stop.set()
+        thread.join(5)
+        for s in socks:
+            s.close()
+        access.stop()
+        ctx.term()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from libswarm.errors import LimitError, PeerUnavailableError, ProtocolError
-from libswarm.protocol import decode, encode
+from libswarm.protocol import Message, decode, encode
 from swarmd.discovery.records import Record, decode_record
 from swarmd.discovery.table import PeerTable
 from swarmd.identity import NodeIdentity
@@ -232,3 +232,121 @@ def test_reachability_questions_beyond_the_limits_are_refused():
         srv.compute.stop()
         srv.sock.close(0)
         ctx.term()
+
+
+class ReachPeers:
+    """Peers answering `reach` as told: "false" (calling: false), "calls" (calling: true, and
+    the call gets through), "silent" (calling: true, the call never comes), "down" (no answer)."""
+
+    def __init__(self, server, answers: dict[str, str]):
+        self.server, self.answers = server, answers
+
+    def get(self, address, key):
+        peers = self
+
+        class Conn:
+            def request(self, msg_type, fields, timeout_s):
+                answer = peers.answers[key]
+                if answer == "down":
+                    raise PeerUnavailableError("no answer")
+                if answer == "false":
+                    return Message("ok", 1, {"calling": False, "why": "its requests come from elsewhere"})
+                if answer == "calls":
+                    peers.server.reached[fields["nonce"]] = 0.0
+                return Message("ok", 1, {"calling": True})
+        return Conn()
+
+
+def reachability(answers: list[str], monkeypatch):
+    """A Reachability whose table holds one reached peer per answer, each on a host of its own."""
+    import types
+
+    from swarmd.discovery import reach
+
+    monkeypatch.setattr(reach, "CALL_WAIT_S", 0.0)
+    table, keys = PeerTable(), []
+    for k in range(len(answers)):
+        i = ident()
+        r = Record(node_id=i.public_key, sign_key=i.sign_key, addresses=(f"tcp://10.0.{k}.1:31330",),
+                   state="online", timestamp=time.time(), seq=1, model_id="m", span=(0, 2), reachable="yes")
+        table.merge(r, r.sign(i), via=r.addresses[0])
+        keys.append(i.public_key)
+    server = types.SimpleNamespace(reached={}, relay_failures={}, want_relays=lambda relays: None)
+    pool = ReachPeers(server, dict(zip(keys, answers)))
+    r = reach.Reachability(pool=pool, table=table, own_id=ident().public_key, address="tcp://10.9.9.9:1",
+                           server=server)
+    return r, pool, keys
+
+
+def check_once(r) -> str:
+    r._next_check = 0.0
+    r.tick()  # asks
+    time.sleep(0.01)
+    r.tick()  # settles
+    return r.state
+
+
+def test_one_peer_saying_it_will_not_call_back_does_not_make_a_node_unreachable(monkeypatch):
+    """A liar (or a peer with a broken route) answering `calling: false`, while the other peer
+    asked does not answer, used to make a reachable server hide behind relays for 5 minutes.
+    Unreachable takes two distinct peers that could not get through; short of that the last
+    verdict stands."""
+    r, pool, (liar, other) = reachability(["false", "down"], monkeypatch)
+    assert check_once(r) == "unknown"
+    pool.answers[other] = "calls"
+    assert check_once(r) == "yes"
+    pool.answers[other] = "down"
+    assert check_once(r) == "yes"  # one "no" again: still reachable
+    pool.answers[other] = "silent"  # two peers, neither got through: unreachable
+    assert check_once(r) == "no"
+
+
+def test_a_lone_peers_word_counts_only_once_the_table_had_time_to_fill(monkeypatch):
+    from swarmd.discovery import reach
+
+    r, _, _ = reachability(["false"], monkeypatch)
+    assert check_once(r) == "unknown"  # just started: a second peer may be known soon
+    r._started -= reach.SETTLE_S
+    assert check_once(r) == "no"  # a swarm of two: the only peer there is has the say
+
+
+def test_keys_squatting_a_relays_slots_give_them_up_to_servers_that_need_them():
+    """Sybil keys that only register and renew used to hold every slot, first come first kept.
+    Now a server whose signed record says it needs a relay takes a squatter's slot, a slot
+    unused for a minute goes to any newcomer, a server in use is never displaced, and one
+    network holds at most a quarter of the slots."""
+    from swarmd.transport.relay_slots import ACTIVE_S
+
+    clock = Clock()
+    h1, idle_server, *newcomers = [ident().public_key for _ in range(9)]
+    vouched = {h1, idle_server, *newcomers}
+    r = RelayService(True, max_bytes_per_s=10**9, max_servers=8, clock=clock, vouch=lambda k: k in vouched)
+    squatters = [ident().public_key for _ in range(8)]
+    for k, key in enumerate(squatters):
+        r.register(key, b"s%d" % k, f"10.{k}.0.1")
+    r.register(h1, b"h1", "10.99.0.1")  # vouched: a squatter gives way
+    r.register(idle_server, b"v", "10.98.0.1")
+    assert {h1, idle_server} <= set(r.servers) and len(r.servers) == 8 and r.evicted == 2
+    with pytest.raises(LimitError, match="relay_max_servers"):  # another squatter displaces nobody
+        r.register(ident().public_key, b"x", "10.97.0.1")
+
+    for _ in range(int(ACTIVE_S) + 1):  # a minute of renewals, and nothing relayed
+        clock.t += 1.0
+        for key, slot in list(r.servers.items()):
+            r.register(key, slot.ident)
+    r.route(ident().public_key, h1, b"c", 100, 1)  # but h1 is in use
+    fresh = ident().public_key
+    r.register(fresh, b"f", "10.96.0.1")  # idle squatters give way even to an unvouched newcomer
+    assert fresh in r.servers and {h1, idle_server} <= set(r.servers)
+    for k, key in enumerate(newcomers):  # servers keep coming: the idle squatters, the newcomer
+        r.register(key, b"n", f"10.{100 + k}.0.1")  # not vouched for, then the unused server go
+    assert set(r.servers) == {h1, *newcomers}
+    with pytest.raises(LimitError, match="relay_max_servers"):  # every slot is a server in use or new
+        r.register(idle_server, b"v", "10.98.0.1")
+
+    r2 = RelayService(True, max_bytes_per_s=10**9, max_servers=8, clock=clock, vouch=lambda k: True)
+    r2.register(ident().public_key, b"a", "203.0.113.1")
+    r2.register(ident().public_key, b"b", "203.0.113.2")
+    with pytest.raises(LimitError, match="from 203.0.113.0/24, the most one network may hold"):
+        r2.register(ident().public_key, b"c", "203.0.113.3")
+    r2.register(ident().public_key, b"d", "198.51.100.1")  # another network: room
