@@ -852,18 +852,7 @@ class SpanServer:
             c = b.session.cache
             groups.setdefault((id(b.session.span), c.first, c.last), []).append(b)
         for group in groups.values():
-            outs: list[torch.Tensor] | None = None
-            if len(group) > 1:
-                t0 = time.perf_counter()
-                try:
-                    span, c = group[0].session.span, group[0].session.cache
-                    outs = span.run_steps([(b.hidden, b.pos, b.mask, b.session.cache) for b in group], c.first, c.last)
-                    if outs[0].device.type != "cpu":  # one copy to the host for the whole batch
-                        outs = list(torch.cat(outs).cpu().split([o.shape[0] for o in outs]))
-                    self._timed(time.perf_counter() - t0, runs=1, batched_steps=len(group))
-                except Exception as e:
-                    log.warning("a batch of %d steps failed (%s); running them one at a time", len(group), e)
-                    outs = None
+            outs = self._run_group(group) if len(group) > 1 else None
             for k, b in enumerate(group):
                 try:
                     out = outs[k] if outs is not None else self._compute_step(b.session, b.hidden, b.pos, b.mask)
@@ -872,6 +861,25 @@ class SpanServer:
                 except Exception as e:
                     reply = self._error_reply(b.req_id, b.sender, e)
                 self._send(b.ident, reply, b.req_id)
+
+    def _run_group(self, group: list[BatchedStep]) -> list[torch.Tensor] | None:
+        """The outputs of one batch of steps on the host, or None when it failed: then every
+        cache is back where it was, so that each step runs again alone from there (the caches
+        advance inside run_steps, before the host copy, which can fail on a GPU too)."""
+        marks = [b.session.cache.mark() for b in group]
+        t0 = time.perf_counter()
+        try:
+            span, c = group[0].session.span, group[0].session.cache
+            outs = span.run_steps([(b.hidden, b.pos, b.mask, b.session.cache) for b in group], c.first, c.last)
+            if outs[0].device.type != "cpu":  # one copy to the host for the whole batch
+                outs = list(torch.cat(outs).cpu().split([o.shape[0] for o in outs]))
+            self._timed(time.perf_counter() - t0, runs=1, batched_steps=len(group))
+            return outs
+        except Exception as e:
+            log.warning("a batch of %d steps failed (%s); running them one at a time", len(group), e)
+            for b, mark in zip(group, marks):
+                b.session.cache.rewind(mark)
+            return None
 
     def _timed(self, seconds: float, **counts: int) -> None:
         self.step_seconds.observe(seconds)
