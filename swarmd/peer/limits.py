@@ -23,25 +23,41 @@ class KeyLimits:
 
     def admit_request(self, key: str | None) -> None:
         """Take one request from `key`'s token bucket, or raise LimitError."""
-        rate = float(self.limits.requests_per_s_per_key)
-        now = self._clock()
-        tokens, then = self._buckets.pop(key, (rate * BURST_S, now))
-        tokens = min(rate * BURST_S, tokens + (now - then) * rate)
-        if len(self._buckets) >= MAX_TRACKED_KEYS:
-            self._buckets.popitem(last=False)
-        if tokens < 1.0:
-            self._buckets[key] = (tokens, now)
-            self.refused += 1
+        if not self._take(self._buckets, key, float(self.limits.requests_per_s_per_key)):
             raise LimitError(f"too many requests from this key: at most {self.limits.requests_per_s_per_key} a second "
                              "(serve.limits.requests_per_s_per_key)")
-        self._buckets[key] = (tokens - 1.0, now)
 
-    def admit_session(self, key: str | None, held: list[int], nbytes: int, budget_bytes: int) -> None:
-        """A new session of `nbytes` for `key`, which holds sessions of `held` bytes already."""
+    def _take(self, buckets: OrderedDict[str | None, tuple[float, float]], key: str | None, rate: float) -> bool:
+        now = self._clock()
+        tokens, then = buckets.pop(key, (rate * BURST_S, now))
+        tokens = min(rate * BURST_S, tokens + (now - then) * rate)
+        if len(buckets) >= MAX_TRACKED_KEYS:
+            buckets.popitem(last=False)
+        if tokens < 1.0:
+            buckets[key] = (tokens, now)
+            self.refused += 1
+            return False
+        buckets[key] = (tokens - 1.0, now)
+        return True
+
+    def admit_session(self, key: str | None, held: list[int], nbytes: int, budget_bytes: int,
+                      pushed_bytes: int = 0) -> None:
+        """A new session of `nbytes` for `key`, which holds sessions of `held` bytes and early
+        pushes of `pushed_bytes` already."""
         if len(held) >= self.limits.sessions_per_key:
             raise LimitError(f"this key has {len(held)} sessions open here, the most allowed "
                              "(serve.limits.sessions_per_key)")
+        self._within_share("sessions", sum(held) + pushed_bytes + nbytes, budget_bytes)
+
+    def admit_push(self, key: str | None, held_bytes: int, nbytes: int, budget_bytes: int) -> None:
+        """An early push of `nbytes` from `key`, whose sessions and early pushes hold `held_bytes`."""
+        self._within_share("early pushes", held_bytes + nbytes, budget_bytes)
+
+    def _within_share(self, what: str, nbytes: int, budget_bytes: int) -> None:
+        """A key's sessions and the pushes waiting here that it sent share one part of the cache
+        budget: either way, one key pins no more of the server's memory."""
         share = int(budget_bytes * self.limits.cache_share_per_key)
-        if sum(held) + nbytes > share:
-            raise LimitError(f"this key's sessions would hold {(sum(held) + nbytes) / 2**20:.1f} MiB of KV cache here, "
-                             f"more than its share of {share / 2**20:.1f} MiB (serve.limits.cache_share_per_key)")
+        if nbytes > share:
+            raise LimitError(f"this key's {what} would hold {nbytes / 2**20:.1f} MiB of KV cache here (sessions and "
+                             f"early pushes together), more than its share of {share / 2**20:.1f} MiB "
+                             "(serve.limits.cache_share_per_key)")
