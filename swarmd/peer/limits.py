@@ -1,7 +1,8 @@
 """What one peer key may hold or ask of a server: sessions, a share of the KV cache, requests
-per second. Keys are what CURVE proves, so one gateway or server is one key; a hostile peer
-can make many keys, but each must complete a handshake, and each new key starts with the
-same small allowance as everyone else."""
+per second, gossip requests per second; and the share of the serving thread's time that
+gossip may take over all keys (GossipTime). Keys are what CURVE proves, so one gateway or
+server is one key; a hostile peer can make many keys, but each must complete a handshake, and
+each new key starts with the same small allowance as everyone else."""
 
 from __future__ import annotations
 
@@ -13,12 +14,22 @@ from swarmd.config import LimitsConfig
 
 BURST_S = 2.0  # a key may spend this many seconds' worth of requests at once
 MAX_TRACKED_KEYS = 10_000  # request buckets kept; the least recently seen goes beyond
+# An honest daemon gossips with a given server once a round (1 s), a few times while catching
+# up (its own rounds, a leave, a refresh): ten times that is never an honest key's rate, and a
+# key beyond it is refused, whatever its requests cost
+GOSSIP_PER_S_PER_KEY = 10
+# Gossip runs on the serving thread, between decode steps. Over all keys it may take this share
+# of that thread's time (bursts of GOSSIP_BURST_S); beyond, a request gets an empty answer,
+# which costs microseconds. Honest gossip takes ~0.1 % (a few requests a second of ~0.1 ms)
+GOSSIP_TIME_SHARE = 0.05
+GOSSIP_BURST_S = 0.1
 
 
 class KeyLimits:
     def __init__(self, limits: LimitsConfig, clock=time.monotonic):
         self.limits, self._clock = limits, clock
         self._buckets: OrderedDict[str | None, tuple[float, float]] = OrderedDict()  # key -> (tokens, when)
+        self._gossip: OrderedDict[str | None, tuple[float, float]] = OrderedDict()
         self.refused = 0
 
     def admit_request(self, key: str | None) -> None:
@@ -26,6 +37,11 @@ class KeyLimits:
         if not self._take(self._buckets, key, float(self.limits.requests_per_s_per_key)):
             raise LimitError(f"too many requests from this key: at most {self.limits.requests_per_s_per_key} a second "
                              "(serve.limits.requests_per_s_per_key)")
+
+    def admit_gossip(self, key: str | None) -> None:
+        """Take one gossip request from `key`'s own bucket (besides admit_request), or raise LimitError."""
+        if not self._take(self._gossip, key, float(GOSSIP_PER_S_PER_KEY)):
+            raise LimitError(f"too much gossip from this key: at most {GOSSIP_PER_S_PER_KEY} requests a second")
 
     def _take(self, buckets: OrderedDict[str | None, tuple[float, float]], key: str | None, rate: float) -> bool:
         now = self._clock()
@@ -61,3 +77,22 @@ class KeyLimits:
             raise LimitError(f"this key's {what} would hold {nbytes / 2**20:.1f} MiB of KV cache here (sessions and "
                              f"early pushes together), more than its share of {share / 2**20:.1f} MiB "
                              "(serve.limits.cache_share_per_key)")
+
+
+class GossipTime:
+    """The serving thread's time that gossip may take, over all keys: a bucket of seconds that
+    fills at GOSSIP_TIME_SHARE of the clock, up to GOSSIP_BURST_S. Time is measured, not
+    estimated: whatever a request costs (a large table, records to check) is what it spends."""
+
+    def __init__(self, share: float = GOSSIP_TIME_SHARE, burst_s: float = GOSSIP_BURST_S, clock=time.perf_counter):
+        self.share, self.burst_s, self._clock = share, burst_s, clock
+        self._left_s, self._then = burst_s, clock()
+        self.short = 0  # requests answered empty: the share was spent
+
+    def available(self) -> bool:
+        now = self._clock()
+        self._left_s, self._then = min(self.burst_s, self._left_s + (now - self._then) * self.share), now
+        return self._left_s > 0
+
+    def spend(self, seconds: float) -> None:
+        self._left_s -= seconds

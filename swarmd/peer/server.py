@@ -49,7 +49,7 @@ from swarmd.logs import RateLimitedLog
 from swarmd.metrics import step_histogram
 from swarmd.peer.compute import PASS, STEP, ComputeThread
 from swarmd.peer.early import EarlyPushes
-from swarmd.peer.limits import KeyLimits
+from swarmd.peer.limits import GossipTime, KeyLimits
 from swarmd.runtime.adapters import load_adapter, slice_lora
 from swarmd.runtime.cache import CacheBudget, SessionCache
 from swarmd.runtime.span import DEEP_PROMPTS, Lora, Span, client_trainables
@@ -239,8 +239,9 @@ class SpanServer:
             "reach": self.on_reach,
             "reach_back": self.on_reach_back,
         }
+        self.on_gossip, self.gossip_time = on_gossip, GossipTime()
         if on_gossip is not None:  # answered here, on the socket's thread, whatever compute is running
-            self.handlers["gossip"] = lambda msg: on_gossip(msg, sender=self.sender)
+            self.handlers["gossip"] = self._gossip
 
     def bind(self, endpoint: str) -> str:
         self.sock.bind(endpoint)
@@ -454,6 +455,21 @@ class SpanServer:
             req_id = req_id or (e.req_id if isinstance(e, SwarmError) else 0)
             if sender not in self.relay.servers:  # a relayed server's answers get no answer
                 self._send(ident, self._error_reply(req_id, sender, e), req_id)
+
+    def _gossip(self, msg: Message):
+        """Membership's answer, within gossip's limits (limits.py): a key beyond its rate is
+        refused; beyond gossip's share of this thread's time, the answer is empty (the caller
+        learns that this server is alive, and its news from other peers), so that no flood of
+        gossip, from one key or many, takes decode steps' time."""
+        self.key_limits.admit_gossip(self.sender)
+        if not self.gossip_time.available():
+            self.gossip_time.short += 1
+            return {}, None
+        t0 = time.perf_counter()
+        try:
+            return self.on_gossip(msg, sender=self.sender)  # type: ignore[misc]
+        finally:
+            self.gossip_time.spend(time.perf_counter() - t0)
 
     def on_relay_register(self, msg: Message):
         self.relay.register(self.sender, self._current[0])

@@ -217,6 +217,32 @@ def test_a_flood_of_requests_from_one_key_is_refused_beyond_its_rate_and_others_
         generate_equals_hf(d, gw.socket)
 
 
+def test_a_gossip_flood_from_one_key_is_refused_beyond_its_rate_and_others_are_gossiped_with(swarm):
+    """Issue 38, finding 10. Gossip runs on the serving thread: one key asking for anti-entropy
+    (`sums` of an empty table: every bucket differs) 200 times at once gets `limit` answers
+    beyond 10 a second (bursts of 2 s), well inside the 5,000 requests a second any request
+    may use; another key's gossip is answered meanwhile, and the server serves on."""
+    d, servers, gw = swarm
+    s0 = servers[0]
+    flood, other = Peer(s0), Peer(s0)
+    try:
+        ids = [flood.send("gossip", {"news": [], "sums": "0" * 8 * 256}) for _ in range(200)]
+        answers = {}
+        while len(answers) < len(ids):
+            assert flood.sock.poll(30_000), f"{len(answers)} of {len(ids)} gossip requests answered"
+            r = decode(flood.sock.recv_multipart())
+            answers[r.id] = r
+        refused = [r for r in answers.values() if r.type == "error"]
+        assert 150 <= len(refused) <= 200 - 20, len(refused)
+        assert all(r.get("code") == "limit" and "too much gossip" in r.get("message") for r in refused)
+        reply = other.request("gossip", {"news": [], "sums": "0" * 8 * 256})
+        assert reply.type == "ok" and reply.get("table"), reply.fields  # the other servers' records
+    finally:
+        flood.close()
+        other.close()
+    generate_equals_hf(d, gw.socket)
+
+
 def answer_pings(identities: list, stop) -> tuple[list[int], object]:
     """A peer plane for each identity (CURVE with its key) that answers every request with an
     empty `ok`: nodes that exist, as far as a daemon checking them can tell. Returns the ports
