@@ -506,7 +506,12 @@ class Daemon:
                       "limited": self.server.key_limits.refused + self.server.compute.refused}
             if self.server else {},
             "peer_plane": {  # what other peers hold here: bounded, whatever they send
-                "pushes_waiting": len(self.server.pushed) if self.server else 0,
+                "pushes_waiting": self.server.early.count if self.server else 0,
+                # their tensors (charged to the cache budget), and pushes dropped for a bound
+                "pushes_waiting_bytes": self.server.early.nbytes if self.server else 0,
+                "pushes_refused": self.server.early.refused if self.server else 0,
+                # gossip answered empty: gossip's share of the serving thread's time was spent
+                "gossip_answered_empty": self.server.gossip_time.short if self.server else 0,
                 "steps_waiting": len(self.server.pending) if self.server else 0,
                 "push_connections": self.server.peers.count() if self.server else 0,
             },

@@ -125,8 +125,9 @@ class Membership:
         self._states: dict[str, str] = {}
         self.bandwidth_bps: float | None = None  # the best recently measured to a peer, bytes/s
         self._next_probe = 0.0
-        # news this daemon passes on: tag -> (last round, kind, wire); kind: record, beat, suspect
-        self._hot: dict[str, tuple[int, str, object]] = {}
+        # news this daemon passes on: tag -> (last round, kind, wire, its size as JSON); kind: record,
+        # beat, suspect. The size is measured once here: every gossip request packs a reply by it
+        self._hot: dict[str, tuple[int, str, object, int]] = {}
         self._hot_lock = threading.Lock()  # requests are answered on the serving thread
         self._beat_lock = threading.Lock()
         self._heard_news: dict[str, int] = {}  # node id -> round its record came as news, not yet reached
@@ -229,7 +230,7 @@ class Membership:
             if kind != "suspect":  # a newer version replaces the node's older news
                 for old in [t for t in self._hot if t[:NODE_CHARS] == tag[:NODE_CHARS] and self._hot[t][1] == kind]:
                     del self._hot[old]
-            self._hot[tag] = (self._rounds, kind, wire)
+            self._hot[tag] = (self._rounds, kind, wire, len(json.dumps(wire)))
             if len(self._hot) > MAX_NEWS:
                 oldest = min(self._hot, key=lambda t: self._hot[t][0])
                 del self._hot[oldest]
@@ -237,7 +238,7 @@ class Membership:
     def _expire_hot(self) -> None:
         keep = self.table.hot_rounds()
         with self._hot_lock:
-            for tag in [t for t, (r, _, _) in self._hot.items() if self._rounds - r >= keep]:
+            for tag in [t for t, (r, *_) in self._hot.items() if self._rounds - r >= keep]:
                 del self._hot[tag]
         for node_id in [n for n, r in self._heard_news.items() if self._rounds - r >= keep]:
             del self._heard_news[node_id]
@@ -247,19 +248,17 @@ class Membership:
         """The news this daemon passes on that `known` (a caller's tags) lacks, within
         `max_bytes`: suspicions first, then beats, then records, each in random order."""
         with self._hot_lock:
-            items = [(tag, kind, wire) for tag, (_, kind, wire) in self._hot.items() if tag not in known]
+            items = [(tag, kind, wire, size) for tag, (_, kind, wire, size) in self._hot.items() if tag not in known]
         random.shuffle(items)
         nodes = {t[:NODE_CHARS] for t in known}
         items.sort(key=lambda item: item[0][:NODE_CHARS] in nodes)  # nodes the caller has no news of first
         out: dict[str, list] = {"suspects": [], "beats": [], "records": []}
         left = max_bytes
         for kind in ("suspect", "beat", "record"):
-            for _, k, wire in items:
-                if k == kind:
-                    size = len(json.dumps(wire)) + 8
-                    if size <= left:
-                        out[kind + "s"].append(wire)
-                        left -= size
+            for _, k, wire, size in items:
+                if k == kind and size + 8 <= left:
+                    out[kind + "s"].append(wire)
+                    left -= size + 8
         return out
 
     def news_tags(self) -> list[str]:
@@ -278,6 +277,8 @@ class Membership:
             self._log_once(source, f"sent {len(wires)} records, more than the {limit} taken")
         changed = 0
         for wire in wires[:limit]:
+            if via is None and self.table.holds(wire):
+                continue  # the very record held here: nothing to check, nothing new (`via` may verify its node)
             try:
                 record = decode_record(wire)
             except RecordError as e:

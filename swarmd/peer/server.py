@@ -48,7 +48,8 @@ from swarmd.inputs import beam_order, positions_and_mask
 from swarmd.logs import RateLimitedLog
 from swarmd.metrics import step_histogram
 from swarmd.peer.compute import PASS, STEP, ComputeThread
-from swarmd.peer.limits import KeyLimits, shared_network
+from swarmd.peer.early import EarlyPushes
+from swarmd.peer.limits import GossipTime, KeyLimits, shared_network
 from swarmd.runtime.adapters import load_adapter, slice_lora
 from swarmd.runtime.cache import CacheBudget, SessionCache
 from swarmd.runtime.span import DEEP_PROMPTS, Lora, Span, client_trainables
@@ -75,11 +76,6 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # gateway has long given up on it by then and resent the step from its history.
 PENDING_TIMEOUT_S = 60.0
 MAX_PENDING = 4096  # bounds the steps waiting for pushes, over all sessions
-# Pushes that arrive before their step wait, but only for a session that exists, at most this
-# many per session (a route has one previous hop; a few steps of slack cover a resend after a
-# failure), each no larger than a step of that session can be: a flood of pushes for made-up
-# sessions, or of huge ones, pins nothing.
-MAX_EARLY_PUSHES_PER_SESSION = 4
 MAX_PUSH_PEERS = 64  # connections kept for pushing to next hops; the least recently used goes
 LOG_EVERY_S = 10.0  # refused requests are logged at most once per peer and reason this often
 DEFERRED = object()  # a handler's answer when the reply is sent later (a step waiting for its push)
@@ -124,6 +120,7 @@ class ServerSession:
     waiting_step: int | None = None  # the number of its step last left waiting for its push
     in_batch: bool = False  # a step of it waits in the batch being gathered
     network: str | None = None  # whose keys share a cache share with its owner (limits.shared_network)
+    prev_hop: str | None = None  # the previous hop its latest step named (`from`): whose pushes it takes
 
 
 @dataclass
@@ -188,8 +185,6 @@ class SpanServer:
         self.access = access
         self._lock = threading.Lock()  # guards self.sessions for readers in other threads
         self.pending: dict[tuple[str, int], PendingStep] = {}
-        # pushes that came before their step: (session, step) -> (hidden, arrival, sender key)
-        self.pushed: dict[tuple[str, int], tuple[torch.Tensor, float, str | None]] = {}
         self.resolve_key = resolve_key
         self.zctx, self.identity = zctx, identity
         # relaying (swarmd/transport/relay.py): as a relay, for others; as a server that accepts
@@ -214,6 +209,9 @@ class SpanServer:
         self._peer_host: str | None = None  # the IP address the request being handled came from
         self.quiet_log = RateLimitedLog(log, LOG_EVERY_S)
         self.key_limits = KeyLimits(limits)
+        # pushes that came before their step: only for a session that exists, charged to the cache
+        # budget and the pusher's share (early.py), so that a flood of them pins nothing uncounted
+        self.early = EarlyPushes(budget, self.key_limits, self._kv_bytes_of)
         # benchmarks and tests: emulated links back to each caller (swarmd/transport/netem.py), else None
         self.netem = process_profile()
         self.links: dict[bytes, Link] = {}
@@ -242,8 +240,9 @@ class SpanServer:
             "reach": self.on_reach,
             "reach_back": self.on_reach_back,
         }
+        self.on_gossip, self.gossip_time = on_gossip, GossipTime()
         if on_gossip is not None:  # answered here, on the socket's thread, whatever compute is running
-            self.handlers["gossip"] = lambda msg: on_gossip(msg, sender=self.sender)
+            self.handlers["gossip"] = self._gossip
 
     def bind(self, endpoint: str) -> str:
         self.sock.bind(endpoint)
@@ -254,6 +253,7 @@ class SpanServer:
         before it loads, so the swarm can see the span it announced) only gossip and ping
         are answered. The span goes last: the serving thread checks it first."""
         self.budget, self.adapters, self.span = budget, adapters, span
+        self.early.budget = budget
         self.attached = True
 
     # --- the loop -------------------------------------------------------------------------
@@ -456,6 +456,21 @@ class SpanServer:
             req_id = req_id or (e.req_id if isinstance(e, SwarmError) else 0)
             if sender not in self.relay.servers:  # a relayed server's answers get no answer
                 self._send(ident, self._error_reply(req_id, sender, e), req_id)
+
+    def _gossip(self, msg: Message):
+        """Membership's answer, within gossip's limits (limits.py): a key beyond its rate is
+        refused; beyond gossip's share of this thread's time, the answer is empty (the caller
+        learns that this server is alive, and its news from other peers), so that no flood of
+        gossip, from one key or many, takes decode steps' time."""
+        self.key_limits.admit_gossip(self.sender)
+        if not self.gossip_time.available():
+            self.gossip_time.short += 1
+            return {}, None
+        t0 = time.perf_counter()
+        try:
+            return self.on_gossip(msg, sender=self.sender)  # type: ignore[misc]
+        finally:
+            self.gossip_time.spend(time.perf_counter() - t0)
 
     def on_relay_register(self, msg: Message):
         self.relay.register(self.sender, self._current[0], self._peer_host)
@@ -698,7 +713,9 @@ class SpanServer:
             held_network = [x.cache.nbytes for x in self.sessions.values() if network and x.network == network]
         self.budget.reserve(nbytes)  # a session that fits nowhere here is cache_full, before any per-key limit
         try:
-            self.key_limits.admit_session(self._current[2], held, nbytes, self.budget.max_bytes, network, held_network)
+            self.key_limits.admit_session(self._current[2], held, nbytes, self.budget.max_bytes,
+                                          pushed_bytes=self.early.held_by(self._current[2]), network=network,
+                                          network_held=held_network)
             cache = self.span.new_cache(first, last, batch, max_length)
         except BaseException:
             self.budget.release(nbytes)
@@ -708,6 +725,11 @@ class SpanServer:
             self.sessions[sid] = ServerSession(sid, cache, self.span, self._current[2], lora, network=network)
         self._count(sessions_opened=1)
         return {"session": sid, "cache_bytes": nbytes}, None
+
+    def _kv_bytes_of(self, key: str | None) -> int:
+        """The KV cache of the sessions `key` opened here (on the serving thread, which alone
+        changes them)."""
+        return sum(x.cache.nbytes for x in self.sessions.values() if x.owner == key)
 
     def _session(self, msg: Message) -> ServerSession:
         """The caller's session: another key (the previous hop, which learns the id to push to
@@ -748,9 +770,10 @@ class SpanServer:
             self._unwait(s, f"superseded by step {step} of its session", keep=step)
         if not repeat and msg.tensors.get("hidden") is None and msg.get("expect_push"):
             key = (s.id, step)
-            pushed = self.pushed.pop(key, None)
-            if pushed is not None and not _push_from(msg, pushed[2]):
-                pushed = None  # pushed by another key than the route's previous hop: not this step's input
+            expected = msg.get("from")
+            if isinstance(expected, str):
+                self.early.named(s, expected)
+            pushed = self.early.take(s, step, expected if isinstance(expected, str) else None)
             if pushed is None:  # the previous server has not pushed yet: answer when it does
                 if len(self.pending) >= MAX_PENDING:
                     raise LimitError("too many steps waiting for pushes")
@@ -759,7 +782,7 @@ class SpanServer:
                 s.waiting_step = step
                 self.pending[key] = PendingStep(*self._current, s, msg)
                 return DEFERRED
-            return self._dispatch_step(s, msg, pushed[0], *self._current)
+            return self._dispatch_step(s, msg, pushed, *self._current)
         return self._dispatch_step(s, msg, None, *self._current)
 
     def _dispatch_step(self, s: ServerSession, msg: Message, hidden: torch.Tensor | None, ident: bytes, req_id: int,
@@ -856,18 +879,7 @@ class SpanServer:
             c = b.session.cache
             groups.setdefault((id(b.session.span), c.first, c.last), []).append(b)
         for group in groups.values():
-            outs: list[torch.Tensor] | None = None
-            if len(group) > 1:
-                t0 = time.perf_counter()
-                try:
-                    span, c = group[0].session.span, group[0].session.cache
-                    outs = span.run_steps([(b.hidden, b.pos, b.mask, b.session.cache) for b in group], c.first, c.last)
-                    if outs[0].device.type != "cpu":  # one copy to the host for the whole batch
-                        outs = list(torch.cat(outs).cpu().split([o.shape[0] for o in outs]))
-                    self._timed(time.perf_counter() - t0, runs=1, batched_steps=len(group))
-                except Exception as e:
-                    log.warning("a batch of %d steps failed (%s); running them one at a time", len(group), e)
-                    outs = None
+            outs = self._run_group(group) if len(group) > 1 else None
             for k, b in enumerate(group):
                 try:
                     out = outs[k] if outs is not None else self._compute_step(b.session, b.hidden, b.pos, b.mask)
@@ -876,6 +888,25 @@ class SpanServer:
                 except Exception as e:
                     reply = self._error_reply(b.req_id, b.sender, e)
                 self._send(b.ident, reply, b.req_id)
+
+    def _run_group(self, group: list[BatchedStep]) -> list[torch.Tensor] | None:
+        """The outputs of one batch of steps on the host, or None when it failed: then every
+        cache is back where it was, so that each step runs again alone from there (the caches
+        advance inside run_steps, before the host copy, which can fail on a GPU too)."""
+        marks = [b.session.cache.mark() for b in group]
+        t0 = time.perf_counter()
+        try:
+            span, c = group[0].session.span, group[0].session.cache
+            outs = span.run_steps([(b.hidden, b.pos, b.mask, b.session.cache) for b in group], c.first, c.last)
+            if outs[0].device.type != "cpu":  # one copy to the host for the whole batch
+                outs = list(torch.cat(outs).cpu().split([o.shape[0] for o in outs]))
+            self._timed(time.perf_counter() - t0, runs=1, batched_steps=len(group))
+            return outs
+        except Exception as e:
+            log.warning("a batch of %d steps failed (%s); running them one at a time", len(group), e)
+            for b, mark in zip(group, marks):
+                b.session.cache.rewind(mark)
+            return None
 
     def _timed(self, seconds: float, **counts: int) -> None:
         self.step_seconds.observe(seconds)
@@ -993,10 +1024,11 @@ class SpanServer:
         if waiting is None:
             if session.last_step == step:
                 return  # a second push of a step already run (a resend after a failure): nothing to do
-            early = [k for k in self.pushed if k[0] == session.id]
-            if len(early) >= MAX_EARLY_PUSHES_PER_SESSION:
-                self.pushed.pop(early[0])  # the oldest for this session
-            self.pushed[key] = (hidden, time.monotonic(), sender)
+            try:
+                self.early.keep(session, step, hidden, sender)
+            except LimitError as e:
+                self.quiet_log.info((sender, "early push"), "push from %s for step %s of session %s dropped: %s",
+                                    short_id(sender), step, session.id[:8], e)
             return
         try:
             waiting.session.last_used = time.monotonic()
@@ -1127,6 +1159,7 @@ class SpanServer:
         if s is None:
             return False
         self._unwait(s, "its session was closed")
+        self.early.forget(s.id)
         self.budget.release(s.cache.nbytes)
         s.span.forget(s.cache)
         return True
@@ -1140,9 +1173,7 @@ class SpanServer:
                 del self.pending[key]
                 err = SessionError("the previous server's push never arrived")
                 self._send(p.ident, error_reply(p.req_id, err), p.req_id)
-        for key, (_, t, _) in list(self.pushed.items()):
-            if now - t > PENDING_TIMEOUT_S or key[0] not in self.sessions:
-                del self.pushed[key]
+        self.early.expire(now - PENDING_TIMEOUT_S, lambda sid: sid in self.sessions)
         unused_s = self.key_limits.limits.unused_session_timeout_s
         for sid, s in list(self.sessions.items()):
             if now - s.last_used > self.idle_timeout_s:

@@ -91,6 +91,16 @@ class SessionCache:
         self._pending_pad = False
         self.length += length
 
+    def mark(self) -> tuple[int, bool]:
+        """Where the cache stands: `rewind` goes back there."""
+        return self.length, self.padded
+
+    def rewind(self, mark: tuple[int, bool]) -> None:
+        """Back to `mark`, forgetting what was advanced since (a batch that failed after its
+        caches advanced is run again one step at a time, each from where it was)."""
+        self.length, self.padded = mark
+        self._pending_pad = False
+
     def key_positions(self, end: int) -> torch.Tensor:
         return self._positions[:, :end]
 

@@ -8,9 +8,12 @@ with pushes again. Liars are real daemons armed with a test-only failpoint
 
 import pytest
 import torch
-from helpers import Daemon, greedy, reached_all, running_swarm, until
+from helpers import Daemon, Peer, generate_equals_hf, greedy, reached_all, rss_mib, running_swarm, until
+
+from libswarm import SwarmClient
 
 FAST, SLOW = 0.00001, 0.001  # seconds per block and step, advertised
+HIDDEN = 64  # the test model's
 
 
 def standing(gw: Daemon, node_id: str) -> dict:
@@ -69,3 +72,46 @@ def test_a_hop_saying_it_pushed_what_it_never_sent_gets_the_next_hop_its_input_a
         assert "never arrived" in suspects[0]["reason"]
         assert status["failovers"] == 0 and s[1].address not in status["banned"], status
         assert s[2].ctl("status")["stats"]["steps"] == 0  # the next hop was kept
+
+
+def test_early_pushes_of_one_key_pin_no_more_than_its_share_of_the_cache(model_dirs):
+    """Issue 38, finding 9. A key that knows sessions' ids (as their previous hop does) pushes
+    4 x 1 MiB into each of 30 one-block sessions of other keys before any step comes: 120 MiB,
+    where those sessions' KV cache is 30 MiB. Before, all of it stayed held for 60 s, counted
+    nowhere. Early pushes are charged to the cache budget and to the pusher's share of it (a
+    quarter here, 16 MiB): the rest are dropped, and the server goes on serving."""
+    d = model_dirs("llama")
+    with running_swarm(d, ["0:3", "3:6"], extra={"serve": {"limits": {"cache_share_per_key": 0.25}}}) as (s, gw):
+        s0 = s[0]
+        model_id = SwarmClient(socket=gw.socket).model_info()["model_id"]
+        owners, hostile = [Peer(s0) for _ in range(3)], Peer(s0)
+        try:
+            sids = []
+            for owner in owners:  # 10 MiB each: within their own shares of 16 MiB
+                for _ in range(10):
+                    reply = owner.open(s0, model_id, blocks=[0, 1], max_length=4096)
+                    assert reply.type == "ok" and reply.get("cache_bytes") == 2**20, reply.fields
+                    sids.append(reply.get("session"))
+            kv_bytes = s0.ctl("status")["cache"]["used_bytes"]
+            rss_before = rss_mib(s0)
+            whole = torch.randn(1, 4096, HIDDEN)  # 1 MiB: a step over every position a session has
+            for step in range(4):
+                for sid in sids:
+                    hostile.send("push", {"session": sid, "step": step}, {"hidden": whole})
+            assert hostile.request("ping").type == "ok"  # handled in order: every push is in by now
+            grown_mib = rss_mib(s0) - rss_before
+            status = s0.ctl("status")
+        finally:
+            hostile.close()
+            for owner in owners:
+                owner.close()
+        assert grown_mib < 64, f"the server grew {grown_mib:.0f} MiB from 120 MiB of early pushes"
+        held = status["peer_plane"]["pushes_waiting_bytes"]
+        assert 0 < held <= 16 * 2**20, status["peer_plane"]
+        assert status["cache"]["used_bytes"] == kv_bytes + held  # charged to the budget while they wait
+        # a session holds one such push (a newer one of the same key replaces it): 16 sessions did,
+        # and the pushes into the other 14 were dropped, each time
+        assert status["peer_plane"]["pushes_waiting"] == 16 and status["peer_plane"]["pushes_refused"] == 4 * 14
+        after = s0.ctl("status")
+        assert after["peer_plane"]["pushes_waiting"] == 0 and after["cache"]["used_bytes"] == 0  # closed: let go
+        generate_equals_hf(d, gw.socket)

@@ -97,6 +97,32 @@ def test_a_batch_that_fails_is_run_one_step_at_a_time(server, span, monkeypatch)
     assert server.stats.runs == 3 and server.stats.batched_steps == 0
 
 
+def test_a_batch_that_fails_after_its_caches_advanced_runs_each_step_again_from_where_it_was(server, span,
+                                                                                             monkeypatch):
+    """The caches advance inside run_steps, before the batch's one copy to the host, which can
+    fail on a GPU (out of memory, a device error): each step's rerun alone must start where
+    its session was, not one position on (before, a session at position 4 answered
+    `position` 6 for a one-token step, its cache holding the step's keys twice)."""
+    run_steps = span.run_steps
+
+    def copy_fails(*args, **kwargs):
+        run_steps(*args, **kwargs)
+        raise RuntimeError("CUDA error: out of memory (the host copy)")
+    monkeypatch.setattr(span, "run_steps", copy_fails)
+    sessions = [session(server, span, sid, 4) for sid in "ab"]
+    xs = [torch.randn(1, 1, span.hidden_size) for _ in sessions]
+    for k, (s, x) in enumerate(zip(sessions, xs)):
+        server._dispatch_step(s, step(s.id, 1, x), None, s.id.encode(), k, None)
+    server._run_batch()
+    replies = dict(server.sent)
+    for s, x in zip(sessions, xs):
+        alone = session(server, span, f"{s.id}-alone", 4)
+        expected = span.run(x, torch.full((1, 1), 4), None, 1, 3, cache=alone.cache)
+        reply = replies[s.id.encode()]
+        assert reply.type == "ok" and reply.get("position") == 5 and s.cache.length == 5, reply.fields
+        assert torch.allclose(reply.tensors["hidden"], expected, atol=1e-4, rtol=1e-4)
+
+
 def test_a_bad_step_is_refused_at_once_and_a_second_step_of_a_session_runs_after_its_first(server, span):
     a = session(server, span, "a", 63)
     server._dispatch_step(a, step("a", 1, torch.randn(1, 1, span.hidden_size)), None, b"a", 1, None)

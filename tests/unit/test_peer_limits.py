@@ -345,3 +345,92 @@ def test_opens_alone_do_not_hold_the_cache_past_the_unused_session_timeout(model
             s.close()
         access.stop()
         ctx.term()
+
+
+def test_gossip_takes_its_share_of_the_serving_thread_and_is_answered_empty_beyond():
+    from swarmd.peer.limits import GossipTime
+
+    now = [0.0]
+    share = GossipTime(share=0.05, burst_s=0.1, clock=lambda: now[0])
+    spent = 0
+    while share.available():
+        share.spend(0.02)  # requests of 20 ms each
+        spent += 1
+    assert spent == 5  # the burst
+    now[0] += 1.0  # a second refills 50 ms: two and a half requests' worth
+    assert share.available()
+    share.spend(0.02)
+    share.spend(0.02)
+    assert share.available()  # 10 ms left
+    share.spend(0.02)
+    assert not share.available()
+
+
+def test_a_gossip_flood_from_many_keys_does_not_hold_back_decode_steps(model_dirs):
+    """Issue 38, finding 10. Gossip that costs 20 ms a request (anti-entropy against a large
+    table, records to check), 10 requests from each of 50 keys, each key within its own rate:
+    before, a decode step sent behind them waited for all of them (10 s here). Gossip now
+    takes at most its share of the serving thread's time, and beyond that is answered empty
+    at once: no step of ten waits more than a second (0.2 s on the 2-core sandbox)."""
+    import threading
+
+    import torch
+
+    from libswarm.checkpoint import Checkpoint
+    from libswarm.protocol import decode, encode
+    from swarmd.config import LimitsConfig
+    from swarmd.peer.server import SpanServer
+    from swarmd.runtime.cache import CacheBudget
+    from swarmd.runtime.span import Span
+    from swarmd.transport.access import AccessControl
+
+    def costly_gossip(msg, sender):
+        time.sleep(0.02)  # the serving thread is held as by computation
+        return {"records": []}, None
+
+    ctx, me = zmq.Context(), NodeIdentity(os.urandom(32))
+    span = Span(Checkpoint(model_dirs("llama", layers=2)), 0, 2, torch.device("cpu"), torch.float32).load()
+    server = SpanServer(ctx, span, CacheBudget(2**24), "m", max_length=64, max_batch=1, idle_timeout_s=60,
+                        max_message_bytes=2**24, identity=me, access=AccessControl("open", "", me.public_key),
+                        resolve_key=lambda a: None, limits=LimitsConfig(16, 0.5, 5000), on_gossip=costly_gossip)
+    address = server.bind("tcp://127.0.0.1:*")
+    stop = threading.Event()
+    thread = threading.Thread(target=server.serve, args=(stop,), daemon=True)
+    thread.start()
+
+    def dealer() -> zmq.Socket:
+        ident = NodeIdentity(os.urandom(32))
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.curve_secretkey, s.curve_publickey = ident.secret_key.encode(), ident.public_key.encode()
+        s.curve_serverkey = me.public_key.encode()
+        s.connect(address)
+        return s
+
+    def ask(s: zmq.Socket, msg_type: str, req_id: int, fields: dict, tensors: dict | None = None):
+        s.send_multipart(encode(msg_type, req_id, fields, tensors))
+        assert s.poll(30_000), f"no answer to {msg_type}"
+        return decode(s.recv_multipart())
+
+    gateway, flood = dealer(), [dealer() for _ in range(50)]
+    try:
+        for s in flood:
+            assert ask(s, "ping", 1, {}).type == "ok"  # connected: the flood starts at once
+        sid = ask(gateway, "open", 1, {"model_id": "m", "blocks": [0, 2], "max_length": 16, "batch": 1}).get("session")
+        for s in flood:
+            for i in range(10):  # within a key's own gossip rate (bursts of 20)
+                s.send_multipart(encode("gossip", 10 + i, {"news": []}))
+        slowest_s = 0.0
+        for step in range(10):
+            t0 = time.monotonic()
+            reply = ask(gateway, "step", 2 + step, {"session": sid, "step": step}, {"hidden": torch.randn(1, 1, 64)})
+            assert reply.type == "ok" and reply.get("position") == step + 1, reply.fields
+            slowest_s = max(slowest_s, time.monotonic() - t0)
+        assert slowest_s < 1.0, f"a decode step waited {slowest_s:.2f} s behind gossip"
+        assert server.gossip_time.short > 0
+    finally:
+        stop.set()
+        thread.join(5)
+        for s in [gateway, *flood]:
+            s.close()
+        ctx.term()
