@@ -198,7 +198,9 @@ def test_the_private_swarm_walk_of_the_operations_page_with_its_own_commands(mod
                                   text=True, timeout=30).stdout
 
         until(lambda: "swarm     private, 3 of 3 peers online" in status_text(), 30, "status to say 3 of 3")
-        assert "GAP" not in status_text()
+        # coverage counts only servers this daemon reached with their key (issue 38, finding 11):
+        # a record gossiped in just now may be online a moment before it is reached
+        until(lambda: "GAP" not in status_text(), 30, "coverage without a gap")
         generate_equals_hf(d, daemons[2].socket)
         # step 7: removed on every member and reloaded: gone from every table and its coverage at once
         leaver = daemons[0]
