@@ -9,8 +9,10 @@ prefill of every position, the session's history replayed), both from the same i
 float32 model's hidden states at the span's first block). Every pair of numerics is then
 compared the way the gateway compares them, at every position:
 
-    row      rms(a - b) / rms(b), per position (how far the whole vector moved)
-    element  max |a - b| / (|b| + rms(b)) (how far its worst element moved)
+    row      rms(a - b) / m, per position (how far the whole vector moved)
+    element  max |a - b| / (|b| + m) (how far its worst element moved)
+
+where m is the smaller of rms(a) and rms(b) (verify.errors: either side may be the liar).
 
 Prints, per pair of numerics classes and per span length, the largest of each over every
 span start and prompt, and the tolerance that verify.py applies there (so the margin shows).

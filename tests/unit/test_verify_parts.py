@@ -47,7 +47,9 @@ def test_a_lie_of_twice_the_tolerance_is_caught_between_any_two_numerics(blocks)
     """Issue 38, finding 4: the tolerances were 1.0 of |value| + rms for 16-bit dtypes (a lie
     moving an output by 1.9x its norm passed) and 0.1 for quantized pairs (a 10 % lie passed).
     Now each pair of numerics has its own, from measured honest error: a lie that moves a
-    position by twice it (the whole row, or one element) is caught, for every pair."""
+    position by twice it (the whole row, or one element) is caught, for every pair, whichever
+    side lies, and so is one that shrinks a row as far or zeroes it (int8 pairs allow a row
+    error over 1: measured against the honest norm alone, zeros would have passed)."""
     b = hidden(3)
     rms = b.pow(2).mean(-1, keepdim=True).sqrt()
     for i, x in enumerate(KINDS):
@@ -56,6 +58,13 @@ def test_a_lie_of_twice_the_tolerance_is_caught_between_any_two_numerics(blocks)
             scaled = b.clone()
             scaled[0, 2] *= 1 + 2 * tol.row  # the whole vector moved
             assert disagreement(scaled, b, tol) is not None, (x, y, blocks)
+            assert disagreement(b, scaled, tol) is not None, (x, y, blocks)  # the liar as the checker
+            shrunk = b.clone()
+            shrunk[0, 2] /= 1 + 2 * tol.row  # the whole vector shrunk as far
+            zeros = b.clone()
+            zeros[1, 1] = 0  # and gone: a row of zeros is never within an honest error
+            for lie in (shrunk, zeros):
+                assert disagreement(lie, b, tol) is not None and disagreement(b, lie, tol) is not None, (x, y)
             nudged = b.clone()
             nudged[1, 4, 5] += 2 * tol.element * (b[1, 4, 5].abs() + rms[1, 4, 0])  # one element moved
             assert disagreement(nudged, b, tol) is not None, (x, y, blocks)
