@@ -17,6 +17,8 @@ from test_membership import CONVERGE_LIMIT_S
 
 from swarmd.identity import short_id
 
+RELAYED_LIMIT_S = 60.0  # a host no one can call: found unreachable, then registered at a relay
+
 pytestmark = pytest.mark.netns
 
 TAG = f"sw{os.getpid() % 100000}"
@@ -88,8 +90,12 @@ def test_three_namespaces_find_each_other_by_mdns_and_one_that_accepts_no_connec
             x.start([])
         for x in daemons:
             x.wait_ready()
-        took = wait_tables(daemons, {x.node_id for x in daemons}, CONVERGE_LIMIT_S)
-        print(f"netns: 3 hosts found each other by mDNS in {took:.2f} s")
+        # the two hosts that accept connections: within the LAN's limit. Host 2 is reached only
+        # once it has found itself unreachable (two peers that cannot call it back) and registered
+        # at the relay: 7 s unloaded, and more than the LAN's 10 s on a loaded CI (issue 38, 21c)
+        took = wait_tables(daemons, {relay.node_id, gateway.node_id}, CONVERGE_LIMIT_S)
+        relayed = wait_tables(daemons, {x.node_id for x in daemons}, RELAYED_LIMIT_S)
+        print(f"netns: 2 hosts found each other by mDNS in {took:.2f} s; the one behind them in {took + relayed:.2f} s")
         until(lambda: any(p["node_id"] == server.node_id and p["address"].startswith("relay+")
                           and p["state"] == "online" for p in gateway.ctl("peers")["peers"]), 60, "a relayed route")
         peers = {p["node_id"]: p for p in gateway.ctl("peers")["peers"]}
