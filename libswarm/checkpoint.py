@@ -19,11 +19,14 @@ import torch
 from libswarm.errors import ModelError
 
 # Supported architectures -> family. The Llama family covers models that differ from Llama
-# only in ways their config states (GQA, q/k/v biases, sliding windows, tied embeddings, rope scaling).
+# only in ways their config states (GQA, q/k/v biases, sliding windows, tied embeddings, rope
+# scaling, Qwen3's q/k norms, Mixtral's experts).
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "llama",
     "Qwen2ForCausalLM": "llama",
+    "Qwen3ForCausalLM": "llama",
+    "MixtralForCausalLM": "llama",  # its blocks' experts: swarmd/runtime/blocks.py MixtralBlock
     "BloomForCausalLM": "bloom",
 }
 

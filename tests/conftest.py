@@ -21,6 +21,8 @@ FAMILY_OPTIONS = {
     "llama": dict(layers=6, kv_heads=2),
     "mistral": dict(layers=6, kv_heads=2, sliding_window=12),
     "qwen2": dict(layers=6, kv_heads=2, tie=True),
+    "qwen3": dict(layers=6, kv_heads=2),
+    "mixtral": dict(layers=6, kv_heads=2),
     "bloom": dict(layers=6),
 }
 
@@ -70,6 +72,18 @@ def real_model() -> str:
     from libswarm.models import get_model
 
     return get_model(REAL_MODEL, REAL_MODEL_CACHE)
+
+
+GGUF_CACHE = os.path.join(os.path.dirname(HERE), ".cache", "gguf")
+
+
+@pytest.fixture(scope="session")
+def real_gguf() -> str:
+    """The real model's GGUF file, joined and checked (libswarm.models.fetch_gguf), kept in
+    .cache/gguf: what the conversion tests convert and compare with transformers' reader."""
+    from libswarm.models import fetch_gguf
+
+    return fetch_gguf(REAL_MODEL, GGUF_CACHE)
 
 
 def tampered_copy(model_dir: str, out: str, block: int) -> str:

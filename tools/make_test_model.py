@@ -18,6 +18,8 @@ FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM"),
     "mistral": ("MistralConfig", "MistralForCausalLM"),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
     "bloom": ("BloomConfig", "BloomForCausalLM"),
 }
 
@@ -61,10 +63,12 @@ def family_config(family: str, a: argparse.Namespace) -> dict:
         head_dim=a.hidden // a.heads, max_position_embeddings=a.max_positions,
         pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=a.tie,
     )
-    if family in ("mistral", "qwen2") and a.sliding_window:
+    if family in ("mistral", "qwen2", "qwen3") and a.sliding_window:
         kw["sliding_window"] = a.sliding_window
-        if family == "qwen2":
+        if family in ("qwen2", "qwen3"):
             kw.update(use_sliding_window=True, max_window_layers=0)
+    if family == "mixtral":  # 4 experts, 2 a position: a tiny model still routes positions apart
+        kw.update(num_local_experts=4, num_experts_per_tok=2)
     if a.rope_scaling:
         kw["rope_scaling"] = {"rope_type": "linear", "factor": a.rope_scaling}
     return kw

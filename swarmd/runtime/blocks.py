@@ -80,8 +80,12 @@ class _Projections(nn.Module):
         return super().__getattr__(name)  # type: ignore[return-value]
 
 
+QK_NORM_TYPES = ("qwen3",)
+
+
 class LlamaBlock(nn.Module):
-    """Llama / Mistral / Qwen2 decoder layer (pre-norm, rotary, GQA, SwiGLU-style MLP)."""
+    """Llama / Mistral / Qwen2 / Qwen3 decoder layer (pre-norm, rotary, GQA, SwiGLU-style MLP;
+    Qwen3's per-head norms of queries and keys)."""
 
     def __init__(self, config, layer_idx: int):
         super().__init__()
@@ -101,6 +105,11 @@ class LlamaBlock(nn.Module):
             v_proj=nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=qkv_bias),
             o_proj=nn.Linear(self.num_heads * self.head_dim, hidden, bias=o_bias),
         )
+        # Qwen3: each head's queries and keys RMS-normed (over head_dim) before the rotary
+        self.qk_norm = config.model_type in QK_NORM_TYPES
+        if self.qk_norm:
+            self.self_attn.add_module("q_norm", RMSNorm(self.head_dim, config.rms_norm_eps))
+            self.self_attn.add_module("k_norm", RMSNorm(self.head_dim, config.rms_norm_eps))
         self.mlp = _Projections(
             gate_proj=nn.Linear(hidden, inter, bias=mlp_bias),
             up_proj=nn.Linear(hidden, inter, bias=mlp_bias),
@@ -122,6 +131,8 @@ class LlamaBlock(nn.Module):
         q_all = attn.q_proj(h).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k_all = attn.k_proj(h).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v_all = attn.v_proj(h).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qk_norm:
+            q_all, k_all = attn.q_norm(q_all), attn.k_norm(k_all)
         # rotary positions over all rows at once (each part's rows at their own positions)
         ropes = [ctx.rope for _, ctx, _ in parts if ctx.rope is not None]
         assert len(ropes) == len(parts)
@@ -140,8 +151,45 @@ class LlamaBlock(nn.Module):
             ))
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
         x = x + attn.o_proj(out.transpose(1, 2).reshape(B, T, -1))
-        h = self.post_attention_layernorm(x)
-        return x + self.mlp.down_proj(self.act(self.mlp.gate_proj(h)) * self.mlp.up_proj(h))
+        return x + self.feed_forward(self.post_attention_layernorm(x))
+
+    def feed_forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.mlp.down_proj(self.act(self.mlp.gate_proj(h)) * self.mlp.up_proj(h))
+
+
+class MixtralBlock(LlamaBlock):
+    """Mixtral decoder layer: Llama's attention, and a sparse mixture of experts for the MLP:
+    a router picks each position's top num_experts_per_tok of num_local_experts SwiGLU experts
+    (softmax in float32, the picked weights renormalized) and sums their outputs so weighted.
+    Every expert of the block lives here, as the checkpoint names them
+    (block_sparse_moe.experts.N.w1/w2/w3, block_sparse_moe.gate)."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__(config, layer_idx)
+        del self.mlp
+        hidden, inter = config.hidden_size, config.intermediate_size
+        self.top_k = config.num_experts_per_tok
+        self.block_sparse_moe = _Projections(gate=nn.Linear(hidden, config.num_local_experts, bias=False))
+        self.block_sparse_moe.add_module("experts", nn.ModuleList(
+            _Projections(w1=nn.Linear(hidden, inter, bias=False), w2=nn.Linear(inter, hidden, bias=False),
+                         w3=nn.Linear(hidden, inter, bias=False))
+            for _ in range(config.num_local_experts)))
+
+    def feed_forward(self, h: torch.Tensor) -> torch.Tensor:
+        shape = h.shape
+        x = h.reshape(-1, shape[-1])
+        moe = self.block_sparse_moe
+        probs = F.softmax(moe.gate(x).float(), dim=-1)
+        weights, picked = torch.topk(probs, self.top_k, dim=-1)
+        weights /= weights.sum(dim=-1, keepdim=True)
+        out = torch.zeros_like(x)
+        experts: nn.ModuleList = moe.experts  # type: ignore[assignment]
+        for e in picked.unique().tolist():  # ascending: each position's experts add up in one order
+            rows, slot = torch.where(picked == e)
+            expert = experts[e]
+            y = expert.w2(self.act(expert.w1(x[rows])) * expert.w3(x[rows])) * weights[rows, slot, None]
+            out.index_add_(0, rows, y.to(out.dtype))
+        return out.view(shape)
 
 
 def _bloom_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -192,6 +240,13 @@ class BloomBlock(nn.Module):
 
 
 BLOCK_CLASSES: dict[str, type[LlamaBlock] | type[BloomBlock]] = {"llama": LlamaBlock, "bloom": BloomBlock}
+
+
+def block_class(family: str, config) -> type[LlamaBlock] | type[BloomBlock]:
+    """The block of a family; in the Llama family, Mixtral's when the config has experts."""
+    if family == "llama" and getattr(config, "num_local_experts", None):
+        return MixtralBlock
+    return BLOCK_CLASSES[family]
 
 
 def sliding_window_of(config, layer_idx: int) -> int | None:

@@ -16,12 +16,12 @@ from libswarm.checkpoint import Checkpoint
 from libswarm.errors import ConfigError, ModelError, TensorError
 from swarmd.config import QUANT_MODES
 from swarmd.runtime.blocks import (
-    BLOCK_CLASSES,
     BloomBlock,
     LlamaBlock,
     Rotary,
     StepContext,
     attend_bucket,
+    block_class,
     build_context,
     build_static_context,
     make_slopes,
@@ -95,7 +95,7 @@ class Span:
 
     def _make_block(self, i: int) -> LlamaBlock | BloomBlock:
         with torch.device("meta"):
-            return BLOCK_CLASSES[self.family](self.config, i)
+            return block_class(self.family, self.config)(self.config, i)
 
     def load(self, progress=None) -> Span:
         """Read only this span's tensors, block by block, reporting progress."""

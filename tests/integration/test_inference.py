@@ -8,7 +8,7 @@ from helpers import running_swarm
 
 from libswarm import AutoDistributedModelForCausalLM, SessionError
 
-FAMILIES = ["llama", "mistral", "qwen2", "bloom"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "mixtral", "bloom"]
 GEN = dict(pad_token_id=0)
 
 

@@ -10,7 +10,7 @@ from libswarm.layers import positions_from_mask
 from swarmd.runtime.cache import CacheBudget, SessionCache
 from swarmd.runtime.span import Span
 
-FAMILIES = ["llama", "mistral", "qwen2", "bloom"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "mixtral", "bloom"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
