@@ -131,6 +131,7 @@ class Service:
         self.settings = config.api
         self.keys = Keys(config.api.keys_file)
         self._model, self.tokenizer = model, tokenizer
+        self._draft = None
         self._load_lock = threading.Lock()
         self.status_client = SwarmClient(socket=config.socket, timeout_s=10.0)
         self.slots = threading.BoundedSemaphore(config.api.max_concurrent)
@@ -150,6 +151,7 @@ class Service:
         """Load the model's client side now rather than at the first request, if swarmd answers."""
         try:
             self.model()
+            self.draft()
         except Exception as e:  # the first request that needs the model says what is wrong
             log.warning("not connected to swarmd yet: %s", str(e).splitlines()[0] if str(e) else e)
 
@@ -163,6 +165,28 @@ class Service:
                 self._model = AutoDistributedModelForCausalLM.from_pretrained(self.config.model,
                                                                              socket=self.config.socket)
             return self._model
+
+    def draft(self):
+        """The draft model (api.draft_model), loaded with the model; None without one. Its
+        tokenizer must be the model's: a draft of other token ids would never be accepted."""
+        path = self.settings.draft_model
+        if path is None:
+            return None
+        with self._load_lock:
+            if self._draft is None:
+                from transformers import AutoModelForCausalLM, AutoTokenizer
+
+                try:
+                    vocab = AutoTokenizer.from_pretrained(path).get_vocab()
+                    draft = AutoModelForCausalLM.from_pretrained(path, dtype="auto").eval()
+                except Exception as e:  # transformers raises many kinds for a bad directory
+                    line = next((x.strip() for x in str(e).splitlines() if x.strip()), type(e).__name__)
+                    raise ModelError(f"api.draft_model {path}: cannot load it: {line}") from None
+                if vocab != self.tokenizer.get_vocab():
+                    raise ModelError(f"api.draft_model {path}: its tokenizer is not the model's "
+                                     f"({len(vocab)} and {len(self.tokenizer.get_vocab())} tokens, or other ids)")
+                self._draft = draft
+            return self._draft
 
     @property
     def model_id(self) -> str | None:
@@ -402,6 +426,7 @@ def create_app(config: ApiConfig, model=None, tokenizer=None) -> Starlette:
     async def complete(request: Request, kind: str) -> Response:
         data = await read_json(request)
         model = await _in_thread(service.model)
+        draft = await _in_thread(service.draft)
         req = Params(data, service, kind)
         # a slot first, then the prompt tokenized off the event loop: a prompt of megabytes takes
         # seconds to tokenize, and neither holds up other requests nor runs beyond the limit
@@ -428,7 +453,7 @@ def create_app(config: ApiConfig, model=None, tokenizer=None) -> Starlette:
                 loop.call_soon_threadsafe(events.put_nowait, event)
 
         job = Completion(model, service.tokenizer, config.socket, prompt, sampling, emit,
-                         config.api.route_timeout_s, service.eos(model))
+                         config.api.route_timeout_s, service.eos(model), draft=draft)
         service.jobs.add(job)
         job.start()
         reply = Reply(kind, req.model_name, prompt.shape[1])

@@ -22,6 +22,7 @@ API_DEFAULTS: dict[str, Any] = {
     "max_tokens": 1024,
     "max_concurrent": 32,
     "route_timeout_s": 30,
+    "draft_model": None,
 }
 DEFAULT_SOCKET = "/run/swarmd/swarmd.sock"
 _HOST_PORT_RE = re.compile(r"^\[?([A-Za-z0-9.:\-]+?)\]?:(\d{1,5})$")
@@ -36,6 +37,7 @@ class ApiSettings:
     max_tokens: int  # a completion's length when the request does not say
     max_concurrent: int  # generations at once; more get 429
     route_timeout_s: float  # how long a request waits for servers to cover every block
+    draft_model: str | None = None  # a small model of the same tokenizer, run here to draft greedy tokens
 
 
 @dataclass(frozen=True)
@@ -91,8 +93,16 @@ def parse_api(section: Any, fail: Fail, base_dir: str) -> ApiSettings:
         v = s[key]
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
             raise fail(f"api.{key}", f"must be a positive integer, got {v!r}")
+    draft = s["draft_model"]
+    if draft is not None:
+        if not isinstance(draft, str) or not draft:
+            raise fail("api.draft_model", f"must be a model's short name or directory, or null, got {draft!r}")
+        draft = model_from_config(draft, base_dir)
+        if not os.path.isdir(draft):
+            raise fail("api.draft_model", f"{draft} is not a model directory (swarmctl model get NAME)")
     return ApiSettings(listen=listen, keys_file=keys_file, max_tokens=s["max_tokens"],
-                       max_concurrent=s["max_concurrent"], route_timeout_s=float(s["route_timeout_s"]))
+                       max_concurrent=s["max_concurrent"], route_timeout_s=float(s["route_timeout_s"]),
+                       draft_model=draft)
 
 
 def read_config_file(path: str) -> Any:

@@ -18,6 +18,9 @@ import torch
 
 from libswarm.client import SwarmClient
 
+DRAFT_TOKENS = 4  # a draft's first proposal; then +2 while all are taken, -1 when not
+MAX_DRAFT_TOKENS = 16
+
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
@@ -46,8 +49,9 @@ class Completion:
     decoding thread."""
 
     def __init__(self, model, tokenizer, socket: str, prompt: torch.Tensor, sampling: Sampling,
-                 emit: Callable[[Event], None], route_timeout_s: float, eos: set[int]):
-        self.model, self.tokenizer, self.socket = model, tokenizer, socket
+                 emit: Callable[[Event], None], route_timeout_s: float, eos: set[int], draft=None):
+        self.model, self.tokenizer, self.socket, self.draft = model, tokenizer, socket, draft
+        self.drafted = self.accepted = self.passes = 0  # with a draft: tokens proposed, taken; swarm passes
         self.prompt, self.sampling, self.emit = prompt, sampling, emit
         self.route_timeout_s, self.eos = route_timeout_s, eos
         self.cancelled = threading.Event()
@@ -83,6 +87,9 @@ class Completion:
         counts = torch.zeros(self.model.config.vocab_size)
         with SwarmClient(socket=self.socket) as client, torch.no_grad(), \
                 self.model.inference_session(length, route_timeout_s=self.route_timeout_s, client=client) as sess:
+            if self.drafting():
+                self._decode_drafted(sess, result, stops, counts)
+                return result
             step_input = self.prompt
             while True:
                 if self.cancelled.is_set():
@@ -91,25 +98,89 @@ class Completion:
                 logits = self.model(input_ids=step_input).logits[0, -1].float()
                 self.session_id = sess.id
                 token = self._choose(logits, counts, gen)
-                result.tokens.append(token)
-                counts[token] += 1
-                if token in self.eos:  # what was held back for a stop string goes out
-                    self._send(result, self.tokenizer.decode(result.tokens[:-1], skip_special_tokens=True))
-                    result.finish_reason = "stop"
-                    break
-                text = self.tokenizer.decode(result.tokens, skip_special_tokens=True)
-                cut = stops.cut(text)
-                if cut is not None:
-                    self._send(result, cut)
-                    result.finish_reason = "stop"
-                    break
-                self._send(result, text[:stops.safe_end(text)])
-                if len(result.tokens) >= s.max_tokens:
-                    self._send(result, text)
-                    result.finish_reason = "length"
+                if self._take(result, token, counts, stops):
                     break
                 step_input = torch.tensor([[token]])
         return result
+
+    def drafting(self) -> bool:
+        """Whether this completion decodes with the draft model: greedy without penalties, where
+        verifying the draft's tokens gives exactly the tokens plain greedy decoding would."""
+        s = self.sampling
+        return self.draft is not None and s.temperature == 0 and not (s.presence_penalty or s.frequency_penalty)
+
+    def _take(self, result: Result, token: int, counts: torch.Tensor, stops: StopText) -> bool:
+        """Add a generated token to the result and report the text; True when the completion ends."""
+        result.tokens.append(token)
+        counts[token] += 1
+        if token in self.eos:  # what was held back for a stop string goes out
+            self._send(result, self.tokenizer.decode(result.tokens[:-1], skip_special_tokens=True))
+            result.finish_reason = "stop"
+            return True
+        text = self.tokenizer.decode(result.tokens, skip_special_tokens=True)
+        cut = stops.cut(text)
+        if cut is not None:
+            self._send(result, cut)
+            result.finish_reason = "stop"
+            return True
+        self._send(result, text[:stops.safe_end(text)])
+        if len(result.tokens) >= self.sampling.max_tokens:
+            self._send(result, text)
+            result.finish_reason = "length"
+            return True
+        return False
+
+    def _decode_drafted(self, sess, result: Result, stops: StopText, counts: torch.Tensor) -> None:
+        """Speculative greedy decoding (api.draft_model): the draft, a small model of the same
+        tokenizer run here, proposes k tokens; one pass through the swarm scores them all, and
+        the longest prefix the model itself would have chosen is kept, with the model's own next
+        token after it. The swarm's session and the draft's cache are cut back to what was kept.
+        The tokens are plain greedy decoding's; a pass costs one round trip for up to k + 1 of
+        them. k grows by 2 while every draft is taken and shrinks by 1 when one is not (as
+        Hugging Face's assisted generation schedules it)."""
+        from transformers import DynamicCache
+
+        draft_cache = DynamicCache()
+        tokens = self.prompt[0].tolist()  # every token so far; the last one not yet through the swarm
+        logits = self.model(input_ids=self.prompt).logits[0, -1]
+        self.session_id = sess.id
+        token = int(logits.argmax())
+        if self._take(result, token, counts, stops):
+            return
+        tokens.append(token)
+        in_swarm, in_draft, k = len(tokens) - 1, 0, DRAFT_TOKENS
+        while True:
+            if self.cancelled.is_set():
+                result.finish_reason = "cancelled"
+                return
+            k = max(1, min(k, self.sampling.max_tokens - len(result.tokens)))
+            proposal: list[int] = []
+            feed = tokens[in_draft:]
+            for _ in range(k):
+                out = self.draft(input_ids=torch.tensor([feed]), past_key_values=draft_cache, use_cache=True)
+                in_draft += len(feed)
+                proposal.append(int(out.logits[0, -1].argmax()))
+                feed = proposal[-1:]
+            pending = tokens[in_swarm:]  # the last accepted token (more after a rollback)
+            logits = self.model(input_ids=torch.tensor([pending + proposal])).logits[0]
+            chosen = logits[len(pending) - 1:].argmax(-1).tolist()  # the model's token after each
+            accepted = 0
+            while accepted < k and proposal[accepted] == chosen[accepted]:
+                accepted += 1
+            kept = len(tokens) + accepted  # positions whose keys and values stay
+            sess.rollback(kept)
+            in_swarm = kept
+            in_draft = min(in_draft, kept)
+            if draft_cache.get_seq_length() > in_draft:  # a negative crop removes (transformers 5.17 on)
+                draft_cache.crop(in_draft - draft_cache.get_seq_length())
+            self.drafted += k
+            self.accepted += accepted
+            self.passes += 1
+            for t in proposal[:accepted] + [chosen[accepted]]:
+                if self._take(result, t, counts, stops):
+                    return
+                tokens.append(t)
+            k = min(k + 2, MAX_DRAFT_TOKENS) if accepted == k else k - 1
 
     def _send(self, result: Result, text: str) -> None:
         """Report the text that has grown; held back: a possible start of a stop string, and a

@@ -254,14 +254,13 @@ class Gateway:
         B, T, _ = tensors["hidden"].shape
         if B != sess.batch:
             raise SessionError(f"step has batch {B} but the session was opened with batch {sess.batch}")
-        if sess.position + T > sess.max_length:
-            raise LimitError(
-                f"step of {T} positions at position {sess.position} passes the session's max_length {sess.max_length}"
-            )
         start = msg.get("start")
         if start is not None and (not isinstance(start, int) or isinstance(start, bool)
                                   or not 0 <= start <= sess.position):
             raise SessionError(f"step: 'start' must be a position within 0..{sess.position}, got {start!r}")
+        at = sess.position if start is None else start  # a step that cuts back drafts starts there
+        if at + T > sess.max_length:
+            raise LimitError(f"step of {T} positions at position {at} passes the session's max_length {sess.max_length}")
         with sess.lock:
             if start is not None and start < sess.position:  # cut back: drafts the app rejected
                 sess.history.truncate(start)

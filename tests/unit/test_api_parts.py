@@ -27,7 +27,7 @@ def test_api_config_reads_model_socket_and_its_section(tmp_path):
     c = load_api_config(path)
     assert c.model == str(tmp_path / "models" / "m") and c.model_name == "m" and c.socket == "/tmp/x.sock"
     assert c.api.listen == ("0.0.0.0", 9000) and c.api.keys_file == str(tmp_path / "keys")
-    assert c.api.max_tokens == 64 and c.api.max_concurrent == 32  # the rest: defaults
+    assert c.api.max_tokens == 64 and c.api.max_concurrent == 32 and c.api.draft_model is None  # the rest: defaults
     assert load_config(path).api == c.api  # swarmd reads the same section the same way
     c = load_api_config(write(tmp_path, {"model": str(tmp_path / "models" / "m")}))
     assert c.api.listen == ("127.0.0.1", 8000) and c.api.keys_file is None and c.socket == "/run/swarmd/swarmd.sock"
@@ -43,6 +43,8 @@ def test_api_config_reads_model_socket_and_its_section(tmp_path):
     ("on", "api"),
     ({"listen": "0.0.0.0:8000"}, "api.keys_file"),  # beyond loopback, only with keys
     ({"listen": "192.168.1.10:8000", "keys_file": None}, "api.keys_file"),
+    ({"draft_model": 3}, "api.draft_model"),
+    ({"draft_model": "no-such-draft"}, "api.draft_model"),  # a name no models directory holds
 ])
 def test_a_bad_api_section_is_one_error_naming_file_and_key_in_both_programs(tmp_path, api, key):
     (tmp_path / "m").mkdir()
