@@ -49,7 +49,7 @@ test-latest:
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python tools/demo.py
+	$(BIN)/python tools/demo.py $(if $(MODEL),--model $(MODEL))
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25 tests

@@ -32,19 +32,42 @@ sys.path.insert(0, HERE)
 
 from localswarm import running_swarm  # noqa: E402
 
-PROMPTS = [
-    "Repeat after me, word for word: the swarm serves every block of the model, and the gateway keeps the "
-    "inputs it sent, so a replacement server is rebuilt by replay.",
-    "Write two sentences about why bees live in swarms.",
-]
+PROMPTS = {
+    "chat": [
+        "Repeat after me, word for word: the swarm serves every block of the model, and the gateway keeps the "
+        "inputs it sent, so a replacement server is rebuilt by replay.",
+        "Write two sentences about why bees live in swarms.",
+    ],
+    "coding": [
+        "Write a Python function that returns the n-th Fibonacci number iteratively.",
+        "Write a Python function that checks whether a string is a palindrome, ignoring case.",
+    ],
+}
 
 
-def draft_model(model_dir: str, blocks: int | None, tokens: int):
+class Timer:
+    """Seconds spent inside a callable, and how many calls."""
+
+    def __init__(self):
+        self.seconds, self.calls = 0.0, 0
+
+    def wrap(self, fn):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - t0
+                self.calls += 1
+        return timed
+
+
+def draft_model(model_dir: str, blocks: int | None, tokens: int, dtype: str = "float32"):
     """The draft: the model's first `blocks` blocks (all of them: None), then its final norm and
     LM head."""
     from transformers import AutoModelForCausalLM
 
-    draft = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    draft = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
     if blocks is not None:
         draft.model.layers = draft.model.layers[:blocks]
         draft.config.num_hidden_layers = blocks
@@ -62,8 +85,13 @@ def main(argv=None) -> int:
                    help="separate draft checkpoints (directories or known model names); the model's own name is "
                         "the perfect draft, an upper bound")
     p.add_argument("--draft-tokens", type=int, default=4, help="tokens drafted per pass (constant)")
+    p.add_argument("--draft-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="of a separate draft model (bfloat16: half its bytes a token, and a draft need not be exact)")
     p.add_argument("--tokens", type=int, default=48)
+    p.add_argument("--prompts", choices=sorted(PROMPTS), default=None,
+                   help="chat or coding (default: coding for a coder model, else chat)")
     a = p.parse_args(argv)
+    prompts = PROMPTS[a.prompts or ("coding" if "coder" in a.model else "chat")]
     torch.set_num_threads(1)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -81,33 +109,52 @@ def main(argv=None) -> int:
     for name in a.draft_model:
         path = name if os.path.isdir(name) else get_model(name, os.path.join(os.path.dirname(HERE), ".cache", "models"))
         modes[f"assisted, {os.path.basename(os.path.normpath(name))}"] = {
-            "assistant_model": draft_model(path, None, a.draft_tokens)}
+            "assistant_model": draft_model(path, None, a.draft_tokens, a.draft_dtype)}
     modes["prompt lookup"] = {"prompt_lookup_num_tokens": 10}
     results: dict[str, list[tuple[int, float]]] = {m: [] for m in modes}
     same = {m: True for m in modes}
+    # where a mode's time goes: the draft's forward passes, the swarm's passes (a step through
+    # every server and back: round trips and the servers' compute), and the rest (this process's
+    # embeddings, head and generate() itself)
+    drafting = {m: Timer() for m in modes}
+    passes = {m: Timer() for m in modes}
+    for mode, opts in modes.items():
+        if "assistant_model" in opts:
+            opts["assistant_model"].forward = drafting[mode].wrap(opts["assistant_model"].forward)
+    from libswarm.model import RemoteSession
+
+    step = RemoteSession.step
     env = {"SWARMD_NET_DELAY_MS": str(a.delay_ms)}
     with running_swarm(d, spans, env_all=env) as (_, gw):
         model = AutoDistributedModelForCausalLM.from_pretrained(d, socket=gw.socket)
-        for prompt in PROMPTS:
+        for prompt in prompts:
             chat = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                                  return_tensors="pt")
             ids = chat if torch.is_tensor(chat) else chat["input_ids"]
             plain = None
             for mode, opts in modes.items():
+                RemoteSession.step = passes[mode].wrap(step)  # type: ignore[method-assign]
                 t0 = time.perf_counter()
                 out = model.generate(ids, do_sample=False, max_new_tokens=a.tokens, **opts)
                 results[mode].append((out.shape[1] - ids.shape[1], time.perf_counter() - t0))
+                RemoteSession.step = step  # type: ignore[method-assign]
                 plain = out if plain is None else plain
                 same[mode] = same[mode] and torch.equal(out, plain)
     print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
     print(f"model: {a.model}, servers {', '.join(spans)}; every peer message delayed {a.delay_ms:g} ms; "
-          f"greedy, up to {a.tokens} new tokens for each of {len(PROMPTS)} chat prompts (prefill included)")
+          f"greedy, up to {a.tokens} new tokens for each of {len(prompts)} prompts (prefill included)")
     base = sum(t for t, _ in results["plain"]) / sum(s for _, s in results["plain"])
     for mode, runs in results.items():
         rate = sum(t for t, _ in runs) / sum(s for _, s in runs)
         per_prompt = ", ".join(f"{t / s:.2f}" for t, s in runs)
         print(f"  {mode:34s} {rate:6.2f} tokens/s  ({rate / base:.2f}x plain; per prompt {per_prompt})  "
               f"same tokens as plain: {'yes' if same[mode] else 'NO'}")
+        tokens, seconds = sum(t for t, _ in runs), sum(s for _, s in runs)
+        swarm, draft = passes[mode], drafting[mode]
+        print(f"  {'':34s} a token: {1000 * seconds / tokens:.0f} ms = draft {1000 * draft.seconds / tokens:.0f} "
+              f"({draft.calls} forward passes) + swarm {1000 * swarm.seconds / tokens:.0f} ({swarm.calls} passes, "
+              f"{1000 * swarm.seconds / max(1, swarm.calls):.0f} ms each, {tokens / max(1, swarm.calls):.2f} tokens "
+              f"a pass) + the rest {1000 * (seconds - draft.seconds - swarm.seconds) / tokens:.0f}")
     return 0 if all(same.values()) else 1
 
 
