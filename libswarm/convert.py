@@ -29,6 +29,7 @@ import struct
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,7 +52,7 @@ Progress = Callable[[str], None]
 
 @dataclass
 class _Planned:
-    gguf: object  # gguf.ReaderTensor
+    gguf: Any  # gguf.ReaderTensor
     name: str  # its Hugging Face name
     shape: tuple[int, ...]
     shard: int
@@ -148,7 +149,8 @@ def _plan(reader, names: dict[str, str], shapes: dict[str, tuple[int, ...]], wha
         raise ModelError(f"{what}: the file lacks tensor(s) {', '.join(sorted(missing - tied)[:3])}")
 
     blocks: dict[int, list[_Planned]] = {}
-    embeddings, rest = [], []
+    embeddings: list[_Planned] = []
+    rest: list[_Planned] = []
     for p in plan:
         m = _BLOCK_RE.match(p.name)
         if m:

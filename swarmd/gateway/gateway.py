@@ -260,7 +260,8 @@ class Gateway:
             raise SessionError(f"step: 'start' must be a position within 0..{sess.position}, got {start!r}")
         at = sess.position if start is None else start  # a step that cuts back drafts starts there
         if at + T > sess.max_length:
-            raise LimitError(f"step of {T} positions at position {at} passes the session's max_length {sess.max_length}")
+            raise LimitError(
+                f"step of {T} positions at position {at} passes the session's max_length {sess.max_length}")
         with sess.lock:
             if start is not None and start < sess.position:  # cut back: drafts the app rejected
                 sess.history.truncate(start)
