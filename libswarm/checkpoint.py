@@ -27,6 +27,7 @@ ARCHITECTURES = {
     "Qwen2ForCausalLM": "llama",
     "Qwen3ForCausalLM": "llama",
     "MixtralForCausalLM": "llama",  # its blocks' experts: swarmd/runtime/blocks.py MixtralBlock
+    "Gemma3ForCausalLM": "llama",  # Gemma 3 text: its own block (Gemma3Block), scaled embeddings, Gemma's norm
     "BloomForCausalLM": "bloom",
 }
 

@@ -23,6 +23,32 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(dtype)
 
 
+class GemmaRMSNorm(nn.Module):
+    """Gemma's RMS norm: the weight is stored less one, and the scale is applied in float32
+    before the cast back (Llama casts first)."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x32 * (1.0 + self.weight.float())).type_as(x)
+
+
+class ScaledEmbedding(nn.Embedding):
+    """Gemma's embeddings: multiplied by sqrt(hidden_size), rounded to the weights' dtype."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, scale: float):
+        super().__init__(num_embeddings, embedding_dim)
+        self.scale = scale
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(input_ids) * torch.tensor(self.scale, dtype=self.weight.dtype)
+
+
 def alibi_slopes(num_heads: int) -> torch.Tensor:
     """ALiBi head slopes: a geometric sequence starting at 2^(-8/n) for the largest power of two
     n <= num_heads, with the remaining heads interleaved from the sequence for 2n."""

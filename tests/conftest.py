@@ -23,6 +23,7 @@ FAMILY_OPTIONS = {
     "qwen2": dict(layers=6, kv_heads=2, tie=True),
     "qwen3": dict(layers=6, kv_heads=2),
     "mixtral": dict(layers=6, kv_heads=2),
+    "gemma3": dict(layers=6, kv_heads=2),
     "bloom": dict(layers=6),
 }
 

@@ -20,6 +20,7 @@ FAMILIES = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
     "bloom": ("BloomConfig", "BloomForCausalLM"),
 }
 
@@ -67,6 +68,10 @@ def family_config(family: str, a: argparse.Namespace) -> dict:
         kw["sliding_window"] = a.sliding_window
         if family in ("qwen2", "qwen3"):
             kw.update(use_sliding_window=True, max_window_layers=0)
+    if family == "gemma3":  # sliding layers (window 12, a rope base of their own) and a global one
+        kw.update(sliding_window=a.sliding_window or 12, query_pre_attn_scalar=a.hidden // a.heads,
+                  hidden_activation="gelu_pytorch_tanh")
+        kw.pop("tie_word_embeddings")  # Gemma ties its head to the embeddings always
     if family == "mixtral":  # 4 experts, 2 a position: a tiny model still routes positions apart
         kw.update(num_local_experts=4, num_experts_per_tok=2)
     if a.rope_scaling:

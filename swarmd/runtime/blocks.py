@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from libswarm.layers import RMSNorm, alibi_slopes
+from libswarm.errors import ModelError
+from libswarm.layers import GemmaRMSNorm, RMSNorm, alibi_slopes
 from swarmd.runtime.kvint8 import Int8KV
 
 # per layer: K, V [B, kv_heads, max_length, head_dim] in the serving dtype, or their int8 form
@@ -33,6 +34,8 @@ class StepContext:
     masks: dict[int | None, torch.Tensor | None]  # sliding window -> bool [B, 1, T, L], None = no mask
     causal: bool  # no mask and a fresh prefix: let SDPA apply the causal mask itself
     rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin [B, T, head_dim]
+    # Gemma 3: cos, sin per layer type (sliding layers have a rope base of their own)
+    ropes: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
     alibi: torch.Tensor | None = None  # float [B, heads, T|1, L] with masked slots at -inf
     # a decode step with static shapes (build_static_context): the cache slot of the new position
     # as a device tensor [1]; keys/values are written there and attention spans the cache's
@@ -192,6 +195,74 @@ class MixtralBlock(LlamaBlock):
         return out.view(shape)
 
 
+class Gemma3Block(nn.Module):
+    """Gemma 3 decoder layer: Gemma's norms (weights stored less one) before and after both
+    attention and MLP, per-head q/k norms, queries scaled by query_pre_attn_scalar ** -0.5,
+    sliding layers with a rotary base of their own, a GELU (tanh) gated MLP."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        if getattr(config, "attn_logit_softcapping", None) or getattr(config, "final_logit_softcapping", None):
+            raise ModelError("Gemma with logit soft-capping (Gemma 2) is not served")
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.layer_type = config.layer_types[layer_idx]
+        self.window = sliding_window_of(config, layer_idx)
+        self.scale = config.query_pre_attn_scalar ** -0.5
+        hidden, inter, eps = config.hidden_size, config.intermediate_size, config.rms_norm_eps
+        bias = config.attention_bias
+        for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                     "post_feedforward_layernorm"):
+            self.add_module(name, GemmaRMSNorm(hidden, eps))
+        self.self_attn = _Projections(
+            q_proj=nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias),
+            k_proj=nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias),
+            v_proj=nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias),
+            o_proj=nn.Linear(self.num_heads * self.head_dim, hidden, bias=bias),
+        )
+        self.self_attn.add_module("q_norm", GemmaRMSNorm(self.head_dim, eps))
+        self.self_attn.add_module("k_norm", GemmaRMSNorm(self.head_dim, eps))
+        self.mlp = _Projections(gate_proj=nn.Linear(hidden, inter, bias=False),
+                                up_proj=nn.Linear(hidden, inter, bias=False),
+                                down_proj=nn.Linear(inter, hidden, bias=False))
+        from transformers.activations import ACT2FN
+
+        self.act = ACT2FN[config.hidden_activation]
+
+    def forward(self, x: torch.Tensor, ctx: StepContext, kv: KV | None) -> torch.Tensor:
+        return self.forward_parts(x, [(slice(0, x.shape[0]), ctx, kv)])
+
+    def forward_parts(self, x: torch.Tensor, parts: list[Part]) -> torch.Tensor:
+        """As LlamaBlock.forward_parts."""
+        B, T, _ = x.shape
+        attn = self.self_attn
+        h = self.input_layernorm(x)  # type: ignore[operator]
+        q_all = attn.q_norm(attn.q_proj(h).view(B, T, self.num_heads, self.head_dim).transpose(1, 2))
+        k_all = attn.k_norm(attn.k_proj(h).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2))
+        v_all = attn.v_proj(h).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        ropes = [ctx.ropes[self.layer_type] for _, ctx, _ in parts if ctx.ropes is not None]
+        assert len(ropes) == len(parts)
+        cos = (ropes[0][0] if len(ropes) == 1 else torch.cat([c for c, _ in ropes])).unsqueeze(1)
+        sin = (ropes[0][1] if len(ropes) == 1 else torch.cat([s for _, s in ropes])).unsqueeze(1)
+        q_all = q_all * cos + _rotate_half(q_all) * sin
+        k_all = k_all * cos + _rotate_half(k_all) * sin
+        outs = []
+        for rows, ctx, kv in parts:
+            q, k, v = q_all[rows], k_all[rows], v_all[rows]
+            k, v = _write_cache(kv, k, v, ctx)
+            mask = ctx.masks.get(self.window)
+            outs.append(F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=ctx.causal and mask is None, scale=self.scale,
+                enable_gqa=self.num_kv_heads != self.num_heads,
+            ))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        x = x + self.post_attention_layernorm(attn.o_proj(out.transpose(1, 2).reshape(B, T, -1)))  # type: ignore[operator]
+        h = self.pre_feedforward_layernorm(x)  # type: ignore[operator]
+        h = self.mlp.down_proj(self.act(self.mlp.gate_proj(h)) * self.mlp.up_proj(h))
+        return x + self.post_feedforward_layernorm(h)  # type: ignore[operator]
+
+
 def _bloom_gelu(x: torch.Tensor) -> torch.Tensor:
     # BLOOM's tanh approximation of GELU, with its constant sqrt(2/pi) ~ 0.79788456
     return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
@@ -242,8 +313,11 @@ class BloomBlock(nn.Module):
 BLOCK_CLASSES: dict[str, type[LlamaBlock] | type[BloomBlock]] = {"llama": LlamaBlock, "bloom": BloomBlock}
 
 
-def block_class(family: str, config) -> type[LlamaBlock] | type[BloomBlock]:
-    """The block of a family; in the Llama family, Mixtral's when the config has experts."""
+def block_class(family: str, config) -> type[LlamaBlock] | type[BloomBlock] | type[Gemma3Block]:
+    """The block of a family; in the Llama family, Mixtral's when the config has experts and
+    Gemma 3's for its model type."""
+    if family == "llama" and config.model_type == "gemma3_text":
+        return Gemma3Block
     if family == "llama" and getattr(config, "num_local_experts", None):
         return MixtralBlock
     return BLOCK_CLASSES[family]
@@ -270,12 +344,26 @@ class Rotary(nn.Module):
     def __init__(self, config):
         super().__init__()
         mt = config.model_type
+        mt = mt.removesuffix("_text")  # gemma3_text lives in transformers.models.gemma3
         module = importlib.import_module(f"transformers.models.{mt}.modeling_{mt}")
         cls = next(getattr(module, n) for n in dir(module) if n.endswith("RotaryEmbedding"))
         self.impl: nn.Module = cls(config=config)
+        # Gemma 3: one rotary per layer type (its forward takes the type)
+        self.layer_types = sorted(set(config.layer_types)) if mt == "gemma3" else None
 
     def forward(self, like: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.layer_types is not None:
+            return self.impl(like, position_ids, "full_attention")
         return self.impl(like, position_ids)
+
+    def per_type(self, like: torch.Tensor, position_ids: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """cos, sin for each layer type (Gemma 3's), in `like`'s dtype."""
+        assert self.layer_types is not None
+        out = {}
+        for t in self.layer_types:
+            cos, sin = self.impl(like, position_ids, t)
+            out[t] = (cos.to(like.dtype), sin.to(like.dtype))
+        return out
 
 
 def build_context(
@@ -322,6 +410,8 @@ def build_context(
         assert rotary is not None
         cos, sin = rotary(like, position_ids)
         ctx.rope = (cos.to(like.dtype), sin.to(like.dtype))
+        if rotary.layer_types is not None:
+            ctx.ropes = rotary.per_type(like, position_ids)
     else:
         assert slopes is not None
         # ALiBi bias depends on the key's position only (a per-query constant cancels in softmax)

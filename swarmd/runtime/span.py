@@ -17,6 +17,7 @@ from libswarm.errors import ConfigError, ModelError, TensorError
 from swarmd.config import QUANT_MODES
 from swarmd.runtime.blocks import (
     BloomBlock,
+    Gemma3Block,
     LlamaBlock,
     Rotary,
     StepContext,
@@ -93,7 +94,7 @@ class Span:
         self.num_heads: int = self.hidden_size // self.head_dim
         self.fingerprints: list[str] = []  # one per block, from the checkpoint (see Checkpoint.block_fingerprint)
 
-    def _make_block(self, i: int) -> LlamaBlock | BloomBlock:
+    def _make_block(self, i: int) -> LlamaBlock | BloomBlock | Gemma3Block:
         with torch.device("meta"):
             return block_class(self.family, self.config)(self.config, i)
 
@@ -146,8 +147,8 @@ class Span:
     def static_steps(self) -> bool:
         """Whether one-position steps can run with static shapes (_static_step): the Llama
         family, with rotary embeddings that do not change with the sequence's length."""
-        if self.family != "llama" or self.rotary is None:
-            return False
+        if self.family != "llama" or self.rotary is None or self.rotary.layer_types is not None:
+            return False  # (Gemma 3's rotary per layer type: eager steps)
         rope_type = str(getattr(self.rotary.impl, "rope_type", "default"))
         return "dynamic" not in rope_type and "longrope" not in rope_type
 

