@@ -24,7 +24,7 @@ import random
 import threading
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from swarmd.discovery.records import Beat, Record
 from swarmd.identity import short_id
@@ -43,6 +43,7 @@ SMALL_BUCKETS, LARGE_BUCKETS = 16, 256
 # buy per request on the serving thread), and at least this often: a suspicion becomes a death
 # with time alone
 VIEW_MAX_AGE_S = 1.0
+RTT_WINDOW = 5  # contacts whose least round trip is a node's RTT
 TAG_CHARS = 12  # of a news tag (membership.py), and of a signature naming a version in bucket sums
 
 
@@ -53,7 +54,8 @@ class Entry:
     address: str  # the address this daemon uses for the node (one of the record's)
     advanced_at: float  # time.monotonic() when a newer version last arrived
     last_seen: float  # time.time() of the last evidence of life
-    rtt_ms: float | None = None  # measured by this daemon
+    rtt_ms: float | None = None  # measured by this daemon: the least of its last RTT_WINDOW contacts
+    rtt_recent: list[float] = field(default_factory=list)  # those contacts' round trips, ms
     unreachable: str | None = None  # why this daemon's last contact failed
     mismatch: str | None = None  # why its weights are not this daemon's
     distrust: str | None = None  # why this daemon's gateway caught it computing wrong outputs
@@ -314,7 +316,11 @@ class PeerTable:
                     e.verified = True
                 self._alive(e, now)
                 if rtt_ms is not None:
-                    e.rtt_ms = rtt_ms
+                    # the least of the last few: waiting in a busy peer's (or this daemon's)
+                    # queue only ever adds to a round trip, and one slow contact must not
+                    # turn routes away from a near server
+                    e.rtt_recent = [*e.rtt_recent[-(RTT_WINDOW - 1):], rtt_ms]
+                    e.rtt_ms = min(e.rtt_recent)
                 return False
             if e.doubt is not None or e.suspect_since is None:
                 self._revision += 1

@@ -1,5 +1,6 @@
 """Records, keys, the peer table and access lists, without daemons."""
 
+import dataclasses
 import json
 import os
 import threading
@@ -120,6 +121,31 @@ def test_table_keeps_the_newest_version_and_a_failed_contact_ends_in_dead_unless
     t.observe(i.public_key, unreachable="timed out")
     time.sleep(t.suspect_after_s() + 0.05)
     assert t.state(e) == "dead" and t.sums(16) == "0" * 128  # dead records are not passed on
+
+
+def test_one_slow_contact_does_not_turn_routes_from_a_near_server():
+    """A round trip only grows by waiting in a busy queue: a server's RTT is the least of its last
+    few contacts, so that one contact slowed by load does not send routes to a slower server."""
+    from swarmd.routing import plan_chain
+
+    t = PeerTable()
+    near, far = ident(), ident()
+    block_s = {"tcp://10.0.0.1:1": 0.001, "tcp://10.0.0.2:1": 0.005}  # the near one is faster too
+    for i, address in ((near, "tcp://10.0.0.1:1"), (far, "tcp://10.0.0.2:1")):
+        r = record(i, addresses=(address,))
+        t.merge(r, r.sign(i))
+        t.observe(i.public_key, rtt_ms=1.0, unreachable=None)
+
+    def route() -> str:
+        servers = [dataclasses.replace(s, block_s=block_s[s.address]) for s in t.servers_for("m")]
+        return plan_chain(servers, 2, "m")[0].address
+
+    assert route() == "tcp://10.0.0.1:1"
+    t.observe(near.public_key, rtt_ms=40.0, unreachable=None)  # one contact queued behind a busy peer
+    assert t.get(near.public_key).rtt_ms == 1.0 and route() == "tcp://10.0.0.1:1"
+    for _ in range(5):  # but a link that really got slower is followed within a few contacts
+        t.observe(near.public_key, rtt_ms=40.0, unreachable=None)
+    assert t.get(near.public_key).rtt_ms == 40.0 and route() == "tcp://10.0.0.2:1"
 
 
 def test_quantized_servers_are_offered_to_routing_as_the_gateway_is_configured():
