@@ -71,6 +71,27 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _rotary_attention(q_all: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, parts: list[Part],
+                      ropes: list, window: int | None, scale: float) -> torch.Tensor:
+    """Rotary embeddings over all rows at once (each part's rows at their own positions: `ropes`,
+    a (cos, sin) per part), then attention per part over its own cache. q/k/v [B, heads, T, d];
+    returns [B, heads, T, d]."""
+    assert all(r is not None for r in ropes) and len(ropes) == len(parts)
+    cos = (ropes[0][0] if len(ropes) == 1 else torch.cat([c for c, _ in ropes])).unsqueeze(1)
+    sin = (ropes[0][1] if len(ropes) == 1 else torch.cat([s for _, s in ropes])).unsqueeze(1)
+    q_all = q_all * cos + _rotate_half(q_all) * sin
+    k_all = k_all * cos + _rotate_half(k_all) * sin
+    gqa = k_all.shape[1] != q_all.shape[1]
+    outs = []
+    for rows, ctx, kv in parts:
+        q, k, v = q_all[rows], k_all[rows], v_all[rows]
+        k, v = _write_cache(kv, k, v, ctx)
+        mask = ctx.masks.get(window)
+        outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=ctx.causal and mask is None,
+                                                   scale=scale, enable_gqa=gqa))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
 class _Projections(nn.Module):
     """A named group of linear layers, so that parameter names match the checkpoint's."""
 
@@ -136,23 +157,8 @@ class LlamaBlock(nn.Module):
         v_all = attn.v_proj(h).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if self.qk_norm:
             q_all, k_all = attn.q_norm(q_all), attn.k_norm(k_all)
-        # rotary positions over all rows at once (each part's rows at their own positions)
-        ropes = [ctx.rope for _, ctx, _ in parts if ctx.rope is not None]
-        assert len(ropes) == len(parts)
-        cos = (ropes[0][0] if len(ropes) == 1 else torch.cat([c for c, _ in ropes])).unsqueeze(1)
-        sin = (ropes[0][1] if len(ropes) == 1 else torch.cat([s for _, s in ropes])).unsqueeze(1)
-        q_all = q_all * cos + _rotate_half(q_all) * sin
-        k_all = k_all * cos + _rotate_half(k_all) * sin
-        outs = []
-        for rows, ctx, kv in parts:
-            q, k, v = q_all[rows], k_all[rows], v_all[rows]
-            k, v = _write_cache(kv, k, v, ctx)
-            mask = ctx.masks.get(self.window)
-            outs.append(F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=ctx.causal and mask is None,
-                scale=self.head_dim**-0.5, enable_gqa=self.num_kv_heads != self.num_heads,
-            ))
-        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        out = _rotary_attention(q_all, k_all, v_all, parts, [ctx.rope for _, ctx, _ in parts], self.window,
+                                self.head_dim**-0.5)
         x = x + attn.o_proj(out.transpose(1, 2).reshape(B, T, -1))
         return x + self.feed_forward(self.post_attention_layernorm(x))
 
@@ -241,22 +247,8 @@ class Gemma3Block(nn.Module):
         q_all = attn.q_norm(attn.q_proj(h).view(B, T, self.num_heads, self.head_dim).transpose(1, 2))
         k_all = attn.k_norm(attn.k_proj(h).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2))
         v_all = attn.v_proj(h).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        ropes = [ctx.ropes[self.layer_type] for _, ctx, _ in parts if ctx.ropes is not None]
-        assert len(ropes) == len(parts)
-        cos = (ropes[0][0] if len(ropes) == 1 else torch.cat([c for c, _ in ropes])).unsqueeze(1)
-        sin = (ropes[0][1] if len(ropes) == 1 else torch.cat([s for _, s in ropes])).unsqueeze(1)
-        q_all = q_all * cos + _rotate_half(q_all) * sin
-        k_all = k_all * cos + _rotate_half(k_all) * sin
-        outs = []
-        for rows, ctx, kv in parts:
-            q, k, v = q_all[rows], k_all[rows], v_all[rows]
-            k, v = _write_cache(kv, k, v, ctx)
-            mask = ctx.masks.get(self.window)
-            outs.append(F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=ctx.causal and mask is None, scale=self.scale,
-                enable_gqa=self.num_kv_heads != self.num_heads,
-            ))
-        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        ropes = [ctx.ropes[self.layer_type] if ctx.ropes is not None else None for _, ctx, _ in parts]
+        out = _rotary_attention(q_all, k_all, v_all, parts, ropes, self.window, self.scale)
         x = x + self.post_attention_layernorm(attn.o_proj(out.transpose(1, 2).reshape(B, T, -1)))  # type: ignore[operator]
         h = self.pre_feedforward_layernorm(x)  # type: ignore[operator]
         h = self.mlp.down_proj(self.act(self.mlp.gate_proj(h)) * self.mlp.up_proj(h))
