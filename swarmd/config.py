@@ -65,7 +65,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 QUANTIZED_POLICIES = ("use", "avoid", "refuse")
-QUANT_MODES = ("none", "int8", "nf4")  # serve.quant, and a record's quant
+QUANT_MODES = ("none", "int8", "int4", "nf4")  # serve.quant, and a record's quant
 KV_DTYPES = ("auto", "int8")  # serve.cache.kv_dtype, and a record's kv_dtype
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -316,13 +316,18 @@ def load_config(path: str, overrides: dict | None = None) -> Config:
                      "smollm2-135m-instruct) or the path of a Hugging Face checkpoint directory")
     model = model_from_config(r.string("model", d["model"]), base_dir)
     s = d["serve"]
-    if s["quant"] in ("int8", "nf4") and importlib.util.find_spec("bitsandbytes") is None:
-        raise r.fail("serve.quant", f"{s['quant']} weights need bitsandbytes, which is not installed here "
-                     "(pip install bitsandbytes); or use none")
+    device = _device(r, s["device"])
+    # int8 and int4 run on CPUs by torch's own kernels; int8 on a GPU and nf4 by bitsandbytes
+    if (s["quant"] == "nf4" or (s["quant"] == "int8" and device.startswith("cuda"))) \
+            and importlib.util.find_spec("bitsandbytes") is None:
+        raise r.fail("serve.quant", f"{s['quant']} weights{' on a GPU' if s['quant'] == 'int8' else ''} need "
+                     "bitsandbytes, which is not installed here (pip install bitsandbytes); or use none")
+    if s["quant"] == "int4" and device.startswith("cuda"):
+        raise r.fail("serve.quant", "int4 runs on CPUs (torch's packed kernels); on a GPU use nf4")
     serve = ServeConfig(
         blocks=parse_blocks(r, s["blocks"]),
         num_blocks=r.positive_int("serve.num_blocks", s["num_blocks"], allow_auto=True),
-        device=_device(r, s["device"]),
+        device=device,
         dtype=r.choice("serve.dtype", s["dtype"], ("auto", "float32", "bfloat16", "float16")),
         quant=r.choice("serve.quant", s["quant"], QUANT_MODES),
         max_length=r.positive_int("serve.max_length", s["max_length"]) or 1,

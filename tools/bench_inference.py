@@ -5,6 +5,7 @@ side by side in one run. Prints each, the ratios, and the overhead per extra hop
 
     python tools/bench_inference.py [--family llama] [--layers 6] [--hidden 64] [--tokens 200]
     python tools/bench_inference.py --model smollm2-135m-instruct [--dtype float16] [--llama-bench PATH --gguf FILE]
+    python tools/bench_inference.py --model smollm2-135m-instruct --quant int8,int4 --no-passes
 
 With --model (a short name from libswarm.models, got into .cache/models once), the model is
 that real checkpoint, the prompt is a chat, and a forward/backward pass to the input
@@ -16,6 +17,7 @@ the gateway and a server that a three-server chain makes for every token."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import statistics
@@ -101,6 +103,9 @@ def main(argv=None) -> int:
                         "converted by llama.cpp's convert_hf_to_gguf.py at the same precision)")
     p.add_argument("--gguf", default=None, metavar="FILE")
     p.add_argument("--no-passes", action="store_true", help="with --model: time decode only (no forward/backward)")
+    p.add_argument("--quant", default="", metavar="KINDS",
+                   help="also three servers with serve.quant of each of these (comma-separated: int8,int4,nf4), "
+                        "timed in the same rounds")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                    help="weights and compute everywhere: local HF, the servers (serve.dtype) and libswarm's "
                         "embeddings and head")
@@ -135,12 +140,20 @@ def main(argv=None) -> int:
     batch = torch.randint(3, 500, (4, 64), generator=torch.Generator().manual_seed(1))
     ref.requires_grad_(False)  # as the swarm's blocks: gradients flow to the inputs only
     serve = {"serve": {"dtype": a.dtype}}
-    with running_swarm(d, spans(layers, 1), extra=serve) as (_, gw1), \
-            running_swarm(d, spans(layers, 3), extra=serve) as (_, gw3):
+    quants = [q for q in a.quant.split(",") if q and q != "none"]
+    with contextlib.ExitStack() as stack:
+        _, gw1 = stack.enter_context(running_swarm(d, spans(layers, 1), extra=serve))
+        _, gw3 = stack.enter_context(running_swarm(d, spans(layers, 3), extra=serve))
         m1 = AutoDistributedModelForCausalLM.from_pretrained(d, socket=gw1.socket, dtype=dtype)
         m3 = AutoDistributedModelForCausalLM.from_pretrained(d, socket=gw3.socket, dtype=dtype)
-        swarm_step_s(m1, prompt, 20)  # warm up connections and allocators
-        swarm_step_s(m3, prompt, 20)
+        mq = {}
+        for q in quants:
+            _, gwq = stack.enter_context(running_swarm(d, spans(layers, 3),
+                                                       extra={"serve": {"dtype": a.dtype, "quant": q}}))
+            mq[q] = AutoDistributedModelForCausalLM.from_pretrained(d, socket=gwq.socket, dtype=dtype)
+            results[f"3 servers, {q}"] = []
+        for m in (m1, m3, *mq.values()):
+            swarm_step_s(m, prompt, 20)  # warm up connections and allocators
         local_step_s(ref, prompt, 20)
         for _ in range(a.rounds):  # interleaved, so that machine noise hits all three alike
             if a.llama_bench:
@@ -148,6 +161,8 @@ def main(argv=None) -> int:
             results["local HF"] += local_step_s(ref, prompt, a.tokens)
             results["1 server"] += swarm_step_s(m1, prompt, a.tokens)
             results["3 servers"] += swarm_step_s(m3, prompt, a.tokens)
+            for q, m in mq.items():
+                results[f"3 servers, {q}"] += swarm_step_s(m, prompt, a.tokens)
             if a.model and not a.no_passes:
                 for key, model in (("local HF", ref), ("1 server", m1), ("3 servers", m3)):
                     passes[key] += fwd_bwd_s(model, batch, 3)
@@ -157,7 +172,7 @@ def main(argv=None) -> int:
     print(f"model: {what}; {a.tokens * a.rounds} decode steps each after a {prompt.shape[1]}-token prompt, median")
     for k, v in med.items():
         vs_llama = f", {v / med['llama.cpp']:.2f}x llama.cpp" if "llama.cpp" in med else ""
-        print(f"  {k:10s} {v:8.3f} ms/token   ({v / med['local HF']:.2f}x local{vs_llama})")
+        print(f"  {k:17s} {v:8.3f} ms/token   ({v / med['local HF']:.2f}x local{vs_llama})")
     per_hop_us = (med["3 servers"] - med["1 server"]) / 2 * 1e3
     print(f"  overhead of the swarm with one server: {(med['1 server'] - med['local HF']) * 1e3:.0f} us/token")
     print(f"  overhead per extra hop: {per_hop_us:.0f} us  (target <= 200 us)")

@@ -17,7 +17,7 @@ where m is the smaller of rms(a) and rms(b) (verify.errors: either side may be t
 Prints, per pair of numerics classes and per span length, the largest of each over every
 span start and prompt, and the tolerance that verify.py applies there (so the margin shows).
 
-    python tools/measure_tolerance.py [--model smollm2-135m-instruct] [--lengths 1,4,10,30]
+    python tools/measure_tolerance.py [--model smollm2-135m-instruct] [--lengths 1,4,10,30] [--int4-group 64]
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 PROMPTS = ["Write two sentences about why bees live in swarms.",
            "List the planets of the solar system, one line each, with their order from the sun.",
            "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\""]
-NUMERICS = [Numerics(d, q, kv) for d in ("float32", "bfloat16", "float16") for q in ("none", "int8", "nf4")
+NUMERICS = [Numerics(d, q, kv) for d in ("float32", "bfloat16", "float16") for q in ("none", "int8", "int4", "nf4")
             for kv in ("auto", "int8")]
 
 
@@ -135,10 +135,11 @@ def sources(rows: list[dict]) -> dict[str, dict[int, tuple[float, float]]]:
     exact = Numerics()
     picks: dict[str, list] = {"float32": [(exact, exact)], "bfloat16": [(exact, Numerics("bfloat16"))],
                               "float16": [(exact, Numerics("float16"))], "int8": [(exact, Numerics(quant="int8"))],
+                              "int4": [(exact, Numerics(quant="int4"))],
                               "nf4": [(exact, Numerics(quant="nf4"))], "int8 KV": [(exact, Numerics(kv_dtype="int8"))]}
     for d1, d2 in itertools.combinations_with_replacement(DTYPES, 2):
         alike = "=" if d1 == d2 else "~"  # of one dtype / of two
-        for q in ("int8", "nf4"):
+        for q in ("int8", "int4", "nf4"):
             picks.setdefault(f"{q}{alike}{q}", []).append((Numerics(d1, q), Numerics(d2, q)))
         picks.setdefault(f"int8 KV{alike}int8 KV", []).append((Numerics(d1, kv_dtype="int8"),
                                                                 Numerics(d2, kv_dtype="int8")))
@@ -180,7 +181,14 @@ def main(argv=None) -> int:
     ap.add_argument("--pairs", action="store_true", help="print every pair, not only those over their tolerance")
     ap.add_argument("--json", help="write the measured errors to this file")
     ap.add_argument("--from", dest="source", help="report on errors measured before (a --json file), measuring none")
+    ap.add_argument("--int4-group", type=int, default=64,
+                    help="int4's group size here (swarmd's is 32, that of GGUF's Q4 blocks: on a checkpoint made "
+                         "from a Q4 GGUF, as SmolLM2's is, it gives the weights back exactly and measures no error; "
+                         "groups of 64 across two Q4 blocks measure what int4 does to weights off its grid)")
     a = ap.parse_args(argv)
+    from swarmd.runtime import quant
+
+    quant.INT4_GROUP = a.int4_group
     if a.source:
         with open(a.source) as f:
             rows = json.load(f)

@@ -77,7 +77,7 @@ class Record:
     reachable: str = "unknown"  # yes | no | unknown: whether peers can connect to its addresses
     relay: bool = False  # it relays for servers that accept no connections (network.relay)
     via: tuple[tuple[str, str], ...] = ()  # (node id, address) of the relays it is reached through
-    quant: str = "none"  # none | int8 | nf4: its weights' quantization (serve.quant)
+    quant: str = "none"  # none | int8 | int4 | nf4: its weights' quantization (serve.quant)
     kv_dtype: str = "auto"  # auto | int8: its KV cache (serve.cache.kv_dtype)
 
     @property

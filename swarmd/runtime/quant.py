@@ -1,11 +1,16 @@
-"""Quantized weights for a server's blocks (serve.quant), through bitsandbytes.
+"""Quantized weights for a server's blocks (serve.quant).
 
-Every linear layer of a block is replaced, once its weights are loaded, by bitsandbytes' own:
-`int8` is LLM.int8() (int8 weights with a scale per output row; activation columns with an
-outlier above INT8_THRESHOLD run in 16 bits), `nf4` is 4-bit NormalFloat with a scale per 64
-weights, the scales themselves quantized again (QLoRA's double quantization). Norms and
-embeddings stay in the serving dtype. bitsandbytes runs both on CUDA and on CPU (on CPU it
-saves memory, not time).
+On a CPU, `int8` and `int4` are weight-only quantizations run by torch's own packed kernels
+(PackedLinear): int8 with a scale per output row, int4 in groups of INT4_GROUP weights along
+the input, each group with a scale and a minimum. The activations stay in the serving dtype, so
+a row's output never depends on the other rows of its batch. The kernels read a quarter (int8)
+or an eighth (int4) of float32's bytes per token, which is what a one-position step waits on.
+
+Through bitsandbytes (CUDA; nf4 on CPU too): `int8` on CUDA is LLM.int8() (int8 weights with a
+scale per output row; activation columns with an outlier above INT8_THRESHOLD run in 16 bits),
+`nf4` is 4-bit NormalFloat with a scale per 64 weights, the scales themselves quantized again
+(QLoRA's double quantization). int4 is CPU-only (on CUDA, nf4 is the 4-bit kind). Norms and
+embeddings stay in the serving dtype.
 
 The replaced layers are still `nn.Linear`s to the rest of the code: LoRA hooks, the checks of
 a client's LoRA shapes and autograd for training (the gradient w.r.t. the input; the weights
@@ -36,8 +41,129 @@ def _bnb():
     return bitsandbytes
 
 
-def quantize_linear(layer: nn.Linear, mode: str, device: torch.device, compute_dtype: torch.dtype) -> nn.Linear:
-    """`layer` (weights loaded, on the CPU) as a bitsandbytes layer of `mode` on `device`."""
+INT4_GROUP = 32  # weights of a row sharing an int4 scale and minimum: GGUF Q4_K and Q4_0 blocks
+INT4_INNER_K_TILES = 2  # the CPU kernel's packing of the input dimension (it takes 2, 4 or 8)
+
+
+def packed_on(mode: str, device: torch.device) -> bool:
+    """Whether `mode` runs as PackedLinear (torch's CPU kernels) on `device`."""
+    return device.type == "cpu" and mode in ("int8", "int4")
+
+
+def rows_independent(mode: str, device: torch.device) -> bool:
+    """Whether a row's output is the same whatever other rows share its batch. Not with
+    LLM.int8() weights: bitsandbytes quantizes a batch's activations together (and runs in 16
+    bits the columns holding an outlier in any row), so one session's activations would change
+    another's outputs (tests/unit/test_quantization.py). Weight-only kinds keep rows apart."""
+    return not (mode == "int8" and not packed_on(mode, device))
+
+
+def int4_group(out_features: int, in_features: int, largest: int = INT4_GROUP) -> int | None:
+    """The largest int4 group size up to `largest` the CPU kernel takes for a [out, in] weight
+    (it wants out divisible by 16 and in by a group of 32, 64, 128 or 256), or None."""
+    if out_features % 16:
+        return None
+    return next((g for g in (256, 128, 64, 32) if g <= largest and in_features % g == 0), None)
+
+
+def check_mode(mode: str, device: torch.device) -> None:
+    if mode == "int4" and device.type != "cpu":
+        raise ConfigError("serve.quant int4 runs on CPUs (torch's packed kernels); on a GPU use nf4")
+
+
+# The packed kernels' fast paths take bfloat16 inputs: with float32 or float16 ones they fall to a
+# scalar loop 20-40x slower than a float32 product (tools/bench_quant_kernels.py). So the layer
+# rounds its input to bfloat16 for the product and gives its output back in the input's dtype.
+KERNEL_DTYPE = torch.bfloat16
+
+
+class _PackedMM(torch.autograd.Function):
+    """x @ W.T through a packed kernel; the gradient w.r.t. x through the dequantized weight
+    (the kernels have no backward; the weights are frozen)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: PackedLinear) -> torch.Tensor:  # type: ignore[override]
+        ctx.layer = layer
+        flat = x.reshape(-1, x.shape[-1]).to(KERNEL_DTYPE).contiguous()
+        if layer.bits == 8:
+            y = torch.ops.aten._weight_int8pack_mm(flat, layer.qweight, layer.scales)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, layer.qweight, layer.group_size,
+                                                            layer.scales_and_zeros)
+        return y.reshape(*x.shape[:-1], layer.out_features).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        w = ctx.layer.dequantized().to(grad.dtype)
+        return grad @ w, None
+
+
+class PackedLinear(nn.Linear):
+    """A linear layer whose weights are int8 per output row, or int4 per group of the input, in
+    the layout of torch's CPU weight-only kernels, their scales in bfloat16 (KERNEL_DTYPE);
+    inputs and outputs in float32, bfloat16 or float16, the bias in `compute_dtype`."""
+
+    qweight: torch.Tensor  # int8 [out, in]; int4: the kernel's packing, uint8 [out, in / 2]
+    scales: torch.Tensor  # int8: [out]
+    scales_and_zeros: torch.Tensor  # int4: [in / group, out, 2]
+
+    def __init__(self, layer: nn.Linear, bits: int, compute_dtype: torch.dtype, group_size: int = INT4_GROUP):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.bits, self.group_size = bits, group_size
+        w = layer.weight.data.float()
+        n, k = w.shape
+        if bits == 8:
+            scale = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
+            self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+            self.register_buffer("scales", scale.to(KERNEL_DTYPE))
+        elif bits == 4:
+            if int4_group(n, k, group_size) != group_size:
+                raise ValueError(f"the int4 kernel cannot take a [{n}, {k}] weight in groups of {group_size}")
+            g = w.view(n, k // group_size, group_size)
+            low, high = g.amin(dim=-1, keepdim=True), g.amax(dim=-1, keepdim=True)
+            scale = ((high - low) / 15).clamp(min=torch.finfo(torch.float32).tiny)
+            q = torch.round((g - low) / scale).clamp(0, 15).to(torch.int32).view(n, k)
+            # the kernel computes (q - 8) * scale + zero: zero is the group's value at q = 8
+            zero = low + 8 * scale
+            self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, INT4_INNER_K_TILES))
+            self.register_buffer("scales_and_zeros", torch.cat([scale, zero], dim=-1).transpose(0, 1)
+                                 .contiguous().to(KERNEL_DTYPE))  # [k / group, n, 2]
+        else:
+            raise ValueError(f"packed weights of {bits} bits")
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.data.to(compute_dtype),
+                                                                  requires_grad=False)
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight [out, in] these packed values stand for, in float32."""
+        if self.bits == 8:
+            return self.qweight.float() * self.scales.float()[:, None]
+        k, g = self.in_features, self.group_size
+        eye = torch.eye(k, dtype=self.scales_and_zeros.dtype)  # the kernel's I @ W.T is W.T
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.qweight, g, self.scales_and_zeros).T.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _PackedMM.apply(x, self)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.bits == 4 else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits}{group}"
+
+
+def quantize_linear(layer: nn.Linear, mode: str, device: torch.device, compute_dtype: torch.dtype,
+                    packed: bool | None = None) -> nn.Linear:
+    """`layer` (weights loaded, on the CPU) as a quantized layer of `mode` on `device`: packed
+    for torch's CPU kernels, or bitsandbytes' (`packed`: which; by default, by the device)."""
+    if packed if packed is not None else packed_on(mode, device):
+        if mode == "int8":
+            return PackedLinear(layer, 8, compute_dtype)
+        group = int4_group(layer.out_features, layer.in_features, INT4_GROUP)
+        if group is None:  # a shape the kernel cannot take (only tiny test models have one): kept as it is
+            log.debug("a [%d, %d] linear layer stays unquantized", layer.out_features, layer.in_features)
+            return layer.to(device, compute_dtype)
+        return PackedLinear(layer, 4, compute_dtype, group)
+    check_mode(mode, device)
     bnb = _bnb()
     bias = layer.bias is not None
     q: nn.Linear
@@ -67,6 +193,7 @@ def quantize_block(block: nn.Module, mode: str, device: torch.device, compute_dt
     """Every nn.Linear of `block` replaced by its quantized form (in place); returns the block."""
     if mode == "none":
         return block
+    check_mode(mode, device)
     for child in list(block.modules()):
         for attr, sub in list(child.named_children()):
             if type(sub) is nn.Linear:

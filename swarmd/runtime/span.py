@@ -30,7 +30,7 @@ from swarmd.runtime.blocks import (
 from swarmd.runtime.cache import SessionCache
 from swarmd.runtime.graphs import DecodeGraphs
 from swarmd.runtime.kvint8 import Kernels, kernels_for
-from swarmd.runtime.quant import module_bytes, quantize_block
+from swarmd.runtime.quant import module_bytes, quantize_block, rows_independent
 
 log = logging.getLogger("swarmd.runtime")
 
@@ -137,12 +137,8 @@ class Span:
     @property
     def rows_independent(self) -> bool:
         """Whether a row's output is the same whatever other rows share its batch, so that steps
-        of several sessions may run as one batch. Not with LLM.int8() weights: bitsandbytes
-        quantizes a batch's activations together (and runs in 16 bits the columns holding an
-        outlier in any row), so one session's activations would change another's outputs by
-        up to 2 % of their largest value, and leak a little of themselves (measured on CPU,
-        tests/unit/test_quantization.py). nf4 dequantizes its weights: rows stay apart."""
-        return self.quant != "int8"
+        of several sessions may run as one batch (not with LLM.int8(): quant.rows_independent)."""
+        return rows_independent(self.quant, self.device)
 
     def static_steps(self) -> bool:
         """Whether one-position steps can run with static shapes (_static_step): the Llama

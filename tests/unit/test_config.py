@@ -54,7 +54,8 @@ def test_repo_default_config_documents_every_key():
         ({"model": "/m", "serve": {"batch_window_ms": "soon"}}, r"serve\.batch_window_ms: must be auto or"),
         ({"model": "/m", "serve": {"batch_window_ms": -1}}, r"serve\.batch_window_ms: must be auto or"),
         ({"model": "/m", "serve": {"batch_window_ms": 5000}}, r"serve\.batch_window_ms: must be auto or"),
-        ({"model": "/m", "serve": {"quant": "int4"}}, r"serve\.quant: must be one of"),
+        ({"model": "/m", "serve": {"quant": "int3"}}, r"serve\.quant: must be one of"),
+        ({"model": "/m", "serve": {"quant": "int4", "device": "cuda"}}, r"serve\.quant: int4 runs on CPUs"),
         ({"model": "/m", "serve": {"cache": {"kv_dtype": "fp8"}}}, r"serve\.cache\.kv_dtype: must be one of"),
         ({"model": "/m", "serve": {"limits": {"queued_per_key": 0}}}, r"queued_per_key: must be a positive integer"),
         ({"model": "/m", "serve": {"limits": {"queued_per_key": "many"}}}, r"queued_per_key: must be a positive"),
@@ -86,6 +87,12 @@ def test_quantized_weights_without_bitsandbytes_are_refused_in_one_line(tmp_path
     with pytest.raises(ConfigError, match=r"serve\.quant: nf4 weights need bitsandbytes") as e:
         load_config(path)
     assert "\n" not in str(e.value)
+    path = write(tmp_path, {"model": "/m", "serve": {"quant": "int8", "device": "cuda"}})
+    with pytest.raises(ConfigError, match=r"serve\.quant: int8 weights on a GPU need bitsandbytes"):
+        load_config(path)
+    for quant in ("int8", "int4"):  # on a CPU: torch's own kernels
+        path = write(tmp_path, {"model": "/m", "serve": {"quant": quant, "device": "cpu"}})
+        assert load_config(path).serve.quant == quant
 
 
 def test_missing_config_file(tmp_path):

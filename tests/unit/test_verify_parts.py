@@ -38,7 +38,7 @@ def test_outputs_agree_within_their_tolerance_and_a_moved_row_or_element_is_name
     assert disagreement(b[:, :4], b, fp32) == "shapes [2, 4, 64] and [2, 5, 64]"
 
 
-KINDS = [Numerics(d, q, kv) for d in ("float32", "bfloat16", "float16") for q in ("none", "int8", "nf4")
+KINDS = [Numerics(d, q, kv) for d in ("float32", "bfloat16", "float16") for q in ("none", "int8", "int4", "nf4")
          for kv in ("auto", "int8")]
 
 
