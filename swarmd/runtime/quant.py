@@ -23,6 +23,7 @@ import logging
 import torch
 from torch import nn
 
+from libswarm import quantized
 from libswarm.errors import ConfigError
 
 log = logging.getLogger("swarmd.runtime")
@@ -66,6 +67,16 @@ def int4_group(out_features: int, in_features: int, largest: int = INT4_GROUP) -
     return next((g for g in (256, 128, 64, 32) if g <= largest and in_features % g == 0), None)
 
 
+def served_quant(stored: str, asked: str, device: torch.device) -> str:
+    """The weights' kind a server computes with, from the checkpoint's `stored` kind and
+    serve.quant (`asked`). A checkpoint stored as int8/int4 is served as it is on a CPU (its
+    values are what the model is: requantizing them could only lose), unless nf4 is asked; on a
+    GPU it is dequantized to floats and then quantized as asked."""
+    if stored != "none" and device.type == "cpu" and asked in ("none", "int8", "int4"):
+        return stored
+    return asked
+
+
 def check_mode(mode: str, device: torch.device) -> None:
     if mode == "int4" and device.type != "cpu":
         raise ConfigError("serve.quant int4 runs on CPUs (torch's packed kernels); on a GPU use nf4")
@@ -101,38 +112,53 @@ class _PackedMM(torch.autograd.Function):
 class PackedLinear(nn.Linear):
     """A linear layer whose weights are int8 per output row, or int4 per group of the input, in
     the layout of torch's CPU weight-only kernels, their scales in bfloat16 (KERNEL_DTYPE);
-    inputs and outputs in float32, bfloat16 or float16, the bias in `compute_dtype`."""
+    inputs and outputs in float32, bfloat16 or float16, the bias in `compute_dtype`. Built from
+    a checkpoint's stored parts (libswarm/quantized.py) or from a float layer (`from_linear`)."""
 
     qweight: torch.Tensor  # int8 [out, in]; int4: the kernel's packing, uint8 [out, in / 2]
     scales: torch.Tensor  # int8: [out]
     scales_and_zeros: torch.Tensor  # int4: [in / group, out, 2]
 
-    def __init__(self, layer: nn.Linear, bits: int, compute_dtype: torch.dtype, group_size: int = INT4_GROUP):
+    def __init__(self, kind: str, parts: list[torch.Tensor], bias: torch.Tensor | None,
+                 compute_dtype: torch.dtype):
         nn.Module.__init__(self)
-        self.in_features, self.out_features = layer.in_features, layer.out_features
-        self.bits, self.group_size = bits, group_size
-        w = layer.weight.data.float()
-        n, k = w.shape
-        if bits == 8:
-            scale = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
-            self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
-            self.register_buffer("scales", scale.to(KERNEL_DTYPE))
-        elif bits == 4:
-            if int4_group(n, k, group_size) != group_size:
-                raise ValueError(f"the int4 kernel cannot take a [{n}, {k}] weight in groups of {group_size}")
-            g = w.view(n, k // group_size, group_size)
-            low, high = g.amin(dim=-1, keepdim=True), g.amax(dim=-1, keepdim=True)
-            scale = ((high - low) / 15).clamp(min=torch.finfo(torch.float32).tiny)
-            q = torch.round((g - low) / scale).clamp(0, 15).to(torch.int32).view(n, k)
-            # the kernel computes (q - 8) * scale + zero: zero is the group's value at q = 8
-            zero = low + 8 * scale
+        if kind == "int8":
+            q, scale = parts
+            self.out_features, self.in_features = q.shape
+            self.bits, self.group_size = 8, self.in_features
+            self.register_buffer("qweight", q.contiguous())
+            self.register_buffer("scales", scale.to(KERNEL_DTYPE).contiguous())
+        elif kind == "int4":
+            packed, scale, zero = parts
+            n, k = packed.shape[0], 2 * packed.shape[1]
+            group = k // scale.shape[1]
+            if int4_group(n, k, group) != group:
+                raise ValueError(f"the int4 kernel cannot take a [{n}, {k}] weight in groups of {group}")
+            self.out_features, self.in_features = n, k
+            self.bits, self.group_size = 4, group
+            q = quantized.unpack_int4(packed).to(torch.int32)
             self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, INT4_INNER_K_TILES))
-            self.register_buffer("scales_and_zeros", torch.cat([scale, zero], dim=-1).transpose(0, 1)
+            self.register_buffer("scales_and_zeros", torch.stack([scale, zero], dim=-1).transpose(0, 1)
                                  .contiguous().to(KERNEL_DTYPE))  # [k / group, n, 2]
         else:
+            raise ValueError(f"packed weights of kind {kind!r}")
+        self.bias = None if bias is None else nn.Parameter(bias.to(compute_dtype), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, layer: nn.Linear, bits: int, compute_dtype: torch.dtype,
+                    group_size: int = INT4_GROUP) -> PackedLinear:
+        """`layer`'s float weight quantized: int8 per row, or int4 in groups of `group_size`."""
+        w = layer.weight.data
+        bias = None if layer.bias is None else layer.bias.data
+        if bits == 8:
+            return cls("int8", list(quantized.int8_rows(w)), bias, compute_dtype)
+        if bits != 4:
             raise ValueError(f"packed weights of {bits} bits")
-        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.data.to(compute_dtype),
-                                                                  requires_grad=False)
+        n, k = w.shape
+        if int4_group(n, k, group_size) != group_size:
+            raise ValueError(f"the int4 kernel cannot take a [{n}, {k}] weight in groups of {group_size}")
+        q, scale, zero = quantized.int4_groups(w, group_size)
+        return cls("int4", [quantized.pack_int4(q), scale, zero], bias, compute_dtype)
 
     def dequantized(self) -> torch.Tensor:
         """The weight [out, in] these packed values stand for, in float32."""
@@ -157,12 +183,12 @@ def quantize_linear(layer: nn.Linear, mode: str, device: torch.device, compute_d
     for torch's CPU kernels, or bitsandbytes' (`packed`: which; by default, by the device)."""
     if packed if packed is not None else packed_on(mode, device):
         if mode == "int8":
-            return PackedLinear(layer, 8, compute_dtype)
+            return PackedLinear.from_linear(layer, 8, compute_dtype)
         group = int4_group(layer.out_features, layer.in_features, INT4_GROUP)
         if group is None:  # a shape the kernel cannot take (only tiny test models have one): kept as it is
             log.debug("a [%d, %d] linear layer stays unquantized", layer.out_features, layer.in_features)
             return layer.to(device, compute_dtype)
-        return PackedLinear(layer, 4, compute_dtype, group)
+        return PackedLinear.from_linear(layer, 4, compute_dtype, group)
     check_mode(mode, device)
     bnb = _bnb()
     bias = layer.bias is not None

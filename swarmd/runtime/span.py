@@ -12,6 +12,7 @@ from typing import cast
 import torch
 from torch import nn
 
+from libswarm import quantized
 from libswarm.checkpoint import Checkpoint
 from libswarm.errors import ConfigError, ModelError, TensorError
 from swarmd.config import QUANT_MODES
@@ -30,7 +31,7 @@ from swarmd.runtime.blocks import (
 from swarmd.runtime.cache import SessionCache
 from swarmd.runtime.graphs import DecodeGraphs
 from swarmd.runtime.kvint8 import Kernels, kernels_for
-from swarmd.runtime.quant import module_bytes, quantize_block, rows_independent
+from swarmd.runtime.quant import PackedLinear, module_bytes, packed_on, quantize_block, rows_independent
 
 log = logging.getLogger("swarmd.runtime")
 
@@ -107,8 +108,16 @@ class Span:
             names = self.checkpoint.block_tensor_names(i)
             prefix = f"{self.checkpoint.layer_prefix}{i}."
             tensors = self.checkpoint.read(names)
+            stored = self._stored_weights(tensors, prefix, i)
             state = {k[len(prefix):]: v.to(self.dtype) for k, v in tensors.items()}
             expected = set(block.state_dict().keys())
+            packed = packed_on(self.quant, self.device)
+            for weight, (kind, parts) in stored.items():
+                if packed:  # as the file has it, no float copy on the way
+                    self._put_packed(block, weight, kind, parts, state, i)
+                    expected -= {weight, weight.removesuffix("weight") + "bias"}
+                else:
+                    state[weight] = quantized.dequantize(kind, parts).to(self.dtype)
             missing, extra = expected - state.keys(), state.keys() - expected
             # rotary inv_freq buffers appear in some old checkpoints; they are recomputed here
             extra = {k for k in extra if not k.endswith("inv_freq")}
@@ -117,7 +126,7 @@ class Span:
                     f"block {i} of {self.checkpoint.dir} does not match the {self.checkpoint.architecture} layout "
                     f"(missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]})"
                 )
-            block.load_state_dict({k: state[k] for k in expected}, assign=True)
+            block.load_state_dict({k: state[k] for k in expected}, assign=True, strict=not (stored and packed))
             quantize_block(block, self.quant, self.device, self.dtype)
             block.to(self.device).eval().requires_grad_(False)
             self.blocks.append(block)
@@ -133,6 +142,50 @@ class Span:
         log.info("loaded blocks %d:%d in %.1f s%s", self.start, self.end, time.monotonic() - t0,
                  f" ({self.quant} weights, {self.weight_bytes() / 2**20:.1f} MiB)" if self.quant != "none" else "")
         return self
+
+    def _stored_weights(self, tensors: dict[str, torch.Tensor], prefix: str,
+                        block: int) -> dict[str, tuple[str, list[torch.Tensor]]]:
+        """The block's weights stored quantized (libswarm/quantized.py), taken out of `tensors`:
+        {name in the block: (kind, parts)}."""
+        stored = {}
+        for name in sorted(tensors):
+            hit = quantized.stored_kind(name)
+            if hit is None:
+                continue
+            weight, kind = hit
+            wanted = quantized.part_names(weight, kind)
+            if any(n not in tensors for n in wanted):
+                raise ModelError(f"block {block} of {self.checkpoint.dir}: {weight} lacks a part of its {kind} form")
+            parts = [tensors.pop(n) for n in wanted]
+            why = quantized.check_parts(weight, kind, parts)
+            if why:
+                raise ModelError(f"block {block} of {self.checkpoint.dir}: {why}")
+            stored[weight[len(prefix):]] = (kind, parts)
+        return stored
+
+    def _put_packed(self, block: nn.Module, weight: str, kind: str, parts: list[torch.Tensor],
+                    state: dict[str, torch.Tensor], i: int) -> None:
+        """The linear layer of `weight` in `block` replaced by a PackedLinear of its stored parts
+        (its bias taken from `state`)."""
+        path = weight.removesuffix(".weight")
+        parent, _, attr = path.rpartition(".")
+        try:
+            layer = block.get_submodule(path)
+        except AttributeError:
+            layer = None
+        if type(layer) is not nn.Linear:
+            raise ModelError(f"block {i} of {self.checkpoint.dir}: {weight} is stored quantized but is not a "
+                             "linear layer's weight")
+        bias = state.pop(path + ".bias", None)
+        try:
+            q = PackedLinear(kind, parts, bias, self.dtype)
+        except (ValueError, RuntimeError) as e:
+            raise ModelError(f"block {i} of {self.checkpoint.dir}: {weight}: {e}") from None
+        if (q.out_features, q.in_features) != (layer.out_features, layer.in_features) or \
+                (bias is None) != (layer.bias is None):
+            raise ModelError(f"block {i} of {self.checkpoint.dir}: {weight} is stored as [{q.out_features}, "
+                             f"{q.in_features}], the layer is [{layer.out_features}, {layer.in_features}]")
+        setattr(block.get_submodule(parent) if parent else block, attr, q)
 
     @property
     def rows_independent(self) -> bool:

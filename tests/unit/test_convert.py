@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -95,3 +96,89 @@ def test_the_default_dtype_is_float32_up_to_a_billion_parameters_and_bad_input_i
     with pytest.raises(ModelError) as e:
         convert_gguf(str(cut), str(tmp_path / "out"))
     assert "\n" not in str(e.value) and "cut.gguf" in str(e.value)
+
+
+def _q4k_blocks(rows: int, cols: int, seed: int) -> np.ndarray:
+    """Q4_K bytes [rows, row bytes] of random values: per 256 weights a finite float16 d and dmin,
+    then 12 bytes of 6-bit scales and mins and 128 bytes of 4-bit values (gguf-py cannot
+    quantize to Q4_K; any bytes with finite d and dmin are a valid tensor)."""
+    rng = np.random.default_rng(seed)
+    n = rows * cols // 256
+    d = rng.uniform(1e-4, 1e-2, (n, 2)).astype(np.float16)
+    body = rng.integers(0, 256, (n, 140), dtype=np.uint8)
+    return np.concatenate([d.view(np.uint8), body], axis=1).reshape(rows, -1)
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q4_K"])
+def test_a_4_bit_gguf_tensor_maps_to_int4_values_scales_and_minimums_exactly(kind):
+    """The 4-bit values, scales and minimums read from a GGUF tensor's own bytes give back
+    exactly what the gguf package dequantizes it to (ggml's layouts: the nibble order, Q4_K's
+    6-bit scales), and stored as libswarm/quantized.py's parts only the scale and zero round to
+    bfloat16 (as torch's kernel takes them): 2^-8 of a group's amplitude at most."""
+    from gguf import GGMLQuantizationType, dequantize, quantize
+
+    from libswarm import quantized
+    from libswarm.convert import _int4_values
+
+    rows, cols = 32, 512
+    qtype = GGMLQuantizationType[kind]
+    if kind == "Q4_K":
+        raw = _q4k_blocks(rows, cols, 0)
+    else:
+        raw = quantize(np.random.default_rng(1).standard_normal((rows, cols)).astype(np.float32), qtype)
+    want = torch.from_numpy(dequantize(raw, qtype)).float().reshape(rows, cols)
+    q, scale, low = _int4_values(raw, kind, cols)
+    assert q.dtype == torch.uint8 and int(q.max()) <= 15 and scale.shape == (rows, cols // 32)
+    got = (q.float().view(rows, -1, 32) * scale[..., None] + low[..., None]).view(rows, cols)
+    assert torch.equal(got, want)
+    stored = quantized.dequantize("int4", [quantized.pack_int4(q), scale.to(torch.bfloat16),
+                                           (low + 8 * scale).to(torch.bfloat16)])
+    amplitude = (15 * scale.abs() + low.abs()).repeat_interleave(32, dim=1)
+    assert ((stored - want).abs() <= amplitude * 2 ** -8 + 1e-12).all()
+
+
+def test_a_gguf_imported_with_its_quantization_kept_holds_a_third_of_the_bytes_and_the_same_weights(
+        tmp_path, real_gguf, hf_state):
+    """SmolLM2's Q4_1 file kept as it is: its 4-bit weights as int4 (the Q6_K/Q8_0 ones as
+    int8), every weight within the bfloat16 rounding of its group's scale of transformers'
+    reader (Llama's q and k rows in transformers' order), a third of the float32 bytes, a model
+    id of its own, and a span loads them into the packed layers without a float copy."""
+    from libswarm import quantized
+    from swarmd.runtime.quant import PackedLinear
+    from swarmd.runtime.span import Span
+
+    state, _ = hf_state
+    (tmp_path / "q").mkdir()
+    done = convert_gguf(real_gguf, str(tmp_path / "q"), "float32", keep_quant=True)
+    assert done["kept"]["int4"] > 100 and done["kept"].get("float", 0) == 62  # norms and embeddings
+    c = Checkpoint(str(tmp_path / "q"))
+    assert c.stored_quant == "int4"
+    float_bytes = sum(v.numel() * 4 for v in state.values())
+    assert done["bytes"] < 0.4 * float_bytes
+    seen = 0
+    for name in sorted(c.index):
+        hit = quantized.stored_kind(name)
+        if hit is None:
+            continue
+        weight, kind = hit
+        parts = list(c.read(quantized.part_names(weight, kind)).values())
+        want = state[weight]
+        got = quantized.dequantize(kind, parts)
+        rows_max = want.abs().amax(dim=1, keepdim=True)
+        assert ((got - want).abs() <= rows_max * 2 ** -6).all(), weight
+        seen += 1
+    assert seen == 30 * 7
+    (tmp_path / "f").mkdir()
+    convert_gguf(real_gguf, str(tmp_path / "f"), "float32")
+    assert Checkpoint(str(tmp_path / "f")).model_id != c.model_id
+
+    cpu = torch.device("cpu")
+    packed = Span(c, 3, 5, cpu, torch.float32, quant="int4").load()
+    floats = Span(c, 3, 5, cpu, torch.float32, quant="none").load()  # the same values, dequantized
+    layers = [m for m in packed.blocks.modules() if isinstance(m, torch.nn.Linear)]
+    assert layers and all(isinstance(m, PackedLinear) for m in layers)
+    assert packed.weight_bytes() < 0.25 * floats.weight_bytes()
+    hidden = torch.randn(1, 6, 576, generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(6)[None]
+    a, b = packed.run(hidden, positions, None, 3, 5), floats.run(hidden, positions, None, 3, 5)
+    assert ((a - b).norm(dim=-1) / b.norm(dim=-1)).max() < 0.02  # bfloat16 inputs to the kernels

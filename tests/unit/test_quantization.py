@@ -195,7 +195,7 @@ def test_packed_weights_round_each_weight_to_its_nearest_step_and_the_kernel_com
     layer = torch.nn.Linear(256, 96)
     with torch.no_grad():
         layer.weight.copy_(torch.randn(96, 256, generator=g) * torch.rand(96, 1, generator=g))
-    p = PackedLinear(layer, bits, dtype, 64)
+    p = PackedLinear.from_linear(layer, bits, dtype, 64)
     w, orig = p.dequantized(), layer.weight.detach()
     if bits == 8:
         step = orig.abs().amax(1, keepdim=True) / 127
