@@ -232,10 +232,10 @@ def _write_shard(path: str, tensors: list[_Planned], dtype: torch.dtype, f, proc
             if t.kind != "float":
                 parts = _quantized_parts(t, f, processor)
                 for part, (name, _, shape, size) in zip(parts, t.entries(dtype)):
-                    data = part.contiguous().view(torch.uint8).numpy().tobytes()
-                    if list(part.shape) != shape or len(data) != size:
+                    raw = part.contiguous().view(torch.uint8).numpy().tobytes()
+                    if list(part.shape) != shape or len(raw) != size:
                         raise ModelError(f"{t.gguf.name}: part {name} came out {list(part.shape)}, expected {shape}")
-                    w.write(data)
+                    w.write(raw)
                 continue
             written = 0
             for piece in _dequantized(t, f, processor):

@@ -96,6 +96,8 @@ class _PackedMM(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, layer: PackedLinear) -> torch.Tensor:  # type: ignore[override]
         ctx.layer = layer
         flat = x.reshape(-1, x.shape[-1]).to(KERNEL_DTYPE).contiguous()
+        if flat.data_ptr() % 64:  # a view into the middle of a buffer: the kernels want it aligned
+            flat = flat.clone()
         if layer.bits == 8:
             y = torch.ops.aten._weight_int8pack_mm(flat, layer.qweight, layer.scales)
         else:
@@ -126,8 +128,10 @@ class PackedLinear(nn.Linear):
             q, scale = parts
             self.out_features, self.in_features = q.shape
             self.bits, self.group_size = 8, self.in_features
-            self.register_buffer("qweight", q.contiguous())
-            self.register_buffer("scales", scale.to(KERNEL_DTYPE).contiguous())
+            # copies of their own: a tensor read from a file may start anywhere in its buffer, and
+            # the kernel's vector loads need torch's own (64-byte) alignment (unaligned, it crashes)
+            self.register_buffer("qweight", q.clone(memory_format=torch.contiguous_format))
+            self.register_buffer("scales", scale.to(KERNEL_DTYPE).clone(memory_format=torch.contiguous_format))
         elif kind == "int4":
             packed, scale, zero = parts
             n, k = packed.shape[0], 2 * packed.shape[1]
@@ -142,7 +146,7 @@ class PackedLinear(nn.Linear):
                                  .contiguous().to(KERNEL_DTYPE))  # [k / group, n, 2]
         else:
             raise ValueError(f"packed weights of kind {kind!r}")
-        self.bias = None if bias is None else nn.Parameter(bias.to(compute_dtype), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.to(compute_dtype), requires_grad=False)  # type: ignore[assignment]
 
     @classmethod
     def from_linear(cls, layer: nn.Linear, bits: int, compute_dtype: torch.dtype,

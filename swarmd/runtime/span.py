@@ -4,6 +4,8 @@ function that runs a step (or a cache-less forward) through any sub-range of it.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import logging
 import time
 from dataclasses import dataclass
@@ -63,6 +65,22 @@ class Lora:
                 yield path, a, b
 
 
+def _owned(t: torch.Tensor, copy: bool) -> torch.Tensor:
+    return t.clone() if copy and t.device.type == "cpu" else t
+
+
+def _release_freed_memory() -> None:
+    """Give the C heap's free pages back to the system. Quantizing a span frees several times
+    its quantized size in temporaries of every size, and glibc keeps most of them mapped (its
+    mmap threshold grows with each large free; freed heap is returned only from the top): a
+    quantized server would hold more memory than a float one (measured in docs/benchmarks.md)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to ask
+        pass
+
+
 class Span:
     def __init__(self, checkpoint: Checkpoint, start: int, end: int, device: torch.device, dtype: torch.dtype,
                  quant: str = "none", kv_int8: bool = False, cuda_graphs: bool = True):
@@ -109,7 +127,11 @@ class Span:
             prefix = f"{self.checkpoint.layer_prefix}{i}."
             tensors = self.checkpoint.read(names)
             stored = self._stored_weights(tensors, prefix, i)
-            state = {k[len(prefix):]: v.to(self.dtype) for k, v in tensors.items()}
+            # safetensors' tensors live in a map of their file for as long as any of them does: a
+            # quantizing span copies out what it keeps as read (norms, biases), so that the map
+            # and the float weights read through it go once they are quantized
+            copy = self.quant != "none"
+            state = {k[len(prefix):]: _owned(v.to(self.dtype), copy) for k, v in tensors.items()}
             expected = set(block.state_dict().keys())
             packed = packed_on(self.quant, self.device)
             for weight, (kind, parts) in stored.items():
@@ -134,6 +156,8 @@ class Span:
             if progress:
                 progress(n + 1, self.end - self.start)
         self._weight_bytes = module_bytes(self.blocks)
+        if self.quant != "none":
+            _release_freed_memory()  # the float weights and the quantization's temporaries
         if self.kv_int8:
             self.kv_kernels = kernels_for(self.device, self.dtype, self.head_dim)
         # LLM.int8() picks outlier columns per input (shapes that depend on the data): not capturable

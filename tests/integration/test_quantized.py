@@ -5,13 +5,16 @@ tolerance of that pair of numerics)."""
 
 import subprocess
 
+import psutil
 import pytest
 import torch
 from helpers import SWARMCTL, running_swarm, until
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from libswarm import AutoDistributedModelForCausalLM
+from libswarm import AutoDistributedModelForCausalLM, quantized
+from libswarm.checkpoint import Checkpoint
 from libswarm.client import SwarmClient
+from libswarm.convert import convert_gguf
 
 # s0 serves the first half; s1 the second with int8 (or int4) weights and an int8 KV cache, s2
 # the same blocks unquantized but announced slow, so that a gateway that takes quantized servers
@@ -97,3 +100,55 @@ def test_a_gateway_that_refuses_quantized_servers_routes_around_them(swarm, real
     model.generate(ids, do_sample=False, max_new_tokens=3)
     until(lambda: sessions_opened(servers[2]) > before[1], 10, "the unquantized server opened no session")
     assert sessions_opened(servers[1]) == before[0]
+
+
+def test_after_generations_a_quantized_server_holds_less_memory_than_a_float_one_by_about_its_weights(swarm):
+    """RSS, anonymous and file-backed, after the generations above: a server quantizing its
+    span used to hold more than a float one (the float weights stayed mapped through the norms
+    read beside them, and the quantization's temporaries stayed in the C heap)."""
+    servers, _, _ = swarm
+    plain, quant = (SwarmClient(socket=s.socket).status()["serve"]["weight_bytes"] for s in (servers[2], servers[1]))
+    saved = (psutil.Process(servers[2].proc.pid).memory_info().rss
+             - psutil.Process(servers[1].proc.pid).memory_info().rss)
+    assert saved >= 0.6 * (plain - quant), (saved >> 20, (plain - quant) >> 20)
+
+
+@pytest.fixture(scope="module")
+def kept(tmp_path_factory, real_gguf):
+    """SmolLM2's Q4_1 file imported with its quantization kept, served by two daemons that ask
+    for no quantization: on this CPU they serve the stored int4 as it is."""
+    out = tmp_path_factory.mktemp("kept")
+    convert_gguf(real_gguf, str(out), "float32", keep_quant=True)
+    with running_swarm(str(out), ["0:15", "15:30"]) as (servers, gw):
+        yield str(out), servers, gw
+
+
+def test_a_gguf_kept_quantized_is_served_as_its_int4_and_answers_as_those_weights_do(kept, real_model):
+    path, servers, gw = kept
+    statuses = [SwarmClient(socket=s.socket).status()["serve"] for s in servers]
+    assert all(s["quant"] == "int4" for s in statuses)  # announced as what it computes with
+    # a span's float32 weights: 15 blocks of q, k, v, o (576 x 576, 192 x 576 twice, 576 x 576) and
+    # the MLP's three 576 x 1536, and two norms of 576
+    float_bytes = 15 * 4 * (576 * (576 + 192 + 192 + 576 + 3 * 1536) + 2 * 576)
+    assert all(s["weight_bytes"] <= SHARE["int4"] * float_bytes for s in statuses), statuses
+    peers = {p["address"]: p for p in SwarmClient(socket=gw.socket).peers()}
+    assert all(peers[s.address]["quant"] == "int4" for s in servers)
+    # the reference: Hugging Face's model with the stored values dequantized into its weights
+    ref = AutoModelForCausalLM.from_pretrained(real_model, dtype=torch.float32).eval()
+    ck = Checkpoint(path)
+    weights = dict(ref.named_parameters())
+    with torch.no_grad():
+        for name in ck.index:
+            hit = quantized.stored_kind(name)
+            if hit is not None:
+                parts = list(ck.read(quantized.part_names(*hit)).values())
+                weights[hit[0]].copy_(quantized.dequantize(hit[1], parts))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ids = chat(tokenizer, "Name three colours of the rainbow.")
+    answer = ref.generate(ids, do_sample=False, max_new_tokens=24)
+    model = AutoDistributedModelForCausalLM.from_pretrained(path, socket=gw.socket)
+    with torch.no_grad():
+        got, want = model(answer).logits[0], ref(answer).logits[0]
+    agree = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
+    assert agree >= 0.9, agree  # the kernels round their inputs to bfloat16; a wrong value would be far off
+    assert ((got - want).norm(dim=-1) / want.norm(dim=-1)).median() < 0.05
