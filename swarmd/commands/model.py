@@ -9,7 +9,6 @@ import math
 import os
 import sys
 
-from libswarm import quantized
 from libswarm.models import KNOWN, default_models_dir, get_model, import_gguf
 from swarmd.commands.base import Command
 
@@ -71,6 +70,7 @@ class ModelCommand(Command):
 def model_info(what: str, models_dir: str | None) -> dict:
     """A model's shape from its config and safetensors headers (no weights are read)."""
 
+    from libswarm import quantized  # torch: only here, so that swarmctl's other commands start fast
     from libswarm.checkpoint import Checkpoint
 
     if models_dir is not None and not os.path.isabs(what) and os.path.isdir(os.path.join(models_dir, what)):
@@ -89,7 +89,7 @@ def model_info(what: str, models_dir: str | None) -> dict:
                 hit = quantized.stored_kind(name)  # int4: two weights a byte; scales are no weights
                 if hit is not None:
                     parameters += n * (2 if hit[1] == "int4" else 1)
-                elif not name.endswith(SCALE_PARTS):
+                elif not name.endswith(tuple(x for parts in quantized.SUFFIXES.values() for x in parts[1:])):
                     parameters += n
     heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 0)
     return {"path": c.dir, "architecture": c.architecture, "model_type": cfg.model_type, "num_blocks": c.num_layers,
@@ -98,5 +98,4 @@ def model_info(what: str, models_dir: str | None) -> dict:
             "weight_bytes": weight_bytes, "model_id": c.model_id, "quant": c.stored_quant}
 
 
-SCALE_PARTS = tuple(s for kind in quantized.SUFFIXES.values() for s in kind[1:])
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
