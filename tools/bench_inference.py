@@ -6,6 +6,14 @@ side by side in one run. Prints each, the ratios, and the overhead per extra hop
     python tools/bench_inference.py [--family llama] [--layers 6] [--hidden 64] [--tokens 200]
     python tools/bench_inference.py --model smollm2-135m-instruct [--dtype float16] [--llama-bench PATH --gguf FILE]
     python tools/bench_inference.py --model smollm2-135m-instruct --quant int8,int4 --no-passes
+    python tools/bench_inference.py --model qwen2.5-coder-1.5b-instruct --no-passes --skip 1,3 \
+        --llama-bench PATH --gguf int8=Q8_0.gguf --gguf int4=Q4_K_M.gguf
+
+--gguf KIND=FILE (int8 or int4) runs llama.cpp on FILE and, in the same rounds, three servers on
+FILE imported with its quantization kept (swarmctl model import --keep-quant): the very weights
+llama.cpp computes with, with the app's LM head in int8 (libswarm's head_quant auto); a plain
+--gguf FILE (a float file) is compared with the float servers. --threads sets the compute
+threads of everyone alike: the local reference, each daemon (serve.threads) and llama.cpp.
 
 With --model (a short name from libswarm.models, got into .cache/models once), the model is
 that real checkpoint, the prompt is a chat, and a forward/backward pass to the input
@@ -75,14 +83,30 @@ def fwd_bwd_s(model, ids: torch.Tensor, repeats: int) -> list[float]:
     return times
 
 
-def llama_cpp_step_s(binary: str, gguf: str, tokens: int) -> list[float]:
-    """llama.cpp's time per generated token (one thread, no prompt), from llama-bench."""
+def llama_cpp_step_s(binary: str, gguf: str, tokens: int, threads: int) -> list[float]:
+    """llama.cpp's time per generated token (no prompt), from llama-bench: one mean over `tokens`
+    tokens, counted once per token so that rounds weigh alike in the median."""
     import json
     import subprocess
 
-    out = subprocess.run([binary, "-m", gguf, "-t", "1", "-p", "0", "-n", str(tokens), "-r", "1", "-o", "json"],
-                         capture_output=True, text=True, check=True, timeout=600).stdout
+    out = subprocess.run([binary, "-m", gguf, "-t", str(threads), "-p", "0", "-n", str(tokens), "-r", "1",
+                          "-o", "json"], capture_output=True, text=True, check=True, timeout=600).stdout
     return [1.0 / ts for ts in json.loads(out)[0]["samples_ts"]] * tokens
+
+
+def gguf_pairs(values: list[str]) -> list[tuple[str, str]]:
+    """--gguf values as (kind, file): "int8=F" / "int4=F" (kept quantized), or "F" (float)."""
+    out = []
+    for v in values:
+        kind, sep, path = v.partition("=")
+        if not sep:
+            kind, path = "float", v
+        if kind not in ("float", "int8", "int4"):
+            raise SystemExit(f"--gguf {v!r}: KIND=FILE with KIND int8 or int4, or a float FILE")
+        if not os.path.isfile(path):
+            raise SystemExit(f"--gguf {v!r}: no such file")
+        out.append((kind, path))
+    return out
 
 
 def spans(n_layers: int, parts: int) -> list[str]:
@@ -98,10 +122,15 @@ def main(argv=None) -> int:
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--tokens", type=int, default=200, help="decode steps timed per configuration")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds; the median step is reported")
-    p.add_argument("--llama-bench", default=None, metavar="PATH",
-                   help="llama.cpp's llama-bench, run between rounds on --gguf with one thread (the same weights "
-                        "converted by llama.cpp's convert_hf_to_gguf.py at the same precision)")
-    p.add_argument("--gguf", default=None, metavar="FILE")
+    p.add_argument("--threads", type=int, default=1, help="compute threads of each process (default 1)")
+    p.add_argument("--llama-bench", default=None, metavar="PATH", help="llama.cpp's llama-bench, run between "
+                   "rounds on each --gguf file")
+    p.add_argument("--gguf", action="append", default=[], metavar="[KIND=]FILE",
+                   help="a GGUF of the model for llama.cpp (repeatable); KIND int8 or int4: also served "
+                        "kept quantized by three servers")
+    p.add_argument("--skip", default="", metavar="WHICH",
+                   help="configurations left out (comma-separated: local, 1, 3): a large model's float "
+                        "copies may not all fit in memory at once")
     p.add_argument("--no-passes", action="store_true", help="with --model: time decode only (no forward/backward)")
     p.add_argument("--quant", default="", metavar="KINDS",
                    help="also three servers with serve.quant of each of these (comma-separated: int8,int4,nf4), "
@@ -111,7 +140,13 @@ def main(argv=None) -> int:
                         "embeddings and head")
     a = p.parse_args(argv)
     dtype = getattr(torch, a.dtype)
-    torch.set_num_threads(1)  # the daemons run with one thread each, so does the local reference
+    torch.set_num_threads(a.threads)  # as each daemon (serve.threads) and llama.cpp (-t)
+    skip = {w.strip() for w in a.skip.split(",") if w.strip()}
+    if skip - {"local", "1", "3"}:
+        raise SystemExit(f"--skip {a.skip!r}: a comma-separated list of local, 1, 3")
+    ggufs = gguf_pairs(a.gguf)
+    if ggufs and not a.llama_bench:
+        raise SystemExit("--gguf needs --llama-bench PATH")
 
     from localswarm import running_swarm
     from transformers import AutoModelForCausalLM
@@ -133,55 +168,73 @@ def main(argv=None) -> int:
         prompt = torch.randint(3, 500, (1, 16), generator=torch.Generator().manual_seed(0))
     ref = AutoModelForCausalLM.from_pretrained(d, dtype=dtype).eval()
     layers = ref.config.num_hidden_layers
-    results: dict[str, list[float]] = {"local HF": [], "1 server": [], "3 servers": []}
-    if a.llama_bench:
-        results = {"llama.cpp": [], **results}
-    passes: dict[str, list[float]] = {"local HF": [], "1 server": [], "3 servers": []}
-    batch = torch.randint(3, 500, (4, 64), generator=torch.Generator().manual_seed(1))
     ref.requires_grad_(False)  # as the swarm's blocks: gradients flow to the inputs only
-    serve = {"serve": {"dtype": a.dtype}}
-    quants = [q for q in a.quant.split(",") if q and q != "none"]
+    if "local" in skip:
+        ref = None
+    batch = torch.randint(3, 500, (4, 64), generator=torch.Generator().manual_seed(1))
+    serve = {"dtype": a.dtype, "threads": a.threads}
+    swarms: dict[str, object] = {}  # configuration -> the model through its swarm
+    llama: dict[str, str] = {}  # configuration -> its GGUF file
     with contextlib.ExitStack() as stack:
-        _, gw1 = stack.enter_context(running_swarm(d, spans(layers, 1), extra=serve))
-        _, gw3 = stack.enter_context(running_swarm(d, spans(layers, 3), extra=serve))
-        m1 = AutoDistributedModelForCausalLM.from_pretrained(d, socket=gw1.socket, dtype=dtype)
-        m3 = AutoDistributedModelForCausalLM.from_pretrained(d, socket=gw3.socket, dtype=dtype)
-        mq = {}
-        for q in quants:
-            _, gwq = stack.enter_context(running_swarm(d, spans(layers, 3),
-                                                       extra={"serve": {"dtype": a.dtype, "quant": q}}))
-            mq[q] = AutoDistributedModelForCausalLM.from_pretrained(d, socket=gwq.socket, dtype=dtype)
-            results[f"3 servers, {q}"] = []
-        for m in (m1, m3, *mq.values()):
+        def swarm(name: str, model_dir: str, n: int, **extra) -> None:
+            _, gw = stack.enter_context(running_swarm(model_dir, spans(layers, n), extra={"serve": {**serve, **extra}}))
+            swarms[name] = AutoDistributedModelForCausalLM.from_pretrained(model_dir, socket=gw.socket, dtype=dtype)
+
+        for n in (1, 3):
+            if str(n) not in skip:
+                swarm(f"{n} server" + "s" * (n > 1), d, n)
+        for q in (q for q in a.quant.split(",") if q and q != "none"):
+            swarm(f"3 servers, {q}", d, 3, quant=q)
+        for kind, path in ggufs:
+            llama[f"llama.cpp {kind}"] = path
+            if kind != "float":
+                from libswarm.convert import convert_gguf
+
+                kept = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-kept-"))
+                convert_gguf(path, kept, a.dtype, keep_quant=True)
+                swarm(f"3 servers, {kind} kept", kept, 3)
+        for m in swarms.values():
             swarm_step_s(m, prompt, 20)  # warm up connections and allocators
-        local_step_s(ref, prompt, 20)
-        for _ in range(a.rounds):  # interleaved, so that machine noise hits all three alike
-            if a.llama_bench:
-                results["llama.cpp"] += llama_cpp_step_s(a.llama_bench, a.gguf, a.tokens)
-            results["local HF"] += local_step_s(ref, prompt, a.tokens)
-            results["1 server"] += swarm_step_s(m1, prompt, a.tokens)
-            results["3 servers"] += swarm_step_s(m3, prompt, a.tokens)
-            for q, m in mq.items():
-                results[f"3 servers, {q}"] += swarm_step_s(m, prompt, a.tokens)
+        if ref is not None:
+            local_step_s(ref, prompt, 20)
+        results: dict[str, list[float]] = {k: [] for k in [*llama, *(["local HF"] if ref is not None else []),
+                                                             *swarms]}
+        passes: dict[str, list[float]] = {}
+        for _ in range(a.rounds):  # interleaved, so that machine noise hits all alike
+            for k, path in llama.items():
+                results[k] += llama_cpp_step_s(a.llama_bench, path, a.tokens, a.threads)
+            if ref is not None:
+                results["local HF"] += local_step_s(ref, prompt, a.tokens)
+            for k, m in swarms.items():
+                results[k] += swarm_step_s(m, prompt, a.tokens)
             if a.model and not a.no_passes:
-                for key, model in (("local HF", ref), ("1 server", m1), ("3 servers", m3)):
-                    passes[key] += fwd_bwd_s(model, batch, 3)
+                for k, model in (("local HF", ref), ("1 server", swarms.get("1 server")),
+                                 ("3 servers", swarms.get("3 servers"))):
+                    if model is not None:
+                        passes.setdefault(k, []).extend(fwd_bwd_s(model, batch, 3))
     med = {k: statistics.median(v) * 1e3 for k, v in results.items()}
     print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
     what = (a.model or f"{a.family}, {a.layers} layers, hidden {a.hidden}") + f", {a.dtype}"
-    print(f"model: {what}; {a.tokens * a.rounds} decode steps each after a {prompt.shape[1]}-token prompt, median")
+    print(f"model: {what}; {a.tokens * a.rounds} decode steps each after a {prompt.shape[1]}-token prompt, "
+          f"median; {a.threads} thread(s) a process")
     for k, v in med.items():
-        vs_llama = f", {v / med['llama.cpp']:.2f}x llama.cpp" if "llama.cpp" in med else ""
-        print(f"  {k:17s} {v:8.3f} ms/token   ({v / med['local HF']:.2f}x local{vs_llama})")
-    per_hop_us = (med["3 servers"] - med["1 server"]) / 2 * 1e3
-    print(f"  overhead of the swarm with one server: {(med['1 server'] - med['local HF']) * 1e3:.0f} us/token")
-    print(f"  overhead per extra hop: {per_hop_us:.0f} us  (target <= 200 us)")
-    if a.model and not a.no_passes:
+        vs = [f"{v / med['local HF']:.2f}x local"] if "local HF" in med else []
+        kind = next((q for q in ("int8", "int4") if q in k), "float")
+        if not k.startswith("llama.cpp") and f"llama.cpp {kind}" in med:
+            vs.append(f"{v / med[f'llama.cpp {kind}']:.2f}x llama.cpp {kind}")
+        print(f"  {k:22s} {v:8.3f} ms/token   ({', '.join(vs) or '-'})")
+    if "local HF" in med and "1 server" in med:
+        print(f"  overhead of the swarm with one server: {(med['1 server'] - med['local HF']) * 1e3:.0f} us/token")
+    if "1 server" in med and "3 servers" in med:
+        per_hop_us = (med["3 servers"] - med["1 server"]) / 2 * 1e3
+        print(f"  overhead per extra hop: {per_hop_us:.0f} us  (target <= 300 us)")
+    if passes:
         fb = {k: statistics.median(v) * 1e3 for k, v in passes.items()}
         print(f"forward/backward to the input embeddings of a {batch.shape[0]}x{batch.shape[1]} batch, "
-              f"{len(passes['local HF'])} passes each, median:")
+              f"{len(next(iter(passes.values())))} passes each, median:")
         for k, v in fb.items():
-            print(f"  {k:10s} {v:8.1f} ms/pass    ({v / fb['local HF']:.2f}x local)")
+            vs = f"    ({v / fb['local HF']:.2f}x local)" if "local HF" in fb else ""
+            print(f"  {k:10s} {v:8.1f} ms/pass{vs}")
     return 0
 
 

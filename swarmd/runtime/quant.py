@@ -23,8 +23,8 @@ import logging
 import torch
 from torch import nn
 
-from libswarm import quantized
 from libswarm.errors import ConfigError
+from libswarm.quantized import PackedLinear, int4_group
 
 log = logging.getLogger("swarmd.runtime")
 
@@ -43,7 +43,6 @@ def _bnb():
 
 
 INT4_GROUP = 32  # weights of a row sharing an int4 scale and minimum: GGUF Q4_K and Q4_0 blocks
-INT4_INNER_K_TILES = 2  # the CPU kernel's packing of the input dimension (it takes 2, 4 or 8)
 
 
 def packed_on(mode: str, device: torch.device) -> bool:
@@ -59,14 +58,6 @@ def rows_independent(mode: str, device: torch.device) -> bool:
     return not (mode == "int8" and not packed_on(mode, device))
 
 
-def int4_group(out_features: int, in_features: int, largest: int = INT4_GROUP) -> int | None:
-    """The largest int4 group size up to `largest` the CPU kernel takes for a [out, in] weight
-    (it wants out divisible by 16 and in by a group of 32, 64, 128 or 256), or None."""
-    if out_features % 16:
-        return None
-    return next((g for g in (256, 128, 64, 32) if g <= largest and in_features % g == 0), None)
-
-
 def served_quant(stored: str, asked: str, device: torch.device) -> str:
     """The weights' kind a server computes with, from the checkpoint's `stored` kind and
     serve.quant (`asked`). A checkpoint stored as int8/int4 is served as it is on a CPU (its
@@ -80,105 +71,6 @@ def served_quant(stored: str, asked: str, device: torch.device) -> str:
 def check_mode(mode: str, device: torch.device) -> None:
     if mode == "int4" and device.type != "cpu":
         raise ConfigError("serve.quant int4 runs on CPUs (torch's packed kernels); on a GPU use nf4")
-
-
-# The packed kernels' fast paths take bfloat16 inputs: with float32 or float16 ones they fall to a
-# scalar loop 20-40x slower than a float32 product (tools/bench_quant_kernels.py). So the layer
-# rounds its input to bfloat16 for the product and gives its output back in the input's dtype.
-KERNEL_DTYPE = torch.bfloat16
-
-
-class _PackedMM(torch.autograd.Function):
-    """x @ W.T through a packed kernel; the gradient w.r.t. x through the dequantized weight
-    (the kernels have no backward; the weights are frozen)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, layer: PackedLinear) -> torch.Tensor:  # type: ignore[override]
-        ctx.layer = layer
-        flat = x.reshape(-1, x.shape[-1]).to(KERNEL_DTYPE).contiguous()
-        if flat.data_ptr() % 64:  # a view into the middle of a buffer: the kernels want it aligned
-            flat = flat.clone()
-        if layer.bits == 8:
-            y = torch.ops.aten._weight_int8pack_mm(flat, layer.qweight, layer.scales)
-        else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, layer.qweight, layer.group_size,
-                                                            layer.scales_and_zeros)
-        return y.reshape(*x.shape[:-1], layer.out_features).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        w = ctx.layer.dequantized().to(grad.dtype)
-        return grad @ w, None
-
-
-class PackedLinear(nn.Linear):
-    """A linear layer whose weights are int8 per output row, or int4 per group of the input, in
-    the layout of torch's CPU weight-only kernels, their scales in bfloat16 (KERNEL_DTYPE);
-    inputs and outputs in float32, bfloat16 or float16, the bias in `compute_dtype`. Built from
-    a checkpoint's stored parts (libswarm/quantized.py) or from a float layer (`from_linear`)."""
-
-    qweight: torch.Tensor  # int8 [out, in]; int4: the kernel's packing, uint8 [out, in / 2]
-    scales: torch.Tensor  # int8: [out]
-    scales_and_zeros: torch.Tensor  # int4: [in / group, out, 2]
-
-    def __init__(self, kind: str, parts: list[torch.Tensor], bias: torch.Tensor | None,
-                 compute_dtype: torch.dtype):
-        nn.Module.__init__(self)
-        if kind == "int8":
-            q, scale = parts
-            self.out_features, self.in_features = q.shape
-            self.bits, self.group_size = 8, self.in_features
-            # copies of their own: a tensor read from a file may start anywhere in its buffer, and
-            # the kernel's vector loads need torch's own (64-byte) alignment (unaligned, it crashes)
-            self.register_buffer("qweight", q.clone(memory_format=torch.contiguous_format))
-            self.register_buffer("scales", scale.to(KERNEL_DTYPE).clone(memory_format=torch.contiguous_format))
-        elif kind == "int4":
-            packed, scale, zero = parts
-            n, k = packed.shape[0], 2 * packed.shape[1]
-            group = k // scale.shape[1]
-            if int4_group(n, k, group) != group:
-                raise ValueError(f"the int4 kernel cannot take a [{n}, {k}] weight in groups of {group}")
-            self.out_features, self.in_features = n, k
-            self.bits, self.group_size = 4, group
-            q = quantized.unpack_int4(packed).to(torch.int32)
-            self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, INT4_INNER_K_TILES))
-            self.register_buffer("scales_and_zeros", torch.stack([scale, zero], dim=-1).transpose(0, 1)
-                                 .contiguous().to(KERNEL_DTYPE))  # [k / group, n, 2]
-        else:
-            raise ValueError(f"packed weights of kind {kind!r}")
-        self.bias = None if bias is None else nn.Parameter(bias.to(compute_dtype), requires_grad=False)  # type: ignore[assignment]
-
-    @classmethod
-    def from_linear(cls, layer: nn.Linear, bits: int, compute_dtype: torch.dtype,
-                    group_size: int = INT4_GROUP) -> PackedLinear:
-        """`layer`'s float weight quantized: int8 per row, or int4 in groups of `group_size`."""
-        w = layer.weight.data
-        bias = None if layer.bias is None else layer.bias.data
-        if bits == 8:
-            return cls("int8", list(quantized.int8_rows(w)), bias, compute_dtype)
-        if bits != 4:
-            raise ValueError(f"packed weights of {bits} bits")
-        n, k = w.shape
-        if int4_group(n, k, group_size) != group_size:
-            raise ValueError(f"the int4 kernel cannot take a [{n}, {k}] weight in groups of {group_size}")
-        q, scale, zero = quantized.int4_groups(w, group_size)
-        return cls("int4", [quantized.pack_int4(q), scale, zero], bias, compute_dtype)
-
-    def dequantized(self) -> torch.Tensor:
-        """The weight [out, in] these packed values stand for, in float32."""
-        if self.bits == 8:
-            return self.qweight.float() * self.scales.float()[:, None]
-        k, g = self.in_features, self.group_size
-        eye = torch.eye(k, dtype=self.scales_and_zeros.dtype)  # the kernel's I @ W.T is W.T
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.qweight, g, self.scales_and_zeros).T.float()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _PackedMM.apply(x, self)
-        return y if self.bias is None else y + self.bias
-
-    def extra_repr(self) -> str:
-        group = f", group_size={self.group_size}" if self.bits == 4 else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits}{group}"
 
 
 def quantize_linear(layer: nn.Linear, mode: str, device: torch.device, compute_dtype: torch.dtype,

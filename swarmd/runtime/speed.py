@@ -1,5 +1,6 @@
 """How fast this machine runs one block of the model: measured once per model, device and
-dtype on a real block, and kept in state_dir/throughput.json (a restart does not re-measure)."""
+dtype on a real block, and kept in state_dir/throughput.json (a restart does not re-measure).
+Also serve.dtype auto's choice on a CPU (`auto_cpu_dtype`), timed the same way."""
 
 from __future__ import annotations
 
@@ -108,3 +109,68 @@ def measure_block_speed(checkpoint: Checkpoint, device: torch.device, dtype: tor
     except OSError as e:
         log.warning("cannot keep the measured speed in %s: %s", path, e.strerror)
     return speed
+
+
+# serve.dtype auto on a CPU: bfloat16 is taken where this CPU computes it natively and a block's
+# step in bfloat16 takes at most this share of float32's. bfloat16 rounds every output (a relative
+# error of ~4e-3 a block, docs/security.md), a price only a clear gain pays: on small models the
+# conversions cost more than the halved weights save (docs/benchmarks.md).
+AUTO_BF16_SHARE = 0.9
+AUTO_ROUNDS = 9  # alternating timings of the two dtypes: load on the machine hits both alike
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware: x86's AVX512-BF16 or AMX, Arm's BF16."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return bool(set(value.split()) & {"avx512_bf16", "amx_bf16", "bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def auto_cpu_dtype(checkpoint: Checkpoint, state_dir: str, model_id: str, quant: str = "none",
+                   native: bool | None = None) -> torch.dtype:
+    """serve.dtype auto on a CPU: float32, or bfloat16 where the CPU computes it natively and
+    one block's step in it is at most AUTO_BF16_SHARE of float32's, both timed alternately on
+    the model's first block. The choice is kept in state_dir/throughput.json beside the speeds
+    (a restart does not time again)."""
+    if not (native_bf16() if native is None else native):
+        return torch.float32
+    device = torch.device("cpu")
+    key = f"{model_id}:cpu:auto" + (f":{quant}" if quant != "none" else "")
+    path = os.path.join(state_dir, "throughput.json")
+    known: dict = {}
+    try:
+        with open(path) as f:
+            known = json.load(f)
+        if not isinstance(known, dict):
+            known = {}
+        chosen = known.get(key)
+        if isinstance(chosen, dict) and chosen.get("dtype") in ("float32", "bfloat16"):
+            return getattr(torch, chosen["dtype"])
+    except (OSError, ValueError):
+        known = {}
+    t0 = time.monotonic()
+    spans = {dt: Span(checkpoint, 0, 1, device, dt, quant=quant).load() for dt in (torch.float32, torch.bfloat16)}
+    pos = torch.zeros(1, 1, dtype=torch.long)
+    times: dict[torch.dtype, list[float]] = {dt: [] for dt in spans}
+    with torch.no_grad():
+        for _ in range(AUTO_ROUNDS):
+            for dt, span in spans.items():
+                x = torch.zeros(1, 1, span.hidden_size, dtype=dt)
+                times[dt].append(_timed(lambda s=span, x=x: s.run(x, pos, None, 0, 1), device, 3))
+    f32, bf16 = (sorted(times[dt])[AUTO_ROUNDS // 2] for dt in (torch.float32, torch.bfloat16))
+    dtype = torch.bfloat16 if bf16 <= AUTO_BF16_SHARE * f32 else torch.float32
+    log.info("serve.dtype auto: %s (one block's step: bfloat16 %.3f ms, float32 %.3f ms; this CPU computes "
+             "bfloat16 natively; timed in %.1f s)", str(dtype)[6:], bf16 * 1e3, f32 * 1e3, time.monotonic() - t0)
+    try:
+        with open(path + ".tmp", "w") as f:
+            json.dump({**known, key: {"dtype": str(dtype)[6:], "step_s": {"float32": f32, "bfloat16": bf16}}}, f)
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        log.warning("cannot keep serve.dtype auto's choice in %s: %s", path, e.strerror)
+    return dtype

@@ -61,3 +61,27 @@ def test_root_refuses_a_state_dir_of_the_service_user_and_gives_the_socket_its_d
         assert st.st_gid == NOBODY and st.st_mode & 0o777 == 0o660
     finally:
         ok.stop()
+
+
+def test_serve_dtype_auto_serves_in_the_dtype_chosen_for_this_cpu(model_dirs, tmp_path):
+    """A daemon with serve.dtype auto on a CPU computes, announces and reports the dtype chosen
+    for it (kept in throughput.json): bfloat16 where the CPU computes it natively and it was
+    timed faster (written here as if it had been), float32 on a CPU without it."""
+    import json
+
+    from libswarm.checkpoint import Checkpoint
+    from libswarm.client import SwarmClient
+    from swarmd.runtime.speed import native_bf16
+
+    model = model_dirs("llama")
+    d = Daemon(str(tmp_path), "auto-dtype", model, "0:6", {"serve": {"dtype": "auto"}})
+    os.makedirs(d.cfg["state_dir"])
+    with open(os.path.join(d.cfg["state_dir"], "throughput.json"), "w") as f:
+        json.dump({f"{Checkpoint(model).model_id}:cpu:auto": {"dtype": "bfloat16"}}, f)
+    try:
+        d.start([]).wait_ready()
+        want = "bfloat16" if native_bf16() else "float32"
+        assert SwarmClient(socket=d.socket).status()["serve"]["dtype"] == want
+        assert f"as {want}" in d.tail()  # "loading blocks 0:6 of ... on cpu as bfloat16"
+    finally:
+        d.stop()

@@ -15,6 +15,7 @@ from libswarm import AutoDistributedModelForCausalLM, quantized
 from libswarm.checkpoint import Checkpoint
 from libswarm.client import SwarmClient
 from libswarm.convert import convert_gguf
+from libswarm.quantized import PackedLinear
 
 # s0 serves the first half; s1 the second with int8 (or int4) weights and an int8 KV cache, s2
 # the same blocks unquantized but announced slow, so that a gateway that takes quantized servers
@@ -152,3 +153,28 @@ def test_a_gguf_kept_quantized_is_served_as_its_int4_and_answers_as_those_weight
     agree = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
     assert agree >= 0.9, agree  # the kernels round their inputs to bfloat16; a wrong value would be far off
     assert ((got - want).norm(dim=-1) / want.norm(dim=-1)).median() < 0.05
+
+
+def test_the_app_runs_a_kept_checkpoints_lm_head_in_int8_unless_told_otherwise(kept):
+    """libswarm's head_quant: "auto" packs the LM head in int8 for a checkpoint stored quantized
+    (a token's step reads the whole head in the app); "none" keeps it float; the two agree as int8
+    rows do, and int4 is taken on request."""
+    path, _, gw = kept
+    ids = torch.randint(3, 40000, (1, 24), generator=torch.Generator().manual_seed(5))
+    heads, logits = {}, {}
+    for head in ("auto", "none", "int4"):
+        model = AutoDistributedModelForCausalLM.from_pretrained(path, socket=gw.socket, head_quant=head)
+        heads[head] = model.lm_head
+        with torch.no_grad():
+            logits[head] = model(ids).logits[0]
+    assert isinstance(heads["auto"], PackedLinear) and heads["auto"].bits == 8
+    assert type(heads["none"]) is torch.nn.Linear
+    assert isinstance(heads["int4"], PackedLinear) and heads["int4"].bits == 4
+    # the tied head is a copy of its own: the embeddings keep their float weights
+    assert model.get_input_embeddings().weight.dtype == torch.float32
+    for head, bound in (("auto", 0.02), ("int4", 0.15)):
+        err = (logits[head] - logits["none"]).norm(dim=-1) / logits["none"].norm(dim=-1)
+        assert 0 < err.max() < bound, (head, err.max())  # quantized (not equal), and only by rounding
+        assert (logits[head].argmax(-1) == logits["none"].argmax(-1)).float().mean() >= 0.9
+    with pytest.raises(ValueError, match="head_quant 'int2'"):
+        AutoDistributedModelForCausalLM.from_pretrained(path, socket=gw.socket, head_quant="int2")

@@ -184,3 +184,18 @@ def test_a_model_split_over_wheels_needs_every_part_and_the_joined_file_checked(
     with pytest.raises(ModelError) as e:
         get_model("qwen2.5-coder-0.5b-instruct", str(tmp_path / "models"), wheel=wheels, dtype="int4")
     assert "dtype 'int4'" in one_line(e)
+
+
+def test_swarmctl_and_its_commands_import_neither_torch_nor_transformers():
+    """Every swarmctl call pays its imports: torch and transformers take seconds, which a poll of
+    `swarmctl sessions` or `status` must not (a top-level import of a module that needs torch
+    slowed every call and stalled tests that poll through swarmctl). Commands that need them
+    (model get, import, info) import them inside."""
+    import subprocess
+    import sys
+
+    code = ("import sys, pkgutil, importlib, swarmd.ctl, swarmd.commands as c\n"
+            "for m in pkgutil.iter_modules(c.__path__): importlib.import_module('swarmd.commands.' + m.name)\n"
+            "print(sorted(n for n in ('torch', 'transformers', 'numpy', 'gguf') if n in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

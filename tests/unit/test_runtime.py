@@ -95,6 +95,45 @@ def test_cache_budget_and_limits():
         cache.check_step(1, 5)
 
 
+def test_serve_dtype_auto_on_a_cpu_times_both_dtypes_once_and_takes_bfloat16_only_when_clearly_faster(
+        model_dirs, tmp_path, monkeypatch):
+    """serve.dtype auto on a CPU: without native bfloat16 it is float32 and nothing is timed;
+    with it, one block is timed in both, bfloat16 taken only at <= AUTO_BF16_SHARE of
+    float32's step, and the choice kept: a restart (or a hand-written choice) is not re-timed,
+    a malformed one is."""
+    import json
+
+    from swarmd.runtime import speed
+
+    ckpt = Checkpoint(model_dirs("llama"))
+    state = str(tmp_path)
+    assert speed.auto_cpu_dtype(ckpt, state, ckpt.model_id, native=False) == torch.float32
+    assert not (tmp_path / "throughput.json").exists()
+
+    chosen = speed.auto_cpu_dtype(ckpt, state, ckpt.model_id, native=True)
+    kept = json.loads((tmp_path / "throughput.json").read_text())[f"{ckpt.model_id}:cpu:auto"]
+    f32, bf16 = kept["step_s"]["float32"], kept["step_s"]["bfloat16"]
+    assert 0 < f32 < 1 and 0 < bf16 < 1
+    assert chosen == (torch.bfloat16 if bf16 <= speed.AUTO_BF16_SHARE * f32 else torch.float32)
+    assert kept["dtype"] == str(chosen)[6:]
+
+    def no_timing(*a, **k):
+        raise AssertionError("timed again")
+
+    monkeypatch.setattr(speed.Span, "load", no_timing)
+    assert speed.auto_cpu_dtype(ckpt, state, ckpt.model_id, native=True) == chosen
+    for dtype in ("bfloat16", "float32"):
+        (tmp_path / "throughput.json").write_text(json.dumps({f"{ckpt.model_id}:cpu:auto": {"dtype": dtype}}))
+        assert speed.auto_cpu_dtype(ckpt, state, ckpt.model_id, native=True) == getattr(torch, dtype)
+    monkeypatch.undo()
+    (tmp_path / "throughput.json").write_text(json.dumps({f"{ckpt.model_id}:cpu:auto": {"dtype": "int3"}}))
+    assert speed.auto_cpu_dtype(ckpt, state, ckpt.model_id, native=True) in (torch.float32, torch.bfloat16)
+    assert json.loads((tmp_path / "throughput.json").read_text())[f"{ckpt.model_id}:cpu:auto"]["dtype"] != "int3"
+    (tmp_path / "throughput.json").write_text("[1, 2]")  # not a table: timed again, the file made right
+    speed.auto_cpu_dtype(ckpt, state, ckpt.model_id, native=True)
+    assert f"{ckpt.model_id}:cpu:auto" in json.loads((tmp_path / "throughput.json").read_text())
+
+
 @pytest.mark.parametrize("step_s", [0.0, -1.0, float("nan"), float("inf")])
 def test_an_impossible_kept_speed_is_measured_again(model_dirs, tmp_path, step_s):
     """throughput.json with step_s 0 (hand-edited, corrupted) crashed placement with a division
