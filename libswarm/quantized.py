@@ -122,22 +122,26 @@ def int4_group(out_features: int, in_features: int, largest: int = 32) -> int | 
 KERNEL_DTYPE = torch.bfloat16
 
 
+def _packed_mm(x: torch.Tensor, layer: PackedLinear) -> torch.Tensor:
+    """x @ W.T through `layer`'s packed kernel, in x's dtype."""
+    flat = x.reshape(-1, x.shape[-1]).to(KERNEL_DTYPE).contiguous()
+    if flat.data_ptr() % 64:  # a view into the middle of a buffer: the kernels want it aligned
+        flat = flat.clone()
+    if layer.bits == 8:
+        y = torch.ops.aten._weight_int8pack_mm(flat, layer.qweight, layer.scales)
+    else:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, layer.qweight, layer.group_size, layer.scales_and_zeros)
+    return y.reshape(*x.shape[:-1], layer.out_features).to(x.dtype)
+
+
 class _PackedMM(torch.autograd.Function):
-    """x @ W.T through a packed kernel; the gradient w.r.t. x through the dequantized weight
-    (the kernels have no backward; the weights are frozen)."""
+    """_packed_mm with a gradient w.r.t. x, through the dequantized weight (the kernels have no
+    backward; the weights are frozen)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: PackedLinear) -> torch.Tensor:  # type: ignore[override]
         ctx.layer = layer
-        flat = x.reshape(-1, x.shape[-1]).to(KERNEL_DTYPE).contiguous()
-        if flat.data_ptr() % 64:  # a view into the middle of a buffer: the kernels want it aligned
-            flat = flat.clone()
-        if layer.bits == 8:
-            y = torch.ops.aten._weight_int8pack_mm(flat, layer.qweight, layer.scales)
-        else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, layer.qweight, layer.group_size,
-                                                            layer.scales_and_zeros)
-        return y.reshape(*x.shape[:-1], layer.out_features).to(x.dtype)
+        return _packed_mm(x, layer)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
@@ -207,7 +211,9 @@ class PackedLinear(nn.Linear):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.qweight, g, self.scales_and_zeros).T.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _PackedMM.apply(x, self)
+        # a Python autograd.Function costs ~18 us a call, more than a decode step's product on a
+        # small model: only a pass that takes gradients goes through it
+        y = _PackedMM.apply(x, self) if x.requires_grad and torch.is_grad_enabled() else _packed_mm(x, self)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:

@@ -10,7 +10,8 @@ side by side in one run. Prints each, the ratios, and the overhead per extra hop
         --llama-bench PATH --gguf int8=Q8_0.gguf --gguf int4=Q4_K_M.gguf
 
 --gguf KIND=FILE (int8 or int4) runs llama.cpp on FILE and, in the same rounds, three servers on
-FILE imported with its quantization kept (swarmctl model import --keep-quant): the very weights
+FILE imported with its quantization kept (compared with each other, and --quant KIND's servers
+with the first FILE of KIND) (swarmctl model import --keep-quant): the very weights
 llama.cpp computes with, with the app's LM head in int8 (libswarm's head_quant auto); a plain
 --gguf FILE (a float file) is compared with the float servers. --threads sets the compute
 threads of everyone alike: the local reference, each daemon (serve.threads) and llama.cpp.
@@ -185,14 +186,20 @@ def main(argv=None) -> int:
                 swarm(f"{n} server" + "s" * (n > 1), d, n)
         for q in (q for q in a.quant.split(",") if q and q != "none"):
             swarm(f"3 servers, {q}", d, 3, quant=q)
+        pairs: dict[str, str] = {}  # a configuration -> the llama.cpp one it is compared with
         for kind, path in ggufs:
-            llama[f"llama.cpp {kind}"] = path
-            if kind != "float":
+            stem = os.path.splitext(os.path.basename(path))[0]
+            llama[f"llama.cpp {stem}"] = path
+            if kind == "float":
+                pairs["3 servers"] = f"llama.cpp {stem}"
+            else:
                 from libswarm.convert import convert_gguf
 
                 kept = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-kept-"))
                 convert_gguf(path, kept, a.dtype, keep_quant=True)
-                swarm(f"3 servers, {kind} kept", kept, 3)
+                swarm(f"3 servers, {stem} kept", kept, 3)
+                pairs[f"3 servers, {stem} kept"] = f"llama.cpp {stem}"
+                pairs.setdefault(f"3 servers, {kind}", f"llama.cpp {stem}")  # quantized as it loads
         for m in swarms.values():
             swarm_step_s(m, prompt, 20)  # warm up connections and allocators
         if ref is not None:
@@ -219,10 +226,9 @@ def main(argv=None) -> int:
           f"median; {a.threads} thread(s) a process")
     for k, v in med.items():
         vs = [f"{v / med['local HF']:.2f}x local"] if "local HF" in med else []
-        kind = next((q for q in ("int8", "int4") if q in k), "float")
-        if not k.startswith("llama.cpp") and f"llama.cpp {kind}" in med:
-            vs.append(f"{v / med[f'llama.cpp {kind}']:.2f}x llama.cpp {kind}")
-        print(f"  {k:22s} {v:8.3f} ms/token   ({', '.join(vs) or '-'})")
+        if pairs.get(k) in med:
+            vs.append(f"{v / med[pairs[k]]:.2f}x {pairs[k]}")
+        print(f"  {k:34s} {v:8.3f} ms/token   ({', '.join(vs) or '-'})")
     if "local HF" in med and "1 server" in med:
         print(f"  overhead of the swarm with one server: {(med['1 server'] - med['local HF']) * 1e3:.0f} us/token")
     if "1 server" in med and "3 servers" in med:

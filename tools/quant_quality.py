@@ -8,6 +8,11 @@ and once per quantization, and the logits' top tokens compared (the same embeddi
 in float32, as the app's side keeps them). The greedy answers themselves are compared too.
 
     python tools/quant_quality.py [--model smollm2-135m-instruct] [--quant int8,int4,nf4] [--positions 256]
+    python tools/quant_quality.py --kept FILE.gguf [--kept FILE2.gguf ...]
+
+--kept compares a GGUF imported with its quantization kept (swarmctl model import --keep-quant)
+with the same file imported as float32: what serving the file's own values costs (Q6_K/Q5 as
+int8 rows, scales and inputs in bfloat16), not what the file's quantization cost its model.
 """
 
 from __future__ import annotations
@@ -82,13 +87,50 @@ def agreement(model_dir: str, quants: list[str], positions: int = 256) -> dict[s
     return result
 
 
+def kept_agreement(path: str, positions: int = 256) -> dict:
+    """`path`'s kept import against its float32 import (see the module's doc)."""
+    import tempfile
+
+    from libswarm.checkpoint import Checkpoint
+    from libswarm.convert import convert_gguf
+    from swarmd.runtime.span import Span
+
+    with tempfile.TemporaryDirectory(prefix="quality-") as tmp:
+        floats, kept = os.path.join(tmp, "float"), os.path.join(tmp, "kept")
+        os.makedirs(floats)
+        os.makedirs(kept)
+        convert_gguf(path, floats, "float32")
+        kinds = convert_gguf(path, kept, "float32", keep_quant=True)["kept"]
+        ref, seqs = answers(floats, positions)
+        ck, cpu = Checkpoint(floats), torch.device("cpu")
+        full = Span(ck, 0, ck.num_layers, cpu, torch.float32).load()
+        want = [top_tokens(ref, full, s) for s, _ in seqs]
+        del full
+        ckk = Checkpoint(kept)
+        span = Span(ckk, 0, ckk.num_layers, cpu, torch.float32, quant=ckk.stored_quant).load()
+        same = total = 0
+        for (seq, p), w in zip(seqs, want):
+            got = top_tokens(ref, span, seq)
+            same += int((got[:, p - 1:-1] == w[:, p - 1:-1]).sum())
+            total += w[:, p - 1:-1].numel()
+        return {"top1": same / total, "positions": total, "kept": kinds, "served": ckk.stored_quant}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--quant", default="int8,int4,nf4")
     ap.add_argument("--positions", type=int, default=256)
     ap.add_argument("--int4-group", type=int, default=None, help="int4's group size (swarmd: quant.INT4_GROUP)")
+    ap.add_argument("--kept", action="append", default=[], metavar="FILE",
+                    help="a GGUF: its kept import against its float32 import (repeatable)")
     a = ap.parse_args(argv)
+    if a.kept:
+        for path in a.kept:
+            r = kept_agreement(path, a.positions)
+            print(f"{os.path.basename(path)} kept ({r['served']}; tensors kept as {r['kept']}) top-1 agreement "
+                  f"with its float32 import: {r['top1']:.1%} over {r['positions']} positions")
+        return 0
     if a.int4_group:
         from swarmd.runtime import quant
 
