@@ -312,12 +312,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         state = {k: tensors[v].to(dtype) for k, v in names.items()}
         self.load_state_dict(state, assign=True, strict=True)
         if head_quant != "none":  # the float weight goes (the embeddings keep theirs when tied)
-            bits = 8 if head_quant == "int8" else 4
-            group = quantized.int4_group(*self.lm_head.weight.shape) if bits == 4 else None
-            if bits == 4 and group is None:
-                raise ValueError(f"head_quant int4: the kernel cannot take an LM head of shape "
-                                 f"{list(self.lm_head.weight.shape)}; use int8")
-            self.lm_head = quantized.PackedLinear.from_linear(self.lm_head, bits, dtype, group or 32)
+            self.lm_head = quantized.PackedLinear.from_linear(self.lm_head, 8 if head_quant == "int8" else 4, dtype)
         self.requires_grad_(False)
         self.eval()
 

@@ -50,18 +50,33 @@ def _timed(fn, device: torch.device, runs: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def speed_key(model_id: str, device: torch.device | str, dtype: torch.dtype, quant: str = "none") -> str:
+def speed_key(model_id: str, device: torch.device | str, dtype: torch.dtype | str, quant: str = "none") -> str:
     """Where a measurement is kept in throughput.json: one per model, device, dtype and weight
-    quantization."""
+    quantization (dtype "auto": serve.dtype auto's choice, auto_cpu_dtype)."""
     return f"{model_id}:{device}:{dtype}" + (f":{quant}" if quant != "none" else "")
+
+
+def _kept(state_dir: str) -> dict:
+    """throughput.json's entries: {} when it is missing, unreadable or not a table."""
+    try:
+        with open(os.path.join(state_dir, "throughput.json")) as f:
+            known = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
+def _keep(state_dir: str, key: str, entry: dict, known: dict | None = None) -> None:
+    """`entry` under `key` in state_dir/throughput.json, beside the `known` entries."""
+    path = os.path.join(state_dir, "throughput.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump({**(known or {}), key: entry}, f)
+    os.replace(path + ".tmp", path)
 
 
 def save_speed(state_dir: str, key: str, speed: BlockSpeed, known: dict | None = None) -> None:
     """Keep `speed` under `key` in state_dir/throughput.json (beside the `known` entries)."""
-    path = os.path.join(state_dir, "throughput.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump({**(known or {}), key: asdict(speed)}, f)
-    os.replace(path + ".tmp", path)
+    _keep(state_dir, key, asdict(speed), known)
 
 
 def _plausible(speed: BlockSpeed) -> bool:
@@ -75,19 +90,17 @@ def measure_block_speed(checkpoint: Checkpoint, device: torch.device, dtype: tor
                         model_id: str, quant: str = "none") -> BlockSpeed:
     key = speed_key(model_id, device, dtype, quant)
     path = os.path.join(state_dir, "throughput.json")
-    known: dict = {}
-    try:
-        with open(path) as f:
-            known = json.load(f)
-        cached = known.get(key) if isinstance(known, dict) else None
-        if isinstance(cached, dict):
+    known = _kept(state_dir)
+    cached = known.get(key)
+    if isinstance(cached, dict):
+        try:
             speed = BlockSpeed(float(cached["step_s"]), float(cached["forward_tokens_per_s"]),
                                int(cached["block_bytes"]))
-            if _plausible(speed):
-                return speed
-            log.warning("%s holds an impossible measurement for this model (%s): measuring again", path, cached)
-    except (OSError, ValueError, KeyError, TypeError):
-        known = {}
+        except (ValueError, KeyError, TypeError):
+            speed = None
+        if speed is not None and _plausible(speed):
+            return speed
+        log.warning("%s holds an impossible measurement for this model (%s): measuring again", path, cached)
     log.info("measuring one block's speed on %s as %s%s (once; kept in %s)", device, str(dtype)[6:],
              f" with {quant} weights" if quant != "none" else "", path)
     t0 = time.monotonic()
@@ -141,19 +154,11 @@ def auto_cpu_dtype(checkpoint: Checkpoint, state_dir: str, model_id: str, quant:
     if not (native_bf16() if native is None else native):
         return torch.float32
     device = torch.device("cpu")
-    key = f"{model_id}:cpu:auto" + (f":{quant}" if quant != "none" else "")
-    path = os.path.join(state_dir, "throughput.json")
-    known: dict = {}
-    try:
-        with open(path) as f:
-            known = json.load(f)
-        if not isinstance(known, dict):
-            known = {}
-        chosen = known.get(key)
-        if isinstance(chosen, dict) and chosen.get("dtype") in ("float32", "bfloat16"):
-            return getattr(torch, chosen["dtype"])
-    except (OSError, ValueError):
-        known = {}
+    key = speed_key(model_id, device, "auto", quant)
+    known = _kept(state_dir)
+    chosen = known.get(key)
+    if isinstance(chosen, dict) and chosen.get("dtype") in ("float32", "bfloat16"):
+        return getattr(torch, chosen["dtype"])
     t0 = time.monotonic()
     spans = {dt: Span(checkpoint, 0, 1, device, dt, quant=quant).load() for dt in (torch.float32, torch.bfloat16)}
     pos = torch.zeros(1, 1, dtype=torch.long)
@@ -168,9 +173,7 @@ def auto_cpu_dtype(checkpoint: Checkpoint, state_dir: str, model_id: str, quant:
     log.info("serve.dtype auto: %s (one block's step: bfloat16 %.3f ms, float32 %.3f ms; this CPU computes "
              "bfloat16 natively; timed in %.1f s)", str(dtype)[6:], bf16 * 1e3, f32 * 1e3, time.monotonic() - t0)
     try:
-        with open(path + ".tmp", "w") as f:
-            json.dump({**known, key: {"dtype": str(dtype)[6:], "step_s": {"float32": f32, "bfloat16": bf16}}}, f)
-        os.replace(path + ".tmp", path)
+        _keep(state_dir, key, {"dtype": str(dtype)[6:], "step_s": {"float32": f32, "bfloat16": bf16}}, known)
     except OSError as e:
-        log.warning("cannot keep serve.dtype auto's choice in %s: %s", path, e.strerror)
+        log.warning("cannot keep serve.dtype auto's choice in %s/throughput.json: %s", state_dir, e.strerror)
     return dtype
