@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -28,7 +29,8 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from libswarm.api.config import ApiConfig, host_port
-from libswarm.api.engine import Completion, Sampling
+from libswarm.api.engine import Completion, Piece, Result, Sampling, TokenLogprob
+from libswarm.api.tools import ToolError, Tools, parse_calls, template_messages, visible_end
 from libswarm.client import SwarmClient
 from libswarm.errors import (
     CacheFullError,
@@ -45,19 +47,23 @@ log = logging.getLogger("swarm-api")
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "index.html")
 MAX_BODY_BYTES = 4 << 20  # a request's JSON; prompts longer than any context fit well within
 POLL_S = 0.2  # how often a request waiting for tokens checks that its client is still there
+MAX_CHOICES = 16  # n and best_of: each choice is an inference session of its own
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs (the completions API's logprobs: 5 there, 20 here)
+MAX_LOGIT_BIAS = 1024  # entries of logit_bias
 
 
 class ApiError(Exception):
     """A refusal in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
 
     def response(self) -> JSONResponse:
         return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param,
-                                       "code": self.code}}, status_code=self.status)
+                                       "code": self.code}}, status_code=self.status, headers=self.headers)
 
 
 def swarm_error(e: BaseException) -> ApiError:
@@ -122,6 +128,79 @@ class Keys:
             raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
 
 
+class Slots:
+    """api.max_concurrent completions at once (each choice is an inference session); a request
+    that finds too few free waits its turn, first come first served, while at most
+    api.max_queued wait; one more is answered 429 with Retry-After. Taken and waited for on the
+    event loop, given back from the decoding threads."""
+
+    def __init__(self, total: int, max_waiting: int):
+        self.total, self.free, self.max_waiting = total, total, max_waiting
+        self.waiting: list[tuple[int, asyncio.Future]] = []  # (slots wanted, woken with them), in order
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.ended: list[float] = []  # when recent completions ended and how long they ran (Retry-After)
+
+    async def take(self, k: int, request: Request) -> bool:
+        """k slots, once free; False when the client left while waiting."""
+        self.loop = asyncio.get_running_loop()
+        if not self.waiting and self.free >= k:
+            self.free -= k
+            return True
+        if len(self.waiting) >= self.max_waiting:
+            raise ApiError(429, f"{self.total} completions are running and {len(self.waiting)} requests wait "
+                           "(api.max_concurrent, api.max_queued); try again shortly", "rate_limit_error",
+                           code="too_many_requests", headers={"Retry-After": str(self.retry_after())})
+        turn: asyncio.Future = self.loop.create_future()
+        entry = (k, turn)
+        self.waiting.append(entry)
+        try:
+            while not turn.done():
+                try:
+                    await asyncio.wait_for(asyncio.shield(turn), POLL_S)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        self._leave(entry)
+                        return False
+        except BaseException:  # cancelled while waiting or as its turn came
+            if turn.done():
+                self.give(k)
+            else:
+                self._leave(entry)
+            raise
+        return True
+
+    def _leave(self, entry: tuple[int, asyncio.Future]) -> None:
+        self.waiting.remove(entry)
+        self._wake()  # those behind it may fit now
+
+    def give(self, k: int) -> None:
+        """k slots back (on the event loop)."""
+        self.free += k
+        self._wake()
+
+    def give_from_thread(self, k: int, ran_s: float) -> None:
+        self.ended = [*self.ended[-15:], ran_s]
+        loop = self.loop
+        if loop is None:
+            return
+        with contextlib.suppress(RuntimeError):  # the loop is gone: swarm-api is stopping
+            loop.call_soon_threadsafe(self.give, k)
+
+    def _wake(self) -> None:
+        while self.waiting and self.free >= self.waiting[0][0]:
+            k, turn = self.waiting.pop(0)
+            self.free -= k
+            turn.set_result(None)
+
+    def retry_after(self) -> int:
+        """Seconds until a try may find room: how long a completion has lately run, over how many
+        run at once, times the requests already waiting (1 s at least)."""
+        if not self.ended:
+            return 1
+        typical = sorted(self.ended)[len(self.ended) // 2]
+        return max(1, min(60, round(typical * (1 + len(self.waiting)) / max(1, self.total))))
+
+
 class Service:
     """The model's client side (embeddings, head, tokenizer), loaded once and shared by every
     request; each request decodes in its own thread, session and connection."""
@@ -134,7 +213,7 @@ class Service:
         self._draft = None
         self._load_lock = threading.Lock()
         self.status_client = SwarmClient(socket=config.socket, timeout_s=10.0)
-        self.slots = threading.BoundedSemaphore(config.api.max_concurrent)
+        self.slots = Slots(config.api.max_concurrent, config.api.max_queued)
         self.jobs: set[Completion] = set()  # running completions, cancelled when swarm-api stops
         self.created = int(os.stat(config.model).st_mtime)
         if self.tokenizer is None:
@@ -192,6 +271,9 @@ class Service:
                                      f"({len(vocab)} and {len(self.tokenizer.get_vocab())} tokens, or other ids)")
                 self._draft = draft
             return self._draft
+
+    def vocab_size(self) -> int:
+        return int(self.model().config.vocab_size)
 
     @property
     def model_id(self) -> str | None:
@@ -288,22 +370,42 @@ class Params:
             raise ApiError(404, f"The model `{name}` does not exist: this swarm serves "
                            f"`{service.config.model_name}`.", param="model", code="model_not_found")
         self.model_name = name
-        n = _integer(data, "n", 1, 128)
-        if n not in (None, 1):
-            raise ApiError(400, "n must be 1: each request is one completion", param="n")
-        for key in ("logprobs", "echo"):
-            if data.get(key) not in (None, False, 0):
-                raise ApiError(400, f"{key} is not supported by swarm-api", param=key)
-        if kind == "completion" and data.get("best_of") not in (None, 1):
-            raise ApiError(400, "best_of must be 1", param="best_of")
+        self.kind = kind
+        self.stream = _flag(data, "stream")
+        self.n = _integer(data, "n", 1, MAX_CHOICES) or 1
+        self.best_of = self.n
+        self.echo = False
+        if kind == "chat":
+            self.logprobs: int | None = None
+            if _flag(data, "logprobs"):
+                self.logprobs = _integer(data, "top_logprobs", 0, MAX_TOP_LOGPROBS) or 0
+            elif data.get("top_logprobs") is not None:
+                raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        else:
+            self.logprobs = _integer(data, "logprobs", 0, MAX_TOP_LOGPROBS)
+            self.echo = _flag(data, "echo")
+            best_of = _integer(data, "best_of", 1, MAX_CHOICES)
+            if best_of is not None:
+                if best_of < self.n:
+                    raise ApiError(400, f"best_of must be at least n ({self.n}), got {best_of}", param="best_of")
+                if best_of > self.n and self.stream:
+                    raise ApiError(400, "best_of cannot be streamed: the best choices are known only at the end",
+                                   param="best_of")
+                self.best_of = best_of
+        if self.best_of > service.settings.max_concurrent:
+            param = "best_of" if self.best_of > self.n else "n"
+            raise ApiError(400, f"{param} must be at most api.max_concurrent ({service.settings.max_concurrent}): "
+                           "each choice is an inference session", param=param)
+        self.logit_bias = _logit_bias(data, service.vocab_size())
         if kind == "completion" and data.get("suffix") not in (None, ""):
             raise ApiError(400, "suffix is not supported by swarm-api", param="suffix")
-        if kind == "chat" and data.get("tools"):
-            raise ApiError(400, "tools are not supported by swarm-api", param="tools")
+        try:
+            self.tools = Tools(data if kind == "chat" else {}, getattr(service.tokenizer, "chat_template", None))
+        except ToolError as e:
+            raise ApiError(400, str(e), param=e.param) from None
         fmt = data.get("response_format")
         if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
             raise ApiError(400, "response_format must be {\"type\": \"text\"}", param="response_format")
-        self.stream = _flag(data, "stream")
         opts = data.get("stream_options")
         if opts is not None and not isinstance(opts, dict):
             raise ApiError(400, "stream_options must be an object", param="stream_options")
@@ -330,12 +432,36 @@ class Params:
                            f"the completion). Please reduce the length of the {param} or completion.",
                            param=self.max_tokens_key, code="context_length_exceeded")
         seed = None if self.seed is None else self.seed % (1 << 63)
+        # best_of ranks its choices by their tokens' log-probabilities, asked for or not
+        logprobs = 0 if self.logprobs is None and self.best_of > self.n else self.logprobs
         return Sampling(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, seed=seed,
-                        stop=self.stop, presence_penalty=self.presence, frequency_penalty=self.frequency)
+                        stop=self.stop, presence_penalty=self.presence, frequency_penalty=self.frequency,
+                        logprobs=logprobs, logit_bias=self.logit_bias,
+                        prompt_logprobs=self.echo and self.logprobs is not None)
 
 
-def chat_prompt(tokenizer, messages: Any) -> torch.Tensor:
-    """The model's chat template applied to OpenAI messages (text content only)."""
+def _logit_bias(data: dict, vocab: int) -> tuple[tuple[int, float], ...]:
+    """OpenAI's logit_bias: {"token id": bias from -100 to 100}, added to those logits."""
+    v = data.get("logit_bias")
+    if v is None:
+        return ()
+    if not isinstance(v, dict) or len(v) > MAX_LOGIT_BIAS:
+        raise ApiError(400, f"logit_bias must be an object of up to {MAX_LOGIT_BIAS} token ids and biases",
+                       param="logit_bias")
+    out = []
+    for key, bias in v.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 12 and int(key) < vocab):
+            raise ApiError(400, f"logit_bias: {key!r} is not a token id from 0 to {vocab - 1}", param="logit_bias")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+            raise ApiError(400, f"logit_bias[{key}] must be a number from -100 to 100, got {bias!r}",
+                           param="logit_bias")
+        out.append((int(key), float(bias)))
+    return tuple(out)
+
+
+def chat_prompt(tokenizer, messages: Any, tools: Tools | None = None) -> torch.Tensor:
+    """The model's chat template applied to OpenAI messages (text content, tool calls and their
+    results), with the request's tools; then the answer's opening when a call is required."""
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages must be a non-empty list", param="messages")
     turns = []
@@ -343,10 +469,12 @@ def chat_prompt(tokenizer, messages: Any) -> torch.Tensor:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise ApiError(400, f"messages[{i}] must be an object with a role", param=f"messages[{i}]")
         role = "system" if m["role"] == "developer" else m["role"]
-        if role not in ("system", "user", "assistant"):
-            raise ApiError(400, f"messages[{i}].role must be system, developer, user or assistant, got {role!r}",
-                           param=f"messages[{i}].role")
+        if role not in ("system", "user", "assistant", "tool"):
+            raise ApiError(400, f"messages[{i}].role must be system, developer, user, assistant or tool, got "
+                           f"{role!r}", param=f"messages[{i}].role")
         content = m.get("content")
+        if content is None and role == "assistant" and m.get("tool_calls"):
+            content = ""
         if isinstance(content, list):  # content parts: text only
             if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
                        for p in content):
@@ -356,15 +484,29 @@ def chat_prompt(tokenizer, messages: Any) -> torch.Tensor:
         if not isinstance(content, str):
             raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts",
                            param=f"messages[{i}].content")
-        turns.append({"role": role, "content": content})
+        turn = {"role": role, "content": content}
+        if role == "assistant" and m.get("tool_calls") is not None:
+            turn["tool_calls"] = m["tool_calls"]
+        if role == "tool" and isinstance(m.get("tool_call_id"), str):
+            turn["tool_call_id"] = m["tool_call_id"]
+        turns.append(turn)
     if not getattr(tokenizer, "chat_template", None):
         raise ApiError(400, "this model has no chat template: use /v1/completions", param="messages")
     try:
-        ids = tokenizer.apply_chat_template(turns, add_generation_prompt=True, return_tensors="pt")
+        turns = template_messages(turns)
+    except ToolError as e:
+        raise ApiError(400, str(e), param=e.param) from None
+    functions = tools.functions if tools is not None and tools.active else None
+    try:
+        ids = tokenizer.apply_chat_template(turns, tools=functions, add_generation_prompt=True, return_tensors="pt")
     except Exception as e:  # a template may raise on what it does not accept (e.g. roles out of turn)
         line = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ApiError(400, f"the model's chat template refused these messages: {line}", param="messages") from None
-    return ids if torch.is_tensor(ids) else ids["input_ids"]
+    ids = ids if torch.is_tensor(ids) else ids["input_ids"]
+    if tools is not None and tools.prefill:
+        opening = tokenizer(tools.prefill, add_special_tokens=False)["input_ids"]
+        ids = torch.cat([ids, torch.tensor([opening], dtype=ids.dtype)], dim=1)
+    return ids
 
 
 def text_prompt(tokenizer, prompt: Any) -> torch.Tensor:
@@ -433,72 +575,99 @@ def create_app(config: ApiConfig, model=None, tokenizer=None) -> Starlette:
         model = await _in_thread(service.model)
         draft = await _in_thread(service.draft)
         req = Params(data, service, kind)
-        # a slot first, then the prompt tokenized off the event loop: a prompt of megabytes takes
+        runs = req.best_of  # one inference session a choice (n, or best_of to keep the best n of)
+        # slots first, then the prompt tokenized off the event loop: a prompt of megabytes takes
         # seconds to tokenize, and neither holds up other requests nor runs beyond the limit
-        if not service.slots.acquire(blocking=False):
-            raise ApiError(429, f"{config.api.max_concurrent} completions are running (api.max_concurrent); "
-                           "try again shortly", "rate_limit_error", code="too_many_requests")
+        if not await service.slots.take(runs, request):
+            return Response(status_code=499)  # the client left while its request waited
         try:
             if kind == "chat":
-                prompt, param = await _in_thread(chat_prompt, service.tokenizer, data.get("messages")), "messages"
+                prompt, param = await _in_thread(chat_prompt, service.tokenizer, data.get("messages"),
+                                                 req.tools), "messages"
             else:
                 prompt, param = await _in_thread(text_prompt, service.tokenizer, data.get("prompt")), "prompt"
             sampling = req.sampling(prompt.shape[1], service.context(model), config.api.max_tokens, param)
         except BaseException:
-            service.slots.release()
+            service.slots.give(runs)
             raise
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
+        events: asyncio.Queue = asyncio.Queue()  # (choice, event)
+        jobs: list[Completion] = []
 
-        def emit(event) -> None:
-            if event[0] in ("done", "error"):  # the session is closed by now
-                service.slots.release()
-                service.jobs.discard(job)
-            with contextlib.suppress(RuntimeError):  # the loop is gone: swarm-api is stopping
-                loop.call_soon_threadsafe(events.put_nowait, event)
+        def emitter(i: int):
+            started = time.monotonic()
 
-        job = Completion(model, service.tokenizer, config.socket, prompt, sampling, emit,
-                         config.api.route_timeout_s, service.eos(model), draft=draft)
-        service.jobs.add(job)
-        job.start()
-        reply = Reply(kind, req.model_name, prompt.shape[1])
+            def emit(event) -> None:
+                if event[0] in ("done", "error"):  # the session is closed by now
+                    service.slots.give_from_thread(1, time.monotonic() - started)
+                    service.jobs.discard(jobs[i])
+                with contextlib.suppress(RuntimeError):  # the loop is gone: swarm-api is stopping
+                    loop.call_soon_threadsafe(events.put_nowait, (i, event))
+            return emit
+
+        for i in range(runs):  # choice i samples with seed + i: n choices differ, and each is reproducible
+            seeded = sampling if sampling.seed is None else \
+                dataclasses.replace(sampling, seed=(sampling.seed + i) % (1 << 63))
+            jobs.append(Completion(model, service.tokenizer, config.socket, prompt, seeded, emitter(i),
+                                   config.api.route_timeout_s, service.eos(model), draft=draft))
+        service.jobs.update(jobs)
+        for job in jobs:
+            job.start()
+        reply = Reply(req, service.tokenizer, prompt[0].tolist(), prompt_text(service.tokenizer, data, kind, prompt))
+
+        def cancel() -> None:
+            for job in jobs:
+                job.cancel()
+
         try:
             first = await _next(events, request)
         except BaseException:
-            job.cancel()
+            cancel()
             raise
         if first is None:  # the client left before the first token
-            job.cancel()
+            cancel()
             return Response(status_code=499)
-        if first[0] == "error":
-            raise swarm_error(first[1])  # type: ignore[arg-type]
+        if first[1][0] == "error":
+            cancel()
+            raise swarm_error(first[1][1])
         if req.stream:
-            return StreamingResponse(stream(request, events, job, reply, first, req.include_usage),
+            return StreamingResponse(stream(request, events, jobs, reply, first, req.include_usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        results: dict[int, Result] = {}
         event: tuple | None = first
         try:
-            while event is not None and event[0] == "text":
+            while event is not None:
+                i, (what, value) = event
+                if what == "error":
+                    raise swarm_error(value)
+                if what == "done":
+                    results[i] = value
+                    if len(results) == runs:
+                        break
                 event = await _next(events, request)
         finally:
-            if event is None or event[0] == "text":
-                job.cancel()
+            if len(results) < runs:
+                cancel()
         if event is None:
             return Response(status_code=499)
-        if event[0] == "error":
-            raise swarm_error(event[1])
-        return JSONResponse(reply.whole(event[1]))
+        return JSONResponse(reply.whole([results[i] for i in range(runs)]))
 
-    async def stream(request: Request, events: asyncio.Queue, job: Completion, reply: Reply, first: tuple,
+    async def stream(request: Request, events: asyncio.Queue, jobs: list[Completion], reply: Reply, first: tuple,
                      include_usage: bool):
         event: tuple | None = first
+        results: dict[int, Result] = {}
         finished = False
         try:
-            if reply.kind == "chat":  # the first chunk names the role
-                yield reply.sse(reply.opening())
+            for i in range(len(jobs)):
+                if reply.kind == "chat":  # each choice's first chunk names the role
+                    yield reply.sse(reply.opening(i))
+                elif reply.params.echo:  # and a completion's, with echo, is the prompt (the same for all:
+                    # the choice that answered first has its log-probabilities)
+                    yield reply.sse(reply.echoed(i, jobs[first[0]].prompt_logprobs))
             while event is not None:
-                kind, value = event
+                i, (kind, value) = event
                 if kind == "text":
-                    yield reply.sse(reply.delta(value))
+                    yield reply.sse(reply.delta(i, value))
                 elif kind == "error":
                     err = swarm_error(value)  # type: ignore[arg-type]
                     yield reply.sse({"error": {"message": err.message, "type": err.type, "param": err.param,
@@ -506,16 +675,20 @@ def create_app(config: ApiConfig, model=None, tokenizer=None) -> Starlette:
                     finished = True
                     return
                 else:
-                    yield reply.sse(reply.closing(value))
-                    if include_usage:
-                        yield reply.sse(reply.usage_chunk(value))
-                    yield "data: [DONE]\n\n"
-                    finished = True
-                    return
+                    results[i] = value
+                    for chunk in reply.closing(i, value):
+                        yield reply.sse(chunk)
+                    if len(results) == len(jobs):
+                        if include_usage:
+                            yield reply.sse(reply.usage_chunk(list(results.values())))
+                        yield "data: [DONE]\n\n"
+                        finished = True
+                        return
                 event = await _next(events, request)
         finally:
-            if not finished:  # the client went away: free the session now
-                job.cancel()
+            if not finished:  # the client went away, or a choice failed: free the sessions now
+                for job in jobs:
+                    job.cancel()
 
     async def page(request: Request) -> Response:
         return FileResponse(PAGE, media_type="text/html", headers={"Cache-Control": "no-cache"})
@@ -584,54 +757,156 @@ async def _next(events: asyncio.Queue, request: Request) -> tuple | None:
                 return None
 
 
+def prompt_text(tokenizer, data: dict, kind: str, prompt: torch.Tensor) -> str:
+    """The prompt as echo returns it: as sent, or decoded from the token ids sent."""
+    if kind != "completion" or not data.get("echo"):
+        return ""
+    given = data.get("prompt")
+    if isinstance(given, list) and len(given) == 1:
+        given = given[0]
+    return given if isinstance(given, str) else tokenizer.decode(prompt[0].tolist())
+
+
 class Reply:
-    """OpenAI's response objects for one completion, whole or as stream chunks."""
+    """OpenAI's response objects for one request, whole or as stream chunks."""
 
-    def __init__(self, kind: str, model: str, prompt_tokens: int):
-        self.kind, self.model, self.prompt_tokens = kind, model, prompt_tokens
-        self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+    def __init__(self, params: Params, tokenizer, prompt_ids: list[int], prompt_text: str = ""):
+        self.params, self.kind, self.model, self.tokenizer = params, params.kind, params.model_name, tokenizer
+        self.prompt_tokens, self.prompt_text = len(prompt_ids), prompt_text
+        self.id = ("chatcmpl-" if self.kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
-        self.object = "chat.completion" if kind == "chat" else "text_completion"
+        self.object = "chat.completion" if self.kind == "chat" else "text_completion"
+        self.offset = len(prompt_text)  # where a completion's own text starts in what is returned
+        self.tools = params.tools
+        self.streamed: dict[int, tuple[str, int]] = {}  # with tools: each choice's text so far, and how much was sent
 
-    def usage(self, result) -> dict:
-        n = len(result.tokens)
+    def usage(self, results: list[Result]) -> dict:
+        n = sum(len(r.tokens) for r in results)  # every choice's tokens, best_of's discarded ones too
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": n, "total_tokens": self.prompt_tokens + n}
 
-    def whole(self, result) -> dict:
-        finish = result.finish_reason
-        if self.kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": result.text}, "logprobs": None,
-                      "finish_reason": finish}
-        else:
-            choice = {"index": 0, "text": result.text, "logprobs": None, "finish_reason": finish}
+    def whole(self, results: list[Result]) -> dict:
+        shown = sorted(range(len(results)), key=lambda i: -mean_logprob(results[i]))[:self.params.n] \
+            if len(results) > self.params.n else list(range(len(results)))
+        choices = []
+        for index, i in enumerate(shown):
+            r = results[i]
+            lps = r.shown_logprobs()
+            if self.kind == "chat":
+                message: dict = {"role": "assistant", "content": r.text}
+                finish = r.finish_reason
+                if self.tools.active:
+                    message["content"], calls = parse_calls(self.tools.prefill + r.text, self.tools.names)
+                    if calls:
+                        message["tool_calls"], finish = calls, "tool_calls"
+                choice = {"index": index, "message": message, "logprobs": self.chat_logprobs(lps),
+                          "finish_reason": finish}
+            else:
+                choice = {"index": index, "text": self.prompt_text + r.text,
+                          "logprobs": self.completion_logprobs(r.prompt_logprobs, lps, r.starts),
+                          "finish_reason": r.finish_reason}
+            choices.append(choice)
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
-                "choices": [choice], "usage": self.usage(result)}
+                "choices": choices, "usage": self.usage(results)}
 
+    # log-probabilities in OpenAI's two shapes
+    def _token(self, token: int) -> str:
+        return self.tokenizer.decode([token])
+
+    def chat_logprobs(self, lps: list[TokenLogprob]) -> dict | None:
+        if self.params.logprobs is None:
+            return None
+
+        def entry(token: int, lp: float) -> dict:
+            text = self._token(token)
+            return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+
+        return {"content": [{**entry(x.token, x.logprob or 0.0),
+                             "top_logprobs": [entry(t, v) for t, v in x.top]} for x in lps], "refusal": None}
+
+    def completion_logprobs(self, prompt: list[TokenLogprob], lps: list[TokenLogprob] | tuple[TokenLogprob, ...],
+                            starts: list[int] | tuple[int, ...]) -> dict | None:
+        if self.params.logprobs is None:
+            return None
+        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        at = 0
+        for x in prompt:  # echo: the prompt's tokens first, at their place in the prompt's text
+            text = self._token(x.token)
+            out["text_offset"].append(at)
+            at += len(text)
+            self._completion_entry(out, x, text)
+        for x, start in zip(lps, starts):
+            out["text_offset"].append(self.offset + start)
+            self._completion_entry(out, x, self._token(x.token))
+        return out
+
+    def _completion_entry(self, out: dict, x: TokenLogprob, text: str) -> None:
+        out["tokens"].append(text)
+        out["token_logprobs"].append(x.logprob)
+        out["top_logprobs"].append(None if x.logprob is None else {self._token(t): v for t, v in x.top})
+
+    # streamed
     def chunk(self, choices: list) -> dict:
         obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
 
-    def _choice(self, text: str | None, finish: str | None, role: bool = False) -> dict:
+    def _choice(self, index: int, text: str | None, finish: str | None, role: bool = False,
+                logprobs: dict | None = None) -> dict:
         if self.kind == "chat":
             delta: dict = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
-            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
 
-    def opening(self) -> dict:
-        return self.chunk([self._choice(None, None, role=True)])
+    def opening(self, index: int) -> dict:
+        return self.chunk([self._choice(index, None, None, role=True)])
 
-    def delta(self, text: str) -> dict:
-        return self.chunk([self._choice(text, None)])
+    def echoed(self, index: int, prompt_logprobs: list[TokenLogprob]) -> dict:
+        """A completion's first chunk with echo: the prompt, and its tokens' log-probabilities."""
+        return self.chunk([self._choice(index, self.prompt_text, None, logprobs=self.completion_logprobs(
+            prompt_logprobs, [], []))])
 
-    def closing(self, result) -> dict:
-        return self.chunk([self._choice(None, result.finish_reason)])
+    def delta(self, index: int, piece: Piece) -> dict:
+        if self.kind == "chat":
+            text = piece.text
+            if self.tools.active:  # text up to the first call goes out; the calls at the end
+                full, sent = self.streamed.get(index, (self.tools.prefill, 0))
+                full += piece.text
+                end = max(sent, visible_end(full))
+                text, self.streamed[index] = full[sent:end], (full, end)
+            return self.chunk([self._choice(index, text, None, logprobs=self.chat_logprobs(list(piece.logprobs)))])
+        return self.chunk([self._choice(index, piece.text, None, logprobs=self.completion_logprobs(
+            [], piece.logprobs, piece.starts))])
 
-    def usage_chunk(self, result) -> dict:
-        return {**self.chunk([]), "usage": self.usage(result)}
+    def closing(self, index: int, result: Result) -> list[dict]:
+        """A choice's last chunks: with tools, its calls (or the text held back for one), then
+        its finish_reason."""
+        finish = result.finish_reason
+        out = []
+        if self.kind == "chat" and self.tools.active:
+            full = self.tools.prefill + result.text
+            _, calls = parse_calls(full, self.tools.names)
+            if calls:
+                finish = "tool_calls"
+                out.append(self.chunk([{"index": index, "delta": {"tool_calls": [{"index": k, **c} for k, c in
+                                                                                 enumerate(calls)]},
+                                        "logprobs": None, "finish_reason": None}]))
+            else:
+                sent = self.streamed.get(index, ("", 0))[1]
+                if full[sent:]:
+                    out.append(self.chunk([self._choice(index, full[sent:], None)]))
+        return [*out, self.chunk([self._choice(index, None, finish)])]
+
+    def usage_chunk(self, results: list[Result]) -> dict:
+        return {**self.chunk([]), "usage": self.usage(results)}
 
     @staticmethod
     def sse(obj: dict) -> str:
         return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+def mean_logprob(result: Result) -> float:
+    """best_of's measure: the mean log-probability of a choice's tokens."""
+    values = [x.logprob for x in result.logprobs if x.logprob is not None]
+    return sum(values) / len(values) if values else float("-inf")
 
 
 def _is_address(name: str) -> bool:

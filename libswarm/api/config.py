@@ -21,6 +21,7 @@ API_DEFAULTS: dict[str, Any] = {
     "keys_file": None,
     "max_tokens": 1024,
     "max_concurrent": 32,
+    "max_queued": 64,
     "route_timeout_s": 30,
     "draft_model": None,
 }
@@ -35,9 +36,10 @@ class ApiSettings:
     listen: tuple[str, int]
     keys_file: str | None  # bearer keys, one a line; None: no key asked
     max_tokens: int  # a completion's length when the request does not say
-    max_concurrent: int  # generations at once; more get 429
+    max_concurrent: int  # generations at once (a choice each); more wait
     route_timeout_s: float  # how long a request waits for servers to cover every block
     draft_model: str | None = None  # a small model of the same tokenizer, run here to draft greedy tokens
+    max_queued: int = 64  # requests that wait for generations to end; more get 429 with Retry-After
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,9 @@ def parse_api(section: Any, fail: Fail, base_dir: str) -> ApiSettings:
         v = s[key]
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
             raise fail(f"api.{key}", f"must be a positive integer, got {v!r}")
+    queued = s["max_queued"]
+    if not isinstance(queued, int) or isinstance(queued, bool) or queued < 0:
+        raise fail("api.max_queued", f"must be an integer >= 0 (0: none wait), got {queued!r}")
     draft = s["draft_model"]
     if draft is not None:
         if not isinstance(draft, str) or not draft:
@@ -102,7 +107,7 @@ def parse_api(section: Any, fail: Fail, base_dir: str) -> ApiSettings:
             raise fail("api.draft_model", f"{draft} is not a model directory (swarmctl model get NAME)")
     return ApiSettings(listen=listen, keys_file=keys_file, max_tokens=s["max_tokens"],
                        max_concurrent=s["max_concurrent"], route_timeout_s=float(s["route_timeout_s"]),
-                       draft_model=draft)
+                       draft_model=draft, max_queued=queued)
 
 
 def read_config_file(path: str) -> Any:

@@ -31,6 +31,19 @@ class Sampling:
     stop: tuple[str, ...] = ()
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    logprobs: int | None = None  # None: none reported; k: each token's log-probability and the k likeliest
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit) before choosing
+    prompt_logprobs: bool = False  # also each prompt token's log-probability after the ones before it
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+    """A token and its log-probability under the model: the log-softmax of the model's logits at
+    that position, before temperature, penalties and logit_bias (what the model itself says, as
+    Hugging Face computes it from the same logits); `top`: the k likeliest, most likely first."""
+    token: int
+    logprob: float | None  # None for a prompt's first token (nothing before it)
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclasses.dataclass
@@ -38,10 +51,45 @@ class Result:
     text: str = ""
     tokens: list[int] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None  # "stop" (end of text or a stop string), "length", "cancelled"
+    logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)  # one a token, with Sampling.logprobs
+    starts: list[int] = dataclasses.field(default_factory=list)  # where each token's text starts in the text
+    prompt_logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
+    sent_logprobs: int = 0  # how many of `logprobs` went out with the text
+
+    def shown_logprobs(self) -> list[TokenLogprob]:
+        """The log-probabilities of the tokens whose text is in `text`: not the end-of-text token,
+        nor those of a stop string that was cut."""
+        return [lp for lp, start in zip(self.logprobs, self.starts) if start < len(self.text)]
 
 
-# events sent to the caller, in order: ("text", delta) ..., then ("done", Result) or ("error", exc)
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """Text that has grown, and the log-probabilities of the tokens it shows (with logprobs)."""
+    text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
+    starts: tuple[int, ...] = ()  # where each of those tokens' text starts in the completion's text
+
+
+# events sent to the caller, in order: ("text", Piece) ..., then ("done", Result) or ("error", exc)
 Event = tuple[str, object]
+
+
+def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """`token`'s log-probability under `logits` (one position) and the `top` likeliest."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    best: tuple[tuple[int, float], ...] = ()
+    if top > 0:
+        values, ids = lp.topk(top)
+        best = tuple(zip(ids.tolist(), values.tolist()))
+    return TokenLogprob(token, float(lp[token]), best)
+
+
+def prompt_logprobs(logits: torch.Tensor, ids: list[int], top: int) -> list[TokenLogprob]:
+    """Each prompt token's log-probability given the ones before it (`logits`: [T, vocab] of the
+    prompt's positions); the first token has none."""
+    out = [TokenLogprob(ids[0], None)]
+    out += [token_logprob(logits[i - 1], ids[i], top) for i in range(1, len(ids))]
+    return out
 
 
 class Completion:
@@ -56,6 +104,8 @@ class Completion:
         self.route_timeout_s, self.eos = route_timeout_s, eos
         self.cancelled = threading.Event()
         self.session_id: str | None = None
+        self._shown = 0  # the length of the text the tokens so far decode to
+        self.prompt_logprobs: list[TokenLogprob] = []  # with Sampling.prompt_logprobs, once the prompt went through
         self.thread = threading.Thread(target=self._run, name="completion", daemon=True)
 
     def start(self) -> Completion:
@@ -95,22 +145,35 @@ class Completion:
                 if self.cancelled.is_set():
                     result.finish_reason = "cancelled"
                     break
-                logits = self.model(input_ids=step_input).logits[0, -1].float()
+                all_logits = self.model(input_ids=step_input).logits[0]
+                if step_input is self.prompt:
+                    self._prompt_logprobs(result, all_logits)
+                logits = all_logits[-1].float()
                 self.session_id = sess.id
                 token = self._choose(logits, counts, gen)
-                if self._take(result, token, counts, stops):
+                if self._take(result, token, counts, stops, logits):
                     break
                 step_input = torch.tensor([[token]])
         return result
+
+    def _prompt_logprobs(self, result: Result, logits: torch.Tensor) -> None:
+        if self.sampling.prompt_logprobs:
+            result.prompt_logprobs = prompt_logprobs(logits, self.prompt[0].tolist(), self.sampling.logprobs or 0)
+            self.prompt_logprobs = result.prompt_logprobs
 
     def drafting(self) -> bool:
         """Whether this completion decodes with the draft model: greedy without penalties, where
         verifying the draft's tokens gives exactly the tokens plain greedy decoding would."""
         s = self.sampling
-        return self.draft is not None and s.temperature == 0 and not (s.presence_penalty or s.frequency_penalty)
+        return self.draft is not None and s.temperature == 0 and not (s.presence_penalty or s.frequency_penalty
+                                                                       or s.logit_bias)
 
-    def _take(self, result: Result, token: int, counts: torch.Tensor, stops: StopText) -> bool:
-        """Add a generated token to the result and report the text; True when the completion ends."""
+    def _take(self, result: Result, token: int, counts: torch.Tensor, stops: StopText, logits: torch.Tensor) -> bool:
+        """Add a generated token (chosen from `logits`) to the result and report the text; True
+        when the completion ends."""
+        if self.sampling.logprobs is not None:
+            result.logprobs.append(token_logprob(logits, token, self.sampling.logprobs))
+        result.starts.append(self._shown)
         result.tokens.append(token)
         counts[token] += 1
         if token in self.eos:  # what was held back for a stop string goes out
@@ -118,6 +181,7 @@ class Completion:
             result.finish_reason = "stop"
             return True
         text = self.tokenizer.decode(result.tokens, skip_special_tokens=True)
+        self._shown = len(text.rstrip("\ufffd"))  # where the next token's text starts
         cut = stops.cut(text)
         if cut is not None:
             self._send(result, cut)
@@ -142,10 +206,11 @@ class Completion:
 
         draft_cache = DynamicCache()
         tokens = self.prompt[0].tolist()  # every token so far; the last one not yet through the swarm
-        logits = self.model(input_ids=self.prompt).logits[0, -1]
+        all_logits = self.model(input_ids=self.prompt).logits[0]
+        self._prompt_logprobs(result, all_logits)
         self.session_id = sess.id
-        token = int(logits.argmax())
-        if self._take(result, token, counts, stops):
+        token = int(all_logits[-1].argmax())
+        if self._take(result, token, counts, stops, all_logits[-1]):
             return
         tokens.append(token)
         in_swarm, in_draft, k = len(tokens) - 1, 0, DRAFT_TOKENS
@@ -176,8 +241,8 @@ class Completion:
             self.drafted += k
             self.accepted += accepted
             self.passes += 1
-            for t in proposal[:accepted] + [chosen[accepted]]:
-                if self._take(result, t, counts, stops):
+            for j, t in enumerate(proposal[:accepted] + [chosen[accepted]]):
+                if self._take(result, t, counts, stops, logits[len(pending) - 1 + j]):
                     return
                 tokens.append(t)
             k = min(k + 2, MAX_DRAFT_TOKENS) if accepted == k else k - 1
@@ -189,12 +254,17 @@ class Completion:
             text = text[:-1]
         if len(text) > len(result.text) and text.startswith(result.text):
             delta, result.text = text[len(result.text):], text
-            self.emit(("text", delta))
+            shown = len(result.shown_logprobs())
+            sent, result.sent_logprobs = result.sent_logprobs, shown
+            self.emit(("text", Piece(delta, tuple(result.logprobs[sent:shown]), tuple(result.starts[sent:shown]))))
 
     def _choose(self, logits: torch.Tensor, counts: torch.Tensor, gen: torch.Generator) -> int:
         s = self.sampling
         if s.presence_penalty or s.frequency_penalty:  # OpenAI's definition, on the completion's tokens
             logits = logits - s.frequency_penalty * counts - s.presence_penalty * (counts > 0).float()
+        if s.logit_bias:
+            ids, bias = zip(*s.logit_bias)
+            logits = logits.index_add(0, torch.tensor(ids), torch.tensor(bias, dtype=logits.dtype))
         if s.temperature == 0:
             return int(logits.argmax())
         probs = torch.softmax(logits / s.temperature, dim=-1)

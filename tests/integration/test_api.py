@@ -140,8 +140,24 @@ def test_errors_come_back_in_openai_shape_with_their_status(api):
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], temperature=3)
     assert e.value.body["param"] == "temperature"
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], n=2)
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], n=17)
     assert e.value.body["param"] == "n"
+    for bad, param in [({"logprobs": True, "top_logprobs": 21}, "top_logprobs"), ({"top_logprobs": 2}, "top_logprobs"),
+                       ({"logit_bias": {"abc": 5}}, "logit_bias"), ({"logit_bias": {"5": 101}}, "logit_bias"),
+                       ({"logit_bias": {"9" * 5000: 1}}, "logit_bias"), ({"logit_bias": {"\u0663": 1}}, "logit_bias"),
+                       ({"logit_bias": {str(len(tokenizer) + 10**6): 1}}, "logit_bias")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], **bad)
+        assert e.value.body["param"] == param, bad
+    with pytest.raises(openai.BadRequestError) as e:  # SmolLM2's chat template has no tools
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], tools=[
+            {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}])
+    assert e.value.body["param"] == "tools" and "template has no tools" in e.value.message
+    for bad, param in [({"n": 3, "best_of": 2}, "best_of"), ({"best_of": 2, "stream": True}, "best_of"),
+                       ({"logprobs": 21}, "logprobs"), ({"echo": "yes"}, "echo")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model=MODEL, prompt="hi", **bad)
+        assert e.value.body["param"] == param, bad
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=MODEL, messages=[{"role": "robot", "content": "hi"}])
     # bearer keys
@@ -265,3 +281,131 @@ def test_no_route_and_no_swarmd_are_503_with_the_reason(real_model, tmp_path):
             assert status == 400 and "nests too deeply" in body["error"]["message"]
     finally:
         lonely.stop()
+
+
+def hf_logprobs(ref, ids: torch.Tensor) -> torch.Tensor:
+    """HF's log-softmax at every position of `ids` ([1, T]): row i scores token i + 1."""
+    with torch.no_grad():
+        return torch.log_softmax(ref(ids).logits[0].float(), dim=-1)
+
+
+def test_logprobs_and_top_logprobs_equal_hf_streamed_and_not(api):
+    url, client, tokenizer, ref, _ = api
+    ids = chat_ids(tokenizer, QUESTION)
+    want = ref.generate(ids, do_sample=False, max_new_tokens=12)
+    lp = hf_logprobs(ref, want)
+    ask = dict(model=MODEL, messages=[{"role": "user", "content": QUESTION}], temperature=0, max_tokens=12,
+               logprobs=True, top_logprobs=5)
+    content = client.chat.completions.create(**ask).choices[0].logprobs.content
+    streamed = [x for c in client.chat.completions.create(**ask, stream=True)
+                if c.choices and c.choices[0].logprobs for x in c.choices[0].logprobs.content]
+    generated = want[0, ids.shape[1]:].tolist()
+    shown = generated[:-1] if generated[-1] in (tokenizer.eos_token_id, ref.generation_config.eos_token_id) \
+        else generated  # every token but the end-of-text one
+    assert len(shown) >= 5
+    for got in (content, streamed):
+        assert [x.token for x in got] == [tokenizer.decode([t]) for t in shown]
+        for j, x in enumerate(got):
+            row = lp[ids.shape[1] - 1 + j]
+            assert abs(x.logprob - float(row[generated[j]])) < 1e-4
+            values, top = row.topk(5)
+            assert [t.token for t in x.top_logprobs] == [tokenizer.decode([t]) for t in top.tolist()]
+            assert max(abs(t.logprob - float(v)) for t, v in zip(x.top_logprobs, values)) < 1e-4
+            assert x.bytes == list(x.token.encode())
+
+
+def test_echo_gives_the_prompts_logprobs_as_hf_and_logit_bias_moves_the_choice(api):
+    url, client, tokenizer, ref, _ = api
+    prompt = "The three primary colors are"
+    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+    r = client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=4, echo=True, logprobs=3)
+    text, got = r.choices[0].text, r.choices[0].logprobs
+    assert text.startswith(prompt) and len(text) > len(prompt)
+    assert got.token_logprobs[0] is None and got.top_logprobs[0] is None
+    assert "".join(got.tokens) == text
+    assert got.text_offset == [len("".join(got.tokens[:i])) for i in range(len(got.tokens))]
+    full = torch.tensor([tokenizer(text)["input_ids"]])
+    assert full.shape[1] == len(got.tokens)
+    lp = hf_logprobs(ref, full)
+    for i in range(1, full.shape[1]):
+        assert abs(got.token_logprobs[i] - float(lp[i - 1, full[0, i]])) < 1e-4, i
+        assert len(got.top_logprobs[i]) == 3
+
+    # logit_bias: -100 on the greedy token makes the next likeliest one chosen; +100 forces one
+    first = int(lp[ids.shape[1] - 1].argmax())
+    second = int(lp[ids.shape[1] - 1].topk(2).indices[1])
+    r = client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=1,
+                                  logit_bias={str(first): -100}, logprobs=0)
+    assert r.choices[0].logprobs.tokens == [tokenizer.decode([second])]
+    assert abs(r.choices[0].logprobs.token_logprobs[0] - float(lp[ids.shape[1] - 1, second])) < 1e-4  # the model's own
+    forced = tokenizer(" banana")["input_ids"][0]
+    r = client.completions.create(model=MODEL, prompt=prompt, temperature=0.8, max_tokens=3, seed=1,
+                                  logit_bias={str(forced): 100})
+    assert r.choices[0].text == tokenizer.decode([forced] * 3)
+
+
+def test_n_choices_sample_apart_reproducibly_and_best_of_keeps_the_likeliest(api):
+    url, client, *_ = api
+    ask = dict(model=MODEL, messages=[{"role": "user", "content": "Tell me a story."}], temperature=1.0,
+               max_tokens=10, seed=5)
+    r = client.chat.completions.create(**ask, n=3)
+    texts = [c.message.content for c in r.choices]
+    assert [c.index for c in r.choices] == [0, 1, 2] and len(set(texts)) > 1
+    assert 3 <= r.usage.completion_tokens <= 30  # every choice's tokens
+    streamed: dict[int, str] = {}
+    for c in client.chat.completions.create(**ask, n=3, stream=True):
+        for ch in c.choices:
+            streamed[ch.index] = streamed.get(ch.index, "") + (ch.delta.content or "")
+    assert [streamed[i] for i in range(3)] == texts  # choice i samples with seed + i, streamed or not
+    assert client.chat.completions.create(**{**ask, "seed": 6}).choices[0].message.content == texts[1]
+
+    prompt = "Once upon a time"
+    opts = dict(model=MODEL, prompt=prompt, temperature=1.0, max_tokens=8, seed=9)
+    r = client.completions.create(**opts, n=3, logprobs=0)
+    three = r.choices
+
+    def mean(c) -> float:
+        return sum(c.logprobs.token_logprobs) / len(c.logprobs.token_logprobs)
+
+    best = client.completions.create(**opts, n=1, best_of=3)
+    assert len(best.choices) == 1 and best.choices[0].logprobs is None  # ranked by them, not asked for them
+    assert best.choices[0].text == max(three, key=mean).text
+    assert best.usage.completion_tokens == r.usage.completion_tokens  # the same three generations
+
+
+def test_requests_beyond_the_running_wait_their_turn_and_beyond_the_queue_get_429(api):
+    """api.max_concurrent 1, max_queued 1: the second request waits for the first and gets its
+    answer; a third, while both are there, is refused at once with Retry-After."""
+    url, client, tokenizer, ref, servers = api
+    question = "Name three colors of the rainbow."
+    expected = hf_greedy(ref, tokenizer, chat_ids(tokenizer, question), 24)[0]
+    with running_api(servers[0], {"max_concurrent": 1, "max_queued": 1}) as small:
+        one = openai.OpenAI(base_url=small + "/v1", api_key="-", max_retries=0, timeout=120)
+        answers: dict[int, str] = {}
+
+        def ask(i: int, tokens: int, **more) -> None:
+            r = one.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": question}],
+                                            temperature=0, max_tokens=tokens, **more)
+            answers[i] = r.choices[0].message.content
+
+        until(lambda: server_sessions(servers) == 0, 20, "no sessions left from earlier tests")
+        eos = ref.generation_config.eos_token_id
+        barred = {str(t): -100 for t in ([eos] if isinstance(eos, int) else eos) + [tokenizer.eos_token_id]}
+        # the first runs its 150 tokens (its end-of-text token barred): seconds, while the rest is tried
+        first = threading.Thread(target=ask, args=(0, 150), kwargs={"logit_bias": barred})
+        first.start()
+        until(lambda: server_sessions(servers) >= 2, 20, "the first request's session")
+        second = threading.Thread(target=ask, args=(1, 24))
+        second.start()
+        time.sleep(0.5)  # waiting in the queue
+        assert server_sessions(servers) == 2  # the second has no session yet
+        body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
+        req = urllib.request.Request(small + "/v1/chat/completions", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=30)
+        assert e.value.code == 429 and int(e.value.headers["Retry-After"]) >= 1
+        assert json.loads(e.value.read())["error"]["code"] == "too_many_requests"
+        first.join(120)
+        second.join(120)
+        assert answers[1] == expected and 0 in answers

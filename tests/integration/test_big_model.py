@@ -31,32 +31,92 @@ def big_model() -> str:
     return get_model(BIG_MODEL, REAL_MODEL_CACHE)
 
 
+@pytest.fixture(scope="module")
+def big_swarm(big_model):
+    with running_swarm(big_model, SPANS, gateway=False) as (servers, first):
+        yield servers, first
+
+
 def chat_ids(tokenizer, prompt: str) -> torch.Tensor:
     ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                         return_tensors="pt")
     return ids if torch.is_tensor(ids) else ids["input_ids"]
 
 
-def test_the_1_5b_answers_coding_prompts_as_hf_does_and_a_daemon_holds_little_beyond_its_span(big_model):
+def test_the_1_5b_answers_coding_prompts_as_hf_does_and_a_daemon_holds_little_beyond_its_span(big_model, request):
     tokenizer = AutoTokenizer.from_pretrained(big_model)
     prompts = [chat_ids(tokenizer, p) for p in PROMPTS]
     ref = AutoModelForCausalLM.from_pretrained(big_model, dtype=torch.float32).eval()
     expected = [ref.generate(ids, do_sample=False, max_new_tokens=NEW_TOKENS) for ids in prompts]
     del ref  # 7 GB: the swarm's daemons and the app's embeddings need the room
     gc.collect()
-    with running_swarm(big_model, SPANS, gateway=False) as (servers, first):
-        model = AutoDistributedModelForCausalLM.from_pretrained(big_model, socket=first.socket)
-        for ids, want in zip(prompts, expected):
-            got = model.generate(ids, do_sample=False, max_new_tokens=NEW_TOKENS)
-            assert torch.equal(got, want), (tokenizer.decode(got[0]), tokenizer.decode(want[0]))
-        assert "def" in tokenizer.decode(expected[0][0])  # an answer, not noise
-        c = Checkpoint(big_model)
-        span = [n for n in c.index if any(f".layers.{i}." in n for i in range(9, 19))]
-        span_bytes = sum(t.numel() * 4 for t in c.read(span).values())  # served in float32
-        held = rss_mib(servers[1]) * 2**20
-        print(f"1.5B: the daemon of blocks 9:19 holds {held / 2**20:.0f} MiB for {span_bytes / 2**20:.0f} MiB of "
-              f"float32 weights ({held / span_bytes:.2f}x)")
-        assert held <= 1.3 * span_bytes, f"{held / 2**20:.0f} MiB held for {span_bytes / 2**20:.0f} MiB of weights"
+    servers, first = request.getfixturevalue("big_swarm")  # started only now: HF's model has gone
+    model = AutoDistributedModelForCausalLM.from_pretrained(big_model, socket=first.socket)
+    for ids, want in zip(prompts, expected):
+        got = model.generate(ids, do_sample=False, max_new_tokens=NEW_TOKENS)
+        assert torch.equal(got, want), (tokenizer.decode(got[0]), tokenizer.decode(want[0]))
+    assert "def" in tokenizer.decode(expected[0][0])  # an answer, not noise
+    c = Checkpoint(big_model)
+    span = [n for n in c.index if any(f".layers.{i}." in n for i in range(9, 19))]
+    span_bytes = sum(t.numel() * 4 for t in c.read(span).values())  # served in float32
+    held = rss_mib(servers[1]) * 2**20
+    print(f"1.5B: the daemon of blocks 9:19 holds {held / 2**20:.0f} MiB for {span_bytes / 2**20:.0f} MiB of "
+          f"float32 weights ({held / span_bytes:.2f}x)")
+    assert held <= 1.3 * span_bytes, f"{held / 2**20:.0f} MiB held for {span_bytes / 2**20:.0f} MiB of weights"
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "the city's name"}},
+                   "required": ["city"]}}}
+
+
+def test_the_1_5b_calls_a_tool_through_swarm_api_and_answers_with_its_result(big_model, big_swarm):
+    """OpenAI tools on the model's own chat template (Qwen2.5's <tool_call> tags): the model
+    calls get_weather for Paris, whole and streamed alike; given the tool's answer, it uses it."""
+    import json
+
+    import openai
+    from localswarm import running_api
+
+    servers, first = big_swarm
+    with running_api(first, {"route_timeout_s": 30}) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=300)
+        messages = [{"role": "user", "content": "What is the weather like in Paris right now?"}]
+        ask = dict(model=BIG_MODEL, messages=messages, tools=[WEATHER], temperature=0, max_tokens=40)
+        r = client.chat.completions.create(**ask)
+        choice = r.choices[0]
+        assert choice.finish_reason == "tool_calls", choice.message.content
+        (call,) = choice.message.tool_calls
+        assert call.type == "function" and call.function.name == "get_weather"
+        assert "paris" in json.loads(call.function.arguments)["city"].lower()
+
+        streamed: dict[int, dict] = {}
+        finish = None
+        for chunk in client.chat.completions.create(**ask, stream=True):
+            for c in chunk.choices:
+                finish = c.finish_reason or finish
+                for d in c.delta.tool_calls or []:
+                    got = streamed.setdefault(d.index, {"name": "", "arguments": ""})
+                    got["name"] += d.function.name or ""
+                    got["arguments"] += d.function.arguments or ""
+        assert finish == "tool_calls"
+        assert streamed == {0: {"name": "get_weather", "arguments": call.function.arguments}}
+
+        messages += [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                     {"role": "tool", "tool_call_id": call.id, "content": "22 degrees Celsius and sunny"}]
+        # tool_choice none: this 1.5B, offered the tool again, would call it again rather than answer
+        r = client.chat.completions.create(model=BIG_MODEL, messages=messages, tools=[WEATHER], temperature=0,
+                                           max_tokens=40, tool_choice="none")
+        answer = r.choices[0].message.content
+        assert r.choices[0].finish_reason in ("stop", "length") and not r.choices[0].message.tool_calls
+        assert "22" in answer and "sunny" in answer.lower(), answer
+
+        # a named function: the answer starts inside its call
+        r = client.chat.completions.create(model=BIG_MODEL, messages=messages[:1], tools=[WEATHER], temperature=0,
+                                           max_tokens=30, tool_choice={"type": "function",
+                                                                       "function": {"name": "get_weather"}})
+        assert [c.function.name for c in r.choices[0].message.tool_calls] == ["get_weather"]
 
 
 def test_gemma_3_270m_interleaved_sliding_and_global_attention_answers_as_hf_does():

@@ -87,6 +87,71 @@ def test_top_p_samples_only_from_the_smallest_set_that_reaches_it():
     # OpenAI's frequency penalty: a token already said three times loses 3 x penalty
     job.sampling = Sampling(max_tokens=1, temperature=0, frequency_penalty=2.0)
     assert job._choose(logits, torch.tensor([0.0, 3.0, 0.0, 0.0]), gen) == 2
+    # logit_bias: added to those logits before choosing; -100 bars a token, +100 forces one
+    job.sampling = Sampling(max_tokens=1, temperature=0, logit_bias=((1, -100.0),))
+    assert job._choose(logits, torch.zeros(4), gen) == 2
+    job.sampling = Sampling(max_tokens=1, temperature=1.0, logit_bias=((3, 100.0),))
+    assert {job._choose(logits, torch.zeros(4), gen) for _ in range(100)} == {3}
+
+
+def test_a_tokens_logprob_is_the_log_softmax_of_the_models_logits_with_the_likeliest():
+    from libswarm.api.engine import prompt_logprobs, token_logprob
+
+    logits = torch.tensor([1.0, 3.0, 2.0, -1.0])
+    want = torch.log_softmax(logits, -1)
+    x = token_logprob(logits, 2, 2)
+    assert x.token == 2 and x.logprob == pytest.approx(float(want[2]))
+    assert [t for t, _ in x.top] == [1, 2] and x.top[0][1] == pytest.approx(float(want[1]))
+    assert token_logprob(logits, 0, 0).top == ()
+    rows = torch.stack([logits, logits.flip(0), logits])
+    got = prompt_logprobs(rows, [3, 0, 1], 1)  # the first token has none; token i is scored by row i - 1
+    assert got[0].logprob is None and got[1].logprob == pytest.approx(float(want[0]))
+    assert got[2].logprob == pytest.approx(float(torch.log_softmax(logits.flip(0), -1)[1]))
+
+
+class _Client:
+    """What Slots asks of a request: whether its client has gone."""
+
+    def __init__(self):
+        self.gone = False
+
+    async def is_disconnected(self) -> bool:
+        return self.gone
+
+
+def test_slots_run_max_concurrent_queue_the_next_in_order_and_refuse_beyond_the_queue():
+    import asyncio
+
+    from libswarm.api.app import ApiError, Slots
+
+    async def scenario():
+        slots = Slots(2, 2)
+        a, b, c, d = _Client(), _Client(), _Client(), _Client()
+        assert await slots.take(2, a)
+        order: list[str] = []
+
+        async def wait(name, k, client):
+            ok = await slots.take(k, client)
+            order.append(f"{name}:{ok}")
+
+        tb = asyncio.create_task(wait("b", 1, b))
+        tc = asyncio.create_task(wait("c", 2, c))
+        await asyncio.sleep(0.05)
+        with pytest.raises(ApiError) as e:  # two wait already
+            await slots.take(1, d)
+        assert e.value.status == 429 and e.value.headers == {"Retry-After": "1"}
+        slots.give(1)  # b fits; c (2) waits behind it
+        await asyncio.sleep(0.05)
+        assert order == ["b:True"] and slots.free == 0
+        c.gone = True  # c's client leaves while waiting: its place goes
+        await asyncio.wait_for(tc, 2)
+        assert order == ["b:True", "c:False"] and slots.waiting == []
+        slots.give(1)
+        slots.give(1)
+        assert slots.free == 2 and await slots.take(2, d)
+        await tb
+
+    asyncio.run(scenario())
 
 
 def test_keys_file_is_read_again_when_it_changes(tmp_path):
@@ -129,3 +194,65 @@ def test_swarm_api_cli_refuses_a_bad_config_in_one_line_with_status_2(tmp_path):
         r = subprocess.run([exe, "--config", write(tmp_path, data)], capture_output=True, text=True, timeout=120)
         assert r.returncode == 2, r.stderr
         assert r.stderr.startswith("swarm-api: ") and expected in r.stderr and r.stderr.count("\n") == 1
+
+
+TOOLS_TEMPLATE = "{% if tools %}<tools>{{ tools | tojson }}</tools> answer in <tool_call>{}</tool_call>{% endif %}"
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+
+
+def test_tool_calls_are_parsed_out_of_the_text_and_a_broken_one_stays_text():
+    import json
+
+    from libswarm.api.tools import parse_calls, visible_end
+
+    text = ('Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+            '<tool_call>{"name": "get_time", "arguments": {}}')  # the last one unclosed at the end
+    content, calls = parse_calls(text)
+    assert content == "Let me look."
+    assert [c["function"]["name"] for c in calls] == ["get_weather", "get_time"]
+    assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris"}
+    assert calls[0]["id"].startswith("call_") and calls[0]["id"] != calls[1]["id"]
+    assert parse_calls("<tool_call>{not json}</tool_call> hi") == ("<tool_call>{not json}</tool_call> hi", [])
+    assert parse_calls('<tool_call>["no", "name"]</tool_call>')[1] == []
+    assert parse_calls("just text") == ("just text", [])
+    # the call's object alone, bare or fenced (small models drop the tags), naming an offered tool
+    fenced = '```json\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n```'
+    assert parse_calls(fenced, ["get_weather"])[0] is None
+    assert json.loads(parse_calls(fenced, ["get_weather"])[1][0]["function"]["arguments"]) == {"city": "Oslo"}
+    assert parse_calls(fenced, ["other_tool"]) == (fenced, [])  # not a tool offered: text
+    assert parse_calls("Use " + fenced, ["get_weather"])[1] == []  # not the whole answer: text
+    # streamed: text goes out up to the first call, less what may begin one
+    assert visible_end("Hello <tool") == len("Hello ")
+    assert visible_end("Hello <tool_call>{") == len("Hello ")
+    assert visible_end("Hello <tox") == len("Hello <tox")
+    assert visible_end(" ``") == 0 and visible_end('```json\n{"na') == 0 and visible_end('{"name"') == 0
+
+
+def test_tools_and_tool_choice_are_checked_and_a_template_without_tools_is_refused():
+    from libswarm.api.tools import ToolError, Tools, template_messages
+
+    t = Tools({"tools": [WEATHER]}, TOOLS_TEMPLATE)
+    assert t.active and t.prefill == "" and t.functions[0]["function"]["name"] == "get_weather"
+    assert Tools({"tools": [WEATHER], "tool_choice": "required"}, TOOLS_TEMPLATE).prefill == "<tool_call>\n"
+    named = Tools({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
+                  TOOLS_TEMPLATE)
+    assert named.prefill == '<tool_call>\n{"name": "get_weather", "arguments": '
+    assert not Tools({"tools": [WEATHER], "tool_choice": "none"}, TOOLS_TEMPLATE).active
+    assert not Tools({}, None).active
+    for data, template, param in [
+        ({"tools": [WEATHER]}, "{{ messages }}", "tools"),  # the template has no tools
+        ({"tools": [WEATHER]}, "{% if tools %}{{ tools }}{% endif %}", "tools"),  # nor <tool_call> tags
+        ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, TOOLS_TEMPLATE, "tools[0]"),
+        ({"tools": "get_weather"}, TOOLS_TEMPLATE, "tools"),
+        ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "other"}}}, TOOLS_TEMPLATE,
+         "tool_choice"),
+        ({"tool_choice": "required"}, TOOLS_TEMPLATE, "tool_choice"),
+    ]:
+        with pytest.raises(ToolError) as e:
+            Tools(data, template)
+        assert e.value.param == param, data
+    shaped = template_messages([{"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]}])
+    assert shaped[0]["tool_calls"][0]["function"]["arguments"] == {"city": "Oslo"}  # as templates take them
+    with pytest.raises(ToolError):
+        template_messages([{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{x"}}]}])
