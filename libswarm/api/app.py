@@ -42,6 +42,7 @@ from libswarm.errors import (
     SwarmError,
     TensorError,
 )
+from libswarm.grammar import GrammarError, check, json_grammar, tool_call_grammar
 
 log = logging.getLogger("swarm-api")
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "index.html")
@@ -403,9 +404,7 @@ class Params:
             self.tools = Tools(data if kind == "chat" else {}, getattr(service.tokenizer, "chat_template", None))
         except ToolError as e:
             raise ApiError(400, str(e), param=e.param) from None
-        fmt = data.get("response_format")
-        if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-            raise ApiError(400, "response_format must be {\"type\": \"text\"}", param="response_format")
+        self.schema, self.json = _response_format(data)
         opts = data.get("stream_options")
         if opts is not None and not isinstance(opts, dict):
             raise ApiError(400, "stream_options must be an object", param="stream_options")
@@ -420,7 +419,8 @@ class Params:
         self.presence = _number(data, "presence_penalty", 0.0, -2.0, 2.0)
         self.frequency = _number(data, "frequency_penalty", 0.0, -2.0, 2.0)
 
-    def sampling(self, prompt_tokens: int, context: int, default_max: int, param: str) -> Sampling:
+    def sampling(self, prompt_tokens: int, context: int, default_max: int, param: str,
+                 grammar: str | None = None) -> Sampling:
         if prompt_tokens >= context:
             raise ApiError(400, f"This model's maximum context length is {context} tokens. However, your {param} "
                            f"resulted in {prompt_tokens} tokens. Please reduce the length of the {param}.",
@@ -437,7 +437,44 @@ class Params:
         return Sampling(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, seed=seed,
                         stop=self.stop, presence_penalty=self.presence, frequency_penalty=self.frequency,
                         logprobs=logprobs, logit_bias=self.logit_bias,
-                        prompt_logprobs=self.echo and self.logprobs is not None)
+                        prompt_logprobs=self.echo and self.logprobs is not None, grammar=grammar)
+
+
+def _response_format(data: dict) -> tuple[dict | None, bool]:
+    """response_format: text, json_object (any JSON object) or json_schema; (its schema, whether
+    the answer is JSON)."""
+    fmt = data.get("response_format")
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if fmt is None or kind == "text":
+        return None, False
+    if kind == "json_object":
+        return None, True
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise ApiError(400, "response_format.json_schema must be an object with a schema object",
+                           param="response_format")
+        return spec.get("schema") or {"type": "object"}, True
+    raise ApiError(400, "response_format.type must be text, json_object or json_schema", param="response_format")
+
+
+def grammar_for(req: Params, tokenizer, vocab: int) -> str | None:
+    """The grammar a request's answer is held to, checked against the model's tokenizer (off
+    the event loop: a large schema takes a while): a required or named tool's call, or the
+    response_format's JSON. None: free text."""
+    param = "tools" if req.tools.prefill else "response_format"
+    try:
+        if req.tools.prefill:
+            named = [f for f in req.tools.functions if f["function"]["name"] == req.tools.named]
+            grammar = tool_call_grammar(named or req.tools.functions, bool(named))
+        elif req.json:
+            grammar = json_grammar(req.schema)
+        else:
+            return None
+        check(tokenizer, grammar, vocab)
+    except GrammarError as e:
+        raise ApiError(400, str(e), param=param) from None
+    return grammar
 
 
 def _logit_bias(data: dict, vocab: int) -> tuple[tuple[int, float], ...]:
@@ -586,7 +623,8 @@ def create_app(config: ApiConfig, model=None, tokenizer=None) -> Starlette:
                                                  req.tools), "messages"
             else:
                 prompt, param = await _in_thread(text_prompt, service.tokenizer, data.get("prompt")), "prompt"
-            sampling = req.sampling(prompt.shape[1], service.context(model), config.api.max_tokens, param)
+            grammar = await _in_thread(grammar_for, req, service.tokenizer, service.vocab_size())
+            sampling = req.sampling(prompt.shape[1], service.context(model), config.api.max_tokens, param, grammar)
         except BaseException:
             service.slots.give(runs)
             raise

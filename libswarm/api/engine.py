@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 
 from libswarm.client import SwarmClient
+from libswarm.grammar import Constraint
 
 DRAFT_TOKENS = 4  # a draft's first proposal; then +2 while all are taken, -1 when not
 MAX_DRAFT_TOKENS = 16
@@ -34,6 +35,7 @@ class Sampling:
     logprobs: int | None = None  # None: none reported; k: each token's log-probability and the k likeliest
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit) before choosing
     prompt_logprobs: bool = False  # also each prompt token's log-probability after the ones before it
+    grammar: str | None = None  # the answer held to it (libswarm/grammar.py): a JSON schema's, a tool call's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +107,7 @@ class Completion:
         self.cancelled = threading.Event()
         self.session_id: str | None = None
         self._shown = 0  # the length of the text the tokens so far decode to
+        self.constraint: Constraint | None = None  # with Sampling.grammar
         self.prompt_logprobs: list[TokenLogprob] = []  # with Sampling.prompt_logprobs, once the prompt went through
         self.thread = threading.Thread(target=self._run, name="completion", daemon=True)
 
@@ -135,6 +138,8 @@ class Completion:
         stops = StopText(s.stop)
         length = self.prompt.shape[1] + s.max_tokens
         counts = torch.zeros(self.model.config.vocab_size)
+        if s.grammar is not None:
+            self.constraint = Constraint(self.tokenizer, s.grammar, self.model.config.vocab_size)
         with SwarmClient(socket=self.socket) as client, torch.no_grad(), \
                 self.model.inference_session(length, route_timeout_s=self.route_timeout_s, client=client) as sess:
             if self.drafting():
@@ -165,8 +170,8 @@ class Completion:
         """Whether this completion decodes with the draft model: greedy without penalties, where
         verifying the draft's tokens gives exactly the tokens plain greedy decoding would."""
         s = self.sampling
-        return self.draft is not None and s.temperature == 0 and not (s.presence_penalty or s.frequency_penalty
-                                                                       or s.logit_bias)
+        return self.draft is not None and s.temperature == 0 and s.grammar is None and \
+            not (s.presence_penalty or s.frequency_penalty or s.logit_bias)
 
     def _take(self, result: Result, token: int, counts: torch.Tensor, stops: StopText, logits: torch.Tensor) -> bool:
         """Add a generated token (chosen from `logits`) to the result and report the text; True
@@ -180,11 +185,13 @@ class Completion:
             self._send(result, self.tokenizer.decode(result.tokens[:-1], skip_special_tokens=True))
             result.finish_reason = "stop"
             return True
+        if self.constraint is not None:
+            self.constraint.advance(token)
         text = self.tokenizer.decode(result.tokens, skip_special_tokens=True)
         self._shown = len(text.rstrip("\ufffd"))  # where the next token's text starts
         cut = stops.cut(text)
-        if cut is not None:
-            self._send(result, cut)
+        if cut is not None or (self.constraint is not None and self.constraint.done):  # or the grammar's end
+            self._send(result, text if cut is None else cut)
             result.finish_reason = "stop"
             return True
         self._send(result, text[:stops.safe_end(text)])
@@ -260,6 +267,8 @@ class Completion:
 
     def _choose(self, logits: torch.Tensor, counts: torch.Tensor, gen: torch.Generator) -> int:
         s = self.sampling
+        if self.constraint is not None:  # what cannot continue the grammar is out, whatever else is said
+            logits = self.constraint.mask(logits)
         if s.presence_penalty or s.frequency_penalty:  # OpenAI's definition, on the completion's tokens
             logits = logits - s.frequency_penalty * counts - s.presence_penalty * (counts > 0).float()
         if s.logit_bias:

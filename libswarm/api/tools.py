@@ -43,6 +43,7 @@ class Tools:
         self.prefill = ""  # the answer's opening, written for the model
         self.active = False  # whether the answer is parsed for calls
         self.names: list[str] = []  # of the tools offered
+        self.named: str | None = None  # tool_choice's function
         if tools is None or tools == []:
             if choice not in (None, "none", "auto"):
                 raise ToolError("tool_choice needs tools", "tool_choice")
@@ -69,7 +70,8 @@ class Tools:
             self.prefill = OPEN + "\n"
         elif isinstance(choice, dict) and choice.get("type") == "function" and \
                 isinstance(choice.get("function"), dict) and choice["function"].get("name") in names:
-            self.prefill = f'{OPEN}\n{{"name": {json.dumps(choice["function"]["name"])}, "arguments": '
+            self.named = choice["function"]["name"]
+            self.prefill = f'{OPEN}\n{{"name": {json.dumps(self.named)}, "arguments": '
         else:
             raise ToolError("tool_choice must be none, auto, required or {\"type\": \"function\", \"function\": "
                             f"{{\"name\": NAME}}}} naming one of the tools ({', '.join(names)})", "tool_choice")

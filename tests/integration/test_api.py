@@ -409,3 +409,70 @@ def test_requests_beyond_the_running_wait_their_turn_and_beyond_the_queue_get_42
         first.join(120)
         second.join(120)
         assert answers[1] == expected and 0 in answers
+
+
+PERSON = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 24},
+    "age": {"type": "integer", "minimum": 0, "maximum": 120},
+    "city": {"type": "string", "maxLength": 24}}, "required": ["name", "age", "city"], "additionalProperties": False}
+
+
+def test_json_schema_answers_validate_every_time_sampled_and_json_object_is_an_object(api):
+    """response_format json_schema held while decoding (llguidance): 20 sampled answers, each
+    valid against the schema (pydantic); json_object gives an object; a schema the grammar
+    engine refuses is a 400 naming response_format."""
+    import pydantic
+
+    url, client, tokenizer, *_ = api
+
+    class Person(pydantic.BaseModel):
+        model_config = pydantic.ConfigDict(extra="forbid")
+        name: str = pydantic.Field(max_length=24)
+        age: int = pydantic.Field(ge=0, le=120)
+        city: str = pydantic.Field(max_length=24)
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    answers = []
+    for seed in range(0, 20, 5):  # 4 requests of 5 choices (seeds seed .. seed + 4): 20 sampled answers
+        r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Invent a person."}],
+                                           response_format=fmt, temperature=1.0, n=5, seed=seed, max_tokens=80)
+        answers += [(c.message.content, c.finish_reason) for c in r.choices]
+    assert len(answers) == 20
+    for text, finish in answers:
+        assert finish == "stop", text
+        Person.model_validate_json(text)
+    assert len({text for text, _ in answers}) > 10  # sampled, not one answer
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Invent a person."}], response_format=fmt,
+        temperature=0, max_tokens=80, stream=True) if c.choices)
+    Person.model_validate_json(streamed)
+
+    # any JSON object: this small model often runs on (its answers cut at max_tokens are the
+    # start of an object), and every answer it ends is one
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Invent a person."}],
+                                       response_format={"type": "json_object"}, temperature=1.0, n=6, seed=3,
+                                       max_tokens=60)
+    assert all(c.message.content.lstrip().startswith("{") for c in r.choices)
+    ended = [c.message.content for c in r.choices if c.finish_reason == "stop"]
+    assert all(isinstance(json.loads(text), dict) for text in ended)
+    for bad in ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strng"}}},
+                {"type": "json_schema", "json_schema": {"name": "x", "schema": "object"}}, {"type": "xml"}):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                           response_format=bad)
+        assert e.value.body["param"] == "response_format", bad
+
+
+def test_the_grammar_holds_libswarms_own_generate_to_a_schema(api):
+    """The same constraint as a Hugging Face logits processor: generate() on the distributed
+    model gives JSON that validates."""
+    from libswarm import AutoDistributedModelForCausalLM
+    from libswarm.grammar import GrammarLogitsProcessor, json_grammar
+
+    url, client, tokenizer, ref, servers = api
+    model = AutoDistributedModelForCausalLM.from_pretrained(ref.name_or_path, socket=servers[0].socket)
+    ids = chat_ids(tokenizer, "Invent a person.")
+    out = model.generate(ids, do_sample=False, max_new_tokens=80,
+                         logits_processor=[GrammarLogitsProcessor(tokenizer, json_grammar(PERSON), 49152)])
+    got = json.loads(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    assert set(got) == {"name", "age", "city"} and isinstance(got["age"], int)

@@ -256,3 +256,29 @@ def test_tools_and_tool_choice_are_checked_and_a_template_without_tools_is_refus
     assert shaped[0]["tool_calls"][0]["function"]["arguments"] == {"city": "Oslo"}  # as templates take them
     with pytest.raises(ToolError):
         template_messages([{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{x"}}]}])
+
+
+def test_a_json_schema_constrains_each_token_and_refusals_are_one_line(real_model):
+    from transformers import AutoTokenizer
+
+    from libswarm.grammar import Constraint, GrammarError, check, json_grammar
+
+    tokenizer = AutoTokenizer.from_pretrained(real_model)
+    schema = {"type": "object", "properties": {"age": {"type": "integer"}}, "required": ["age"],
+              "additionalProperties": False}
+    c = Constraint(tokenizer, json_grammar(schema), 49152)
+    ids = tokenizer('{"age": 42}', add_special_tokens=False)["input_ids"]
+    logits = torch.zeros(49152)
+    for t in ids:
+        masked = c.mask(logits)
+        assert masked[t] == 0 and torch.isinf(masked).sum() > 40000  # this token may come; most may not
+        c.advance(t)
+    assert c.done
+    c = Constraint(tokenizer, json_grammar(schema), 49152)
+    assert torch.isinf(c.mask(logits)[tokenizer("Hello", add_special_tokens=False)["input_ids"][0]])
+    with pytest.raises(GrammarError):
+        c.advance(tokenizer("Hello", add_special_tokens=False)["input_ids"][0])
+    for bad in ({"type": "strng"}, {"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}):
+        with pytest.raises(GrammarError) as e:
+            check(tokenizer, json_grammar(bad), 49152)
+        assert "\n" not in str(e.value)
