@@ -22,9 +22,9 @@ import json
 import threading
 from typing import Any
 
+import numpy as np
 import torch
 
-_BITS = torch.tensor([1 << i for i in range(32)], dtype=torch.int64).to(torch.int32)  # 1 << 31 wraps: still one bit
 _lock = threading.Lock()
 
 
@@ -105,8 +105,8 @@ class Constraint:
 
     def allowed(self, vocab: int) -> torch.Tensor:
         """Which of the first `vocab` token ids may come next (bool)."""
-        words = torch.frombuffer(bytearray(self.matcher.compute_bitmask()), dtype=torch.int32)
-        allowed = ((words.view(-1, 1) & _BITS) != 0).flatten()
+        bits = np.unpackbits(np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
+        allowed = torch.from_numpy(bits.view(np.bool_))
         if allowed.numel() < vocab:  # ids beyond the tokenizer's (padding rows of the head)
             allowed = torch.cat([allowed, allowed.new_zeros(vocab - allowed.numel())])
         return allowed[:vocab]

@@ -49,7 +49,9 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(model)
     barred = {str(tokenizer.eos_token_id): -100}
     print(f"{platform.node()}: {os.cpu_count()} CPUs, torch {torch.__version__}; {args.model}, 2 servers + swarm-api")
-    with running_swarm(model, ["0:15", "15:30"], gateway=False) as (_, first):
+    # a private swarm with one gateway: its sessions may take the whole cache (serve.limits)
+    serve = {"cache": {"max_bytes": "1GiB"}, "limits": {"cache_share_per_key": 1.0}}
+    with running_swarm(model, ["0:15", "15:30"], gateway=False, extra={"serve": serve}) as (_, first):
         with running_api(first, {"max_concurrent": max(args.concurrency)}) as url:
             client = openai.OpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=600)
             ask = dict(model=args.model, messages=[{"role": "user", "content": "Tell me a story."}],
