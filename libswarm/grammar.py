@@ -69,9 +69,11 @@ def json_grammar(schema: dict | None = None) -> str:
 def tool_call_grammar(functions: list[dict], named: bool) -> str:
     """The rest of a tool call after its opening (libswarm/api/tools.py's form): with `named`,
     the one function's arguments matching its parameters' schema (the opening holds its
-    name); else any of the functions, named, with its arguments. Then the call's end."""
+    name); else any of the functions, named, with its arguments; then the object's end."""
     engine = _engine()
-    end = json.dumps("}\n</tool_call>")
+    # the grammar ends with the call's object: the closing tag may be one special token (Qwen2.5's
+    # </tool_call>), which the engine does not take for its text; the call is parsed without it
+    end = json.dumps("}")
     rules = []
     for i, f in enumerate(functions):
         schema = json.dumps(f["function"].get("parameters") or {"type": "object"})

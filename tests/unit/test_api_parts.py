@@ -282,3 +282,31 @@ def test_a_json_schema_constrains_each_token_and_refusals_are_one_line(real_mode
         with pytest.raises(GrammarError) as e:
             check(tokenizer, json_grammar(bad), 49152)
         assert "\n" not in str(e.value)
+
+
+def test_a_required_or_named_tool_call_is_held_to_the_functions_and_their_schemas(real_model):
+    from transformers import AutoTokenizer
+
+    from libswarm.grammar import Constraint, tool_call_grammar
+
+    tokenizer = AutoTokenizer.from_pretrained(real_model)
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+        "additionalProperties": False}}}
+    clock = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+
+    def takes(grammar: str, text: str) -> bool:
+        c = Constraint(tokenizer, grammar, 49152)
+        for t in tokenizer(text, add_special_tokens=False)["input_ids"]:
+            if not c.allowed(49152)[t]:
+                return False
+            c.advance(t)
+        return c.done
+
+    named = tool_call_grammar([weather], named=True)  # after '{"name": "get_weather", "arguments": '
+    assert takes(named, '{"city": "Paris"}}')
+    assert not takes(named, '{"town": "Paris"}}')  # not its schema
+    either = tool_call_grammar([weather, clock], named=False)  # after '<tool_call>\n'
+    assert takes(either, '{"name": "get_time", "arguments": {}}')
+    assert takes(either, '{"name": "get_weather", "arguments": {"city": "Oslo"}}')
+    assert not takes(either, '{"name": "get_date", "arguments": {}}')  # no such tool
