@@ -391,8 +391,8 @@ def test_requests_beyond_the_running_wait_their_turn_and_beyond_the_queue_get_42
         until(lambda: server_sessions(servers) == 0, 20, "no sessions left from earlier tests")
         eos = ref.generation_config.eos_token_id
         barred = {str(t): -100 for t in ([eos] if isinstance(eos, int) else eos) + [tokenizer.eos_token_id]}
-        # the first runs its 150 tokens (its end-of-text token barred): seconds, while the rest is tried
-        first = threading.Thread(target=ask, args=(0, 150), kwargs={"logit_bias": barred})
+        # the first runs its 100 tokens (its end-of-text token barred): seconds, while the rest is tried
+        first = threading.Thread(target=ask, args=(0, 100), kwargs={"logit_bias": barred})
         first.start()
         until(lambda: server_sessions(servers) >= 2, 20, "the first request's session")
         second = threading.Thread(target=ask, args=(1, 24))
@@ -450,8 +450,8 @@ def test_json_schema_answers_validate_every_time_sampled_and_json_object_is_an_o
     # any JSON object: this small model often runs on (its answers cut at max_tokens are the
     # start of an object), and every answer it ends is one
     r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Invent a person."}],
-                                       response_format={"type": "json_object"}, temperature=1.0, n=6, seed=3,
-                                       max_tokens=60)
+                                       response_format={"type": "json_object"}, temperature=1.0, n=4, seed=3,
+                                       max_tokens=40)
     assert all(c.message.content.lstrip().startswith("{") for c in r.choices)
     ended = [c.message.content for c in r.choices if c.finish_reason == "stop"]
     assert all(isinstance(json.loads(text), dict) for text in ended)

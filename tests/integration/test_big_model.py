@@ -65,61 +65,88 @@ def test_the_1_5b_answers_coding_prompts_as_hf_does_and_a_daemon_holds_little_be
     assert held <= 1.3 * span_bytes, f"{held / 2**20:.0f} MiB held for {span_bytes / 2**20:.0f} MiB of weights"
 
 
+AGENT_INSTRUCTIONS = "You answer questions about the weather. Once a tool has answered, reply to the user in one " \
+    "sentence with what it said."
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The current weather in a city.",
     "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "the city's name"}},
                    "required": ["city"]}}}
 
 
-def test_the_1_5b_calls_a_tool_through_swarm_api_and_answers_with_its_result(big_model, big_swarm):
+@pytest.fixture(scope="module")
+def big_api(big_swarm):
+    from localswarm import running_api
+
+    with running_api(big_swarm[1], {"route_timeout_s": 30}) as url:
+        yield url
+
+
+def test_the_1_5b_calls_a_tool_through_swarm_api_and_answers_with_its_result(big_api):
     """OpenAI tools on the model's own chat template (Qwen2.5's <tool_call> tags): the model
-    calls get_weather for Paris, whole and streamed alike; given the tool's answer, it uses it."""
+    calls get_weather for Paris, whole and streamed alike, and a named call's arguments keep to
+    the function's schema."""
     import json
 
     import openai
-    from localswarm import running_api
 
-    servers, first = big_swarm
-    with running_api(first, {"route_timeout_s": 30}) as url:
-        client = openai.OpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=300)
-        messages = [{"role": "user", "content": "What is the weather like in Paris right now?"}]
-        ask = dict(model=BIG_MODEL, messages=messages, tools=[WEATHER], temperature=0, max_tokens=40)
-        r = client.chat.completions.create(**ask)
-        choice = r.choices[0]
-        assert choice.finish_reason == "tool_calls", choice.message.content
-        (call,) = choice.message.tool_calls
-        assert call.type == "function" and call.function.name == "get_weather"
-        assert "paris" in json.loads(call.function.arguments)["city"].lower()
+    url = big_api
+    client = openai.OpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=300)
+    messages = [{"role": "user", "content": "What is the weather like in Paris right now?"}]
+    ask = dict(model=BIG_MODEL, messages=messages, tools=[WEATHER], temperature=0, max_tokens=40)
+    r = client.chat.completions.create(**ask)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls", choice.message.content
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather"
+    assert "paris" in json.loads(call.function.arguments)["city"].lower()
 
-        streamed: dict[int, dict] = {}
-        finish = None
-        for chunk in client.chat.completions.create(**ask, stream=True):
-            for c in chunk.choices:
-                finish = c.finish_reason or finish
-                for d in c.delta.tool_calls or []:
-                    got = streamed.setdefault(d.index, {"name": "", "arguments": ""})
-                    got["name"] += d.function.name or ""
-                    got["arguments"] += d.function.arguments or ""
-        assert finish == "tool_calls"
-        assert streamed == {0: {"name": "get_weather", "arguments": call.function.arguments}}
+    streamed: dict[int, dict] = {}
+    finish = None
+    for chunk in client.chat.completions.create(**ask, stream=True):
+        for c in chunk.choices:
+            finish = c.finish_reason or finish
+            for d in c.delta.tool_calls or []:
+                got = streamed.setdefault(d.index, {"name": "", "arguments": ""})
+                got["name"] += d.function.name or ""
+                got["arguments"] += d.function.arguments or ""
+    assert finish == "tool_calls"
+    assert streamed == {0: {"name": "get_weather", "arguments": call.function.arguments}}
 
-        messages += [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
-                     {"role": "tool", "tool_call_id": call.id, "content": "22 degrees Celsius and sunny"}]
-        # tool_choice none: this 1.5B, offered the tool again, would call it again rather than answer
-        r = client.chat.completions.create(model=BIG_MODEL, messages=messages, tools=[WEATHER], temperature=0,
-                                           max_tokens=40, tool_choice="none")
-        answer = r.choices[0].message.content
-        assert r.choices[0].finish_reason in ("stop", "length") and not r.choices[0].message.tool_calls
-        assert "22" in answer and "sunny" in answer.lower(), answer
+    # the tool's answer fed back and used: the Agents SDK test below (its loop sends the tool's
+    # result as a `tool` message after the assistant's call)
 
-        # a named function: the answer starts inside its call, its arguments held to the schema
-        r = client.chat.completions.create(model=BIG_MODEL, messages=messages[:1], tools=[WEATHER], temperature=0,
-                                           max_tokens=30, tool_choice={"type": "function",
-                                                                       "function": {"name": "get_weather"}})
-        (call,) = r.choices[0].message.tool_calls
-        assert call.function.name == "get_weather" and r.choices[0].finish_reason == "tool_calls"
-        assert isinstance(json.loads(call.function.arguments)["city"], str)
+    # a named function: the answer starts inside its call, its arguments held to the schema
+    r = client.chat.completions.create(model=BIG_MODEL, messages=messages, tools=[WEATHER], temperature=0,
+                                       max_tokens=30, tool_choice={"type": "function",
+                                                                   "function": {"name": "get_weather"}})
+    (call,) = r.choices[0].message.tool_calls
+    assert call.function.name == "get_weather" and r.choices[0].finish_reason == "tool_calls"
+    assert isinstance(json.loads(call.function.arguments)["city"], str)
 
+
+def test_an_openai_agents_sdk_agent_with_one_tool_completes_its_task_through_swarm_api(big_api):
+    """OpenAI's Agents SDK, pointed at swarm-api (its Chat Completions model): the agent calls
+    its tool, gets the answer (a `tool` message after the assistant's call, the tool still
+    offered) and tells the user."""
+    from agents import Agent, ModelSettings, OpenAIChatCompletionsModel, Runner, function_tool, set_tracing_disabled
+    from openai import AsyncOpenAI
+
+    set_tracing_disabled(True)  # no traces sent anywhere
+    asked: list[str] = []
+
+    @function_tool
+    def get_weather(city: str) -> str:
+        """The current weather in a city."""
+        asked.append(city)
+        return "22 degrees Celsius and sunny"
+
+    client = AsyncOpenAI(base_url=big_api + "/v1", api_key="-", max_retries=0, timeout=300)
+    agent = Agent(name="weather", instructions=AGENT_INSTRUCTIONS, tools=[get_weather],
+                  model=OpenAIChatCompletionsModel(model=BIG_MODEL, openai_client=client),
+                  model_settings=ModelSettings(temperature=0, max_tokens=60))
+    result = Runner.run_sync(agent, "What is the weather like in Paris right now?", max_turns=4)
+    assert [c.lower() for c in asked] == ["paris"]
+    assert "22" in result.final_output and "sunny" in result.final_output.lower(), result.final_output
 
 def test_gemma_3_270m_interleaved_sliding_and_global_attention_answers_as_hf_does():
     """Gemma 3 270M (18 blocks: five sliding-window layers of 512 to one global, each kind with
@@ -138,3 +165,4 @@ def test_gemma_3_270m_interleaved_sliding_and_global_attention_answers_as_hf_doe
             got = model.generate(ids, do_sample=False, max_new_tokens=24)
             assert torch.equal(got, want), (tokenizer.decode(got[0]), tokenizer.decode(want[0]))
     assert "return" in tokenizer.decode(want[0])  # the fibonacci prompt's: an answer, not noise
+
