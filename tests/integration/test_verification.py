@@ -41,7 +41,13 @@ def test_strict_generation_through_a_lying_server_equals_hf_and_the_liar_is_dist
         assert liar["offences"] >= 1 and "contradicted by" in liar["reason"]
         assert peer_state(gw, s[0].node_id) == "distrusted"
         verify = gw.ctl("status")["gateway"]["verify"]
-        assert verify["mode"] == "strict" and verify["checks"]["passed"] >= 8
+        # every one of the 8 steps checked, and only the liar's check failed. The route takes the
+        # FAST liar at once as a rule (then its failed step is checked again, on an honest route:
+        # 9 run), but under load an honest server can measure faster: then the liar is only the
+        # shadow of one step, the judge sides with the route and that step stands (8 run)
+        checks = verify["checks"]
+        assert verify["mode"] == "strict" and checks["run"] >= 8, checks
+        assert checks["failed"] == 1 and checks["passed"] == checks["run"] - 1, checks
         assert all(standing(gw, h.node_id).get("offences", 0) == 0 for h in s[1:])  # nobody framed
         got, want = greedy(d, gw.socket, 2, 6)  # and the liar is never used again
         assert torch.equal(got, want)
