@@ -28,6 +28,7 @@ import re
 import struct
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,14 +107,10 @@ def convert_gguf(path: str, out: str, dtype: str | None = None, progress: Progre
     `default_dtype`). With `keep_quant`, the blocks' quantized linear weights are written as
     int8/int4 (see `kept_kind`), not dequantized. Returns facts for the model card: dtype,
     parameters, shards, bytes, seconds, and the kinds of weights kept (tensors of each)."""
-    from gguf import GGUFReader
+    import gguf
+    import transformers.modeling_gguf_pytorch_utils as hf_gguf
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-    from transformers.modeling_gguf_pytorch_utils import (
-        TENSOR_PROCESSORS,
-        TensorProcessor,
-        get_gguf_hf_weights_map,
-        load_gguf_checkpoint,
-    )
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
 
     what = what or path
     if dtype is not None and dtype not in DTYPES:
@@ -121,10 +118,11 @@ def convert_gguf(path: str, out: str, dtype: str | None = None, progress: Progre
     t0 = time.monotonic()
     folder, file = os.path.split(path)
     try:
-        parsed = load_gguf_checkpoint(path, return_tensors=False)["config"]  # metadata only
-        config = AutoConfig.from_pretrained(folder, gguf_file=file)
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
-        reader = GGUFReader(path)
+        with _parsed_once(path):
+            parsed = hf_gguf.load_gguf_checkpoint(path, return_tensors=False)["config"]  # metadata only
+            config = AutoConfig.from_pretrained(folder, gguf_file=file)
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+            reader = gguf.GGUFReader(path)
     except Exception as e:  # transformers and gguf raise many kinds on a bad file
         raise ModelError(f"{what}: cannot read it as GGUF (truncated or corrupt?): {_first_line(e)}") from None
     with torch.device("meta"):  # names and shapes, no memory
@@ -178,6 +176,44 @@ def convert_gguf(path: str, out: str, dtype: str | None = None, progress: Progre
     tokenizer.save_pretrained(out)
     return {"dtype": dtype, "parameters": parameters, "shards": count, "bytes": total,
             "seconds": time.monotonic() - t0, "kept": kept}
+
+
+@contextmanager
+def _parsed_once(path: str) -> Iterator[None]:
+    """While the config, the tokenizer and the plan are read, every parse of the file at `path`
+    is one parse. transformers reads a GGUF's metadata afresh for each (gguf's reader, then its
+    own walk of every value) and the vocabulary is most of it: four parses were 80% of a
+    262k-token Gemma's conversion. Both entry points are looked up on their modules at call time
+    (transformers imports them inside its functions), so they are swapped here and put back."""
+    import copy
+
+    import gguf
+    import transformers.modeling_gguf_pytorch_utils as hf_gguf
+
+    real_reader, real_load = gguf.GGUFReader, hf_gguf.load_gguf_checkpoint
+    mine = os.path.realpath(path)
+    readers: dict[str, Any] = {}
+    loaded: dict[str, Any] = {}
+
+    def reader(p, mode="r"):
+        if mode != "r" or os.path.realpath(p) != mine:
+            return real_reader(p, mode)
+        if "r" not in readers:
+            readers["r"] = real_reader(p, mode)
+        return readers["r"]
+
+    def load(p, return_tensors=False, *args, **kwargs):
+        if return_tensors or args or kwargs or os.path.realpath(p) != mine:
+            return real_load(p, return_tensors, *args, **kwargs)
+        if "m" not in loaded:
+            loaded["m"] = real_load(p, False)
+        return copy.deepcopy(loaded["m"])  # callers pop from what they get
+
+    gguf.GGUFReader, hf_gguf.load_gguf_checkpoint = reader, load
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, hf_gguf.load_gguf_checkpoint = real_reader, real_load
 
 
 def _plan(reader, names: dict[str, str], shapes: dict[str, tuple[int, ...]], what: str) -> list[_Planned]:

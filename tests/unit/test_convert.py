@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,10 +27,21 @@ def hf_state(real_gguf):
     return model.state_dict(), model.config
 
 
+@pytest.fixture(scope="module")
+def float32_converted(real_gguf, tmp_path_factory) -> tuple[str, dict]:
+    """The file converted to float32 once, for the tests that only read what was written."""
+    out = tmp_path_factory.mktemp("float32")
+    return str(out), convert_gguf(real_gguf, str(out), "float32")
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_every_tensor_equals_transformers_reader_in_the_dtype_asked(tmp_path, real_gguf, hf_state, dtype):
+def test_every_tensor_equals_transformers_reader_in_the_dtype_asked(tmp_path, real_gguf, hf_state, dtype, request):
     state, config = hf_state
-    done = convert_gguf(real_gguf, str(tmp_path), dtype)
+    if dtype == "float32":
+        out, done = request.getfixturevalue("float32_converted")
+        tmp_path = Path(out)
+    else:
+        done = convert_gguf(real_gguf, str(tmp_path), dtype)
     assert done["dtype"] == dtype and done["parameters"] == 134_515_008
     c = Checkpoint(str(tmp_path))
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
@@ -49,8 +61,8 @@ def test_every_tensor_equals_transformers_reader_in_the_dtype_asked(tmp_path, re
     assert AutoTokenizer.from_pretrained(str(tmp_path)).chat_template  # the tokenizer and its template
 
 
-def test_each_block_is_a_shard_of_its_own_so_a_span_maps_only_its_files(tmp_path, real_gguf):
-    convert_gguf(real_gguf, str(tmp_path), "float32")
+def test_each_block_is_a_shard_of_its_own_so_a_span_maps_only_its_files(float32_converted):
+    tmp_path = Path(float32_converted[0])
     c = Checkpoint(str(tmp_path))
     files_of = {}
     for name, path in c.index.items():
@@ -138,7 +150,7 @@ def test_a_4_bit_gguf_tensor_maps_to_int4_values_scales_and_minimums_exactly(kin
 
 
 def test_a_gguf_imported_with_its_quantization_kept_holds_a_third_of_the_bytes_and_the_same_weights(
-        tmp_path, real_gguf, hf_state):
+        tmp_path, real_gguf, hf_state, request):
     """SmolLM2's Q4_1 file kept as it is: its 4-bit weights as int4 (the Q6_K/Q8_0 ones as
     int8), every weight within the bfloat16 rounding of its group's scale of transformers'
     reader (Llama's q and k rows in transformers' order), a third of the float32 bytes, a model
@@ -168,9 +180,7 @@ def test_a_gguf_imported_with_its_quantization_kept_holds_a_third_of_the_bytes_a
         assert ((got - want).abs() <= rows_max * 2 ** -6).all(), weight
         seen += 1
     assert seen == 30 * 7
-    (tmp_path / "f").mkdir()
-    convert_gguf(real_gguf, str(tmp_path / "f"), "float32")
-    assert Checkpoint(str(tmp_path / "f")).model_id != c.model_id
+    assert Checkpoint(request.getfixturevalue("float32_converted")[0]).model_id != c.model_id
 
     cpu = torch.device("cpu")
     packed = Span(c, 3, 5, cpu, torch.float32, quant="int4").load()
