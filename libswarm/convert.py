@@ -209,11 +209,14 @@ def _parsed_once(path: str) -> Iterator[None]:
             loaded["m"] = real_load(p, False)
         return copy.deepcopy(loaded["m"])  # callers pop from what they get
 
-    gguf.GGUFReader, hf_gguf.load_gguf_checkpoint = reader, load
+    swaps = [(gguf, "GGUFReader", reader, real_reader), (hf_gguf, "load_gguf_checkpoint", load, real_load)]
+    for module, name, shared, _ in swaps:
+        setattr(module, name, shared)
     try:
         yield
     finally:
-        gguf.GGUFReader, hf_gguf.load_gguf_checkpoint = real_reader, real_load
+        for module, name, _, real in swaps:
+            setattr(module, name, real)
 
 
 def _plan(reader, names: dict[str, str], shapes: dict[str, tuple[int, ...]], what: str) -> list[_Planned]:
