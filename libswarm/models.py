@@ -445,7 +445,7 @@ def _gguf_architecture(path: str, what: str | None = None) -> str:
     `what` names the file in messages (default: `path`)."""
     path_shown = what or path
     try:
-        from gguf import GGUFReader
+        import gguf  # noqa: F401
     except ImportError:
         raise ModelError(f"cannot read {path_shown}: the Python package gguf is not installed in {sys.prefix} "
                          "(pip install gguf)") from None
@@ -454,7 +454,9 @@ def _gguf_architecture(path: str, what: str | None = None) -> str:
         if f.read(4) != b"GGUF":
             raise ModelError(f"{path_shown} is not a GGUF file (it does not start with GGUF)")
     try:
-        field = GGUFReader(path).fields["general.architecture"]
+        from libswarm.convert import read_gguf
+
+        field = read_gguf(path).fields["general.architecture"]
         arch = bytes(field.parts[field.data[0]]).decode()
     except KeyError:
         raise ModelError(f"{path_shown}: the GGUF file names no architecture (general.architecture)") from None

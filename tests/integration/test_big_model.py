@@ -18,7 +18,6 @@ BIG_MODEL = "qwen2.5-coder-1.5b-instruct"
 SPANS = ["0:9", "9:19", "19:28"]  # the middle daemon serves 10 of the 28 blocks
 PROMPTS = [
     "Write a Python function that reverses a string.",
-    "In one sentence: what does `git rebase` do?",
     "Write a SQL query counting the rows of a table named users.",
 ]
 NEW_TOKENS = 20
