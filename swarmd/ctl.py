@@ -26,23 +26,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def reply(args: argparse.Namespace) -> dict:
+    """The reply to the parsed command: worked out here (local commands) or swarmd's. Raises
+    SwarmError."""
+    cmd = COMMANDS[args.command]()
+    if cmd.local:
+        return cmd.run(args)
+    with SwarmClient(socket=args.socket, timeout_s=args.timeout) as client:
+        return client.request(cmd.request_type, cmd.fields(args)).fields
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    cmd = COMMANDS[args.command]()
     try:
-        if cmd.local:
-            reply = cmd.run(args)
-        else:
-            with SwarmClient(socket=args.socket, timeout_s=args.timeout) as client:
-                reply = client.request(cmd.request_type, cmd.fields(args)).fields
+        answer = reply(args)
     except SwarmError as e:
         print(f"swarmctl: {e}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps(reply, indent=2, sort_keys=True))
+        print(json.dumps(answer, indent=2, sort_keys=True))
     else:
-        print(cmd.format(reply, args))
+        print(COMMANDS[args.command]().format(answer, args))
     return 0
 
 
