@@ -86,7 +86,7 @@ def test_the_conversion_never_holds_the_model_and_large_tensors_go_a_slice_at_a_
     """transformers' reader holds every float32 tensor at once (538 MB for this model, and
     again as the model). Converted tensor by tensor, with the embeddings (49152 x 576, 113 MB)
     in 4 MB slices, the conversion's peak RSS grows by less than the float32 model: what
-    grows is the tokenizer's and the file's metadata, parsed (measured: 342 MB)."""
+    grows is the tokenizer's and the file's metadata, parsed once (measured: 243 MiB)."""
     code = ("import sys, resource, libswarm.convert as c; c.SLICE_BYTES = 4 << 20; "
             "import transformers, gguf; base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
             "c.convert_gguf(sys.argv[1], sys.argv[2], 'float32'); "
