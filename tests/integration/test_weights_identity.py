@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import hf_reference, tampered_copy
 from helpers import running_swarm
-from localswarm import Daemon
+from localswarm import Daemon, until
 
 from libswarm import AutoDistributedModelForCausalLM, NoRouteError
 from libswarm.checkpoint import Checkpoint
@@ -31,6 +31,13 @@ def test_server_with_other_weights_is_never_routed_to(model_dirs, tmp_path):
             gw.cfg["discovery"]["seeds"].append(impostor.address)
             gw.stop()
             gw.start(gw.cfg["discovery"]["seeds"]).wait_ready()
+
+            def settled() -> bool:  # the restarted gateway's first contact with each seed takes a round
+                states = {p["address"]: p["state"] for p in gw.ctl("peers")["peers"]}
+                return states.get(impostor.address) not in (None, "contacting") and \
+                    states.get(servers[1].address) not in (None, "contacting")
+
+            until(settled, 15, "the gateway's first contacts")
             peers = {p["address"]: p for p in gw.ctl("peers")["peers"]}
             assert peers[impostor.address]["state"] == "mismatch"
             assert "weights of block 3 differ" in peers[impostor.address]["error"]
