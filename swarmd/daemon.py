@@ -528,6 +528,7 @@ class Daemon:
             "gateway": {
                 "sessions": len(self.gateway.sessions),
                 "failovers": self.gateway.failovers,
+                "resends": self.gateway.resends,
                 "last_failover": self.gateway.last_failover,
                 "banned": sorted(self.gateway.router.bans.banned()),
                 "kept_passes": len(self.gateway.training.kept),

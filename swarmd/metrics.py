@@ -57,6 +57,8 @@ class StatusCollector:
                                 value=stats.get("queued", 0))
         yield CounterMetricFamily("swarmd_failovers", "Failed servers replaced in this gateway's sessions.",
                                   value=status["gateway"]["failovers"])
+        yield CounterMetricFamily("swarmd_step_resends", "Steps sent again to the same server after no answer in "
+                                  "time (a lost message).", value=status["gateway"].get("resends", 0))
         peers = GaugeMetricFamily("swarmd_peers", "Peers in the table by state.", labels=["state"])
         by_state = Counter(p["state"] for p in status.get("peers", []) if not p.get("is_self"))
         for state in PEER_STATES:

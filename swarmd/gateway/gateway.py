@@ -50,7 +50,7 @@ from swarmd.gateway.router import (
 from swarmd.gateway.training import TrainingChains, adapter_name
 from swarmd.gateway.verify import DEFAULT_VERIFY_PROBABILITY, ImplausibleOutput, disagreement
 from swarmd.routing import Hop, missing_blocks
-from swarmd.transport.connection import ConnectionPool
+from swarmd.transport.connection import ConnectionPool, NoAnswerInTime, PeerConnection
 
 log = logging.getLogger("swarmd.gateway")
 
@@ -62,6 +62,7 @@ MAX_WRONG_OUTPUT_ROUTES = 64  # routes a step is tried on after wrong outputs (w
 # Reruns of a step after disputed pushes: each one but the first after a failover marks a pusher
 # or a receiver, whose link the gateway then bridges itself, so a route of n hops needs < 2n
 MAX_PUSH_RERUNS = 16
+MAX_RESENDS = 3  # times a step is sent again to the same server before the server is given up
 
 
 @dataclass
@@ -135,6 +136,7 @@ class Gateway:
         self.status_fn = status
         self.sessions: dict[str, GatewaySession] = {}
         self.failovers = 0
+        self.resends = 0  # steps sent again to the same server after no answer in time
         self.last_failover: dict = {}  # when and how long the phases of the latest failover took
         self._lock = threading.Lock()
         self.verify, self.verify_probability = verify, verify_probability
@@ -408,11 +410,17 @@ class Gateway:
             for k in range(start, n):
                 try:
                     t0 = time.monotonic()
-                    reply = self.router.pool.get(hops[k].address).request(
-                        "step", self._step_fields(sess, k, step, rollback), {"hidden": x, **small},
-                        timeout_s=self.router.allowance_s(hops[k].address, tokens))
+                    own = self.router.allowance_s(hops[k].address, tokens)
+                    conn = self.router.pool.get(hops[k].address)
+                    fields, tensors = self._step_fields(sess, k, step, rollback), {"hidden": x, **small}
+
+                    def ask(conn=conn, fields=fields, tensors=tensors, own=own) -> tuple[PeerConnection, int]:
+                        return conn, conn.send("step", fields, tensors, timeout_s=own)
+
+                    reply, resends = self._await_step(hops[k].address, ask(), ask, t0, t0 + own, tokens)
                     self._check_consumed(hops, k, reply.get("consumed"), x, outputs, joined, could_be_pushed=False)
-                    x = self._accept(hops[k], reply, expect_position, time.monotonic() - t0, tokens, x)
+                    x = self._accept(hops[k], reply, expect_position, time.monotonic() - t0, tokens, x,
+                                     timed=not resends)
                 except SwarmError as e:
                     raise HopFailure(k, outputs, e) from None
                 outputs[k] = x
@@ -461,8 +469,19 @@ class Gateway:
                 # before answered (its input was pushed then): a hung hop after fast ones is not
                 # given the others' unused time (for hops not measured yet, 10 s each)
                 deadline = min(t0 + allowance, t_prev + own)
+                waited_push, resends = k in awaiting_push, 0
+
+                def resend(k: int = k, hop_input: torch.Tensor = hop_input) -> tuple[PeerConnection, int]:
+                    send(k, hop_input)  # with its input: it replaces a step still waiting for a lost push
+                    return sent[k]
+
                 try:
-                    reply = conn.receive(req_id, deadline, "step")
+                    reply, resends = self._await_step(hops[k].address, (conn, req_id), resend,
+                                                      t0 if k == start else t_prev, deadline, tokens)
+                    if waited_push and (k in awaiting_push or reply.get("repeated")):
+                        self.router.pushes.delivered(hops[k - 1].address)
+                    elif waited_push:  # answered once resent with its input: the push was lost, or never made
+                        self.router.pushes.missed(hops[k - 1].address, f"its push to {hops[k].address} did not come")
                 except PeerUnavailableError:
                     if k not in awaiting_push:
                         raise
@@ -472,7 +491,7 @@ class Gateway:
                                      could_be_pushed=k in awaiting_push or bool(reply.get("repeated")),
                                      repeated=bool(reply.get("repeated")))
                 outputs[k] = self._accept(hops[k], reply, expect_position, time.monotonic() - t_prev, tokens,
-                                          hop_input)
+                                          hop_input, timed=not resends)
             except SwarmError as e:
                 if k in awaiting_push and e.peer is not None and e.consumed is not None:
                     # refused for its input: when that was not what the hop before returned here,
@@ -492,6 +511,35 @@ class Gateway:
         if send_failure is not None:
             raise send_failure
         return outputs
+
+    def _await_step(self, address: str, first: tuple[PeerConnection, int],
+                    resend: Callable[[], tuple[PeerConnection, int]], since: float, deadline: float,
+                    tokens: int) -> tuple[Message, int]:
+        """The reply to a step sent to `address` at `since` (`first`: its connection and request
+        id), and how many times it was sent again. A step unanswered for what this gateway's
+        timings of that server say is well past its usual pace (StepTimes.resend_s) is resent by
+        `resend`, at doubling intervals, up to MAX_RESENDS times: a server answers a step it ran
+        from its last output, and takes a resent input in place of a lost push, so a lost message
+        costs about two usual steps instead of the hop's deadline, a failover and a replay. The
+        deadline is the one a step sent once had: a hung server is noticed no later than before,
+        and one whose connection drops at once, as before."""
+        conn, req_id = first
+        interval = self.router.step_times.resend_s(address, tokens)
+        next_at = deadline if interval is None else since + interval
+        resends = 0
+        while True:
+            try:
+                return conn.receive(req_id, min(deadline, next_at), "step"), resends
+            except NoAnswerInTime:
+                if next_at >= deadline or resends >= MAX_RESENDS or interval is None:
+                    raise
+            resends += 1
+            with self._lock:
+                self.resends += 1
+            log.debug("server %s: step not answered in %.0f ms; sent again", address, interval * 1000)
+            interval *= 2
+            next_at = time.monotonic() + interval
+            conn, req_id = resend()
 
     def _without_push(self, hops: list[Hop], k: int, resent: tuple, own_s: float) -> Message:
         """Hop k, told to take its input from the hop before's push, did not answer in time: the
@@ -549,12 +597,14 @@ class Gateway:
         return {"address": hop.address, "key": key, "session": sid}
 
     def _accept(self, hop: Hop, reply: Message, expect_position: int, seconds: float, tokens: int,
-                x: torch.Tensor, band: bool = True) -> torch.Tensor:
+                x: torch.Tensor, band: bool = True, timed: bool = True) -> torch.Tensor:
+        """The hop's output, checked; with `timed`, its time counts in its server's pace (not when
+        it was resent: the time then is this gateway's wait, not the server's)."""
         if reply.get("position") != expect_position:
             raise SessionError(f"server {hop.address} is at position {reply.get('position')}, "
                                f"the session at {expect_position}")
         out = self.router.check(hop, x, hidden_of(reply, hop.address), band)
-        if not reply.get("repeated"):
+        if timed and not reply.get("repeated"):
             self.router.step_times.record(hop.address, seconds, tokens, hop.last - hop.first)
         self.router.bans.succeeded(hop.address)
         return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 import torch
@@ -79,6 +79,14 @@ EMA_WEIGHT = 0.2  # how fast the estimate follows a server that speeds up or slo
 # given what its record claims, as before its first step). Every address a gateway ever
 # stepped through would otherwise stay for good in a long run under churn.
 MAX_TIMED_SERVERS = 4096
+# A step not answered within RESEND_FACTOR times the 90th percentile of a server's last
+# RECENT_STEPS timed steps (each a round trip plus its compute, as this gateway measured it),
+# plus RESEND_SLACK_S of scheduling noise, is sent to it again: a lost message costs about two
+# of its usual steps, not the hop deadline and a failover. Not before MIN_RECENT_STEPS were timed.
+RECENT_STEPS = 20
+MIN_RECENT_STEPS = 4
+RESEND_FACTOR = 2.0
+RESEND_SLACK_S = 0.005
 
 
 class StepTimes:
@@ -87,6 +95,7 @@ class StepTimes:
 
     def __init__(self, max_servers: int = MAX_TIMED_SERVERS, clock=time.monotonic):
         self._timed: OrderedDict[str, tuple[float, int, float]] = OrderedDict()  # per unit, blocks, when
+        self._recent: dict[str, deque[float]] = {}  # the last RECENT_STEPS seconds per unit
         self._max = max_servers
         self._clock = clock
         self._lock = threading.Lock()
@@ -105,13 +114,29 @@ class StepTimes:
             old = self._timed.pop(address, None)
             per_unit = x if old is None else (1 - EMA_WEIGHT) * old[0] + EMA_WEIGHT * x
             self._timed[address] = (per_unit, blocks or (old[1] if old else 0), self._clock())
+            recent = self._recent.get(address) if old is not None else None
+            if recent is None:
+                recent = self._recent[address] = deque(maxlen=RECENT_STEPS)
+            recent.append(x)
             if len(self._timed) > self._max:
-                self._timed.popitem(last=False)
+                gone, _ = self._timed.popitem(last=False)
+                self._recent.pop(gone, None)
 
     def expected_s(self, address: str, tokens: int) -> float | None:
         with self._lock:
             timed = self._timed.get(address)
         return None if timed is None else timed[0] * self.units(tokens)
+
+    def resend_s(self, address: str, tokens: int) -> float | None:
+        """How long a step of `tokens` may go unanswered before it is sent again; None when the
+        server was not timed often enough yet to tell a lost message from its usual pace."""
+        with self._lock:
+            recent = self._recent.get(address)
+            times = sorted(recent) if recent is not None and len(recent) >= MIN_RECENT_STEPS else None
+        if times is None:
+            return None
+        p90 = times[min(len(times) - 1, (9 * len(times)) // 10)]
+        return RESEND_FACTOR * p90 * self.units(tokens) + RESEND_SLACK_S
 
     def block_s(self, address: str, rtt_s: float, max_age_s: float) -> float | None:
         """Its measured time per block of a one-token step, the round trip `rtt_s` taken off;

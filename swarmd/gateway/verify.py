@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -251,6 +252,12 @@ def check_gradient(grad: torch.Tensor, shape: tuple[int, ...]) -> None:
 # the gateway a lying pusher gains nothing, while a lying next hop is judged on its outputs.
 PUSH_SUSPECT_S = 3600.0
 MAX_PUSH_ENTRIES = 4096  # addresses remembered (the oldest forgotten first)
+# A push that did not come (its step was answered once resent with its input) may be a lost
+# message as well as a pusher that lies about pushing: a pusher is suspected once PUSH_MISSES of
+# the last PUSH_WINDOW pushes it was to make went missing. A hostile one so costs its routes at
+# most that share of steps waiting a resend; an honest one on a lossy link keeps pushing.
+PUSH_WINDOW = 20
+PUSH_MISSES = 4
 
 
 class PushLinks:
@@ -262,6 +269,7 @@ class PushLinks:
         self._clock = clock
         self._suspects: dict[str, tuple[float, str]] = {}  # address -> (until, why)
         self._blind: dict[str, None] = {}
+        self._outcomes: dict[str, deque[bool]] = {}  # pusher -> its last pushes: came or not
         self._lock = threading.Lock()
 
     def suspect(self, address: str, why: str) -> None:
@@ -272,6 +280,32 @@ class PushLinks:
             self._suspects[address] = (self._clock() + PUSH_SUSPECT_S, why)
             while len(self._suspects) > MAX_PUSH_ENTRIES:
                 del self._suspects[next(iter(self._suspects))]
+
+    def delivered(self, pusher: str) -> None:
+        """A push the gateway waited for came."""
+        with self._lock:
+            self._outcome(pusher).append(True)
+
+    def missed(self, pusher: str, why: str) -> None:
+        """A push the gateway waited for did not come in time: suspected when too many did not."""
+        with self._lock:
+            outcomes = self._outcome(pusher)
+            outcomes.append(False)
+            misses = outcomes.count(False)
+            if misses >= PUSH_MISSES:
+                outcomes.clear()
+        if misses >= PUSH_MISSES:
+            self.suspect(pusher, f"{why} ({misses} of its last {PUSH_WINDOW} pushes did not come)")
+        else:
+            log.info("server %s: %s (a lost message, or a push not made)", pusher, why)
+
+    def _outcome(self, pusher: str) -> deque[bool]:
+        outcomes = self._outcomes.get(pusher)
+        if outcomes is None:
+            outcomes = self._outcomes[pusher] = deque(maxlen=PUSH_WINDOW)
+            while len(self._outcomes) > MAX_PUSH_ENTRIES:
+                del self._outcomes[next(iter(self._outcomes))]
+        return outcomes
 
     def blind(self, address: str) -> None:
         with self._lock:

@@ -33,6 +33,9 @@ no test at all.
   previous step's output when it has the same shape (the right bytes for another step);
 - push_none: every step's output is returned right to the gateway, with `pushed: true`, and
   never pushed (the next hop waits for nothing);
+- lose_replies / lose_pushes: from the LOSE_AFTER-th on, one step reply in LOSE_EVERY is lost
+  on the way (the step ran, its output is kept and pushed, the gateway never hears back) / one
+  push in LOSE_EVERY is lost (the reply says it went): a lossy link, deterministically;
 - relay_tap: as a relay, every message it forwards is appended, as it saw it, to the file
   named by SWARMD_RELAY_TAP (what a curious relay could read): its length (8 bytes, little
   endian), then its frames as swarmd.transport.relay.pack lays them out."""
@@ -196,6 +199,50 @@ def _push_none(server) -> None:
     server._push = claim
 
 
+LOSE_AFTER = 8  # the first steps of a route go through: the gateway times them first
+LOSE_EVERY = 4
+
+
+def _losing() -> Callable[[], bool]:
+    """True for the LOSE_AFTER-th call, then one in LOSE_EVERY."""
+    count = [0]
+
+    def lose() -> bool:
+        count[0] += 1
+        return count[0] >= LOSE_AFTER and (count[0] - LOSE_AFTER) % LOSE_EVERY == 0
+    return lose
+
+
+def _lose_replies(server) -> None:
+    on_step, send, lose = server.handlers["step"], server._send, _losing()
+    steps: dict[int, None] = {}  # request ids of steps, whichever thread answers them
+
+    def step(msg):
+        steps[server._current[1]] = None
+        while len(steps) > 4096:
+            del steps[next(iter(steps))]
+        return on_step(msg)
+
+    def sent(ident, reply, req_id):
+        if steps.pop(req_id, 0) is None and lose():
+            log.warning("failpoint lose_replies: the reply to step request %s is lost", req_id)
+            return
+        send(ident, reply, req_id)
+    server.handlers["step"], server._send = step, sent
+
+
+def _lose_pushes(server) -> None:
+    push, lose = server._push, _losing()
+
+    def maybe(nxt, step, out):
+        if lose():
+            log.warning("failpoint lose_pushes: the push of step %s is lost", step)
+            server._count(pushes_sent=1)
+            return True
+        return push(nxt, step, out)
+    server._push = maybe
+
+
 def _push_extra(out, previous):
     import torch
 
@@ -254,6 +301,7 @@ FAILPOINTS: dict[str, Callable] = {"exit_on_replay": _exit_on_replay, "hang_on_f
                                    "reply_no_hidden": _finished_steps(lambda fields, tensors: (fields, {})),
                                    "push_wrong": _wrong_pushes(lambda out, previous: _nudge(out)),
                                    "push_extra": _wrong_pushes(_push_extra), "push_none": _push_none,
+                                   "lose_replies": _lose_replies, "lose_pushes": _lose_pushes,
                                    "push_float16": _wrong_pushes(_push_other_dtype),
                                    "push_stale": _wrong_pushes(_push_stale)}
 

@@ -45,6 +45,11 @@ _HANDSHAKE_FAILED = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED
 _MONITOR_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED | _HANDSHAKE_FAILED
 
 
+class NoAnswerInTime(PeerUnavailableError):
+    """No reply by the deadline while the connection held: the request, a push it waited for
+    or its reply may have been lost on the way, or the peer is hung (a step may be resent)."""
+
+
 class PeerConnection:
     def __init__(self, zctx: zmq.Context, address: str, identity: NodeIdentity, server_key: str,
                  max_message_bytes: int = 0):
@@ -180,7 +185,7 @@ class PeerConnection:
             left_ms = int((deadline - time.monotonic()) * 1000)
             events = dict(self._replies.poll(left_ms)) if left_ms > 0 else {}
             if not events:
-                raise PeerUnavailableError(f"peer {self.address} did not answer {what} in time")
+                raise NoAnswerInTime(f"peer {self.address} did not answer {what} in time")
             if self.monitor in events:
                 self._drain_monitor()
                 if self.disconnects != disconnects:

@@ -402,3 +402,78 @@ def test_a_lone_server_that_keeps_failing_fast_is_paced_and_the_forward_ends_at_
     assert 4.0 <= took < 4.0 + FALLBACK_PACE_S + 1.0
     # bans of 1, 2, 2 ... s apart: a handful of requests in 4 s, not thousands
     assert 2 <= server.requests <= 5, server.requests
+
+
+def test_a_step_is_resent_after_twice_the_90th_percentile_of_its_servers_recent_steps():
+    """Issue 42: not before 4 timed steps (the pace is not known yet), then 2 x p90 of the last
+    20, scaled to the step's tokens, plus 5 ms of scheduling noise; old samples age out."""
+    from swarmd.gateway.history import RECENT_STEPS, RESEND_SLACK_S
+
+    st = StepTimes()
+    for _ in range(3):
+        st.record("a", 0.017, 1)  # 1 ms a unit (1 token + 16)
+        assert st.resend_s("a", 1) is None
+    st.record("a", 0.017, 1)
+    assert st.resend_s("a", 1) == pytest.approx(2 * 0.017 + RESEND_SLACK_S)
+    for _ in range(RECENT_STEPS - 2):
+        st.record("a", 0.017, 1)
+    st.record("a", 0.170, 1)  # one slow step in 20 is the 95th percentile: not what counts
+    st.record("a", 0.034, 1)  # the 90th
+    assert st.resend_s("a", 1) == pytest.approx(2 * 0.034 + RESEND_SLACK_S)
+    assert st.resend_s("a", 33) == pytest.approx(2 * 0.034 * 49 / 17 + RESEND_SLACK_S)
+    for _ in range(RECENT_STEPS):
+        st.record("a", 0.017, 1)
+    assert st.resend_s("a", 1) == pytest.approx(2 * 0.017 + RESEND_SLACK_S)
+    assert st.resend_s("b", 1) is None
+
+
+def test_a_pusher_is_suspected_only_when_four_of_its_last_twenty_pushes_went_missing():
+    """A lost push and a push not made look the same: a lossy link keeps its pushes, a pusher
+    that skips many does not."""
+    from swarmd.gateway.verify import PUSH_MISSES, PUSH_WINDOW, PushLinks
+
+    links = PushLinks()
+    for _ in range(PUSH_MISSES - 1):
+        links.missed("p", "its push did not come")
+        for _ in range(3):
+            links.delivered("p")
+    assert links.allowed("p", "q")
+    for _ in range(PUSH_WINDOW):
+        links.delivered("p")  # the earlier misses leave the window
+    links.missed("p", "its push did not come")
+    assert links.allowed("p", "q")
+    for _ in range(PUSH_MISSES - 1):
+        links.missed("p", "its push did not come")
+    assert not links.allowed("p", "q")
+    assert "4 of its last 20" in links.to_json()[0]["reason"]
+
+
+def test_a_lost_reply_is_resent_to_the_same_server_instead_of_waiting_out_its_deadline():
+    """Hop b's reply is lost: the step goes to b again once overdue by b's measured pace (a few
+    tens of ms here), b answers it, and the chain completes with no failure, within b's deadline."""
+    from swarmd.transport.connection import NoAnswerInTime
+
+    class Lossy(FakeServer):
+        def __init__(self, address):
+            super().__init__(address)
+            self.waits: list[float] = []
+
+        def receive(self, req_id, deadline, what="request"):
+            self.waits.append(deadline)
+            if self.sends == 1:  # the first answer is lost on the way
+                raise NoAnswerInTime(f"peer {self.address} did not answer {what} in time")
+            return super().receive(req_id, deadline, what)
+
+    a, b, c = FakeServer("a"), Lossy("b"), FakeServer("c")
+    gw, sess = chain_gateway([a, b, c])
+    for s in (a, b, c):
+        for _ in range(5):
+            gw.router.step_times.record(s.address, 0.017, 1, 2)
+    small = {"position_ids": torch.zeros(1, 1, dtype=torch.long)}
+    t0 = time.monotonic()
+    outputs = gw._run_chain(sess, 0, torch.zeros(1, 1, 4), small, step=3, tokens=1)
+    assert sorted(outputs) == [0, 1, 2] and b.sends == 2 and gw.resends == 1
+    resend_at, own = b.waits[0] - t0, gw.router.allowance_s("b", 1)
+    assert resend_at < 0.2 < own, (resend_at, own)  # 2 x 17 ms + 5 ms after a answered, not 1 s + 10 x 17 ms
+    assert b.waits[1] - t0 <= own + 0.2  # the resent step keeps the hop's deadline
+    assert not gw.router.bans.banned() and gw.router.pushes.allowed("a", "b")
