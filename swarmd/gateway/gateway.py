@@ -531,14 +531,16 @@ class Gateway:
             try:
                 return conn.receive(req_id, min(deadline, next_at), "step"), resends
             except NoAnswerInTime:
-                if next_at >= deadline or resends >= MAX_RESENDS or interval is None:
+                if next_at >= deadline or interval is None:
                     raise
             resends += 1
             with self._lock:
                 self.resends += 1
             log.debug("server %s: step not answered in %.0f ms; sent again", address, interval * 1000)
             interval *= 2
-            next_at = time.monotonic() + interval
+            # after the last resend, the rest of the deadline: a server slowed down for a while (a
+            # loaded machine, a long prefill) is not given up on sooner than a step sent once was
+            next_at = time.monotonic() + interval if resends < MAX_RESENDS else deadline
             conn, req_id = resend()
 
     def _without_push(self, hops: list[Hop], k: int, resent: tuple, own_s: float) -> Message:

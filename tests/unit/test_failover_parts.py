@@ -477,3 +477,27 @@ def test_a_lost_reply_is_resent_to_the_same_server_instead_of_waiting_out_its_de
     assert resend_at < 0.2 < own, (resend_at, own)  # 2 x 17 ms + 5 ms after a answered, not 1 s + 10 x 17 ms
     assert b.waits[1] - t0 <= own + 0.2  # the resent step keeps the hop's deadline
     assert not gw.router.bans.banned() and gw.router.pushes.allowed("a", "b")
+
+
+def test_a_hung_server_is_resent_its_step_three_times_and_given_up_at_its_deadline_not_sooner():
+    """Resends do not shorten the hop's deadline: a server hung (or slowed down by a loaded
+    machine) fails over when a step sent once would have, not after the last resend."""
+    from swarmd.gateway.gateway import MAX_RESENDS, HopFailure
+    from swarmd.transport.connection import NoAnswerInTime
+
+    class Hung(FakeServer):
+        def receive(self, req_id, deadline, what="request"):
+            time.sleep(max(0.0, deadline - time.monotonic()))
+            raise NoAnswerInTime(f"peer {self.address} did not answer {what} in time")
+
+    a, b = FakeServer("a"), Hung("b")
+    gw, sess = chain_gateway([a, b])
+    for s in (a, b):
+        for _ in range(5):
+            gw.router.step_times.record(s.address, 0.017, 1, 2)
+    t0 = time.monotonic()
+    with pytest.raises(HopFailure) as e:
+        gw._run_chain(sess, 0, torch.zeros(1, 1, 4), {"position_ids": torch.zeros(1, 1, dtype=torch.long)}, 3, 1)
+    took = time.monotonic() - t0
+    assert e.value.index == 1 and b.sends == 1 + MAX_RESENDS and gw.resends == MAX_RESENDS
+    assert gw.router.allowance_s("b", 1) - 0.05 <= took < gw.router.allowance_s("b", 1) + 1.0, took
