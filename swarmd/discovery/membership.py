@@ -46,7 +46,7 @@ from swarmd.discovery.table import LARGE_BUCKETS, MAX_NODES, MAX_REPLY_BYTES, SM
 from swarmd.identity import NodeIdentity, is_key, short_id
 from swarmd.logs import LineBudget
 from swarmd.transport.access import AccessControl
-from swarmd.transport.connection import ConnectionPool
+from swarmd.transport.connection import ConnectionPool, NoAnswerInTime
 
 log = logging.getLogger("swarmd.discovery")
 
@@ -515,7 +515,7 @@ class Membership:
             try:
                 conn.receive(req_id, deadline, "ping")
             except SwarmError as e:
-                self._contact_failed(address, node_id, str(e))
+                self._contact_failed(address, node_id, str(e), timed_out=isinstance(e, NoAnswerInTime))
                 continue
             self._contact_ok(address, node_id, (time.monotonic() - t0) * 1000)
 
@@ -582,7 +582,7 @@ class Membership:
                 try:
                     reply = conn.receive(req_id, deadline, what)
                 except SwarmError as e:
-                    self._contact_failed(address, node_id, str(e))
+                    self._contact_failed(address, node_id, str(e), timed_out=isinstance(e, NoAnswerInTime))
                     continue
                 rtt_ms = (time.monotonic() - t0) * 1000
                 if what == "gossip":
@@ -640,7 +640,17 @@ class Membership:
                 log.info("%s %s answers now", h.source, address)
             h.failures, h.error, h.next_try = 0, None, 0.0
 
-    def _contact_failed(self, address: str, node_id: str | None, error: str) -> None:
+    def _contact_failed(self, address: str, node_id: str | None, error: str, timed_out: bool = False) -> None:
+        if timed_out and node_id is not None and node_id not in self._retry:
+            e = self.table.get(node_id)
+            if e is not None and e.verified and e.unreachable is None:
+                # one unanswered request from a node that answered the one before (its connection
+                # held): a lost message as likely as a dead node. It is asked again next round; a
+                # second one in a row makes it suspect. A node that died closes its connection
+                # and refuses new ones: that failure, not a timeout, counts at once
+                self._retry[node_id] = (0, time.monotonic())
+                log.debug("peer %s: %s; asking again before suspecting it", short_id(node_id), error)
+                return
         self.pool.drop(address)
         if node_id is not None:
             e = self.table.get(node_id)

@@ -62,7 +62,7 @@ MAX_WRONG_OUTPUT_ROUTES = 64  # routes a step is tried on after wrong outputs (w
 # Reruns of a step after disputed pushes: each one but the first after a failover marks a pusher
 # or a receiver, whose link the gateway then bridges itself, so a route of n hops needs < 2n
 MAX_PUSH_RERUNS = 16
-MAX_RESENDS = 3  # times a step is sent again to the same server before the server is given up
+MAX_RESENDS = 6  # times a step is sent again to the same server (all within its deadline)
 
 
 @dataclass
@@ -178,7 +178,7 @@ class Gateway:
                               "batch": batch}
                     if adapter is not None:
                         fields["adapter"] = adapter
-                    sid = conn.request("open", fields, timeout_s=OPEN_TIMEOUT_S).get("session")
+                    sid = self._open_one(hop, conn, fields).get("session")
                     if not isinstance(sid, str):
                         raise RemoteError(f"server {hop.address} opened a session without naming it")
                     opened.append((hop, sid))
@@ -207,6 +207,18 @@ class Gateway:
                 self.router.close_remote([(h, sid) for h, sid in opened if h is not hop])
                 if time.monotonic() > deadline:  # servers exist but keep failing
                     raise
+
+    def _open_one(self, hop: Hop, conn: PeerConnection, fields: dict) -> Message:
+        """`open` at one server. A server this gateway has timed is asked again when it does not
+        answer within its resend allowance (as a step is): the open or its answer was lost. Should
+        both opens have come, the session whose answer is not awaited any more is never used and
+        freed by the server as reserved and unused (serve.limits.unused_session_timeout_s)."""
+        t0 = time.monotonic()
+
+        def ask() -> tuple[PeerConnection, int]:
+            return conn, conn.send("open", fields, timeout_s=OPEN_TIMEOUT_S)
+
+        return self._await_step(hop.address, ask(), ask, t0, t0 + OPEN_TIMEOUT_S, 1, "open")[0]
 
     def _replay(self, hop: Hop, sid: str, replay: dict[str, torch.Tensor], band: bool = True) -> torch.Tensor:
         """One step that feeds a fresh session every position so far; returns its output."""
@@ -514,7 +526,7 @@ class Gateway:
 
     def _await_step(self, address: str, first: tuple[PeerConnection, int],
                     resend: Callable[[], tuple[PeerConnection, int]], since: float, deadline: float,
-                    tokens: int) -> tuple[Message, int]:
+                    tokens: int, what: str = "step") -> tuple[Message, int]:
         """The reply to a step sent to `address` at `since` (`first`: its connection and request
         id), and how many times it was sent again. A step unanswered for what this gateway's
         timings of that server say is well past its usual pace (StepTimes.resend_s) is resent by
@@ -529,7 +541,7 @@ class Gateway:
         resends = 0
         while True:
             try:
-                return conn.receive(req_id, min(deadline, next_at), "step"), resends
+                return conn.receive(req_id, min(deadline, next_at), what), resends
             except NoAnswerInTime:
                 if next_at >= deadline or interval is None:
                     raise

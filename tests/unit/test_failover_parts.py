@@ -479,9 +479,10 @@ def test_a_lost_reply_is_resent_to_the_same_server_instead_of_waiting_out_its_de
     assert not gw.router.bans.banned() and gw.router.pushes.allowed("a", "b")
 
 
-def test_a_hung_server_is_resent_its_step_three_times_and_given_up_at_its_deadline_not_sooner():
+def test_a_hung_server_is_resent_its_step_at_doubling_intervals_and_given_up_at_its_deadline_not_sooner():
     """Resends do not shorten the hop's deadline: a server hung (or slowed down by a loaded
-    machine) fails over when a step sent once would have, not after the last resend."""
+    machine) fails over when a step sent once would have, not after the last resend (here after
+    39, 117, 273 and 585 ms: the next would be past its deadline of 1.17 s)."""
     from swarmd.gateway.gateway import MAX_RESENDS, HopFailure
     from swarmd.transport.connection import NoAnswerInTime
 
@@ -499,5 +500,5 @@ def test_a_hung_server_is_resent_its_step_three_times_and_given_up_at_its_deadli
     with pytest.raises(HopFailure) as e:
         gw._run_chain(sess, 0, torch.zeros(1, 1, 4), {"position_ids": torch.zeros(1, 1, dtype=torch.long)}, 3, 1)
     took = time.monotonic() - t0
-    assert e.value.index == 1 and b.sends == 1 + MAX_RESENDS and gw.resends == MAX_RESENDS
+    assert e.value.index == 1 and gw.resends == 4 <= MAX_RESENDS and b.sends == 1 + gw.resends
     assert gw.router.allowance_s("b", 1) - 0.05 <= took < gw.router.allowance_s("b", 1) + 1.0, took
