@@ -94,7 +94,7 @@ class Daemon:
         self.speed: BlockSpeed | None = None
         self.drain_requested = threading.Event()  # swarmctl drain: main() drains and exits 0
         self.access = AccessControl(config.swarm.access, config.swarm.allowed_keys_dir, self.identity.public_key)
-        self.table = PeerTable()
+        self.table = PeerTable(own_id=self.identity.public_key)
         self.table.quantized = config.swarm.quantized
         self.pool = ConnectionPool(self.zctx, self.identity, lambda a: self.membership.key_for(a),
                                    config.network.max_message_bytes, max_connections=PEER_CONNECTIONS_PER_THREAD,

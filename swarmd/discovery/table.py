@@ -88,8 +88,11 @@ class BucketView:
 
 
 class PeerTable:
-    def __init__(self, gossip_interval_s: float = GOSSIP_INTERVAL_S):
+    def __init__(self, gossip_interval_s: float = GOSSIP_INTERVAL_S, own_id: str = ""):
+        """`own_id`: this daemon's node id, which spreads the daemons of a swarm over the
+        relays of a relayed node (each picks one of them by a hash of both ids)."""
         self.gossip_interval_s = gossip_interval_s
+        self.own_id = own_id
         self._entries: dict[str, Entry] = {}
         self._lock = threading.Lock()
         # news that may give a gateway waiting for servers a route: a node's new record version,
@@ -155,7 +158,7 @@ class PeerTable:
                 return "old"
             contacts = record.contact_addresses
             address = via if via in contacts else (
-                e.address if e is not None and e.address in contacts else contacts[0])
+                e.address if e is not None and e.address in contacts else self._pick(record.node_id, contacts))
             if e is None and len(self._entries) >= MAX_NODES and not is_self and not self._evict_one(now):
                 return "full"
             self._revision += 1
@@ -186,6 +189,15 @@ class PeerTable:
             if routing_news:  # not for its counters (sessions, free cache): they change all the time
                 self._announce()
             return "newer"
+
+    def _pick(self, node_id: str, contacts: tuple[str, ...]) -> str:
+        """Which of a node's contact addresses this daemon uses first: its only one, or for a
+        relayed node one of its relays by a hash of both ids, so that the clients of a relayed
+        server spread over its relays instead of all taking the first (its relays' bandwidth
+        budgets add up, and a relay's loss moves only its share)."""
+        if len(contacts) == 1:
+            return contacts[0]
+        return contacts[zlib.crc32(f"{self.own_id}/{node_id}".encode()) % len(contacts)]
 
     def _index(self, wire: dict, node_id: str) -> None:
         if _signature(wire) is not None:

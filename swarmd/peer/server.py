@@ -31,6 +31,7 @@ import zmq
 from libswarm.errors import (
     CacheFullError,
     LimitError,
+    PeerUnavailableError,
     ProtocolError,
     SessionError,
     SpanMovedError,
@@ -444,7 +445,7 @@ class SpanServer:
                 raise ProtocolError("relay: field 'to' must be a node id")
             sealed = msg.tensor("sealed")
             assert sealed is not None
-            self.relay.expire()
+            self._expire_relayed()
             routed = self.relay.route(sender, to, ident, sum(len(_buffer(f)) for f in body), msg.id)
             if routed is None:
                 return
@@ -456,6 +457,14 @@ class SpanServer:
             req_id = req_id or (e.req_id if isinstance(e, SwarmError) else 0)
             if sender not in self.relay.servers:  # a relayed server's answers get no answer
                 self._send(ident, self._error_reply(req_id, sender, e), req_id)
+
+    def _expire_relayed(self) -> None:
+        """As a relay: a relayed server whose registration lapsed (it died, or lost its link to
+        this relay) cannot answer what was forwarded to it: each client waiting is told now."""
+        for p in self.relay.expire():
+            err = PeerUnavailableError(f"peer {short_id(p.server)}: its registration at this relay lapsed "
+                                       "(it left, or lost its link here)")
+            self._send(p.ident, error_reply(p.req_id, err), p.req_id)
 
     def _gossip(self, msg: Message):
         """Membership's answer, within gossip's limits (limits.py): a key beyond its rate is
@@ -473,6 +482,7 @@ class SpanServer:
             self.gossip_time.spend(time.perf_counter() - t0)
 
     def on_relay_register(self, msg: Message):
+        self._expire_relayed()  # before a slot is counted free or taken
         self.relay.register(self.sender, self._current[0], self._peer_host)
         return {"keepalive_s": KEEPALIVE_S}, None
 
@@ -1166,6 +1176,8 @@ class SpanServer:
 
     def expire_idle(self) -> None:
         now = time.monotonic()
+        if self.relay.servers:
+            self._expire_relayed()
         if self.old_spans:
             self._drain_old_spans(now)
         for key, p in list(self.pending.items()):

@@ -263,7 +263,7 @@ class RelayService:
             raise ProtocolError("this daemon does not relay (network.relay: false)")
         if server is None:
             raise ProtocolError("relay_register needs a CURVE key")
-        self.expire()
+        self.expire()  # the server has answered the waiting clients of lapsed ones (none left here)
         now, vouched = self._clock(), self._vouch(server)
         slot = self.servers.get(server)
         if slot is not None:
@@ -283,15 +283,29 @@ class RelayService:
         log.info("relaying for %s", short_id(server))
         self.servers[server] = Slot(ident, now, now, network, vouched)
 
-    def expire(self) -> None:
+    def expire(self) -> list[Pending]:
+        """Forget registrations not renewed in EXPIRE_S, and requests older than PAIR_TTL_S.
+        Returns the requests forwarded to a server whose registration lapsed and not answered:
+        their clients are told at once (they would otherwise wait out their own deadlines for
+        an answer that cannot come this way)."""
         now = self._clock()
+        lapsed = set()
         for key, slot in list(self.servers.items()):
             if now - slot.renewed > EXPIRE_S:
                 del self.servers[key]
+                lapsed.add(key)
                 log.info("no longer relaying for %s (its registration lapsed)", short_id(key))
+        orphans = []
+        if lapsed:
+            for outer, p in list(self.pending.items()):
+                if p.server in lapsed:
+                    del self.pending[outer]
+                    self._forget_index(p)
+                    orphans.append(p)
         while self.pending and next(iter(self.pending.values())).at < now - PAIR_TTL_S:
             _, old = self.pending.popitem(last=False)
             self._forget_index(old)
+        return orphans
 
     def route(self, sender: str | None, to: str, ident: bytes, nbytes: int,
               req_id: int = 0) -> tuple[bytes, int] | None:

@@ -99,7 +99,8 @@ def test_a_relay_refuses_beyond_its_limits_and_forgets_lapsed_servers():
     with pytest.raises(PeerUnavailableError, match="not relayed here"):
         r.route(client, s3, b"c", 10)
     clock.t += relay.EXPIRE_S + 1  # no renewal: forgotten, and its room is free
-    r.expire()
+    orphans = r.expire()  # the request forwarded and never answered: its client is told now
+    assert [(p.ident, p.req_id, p.server) for p in orphans] == [(b"c", 8, s1)] and not r.pending
     with pytest.raises(PeerUnavailableError, match="not relayed here"):
         r.route(client, s1, b"c", 10)
     r.register(s3, b"i3")
@@ -152,6 +153,31 @@ def test_a_record_naming_relays_is_reached_through_them_and_costs_a_hop_more():
     direct = ServerSpan("tcp://10.0.0.2:31330", 0, 2)
     assert plan_chain([span, direct], 2, "m")[0].address == direct.address
     assert plan_chain([span], 2, "m")[0].address == via
+
+
+def test_the_clients_of_a_relayed_server_spread_over_its_relays_each_keeping_its_pick():
+    """Issue 42: every daemon took a relayed server's first relay. Each now picks one by a hash
+    of its own id and the server's: over many clients both relays carry a share, and a client's
+    pick holds across the server's later records while that relay stays listed."""
+    i, r1, r2 = ident(), ident(), ident()
+    via = ((r1.public_key, "tcp://10.0.0.1:31330"), (r2.public_key, "tcp://10.0.0.2:31330"))
+    rec = Record(node_id=i.public_key, sign_key=i.sign_key, addresses=("tcp://10.0.0.9:31330",), state="online",
+                 timestamp=time.time(), seq=1, model_id="m", span=(0, 2), throughput=10.0, reachable="no", via=via)
+    tables = [PeerTable(own_id=ident().public_key) for _ in range(40)]
+    picks = []
+    for t in tables:
+        t.merge(rec, rec.sign(i))
+        picks.append(t.get(i.public_key).address)
+    assert set(picks) == set(rec.contact_addresses)
+    assert 8 <= picks.count(rec.contact_addresses[0]) <= 32
+    newer = Record(**{**rec.__dict__, "seq": 2, "throughput": 11.0})
+    for t, pick in zip(tables, picks):
+        t.merge(newer, newer.sign(i))
+        assert t.get(i.public_key).address == pick
+    alone = Record(**{**rec.__dict__, "seq": 3, "via": via[1:]})  # r1 lost: its clients move to r2
+    for t in tables:
+        t.merge(alone, alone.sign(i))
+        assert t.get(i.public_key).address == alone.contact_addresses[0]
 
 
 def test_seals_older_than_the_nonces_remembered_are_refused(monkeypatch):
