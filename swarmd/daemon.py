@@ -46,6 +46,7 @@ from swarmd.runtime.quant import served_quant
 from swarmd.runtime.span import Span
 from swarmd.runtime.speed import BlockSpeed, auto_cpu_dtype, measure_block_speed
 from swarmd.sdnotify import notify
+from swarmd.transport import netem
 from swarmd.transport.access import AccessControl
 from swarmd.transport.connection import ConnectionPool, peer_context
 from swarmd.transport.relay import RelayService
@@ -68,6 +69,7 @@ class Daemon:
     def __init__(self, config: Config):
         self.config = config
         self.identity = load_or_create_identity(config.state_dir)
+        netem.locate(self.identity.public_key)  # an emulated network's places file names nodes by id
         self.checkpoint = Checkpoint(config.model, digest_cache=os.path.join(config.state_dir, WEIGHT_DIGESTS))
         self.model_id = config.model_id or self.checkpoint.model_id
         self.num_layers = self.checkpoint.num_layers

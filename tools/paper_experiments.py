@@ -32,7 +32,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from localswarm import Churn, running_swarm  # noqa: E402
+from localswarm import Churn, Daemon, running_swarm, wait_converged  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,7 +153,9 @@ def run(a: argparse.Namespace) -> dict:
     every = [SETTINGS[0], OFFLOAD, *SETTINGS[1:]] if a.offload or a.device.startswith("cuda") else SETTINGS
     chosen = [s for s in every if not a.settings or any(k.lower() in s.name.lower() for k in a.settings)]
     sweeps = sweep_settings() if a.sweeps else []
-    progress = Progress(len(chosen) + len(sweeps), a.no_progress)
+    if a.dozen_only:
+        chosen = []
+    progress = Progress(len(chosen) + len(sweeps) + bool(a.dozen or a.dozen_only), a.no_progress)
     results: dict = {"machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
                                 f"torch {torch.__version__}",
                      "model": os.path.basename(os.path.normpath(model_dir)), "spans": spans, "dtype": a.dtype,
@@ -196,6 +198,11 @@ def run(a: argparse.Namespace) -> dict:
         r["seconds"] = time.monotonic() - t0
         (results["sweeps"] if s in sweeps else results["settings"])[s.name] = {**dataclasses.asdict(s), **r}
         progress.done()
+    if a.dozen or a.dozen_only:
+        progress.step("a dozen servers, two continents")
+        itemsize = torch.tensor([], dtype=dtype).element_size()
+        results["dozen"] = run_dozen(a, model_dir, ref, prompts, sizes, vocab, hidden, itemsize, extra)
+        progress.done()
     loop = results["settings"].get("swarm, loopback")
     if loop is not None:
         itemsize = torch.tensor([], dtype=dtype).element_size()
@@ -210,6 +217,119 @@ def run(a: argparse.Namespace) -> dict:
                     r[f"ideal_steps_per_s_{name}"] = 1 / ideal
                     r[f"vs_ideal_{name}"] = r[f"steps_per_s_{name}"] * ideal
     return results
+
+
+# The paper's "real servers" setting: a dozen servers of 1-3 blocks each, on two continents, each
+# link's one-way delay from where its ends are (swarmd/transport/netem.py's geographic model:
+# last mile + great-circle distance x 1.3 at 200 km/ms). One server per city; a client (a
+# gateway-only daemon) on each side.
+CITIES = [("London", 51.51, -0.13), ("Frankfurt", 50.11, 8.68), ("Amsterdam", 52.37, 4.90),
+          ("Paris", 48.86, 2.35), ("Stockholm", 59.33, 18.07), ("Warsaw", 52.23, 21.01),
+          ("New York", 40.71, -74.01), ("Ashburn", 39.04, -77.49), ("Toronto", 43.65, -79.38),
+          ("Chicago", 41.88, -87.63), ("Dallas", 32.78, -96.80), ("San Jose", 37.34, -121.89)]
+CLIENTS = [("client in Amsterdam", 52.37, 4.90), ("client in New York", 40.71, -74.01)]
+
+
+def dozen_spans(n_layers: int, servers: int, rng) -> list[tuple[int, int]]:
+    """`servers` contiguous spans of 1-3 blocks covering every block once (a random composition)."""
+    if not servers <= n_layers <= 3 * servers:
+        raise SystemExit(f"--dozen: {servers} servers of 1-3 blocks cannot cover {n_layers} blocks")
+    sizes = [1] * servers
+    for _ in range(n_layers - servers):
+        sizes[rng.choice([i for i, x in enumerate(sizes) if x < 3])] += 1
+    out, start = [], 0
+    for size in sizes:
+        out.append((start, start + size))
+        start += size
+    return out
+
+
+def run_dozen(a: argparse.Namespace, model_dir: str, ref, prompts: dict, sizes: Sizes, vocab: int,
+              hidden: int, itemsize: int, extra: dict) -> dict:
+    """Loopback first (the compute), then the geographic links: each client generates, then
+    each again while servers restart at random (churn)."""
+    import random
+    import shutil
+    import tempfile
+
+    from libswarm import AutoDistributedModelForCausalLM
+    from swarmd.identity import load_or_create_identity
+    from swarmd.transport.netem import one_way_s
+
+    rng = random.Random(a.dozen_seed)
+    spans = dozen_spans(ref.config.num_hidden_layers, len(CITIES), rng)
+    cities = rng.sample(CITIES, len(CITIES))  # which server sits where: a chain crosses the ocean at random
+    out: dict = {"spans": [f"{x}:{y}" for x, y in spans], "cities": [c[0] for c in cities], "runs": {}}
+    for geo in (False, True):
+        root = tempfile.mkdtemp(prefix="swarm-dozen-")
+        servers = [Daemon(root, f"s{i}", model_dir, f"{x}:{y}", extra) for i, (x, y) in enumerate(spans)]
+        clients = [Daemon(root, f"c{i}", model_dir, "none", extra) for i in range(len(CLIENTS))]
+        places = {}
+        for d, (name, lat, lon) in [*zip(servers, cities), *zip(clients, CLIENTS)]:
+            node_id = load_or_create_identity(d.cfg["state_dir"]).public_key  # the daemon keeps this key
+            places[node_id] = {"name": name, "lat": lat, "lon": lon}
+        path = os.path.join(root, "places.json")
+        with open(path, "w") as f:
+            json.dump({"places": places}, f)
+        for d in servers + clients:
+            if geo:
+                d.env["SWARMD_NETEM"] = f"jitter_ms=0.5,places={path}"
+        everyone = servers + clients
+        seeds = [d.address for d in servers]
+        try:
+            for d in everyone:
+                d.start(seeds)
+            for d in everyone:
+                d.wait_ready(timeout=180)
+            wait_converged(everyone, len(servers), limit_s=60)
+            todo = [(c, name, lat, lon, churn) for (c, (name, lat, lon)) in zip(clients, CLIENTS)
+                    for churn in ((False, True) if geo else (False,))]
+            for c, name, lat, lon, churn in todo:
+                label = ("loopback, " + name) if not geo else name + (", churn" if churn else "")
+                model = AutoDistributedModelForCausalLM.from_pretrained(model_dir, socket=c.socket)
+                model.route_timeout_s = 120
+                before = c.ctl("status")["gateway"]["failovers"]
+                if churn:
+                    life = a.dozen_churn_life_s / (10 if a.quick else 1)
+                    with Churn(servers, seeds, mean_life_s=life, downtime_s=2.0, seed=1) as ch:
+                        r = measure(model, ref, prompts, sizes, vocab)
+                    r["kills"] = ch.kills
+                else:
+                    r = measure(model, ref, prompts, sizes, vocab)
+                r["failovers"] = c.ctl("status")["gateway"]["failovers"] - before
+                if geo:  # the wire along the route with push: client -> s0 -> ... -> s11 -> client
+                    ends = [(lat, lon), *[(c_[1], c_[2]) for c_ in cities], (lat, lon)]
+                    wire = sum(one_way_s(x, y) for x, y in zip(ends, ends[1:]))
+                    wire += (len(spans) + 1) * hidden * itemsize * 8 / 1e9  # serialising, negligible at 1 Gbit/s
+                    r["wire_s"] = wire
+                    for k in ("short", "long"):
+                        compute = 1 / out["runs"]["loopback, " + name][f"steps_per_s_{k}"]
+                        r[f"ideal_steps_per_s_{k}"] = 1 / (compute + wire)
+                        r[f"vs_ideal_{k}"] = r[f"steps_per_s_{k}"] * (compute + wire)
+                out["runs"][label] = r
+                print(f"  {label}: {r['steps_per_s_short']:.2f} / {r['steps_per_s_long']:.2f} steps/s",
+                      file=sys.stderr)
+        finally:
+            for d in everyone:
+                d.terminate()
+            for d in everyone:
+                d.stop()
+            shutil.rmtree(root, ignore_errors=True)
+    return out
+
+
+def dozen_table(dozen: dict) -> str:
+    lines = ["", f"a dozen servers on two continents: spans {', '.join(dozen['spans'])}",
+             f"in {', '.join(dozen['cities'])} (in block order)", "",
+             "| client | steps/s short | steps/s long | ideal short | measured/ideal | wire one way, summed | "
+             "failovers | kills | tokens equal |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in dozen["runs"].items():
+        ideal = f"{r['ideal_steps_per_s_short']:.2f}" if "ideal_steps_per_s_short" in r else "-"
+        ratio = f"{r['vs_ideal_short']:.2f} / {r['vs_ideal_long']:.2f}" if "vs_ideal_short" in r else "-"
+        wire = f"{r['wire_s'] * 1000:.0f} ms" if "wire_s" in r else "-"
+        lines.append(f"| {name} | {r['steps_per_s_short']:.2f} | {r['steps_per_s_long']:.2f} | {ideal} | {ratio} | "
+                     f"{wire} | {r['failovers']} | {r.get('kills', '-')} | {'yes' if r['same'] else 'NO'} |")
+    return "\n".join(lines)
 
 
 def sweep_settings() -> list[Setting]:
@@ -253,6 +373,8 @@ def tables(results: dict) -> str:
         lines += ["", "steps/s (short) over offloading's: " + ", ".join(
             f"{name} {r['steps_per_s_short'] / off['steps_per_s_short']:.2f}x"
             for name, r in results["settings"].items() if not r["local"])]
+    if "dozen" in results:
+        lines.append(dozen_table(results["dozen"]))
     return "\n".join(lines)
 
 
@@ -270,6 +392,12 @@ def main(argv=None) -> int:
     p.add_argument("--plots", help="write PNG plots (latency against RTT, bandwidth, loss, churn) here")
     p.add_argument("--sweeps", action="store_true", help="more points for the plots: one parameter varied at a time")
     p.add_argument("--json", help="write every figure to this file")
+    p.add_argument("--dozen", action="store_true",
+                   help="add the paper's real-servers setting: 12 servers of 1-3 blocks in 12 cities of Europe and "
+                        "North America, a client on each side, with and without churn")
+    p.add_argument("--dozen-only", action="store_true", help="only that setting")
+    p.add_argument("--dozen-seed", type=int, default=0, help="draws the dozen's spans and cities")
+    p.add_argument("--dozen-churn-life-s", type=float, default=60.0, help="a server's mean life under churn")
     p.add_argument("--offload", action="store_true",
                    help="add the offloading baseline on the CPU too (with --device cuda it is always there)")
     p.add_argument("--no-progress", action="store_true")
@@ -286,7 +414,9 @@ def main(argv=None) -> int:
             json.dump(results, f, indent=1)
     if a.plots:
         plot(results, a.plots)
-    return 0 if all(r["same"] for t in ("settings", "sweeps") for r in results[t].values()) else 1
+    runs = [*results["settings"].values(), *results["sweeps"].values(),
+            *results.get("dozen", {}).get("runs", {}).values()]
+    return 0 if all(r["same"] for r in runs) else 1
 
 
 def plot(results: dict, directory: str) -> None:
@@ -334,6 +464,28 @@ def plot(results: dict, directory: str) -> None:
         ax.legend()
         fig.tight_layout()
         fig.savefig(os.path.join(directory, f"latency_vs_{key}.png"), dpi=110)
+        plt.close(fig)
+    dozen = results.get("dozen")
+    if dozen:  # per client: measured against the ideal (compute + the route's wire), without and with churn
+        clients = [name for name, _, _ in CLIENTS if name in dozen["runs"]]
+        fig, ax = plt.subplots(figsize=(6, 3.4))
+        width = 0.27
+        for j, (what, get) in enumerate([
+                ("ideal", lambda r: 1000 / r["ideal_steps_per_s_short"]),
+                ("measured", lambda r: 1000 / r["steps_per_s_short"]),
+                ("measured, churn", None)]):
+            ys = []
+            for c in clients:
+                r = dozen["runs"].get(c + ", churn") if get is None else dozen["runs"][c]
+                ys.append(0.0 if r is None else (1000 / r["steps_per_s_short"] if get is None else get(r)))
+            ax.bar([i + (j - 1) * width for i in range(len(clients))], ys, width, label=what)
+        ax.set_xticks(range(len(clients)), clients)
+        ax.set_ylabel("ms per token")
+        ax.set_title(f"{results['model']}, 12 servers in Europe and North America")
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(directory, "dozen_two_continents.png"), dpi=110)
         plt.close(fig)
 
 

@@ -215,6 +215,7 @@ class SpanServer:
         self.early = EarlyPushes(budget, self.key_limits, self._kv_bytes_of)
         # benchmarks and tests: emulated links back to each caller (swarmd/transport/netem.py), else None
         self.netem = process_profile()
+        self.link_peers: dict[bytes, str] = {}  # with an emulated network: a caller's node id by connection
         self.links: dict[bytes, Link] = {}
         self.compute = ComputeThread(zctx, limits.queued_per_key, limits.queued_bytes_per_key)
         self._stats_lock = threading.Lock()  # the socket's and the compute thread both count
@@ -311,6 +312,10 @@ class SpanServer:
         sender = _sender_key(body[0]) if body else None
         if self.access.private and not self.access.allows(sender):
             return  # its key was removed from the allowed list (SIGHUP) after it connected
+        if self.netem is not None and sender is not None and ident not in self.link_peers:
+            if len(self.link_peers) >= 4096:
+                self.link_peers.clear()
+            self.link_peers[ident] = sender
         if body and peek_type(body[0]) == "relay":
             self._relay(ident, body, sender)
             return
@@ -412,7 +417,7 @@ class SpanServer:
         if link is None:
             if len(self.links) >= 4096:
                 self.links.clear()
-            link = self.links[ident] = Link(self.netem)
+            link = self.links[ident] = Link(self.netem, self.link_peers.get(ident))
         wait_s, _ = link.admit(frames_size(frames))  # a reply cannot cut the caller's connection
         if wait_s is None:
             return False

@@ -87,7 +87,7 @@ class PeerConnection:
         self.disconnects = 0
         # benchmarks and tests: an emulated link to this peer (swarmd/transport/netem.py), else None
         profile = process_profile()
-        self.link = Link(profile) if profile is not None else None
+        self.link = Link(profile, server_key) if profile is not None else None
         # replies that arrived while another request was awaited (one peer, two hops of a route)
         self._stash: dict[int, Message] = {}
         self._asked: OrderedDict[int, None] = OrderedDict()  # sent here, reply not received yet
