@@ -290,7 +290,7 @@ def run_dozen(a: argparse.Namespace, model_dir: str, ref, prompts: dict, sizes: 
                 model.route_timeout_s = 120
                 before = c.ctl("status")["gateway"]["failovers"]
                 if churn:
-                    life = a.dozen_churn_life_s / (10 if a.quick else 1)
+                    life = a.dozen_churn_life_s / (2 if a.quick else 1)
                     with Churn(servers, seeds, mean_life_s=life, downtime_s=2.0, seed=1) as ch:
                         r = measure(model, ref, prompts, sizes, vocab)
                     r["kills"] = ch.kills
@@ -343,6 +343,9 @@ def sweep_settings() -> list[Setting]:
 
 def tables(results: dict) -> str:
     sizes = results["sizes"]
+    if not results["settings"] and not results["sweeps"] and "dozen" in results:  # --dozen-only
+        return f"machine: {results['machine']}; model {results['model']} ({results['dtype']})\n" + dozen_table(
+            results["dozen"])
     lines = [f"machine: {results['machine']}; model {results['model']} ({results['dtype']}), servers "
              f"{', '.join(results['spans'])} behind a gateway",
              f"decode steps/s after a {sizes['short_prompt']}-token and a {sizes['long_prompt']}-token prompt "
@@ -397,7 +400,9 @@ def main(argv=None) -> int:
                         "North America, a client on each side, with and without churn")
     p.add_argument("--dozen-only", action="store_true", help="only that setting")
     p.add_argument("--dozen-seed", type=int, default=0, help="draws the dozen's spans and cities")
-    p.add_argument("--dozen-churn-life-s", type=float, default=60.0, help="a server's mean life under churn")
+    p.add_argument("--dozen-churn-life-s", type=float, default=300.0,
+                   help="a server's mean life under churn (a kill every 25 s over the dozen; each block is on one "
+                        "server, so a kill stalls every generation until its server is back)")
     p.add_argument("--offload", action="store_true",
                    help="add the offloading baseline on the CPU too (with --device cuda it is always there)")
     p.add_argument("--no-progress", action="store_true")
@@ -466,24 +471,22 @@ def plot(results: dict, directory: str) -> None:
         fig.savefig(os.path.join(directory, f"latency_vs_{key}.png"), dpi=110)
         plt.close(fig)
     dozen = results.get("dozen")
-    if dozen:  # per client: measured against the ideal (compute + the route's wire), without and with churn
-        clients = [name for name, _, _ in CLIENTS if name in dozen["runs"]]
-        fig, ax = plt.subplots(figsize=(6, 3.4))
+    if dozen:  # per client and prompt: measured against the ideal (compute + the route's wire), and under churn
+        groups = [(c, k) for c, _, _ in CLIENTS if c in dozen["runs"] for k in ("short", "long")]
+        fig, ax = plt.subplots(figsize=(7, 3.6))
         width = 0.27
-        for j, (what, get) in enumerate([
-                ("ideal", lambda r: 1000 / r["ideal_steps_per_s_short"]),
-                ("measured", lambda r: 1000 / r["steps_per_s_short"]),
-                ("measured, churn", None)]):
+        for j, what in enumerate(("ideal", "measured", "measured, churn")):
             ys = []
-            for c in clients:
-                r = dozen["runs"].get(c + ", churn") if get is None else dozen["runs"][c]
-                ys.append(0.0 if r is None else (1000 / r["steps_per_s_short"] if get is None else get(r)))
-            ax.bar([i + (j - 1) * width for i in range(len(clients))], ys, width, label=what)
-        ax.set_xticks(range(len(clients)), clients)
+            for c, k in groups:
+                r = dozen["runs"].get(c + ", churn" if what.endswith("churn") else c)
+                key = f"ideal_steps_per_s_{k}" if what == "ideal" else f"steps_per_s_{k}"
+                ys.append(1000 / r[key] if r is not None and key in r else 0.0)
+            ax.bar([i + (j - 1) * width for i in range(len(groups))], ys, width, label=what)
+        ax.set_xticks(range(len(groups)), [f"{c.removeprefix('client in ')}\n{k} prompt" for c, k in groups])
         ax.set_ylabel("ms per token")
-        ax.set_title(f"{results['model']}, 12 servers in Europe and North America")
+        ax.set_title(f"{results['model']}, 12 servers in Europe and North America", fontsize=10)
         ax.grid(alpha=0.3, axis="y")
-        ax.legend()
+        ax.legend(loc="upper left", fontsize=8)
         fig.tight_layout()
         fig.savefig(os.path.join(directory, "dozen_two_continents.png"), dpi=110)
         plt.close(fig)

@@ -42,7 +42,7 @@ class Spec:
 # is the default).
 FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     "model_id": str, "blocks": list, "max_length": int, "batch": int, "adapter": str, "session": str,
-    "step": int, "from": str, "next": dict, "address": str, "nonce": str, "to": str,
+    "step": int, "from": str, "next": dict, "address": str, "nonce": str, "to": str, "open_id": str,
 }
 
 # Optional tensors beside `hidden` (shared conventions). Client-held trainables (lora_A.*,
@@ -53,7 +53,7 @@ INPUTS = ("position_ids", "key_mask")
 PEER = {s.name: s for s in (
     Spec("ping"),
     Spec("gossip", optional=("news", "records", "beats", "suspects", "sums")),
-    Spec("open", fields=("model_id", "blocks", "max_length", "batch"), optional=("adapter",)),
+    Spec("open", fields=("model_id", "blocks", "max_length", "batch"), optional=("adapter", "open_id")),
     Spec("step", fields=("session",), optional=("step", "expect_push", "from", "next", "replay", "start"),
          optional_tensors=("hidden", *INPUTS, "beam_order")),
     Spec("push", fields=("session", "step"), tensors=("hidden",)),

@@ -210,10 +210,10 @@ class Gateway:
 
     def _open_one(self, hop: Hop, conn: PeerConnection, fields: dict) -> Message:
         """`open` at one server. A server this gateway has timed is asked again when it does not
-        answer within its resend allowance (as a step is): the open or its answer was lost. Should
-        both opens have come, the session whose answer is not awaited any more is never used and
-        freed by the server as reserved and unused (serve.limits.unused_session_timeout_s)."""
+        answer within its resend allowance (as a step is): the open or its answer was lost. Both
+        carry one `open_id`: a server that got the first answers the resend with the same session."""
         t0 = time.monotonic()
+        fields = {**fields, "open_id": secrets.token_hex(8)}  # a resend is answered with the same session
 
         def ask() -> tuple[PeerConnection, int]:
             return conn, conn.send("open", fields, timeout_s=OPEN_TIMEOUT_S)

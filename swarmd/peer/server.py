@@ -79,6 +79,8 @@ PENDING_TIMEOUT_S = 60.0
 MAX_PENDING = 4096  # bounds the steps waiting for pushes, over all sessions
 MAX_PUSH_PEERS = 64  # connections kept for pushing to next hops; the least recently used goes
 LOG_EVERY_S = 10.0  # refused requests are logged at most once per peer and reason this often
+MAX_OPEN_ID = 64  # characters of an open's open_id
+MAX_OPEN_IDS = 4096  # open_ids remembered (the oldest forgotten first)
 DEFERRED = object()  # a handler's answer when the reply is sent later (a step waiting for its push)
 INLINE_MAX_TOKENS = 32  # a step of at most this many tokens (batch x length) runs on the socket's thread
 MAX_BATCH_ROWS = 64  # rows (sessions' batches together) of one batched decode step
@@ -215,6 +217,7 @@ class SpanServer:
         self.early = EarlyPushes(budget, self.key_limits, self._kv_bytes_of)
         # benchmarks and tests: emulated links back to each caller (swarmd/transport/netem.py), else None
         self.netem = process_profile()
+        self.opened: OrderedDict[tuple[str | None, str], str] = OrderedDict()  # (key, open_id) -> session
         self.link_peers: dict[bytes, str] = {}  # with an emulated network: a caller's node id by connection
         self.links: dict[bytes, Link] = {}
         self.compute = ComputeThread(zctx, limits.queued_per_key, limits.queued_bytes_per_key)
@@ -720,6 +723,13 @@ class SpanServer:
             raise LimitError(f"max_length {max_length} is outside 1..{self.max_length} allowed by this server")
         if not 0 < batch <= self.max_batch:
             raise LimitError(f"batch {batch} is outside 1..{self.max_batch} allowed by this server")
+        open_id = msg.get("open_id")
+        if open_id is not None and len(open_id) > MAX_OPEN_ID:
+            raise ProtocolError(f"open: open_id longer than {MAX_OPEN_ID} characters")
+        again = self.opened.get((self._current[2], open_id)) if open_id is not None else None
+        if again is not None and again in self.sessions:
+            # a resend of an open that came (its answer was lost): the same session, nothing more held
+            return {"session": again, "cache_bytes": self.sessions[again].cache.nbytes}, None
         lora = self._hosted_adapter(msg, first, last)  # before reserving: a refusal must hold nothing
         nbytes = self.span.cache_bytes(first, last, batch, max_length)
         network = shared_network(self._peer_host, self.access.private)
@@ -739,6 +749,10 @@ class SpanServer:
         with self._lock:
             self.sessions[sid] = ServerSession(sid, cache, self.span, self._current[2], lora, network=network)
         self._count(sessions_opened=1)
+        if open_id is not None:
+            self.opened[(self._current[2], open_id)] = sid
+            while len(self.opened) > MAX_OPEN_IDS:
+                self.opened.popitem(last=False)
         return {"session": sid, "cache_bytes": nbytes}, None
 
     def _kv_bytes_of(self, key: str | None) -> int:

@@ -9,7 +9,7 @@ import torch
 import yaml
 import zmq
 from conftest import hf_reference
-from helpers import SWARMCTL, SWARMD, curve_dealer, running_swarm
+from helpers import SWARMCTL, SWARMD, Peer, curve_dealer, running_swarm
 
 from libswarm import (
     AutoDistributedModelForCausalLM,
@@ -73,6 +73,31 @@ def test_cache_free_drops_by_the_allocation_and_returns_on_close(swarm):
     assert s0.ctl("status")["sessions"]["server"] == 1
     client.close_session(opened["session"])
     assert s0.ctl("status")["cache"] == before
+
+
+def test_an_open_resent_under_its_open_id_gets_the_same_session_and_holds_nothing_more(swarm):
+    """Issue 42: a gateway resends an open whose answer did not come; if the first one came, the
+    server answers the resend with the session it opened, not a second one held for 30 s. Only
+    for the key that opened it: another key's open under the same id is an open of its own."""
+    d, model, servers, gw = swarm
+    s0 = servers[0]
+    before = s0.ctl("status")["cache"]["used_bytes"]
+    owner, other = Peer(s0), Peer(s0)
+    try:
+        first = owner.open(s0, model.model_id, open_id="a1")
+        held = s0.ctl("status")["cache"]["used_bytes"] - before
+        again = owner.open(s0, model.model_id, open_id="a1")
+        assert again.get("session") == first.get("session") and again.get("cache_bytes") == held > 0
+        assert s0.ctl("status")["cache"]["used_bytes"] - before == held
+        theirs = other.open(s0, model.model_id, open_id="a1")
+        assert theirs.get("session") != first.get("session")
+        assert owner.open(s0, model.model_id, open_id="b2").get("session") != first.get("session")
+        long_id = owner.open(s0, model.model_id, open_id="x" * 65)
+        assert long_id.type == "error" and "open_id" in long_id.get("message")
+    finally:
+        owner.close()
+        other.close()
+    assert s0.ctl("status")["cache"]["used_bytes"] == before
 
 
 def test_session_over_the_cache_budget_is_refused_cleanly(swarm):

@@ -44,3 +44,33 @@ def test_loss_and_drops_happen_at_their_rates():
     assert lost == pytest.approx(0.05, abs=0.01) and cut == pytest.approx(0.02, abs=0.006)
     assert (link.lost, link.dropped, link.sent) == (sum(w is None for w, _ in results), sum(c for _, c in results),
                                                     20_000)
+
+
+def test_a_places_file_gives_each_link_the_delay_of_its_two_ends(tmp_path):
+    """Issue 42's two continents: London-New York ~74 ms round trip in the model (published
+    figures ~70-76 ms), London-Frankfurt ~10 ms; a link to a node the file does not name keeps
+    delay_ms; this daemon's own place comes from its node id (netem.locate)."""
+    import json
+
+    from swarmd.transport import netem
+
+    places = {"ldn": {"name": "London", "lat": 51.51, "lon": -0.13},
+              "nyc": {"name": "New York", "lat": 40.71, "lon": -74.01},
+              "fra": {"name": "Frankfurt", "lat": 50.11, "lon": 8.68}}
+    path = tmp_path / "places.json"
+    path.write_text(json.dumps({"places": places}))
+    profile = parse_profile(f"delay_ms=3,places={path}")
+    try:
+        netem.locate("ldn")
+        assert 2 * Link(profile, "nyc").delay_s == pytest.approx(0.074, abs=0.004)
+        assert 2 * Link(profile, "fra").delay_s == pytest.approx(0.010, abs=0.002)
+        assert Link(profile, "elsewhere").delay_s == pytest.approx(0.003)
+        netem.locate("nyc")
+        assert Link(profile, "ldn").delay_s == pytest.approx(Link(profile, "nyc").delay_s + 0.036, abs=0.002)
+        wait, _ = Link(profile, "ldn").admit(100)
+        assert wait == pytest.approx(0.037, abs=0.003)
+    finally:
+        netem.locate("")
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ConfigError, match="places file"):
+        parse_profile(f"places={tmp_path / 'bad.json'}")
