@@ -56,7 +56,9 @@ def test_four_auto_daemons_started_together_cover_the_model(model_dirs, tmp_path
         t_start = time.monotonic()
         for x in daemons:
             x.start(addresses)
-        assert time.monotonic() - t_start < 0.1 * len(daemons)
+        # launched at once, not one after another's READY (seconds each): under a loaded machine a
+        # fork alone took over 0.1 s, so the bound is far from both
+        assert time.monotonic() - t_start < 0.5 * len(daemons)
         last_ready = max(ready_times(daemons))
 
         def complete() -> bool:
