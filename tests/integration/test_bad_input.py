@@ -92,8 +92,9 @@ def test_an_open_resent_under_its_open_id_gets_the_same_session_and_holds_nothin
         theirs = other.open(s0, model.model_id, open_id="a1")
         assert theirs.get("session") != first.get("session")
         assert owner.open(s0, model.model_id, open_id="b2").get("session") != first.get("session")
-        long_id = owner.open(s0, model.model_id, open_id="x" * 65)
-        assert long_id.type == "error" and "open_id" in long_id.get("message")
+        for bad in ("x" * 65, 7, ["a1"]):  # beyond its bound, not a string
+            refused = owner.open(s0, model.model_id, open_id=bad)
+            assert refused.type == "error" and refused.get("code") == "protocol" and "open_id" in refused.get("message")
     finally:
         owner.close()
         other.close()

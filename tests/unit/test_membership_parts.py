@@ -488,3 +488,29 @@ def test_a_key_answer_is_taken_only_from_the_seed_and_with_the_questions_nonce(f
         t.join()
         seed.close()
         other.close()
+
+
+def test_one_unanswered_contact_asks_again_and_a_second_in_a_row_or_a_refusal_makes_the_node_suspect():
+    """Issue 42: at 5 % loss one lost gossip answer made a healthy server unreachable here (and
+    suspected by everyone told), and new sessions waited for it. A timeout from a node that
+    answered the contact before is asked again; two in a row, or a refused connection, count."""
+    from swarmd.discovery.membership import Membership
+
+    class Pool:
+        def drop(self, address):
+            pass
+
+    m = Membership(identity=ident(), pool=Pool(), table=PeerTable(), access=AccessControl("open", "", ""),
+                   own_fields=lambda: None, expected_fingerprint=lambda m, b: None)
+    a, b = ident(), ident()
+    for i in (a, b):
+        r = record(i)
+        m.table.merge(r, r.sign(i))
+        m.table.observe(i.public_key, rtt_ms=2.0, unreachable=None)
+    ea, eb = m.table.get(a.public_key), m.table.get(b.public_key)
+    m._contact_failed("tcp://10.0.0.1:31330", a.public_key, "did not answer gossip in time", timed_out=True)
+    assert m.table.state(ea) == "online" and m.table.servers_for("m")
+    m._contact_failed("tcp://10.0.0.1:31330", a.public_key, "did not answer gossip in time", timed_out=True)
+    assert m.table.state(ea) == "unreachable"
+    m._contact_failed("tcp://10.0.0.1:31330", b.public_key, "refuses connections")
+    assert m.table.state(eb) == "unreachable"
