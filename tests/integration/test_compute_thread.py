@@ -32,7 +32,9 @@ def test_a_long_forward_neither_marks_its_server_unreachable_nor_holds_up_decode
     info = client.model_info()
     model_id, hidden_size = info["model_id"], info["hidden_size"]
     sess = client.open_session(model_id, max_length=512, batch=1)
-    assert [h[0] for h in sess["route"]] == [slow.address]
+    # the slow server holds blocks 3:6 alone, so every step goes through it (the route may take
+    # 0:3 from either server: which is cheaper depends on their speeds as measured at start)
+    assert sess["route"][-1][0] == slow.address, sess["route"]
     x = torch.randn(1, 1, hidden_size)
     client.step(sess["session"], torch.randn(1, 4, hidden_size))  # the prompt
 
