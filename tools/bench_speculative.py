@@ -13,6 +13,8 @@ and verifies several in one pass through the swarm:
   drafting --draft-tokens tokens per pass;
 - "assisted, DIR": the same with a separate draft checkpoint of the same tokenizer (--draft-model:
   a directory, or a model name libswarm.models knows);
+- "ahead, DIR": the same draft in libswarm's own loop (libswarm/speculative.py), which goes on
+  drafting while a pass is out, as the OpenAI API does with api.draft_model;
 - "prompt lookup": drafts copied from the prompt (HF's prompt_lookup_num_tokens), for
   answers that repeat their input.
 Each mode must give exactly the plain greedy tokens."""
@@ -26,6 +28,7 @@ import sys
 import time
 
 import torch
+import yaml
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -62,18 +65,30 @@ class Timer:
         return timed
 
 
-def draft_model(model_dir: str, blocks: int | None, tokens: int, dtype: str = "float32"):
+def draft_model(model_dir: str, blocks: int | None, tokens: int, dtype: str = "float32", quant: str = "none"):
     """The draft: the model's first `blocks` blocks (all of them: None), then its final norm and
-    LM head."""
+    LM head; with `quant`, its linear layers packed (libswarm.speculative.packed_draft)."""
     from transformers import AutoModelForCausalLM
 
+    from libswarm.speculative import packed_draft
+
     draft = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+    if quant != "none":
+        packed_draft(draft, quant)
     if blocks is not None:
         draft.model.layers = draft.model.layers[:blocks]
         draft.config.num_hidden_layers = blocks
     draft.generation_config.num_assistant_tokens = tokens
     draft.generation_config.num_assistant_tokens_schedule = "constant"
     return draft
+
+
+def ahead(model, draft, ids: torch.Tensor, n: int, first_k: int, eos: int | None):
+    """Greedy tokens by libswarm's speculative loop (drafting while passes are out), stopped at
+    `n` new tokens or the end of text as generate() stops: (ids with the new tokens, its stats)."""
+    from libswarm import speculative
+
+    return speculative.generate(model, draft, ids, n, eos, first_k=first_k)
 
 
 def main(argv=None) -> int:
@@ -87,6 +102,13 @@ def main(argv=None) -> int:
     p.add_argument("--draft-tokens", type=int, default=4, help="tokens drafted per pass (constant)")
     p.add_argument("--draft-dtype", default="float32", choices=["float32", "bfloat16"],
                    help="of a separate draft model (bfloat16: half its bytes a token, and a draft need not be exact)")
+    p.add_argument("--draft-quant", default="none", choices=["none", "int8", "int4"],
+                   help="a separate draft's linear layers in torch's packed kernels")
+    p.add_argument("--no-ahead", action="store_true", help="without the modes of libswarm's own loop")
+    p.add_argument("--serve", default=None, metavar="YAML",
+                   help="the servers' `serve:` settings as YAML, e.g. '{quant: int8}' (default: the daemon's)")
+    p.add_argument("--modes", nargs="*", default=None, choices=["assisted", "ahead", "prompt lookup"],
+                   help="only these beside plain (default: all)")
     p.add_argument("--tokens", type=int, default=48)
     p.add_argument("--prompts", choices=sorted(PROMPTS), default=None,
                    help="chat or coding (default: coding for a coder model, else chat)")
@@ -108,9 +130,14 @@ def main(argv=None) -> int:
         modes[f"assisted, {blocks} blocks"] = {"assistant_model": draft_model(d, blocks, a.draft_tokens)}
     for name in a.draft_model:
         path = name if os.path.isdir(name) else get_model(name, os.path.join(os.path.dirname(HERE), ".cache", "models"))
-        modes[f"assisted, {os.path.basename(os.path.normpath(name))}"] = {
-            "assistant_model": draft_model(path, None, a.draft_tokens, a.draft_dtype)}
+        draft = draft_model(path, None, a.draft_tokens, a.draft_dtype, a.draft_quant)
+        short = os.path.basename(os.path.normpath(name))
+        modes[f"assisted, {short}"] = {"assistant_model": draft}
+        if not a.no_ahead:
+            modes[f"ahead, {short}"] = {"ahead": draft}
     modes["prompt lookup"] = {"prompt_lookup_num_tokens": 10}
+    if a.modes:  # plain always runs: the others are measured against it
+        modes = {m: o for m, o in modes.items() if m == "plain" or m.split(",")[0] in a.modes}
     results: dict[str, list[tuple[int, float]]] = {m: [] for m in modes}
     same = {m: True for m in modes}
     # where a mode's time goes: the draft's forward passes, the swarm's passes (a step through
@@ -118,14 +145,22 @@ def main(argv=None) -> int:
     # embeddings, head and generate() itself)
     drafting = {m: Timer() for m in modes}
     passes = {m: Timer() for m in modes}
-    for mode, opts in modes.items():
-        if "assistant_model" in opts:
-            opts["assistant_model"].forward = drafting[mode].wrap(opts["assistant_model"].forward)
+    running = {"mode": ""}  # the mode timed now: a draft serves an assisted and an ahead mode
+
+    def timed(forward):
+        def run(*args, **kwargs):
+            return drafting[running["mode"]].wrap(forward)(*args, **kwargs)
+        return run
+
+    for draft in {id(d): d for o in modes.values() for k, d in o.items() if k in ("assistant_model", "ahead")}.values():
+        draft.forward = timed(draft.forward)
+    ahead_stats: dict[str, list] = {m: [] for m in modes}
     from libswarm.model import RemoteSession
 
     step = RemoteSession.step
     env = {"SWARMD_NET_DELAY_MS": str(a.delay_ms)}
-    with running_swarm(d, spans, env_all=env) as (_, gw):
+    serve = {"serve": yaml.safe_load(a.serve)} if a.serve else {}
+    with running_swarm(d, spans, env_all=env, server_extra={i: serve for i in range(len(spans))}) as (_, gw):
         model = AutoDistributedModelForCausalLM.from_pretrained(d, socket=gw.socket)
         for prompt in prompts:
             chat = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
@@ -134,8 +169,13 @@ def main(argv=None) -> int:
             plain = None
             for mode, opts in modes.items():
                 RemoteSession.step = passes[mode].wrap(step)  # type: ignore[method-assign]
+                running["mode"] = mode
                 t0 = time.perf_counter()
-                out = model.generate(ids, do_sample=False, max_new_tokens=a.tokens, **opts)
+                if "ahead" in opts:
+                    out, stats = ahead(model, opts["ahead"], ids, a.tokens, a.draft_tokens, tokenizer.eos_token_id)
+                    ahead_stats[mode].append(stats)
+                else:
+                    out = model.generate(ids, do_sample=False, max_new_tokens=a.tokens, **opts)
                 results[mode].append((out.shape[1] - ids.shape[1], time.perf_counter() - t0))
                 RemoteSession.step = step  # type: ignore[method-assign]
                 plain = out if plain is None else plain
@@ -151,10 +191,21 @@ def main(argv=None) -> int:
               f"same tokens as plain: {'yes' if same[mode] else 'NO'}")
         tokens, seconds = sum(t for t, _ in runs), sum(s for _, s in runs)
         swarm, draft = passes[mode], drafting[mode]
-        print(f"  {'':34s} a token: {1000 * seconds / tokens:.0f} ms = draft {1000 * draft.seconds / tokens:.0f} "
+        # drafting ahead overlaps the passes: only what the decoding waited for adds up
+        draft_s = sum(x.draft_waited_s for x in ahead_stats[mode]) if ahead_stats[mode] else draft.seconds
+        print(f"  {'':34s} a token: {1000 * seconds / tokens:.0f} ms = draft {1000 * draft_s / tokens:.0f} "
               f"({draft.calls} forward passes) + swarm {1000 * swarm.seconds / tokens:.0f} ({swarm.calls} passes, "
               f"{1000 * swarm.seconds / max(1, swarm.calls):.0f} ms each, {tokens / max(1, swarm.calls):.2f} tokens "
-              f"a pass) + the rest {1000 * (seconds - draft.seconds - swarm.seconds) / tokens:.0f}")
+              f"a pass) + the rest {1000 * (seconds - draft_s - swarm.seconds) / tokens:.0f}")
+        if ahead_stats[mode]:
+            st = ahead_stats[mode]
+            waited, total = sum(x.draft_waited_s for x in st), sum(x.draft_s for x in st)
+            print(f"  {'':34s} of the draft's {1000 * total / tokens:.0f} ms a token, {1000 * waited / tokens:.0f} "
+                  f"waited for (the rest ran while passes were out); {sum(x.ahead_drafts for x in st)} of "
+                  f"{sum(x.drafted for x in st)} drafts made while the pass before was out "
+                  f"({sum(x.ahead_passes for x in st)} of {sum(x.passes for x in st)} passes left with all "
+                  f"of theirs); {sum(x.accepted for x in st)} drafts taken; drafts a pass: "
+                  f"{' | '.join(' '.join(map(str, x.carried)) for x in st)}")
     return 0 if all(same.values()) else 1
 
 

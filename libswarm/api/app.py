@@ -270,6 +270,10 @@ class Service:
                 if vocab != self.tokenizer.get_vocab():
                     raise ModelError(f"api.draft_model {path}: its tokenizer is not the model's "
                                      f"({len(vocab)} and {len(self.tokenizer.get_vocab())} tokens, or other ids)")
+                if self.settings.draft_quant != "none":
+                    from libswarm.speculative import packed_draft
+
+                    packed_draft(draft, self.settings.draft_quant)
                 self._draft = draft
             return self._draft
 

@@ -24,7 +24,9 @@ API_DEFAULTS: dict[str, Any] = {
     "max_queued": 64,
     "route_timeout_s": 30,
     "draft_model": None,
+    "draft_quant": "none",
 }
+DRAFT_QUANTS = ("none", "int8", "int4")
 DEFAULT_SOCKET = "/run/swarmd/swarmd.sock"
 _HOST_PORT_RE = re.compile(r"^\[?([A-Za-z0-9.:\-]+?)\]?:(\d{1,5})$")
 
@@ -40,6 +42,7 @@ class ApiSettings:
     route_timeout_s: float  # how long a request waits for servers to cover every block
     draft_model: str | None = None  # a small model of the same tokenizer, run here to draft greedy tokens
     max_queued: int = 64  # requests that wait for generations to end; more get 429 with Retry-After
+    draft_quant: str = "none"  # the draft's linear layers: as stored, or in torch's packed int8/int4 kernels
 
 
 @dataclass(frozen=True)
@@ -105,9 +108,11 @@ def parse_api(section: Any, fail: Fail, base_dir: str) -> ApiSettings:
         draft = model_from_config(draft, base_dir)
         if not os.path.isdir(draft):
             raise fail("api.draft_model", f"{draft} is not a model directory (swarmctl model get NAME)")
+    if s["draft_quant"] not in DRAFT_QUANTS:
+        raise fail("api.draft_quant", f"must be one of {', '.join(DRAFT_QUANTS)}, got {s['draft_quant']!r}")
     return ApiSettings(listen=listen, keys_file=keys_file, max_tokens=s["max_tokens"],
                        max_concurrent=s["max_concurrent"], route_timeout_s=float(s["route_timeout_s"]),
-                       draft_model=draft, max_queued=queued)
+                       draft_model=draft, max_queued=queued, draft_quant=s["draft_quant"])
 
 
 def read_config_file(path: str) -> Any:

@@ -18,9 +18,7 @@ import torch
 
 from libswarm.client import SwarmClient
 from libswarm.grammar import Constraint
-
-DRAFT_TOKENS = 4  # a draft's first proposal; then +2 while all are taken, -1 when not
-MAX_DRAFT_TOKENS = 16
+from libswarm.speculative import GreedySpeculator
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +99,7 @@ class Completion:
     def __init__(self, model, tokenizer, socket: str, prompt: torch.Tensor, sampling: Sampling,
                  emit: Callable[[Event], None], route_timeout_s: float, eos: set[int], draft=None):
         self.model, self.tokenizer, self.socket, self.draft = model, tokenizer, socket, draft
-        self.drafted = self.accepted = self.passes = 0  # with a draft: tokens proposed, taken; swarm passes
+        self.speculator: GreedySpeculator | None = None  # with a draft: its loop, and what it counted
         self.prompt, self.sampling, self.emit = prompt, sampling, emit
         self.route_timeout_s, self.eos = route_timeout_s, eos
         self.cancelled = threading.Event()
@@ -202,57 +200,31 @@ class Completion:
         return False
 
     def _decode_drafted(self, sess, result: Result, stops: StopText, counts: torch.Tensor) -> None:
-        """Speculative greedy decoding (api.draft_model): the draft, a small model of the same
-        tokenizer run here, proposes k tokens; one pass through the swarm scores them all, and
-        the longest prefix the model itself would have chosen is kept, with the model's own next
-        token after it. The swarm's session and the draft's cache are cut back to what was kept.
-        The tokens are plain greedy decoding's; a pass costs one round trip for up to k + 1 of
-        them. k grows by 2 while every draft is taken and shrinks by 1 when one is not (as
-        Hugging Face's assisted generation schedules it)."""
-        from transformers import DynamicCache
-
-        draft_cache = DynamicCache()
-        tokens = self.prompt[0].tolist()  # every token so far; the last one not yet through the swarm
+        """Speculative greedy decoding (api.draft_model) by libswarm/speculative.py: the draft
+        proposes tokens, one pass through the swarm checks them all, and the draft goes on
+        proposing while the pass is out. The tokens are plain greedy decoding's."""
         all_logits = self.model(input_ids=self.prompt).logits[0]
         self._prompt_logprobs(result, all_logits)
         self.session_id = sess.id
         token = int(all_logits[-1].argmax())
         if self._take(result, token, counts, stops, all_logits[-1]):
             return
-        tokens.append(token)
-        in_swarm, in_draft, k = len(tokens) - 1, 0, DRAFT_TOKENS
-        while True:
-            if self.cancelled.is_set():
-                result.finish_reason = "cancelled"
-                return
-            k = max(1, min(k, self.sampling.max_tokens - len(result.tokens)))
-            proposal: list[int] = []
-            feed = tokens[in_draft:]
-            for _ in range(k):
-                out = self.draft(input_ids=torch.tensor([feed]), past_key_values=draft_cache, use_cache=True)
-                in_draft += len(feed)
-                proposal.append(int(out.logits[0, -1].argmax()))
-                feed = proposal[-1:]
-            pending = tokens[in_swarm:]  # the last accepted token (more after a rollback)
-            logits = self.model(input_ids=torch.tensor([pending + proposal])).logits[0]
-            chosen = logits[len(pending) - 1:].argmax(-1).tolist()  # the model's token after each
-            accepted = 0
-            while accepted < k and proposal[accepted] == chosen[accepted]:
-                accepted += 1
-            kept = len(tokens) + accepted  # positions whose keys and values stay
-            sess.rollback(kept)
-            in_swarm = kept
-            in_draft = min(in_draft, kept)
-            if draft_cache.get_seq_length() > in_draft:  # a negative crop removes (transformers 5.17 on)
-                draft_cache.crop(in_draft - draft_cache.get_seq_length())
-            self.drafted += k
-            self.accepted += accepted
-            self.passes += 1
-            for j, t in enumerate(proposal[:accepted] + [chosen[accepted]]):
-                if self._take(result, t, counts, stops, logits[len(pending) - 1 + j]):
+        tokens = self.prompt[0].tolist() + [token]  # every token so far; the last one not yet through the swarm
+
+        def verify(fed: list[int]) -> torch.Tensor:
+            return self.model(input_ids=torch.tensor([fed])).logits[0]
+
+        self.speculator = GreedySpeculator(self.draft, verify, sess.rollback)
+        decoded = self.speculator.decode(tokens, self.sampling.max_tokens - len(result.tokens))
+        try:
+            for t, logits in decoded:
+                if self._take(result, t, counts, stops, logits):
                     return
-                tokens.append(t)
-            k = min(k + 2, MAX_DRAFT_TOKENS) if accepted == k else k - 1
+                if self.cancelled.is_set():  # checked between tokens: a pass's later tokens are not sent
+                    result.finish_reason = "cancelled"
+                    return
+        finally:
+            decoded.close()
 
     def _send(self, result: Result, text: str) -> None:
         """Report the text that has grown; held back: a possible start of a stop string, and a

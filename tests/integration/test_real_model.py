@@ -81,6 +81,13 @@ def test_speculative_and_prompt_lookup_decoding_equal_hf_greedy_with_fewer_passe
         assert torch.equal(out, expected), list(opts)
         generated = out.shape[1] - ids.shape[1]
         assert len(steps) < generated, (list(opts), len(steps), generated)  # several tokens verified per pass
+    # libswarm's own loop, drafting while passes are out, with the draft's layers in packed int8
+    from libswarm import speculative
+
+    out, stats = speculative.generate(model, speculative.packed_draft(early_exit_draft(real_model, 10), "int8"),
+                                      ids, 30, tokenizer.eos_token_id)
+    assert torch.equal(out, expected)
+    assert stats.passes < out.shape[1] - ids.shape[1] and stats.accepted > 0, stats
 
 
 def counted_steps(session) -> list:

@@ -45,6 +45,7 @@ def test_api_config_reads_model_socket_and_its_section(tmp_path):
     ({"listen": "192.168.1.10:8000", "keys_file": None}, "api.keys_file"),
     ({"draft_model": 3}, "api.draft_model"),
     ({"draft_model": "no-such-draft"}, "api.draft_model"),  # a name no models directory holds
+    ({"draft_quant": "int2"}, "api.draft_quant"),
 ])
 def test_a_bad_api_section_is_one_error_naming_file_and_key_in_both_programs(tmp_path, api, key):
     (tmp_path / "m").mkdir()
