@@ -61,14 +61,16 @@ class Costs:
         self._line: tuple[float, float] | None = None  # the last fit: (seconds, seconds a position)
 
     def add_pass(self, positions: int, seconds: float) -> None:
+        """A pass timed. The line is fitted once 4 passes of 2 lengths or more were: by medians
+        (Theil-Sen), which a pass slowed by something else (a loaded machine) does not tilt."""
         self.passes.append((positions, seconds))
-        n = len(self.passes)
-        mx = sum(p for p, _ in self.passes) / n
-        var = sum((p - mx) ** 2 for p, _ in self.passes)
-        if var > 0:  # passes of one length only (a steady k) keep the last line
-            my = sum(t for _, t in self.passes) / n
-            slope = max(0.0, sum((p - mx) * (t - my) for p, t in self.passes) / var)
-            self._line = (max(0.0, my - slope * mx), slope)
+        slopes = sorted((t2 - t1) / (p2 - p1) for i, (p1, t1) in enumerate(self.passes)
+                        for p2, t2 in list(self.passes)[i + 1:] if p2 != p1)
+        if len(self.passes) < 4 or not slopes:  # passes of one length only (a steady k) keep the last line
+            return
+        slope = max(0.0, slopes[len(slopes) // 2])
+        rest = sorted(t - slope * p for p, t in self.passes)
+        self._line = (max(0.0, rest[len(rest) // 2]), slope)
 
     @property
     def draft_token_s(self) -> float | None:

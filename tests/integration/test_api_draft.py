@@ -29,7 +29,9 @@ def test_drafted_greedy_completions_equal_hf_and_an_agreeing_draft_saves_passes(
     from conftest import hf_reference
 
     d, other = tiny
-    with running_swarm(d, ["0:3", "3:6"], gateway=False) as (servers, first):
+    # peer messages delayed 20 ms, a pass's round trips: what drafting saves (on bare loopback a
+    # draft as large as the model costs as much as the pass it saves, and the loop may not draft)
+    with running_swarm(d, ["0:3", "3:6"], gateway=False, env_all={"SWARMD_NET_DELAY_MS": "20"}) as (servers, first):
         # the other draft runs on torch's packed int8 kernels (api.draft_quant): its tokens change, not the answer
         settings = {"draft_model": d} if draft == "same" else {"draft_model": other, "draft_quant": "int8"}
         with running_api(first, settings) as url:
@@ -46,7 +48,7 @@ def test_drafted_greedy_completions_equal_hf_and_an_agreeing_draft_saves_passes(
             r = client.completions.create(model=name, prompt=PROMPT, temperature=0, max_tokens=30)
             passes = steps(servers[:1]) - before
             assert r.choices[0].text == text and r.usage.completion_tokens == want.shape[0]
-            if draft == "same":  # every draft is taken: 1 + 4, 1 + 6, 1 + 8 ... tokens a pass
+            if draft == "same":  # every draft is taken, several a pass
                 assert passes <= 6, passes
             else:  # a random model of the same tokenizer: its drafts are rarely the model's, yet
                 assert passes <= want.shape[0], passes  # a pass never yields less than one token

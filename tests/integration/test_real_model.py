@@ -87,7 +87,10 @@ def test_speculative_and_prompt_lookup_decoding_equal_hf_greedy_with_fewer_passe
     out, stats = speculative.generate(model, speculative.packed_draft(early_exit_draft(real_model, 10), "int8"),
                                       ids, 30, tokenizer.eos_token_id)
     assert torch.equal(out, expected)
-    assert stats.passes < out.shape[1] - ids.shape[1] and stats.accepted > 0, stats
+    # this draft is rarely right (~10 % here): after a few passes that carry drafts, the loop
+    # measures that they do not pay and steps plainly, drafting now and then
+    assert stats.drafted > 0 and stats.passes <= out.shape[1] - ids.shape[1] - 1, stats
+    assert stats.carried.count(0) > stats.passes // 2, stats
 
 
 def counted_steps(session) -> list:
