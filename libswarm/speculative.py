@@ -23,7 +23,8 @@ import dataclasses
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
+from typing import Any
 
 import torch
 
@@ -54,7 +55,7 @@ class Costs:
 
     WINDOW = 16
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.passes: deque[tuple[int, float]] = deque(maxlen=self.WINDOW)  # (positions, seconds)
         self.trials: deque[bool] = deque(maxlen=4 * self.WINDOW)  # a draft (or a guess) checked: taken?
         self.drafts: deque[float] = deque(maxlen=self.WINDOW)  # seconds of the draft's last one-token steps
@@ -120,7 +121,7 @@ class GreedySpeculator:
         self.costs = Costs()
         self._seq: list[int] = []  # the draft's sequence: what was kept, then its proposals and guesses
         self._fed = 0  # how much of _seq the draft's cache holds (all but the last token, or less)
-        self._cache = None
+        self._cache: Any = None  # the draft's DynamicCache, made by decode()
 
     def _draft_one(self) -> None:
         """One more draft token at the end of _seq."""
@@ -148,7 +149,7 @@ class GreedySpeculator:
         except BaseException as e:  # raised again by the decoding thread
             failed.append(e)
 
-    def decode(self, tokens: list[int], limit: int) -> Iterator[tuple[int, torch.Tensor]]:
+    def decode(self, tokens: list[int], limit: int) -> Generator[tuple[int, torch.Tensor], None, None]:
         """The greedy tokens after `tokens` (every token so far; all but the last one already
         through `verify`), each with the model's logits it was chosen from, up to `limit` of
         them. Stop early by closing the iterator (a `break` does)."""
@@ -168,7 +169,7 @@ class GreedySpeculator:
             self.stats.ahead_passes += 0 < k <= ready
             self._draft_to(len(tokens) + k)
             proposal = self._seq[len(tokens):len(tokens) + k]
-            stop, failed = threading.Event(), []
+            stop, failed = threading.Event(), list[BaseException]()
             helper = None
             if self.ahead and left > k + 1:  # guesses: the model's next token, then the next proposal
                 ahead_to = len(tokens) + k + 1 + min(max(k + 2, self.first_k), self.max_k, left - k - 1)
