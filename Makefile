@@ -57,6 +57,7 @@ test: $(STAMP)
 check: $(STAMP)
 	$(BIN)/ruff check swarmd libswarm tools tests examples
 	$(BIN)/mypy
+	$(BIN)/python tools/check_layout.py
 
 bench: $(STAMP)
 	$(BIN)/python tools/bench_inference.py

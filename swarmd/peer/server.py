@@ -22,7 +22,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import cast
 
 import torch
@@ -51,8 +51,9 @@ from swarmd.metrics import step_histogram
 from swarmd.peer.compute import PASS, STEP, ComputeThread
 from swarmd.peer.early import EarlyPushes
 from swarmd.peer.limits import GossipTime, KeyLimits, shared_network
+from swarmd.peer.sessions import BatchedStep, PendingStep, ServerSession
 from swarmd.runtime.adapters import load_adapter, slice_lora
-from swarmd.runtime.cache import CacheBudget, SessionCache
+from swarmd.runtime.cache import CacheBudget
 from swarmd.runtime.span import DEEP_PROMPTS, Lora, Span, client_trainables
 from swarmd.transport.access import ZAP_DOMAIN, AccessControl
 from swarmd.transport.connection import ConnectionPool, PeerConnection
@@ -92,52 +93,6 @@ WHILE_JOINING = ("gossip", "ping", "reach", "reach_back", "relay_register")
 REACH_TIMEOUT_S = 3.0  # a dial-back that does not get through in this time finds the node unreachable
 MAX_DIAL_BACKS = 4  # reachability checks this daemon runs for others at once
 MAX_REACHED = 64  # dial-back nonces remembered
-
-
-@dataclass
-class PendingStep:
-    """A step whose hidden states come from the previous server's push."""
-
-    ident: bytes
-    req_id: int
-    sender: str | None  # the key that sent the step (its reply goes there)
-    session: ServerSession
-    msg: Message
-    created: float = field(default_factory=time.monotonic)
-
-
-@dataclass
-class ServerSession:
-    id: str
-    cache: SessionCache
-    span: Span  # the span it was opened on (after a move, old sessions drain on the old one)
-    owner: str | None  # the key that opened it: only that key may step or close it
-    lora: Lora | None = None  # a hosted adapter the client picked, for the session's blocks
-    last_used: float = field(default_factory=time.monotonic)
-    # the last step's number and output: a gateway that resends a step after a failure
-    # elsewhere in the route gets the same answer, and the cache does not advance twice
-    last_step: int | None = None
-    last_output: torch.Tensor | None = None
-    last_consumed: str | None = None  # the digest of the input the last step ran on (its `consumed`)
-    queued: int = 0  # its steps on the compute thread: while any is, its next steps queue behind them
-    waiting_step: int | None = None  # the number of its step last left waiting for its push
-    in_batch: bool = False  # a step of it waits in the batch being gathered
-    network: str | None = None  # whose keys share a cache share with its owner (limits.shared_network)
-    prev_hop: str | None = None  # the previous hop its latest step named (`from`): whose pushes it takes
-
-
-@dataclass
-class BatchedStep:
-    """A decode step checked and waiting to run in the next batch."""
-
-    session: ServerSession
-    msg: Message
-    hidden: torch.Tensor
-    pos: torch.Tensor
-    mask: torch.Tensor | None
-    ident: bytes
-    req_id: int
-    sender: str | None
 
 
 @dataclass

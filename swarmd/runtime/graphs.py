@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -27,12 +27,25 @@ from swarmd.runtime.blocks import attend_bucket
 
 if TYPE_CHECKING:
     from swarmd.runtime.cache import SessionCache
-    from swarmd.runtime.span import Span
 
 log = logging.getLogger("swarmd.runtime")
 
 MAX_GRAPHS = 32  # captured steps kept (sessions x buckets), the least recently used dropped
 CHECK_TOLERANCE = 1e-2  # graph against eager on the first replay: the same kernels, so ~0
+
+
+class Span(Protocol):
+    """What the graphs need of a span (swarmd/runtime/span.py's Span, which owns them): this
+    module takes it so and imports nothing of span.py, so the runtime's imports form a tree."""
+
+    device: torch.device
+    dtype: torch.dtype
+    hidden_size: int
+    start: int
+    end: int
+
+    def _static_step(self, x: torch.Tensor, position_ids: torch.Tensor, slot: torch.Tensor, cache: SessionCache,
+                     first: int, last: int, attend: int) -> torch.Tensor: ...
 
 
 class _Graph:

@@ -13,7 +13,8 @@ from libswarm.checkpoint import Checkpoint
 from libswarm.protocol import Message, decode
 from swarmd.config import LimitsConfig
 from swarmd.identity import NodeIdentity
-from swarmd.peer.server import ServerSession, SpanServer
+from swarmd.peer.server import SpanServer
+from swarmd.peer.sessions import ServerSession
 from swarmd.runtime.cache import CacheBudget, SessionCache
 from swarmd.runtime.span import Span
 from swarmd.transport.access import AccessControl
