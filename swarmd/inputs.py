@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from libswarm.errors import TensorError
+from libswarm.errors import LimitError, TensorError
 from libswarm.protocol import Message
 
 
@@ -35,3 +35,23 @@ def beam_order(msg: Message, B: int) -> torch.Tensor | None:
     if int(order.min()) < 0 or int(order.max()) >= B:
         raise TensorError(f"beam_order must name rows 0..{B - 1}")
     return order
+
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def span_inputs(msg: Message, hidden: torch.Tensor, hidden_size: int, most: tuple[int, int] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """A server's checks of what its blocks are given: hidden float [B, T, hidden_size], and
+    its position_ids and key_mask; `most`: the largest (batch, length) a pass may have (a
+    step is bounded by its session's cache instead)."""
+    if hidden.dtype not in FLOAT_DTYPES or hidden.ndim != 3 or hidden.shape[2] != hidden_size:
+        raise TensorError(f"hidden must be float [batch, length, {hidden_size}], got {str(hidden.dtype)[6:]} "
+                          f"{list(hidden.shape)}")
+    B, T, _ = hidden.shape
+    if B == 0 or T == 0:
+        raise TensorError("hidden has an empty batch or length")
+    if most is not None and (B > most[0] or T > most[1]):
+        raise LimitError(f"forward of batch {B} x length {T} exceeds {most[0]} x {most[1]}")
+    pos, mask = positions_and_mask(msg, B, T)
+    return hidden, pos, mask

@@ -56,6 +56,11 @@ class Message:
         """Whether the sender reads tensors cut into several frames (its replies may be)."""
         return speaks(self.version, CHUNKED_SINCE)
 
+    @property
+    def frame_bytes(self) -> int:
+        """How a reply to this request may cut its tensors into frames (0: whole, for a 1.3 sender)."""
+        return FRAME_BYTES if self.chunked else 0
+
     def get(self, key: str, default: Any = None) -> Any:
         return self.fields.get(key, default)
 

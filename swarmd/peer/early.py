@@ -33,7 +33,7 @@ from swarmd.peer.limits import KeyLimits
 from swarmd.runtime.cache import CacheBudget
 
 if TYPE_CHECKING:
-    from swarmd.peer.sessions import ServerSession
+    from swarmd.peer.records import ServerSession
 
 # A route has one previous hop; a few steps of slack cover a resend after a failure
 MAX_EARLY_PUSHES_PER_SESSION = 4

@@ -55,30 +55,30 @@ SLOW_STEP_S = 0.3
 
 
 def _exit_on_replay(server) -> None:
-    step = server._run_step
+    step = server.steps.run_step
 
-    def run_step(s, msg, hidden):
-        if msg.get("replay"):
+    def run_step(s, req, hidden):
+        if req.replay:
             log.warning("failpoint exit_on_replay: exiting")
             os._exit(3)
-        return step(s, msg, hidden)
-    server._run_step = run_step
+        return step(s, req, hidden)
+    server.steps.run_step = run_step
 
 
 def _hang_on_forward(server) -> None:
     def forward(*args):
         log.warning("failpoint hang_on_forward: this request never returns")
         threading.Event().wait()
-    server._forward = forward
+    server.passes.forward = forward
 
 
 def _slow_forward(server) -> None:
-    forward = server._forward
+    forward = server.passes.forward
 
     def slow(*args):
         time.sleep(SLOW_FORWARD_S)
         return forward(*args)
-    server._forward = slow
+    server.passes.forward = slow
 
 
 LIE_EVERY = 50
@@ -170,11 +170,11 @@ def _refuse_opens(server) -> None:
 def _finished_steps(change: Callable) -> Callable:
     """Every step's reply (run alone, batched, or a replay) changed by `change(fields, tensors)`."""
     def install(server) -> None:
-        finish = server._finish_step
+        finish = server.steps.finish
 
         def changed(s, msg, out, x):
             return change(*finish(s, msg, out, x))
-        server._finish_step = changed
+        server.steps.finish = changed
     return install
 
 
@@ -182,21 +182,21 @@ def _wrong_pushes(change: Callable) -> Callable:
     """What this server pushes to the next hop changed by `change(out, previous)` (`previous`:
     the output it pushed before, or None); what it returns to the gateway stays right."""
     def install(server) -> None:
-        push, previous = server._push, [None]
+        push, previous = server.steps.push, [None]
 
         def changed(nxt, step, out):
             wrong, previous[0] = change(out, previous[0]), out
             return push(nxt, step, wrong)
-        server._push = changed
+        server.steps.push = changed
     return install
 
 
 def _push_none(server) -> None:
     def claim(nxt, step, out):
         log.warning("failpoint push_none: saying a push went out, sending nothing")
-        server._count(pushes_sent=1)  # as it says
+        server.count(pushes_sent=1)  # as it says
         return True
-    server._push = claim
+    server.steps.push = claim
 
 
 LOSE_AFTER = 8  # the first steps of a route go through: the gateway times them first
@@ -214,33 +214,33 @@ def _losing() -> Callable[[], bool]:
 
 
 def _lose_replies(server) -> None:
-    on_step, send, lose = server.handlers["step"], server._send, _losing()
+    on_step, send, lose = server.handlers["step"], server.send, _losing()
     steps: dict[int, None] = {}  # request ids of steps, whichever thread answers them
 
-    def step(msg):
-        steps[server._current[1]] = None
+    def step(req):
+        steps[server.current[1]] = None
         while len(steps) > 4096:
             del steps[next(iter(steps))]
-        return on_step(msg)
+        return on_step(req)
 
     def sent(ident, reply, req_id):
         if steps.pop(req_id, 0) is None and lose():
             log.warning("failpoint lose_replies: the reply to step request %s is lost", req_id)
             return
         send(ident, reply, req_id)
-    server.handlers["step"], server._send = step, sent
+    server.handlers["step"], server.send = step, sent
 
 
 def _lose_pushes(server) -> None:
-    push, lose = server._push, _losing()
+    push, lose = server.steps.push, _losing()
 
     def maybe(nxt, step, out):
         if lose():
             log.warning("failpoint lose_pushes: the push of step %s is lost", step)
-            server._count(pushes_sent=1)
+            server.count(pushes_sent=1)
             return True
         return push(nxt, step, out)
-    server._push = maybe
+    server.steps.push = maybe
 
 
 def _push_extra(out, previous):
@@ -270,11 +270,11 @@ def _raise_refusal(*args):
 
 def _refuse_work(server) -> None:
     _finished_steps(_raise_refusal)(server)
-    server._forward = _raise_refusal
+    server.passes.forward = _raise_refusal
 
 
 def _relay_tap(server) -> None:
-    relay, path = server._relay, os.environ.get("SWARMD_RELAY_TAP", "relay-tap.bin")
+    relay, path = server.relaying.relay, os.environ.get("SWARMD_RELAY_TAP", "relay-tap.bin")
 
     def tapped(ident, body, sender):
         from swarmd.transport.relay import pack
@@ -283,7 +283,7 @@ def _relay_tap(server) -> None:
         with open(path, "ab") as f:
             f.write(len(blob).to_bytes(8, "little") + blob)
         return relay(ident, body, sender)
-    server._relay = tapped
+    server.relaying.relay = tapped
 
 
 FAILPOINTS: dict[str, Callable] = {"exit_on_replay": _exit_on_replay, "hang_on_forward": _hang_on_forward,

@@ -1,60 +1,134 @@
-"""What a span server keeps of each session, and of the steps waiting on it: plain records,
-shared by the server (server.py) and the pushes that come before their steps (early.py), which
-import them from here rather than from each other."""
+"""Who may open, use and close a session on a span server: `Sessions` alone decides whether
+an open is admitted (model, blocks, sizes, the cache budget and each key's share of it), which
+session a request names (only its owner's), and when an idle or unused one is freed. The
+records themselves are in records.py."""
 
 from __future__ import annotations
 
+import logging
+import secrets
 import time
-from dataclasses import dataclass, field
 
-import torch
+from libswarm.errors import LimitError, ProtocolError, SessionError, SpanMovedError, WrongModelError
+from libswarm.protocol.registry import PeerClose, PeerOpen
+from swarmd.identity import short_id
+from swarmd.peer.limits import shared_network
+from swarmd.peer.owner import Owner
+from swarmd.peer.records import ServerSession
+from swarmd.runtime.adapters import slice_lora
+from swarmd.runtime.span import Lora
 
-from libswarm.protocol import Message
-from swarmd.runtime.cache import SessionCache
-from swarmd.runtime.span import Lora, Span
+log = logging.getLogger("swarmd.peer")
 
-
-@dataclass
-class PendingStep:
-    """A step whose hidden states come from the previous server's push."""
-
-    ident: bytes
-    req_id: int
-    sender: str | None  # the key that sent the step (its reply goes there)
-    session: ServerSession
-    msg: Message
-    created: float = field(default_factory=time.monotonic)
+MAX_OPEN_ID = 64  # characters of an open's open_id
+MAX_OPEN_IDS = 4096  # open_ids remembered (the oldest forgotten first)
 
 
-@dataclass
-class ServerSession:
-    id: str
-    cache: SessionCache
-    span: Span  # the span it was opened on (after a move, old sessions drain on the old one)
-    owner: str | None  # the key that opened it: only that key may step or close it
-    lora: Lora | None = None  # a hosted adapter the client picked, for the session's blocks
-    last_used: float = field(default_factory=time.monotonic)
-    # the last step's number and output: a gateway that resends a step after a failure
-    # elsewhere in the route gets the same answer, and the cache does not advance twice
-    last_step: int | None = None
-    last_output: torch.Tensor | None = None
-    last_consumed: str | None = None  # the digest of the input the last step ran on (its `consumed`)
-    queued: int = 0  # its steps on the compute thread: while any is, its next steps queue behind them
-    waiting_step: int | None = None  # the number of its step last left waiting for its push
-    in_batch: bool = False  # a step of it waits in the batch being gathered
-    network: str | None = None  # whose keys share a cache share with its owner (limits.shared_network)
-    prev_hop: str | None = None  # the previous hop its latest step named (`from`): whose pushes it takes
+class Sessions:
+    """Opening, finding and closing sessions on the serving thread (other threads read the
+    table under the owner's `sessions_lock`)."""
 
+    def __init__(self, server: Owner):
+        self.server = server
 
-@dataclass
-class BatchedStep:
-    """A decode step checked and waiting to run in the next batch."""
+    def check_model(self, asked: str) -> None:
+        if asked != self.server.model_id:
+            raise WrongModelError(f"this server serves model {self.server.model_id}, not {asked}")
 
-    session: ServerSession
-    msg: Message
-    hidden: torch.Tensor
-    pos: torch.Tensor
-    mask: torch.Tensor | None
-    ident: bytes
-    req_id: int
-    sender: str | None
+    def check_blocks(self, kind: str, blocks: list) -> tuple[int, int]:
+        """[first, last] within the span served now; blocks this server moved away from are
+        `span_moved` (the gateway reroutes), others a limit."""
+        if len(blocks) != 2 or not all(isinstance(b, int) and not isinstance(b, bool) for b in blocks):
+            raise ProtocolError(f"{kind}: 'blocks' must be [first, last]")
+        first, last = blocks
+        span = self.server.span
+        if not (span.start <= first < last <= span.end):
+            if (any(old.start <= first < last <= old.end for old, _ in self.server.old_spans)
+                    or self.server.next_span is not None):
+                raise SpanMovedError(f"this server moved to blocks {span.start}:{span.end}")
+            raise LimitError(f"blocks {first}:{last} are not served here (this server has {span.start}:{span.end})")
+        return first, last
+
+    def hosted_adapter(self, name: str | None, first: int, last: int) -> Lora | None:
+        if name is None:
+            return None
+        if name not in self.server.adapters:
+            raise LimitError(f"adapter {name!r} is not hosted here (this server has {sorted(self.server.adapters)})")
+        return slice_lora(self.server.adapters[name], self.server.span.start, first, last)
+
+    def on_open(self, req: PeerOpen):
+        srv = self.server
+        if srv.draining:
+            raise SpanMovedError("this server is draining (stopping): open the session elsewhere")
+        self.check_model(req.model_id)
+        first, last = self.check_blocks("open", req.blocks)
+        max_length, batch = req.max_length, req.batch
+        if not 0 < max_length <= srv.max_length:
+            raise LimitError(f"max_length {max_length} is outside 1..{srv.max_length} allowed by this server")
+        if not 0 < batch <= srv.max_batch:
+            raise LimitError(f"batch {batch} is outside 1..{srv.max_batch} allowed by this server")
+        owner, open_id = srv.current[2], req.open_id
+        if open_id is not None and len(open_id) > MAX_OPEN_ID:
+            raise ProtocolError(f"open: open_id longer than {MAX_OPEN_ID} characters")
+        again = srv.opened.get((owner, open_id)) if open_id is not None else None
+        if again is not None and again in srv.sessions:
+            # a resend of an open that came (its answer was lost): the same session, nothing more held
+            return {"session": again, "cache_bytes": srv.sessions[again].cache.nbytes}, None
+        lora = self.hosted_adapter(req.adapter, first, last)  # before reserving: a refusal must hold nothing
+        nbytes = srv.span.cache_bytes(first, last, batch, max_length)
+        network = shared_network(srv.peer_host, srv.access.private)
+        with srv.sessions_lock:
+            held = [x.cache.nbytes for x in srv.sessions.values() if x.owner == owner]
+            held_network = [x.cache.nbytes for x in srv.sessions.values() if network and x.network == network]
+        srv.budget.reserve(nbytes)  # a session that fits nowhere here is cache_full, before any per-key limit
+        try:
+            srv.key_limits.admit_session(owner, held, nbytes, srv.budget.max_bytes,
+                                         pushed_bytes=srv.early.held_by(owner), network=network,
+                                         network_held=held_network)
+            cache = srv.span.new_cache(first, last, batch, max_length)
+        except BaseException:
+            srv.budget.release(nbytes)
+            raise
+        sid = secrets.token_hex(12)
+        with srv.sessions_lock:
+            srv.sessions[sid] = ServerSession(sid, cache, srv.span, owner, lora, network=network)
+        srv.count(sessions_opened=1)
+        if open_id is not None:
+            srv.opened[(owner, open_id)] = sid
+            while len(srv.opened) > MAX_OPEN_IDS:
+                srv.opened.popitem(last=False)
+        return {"session": sid, "cache_bytes": nbytes}, None
+
+    def kv_bytes_of(self, key: str | None) -> int:
+        """The KV cache of the sessions `key` opened here (on the serving thread, which alone
+        changes them)."""
+        return sum(x.cache.nbytes for x in self.server.sessions.values() if x.owner == key)
+
+    def of_caller(self, sid: str) -> ServerSession:
+        """The caller's session: another key (the previous hop, which learns the id to push to
+        it) gets the same answer as for a session that does not exist."""
+        s = self.server.sessions.get(sid)
+        if s is None or s.owner != self.server.current[2]:
+            raise SessionError(f"unknown or expired session {sid[:32]!r}")
+        s.last_used = time.monotonic()
+        return s
+
+    def on_close(self, req: PeerClose):
+        s = self.server.sessions.get(req.session)
+        closed = s is not None and s.owner == self.server.current[2] and self.server.drop(s.id)
+        return {"closed": bool(closed)}, None
+
+    def expire_idle(self, now: float) -> None:
+        """Free the cache of sessions idle past serve.idle_timeout_s, and of those reserved but
+        never used past serve.limits.unused_session_timeout_s (limits.py)."""
+        srv = self.server
+        unused_s = srv.key_limits.limits.unused_session_timeout_s
+        for sid, s in list(srv.sessions.items()):
+            if now - s.last_used > srv.idle_timeout_s:
+                log.info("session %s idle for %.0f s: freeing its cache", sid[:8], now - s.last_used)
+                srv.drop(sid)
+            elif s.cache.length == 0 and now - s.last_used > unused_s:
+                srv.quiet_log.info(("unused", s.owner), "session %s of %s held no position for %.0f s: freeing "
+                                   "its cache (serve.limits.unused_session_timeout_s)", sid[:8],
+                                   short_id(s.owner) if s.owner else "?", now - s.last_used)
+                srv.drop(sid)

@@ -10,11 +10,11 @@ import torch
 import zmq
 
 from libswarm.checkpoint import Checkpoint
-from libswarm.protocol import Message, decode
+from libswarm.protocol import Message, decode, registry
 from swarmd.config import LimitsConfig
 from swarmd.identity import NodeIdentity
+from swarmd.peer.records import ServerSession
 from swarmd.peer.server import SpanServer
-from swarmd.peer.sessions import ServerSession
 from swarmd.runtime.cache import CacheBudget, SessionCache
 from swarmd.runtime.span import Span
 from swarmd.transport.access import AccessControl
@@ -36,7 +36,7 @@ def server(span):
                      max_message_bytes=2**24, identity=me, access=AccessControl("open", "", me.public_key),
                      resolve_key=lambda a: None, limits=LimitsConfig(64, 1.0, 1000), batch_window_s=1.0)
     srv.sent = []
-    srv._send = lambda ident, reply, req_id: srv.sent.append((ident, decode([bytes(f) for f in reply])))
+    srv.send = lambda ident, reply, req_id: srv.sent.append((ident, decode([bytes(f) for f in reply])))
     yield srv
     srv.compute.stop()
     srv.sock.close(0)
@@ -52,8 +52,9 @@ def session(server, span, sid: str, prompt: int, batch: int = 1) -> ServerSessio
     return s
 
 
-def step(sid: str, k: int, hidden: torch.Tensor) -> Message:
-    return Message("step", k, {"session": sid, "step": k}, {"hidden": hidden})
+def step(sid: str, k: int, hidden: torch.Tensor) -> registry.PeerStep:
+    msg = Message("step", k, {"session": sid, "step": k}, {"hidden": hidden})
+    return registry.typed(registry.PeerStep, registry.parse(registry.PEER, msg))
 
 
 def test_steps_of_several_sessions_run_once_and_equal_each_alone(server, span):
@@ -61,9 +62,9 @@ def test_steps_of_several_sessions_run_once_and_equal_each_alone(server, span):
     batched = {sid: session(server, span, sid, n, batch=2 if sid == "b" else 1) for sid, n in lengths.items()}
     xs = {sid: torch.randn(s.cache.batch, 1, span.hidden_size) for sid, s in batched.items()}
     for k, (sid, s) in enumerate(batched.items()):
-        assert server._dispatch_step(s, step(sid, 1, xs[sid]), None, sid.encode(), k, None) is not None
-    assert len(server._batch) == 3 and not server.sent  # nothing ran yet: they wait for the batch
-    server._run_batch()
+        assert server.steps.dispatch(s, step(sid, 1, xs[sid]), None, sid.encode(), k, None) is not None
+    assert len(server.steps.batch.items) == 3 and not server.sent  # nothing ran yet: they wait for the batch
+    server.steps.batch.run()
     assert server.stats.runs == 1 and server.stats.batched_steps == 3 and server.stats.steps == 3
     replies = dict(server.sent)
     for sid, n in lengths.items():
@@ -78,9 +79,9 @@ def test_steps_of_several_sessions_run_once_and_equal_each_alone(server, span):
 def test_a_session_closed_while_its_step_waited_fails_alone(server, span):
     a, b = session(server, span, "a", 4), session(server, span, "b", 5)
     for k, s in enumerate((a, b)):
-        server._dispatch_step(s, step(s.id, 1, torch.randn(1, 1, span.hidden_size)), None, s.id.encode(), k, None)
-    server._drop("a")
-    server._run_batch()
+        server.steps.dispatch(s, step(s.id, 1, torch.randn(1, 1, span.hidden_size)), None, s.id.encode(), k, None)
+    server.drop("a")
+    server.steps.batch.run()
     replies = dict(server.sent)
     assert replies[b"a"].type == "error" and replies[b"a"].get("code") == "session"
     assert replies[b"b"].type == "ok" and b.cache.length == 6
@@ -92,8 +93,8 @@ def test_a_batch_that_fails_is_run_one_step_at_a_time(server, span, monkeypatch)
     monkeypatch.setattr(span, "run_steps", broken)
     sessions = [session(server, span, sid, 3) for sid in "abc"]
     for k, s in enumerate(sessions):
-        server._dispatch_step(s, step(s.id, 1, torch.randn(1, 1, span.hidden_size)), None, s.id.encode(), k, None)
-    server._run_batch()
+        server.steps.dispatch(s, step(s.id, 1, torch.randn(1, 1, span.hidden_size)), None, s.id.encode(), k, None)
+    server.steps.batch.run()
     assert all(reply.type == "ok" for _, reply in server.sent) and len(server.sent) == 3
     assert server.stats.runs == 3 and server.stats.batched_steps == 0
 
@@ -113,8 +114,8 @@ def test_a_batch_that_fails_after_its_caches_advanced_runs_each_step_again_from_
     sessions = [session(server, span, sid, 4) for sid in "ab"]
     xs = [torch.randn(1, 1, span.hidden_size) for _ in sessions]
     for k, (s, x) in enumerate(zip(sessions, xs)):
-        server._dispatch_step(s, step(s.id, 1, x), None, s.id.encode(), k, None)
-    server._run_batch()
+        server.steps.dispatch(s, step(s.id, 1, x), None, s.id.encode(), k, None)
+    server.steps.batch.run()
     replies = dict(server.sent)
     for s, x in zip(sessions, xs):
         alone = session(server, span, f"{s.id}-alone", 4)
@@ -126,33 +127,33 @@ def test_a_batch_that_fails_after_its_caches_advanced_runs_each_step_again_from_
 
 def test_a_bad_step_is_refused_at_once_and_a_second_step_of_a_session_runs_after_its_first(server, span):
     a = session(server, span, "a", 63)
-    server._dispatch_step(a, step("a", 1, torch.randn(1, 1, span.hidden_size)), None, b"a", 1, None)
+    server.steps.dispatch(a, step("a", 1, torch.randn(1, 1, span.hidden_size)), None, b"a", 1, None)
     with pytest.raises(Exception, match="max_length"):  # the session is full: refused alone, before any batch
-        server._dispatch_step(a, step("a", 2, torch.randn(1, 1, span.hidden_size)), None, b"a", 2, None)
-    assert not server._batch and server.sent[0][1].type == "ok"  # its waiting step ran first
+        server.steps.dispatch(a, step("a", 2, torch.randn(1, 1, span.hidden_size)), None, b"a", 2, None)
+    assert not server.steps.batch.items and server.sent[0][1].type == "ok"  # its waiting step ran first
 
 
 def test_with_the_window_at_zero_every_step_runs_at_once_alone(server, span):
-    server.batch_window_s = 0
+    server.steps.batch.window_s = 0
     sessions = [session(server, span, sid, 3) for sid in "ab"]
     for k, s in enumerate(sessions):
-        fields, tensors = server._dispatch_step(s, step(s.id, 1, torch.randn(1, 1, span.hidden_size)), None,
+        fields, tensors = server.steps.dispatch(s, step(s.id, 1, torch.randn(1, 1, span.hidden_size)), None,
                                                 s.id.encode(), k, None)
         assert fields["position"] == 4 and tensors["hidden"].shape == (1, 1, span.hidden_size)
-    assert not server._batch and server.stats.runs == 2 and server.stats.batched_steps == 0
+    assert not server.steps.batch.items and server.stats.runs == 2 and server.stats.batched_steps == 0
 
 
 def test_a_batch_waits_only_for_sessions_due_here_within_the_window(server, span):
     import time
 
-    server.batch_window_s = 0.05
+    server.steps.batch.window_s = 0.05
     a = session(server, span, "a", 3)
-    server._dispatch_step(a, step("a", 1, torch.randn(1, 1, span.hidden_size)), None, b"a", 1, None)
+    server.steps.dispatch(a, step("a", 1, torch.randn(1, 1, span.hidden_size)), None, b"a", 1, None)
     now = time.monotonic()
-    server._stepped["b"] = (now - 0.01, 0.02)  # steps here every 20 ms: due in 10 ms, within the window
-    assert not server._batch_due()
-    server._stepped["b"] = (now - 0.01, 0.5)  # elsewhere in its route: due in 490 ms, not waited for
-    assert server._batch_due()
-    server._stepped["b"] = (now - 0.01, 0.02)
-    server._batch_since -= 0.06  # the window has passed: it runs whoever is missing
-    assert server._batch_due()
+    server.steps.batch.stepped["b"] = (now - 0.01, 0.02)  # steps here every 20 ms: due in 10 ms, within the window
+    assert not server.steps.batch.due()
+    server.steps.batch.stepped["b"] = (now - 0.01, 0.5)  # elsewhere in its route: due in 490 ms, not waited for
+    assert server.steps.batch.due()
+    server.steps.batch.stepped["b"] = (now - 0.01, 0.02)
+    server.steps.batch.since -= 0.06  # the window has passed: it runs whoever is missing
+    assert server.steps.batch.due()

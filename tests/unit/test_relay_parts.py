@@ -222,9 +222,9 @@ def test_reachability_questions_beyond_the_limits_are_refused():
     import zmq
 
     from libswarm.errors import LimitError
-    from libswarm.protocol import Message
+    from libswarm.protocol import Message, registry
     from swarmd.config import LimitsConfig
-    from swarmd.peer import server as peer_server
+    from swarmd.peer import dialback
     from swarmd.peer.server import SpanServer
     from swarmd.runtime.cache import CacheBudget
     from swarmd.transport.access import AccessControl
@@ -234,10 +234,11 @@ def test_reachability_questions_beyond_the_limits_are_refused():
                      max_message_bytes=2**20, identity=me, access=AccessControl("open", "", me.public_key),
                      resolve_key=lambda a: None, limits=LimitsConfig(1, 0.5, 1))
     try:
-        srv._current, srv._peer_host = (b"\x00abcd", 1, asker.public_key), "10.0.0.7"
+        srv.current, srv.peer_host = (b"\x00abcd", 1, asker.public_key), "10.0.0.7"
 
         def reach(address: str, nonce: str = "n"):
-            return srv.on_reach(Message("reach", 1, {"address": address, "nonce": nonce}))
+            msg = Message("reach", 1, {"address": address, "nonce": nonce})
+            return srv.dialback.on_reach(registry.parse(registry.PEER, msg))
 
         with pytest.raises(ProtocolError, match="at most 64"):
             reach("tcp://10.0.0.7:1", "x" * 65)
@@ -245,14 +246,14 @@ def test_reachability_questions_beyond_the_limits_are_refused():
             reach("10.0.0.7:1")
         fields, _ = reach("tcp://10.0.0.8:1")  # another host than the one asking: never called
         assert fields["calling"] is False and "10.0.0.7" in fields["why"]
-        srv._dial_backs = peer_server.MAX_DIAL_BACKS  # as many calls under way as allowed
+        srv.dialback.running = dialback.MAX_DIAL_BACKS  # as many calls under way as allowed
         with pytest.raises(LimitError, match="too many reachability checks"):
             reach("tcp://10.0.0.7:1")
-        srv._current = (relay.relay_ident(ident().public_key, asker.public_key), 1, asker.public_key)
+        srv.current = (relay.relay_ident(ident().public_key, asker.public_key), 1, asker.public_key)
         with pytest.raises(ProtocolError, match="direct connection"):  # through a relay it means nothing
             reach("tcp://10.0.0.7:1")
         with pytest.raises(ProtocolError, match="direct connection"):
-            srv.on_reach_back(Message("reach_back", 1, {"nonce": "n"}))
+            srv.dialback.on_reach_back(registry.parse(registry.PEER, Message("reach_back", 1, {"nonce": "n"})))
         assert not srv.reached
     finally:
         srv.compute.stop()

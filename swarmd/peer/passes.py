@@ -1,0 +1,112 @@
+"""Forward and backward passes (training, and inference without a session): what `Passes`
+alone decides is which trainables a pass runs with (a hosted adapter, or the client's own
+LoRA and deep prompts, checked against the blocks asked for, never both), and that a pass's
+attention scratch is held in the cache budget while it runs. The work itself goes to the
+compute thread, behind steps."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from libswarm.errors import CacheFullError, LimitError, ProtocolError, TensorError
+from libswarm.protocol.registry import PeerBackward, PeerForward
+from swarmd.inputs import FLOAT_DTYPES, span_inputs
+from swarmd.peer.compute import PASS
+from swarmd.peer.owner import Owner
+from swarmd.peer.sessions import Sessions
+from swarmd.runtime.span import DEEP_PROMPTS, Lora, Span, client_trainables
+
+
+class Passes:
+    def __init__(self, server: Owner, sessions: Sessions):
+        self.server, self.sessions = server, sessions
+
+    def _checked(self, req: PeerForward, kind: str):
+        srv = self.server
+        self.sessions.check_model(req.model_id)
+        first, last = self.sessions.check_blocks(kind, req.blocks)
+        hidden, pos, mask = span_inputs(req.msg, req.hidden, srv.span.hidden_size, (srv.max_batch, srv.max_length))
+        B, T, _ = hidden.shape
+        if pos is None:
+            pos = torch.arange(T).expand(B, T)
+        return first, last, hidden, pos, mask
+
+    def on_forward(self, req: PeerForward):
+        first, last, hidden, pos, mask = self._checked(req, "forward")
+        lora, deep = self.trainables(req, first, last)
+        span = self.server.span  # the one asked for, even if the server moves before the work runs
+        return self.server.defer(PASS, lambda: self.forward(span, hidden, pos, mask, first, last, lora, deep),
+                                 *self.server.current, req)
+
+    def forward(self, span: Span, hidden: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, first: int,
+                last: int, lora: Lora | None, deep: torch.Tensor | None):
+        B, T, _ = hidden.shape
+        with self.scratch(span, B, T, blocks=1, what="forward"):
+            out = span.run(hidden, pos, mask, first, last, lora=lora, deep_prompts=deep)
+        self.server.count(forwards=1)
+        return {}, {"hidden": out}
+
+    def on_backward(self, req: PeerBackward):
+        """Gradient of blocks' input given their input and the gradient of their output."""
+        first, last, hidden, pos, mask = self._checked(req, "backward")
+        grad = req.grad_output
+        if grad.dtype not in FLOAT_DTYPES or grad.shape != hidden.shape:
+            raise TensorError(f"grad_output must be float {list(hidden.shape)} like hidden, got {str(grad.dtype)[6:]} "
+                              f"{list(grad.shape)}")
+        B, T, _ = hidden.shape
+        lora, deep = self.trainables(req, first, last)
+        span = self.server.span
+
+        def work():
+            with self.scratch(span, B, T, blocks=last - first, what="backward"):
+                grad_input, lora_grads = span.backward(hidden, pos, mask, first, last, grad, lora, deep)
+            self.server.count(backwards=1)
+            return {}, {"grad_input": grad_input, **lora_grads}
+        return self.server.defer(PASS, work, *self.server.current, req)
+
+    @contextlib.contextmanager
+    def scratch(self, span: Span, batch: int, length: int, blocks: int, what: str):
+        """Hold the attention scratch of a forward or backward in the cache budget while it
+        runs: it grows with length squared, and unaccounted one request could exhaust the
+        server's memory (and the next one again)."""
+        budget = self.server.budget
+        nbytes = span.attention_scratch_bytes(batch, length, blocks)
+        try:
+            budget.reserve(nbytes)
+        except CacheFullError:
+            raise LimitError(f"{what} of batch {batch} x length {length} needs {nbytes / 2**20:.0f} MiB of attention "
+                             f"memory; {budget.free_bytes / 2**20:.0f} MiB are free here: send smaller batches "
+                             "or shorter sequences") from None
+        try:
+            yield
+        finally:
+            budget.release(nbytes)
+
+    def trainables(self, req: PeerForward, first: int, last: int) -> tuple[Lora | None, torch.Tensor | None]:
+        """The LoRA (a hosted adapter, or the client's own) and the client's deep prompts of a
+        forward or backward, checked against these blocks."""
+        span = self.server.span
+        hosted = self.sessions.hosted_adapter(req.adapter, first, last)
+        tensors = client_trainables(req.msg.tensors)
+        if hosted is not None:
+            if tensors:
+                raise ProtocolError("a hosted adapter and the client's own LoRA cannot be combined")
+            return hosted, None
+        deep, hidden = tensors.pop(DEEP_PROMPTS, None), req.hidden
+        if deep is not None:
+            span.check_deep_prompts(deep, first, last)
+            if deep.shape[-2] > hidden.shape[1]:
+                raise TensorError("deep_prompts cover more positions than hidden has")
+            if deep.ndim == 4 and deep.shape[1] != hidden.shape[0]:
+                raise TensorError(f"deep_prompts given per sample are for batch {deep.shape[1]}, hidden has "
+                                  f"{hidden.shape[0]}")
+        if not tensors:
+            return None, deep
+        scaling = req.lora_scaling if req.lora_scaling is not None else 1.0
+        if not isinstance(scaling, (int, float)) or isinstance(scaling, bool):
+            raise ProtocolError("LoRA tensors need a numeric 'lora_scaling' (alpha / r)")
+        lora = Lora(float(scaling), tensors)
+        span.check_lora(lora, first, last)
+        return lora, deep
