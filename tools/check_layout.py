@@ -25,7 +25,6 @@ LONG = {
     "swarmd/peer/server.py": 1243,
     "libswarm/api/app.py": 961,
     "swarmd/gateway/gateway.py": 945,
-    "swarmd/discovery/membership.py": 767,
 }
 
 
