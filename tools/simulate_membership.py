@@ -200,7 +200,7 @@ def main() -> None:
         for other in members:
             if other is not m:
                 m.table.observe(other.identity.public_key, unreachable=None)
-        m._hot.clear()  # its own record is old news
+        m.hot_news.clear()  # its own record is old news
     print(f"{args.nodes} members set up in {time.perf_counter() - t0:.0f} s", flush=True)
 
     hostile, flood = members[-1], hostile_records(6)

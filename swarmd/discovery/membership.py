@@ -18,8 +18,10 @@ A contact that fails makes the peer suspect here and the suspicion news; a daemo
 checks the peer itself before it passes it on, and a suspected node that hears of it refutes
 with a new signed beat. A suspicion not lifted in `suspect_after_s()` makes the node dead.
 
-Nodes heard of but never reached are contacted within a quota a round (first_contacts.py):
-made-up records cannot turn a daemon into a scanner.
+Whom a round contacts is targets.py's choice; nodes heard of but never reached are contacted
+within a quota a round (first_contacts.py): made-up records cannot turn a daemon into a
+scanner. How news is named, held and packed into a message is news.py's; the seed and mDNS
+contacts and their backoff are bootstrap.py's.
 
 A record is accepted only when verified (records.py), its key is allowed (private swarms),
 and it is newer than the one held; a beat only when signed by the key of the record held. Bad
@@ -33,16 +35,18 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from libswarm import __version__
 from libswarm.errors import SwarmError
 from libswarm.protocol import PROTOCOL_VERSION, Message
 from swarmd.config import Seed
+from swarmd.discovery.bootstrap import BootstrapContacts, Hint
 from swarmd.discovery.first_contacts import Origins, RoundQuota
 from swarmd.discovery.keyquery import query_keys
+from swarmd.discovery.news import MAX_NEWS, News
 from swarmd.discovery.records import MAX_RTTS, Beat, Record, RecordError, decode_beat, decode_record
-from swarmd.discovery.table import LARGE_BUCKETS, MAX_NODES, MAX_REPLY_BYTES, SMALL_BUCKETS, TAG_CHARS, PeerTable
+from swarmd.discovery.table import LARGE_BUCKETS, MAX_NODES, MAX_REPLY_BYTES, SMALL_BUCKETS, PeerTable
+from swarmd.discovery.targets import MAX_CHECKS_PER_ROUND, Target, checks_due, gossip_targets
 from swarmd.identity import NodeIdentity, is_key, short_id
 from swarmd.logs import LineBudget
 from swarmd.transport.access import AccessControl
@@ -50,7 +54,6 @@ from swarmd.transport.connection import ConnectionPool, NoAnswerInTime
 
 log = logging.getLogger("swarmd.discovery")
 
-FANOUT = 3
 GOSSIP_TIMEOUT_S = 1.0
 MAX_GOSSIP_RECORDS = 4096  # records taken from one reply
 # records, beats and suspicions taken from one request: an honest caller sends its own and a
@@ -60,15 +63,12 @@ MAX_REQUEST_RECORDS = 8
 MAX_REQUEST_BEATS = 8
 MAX_SUSPECTS = 16
 MAX_REPLY_BEATS = 4096
-MAX_NEWS = 512  # tags in one request (and news items a daemon passes on at once)
-MAX_CHECKS_PER_ROUND = 32  # pings to nodes suspected by others, or heard of but not reached yet (first_contacts.py)
 AE_EVERY_ROUNDS = 10  # anti-entropy with one peer this often (every round while catching up)
 BODY_REFRESH_S = 10.0  # loads and measurements (cache free, sessions, round trips) go out this often at most
 BODY_REFRESH_PER_NODE_S = 0.5  # ... and no more often than this times the swarm's size
 BODY_PUSH_ROUNDS = 5  # a new record rides on this many of the node's own requests
 FRESH_ROUNDS = 2  # a node heard from this recently is not checked on another's suspicion
 PEER_RETRY_MAX_S = 30.0  # a peer that failed is retried after 1, 2, 4 ... s, at most this far apart
-MAX_RETRIES_PER_ROUND = 4
 # peers a round (or a leave) contacts at most, checks included: a refresh in a swarm of
 # thousands, or a seed list of hundreds, opens this many connections at once, not one each;
 # the rest wait for the next rounds (the daemon's pool keeps twice this many per thread)
@@ -76,23 +76,9 @@ MAX_CONTACTS_PER_ROUND = 128
 # What a record says that is news at once; the rest (loads, measurements) waits for body_refresh_s().
 STABLE_FIELDS = ("addresses", "state", "model_id", "span", "fingerprints", "movable", "adapters", "reachable", "relay",
                  "via")
-HINT_RETRY_MAX_S = 5.0  # a contact that fails is retried at most this far apart
 FINGERPRINT_PREFIX = 16  # hex characters of each block's fingerprint carried in records
 BANDWIDTH_PROBE_INTERVAL_S = 30.0  # how often the bandwidth to one random peer is measured
 BANDWIDTH_PROBE_BYTES = 256 * 1024
-NODE_CHARS = 6  # of a node id, at the start of a news tag
-
-
-@dataclass
-class Hint:
-    """A bootstrap contact: an address (and maybe its key) from a seed list or mDNS."""
-
-    address: str
-    key: str | None
-    source: str  # "seed" | "mdns"
-    failures: int = 0
-    next_try: float = 0.0
-    error: str | None = None
 
 
 class Membership:
@@ -109,7 +95,7 @@ class Membership:
         self._rounds = 0
         self._retry: dict[str, tuple[int, float]] = {}  # node id -> (failures, monotonic time of next try)
         self.own_fields, self.expected_fingerprint = own_fields, expected_fingerprint
-        self.hints: dict[str, Hint] = {}
+        self.contacts = BootstrapContacts()
         self.rejected = 0  # records refused (bad signature, forged, from the future, not allowed...)
         self._seq = 0
         self._lock = threading.RLock()  # one round (or publish) at a time: versions never collide
@@ -117,7 +103,6 @@ class Membership:
         self._refresh = threading.Condition()
         self._refreshing, self._refreshes = False, 0
         self._left = False  # offline published (stopping): every later record says offline too
-        self._hint_lock = threading.Lock()
         self._logged: set[tuple[str, str]] = set()
         # distinct reasons are each logged once, but a peer can vary them: 20 lines per source and
         # 200 in all per 10 s
@@ -125,12 +110,8 @@ class Membership:
         self._states: dict[str, str] = {}
         self.bandwidth_bps: float | None = None  # the best recently measured to a peer, bytes/s
         self._next_probe = 0.0
-        # news this daemon passes on: tag -> (last round, kind, wire, its size as JSON); kind: record,
-        # beat, suspect. The size is measured once here: every gossip request packs a reply by it
-        self._hot: dict[str, tuple[int, str, object, int]] = {}
-        self._hot_lock = threading.Lock()  # requests are answered on the serving thread
+        self.hot_news = News()  # what this daemon passes on, and the news it holds back until believed
         self._beat_lock = threading.Lock()
-        self._heard_news: dict[str, int] = {}  # node id -> round its record came as news, not yet reached
         self.origins = Origins()  # who told this daemon of nodes it has not reached: their contacts' quota
         self._catching_up = True  # the last anti-entropy exchange brought records: another one next round
         self._ae_phase = random.randrange(AE_EVERY_ROUNDS)
@@ -141,34 +122,27 @@ class Membership:
         return self.table.gossip_interval_s
 
     # --- bootstrap contacts --------------------------------------------------------------------
+    @property
+    def hints(self) -> dict[str, Hint]:
+        """The bootstrap contacts by address (bootstrap.py)."""
+        return self.contacts.hints
+
     def set_seeds(self, seeds: list[Seed]) -> None:
-        with self._hint_lock:
-            for address in [a for a, h in self.hints.items() if h.source == "seed"]:
-                del self.hints[address]
-            for s in seeds:
-                self.hints.setdefault(s.address, Hint(s.address, s.key, "seed"))
+        self.contacts.set_seeds(seeds)
 
     def add_hint(self, address: str, key: str | None, source: str) -> None:
-        with self._hint_lock:
-            h = self.hints.get(address)
-            if h is None:
-                self.hints[address] = Hint(address, key, source)
-            elif key and h.key != key:
-                h.key, h.failures, h.next_try = key, 0, 0.0
+        self.contacts.add(address, key, source)
 
     def retry_contacts_now(self) -> None:
         """Forget the backoff of failed contacts (this daemon's peer plane just came up: seeds
         tried while it was loading deserve a prompt second try)."""
-        with self._hint_lock:
-            for h in self.hints.values():
-                h.next_try = 0.0
+        self.contacts.retry_now()
 
     def key_for(self, address: str) -> str | None:
         """Node id answering at `address`: from the table first, then bootstrap contacts."""
         key = self.table.key_for(address)
         if key is None:
-            h = self.hints.get(address)
-            key = h.key if h else None
+            key = self.contacts.key_at(address)
         return key
 
     # --- own record ----------------------------------------------------------------------------
@@ -225,45 +199,17 @@ class Membership:
 
     # --- news --------------------------------------------------------------------------------
     def _make_hot(self, kind: str, wire: object) -> None:
-        tag = _tag(kind, wire)
-        with self._hot_lock:
-            if kind != "suspect":  # a newer version replaces the node's older news
-                for old in [t for t in self._hot if t[:NODE_CHARS] == tag[:NODE_CHARS] and self._hot[t][1] == kind]:
-                    del self._hot[old]
-            self._hot[tag] = (self._rounds, kind, wire, len(json.dumps(wire)))
-            if len(self._hot) > MAX_NEWS:
-                oldest = min(self._hot, key=lambda t: self._hot[t][0])
-                del self._hot[oldest]
-
-    def _expire_hot(self) -> None:
-        keep = self.table.hot_rounds()
-        with self._hot_lock:
-            for tag in [t for t, (r, *_) in self._hot.items() if self._rounds - r >= keep]:
-                del self._hot[tag]
-        for node_id in [n for n, r in self._heard_news.items() if self._rounds - r >= keep]:
-            del self._heard_news[node_id]
+        """`wire` is news from this round on (news.py)."""
+        self.hot_news.add(kind, wire, self._rounds)
 
     def news(self, known: set[str] | frozenset[str] = frozenset(),
              max_bytes: int = MAX_REPLY_BYTES) -> dict[str, list]:
         """The news this daemon passes on that `known` (a caller's tags) lacks, within
         `max_bytes`: suspicions first, then beats, then records, each in random order."""
-        with self._hot_lock:
-            items = [(tag, kind, wire, size) for tag, (_, kind, wire, size) in self._hot.items() if tag not in known]
-        random.shuffle(items)
-        nodes = {t[:NODE_CHARS] for t in known}
-        items.sort(key=lambda item: item[0][:NODE_CHARS] in nodes)  # nodes the caller has no news of first
-        out: dict[str, list] = {"suspects": [], "beats": [], "records": []}
-        left = max_bytes
-        for kind in ("suspect", "beat", "record"):
-            for _, k, wire, size in items:
-                if k == kind and size + 8 <= left:
-                    out[kind + "s"].append(wire)
-                    left -= size + 8
-        return out
+        return self.hot_news.pick(known, max_bytes)
 
     def news_tags(self) -> list[str]:
-        with self._hot_lock:
-            return sorted(self._hot, key=lambda t: -self._hot[t][0])[:MAX_NEWS]
+        return self.hot_news.tags()
 
     # --- receiving -----------------------------------------------------------------------------
     def receive(self, wires: object, source: str, via_key: str | None = None, via: str | None = None,
@@ -305,7 +251,7 @@ class Membership:
                     if entry.verified:
                         self._make_hot("record", wire)
                     else:
-                        self._heard_news[record.node_id] = self._rounds
+                        self.hot_news.hold(record.node_id, self._rounds)
                 if result == "new":
                     log.info("peer %s joined: %s, %s", record.short_id, record.addresses[0],
                              f"blocks {record.span[0]}:{record.span[1]}" if record.span else "no blocks")
@@ -399,100 +345,15 @@ class Membership:
         return reply, None
 
     # --- gossip rounds -------------------------------------------------------------------------
-    def _targets(self, skip: set[str] | frozenset[str], everyone: bool,
-                 quota: RoundQuota) -> list[tuple[str, str | None, str | None]]:
-        """(address, key, node id) to gossip with: FANOUT random live peers (all, with
-        `everyone`), plus bootstrap contacts not already known as live nodes. Nodes never
-        reached are contacted within `quota`."""
-        now = time.monotonic()
-        live: list[tuple[str, str | None, str | None]] = []
-        kin: list[tuple[str, str | None, str | None]] = []  # of this daemon's model
-        me = self.table.get(self.identity.public_key)
-        own_model = me.record.model_id if me is not None else None
-        answered: set[str] = set()  # addresses of peers reached before
-        due: list[tuple[float, tuple[str, str | None, str | None]]] = []  # failed before, retry time come
-        known_addresses: set[str] = set()
-        never_reached: set[str] = set()
-        for e in self.table.entries():
-            if e.is_self:
-                continue
-            if not e.verified:
-                never_reached.add(e.record.node_id)
-            state = self.table.state(e, now)
-            if state not in ("dead", "offline"):
-                known_addresses.update(e.record.addresses)
-                if e.address not in skip and self.access.allows(e.record.node_id):
-                    target = (e.address, e.record.node_id, e.record.node_id)
-                    retry = self._retry.get(e.record.node_id)
-                    if retry is None:
-                        live.append(target)
-                        if e.record.model_id == own_model and own_model is not None and e.verified:
-                            kin.append(target)
-                        if e.verified:
-                            answered.add(e.address)
-                    elif retry[1] <= now or everyone:
-                        due.append((retry[1], target))
-        # peers that fail (gone, or made up by a liar) do not take the fanout's places from
-        # those that answer: they are retried with capped doubling backoff, a few per round
-        # and of the FANOUT drawn at random, at most one may be a peer never reached (new, or
-        # made up): the others give their places to peers that answered before, so a flood of
-        # made-up records cannot cut this daemon off from the peers it gossips with. The draw
-        # stays uniform, so a node that just joined is contacted by a few peers a round, not
-        # by all of them at once
-        if everyone:  # this model's servers first: a round contacts at most MAX_CONTACTS_PER_ROUND
-            kin_set = set(kin)
-            targets = kin + [t for t in live if t not in kin_set] + [t for _, t in sorted(due)]
-        else:
-            # one of the FANOUT is a peer of this daemon's own model that answered before: its
-            # model's news, which matter most here, never wait on a draw among other models' nodes
-            first = [random.choice(kin)] if kin else []
-            rest = [t for t in live if t not in first]
-            drawn = first + random.sample(rest, min(FANOUT - len(first), len(rest)))
-            new = [t for t in drawn if t[0] not in answered]
-            targets = [t for t in drawn if t[0] in answered] + new[:1]
-            spare = [t for t in live if t[0] in answered and t not in targets]
-            fill = random.sample(spare, min(len(new) - 1, len(spare))) if len(new) > 1 else []
-            targets += fill + new[1:len(new) - len(fill)]  # no such peers to give: keep the drawn
-            targets += [t for _, t in sorted(due)[:MAX_RETRIES_PER_ROUND]]
-        targets = [t for t in targets if t[2] is None or t[2] not in never_reached or quota.take(t[2])]
-        with self._hint_lock:
-            hints = list(self.hints.values())
-        not_hints = known_addresses | set(self.own_addresses()) | set(skip)
-        for h in sorted(hints, key=lambda h: h.next_try):  # longest due first: a round takes only so many
-            if h.address in not_hints or h.key == self.identity.public_key:
-                continue
-            if h.next_try <= now or everyone:
-                targets.append((h.address, h.key, None))
-        return targets
+    def _targets(self, skip: set[str] | frozenset[str], everyone: bool, quota: RoundQuota) -> list[Target]:
+        """(address, key, node id) to gossip with this round (targets.py)."""
+        return gossip_targets(table=self.table, access=self.access, own_id=self.identity.public_key,
+                              retry=self._retry, hints=self.contacts.all(), skip=skip, everyone=everyone, quota=quota)
 
-    def own_addresses(self) -> list[str]:
-        e = self.table.get(self.identity.public_key)
-        return list(e.record.addresses) if e else []
-
-    def _checks(self, targets: set[str], quota: RoundQuota, news_only: bool = False) -> list[tuple[str, str]]:
-        """(address, node id) to ping this round: nodes another node suspects, then nodes heard
-        of as news, then (unless `news_only`) others not reached yet, within `quota`; none at
-        `targets`."""
-        now = time.monotonic()
-        doubted: list[tuple[str, str]] = []
-        heard: list[tuple[str, str]] = []
-        others: list[tuple[str, str]] = []
-        for e in self.table.entries():
-            if e.is_self or e.address in targets or e.unreachable or self.table.state(e, now) in ("dead", "offline"):
-                continue
-            node_id = e.record.node_id
-            if e.doubt is not None:
-                doubted.append((e.address, node_id))
-            elif not e.verified and self.access.allows(node_id):
-                (heard if node_id in self._heard_news else others).append((e.address, node_id))
-        random.shuffle(others)
-        checks = doubted[:MAX_CHECKS_PER_ROUND]
-        for address, node_id in heard + ([] if news_only else others):
-            if len(checks) >= MAX_CHECKS_PER_ROUND:
-                break
-            if quota.take(node_id):
-                checks.append((address, node_id))
-        return checks
+    def _checks(self, contacted: set[str], quota: RoundQuota, news_only: bool = False) -> list[tuple[str, str]]:
+        """(address, node id) to ping this round (targets.py)."""
+        return checks_due(table=self.table, access=self.access, heard_as_news=self.hot_news.is_held,
+                          contacted=contacted, quota=quota, news_only=news_only)
 
     def _ping(self, checks: list[tuple[str, str]]) -> None:
         """Ping each (address, node id) at once, and wait for the answers (GOSSIP_TIMEOUT_S)."""
@@ -522,7 +383,7 @@ class Membership:
     def round(self, skip: set[str] | frozenset[str] = frozenset(), everyone: bool = False) -> None:
         with self._lock:
             self._rounds += 1
-            self._expire_hot()
+            self.hot_news.expire(self._rounds, self.table.hot_rounds())
             self.publish()
             own = self.table.get(self.identity.public_key)
             recent = own is not None and self._rounds - self._body_round < BODY_PUSH_ROUNDS
@@ -550,7 +411,7 @@ class Membership:
                         key = learnt[address]
                         if key is None:
                             raise SwarmError("does not answer the key query (no swarmd there, or UDP blocked)")
-                        self.add_hint(address, key, self.hints[address].source if address in self.hints else "seed")
+                        self.add_hint(address, key, self.contacts.source_of(address))
                     if not self.access.allows(key):
                         raise SwarmError(f"its key {short_id(key)} is not allowed in this private swarm")
                     opened.append(("gossip", address, key, node_id, self.pool.get(address, key)))
@@ -632,13 +493,9 @@ class Membership:
         if node_id is not None:
             self.table.observe(node_id, rtt_ms=rtt_ms, unreachable=None, address=address)
             e = self.table.get(node_id)
-            if e is not None and e.verified and self._heard_news.pop(node_id, None) is not None:
+            if e is not None and e.verified and self.hot_news.release(node_id):
                 self._make_hot("record", e.wire)  # news heard before: believed now, so passed on
-        h = self.hints.get(address)
-        if h is not None:
-            if h.failures:
-                log.info("%s %s answers now", h.source, address)
-            h.failures, h.error, h.next_try = 0, None, 0.0
+        self.contacts.answered(address)
 
     def _contact_failed(self, address: str, node_id: str | None, error: str, timed_out: bool = False) -> None:
         if timed_out and node_id is not None and node_id not in self._retry:
@@ -661,13 +518,7 @@ class Membership:
                 self._retry.clear()
             self._retry[node_id] = (failures, time.monotonic() + min(self.interval_s * 2 ** (failures - 1),
                                                                       PEER_RETRY_MAX_S))
-        h = self.hints.get(address)
-        if h is not None:
-            if h.failures == 0:
-                log.warning("%s %s: %s", h.source, address, error)
-            h.failures += 1
-            h.error = error
-            h.next_try = time.monotonic() + min(self.interval_s * 2 ** h.failures, HINT_RETRY_MAX_S)
+        self.contacts.failed(address, error, self.interval_s)
 
     def _log_transitions(self) -> None:
         states = {}
@@ -738,28 +589,7 @@ class Membership:
     def rows(self) -> list[dict]:
         """swarmctl peers: every node in the table, then bootstrap contacts not (yet) answering."""
         rows = self.table.rows()
-        known = {a for r in rows for a in r["addresses"]}
-        with self._hint_lock:
-            hints = list(self.hints.values())
-        for h in hints:
-            if h.address not in known:
-                rows.append({"node_id": h.key, "short_id": short_id(h.key) if h.key else "-", "address": h.address,
-                             "addresses": [h.address], "model_id": None, "span": None,
-                             "state": "unreachable" if h.failures else "contacting", "throughput": 0.0,
-                             "cache_free_bytes": 0, "sessions": 0, "version": "", "protocol": "", "rtt_ms": None,
-                             "last_seen_s_ago": None, "error": h.error, "is_self": False, "source": h.source})
-        return rows
-
-
-def _tag(kind: str, wire: object) -> str:
-    """Names one piece of news: prefixes of the node's id and of the signature of its record or
-    beat; for a suspicion, the node and the beat suspected."""
-    if kind == "suspect":
-        assert isinstance(wire, list)
-        return f"s{wire[0][:NODE_CHARS - 1]}.{wire[1]}.{wire[2]}"
-    assert isinstance(wire, dict)
-    node_id = wire["id"] if kind == "beat" else json.loads(wire["body"])["node_id"]
-    return node_id[:NODE_CHARS] + str(wire["sig"])[:TAG_CHARS - NODE_CHARS]
+        return rows + self.contacts.rows({a for r in rows for a in r["addresses"]})
 
 
 def _wire_value(value: object) -> object:

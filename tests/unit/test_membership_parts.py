@@ -514,3 +514,64 @@ def test_one_unanswered_contact_asks_again_and_a_second_in_a_row_or_a_refusal_ma
     assert m.table.state(ea) == "unreachable"
     m._contact_failed("tcp://10.0.0.1:31330", b.public_key, "refuses connections")
     assert m.table.state(eb) == "unreachable"
+
+
+def test_news_keeps_one_record_per_node_and_packs_a_small_reply_suspicions_first():
+    """news.py: a node's newer record replaces its older news, a caller's tags keep what it
+    holds out of the reply, and a reply too small for everything carries suspicions first."""
+    from swarmd.discovery.news import News, news_tag
+
+    news, a, b = News(), ident(), ident()
+    older, newer = record(a, seq=1).sign(a), record(a, seq=2).sign(a)
+    news.add("record", older, 1)
+    news.add("record", newer, 2)
+    assert news.tags() == [news_tag("record", newer)]
+    suspicion = [b.public_key, 1, 0]
+    news.add("suspect", suspicion, 2)
+    room_for_one = len(json.dumps(newer)) + 8  # the record or the suspicion, not both
+    assert news.pick(frozenset(), max_bytes=room_for_one) == \
+        {"suspects": [suspicion], "beats": [], "records": []}
+    assert news.pick({news_tag("record", newer)}, max_bytes=MAX_REPLY_BYTES)["records"] == []
+    news.expire(2 + 3, keep_rounds=3)
+    assert news.tags() == []
+
+
+def test_a_failing_seed_backs_off_doubling_to_its_cap_and_a_new_key_tries_it_at_once(monkeypatch):
+    """bootstrap.py: each failure doubles the wait (in gossip intervals) up to HINT_RETRY_MAX_S;
+    the contact shows in `swarmctl peers` until the table knows its address."""
+    from swarmd.config import Seed
+    from swarmd.discovery.bootstrap import HINT_RETRY_MAX_S, BootstrapContacts
+
+    monkeypatch.setattr(time, "monotonic", lambda: 100.0)
+    contacts, seed = BootstrapContacts(), "tcp://10.0.0.9:31330"
+    contacts.set_seeds([Seed(seed)])
+    waits = []
+    for _ in range(3):
+        contacts.failed(seed, "refuses connections", interval_s=1.0)
+        waits.append(contacts.hints[seed].next_try - 100.0)
+    assert waits == [2.0, 4.0, HINT_RETRY_MAX_S]
+    assert [r["state"] for r in contacts.rows(set())] == ["unreachable"] and contacts.rows({seed}) == []
+    contacts.add(seed, ident().public_key, "mdns")
+    assert (contacts.hints[seed].failures, contacts.hints[seed].next_try, contacts.source_of(seed)) == (0, 0.0, "seed")
+    contacts.set_seeds([])
+    assert contacts.hints == {}
+
+
+def test_of_the_fanout_at_most_one_place_goes_to_a_node_never_reached():
+    """targets.py: made-up records (nodes never reached) cannot take the fanout's places from
+    peers that answered before."""
+    from swarmd.discovery.first_contacts import Origins, RoundQuota
+    from swarmd.discovery.targets import FANOUT, gossip_targets
+
+    table = PeerTable()
+    answered, made_up = set(), set()
+    for n in range(10):
+        i, address = ident(), f"tcp://10.0.1.{n + 1}:31330"
+        r = record(i, addresses=(address,), model_id="other")
+        table.merge(r, r.sign(i), via=address if n < 5 else None)
+        (answered if n < 5 else made_up).add(i.public_key)
+    for _ in range(50):
+        targets = gossip_targets(table=table, access=AccessControl("open", "", ""), own_id=ident().public_key,
+                                 retry={}, hints=[], skip=set(), everyone=False, quota=RoundQuota(Origins()))
+        nodes = [t[2] for t in targets]
+        assert len(nodes) == FANOUT and sum(n in made_up for n in nodes) <= 1, nodes
