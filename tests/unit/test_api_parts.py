@@ -1,5 +1,6 @@
 """swarm-api's parts that need no daemon: its config (read by swarm-api and checked by swarmd),
-stop strings, nucleus sampling, bearer keys."""
+stop strings, nucleus sampling, bearer keys, and each module of the app: errors, access, the
+shared service, request parameters, prompts and replies."""
 
 import os
 import time
@@ -123,7 +124,8 @@ class _Client:
 def test_slots_run_max_concurrent_queue_the_next_in_order_and_refuse_beyond_the_queue():
     import asyncio
 
-    from libswarm.api.app import ApiError, Slots
+    from libswarm.api.errors import ApiError
+    from libswarm.api.slots import Slots
 
     async def scenario():
         slots = Slots(2, 2)
@@ -158,7 +160,8 @@ def test_slots_run_max_concurrent_queue_the_next_in_order_and_refuse_beyond_the_
 def test_keys_file_is_read_again_when_it_changes(tmp_path):
     from starlette.requests import Request
 
-    from libswarm.api.app import ApiError, Keys
+    from libswarm.api.access import Keys
+    from libswarm.api.errors import ApiError
 
     path = tmp_path / "keys"
     path.write_text("# comment\nsk-a\n\n")
@@ -311,3 +314,142 @@ def test_a_required_or_named_tool_call_is_held_to_the_functions_and_their_schema
     assert takes(either, '{"name": "get_time", "arguments": {}}')
     assert takes(either, '{"name": "get_weather", "arguments": {"city": "Oslo"}}')
     assert not takes(either, '{"name": "get_date", "arguments": {}}')  # no such tool
+
+
+def test_swarm_errors_become_openai_statuses_and_a_too_long_request_is_the_requests_fault():
+    from libswarm.api.errors import swarm_error
+    from libswarm.errors import CacheFullError, LimitError, NoRouteError, SwarmError
+
+    e = swarm_error(LimitError("session of 3000 positions over serve.max_length 2048\n(the server's limit)"))
+    assert (e.status, e.param, e.code) == (400, "max_tokens", "context_length_exceeded") and "\n" not in e.message
+    for error, status, code in [(LimitError("too many sessions"), 429, "limit"), (NoRouteError("no span"), 503,
+                                "no_route"), (CacheFullError("full"), 503, "cache_full"),
+                                (SwarmError("odd"), 502, "swarm_error"), (ValueError("boom"), 500, None)]:
+        e = swarm_error(error)
+        assert (e.status, e.code) == (status, code), error
+    assert e.message == "internal error: boom" and e.response().status_code == 500
+
+
+def test_without_keys_only_an_address_or_localhost_may_name_the_server_in_host():
+    from starlette.requests import Request
+
+    from libswarm.api.access import check_host
+    from libswarm.api.errors import ApiError
+
+    def ask(host: str, keys_file: str | None = None) -> None:
+        check_host(Request({"type": "http", "headers": [(b"host", host.encode())]}), keys_file)
+
+    for named in ("127.0.0.1:8000", "[::1]:8000", "localhost:8000", "10.0.0.5"):
+        ask(named)
+    with pytest.raises(ApiError) as e:  # a name rebound to this address by a page's DNS
+        ask("rebound.example.com:8000")
+    assert e.value.status == 421 and e.value.code == "misdirected_request"
+    ask("rebound.example.com:8000", keys_file="/etc/swarmd/api-keys")  # with keys, the key decides
+
+
+# Slots (libswarm/api/slots.py) and Keys (access.py) are pinned above, by
+# test_slots_run_max_concurrent_queue_the_next_in_order_and_refuse_beyond_the_queue and
+# test_keys_file_is_read_again_when_it_changes
+
+VOCAB = 300
+
+
+def service_of(tmp_path, max_concurrent: int = 4, positions: int | None = 64):
+    """swarm-api's Service over a trained test tokenizer and, at the edge, a stand-in for the
+    distributed model: what the API reads of it (no swarmd runs)."""
+    from types import SimpleNamespace
+
+    from make_test_model import make_tokenizer
+
+    from libswarm.api.config import ApiConfig, ApiSettings
+    from libswarm.api.service import Service
+
+    settings = ApiSettings(listen=("127.0.0.1", 0), keys_file=None, max_tokens=16, max_concurrent=max_concurrent,
+                           route_timeout_s=1.0)
+    config = ApiConfig(path=str(tmp_path / "swarmd.yaml"), model=str(tmp_path), model_name="m",
+                       socket=str(tmp_path / "swarmd.sock"), api=settings)
+    model = SimpleNamespace(model_id="m-0123abcd", generation_config=SimpleNamespace(eos_token_id=[7, 9]),
+                            config=SimpleNamespace(vocab_size=VOCAB, max_position_embeddings=positions))
+    return Service(config, model, make_tokenizer(VOCAB))
+
+
+def test_service_ends_at_every_eos_of_model_and_tokenizer_and_assumes_2048_positions_unsaid(tmp_path):
+    service = service_of(tmp_path, positions=None)
+    model = service.model()
+    assert service.eos(model) == {7, 9, service.tokenizer.eos_token_id}
+    assert service.context(model) == 2048
+    assert service.vocab_size() == VOCAB and service.model_id == "m-0123abcd" and service.draft() is None
+
+
+def test_params_refuse_naming_the_parameter_and_best_of_asks_for_logprobs(tmp_path):
+    from libswarm.api.errors import ApiError
+    from libswarm.api.params import Params
+
+    service = service_of(tmp_path, max_concurrent=4)
+    p = Params({"model": "m", "n": 2, "best_of": 3}, service, "completion")
+    # best_of ranks its choices by their log-probabilities: reported whether asked for or not
+    assert p.best_of == 3 and p.sampling(5, 64, 16, "prompt").logprobs == 0
+    assert Params({"model": "m-0123abcd"}, service, "chat").best_of == 1  # the model's id names it too
+    for data, kind, status, param in [
+        ({"model": "other"}, "chat", 404, "model"),
+        ({"model": "m", "n": 2, "best_of": 1}, "completion", 400, "best_of"),
+        ({"model": "m", "n": 5}, "chat", 400, "n"),  # over api.max_concurrent
+        ({"model": "m", "top_logprobs": 3}, "chat", 400, "top_logprobs"),  # without logprobs: true
+        ({"model": "m", "logit_bias": {str(VOCAB): 1}}, "chat", 400, "logit_bias"),
+        ({"model": "m", "temperature": True}, "chat", 400, "temperature"),
+        ({"model": "m", "stop": ["a", "b", "c", "d", "e"]}, "completion", 400, "stop"),
+    ]:
+        with pytest.raises(ApiError) as e:
+            Params(data, service, kind)
+        assert (e.value.status, e.value.param) == (status, param), data
+    # past the context, the refusal names the length parameter the request used
+    with pytest.raises(ApiError) as e:
+        Params({"model": "m", "max_completion_tokens": 60}, service, "chat").sampling(10, 64, 16, "messages")
+    assert e.value.param == "max_completion_tokens" and e.value.code == "context_length_exceeded"
+
+
+def test_prompts_go_through_the_chat_template_and_token_ids_stay_within_the_vocabulary():
+    from make_test_model import make_tokenizer
+
+    from libswarm.api.errors import ApiError
+    from libswarm.api.prompts import chat_prompt, prompt_text, text_prompt
+
+    tokenizer = make_tokenizer(VOCAB)
+    with pytest.raises(ApiError) as e:
+        chat_prompt(tokenizer, [{"role": "user", "content": "hi"}])
+    assert e.value.param == "messages" and "/v1/completions" in e.value.message  # no chat template
+    tokenizer.chat_template = "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+    ids = chat_prompt(tokenizer, [{"role": "developer", "content": [{"type": "text", "text": "be "},
+                                                                    {"type": "text", "text": "brief"}]},
+                                  {"role": "user", "content": "hi"}])
+    assert tokenizer.decode(ids[0].tolist()) == "[system]be brief[user]hi"  # developer: the system role
+    with pytest.raises(ApiError) as e:
+        chat_prompt(tokenizer, [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}])
+    assert e.value.param == "messages[0].content"
+    assert text_prompt(tokenizer, [[5, 6]]).tolist() == [[5, 6]]  # one prompt, as a list of one
+    with pytest.raises(ApiError) as e:
+        text_prompt(tokenizer, [5, len(tokenizer)])
+    assert e.value.param == "prompt"
+    ids = text_prompt(tokenizer, "the cat")
+    assert prompt_text(tokenizer, {"prompt": ids[0].tolist(), "echo": True}, "completion", ids) == "the cat"
+    assert prompt_text(tokenizer, {"prompt": "the cat"}, "completion", ids) == ""  # no echo
+
+
+def test_best_of_shows_the_choices_of_best_mean_logprob_and_usage_counts_every_choice(tmp_path):
+    from libswarm.api.engine import Result, TokenLogprob
+    from libswarm.api.params import Params
+    from libswarm.api.reply import Reply
+
+    service = service_of(tmp_path)
+    reply = Reply(Params({"model": "m", "n": 1, "best_of": 3}, service, "completion"), service.tokenizer, [5, 6, 7])
+
+    def result(text: str, logprobs: list[float]) -> Result:
+        return Result(text=text, tokens=list(range(len(logprobs))), finish_reason="length",
+                      logprobs=[TokenLogprob(10 + i, lp) for i, lp in enumerate(logprobs)],
+                      starts=list(range(len(logprobs))))
+
+    whole = reply.whole([result("ab", [-1.0, -3.0]), result("cd", [-0.5, -1.0]), result("e", [-0.2])])
+    assert [(c["index"], c["text"], c["logprobs"]) for c in whole["choices"]] == [(0, "e", None)]
+    assert whole["usage"] == {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
+    assert whole["id"].startswith("cmpl-") and whole["object"] == "text_completion"
+    assert Reply.sse({"a": 1}) == 'data: {"a":1}\n\n'
