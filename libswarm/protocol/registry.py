@@ -64,24 +64,34 @@ class Spec:
 
     def parse(self, msg: Message) -> Request:
         """The typed request, or a one-line error naming what is missing or of the wrong type."""
+        fields, tensors = msg.fields, msg.tensors
         for name in self.fields:
-            if msg.fields.get(name) is None:
+            if fields.get(name) is None:
                 raise ProtocolError(f"{self.name}: field {name!r} is missing")
         for name, _, kind in self.kinds:
-            if msg.fields.get(name) is not None:
-                msg.require(name, kind)
+            value = fields.get(name)
+            if value is not None and (not isinstance(value, kind) or (isinstance(value, bool) and kind is int)):
+                msg.require(name, kind)  # raises, naming the field and the type it must have
         for name in self.tensors:
-            if name not in msg.tensors:
+            if name not in tensors:
                 raise TensorError(f"{self.name}: tensor {name!r} is missing")
-        values: dict[str, Any] = {}
-        for f in dataclasses.fields(self.cls):
-            if f.name == "msg":
-                continue
-            if f.metadata.get("tensor"):
-                values[f.name] = msg.tensors.get(f.name)
-            else:
-                values[f.name] = msg.fields.get(f.metadata.get("wire", f.name))
-        return self.cls(msg=msg, **values)
+        # on the hot path (every step, on every hop): one pass over a plan made once, and the
+        # values set at once (a frozen dataclass's __init__ sets each through object.__setattr__,
+        # which costs more than the whole check above; the instance is as frozen after this)
+        req = object.__new__(self.cls)
+        req.__dict__.update({attr: (tensors if is_tensor else fields).get(key) for attr, key, is_tensor in self.plan},
+                            msg=msg)
+        return req
+
+    @property
+    def plan(self) -> tuple[tuple[str, str, bool], ...]:
+        """(attribute, wire name, whether a tensor) of each field, in order."""
+        plan = self.__dict__.get("_plan")
+        if plan is None:
+            plan = tuple((f.name, f.metadata.get("wire", f.name), bool(f.metadata.get("tensor")))
+                         for f in dataclasses.fields(self.cls) if f.name != "msg")
+            object.__setattr__(self, "_plan", plan)
+        return plan
 
 
 def _spec(name: str, cls: type[Request]) -> Spec:
