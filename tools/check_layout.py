@@ -24,7 +24,6 @@ MAX_LINES = 700
 LONG = {
     "swarmd/peer/server.py": 1243,
     "libswarm/api/app.py": 961,
-    "swarmd/gateway/gateway.py": 945,
     "swarmd/discovery/membership.py": 767,
 }
 
