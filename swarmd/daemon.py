@@ -536,7 +536,7 @@ class Daemon:
                 "kept_passes": len(self.gateway.training.kept),
                 "kept_bytes": self.gateway.training.kept.nbytes,
                 "limited": self.local.refused,
-                "verify": self.gateway.verify_status(),
+                "verify": self.gateway.checks.status(),
             },
             "membership": {
                 "access": self.access.mode,

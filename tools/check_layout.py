@@ -19,11 +19,10 @@ import sys
 
 PACKAGES = ("swarmd", "libswarm")
 MAX_LINES = 700
-# Modules longer than MAX_LINES, each with the most lines it may have until it is split into
-# modules of one concern each (issue "The house: the peer server in rooms").
-LONG = {
-    "swarmd/gateway/gateway.py": 945,
-}
+# Modules allowed longer than MAX_LINES, each with the most lines it may have until it is split
+# into modules of one concern each (none now: the four that were are split; a module that must
+# grow past the limit is named here, with the reason in a comment).
+LONG: dict[str, int] = {}
 
 
 def modules(repo: str) -> dict[str, str]:

@@ -241,7 +241,8 @@ class FakePool:
 
 
 def chain_gateway(servers):
-    from swarmd.gateway.gateway import Gateway, GatewaySession
+    from swarmd.gateway.gateway import Gateway
+    from swarmd.gateway.sessions import GatewaySession
     from swarmd.routing import Hop
 
     gw = Gateway(model_id="m", num_layers=6, hidden_size=4, pool=FakePool(servers), table=PeerTable(), membership=None,
@@ -254,7 +255,7 @@ def chain_gateway(servers):
 def test_a_hop_after_others_that_answered_has_its_own_allowance_from_their_answer_not_theirs_too():
     """Hops not measured yet get 10 s each: a chain's last hop that hangs after the others
     answered is given up on 10 s after they did, not 10 s for each hop of the chain."""
-    from swarmd.gateway.gateway import HopFailure
+    from swarmd.gateway.chain import HopFailure
 
     class Hung(FakeServer):
         def receive(self, req_id, deadline, what="request"):
@@ -267,7 +268,7 @@ def test_a_hop_after_others_that_answered_has_its_own_allowance_from_their_answe
     gw, sess = chain_gateway(servers)
     t0 = time.monotonic()
     with pytest.raises(HopFailure) as e:
-        gw._run_chain(sess, 0, torch.zeros(1, 1, 4), {"position_ids": torch.zeros(1, 1, dtype=torch.long)}, 1, 1)
+        gw.chain.run(sess, 0, torch.zeros(1, 1, 4), {"position_ids": torch.zeros(1, 1, dtype=torch.long)}, 1, 1)
     assert e.value.index == 2
     assert 29.0 < servers[2].deadline - t0 < 31.0  # without: 3 x 30 s (nothing claimed: 30 s a hop)
 
@@ -277,7 +278,7 @@ def test_a_hand_over_to_an_unreachable_server_blames_that_server_not_the_one_han
     the middle one answers `pushed: false`, the gateway's own hand-over finds the last one gone,
     and the failure names the last hop (blaming the middle one replaced a healthy server and
     then failed over a second time on the dead one)."""
-    from swarmd.gateway.gateway import HopFailure
+    from swarmd.gateway.chain import HopFailure
 
     a, b, c = FakeServer("a"), FakeServer("b", pushes=False), FakeServer("c")
     gw, sess = chain_gateway([a, b, c])
@@ -291,7 +292,7 @@ def test_a_hand_over_to_an_unreachable_server_blames_that_server_not_the_one_han
 
     c.send = dies_after_first_send
     with pytest.raises(HopFailure) as failure:
-        gw._run_chain(sess, 0, torch.zeros(1, 1, 4), small, step=0, tokens=1)
+        gw.chain.run(sess, 0, torch.zeros(1, 1, 4), small, step=0, tokens=1)
     assert failure.value.index == 2
     assert sorted(failure.value.outputs) == [0, 1]  # the last one's input is known: replay from there
     assert not gw.router.bans.banned()  # only the repair bans, and it is given the right hop
@@ -301,7 +302,7 @@ def test_a_server_that_cannot_push_has_its_output_handed_over_by_the_gateway():
     a, b, c = FakeServer("a"), FakeServer("b", pushes=False), FakeServer("c")
     gw, sess = chain_gateway([a, b, c])
     small = {"position_ids": torch.zeros(1, 1, dtype=torch.long)}
-    outputs = gw._run_chain(sess, 0, torch.zeros(1, 1, 4), small, step=0, tokens=1)
+    outputs = gw.chain.run(sess, 0, torch.zeros(1, 1, 4), small, step=0, tokens=1)
     assert sorted(outputs) == [0, 1, 2] and c.sends == 2
 
 
@@ -311,7 +312,7 @@ def test_a_hop_that_ran_on_another_input_than_the_one_before_returned_is_a_dispu
     c refused (it says what it was given) likewise; and a hop whose input came from the gateway
     alone that says it ran on something else is the one at fault."""
     from libswarm.errors import TensorError, WrongOutputError
-    from swarmd.gateway.gateway import HopFailure, PushDispute
+    from swarmd.gateway.chain import HopFailure, PushDispute
 
     class Pushed(FakeServer):  # ran on, or refused, what it was pushed: not zeros
         def __init__(self, address, refuses=False):
@@ -338,12 +339,12 @@ def test_a_hop_that_ran_on_another_input_than_the_one_before_returned_is_a_dispu
     for c in (Pushed("c"), Pushed("c", refuses=True)):
         gw, sess = chain_gateway([FakeServer("a"), FakeServer("b"), c])
         with pytest.raises(PushDispute) as dispute:
-            gw._run_chain(sess, 0, torch.zeros(1, 1, 4), small, step=0, tokens=1)
+            gw.chain.run(sess, 0, torch.zeros(1, 1, 4), small, step=0, tokens=1)
         assert dispute.value.index == 2 and dispute.value.suspect == "b" and sorted(dispute.value.outputs) == [0, 1]
         assert not gw.router.bans.banned()
     gw, sess = chain_gateway([Pushed("a"), FakeServer("b")])  # the first hop's input is the gateway's own
     with pytest.raises(HopFailure) as failure:
-        gw._run_chain(sess, 0, torch.zeros(1, 1, 4), small, step=0, tokens=1)
+        gw.chain.run(sess, 0, torch.zeros(1, 1, 4), small, step=0, tokens=1)
     assert failure.value.index == 0 and isinstance(failure.value.error, WrongOutputError)
 
 
@@ -471,7 +472,7 @@ def test_a_lost_reply_is_resent_to_the_same_server_instead_of_waiting_out_its_de
             gw.router.step_times.record(s.address, 0.017, 1, 2)
     small = {"position_ids": torch.zeros(1, 1, dtype=torch.long)}
     t0 = time.monotonic()
-    outputs = gw._run_chain(sess, 0, torch.zeros(1, 1, 4), small, step=3, tokens=1)
+    outputs = gw.chain.run(sess, 0, torch.zeros(1, 1, 4), small, step=3, tokens=1)
     assert sorted(outputs) == [0, 1, 2] and b.sends == 2 and gw.resends == 1
     resend_at, own = b.waits[0] - t0, gw.router.allowance_s("b", 1)
     assert resend_at < 0.2 < own, (resend_at, own)  # 2 x 17 ms + 5 ms after a answered, not 1 s + 10 x 17 ms
@@ -483,7 +484,8 @@ def test_a_hung_server_is_resent_its_step_at_doubling_intervals_and_given_up_at_
     """Resends do not shorten the hop's deadline: a server hung (or slowed down by a loaded
     machine) fails over when a step sent once would have, not after the last resend (here after
     39, 117, 273 and 585 ms: the next would be past its deadline of 1.17 s)."""
-    from swarmd.gateway.gateway import MAX_RESENDS, HopFailure
+    from swarmd.gateway.chain import HopFailure
+    from swarmd.gateway.resend import MAX_RESENDS
     from swarmd.transport.connection import NoAnswerInTime
 
     class Hung(FakeServer):
@@ -498,7 +500,7 @@ def test_a_hung_server_is_resent_its_step_at_doubling_intervals_and_given_up_at_
             gw.router.step_times.record(s.address, 0.017, 1, 2)
     t0 = time.monotonic()
     with pytest.raises(HopFailure) as e:
-        gw._run_chain(sess, 0, torch.zeros(1, 1, 4), {"position_ids": torch.zeros(1, 1, dtype=torch.long)}, 3, 1)
+        gw.chain.run(sess, 0, torch.zeros(1, 1, 4), {"position_ids": torch.zeros(1, 1, dtype=torch.long)}, 3, 1)
     took = time.monotonic() - t0
     assert e.value.index == 1 and gw.resends == 4 <= MAX_RESENDS and b.sends == 1 + gw.resends
     assert gw.router.allowance_s("b", 1) - 0.05 <= took < gw.router.allowance_s("b", 1) + 1.0, took
