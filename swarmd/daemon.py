@@ -120,7 +120,7 @@ class Daemon:
             verify=config.swarm.verify, verify_probability=config.swarm.verify_probability,
         )
         handlers = dict(self.gateway.handlers, key=lambda m: (self.key_info(), None),
-                        rebalance=lambda m: (self.balancer.on_rebalance(bool(m.get("dry_run")), _in_thread), None),
+                        rebalance=lambda m: (self.balancer.on_rebalance(bool(m.dry_run), _in_thread), None),
                         drain=lambda m: (self._request_drain(), None))
         self.local = LocalServer(self.zctx, config.network.socket, handlers, config.network.max_message_bytes,
                                  Operators(config.network.operator_group))

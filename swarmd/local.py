@@ -16,11 +16,12 @@ import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import zmq
 
 from libswarm.errors import ConfigError, LimitError, ProtocolError, SwarmError
-from libswarm.protocol import Message, decode, error_reply, ok_reply, registry
+from libswarm.protocol import decode, error_reply, ok_reply, registry
 from libswarm.protocol.messages import LOCAL_REPLY_HEADER_BYTES, peek_type
 from swarmd.operators import Operators, needs_operator
 
@@ -33,7 +34,7 @@ MAX_WAITING = 256  # app requests waiting for a worker
 MAX_WAITING_BYTES = 4 << 30  # their frames (a request alone may always wait, whatever its size)
 POLL_INTERVAL_MS = 100  # how long the loop waits for a message before it looks at idle sessions and at stop
 
-Handler = Callable[[Message], tuple[dict, dict | None]]
+Handler = Callable[[Any], tuple[dict, dict | None]]  # the typed request of its type (registry.LOCAL)
 
 
 class LocalServer:
@@ -167,13 +168,13 @@ class LocalServer:
             req_id = msg.id
             if control and msg.type not in CONTROL:  # its header said otherwise: a disguise
                 raise ProtocolError(f"{msg.type!r} sent as a control request")
-            registry.check(registry.LOCAL, msg)
+            req = registry.parse(registry.LOCAL, msg)  # decoded once: handlers take the typed request
             if needs_operator(msg):
                 self.operators.check(body[0], msg)
             handler = self.handlers.get(msg.type)
             if handler is None:
                 raise ProtocolError(f"{msg.type!r} is not served by this daemon")
-            fields, tensors = handler(msg)
+            fields, tensors = handler(req)
             reply = ok_reply(req_id, fields, tensors, max_header_bytes=LOCAL_REPLY_HEADER_BYTES)
         except SwarmError as e:
             req_id = req_id or e.req_id

@@ -124,7 +124,7 @@ def gossip_member(nodes: int):
 
 def gossip_cost(nodes: int, requests: int = 2000) -> dict[str, float]:
     """CPU seconds of the serving thread per gossip request (see the module's docstring)."""
-    from libswarm.protocol import decode, encode
+    from libswarm.protocol import decode, encode, registry
     from swarmd.discovery.table import LARGE_BUCKETS
 
     m = gossip_member(nodes)
@@ -136,7 +136,7 @@ def gossip_cost(nodes: int, requests: int = 2000) -> dict[str, float]:
              "8 known records": {"news": tags, "records": [e.wire for e in m.table.entries()[1:9]]}}
     out = {}
     for name, fields in cases.items():
-        msg = decode(encode("gossip", 1, fields))
+        msg = registry.parse(registry.PEER, decode(encode("gossip", 1, fields)))
         m.on_gossip(msg, sender=caller)  # warm
         t0 = time.process_time()
         for _ in range(requests):

@@ -50,7 +50,7 @@ time.monotonic = CLOCK.monotonic  # before the project's modules are imported an
 time.time = CLOCK.time
 
 from libswarm.errors import PeerUnavailableError  # noqa: E402
-from libswarm.protocol import Message, decode, encode  # noqa: E402
+from libswarm.protocol import Message, decode, encode, registry  # noqa: E402
 from swarmd.discovery import records as records_module  # noqa: E402
 from swarmd.discovery.membership import Membership  # noqa: E402
 from swarmd.discovery.records import Record  # noqa: E402
@@ -93,7 +93,7 @@ class Conn:
         if msg_type == "ping":
             reply_fields = {}
         else:
-            reply_fields, _ = member.on_gossip(decode(frames), sender=sender)
+            reply_fields, _ = member.on_gossip(registry.parse(registry.PEER, decode(frames)), sender=sender)
         reply = [bytes(f) for f in encode("ok", req_id, reply_fields)]
         self.net.traffic.count(self.source, reply)
         self.net.traffic.count(self.target, reply)

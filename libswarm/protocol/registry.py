@@ -317,11 +317,6 @@ def parse(plane: dict[str, Spec], msg: Message) -> Request:
     return spec.parse(msg)
 
 
-def check(plane: dict[str, Spec], msg: Message) -> None:
-    """Refuse a request the plane does not define, or one lacking what its type requires."""
-    parse(plane, msg)
-
-
 def typed(cls: type[R], req: Request) -> R:
     """`req` as the request type a handler takes (a dispatch table maps each type to its
     handler, so a mismatch is a bug here, never a peer's doing)."""

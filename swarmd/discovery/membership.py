@@ -38,7 +38,7 @@ from collections.abc import Callable
 
 from libswarm import __version__
 from libswarm.errors import SwarmError
-from libswarm.protocol import PROTOCOL_VERSION, Message
+from libswarm.protocol import PROTOCOL_VERSION, registry
 from swarmd.config import Seed
 from swarmd.discovery.bootstrap import BootstrapContacts, Hint
 from swarmd.discovery.first_contacts import Origins, RoundQuota
@@ -327,21 +327,21 @@ class Membership:
             if self._lines.take(source):
                 log.log(level, "from %s: %s; ignored", source, reason)
 
-    def on_gossip(self, msg: Message, sender: str | None = None) -> tuple[dict, None]:
+    def on_gossip(self, req: registry.Gossip, sender: str | None = None) -> tuple[dict, None]:
         """The peer-plane handler: merge what the caller sent, answer the news its tags lack
         and, for anti-entropy `sums`, the records of the buckets that differ. `sender`: the
         caller's key (its CURVE handshake proves it): a request is evidence of its life."""
         self.table.heard_from(sender)
         source = f"a gossip request of {short_id(sender)}" if sender else "a gossip request"
-        self.receive(msg.get("records", []), source=source, limit=MAX_REQUEST_RECORDS)
-        self.receive_beats(msg.get("beats", []), source=source, limit=MAX_REQUEST_BEATS)
-        self.receive_suspects(msg.get("suspects", []), source=source)
-        known = msg.get("news", [])
-        known = {t for t in known[:MAX_NEWS] if isinstance(t, str)} if isinstance(known, list) else set()
+        # each value is checked where it is read (anything but a list of what is expected is dropped)
+        self.receive(req.records if req.records is not None else [], source=source, limit=MAX_REQUEST_RECORDS)
+        self.receive_beats(req.beats if req.beats is not None else [], source=source, limit=MAX_REQUEST_BEATS)
+        self.receive_suspects(req.suspects if req.suspects is not None else [], source=source)
+        known = {t for t in req.news[:MAX_NEWS] if isinstance(t, str)} if isinstance(req.news, list) else set()
         reply: dict = self.news(known)
-        if "sums" in msg.fields:
+        if req.sums is not None:
             left = MAX_REPLY_BYTES - len(json.dumps(reply))
-            reply["table"] = self.table.differing(msg.get("sums"), left)
+            reply["table"] = self.table.differing(req.sums, left)
         return reply, None
 
     # --- gossip rounds -------------------------------------------------------------------------

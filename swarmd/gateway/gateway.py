@@ -18,11 +18,12 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from libswarm.errors import LimitError, RemoteError, SessionError, SwarmError, WrongOutputError
-from libswarm.protocol import Message
+from libswarm.protocol import registry
 from swarmd.discovery.membership import Membership
 from swarmd.discovery.table import PeerTable
 from swarmd.gateway.chain import HopFailure, PushDispute, StepChain
@@ -67,7 +68,8 @@ class Gateway:
         self.failovers = 0
         self.last_failover: dict = {}  # when and how long the phases of the latest failover took
         self._lock = threading.Lock()
-        self.handlers: dict[str, Callable[[Message], tuple[dict, dict | None]]] = {
+        # request type -> handler of its typed request (libswarm.protocol.registry.LOCAL)
+        self.handlers: dict[str, Callable[[Any], tuple[dict, dict | None]]] = {
             "status": lambda m: (self.status_fn(), None),
             "peers": lambda m: ({"peers": self.router.annotate(self.membership.rows())}, None),
             "model_info": self.on_model_info,
@@ -97,41 +99,40 @@ class Gateway:
         self.checks.close_shadows(sess)
 
     # --- handlers --------------------------------------------------------------------------
-    def on_model_info(self, msg: Message):
+    def on_model_info(self, req: registry.ModelInfo):
         return {"model_id": self.model_id, "num_layers": self.num_layers, "hidden_size": self.hidden_size}, None
 
-    def on_open(self, msg: Message):
-        self.router.check_model(msg)
-        max_length, batch = msg.require("max_length", int), msg.require("batch", int)
+    def on_open(self, req: registry.Open):
+        self.router.check_model(req.model_id)
+        max_length, batch = req.max_length, req.batch
         if max_length <= 0 or batch <= 0:
             raise LimitError("max_length and batch must be positive")
-        route_timeout_s = route_timeout(msg)
+        route_timeout_s = route_timeout(req.route_timeout_s)
         deadline = time.monotonic() + route_timeout_s
-        adapter = adapter_name(msg)
+        adapter = adapter_name(req.adapter)
         hops, sids, _, _ = self._open_span(0, self.num_layers, max_length=max_length, batch=batch, deadline=deadline,
                                         history=None, adapter=adapter)
         sess = GatewaySession(secrets.token_hex(12), batch, max_length, hops, sids, route_timeout_s=route_timeout_s,
-                              push=msg.get("push", True) is not False, adapter=adapter, since=[0] * len(hops))
+                              push=req.push is not False, adapter=adapter, since=[0] * len(hops))
         with self._lock:
             self.sessions[sess.id] = sess
         log.info("session %s opened over %s", sess.id[:8], route_text(hops))
         return {"session": sess.id, "route": route_json(hops)}, None
 
-    def _app_session(self, msg: Message) -> GatewaySession:
-        sid = msg.get("session")
-        sess = self.sessions.get(sid) if isinstance(sid, str) else None
+    def _app_session(self, sid: str) -> GatewaySession:
+        sess = self.sessions.get(sid)
         if sess is None:
             raise SessionError(f"unknown or closed session {sid!r}")
         sess.last_used = time.monotonic()
         return sess
 
-    def on_step(self, msg: Message):
-        sess = self._app_session(msg)
-        tensors = self.router.tensors(msg)
+    def on_step(self, req: registry.Step):
+        sess = self._app_session(req.session)
+        tensors = self.router.tensors(req.msg)
         B, T, _ = tensors["hidden"].shape
         if B != sess.batch:
             raise SessionError(f"step has batch {B} but the session was opened with batch {sess.batch}")
-        start = msg.get("start")
+        start = req.start
         if start is not None and (not isinstance(start, int) or isinstance(start, bool)
                                   or not 0 <= start <= sess.position):
             raise SessionError(f"step: 'start' must be a position within 0..{sess.position}, got {start!r}")
@@ -144,7 +145,7 @@ class Gateway:
                 sess.history.truncate(start)
                 sess.position = start
                 sess.cut = start
-            if "position_ids" not in msg.tensors:
+            if req.position_ids is None:
                 tensors["position_ids"] = tensors["position_ids"] + sess.position
             try:
                 out = self._step(sess, tensors)
@@ -295,10 +296,9 @@ class Gateway:
                     hop.first, hop.last, route_text(hops), total_s, sess.position, replay_s)
         return hops
 
-    def on_close(self, msg: Message):
-        sid = msg.get("session")
+    def on_close(self, req: registry.Close):
         with self._lock:
-            sess = self.sessions.pop(sid, None) if isinstance(sid, str) else None
+            sess = self.sessions.pop(req.session, None)
         if sess is None:
             return {"closed": False}, None
         self.router.close_remote(list(zip(sess.hops, sess.server_sessions)))

@@ -237,8 +237,7 @@ class Router:
             except SwarmError as e:
                 log.info("closing session on %s: %s", hop.address, e)
 
-    def check_model(self, msg: Message) -> None:
-        asked = msg.get("model_id")
+    def check_model(self, asked: str) -> None:
         if asked != self.model_id:
             raise WrongModelError(
                 f"this swarmd serves model {self.model_id}; the app asked for {asked} "
@@ -265,8 +264,9 @@ class Router:
         return out
 
 
-def route_timeout(msg: Message) -> float:
-    value = msg.get("route_timeout_s", DEFAULT_ROUTE_TIMEOUT_S)
+def route_timeout(value: object) -> float:
+    """A request's `route_timeout_s` (None: the default), checked."""
+    value = DEFAULT_ROUTE_TIMEOUT_S if value is None else value
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= MAX_ROUTE_TIMEOUT_S:
         raise ProtocolError(f"route_timeout_s must be a number of seconds within 0..{MAX_ROUTE_TIMEOUT_S:.0f}")
     return float(value)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from libswarm.errors import ProtocolError, RemoteError, SwarmError, TensorError, WrongOutputError
-from libswarm.protocol import Message
+from libswarm.protocol import registry
 from swarmd.gateway.router import UNMEASURED_STEP_S, Router, hidden_of, refused, retriable, route_timeout
 from swarmd.gateway.verify import check_gradient
 from swarmd.routing import Hop, forward_seconds, missing_blocks
@@ -112,15 +112,15 @@ class TrainingChains:
         self.kept = kept or KeptPasses()
         self._split_pool = ThreadPoolExecutor(MAX_SPLIT_PARTS, thread_name_prefix="split")
 
-    def on_forward(self, msg: Message):
+    def on_forward(self, req: registry.Forward):
         """A batch through every block with no cache; a failed hop is re-routed and retried.
         A large batch is split across several chains run at once. With `keep`, each hop's input
         stays here for the backward of this pass (its id comes back as `pass`)."""
-        self.router.check_model(msg)
-        tensors = self.router.tensors(msg)
-        deadline = time.monotonic() + route_timeout(msg)
-        lora, fields = self._lora(msg)
-        keep = msg.get("keep") is True
+        self.router.check_model(req.model_id)
+        tensors = self.router.tensors(req.msg)
+        deadline = time.monotonic() + route_timeout(req.route_timeout_s)
+        lora, fields = self._lora(req)
+        keep = req.keep is True
         chunks = self._chunks(tensors, self._parts(tensors["hidden"], lora, fields.get("adapter")))
         outs = self._run_parts(chunks, lambda part: self._forward_chain(part, lora, fields, deadline))
         reply: dict = {}
@@ -187,25 +187,24 @@ class TrainingChains:
         self.router.bans.succeeded(hop.address)
         return out
 
-    def on_backward(self, msg: Message):
+    def on_backward(self, req: registry.Backward):
         """The gradient of the whole model's block stack w.r.t. its input, given its input and
         the gradient of its output, hop by hop in reverse from each hop's input: kept by the
         forward named in `pass`, else computed by running the chain forward again. Any failed
         hop bans its server and the whole pass is re-planned and redone, until the caller's
         deadline. A large batch is split across several chains run at once; LoRA gradients are
         summed."""
-        self.router.check_model(msg)
-        tensors = self.router.tensors(msg)
-        grad = msg.tensor("grad_output")
-        assert grad is not None
+        self.router.check_model(req.model_id)
+        tensors = self.router.tensors(req.msg)
+        grad = req.grad_output
         if grad.shape != tensors["hidden"].shape:
             raise ProtocolError(f"grad_output must have the shape of hidden {list(tensors['hidden'].shape)}, "
                                 f"got {list(grad.shape)}")
         if not bool(torch.isfinite(grad).all()):
             raise TensorError("grad_output holds NaN or infinite values")
-        deadline = time.monotonic() + route_timeout(msg)
-        lora, fields = self._lora(msg)
-        kept = self.kept.take(msg.get("pass")) if msg.get("pass") is not None else None
+        deadline = time.monotonic() + route_timeout(req.route_timeout_s)
+        lora, fields = self._lora(req)
+        kept = self.kept.take(req.pass_) if req.pass_ is not None else None
         parts = kept.parts if kept is not None and _same_pass(kept, tensors["hidden"], lora) else None
         n = len(parts) if parts is not None else self._parts(tensors["hidden"], lora, fields.get("adapter"))
         chunks = self._chunks({**tensors, "grad_output": grad}, n)
@@ -298,13 +297,13 @@ class TrainingChains:
             return [run(jobs[0])]
         return list(self._split_pool.map(run, jobs))
 
-    def _lora(self, msg: Message) -> tuple[dict[str, torch.Tensor], dict]:
+    def _lora(self, req: registry.Forward | registry.Backward) -> tuple[dict[str, torch.Tensor], dict]:
         """The app's LoRA tensors ([num_layers, ...] each, sliced per hop) and the fields that go
         with every hop's request."""
         num_layers = self.router.num_layers
-        lora = client_trainables(msg.tensors)
+        lora = client_trainables(req.msg.tensors)
         fields: dict = {"model_id": self.router.model_id}
-        adapter = adapter_name(msg)
+        adapter = adapter_name(req.adapter)
         if adapter is not None:
             fields["adapter"] = adapter
         if lora:
@@ -312,8 +311,8 @@ class TrainingChains:
             if bad:
                 raise TensorError(f"LoRA tensors and deep prompts must be [{num_layers} blocks, ...]: "
                                   f"{bad[0]} is not")
-            self._check_deep_prompts(lora.get("deep_prompts"), msg.tensor("hidden"))
-            fields["lora_scaling"] = msg.get("lora_scaling", 1.0)
+            self._check_deep_prompts(lora.get("deep_prompts"), req.hidden)
+            fields["lora_scaling"] = req.lora_scaling if req.lora_scaling is not None else 1.0
         return lora, fields
 
     def _check_deep_prompts(self, deep: torch.Tensor | None, hidden: torch.Tensor | None) -> None:
@@ -337,9 +336,9 @@ def _same_pass(kept: KeptPass, hidden: torch.Tensor, lora: dict[str, torch.Tenso
             and all(torch.equal(kept.lora[k], v) for k, v in lora.items()))
 
 
-def adapter_name(msg: Message) -> str | None:
-    name = msg.get("adapter")
-    if name is not None and not (isinstance(name, str) and 0 < len(name) <= 64):
+def adapter_name(name: str | None) -> str | None:
+    """A request's `adapter` (a str, by the registry), of a length an adapter's name has."""
+    if name is not None and not 0 < len(name) <= 64:
         raise ProtocolError("adapter must be an adapter name (a string)")
     return name
 

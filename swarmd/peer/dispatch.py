@@ -33,7 +33,7 @@ class Dispatch:
                  on_push: Callable[[Push, str | None], None],
                  on_gossip: Callable[..., tuple[dict, None]] | None = None):
         """`handlers`: request type -> handler of its typed request; `relay`: a relay message
-        (relaying.py); `on_push`: a push (pushes.py); `on_gossip(msg, sender)`: membership's
+        (relaying.py); `on_push`: a push (pushes.py); `on_gossip(req, sender)`: membership's
         handler of `gossip` (none: refused)."""
         self.server = server
         self.handlers: dict[str, Handler] = dict(handlers)
@@ -123,7 +123,7 @@ class Dispatch:
             return {}, None
         t0 = time.perf_counter()
         try:
-            return self.on_gossip(req.msg, sender=sender)  # type: ignore[misc]
+            return self.on_gossip(req, sender=sender)  # type: ignore[misc]
         finally:
             self.gossip_time.spend(time.perf_counter() - t0)
 

@@ -84,7 +84,7 @@ class SpanServer:
                  on_gossip: Callable[..., tuple[dict, None]] | None = None, drain_timeout_s: float = 300.0,
                  adapter_dirs: dict[str, str] | None = None, relay: RelayService | None = None,
                  batch_window_s: float | None = None):
-        """`on_gossip(msg, sender)`: membership's handler of `gossip` requests (none: refused);
+        """`on_gossip(req, sender)`: membership's handler of `gossip` requests (none: refused);
         `adapter_dirs`: serve.adapters, {name: PEFT directory}; `relay`: what this daemon relays
         for servers that accept no connections (none: it relays nothing); `batch_window_s`: how
         long a decode step may wait for other sessions' steps to run with (0: never batched;

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from libswarm.errors import PeerUnavailableError
-from libswarm.protocol import Message, decode, encode
+from libswarm.protocol import Message, decode, encode, registry
 from swarmd.discovery.membership import Membership
 from swarmd.discovery.records import Record
 from swarmd.discovery.table import PeerTable
@@ -44,6 +44,11 @@ def one_round(members: list["Membership"], pool: "Pool") -> None:
             m.round()
 
 
+def gossip(fields: dict) -> registry.Gossip:
+    """A gossip request as the peer plane hands it to membership: decoded into its type."""
+    return registry.typed(registry.Gossip, registry.parse(registry.PEER, Message("gossip", 1, fields)))
+
+
 class Conn:
     def __init__(self, pool: "Pool", source: str, target: str):
         self.pool, self.source, self.target, self.replies = pool, source, target, {}
@@ -55,7 +60,8 @@ class Conn:
         req = decode(encode(msg_type, len(self.replies) + 1, fields))  # through the real codec
         self.pool.bytes += sum(len(f) for f in encode(msg_type, req.id, fields))
         sender = self.pool.members[self.source].identity.public_key if self.source in self.pool.members else None
-        fields = {} if msg_type == "ping" else self.pool.members[self.target].on_gossip(req, sender=sender)[0]
+        fields = {} if msg_type == "ping" else self.pool.members[self.target].on_gossip(
+            registry.parse(registry.PEER, req), sender=sender)[0]
         frames = encode("ok", req.id, fields)
         self.pool.bytes += sum(len(f) for f in frames)
         self.replies[req.id] = decode(frames)
@@ -160,7 +166,7 @@ def test_a_killed_member_is_routed_around_everywhere_then_dead_and_a_liars_suspi
     e = members[0].table.get(accused.identity.public_key)
     suspicion = [accused.identity.public_key, e.record.incarnation, e.beat]
     for m in members[1:6]:
-        m.on_gossip(Message("gossip", 1, {"suspects": [suspicion]}), sender=liar.public_key)
+        m.on_gossip(gossip({"suspects": [suspicion]}), sender=liar.public_key)
     pool.dead.add(address(victim))
     live = [m for m in members if m is not victim]
     took = run(live, pool, lambda: not any(address(victim) in routable(m) for m in live), 2 * math.log2(n) + 2)
@@ -179,7 +185,7 @@ def test_records_of_made_up_nodes_stay_where_they_were_sent():
         fakes.append(ident.public_key)
         r = Record(node_id=ident.public_key, sign_key=ident.sign_key, addresses=(f"tcp://10.9.9.{k}:1",),
                    state="online", timestamp=0.0, seq=1, model_id="m", span=(0, 8), throughput=1e6)
-        members[3].on_gossip(Message("gossip", 1, {"records": [r.sign(ident)]}))
+        members[3].on_gossip(gossip({"records": [r.sign(ident)]}))
     for _ in range(12):
         one_round(members, pool)
     held = {m.own_fields()["addresses"][0] for m in members for f in fakes if m.table.get(f) is not None}
@@ -289,7 +295,7 @@ def test_made_up_records_cost_a_round_few_connections_and_hold_up_no_one_elses_n
                        state="online", timestamp=0.0, seq=1, model_id="m", span=(0, 8), throughput=1e6)
             records.append(r.sign(ident))
             made_up.add(r.addresses[0])
-        m.on_gossip(Message("gossip", 1, {"records": records}), sender=liar.public_key)
+        m.on_gossip(gossip({"records": records}), sender=liar.public_key)
     asked: list[set[str]] = []
     real_get = m.pool.get
 
@@ -315,7 +321,7 @@ def test_made_up_records_cost_a_round_few_connections_and_hold_up_no_one_elses_n
     pool.members[joiner_address] = joiner
     joiner.publish()
     wire = joiner.table.get(joiner.identity.public_key).wire
-    m.on_gossip(Message("gossip", 1, {"records": [wire]}), sender=joiner.identity.public_key)
+    m.on_gossip(gossip({"records": [wire]}), sender=joiner.identity.public_key)
     asked.append(set())
     one_round(members, pool)
     assert joiner_address in asked[-1] and len(asked[-1] & made_up) <= PER_ORIGIN

@@ -422,7 +422,7 @@ def test_key_query_answers_over_udp_only_to_full_size_questions():
 
 
 def test_a_gossip_request_carrying_a_flood_of_records_is_cut_to_a_few():
-    from libswarm.protocol import Message
+    from libswarm.protocol import Message, registry
     from swarmd.discovery.membership import MAX_REQUEST_RECORDS, Membership
 
     m = Membership(identity=ident(), pool=None, table=PeerTable(), access=AccessControl("open", "", ""),
@@ -431,7 +431,7 @@ def test_a_gossip_request_carrying_a_flood_of_records_is_cut_to_a_few():
     for _ in range(50):
         i = ident()
         flood.append(record(i).sign(i))
-    m.on_gossip(Message("gossip", 1, {"records": flood, "news": []}))
+    m.on_gossip(registry.parse(registry.PEER, Message("gossip", 1, {"records": flood, "news": []})))
     assert len(m.table.entries()) == MAX_REQUEST_RECORDS
 
 
