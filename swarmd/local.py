@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -34,7 +34,7 @@ MAX_WAITING = 256  # app requests waiting for a worker
 MAX_WAITING_BYTES = 4 << 30  # their frames (a request alone may always wait, whatever its size)
 POLL_INTERVAL_MS = 100  # how long the loop waits for a message before it looks at idle sessions and at stop
 
-Handler = Callable[[Any], tuple[dict, dict | None]]  # the typed request of its type (registry.LOCAL)
+Handler = Callable[[Any], tuple[Mapping[str, Any], dict | None]]  # the typed request of its type (registry.LOCAL)
 
 
 class LocalServer:

@@ -15,7 +15,7 @@ import builtins
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -82,7 +82,7 @@ class Message:
 def encode(
     msg_type: str,
     req_id: int,
-    fields: dict[str, Any] | None = None,
+    fields: Mapping[str, Any] | None = None,
     tensors: dict[str, torch.Tensor] | None = None,
     deadline: float | None = None,
     frame_bytes: int = 0,
@@ -220,7 +220,7 @@ def _frame_count(spec: object) -> int:
     return n
 
 
-def ok_reply(req_id: int, fields: dict[str, Any] | None = None, tensors: dict[str, torch.Tensor] | None = None,
+def ok_reply(req_id: int, fields: Mapping[str, Any] | None = None, tensors: dict[str, torch.Tensor] | None = None,
              frame_bytes: int = 0, max_header_bytes: int = MAX_HEADER_BYTES):
     return encode("ok", req_id, fields, tensors, frame_bytes=frame_bytes, max_header_bytes=max_header_bytes)
 

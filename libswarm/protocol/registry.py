@@ -1,5 +1,5 @@
 """Every request of both planes, defined once as a frozen dataclass: its fields (with the type
-each must have) and its tensors. The daemons decode a message into its request here, at the
+each must have) and its tensors; and the fields of each reply, a TypedDict its handler returns. The daemons decode a message into its request here, at the
 edge, and hand their handlers typed values; a test compares these definitions with
 docs/protocol.md, so that neither the code nor the spec can grow a message the other lacks.
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Required, TypedDict, TypeVar
 
 from libswarm.errors import ProtocolError, TensorError
 from libswarm.protocol.messages import Message
@@ -294,6 +294,62 @@ class Backward(Request):
     key_mask: Tensor | None = tensor()
 
 
+# --- replies: the fields of each answer, a TypedDict the handler returns (mypy checks that it
+# builds them), diffed against docs/protocol.md like the requests. Tensors of a reply are named
+# in its comment. The control requests' replies (status, peers, key, drain, rebalance) and
+# gossip's are documents whose many keys docs/protocol.md lists; they stay dicts.
+class Empty(TypedDict):
+    """ping, reach_back; forward (tensor `hidden`) and backward (`grad_input`, `grad_<name>`)."""
+
+
+class Opened(TypedDict):
+    """A server's `open`."""
+    session: str
+    cache_bytes: int
+
+
+class Stepped(TypedDict, total=False):
+    """A server's `step`; tensor `hidden`."""
+    position: Required[int]
+    consumed: Required[str]
+    repeated: bool
+    pushed: bool
+
+
+class Closed(TypedDict):
+    closed: bool
+
+
+class Reached(TypedDict, total=False):
+    calling: Required[bool]
+    why: str
+
+
+class Registered(TypedDict):
+    keepalive_s: float
+
+
+class ModelInfoReply(TypedDict):
+    model_id: str
+    num_layers: int
+    hidden_size: int
+
+
+class SessionOpened(TypedDict):
+    """The local plane's `open`."""
+    session: str
+    route: list  # [[address, first, last], ...]
+
+
+class SessionStepped(TypedDict):
+    """The local plane's `step`; tensor `hidden`."""
+    position: int
+    route: list
+
+
+# `pass` is a Python keyword: the functional form
+Forwarded = TypedDict("Forwarded", {"pass": str}, total=False)  # tensor `hidden`
+
 PEER = {s.name: s for s in (
     _spec("ping", Ping), _spec("gossip", Gossip), _spec("open", PeerOpen), _spec("step", PeerStep),
     _spec("push", Push), _spec("close", PeerClose), _spec("forward", PeerForward),
@@ -306,6 +362,14 @@ LOCAL = {s.name: s for s in (
     _spec("rebalance", Rebalance), _spec("key", Key), _spec("open", Open), _spec("step", Step),
     _spec("close", Close), _spec("forward", Forward), _spec("backward", Backward),
 )}
+
+
+# Reply fields of each request type with a reply of its own (the others: documents, above)
+PEER_REPLIES: dict[str, type] = {"ping": Empty, "open": Opened, "step": Stepped, "close": Closed, "forward": Empty,
+                                 "backward": Empty, "reach": Reached, "reach_back": Empty,
+                                 "relay_register": Registered}
+LOCAL_REPLIES: dict[str, type] = {"model_info": ModelInfoReply, "open": SessionOpened, "step": SessionStepped,
+                                  "close": Closed, "forward": Forwarded, "backward": Empty}
 
 
 def parse(plane: dict[str, Spec], msg: Message) -> Request:

@@ -17,7 +17,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -69,7 +69,7 @@ class Gateway:
         self.last_failover: dict = {}  # when and how long the phases of the latest failover took
         self._lock = threading.Lock()
         # request type -> handler of its typed request (libswarm.protocol.registry.LOCAL)
-        self.handlers: dict[str, Callable[[Any], tuple[dict, dict | None]]] = {
+        self.handlers: dict[str, Callable[[Any], tuple[Mapping[str, Any], dict | None]]] = {
             "status": lambda m: (self.status_fn(), None),
             "peers": lambda m: ({"peers": self.router.annotate(self.membership.rows())}, None),
             "model_info": self.on_model_info,
@@ -99,10 +99,10 @@ class Gateway:
         self.checks.close_shadows(sess)
 
     # --- handlers --------------------------------------------------------------------------
-    def on_model_info(self, req: registry.ModelInfo):
+    def on_model_info(self, req: registry.ModelInfo) -> tuple[registry.ModelInfoReply, None]:
         return {"model_id": self.model_id, "num_layers": self.num_layers, "hidden_size": self.hidden_size}, None
 
-    def on_open(self, req: registry.Open):
+    def on_open(self, req: registry.Open) -> tuple[registry.SessionOpened, None]:
         self.router.check_model(req.model_id)
         max_length, batch = req.max_length, req.batch
         if max_length <= 0 or batch <= 0:
@@ -126,7 +126,7 @@ class Gateway:
         sess.last_used = time.monotonic()
         return sess
 
-    def on_step(self, req: registry.Step):
+    def on_step(self, req: registry.Step) -> tuple[registry.SessionStepped, dict[str, torch.Tensor]]:
         sess = self._app_session(req.session)
         tensors = self.router.tensors(req.msg)
         B, T, _ = tensors["hidden"].shape
@@ -296,7 +296,7 @@ class Gateway:
                     hop.first, hop.last, route_text(hops), total_s, sess.position, replay_s)
         return hops
 
-    def on_close(self, req: registry.Close):
+    def on_close(self, req: registry.Close) -> tuple[registry.Closed, None]:
         with self._lock:
             sess = self.sessions.pop(req.session, None)
         if sess is None:

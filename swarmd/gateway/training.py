@@ -112,7 +112,7 @@ class TrainingChains:
         self.kept = kept or KeptPasses()
         self._split_pool = ThreadPoolExecutor(MAX_SPLIT_PARTS, thread_name_prefix="split")
 
-    def on_forward(self, req: registry.Forward):
+    def on_forward(self, req: registry.Forward) -> tuple[registry.Forwarded, dict[str, torch.Tensor]]:
         """A batch through every block with no cache; a failed hop is re-routed and retried.
         A large batch is split across several chains run at once. With `keep`, each hop's input
         stays here for the backward of this pass (its id comes back as `pass`)."""
@@ -123,7 +123,7 @@ class TrainingChains:
         keep = req.keep is True
         chunks = self._chunks(tensors, self._parts(tensors["hidden"], lora, fields.get("adapter")))
         outs = self._run_parts(chunks, lambda part: self._forward_chain(part, lora, fields, deadline))
-        reply: dict = {}
+        reply: registry.Forwarded = {}
         if keep:
             pass_id = self.kept.put([chain for _, chain in outs], lora)
             if pass_id is not None:
@@ -187,7 +187,7 @@ class TrainingChains:
         self.router.bans.succeeded(hop.address)
         return out
 
-    def on_backward(self, req: registry.Backward):
+    def on_backward(self, req: registry.Backward) -> tuple[registry.Empty, dict[str, torch.Tensor]]:
         """The gradient of the whole model's block stack w.r.t. its input, given its input and
         the gradient of its output, hop by hop in reverse from each hop's input: kept by the
         forward named in `pass`, else computed by running the chain forward again. Any failed

@@ -12,7 +12,7 @@ import time
 from collections import OrderedDict
 
 from libswarm.errors import LimitError, ProtocolError, SwarmError
-from libswarm.protocol.registry import Reach, ReachBack
+from libswarm.protocol.registry import Empty, Reach, ReachBack, Reached
 from swarmd.discovery.keyquery import split_address
 from swarmd.peer.owner import Owner
 from swarmd.transport.connection import PeerConnection
@@ -29,7 +29,7 @@ class DialBack:
         self.running = 0
         self.reached: OrderedDict[str, float] = OrderedDict()  # dial-back nonces that got through
 
-    def on_reach(self, req: Reach):
+    def on_reach(self, req: Reach) -> tuple[Reached, None]:
         """The answer travels as a `reach_back` with the peer's nonce, or not at all."""
         ident, _, sender = self.server.current
         if is_relay_ident(ident) or sender is None:
@@ -67,7 +67,7 @@ class DialBack:
         finally:
             self.running -= 1
 
-    def on_reach_back(self, req: ReachBack):
+    def on_reach_back(self, req: ReachBack) -> tuple[Empty, None]:
         if is_relay_ident(self.server.current[0]):
             raise ProtocolError("reach_back: must come over a direct connection")
         self.reached[req.nonce[:64]] = time.monotonic()

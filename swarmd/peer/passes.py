@@ -11,7 +11,7 @@ import contextlib
 import torch
 
 from libswarm.errors import CacheFullError, LimitError, ProtocolError, TensorError
-from libswarm.protocol.registry import PeerBackward, PeerForward
+from libswarm.protocol.registry import Empty, PeerBackward, PeerForward
 from swarmd.inputs import FLOAT_DTYPES, span_inputs
 from swarmd.peer.compute import PASS
 from swarmd.peer.owner import Owner
@@ -41,7 +41,7 @@ class Passes:
                                  *self.server.current, req)
 
     def forward(self, span: Span, hidden: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, first: int,
-                last: int, lora: Lora | None, deep: torch.Tensor | None):
+                last: int, lora: Lora | None, deep: torch.Tensor | None) -> tuple[Empty, dict[str, torch.Tensor]]:
         B, T, _ = hidden.shape
         with self.scratch(span, B, T, blocks=1, what="forward"):
             out = span.run(hidden, pos, mask, first, last, lora=lora, deep_prompts=deep)
@@ -59,7 +59,7 @@ class Passes:
         lora, deep = self.trainables(req, first, last)
         span = self.server.span
 
-        def work():
+        def work() -> tuple[Empty, dict[str, torch.Tensor]]:
             with self.scratch(span, B, T, blocks=last - first, what="backward"):
                 grad_input, lora_grads = span.backward(hidden, pos, mask, first, last, grad, lora, deep)
             self.server.count(backwards=1)

@@ -16,7 +16,7 @@ import zmq
 from libswarm.errors import PeerUnavailableError, ProtocolError, SwarmError, TensorError
 from libswarm.protocol import decode, error_reply
 from libswarm.protocol.messages import peek_type
-from libswarm.protocol.registry import RelayRegister
+from libswarm.protocol.registry import Registered, RelayRegister
 from swarmd.identity import is_key, short_id
 from swarmd.peer.owner import Owner
 from swarmd.transport.relay import (
@@ -84,7 +84,7 @@ class Relaying:
                                        "(it left, or lost its link here)")
             self.server.send(p.ident, error_reply(p.req_id, err), p.req_id)
 
-    def on_register(self, req: RelayRegister):
+    def on_register(self, req: RelayRegister) -> tuple[Registered, None]:
         srv = self.server
         self.expire()  # before a slot is counted free or taken
         srv.relay.register(srv.current[2], srv.current[0], srv.peer_host)

@@ -10,7 +10,7 @@ import secrets
 import time
 
 from libswarm.errors import LimitError, ProtocolError, SessionError, SpanMovedError, WrongModelError
-from libswarm.protocol.registry import PeerClose, PeerOpen
+from libswarm.protocol.registry import Closed, Opened, PeerClose, PeerOpen
 from swarmd.identity import short_id
 from swarmd.peer.limits import shared_network
 from swarmd.peer.owner import Owner
@@ -56,7 +56,7 @@ class Sessions:
             raise LimitError(f"adapter {name!r} is not hosted here (this server has {sorted(self.server.adapters)})")
         return slice_lora(self.server.adapters[name], self.server.span.start, first, last)
 
-    def on_open(self, req: PeerOpen):
+    def on_open(self, req: PeerOpen) -> tuple[Opened, None]:
         srv = self.server
         if srv.draining:
             raise SpanMovedError("this server is draining (stopping): open the session elsewhere")
@@ -113,7 +113,7 @@ class Sessions:
         s.last_used = time.monotonic()
         return s
 
-    def on_close(self, req: PeerClose):
+    def on_close(self, req: PeerClose) -> tuple[Closed, None]:
         s = self.server.sessions.get(req.session)
         closed = s is not None and s.owner == self.server.current[2] and self.server.drop(s.id)
         return {"closed": bool(closed)}, None

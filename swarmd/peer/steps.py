@@ -15,7 +15,7 @@ import torch
 
 from libswarm.errors import ProtocolError, SwarmError, TensorError
 from libswarm.protocol import ok_reply
-from libswarm.protocol.registry import PeerStep
+from libswarm.protocol.registry import PeerStep, Stepped
 from libswarm.protocol.tensors import tensor_digest
 from swarmd.inputs import beam_order, span_inputs
 from swarmd.peer.batching import StepBatch
@@ -138,7 +138,8 @@ class Steps:
         self.batch.timed(time.perf_counter() - t0, runs=1)
         return out
 
-    def finish(self, s: ServerSession, req: PeerStep, out: torch.Tensor, x: torch.Tensor):
+    def finish(self, s: ServerSession, req: PeerStep, out: torch.Tensor, x: torch.Tensor
+               ) -> tuple[Stepped, dict[str, torch.Tensor]]:
         """A step's output: kept for a repeat, pushed to the next hop, and the reply's content,
         which names the input `x` it ran on (`consumed`: the gateway compares it with what the
         previous hop returned, so that a push it never saw cannot go unnoticed)."""
@@ -150,15 +151,15 @@ class Steps:
         s.last_step, s.last_output, s.last_consumed = (req.step, out, consumed) if req.step is not None \
             else (None, None, None)
         pushed = self.push(req.next, req.step, out) if req.next is not None else None
-        fields: dict = {"position": s.cache.length, "consumed": consumed}
+        fields: Stepped = {"position": s.cache.length, "consumed": consumed}
         if pushed is False:
             fields["pushed"] = False  # the gateway sends `out` to the next server itself
         return fields, {"hidden": out}
 
-    def _repeat(self, s: ServerSession, req: PeerStep):
+    def _repeat(self, s: ServerSession, req: PeerStep) -> tuple[Stepped, dict[str, torch.Tensor]]:
         """A step already run (the gateway resent it after a failure elsewhere): same answer."""
-        assert s.last_output is not None
-        fields: dict = {"position": s.cache.length, "repeated": True, "consumed": s.last_consumed}
+        assert s.last_output is not None and s.last_consumed is not None  # kept together
+        fields: Stepped = {"position": s.cache.length, "repeated": True, "consumed": s.last_consumed}
         if req.next is not None and not self.push(req.next, s.last_step, s.last_output):
             fields["pushed"] = False
         return fields, {"hidden": s.last_output}

@@ -273,3 +273,27 @@ def test_a_request_is_decoded_once_into_its_frozen_typed_dataclass_with_wire_nam
     step = registry.PEER["step"]
     assert step.cls is registry.PeerStep and "from" in step.optional and "hidden" in step.optional_tensors
     assert registry.LOCAL["backward"].tensors == ("hidden", "grad_output")
+
+
+def test_every_reply_field_the_registry_types_is_in_docs_protocol_md_for_its_message():
+    """A handler returns its reply as the registry's TypedDict (mypy checks it builds it); each of
+    those fields is in the spec's section (peer plane) or table row (local plane) of its type."""
+    import os
+    import re
+
+    from libswarm.protocol import registry
+
+    text = open(os.path.join(os.path.dirname(__file__), "..", "..", "docs", "protocol.md")).read()
+    peer = _sections(text, "## Peer plane (server role)", "## How a gateway runs a step")
+    local = _sections(text, "## Local plane (gateway role)", "## Limits")
+    assert set(registry.PEER_REPLIES) <= set(registry.PEER) and set(registry.LOCAL_REPLIES) <= set(registry.LOCAL)
+    for name, reply in registry.PEER_REPLIES.items():
+        section = re.search(rf"^### `{name}`\n(.*?)(?=^### |\Z)", peer, re.M | re.S)
+        assert section, name
+        missing = [k for k in reply.__annotations__ if f"`{k}`" not in section.group(1)]
+        assert not missing, f"peer {name} reply: {missing} not in docs/protocol.md"
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| `(\w+)` \|.*\| (.*) \|$", local, re.M)}
+    for name, reply in registry.LOCAL_REPLIES.items():
+        missing = [k for k in reply.__annotations__ if f"`{k}`" not in rows[name]]
+        assert not missing, f"local {name} reply: {missing} not in the reply column of docs/protocol.md"
+    assert "cache_bytes" in registry.Opened.__annotations__ and "pass" in registry.Forwarded.__annotations__
