@@ -1,7 +1,8 @@
 """Every request of both planes, defined once as a frozen dataclass: its fields (with the type
-each must have) and its tensors; and the fields of each reply, a TypedDict its handler returns. The daemons decode a message into its request here, at the
-edge, and hand their handlers typed values; a test compares these definitions with
-docs/protocol.md, so that neither the code nor the spec can grow a message the other lacks.
+each must have) and its tensors; and the fields of each reply, a TypedDict its handler
+returns. The daemons decode a message into its request here, at the edge, and hand their
+handlers typed values; tests compare these definitions with docs/protocol.md, so that neither
+the code nor the spec can grow a message or a field the other lacks.
 
 A request of a type not listed here is refused (`protocol`); one without a required field or
 tensor, or with a field of the wrong type, is refused naming it, before any handler runs.

@@ -115,8 +115,12 @@ def test_session_over_max_length_is_refused_and_swarm_keeps_serving(family_swarm
 def test_steps_are_pushed_server_to_server(family_swarm):
     """Each decode step goes gateway -> s0 -> s1 -> s2 -> gateway: n+1 hops, not 2n."""
     _, model, _, servers, gw = family_swarm
-    before = [s.ctl("status")["stats"] for s in servers]
     ids = prompt(length=5, seed=8)
+    # a server's first push to the next is not sent (the connection is made meanwhile, and the
+    # gateway hands that output over itself): one generation first, so that every link is up
+    model.generate(ids, do_sample=False, max_new_tokens=2, **GEN)
+    before = [s.ctl("status")["stats"] for s in servers]
+    resends_before = gw.ctl("status")["gateway"]["resends"]
     with model.inference_session(max_length=16) as sess:
         model.generate(ids, do_sample=False, max_new_tokens=6, min_new_tokens=6, **GEN)
         assert [hop[1:] for hop in sess.route] == [[0, 2], [2, 4], [4, 6]]
@@ -125,8 +129,14 @@ def test_steps_are_pushed_server_to_server(family_swarm):
     assert steps == 6  # prefill + 5 decode steps (the last token is never fed back)
     d = [{k: a[k] - b[k] for k in a} for a, b in zip(after, before)]
     assert [x["steps"] for x in d] == [steps] * 3
-    assert [x["pushes_sent"] for x in d] == [steps, steps, 0]
-    assert [x["pushes_received"] for x in d] == [0, steps, steps]
+    # every step is pushed from each server to the next; on a loaded machine a step whose answer
+    # is late is resent to its server ("Lost messages" in docs/protocol.md), which answers it as a
+    # repeat and pushes it again: such extra pushes, and no others, are allowed
+    resent = gw.ctl("status")["gateway"]["resends"] - resends_before
+    sent, received = [x["pushes_sent"] for x in d], [x["pushes_received"] for x in d]
+    assert sent[2] == 0 and received[0] == 0
+    assert sent[0] >= steps and sent[1] >= steps and sent[0] + sent[1] - 2 * steps <= resent
+    assert received[1] >= steps and received[2] >= steps and received[1] + received[2] - 2 * steps <= resent
 
 
 # HF's generation modes, each either equal to HF through the swarm or refused in one line before
