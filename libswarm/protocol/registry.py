@@ -61,7 +61,8 @@ class Spec:
     optional: tuple[str, ...] = ()
     tensors: tuple[str, ...] = ()  # required
     optional_tensors: tuple[str, ...] = ()
-    kinds: tuple[tuple[str, str, type | tuple[type, ...]], ...] = ()  # (wire name, attribute, type) checked
+    kinds: tuple[tuple[str, type | tuple[type, ...]], ...] = ()  # (wire name, type) checked
+    plan: tuple[tuple[str, str, bool], ...] = ()  # (attribute, wire name, whether a tensor) of each field
 
     def parse(self, msg: Message) -> Request:
         """The typed request, or a one-line error naming what is missing or of the wrong type."""
@@ -69,7 +70,7 @@ class Spec:
         for name in self.fields:
             if fields.get(name) is None:
                 raise ProtocolError(f"{self.name}: field {name!r} is missing")
-        for name, _, kind in self.kinds:
+        for name, kind in self.kinds:
             value = fields.get(name)
             if value is not None and (not isinstance(value, kind) or (isinstance(value, bool) and kind is int)):
                 msg.require(name, kind)  # raises, naming the field and the type it must have
@@ -84,27 +85,19 @@ class Spec:
                             msg=msg)
         return req
 
-    @property
-    def plan(self) -> tuple[tuple[str, str, bool], ...]:
-        """(attribute, wire name, whether a tensor) of each field, in order."""
-        plan = self.__dict__.get("_plan")
-        if plan is None:
-            plan = tuple((f.name, f.metadata.get("wire", f.name), bool(f.metadata.get("tensor")))
-                         for f in dataclasses.fields(self.cls) if f.name != "msg")
-            object.__setattr__(self, "_plan", plan)
-        return plan
-
 
 def _spec(name: str, cls: type[Request]) -> Spec:
     fields: list[str] = []
     optional: list[str] = []
     tensors: list[str] = []
     optional_tensors: list[str] = []
-    kinds: list[tuple[str, str, type | tuple[type, ...]]] = []
+    kinds: list[tuple[str, type | tuple[type, ...]]] = []
+    plan: list[tuple[str, str, bool]] = []
     for f in dataclasses.fields(cls):
         if f.name == "msg":
             continue
         wire_name = f.metadata.get("wire", f.name)
+        plan.append((f.name, wire_name, bool(f.metadata.get("tensor"))))
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         parts = [p.strip() for p in str(f.type).split("|")]
         if f.metadata.get("tensor"):
@@ -119,8 +112,9 @@ def _spec(name: str, cls: type[Request]) -> Spec:
             for p in named:
                 kind = _KINDS[p]
                 flat.extend(kind if isinstance(kind, tuple) else (kind,))
-            kinds.append((wire_name, f.name, flat[0] if len(flat) == 1 else tuple(flat)))
-    return Spec(name, cls, tuple(fields), tuple(optional), tuple(tensors), tuple(optional_tensors), tuple(kinds))
+            kinds.append((wire_name, flat[0] if len(flat) == 1 else tuple(flat)))
+    return Spec(name, cls, tuple(fields), tuple(optional), tuple(tensors), tuple(optional_tensors), tuple(kinds),
+                tuple(plan))
 
 
 # --- server role: what peers send to a daemon's peer plane ------------------------------------------

@@ -128,19 +128,20 @@ class Dispatch:
             self.gossip_time.spend(time.perf_counter() - t0)
 
 
-def _sender_key(frame) -> str | None:
-    """The CURVE key a frame came from (ZAP puts it in the User-Id), or None over plain sockets."""
+def _frame_property(frame, name: str) -> str | None:
+    """A property ZeroMQ gives a received frame, or None (plain sockets, a frame of bytes)."""
     try:
-        key = frame.get("User-Id")
+        value = frame.get(name)
     except (AttributeError, zmq.ZMQError):
         return None
-    return key if isinstance(key, str) and key else None
+    return value if isinstance(value, str) and value else None
+
+
+def _sender_key(frame) -> str | None:
+    """The CURVE key a frame came from (ZAP puts it in the User-Id), or None over plain sockets."""
+    return _frame_property(frame, "User-Id")
 
 
 def _peer_address(frame) -> str | None:
     """The IP address a frame came from, as the connection saw it."""
-    try:
-        value = frame.get("Peer-Address")
-    except (AttributeError, zmq.ZMQError):
-        return None
-    return value if isinstance(value, str) and value else None
+    return _frame_property(frame, "Peer-Address")

@@ -331,11 +331,6 @@ class SpanServer:
         """From another thread: keep links to these relays ((node id, address) each), none other."""
         self.relaying.want(relays)
 
-    @property
-    def sender(self) -> str | None:
-        """The key (CURVE-proven) of the peer whose request is being handled."""
-        return self.current[2]
-
     def stalled_s(self) -> float:
         """How long the request being handled, on the socket's or the compute thread, has been
         computing (0 when idle); read by the main thread, which does not feed the watchdog past
