@@ -521,6 +521,11 @@ class Daemon:
                 "gossip_answered_empty": self.server.gossip_time.short if self.server else 0,
                 "steps_waiting": len(self.server.pending) if self.server else 0,
                 "push_connections": self.server.peers.count() if self.server else 0,
+                # training passes' activations awaiting their backward (charged to the cache budget)
+                "kept_passes": len(self.server.passes.kept) if self.server else 0,
+                "kept_passes_bytes": self.server.passes.kept.nbytes if self.server else 0,
+                "kept_passes_used": self.server.passes.kept.used if self.server else 0,
+                "kept_passes_dropped": self.server.passes.kept.dropped if self.server else 0,
             },
             "network": {
                 "reachable": self.reach.state if self.reach else "unknown",

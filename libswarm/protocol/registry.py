@@ -171,7 +171,8 @@ class PeerClose(Request):
 
 
 @dataclass(frozen=True, kw_only=True)
-class PeerForward(Request):
+class PeerPass(Request):
+    """What a peer-plane forward and backward share."""
     model_id: str
     blocks: list
     adapter: str | None = None
@@ -182,7 +183,13 @@ class PeerForward(Request):
 
 
 @dataclass(frozen=True, kw_only=True)
-class PeerBackward(PeerForward):
+class PeerForward(PeerPass):
+    keep: object = None  # true: the server keeps the pass's activations for its backward
+
+
+@dataclass(frozen=True, kw_only=True)
+class PeerBackward(PeerPass):
+    pass_: object = wire("pass")  # the id a kept forward answered: its activations, if still kept
     grad_output: Tensor = tensor(required=True)
 
 
@@ -360,7 +367,7 @@ LOCAL = {s.name: s for s in (
 
 
 # Reply fields of each request type with a reply of its own (the others: documents, above)
-PEER_REPLIES: dict[str, type] = {"ping": Empty, "open": Opened, "step": Stepped, "close": Closed, "forward": Empty,
+PEER_REPLIES: dict[str, type] = {"ping": Empty, "open": Opened, "step": Stepped, "close": Closed, "forward": Forwarded,
                                  "backward": Empty, "reach": Reached, "reach_back": Empty,
                                  "relay_register": Registered}
 LOCAL_REPLIES: dict[str, type] = {"model_info": ModelInfoReply, "open": SessionOpened, "step": SessionStepped,

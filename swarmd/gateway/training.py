@@ -3,10 +3,12 @@ cache on the servers, each re-routed around failed hops.
 
 A backward pass needs each hop's input. A forward asked with `keep` leaves them here (keyed
 by a pass id the app gets back, bounded in bytes, dropped on backward or after
-KEEP_TIMEOUT_S), so that its backward sends them straight to the servers: each block then runs
-forward twice per training step (the pass, and the server's recomputation inside backward)
-rather than three times. A backward without a kept pass, or whose kept route fails, runs the
-chain forward again first."""
+KEEP_TIMEOUT_S), so that its backward sends them straight to the servers, and asks each server
+to keep its activations (peer `forward` with `keep`): a backward that names the server's kept
+pass differentiates it, so each block runs forward once per training step, as locally. A
+server that did not keep it (no room, expired, moved) recomputes the forward from the input
+sent along. A backward without a kept pass, or whose kept route fails, runs the chain forward
+again first."""
 
 from __future__ import annotations
 
@@ -41,7 +43,8 @@ MAX_SPLIT_PARTS = 4
 KEEP_MAX_BYTES = 512 * 2**20  # hop inputs kept for backward passes, over all apps; the oldest go first
 KEEP_TIMEOUT_S = 300.0  # a kept pass whose backward has not come by then is dropped
 
-Chain = list[tuple[Hop, torch.Tensor]]  # the hops of a pass, in order, each with its input
+# the hops of a pass, in order, each with its input and the id of the activations its server kept
+Chain = list[tuple[Hop, torch.Tensor, str | None]]
 
 
 @dataclass
@@ -68,7 +71,7 @@ class KeptPasses:
 
     def put(self, parts: list[Chain], lora: dict[str, torch.Tensor]) -> str | None:
         """Keep a forward's chains; its id, or None when it alone exceeds the bound."""
-        nbytes = sum(x.numel() * x.element_size() for chain in parts for _, x in chain)
+        nbytes = sum(x.numel() * x.element_size() for chain in parts for _, x, _ in chain)
         if nbytes > self.max_bytes:
             return None
         pass_id = secrets.token_hex(12)
@@ -122,7 +125,7 @@ class TrainingChains:
         lora, fields = self._lora(req)
         keep = req.keep is True
         chunks = self._chunks(tensors, self._parts(tensors["hidden"], lora, fields.get("adapter")))
-        outs = self._run_parts(chunks, lambda part: self._forward_chain(part, lora, fields, deadline))
+        outs = self._run_parts(chunks, lambda part: self._forward_chain(part, lora, fields, deadline, keep))
         reply: registry.Forwarded = {}
         if keep:
             pass_id = self.kept.put([chain for _, chain in outs], lora)
@@ -131,8 +134,9 @@ class TrainingChains:
         return reply, {"hidden": torch.cat([x for x, _ in outs])}
 
     def _forward_chain(self, tensors: dict[str, torch.Tensor], lora: dict[str, torch.Tensor], fields: dict,
-                       deadline: float) -> tuple[torch.Tensor, Chain]:
-        """The last block's output, and the chain that computed it with each hop's input."""
+                       deadline: float, keep: bool = False) -> tuple[torch.Tensor, Chain]:
+        """The last block's output, and the chain that computed it with each hop's input (and,
+        with `keep`, the id of what each server kept of it)."""
         x, first = tensors["hidden"], 0
         small = {k: v for k, v in tensors.items() if k != "hidden"}
         tokens = x.shape[0] * x.shape[1]
@@ -142,13 +146,13 @@ class TrainingChains:
             for hop in self.router.plan(first, self.router.num_layers, deadline, spread=True,
                                         adapter=fields.get("adapter"), exclude={h.address for h in suspects}):
                 try:
-                    out = self._forward_hop(hop, x, small, lora, fields, tokens)
+                    out, kept = self._forward_hop(hop, x, small, lora, fields, tokens, keep)
                 except SwarmError as e:
                     self._hop_failed(hop, e, suspects, fields.get("adapter"))
                     if time.monotonic() > deadline:  # servers exist but keep failing
                         raise
                     break
-                chain.append((hop, x))
+                chain.append((hop, x, kept))
                 x, first = out, hop.last
         self._convict(suspects)
         return x, chain
@@ -178,14 +182,18 @@ class TrainingChains:
             self.router.fail(hop, error)
 
     def _forward_hop(self, hop: Hop, x: torch.Tensor, small: dict, lora: dict[str, torch.Tensor], fields: dict,
-                     tokens: int) -> torch.Tensor:
-        """One hop's `forward` request: its blocks of the stack, without cache."""
-        out = hidden_of(self.router.pool.get(hop.address).request(
-            "forward", {**fields, "blocks": [hop.first, hop.last]}, {"hidden": x, **small, **_slice(lora, hop)},
-            timeout_s=max(UNMEASURED_STEP_S, self.router.allowance_s(hop.address, tokens))), hop.address)
+                     tokens: int, keep: bool = False) -> tuple[torch.Tensor, str | None]:
+        """One hop's `forward` request: its blocks of the stack, without cache; with `keep`, the
+        server is asked to keep its activations for the backward (the id it answered, if any)."""
+        asked = {**fields, "blocks": [hop.first, hop.last], **({"keep": True} if keep else {})}
+        reply = self.router.pool.get(hop.address).request(
+            "forward", asked, {"hidden": x, **small, **_slice(lora, hop)},
+            timeout_s=max(UNMEASURED_STEP_S, self.router.allowance_s(hop.address, tokens)))
+        out = hidden_of(reply, hop.address)
         self.router.check(hop, x, out)
         self.router.bans.succeeded(hop.address)
-        return out
+        kept = reply.fields.get("pass")
+        return out, kept if isinstance(kept, str) and 0 < len(kept) <= 64 else None
 
     def on_backward(self, req: registry.Backward) -> tuple[registry.Empty, dict[str, torch.Tensor]]:
         """The gradient of the whole model's block stack w.r.t. its input, given its input and
@@ -234,9 +242,10 @@ class TrainingChains:
             try:
                 g = grad
                 lora_grads: dict[str, list[torch.Tensor]] = {f"grad_{k}": [] for k in lora}
-                for hop, x_in in reversed(chain):
+                for hop, x_in, kept_id in reversed(chain):
+                    asked = {**fields, "blocks": [hop.first, hop.last], **({"pass": kept_id} if kept_id else {})}
                     reply = self.router.pool.get(hop.address).request(
-                        "backward", {**fields, "blocks": [hop.first, hop.last]},
+                        "backward", asked,
                         {"hidden": x_in, "grad_output": g, **small, **_slice(lora, hop)},
                         timeout_s=max(UNMEASURED_STEP_S, 3 * self.router.allowance_s(hop.address, tokens)))
                     g_in = reply.tensors.get("grad_input")
@@ -259,20 +268,24 @@ class TrainingChains:
 
     def _chain_inputs(self, hidden: torch.Tensor, small: dict, lora: dict[str, torch.Tensor], fields: dict,
                       deadline: float, tokens: int, suspects: dict[Hop, SwarmError]) -> Chain | None:
-        """A planned chain run forward, keeping each hop's input (the last hop's output is not
-        needed); None when a hop failed (it is dealt with: plan again)."""
+        """A planned chain run forward, keeping each hop's input and asking its server to keep its
+        activations (the last hop's output is not needed: it runs inside its backward); None when
+        a hop failed (it is dealt with: plan again)."""
         hops = self.router.plan(0, self.router.num_layers, deadline, spread=True, adapter=fields.get("adapter"),
                                 exclude={h.address for h in suspects})
-        chain: Chain = [(hops[0], hidden)]
-        for hop, nxt in zip(hops, hops[1:]):
+        chain: Chain = []
+        x = hidden
+        for hop in hops[:-1]:
             try:
-                chain.append((nxt, self._forward_hop(hop, chain[-1][1], small, lora, fields, tokens)))
+                out, kept = self._forward_hop(hop, x, small, lora, fields, tokens, keep=True)
             except SwarmError as e:
                 self._hop_failed(hop, e, suspects, fields.get("adapter"))
                 if time.monotonic() > deadline:
                     raise
                 return None
-        return chain
+            chain.append((hop, x, kept))
+            x = out
+        return [*chain, (hops[-1], x, None)]  # the last hop's forward runs inside its backward
 
     def _parts(self, hidden: torch.Tensor, lora: dict[str, torch.Tensor], adapter: str | None) -> int:
         """Into how many parts to split a batch (see SPLIT_MIN_S)."""

@@ -98,10 +98,10 @@ def _scale_last(out):
     return out
 
 
-def _wrong_steps(change: Callable, every: int = 1, after: int = 0, passes: bool = False) -> Callable:
-    """Outputs of this server's steps (runs with a cache: steps and replays; with `passes`,
-    forward passes instead), changed by `change` once in `every`, after `after` right ones.
-    Installed on the Span class: the daemon is a test's process."""
+def _wrong_steps(change: Callable, every: int = 1, after: int = 0) -> Callable:
+    """Outputs of this server's steps (runs with a cache: steps and replays), changed by
+    `change` once in `every`, after `after` right ones. Installed on the Span class: the daemon
+    is a test's process."""
     def install(server) -> None:
         from swarmd.runtime.span import Span
 
@@ -113,14 +113,23 @@ def _wrong_steps(change: Callable, every: int = 1, after: int = 0, passes: bool 
 
         def wrong(self, *args, **kwargs):
             out = run(self, *args, **kwargs)
-            return changed(out) if (kwargs.get("cache") is None) == passes else out
+            return changed(out) if kwargs.get("cache") is not None else out
 
         def wrong_batch(self, *args, **kwargs):  # decode steps of several sessions run together
-            outs = run_steps(self, *args, **kwargs)
-            return outs if passes else [changed(out) for out in outs]
+            return [changed(out) for out in run_steps(self, *args, **kwargs)]
         Span.run = wrong  # type: ignore[method-assign]
         Span.run_steps = wrong_batch  # type: ignore[method-assign]
     return install
+
+
+def _forward_nan(server) -> None:
+    """Every forward pass answers NaN, whether it keeps its activations or not."""
+    forward = server.passes.forward
+
+    def nan(*args):
+        fields, tensors = forward(*args)
+        return fields, {**tensors, "hidden": tensors["hidden"] * float("nan")}
+    server.passes.forward = nan
 
 
 def _slow_steps(server) -> None:
@@ -144,14 +153,14 @@ def _slow_steps(server) -> None:
 
 
 def _lora_grad_nan(server) -> None:
-    from swarmd.runtime.span import Span
+    from swarmd.runtime.span import Graph
 
-    backward = Span.backward
+    grad = Graph.grad
 
-    def nan_lora(self, *args, **kwargs):
-        grad_input, lora_grads = backward(self, *args, **kwargs)
+    def nan_lora(self, *args, **kwargs):  # a kept pass's backward and a recomputed one alike
+        grad_input, lora_grads = grad(self, *args, **kwargs)
         return grad_input, {k: v * float("nan") for k, v in lora_grads.items()}
-    Span.backward = nan_lora  # type: ignore[method-assign]
+    Graph.grad = nan_lora  # type: ignore[method-assign]
 
 
 def _refusal():
@@ -295,7 +304,7 @@ FAILPOINTS: dict[str, Callable] = {"exit_on_replay": _exit_on_replay, "hang_on_f
                                    "reply_wrong_shape": _wrong_steps(lambda out: out[..., :-1].contiguous()),
                                    "reply_huge": _wrong_steps(lambda out: out * 1000, after=HONEST_FIRST),
                                    "reply_zeros": _wrong_steps(lambda out: out * 0),
-                                   "forward_nan": _wrong_steps(lambda out: out * float("nan"), passes=True),
+                                   "forward_nan": _forward_nan,
                                    "lora_grad_nan": _lora_grad_nan, "refuse_opens": _refuse_opens,
                                    "refuse_work": _refuse_work,
                                    "reply_no_hidden": _finished_steps(lambda fields, tensors: (fields, {})),

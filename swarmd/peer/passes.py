@@ -1,8 +1,9 @@
 """Forward and backward passes (training, and inference without a session): what `Passes`
 alone decides is which trainables a pass runs with (a hosted adapter, or the client's own
-LoRA and deep prompts, checked against the blocks asked for, never both), and that a pass's
-attention scratch is held in the cache budget while it runs. The work itself goes to the
-compute thread, behind steps."""
+LoRA and deep prompts, checked against the blocks asked for, never both), that a pass's
+attention scratch is held in the cache budget while it runs, and whether a backward
+differentiates the graph its forward kept (kept.py) or runs the forward again. The work itself
+goes to the compute thread, behind steps."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import contextlib
 import torch
 
 from libswarm.errors import CacheFullError, LimitError, ProtocolError, TensorError
-from libswarm.protocol.registry import Empty, PeerBackward, PeerForward
+from libswarm.protocol.registry import Empty, Forwarded, PeerBackward, PeerForward, PeerPass
 from swarmd.inputs import FLOAT_DTYPES, span_inputs
 from swarmd.peer.compute import PASS
+from swarmd.peer.kept import Kept, KeptGraphs
 from swarmd.peer.owner import Owner
 from swarmd.peer.sessions import Sessions
 from swarmd.runtime.span import DEEP_PROMPTS, Lora, Span, client_trainables
@@ -22,8 +24,9 @@ from swarmd.runtime.span import DEEP_PROMPTS, Lora, Span, client_trainables
 class Passes:
     def __init__(self, server: Owner, sessions: Sessions):
         self.server, self.sessions = server, sessions
+        self.kept = KeptGraphs()  # forwards' graphs awaiting their backward (kept.py)
 
-    def _checked(self, req: PeerForward, kind: str):
+    def _checked(self, req: PeerPass, kind: str):
         srv = self.server
         self.sessions.check_model(req.model_id)
         first, last = self.sessions.check_blocks(kind, req.blocks)
@@ -37,19 +40,31 @@ class Passes:
         first, last, hidden, pos, mask = self._checked(req, "forward")
         lora, deep = self.trainables(req, first, last)
         span = self.server.span  # the one asked for, even if the server moves before the work runs
-        return self.server.defer(PASS, lambda: self.forward(span, hidden, pos, mask, first, last, lora, deep),
+        keep = (self.server.current[2], client_trainables(req.msg.tensors)) if req.keep is True else None
+        return self.server.defer(PASS, lambda: self.forward(span, hidden, pos, mask, first, last, lora, deep, keep),
                                  *self.server.current, req)
 
     def forward(self, span: Span, hidden: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, first: int,
-                last: int, lora: Lora | None, deep: torch.Tensor | None) -> tuple[Empty, dict[str, torch.Tensor]]:
+                last: int, lora: Lora | None, deep: torch.Tensor | None,
+                keep: tuple[str | None, dict[str, torch.Tensor]] | None = None,
+                ) -> tuple[Forwarded, dict[str, torch.Tensor]]:
+        """The blocks' output; with `keep` (the caller's key and the trainables it sent), their
+        activations are kept for the backward when there is room (the reply's `pass`)."""
         B, T, _ = hidden.shape
-        with self.scratch(span, B, T, blocks=1, what="forward"):
-            out = span.run(hidden, pos, mask, first, last, lora=lora, deep_prompts=deep)
+        if keep is None:
+            with self.scratch(span, B, T, blocks=1, what="forward"):
+                out = span.run(hidden, pos, mask, first, last, lora=lora, deep_prompts=deep)
+            self.server.count(forwards=1)
+            return {}, {"hidden": out}
+        with self.scratch(span, B, T, blocks=last - first, what="forward"):  # autograd keeps every block's
+            graph = span.graph(hidden, pos, mask, first, last, lora, deep)
         self.server.count(forwards=1)
-        return {}, {"hidden": out}
+        pass_id = self.kept.put(Kept(keep[0], (first, last), span, hidden, keep[1], graph))
+        return ({"pass": pass_id} if pass_id is not None else {}), {"hidden": graph.out.detach()}
 
     def on_backward(self, req: PeerBackward):
-        """Gradient of blocks' input given their input and the gradient of their output."""
+        """Gradient of blocks' input given their input and the gradient of their output: from the
+        pass its forward kept here (`pass`), else by running the forward again."""
         first, last, hidden, pos, mask = self._checked(req, "backward")
         grad = req.grad_output
         if grad.dtype not in FLOAT_DTYPES or grad.shape != hidden.shape:
@@ -57,11 +72,14 @@ class Passes:
                               f"{list(grad.shape)}")
         B, T, _ = hidden.shape
         lora, deep = self.trainables(req, first, last)
-        span = self.server.span
+        span, owner, sent = self.server.span, self.server.current[2], client_trainables(req.msg.tensors)
 
         def work() -> tuple[Empty, dict[str, torch.Tensor]]:
+            graph = self.kept.take(req.pass_, owner, (first, last), span, hidden, sent)
             with self.scratch(span, B, T, blocks=last - first, what="backward"):
-                grad_input, lora_grads = span.backward(hidden, pos, mask, first, last, grad, lora, deep)
+                if graph is None:
+                    graph = span.graph(hidden, pos, mask, first, last, lora, deep)
+                grad_input, lora_grads = graph.grad(grad)
             self.server.count(backwards=1)
             return {}, {"grad_input": grad_input, **lora_grads}
         return self.server.defer(PASS, work, *self.server.current, req)
@@ -84,7 +102,7 @@ class Passes:
         finally:
             budget.release(nbytes)
 
-    def trainables(self, req: PeerForward, first: int, last: int) -> tuple[Lora | None, torch.Tensor | None]:
+    def trainables(self, req: PeerPass, first: int, last: int) -> tuple[Lora | None, torch.Tensor | None]:
         """The LoRA (a hosted adapter, or the client's own) and the client's deep prompts of a
         forward or backward, checked against these blocks."""
         span = self.server.span

@@ -145,6 +145,7 @@ class SpanServer:
         self.early = EarlyPushes(budget, self.key_limits, self.session_room.kv_bytes_of)
         self.steps = Steps(self, self.session_room, batch_window_s, self.step_seconds.observe)
         self.passes = Passes(self, self.session_room)
+        self.passes.kept.attach(budget)
         self.dialback = DialBack(self)
         self.relaying = Relaying(self, self._relayed)
         self.dispatch = Dispatch(self, {
@@ -178,6 +179,7 @@ class SpanServer:
         are answered. The span goes last: the serving thread checks it first."""
         self.budget, self.adapters, self.span = budget, adapters, span
         self.early.budget = budget
+        self.passes.kept.attach(budget)  # kept training passes give their room back to sessions
         self.attached = True
 
     # --- the loop -------------------------------------------------------------------------

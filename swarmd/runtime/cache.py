@@ -5,6 +5,7 @@ serving dtype, or as int8 with scales (serve.cache.kv_dtype: int8; swarmd/runtim
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import torch
 
@@ -116,25 +117,37 @@ class SessionCache:
 
 
 class CacheBudget:
-    """Bytes of KV cache this server may hand out; thread-safe."""
+    """Bytes of KV cache this server may hand out; thread-safe. What it holds that can be given
+    up (training passes' kept activations) is given back through `reclaim` when a reservation
+    would not fit otherwise: sessions come first."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
         self.used_bytes = 0
+        self.reclaim: Callable[[int], None] | None = None  # frees at least the bytes asked, if it can
         self._lock = threading.Lock()
 
     @property
     def free_bytes(self) -> int:
         return self.max_bytes - self.used_bytes
 
-    def reserve(self, nbytes: int) -> None:
+    def reserve(self, nbytes: int, reclaim: bool = True) -> None:
+        if not self._take(nbytes):
+            if reclaim and self.reclaim is not None:
+                self.reclaim(nbytes - self.free_bytes)  # outside the lock: it releases what it frees
+                if self._take(nbytes):
+                    return
+            raise CacheFullError(
+                f"session needs {nbytes} bytes of KV cache but only {self.free_bytes} of "
+                f"{self.max_bytes} are free; use a smaller max_length or batch, or another server"
+            )
+
+    def _take(self, nbytes: int) -> bool:
         with self._lock:
             if nbytes > self.max_bytes - self.used_bytes:
-                raise CacheFullError(
-                    f"session needs {nbytes} bytes of KV cache but only {self.max_bytes - self.used_bytes} of "
-                    f"{self.max_bytes} are free; use a smaller max_length or batch, or another server"
-                )
+                return False
             self.used_bytes += nbytes
+            return True
 
     def release(self, nbytes: int) -> None:
         with self._lock:

@@ -81,6 +81,23 @@ def _release_freed_memory() -> None:
         pass
 
 
+@dataclass
+class Graph:
+    """A forward through blocks with autograd, awaiting its backward (Span.graph)."""
+
+    out: torch.Tensor
+    input: torch.Tensor  # the leaf the blocks ran on
+    leaves: dict[str, torch.Tensor]  # the client's trainables, by tensor name
+    nbytes: int  # the activations autograd saved for the backward, and the output
+
+    def grad(self, grad_output: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The gradients w.r.t. the input and each trainable (`grad_<name>`); the graph is
+        freed by it."""
+        grads = torch.autograd.grad(self.out, [self.input, *self.leaves.values()],
+                                    grad_output.to(self.out.device, self.out.dtype))
+        return grads[0], {f"grad_{name}": g for name, g in zip(self.leaves, grads[1:])}
+
+
 class Span:
     def __init__(self, checkpoint: Checkpoint, start: int, end: int, device: torch.device, dtype: torch.dtype,
                  quant: str = "none", kv_int8: bool = False, cuda_graphs: bool = True):
@@ -100,6 +117,7 @@ class Span:
         self.graphs: DecodeGraphs | None = None  # set by load() on CUDA
         self._cuda_graphs = cuda_graphs
         self._weight_bytes = 0
+        self._weight_ptrs: set[int] | None = None  # the blocks' tensors' storages (Span.graph counts the rest)
         self.config = checkpoint.config
         self.family = checkpoint.family
         self.blocks = nn.ModuleList()
@@ -294,11 +312,31 @@ class Span:
         """The gradient of blocks [first, last)'s output w.r.t. their input `hidden` (and w.r.t.
         the client's LoRA matrices and deep prompts, `grad_<tensor name>`), given the gradient
         of the output. The forward is recomputed with autograd (nothing was kept from an earlier
-        forward); the weights stay frozen."""
+        forward: see `graph` for one that was); the weights stay frozen."""
+        return self.graph(hidden, position_ids, key_mask, first, last, lora, deep_prompts).grad(grad_output)
+
+    def graph(self, hidden: torch.Tensor, position_ids: torch.Tensor, key_mask: torch.Tensor | None, first: int,
+              last: int, lora: Lora | None = None, deep_prompts: torch.Tensor | None = None) -> Graph:
+        """Blocks [first, last) forward with autograd: the output, and what its backward needs
+        (the activations autograd saves, counted in bytes), to differentiate later."""
         def leaf(t: torch.Tensor) -> torch.Tensor:
             return t.to(self.device, self.dtype).detach().requires_grad_(True)
 
-        with torch.enable_grad():
+        if self._weight_ptrs is None:
+            self._weight_ptrs = {t.untyped_storage().data_ptr() for b in self.blocks
+                                 for t in (*b.parameters(), *b.buffers())}
+        weights, counted, nbytes = self._weight_ptrs, set(), 0
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            nonlocal nbytes
+            storage = t.untyped_storage()
+            ptr = storage.data_ptr()
+            if ptr not in weights and ptr not in counted:  # the frozen weights are held anyway
+                counted.add(ptr)
+                nbytes += storage.nbytes()
+            return t
+
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             x = leaf(hidden)
             leaves: dict[str, torch.Tensor] = {}
             if lora is not None:
@@ -308,8 +346,7 @@ class Span:
                 deep_prompts = leaves[DEEP_PROMPTS] = leaf(deep_prompts)
             with self._lora_applied(lora, first, last):
                 out = self._run(x, position_ids, key_mask, first, last, None, deep_prompts)
-            grads = torch.autograd.grad(out, [x, *leaves.values()], grad_output.to(self.device, out.dtype))
-        return grads[0], {f"grad_{name}": g for name, g in zip(leaves, grads[1:])}
+        return Graph(out, x, leaves, nbytes + out.untyped_storage().nbytes())
 
     def attention_scratch_bytes(self, batch: int, length: int, blocks: int = 1) -> int:
         """What attention over `length` new positions may allocate beyond the KV cache: scores

@@ -126,10 +126,11 @@ def test_a_key_queueing_passes_delays_another_keys_pass_by_one_and_is_refused_be
     assert order == [("a", 4), ("a", 1), ("a", 2), ("b", 1), ("a", 3)], order
 
 
-def test_a_training_step_runs_each_block_forward_at_most_twice_and_frees_what_it_kept(model_dirs):
+def test_a_training_step_runs_each_block_forward_once_and_frees_what_it_kept(model_dirs):
     """forward + loss.backward() through three servers: each server computes its blocks in the
-    forward pass, and once more inside its backward (to differentiate them). The hop inputs the
-    gateway kept for the backward are gone once it is done."""
+    forward pass and keeps their activations, and its backward differentiates those (no forward
+    again). The hop inputs the gateway kept, and the activations the servers kept, are gone once
+    it is done."""
     from libswarm import AutoDistributedModelForCausalLM
 
     d = model_dirs("llama")
@@ -138,14 +139,19 @@ def test_a_training_step_runs_each_block_forward_at_most_twice_and_frees_what_it
         embeddings = model.get_input_embeddings()
         ids = torch.randint(3, 500, (1, 24), generator=torch.Generator().manual_seed(5))  # one part: never split
         inputs = embeddings(ids).detach().requires_grad_(True)
-        before = [s.ctl("status")["stats"] for s in servers]
+        before = [s.ctl("status") for s in servers]
         loss = model(inputs_embeds=inputs, labels=ids).loss
         assert gw.ctl("status")["gateway"]["kept_passes"] == 1  # the forward's hop inputs, for backward
+        assert all(s.ctl("status")["peer_plane"]["kept_passes"] == 1 for s in servers)  # and its activations
         loss.backward()
-        after = [s.ctl("status")["stats"] for s in servers]
+        after = [s.ctl("status") for s in servers]
         for b, a in zip(before, after):
-            forwards, backwards = a["forwards"] - b["forwards"], a["backwards"] - b["backwards"]
-            assert (forwards, backwards) == (1, 1), (forwards, backwards)  # two block forwards: pass + recompute
+            forwards = a["stats"]["forwards"] - b["stats"]["forwards"]
+            backwards = a["stats"]["backwards"] - b["stats"]["backwards"]
+            assert (forwards, backwards) == (1, 1), (forwards, backwards)
+            kept, was = a["peer_plane"], b["peer_plane"]
+            assert kept["kept_passes_used"] - was["kept_passes_used"] == 1  # differentiated, not run again
+            assert kept["kept_passes"] == 0 and kept["kept_passes_bytes"] == 0
         assert inputs.grad is not None and inputs.grad.abs().sum() > 0
         status = gw.ctl("status")["gateway"]
         assert status["kept_passes"] == 0 and status["kept_bytes"] == 0

@@ -3,6 +3,7 @@ process through the server's front door (dispatch.py) with real frames and the t
 no socket, the replies caught where they would leave."""
 
 import os
+import time
 
 import pytest
 import torch
@@ -184,6 +185,77 @@ def test_passes_hold_their_attention_scratch_in_the_budget_or_refuse(span):
         srv.budget = CacheBudget(span.attention_scratch_bytes(1, 16))
         _, tensors = srv.passes.forward(span, x, pos, None, 0, 2, None, None)
         assert tensors["hidden"].shape == x.shape and srv.budget.free_bytes == srv.budget.max_bytes
+    finally:
+        srv.compute.stop()
+        srv.sock.close(0)
+        srv.zctx.term()
+
+
+# --- kept.py: a forward's activations kept for its backward, the caller's alone, sessions first ----------
+def answer(srv: SpanServer, sender: str, msg_type: str, fields: dict, tensors: dict) -> Message:
+    """A pass's reply: it is computed on the compute thread and sent by the serving loop."""
+    before = len(srv.replies)
+    ask(srv, sender, msg_type, fields, tensors)
+    t0 = time.monotonic()
+    while len(srv.replies) == before:
+        assert time.monotonic() - t0 < 30, f"no answer to {msg_type}"
+        srv._deliver()
+        time.sleep(0.002)
+    return srv.replies[-1]
+
+
+def test_kept_a_backward_differentiates_its_forwards_pass_and_only_its_callers(server, span, monkeypatch):
+    pas = {"model_id": "m", "blocks": [0, 2]}
+    x, other = hidden(span, 8, seed=1), hidden(span, 8, seed=2)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    want = answer(server, ALICE, "backward", pas, {"hidden": x, "grad_output": g}).tensors["grad_input"]
+    kept = answer(server, ALICE, "forward", {**pas, "keep": True}, {"hidden": x})
+    pass_id, held = kept.fields["pass"], server.budget.used_bytes
+    assert len(server.passes.kept) == 1 and held > 0  # in the cache budget while it waits
+    assert torch.equal(kept.tensors["hidden"], answer(server, ALICE, "forward", pas, {"hidden": x}).tensors["hidden"])
+
+    recomputed = []
+    real_graph = span.graph
+    monkeypatch.setattr(span, "graph", lambda *a, **k: recomputed.append(1) or real_graph(*a, **k))
+    back = {**pas, "pass": pass_id}
+    got = answer(server, BOB, "backward", back, {"hidden": x, "grad_output": g})  # another key's pass: not its own
+    assert torch.allclose(got.tensors["grad_input"], want, atol=1e-6) and recomputed == [1]
+    assert len(server.passes.kept) == 1  # ...and not dropped by it
+    got = answer(server, ALICE, "backward", back, {"hidden": x, "grad_output": g})
+    assert torch.allclose(got.tensors["grad_input"], want, atol=1e-6) and recomputed == [1]  # none recomputed
+    assert server.passes.kept.used == 1 and len(server.passes.kept) == 0 and server.budget.used_bytes == 0
+
+    pass_id = answer(server, ALICE, "forward", {**pas, "keep": True}, {"hidden": x}).fields["pass"]
+    got = answer(server, ALICE, "backward", {**pas, "pass": pass_id}, {"hidden": other, "grad_output": g})
+    want_other = span.backward(other, torch.arange(8).expand(1, 8), None, 0, 2, g)[0]
+    assert torch.allclose(got.tensors["grad_input"], want_other, atol=1e-6)  # other inputs: recomputed, right
+    assert server.passes.kept.dropped == 1 and server.budget.used_bytes == 0
+    for bad in (12, "made-up", ["x"]):  # garbage names no pass: the backward recomputes
+        got = answer(server, ALICE, "backward", {**pas, "pass": bad}, {"hidden": x, "grad_output": g})
+        assert torch.allclose(got.tensors["grad_input"], want, atol=1e-6)
+    reply = answer(server, ALICE, "forward", {**pas, "keep": "yes"}, {"hidden": x})
+    assert "pass" not in reply.fields and len(server.passes.kept) == 0  # only `true` keeps
+
+
+def test_kept_passes_give_their_room_back_to_a_session_and_never_take_a_sessions(span):
+    pas, x = {"model_id": "m", "blocks": [0, 2], "keep": True}, hidden(span, 8)
+    n = span.graph(x, torch.arange(8).expand(1, 8), None, 0, 2).nbytes
+    session = span.cache_bytes(0, 2, 1, 64)
+    srv = make_server(span, budget=2 * n + session // 2)  # two keys' passes leave half a session's room
+    try:
+        assert "pass" in answer(srv, ALICE, "forward", pas, {"hidden": x}).fields
+        assert "pass" in answer(srv, BOB, "forward", pas, {"hidden": x}).fields
+        assert srv.budget.free_bytes < session and len(srv.passes.kept) == 2
+        sid = opened(srv, max_length=64)  # fits once the oldest pass went
+        assert sid and len(srv.passes.kept) < 2 and srv.budget.used_bytes == session + srv.passes.kept.nbytes
+        srv.passes.kept.reclaim(srv.budget.max_bytes)  # no pass left to make room with
+        assert len(srv.passes.kept) == 0 and srv.budget.used_bytes == session
+        while srv.budget.free_bytes >= n:  # fill what is left with sessions...
+            opened(srv, BOB, max_length=max(1, min(64, srv.budget.free_bytes * 64 // session)))
+        before, sessions = srv.budget.used_bytes, len(srv.sessions)
+        reply = answer(srv, ALICE, "forward", pas, {"hidden": x})  # ...and a pass is computed, not kept
+        assert "pass" not in reply.fields and reply.type == "ok" and srv.budget.used_bytes <= before
+        assert len(srv.sessions) == sessions  # no session was dropped for it
     finally:
         srv.compute.stop()
         srv.sock.close(0)
