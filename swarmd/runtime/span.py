@@ -118,6 +118,7 @@ class Span:
         self._cuda_graphs = cuda_graphs
         self._weight_bytes = 0
         self._weight_ptrs: set[int] | None = None  # the blocks' tensors' storages (Span.graph counts the rest)
+        self._graph_bytes: dict[tuple, int] = {}  # what autograd saves in Span.graph, by the pass's shapes
         self.config = checkpoint.config
         self.family = checkpoint.family
         self.blocks = nn.ModuleList()
@@ -322,6 +323,12 @@ class Span:
         def leaf(t: torch.Tensor) -> torch.Tensor:
             return t.to(self.device, self.dtype).detach().requires_grad_(True)
 
+        # What autograd saves depends on the shapes alone: counted (a Python hook per saved tensor,
+        # a fifth of a small pass's time) the first time a shape comes, remembered after
+        shapes = (tuple(hidden.shape), first, last, key_mask is None, tuple(position_ids.shape),
+                  None if deep_prompts is None else tuple(deep_prompts.shape),
+                  None if lora is None else tuple((k, tuple(v.shape)) for k, v in lora.tensors.items()))
+        known = self._graph_bytes.get(shapes)
         if self._weight_ptrs is None:
             self._weight_ptrs = {t.untyped_storage().data_ptr() for b in self.blocks
                                  for t in (*b.parameters(), *b.buffers())}
@@ -336,7 +343,9 @@ class Span:
                 nbytes += storage.nbytes()
             return t
 
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if known is None \
+            else contextlib.nullcontext()
+        with torch.enable_grad(), hooks:
             x = leaf(hidden)
             leaves: dict[str, torch.Tensor] = {}
             if lora is not None:
@@ -346,7 +355,11 @@ class Span:
                 deep_prompts = leaves[DEEP_PROMPTS] = leaf(deep_prompts)
             with self._lora_applied(lora, first, last):
                 out = self._run(x, position_ids, key_mask, first, last, None, deep_prompts)
-        return Graph(out, x, leaves, nbytes + out.untyped_storage().nbytes())
+        if known is None:
+            known = self._graph_bytes[shapes] = nbytes + out.untyped_storage().nbytes()
+            while len(self._graph_bytes) > 256:
+                del self._graph_bytes[next(iter(self._graph_bytes))]
+        return Graph(out, x, leaves, known)
 
     def attention_scratch_bytes(self, batch: int, length: int, blocks: int = 1) -> int:
         """What attention over `length` new positions may allocate beyond the KV cache: scores
