@@ -47,8 +47,10 @@ class KeptGraphs:
     """Thread-safe: passes are kept and taken on the compute thread, and given back to an open
     on the serving thread."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic):
-        self.clock = clock
+    def __init__(self, served: Callable[[object], bool], clock: Callable[[], float] = time.monotonic):
+        """`served(span)`: whether the server still serves that span (a pass on one it let go
+        holds its weights in memory for nothing)."""
+        self.served, self.clock = served, clock
         self.budget: CacheBudget | None = None
         self._kept: OrderedDict[str, Kept] = OrderedDict()
         self._lock = threading.Lock()
@@ -70,7 +72,7 @@ class KeptGraphs:
         if budget is None or n > budget.max_bytes * KEPT_KEY_SHARE:
             return None
         with self._lock:
-            self._expire(kept.span)
+            self._expire()
             mine = [k for k, x in self._kept.items() if x.owner == kept.owner]
             held = sum(self._kept[k].graph.nbytes for k in mine)
             while mine and held + n > budget.max_bytes * KEPT_KEY_SHARE:
@@ -95,7 +97,7 @@ class KeptGraphs:
         if not isinstance(pass_id, str):
             return None
         with self._lock:
-            self._expire(span)
+            self._expire()
             kept = self._kept.get(pass_id)
             if kept is None or kept.owner != owner:
                 return None
@@ -118,14 +120,15 @@ class KeptGraphs:
                 freed += self._kept[pass_id].graph.nbytes
                 self._drop(pass_id)
 
-    def expire(self, span: object) -> None:
+    def expire(self) -> None:
         with self._lock:
-            self._expire(span)
+            self._expire()
 
-    def _expire(self, span: object) -> None:
+    def _expire(self) -> None:
         now = self.clock()
-        for pass_id in [k for k, x in self._kept.items() if now - x.created > KEPT_TIMEOUT_S or x.span is not span]:
-            self._drop(pass_id)
+        for pass_id, kept in list(self._kept.items()):
+            if now - kept.created > KEPT_TIMEOUT_S or not self.served(kept.span):
+                self._drop(pass_id)
 
     def _drop(self, pass_id: str, used: bool = False) -> None:
         kept = self._kept.pop(pass_id)

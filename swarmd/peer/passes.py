@@ -24,7 +24,7 @@ from swarmd.runtime.span import DEEP_PROMPTS, Lora, Span, client_trainables
 class Passes:
     def __init__(self, server: Owner, sessions: Sessions):
         self.server, self.sessions = server, sessions
-        self.kept = KeptGraphs()  # forwards' graphs awaiting their backward (kept.py)
+        self.kept = KeptGraphs(lambda span: span is server.span)  # forwards' graphs awaiting their backward
 
     def _checked(self, req: PeerPass, kind: str):
         srv = self.server
