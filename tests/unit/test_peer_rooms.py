@@ -260,3 +260,20 @@ def test_kept_passes_give_their_room_back_to_a_session_and_never_take_a_sessions
         srv.compute.stop()
         srv.sock.close(0)
         srv.zctx.term()
+
+
+def test_kept_passes_go_after_their_time_or_once_their_span_is_no_longer_served(server, span):
+    pas, now = {"model_id": "m", "blocks": [0, 2], "keep": True}, [0.0]
+    server.passes.kept.clock = lambda: now[0]
+    answer(server, ALICE, "forward", pas, {"hidden": hidden(span, 4)})
+    assert len(server.passes.kept) == 1 and server.budget.used_bytes > 0
+    now[0] = 119.0
+    server.passes.kept.expire()
+    assert len(server.passes.kept) == 1
+    now[0] = 121.0
+    server.passes.kept.expire()
+    assert len(server.passes.kept) == 0 and server.budget.used_bytes == 0
+    answer(server, ALICE, "forward", pas, {"hidden": hidden(span, 4)})
+    server.passes.kept.served = lambda s: False  # the server moved to other blocks
+    server.passes.kept.expire()
+    assert len(server.passes.kept) == 0 and server.budget.used_bytes == 0 and server.passes.kept.dropped == 2
