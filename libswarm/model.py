@@ -183,8 +183,9 @@ class _SwarmCache(Cache):
 
 class RemoteBlocks(torch.autograd.Function):
     """The swarm's blocks as one autograd node: forward through the gateway (which keeps each
-    hop's input), and backward by sending the same input with the output's gradient and the
-    forward's pass id (servers recompute their blocks and differentiate).
+    hop's input, and asks each server to keep its activations), and backward by sending the same
+    input with the output's gradient and the forward's pass id (servers differentiate what they
+    kept, or recompute their blocks when they could not keep it).
     The client's LoRA parameters, if any, are inputs of the node, so they get gradients too."""
 
     @staticmethod
