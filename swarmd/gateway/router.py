@@ -205,6 +205,12 @@ class Router:
                 del self._dtypes[next(iter(self._dtypes))]
         return out
 
+    def output_dtype(self, address: str) -> torch.dtype | None:
+        """The dtype of the latest output of the server at `address` (None before its first)."""
+        name = self._dtypes.get(address)
+        dtype = getattr(torch, name, None) if name is not None else None
+        return dtype if isinstance(dtype, torch.dtype) else None
+
     def numerics(self, address: str) -> Numerics:
         """How the server at `address` computes: the dtype of its outputs, and its weights' and KV
         cache's quantization as its record says. Self-declared: a server that claims a coarser

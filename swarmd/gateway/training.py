@@ -145,6 +145,7 @@ class TrainingChains:
         while first < self.router.num_layers:
             for hop in self.router.plan(first, self.router.num_layers, deadline, spread=True,
                                         adapter=fields.get("adapter"), exclude={h.address for h in suspects}):
+                x = self._wire(x, hop.address)
                 try:
                     out, kept = self._forward_hop(hop, x, small, lora, fields, tokens, keep)
                 except SwarmError as e:
@@ -243,6 +244,7 @@ class TrainingChains:
                 g = grad
                 lora_grads: dict[str, list[torch.Tensor]] = {f"grad_{k}": [] for k in lora}
                 for hop, x_in, kept_id in reversed(chain):
+                    g = self._wire(g, hop.address)
                     asked = {**fields, "blocks": [hop.first, hop.last], **({"pass": kept_id} if kept_id else {})}
                     reply = self.router.pool.get(hop.address).request(
                         "backward", asked,
@@ -276,6 +278,7 @@ class TrainingChains:
         chain: Chain = []
         x = hidden
         for hop in hops[:-1]:
+            x = self._wire(x, hop.address)
             try:
                 out, kept = self._forward_hop(hop, x, small, lora, fields, tokens, keep=True)
             except SwarmError as e:
@@ -285,7 +288,17 @@ class TrainingChains:
                 return None
             chain.append((hop, x, kept))
             x = out
-        return [*chain, (hops[-1], x, None)]  # the last hop's forward runs inside its backward
+        return [*chain, (hops[-1], self._wire(x, hops[-1].address), None)]  # its forward runs in its backward
+
+    def _wire(self, x: torch.Tensor, address: str) -> torch.Tensor:
+        """`x` (a hop's input, or the gradient of its output) in the dtype the server at `address`
+        computes in, when that is a narrower float: it converts what it receives to it anyway, so
+        sending it so loses nothing and halves the bytes (known from its outputs, after its first
+        reply)."""
+        dtype = self.router.output_dtype(address)
+        if dtype in (torch.bfloat16, torch.float16) and x.dtype == torch.float32:
+            return x.to(dtype)
+        return x
 
     def _parts(self, hidden: torch.Tensor, lora: dict[str, torch.Tensor], adapter: str | None) -> int:
         """Into how many parts to split a batch (see SPLIT_MIN_S)."""
@@ -344,8 +357,10 @@ class TrainingChains:
 def _same_pass(kept: KeptPass, hidden: torch.Tensor, lora: dict[str, torch.Tensor]) -> bool:
     """Whether a backward sends the input and LoRA tensors of the forward that was kept (anything
     else would differentiate another computation than the one asked for: recompute then)."""
-    first_inputs = [chain[0][1] for chain in kept.parts]
-    return (torch.equal(torch.cat(first_inputs), hidden) and kept.lora.keys() == lora.keys()
+    first_inputs = [chain[0][1] for chain in kept.parts]  # each part's, as sent (in its first server's dtype)
+    sent = hidden.tensor_split(len(first_inputs)) if len(first_inputs) > 1 else (hidden,)
+    return (all(x.shape == f.shape and torch.equal(x.to(f.dtype), f) for x, f in zip(sent, first_inputs))
+            and kept.lora.keys() == lora.keys()
             and all(torch.equal(kept.lora[k], v) for k, v in lora.items()))
 
 

@@ -152,3 +152,41 @@ def test_a_spot_check_is_skipped_and_counted_when_no_other_server_holds_the_hops
     checks.sample(sess)
     assert checks.counts["skipped"] == 1 and checks.counts["run"] == 0 and not sess.checking
     assert checks.status()["checks"]["skipped"] == 1
+
+
+def test_training_hops_travel_in_their_servers_dtype_and_a_backward_uses_what_each_server_kept():
+    """training.py: once a bfloat16 server has answered, its inputs and output gradients go to
+    it in bfloat16 (it converts what it gets anyway); the backward of a kept pass names what
+    each server kept, and runs no forward again, though the app sends its input in float32."""
+    from libswarm.protocol import registry
+    from swarmd.gateway.training import TrainingChains
+
+    class Bf16Server:
+        def __init__(self, address):
+            self.address, self.got = address, []
+
+        def request(self, msg_type, fields, tensors, timeout_s=30.0):
+            floats = {k: v.dtype for k, v in tensors.items() if v.is_floating_point()}
+            self.got.append((msg_type, floats, fields.get("pass")))
+            if msg_type == "forward":
+                kept = {"pass": f"kept-by-{self.address}"} if fields.get("keep") else {}
+                return Message("ok", 1, kept, {"hidden": (tensors["hidden"].float() * 0.5).to(torch.bfloat16)})
+            return Message("ok", 1, {}, {"grad_input": (tensors["grad_output"].float() * 0.5).to(torch.bfloat16)})
+
+    a, b = Bf16Server("a"), Bf16Server("b")
+    chains = TrainingChains(router_over([ServerSpan("a", 0, 3), ServerSpan("b", 3, 6)], [a, b]))
+    x, g = torch.randn(1, 5, 4), torch.randn(1, 5, 4)
+
+    def ask(msg_type, fields, tensors):
+        return registry.parse(registry.LOCAL, Message(msg_type, 1, {"model_id": "m", **fields}, tensors))
+
+    chains.on_forward(ask("forward", {}, {"hidden": x}))  # learns what each computes in
+    assert a.got[0][1]["hidden"] == torch.float32  # not known yet: as the app sent it
+    reply, _ = chains.on_forward(ask("forward", {"keep": True}, {"hidden": x}))
+    assert a.got[-1][1]["hidden"] == torch.bfloat16 and b.got[-1][1]["hidden"] == torch.bfloat16
+    a.got.clear()
+    b.got.clear()
+    _, tensors = chains.on_backward(ask("backward", {"pass": reply["pass"]}, {"hidden": x, "grad_output": g}))
+    assert b.got == [("backward", {"hidden": torch.bfloat16, "grad_output": torch.bfloat16}, "kept-by-b")]
+    assert a.got == [("backward", {"hidden": torch.bfloat16, "grad_output": torch.bfloat16}, "kept-by-a")]
+    assert torch.allclose(tensors["grad_input"].float(), g * 0.25, atol=1e-2)
