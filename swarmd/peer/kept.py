@@ -9,7 +9,8 @@ takes the room back, oldest pass first (CacheBudget.reclaim). So kept passes use
 sessions leave and no more; a quarter of it for them (say) would only make a large batch's
 backward recompute on a server with room to spare. A kept pass is dropped by its backward, after KEPT_TIMEOUT_S, or when
 the server no longer serves the span it ran on. It is its caller's alone (the key that asked
-for it) and answers only a backward of the same blocks, input and trainables: any other
+for it) and answers only a backward of the same blocks and inputs (positions, mask, trainables,
+adapter and scaling alike): any other
 backward, or one whose pass is gone, recomputes the forward from its request as before."""
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ class Kept:
     owner: str | None  # the key that asked
     blocks: tuple[int, int]
     span: object  # the Span it ran on
-    hidden: torch.Tensor  # the input as the forward sent it
-    trainables: dict[str, torch.Tensor]  # the client's LoRA and deep prompts as sent
+    inputs: dict[str, torch.Tensor]  # every tensor the forward sent (input, positions, mask, trainables)
+    how: tuple  # the fields that change the computation: the hosted adapter, the LoRA scaling
     graph: Graph
     created: float = field(default_factory=time.monotonic)
 
@@ -91,7 +92,7 @@ class KeptGraphs:
         return pass_id
 
     def take(self, pass_id: object, owner: str | None, blocks: tuple[int, int], span: object,
-             hidden: torch.Tensor, trainables: dict[str, torch.Tensor]) -> Graph | None:
+             inputs: dict[str, torch.Tensor], how: tuple) -> Graph | None:
         """The graph of the kept pass `pass_id` for this backward, or None (recompute). Another
         key's pass is neither used nor dropped by it."""
         if not isinstance(pass_id, str):
@@ -102,9 +103,8 @@ class KeptGraphs:
             if kept is None or kept.owner != owner:
                 return None
             self._drop(pass_id, used=True)
-        same = (kept.blocks == blocks and kept.span is span and _equal(kept.hidden, hidden)
-                and kept.trainables.keys() == trainables.keys()
-                and all(_equal(kept.trainables[k], v) for k, v in trainables.items()))
+        same = (kept.blocks == blocks and kept.span is span and kept.how == how and kept.inputs.keys() == inputs.keys()
+                and all(_equal(kept.inputs[k], v) for k, v in inputs.items()))
         if not same:
             self.dropped += 1
             return None

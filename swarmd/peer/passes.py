@@ -40,15 +40,15 @@ class Passes:
         first, last, hidden, pos, mask = self._checked(req, "forward")
         lora, deep = self.trainables(req, first, last)
         span = self.server.span  # the one asked for, even if the server moves before the work runs
-        keep = (self.server.current[2], client_trainables(req.msg.tensors)) if req.keep is True else None
+        keep = (self.server.current[2], _inputs(req)) if req.keep is True else None
         return self.server.defer(PASS, lambda: self.forward(span, hidden, pos, mask, first, last, lora, deep, keep),
                                  *self.server.current, req)
 
     def forward(self, span: Span, hidden: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, first: int,
                 last: int, lora: Lora | None, deep: torch.Tensor | None,
-                keep: tuple[str | None, dict[str, torch.Tensor]] | None = None,
+                keep: tuple[str | None, tuple[dict[str, torch.Tensor], tuple]] | None = None,
                 ) -> tuple[Forwarded, dict[str, torch.Tensor]]:
-        """The blocks' output; with `keep` (the caller's key and the trainables it sent), their
+        """The blocks' output; with `keep` (the caller's key, and what it sent: _inputs), their
         activations are kept for the backward when there is room (the reply's `pass`)."""
         B, T, _ = hidden.shape
         if keep is None:
@@ -59,7 +59,7 @@ class Passes:
         with self.scratch(span, B, T, blocks=last - first, what="forward"):  # autograd keeps every block's
             graph = span.graph(hidden, pos, mask, first, last, lora, deep)
         self.server.count(forwards=1)
-        pass_id = self.kept.put(Kept(keep[0], (first, last), span, hidden, keep[1], graph))
+        pass_id = self.kept.put(Kept(keep[0], (first, last), span, *keep[1], graph))
         return ({"pass": pass_id} if pass_id is not None else {}), {"hidden": graph.out.detach()}
 
     def on_backward(self, req: PeerBackward):
@@ -72,10 +72,10 @@ class Passes:
                               f"{list(grad.shape)}")
         B, T, _ = hidden.shape
         lora, deep = self.trainables(req, first, last)
-        span, owner, sent = self.server.span, self.server.current[2], client_trainables(req.msg.tensors)
+        span, owner, sent = self.server.span, self.server.current[2], _inputs(req)
 
         def work() -> tuple[Empty, dict[str, torch.Tensor]]:
-            graph = self.kept.take(req.pass_, owner, (first, last), span, hidden, sent)
+            graph = self.kept.take(req.pass_, owner, (first, last), span, *sent)
             with self.scratch(span, B, T, blocks=last - first, what="backward"):
                 if graph is None:
                     graph = span.graph(hidden, pos, mask, first, last, lora, deep)
@@ -128,3 +128,10 @@ class Passes:
         lora = Lora(float(scaling), tensors)
         span.check_lora(lora, first, last)
         return lora, deep
+
+
+def _inputs(req: PeerPass) -> tuple[dict[str, torch.Tensor], tuple]:
+    """What a pass computes from, for a backward to match its kept forward: every tensor sent
+    (but a backward's output gradient), and the fields that change the computation."""
+    tensors = {k: v for k, v in req.msg.tensors.items() if k != "grad_output"}
+    return tensors, (req.adapter, req.lora_scaling if isinstance(req.lora_scaling, (int, float)) else None)

@@ -277,3 +277,22 @@ def test_kept_passes_go_after_their_time_or_once_their_span_is_no_longer_served(
     server.passes.kept.served = lambda s: False  # the server moved to other blocks
     server.passes.kept.expire()
     assert len(server.passes.kept) == 0 and server.budget.used_bytes == 0 and server.passes.kept.dropped == 2
+
+
+def test_kept_a_backward_of_other_positions_or_another_lora_scaling_recomputes(server, span):
+    x, g = hidden(span, 6, seed=4), torch.randn(1, 6, span.hidden_size, generator=torch.Generator().manual_seed(5))
+    a = torch.randn(2, 4, span.hidden_size, generator=torch.Generator().manual_seed(6)) * 0.1
+    b = torch.randn(2, span.hidden_size, 4, generator=torch.Generator().manual_seed(7)) * 0.1
+    lora = {"lora_A.self_attn.q_proj": a, "lora_B.self_attn.q_proj": b}
+    pas = {"model_id": "m", "blocks": [0, 2], "lora_scaling": 2.0}
+    shifted = torch.arange(3, 9).expand(1, 6)
+    for changed, more_fields, more_tensors in (("positions", {}, {"position_ids": shifted}),
+                                               ("scaling", {"lora_scaling": 0.5}, {})):
+        want = answer(server, ALICE, "backward", {**pas, **more_fields},
+                      {"hidden": x, "grad_output": g, **lora, **more_tensors})
+        pass_id = answer(server, ALICE, "forward", {**pas, "keep": True}, {"hidden": x, **lora}).fields["pass"]
+        got = answer(server, ALICE, "backward", {**pas, **more_fields, "pass": pass_id},
+                     {"hidden": x, "grad_output": g, **lora, **more_tensors})
+        for name, tensor in want.tensors.items():
+            assert torch.allclose(got.tensors[name], tensor, atol=1e-6), (changed, name)
+        assert server.passes.kept.used == 0, changed
