@@ -5,7 +5,13 @@
 
 Forward + backward (loss.backward() with client-held LoRA on q_proj and v_proj) in tokens per
 second, at batch 1 x 64 tokens and batch 16 x 64 tokens: the local Hugging Face model with
-PEFT, and libswarm through three daemons on loopback (one compute thread each)."""
+PEFT, and libswarm through three daemons on loopback (one compute thread each).
+
+Where a swarm step's time goes: the three servers' blocks are also run here, in this process,
+as the servers run them (forward with autograd, then its backward, with the app's LoRA): their
+sum is the step's compute, and what the swarm takes beyond it is transfer, hand-offs and
+waiting. A batch split into parts runs them at once on different servers, so there compute
+overlaps and the remainder can be negative."""
 
 from __future__ import annotations
 
@@ -55,6 +61,21 @@ def main() -> None:
     print(f"model: llama, {args.layers} layers, hidden {args.hidden}; LoRA r=8 on q_proj, v_proj; fp32")
     third = args.layers // 3
     spans = [f"0:{third}", f"{third}:{2 * third}", f"{2 * third}:{args.layers}"]
+    from libswarm.checkpoint import Checkpoint
+    from swarmd.runtime.span import Lora, Span
+
+    spans_here = [Span(Checkpoint(d), int(a), int(b), torch.device("cpu"), torch.float32).load()
+                  for a, b in (x.split(":") for x in spans)]
+
+    def blocks_step(span, swarm, shape) -> None:
+        """One span's forward with autograd and its backward, as its server runs them."""
+        x = torch.randn(*shape, span.hidden_size)
+        pos = torch.arange(shape[1]).expand(shape)
+        lora = swarm._lora_wire()
+        tensors = {k: v[span.start:span.end] for k, v in lora["lora"].items()}
+        graph = span.graph(x, pos, None, span.start, span.end, Lora(lora["lora_scaling"], tensors))
+        graph.grad(torch.randn_like(x))
+
     with running_swarm(d, spans) as (servers, gw):
         swarm = AutoDistributedModelForCausalLM.from_pretrained(d, socket=gw.socket)
         swarm.add_lora(rank=8, alpha=16, target_modules=["q_proj", "v_proj"])
@@ -65,9 +86,13 @@ def main() -> None:
                 return lambda: m(input_ids=ids, labels=ids).loss.backward()
 
             t_local, t_swarm = timed(step(local), args.rounds), timed(step(swarm), args.rounds)
+            t_blocks = sum(timed(lambda s=s, shape=ids.shape: blocks_step(s, swarm, shape), args.rounds)
+                           for s in spans_here)
             tokens = batch * 64
             print(f"batch {batch:2d} x 64: local {tokens / t_local:8.0f} tokens/s, swarm (3 daemons) "
-                  f"{tokens / t_swarm:8.0f} tokens/s ({t_local / t_swarm:.2f}x local)")
+                  f"{tokens / t_swarm:8.0f} tokens/s ({t_local / t_swarm:.2f}x local); a swarm step "
+                  f"{1e3 * t_swarm:.1f} ms: the servers' blocks {1e3 * t_blocks:.1f} ms, the rest "
+                  f"{1e3 * (t_swarm - t_blocks):.1f} ms")
 
 
 if __name__ == "__main__":
