@@ -135,7 +135,7 @@ def test_a_deadline_far_behind_this_clock_still_gets_the_minimum_allowance():
 
 
 def chain(nbytes_each: int, hops: int = 2) -> list:
-    return [(Hop(f"s{i}", i, i + 1), torch.zeros(nbytes_each // 4)) for i in range(hops)]
+    return [(Hop(f"s{i}", i, i + 1), torch.zeros(nbytes_each // 4), None) for i in range(hops)]
 
 
 def test_kept_passes_are_taken_once_and_expire_after_their_timeout():
