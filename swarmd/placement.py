@@ -451,7 +451,7 @@ def _holding_step(holders: Sequence[Holder], target: dict[str, int], num_blocks:
                 candidates.append((rank, 1, m.key, h.key, after, Move((h.start, h.end), window, min(now), min(now),
                                                                       _rank(now), kind="bridge")))
     candidates.sort(key=lambda c: (tuple(-x for x in c[0]), c[1], c[2], c[3]))
-    for _, kind, mover, helper, after, move in candidates:
+    for _, _, mover, helper, after, move in candidates:
         if lookahead and not _reaches(after, target, num_blocks):
             continue
         return (helper or mover), move

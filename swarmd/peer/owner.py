@@ -43,6 +43,8 @@ class Owner(Protocol):
     sessions_lock: threading.Lock
     adapters: dict[str, Lora]
     old_spans: list[tuple[Span, float]]
+    also: Span | None
+    also_adapters: dict[str, Lora]
     next_span: Span | None
     key_limits: KeyLimits
     early: EarlyPushes

@@ -33,10 +33,14 @@ class Passes:
             pos = torch.arange(T).expand(B, T)
         return first, last, hidden, pos, mask
 
+    def span_of(self, first: int, last: int) -> Span:
+        """The span serving blocks checked by `_checked` (the current one, or the one held beside it)."""
+        return self.sessions.span_for(first, last) or self.server.span
+
     def on_forward(self, req: PeerForward):
         first, last, hidden, pos, mask = self._checked(req, "forward")
         lora, deep = self.trainables(req, first, last)
-        span = self.server.span  # the one asked for, even if the server moves before the work runs
+        span = self.span_of(first, last)  # the one asked for, even if the server moves before the work runs
         return self.server.defer(PASS, lambda: self.forward(span, hidden, pos, mask, first, last, lora, deep),
                                  *self.server.current, req)
 
@@ -57,7 +61,7 @@ class Passes:
                               f"{list(grad.shape)}")
         B, T, _ = hidden.shape
         lora, deep = self.trainables(req, first, last)
-        span = self.server.span
+        span = self.span_of(first, last)
 
         def work() -> tuple[Empty, dict[str, torch.Tensor]]:
             with self.scratch(span, B, T, blocks=last - first, what="backward"):
@@ -87,7 +91,7 @@ class Passes:
     def trainables(self, req: PeerForward, first: int, last: int) -> tuple[Lora | None, torch.Tensor | None]:
         """The LoRA (a hosted adapter, or the client's own) and the client's deep prompts of a
         forward or backward, checked against these blocks."""
-        span = self.server.span
+        span = self.span_of(first, last)
         hosted = self.sessions.hosted_adapter(req.adapter, first, last)
         tensors = client_trainables(req.msg.tensors)
         if hosted is not None:
