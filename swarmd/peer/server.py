@@ -194,12 +194,7 @@ class SpanServer:
         batch, relaying = self.steps.batch, self.relaying
         last_sweep = time.monotonic()
         while not stop.is_set():
-            if self.next_span is not None:
-                self._switch()
-            if self._change is not None:
-                change, self._change = self._change, None
-                change()
-                self._switched.set()
+            self.take_changes()
             if relaying.busy:
                 relaying.tend(poller)
             wait_ms = POLL_INTERVAL_MS
@@ -375,6 +370,16 @@ class SpanServer:
         """From another thread: stop taking sessions on the span served beside the current one;
         those open there drain as after a move. True once the serving thread has let it go."""
         return self._on_serving_thread(self._retire_also, timeout_s)
+
+    def take_changes(self) -> None:
+        """On the serving thread, between two requests: the change of spans another thread
+        handed over (switch_span, add_also, drop_also), if any."""
+        if self.next_span is not None:
+            self._switch()
+        if self._change is not None:
+            change, self._change = self._change, None
+            change()
+            self._switched.set()
 
     def _on_serving_thread(self, change: Callable[[], None], timeout_s: float) -> bool:
         """Have the serving thread make `change` between two requests: it alone reads the spans
