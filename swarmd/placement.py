@@ -39,6 +39,11 @@ MOVE_MARGIN = 0.05
 PLAN_BISECTIONS = 20  # of the target throughput: to a millionth of the range
 PLAN_POLISH_MOVES = 50
 SWEEP_RULES = 4
+# Double-holding steps whose outcome is looked ahead (each replays the rest of the plan, a few
+# hundred vectorized steps at most in a swarm of a hundred): the best-ranked few, since a trade
+# that a better one cannot complete rarely completes for a worse one, and a swarm in a corner
+# must not cost its servers minutes of planning.
+TRADES_TRIED = 8
 
 
 @dataclass(frozen=True)
@@ -357,9 +362,11 @@ def pick_mover(holders: Sequence[Holder], num_blocks: int, margin: float = MOVE_
     servers alone on their blocks must trade places, a server with the memory double-holds
     (`_holding_step`), but only where the rest of the plan then follows in safe steps. When the
     plan is no better, or cannot be reached, the best single move (`plan_move`) of a server
-    that is not where the plan puts it, or of any server if its move fills a gap. No move uncovers a block; every
-    move either covers one, or puts one more server where the plan wants it, or keeps both and
-    ranks the swarm strictly higher: with the same table, the moves end."""
+    that is not where the plan puts it, or of any server if its move fills a gap. No move
+    uncovers a block; every move either covers one, or puts one more server where the plan
+    wants it, or keeps both and ranks the swarm strictly higher, and a double-holding step is
+    taken only where the steps after it (looked ahead) reach the plan and drop every second
+    span: with the same table, the moves end."""
     holders = sorted(holders, key=lambda h: h.key)
     now = block_throughput(holders, num_blocks)
     target = plan_swarm(holders, num_blocks)
@@ -398,21 +405,31 @@ def _drop(holders: Sequence[Holder], num_blocks: int) -> tuple[str, Move] | None
     return None
 
 
+def _steps(holders: Sequence[Holder], movers: Sequence[Holder], starts: Sequence[int],
+           num_blocks: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row k: the block throughputs and the coverage counts of the swarm once movers[k] (none of
+    them double-holding) has moved to starts[k], all else as it is."""
+    lengths = np.array([h.length for h in movers], dtype=np.int64)
+    tps = np.array([h.throughput for h in movers], dtype=np.float64)
+    old = _place(num_blocks, np.array([h.start for h in movers], dtype=np.int64), lengths, np.ones(len(movers)))
+    new = _place(num_blocks, np.asarray(starts, dtype=np.int64), lengths, np.ones(len(movers)))
+    now = np.asarray(block_throughput(holders, num_blocks))
+    return now[None, :] + tps[:, None] * (new - old), coverage(holders, num_blocks)[None, :] + (new - old)
+
+
 def _plan_step(holders: Sequence[Holder], target: dict[str, int], num_blocks: int) -> tuple[str, Move] | None:
     """The safe step towards `target` that ranks the swarm highest: a server not where the plan
     puts it (and not double-holding) moves there, leaving no covered block uncovered."""
     steps = [h for h in holders if target.get(h.key, h.start) != h.start and h.also is None]
     if not steps:
         return None
-    now = block_throughput(holders, num_blocks)
-    moved = [[x.at(target[h.key]) if x.key == h.key else x for x in holders] for h in steps]
-    profiles = np.array([block_throughput(after, num_blocks) for after in moved])
-    covers = np.array([coverage(after, num_blocks) for after in moved])
+    profiles, covers = _steps(holders, steps, [target[h.key] for h in steps], num_blocks)
     pick = _best(profiles, ~_uncovers(coverage(holders, num_blocks), covers))  # unsafe steps wait for another
     if pick is None:
         return None
     h, after = steps[pick], profiles[pick].tolist()
     start = target[h.key]
+    now = block_throughput(holders, num_blocks)
     return h.key, Move((h.start, h.end), (start, start + h.length), min(now), min(after), _rank(after))
 
 
@@ -424,37 +441,40 @@ def _holding_step(holders: Sequence[Holder], target: dict[str, int], num_blocks:
     the step would uncover loads them beside its own span ("bridge"): in the corners the movers
     are often the servers with no memory to spare, while one already in place has some. Of
     these, the one whose enabled step ranks the swarm highest (ties: a hold first, then the
-    smallest keys), among those after which the whole plan is reached in safe steps
-    (`_reaches`): a trade that no other server could complete would leave a span held, and
-    counted at no throughput, for good."""
+    smallest keys), among the first TRADES_TRIED after which the whole plan is reached in safe
+    steps (`_reaches`): a trade that no other server could complete would leave a span held,
+    and counted at no throughput, for good."""
+    movers = [h for h in holders if target.get(h.key, h.start) != h.start and h.also is None and h.movable]
+    if not movers:
+        return None
     now = block_throughput(holders, num_blocks)
     cover = coverage(holders, num_blocks)
-    candidates = []
-    for m in holders:
-        start = target.get(m.key, m.start)
-        if start == m.start or m.also is not None:
-            continue
-        stepped = [x.at(start) if x.key == m.key else x for x in holders]
-        tp = block_throughput(stepped, num_blocks)
-        rank = _rank(tp)
+    profiles, covers = _steps(holders, movers, [target[h.key] for h in movers], num_blocks)
+    candidates = []  # (rank after the step it enables, hold first, mover, helper, window)
+    for m, tp, after_cover in zip(movers, profiles.tolist(), covers):
+        start, rank = target[m.key], _rank(tp)
         if m.can_hold(start, start + m.length):
-            after = [replace(x, also=(m.start, m.end)) if x.key == m.key else x for x in stepped]
-            candidates.append((rank, 0, m.key, "", after, Move((m.start, m.end), (start, start + m.length), min(now),
-                                                               min(tp), rank, kind="hold")))
-        left = np.flatnonzero((cover > 0) & (coverage(stepped, num_blocks) == 0))
+            candidates.append((rank, 0, m.key, "", (m.start, m.end)))
+        left = np.flatnonzero((cover > 0) & (after_cover == 0))
         if left.size == 0:
             continue
         window = (int(left[0]), int(left[-1]) + 1)  # the blocks it would uncover, and any between
-        for h in holders:
-            if h.key != m.key and h.can_hold(*window):
-                after = [replace(x, also=window) if x.key == h.key else x for x in holders]
-                candidates.append((rank, 1, m.key, h.key, after, Move((h.start, h.end), window, min(now), min(now),
-                                                                      _rank(now), kind="bridge")))
+        candidates += [(rank, 1, m.key, h.key, window) for h in holders if h.key != m.key and h.can_hold(*window)]
     candidates.sort(key=lambda c: (tuple(-x for x in c[0]), c[1], c[2], c[3]))
-    for _, _, mover, helper, after, move in candidates:
-        if lookahead and not _reaches(after, target, num_blocks):
+    by_key = {h.key: h for h in holders}
+    for rank, _, mover, helper, window in candidates[:TRADES_TRIED if lookahead else 1]:
+        m = by_key[mover]
+        if helper:
+            move = Move((by_key[helper].start, by_key[helper].end), window, min(now), min(now), _rank(now),
+                        kind="bridge")
+        else:
+            start = target[mover]
+            move = Move(window, (start, start + m.length), min(now), min(rank), rank, kind="hold")
+        key = helper or mover
+        if lookahead and not _reaches([apply_move(h, move) if h.key == key else h for h in holders], target,
+                                      num_blocks):
             continue
-        return (helper or mover), move
+        return key, move
     return None
 
 

@@ -17,9 +17,10 @@ where the machine could not: each machine's capacity, in blocks, is its span's l
 for a share of machines (--headroom, 0.5 by default) whose memory holds between 1 and
 --headroom-max (2.0) times its span, drawn uniformly. Those stand for operators who set
 serve.num_blocks below what fits, and for machines whose memory exceeds what they are asked to
-serve. The capacity is drawn for every machine whatever the share, so the same seed gives the
-same machines at every --headroom; --headroom 0 lets no machine double-hold (the corners where
-two servers must trade places then remain). After each phase the swarm's
+serve. Capacities come from a stream of their own, drawn for every machine whatever the share:
+the same seed gives the same swarms at every --headroom (and as before memory was modelled);
+--headroom 0 lets no machine double-hold (the corners where two servers must trade places then
+remain). After each phase the swarm's
 bottleneck throughput is compared with the optimum for the same machines, computed exactly
 as a mixed-integer program (each server's start block; maximize the smallest block
 throughput) with scipy's HiGHS; the optimum places each machine on one span (double-holding is
@@ -31,6 +32,7 @@ although the machines' memory allowed full cover, or that still double-hold (non
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import random
@@ -58,10 +60,15 @@ MAX_MOVES = 500
 TIME_LIMIT_S = 5.0
 FEASIBILITY_STEPS = 12
 PROVEN_WITHIN = 0.005  # an optimum bracketed this closely counts as found (ratios within 0.5 %)
-OPTIMA: dict[tuple, float] = {}
+OPTIMA: dict[tuple, float] = {}  # (machines, blocks) -> the optimum, or the solver's bound when unproven
+UNPROVEN: set[tuple] = set()  # keys of OPTIMA whose value is a bound only
+USED: set[tuple] = set()  # keys of OPTIMA this run compared with
 STATS = {"unproven": 0, "uncovering moves": 0, "settled with a gap": 0, "double-holding moves": 0,
          "settled double-holding": 0}
 HEADROOM = {"share": 0.5, "max": 2.0}  # --headroom, --headroom-max: see machine()
+# memories are drawn from their own stream (seeded with --seed): the swarms' lengths, speeds and
+# events stay those of the same seed before memory was modelled, whatever the headroom
+MEMORY_RNG = random.Random(0)
 Machine = tuple[int, float, int]  # length (blocks it serves), throughput, capacity (blocks its memory holds)
 
 
@@ -129,7 +136,7 @@ def optimum(servers: list[tuple[str, int, float]], num_blocks: int) -> float:
             break  # not answered in time either
     if bound - found <= PROVEN_WITHIN * bound:
         return bound
-    STATS["unproven"] += 1  # the bound is used, so the ratio is a lower bound
+    STATS["unproven"] += 1  # the bound is used, so the ratio is a lower bound (the caller notes which)
     return bound
 
 
@@ -184,9 +191,13 @@ class Swarm:
         if not self.measure:
             return math.nan
         machines = tuple(sorted((h.length, h.throughput) for h in self.holders.values()))  # capacity: no matter
-        if (machines, self.num_blocks) not in OPTIMA:  # depends on the machines alone, not where they are
-            OPTIMA[machines, self.num_blocks] = optimum([(str(i), k, tp) for i, (k, tp) in enumerate(machines)],
-                                                        self.num_blocks)
+        key = (machines, self.num_blocks)
+        USED.add(key)
+        if key not in OPTIMA:  # depends on the machines alone, not where they are
+            unproven = STATS["unproven"]
+            OPTIMA[key] = optimum([(str(i), k, tp) for i, (k, tp) in enumerate(machines)], self.num_blocks)
+            if STATS["unproven"] > unproven:
+                UNPROVEN.add(key)
         best = OPTIMA[machines, self.num_blocks]
         got = bottleneck(self.holders.values(), self.num_blocks)
         return 1.0 if best <= 0 else got / best
@@ -195,11 +206,11 @@ class Swarm:
 def machine(rng: random.Random, num_blocks: int) -> Machine:
     """A length (from its memory) and a throughput (from its speed): both vary ~10x. Its
     capacity: the length, or for a share HEADROOM["share"] of machines, between 1 and
-    HEADROOM["max"] times it (at most the whole model); both numbers are drawn every time, so
-    the headroom changes no other draw."""
+    HEADROOM["max"] times it (at most the whole model), drawn from MEMORY_RNG; both numbers
+    are drawn every time, so the headroom changes no other draw."""
     length = max(1, min(num_blocks, int(round(num_blocks * rng.uniform(0.1, 0.6)))))
     speed = rng.lognormvariate(0, 0.8)  # per-block speed
-    roomy, factor = rng.random() < HEADROOM["share"], rng.uniform(1.0, HEADROOM["max"])
+    roomy, factor = MEMORY_RNG.random() < HEADROOM["share"], MEMORY_RNG.uniform(1.0, HEADROOM["max"])
     capacity = min(num_blocks, int(length * factor)) if roomy else length
     return length, round(speed / length * 100, 3), capacity  # throughput: requests/s through the whole span
 
@@ -256,12 +267,23 @@ def main() -> None:
     p.add_argument("--swarms", type=int, default=100)
     p.add_argument("--tight", type=int, default=30, help="tight swarms, reported apart")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--optima", metavar="FILE",
+                   help="keep the optima in FILE (JSON) and reuse them: they depend on the machines alone, so a rerun "
+                        "with another --headroom or placement takes seconds, not minutes")
     p.add_argument("--headroom", type=float, default=HEADROOM["share"],
                    help="share of machines whose memory holds more than the span they serve (0: none may double-hold)")
     p.add_argument("--headroom-max", type=float, default=HEADROOM["max"],
                    help="those machines hold between 1 and this many times their span")
     args = p.parse_args()
     HEADROOM.update(share=args.headroom, max=args.headroom_max)
+    MEMORY_RNG.seed(args.seed)
+    if args.optima and os.path.exists(args.optima):
+        with open(args.optima) as f:
+            for machines, n, best, proven in json.load(f):
+                key = (tuple(map(tuple, machines)), n)
+                OPTIMA[key] = best
+                if not proven:
+                    UNPROVEN.add(key)
     rng = random.Random(args.seed)
     for label, copies, count in (("swarms with memory for 1.5-4 copies of the model", (1.5, 4.0), args.swarms),
                                  ("tight swarms, memory for 1-1.5 copies", (1.0, 1.5), args.tight)):
@@ -270,8 +292,11 @@ def main() -> None:
         print(f"{count} {label} (seed {args.seed}, margin {MOVE_MARGIN:.0%}, headroom {args.headroom:g} of machines "
               f"up to {args.headroom_max:g}x), {time.time() - t0:.0f} s")
         report(runs)
+        if args.optima:
+            with open(args.optima, "w") as f:
+                json.dump([[m, n, best, (m, n) not in UNPROVEN] for (m, n), best in OPTIMA.items()], f)
     print(f"optima not proven within {TIME_LIMIT_S:.0f} s (the solver's bound used, so those ratios are lower "
-          f"bounds): {STATS['unproven']} of {len(OPTIMA)}")
+          f"bounds): {len(UNPROVEN & USED)} of {len(USED)}")
     print(f"moves that uncovered a block: {STATS['uncovering moves']}; settled states with a block uncovered "
           f"although memory allowed full cover: {STATS['settled with a gap']}; settled states still double-holding: "
           f"{STATS['settled double-holding']}; double-holding moves made: {STATS['double-holding moves']}")
