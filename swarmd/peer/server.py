@@ -60,6 +60,10 @@ log = logging.getLogger("swarmd.peer")
 POLL_INTERVAL_MS = 200  # how often idle sessions are looked at when no request arrives
 MAX_PUSH_PEERS = 64  # connections kept for pushing to next hops; the least recently used goes
 LOG_EVERY_S = 10.0  # refused requests are logged at most once per peer and reason this often
+# after a move (or a span let go) with no session left to drain there, requests for those blocks
+# are still answered `span_moved` this long: gateways whose table is a few gossip rounds old then
+# reroute rather than fail
+LEFT_GRACE_S = 60.0
 
 
 @dataclass
@@ -136,6 +140,7 @@ class SpanServer:
         # sessions included, until others cover its blocks; then it drains like a moved-from span
         self.also: Span | None = None
         self.also_adapters: dict[str, Lora] = {}
+        self.left: dict[tuple[int, int], float] = {}  # spans served here before: when left (monotonic)
         self.old_spans: list[tuple[Span, float]] = []  # (span, drain deadline, monotonic)
         self.drain_timeout_s = drain_timeout_s
         self.draining = False  # stopping: no new sessions
@@ -392,6 +397,7 @@ class SpanServer:
         also, self.also, self.also_adapters = self.also, None, {}
         if also is None:
             return
+        self.left[also.start, also.end] = time.monotonic()
         draining = sum(1 for x in self.sessions.values() if x.span is also)
         if draining:
             self.old_spans.append((also, time.monotonic() + self.drain_timeout_s))
@@ -421,6 +427,7 @@ class SpanServer:
             self._switched.set()
             return
         draining = sum(1 for x in self.sessions.values() if x.span is old)
+        self.left[old.start, old.end] = time.monotonic()
         if draining:
             self.old_spans.append((old, time.monotonic() + self.drain_timeout_s))
         log.info("now serving blocks %d:%d (was %d:%d; %d sessions drain there)", new.start, new.end, old.start,
@@ -441,6 +448,15 @@ class SpanServer:
                 log.info("blocks %d:%d drained and unloaded", span.start, span.end)
                 if span.device.type == "cuda":
                     torch.cuda.empty_cache()
+
+    def moved_from(self, first: int, last: int) -> bool:
+        """Whether blocks [first, last) were served here lately (LEFT_GRACE_S), or drain here."""
+        now = time.monotonic()
+        for span, at in list(self.left.items()):
+            if now - at > LEFT_GRACE_S:
+                del self.left[span]
+        return (any(old.start <= first < last <= old.end for old, _ in self.old_spans)
+                or any(a <= first < last <= b for a, b in self.left))
 
     def info(self) -> dict:
         if not self.attached:

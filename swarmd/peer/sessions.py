@@ -43,8 +43,7 @@ class Sessions:
         first, last = blocks
         span = self.server.span
         if self.span_for(first, last) is None:
-            if (any(old.start <= first < last <= old.end for old, _ in self.server.old_spans)
-                    or self.server.next_span is not None):
+            if self.server.moved_from(first, last) or self.server.next_span is not None:
                 raise SpanMovedError(f"this server moved to blocks {span.start}:{span.end}")
             raise LimitError(f"blocks {first}:{last} are not served here (this server has {span.start}:{span.end})")
         return first, last

@@ -89,6 +89,8 @@ def test_a_hold_serves_both_spans_until_the_old_one_is_let_go_and_drains(server,
     ask(server, "close", {"session": sid_also})
     server.expire_idle()
     assert server.old_spans == []  # drained and unloaded
+    # a gateway whose table is a few gossip rounds old is told to reroute, not refused
+    assert open_on(server, [0, 2]).fields["code"] == "moved"
 
 
 def test_a_bridge_serves_blocks_beside_the_span_without_switching(server, checkpoint):
