@@ -440,41 +440,39 @@ def _holding_step(holders: Sequence[Holder], target: dict[str, int], num_blocks:
     span and keeps its old one ("hold"); or another server whose memory has room for the blocks
     the step would uncover loads them beside its own span ("bridge"): in the corners the movers
     are often the servers with no memory to spare, while one already in place has some. Of
-    these, the one whose enabled step ranks the swarm highest (ties: a hold first, then the
-    smallest keys), among the first TRADES_TRIED after which the whole plan is reached in safe
-    steps (`_reaches`): a trade that no other server could complete would leave a span held,
-    and counted at no throughput, for good."""
+    these, the one whose enabled step ranks the swarm highest (ties: the smallest mover's key,
+    its own hold before a bridge, then the helper's key), among the first TRADES_TRIED after
+    which the whole plan is reached in safe steps (`_reaches`): a trade that no other server
+    could complete would leave a span held, and counted at no throughput, for good."""
     movers = [h for h in holders if target.get(h.key, h.start) != h.start and h.also is None and h.movable]
     if not movers:
         return None
     now = block_throughput(holders, num_blocks)
     cover = coverage(holders, num_blocks)
     profiles, covers = _steps(holders, movers, [target[h.key] for h in movers], num_blocks)
-    candidates = []  # (rank after the step it enables, hold first, mover, helper, window)
-    for m, tp, after_cover in zip(movers, profiles.tolist(), covers):
-        start, rank = target[m.key], _rank(tp)
-        if m.can_hold(start, start + m.length):
-            candidates.append((rank, 0, m.key, "", (m.start, m.end)))
-        left = np.flatnonzero((cover > 0) & (after_cover == 0))
-        if left.size == 0:
-            continue
-        window = (int(left[0]), int(left[-1]) + 1)  # the blocks it would uncover, and any between
-        candidates += [(rank, 1, m.key, h.key, window) for h in holders if h.key != m.key and h.can_hold(*window)]
-    candidates.sort(key=lambda c: (tuple(-x for x in c[0]), c[1], c[2], c[3]))
+    ranked = sorted(((_rank(tp), m, after) for m, tp, after in zip(movers, profiles.tolist(), covers)),
+                    key=lambda r: (tuple(-x for x in r[0]), r[1].key))
     by_key = {h.key: h for h in holders}
-    for rank, _, mover, helper, window in candidates[:TRADES_TRIED if lookahead else 1]:
-        m = by_key[mover]
-        if helper:
-            move = Move((by_key[helper].start, by_key[helper].end), window, min(now), min(now), _rank(now),
-                        kind="bridge")
-        else:
-            start = target[mover]
-            move = Move(window, (start, start + m.length), min(now), min(rank), rank, kind="hold")
-        key = helper or mover
-        if lookahead and not _reaches([apply_move(h, move) if h.key == key else h for h in holders], target,
-                                      num_blocks):
-            continue
-        return key, move
+    tried = 0
+    for rank, m, after_cover in ranked:
+        start = target[m.key]
+        trades: list[tuple[str, Move]] = []
+        if m.can_hold(start, start + m.length):
+            trades.append((m.key, Move((m.start, m.end), (start, start + m.length), min(now), min(rank), rank,
+                                       kind="hold")))
+        left = np.flatnonzero((cover > 0) & (after_cover == 0))
+        if left.size:
+            window = (int(left[0]), int(left[-1]) + 1)  # the blocks it would uncover, and any between
+            trades += [(h.key, Move((h.start, h.end), window, min(now), min(now), _rank(now), kind="bridge"))
+                       for h in holders if h.key != m.key and h.can_hold(*window)]
+        for key, move in trades:
+            if not lookahead:
+                return key, move
+            if tried == TRADES_TRIED:
+                return None
+            tried += 1
+            if _reaches([apply_move(h, move) if h.key == key else h for h in by_key.values()], target, num_blocks):
+                return key, move
     return None
 
 
