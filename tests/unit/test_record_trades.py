@@ -82,3 +82,24 @@ def test_coverage_and_routing_count_the_span_held_beside_its_own():
     spans = sorted((s.address, s.start, s.end) for s in t.servers_for("m"))
     assert spans == [("tcp://10.0.0.1:1", 0, 2), ("tcp://10.0.0.1:1", 2, 4), ("tcp://10.0.0.2:1", 2, 4)]
     assert plan_chain(t.servers_for("m"), 4, "m")[0].address == "tcp://10.0.0.1:1"  # blocks 0:2: only there
+
+
+def test_swarmctl_peers_and_status_show_the_span_held_beside_its_own():
+    from swarmd.commands.peers import peer_rows
+    from swarmd.commands.status import StatusCommand
+
+    i = ident()
+    peer = {"short_id": i.short_id, "address": "tcp://10.0.0.1:1", "span": [2, 4], "also": [0, 2],
+            "state": "online", "throughput": 10.0, "rtt_ms": 1.0, "last_seen_s_ago": 0.5}
+    assert "2:4 +0:2" in peer_rows([peer])
+    status = {
+        "version": "x", "protocol": "y", "state": "online", "uptime_s": 1.0, "node_id": i.public_key,
+        "address": "tcp://10.0.0.1:1",
+        "model": {"id": "m", "architecture": "llama", "num_layers": 4, "path": "/m"},
+        "serve": {"blocks": [2, 4], "also": [0, 2], "capacity": 4, "device": "cpu", "dtype": "float32"},
+        "cache": {"used_bytes": 0, "free_bytes": 1, "max_bytes": 1},
+        "sessions": {"server": 0, "gateway": 0},
+        "membership": {"access": "open", "refused_handshakes": 0, "rejected_records": 0},
+        "coverage": [], "peers": [peer],
+    }
+    assert "serving   blocks 2:4 and 0:2 until others cover it" in StatusCommand().format(status, None)
