@@ -352,17 +352,17 @@ def pick_mover(holders: Sequence[Holder], num_blocks: int, margin: float = MOVE_
     same gossiped table and only the chosen one moves, so two servers never leave the same
     blocks at once believing the other stays.
 
-    First the swarm-wide plan (`plan_swarm`): when it is clearly better than the swarm now
-    (`better`, by `margin`), the next step towards it is the planned move that leaves no
-    covered block uncovered and ranks the swarm highest (ties: the smallest key). Moves are
-    thus carried out one at a time in a safe order, while the old span serves until the new one
-    is loaded (balancer.py). When no step of the plan is safe (yet, or any more), a server that
-    double-holds drops the span that others cover now (`_drop`): not before, since a span held
-    to let another server leave its blocks must stay until that server has left. Then, when
-    servers alone on their blocks must trade places, a server with the memory double-holds
+    First, a server that double-holds drops its second span once servers where the plan puts
+    them hold its blocks (`_drop`). Then the swarm-wide plan (`plan_swarm`): when it is clearly
+    better than the swarm now (`better`, by `margin`), the next step towards it is the planned
+    move that leaves no covered block uncovered and ranks the swarm highest (ties: the smallest
+    key). Moves are thus carried out one at a time in a safe order, while the old span serves
+    until the new one is loaded (balancer.py). When no step of the plan is safe, because
+    servers alone on their blocks must trade places, servers with the memory double-hold
     (`_holding_step`), but only where the rest of the plan then follows in safe steps. When the
     plan is no better, or cannot be reached, the best single move (`plan_move`) of a server
-    that is not where the plan puts it, or of any server if its move fills a gap. No move
+    that is not where the plan puts it, or of any server if its move fills a gap; failing that,
+    a second span that any other server covers is dropped. No move
     uncovers a block; every move either covers one, or puts one more server where the plan
     wants it, or keeps both and ranks the swarm strictly higher, and a double-holding step is
     taken only where the steps after it (looked ahead) reach the plan and drop every second
@@ -372,7 +372,7 @@ def pick_mover(holders: Sequence[Holder], num_blocks: int, margin: float = MOVE_
     target = plan_swarm(holders, num_blocks)
     planned = [h.at(target.get(h.key, h.start)) for h in holders]
     wanted = better(block_throughput(planned, num_blocks), now, margin)
-    step = (wanted and _plan_step(holders, target, num_blocks)) or _drop(holders, num_blocks) or \
+    step = _drop(holders, num_blocks, target) or (wanted and _plan_step(holders, target, num_blocks)) or \
         (wanted and _holding_step(holders, target, num_blocks))
     if step:
         return step
@@ -388,18 +388,27 @@ def pick_mover(holders: Sequence[Holder], num_blocks: int, margin: float = MOVE_
             continue  # a server where the plan puts it stays, but to fill a gap no step of the plan can
         if best is None or move.rank > best[0]:
             best = (move.rank, h.key, move)
-    return (best[1], best[2]) if best else None
+    return (best[1], best[2]) if best else _drop(holders, num_blocks)
 
 
-def _drop(holders: Sequence[Holder], num_blocks: int) -> tuple[str, Move] | None:
+def _drop(holders: Sequence[Holder], num_blocks: int, target: dict[str, int] | None = None) -> tuple[str, Move] | None:
     """The first server (by key) that double-holds a span whose every block is held by
-    another span too: it lets that span go, which uncovers nothing."""
-    cover = coverage(holders, num_blocks)
+    another span too: it lets that span go, which uncovers nothing. With `target`, only the
+    spans of servers where the plan puts them count (and the server's own): a span held so
+    that another server can leave its blocks must stay until the server that takes them over
+    is in place, not only until it is still there."""
+    if target is None:
+        cover = coverage(holders, num_blocks)
+    else:
+        cover = coverage([replace(x, also=None) for x in holders if target.get(x.key, x.start) == x.start],
+                         num_blocks)
     for h in holders:
         if h.also is None:
             continue
         start, end = max(0, h.also[0]), min(num_blocks, h.also[1])
-        if (cover[start:end] > 1).all():
+        own = coverage([replace(h, also=None)], num_blocks) if target is not None and \
+            target.get(h.key, h.start) != h.start else np.zeros(num_blocks, dtype=np.int64)
+        if (cover[start:end] + own[start:end] > (1 if target is None else 0)).all():
             tp = block_throughput(holders, num_blocks)  # the old span adds no throughput: dropping changes none
             return h.key, Move(h.also, (h.start, h.end), min(tp), min(tp), _rank(tp), kind="drop")
     return None
@@ -463,8 +472,12 @@ def _holding_step(holders: Sequence[Holder], target: dict[str, int], num_blocks:
         left = np.flatnonzero((cover > 0) & (after_cover == 0))
         if left.size:
             window = (int(left[0]), int(left[-1]) + 1)  # the blocks it would uncover, and any between
-            trades += [(h.key, Move((h.start, h.end), window, min(now), min(now), _rank(now), kind="bridge"))
-                       for h in holders if h.key != m.key and h.can_hold(*window)]
+            bridges = [(h, _bridged(h, window)) for h in holders if h.key != m.key]
+            # whole windows first, then the largest parts: servers that each have room for
+            # part of the window bridge it together, one after another
+            bridges.sort(key=lambda b: -(b[1][1] - b[1][0]))
+            trades += [(h.key, Move((h.start, h.end), part, min(now), min(now), _rank(now), kind="bridge"))
+                       for h, part in bridges if part[1] > part[0]]
         for key, move in trades:
             if not lookahead:
                 return key, move
@@ -476,16 +489,27 @@ def _holding_step(holders: Sequence[Holder], target: dict[str, int], num_blocks:
     return None
 
 
+def _bridged(h: Holder, window: tuple[int, int]) -> tuple[int, int]:
+    """The most of `window` that `h` has the memory to hold beside its span: all of it, or the
+    longest part from either end (empty: none)."""
+    start, end = window
+    for length in range(end - start, 0, -1):
+        for part in ((start, start + length), (end - length, end)):
+            if h.can_hold(*part):
+                return part
+    return start, start
+
+
 def _reaches(holders: Sequence[Holder], target: dict[str, int], num_blocks: int) -> bool:
     """Whether pick_mover's own steps (drops, safe steps of the plan, and further double-holding
     where needed) take the swarm from `holders` to `target`, with no span left double-held."""
     state = {h.key: h for h in holders}
-    for _ in range(3 * len(state) + 1):  # each server moves, double-holds and drops once at most
+    for _ in range(4 * len(state) + 2):  # each server moves once, and double-holds and drops once or twice
         now = sorted(state.values(), key=lambda h: h.key)
         if all(target.get(h.key, h.start) == h.start and h.also is None for h in now):
             return True
-        chosen = _plan_step(now, target, num_blocks) or _drop(now, num_blocks) or \
-            _holding_step(now, target, num_blocks, lookahead=False)
+        chosen = _drop(now, num_blocks, target) or _plan_step(now, target, num_blocks) or \
+            _holding_step(now, target, num_blocks, lookahead=False) or _drop(now, num_blocks)
         if chosen is None:
             return False
         key, move = chosen

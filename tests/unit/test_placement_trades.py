@@ -76,6 +76,19 @@ def test_a_server_in_place_bridges_the_blocks_a_mover_leaves_then_lets_them_go()
     assert all(h.also is None for h in settled)
 
 
+def test_two_servers_each_with_room_for_part_of_the_blocks_bridge_them_together():
+    # s2 (no room) must leave 0:7 for 25:32 and s4 (no room) 25:32 for 0:18: neither can go
+    # first, and no server has room for all 7 blocks, but s5 has room for 4 and s1 for 5
+    holders = [Holder("s2", 0, 7, 93.664, capacity=7), Holder("s5", 7, 22, 6.729, capacity=19),
+               Holder("s1", 14, 25, 9.801, capacity=16), Holder("s4", 14, 32, 11.514, capacity=18)]
+    assert pick_mover([replace(h, capacity=0) for h in holders], 32) is None
+    settled, made = settle(holders, 32)
+    assert made[:2] == [("s5", "bridge"), ("s1", "bridge")]
+    assert {key for key, kind in made if kind == "drop"} == {"s1", "s5"}
+    assert all(h.also is None for h in settled)
+    assert bottleneck(settled, 32) > 1.5 * bottleneck(holders, 32)  # 6.7 -> 11.5 steps/s
+
+
 def test_a_span_held_beside_another_covers_its_blocks_but_adds_no_throughput():
     trading = [Holder("a", 2, 4, 2.0, also=(0, 2)), Holder("b", 2, 4, 3.0)]
     assert gaps(trading, 4) == []
