@@ -179,7 +179,7 @@ class Swarm:
             before = set(gaps(self.holders.values(), self.num_blocks))
             self.holders[key] = apply_move(self.holders[key], move)
             self.moves += move.kind != "drop"
-            STATS["double-holding moves"] += move.kind == "hold"
+            STATS["double-holding moves"] += move.kind in ("hold", "bridge")
             if set(gaps(self.holders.values(), self.num_blocks)) - before:
                 STATS["uncovering moves"] += 1
 
