@@ -11,7 +11,18 @@ take the first blocks, and every one of them computes the same turns. It then an
 A move loads the new blocks first (the old ones keep serving), checks again that every old
 block is still covered by someone else, switches (new sessions go to the new blocks; the
 record announces them), and lets sessions on the old blocks drain until they finish or
-`serve.drain_timeout_s` passes, after which their gateways fail over by replay."""
+`serve.drain_timeout_s` passes, after which their gateways fail over by replay.
+
+Double-holding (placement.py: two servers alone on their blocks trade places) reuses that
+machinery, with the server's memory holding both spans: a "hold" switches to the new span but
+keeps the old one served, new sessions included, and a "bridge" loads blocks another server
+is about to leave and serves them beside its own span. The record announces the second span
+(`also`) while it lasts, so that gateways route to it and placement counts it as covered.
+When the plan names the server again for a "drop", it checks that others hold those blocks,
+stops taking sessions there, and lets the sessions open there drain as after a move. Two Span
+objects are served side by side rather than one over both spans: the spans need not touch,
+the one left can be freed alone, and a session keeps the Span it was opened on, as after a
+move."""
 
 from __future__ import annotations
 
@@ -26,7 +37,17 @@ from libswarm.errors import LimitError
 from swarmd.discovery.membership import Membership
 from swarmd.discovery.table import PeerTable
 from swarmd.peer.server import SpanServer
-from swarmd.placement import Holder, Move, assign_joiners, block_throughput, bottleneck, gaps, pick_mover, plan_move
+from swarmd.placement import (
+    Holder,
+    Move,
+    assign_joiners,
+    block_throughput,
+    bottleneck,
+    coverage,
+    gaps,
+    pick_mover,
+    plan_move,
+)
 from swarmd.runtime.span import Span
 
 log = logging.getLogger("swarmd.balancer")
@@ -52,7 +73,8 @@ class SpanHost(Protocol):
         """From now on the record says these blocks (joining: the ones this server would take)."""
 
     def serving(self, span: Span) -> None:
-        """The server switched to `span`: the record says its blocks from now on."""
+        """The server switched to `span`, or added or let go the span held beside it: the
+        record says its blocks from now on."""
 
     def load_span(self, start: int, end: int) -> Span: ...
 
@@ -78,7 +100,8 @@ class Balancer:
         # only nodes this daemon reached with their key: a record anyone may sign for a made-up
         # node (a huge throughput on some span) must not steer placement nor hide a gap
         return [
-            Holder(e.record.node_id, e.record.span[0], e.record.span[1], e.record.throughput, e.record.movable)
+            Holder(e.record.node_id, e.record.span[0], e.record.span[1], e.record.throughput, e.record.movable,
+                   capacity=e.record.capacity, also=e.record.also)
             for e in table.entries()
             if e.record.model_id == self.model_id and e.record.span is not None and table.state(e) in states
             and (e.is_self or e.verified)
@@ -145,40 +168,94 @@ class Balancer:
         return plan_move(self.holders(), self.key, self.num_layers, margin=margin)
 
     def still_safe(self, old: tuple[int, int], new: tuple[int, int]) -> bool:
-        """Every block of `old` outside `new` is held by another online server right now."""
-        tp = block_throughput(self.others(), self.num_layers)
-        return all(tp[b] > 0 for b in range(*old) if not new[0] <= b < new[1])
+        """Every block of `old` outside `new` is held by another online server right now (a span
+        another server holds beside its own counts)."""
+        cover = coverage(self.others(), self.num_layers)
+        return all(cover[b] > 0 for b in range(*old) if not new[0] <= b < new[1])
 
-    def move(self, new: tuple[int, int], reason: str) -> bool:
-        """Load `new`, switch to it, drain the old span. False when the move was abandoned."""
+    def move(self, new: tuple[int, int], reason: str, keep: bool = False) -> bool:
+        """Load `new`, switch to it, drain the old span; with `keep` (a "hold"), serve the old
+        span beside the new one until `drop`. False when the move was abandoned."""
         with self._lock:
             server, old = self.host.server, self.host.blocks
-            if server is None or old is None or new == old:
+            if server is None or old is None or new == old or (keep and server.also is not None):
                 return False
             self.moving = True
             try:
                 t0 = time.monotonic()
-                log.info("moving from blocks %d:%d to %d:%d (%s): loading the new blocks first", *old, *new, reason)
+                log.info("moving from blocks %d:%d to %d:%d (%s): loading the new blocks first%s", *old, *new, reason,
+                         ", then serving both until others cover the old ones" if keep else "")
                 span = self.host.load_span(*new)
-                if not self.still_safe(old, new):
+                if not keep and not self.still_safe(old, new):
                     log.info("move to %d:%d abandoned: blocks %d:%d would be left uncovered", *new, *old)
                     return False
-                if not server.switch_span(span):
+                if not server.switch_span(span, keep=keep):
                     log.error("move to %d:%d abandoned: the serving thread did not switch", *new)
                     return False
                 self.host.serving(span)  # the record says so now, not at the next round
-                self.moves += 1
-                self.last_move = {"at": time.time(), "from": list(old), "to": list(new), "reason": reason,
-                                  "seconds": round(time.monotonic() - t0, 2)}
-                log.info("moved to blocks %d:%d in %.1f s", *new, time.monotonic() - t0)
+                self._moved(old, new, reason, t0, "hold" if keep else "move")
                 return True
             finally:
                 self.moving = False
 
+    def bridge(self, blocks: tuple[int, int], reason: str) -> bool:
+        """Load `blocks` and serve them beside this server's span (another server is about to
+        leave them), until `drop`. False when abandoned."""
+        with self._lock:
+            server, own = self.host.server, self.host.blocks
+            if server is None or own is None or server.also is not None:
+                return False
+            self.moving = True
+            try:
+                t0 = time.monotonic()
+                log.info("loading blocks %d:%d to serve beside %d:%d (%s)", *blocks, *own, reason)
+                if not server.add_also(self.host.load_span(*blocks)):
+                    log.error("bridge of %d:%d abandoned: the serving thread did not take it", *blocks)
+                    return False
+                self.host.serving(server.span)
+                self._moved(own, own, reason, t0, "bridge", also=blocks)
+                return True
+            finally:
+                self.moving = False
+
+    def drop(self, reason: str) -> bool:
+        """Stop serving the span held beside this server's own, once others hold its blocks;
+        its sessions drain. False when it is still needed (or there is none)."""
+        with self._lock:
+            server, own = self.host.server, self.host.blocks
+            if server is None or own is None or server.also is None:
+                return False
+            also = (server.also.start, server.also.end)
+            if not self.still_safe(also, own):
+                log.info("keeping blocks %d:%d: no other server holds them yet", *also)
+                return False
+            if not server.drop_also():
+                log.error("letting blocks %d:%d go failed: the serving thread did not", *also)
+                return False
+            self.host.serving(server.span)
+            self._moved(own, own, reason, time.monotonic(), "drop", also=also)
+            return True
+
+    def _moved(self, old: tuple[int, int], new: tuple[int, int], reason: str, t0: float, kind: str,
+               also: tuple[int, int] | None = None) -> None:
+        self.moves += kind != "drop"
+        self.last_move = {"at": time.time(), "from": list(old), "to": list(new), "reason": reason, "kind": kind,
+                          "seconds": round(time.monotonic() - t0, 2), **({"also": list(also)} if also else {})}
+        log.info("%s done in %.1f s: serving blocks %d:%d%s", kind, time.monotonic() - t0, *new,
+                 f", blocks {also[0]}:{also[1]} {'let go' if kind == 'drop' else 'beside them'}" if also else "")
+
+    def carry_out(self, move: Move, reason: str) -> bool:
+        """Make a move of any kind pick_mover names."""
+        if move.kind == "drop":
+            return self.drop(reason)
+        if move.kind == "bridge":
+            return self.bridge(move.new, reason)
+        return self.move(move.new, reason, keep=move.kind == "hold")
+
     def _snapshot(self) -> tuple:
         """What placement depends on: the servers, their spans and throughputs."""
         holders = self.holders(("online", "loading", "joining"))
-        return tuple(sorted((h.key, h.start, h.end, h.throughput) for h in holders))
+        return tuple(sorted((h.key, h.start, h.end, h.throughput, h.also or ()) for h in holders))
 
     def gap(self) -> list[int]:
         """Blocks of the model that no server holds, loads, or has announced it will take (a
@@ -202,8 +279,10 @@ class Balancer:
                 self._unmovable = self._snapshot() if move is None and missing else None
                 if move is not None:
                     why = f"blocks {_runs(missing)} uncovered" if missing else \
-                        f"swarm throughput {move.before:.1f} -> {move.after:.1f} steps/s"
-                    self.move(move.new, why)
+                        "others hold them now" if move.kind == "drop" else \
+                        f"swarm throughput {move.before:.1f} -> {move.after:.1f} steps/s" if move.kind == "move" else \
+                        "trading places with another server (the plan's next steps would uncover blocks)"
+                    self.carry_out(move, why)
             except Exception:
                 log.exception("rebalancing failed")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 
+from swarmd.discovery.records import Record
 from swarmd.discovery.table import PeerTable
 from swarmd.routing import ServerSpan, missing_blocks
 
@@ -39,14 +40,15 @@ def coverage(table: PeerTable, own_model: str, own_layers: int, since: dict | No
         n = own_layers if model_id == own_model else max(e.record.span[1] for e in entries)
         blocks = []
         for b in range(n):
-            holders = [e for e in entries if e.record.span[0] <= b < e.record.span[1]]
+            holders = [e for e in entries if any(s[0] <= b < s[1] for s in _spans(e.record))]
             blocks.append({"block": b, "servers": [e.record.short_id for e in holders],
                            "throughput": round(sum(e.record.throughput for e in holders), 2)})
             if holders:
                 since.pop((model_id, b), None)
             else:
                 since.setdefault((model_id, b), now)
-        gaps = [list(g) for g in missing_blocks([ServerSpan(e.address, *e.record.span) for e in entries], n)]
+        gaps = [list(g) for g in missing_blocks([ServerSpan(e.address, *s) for e in entries for s in _spans(e.record)],
+                                                n)]
         missing = []
         for start, end in gaps:
             first = min(since[model_id, b] for b in range(start, end))
@@ -57,6 +59,12 @@ def coverage(table: PeerTable, own_model: str, own_layers: int, since: dict | No
     for key in [k for k in since if k[0] not in models]:  # a model whose servers all left
         del since[key]
     return out
+
+
+def _spans(record: Record) -> tuple[tuple[int, int], ...]:
+    """The spans a server serves: its own, and the one it holds beside it while trading places."""
+    assert record.span is not None
+    return (record.span, record.also) if record.also else (record.span,)
 
 
 def single_runs(blocks: list[dict]) -> list[dict]:

@@ -75,6 +75,9 @@ class Daemon:
         self.num_layers = self.checkpoint.num_layers
         self.auto = config.serve.blocks == "auto"
         self.blocks = self._configured_blocks()  # with blocks: auto, chosen at start (and moved later)
+        # blocks its memory holds beside the KV cache budget (blocks: auto only; 0: not said): above
+        # its span's length, it may double-hold while trading places (placement.py)
+        self.capacity = 0
         self.device = _device(config.serve.device)
         self.dtype = _dtype(config.serve.dtype, self.device)
         # the weights' kind computed with (and announced): serve.quant, or the checkpoint's own
@@ -178,6 +181,8 @@ class Daemon:
             "throughput": self.speed.span_throughput(n, self.checkpoint.config.hidden_size * self.dtype.itemsize,
                                                      self.membership.bandwidth_bps),
             "forward_throughput": round(self.speed.forward_tokens_per_s / n, 1), "movable": self.auto,
+            "capacity": self.capacity,
+            "also": (server.also.start, server.also.end) if span is not None and server.also is not None else None,
             "adapters": tuple(sorted(server.adapters)),
             "cache_free_bytes": server.budget.free_bytes, "sessions": len(server.sessions),
             "fingerprints": tuple(f[:FINGERPRINT_PREFIX] for f in span.fingerprints) if span else (),
@@ -218,7 +223,9 @@ class Daemon:
             if self.blocks is None:
                 self.state = "placing"
                 notify("STATUS=placing: learning the swarm to choose blocks")
-                n = self.config.serve.num_blocks or self._blocks_that_fit(self.speed)
+                fit = self._blocks_that_fit(self.speed)
+                n = self.config.serve.num_blocks or fit
+                self.capacity = max(n, fit)  # serve.num_blocks below what fits leaves room to double-hold
                 self.balancer.discover()
                 self.blocks = self.balancer.join(n, self.speed.span_throughput(n))
             self.state = "loading"
@@ -260,6 +267,7 @@ class Daemon:
         self.membership.round()
 
     def serving(self, span: Span) -> None:
+        """Also after a span held beside it was added or let go: the record says so at once."""
         self.span, self.blocks = span, (span.start, span.end)
         self.membership.round()
 
@@ -479,6 +487,9 @@ class Daemon:
             },
             "serve": {
                 "blocks": list(self.blocks) if self.blocks else None,
+                # while trading places: the span served beside `blocks` until others cover it
+                "also": [self.server.also.start, self.server.also.end] if self.server and self.server.also else None,
+                "capacity": self.capacity,
                 "auto": self.auto,
                 "moving": self.balancer.moving,
                 "moves": self.balancer.moves,

@@ -10,6 +10,16 @@ window that raises the bottleneck most (servers joining together take turns by k
 that is better by more than a margin, one server at a time, and never in a way that leaves a
 covered block uncovered.
 
+Some plans cannot be reached by single moves: two servers, each alone on some blocks, must
+trade places, and whichever moves first uncovers the blocks it leaves. A server whose memory
+holds both spans (`Holder.capacity`, beside the KV cache budget it promised) can then
+double-hold: it loads the planned span beside the one it holds, serves both while the others
+move, and drops the old one once other servers cover it. While it double-holds, its
+throughput counts on its new span only: the old span counts as covered (no block there is a
+gap) but adds nothing to any block's throughput, since one machine's compute is not doubled
+by holding more weights; a swarm that stopped mid-trade would thus rank, and measure, as bad
+as the throughput it really has.
+
 Every function orders servers by key before it sums their throughputs, and breaks every tie by
 start or key: each server computes the same answer from the same table, whatever order its
 table lists the servers in. The searches over windows are vectorized with numpy: a plan for
@@ -18,7 +28,7 @@ a hundred servers on 80 blocks takes a few seconds of one core, not minutes."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -29,6 +39,11 @@ MOVE_MARGIN = 0.05
 PLAN_BISECTIONS = 20  # of the target throughput: to a millionth of the range
 PLAN_POLISH_MOVES = 50
 SWEEP_RULES = 4
+# Double-holding steps whose outcome is looked ahead (each replays the rest of the plan, a few
+# hundred vectorized steps at most in a swarm of a hundred): the best-ranked few, since a trade
+# that a better one cannot complete rarely completes for a worse one, and a swarm in a corner
+# must not cost its servers minutes of planning.
+TRADES_TRIED = 8
 
 
 @dataclass(frozen=True)
@@ -38,13 +53,24 @@ class Holder:
     end: int
     throughput: float
     movable: bool = True  # serve.blocks: auto (a fixed "START:END" never moves)
+    capacity: int = 0  # blocks its memory holds beside its KV cache budget (0: just its span)
+    also: tuple[int, int] | None = None  # the span it still holds while trading places (double-holding)
 
     @property
     def length(self) -> int:
         return self.end - self.start
 
     def at(self, start: int) -> Holder:
-        return Holder(self.key, start, start + self.length, self.throughput, self.movable)
+        """The same server holding its span from `start`, and nothing beside it."""
+        return replace(self, start=start, end=start + self.length, also=None)
+
+    def can_hold(self, start: int, end: int) -> bool:
+        """Whether its memory holds its span and the blocks [start, end) at once (counted once:
+        where the two overlap it loads nothing twice). Only a movable server double-holds: a
+        fixed span is the operator's choice."""
+        overlap = max(0, min(self.end, end) - max(self.start, start))
+        needs = self.length + (end - start) - overlap
+        return self.movable and self.also is None and needs <= max(self.capacity, self.length)
 
 
 @dataclass(frozen=True)
@@ -54,6 +80,10 @@ class Move:
     before: float  # the swarm's bottleneck throughput now
     after: float  # ...and after the move
     rank: tuple = field(default=(), compare=False, repr=False)  # _rank of the swarm after the move
+    # "move": load `new`, then leave `old`; "hold": load `new` and keep serving `old` beside it;
+    # "bridge": keep `old` and load `new` beside it, to cover blocks another server is about to
+    # leave (both double-hold); "drop": stop holding `old`, which others cover now (`new` stays)
+    kind: str = "move"
 
 
 def block_throughput(holders: Iterable[Holder], num_blocks: int) -> list[float]:
@@ -66,6 +96,18 @@ def block_throughput(holders: Iterable[Holder], num_blocks: int) -> list[float]:
 
 def bottleneck(holders: Iterable[Holder], num_blocks: int) -> float:
     return min(block_throughput(holders, num_blocks), default=0.0)
+
+
+def coverage(holders: Iterable[Holder], num_blocks: int) -> np.ndarray:
+    """Per block, how many spans hold it: the spans held beside another during a trade count
+    (a block there is served, if slowly), while their throughput does not (block_throughput)."""
+    cover = np.zeros(num_blocks, dtype=np.int64)
+    for h in holders:
+        if h.throughput <= 0:  # as block_throughput: a server that serves nothing yet covers nothing
+            continue
+        for start, end in ((h.start, h.end), *((h.also,) if h.also else ())):
+            cover[max(0, start):max(0, min(num_blocks, end))] += 1
+    return cover
 
 
 def _rank(tp: Sequence[float]) -> tuple:
@@ -123,9 +165,10 @@ def choose_span(others: Iterable[Holder], num_blocks: int, length: int, throughp
     return start, start + length
 
 
-def _uncovers(now: Sequence[float], profiles: np.ndarray) -> np.ndarray:
-    """Per row: whether it leaves a block uncovered that is covered `now`."""
-    return ((np.asarray(now)[None, :] > 0) & (profiles == 0)).any(axis=1)
+def _uncovers(now: np.ndarray, covers: np.ndarray) -> np.ndarray:
+    """Per row of `covers` (coverage counts): whether it leaves a block uncovered that is
+    covered `now`."""
+    return ((now[None, :] > 0) & (covers == 0)).any(axis=1)
 
 
 def plan_move(holders: Sequence[Holder], me: str, num_blocks: int, margin: float = MOVE_MARGIN) -> Move | None:
@@ -134,12 +177,13 @@ def plan_move(holders: Sequence[Holder], me: str, num_blocks: int, margin: float
     block is left at the old level), and no block that is covered now ends up uncovered.
     Each move strictly improves one ranking of the whole swarm, so moves cannot cycle."""
     mine = next((h for h in holders if h.key == me), None)
-    if mine is None:
+    if mine is None or mine.also is not None:  # a server mid-trade only drops its old span (pick_mover)
         return None
     now = block_throughput(holders, num_blocks)
-    profiles = _windows(block_throughput([h for h in holders if h.key != me], num_blocks), mine.length,
-                        mine.throughput)
-    allowed = ~_uncovers(now, profiles)  # never uncover a block someone relies on
+    others = [h for h in holders if h.key != me]
+    profiles = _windows(block_throughput(others, num_blocks), mine.length, mine.throughput)
+    covers = coverage(others, num_blocks)[None, :] + _masks(num_blocks, mine.length)
+    allowed = ~_uncovers(coverage(holders, num_blocks), covers)  # never uncover a block someone relies on
     allowed[mine.start] = False
     start = _best(profiles, allowed)
     if start is None:
@@ -209,7 +253,7 @@ def plan_swarm(holders: Sequence[Holder], num_blocks: int) -> dict[str, int]:
 
 
 def _mirror(h: Holder, num_blocks: int) -> Holder:
-    return Holder(h.key, num_blocks - h.end, num_blocks - h.start, h.throughput, h.movable)
+    return replace(h, start=num_blocks - h.end, end=num_blocks - h.start, also=None)
 
 
 def _plan_one(fixed: list[Holder], movable: list[Holder], num_blocks: int, rule: int, mirrored: bool) -> list[Holder]:
@@ -308,29 +352,30 @@ def pick_mover(holders: Sequence[Holder], num_blocks: int, margin: float = MOVE_
     same gossiped table and only the chosen one moves, so two servers never leave the same
     blocks at once believing the other stays.
 
-    First the swarm-wide plan (`plan_swarm`): when it is clearly better than the swarm now
-    (`better`, by `margin`), the next step towards it is the planned move that leaves no
-    covered block uncovered and ranks the swarm highest (ties: the smallest key). Moves are
-    thus carried out one at a time in a safe order, while the old span serves until the new one
-    is loaded (balancer.py). When the plan is no better, or no step towards it is safe, the best
-    single move (`plan_move`) of a server that is not where the plan puts it, or of any server
-    if its move fills a gap. No move uncovers a block; every move either covers one, or puts
-    one more server where the plan wants it, or keeps both and ranks the swarm strictly higher:
-    with the same table, the moves end."""
+    First, a server that double-holds drops its second span once servers where the plan puts
+    them hold its blocks (`_drop`). Then the swarm-wide plan (`plan_swarm`): when it is clearly
+    better than the swarm now (`better`, by `margin`), the next step towards it is the planned
+    move that leaves no covered block uncovered and ranks the swarm highest (ties: the smallest
+    key). Moves are thus carried out one at a time in a safe order, while the old span serves
+    until the new one is loaded (balancer.py). When no step of the plan is safe, because
+    servers alone on their blocks must trade places, servers with the memory double-hold
+    (`_holding_step`), but only where the rest of the plan then follows in safe steps. When the
+    plan is no better, or cannot be reached, the best single move (`plan_move`) of a server
+    that is not where the plan puts it, or of any server if its move fills a gap; failing that,
+    a second span that any other server covers is dropped. No move
+    uncovers a block; every move either covers one, or puts one more server where the plan
+    wants it, or keeps both and ranks the swarm strictly higher, and a double-holding step is
+    taken only where the steps after it (looked ahead) reach the plan and drop every second
+    span: with the same table, the moves end."""
     holders = sorted(holders, key=lambda h: h.key)
     now = block_throughput(holders, num_blocks)
     target = plan_swarm(holders, num_blocks)
     planned = [h.at(target.get(h.key, h.start)) for h in holders]
-    if better(block_throughput(planned, num_blocks), now, margin):
-        steps = [h for h in holders if target.get(h.key, h.start) != h.start]
-        if steps:
-            profiles = np.array([block_throughput([x.at(target[h.key]) if x.key == h.key else x for x in holders],
-                                                  num_blocks) for h in steps])
-            pick = _best(profiles, ~_uncovers(now, profiles))  # unsafe steps wait for another server
-            if pick is not None:
-                h, after = steps[pick], profiles[pick].tolist()
-                start = target[h.key]
-                return h.key, Move((h.start, h.end), (start, start + h.length), min(now), min(after), _rank(after))
+    wanted = better(block_throughput(planned, num_blocks), now, margin)
+    step = _drop(holders, num_blocks, target) or (wanted and _plan_step(holders, target, num_blocks)) or \
+        (wanted and _holding_step(holders, target, num_blocks))
+    if step:
+        return step
     best: tuple | None = None
     gaps_now = sum(1 for x in now if x <= 0)
     for h in holders:
@@ -343,7 +388,143 @@ def pick_mover(holders: Sequence[Holder], num_blocks: int, margin: float = MOVE_
             continue  # a server where the plan puts it stays, but to fill a gap no step of the plan can
         if best is None or move.rank > best[0]:
             best = (move.rank, h.key, move)
-    return (best[1], best[2]) if best else None
+    return (best[1], best[2]) if best else _drop(holders, num_blocks)
+
+
+def _drop(holders: Sequence[Holder], num_blocks: int, target: dict[str, int] | None = None) -> tuple[str, Move] | None:
+    """The first server (by key) that double-holds a span whose every block is held by
+    another span too: it lets that span go, which uncovers nothing. With `target`, only the
+    spans of servers where the plan puts them count (and the server's own): a span held so
+    that another server can leave its blocks must stay until the server that takes them over
+    is in place, not only until it is still there."""
+    if target is None:
+        cover = coverage(holders, num_blocks)
+    else:
+        cover = coverage([replace(x, also=None) for x in holders if target.get(x.key, x.start) == x.start],
+                         num_blocks)
+    for h in holders:
+        if h.also is None:
+            continue
+        start, end = max(0, h.also[0]), min(num_blocks, h.also[1])
+        own = coverage([replace(h, also=None)], num_blocks) if target is not None and \
+            target.get(h.key, h.start) != h.start else np.zeros(num_blocks, dtype=np.int64)
+        if (cover[start:end] + own[start:end] > (1 if target is None else 0)).all():
+            tp = block_throughput(holders, num_blocks)  # the old span adds no throughput: dropping changes none
+            return h.key, Move(h.also, (h.start, h.end), min(tp), min(tp), _rank(tp), kind="drop")
+    return None
+
+
+def _steps(holders: Sequence[Holder], movers: Sequence[Holder], starts: Sequence[int],
+           num_blocks: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row k: the block throughputs and the coverage counts of the swarm once movers[k] (none of
+    them double-holding) has moved to starts[k], all else as it is."""
+    lengths = np.array([h.length for h in movers], dtype=np.int64)
+    tps = np.array([h.throughput for h in movers], dtype=np.float64)
+    old = _place(num_blocks, np.array([h.start for h in movers], dtype=np.int64), lengths, np.ones(len(movers)))
+    new = _place(num_blocks, np.asarray(starts, dtype=np.int64), lengths, np.ones(len(movers)))
+    now = np.asarray(block_throughput(holders, num_blocks))
+    return now[None, :] + tps[:, None] * (new - old), coverage(holders, num_blocks)[None, :] + (new - old)
+
+
+def _plan_step(holders: Sequence[Holder], target: dict[str, int], num_blocks: int) -> tuple[str, Move] | None:
+    """The safe step towards `target` that ranks the swarm highest: a server not where the plan
+    puts it (and not double-holding) moves there, leaving no covered block uncovered."""
+    steps = [h for h in holders if target.get(h.key, h.start) != h.start and h.also is None]
+    if not steps:
+        return None
+    profiles, covers = _steps(holders, steps, [target[h.key] for h in steps], num_blocks)
+    pick = _best(profiles, ~_uncovers(coverage(holders, num_blocks), covers))  # unsafe steps wait for another
+    if pick is None:
+        return None
+    h, after = steps[pick], profiles[pick].tolist()
+    start = target[h.key]
+    now = block_throughput(holders, num_blocks)
+    return h.key, Move((h.start, h.end), (start, start + h.length), min(now), min(after), _rank(after))
+
+
+def _holding_step(holders: Sequence[Holder], target: dict[str, int], num_blocks: int,
+                  lookahead: bool = True) -> tuple[str, Move] | None:
+    """When no single step towards `target` is safe: a server that double-holds so that one
+    becomes safe. Either the mover itself, if its memory holds both spans, takes its planned
+    span and keeps its old one ("hold"); or another server whose memory has room for the blocks
+    the step would uncover loads them beside its own span ("bridge"): in the corners the movers
+    are often the servers with no memory to spare, while one already in place has some. Of
+    these, the one whose enabled step ranks the swarm highest (ties: the smallest mover's key,
+    its own hold before a bridge, then the helper's key), among the first TRADES_TRIED after
+    which the whole plan is reached in safe steps (`_reaches`): a trade that no other server
+    could complete would leave a span held, and counted at no throughput, for good."""
+    movers = [h for h in holders if target.get(h.key, h.start) != h.start and h.also is None and h.movable]
+    if not movers:
+        return None
+    now = block_throughput(holders, num_blocks)
+    cover = coverage(holders, num_blocks)
+    profiles, covers = _steps(holders, movers, [target[h.key] for h in movers], num_blocks)
+    ranked = sorted(((_rank(tp), m, after) for m, tp, after in zip(movers, profiles.tolist(), covers)),
+                    key=lambda r: (tuple(-x for x in r[0]), r[1].key))
+    by_key = {h.key: h for h in holders}
+    tried = 0
+    for rank, m, after_cover in ranked:
+        start = target[m.key]
+        trades: list[tuple[str, Move]] = []
+        if m.can_hold(start, start + m.length):
+            trades.append((m.key, Move((m.start, m.end), (start, start + m.length), min(now), min(rank), rank,
+                                       kind="hold")))
+        left = np.flatnonzero((cover > 0) & (after_cover == 0))
+        if left.size:
+            window = (int(left[0]), int(left[-1]) + 1)  # the blocks it would uncover, and any between
+            bridges = [(h, _bridged(h, window)) for h in holders if h.key != m.key]
+            # whole windows first, then the largest parts: servers that each have room for
+            # part of the window bridge it together, one after another
+            bridges.sort(key=lambda b: -(b[1][1] - b[1][0]))
+            trades += [(h.key, Move((h.start, h.end), part, min(now), min(now), _rank(now), kind="bridge"))
+                       for h, part in bridges if part[1] > part[0]]
+        for key, move in trades:
+            if not lookahead:
+                return key, move
+            if tried == TRADES_TRIED:
+                return None
+            tried += 1
+            if _reaches([apply_move(h, move) if h.key == key else h for h in by_key.values()], target, num_blocks):
+                return key, move
+    return None
+
+
+def _bridged(h: Holder, window: tuple[int, int]) -> tuple[int, int]:
+    """The most of `window` that `h` has the memory to hold beside its span: all of it, or the
+    longest part from either end (empty: none)."""
+    start, end = window
+    for length in range(end - start, 0, -1):
+        for part in ((start, start + length), (end - length, end)):
+            if h.can_hold(*part):
+                return part
+    return start, start
+
+
+def _reaches(holders: Sequence[Holder], target: dict[str, int], num_blocks: int) -> bool:
+    """Whether pick_mover's own steps (drops, safe steps of the plan, and further double-holding
+    where needed) take the swarm from `holders` to `target`, with no span left double-held."""
+    state = {h.key: h for h in holders}
+    for _ in range(4 * len(state) + 2):  # each server moves once, and double-holds and drops once or twice
+        now = sorted(state.values(), key=lambda h: h.key)
+        if all(target.get(h.key, h.start) == h.start and h.also is None for h in now):
+            return True
+        chosen = _drop(now, num_blocks, target) or _plan_step(now, target, num_blocks) or \
+            _holding_step(now, target, num_blocks, lookahead=False) or _drop(now, num_blocks)
+        if chosen is None:
+            return False
+        key, move = chosen
+        state[key] = apply_move(state[key], move)
+    return False
+
+
+def apply_move(h: Holder, move: Move) -> Holder:
+    """`h` once it has made `move` (simulations and look-aheads)."""
+    if move.kind == "drop":
+        return replace(h, also=None)
+    if move.kind == "bridge":
+        return replace(h, also=move.new)
+    moved = h.at(move.new[0])
+    return replace(moved, also=(h.start, h.end)) if move.kind == "hold" else moved
 
 
 def assign_joiners(settled: Sequence[Holder], joiners: Sequence[Holder], num_blocks: int) -> dict[str, tuple[int, int]]:
@@ -361,8 +542,8 @@ def assign_joiners(settled: Sequence[Holder], joiners: Sequence[Holder], num_blo
 
 
 def gaps(holders: Iterable[Holder], num_blocks: int) -> list[int]:
-    """Blocks that no server holds."""
-    return [b for b, tp in enumerate(block_throughput(holders, num_blocks)) if tp <= 0]
+    """Blocks that no server holds (a span held beside another during a trade counts)."""
+    return [int(b) for b in np.flatnonzero(coverage(holders, num_blocks) == 0)]
 
 
 def blocks_that_fit(memory_bytes: int, block_bytes: int, cache_bytes: int, num_blocks: int) -> int:

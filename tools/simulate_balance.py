@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """How close decentralized placement gets to the best possible swarm throughput.
 
-    python tools/simulate_balance.py [--swarms 100] [--seed 0]
+    python tools/simulate_balance.py [--swarms 100] [--tight 30] [--seed 0] [--headroom 0.5] [--headroom-max 2.0]
 
 Random swarms (heterogeneous speeds and memories) go through joins one by one, leaves, a
 burst of joins that all choose from the same stale view, a restart of a third to two thirds of
@@ -9,15 +9,30 @@ the servers at once, and a start of the whole swarm at once (a fleet, or power b
 cut). Servers choose and re-choose their blocks with the daemon's own functions
 (swarmd/placement.py): `choose_span` when joining alone, `assign_joiners` when several
 announce themselves together, then the moves `pick_mover` names, one at a time as in the
-daemons, until nobody moves. After each phase the swarm's
+daemons, until nobody moves.
+
+Memory is modelled apart from the span a machine serves, so that the simulation cannot
+double-hold (placement.py: a server trading places loads its new span beside its old one)
+where the machine could not: each machine's capacity, in blocks, is its span's length, except
+for a share of machines (--headroom, 0.5 by default) whose memory holds between 1 and
+--headroom-max (2.0) times its span, drawn uniformly. Those stand for operators who set
+serve.num_blocks below what fits, and for machines whose memory exceeds what they are asked to
+serve. Capacities come from a stream of their own, drawn for every machine whatever the share:
+the same seed gives the same swarms at every --headroom (and as before memory was modelled);
+--headroom 0 lets no machine double-hold (the corners where two servers must trade places then
+remain). After each phase the swarm's
 bottleneck throughput is compared with the optimum for the same machines, computed exactly
 as a mixed-integer program (each server's start block; maximize the smallest block
-throughput) with scipy's HiGHS. Prints the median, 10th percentile and worst ratio, and the
-moves made."""
+throughput) with scipy's HiGHS; the optimum places each machine on one span (double-holding is
+a passage, not a placement), so it does not depend on the capacities. Prints the median, 10th
+percentile and worst ratio, the moves made, the double-holding moves among them, the moves that
+uncovered a block (there must be none), and the settled states that leave a block uncovered
+although the machines' memory allowed full cover, or that still double-hold (none either)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import random
@@ -30,14 +45,31 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from swarmd.placement import MOVE_MARGIN, Holder, assign_joiners, bottleneck, choose_span, gaps, pick_mover  # noqa: E402
+from swarmd.placement import (  # noqa: E402
+    MOVE_MARGIN,
+    Holder,
+    apply_move,
+    assign_joiners,
+    bottleneck,
+    choose_span,
+    gaps,
+    pick_mover,
+)
 
 MAX_MOVES = 500
 TIME_LIMIT_S = 5.0
 FEASIBILITY_STEPS = 12
 PROVEN_WITHIN = 0.005  # an optimum bracketed this closely counts as found (ratios within 0.5 %)
-OPTIMA: dict[tuple, float] = {}
-STATS = {"unproven": 0, "uncovering moves": 0, "settled with a gap": 0}
+OPTIMA: dict[tuple, float] = {}  # (machines, blocks) -> the optimum, or the solver's bound when unproven
+UNPROVEN: set[tuple] = set()  # keys of OPTIMA whose value is a bound only
+USED: set[tuple] = set()  # keys of OPTIMA this run compared with
+STATS = {"unproven": 0, "uncovering moves": 0, "settled with a gap": 0, "double-holding moves": 0,
+         "settled double-holding": 0}
+HEADROOM = {"share": 0.5, "max": 2.0}  # --headroom, --headroom-max: see machine()
+# memories are drawn from their own stream (seeded with --seed): the swarms' lengths, speeds and
+# events stay those of the same seed before memory was modelled, whatever the headroom
+MEMORY_RNG = random.Random(0)
+Machine = tuple[int, float, int]  # length (blocks it serves), throughput, capacity (blocks its memory holds)
 
 
 def optimum(servers: list[tuple[str, int, float]], num_blocks: int) -> float:
@@ -104,7 +136,7 @@ def optimum(servers: list[tuple[str, int, float]], num_blocks: int) -> float:
             break  # not answered in time either
     if bound - found <= PROVEN_WITHIN * bound:
         return bound
-    STATS["unproven"] += 1  # the bound is used, so the ratio is a lower bound
+    STATS["unproven"] += 1  # the bound is used, so the ratio is a lower bound (the caller notes which)
     return bound
 
 
@@ -112,20 +144,21 @@ class Swarm:
     def __init__(self, num_blocks: int, measure: bool = True):
         self.num_blocks = num_blocks
         self.measure = measure  # compare with the optimum (a MILP each time: the slow part)
-        self.holders: dict[str, Holder] = {}  # a holder keeps its machine's length and throughput
+        self.holders: dict[str, Holder] = {}  # a holder keeps its machine's length, throughput and capacity
         self.moves = 0
 
-    def join(self, key: str, length: int, tp: float, view: list[Holder] | None = None) -> None:
+    def join(self, key: str, length: int, tp: float, capacity: int, view: list[Holder] | None = None) -> None:
         view = list(self.holders.values()) if view is None else view
         start, end = choose_span(view, self.num_blocks, length, tp)
-        self.holders[key] = Holder(key, start, end, tp)
+        self.holders[key] = Holder(key, start, end, tp, capacity=capacity)
 
-    def join_together(self, machines: dict[str, tuple[int, float]]) -> None:
+    def join_together(self, machines: dict[str, Machine]) -> None:
         """Servers that start at once: each announces itself (state `joining`) and, once the
         announcements have spread, takes the span `assign_joiners` gives it."""
-        joiners = [Holder(key, 0, length, tp) for key, (length, tp) in machines.items()]
+        joiners = [Holder(key, 0, length, tp, capacity=cap) for key, (length, tp, cap) in machines.items()]
         for key, (start, _) in assign_joiners(list(self.holders.values()), joiners, self.num_blocks).items():
-            self.holders[key] = Holder(key, start, start + machines[key][0], machines[key][1])
+            length, tp, cap = machines[key]
+            self.holders[key] = Holder(key, start, start + length, tp, capacity=cap)
 
     def leave(self, key: str) -> None:
         del self.holders[key]
@@ -136,15 +169,17 @@ class Swarm:
     def rebalance(self) -> None:
         """Moves as the daemons make them: each time, the one server pick_mover names (every
         server computes the same choice from the same table), until nobody should move. A move
-        that leaves a covered block uncovered is counted (it must never happen)."""
+        that leaves a covered block uncovered is counted (it must never happen), and so are the
+        double-holding moves (a drop of the old span after one is not a move of its own)."""
         for _ in range(MAX_MOVES):
             chosen = pick_mover(list(self.holders.values()), self.num_blocks)
             if chosen is None:
                 return
             key, move = chosen
             before = set(gaps(self.holders.values(), self.num_blocks))
-            self.holders[key] = self.holders[key].at(move.new[0])
-            self.moves += 1
+            self.holders[key] = apply_move(self.holders[key], move)
+            self.moves += move.kind != "drop"
+            STATS["double-holding moves"] += move.kind in ("hold", "bridge")
             if set(gaps(self.holders.values(), self.num_blocks)) - before:
                 STATS["uncovering moves"] += 1
 
@@ -155,20 +190,29 @@ class Swarm:
     def ratio(self) -> float:
         if not self.measure:
             return math.nan
-        machines = tuple(sorted((h.length, h.throughput) for h in self.holders.values()))
-        if (machines, self.num_blocks) not in OPTIMA:  # depends on the machines alone, not where they are
-            OPTIMA[machines, self.num_blocks] = optimum([(str(i), k, tp) for i, (k, tp) in enumerate(machines)],
-                                                        self.num_blocks)
+        machines = tuple(sorted((h.length, h.throughput) for h in self.holders.values()))  # capacity: no matter
+        key = (machines, self.num_blocks)
+        USED.add(key)
+        if key not in OPTIMA:  # depends on the machines alone, not where they are
+            unproven = STATS["unproven"]
+            OPTIMA[key] = optimum([(str(i), k, tp) for i, (k, tp) in enumerate(machines)], self.num_blocks)
+            if STATS["unproven"] > unproven:
+                UNPROVEN.add(key)
         best = OPTIMA[machines, self.num_blocks]
         got = bottleneck(self.holders.values(), self.num_blocks)
         return 1.0 if best <= 0 else got / best
 
 
-def machine(rng: random.Random, num_blocks: int) -> tuple[int, float]:
-    """A length (from its memory) and a throughput (from its speed): both vary ~10x."""
+def machine(rng: random.Random, num_blocks: int) -> Machine:
+    """A length (from its memory) and a throughput (from its speed): both vary ~10x. Its
+    capacity: the length, or for a share HEADROOM["share"] of machines, between 1 and
+    HEADROOM["max"] times it (at most the whole model), drawn from MEMORY_RNG; both numbers
+    are drawn every time, so the headroom changes no other draw."""
     length = max(1, min(num_blocks, int(round(num_blocks * rng.uniform(0.1, 0.6)))))
     speed = rng.lognormvariate(0, 0.8)  # per-block speed
-    return length, round(speed / length * 100, 3)  # requests/s through the whole span
+    roomy, factor = MEMORY_RNG.random() < HEADROOM["share"], MEMORY_RNG.uniform(1.0, HEADROOM["max"])
+    capacity = min(num_blocks, int(length * factor)) if roomy else length
+    return length, round(speed / length * 100, 3), capacity  # throughput: requests/s through the whole span
 
 
 def one_swarm(rng: random.Random, copies: tuple[float, float], measure: bool = True) -> dict:
@@ -195,7 +239,7 @@ def one_swarm(rng: random.Random, copies: tuple[float, float], measure: bool = T
     swarm.join_together(burst)  # as the daemons do: announced, then turns by key
     results["burst, before moves"] = swarm.ratio()
     settle(swarm, results, "burst")
-    machines = {k: (h.length, h.throughput) for k, h in swarm.holders.items()}
+    machines = {k: (h.length, h.throughput, h.capacity) for k, h in swarm.holders.items()}
     restarting = rng.sample(sorted(machines), k=max(1, round(len(machines) * rng.uniform(1 / 3, 2 / 3))))
     for key in restarting:
         swarm.leave(key)
@@ -215,6 +259,7 @@ def settle(swarm: Swarm, results: dict, phase: str) -> None:
     swarm.rebalance()
     results[phase] = swarm.ratio()
     STATS["settled with a gap"] += swarm.settled_with_gap()
+    STATS["settled double-holding"] += any(h.also for h in swarm.holders.values())
 
 
 def main() -> None:
@@ -222,18 +267,39 @@ def main() -> None:
     p.add_argument("--swarms", type=int, default=100)
     p.add_argument("--tight", type=int, default=30, help="tight swarms, reported apart")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--optima", metavar="FILE",
+                   help="keep the optima in FILE (JSON) and reuse them: they depend on the machines alone, so a rerun "
+                        "with another --headroom or placement takes seconds, not minutes")
+    p.add_argument("--headroom", type=float, default=HEADROOM["share"],
+                   help="share of machines whose memory holds more than the span they serve (0: none may double-hold)")
+    p.add_argument("--headroom-max", type=float, default=HEADROOM["max"],
+                   help="those machines hold between 1 and this many times their span")
     args = p.parse_args()
+    HEADROOM.update(share=args.headroom, max=args.headroom_max)
+    MEMORY_RNG.seed(args.seed)
+    if args.optima and os.path.exists(args.optima):
+        with open(args.optima) as f:
+            for machines, n, best, proven in json.load(f):
+                key = (tuple(map(tuple, machines)), n)
+                OPTIMA[key] = best
+                if not proven:
+                    UNPROVEN.add(key)
     rng = random.Random(args.seed)
     for label, copies, count in (("swarms with memory for 1.5-4 copies of the model", (1.5, 4.0), args.swarms),
                                  ("tight swarms, memory for 1-1.5 copies", (1.0, 1.5), args.tight)):
         t0 = time.time()
         runs = [one_swarm(rng, copies) for _ in range(count)]
-        print(f"{count} {label} (seed {args.seed}, margin {MOVE_MARGIN:.0%}), {time.time() - t0:.0f} s")
+        print(f"{count} {label} (seed {args.seed}, margin {MOVE_MARGIN:.0%}, headroom {args.headroom:g} of machines "
+              f"up to {args.headroom_max:g}x), {time.time() - t0:.0f} s")
         report(runs)
+        if args.optima:
+            with open(args.optima, "w") as f:
+                json.dump([[m, n, best, (m, n) not in UNPROVEN] for (m, n), best in OPTIMA.items()], f)
     print(f"optima not proven within {TIME_LIMIT_S:.0f} s (the solver's bound used, so those ratios are lower "
-          f"bounds): {STATS['unproven']} of {len(OPTIMA)}")
+          f"bounds): {len(UNPROVEN & USED)} of {len(USED)}")
     print(f"moves that uncovered a block: {STATS['uncovering moves']}; settled states with a block uncovered "
-          f"although memory allowed full cover: {STATS['settled with a gap']}")
+          f"although memory allowed full cover: {STATS['settled with a gap']}; settled states still double-holding: "
+          f"{STATS['settled double-holding']}; double-holding moves made: {STATS['double-holding moves']}")
 
 
 PHASES = ("joins", "leaves", "burst, no announcement", "burst, before moves", "burst", "restart, before moves",

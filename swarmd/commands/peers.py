@@ -18,7 +18,8 @@ def peer_rows(peers: list[dict]) -> str:
         [
             (p.get("short_id") or "-") + (" (self)" if p.get("is_self") else ""),
             p["address"],
-            (f"{p['span'][0]}:{p['span'][1]}" if p.get("span") else "-") + _quantized(p),
+            (f"{p['span'][0]}:{p['span'][1]}" if p.get("span") else "-")
+            + (f" +{p['also'][0]}:{p['also'][1]}" if p.get("also") else "") + _quantized(p),
             p["state"],
             f"{p['throughput']:.1f}" if p.get("throughput") else "-",
             f"{p['rtt_ms']:.2f}" if p.get("rtt_ms") is not None else "-",
@@ -33,7 +34,8 @@ def peer_rows(peers: list[dict]) -> str:
 
 class PeersCommand(Command):
     """List the peers this daemon knows, one row each (short node id, address, span, state,
-    throughput, round trip, last seen)."""
+    throughput, round trip, last seen). A server trading places shows the span it still holds
+    beside its own after a plus: "8:16 +0:8"."""
 
     name = "peers"
     request_type = "peers"

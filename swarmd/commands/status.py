@@ -39,6 +39,8 @@ class StatusCommand(Command):
     def format(self, r: dict, args: argparse.Namespace) -> str:
         m, s, c = r["model"], r["serve"], r["cache"]
         blocks = f"{s['blocks'][0]}:{s['blocks'][1]}" if s["blocks"] else "none (gateway only)"
+        if s.get("also"):  # trading places: the old span (or one bridged for another server) serves too
+            blocks += f" and {s['also'][0]}:{s['also'][1]} until others cover it"
         lines = [
             f"swarmd {r['version']} (protocol {r['protocol']}), {r['state']}, up {r['uptime_s']:.0f} s, "
             f"node {short_id(r['node_id'])}",

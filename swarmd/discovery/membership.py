@@ -74,8 +74,8 @@ PEER_RETRY_MAX_S = 30.0  # a peer that failed is retried after 1, 2, 4 ... s, at
 # the rest wait for the next rounds (the daemon's pool keeps twice this many per thread)
 MAX_CONTACTS_PER_ROUND = 128
 # What a record says that is news at once; the rest (loads, measurements) waits for body_refresh_s().
-STABLE_FIELDS = ("addresses", "state", "model_id", "span", "fingerprints", "movable", "adapters", "reachable", "relay",
-                 "via")
+STABLE_FIELDS = ("addresses", "state", "model_id", "span", "also", "capacity", "fingerprints", "movable", "adapters",
+                 "reachable", "relay", "via")
 FINGERPRINT_PREFIX = 16  # hex characters of each block's fingerprint carried in records
 BANDWIDTH_PROBE_INTERVAL_S = 30.0  # how often the bandwidth to one random peer is measured
 BANDWIDTH_PROBE_BYTES = 256 * 1024

@@ -79,6 +79,8 @@ class Record:
     via: tuple[tuple[str, str], ...] = ()  # (node id, address) of the relays it is reached through
     quant: str = "none"  # none | int8 | int4 | nf4: its weights' quantization (serve.quant)
     kv_dtype: str = "auto"  # auto | int8: its KV cache (serve.cache.kv_dtype)
+    capacity: int = 0  # blocks its memory holds beside its KV cache budget (0: not said; its span's length)
+    also: tuple[int, int] | None = None  # a second span it serves while trading places (double-holding)
 
     @property
     def quantized(self) -> bool:
@@ -104,6 +106,7 @@ class Record:
         d = asdict(self)
         d["addresses"] = list(self.addresses)
         d["span"] = list(self.span) if self.span else None
+        d["also"] = list(self.also) if self.also else None
         d["fingerprints"] = list(self.fingerprints)
         d["adapters"] = list(self.adapters)
         d["via"] = [list(v) for v in self.via]
@@ -190,13 +193,20 @@ def decode_record(wire: object, now: float | None = None) -> Record:
         raise RecordError(f"record of {short_id(node_id)}: {str(e).removeprefix('record ')}") from None
 
 
+def _span(d: dict, key: str) -> tuple[int, int] | None:
+    span = _type(d, key, list, optional=True)
+    if span is None:
+        return None
+    if not (len(span) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in span)
+            and 0 <= span[0] < span[1] <= MAX_BLOCKS):
+        raise RecordError(f"{key} must be [start, end] with 0 <= start < end <= {MAX_BLOCKS}")
+    return span[0], span[1]
+
+
 def _fields(d: dict, node_id: str, sign_key: str, addresses: list, state: str, timestamp: float) -> Record:
-    span = _type(d, "span", list, optional=True)
-    if span is not None and not (
-        len(span) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in span)
-        and 0 <= span[0] < span[1] <= MAX_BLOCKS
-    ):
-        raise RecordError(f"span must be [start, end] with 0 <= start < end <= {MAX_BLOCKS}")
+    span, also = _span(d, "span"), _span(d, "also")
+    if also is not None and span is None:
+        raise RecordError("also (a span held beside another) without a span")
     rtt = _type(d, "rtt_ms", dict, optional=True) or {}
     if len(rtt) > MAX_RTTS or not all(
             isinstance(k, str) and len(k) <= 16 and isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -222,7 +232,9 @@ def _fields(d: dict, node_id: str, sign_key: str, addresses: list, state: str, t
         seq=int(_number(d, "seq", MAX_COUNT, integer=True)),
         incarnation=int(_number(d, "incarnation", MAX_COUNT, integer=True)),
         model_id=_short_string(d, "model_id"),
-        span=(span[0], span[1]) if span else None,
+        span=span,
+        also=also,
+        capacity=int(_number(d, "capacity", MAX_BLOCKS, integer=True)),
         throughput=float(_number(d, "throughput", MAX_THROUGHPUT)),
         forward_throughput=float(_number(d, "forward_throughput", MAX_FORWARD_THROUGHPUT)),
         cache_free_bytes=int(_number(d, "cache_free_bytes", MAX_COUNT, integer=True)),

@@ -177,8 +177,8 @@ class PeerTable:
                     e.unreachable = None
             if record.incarnation != e.record.incarnation:  # a restart: its beats count afresh
                 e.beat, e.beat_wire, e.cleared = 0, None, -1
-            routing_news = (record.state, record.span, record.incarnation, address) != (
-                e.record.state, e.record.span, e.record.incarnation, e.address)
+            routing_news = (record.state, record.span, record.also, record.incarnation, address) != (
+                e.record.state, e.record.span, e.record.also, e.record.incarnation, e.address)
             self._sigs.pop(_signature(e.wire) or "", None)
             self._index(wire, record.node_id)
             e.record, e.wire, e.address, e.advanced_at, e.last_seen = record, wire, address, now, time.time()
@@ -509,9 +509,12 @@ class PeerTable:
             rtt_s = 0.0 if e.is_self else (e.rtt_ms / 1000 if e.rtt_ms is not None else None)
             forward_block_s = (1.0 / (r.forward_throughput * (r.span[1] - r.span[0]))
                                if r.forward_throughput > 0 else None)
-            out.append(ServerSpan(e.address, r.span[0], r.span[1], r.cache_free_bytes, block_s, rtt_s,
-                                  forward_block_s, relayed=bool(r.via),
-                                  penalty_s=QUANTIZED_PENALTY_S if r.quantized and self.quantized == "avoid" else 0.0))
+            # a server trading places serves the span it holds beside its own too (placement.py),
+            # at the same speed per block: a route may use either, or both
+            for start, end in (r.span, *((r.also,) if r.also else ())):
+                out.append(ServerSpan(e.address, start, end, r.cache_free_bytes, block_s, rtt_s, forward_block_s,
+                                      relayed=bool(r.via), penalty_s=QUANTIZED_PENALTY_S
+                                      if r.quantized and self.quantized == "avoid" else 0.0))
         return out
 
     def to_json(self, e: Entry) -> dict:
@@ -523,6 +526,8 @@ class PeerTable:
             "addresses": list(r.addresses),
             "model_id": r.model_id,
             "span": list(r.span) if r.span else None,
+            "also": list(r.also) if r.also else None,
+            "capacity": r.capacity,
             "state": self.state(e),
             "throughput": r.throughput,
             "forward_throughput": r.forward_throughput,

@@ -43,6 +43,8 @@ class Owner(Protocol):
     sessions_lock: threading.Lock
     adapters: dict[str, Lora]
     old_spans: list[tuple[Span, float]]
+    also: Span | None
+    also_adapters: dict[str, Lora]
     next_span: Span | None
     key_limits: KeyLimits
     early: EarlyPushes
@@ -66,6 +68,8 @@ class Owner(Protocol):
     link_peers: dict[bytes, str]  # with an emulated network: a caller's node id by connection
 
     def send(self, ident: bytes, reply: list, req_id: int) -> None: ...
+
+    def moved_from(self, first: int, last: int) -> bool: ...
 
     def emulate(self, ident: bytes, frames: list) -> bool: ...
 

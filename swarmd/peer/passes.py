@@ -24,7 +24,8 @@ from swarmd.runtime.span import DEEP_PROMPTS, Lora, Span, client_trainables
 class Passes:
     def __init__(self, server: Owner, sessions: Sessions):
         self.server, self.sessions = server, sessions
-        self.kept = KeptGraphs(lambda span: span is server.span)  # forwards' graphs awaiting their backward
+        # forwards' graphs awaiting their backward, while their span is served (its own or the one beside it)
+        self.kept = KeptGraphs(lambda span: span is server.span or span is server.also)
 
     def _checked(self, req: PeerPass, kind: str):
         srv = self.server
@@ -36,10 +37,14 @@ class Passes:
             pos = torch.arange(T).expand(B, T)
         return first, last, hidden, pos, mask
 
+    def span_of(self, first: int, last: int) -> Span:
+        """The span serving blocks checked by `_checked` (the current one, or the one held beside it)."""
+        return self.sessions.span_for(first, last) or self.server.span
+
     def on_forward(self, req: PeerForward):
         first, last, hidden, pos, mask = self._checked(req, "forward")
         lora, deep = self.trainables(req, first, last)
-        span = self.server.span  # the one asked for, even if the server moves before the work runs
+        span = self.span_of(first, last)  # the one asked for, even if the server moves before the work runs
         keep = (self.server.current[2], _inputs(req)) if req.keep is True else None
         return self.server.defer(PASS, lambda: self.forward(span, hidden, pos, mask, first, last, lora, deep, keep),
                                  *self.server.current, req)
@@ -72,7 +77,7 @@ class Passes:
                               f"{list(grad.shape)}")
         B, T, _ = hidden.shape
         lora, deep = self.trainables(req, first, last)
-        span, owner, sent = self.server.span, self.server.current[2], _inputs(req)
+        span, owner, sent = self.span_of(first, last), self.server.current[2], _inputs(req)
 
         def work() -> tuple[Empty, dict[str, torch.Tensor]]:
             graph = self.kept.take(req.pass_, owner, (first, last), span, *sent)
@@ -105,7 +110,7 @@ class Passes:
     def trainables(self, req: PeerPass, first: int, last: int) -> tuple[Lora | None, torch.Tensor | None]:
         """The LoRA (a hosted adapter, or the client's own) and the client's deep prompts of a
         forward or backward, checked against these blocks."""
-        span = self.server.span
+        span = self.span_of(first, last)
         hosted = self.sessions.hosted_adapter(req.adapter, first, last)
         tensors = client_trainables(req.msg.tensors)
         if hosted is not None:

@@ -60,6 +60,10 @@ log = logging.getLogger("swarmd.peer")
 POLL_INTERVAL_MS = 200  # how often idle sessions are looked at when no request arrives
 MAX_PUSH_PEERS = 64  # connections kept for pushing to next hops; the least recently used goes
 LOG_EVERY_S = 10.0  # refused requests are logged at most once per peer and reason this often
+# after a move (or a span let go) with no session left to drain there, requests for those blocks
+# are still answered `span_moved` this long: gateways whose table is a few gossip rounds old then
+# reroute rather than fail
+LEFT_GRACE_S = 60.0
 
 
 @dataclass
@@ -129,7 +133,14 @@ class SpanServer:
         # switched to by the serving thread; earlier spans drain their sessions until a deadline
         self.next_span: Span | None = None
         self._next_adapters: dict[str, Lora] = {}
+        self._keep_old = False  # the switch keeps the current span served beside the new one
+        self._change: Callable[[], None] | None = None  # another change of spans for the serving thread
         self._switched = threading.Event()
+        # trading places (placement.py, double-holding): a second span served beside `span`, new
+        # sessions included, until others cover its blocks; then it drains like a moved-from span
+        self.also: Span | None = None
+        self.also_adapters: dict[str, Lora] = {}
+        self.left: dict[tuple[int, int], float] = {}  # spans served here before: when left (monotonic)
         self.old_spans: list[tuple[Span, float]] = []  # (span, drain deadline, monotonic)
         self.drain_timeout_s = drain_timeout_s
         self.draining = False  # stopping: no new sessions
@@ -190,8 +201,7 @@ class SpanServer:
         batch, relaying = self.steps.batch, self.relaying
         last_sweep = time.monotonic()
         while not stop.is_set():
-            if self.next_span is not None:
-                self._switch()
+            self.take_changes()
             if relaying.busy:
                 relaying.tend(poller)
             wait_ms = POLL_INTERVAL_MS
@@ -341,13 +351,60 @@ class SpanServer:
         return max([0.0, *(now - since for since in (self.busy_since, self.compute.busy_since) if since is not None)])
 
     # --- moving ----------------------------------------------------------------------------
-    def switch_span(self, span: Span, timeout_s: float = 10.0) -> bool:
+    def switch_span(self, span: Span, timeout_s: float = 10.0, keep: bool = False) -> bool:
         """From another thread: serve `span` for new sessions from now on; sessions open on
-        the current one drain there. True once the serving thread has switched."""
+        the current one drain there, or with `keep` the current one goes on serving beside it,
+        new sessions included (`also`), until `drop_also`. True once the serving thread has
+        switched."""
         self._switched.clear()
         self._next_adapters = self.read_adapters(span)
+        self._keep_old = keep
         self.next_span = span
         return self._switched.wait(timeout_s)
+
+    def add_also(self, span: Span, timeout_s: float = 10.0) -> bool:
+        """From another thread: serve `span` beside the current one (blocks another server is
+        about to leave) until `drop_also`. True once the serving thread serves it."""
+        adapters = self.read_adapters(span)
+
+        def add() -> None:
+            self._retire_also()
+            self.also, self.also_adapters = span, adapters
+            log.info("now serving blocks %d:%d beside %d:%d", span.start, span.end, self.span.start, self.span.end)
+        return self._on_serving_thread(add, timeout_s)
+
+    def drop_also(self, timeout_s: float = 10.0) -> bool:
+        """From another thread: stop taking sessions on the span served beside the current one;
+        those open there drain as after a move. True once the serving thread has let it go."""
+        return self._on_serving_thread(self._retire_also, timeout_s)
+
+    def take_changes(self) -> None:
+        """On the serving thread, between two requests: the change of spans another thread
+        handed over (switch_span, add_also, drop_also), if any."""
+        if self.next_span is not None:
+            self._switch()
+        if self._change is not None:
+            change, self._change = self._change, None
+            change()
+            self._switched.set()
+
+    def _on_serving_thread(self, change: Callable[[], None], timeout_s: float) -> bool:
+        """Have the serving thread make `change` between two requests: it alone reads the spans
+        while it handles one."""
+        self._switched.clear()
+        self._change = change
+        return self._switched.wait(timeout_s)
+
+    def _retire_also(self) -> None:
+        also, self.also, self.also_adapters = self.also, None, {}
+        if also is None:
+            return
+        self.left[also.start, also.end] = time.monotonic()
+        draining = sum(1 for x in self.sessions.values() if x.span is also)
+        if draining:
+            self.old_spans.append((also, time.monotonic() + self.drain_timeout_s))
+        log.info("no longer serving blocks %d:%d beside %d:%d (%d sessions drain there)", also.start, also.end,
+                 self.span.start, self.span.end, draining)
 
     def read_adapters(self, span: Span) -> dict[str, Lora]:
         """The hosted adapters (serve.adapters) for `span`, moved to its device and dtype once here
@@ -361,10 +418,18 @@ class SpanServer:
     def _switch(self) -> None:
         new, self.next_span = self.next_span, None
         assert new is not None
-        old = self.span
+        old, old_adapters = self.span, self.adapters
         self.adapters = self._next_adapters
         self.span = new
+        if self._keep_old:
+            self._retire_also()
+            self.also, self.also_adapters = old, old_adapters
+            log.info("now serving blocks %d:%d, and %d:%d beside them until others cover those", new.start, new.end,
+                     old.start, old.end)
+            self._switched.set()
+            return
         draining = sum(1 for x in self.sessions.values() if x.span is old)
+        self.left[old.start, old.end] = time.monotonic()
         if draining:
             self.old_spans.append((old, time.monotonic() + self.drain_timeout_s))
         log.info("now serving blocks %d:%d (was %d:%d; %d sessions drain there)", new.start, new.end, old.start,
@@ -385,6 +450,15 @@ class SpanServer:
                 log.info("blocks %d:%d drained and unloaded", span.start, span.end)
                 if span.device.type == "cuda":
                     torch.cuda.empty_cache()
+
+    def moved_from(self, first: int, last: int) -> bool:
+        """Whether blocks [first, last) were served here lately (LEFT_GRACE_S), or drain here."""
+        now = time.monotonic()
+        for span, at in list(self.left.items()):
+            if now - at > LEFT_GRACE_S:
+                del self.left[span]
+        return (any(old.start <= first < last <= old.end for old, _ in self.old_spans)
+                or any(a <= first < last <= b for a, b in self.left))
 
     def info(self) -> dict:
         if not self.attached:

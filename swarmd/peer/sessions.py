@@ -16,7 +16,7 @@ from swarmd.peer.limits import shared_network
 from swarmd.peer.owner import Owner
 from swarmd.peer.records import ServerSession
 from swarmd.runtime.adapters import slice_lora
-from swarmd.runtime.span import Lora
+from swarmd.runtime.span import Lora, Span
 
 log = logging.getLogger("swarmd.peer")
 
@@ -36,25 +36,34 @@ class Sessions:
             raise WrongModelError(f"this server serves model {self.server.model_id}, not {asked}")
 
     def check_blocks(self, kind: str, blocks: list) -> tuple[int, int]:
-        """[first, last] within the span served now; blocks this server moved away from are
-        `span_moved` (the gateway reroutes), others a limit."""
+        """[first, last] within a span served now (`span_for`); blocks this server moved away
+        from are `span_moved` (the gateway reroutes), others a limit."""
         if len(blocks) != 2 or not all(isinstance(b, int) and not isinstance(b, bool) for b in blocks):
             raise ProtocolError(f"{kind}: 'blocks' must be [first, last]")
         first, last = blocks
         span = self.server.span
-        if not (span.start <= first < last <= span.end):
-            if (any(old.start <= first < last <= old.end for old, _ in self.server.old_spans)
-                    or self.server.next_span is not None):
+        if self.span_for(first, last) is None:
+            if self.server.moved_from(first, last) or self.server.next_span is not None:
                 raise SpanMovedError(f"this server moved to blocks {span.start}:{span.end}")
             raise LimitError(f"blocks {first}:{last} are not served here (this server has {span.start}:{span.end})")
         return first, last
 
+    def span_for(self, first: int, last: int) -> Span | None:
+        """The span that serves blocks [first, last): the current one, or while this server
+        trades places the one it holds beside it (a request within both goes to the current)."""
+        for span in (self.server.span, self.server.also):
+            if span is not None and span.start <= first < last <= span.end:
+                return span
+        return None
+
     def hosted_adapter(self, name: str | None, first: int, last: int) -> Lora | None:
         if name is None:
             return None
-        if name not in self.server.adapters:
-            raise LimitError(f"adapter {name!r} is not hosted here (this server has {sorted(self.server.adapters)})")
-        return slice_lora(self.server.adapters[name], self.server.span.start, first, last)
+        span = self.span_for(first, last) or self.server.span
+        adapters = self.server.also_adapters if span is self.server.also else self.server.adapters
+        if name not in adapters:
+            raise LimitError(f"adapter {name!r} is not hosted here (this server has {sorted(adapters)})")
+        return slice_lora(adapters[name], span.start, first, last)
 
     def on_open(self, req: PeerOpen) -> tuple[Opened, None]:
         srv = self.server
@@ -75,7 +84,8 @@ class Sessions:
             # a resend of an open that came (its answer was lost): the same session, nothing more held
             return {"session": again, "cache_bytes": srv.sessions[again].cache.nbytes}, None
         lora = self.hosted_adapter(req.adapter, first, last)  # before reserving: a refusal must hold nothing
-        nbytes = srv.span.cache_bytes(first, last, batch, max_length)
+        span = self.span_for(first, last) or srv.span  # check_blocks found one
+        nbytes = span.cache_bytes(first, last, batch, max_length)
         network = shared_network(srv.peer_host, srv.access.private)
         with srv.sessions_lock:
             held = [x.cache.nbytes for x in srv.sessions.values() if x.owner == owner]
@@ -85,13 +95,13 @@ class Sessions:
             srv.key_limits.admit_session(owner, held, nbytes, srv.budget.max_bytes,
                                          pushed_bytes=srv.early.held_by(owner), network=network,
                                          network_held=held_network)
-            cache = srv.span.new_cache(first, last, batch, max_length)
+            cache = span.new_cache(first, last, batch, max_length)
         except BaseException:
             srv.budget.release(nbytes)
             raise
         sid = secrets.token_hex(12)
         with srv.sessions_lock:
-            srv.sessions[sid] = ServerSession(sid, cache, srv.span, owner, lora, network=network)
+            srv.sessions[sid] = ServerSession(sid, cache, span, owner, lora, network=network)
         srv.count(sessions_opened=1)
         if open_id is not None:
             srv.opened[(owner, open_id)] = sid

@@ -9,7 +9,7 @@ import time
 
 import torch
 from conftest import hf_reference
-from helpers import SWARMCTL, Daemon, generate_equals_hf, online_ids, until
+from helpers import SWARMCTL, Daemon, generate_equals_hf, greedy, online_ids, until
 
 from libswarm import AutoDistributedModelForCausalLM
 
@@ -202,6 +202,62 @@ def test_swarmctl_rebalance_dry_run_then_a_move_during_a_generation(model_dirs, 
         status = mover.ctl("status")
         assert status["serve"]["moves"] == 1 and status["serve"]["last_move"]["to"] == [2, 4]
         generate_equals_hf(d, mover.socket)
+    finally:
+        for x in daemons:
+            x.stop()
+
+
+def test_two_servers_each_alone_trade_places_by_double_holding_during_generations(model_dirs, tmp_path):
+    """The corner single moves cannot leave (placement.py): a holds blocks 0:2 alone, b holds
+    block 3 alone, and the plan puts b on 0:2 and a on 2:4 (c is fixed on 2:3). b, whose memory
+    holds both spans, takes 0:2 and keeps serving 2:4 (its record says `also`), a moves, then b
+    lets 2:4 go. Generations run all along and equal Hugging Face's; no block is ever
+    uncovered."""
+    d = model_dirs("llama", layers=4)
+    root = str(tmp_path)
+    c = Daemon(root, "c", d, "2:3").seed_speed(0.005)  # fixed: 200 steps/s
+    a = auto(root, "a", d, 0.0025, 2)  # 2 blocks at 200 steps/s
+    b = auto(root, "b", d, 1 / 600, 2)  # 2 blocks at 300 steps/s
+    daemons = [c, a, b]
+    try:
+        c.start([]).wait_ready()
+        a.start([c.address]).wait_ready()
+        b.start([c.address]).wait_ready()
+        assert (span_of(a), span_of(b)) == ([0, 2], [2, 4])  # a alone on 0:2, b alone on 3:4
+        capacities = {x.name: x.ctl("status")["serve"]["capacity"] for x in (a, b)}
+        assert capacities == {"a": 4, "b": 4}  # the tiny model fits whole: room for both spans
+
+        stop, results, errors = threading.Event(), [], []
+
+        def generate() -> None:
+            seed = 0
+            while not stop.is_set():
+                try:
+                    results.append(greedy(d, c.socket, seed, 24))
+                except Exception as e:  # noqa: BLE001 - reported by the test's thread
+                    errors.append(repr(e))
+                seed += 1
+
+        t = threading.Thread(target=generate)
+        t.start()
+        seen_also, covered = [], []
+        t0 = time.monotonic()
+        while not (span_of(a) == [2, 4] and span_of(b) == [0, 2] and b.ctl("status")["serve"]["also"] is None):
+            assert time.monotonic() - t0 < RECOVER_LIMIT_S, [x.tail() for x in daemons]
+            st = c.ctl("status")
+            covered.append(st["coverage"][0]["complete"])
+            seen_also += [p["also"] for p in st["peers"] if p.get("also")]
+            time.sleep(0.1)
+        time.sleep(1.0)
+        stop.set()
+        t.join(120)
+        assert not errors, errors
+        assert results and all(torch.equal(ours, theirs) for ours, theirs in results)
+        assert all(covered), "a block was uncovered during the trade"
+        assert [2, 4] in seen_also  # b announced the old span while it held both
+        kinds = [x.ctl("status")["serve"]["last_move"].get("kind") for x in (a, b)]
+        assert kinds == ["move", "drop"]
+        print(f"traded in {time.monotonic() - t0:.1f} s with {len(results)} generations")
     finally:
         for x in daemons:
             x.stop()
