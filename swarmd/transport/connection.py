@@ -182,8 +182,10 @@ class PeerConnection:
             return self._checked(self._stash.pop(req_id))
         disconnects = self.disconnects
         while True:
+            # past the deadline, a reply that has come already is still taken: the caller may have
+            # been busy elsewhere (sending a chain's later hops) while this peer answered in time
             left_ms = int((deadline - time.monotonic()) * 1000)
-            events = dict(self._replies.poll(left_ms)) if left_ms > 0 else {}
+            events = dict(self._replies.poll(max(left_ms, 0)))
             if not events:
                 raise NoAnswerInTime(f"peer {self.address} did not answer {what} in time")
             if self.monitor in events:

@@ -4,6 +4,7 @@ import logging
 import os
 import time
 
+import pytest
 import zmq
 
 from swarmd.identity import NodeIdentity
@@ -250,6 +251,50 @@ def test_a_peer_that_sends_replies_nobody_asked_for_pins_no_memory():
         reply = conn.request("ping", timeout_s=20)
         assert reply.get("real") is True
         assert conn._stash == {}
+    finally:
+        conn.close()
+        router.close(0)
+        ctx.term()
+
+
+def test_a_reply_that_came_in_time_is_taken_even_when_the_caller_looks_after_its_deadline():
+    """The gateway sends a chain's later hops before it waits for the first; a send to a peer
+    that is reconnecting can take seconds. The first hop's reply, come meanwhile, is still its
+    answer: the hop is not blamed for the gateway's own wait (it was, and a SIGSTOPped server
+    then had its healthy predecessors replaced over and over)."""
+    import threading
+
+    from libswarm.protocol import decode, encode
+    from swarmd.transport.connection import NoAnswerInTime, PeerConnection
+
+    me, peer = NodeIdentity(os.urandom(32)), NodeIdentity(os.urandom(32))
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.curve_server = True
+    router.curve_secretkey = peer.secret_key.encode()
+    router.curve_publickey = peer.public_key.encode()
+    router.linger = 0
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    answered = threading.Event()
+
+    def serve():
+        frames = router.recv_multipart()
+        router.send_multipart([frames[0], *encode("ok", decode(frames[1:]).id, {"real": True})])
+        answered.set()
+        router.recv_multipart()  # the second request is never answered
+
+    threading.Thread(target=serve, daemon=True).start()
+    conn = PeerConnection(ctx, f"tcp://127.0.0.1:{port}", me, peer.public_key, 8 << 20)
+    try:
+        req_id = conn.send("ping", timeout_s=20)
+        assert answered.wait(20)
+        time.sleep(0.2)  # the reply is here; the caller comes for it after its deadline
+        assert conn.receive(req_id, time.monotonic() - 1.0, "ping").get("real") is True
+        late = conn.send("ping", timeout_s=20)
+        t0 = time.monotonic()
+        with pytest.raises(NoAnswerInTime):
+            conn.receive(late, time.monotonic() - 1.0, "ping")  # nothing came: no answer, at once
+        assert time.monotonic() - t0 < 1.0
     finally:
         conn.close()
         router.close(0)
