@@ -496,7 +496,7 @@ def _gap_path(holders: Sequence[Holder], num_blocks: int) -> tuple[str, Move] | 
     seen = {first}
     frontier: list[tuple[tuple[int, ...], tuple[int, int] | None]] = [(first, None)]
     for _ in range(GAP_SEARCH_DEPTH):
-        following = []
+        following: list[tuple[tuple[int, ...], tuple[int, int] | None]] = []
         for starts, first_move in frontier:
             cover = rest + sum(masks[i][s] for i, s in enumerate(starts))
             for i in range(len(movers)):
