@@ -39,7 +39,7 @@ MOVE_MARGIN = 0.05
 PLAN_BISECTIONS = 20  # of the target throughput: to a millionth of the range
 PLAN_POLISH_MOVES = 50
 SWEEP_RULES = 4
-SWEEP_BUDGET = 150  # placements one backtracking sweep may try before it gives a target up
+SWEEP_BUDGET = 150  # placements one backtracking sweep may try before it gives a target up (protocol.md)
 PLAN_SEARCH_BISECTIONS = 8  # of the target above the greedy sweeps' best: to 0.4 % of the range
 # Double-holding steps whose outcome is looked ahead (each replays the rest of the plan, a few
 # hundred vectorized steps at most in a swarm of a hundred): the best-ranked few, since a trade
