@@ -39,11 +39,16 @@ MOVE_MARGIN = 0.05
 PLAN_BISECTIONS = 20  # of the target throughput: to a millionth of the range
 PLAN_POLISH_MOVES = 50
 SWEEP_RULES = 4
+SWEEP_BUDGET = 150  # placements one backtracking sweep may try before it gives a target up (protocol.md)
+PLAN_SEARCH_BISECTIONS = 8  # of the target above the greedy sweeps' best: to 0.4 % of the range
 # Double-holding steps whose outcome is looked ahead (each replays the rest of the plan, a few
 # hundred vectorized steps at most in a swarm of a hundred): the best-ranked few, since a trade
 # that a better one cannot complete rarely completes for a worse one, and a swarm in a corner
 # must not cost its servers minutes of planning.
 TRADES_TRIED = 8
+# A swarm with a block uncovered that no single move fills: the search for a few moves that fill it
+GAP_SEARCH_DEPTH = 4
+GAP_SEARCH_STATES = 20000
 
 
 @dataclass(frozen=True)
@@ -194,35 +199,95 @@ def plan_move(holders: Sequence[Holder], me: str, num_blocks: int, margin: float
     return Move((mine.start, mine.end), (start, start + mine.length), min(now), min(after), _rank(after))
 
 
+def _order(kinds: Sequence[tuple[int, float, int]], counts: Sequence[int], d: float,
+           rules: Sequence[int]) -> list[int]:
+    """The kinds of server (length, throughput, rank of the first key) with some free, in the
+    order the choice `rules` prefer them to start at a block `d` short of the target: each
+    rule's first choice, then each rule's second, and so on. Ties go to the last key, but for
+    the slowest server that fills the shortfall alone (the first)."""
+    free = [k for k, c in enumerate(counts) if c]
+    ranked = []
+    for rule in rules:
+        if rule == 0:  # the most throughput-blocks that go to filling the shortfall
+            ranked.append(sorted(free, key=lambda k: (-min(kinds[k][1], d) * kinds[k][0], -kinds[k][2])))
+        elif rule == 1:  # the slowest server that fills it alone, then the fastest
+            ranked.append(sorted(free, key=lambda k: (0, kinds[k][1], -kinds[k][0], kinds[k][2])
+                                 if kinds[k][1] >= d else (1, -kinds[k][1], -kinds[k][2])))
+        elif rule == 2:  # the longest
+            ranked.append(sorted(free, key=lambda k: (-kinds[k][0], -kinds[k][1], -kinds[k][2])))
+        else:  # the fastest
+            ranked.append(sorted(free, key=lambda k: (-kinds[k][1], -kinds[k][0], -kinds[k][2])))
+    if len(ranked) == 1:
+        return ranked[0]
+    out: list[int] = []
+    for choices in zip(*ranked):
+        out += [k for k in choices if k not in out]
+    return out
+
+
 def _sweep(base: Sequence[float], servers: Sequence[Holder], num_blocks: int, target: float,
-           rule: int) -> tuple[dict[str, int], list[Holder]] | None:
+           rules: Sequence[int], budget: int = 0) -> tuple[dict[str, int], list[Holder]] | None:
     """Whether `servers` can lift every block of `base` to `target`, placed left to right: at
     the first block short of it, one more server starts there (or as far right as its length
-    allows), chosen by `rule`. Returns (starts, servers left over), or None."""
+    allows), the kinds tried in the order the `rules` prefer. With a `budget`, it backtracks
+    when the servers left cannot fill what is left short, trying up to `budget` placements in
+    all (past it, the answer is no); without, it keeps the first choice at each block. Returns
+    (starts, servers left over), or None."""
+    eps = 1e-9 * max(1.0, target)
     deficit = [target - x for x in base]
-    free = list(servers)
+    alike: dict[tuple[int, float], list[Holder]] = {}
+    for h in sorted(servers, key=lambda h: h.key):
+        alike.setdefault((h.end - h.start, h.throughput), []).append(h)
+    groups = list(alike.values())  # servers alike are interchangeable: placed in key order
+    kinds = [(g[0].end - g[0].start, g[0].throughput, i) for i, g in enumerate(groups)]  # groups are in key order
+    counts = [len(g) for g in groups]
+    chosen: list[tuple[int, int]] = []  # (kind, start), in the order placed
+    tried = 0
+
+    def fits(b: int) -> bool:
+        """A bound: what the free servers could add from block b on covers what is short there."""
+        reach = num_blocks - b
+        rest = deficit[b:]
+        return sum(x for x in rest if x > eps) <= eps + sum(
+            c * tp * min(length, reach) for (length, tp, _), c in zip(kinds, counts)) \
+            and max(rest) <= eps + sum(c * tp for (_, tp, _), c in zip(kinds, counts))
+
+    def fill(b: int) -> bool:
+        nonlocal tried
+        while b < num_blocks and deficit[b] <= eps:
+            b += 1
+        if b == num_blocks:
+            return True
+        if not any(counts) or (budget and not fits(b)):
+            return False
+        for k in _order(kinds, counts, deficit[b], rules):
+            tried += 1
+            if budget and tried > budget:
+                return False
+            length, tp, _ = kinds[k]
+            start = min(b, num_blocks - length)
+            counts[k] -= 1
+            chosen.append((k, start))
+            for x in range(start, start + length):
+                deficit[x] -= tp
+            if fill(b):
+                return True
+            if not budget:
+                return False
+            for x in range(start, start + length):
+                deficit[x] += tp
+            chosen.pop()
+            counts[k] += 1
+        return False
+
+    if not fill(0):
+        return None
     starts: dict[str, int] = {}
-    for b in range(num_blocks):
-        while deficit[b] > 1e-9 * max(1.0, target):
-            if not free:
-                return None
-            d = deficit[b]
-            if rule == 0:  # the most throughput-blocks that go to filling the shortfall
-                h = max(free, key=lambda h: (min(h.throughput, d) * h.length, h.key))
-            elif rule == 1:  # the slowest server that fills it alone, else the fastest
-                enough = [h for h in free if h.throughput >= d]
-                h = min(enough, key=lambda h: (h.throughput, -h.length, h.key)) if enough else \
-                    max(free, key=lambda h: (h.throughput, h.key))
-            elif rule == 2:  # the longest
-                h = max(free, key=lambda h: (h.length, h.throughput, h.key))
-            else:  # the fastest
-                h = max(free, key=lambda h: (h.throughput, h.length, h.key))
-            free.remove(h)
-            start = min(b, num_blocks - h.length)
-            starts[h.key] = start
-            for x in range(start, start + h.length):
-                deficit[x] -= h.throughput
-    return starts, free
+    used = [0] * len(groups)
+    for k, start in chosen:
+        starts[groups[k][used[k]].key] = start
+        used[k] += 1
+    return starts, [h for k, g in enumerate(groups) for h in g[used[k]:]]
 
 
 def plan_swarm(holders: Sequence[Holder], num_blocks: int) -> dict[str, int]:
@@ -233,22 +298,32 @@ def plan_swarm(holders: Sequence[Holder], num_blocks: int) -> dict[str, int]:
 
     For a target throughput, a sweep from block 0 places a server wherever a block falls short;
     bisection finds the highest target each of SWEEP_RULES choice rules reaches, sweeping from
-    the first block and from the last. Servers left over go where they raise the weakest blocks
-    most, then single moves and swaps of two servers polish each candidate. The best candidate
-    (by the sorted-profile rank) is the plan. Single moves from where the swarm happens to be
-    settle in local optima (one server alone holds blocks that another would serve better); a
-    plan made from scratch does not depend on that history."""
+    the first block and from the last. Then a search that backtracks (SWEEP_BUDGET placements
+    at most per target), trying every rule's choices at each block, looks for a higher target
+    than the best of those. Servers left over go where they raise the weakest blocks most, then
+    single moves and swaps of two servers polish each candidate. The best candidate (by the
+    sorted-profile rank) is the plan. Single moves from where the swarm happens to be settle in
+    local optima (one server alone holds blocks that another would serve better); a plan made
+    from scratch does not depend on that history."""
     fixed = sorted((h for h in holders if not h.movable), key=lambda h: h.key)
     movable = sorted((h for h in holders if h.movable), key=lambda h: h.key)
     if not movable:
         return {}
     best: tuple | None = None
     for rule, mirrored in ((r, m) for r in range(SWEEP_RULES) for m in (False, True)):
-        placed = _plan_one(fixed, movable, num_blocks, rule, mirrored)
-        rank = _rank(block_throughput(placed, num_blocks))
-        if best is None or rank > best[0]:
-            best = (rank, placed)
+        placed = _plan_one(fixed, movable, num_blocks, (rule,), mirrored)
+        if placed is not None:
+            rank = _rank(block_throughput(placed, num_blocks))
+            if best is None or rank > best[0]:
+                best = (rank, placed)
     assert best is not None
+    for rules, mirrored in (((r,), m) for r in range(SWEEP_RULES) for m in (False, True)):
+        placed = _plan_one(fixed, movable, num_blocks, rules, mirrored,
+                           above=best[0][0], budget=SWEEP_BUDGET)
+        if placed is not None:
+            rank = _rank(block_throughput(placed, num_blocks))
+            if rank > best[0]:
+                best = (rank, placed)
     return _fewest_moves(holders, {h.key: h.start for h in best[1] if h.movable})
 
 
@@ -256,21 +331,29 @@ def _mirror(h: Holder, num_blocks: int) -> Holder:
     return replace(h, start=num_blocks - h.end, end=num_blocks - h.start, also=None)
 
 
-def _plan_one(fixed: list[Holder], movable: list[Holder], num_blocks: int, rule: int, mirrored: bool) -> list[Holder]:
-    """One candidate plan: the sweep with `rule`, from block 0 or (`mirrored`) from the last."""
+def _plan_one(fixed: list[Holder], movable: list[Holder], num_blocks: int, rules: tuple[int, ...], mirrored: bool,
+              above: float = 0.0, budget: int = 0) -> list[Holder] | None:
+    """One candidate plan: the sweep with `rules`, from block 0 or (`mirrored`) from the last, at
+    the highest target it reaches; with `above`, only a target above it counts (else None)."""
     if mirrored:
         fixed = [_mirror(h, num_blocks) for h in fixed]
     base = block_throughput(fixed, num_blocks)
-    low, high = 0.0, min(base) + sum(h.throughput for h in movable)
-    found = _sweep(base, movable, num_blocks, 0.0, rule)
-    for _ in range(PLAN_BISECTIONS):
+    # no block can get more than its share of all the throughput-blocks, nor more than every server at once
+    high = min(min(base) + sum(h.throughput for h in movable),
+               (sum(base) + sum(h.throughput * h.length for h in movable)) / num_blocks)
+    low = above
+    found = None if above else _sweep(base, movable, num_blocks, 0.0, rules, budget)
+    for _ in range(PLAN_BISECTIONS if not above else PLAN_SEARCH_BISECTIONS):
+        if high <= low * (1 + 1e-6):
+            break
         mid = (low + high) / 2
-        got = _sweep(base, movable, num_blocks, mid, rule)
+        got = _sweep(base, movable, num_blocks, mid, rules, budget)
         if got is None:
             high = mid
         else:
             low, found = mid, got
-    assert found is not None  # a target of 0 is always met
+    if found is None:
+        return None
     starts, left = found
     placed = fixed + [h.at(starts[h.key]) for h in movable if h.key in starts]
     for h in sorted(left, key=lambda h: (-h.throughput * h.length, h.key)):
@@ -388,7 +471,55 @@ def pick_mover(holders: Sequence[Holder], num_blocks: int, margin: float = MOVE_
             continue  # a server where the plan puts it stays, but to fill a gap no step of the plan can
         if best is None or move.rank > best[0]:
             best = (move.rank, h.key, move)
-    return (best[1], best[2]) if best else _drop(holders, num_blocks)
+    if best:
+        return best[1], best[2]
+    return _drop(holders, num_blocks) or (gaps_now and _gap_path(holders, num_blocks)) or None
+
+
+def _gap_path(holders: Sequence[Holder], num_blocks: int) -> tuple[str, Move] | None:
+    """When a block is uncovered and no move fills it without uncovering another (servers alone
+    on their blocks, and none with memory to spare): the first move of the shortest sequence of
+    moves, none uncovering a block, after which fewer blocks are uncovered. The moves on the way
+    may rank the swarm no higher (it serves no one while a block is missing, so a sideways move
+    costs nothing); the search runs breadth first, servers by key and starts in order, over at
+    most GAP_SEARCH_STATES states of at most GAP_SEARCH_DEPTH moves. Each move it names leaves
+    a shorter such sequence from the swarm it makes, so the moves end."""
+    movers = [h for h in holders if h.movable and h.also is None]
+    if not movers or sum(h.length for h in holders) < num_blocks:
+        return None
+    rest = coverage([h for h in holders if not (h.movable and h.also is None)], num_blocks)
+    lengths = np.array([h.length for h in movers], dtype=np.int64)
+    masks = [_masks(num_blocks, int(length)).astype(np.int64) for length in lengths]
+    first = tuple(h.start for h in movers)
+    cover0 = rest + sum(masks[i][s] for i, s in enumerate(first))
+    gaps0 = int((cover0 == 0).sum())
+    seen = {first}
+    frontier: list[tuple[tuple[int, ...], tuple[int, int] | None]] = [(first, None)]
+    for _ in range(GAP_SEARCH_DEPTH):
+        following: list[tuple[tuple[int, ...], tuple[int, int] | None]] = []
+        for starts, first_move in frontier:
+            cover = rest + sum(masks[i][s] for i, s in enumerate(starts))
+            for i in range(len(movers)):
+                after = cover[None, :] - masks[i][starts[i]][None, :] + masks[i]
+                safe = ~_uncovers(cover, after)
+                safe[starts[i]] = False
+                for s in np.flatnonzero(safe).tolist():
+                    state = starts[:i] + (s,) + starts[i + 1:]
+                    if state in seen:
+                        continue
+                    seen.add(state)
+                    move = first_move or (i, s)
+                    if int((after[s] == 0).sum()) < gaps0:
+                        i, s = move
+                        h = movers[i]
+                        now = block_throughput(holders, num_blocks)
+                        moved = block_throughput([h.at(s) if x.key == h.key else x for x in holders], num_blocks)
+                        return h.key, Move((h.start, h.end), (s, s + h.length), min(now), min(moved), _rank(moved))
+                    if len(seen) >= GAP_SEARCH_STATES:
+                        return None
+                    following.append((state, move))
+        frontier = following
+    return None
 
 
 def _drop(holders: Sequence[Holder], num_blocks: int, target: dict[str, int] | None = None) -> tuple[str, Move] | None:

@@ -5,6 +5,8 @@ spans double-holds to get there (placement.py); one without that memory never do
 import random
 from dataclasses import replace
 
+import numpy as np
+
 from swarmd.placement import (
     Holder,
     apply_move,
@@ -120,3 +122,45 @@ def test_random_small_swarms_with_memory_to_spare_never_uncover_a_block_and_end_
         trades += sum(kind in ("hold", "bridge") for _, kind in made)
         assert all(h.also is None for h in settled)
     assert trades > 0  # the corners did come up, and were left
+
+
+# Servers whose spans add up to the model's 8 blocks, block 1 uncovered, none with memory to
+# spare: every move that covers block 1 leaves a block that the mover alone holds.
+GAP_NO_SINGLE_MOVE = [Holder("s0", 0, 1, 59.477, capacity=1), Holder("s2", 2, 3, 132.187, capacity=1),
+                      Holder("s4", 3, 5, 14.595, capacity=2), Holder("s5", 4, 8, 5.84, capacity=4)]
+
+
+def test_a_gap_that_no_single_move_fills_is_filled_by_moves_that_uncover_nothing():
+    for h in GAP_NO_SINGLE_MOVE:  # no single move of anyone fills it without leaving a block bare
+        for start in range(8 - h.length + 1):
+            moved = [x.at(start) if x.key == h.key else x for x in GAP_NO_SINGLE_MOVE]
+            assert gaps(moved, 8) != [] if start != h.start else gaps(moved, 8) == [1]
+    settled, made = settle(GAP_NO_SINGLE_MOVE, 8)  # settle() asserts that no move uncovers a block
+    assert gaps(settled, 8) == []
+    assert all(kind == "move" for _, kind in made)
+    # the same from the other end, and a burst that left block 0 bare
+    mirrored = [Holder(h.key, 8 - h.end, 8 - h.start, h.throughput, capacity=h.capacity) for h in GAP_NO_SINGLE_MOVE]
+    assert gaps(settle(mirrored, 8)[0], 8) == []
+    burst = [Holder("s3", 1, 2, 81.303), Holder("s5", 2, 4, 37.313), Holder("s6", 3, 5, 41.884),
+             Holder("s2", 5, 8, 75.651)]
+    assert gaps(burst, 8) == [0] and gaps(settle(burst, 8)[0], 8) == []
+
+
+def test_a_gap_the_servers_are_too_few_to_fill_names_no_mover():
+    short = [Holder("a", 0, 2, 1.0), Holder("b", 3, 5, 1.0), Holder("c", 5, 7, 1.0)]  # 6 blocks of 8
+    assert pick_mover(short, 8) is None
+
+
+def test_the_plan_reaches_the_optimum_where_the_greedy_sweeps_stop_short():
+    servers = [(4, 25.272), (4, 33.802), (4, 35.996), (6, 24.307), (6, 32.688), (7, 17.298)]
+    holders = [Holder(f"s{i}", 0, length, tp) for i, (length, tp) in enumerate(servers)]
+    n = 12
+    # every placement (9 * 9 * 9 * 7 * 7 * 6 of them): the best bottleneck there is
+    grids = np.meshgrid(*[np.arange(n - length + 1) for length, _ in servers], indexing="ij")
+    starts = np.stack([g.ravel() for g in grids], axis=1)
+    blocks = np.arange(n)
+    tp = sum(t * ((blocks[None, :] >= starts[:, [i]]) & (blocks[None, :] < starts[:, [i]] + length))
+             for i, (length, t) in enumerate(servers))
+    optimum = tp.min(axis=1).max()
+    plan = plan_swarm(holders, n)
+    assert bottleneck([h.at(plan[h.key]) for h in holders], n) >= optimum * (1 - 1e-9)
