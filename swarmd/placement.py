@@ -199,24 +199,23 @@ def plan_move(holders: Sequence[Holder], me: str, num_blocks: int, margin: float
     return Move((mine.start, mine.end), (start, start + mine.length), min(now), min(after), _rank(after))
 
 
-def _order(kinds: Sequence[tuple[int, float, int]], counts: Sequence[int], d: float,
-           rules: Sequence[int]) -> list[int]:
-    """The kinds of server (length, throughput, rank of the first key) with some free, in the
-    order the choice `rules` prefer them to start at a block `d` short of the target: each
-    rule's first choice, then each rule's second, and so on. Ties go to the last key, but for
-    the slowest server that fills the shortfall alone (the first)."""
+def _order(kinds: Sequence[tuple[int, float]], counts: Sequence[int], d: float, rules: Sequence[int]) -> list[int]:
+    """The kinds of server (length, throughput; numbered in the order of their first keys) with
+    some free, in the order the choice `rules` prefer them to start at a block `d` short of the
+    target: each rule's first choice, then each rule's second, and so on. Ties go to the last
+    key, but for the slowest server that fills the shortfall alone (the first)."""
     free = [k for k, c in enumerate(counts) if c]
     ranked = []
     for rule in rules:
         if rule == 0:  # the most throughput-blocks that go to filling the shortfall
-            ranked.append(sorted(free, key=lambda k: (-min(kinds[k][1], d) * kinds[k][0], -kinds[k][2])))
+            ranked.append(sorted(free, key=lambda k: (-min(kinds[k][1], d) * kinds[k][0], -k)))
         elif rule == 1:  # the slowest server that fills it alone, then the fastest
-            ranked.append(sorted(free, key=lambda k: (0, kinds[k][1], -kinds[k][0], kinds[k][2])
-                                 if kinds[k][1] >= d else (1, -kinds[k][1], -kinds[k][2])))
+            ranked.append(sorted(free, key=lambda k: (0, kinds[k][1], -kinds[k][0], k)
+                                 if kinds[k][1] >= d else (1, -kinds[k][1], -k)))
         elif rule == 2:  # the longest
-            ranked.append(sorted(free, key=lambda k: (-kinds[k][0], -kinds[k][1], -kinds[k][2])))
+            ranked.append(sorted(free, key=lambda k: (-kinds[k][0], -kinds[k][1], -k)))
         else:  # the fastest
-            ranked.append(sorted(free, key=lambda k: (-kinds[k][1], -kinds[k][0], -kinds[k][2])))
+            ranked.append(sorted(free, key=lambda k: (-kinds[k][1], -kinds[k][0], -k)))
     if len(ranked) == 1:
         return ranked[0]
     out: list[int] = []
@@ -238,8 +237,8 @@ def _sweep(base: Sequence[float], servers: Sequence[Holder], num_blocks: int, ta
     alike: dict[tuple[int, float], list[Holder]] = {}
     for h in sorted(servers, key=lambda h: h.key):
         alike.setdefault((h.end - h.start, h.throughput), []).append(h)
-    groups = list(alike.values())  # servers alike are interchangeable: placed in key order
-    kinds = [(g[0].end - g[0].start, g[0].throughput, i) for i, g in enumerate(groups)]  # groups are in key order
+    groups = list(alike.values())  # in the order of their first keys; alike servers placed in key order
+    kinds = list(alike)
     counts = [len(g) for g in groups]
     chosen: list[tuple[int, int]] = []  # (kind, start), in the order placed
     tried = 0
@@ -249,8 +248,8 @@ def _sweep(base: Sequence[float], servers: Sequence[Holder], num_blocks: int, ta
         reach = num_blocks - b
         rest = deficit[b:]
         return sum(x for x in rest if x > eps) <= eps + sum(
-            c * tp * min(length, reach) for (length, tp, _), c in zip(kinds, counts)) \
-            and max(rest) <= eps + sum(c * tp for (_, tp, _), c in zip(kinds, counts))
+            c * tp * min(length, reach) for (length, tp), c in zip(kinds, counts)) \
+            and max(rest) <= eps + sum(c * tp for (_, tp), c in zip(kinds, counts))
 
     def fill(b: int) -> bool:
         nonlocal tried
@@ -264,7 +263,7 @@ def _sweep(base: Sequence[float], servers: Sequence[Holder], num_blocks: int, ta
             tried += 1
             if budget and tried > budget:
                 return False
-            length, tp, _ = kinds[k]
+            length, tp = kinds[k]
             start = min(b, num_blocks - length)
             counts[k] -= 1
             chosen.append((k, start))
@@ -310,20 +309,15 @@ def plan_swarm(holders: Sequence[Holder], num_blocks: int) -> dict[str, int]:
     if not movable:
         return {}
     best: tuple | None = None
-    for rule, mirrored in ((r, m) for r in range(SWEEP_RULES) for m in (False, True)):
-        placed = _plan_one(fixed, movable, num_blocks, (rule,), mirrored)
-        if placed is not None:
-            rank = _rank(block_throughput(placed, num_blocks))
-            if best is None or rank > best[0]:
+    for search in (False, True):  # the greedy sweeps, then the backtracking ones above their best
+        for rule, mirrored in ((r, m) for r in range(SWEEP_RULES) for m in (False, True)):
+            above = best[0][0] if search and best is not None else 0.0
+            placed = _plan_one(fixed, movable, num_blocks, (rule,), mirrored, above=above,
+                               budget=SWEEP_BUDGET if search else 0)
+            rank = None if placed is None else _rank(block_throughput(placed, num_blocks))
+            if rank is not None and (best is None or rank > best[0]):
                 best = (rank, placed)
     assert best is not None
-    for rules, mirrored in (((r,), m) for r in range(SWEEP_RULES) for m in (False, True)):
-        placed = _plan_one(fixed, movable, num_blocks, rules, mirrored,
-                           above=best[0][0], budget=SWEEP_BUDGET)
-        if placed is not None:
-            rank = _rank(block_throughput(placed, num_blocks))
-            if rank > best[0]:
-                best = (rank, placed)
     return _fewest_moves(holders, {h.key: h.start for h in best[1] if h.movable})
 
 
@@ -510,11 +504,10 @@ def _gap_path(holders: Sequence[Holder], num_blocks: int) -> tuple[str, Move] | 
                     seen.add(state)
                     move = first_move or (i, s)
                     if int((after[s] == 0).sum()) < gaps0:
-                        i, s = move
-                        h = movers[i]
+                        h, to = movers[move[0]], move[1]
                         now = block_throughput(holders, num_blocks)
-                        moved = block_throughput([h.at(s) if x.key == h.key else x for x in holders], num_blocks)
-                        return h.key, Move((h.start, h.end), (s, s + h.length), min(now), min(moved), _rank(moved))
+                        moved = block_throughput([h.at(to) if x.key == h.key else x for x in holders], num_blocks)
+                        return h.key, Move((h.start, h.end), (to, to + h.length), min(now), min(moved), _rank(moved))
                     if len(seen) >= GAP_SEARCH_STATES:
                         return None
                     following.append((state, move))

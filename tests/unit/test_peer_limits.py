@@ -217,6 +217,16 @@ def test_an_address_zeromq_cannot_connect_to_is_a_peer_unavailable_error():
         ctx.term()
 
 
+def _curve_router(ctx: zmq.Context, identity: NodeIdentity) -> tuple[zmq.Socket, int]:
+    """A bare CURVE server socket on loopback, standing for a peer with `identity`."""
+    router = ctx.socket(zmq.ROUTER)
+    router.curve_server = True
+    router.curve_secretkey = identity.secret_key.encode()
+    router.curve_publickey = identity.public_key.encode()
+    router.linger = 0
+    return router, router.bind_to_random_port("tcp://127.0.0.1")
+
+
 def test_a_peer_that_sends_replies_nobody_asked_for_pins_no_memory():
     """A peer (a fake seed) answering one request with 100 unrequested 1 MiB replies first:
     the connection keeps none of them, and the real reply still arrives."""
@@ -229,12 +239,7 @@ def test_a_peer_that_sends_replies_nobody_asked_for_pins_no_memory():
 
     me, peer = NodeIdentity(os.urandom(32)), NodeIdentity(os.urandom(32))
     ctx = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
-    router.curve_server = True
-    router.curve_secretkey = peer.secret_key.encode()
-    router.curve_publickey = peer.public_key.encode()
-    router.linger = 0
-    port = router.bind_to_random_port("tcp://127.0.0.1")
+    router, port = _curve_router(ctx, peer)
 
     def serve():
         frames = router.recv_multipart()
@@ -269,12 +274,7 @@ def test_a_reply_that_came_in_time_is_taken_even_when_the_caller_looks_after_its
 
     me, peer = NodeIdentity(os.urandom(32)), NodeIdentity(os.urandom(32))
     ctx = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
-    router.curve_server = True
-    router.curve_secretkey = peer.secret_key.encode()
-    router.curve_publickey = peer.public_key.encode()
-    router.linger = 0
-    port = router.bind_to_random_port("tcp://127.0.0.1")
+    router, port = _curve_router(ctx, peer)
     answered = threading.Event()
 
     def serve():
