@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Training throughput through the swarm against the same model locally, side by side.
 
-    python tools/bench_training.py [--layers 6] [--hidden 256] [--rounds 3]
+    python tools/bench_training.py [--layers 6] [--hidden 256] [--rounds 10]
 
 Forward + backward (loss.backward() with client-held LoRA on q_proj and v_proj) in tokens per
 second, at batch 1 x 64 tokens and batch 16 x 64 tokens: the local Hugging Face model with
@@ -16,6 +16,7 @@ overlaps and the remainder can be negative."""
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import platform
 import statistics
@@ -32,21 +33,33 @@ from localswarm import running_swarm  # noqa: E402
 from make_test_model import make_model  # noqa: E402
 
 
-def timed(step, rounds: int) -> float:
-    step()  # warm up
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def timed(steps, rounds: int) -> list[float]:
+    """Each step's median time over `rounds`, the steps taken in turn within each round (so
+    that a slow spell of this shared machine falls on all of them alike), the first one
+    first in even rounds and last in odd ones. As timeit does, the collector is run
+    between steps and kept off during them, for the local model and the swarm alike."""
+    for step in steps:
+        step()  # warm up
+    times: list[list[float]] = [[] for _ in steps]
+    for r in range(rounds):
+        order = range(len(steps)) if r % 2 == 0 else reversed(range(len(steps)))
+        for i in order:
+            gc.collect()
+            gc.disable()
+            try:
+                t0 = time.perf_counter()
+                steps[i]()
+                times[i].append(time.perf_counter() - t0)
+            finally:
+                gc.enable()
+    return [statistics.median(t) for t in times]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=10)
     args = p.parse_args()
     torch.set_num_threads(1)
     from peft import LoraConfig, get_peft_model
@@ -85,9 +98,9 @@ def main() -> None:
             def step(m, ids=ids):
                 return lambda: m(input_ids=ids, labels=ids).loss.backward()
 
-            t_local, t_swarm = timed(step(local), args.rounds), timed(step(swarm), args.rounds)
-            t_blocks = sum(timed(lambda s=s, shape=ids.shape: blocks_step(s, swarm, shape), args.rounds)
-                           for s in spans_here)
+            blocks = [lambda s=s, shape=ids.shape: blocks_step(s, swarm, shape) for s in spans_here]
+            t_local, t_swarm, *t_spans = timed([step(local), step(swarm), *blocks], args.rounds)
+            t_blocks = sum(t_spans)
             tokens = batch * 64
             print(f"batch {batch:2d} x 64: local {tokens / t_local:8.0f} tokens/s, swarm (3 daemons) "
                   f"{tokens / t_swarm:8.0f} tokens/s ({t_local / t_swarm:.2f}x local); a swarm step "
