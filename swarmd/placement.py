@@ -429,45 +429,63 @@ def pick_mover(holders: Sequence[Holder], num_blocks: int, margin: float = MOVE_
     same gossiped table and only the chosen one moves, so two servers never leave the same
     blocks at once believing the other stays.
 
-    First, a server that double-holds drops its second span once servers where the plan puts
-    them hold its blocks (`_drop`). Then the swarm-wide plan (`plan_swarm`): when it is clearly
-    better than the swarm now (`better`, by `margin`), the next step towards it is the planned
-    move that leaves no covered block uncovered and ranks the swarm highest (ties: the smallest
-    key). Moves are thus carried out one at a time in a safe order, while the old span serves
-    until the new one is loaded (balancer.py). When no step of the plan is safe, because
-    servers alone on their blocks must trade places, servers with the memory double-hold
-    (`_holding_step`), but only where the rest of the plan then follows in safe steps. When the
-    plan is no better, or cannot be reached, the best single move (`plan_move`) of a server
-    that is not where the plan puts it, or of any server if its move fills a gap; failing that,
-    a second span that any other server covers is dropped. No move
-    uncovers a block; every move either covers one, or puts one more server where the plan
-    wants it, or keeps both and ranks the swarm strictly higher, and a double-holding step is
-    taken only where the steps after it (looked ahead) reach the plan and drop every second
-    span: with the same table, the moves end."""
+    While a block is uncovered (the swarm serves no one), covering it comes first: the single
+    move (`plan_move`) of any server that leaves the fewest blocks uncovered, else the first
+    move of the shortest way to cover one (`_gap_path`), which no step of the plan may interrupt
+    (it could undo that first move, for ever). Then a server that double-holds drops its second
+    span once servers where the plan puts them hold its blocks (`_drop`). Then the swarm-wide
+    plan (`plan_swarm`): when it is clearly better than the swarm now (`better`, by `margin`),
+    the next step towards it is the planned move that leaves no covered block uncovered and
+    ranks the swarm highest (ties: the smallest key); one that ranks the swarm lower is taken
+    only where the plan is then reached. Moves are thus carried out one at a time in a safe
+    order, while the old span serves until the new one is loaded (balancer.py). When no step of
+    the plan is safe, because servers alone on their blocks must trade places, servers with the
+    memory double-hold (`_holding_step`), but only where the rest of the plan then follows in
+    safe steps. When the plan is no better, or cannot be reached, the best single move of a
+    server that is not where the plan puts it, or of any server if its move makes the swarm as
+    good as the plan (the plan is often one of several as good, and another may be a safe move
+    away where the plan's own needs a trade); failing that, a second span that any other server
+    covers is dropped. No move uncovers a block; every move either covers one, or shortens the
+    way to cover one, or puts one more server where the plan wants it (ranking the swarm no
+    lower, or on a way that reaches the plan), or keeps both and ranks the swarm strictly
+    higher, and a double-holding step is taken only where the steps after it (looked ahead)
+    reach the plan and drop every second span. Once the plan is not clearly better than the
+    swarm, no move that ranks the swarm higher makes it so again (`better` compares at the first
+    place the profiles differ), so no step of the plan undoes such a move: with the same table,
+    the moves end."""
     holders = sorted(holders, key=lambda h: h.key)
     now = block_throughput(holders, num_blocks)
     target = plan_swarm(holders, num_blocks)
     planned = [h.at(target.get(h.key, h.start)) for h in holders]
     wanted = better(block_throughput(planned, num_blocks), now, margin)
-    step = _drop(holders, num_blocks, target) or (wanted and _plan_step(holders, target, num_blocks)) or \
-        (wanted and _holding_step(holders, target, num_blocks))
+    gaps_now = sum(1 for x in now if x <= 0)
+    moves = [(h, plan_move(holders, h.key, num_blocks, margin)) for h in holders if h.movable]
+    if gaps_now:
+        # the swarm serves no one: first the move that fills most, else the way to fill one that
+        # no single move opens (a step of the plan in between could undo its first move)
+        fills = [(m.rank, h.key, m) for h, m in moves if m is not None and sum(1 for x in m.rank if x <= 0) < gaps_now]
+        cover = _drop(holders, num_blocks, target) or (max(fills)[1:] if fills else None) or \
+            _gap_path(holders, num_blocks)
+        if cover:
+            return cover
+    step = _drop(holders, num_blocks, target) or (wanted and _plan_step(holders, target, num_blocks, guard=True)) \
+        or (wanted and _holding_step(holders, target, num_blocks))
     if step:
         return step
     best: tuple | None = None
-    gaps_now = sum(1 for x in now if x <= 0)
-    for h in holders:
-        if not h.movable:
-            continue
-        move = plan_move(holders, h.key, num_blocks, margin)
+    planned_tp = block_throughput(planned, num_blocks)
+    for h, move in moves:
         if move is None:
             continue
-        if target.get(h.key) == h.start and sum(1 for x in move.rank if x <= 0) >= gaps_now:
-            continue  # a server where the plan puts it stays, but to fill a gap no step of the plan can
+        if target.get(h.key) == h.start and better(planned_tp, move.rank, margin):
+            # a server where the plan puts it stays, but where its move alone makes the swarm as
+            # good as the plan (which is then no longer wanted)
+            continue
         if best is None or move.rank > best[0]:
             best = (move.rank, h.key, move)
     if best:
         return best[1], best[2]
-    return _drop(holders, num_blocks) or (gaps_now and _gap_path(holders, num_blocks)) or None
+    return _drop(holders, num_blocks) or None
 
 
 def _gap_path(holders: Sequence[Holder], num_blocks: int) -> tuple[str, Move] | None:
@@ -550,9 +568,13 @@ def _steps(holders: Sequence[Holder], movers: Sequence[Holder], starts: Sequence
     return now[None, :] + tps[:, None] * (new - old), coverage(holders, num_blocks)[None, :] + (new - old)
 
 
-def _plan_step(holders: Sequence[Holder], target: dict[str, int], num_blocks: int) -> tuple[str, Move] | None:
+def _plan_step(holders: Sequence[Holder], target: dict[str, int], num_blocks: int,
+               guard: bool = False) -> tuple[str, Move] | None:
     """The safe step towards `target` that ranks the swarm highest: a server not where the plan
-    puts it (and not double-holding) moves there, leaving no covered block uncovered."""
+    puts it (and not double-holding) moves there, leaving no covered block uncovered. With
+    `guard`, a step that ranks the swarm lower than now is taken only where the whole plan is
+    then reached (`_reaches`): half a plan can be worse than both where the swarm is and the
+    plan (a step that weakens some blocks for a trade that no memory allows, then nothing)."""
     steps = [h for h in holders if target.get(h.key, h.start) != h.start and h.also is None]
     if not steps:
         return None
@@ -563,6 +585,8 @@ def _plan_step(holders: Sequence[Holder], target: dict[str, int], num_blocks: in
     h, after = steps[pick], profiles[pick].tolist()
     start = target[h.key]
     now = block_throughput(holders, num_blocks)
+    if guard and _rank(after) < _rank(now) and not _reaches(holders, target, num_blocks):
+        return None
     return h.key, Move((h.start, h.end), (start, start + h.length), min(now), min(after), _rank(after))
 
 
