@@ -458,12 +458,15 @@ def pick_mover(holders: Sequence[Holder], num_blocks: int, margin: float = MOVE_
     target = plan_swarm(holders, num_blocks)
     planned = [h.at(target.get(h.key, h.start)) for h in holders]
     wanted = better(block_throughput(planned, num_blocks), now, margin)
-    gaps_now = sum(1 for x in now if x <= 0)
+    # blocks no span holds (a span held beside another during a trade covers its blocks, though
+    # its throughput does not count: such a block is served)
+    gaps_now = int((coverage(holders, num_blocks) == 0).sum())
     moves = [(h, plan_move(holders, h.key, num_blocks, margin)) for h in holders if h.movable]
     if gaps_now:
         # the swarm serves no one: first the move that fills most, else the way to fill one that
         # no single move opens (a step of the plan in between could undo its first move)
-        fills = [(m.rank, h.key, m) for h, m in moves if m is not None and sum(1 for x in m.rank if x <= 0) < gaps_now]
+        fills = [(m.rank, h.key, m) for h, m in moves if m is not None and gaps_now > int(
+            (coverage([apply_move(x, m) if x.key == h.key else x for x in holders], num_blocks) == 0).sum())]
         cover = _drop(holders, num_blocks, target) or (max(fills)[1:] if fills else None) or \
             _gap_path(holders, num_blocks)
         if cover:

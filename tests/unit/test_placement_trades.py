@@ -206,6 +206,20 @@ def test_the_plan_does_not_undo_the_first_move_of_the_way_to_fill_a_gap():
     assert gaps(settled, 16) == [] and len(made) <= 4
 
 
+def test_a_block_only_a_second_span_holds_is_no_gap_to_fill():
+    # seed 9's joins: s0 bridges block 10 for s3's trade; that block then has no throughput (a
+    # span held beside another adds none), but it is served. Taken for a gap, s3 came back to
+    # fill it, and the plan sent it away again, for ever
+    state = [Holder("s0", 0, 2, 59.335, capacity=3), Holder("s1", 2, 7, 14.247, capacity=8),
+             Holder("s2", 7, 10, 11.979, capacity=3), Holder("s3", 10, 16, 46.073, capacity=6),
+             Holder("s4", 11, 24, 4.798, capacity=20), Holder("s5", 16, 21, 2.316, capacity=5),
+             Holder("s6", 15, 24, 10.065, capacity=12), Holder("s7", 6, 10, 41.498, capacity=4),
+             Holder("s8", 2, 6, 38.236, capacity=7), Holder("s9", 18, 24, 13.533, capacity=6)]
+    settled, made = settle(state, 24)  # raises if still moving after 50 moves
+    assert ("s0", "bridge") in made and ("s0", "drop") in made
+    assert all(h.also is None for h in settled) and bottleneck(settled, 24) > bottleneck(state, 24)
+
+
 def test_a_gap_the_servers_are_too_few_to_fill_names_no_mover():
     short = [Holder("a", 0, 2, 1.0), Holder("b", 3, 5, 1.0), Holder("c", 5, 7, 1.0)]  # 6 blocks of 8
     assert pick_mover(short, 8) is None
