@@ -429,30 +429,19 @@ def pick_mover(holders: Sequence[Holder], num_blocks: int, margin: float = MOVE_
     same gossiped table and only the chosen one moves, so two servers never leave the same
     blocks at once believing the other stays.
 
-    While a block is uncovered (the swarm serves no one), covering it comes first: the single
-    move (`plan_move`) of any server that leaves the fewest blocks uncovered, else the first
-    move of the shortest way to cover one (`_gap_path`), which no step of the plan may interrupt
-    (it could undo that first move, for ever). Then a server that double-holds drops its second
-    span once servers where the plan puts them hold its blocks (`_drop`). Then the swarm-wide
-    plan (`plan_swarm`): when it is clearly better than the swarm now (`better`, by `margin`),
-    the next step towards it is the planned move that leaves no covered block uncovered and
-    ranks the swarm highest (ties: the smallest key); one that ranks the swarm lower is taken
-    only where the plan is then reached. Moves are thus carried out one at a time in a safe
-    order, while the old span serves until the new one is loaded (balancer.py). When no step of
-    the plan is safe, because servers alone on their blocks must trade places, servers with the
-    memory double-hold (`_holding_step`), but only where the rest of the plan then follows in
-    safe steps. When the plan is no better, or cannot be reached, the best single move of a
-    server that is not where the plan puts it, or of any server if its move makes the swarm as
-    good as the plan (the plan is often one of several as good, and another may be a safe move
-    away where the plan's own needs a trade); failing that, a second span that any other server
-    covers is dropped. No move uncovers a block; every move either covers one, or shortens the
-    way to cover one, or puts one more server where the plan wants it (ranking the swarm no
-    lower, or on a way that reaches the plan), or keeps both and ranks the swarm strictly
-    higher, and a double-holding step is taken only where the steps after it (looked ahead)
-    reach the plan and drop every second span. Once the plan is not clearly better than the
-    swarm, no move that ranks the swarm higher makes it so again (`better` compares at the first
-    place the profiles differ), so no step of the plan undoes such a move: with the same table,
-    the moves end."""
+    The order (protocol.md, Placement): covering a block no span holds (the single move that
+    leaves the fewest bare, else the first move of `_gap_path`, which no step of the plan may
+    interrupt); dropping a second span no longer needed (`_drop`); when the plan (`plan_swarm`)
+    is clearly better (`better`, by `margin`), its safe step that ranks the swarm highest (ties:
+    the smallest key; one that ranks the swarm lower only where the plan is then reached), else
+    double-holding (`_holding_step`) where the rest of the plan then follows; else the best
+    single move of a server not where the plan puts it, or of any server whose move makes the
+    swarm as good as the plan; else a drop. No move uncovers a block; each covers one, shortens
+    the way to cover one, puts one more server in place (ranking the swarm no lower, or on a way
+    that reaches the plan), or ranks the swarm strictly higher. Once the plan is not clearly
+    better, no move that ranks the swarm higher makes it so again (`better` compares at the
+    first place the profiles differ), so nothing pulls a server back: with the same table, the
+    moves end."""
     holders = sorted(holders, key=lambda h: h.key)
     now = block_throughput(holders, num_blocks)
     target = plan_swarm(holders, num_blocks)
