@@ -445,27 +445,30 @@ def pick_mover(holders: Sequence[Holder], num_blocks: int, margin: float = MOVE_
     holders = sorted(holders, key=lambda h: h.key)
     now = block_throughput(holders, num_blocks)
     target = plan_swarm(holders, num_blocks)
-    planned = [h.at(target.get(h.key, h.start)) for h in holders]
-    wanted = better(block_throughput(planned, num_blocks), now, margin)
+    planned_tp = block_throughput([h.at(target.get(h.key, h.start)) for h in holders], num_blocks)
+    wanted = better(planned_tp, now, margin)
+    dropped = _drop(holders, num_blocks, target)
+    if dropped:
+        return dropped
     # blocks no span holds (a span held beside another during a trade covers its blocks, though
     # its throughput does not count: such a block is served)
     gaps_now = int((coverage(holders, num_blocks) == 0).sum())
-    moves = [(h, plan_move(holders, h.key, num_blocks, margin)) for h in holders if h.movable]
-    if gaps_now:
+    moves = [(h, plan_move(holders, h.key, num_blocks, margin)) for h in holders if h.movable] if gaps_now else None
+    if moves is not None:
         # the swarm serves no one: first the move that fills most, else the way to fill one that
         # no single move opens (a step of the plan in between could undo its first move)
         fills = [(m.rank, h.key, m) for h, m in moves if m is not None and gaps_now > int(
             (coverage([apply_move(x, m) if x.key == h.key else x for x in holders], num_blocks) == 0).sum())]
-        cover = _drop(holders, num_blocks, target) or (max(fills)[1:] if fills else None) or \
-            _gap_path(holders, num_blocks)
+        cover = (max(fills)[1:] if fills else None) or _gap_path(holders, num_blocks)
         if cover:
             return cover
-    step = _drop(holders, num_blocks, target) or (wanted and _plan_step(holders, target, num_blocks, guard=True)) \
-        or (wanted and _holding_step(holders, target, num_blocks))
+    step = (wanted and _plan_step(holders, target, num_blocks, guard=True)) or \
+        (wanted and _holding_step(holders, target, num_blocks))
     if step:
         return step
+    if moves is None:  # computed only now: most calls end at a step of the plan
+        moves = [(h, plan_move(holders, h.key, num_blocks, margin)) for h in holders if h.movable]
     best: tuple | None = None
-    planned_tp = block_throughput(planned, num_blocks)
     for h, move in moves:
         if move is None:
             continue
