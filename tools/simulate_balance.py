@@ -203,9 +203,10 @@ class Swarm:
         machines = tuple(sorted((h.length, h.throughput) for h in self.holders.values()))  # capacity: no matter
         key = (machines, self.num_blocks)
         USED.add(key)
+        named = [(str(i), k, tp) for i, (k, tp) in enumerate(machines)]
         if key not in OPTIMA:  # depends on the machines alone, not where they are
             unproven = STATS["unproven"]
-            OPTIMA[key] = optimum([(str(i), k, tp) for i, (k, tp) in enumerate(machines)], self.num_blocks)
+            OPTIMA[key] = optimum(named, self.num_blocks)
             if STATS["unproven"] > unproven:
                 UNPROVEN.add(key)
         best = OPTIMA[key]
@@ -213,8 +214,7 @@ class Swarm:
         longer = LIMIT_USED.get(key, TIME_LIMIT_S) < PROVE["limit"]
         if prove and key in UNPROVEN and got < REPROVE_BELOW * best and longer:
             unproven = STATS["unproven"]
-            OPTIMA[key] = best = min(best, optimum([(str(i), k, tp) for i, (k, tp) in enumerate(machines)],
-                                                   self.num_blocks, PROVE["limit"]))
+            OPTIMA[key] = best = min(best, optimum(named, self.num_blocks, PROVE["limit"]))
             LIMIT_USED[key] = PROVE["limit"]
             if STATS["unproven"] == unproven:
                 UNPROVEN.discard(key)
