@@ -11,7 +11,13 @@ Where a swarm step's time goes: the three servers' blocks are also run here, in 
 as the servers run them (forward with autograd, then its backward, with the app's LoRA): their
 sum is the step's compute, and what the swarm takes beyond it is transfer, hand-offs and
 waiting. A batch split into parts runs them at once on different servers, so there compute
-overlaps and the remainder can be negative."""
+overlaps and the remainder can be negative.
+
+And the CPU time a swarm step costs each process, read around each timed swarm step (the
+scheduler's count per thread, /proc/PID/task/TID/schedstat: the daemons' Python threads apart
+from their ZeroMQ I/O threads; this process's by process_time): where the sum comes near the
+step's wall time, the step is serial work, and what the servers spend beyond their blocks is
+what messaging costs them."""
 
 from __future__ import annotations
 
@@ -33,11 +39,32 @@ from localswarm import running_swarm  # noqa: E402
 from make_test_model import make_model  # noqa: E402
 
 
-def timed(steps, rounds: int) -> list[float]:
+def thread_cpu(pid: int) -> dict[tuple[str, str], float]:
+    """CPU seconds each thread of process `pid` has run (the scheduler's count, in ns), by
+    (thread id, name)."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f, open(f"/proc/{pid}/task/{tid}/comm") as g:
+                out[(tid, g.read().strip())] = int(f.read().split()[0]) / 1e9
+        except (OSError, ValueError, IndexError):  # the thread ended
+            continue
+    return out
+
+
+def cpu_split(before: dict[tuple[str, str], float], after: dict[tuple[str, str], float]) -> tuple[float, float]:
+    """CPU seconds between two thread_cpu() readings: (Python and other threads, ZeroMQ's I/O threads)."""
+    spent = [(key[1], t - before.get(key, 0.0)) for key, t in after.items()]
+    io = sum(t for name, t in spent if name.startswith("ZMQbg"))
+    return sum(t for _, t in spent) - io, io
+
+
+def timed(steps, rounds: int, probe=None) -> list[float]:
     """Each step's median time over `rounds`, the steps taken in turn within each round (so
     that a slow spell of this shared machine falls on all of them alike), the first one
     first in even rounds and last in odd ones. As timeit does, the collector is run
-    between steps and kept off during them, for the local model and the swarm alike."""
+    between steps and kept off during them, for the local model and the swarm alike.
+    `probe(i, before)` is called around each timed run of step i, outside its timing."""
     for step in steps:
         step()  # warm up
     times: list[list[float]] = [[] for _ in steps]
@@ -45,6 +72,8 @@ def timed(steps, rounds: int) -> list[float]:
         order = range(len(steps)) if r % 2 == 0 else reversed(range(len(steps)))
         for i in order:
             gc.collect()
+            if probe is not None:
+                probe(i, True)
             gc.disable()
             try:
                 t0 = time.perf_counter()
@@ -52,6 +81,8 @@ def timed(steps, rounds: int) -> list[float]:
                 times[i].append(time.perf_counter() - t0)
             finally:
                 gc.enable()
+            if probe is not None:
+                probe(i, False)
     return [statistics.median(t) for t in times]
 
 
@@ -90,6 +121,7 @@ def main() -> None:
         graph.grad(torch.randn_like(x))
 
     with running_swarm(d, spans) as (servers, gw):
+        daemons = [("gateway", gw.proc.pid)] + [(f"server {i}", s.proc.pid) for i, s in enumerate(servers)]
         swarm = AutoDistributedModelForCausalLM.from_pretrained(d, socket=gw.socket)
         swarm.add_lora(rank=8, alpha=16, target_modules=["q_proj", "v_proj"])
         for batch in (1, 16):
@@ -98,14 +130,34 @@ def main() -> None:
             def step(m, ids=ids):
                 return lambda: m(input_ids=ids, labels=ids).loss.backward()
 
+            # CPU of each timed swarm step, each daemon's and this process's (medians reported)
+            cpu: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in daemons}
+            app_cpu: list[float] = []
+            before: dict = {}
+
+            def probe(i: int, starting: bool, cpu=cpu, app_cpu=app_cpu, before=before) -> None:
+                if i != 1:  # the swarm's step
+                    return
+                if starting:
+                    before.update({name: thread_cpu(pid) for name, pid in daemons}, app=time.process_time())
+                    return
+                app_cpu.append(time.process_time() - before["app"])
+                for name, pid in daemons:
+                    cpu[name].append(cpu_split(before[name], thread_cpu(pid)))
+
             blocks = [lambda s=s, shape=ids.shape: blocks_step(s, swarm, shape) for s in spans_here]
-            t_local, t_swarm, *t_spans = timed([step(local), step(swarm), *blocks], args.rounds)
+            t_local, t_swarm, *t_spans = timed([step(local), step(swarm), *blocks], args.rounds, probe)
             t_blocks = sum(t_spans)
             tokens = batch * 64
             print(f"batch {batch:2d} x 64: local {tokens / t_local:8.0f} tokens/s, swarm (3 daemons) "
                   f"{tokens / t_swarm:8.0f} tokens/s ({t_local / t_swarm:.2f}x local); a swarm step "
                   f"{1e3 * t_swarm:.1f} ms: the servers' blocks {1e3 * t_blocks:.1f} ms, the rest "
                   f"{1e3 * (t_swarm - t_blocks):.1f} ms")
+            spent = {name: [1e3 * statistics.median(t) for t in zip(*steps)] for name, steps in cpu.items()}
+            app_ms = 1e3 * statistics.median(app_cpu)
+            print("  CPU a swarm step, medians (ms; Python threads + ZeroMQ I/O threads): "
+                  + ", ".join(f"{name} {py:.1f} + {io:.1f}" for name, (py, io) in spent.items())
+                  + f", app {app_ms:.1f}; all {sum(map(sum, spent.values())) + app_ms:.1f}")
 
 
 if __name__ == "__main__":
