@@ -450,15 +450,18 @@ def pick_mover(holders: Sequence[Holder], num_blocks: int, margin: float = MOVE_
     dropped = _drop(holders, num_blocks, target)
     if dropped:
         return dropped
+    def single_moves() -> list[tuple[Holder, Move | None]]:
+        return [(h, plan_move(holders, h.key, num_blocks, margin)) for h in holders if h.movable]
+
     # blocks no span holds (a span held beside another during a trade covers its blocks, though
     # its throughput does not count: such a block is served)
-    gaps_now = int((coverage(holders, num_blocks) == 0).sum())
-    moves = [(h, plan_move(holders, h.key, num_blocks, margin)) for h in holders if h.movable] if gaps_now else None
+    gaps_now = len(gaps(holders, num_blocks))
+    moves = single_moves() if gaps_now else None
     if moves is not None:
         # the swarm serves no one: first the move that fills most, else the way to fill one that
         # no single move opens (a step of the plan in between could undo its first move)
-        fills = [(m.rank, h.key, m) for h, m in moves if m is not None and gaps_now > int(
-            (coverage([apply_move(x, m) if x.key == h.key else x for x in holders], num_blocks) == 0).sum())]
+        fills = [(m.rank, h.key, m) for h, m in moves if m is not None and gaps_now > len(
+            gaps([apply_move(x, m) if x.key == h.key else x for x in holders], num_blocks))]
         cover = (max(fills)[1:] if fills else None) or _gap_path(holders, num_blocks)
         if cover:
             return cover
@@ -466,10 +469,8 @@ def pick_mover(holders: Sequence[Holder], num_blocks: int, margin: float = MOVE_
         (wanted and _holding_step(holders, target, num_blocks))
     if step:
         return step
-    if moves is None:  # computed only now: most calls end at a step of the plan
-        moves = [(h, plan_move(holders, h.key, num_blocks, margin)) for h in holders if h.movable]
     best: tuple | None = None
-    for h, move in moves:
+    for h, move in moves if moves is not None else single_moves():  # most calls end at a plan step
         if move is None:
             continue
         if target.get(h.key) == h.start and better(planned_tp, move.rank, margin):
