@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 # torch is imported only when a message carries tensors, so that swarmctl starts in a blink
 
-PROTOCOL_VERSION = "1.5"
+PROTOCOL_VERSION = "1.6"
 PROTOCOL_MAJOR = 1
 MAX_HEADER_BYTES = 64 * 1024
 # The replies of a daemon to its own apps (the local plane) may carry larger headers: `status`
@@ -39,6 +39,9 @@ MAX_FRAMES = 8192  # frames of one tensor (its spec's `frames`)
 # encrypts each frame on its own, and a 32 MiB frame goes at half the speed of 1 MiB ones.
 FRAME_BYTES = 2**20
 CHUNKED_SINCE = (1, 4)
+# Since 1.6 a peer `backward` that names a kept pass may leave out its inputs (hidden, positions,
+# mask, trainables): the server differentiates the pass as it kept it.
+LEAN_BACKWARD_SINCE = (1, 6)
 _RESERVED = ("v", "type", "id", "deadline", "tensors")
 
 

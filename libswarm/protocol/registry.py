@@ -177,13 +177,13 @@ class PeerPass(Request):
     blocks: list
     adapter: str | None = None
     lora_scaling: object = None  # checked only when LoRA tensors come, with its own error
-    hidden: Tensor = tensor(required=True)
     position_ids: Tensor | None = tensor()
     key_mask: Tensor | None = tensor()
 
 
 @dataclass(frozen=True, kw_only=True)
 class PeerForward(PeerPass):
+    hidden: Tensor = tensor(required=True)
     keep: object = None  # true: the server keeps the pass's activations for its backward
 
 
@@ -191,6 +191,8 @@ class PeerForward(PeerPass):
 class PeerBackward(PeerPass):
     pass_: object = wire("pass")  # the id a kept forward answered: its activations, if still kept
     grad_output: Tensor = tensor(required=True)
+    # absent (a lean backward, since 1.6): the pass named is differentiated as it was kept
+    hidden: Tensor | None = tensor()
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -20,11 +20,13 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
-from libswarm.errors import ProtocolError, RemoteError, SwarmError, TensorError, WrongOutputError
+from libswarm.errors import ProtocolError, RemoteError, SessionError, SwarmError, TensorError, WrongOutputError
 from libswarm.protocol import registry
+from libswarm.protocol.messages import LEAN_BACKWARD_SINCE, Message, speaks
 from swarmd.gateway.router import UNMEASURED_STEP_S, Router, hidden_of, refused, retriable, route_timeout
 from swarmd.gateway.verify import check_gradient
 from swarmd.routing import Hop, forward_seconds, missing_blocks
@@ -43,8 +45,17 @@ MAX_SPLIT_PARTS = 4
 KEEP_MAX_BYTES = 512 * 2**20  # hop inputs kept for backward passes, over all apps; the oldest go first
 KEEP_TIMEOUT_S = 300.0  # a kept pass whose backward has not come by then is dropped
 
-# the hops of a pass, in order, each with its input and the id of the activations its server kept
-Chain = list[tuple[Hop, torch.Tensor, str | None]]
+
+
+class ServerPass(NamedTuple):
+    """What a hop's server kept of a forward for its backward: the id it answered, and whether
+    it speaks protocol 1.6 (a backward may then name the pass alone, without its inputs)."""
+    id: str
+    lean: bool
+
+
+# the hops of a pass, in order, each with its input and what its server kept of it
+Chain = list[tuple[Hop, torch.Tensor, ServerPass | None]]
 
 
 @dataclass
@@ -183,7 +194,7 @@ class TrainingChains:
             self.router.fail(hop, error)
 
     def _forward_hop(self, hop: Hop, x: torch.Tensor, small: dict, lora: dict[str, torch.Tensor], fields: dict,
-                     tokens: int, keep: bool = False) -> tuple[torch.Tensor, str | None]:
+                     tokens: int, keep: bool = False) -> tuple[torch.Tensor, ServerPass | None]:
         """One hop's `forward` request: its blocks of the stack, without cache; with `keep`, the
         server is asked to keep its activations for the backward (the id it answered, if any)."""
         asked = {**fields, "blocks": [hop.first, hop.last], **({"keep": True} if keep else {})}
@@ -194,7 +205,9 @@ class TrainingChains:
         self.router.check(hop, x, out)
         self.router.bans.succeeded(hop.address)
         kept = reply.fields.get("pass")
-        return out, kept if isinstance(kept, str) and 0 < len(kept) <= 64 else None
+        if not (isinstance(kept, str) and 0 < len(kept) <= 64):
+            return out, None
+        return out, ServerPass(kept, speaks(reply.version, LEAN_BACKWARD_SINCE))
 
     def on_backward(self, req: registry.Backward) -> tuple[registry.Empty, dict[str, torch.Tensor]]:
         """The gradient of the whole model's block stack w.r.t. its input, given its input and
@@ -243,13 +256,9 @@ class TrainingChains:
             try:
                 g = grad
                 lora_grads: dict[str, list[torch.Tensor]] = {f"grad_{k}": [] for k in lora}
-                for hop, x_in, kept_id in reversed(chain):
+                for hop, x_in, kept_pass in reversed(chain):
                     g = self._wire(g, hop.address)
-                    asked = {**fields, "blocks": [hop.first, hop.last], **({"pass": kept_id} if kept_id else {})}
-                    reply = self.router.pool.get(hop.address).request(
-                        "backward", asked,
-                        {"hidden": x_in, "grad_output": g, **small, **_slice(lora, hop)},
-                        timeout_s=max(UNMEASURED_STEP_S, 3 * self.router.allowance_s(hop.address, tokens)))
+                    reply = self._backward_hop(hop, x_in, g, kept_pass, small, lora, fields, tokens)
                     g_in = reply.tensors.get("grad_input")
                     if g_in is None or any(k not in reply.tensors for k in lora_grads):
                         raise WrongOutputError(f"server {hop.address} answered a backward without grad_input or "
@@ -267,6 +276,24 @@ class TrainingChains:
                 self._hop_failed(hop, e, suspects, fields.get("adapter"))
                 if time.monotonic() > deadline:
                     raise
+
+    def _backward_hop(self, hop: Hop, x_in: torch.Tensor, g: torch.Tensor, kept: ServerPass | None, small: dict,
+                      lora: dict[str, torch.Tensor], fields: dict, tokens: int) -> Message:
+        """One hop's `backward` request. To a server that kept the pass and speaks 1.6, only the
+        gradient goes, with the pass's id (its input and the trainables are there already); if
+        the pass is not kept there any more (a `session` error), the whole backward follows."""
+        conn = self.router.pool.get(hop.address)
+        timeout_s = max(UNMEASURED_STEP_S, 3 * self.router.allowance_s(hop.address, tokens))
+        blocks = [hop.first, hop.last]
+        if kept is not None and kept.lean:
+            try:
+                return conn.request("backward", {"model_id": fields["model_id"], "blocks": blocks, "pass": kept.id},
+                                    {"grad_output": g}, timeout_s=timeout_s)
+            except SessionError:
+                pass  # dropped there (room, time, a move): it recomputes from the inputs
+        asked = {**fields, "blocks": blocks, **({"pass": kept.id} if kept is not None else {})}
+        return conn.request("backward", asked, {"hidden": x_in, "grad_output": g, **small, **_slice(lora, hop)},
+                            timeout_s=timeout_s)
 
     def _chain_inputs(self, hidden: torch.Tensor, small: dict, lora: dict[str, torch.Tensor], fields: dict,
                       deadline: float, tokens: int, suspects: dict[Hop, SwarmError]) -> Chain | None:

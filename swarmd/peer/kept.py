@@ -92,9 +92,11 @@ class KeptGraphs:
         return pass_id
 
     def take(self, pass_id: object, owner: str | None, blocks: tuple[int, int], span: object,
-             inputs: dict[str, torch.Tensor], how: tuple) -> Graph | None:
+             inputs: dict[str, torch.Tensor] | None = None, how: tuple | None = None) -> Graph | None:
         """The graph of the kept pass `pass_id` for this backward, or None (recompute). Another
-        key's pass is neither used nor dropped by it."""
+        key's pass is neither used nor dropped by it. A backward that sent its inputs (and `how`)
+        gets the pass only if they are the forward's; one that sent none (a lean backward) gets
+        it as it was kept."""
         if not isinstance(pass_id, str):
             return None
         with self._lock:
@@ -103,8 +105,9 @@ class KeptGraphs:
             if kept is None or kept.owner != owner:
                 return None
             self._drop(pass_id, used=True)
-        same = (kept.blocks == blocks and kept.span is span and kept.how == how and kept.inputs.keys() == inputs.keys()
-                and all(_equal(kept.inputs[k], v) for k, v in inputs.items()))
+        same = kept.blocks == blocks and kept.span is span and (
+            inputs is None or (kept.how == how and kept.inputs.keys() == inputs.keys()
+                               and all(_equal(kept.inputs[k], v) for k, v in inputs.items())))
         if not same:
             self.dropped += 1
             return None

@@ -11,7 +11,7 @@ import contextlib
 
 import torch
 
-from libswarm.errors import CacheFullError, LimitError, ProtocolError, TensorError
+from libswarm.errors import CacheFullError, LimitError, ProtocolError, SessionError, TensorError
 from libswarm.protocol.registry import Empty, Forwarded, PeerBackward, PeerForward, PeerPass
 from swarmd.inputs import FLOAT_DTYPES, span_inputs
 from swarmd.peer.compute import PASS
@@ -27,11 +27,11 @@ class Passes:
         # forwards' graphs awaiting their backward, while their span is served (its own or the one beside it)
         self.kept = KeptGraphs(lambda span: span is server.span or span is server.also)
 
-    def _checked(self, req: PeerPass, kind: str):
+    def _checked(self, req: PeerPass, kind: str, hidden: torch.Tensor):
         srv = self.server
         self.sessions.check_model(req.model_id)
         first, last = self.sessions.check_blocks(kind, req.blocks)
-        hidden, pos, mask = span_inputs(req.msg, req.hidden, srv.span.hidden_size, (srv.max_batch, srv.max_length))
+        hidden, pos, mask = span_inputs(req.msg, hidden, srv.span.hidden_size, (srv.max_batch, srv.max_length))
         B, T, _ = hidden.shape
         if pos is None:
             pos = torch.arange(T).expand(B, T)
@@ -42,8 +42,8 @@ class Passes:
         return self.sessions.span_for(first, last) or self.server.span
 
     def on_forward(self, req: PeerForward):
-        first, last, hidden, pos, mask = self._checked(req, "forward")
-        lora, deep = self.trainables(req, first, last)
+        first, last, hidden, pos, mask = self._checked(req, "forward", req.hidden)
+        lora, deep = self.trainables(req, first, last, hidden)
         span = self.span_of(first, last)  # the one asked for, even if the server moves before the work runs
         keep = (self.server.current[2], _inputs(req)) if req.keep is True else None
         return self.server.defer(PASS, lambda: self.forward(span, hidden, pos, mask, first, last, lora, deep, keep),
@@ -69,14 +69,14 @@ class Passes:
 
     def on_backward(self, req: PeerBackward):
         """Gradient of blocks' input given their input and the gradient of their output: from the
-        pass its forward kept here (`pass`), else by running the forward again."""
-        first, last, hidden, pos, mask = self._checked(req, "backward")
-        grad = req.grad_output
-        if grad.dtype not in FLOAT_DTYPES or grad.shape != hidden.shape:
-            raise TensorError(f"grad_output must be float {list(hidden.shape)} like hidden, got {str(grad.dtype)[6:]} "
-                              f"{list(grad.shape)}")
+        pass its forward kept here (`pass`), else by running the forward again. Without `hidden`
+        (a lean backward), only from the kept pass, as it was kept."""
+        if req.hidden is None:
+            return self._lean_backward(req)
+        first, last, hidden, pos, mask = self._checked(req, "backward", req.hidden)
+        grad = _grad_output(req, hidden.shape)
         B, T, _ = hidden.shape
-        lora, deep = self.trainables(req, first, last)
+        lora, deep = self.trainables(req, first, last, hidden)
         span, owner, sent = self.span_of(first, last), self.server.current[2], _inputs(req)
 
         def work() -> tuple[Empty, dict[str, torch.Tensor]]:
@@ -84,6 +84,35 @@ class Passes:
             with self.scratch(span, B, T, blocks=last - first, what="backward"):
                 if graph is None:
                     graph = span.graph(hidden, pos, mask, first, last, lora, deep)
+                grad_input, lora_grads = graph.grad(grad)
+            self.server.count(backwards=1)
+            return {}, {"grad_input": grad_input, **lora_grads}
+        return self.server.defer(PASS, work, *self.server.current, req)
+
+    def _lean_backward(self, req: PeerBackward):
+        """A backward that sent only `grad_output` and the kept pass's id: the pass is
+        differentiated with the inputs and trainables its forward had; a `session` error when it
+        is not kept here (any more) for this key and these blocks, so that the gateway sends the
+        whole backward."""
+        self.sessions.check_model(req.model_id)
+        first, last = self.sessions.check_blocks("backward", req.blocks)
+        extra = sorted(set(req.msg.tensors) - {"grad_output"})
+        if extra or req.adapter is not None or req.lora_scaling is not None:
+            raise ProtocolError("a backward without hidden (its kept pass's) takes grad_output alone, not "
+                                + (", ".join(extra) if extra else "adapter or lora_scaling"))
+        pass_id = req.pass_
+        if not isinstance(pass_id, str):
+            raise ProtocolError("a backward without hidden must name its kept pass ('pass')")
+        span, owner = self.span_of(first, last), self.server.current[2]
+
+        def work() -> tuple[Empty, dict[str, torch.Tensor]]:
+            graph = self.kept.take(pass_id, owner, (first, last), span)
+            if graph is None:
+                raise SessionError(f"pass {pass_id[:16]} is not kept here for blocks {first}:{last}: "
+                                   "send the backward with its inputs")
+            B, T, _ = graph.out.shape
+            grad = _grad_output(req, graph.out.shape)
+            with self.scratch(span, B, T, blocks=last - first, what="backward"):
                 grad_input, lora_grads = graph.grad(grad)
             self.server.count(backwards=1)
             return {}, {"grad_input": grad_input, **lora_grads}
@@ -107,7 +136,8 @@ class Passes:
         finally:
             budget.release(nbytes)
 
-    def trainables(self, req: PeerPass, first: int, last: int) -> tuple[Lora | None, torch.Tensor | None]:
+    def trainables(self, req: PeerPass, first: int, last: int, hidden: torch.Tensor
+                   ) -> tuple[Lora | None, torch.Tensor | None]:
         """The LoRA (a hosted adapter, or the client's own) and the client's deep prompts of a
         forward or backward, checked against these blocks."""
         span = self.span_of(first, last)
@@ -117,7 +147,7 @@ class Passes:
             if tensors:
                 raise ProtocolError("a hosted adapter and the client's own LoRA cannot be combined")
             return hosted, None
-        deep, hidden = tensors.pop(DEEP_PROMPTS, None), req.hidden
+        deep = tensors.pop(DEEP_PROMPTS, None)
         if deep is not None:
             span.check_deep_prompts(deep, first, last)
             if deep.shape[-2] > hidden.shape[1]:
@@ -133,6 +163,14 @@ class Passes:
         lora = Lora(float(scaling), tensors)
         span.check_lora(lora, first, last)
         return lora, deep
+
+
+def _grad_output(req: PeerBackward, shape: torch.Size) -> torch.Tensor:
+    grad = req.grad_output
+    if grad.dtype not in FLOAT_DTYPES or grad.shape != shape:
+        raise TensorError(f"grad_output must be float {list(shape)} like hidden, got {str(grad.dtype)[6:]} "
+                          f"{list(grad.shape)}")
+    return grad
 
 
 def _inputs(req: PeerPass) -> tuple[dict[str, torch.Tensor], tuple]:

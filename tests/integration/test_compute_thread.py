@@ -151,6 +151,7 @@ def test_a_training_step_runs_each_block_forward_once_and_frees_what_it_kept(mod
             assert (forwards, backwards) == (1, 1), (forwards, backwards)
             kept, was = a["peer_plane"], b["peer_plane"]
             assert kept["kept_passes_used"] - was["kept_passes_used"] == 1  # differentiated, not run again
+            assert a["stats"]["errors"] == b["stats"]["errors"]  # asked with the gradient alone (1.6), first time
             assert kept["kept_passes"] == 0 and kept["kept_passes_bytes"] == 0
         assert inputs.grad is not None and inputs.grad.abs().sum() > 0
         status = gw.ctl("status")["gateway"]

@@ -157,24 +157,32 @@ def test_a_spot_check_is_skipped_and_counted_when_no_other_server_holds_the_hops
 def test_training_hops_travel_in_their_servers_dtype_and_a_backward_uses_what_each_server_kept():
     """training.py: once a bfloat16 server has answered, its inputs and output gradients go to
     it in bfloat16 (it converts what it gets anyway); the backward of a kept pass names what
-    each server kept, and runs no forward again, though the app sends its input in float32."""
+    each server kept, and runs no forward again, though the app sends its input in float32. A
+    server that speaks 1.6 gets the gradient alone (it has the input); a 1.5 server gets the
+    input too, and so does a 1.6 server that no longer holds the pass."""
+    from libswarm.errors import SessionError
     from libswarm.protocol import registry
     from swarmd.gateway.training import TrainingChains
 
     class Bf16Server:
-        def __init__(self, address):
-            self.address, self.got = address, []
+        def __init__(self, address, version, forgets=False):
+            self.address, self.version, self.forgets, self.got = address, version, forgets, []
 
         def request(self, msg_type, fields, tensors, timeout_s=30.0):
             floats = {k: v.dtype for k, v in tensors.items() if v.is_floating_point()}
             self.got.append((msg_type, floats, fields.get("pass")))
             if msg_type == "forward":
                 kept = {"pass": f"kept-by-{self.address}"} if fields.get("keep") else {}
-                return Message("ok", 1, kept, {"hidden": (tensors["hidden"].float() * 0.5).to(torch.bfloat16)})
-            return Message("ok", 1, {}, {"grad_input": (tensors["grad_output"].float() * 0.5).to(torch.bfloat16)})
+                return Message("ok", 1, kept, {"hidden": (tensors["hidden"].float() * 0.5).to(torch.bfloat16)},
+                               version=self.version)
+            if self.forgets and "hidden" not in tensors:
+                raise SessionError("pass is not kept here")
+            return Message("ok", 1, {}, {"grad_input": (tensors["grad_output"].float() * 0.5).to(torch.bfloat16)},
+                           version=self.version)
 
-    a, b = Bf16Server("a"), Bf16Server("b")
-    chains = TrainingChains(router_over([ServerSpan("a", 0, 3), ServerSpan("b", 3, 6)], [a, b]))
+    a, b, c = Bf16Server("a", "1.6"), Bf16Server("b", "1.5"), Bf16Server("c", "1.6", forgets=True)
+    chains = TrainingChains(router_over([ServerSpan("a", 0, 2), ServerSpan("b", 2, 4), ServerSpan("c", 4, 6)],
+                                        [a, b, c]))
     x, g = torch.randn(1, 5, 4), torch.randn(1, 5, 4)
 
     def ask(msg_type, fields, tensors):
@@ -183,10 +191,12 @@ def test_training_hops_travel_in_their_servers_dtype_and_a_backward_uses_what_ea
     chains.on_forward(ask("forward", {}, {"hidden": x}))  # learns what each computes in
     assert a.got[0][1]["hidden"] == torch.float32  # not known yet: as the app sent it
     reply, _ = chains.on_forward(ask("forward", {"keep": True}, {"hidden": x}))
-    assert a.got[-1][1]["hidden"] == torch.bfloat16 and b.got[-1][1]["hidden"] == torch.bfloat16
-    a.got.clear()
-    b.got.clear()
+    assert all(s.got[-1][1]["hidden"] == torch.bfloat16 for s in (a, b, c))
+    for s in (a, b, c):
+        s.got.clear()
     _, tensors = chains.on_backward(ask("backward", {"pass": reply["pass"]}, {"hidden": x, "grad_output": g}))
-    assert b.got == [("backward", {"hidden": torch.bfloat16, "grad_output": torch.bfloat16}, "kept-by-b")]
-    assert a.got == [("backward", {"hidden": torch.bfloat16, "grad_output": torch.bfloat16}, "kept-by-a")]
-    assert torch.allclose(tensors["grad_input"].float(), g * 0.25, atol=1e-2)
+    both = {"hidden": torch.bfloat16, "grad_output": torch.bfloat16}
+    assert c.got == [("backward", {"grad_output": torch.bfloat16}, "kept-by-c"), ("backward", both, "kept-by-c")]
+    assert b.got == [("backward", both, "kept-by-b")]
+    assert a.got == [("backward", {"grad_output": torch.bfloat16}, "kept-by-a")]
+    assert torch.allclose(tensors["grad_input"].float(), g * 0.125, atol=1e-2)

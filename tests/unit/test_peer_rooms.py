@@ -296,3 +296,45 @@ def test_kept_a_backward_of_other_positions_or_another_lora_scaling_recomputes(s
         for name, tensor in want.tensors.items():
             assert torch.allclose(got.tensors[name], tensor, atol=1e-6), (changed, name)
         assert server.passes.kept.used == 0, changed
+
+
+def test_kept_a_lean_backward_sends_the_gradient_alone_and_gets_what_the_whole_one_would(server, span):
+    """Protocol 1.6: a backward naming a kept pass may leave its inputs out. It differentiates
+    the pass as kept (with its positions and LoRA), for its own key and blocks only; once the
+    pass is gone it is a `session` error (the gateway then sends the whole backward), and one
+    that sends anything more than the gradient is refused."""
+    x, g = hidden(span, 6, seed=8), torch.randn(1, 6, span.hidden_size, generator=torch.Generator().manual_seed(9))
+    a = torch.randn(2, 4, span.hidden_size, generator=torch.Generator().manual_seed(10)) * 0.1
+    b = torch.randn(2, span.hidden_size, 4, generator=torch.Generator().manual_seed(11)) * 0.1
+    sent = {"hidden": x, "position_ids": torch.arange(3, 9).expand(1, 6),
+            "lora_A.self_attn.q_proj": a, "lora_B.self_attn.q_proj": b}
+    pas = {"model_id": "m", "blocks": [0, 2]}
+    want = answer(server, ALICE, "backward", {**pas, "lora_scaling": 2.0}, {**sent, "grad_output": g})
+    assert set(want.tensors) == {"grad_input", "grad_lora_A.self_attn.q_proj", "grad_lora_B.self_attn.q_proj"}
+
+    def kept() -> str:
+        return answer(server, ALICE, "forward", {**pas, "lora_scaling": 2.0, "keep": True}, sent).fields["pass"]
+
+    pass_id = kept()
+    lean = {**pas, "pass": pass_id}
+    assert answer(server, BOB, "backward", lean, {"grad_output": g}).fields["code"] == "session"  # not Bob's
+    assert answer(server, ALICE, "backward", {**lean, "blocks": [0, 1]}, {"grad_output": g}).fields["code"] == "session"
+    pass_id = kept()  # (that one is dropped: it was asked for other blocks than its own)
+    got = answer(server, ALICE, "backward", {**pas, "pass": pass_id}, {"grad_output": g})
+    assert got.type == "ok" and set(got.tensors) == set(want.tensors)
+    for name, tensor in want.tensors.items():
+        assert torch.allclose(got.tensors[name], tensor, atol=1e-6), name
+    assert server.passes.kept.used == 1 and server.passes.kept.dropped == 1 and len(server.passes.kept) == 0
+    assert server.budget.used_bytes == 0
+    again = answer(server, ALICE, "backward", {**pas, "pass": pass_id}, {"grad_output": g})  # used: gone
+    assert again.type == "error" and again.fields["code"] == "session" and "inputs" in again.fields["message"]
+
+    pass_id = kept()
+    for fields, tensors, why in (({**pas, "pass": pass_id}, {"grad_output": g, "lora_A.self_attn.q_proj": a},
+                                  "lora_A.self_attn.q_proj"),
+                                 ({**pas, "pass": pass_id, "lora_scaling": 2.0}, {"grad_output": g}, "lora_scaling"),
+                                 (pas, {"grad_output": g}, "must name its kept pass"),
+                                 ({**pas, "pass": pass_id}, {"grad_output": g[:, :3]}, "grad_output must be")):
+        reply = answer(server, ALICE, "backward", fields, tensors)
+        assert reply.type == "error" and why in reply.fields["message"], (why, reply.fields)
+    assert len(server.passes.kept) == 0  # the last one's pass was taken by it, and is gone
