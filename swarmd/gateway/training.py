@@ -7,8 +7,9 @@ KEEP_TIMEOUT_S), so that its backward sends them straight to the servers, and as
 to keep its activations (peer `forward` with `keep`): a backward that names the server's kept
 pass differentiates it, so each block runs forward once per training step, as locally. A
 server that did not keep it (no room, expired, moved) recomputes the forward from the input
-sent along. A backward without a kept pass, or whose kept route fails, runs the chain forward
-again first."""
+sent along; to a server that speaks 1.6 the backward sends only the gradient and the pass's
+id, and the whole request only if that server no longer holds the pass. A backward without a
+kept pass, or whose kept route fails, runs the chain forward again first."""
 
 from __future__ import annotations
 

@@ -11,7 +11,9 @@ backward recompute on a server with room to spare. A kept pass is dropped by its
 the server no longer serves the span it ran on. It is its caller's alone (the key that asked
 for it) and answers only a backward of the same blocks and inputs (positions, mask, trainables,
 adapter and scaling alike): any other
-backward, or one whose pass is gone, recomputes the forward from its request as before."""
+backward, or one whose pass is gone, recomputes the forward from its request as before. A
+backward that sends no inputs (protocol 1.6) gets the pass as it was kept, or a `session`
+error when it is gone."""
 
 from __future__ import annotations
 
