@@ -66,6 +66,7 @@ class SwarmClient:
         self._ids = itertools.count(1)
         self._lock = threading.Lock()  # guards _socks
         self._socks: dict[int, tuple[threading.Thread, zmq.Socket]] = {}  # per thread ident
+        self.daemon_protocol = ""  # the protocol version of the daemon's last reply ("" before any)
 
     def _socket(self) -> zmq.Socket:
         sock = getattr(self._local, "sock", None)
@@ -114,6 +115,7 @@ class SwarmClient:
             # one request at a time on this thread's socket: an error the daemon could not even tie
             # to a request (id 0: it could not read ours) is this request's
             if reply.id == req_id or (reply.id == 0 and reply.type == "error"):
+                self.daemon_protocol = reply.version
                 return raise_if_error(reply)
 
     def _say_why_waiting(self, msg_type: str, waited_s: float) -> None:
@@ -257,10 +259,24 @@ class SwarmClient:
             fields["lora_scaling"] = lora_scaling
         reply = self.request("backward", fields, {**_inputs(hidden, position_ids, key_mask),
                                                   "grad_output": grad_output, **(lora or {})})
-        g = reply.tensors.get("grad_input")
-        if g is None:
-            raise ProtocolError("reply carries no grad_input")
-        return g, {k: v for k, v in reply.tensors.items() if k.startswith(("grad_lora_", "grad_deep_prompts"))}
+        return _gradients(reply)
+
+    def backward_kept(self, model_id: str, grad_output: torch.Tensor, pass_id: str,
+                      route_timeout_s: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`backward` of the kept forward `pass_id` with its own inputs and trainables, sending
+        only the gradient (a daemon of protocol 1.6 or later). A `SessionError` when the daemon
+        no longer keeps that pass (expired, or dropped for room): send the whole `backward`."""
+        fields: dict = {"model_id": model_id, "pass": pass_id}
+        if route_timeout_s is not None:
+            fields["route_timeout_s"] = route_timeout_s
+        return _gradients(self.request("backward", fields, {"grad_output": grad_output}))
+
+
+def _gradients(reply: Message) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    g = reply.tensors.get("grad_input")
+    if g is None:
+        raise ProtocolError("reply carries no grad_input")
+    return g, {k: v for k, v in reply.tensors.items() if k.startswith(("grad_lora_", "grad_deep_prompts"))}
 
 
 def _check_listening(path: str) -> None:

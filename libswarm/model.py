@@ -32,6 +32,7 @@ from libswarm.client import SwarmClient
 from libswarm.errors import ModelError, ProtocolError, SessionError, UnsupportedError, WrongModelError
 from libswarm.layers import GemmaRMSNorm, RMSNorm, ScaledEmbedding, positions_from_mask
 from libswarm.lora import LoraAdapters
+from libswarm.protocol.messages import LEAN_BACKWARD_SINCE, speaks
 
 
 class RemoteSession:
@@ -183,9 +184,10 @@ class _SwarmCache(Cache):
 
 class RemoteBlocks(torch.autograd.Function):
     """The swarm's blocks as one autograd node: forward through the gateway (which keeps each
-    hop's input, and asks each server to keep its activations), and backward by sending the same
-    input with the output's gradient and the forward's pass id (servers differentiate what they
-    kept, or recompute their blocks when they could not keep it).
+    hop's input, and asks each server to keep its activations), and backward by sending the
+    output's gradient with the forward's pass id (a daemon of protocol 1.6 has the pass's input
+    and trainables; an older one, or one that dropped the pass, gets them again; servers
+    differentiate what they kept, or recompute their blocks when they could not keep it).
     The client's LoRA parameters, if any, are inputs of the node, so they get gradients too."""
 
     @staticmethod
@@ -196,15 +198,23 @@ class RemoteBlocks(torch.autograd.Function):
                                                      route_timeout_s=model.route_timeout_s, keep=True,
                                                      **model._lora_wire())
         ctx.pass_id = fields.get("pass")  # the gateway keeps each hop's input for backward
+        ctx.lean = speaks(model.client.daemon_protocol, LEAN_BACKWARD_SINCE)  # and it (1.6) its inputs
         return out.to(hidden.device, hidden.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):  # type: ignore[override]
         (hidden,) = ctx.saved_tensors
         m = ctx.model
-        grad, lora_grads = m.client.backward(m.model_id, hidden.detach(), grad_output.contiguous(), ctx.positions,
-                                             ctx.key_mask, route_timeout_s=m.route_timeout_s, pass_id=ctx.pass_id,
-                                             **m._lora_wire())
+        got = None
+        if ctx.pass_id is not None and ctx.lean:
+            try:  # the gradient alone: the daemon has the forward's inputs and trainables
+                got = m.client.backward_kept(m.model_id, grad_output.contiguous(), ctx.pass_id,
+                                             route_timeout_s=m.route_timeout_s)
+            except SessionError:
+                pass  # not kept there any more: the whole backward
+        grad, lora_grads = got or m.client.backward(
+            m.model_id, hidden.detach(), grad_output.contiguous(), ctx.positions, ctx.key_mask,
+            route_timeout_s=m.route_timeout_s, pass_id=ctx.pass_id, **m._lora_wire())
         trainables = m._trainables()
         missing = [n for n, _ in trainables if f"grad_{n}" not in lora_grads]
         if missing:

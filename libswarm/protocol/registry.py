@@ -292,7 +292,7 @@ class Backward(Request):
     pass_: object = wire("pass")  # a kept forward's id: its route and its inputs on each hop
     adapter: str | None = None
     lora_scaling: object = None
-    hidden: Tensor = tensor(required=True)
+    hidden: Tensor | None = tensor()  # absent (since 1.6): the kept pass's own inputs
     grad_output: Tensor = tensor(required=True)
     position_ids: Tensor | None = tensor()
     key_mask: Tensor | None = tensor()

@@ -65,6 +65,10 @@ class KeptPass:
     lora: dict[str, torch.Tensor]  # the app's LoRA tensors of the forward: the backward must send the same
     nbytes: int
     created: float = field(default_factory=time.monotonic)
+    # the forward's own input tensors (hidden, positions, mask) and fields: a backward that sends
+    # none (protocol 1.6) is run from these, as if it had sent them
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    fields: dict = field(default_factory=dict)
 
 
 class KeptPasses:
@@ -81,9 +85,14 @@ class KeptPasses:
     def __len__(self) -> int:
         return len(self._passes)
 
-    def put(self, parts: list[Chain], lora: dict[str, torch.Tensor]) -> str | None:
-        """Keep a forward's chains; its id, or None when it alone exceeds the bound."""
-        nbytes = sum(x.numel() * x.element_size() for chain in parts for _, x, _ in chain)
+    def put(self, parts: list[Chain], lora: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor] | None = None,
+            fields: dict | None = None) -> str | None:
+        """Keep a forward's chains (and its inputs and fields); its id, or None when it alone
+        exceeds the bound."""
+        kept = [x for chain in parts for _, x, _ in chain]
+        shared = {x.data_ptr() for x in kept}  # the first hop's input is often the app's hidden itself
+        nbytes = sum(x.nbytes for x in kept) + sum(x.nbytes for x in (inputs or {}).values()
+                                                   if x.data_ptr() not in shared)
         if nbytes > self.max_bytes:
             return None
         pass_id = secrets.token_hex(12)
@@ -91,7 +100,7 @@ class KeptPasses:
             self._expire()
             while self._passes and self.nbytes + nbytes > self.max_bytes:
                 self._drop(next(iter(self._passes)))
-            self._passes[pass_id] = KeptPass(parts, lora, nbytes, self.clock())
+            self._passes[pass_id] = KeptPass(parts, lora, nbytes, self.clock(), dict(inputs or {}), dict(fields or {}))
             self.nbytes += nbytes
         return pass_id
 
@@ -140,7 +149,7 @@ class TrainingChains:
         outs = self._run_parts(chunks, lambda part: self._forward_chain(part, lora, fields, deadline, keep))
         reply: registry.Forwarded = {}
         if keep:
-            pass_id = self.kept.put([chain for _, chain in outs], lora)
+            pass_id = self.kept.put([chain for _, chain in outs], lora, tensors, fields)
             if pass_id is not None:
                 reply["pass"] = pass_id
         return reply, {"hidden": torch.cat([x for x, _ in outs])}
@@ -216,9 +225,17 @@ class TrainingChains:
         forward named in `pass`, else computed by running the chain forward again. Any failed
         hop bans its server and the whole pass is re-planned and redone, until the caller's
         deadline. A large batch is split across several chains run at once; LoRA gradients are
-        summed."""
+        summed. Without `hidden` (1.6), the kept pass's own inputs and trainables are used."""
         self.router.check_model(req.model_id)
-        tensors = self.router.tensors(req.msg)
+        parts: list[Chain] | None
+        if req.hidden is None:
+            kept = self._kept_whole(req)
+            tensors, lora, fields, parts = kept.inputs, kept.lora, kept.fields, kept.parts
+        else:
+            tensors = self.router.tensors(req.msg)
+            lora, fields = self._lora(req)
+            taken = self.kept.take(req.pass_) if req.pass_ is not None else None
+            parts = taken.parts if taken is not None and _same_pass(taken, tensors["hidden"], lora) else None
         grad = req.grad_output
         if grad.shape != tensors["hidden"].shape:
             raise ProtocolError(f"grad_output must have the shape of hidden {list(tensors['hidden'].shape)}, "
@@ -226,9 +243,6 @@ class TrainingChains:
         if not bool(torch.isfinite(grad).all()):
             raise TensorError("grad_output holds NaN or infinite values")
         deadline = time.monotonic() + route_timeout(req.route_timeout_s)
-        lora, fields = self._lora(req)
-        kept = self.kept.take(req.pass_) if req.pass_ is not None else None
-        parts = kept.parts if kept is not None and _same_pass(kept, tensors["hidden"], lora) else None
         n = len(parts) if parts is not None else self._parts(tensors["hidden"], lora, fields.get("adapter"))
         chunks = self._chunks({**tensors, "grad_output": grad}, n)
         jobs = [(chunk, parts[i] if parts is not None else None) for i, chunk in enumerate(chunks)]
@@ -238,6 +252,22 @@ class TrainingChains:
             if k != "grad_input":
                 result[k] = torch.stack([o[k] for o in outs]).sum(0)
         return {}, result
+
+    def _kept_whole(self, req: registry.Backward) -> KeptPass:
+        """The kept pass of a backward that sent only `grad_output` (its inputs are the forward's);
+        a `session` error when it is not kept (any more), so that the app sends the whole one."""
+        extra = sorted(set(req.msg.tensors) - {"grad_output"})
+        if extra or req.adapter is not None or req.lora_scaling is not None:
+            raise ProtocolError("a backward without hidden (its kept pass's) takes grad_output alone, not "
+                                + (", ".join(extra) if extra else "adapter or lora_scaling"))
+        pass_id = req.pass_
+        if not isinstance(pass_id, str):
+            raise ProtocolError("a backward without hidden must name its kept pass ('pass')")
+        kept = self.kept.take(pass_id)
+        if kept is None or "hidden" not in kept.inputs:
+            raise SessionError(f"pass {pass_id[:16]} is not kept by this daemon (expired, or dropped for room): "
+                               "send the backward with its inputs")
+        return kept
 
     def _backward_chain(self, tensors: dict[str, torch.Tensor], lora: dict[str, torch.Tensor], fields: dict,
                         deadline: float, kept: Chain | None) -> dict[str, torch.Tensor]:

@@ -12,7 +12,7 @@ import torch
 from helpers import running_swarm, until
 
 from libswarm import SwarmClient
-from libswarm.errors import ProtocolError
+from libswarm.errors import ProtocolError, SessionError
 
 SLOW_FORWARD_S = 3.0
 
@@ -140,6 +140,9 @@ def test_a_training_step_runs_each_block_forward_once_and_frees_what_it_kept(mod
         ids = torch.randint(3, 500, (1, 24), generator=torch.Generator().manual_seed(5))  # one part: never split
         inputs = embeddings(ids).detach().requires_grad_(True)
         before = [s.ctl("status") for s in servers]
+        whole = []  # backwards that sent their inputs again
+        real_backward = model.client.backward
+        model.client.backward = lambda *a, **k: whole.append(1) or real_backward(*a, **k)
         loss = model(inputs_embeds=inputs, labels=ids).loss
         assert gw.ctl("status")["gateway"]["kept_passes"] == 1  # the forward's hop inputs, for backward
         assert all(s.ctl("status")["peer_plane"]["kept_passes"] == 1 for s in servers)  # and its activations
@@ -154,6 +157,7 @@ def test_a_training_step_runs_each_block_forward_once_and_frees_what_it_kept(mod
             assert a["stats"]["errors"] == b["stats"]["errors"]  # asked with the gradient alone (1.6), first time
             assert kept["kept_passes"] == 0 and kept["kept_passes_bytes"] == 0
         assert inputs.grad is not None and inputs.grad.abs().sum() > 0
+        assert whole == []  # the app sent the gradient alone (1.6): the daemon had the rest
         status = gw.ctl("status")["gateway"]
         assert status["kept_passes"] == 0 and status["kept_bytes"] == 0
 
@@ -168,6 +172,23 @@ def test_a_training_step_runs_each_block_forward_once_and_frees_what_it_kept(mod
         for bad in ("made-up", 12, "x" * 60_000, fields["pass"]):
             got, _ = client.backward(info["model_id"], h2, g, pass_id=bad)
             assert torch.allclose(got, want, atol=1e-6), bad
+        # the gradient alone (protocol 1.6): the kept pass's own inputs; once used, `session`
+        want_h, _ = client.backward(info["model_id"], h, g)
+        _, fields = client.forward_with_info(info["model_id"], h, keep=True)
+        with pytest.raises(ProtocolError, match="grad_output must have the shape"):
+            client.backward_kept(info["model_id"], g[:, :3], fields["pass"])
+        _, fields = client.forward_with_info(info["model_id"], h, keep=True)
+        got, _ = client.backward_kept(info["model_id"], g, fields["pass"])
+        assert torch.allclose(got, want_h, atol=1e-6)
+        with pytest.raises(SessionError, match="send the backward with its inputs"):
+            client.backward_kept(info["model_id"], g, fields["pass"])
+        with pytest.raises(ProtocolError, match="must name its kept pass"):
+            client.request("backward", {"model_id": info["model_id"]}, {"grad_output": g})
+        _, fields = client.forward_with_info(info["model_id"], h, keep=True)
+        with pytest.raises(ProtocolError, match="grad_output alone, not position_ids"):
+            client.request("backward", {"model_id": info["model_id"], "pass": fields["pass"]},
+                           {"grad_output": g, "position_ids": torch.arange(8).expand(1, 8)})
+        assert torch.allclose(client.backward_kept(info["model_id"], g, fields["pass"])[0], want_h, atol=1e-6)
         with pytest.raises(ProtocolError, match="header"):  # beyond the header's 64 KiB: refused at once
             client.backward(info["model_id"], h2, g, pass_id="x" * 70_000)
         reply = client.request("forward", {"model_id": info["model_id"], "keep": "yes"}, {"hidden": h})

@@ -200,3 +200,11 @@ def test_training_hops_travel_in_their_servers_dtype_and_a_backward_uses_what_ea
     assert b.got == [("backward", both, "kept-by-b")]
     assert a.got == [("backward", {"grad_output": torch.bfloat16}, "kept-by-a")]
     assert torch.allclose(tensors["grad_input"].float(), g * 0.125, atol=1e-2)
+
+    # the app's backward may send the gradient alone (1.6): the pass's own inputs go to c again
+    reply, _ = chains.on_forward(ask("forward", {"keep": True}, {"hidden": x}))
+    c.got.clear()
+    _, lean = chains.on_backward(ask("backward", {"pass": reply["pass"]}, {"grad_output": g}))
+    assert torch.equal(lean["grad_input"], tensors["grad_input"]) and c.got[-1] == ("backward", both, "kept-by-c")
+    with pytest.raises(SessionError, match="send the backward with its inputs"):  # used: gone
+        chains.on_backward(ask("backward", {"pass": reply["pass"]}, {"grad_output": g}))
