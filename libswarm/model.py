@@ -13,7 +13,6 @@ another. Outside a session, a forward call runs the whole sequence without cache
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -26,7 +25,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.generation.configuration_utils import GenerationMode
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from libswarm import quantized
+from libswarm import quantized, speculative
 from libswarm.checkpoint import Checkpoint
 from libswarm.client import SwarmClient
 from libswarm.errors import ModelError, ProtocolError, SessionError, UnsupportedError, WrongModelError
@@ -450,6 +449,31 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         sess.mask = torch.cat([mask, mask.new_ones(mask.shape[0], grown)], dim=1)
         return out
 
+    def _assisted_decoding(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
+                           streamer=None, inputs_tensor=None, assistant_model=None, assistant_tokenizer=None,
+                           tokenizer=None, **model_kwargs):
+        """Greedy decoding with `assistant_model=` runs libswarm's loop (libswarm/speculative.py):
+        its draft goes on drafting while a pass is out, and a pass carries as many drafts as pay
+        by what the loop measured, down to plain steps. Hugging Face's loop drafts and verifies in
+        turn, a fixed schedule: slower than plain decoding through the swarm (docs/benchmarks.md).
+        The tokens are the same. Sampling, a draft of another tokenizer, padding, and outputs
+        beyond the sequences (scores, return_dict_in_generate) go to Hugging Face's loop."""
+        sess = self.active_session
+        mask, pos = model_kwargs.get("attention_mask"), model_kwargs.get("position_ids")
+        ours = (sess is not None and assistant_model is not None and assistant_tokenizer is None and not synced_gpus
+                and not generation_config.do_sample and not generation_config.return_dict_in_generate
+                and getattr(generation_config, "assistant_ensemble_weight", None) is None
+                and getattr(generation_config, "assistant_early_exit", None) is None
+                and input_ids.shape[0] == 1 and sess.position < input_ids.shape[1]
+                and (mask is None or bool(mask.all()))
+                and (pos is None or torch.equal(pos.reshape(-1), torch.arange(pos.numel(), device=pos.device))))
+        if not ours:
+            return super()._assisted_decoding(  # type: ignore[misc]
+                input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, streamer,
+                inputs_tensor, assistant_model, assistant_tokenizer, tokenizer, **model_kwargs)
+        return speculative.assisted_greedy(self, assistant_model, input_ids, logits_processor, stopping_criteria,
+                                           generation_config.max_length, streamer)
+
     def _check_generation_mode(self, kwargs: dict) -> None:
         """Refuse, in one line and before anything runs, what generate() cannot do through the
         swarm: every mode but greedy and sampling needs the servers' caches reordered by beam
@@ -487,8 +511,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
 
 
 DRAFT_HEADROOM = 64  # positions a session opened by generate() keeps for drafts beyond max_new_tokens
-# what HF's outputs call the cache: `cache` in transformers 5.24, `past_key_values` before
-CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+CACHE_FIELD = speculative.CACHE_FIELD
 BEAM_MODES = (GenerationMode.BEAM_SEARCH, GenerationMode.BEAM_SAMPLE)
 SUPPORTED_GENERATION_MODES = (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE, GenerationMode.ASSISTED_GENERATION,
                               *BEAM_MODES)

@@ -27,7 +27,10 @@ from collections.abc import Callable, Generator
 from typing import Any
 
 import torch
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
+# what HF's causal LMs call their cache, in and out: `cache` from transformers 5.24, `past_key_values` before
+CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
 FIRST_DRAFT_TOKENS = 4  # the first proposal; then +2 while all are taken, -1 when not (as HF schedules it)
 MAX_DRAFT_TOKENS = 16
 
@@ -98,6 +101,8 @@ class GreedySpeculator:
     what it has seen (its cache grows by them). rollback(n): forget every position from n on.
     `draft`: a causal LM of the same token ids (Hugging Face's interface, with a DynamicCache).
     `ahead`: draft on while a pass is out (False: Hugging Face's order, for comparison).
+    `pick(tokens, logits)`: the model's token after `tokens` from its logits there (default:
+    the argmax; generate() passes one that applies Hugging Face's logits processors first).
 
     How many drafts a pass carries: until passes of two lengths were timed, Hugging Face's
     schedule (`first_k`, then +2 while all are taken, -1 when not); then the k of 0 to `max_k`
@@ -112,10 +117,11 @@ class GreedySpeculator:
     EXPLORE = 8  # after this many plain steps in a row, one draft
 
     def __init__(self, draft, verify: Callable[[list[int]], torch.Tensor], rollback: Callable[[int], None],
-                 first_k: int = FIRST_DRAFT_TOKENS, max_k: int = MAX_DRAFT_TOKENS, ahead: bool = True):
+                 first_k: int = FIRST_DRAFT_TOKENS, max_k: int = MAX_DRAFT_TOKENS, ahead: bool = True,
+                 pick: Callable[[list[int], torch.Tensor], int] | None = None):
         if not 1 <= first_k <= max_k:
             raise ValueError(f"draft tokens: first {first_k}, most {max_k}: want 1 <= first <= most")
-        self.draft, self.verify, self.rollback = draft, verify, rollback
+        self.draft, self.verify, self.rollback, self.pick = draft, verify, rollback, pick
         self.first_k, self.max_k, self.ahead = first_k, max_k, ahead
         self.stats = SpeculationStats()
         self.costs = Costs()
@@ -128,7 +134,7 @@ class GreedySpeculator:
         feed = self._seq[self._fed:]
         t0 = time.perf_counter()
         with torch.no_grad():
-            out = self.draft(input_ids=torch.tensor([feed]), past_key_values=self._cache, use_cache=True)
+            out = self.draft(input_ids=torch.tensor([feed]), use_cache=True, **{CACHE_FIELD: self._cache})
         took = time.perf_counter() - t0
         self.stats.draft_s += took
         if len(feed) <= 2:  # a token's step (a longer feed is the prompt's, or what a pass kept)
@@ -191,11 +197,7 @@ class GreedySpeculator:
                 raise failed[0]
             self.costs.add_pass(len(pending) + k, took)
             scored = logits[len(pending) - 1:]  # the model's choice after the last kept token and each draft
-            chosen = scored.argmax(-1).tolist()
-            accepted = 0
-            while accepted < k and proposal[accepted] == chosen[accepted]:
-                accepted += 1
-            kept = proposal[:accepted] + [chosen[accepted]]
+            accepted, kept = self._accept(tokens, proposal, scored)
             self.costs.trials.extend([True] * accepted)
             if accepted < k:
                 self.costs.trials.append(False)
@@ -214,6 +216,20 @@ class GreedySpeculator:
             left -= len(kept)
             if k:
                 k = min(k + 2, self.max_k) if accepted == k else k - 1
+
+    def _accept(self, tokens: list[int], proposal: list[int], scored: torch.Tensor) -> tuple[int, list[int]]:
+        """How many of `proposal` the model takes after `tokens` (row j of `scored`: its logits
+        after the first j drafts), and the tokens kept: those, then the model's own."""
+        if self.pick is None:
+            chosen = scored.argmax(-1).tolist()
+        else:  # processors read the sequence before each position: one row at a time, as far as taken
+            chosen = [self.pick(tokens, scored[0])]
+        accepted = 0
+        while accepted < len(proposal) and proposal[accepted] == chosen[accepted]:
+            accepted += 1
+            if self.pick is not None:
+                chosen.append(self.pick(tokens + proposal[:accepted], scored[accepted]))
+        return accepted, proposal[:accepted] + [chosen[accepted]]
 
     def _choose(self, scheduled: int, ready: int, pending: int, left: int) -> int:
         """How many drafts the next pass carries (the class's docstring says how)."""
@@ -293,3 +309,47 @@ def generate(model, draft, input_ids: torch.Tensor, max_new_tokens: int, eos_tok
                 if t in ends:
                     break
     return torch.cat([input_ids, torch.tensor([new], dtype=input_ids.dtype)], dim=1), spec.stats
+
+
+def assisted_greedy(model, draft, input_ids: torch.Tensor, processors, stopping, max_length: int,
+                    streamer=None) -> torch.Tensor:
+    """`model.generate(input_ids, assistant_model=draft)`, greedy, in `model`'s active session:
+    the sequence with its new tokens, exactly those of greedy decoding with Hugging Face's
+    logits `processors` and `stopping` criteria (checked after every token, as plain greedy
+    does, where HF's assisted loop checks after each pass), fed to `streamer` as they come.
+    The session's servers have seen every token of `input_ids` before its active position."""
+    sess = model.active_session
+    seq = input_ids[0].tolist()
+
+    def pick(tokens: list[int], row: torch.Tensor) -> int:
+        if not processors:
+            return int(row.argmax())
+        return int(processors(torch.tensor([tokens], device=input_ids.device), row[None].float()).argmax())
+
+    def stopped(tokens: list[int]) -> bool:
+        if streamer is not None:
+            streamer.put(torch.tensor([tokens[-1]]))
+        return bool(stopping(torch.tensor([tokens], device=input_ids.device), None).all())
+
+    first = pick(seq, model(input_ids=input_ids[:, sess.position:]).logits[0, -1])
+    out = [*seq, first]
+    if not stopped(out) and max_length > len(out):
+        def verify(fed: list[int]) -> torch.Tensor:
+            return model(input_ids=torch.tensor([fed], device=input_ids.device)).logits[0]
+
+        spec = GreedySpeculator(draft, verify, sess.rollback, pick=pick)
+        steps = spec.decode(out, max_length - len(out))
+        try:
+            for t, _ in steps:
+                out.append(t)
+                if stopped(out):
+                    break
+        finally:
+            steps.close()
+    # a pass may have taken drafts past the token where decoding stopped: the servers keep the
+    # positions of every token but the last, as after plain greedy decoding
+    if sess.position > len(out) - 1:
+        sess.rollback(len(out) - 1)
+    if streamer is not None:
+        streamer.end()
+    return torch.tensor([out], dtype=input_ids.dtype, device=input_ids.device)

@@ -8,13 +8,15 @@ plain and speculative, side by side in one run, with the same tokens checked.
 Every peer message is delayed by --delay-ms (SWARMD_NET_DELAY_MS: a round trip of twice that),
 so a token's cost is mostly the chain's round trips. Speculative decoding drafts tokens locally
 and verifies several in one pass through the swarm:
-- "assisted": HF's assisted generation with a draft model made of the same model's first
-  --draft-blocks blocks, its final norm and LM head (same tokenizer, no other checkpoint),
-  drafting --draft-tokens tokens per pass;
+- "assisted": Hugging Face's own assisted generation loop (which generate(assistant_model=) ran
+  before it ran libswarm's) with a draft model made of the same model's first --draft-blocks
+  blocks, its final norm and LM head (same tokenizer, no other checkpoint), drafting
+  --draft-tokens tokens per pass;
 - "assisted, DIR": the same with a separate draft checkpoint of the same tokenizer (--draft-model:
   a directory, or a model name libswarm.models knows);
 - "ahead, DIR": the same draft in libswarm's own loop (libswarm/speculative.py), which goes on
   drafting while a pass is out, as the OpenAI API does with api.draft_model;
+- "generate, DIR": model.generate(assistant_model=DIR's draft), which runs that loop;
 - "prompt lookup": drafts copied from the prompt (HF's prompt_lookup_num_tokens), for
   answers that repeat their input.
 Each mode must give exactly the plain greedy tokens."""
@@ -22,6 +24,7 @@ Each mode must give exactly the plain greedy tokens."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import sys
@@ -83,6 +86,21 @@ def draft_model(model_dir: str, blocks: int | None, tokens: int, dtype: str = "f
     return draft
 
 
+@contextlib.contextmanager
+def hf_assisted_loop():
+    """Hugging Face's own assisted loop in generate(), for comparison (libswarm's runs otherwise)."""
+    from transformers import GenerationMixin
+
+    from libswarm.model import DistributedModelForCausalLM
+
+    ours = DistributedModelForCausalLM._assisted_decoding
+    DistributedModelForCausalLM._assisted_decoding = GenerationMixin._assisted_decoding  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        DistributedModelForCausalLM._assisted_decoding = ours  # type: ignore[method-assign]
+
+
 def ahead(model, draft, ids: torch.Tensor, n: int, first_k: int, eos: int | None):
     """Greedy tokens by libswarm's speculative loop (drafting while passes are out), stopped at
     `n` new tokens or the end of text as generate() stops: (ids with the new tokens, its stats)."""
@@ -104,10 +122,10 @@ def main(argv=None) -> int:
                    help="of a separate draft model (bfloat16: half its bytes a token, and a draft need not be exact)")
     p.add_argument("--draft-quant", default="none", choices=["none", "int8", "int4"],
                    help="a separate draft's linear layers in torch's packed kernels")
-    p.add_argument("--no-ahead", action="store_true", help="without the modes of libswarm's own loop")
+    p.add_argument("--no-ahead", action="store_true", help="without the modes of libswarm's own loop (ahead, generate)")
     p.add_argument("--serve", default=None, metavar="YAML",
                    help="the servers' `serve:` settings as YAML, e.g. '{quant: int8}' (default: the daemon's)")
-    p.add_argument("--modes", nargs="*", default=None, choices=["assisted", "ahead", "prompt lookup"],
+    p.add_argument("--modes", nargs="*", default=None, choices=["assisted", "ahead", "generate", "prompt lookup"],
                    help="only these beside plain (default: all)")
     p.add_argument("--tokens", type=int, default=48)
     p.add_argument("--prompts", choices=sorted(PROMPTS), default=None,
@@ -135,6 +153,7 @@ def main(argv=None) -> int:
         modes[f"assisted, {short}"] = {"assistant_model": draft}
         if not a.no_ahead:
             modes[f"ahead, {short}"] = {"ahead": draft}
+            modes[f"generate, {short}"] = {"assistant_model": draft}
     modes["prompt lookup"] = {"prompt_lookup_num_tokens": 10}
     if a.modes:  # plain always runs: the others are measured against it
         modes = {m: o for m, o in modes.items() if m == "plain" or m.split(",")[0] in a.modes}
@@ -175,7 +194,8 @@ def main(argv=None) -> int:
                     out, stats = ahead(model, opts["ahead"], ids, a.tokens, a.draft_tokens, tokenizer.eos_token_id)
                     ahead_stats[mode].append(stats)
                 else:
-                    out = model.generate(ids, do_sample=False, max_new_tokens=a.tokens, **opts)
+                    with hf_assisted_loop() if mode.startswith("assisted") else contextlib.nullcontext():
+                        out = model.generate(ids, do_sample=False, max_new_tokens=a.tokens, **opts)
                 results[mode].append((out.shape[1] - ids.shape[1], time.perf_counter() - t0))
                 RemoteSession.step = step  # type: ignore[method-assign]
                 plain = out if plain is None else plain

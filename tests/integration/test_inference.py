@@ -161,6 +161,27 @@ REFUSED_MODES = {
 }
 
 
+def test_assisted_greedy_stops_where_greedy_does_and_its_session_goes_on(family_swarm):
+    """generate(assistant_model=) runs libswarm's drafting loop: a pass that took drafts past the
+    end token leaves the servers with the positions of plain greedy decoding (all tokens but the
+    last), so the session's next generate() equals HF's on the whole sequence."""
+    family, model, ref, _, _ = family_swarm
+    # the end token: the 4th new token (one not among the 3 before it). The draft, HF's own model,
+    # is always right, and the first pass after the prompt's carries 4 drafts: new tokens 2 to 6
+    for seed in range(4, 40):
+        ids = prompt(seed=seed)
+        plain = ref.generate(ids, do_sample=False, max_new_tokens=12, **GEN)[0, ids.shape[1]:].tolist()
+        if plain[3] not in plain[:3]:
+            break
+    end = plain[3]
+    with model.inference_session(max_length=64) as session:
+        out = model.generate(ids, do_sample=False, max_new_tokens=12, assistant_model=ref, eos_token_id=end, **GEN)
+        assert torch.equal(out, ref.generate(ids, do_sample=False, max_new_tokens=12, eos_token_id=end, **GEN)), family
+        assert out.shape[1] == ids.shape[1] + 4 and session.position == out.shape[1] - 1
+        more = model.generate(out, do_sample=False, max_new_tokens=6, **GEN)
+        assert torch.equal(more, ref.generate(out, do_sample=False, max_new_tokens=6, **GEN)), family
+
+
 def test_every_generation_mode_is_equal_to_hf_or_refused_in_one_line(family_swarm):
     from libswarm import UnsupportedError
 

@@ -80,7 +80,14 @@ def test_speculative_and_prompt_lookup_decoding_equal_hf_greedy_with_fewer_passe
             out = model.generate(ids, do_sample=False, max_new_tokens=30, **opts)
         assert torch.equal(out, expected), list(opts)
         generated = out.shape[1] - ids.shape[1]
-        assert len(steps) < generated, (list(opts), len(steps), generated)  # several tokens verified per pass
+        assert max(steps[1:]) > 1, (list(opts), steps)  # passes carried drafts
+        if "assistant_model" in opts:
+            # libswarm's loop: this draft is rarely right (~10 % here), so after a few passes that
+            # carry drafts it measures that they do not pay and steps plainly (HF's loop goes on
+            # drafting at least one a pass): never more passes than plain decoding
+            assert len(steps) <= generated and steps[1:].count(1) > len(steps) // 2, steps
+        else:
+            assert len(steps) < generated, (list(opts), len(steps), generated)  # several tokens verified per pass
     # libswarm's own loop, drafting while passes are out, with the draft's layers in packed int8
     from libswarm import speculative
 
@@ -94,13 +101,13 @@ def test_speculative_and_prompt_lookup_decoding_equal_hf_greedy_with_fewer_passe
 
 
 def counted_steps(session) -> list:
-    """A list that grows by one with every step the session sends through the swarm."""
+    """A list that grows with every step the session sends through the swarm: its positions."""
     steps: list = []
     original = session.step
 
-    def counting(*args, **kwargs):
-        steps.append(1)
-        return original(*args, **kwargs)
+    def counting(hidden, *args, **kwargs):
+        steps.append(hidden.shape[1])
+        return original(hidden, *args, **kwargs)
 
     session.step = counting
     return steps

@@ -10,7 +10,7 @@ from conftest import hf_reference
 from make_test_model import make_model  # tools/, on the path by conftest
 from transformers import DynamicCache
 
-from libswarm.speculative import GreedySpeculator
+from libswarm.speculative import CACHE_FIELD, GreedySpeculator
 
 
 def local_model(model, delay_s: float = 0.0):
@@ -21,7 +21,7 @@ def local_model(model, delay_s: float = 0.0):
     def verify(fed: list[int]) -> torch.Tensor:
         time.sleep(delay_s)
         with torch.no_grad():
-            return model(input_ids=torch.tensor([fed]), past_key_values=cache, use_cache=True).logits[0]
+            return model(input_ids=torch.tensor([fed]), use_cache=True, **{CACHE_FIELD: cache}).logits[0]
 
     def rollback(n: int) -> None:
         if cache.get_seq_length() > n:  # a negative crop removes
@@ -79,3 +79,29 @@ def test_a_draft_that_agrees_proposes_while_the_pass_is_out(models):
     got, serial = speculate(model, model, prompt, 40, delay_s=0.2, first_k=3, max_k=3, ahead=False)
     assert got == want and serial.stats.passes == 10
     assert serial.stats.ahead_passes == serial.stats.ahead_drafts == 0
+
+
+def test_logits_processors_choose_the_tokens_as_in_hf_greedy(models):
+    """generate(assistant_model=) hands the loop Hugging Face's logits processors: each position's
+    token is chosen from its processed logits, given the sequence before it, drafts included."""
+    from transformers import LogitsProcessorList, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+
+    model, _ = models
+    processors = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.8), NoRepeatNGramLogitsProcessor(2)])
+
+    def pick(tokens: list[int], row: torch.Tensor) -> int:
+        return int(processors(torch.tensor([tokens]), row[None].float()).argmax())
+
+    for seed in range(3):
+        prompt = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(20 + seed))
+        want = model.generate(prompt, do_sample=False, max_new_tokens=25, repetition_penalty=1.8,
+                              no_repeat_ngram_size=2)[0, prompt.shape[1]:].tolist()
+        plain = model.generate(prompt, do_sample=False, max_new_tokens=25)[0, prompt.shape[1]:].tolist()
+        assert want != plain  # the processors change the tokens: the test tells them apart
+        verify, rollback = local_model(model)
+        seq = prompt[0].tolist()
+        first = pick(seq, verify(seq)[-1])
+        spec = GreedySpeculator(model, verify, rollback, pick=pick)  # the draft knows nothing of them
+        got = [first] + [t for t, _ in spec.decode(seq + [first], 24)]
+        assert got == want
+        assert spec.stats.accepted < spec.stats.drafted  # drafts the processors turned down were cut back
