@@ -471,8 +471,10 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             return super()._assisted_decoding(  # type: ignore[misc]
                 input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, streamer,
                 inputs_tensor, assistant_model, assistant_tokenizer, tokenizer, **model_kwargs)
+        first_k = (generation_config.num_assistant_tokens or assistant_model.generation_config.num_assistant_tokens
+                   or speculative.FIRST_DRAFT_TOKENS)
         return speculative.assisted_greedy(self, assistant_model, input_ids, logits_processor, stopping_criteria,
-                                           generation_config.max_length, streamer)
+                                           generation_config.max_length, streamer, first_k)
 
     def _check_generation_mode(self, kwargs: dict) -> None:
         """Refuse, in one line and before anything runs, what generate() cannot do through the

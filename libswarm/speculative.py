@@ -312,12 +312,13 @@ def generate(model, draft, input_ids: torch.Tensor, max_new_tokens: int, eos_tok
 
 
 def assisted_greedy(model, draft, input_ids: torch.Tensor, processors, stopping, max_length: int,
-                    streamer=None) -> torch.Tensor:
+                    streamer=None, first_k: int = FIRST_DRAFT_TOKENS) -> torch.Tensor:
     """`model.generate(input_ids, assistant_model=draft)`, greedy, in `model`'s active session:
     the sequence with its new tokens, exactly those of greedy decoding with Hugging Face's
     logits `processors` and `stopping` criteria (checked after every token, as plain greedy
     does, where HF's assisted loop checks after each pass), fed to `streamer` as they come.
-    The session's servers have seen every token of `input_ids` before its active position."""
+    The session's servers have seen every token of `input_ids` before its active position;
+    `first_k`: the drafts of the first pass (HF's num_assistant_tokens), before any is measured."""
     sess = model.active_session
     seq = input_ids[0].tolist()
 
@@ -337,7 +338,7 @@ def assisted_greedy(model, draft, input_ids: torch.Tensor, processors, stopping,
         def verify(fed: list[int]) -> torch.Tensor:
             return model(input_ids=torch.tensor([fed], device=input_ids.device)).logits[0]
 
-        spec = GreedySpeculator(draft, verify, sess.rollback, pick=pick)
+        spec = GreedySpeculator(draft, verify, sess.rollback, pick=pick, first_k=min(max(1, first_k), MAX_DRAFT_TOKENS))
         steps = spec.decode(out, max_length - len(out))
         try:
             for t, _ in steps:
