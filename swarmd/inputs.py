@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from libswarm.errors import LimitError, TensorError
+from libswarm.errors import LimitError, ProtocolError, TensorError
 from libswarm.protocol import Message
 
 
@@ -55,3 +55,16 @@ def span_inputs(msg: Message, hidden: torch.Tensor, hidden_size: int, most: tupl
         raise LimitError(f"forward of batch {B} x length {T} exceeds {most[0]} x {most[1]}")
     pos, mask = positions_and_mask(msg, B, T)
     return hidden, pos, mask
+
+
+def lean_backward_pass(msg: Message, pass_id: object, adapter: object, lora_scaling: object) -> str:
+    """The kept pass a backward without `hidden` names (protocol 1.6, both planes): such a
+    backward carries `grad_output` alone, since the forward's inputs and trainables are the
+    kept pass's; anything else it sends is refused, lest it be taken for them."""
+    extra = sorted(set(msg.tensors) - {"grad_output"})
+    if extra or adapter is not None or lora_scaling is not None:
+        raise ProtocolError("a backward without hidden (its kept pass's) takes grad_output alone, not "
+                            + (", ".join(extra) if extra else "adapter or lora_scaling"))
+    if not isinstance(pass_id, str):
+        raise ProtocolError("a backward without hidden must name its kept pass ('pass')")
+    return pass_id

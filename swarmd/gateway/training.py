@@ -30,6 +30,7 @@ from libswarm.protocol import registry
 from libswarm.protocol.messages import LEAN_BACKWARD_SINCE, Message, speaks
 from swarmd.gateway.router import UNMEASURED_STEP_S, Router, hidden_of, refused, retriable, route_timeout
 from swarmd.gateway.verify import check_gradient
+from swarmd.inputs import lean_backward_pass
 from swarmd.routing import Hop, forward_seconds, missing_blocks
 from swarmd.runtime.span import client_trainables
 
@@ -256,13 +257,7 @@ class TrainingChains:
     def _kept_whole(self, req: registry.Backward) -> KeptPass:
         """The kept pass of a backward that sent only `grad_output` (its inputs are the forward's);
         a `session` error when it is not kept (any more), so that the app sends the whole one."""
-        extra = sorted(set(req.msg.tensors) - {"grad_output"})
-        if extra or req.adapter is not None or req.lora_scaling is not None:
-            raise ProtocolError("a backward without hidden (its kept pass's) takes grad_output alone, not "
-                                + (", ".join(extra) if extra else "adapter or lora_scaling"))
-        pass_id = req.pass_
-        if not isinstance(pass_id, str):
-            raise ProtocolError("a backward without hidden must name its kept pass ('pass')")
+        pass_id = lean_backward_pass(req.msg, req.pass_, req.adapter, req.lora_scaling)
         kept = self.kept.take(pass_id)
         if kept is None or "hidden" not in kept.inputs:
             raise SessionError(f"pass {pass_id[:16]} is not kept by this daemon (expired, or dropped for room): "

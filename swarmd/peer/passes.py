@@ -13,7 +13,7 @@ import torch
 
 from libswarm.errors import CacheFullError, LimitError, ProtocolError, SessionError, TensorError
 from libswarm.protocol.registry import Empty, Forwarded, PeerBackward, PeerForward, PeerPass
-from swarmd.inputs import FLOAT_DTYPES, span_inputs
+from swarmd.inputs import FLOAT_DTYPES, lean_backward_pass, span_inputs
 from swarmd.peer.compute import PASS
 from swarmd.peer.kept import Kept, KeptGraphs
 from swarmd.peer.owner import Owner
@@ -96,13 +96,7 @@ class Passes:
         whole backward."""
         self.sessions.check_model(req.model_id)
         first, last = self.sessions.check_blocks("backward", req.blocks)
-        extra = sorted(set(req.msg.tensors) - {"grad_output"})
-        if extra or req.adapter is not None or req.lora_scaling is not None:
-            raise ProtocolError("a backward without hidden (its kept pass's) takes grad_output alone, not "
-                                + (", ".join(extra) if extra else "adapter or lora_scaling"))
-        pass_id = req.pass_
-        if not isinstance(pass_id, str):
-            raise ProtocolError("a backward without hidden must name its kept pass ('pass')")
+        pass_id = lean_backward_pass(req.msg, req.pass_, req.adapter, req.lora_scaling)
         span, owner = self.span_of(first, last), self.server.current[2]
 
         def work() -> tuple[Empty, dict[str, torch.Tensor]]:
