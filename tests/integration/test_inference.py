@@ -5,6 +5,7 @@ import pytest
 import torch
 from conftest import hf_reference
 from helpers import running_swarm
+from transformers.generation.streamers import BaseStreamer
 
 from libswarm import AutoDistributedModelForCausalLM, SessionError
 
@@ -174,8 +175,19 @@ def test_assisted_greedy_stops_where_greedy_does_and_its_session_goes_on(family_
         if plain[3] not in plain[:3]:
             break
     end = plain[3]
+    streamed: list = []
+
+    class Streamer(BaseStreamer):  # what HF's streamers are given: the prompt, then each new token
+        def put(self, value):
+            streamed.append(value.flatten().tolist())
+
+        def end(self):
+            streamed.append("end")
+
     with model.inference_session(max_length=64) as session:
-        out = model.generate(ids, do_sample=False, max_new_tokens=12, assistant_model=ref, eos_token_id=end, **GEN)
+        out = model.generate(ids, do_sample=False, max_new_tokens=12, assistant_model=ref, eos_token_id=end,
+                             streamer=Streamer(), **GEN)
+        assert streamed == [ids[0].tolist(), *([t] for t in out[0, ids.shape[1]:].tolist()), "end"]
         assert torch.equal(out, ref.generate(ids, do_sample=False, max_new_tokens=12, eos_token_id=end, **GEN)), family
         assert out.shape[1] == ids.shape[1] + 4 and session.position == out.shape[1] - 1
         more = model.generate(out, do_sample=False, max_new_tokens=6, **GEN)
