@@ -3,7 +3,7 @@
 swarmd server, (c) through three servers, all on loopback behind a gateway-only daemon, measured
 side by side in one run. Prints each, the ratios, and the overhead per extra hop.
 
-    python tools/bench_inference.py [--family llama] [--layers 6] [--hidden 64] [--tokens 200]
+    python tools/bench_inference.py [--family llama] [--layers 6] [--hidden 64] [--tokens 200] [--cpu]
     python tools/bench_inference.py --model smollm2-135m-instruct [--dtype float16] [--llama-bench PATH --gguf FILE]
     python tools/bench_inference.py --model smollm2-135m-instruct --quant int8,int4 --no-passes
     python tools/bench_inference.py --model qwen2.5-coder-1.5b-instruct --no-passes --skip 1,3 \
@@ -21,7 +21,10 @@ that real checkpoint, the prompt is a chat, and a forward/backward pass to the i
 embeddings through the frozen blocks (a prompt-tuning step) is timed side by side too.
 
 The overhead per hop is (three servers - one server) / 2: the two extra round trips between
-the gateway and a server that a three-server chain makes for every token."""
+the gateway and a server that a three-server chain makes for every token. With --cpu, the CPU
+each process spends a decode step is read around the timed steps (the scheduler's count per
+thread): where a hop's time goes, and whether the steps are serial work (the sum near the wall
+time) or wait on something."""
 
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+from localswarm import cpu_split, thread_cpu  # noqa: E402
 from make_test_model import make_model  # noqa: E402
 
 
@@ -59,17 +63,55 @@ def local_step_s(ref, prompt: torch.Tensor, tokens: int) -> list[float]:
 
 
 @torch.no_grad()
-def swarm_step_s(model, prompt: torch.Tensor, tokens: int) -> list[float]:
+def swarm_step_s(model, prompt: torch.Tensor, tokens: int, probe=None) -> list[float]:
+    """Each decode step's time in a session; `probe(True)` is called after the prefill and
+    `probe(False)` after the last step."""
     times = []
     with model.inference_session(max_length=prompt.shape[1] + tokens + 1):
         out = model(prompt)
         nxt = out.logits[:, -1:].argmax(-1)
+        if probe is not None:
+            probe(True)
         for _ in range(tokens):
             t = time.perf_counter()
             out = model(nxt)
             nxt = out.logits[:, -1:].argmax(-1)
             times.append(time.perf_counter() - t)
+        if probe is not None:
+            probe(False)
     return times
+
+
+class CpuMeter:
+    """The CPU time decode steps cost each process of a swarm (this one, the gateway, each
+    server; the daemons' Python threads apart from ZeroMQ's I/O threads), summed over the
+    probed stretches: the per-hop breakdown of --cpu."""
+
+    def __init__(self, daemons: list[tuple[str, int]]):
+        self.daemons = daemons
+        self.spent = {name: [0.0, 0.0] for name, _ in [("app", 0), *daemons]}
+        self.steps = 0
+        self._before: dict = {}
+
+    def probe(self, tokens: int):
+        def probe(starting: bool) -> None:
+            if starting:
+                self._before = {name: thread_cpu(pid) for name, pid in self.daemons}
+                self._before["app"] = time.process_time()
+                return
+            self.spent["app"][0] += time.process_time() - self._before["app"]
+            for name, pid in self.daemons:
+                py, io = cpu_split(self._before[name], thread_cpu(pid))
+                self.spent[name][0] += py
+                self.spent[name][1] += io
+            self.steps += tokens
+        return probe
+
+    def report(self, wall_ms: float) -> str:
+        per = {name: (1e3 * py / self.steps, 1e3 * io / self.steps) for name, (py, io) in self.spent.items()}
+        parts = [f"{name} {py:.2f}" + (f" + {io:.2f}" if name != "app" else "") for name, (py, io) in per.items()]
+        total = sum(py + io for py, io in per.values())
+        return f"{', '.join(parts)}; all {total:.2f} ms a token (wall {wall_ms:.2f})"
 
 
 def fwd_bwd_s(model, ids: torch.Tensor, repeats: int) -> list[float]:
@@ -136,6 +178,9 @@ def main(argv=None) -> int:
     p.add_argument("--quant", default="", metavar="KINDS",
                    help="also three servers with serve.quant of each of these (comma-separated: int8,int4,nf4), "
                         "timed in the same rounds")
+    p.add_argument("--cpu", action="store_true",
+                   help="also the CPU each process spends a decode step (app, gateway, each server; Python "
+                        "threads + ZeroMQ I/O threads): where a hop's time goes")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                    help="weights and compute everywhere: local HF, the servers (serve.dtype) and libswarm's "
                         "embeddings and head")
@@ -175,11 +220,15 @@ def main(argv=None) -> int:
     batch = torch.randint(3, 500, (4, 64), generator=torch.Generator().manual_seed(1))
     serve = {"dtype": a.dtype, "threads": a.threads}
     swarms: dict[str, object] = {}  # configuration -> the model through its swarm
+    meters: dict[str, CpuMeter] = {}  # configuration -> the CPU its processes spent (--cpu)
     llama: dict[str, str] = {}  # configuration -> its GGUF file
     with contextlib.ExitStack() as stack:
         def swarm(name: str, model_dir: str, n: int, **extra) -> None:
-            _, gw = stack.enter_context(running_swarm(model_dir, spans(layers, n), extra={"serve": {**serve, **extra}}))
+            servers, gw = stack.enter_context(running_swarm(model_dir, spans(layers, n),
+                                                            extra={"serve": {**serve, **extra}}))
             swarms[name] = AutoDistributedModelForCausalLM.from_pretrained(model_dir, socket=gw.socket, dtype=dtype)
+            meters[name] = CpuMeter([("gateway", gw.proc.pid)] + [(f"server {i}", s.proc.pid)
+                                                                  for i, s in enumerate(servers)])
 
         for n in (1, 3):
             if str(n) not in skip:
@@ -213,7 +262,7 @@ def main(argv=None) -> int:
             if ref is not None:
                 results["local HF"] += local_step_s(ref, prompt, a.tokens)
             for k, m in swarms.items():
-                results[k] += swarm_step_s(m, prompt, a.tokens)
+                results[k] += swarm_step_s(m, prompt, a.tokens, meters[k].probe(a.tokens) if a.cpu else None)
             if a.model and not a.no_passes:
                 for k, model in (("local HF", ref), ("1 server", swarms.get("1 server")),
                                  ("3 servers", swarms.get("3 servers"))):
@@ -234,6 +283,10 @@ def main(argv=None) -> int:
     if "1 server" in med and "3 servers" in med:
         per_hop_us = (med["3 servers"] - med["1 server"]) / 2 * 1e3
         print(f"  overhead per extra hop: {per_hop_us:.0f} us  (target <= 300 us)")
+    if a.cpu:
+        print("CPU a decode step, per process (ms; daemons: Python threads + ZeroMQ I/O threads):")
+        for k, meter in meters.items():
+            print(f"  {k:34s} {meter.report(statistics.mean(results[k]) * 1e3)}")
     if passes:
         fb = {k: statistics.median(v) * 1e3 for k, v in passes.items()}
         print(f"forward/backward to the input embeddings of a {batch.shape[0]}x{batch.shape[1]} batch, "

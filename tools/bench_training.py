@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Training throughput through the swarm against the same model locally, side by side.
 
-    python tools/bench_training.py [--layers 6] [--hidden 256] [--rounds 10]
+    python tools/bench_training.py [--layers 6] [--hidden 256] [--rounds 10] [--spans 0:6]
 
 Forward + backward (loss.backward() with client-held LoRA on q_proj and v_proj) in tokens per
 second, at batch 1 x 64 tokens and batch 16 x 64 tokens: the local Hugging Face model with
-PEFT, and libswarm through three daemons on loopback (one compute thread each).
+PEFT, and libswarm through three servers on loopback (one compute thread each) behind a
+gateway-only daemon; `--spans 0:6` runs every block on one server instead.
 
 Where a swarm step's time goes: the three servers' blocks are also run here, in this process,
 as the servers run them (forward with autograd, then its backward, with the app's LoRA): their
@@ -35,28 +36,8 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from localswarm import running_swarm  # noqa: E402
+from localswarm import cpu_split, running_swarm, thread_cpu  # noqa: E402
 from make_test_model import make_model  # noqa: E402
-
-
-def thread_cpu(pid: int) -> dict[tuple[str, str], float]:
-    """CPU seconds each thread of process `pid` has run (the scheduler's count, in ns), by
-    (thread id, name)."""
-    out = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as f, open(f"/proc/{pid}/task/{tid}/comm") as g:
-                out[(tid, g.read().strip())] = int(f.read().split()[0]) / 1e9
-        except (OSError, ValueError, IndexError):  # the thread ended
-            continue
-    return out
-
-
-def cpu_split(before: dict[tuple[str, str], float], after: dict[tuple[str, str], float]) -> tuple[float, float]:
-    """CPU seconds between two thread_cpu() readings: (Python and other threads, ZeroMQ's I/O threads)."""
-    spent = [(key[1], t - before.get(key, 0.0)) for key, t in after.items()]
-    io = sum(t for name, t in spent if name.startswith("ZMQbg"))
-    return sum(t for _, t in spent) - io, io
 
 
 def timed(steps, rounds: int, probe=None) -> list[float]:
@@ -91,6 +72,9 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--spans", default=None, metavar="A:B,...",
+                   help="the servers' spans (default: three servers of a third each); 0:6 puts every block "
+                        "on one server, so that the difference is what the extra hops cost")
     args = p.parse_args()
     torch.set_num_threads(1)
     from peft import LoraConfig, get_peft_model
@@ -104,7 +88,8 @@ def main() -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
     print(f"model: llama, {args.layers} layers, hidden {args.hidden}; LoRA r=8 on q_proj, v_proj; fp32")
     third = args.layers // 3
-    spans = [f"0:{third}", f"{third}:{2 * third}", f"{2 * third}:{args.layers}"]
+    spans = args.spans.split(",") if args.spans else [f"0:{third}", f"{third}:{2 * third}",
+                                                      f"{2 * third}:{args.layers}"]
     from libswarm.checkpoint import Checkpoint
     from swarmd.runtime.span import Lora, Span
 
@@ -149,7 +134,7 @@ def main() -> None:
             t_local, t_swarm, *t_spans = timed([step(local), step(swarm), *blocks], args.rounds, probe)
             t_blocks = sum(t_spans)
             tokens = batch * 64
-            print(f"batch {batch:2d} x 64: local {tokens / t_local:8.0f} tokens/s, swarm (3 daemons) "
+            print(f"batch {batch:2d} x 64: local {tokens / t_local:8.0f} tokens/s, swarm ({len(spans)} servers) "
                   f"{tokens / t_swarm:8.0f} tokens/s ({t_local / t_swarm:.2f}x local); a swarm step "
                   f"{1e3 * t_swarm:.1f} ms: the servers' blocks {1e3 * t_blocks:.1f} ms, the rest "
                   f"{1e3 * (t_swarm - t_blocks):.1f} ms")

@@ -25,6 +25,26 @@ SWARMD = os.path.join(BIN, "swarmd")
 SWARMCTL = os.path.join(BIN, "swarmctl")
 
 
+def thread_cpu(pid: int) -> dict[tuple[str, str], float]:
+    """CPU seconds each thread of process `pid` has run (the scheduler's count, in ns), by
+    (thread id, name)."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f, open(f"/proc/{pid}/task/{tid}/comm") as g:
+                out[(tid, g.read().strip())] = int(f.read().split()[0]) / 1e9
+        except (OSError, ValueError, IndexError):  # the thread ended
+            continue
+    return out
+
+
+def cpu_split(before: dict[tuple[str, str], float], after: dict[tuple[str, str], float]) -> tuple[float, float]:
+    """CPU seconds between two thread_cpu() readings: (Python and other threads, ZeroMQ's I/O threads)."""
+    spent = [(key[1], t - before.get(key, 0.0)) for key, t in after.items()]
+    io = sum(t for name, t in spent if name.startswith("ZMQbg"))
+    return sum(t for _, t in spent) - io, io
+
+
 def free_port() -> int:
     """A free port below the kernel's ephemeral range: a port the kernel handed out (bind to 0)
     can be taken again as the source port of some outgoing connection before the daemon binds
