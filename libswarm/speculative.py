@@ -298,17 +298,9 @@ def generate(model, draft, input_ids: torch.Tensor, max_new_tokens: int, eos_tok
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     ends = set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
-    prompt = input_ids[0].tolist()
-    with torch.no_grad(), model.inference_session(len(prompt) + max_new_tokens + MAX_DRAFT_TOKENS + 1) as sess:
-        spec = GreedySpeculator(draft, lambda fed: model(input_ids=torch.tensor([fed])).logits[0], sess.rollback,
-                                first_k=first_k)
-        new = [int(model(input_ids=input_ids).logits[0, -1].argmax())]
-        if new[0] not in ends:
-            for t, _ in spec.decode(prompt + new, max_new_tokens - 1):
-                new.append(t)
-                if t in ends:
-                    break
-    return torch.cat([input_ids, torch.tensor([new], dtype=input_ids.dtype)], dim=1), spec.stats
+    length = input_ids.shape[1] + max_new_tokens
+    with torch.no_grad(), model.inference_session(length + MAX_DRAFT_TOKENS + 1):
+        return _greedy(model, draft, input_ids, None, lambda tokens: tokens[-1] in ends, length, first_k)
 
 
 def assisted_greedy(model, draft, input_ids: torch.Tensor, processors, stopping, max_length: int,
@@ -319,12 +311,7 @@ def assisted_greedy(model, draft, input_ids: torch.Tensor, processors, stopping,
     does, where HF's assisted loop checks after each pass), fed to `streamer` as they come.
     The session's servers have seen every token of `input_ids` before its active position;
     `first_k`: the drafts of the first pass (HF's num_assistant_tokens), before any is measured."""
-    sess = model.active_session
-    seq = input_ids[0].tolist()
-
     def pick(tokens: list[int], row: torch.Tensor) -> int:
-        if not processors:
-            return int(row.argmax())
         return int(processors(torch.tensor([tokens], device=input_ids.device), row[None].float()).argmax())
 
     def stopped(tokens: list[int]) -> bool:
@@ -332,13 +319,29 @@ def assisted_greedy(model, draft, input_ids: torch.Tensor, processors, stopping,
             streamer.put(torch.tensor([tokens[-1]]))
         return bool(stopping(torch.tensor([tokens], device=input_ids.device), None).all())
 
-    first = pick(seq, model(input_ids=input_ids[:, sess.position:]).logits[0, -1])
-    out = [*seq, first]
+    out, _ = _greedy(model, draft, input_ids, pick if processors else None, stopped, max_length, first_k)
+    if streamer is not None:
+        streamer.end()
+    return out
+
+
+def _greedy(model, draft, input_ids: torch.Tensor, pick: Callable[[list[int], torch.Tensor], int] | None,
+            stopped: Callable[[list[int]], bool], max_length: int, first_k: int
+            ) -> tuple[torch.Tensor, SpeculationStats]:
+    """The drafting loop of generate() and assisted_greedy(), in `model`'s active session: the
+    first token from the prompt's pass, then GreedySpeculator's, until `stopped(tokens)` (asked
+    after each token) or `max_length` tokens in all; and what the loop counted."""
+    sess = model.active_session
+    seq = input_ids[0].tolist()
+    row = model(input_ids=input_ids[:, sess.position:]).logits[0, -1]
+    out = [*seq, pick(seq, row) if pick is not None else int(row.argmax())]
+    stats = SpeculationStats()
     if not stopped(out) and max_length > len(out):
         def verify(fed: list[int]) -> torch.Tensor:
             return model(input_ids=torch.tensor([fed], device=input_ids.device)).logits[0]
 
         spec = GreedySpeculator(draft, verify, sess.rollback, pick=pick, first_k=min(max(1, first_k), MAX_DRAFT_TOKENS))
+        stats = spec.stats
         steps = spec.decode(out, max_length - len(out))
         try:
             for t, _ in steps:
@@ -351,6 +354,4 @@ def assisted_greedy(model, draft, input_ids: torch.Tensor, processors, stopping,
     # positions of every token but the last, as after plain greedy decoding
     if sess.position > len(out) - 1:
         sess.rollback(len(out) - 1)
-    if streamer is not None:
-        streamer.end()
-    return torch.tensor([out], dtype=input_ids.dtype, device=input_ids.device)
+    return torch.tensor([out], dtype=input_ids.dtype, device=input_ids.device), stats
