@@ -537,6 +537,8 @@ class Daemon:
                 "kept_passes_bytes": self.server.passes.kept.nbytes if self.server else 0,
                 "kept_passes_used": self.server.passes.kept.used if self.server else 0,
                 "kept_passes_dropped": self.server.passes.kept.dropped if self.server else 0,
+                # forwards whose pass did not fit (larger than a key's share, or sessions hold the room)
+                "kept_passes_refused": self.server.passes.kept.refused if self.server else 0,
             },
             "network": {
                 "reachable": self.reach.state if self.reach else "unknown",

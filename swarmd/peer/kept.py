@@ -60,6 +60,7 @@ class KeptGraphs:
         self.nbytes = 0
         self.used = 0  # backwards that found their pass kept
         self.dropped = 0  # passes dropped unused (room, time, the span moved): their backward recomputes
+        self.refused = 0  # forwards asked to keep whose pass did not fit (a key's share, or no room): likewise
 
     def attach(self, budget: CacheBudget) -> None:
         self.budget = budget
@@ -73,6 +74,7 @@ class KeptGraphs:
         or no room in the budget even after this key's and everyone's oldest passes went)."""
         budget, n = self.budget, kept.graph.nbytes
         if budget is None or n > budget.max_bytes * KEPT_KEY_SHARE:
+            self.refused += 1
             return None
         with self._lock:
             self._expire()
@@ -86,6 +88,7 @@ class KeptGraphs:
             try:
                 budget.reserve(n, reclaim=False)
             except CacheFullError:  # sessions hold the room
+                self.refused += 1
                 return None
             pass_id = secrets.token_hex(12)
             kept.created = self.clock()

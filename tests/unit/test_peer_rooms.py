@@ -253,9 +253,25 @@ def test_kept_passes_give_their_room_back_to_a_session_and_never_take_a_sessions
         while srv.budget.free_bytes >= n:  # fill what is left with sessions...
             opened(srv, BOB, max_length=max(1, min(64, srv.budget.free_bytes * 64 // session)))
         before, sessions = srv.budget.used_bytes, len(srv.sessions)
+        refused = srv.passes.kept.refused
         reply = answer(srv, ALICE, "forward", pas, {"hidden": x})  # ...and a pass is computed, not kept
         assert "pass" not in reply.fields and reply.type == "ok" and srv.budget.used_bytes <= before
+        assert srv.passes.kept.refused == refused + 1  # counted, for swarmctl status
         assert len(srv.sessions) == sessions  # no session was dropped for it
+    finally:
+        srv.compute.stop()
+        srv.sock.close(0)
+        srv.zctx.term()
+
+
+def test_a_pass_larger_than_a_keys_share_of_the_cache_is_computed_not_kept_and_counted(span):
+    pas, x = {"model_id": "m", "blocks": [0, 2], "keep": True}, hidden(span, 8)
+    n = span.graph(x, torch.arange(8).expand(1, 8), None, 0, 2).nbytes
+    srv = make_server(span, budget=2 * n - 1)  # a key may keep half of it: less than one pass
+    try:
+        reply = answer(srv, ALICE, "forward", pas, {"hidden": x})
+        assert reply.type == "ok" and "pass" not in reply.fields and len(srv.passes.kept) == 0
+        assert srv.passes.kept.refused == 1 and srv.passes.kept.dropped == 0 and srv.budget.used_bytes == 0
     finally:
         srv.compute.stop()
         srv.sock.close(0)
