@@ -48,6 +48,7 @@ class OutputChecks:
         self._rng = random.Random()
         self._check_queue: queue.Queue = queue.Queue(MAX_QUEUED_CHECKS)
         self._checker: threading.Thread | None = None
+        self.pending = 0  # spot checks queued or running: each holds sessions on the servers checking
         self._shadow_pool = ThreadPoolExecutor(8, thread_name_prefix="shadow") if mode == "strict" else None
 
     def sample(self, sess: GatewaySession) -> None:
@@ -202,11 +203,13 @@ class OutputChecks:
             return
         replay = sess.history.replay_inputs(hop.first)
         expected = torch.cat(sess.history.inputs[hop.last], dim=1)[:, since:]
-        try:
-            self._check_queue.put_nowait((sess, hop, replay, since, expected))
-        except queue.Full:
-            self._count("skipped")
-            return
+        with self._lock:
+            try:
+                self._check_queue.put_nowait((sess, hop, replay, since, expected))
+            except queue.Full:
+                self.counts["skipped"] += 1
+                return
+            self.pending += 1
         sess.checking = True
         if self._checker is None:
             self._checker = threading.Thread(target=self._check_loop, name="checks", daemon=True)
@@ -222,6 +225,8 @@ class OutputChecks:
                 log.warning("spot check of %s on blocks %d:%d: %s", hop.address, hop.first, hop.last, e)
             finally:
                 sess.checking = False
+                with self._lock:
+                    self.pending -= 1
 
     def _spot_check(self, sess: GatewaySession, hop: Hop, replay: dict[str, torch.Tensor], since: int,
                     expected: torch.Tensor) -> None:
@@ -301,7 +306,9 @@ class OutputChecks:
             self.counts[what] += 1
 
     def status(self) -> dict:
+        with self._lock:
+            counts, pending = dict(self.counts), self.pending
         return {"mode": self.mode, "probability": self.probability if self.mode == "sample" else None,
-                "checks": dict(self.counts), "servers": self.router.reputation.to_json(),
+                "checks": counts, "pending": pending, "servers": self.router.reputation.to_json(),
                 "push_suspects": self.router.pushes.to_json()}
 

@@ -98,6 +98,9 @@ def test_sampled_checks_catch_a_server_lying_once_in_50_steps_within_the_stated_
         assert peer_state(gw, s[0].node_id) == "distrusted"
         assert "contradicted by" in standing(gw, s[0].node_id)["reason"]
         assert all(standing(gw, h.node_id).get("offences", 0) == 0 for h in s[1:])
+        # every check queued has ended, and the status says so (the failover tests wait on it)
+        until(lambda: gw.ctl("status")["gateway"]["verify"]["pending"] == 0, 120, "the spot checks to end")
+        assert gw.ctl("status")["gateway"]["verify"]["checks"]["run"] >= 1
         served = s[0].ctl("status")["stats"]["steps"]
         got, want = greedy(d, gw.socket, 99, 8)
         assert torch.equal(got, want) and s[0].ctl("status")["stats"]["steps"] == served
