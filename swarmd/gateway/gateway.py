@@ -286,6 +286,8 @@ class Gateway:
             "replacements": route_json(hops), "reason": str(error), "replayed_positions": sess.position,
             "reroute_s": round(total_s - replay_s, 6), "replay_s": round(replay_s, 6),
         }
+        # the failed server may be alive and only slow: its session is closed (from another thread)
+        self.router.close_remote([(hop, sess.server_sessions[index])])
         sess.hops[index:index + 1] = hops
         sess.server_sessions[index:index + 1] = sids
         sess.since[index:index + 1] = [sess.position] * len(hops)

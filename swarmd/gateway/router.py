@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import queue
 import random
+import threading
 import time
 
 import torch
@@ -38,6 +40,8 @@ log = logging.getLogger("swarmd.gateway")
 DEFAULT_ROUTE_TIMEOUT_S = 60.0  # how long a step or open may wait for servers to cover the blocks
 MAX_ROUTE_TIMEOUT_S = 3600.0
 STEP_DEADLINE_FLOOR_S = 1.0  # no hop is declared failed sooner than this
+CLOSE_LATER_S = 5.0  # a failed server's session is closed from a thread of its own, waiting at most this...
+MAX_CLOSING = 256  # ...with at most this many waiting their turn (more are left to idle out there)
 STEP_DEADLINE_FACTOR = 10.0  # ...nor before it took this many times its usual time
 UNMEASURED_STEP_S = 30.0  # the allowance for a server whose speed is neither measured nor claimed
 # A server not measured yet by this gateway is given what its record claims (10 times its
@@ -89,6 +93,9 @@ class Router:
         self.reputation = Reputation(key_of=lambda a: self.pool.resolve_key(a),
                                      distrust=lambda key, why, s: self.table.set_distrust(key, why, s))
         self._rng = random.Random()
+        self._closing: queue.Queue[tuple[str, str]] = queue.Queue(MAX_CLOSING)
+        self._closer: threading.Thread | None = None
+        self._closer_lock = threading.Lock()
 
     def plan(self, first: int, last: int, deadline: float, exclude: frozenset[str] | set[str] = frozenset(),
              spread: bool = False, adapter: str | None = None) -> list[Hop]:
@@ -234,14 +241,39 @@ class Router:
                     hop.last, error, banned_s)
 
     def close_remote(self, opened: list[tuple[Hop, str]]) -> None:
-        """Close server sessions (best effort: a server frees idle sessions itself)."""
+        """Close server sessions (best effort: a server frees idle sessions itself). One on a
+        server that failed (banned) is closed from a thread of its own: the server may hang,
+        and the caller must not wait on it; or it may be alive and only slow (a step or replay
+        past its allowance on a loaded machine), and then its session would hold cache there
+        until the server's idle timeout (10 minutes by default)."""
         for hop, sid in opened:
             if self.bans.is_banned(hop.address):
-                continue  # it failed: closing could hang on it
+                self._close_later(hop.address, sid)
+                continue
             try:
                 self.pool.get(hop.address).request("close", {"session": sid}, timeout_s=2.0)
             except SwarmError as e:
                 log.info("closing session on %s: %s", hop.address, e)
+
+    def _close_later(self, address: str, sid: str) -> None:
+        try:
+            self._closing.put_nowait((address, sid))
+        except queue.Full:  # a burst of failures: these sessions idle out on their servers
+            return
+        with self._closer_lock:
+            if self._closer is None:
+                self._closer = threading.Thread(target=self._close_loop, name="closer", daemon=True)
+                self._closer.start()
+
+    def _close_loop(self) -> None:
+        while True:
+            address, sid = self._closing.get()
+            try:
+                self.pool.get(address).request("close", {"session": sid}, timeout_s=CLOSE_LATER_S)
+            except SwarmError as e:
+                log.info("closing session %s on failed server %s: %s", sid[:8], address, e)
+            finally:
+                self.pool.drop(address)  # no connection kept here to a server that failed
 
     def check_model(self, asked: str) -> None:
         if asked != self.model_id:

@@ -74,7 +74,7 @@ class SpanOpener:
                 if not retriable(e):
                     raise
                 self.router.fail(hop, e)
-                self.router.close_remote([(h, sid) for h, sid in opened if h is not hop])
+                self.router.close_remote(opened)  # the failed one's too, if it opened (from another thread)
                 if time.monotonic() > deadline:  # servers exist but keep failing
                     raise
 

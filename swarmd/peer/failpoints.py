@@ -52,6 +52,7 @@ log = logging.getLogger("swarmd.peer")
 
 SLOW_FORWARD_S = 3.0
 SLOW_STEP_S = 0.3
+SLOW_REPLAY_S = 12.0  # past the 10 s a gateway allows a server it has not timed yet
 
 
 def _exit_on_replay(server) -> None:
@@ -61,6 +62,19 @@ def _exit_on_replay(server) -> None:
         if req.replay:
             log.warning("failpoint exit_on_replay: exiting")
             os._exit(3)
+        return step(s, req, hidden)
+    server.steps.run_step = run_step
+
+
+def _slow_replay(server) -> None:
+    """Replays (a failover's rebuilt cache) answered SLOW_REPLAY_S late: a replacement alive but
+    too slow, which the gateway gives up on while its session is still open here."""
+    step = server.steps.run_step
+
+    def run_step(s, req, hidden):
+        if req.replay:
+            log.warning("failpoint slow_replay: replaying %.0f s late", SLOW_REPLAY_S)
+            time.sleep(SLOW_REPLAY_S)
         return step(s, req, hidden)
     server.steps.run_step = run_step
 
@@ -295,7 +309,8 @@ def _relay_tap(server) -> None:
     server.relaying.relay = tapped
 
 
-FAILPOINTS: dict[str, Callable] = {"exit_on_replay": _exit_on_replay, "hang_on_forward": _hang_on_forward,
+FAILPOINTS: dict[str, Callable] = {"exit_on_replay": _exit_on_replay, "slow_replay": _slow_replay,
+                                   "hang_on_forward": _hang_on_forward,
                                    "hang_steps": _finished_steps(_hang), "slow_steps": _slow_steps,
                                    "slow_forward": _slow_forward, "relay_tap": _relay_tap,
                                    "lie_always": _wrong_steps(_nudge), "lie_sometimes": _wrong_steps(_nudge, LIE_EVERY),

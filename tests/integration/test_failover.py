@@ -19,6 +19,7 @@ from helpers import reached_all, running_swarm, until
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from libswarm import AutoDistributedModelForCausalLM, NoRouteError
+from swarmd.peer.failpoints import SLOW_REPLAY_S
 
 SPANS = ["0:2", "2:4", "4:6", "0:2", "2:4", "4:6", "2:3", "3:4"]
 NEW_TOKENS = 32
@@ -277,6 +278,45 @@ def test_replacement_that_dies_during_replay_is_replaced_too(model_dirs):
         assert dying.proc.returncode == 3  # it did die during its replay
         survivor = next(s for s in servers[1:] if s is not victims[0])
         assert final == [servers[0].address, survivor.address]
+
+
+def test_a_replacement_too_slow_to_replay_is_replaced_and_its_session_there_closed(model_dirs):
+    """A replacement alive but too slow (its replay past the gateway's allowance) is given up on
+    and replaced; the session it opened is closed once it answers, not left holding its cache
+    until its idle timeout (10 minutes): the gateway closes failed servers' sessions from a
+    thread of its own."""
+    d = model_dirs("llama")
+    ids = torch.randint(3, 500, (1, 8), generator=torch.Generator().manual_seed(13))
+    expected = hf_reference(d).generate(ids, **GEN)
+    with running_swarm(d, ["0:3", "3:6", "3:6"], speeds={2: 0.05}) as (servers, gw):
+        from localswarm import Daemon
+
+        slow = Daemon(os.path.dirname(gw.dir), "slow", d, "3:6", None, {"SWARMD_FAILPOINTS": "slow_replay"})
+        slow.seed_speed(0.0001)  # chosen first, as the fastest
+        gw.cfg["discovery"]["seeds"].append(slow.address)
+        gw.stop()
+        gw.start(gw.cfg["discovery"]["seeds"]).wait_ready()
+        model = AutoDistributedModelForCausalLM.from_pretrained(d, socket=gw.socket)
+
+        def start_spare_then_kill(sess):
+            slow.start([x.address for x in servers]).wait_ready()
+            until(lambda: {p["address"]: p["state"] for p in gw.ctl("peers")["peers"]}.get(slow.address) == "online",
+                  15, "the slow spare online")
+            serving(servers, sess, 3).kill()
+
+        try:
+            out, _, final = generate_with(model, ids, {7: start_spare_then_kill})
+            assert torch.equal(out, expected)
+            assert slow.address not in final
+            assert slow.ctl("status")["stats"]["sessions_opened"] == 1  # it opened the replacement's session
+            status = {}
+
+            def closed() -> bool:
+                status.update(slow.ctl("status"))
+                return status["sessions"]["server"] == 0 and status["cache"]["used_bytes"] == 0
+            until(closed, SLOW_REPLAY_S + 10, "the slow spare's session to be closed")
+        finally:
+            slow.stop()
 
 
 def test_no_spare_gives_a_clear_error_within_the_callers_deadline(model_dirs):
