@@ -89,7 +89,7 @@ class CpuMeter:
 
     def __init__(self, daemons: list[tuple[str, int]]):
         self.daemons = daemons
-        self.spent = {name: [0.0, 0.0] for name, _ in [("app", 0), *daemons]}
+        self.spent = {name: [0.0, 0.0] for name in ["app", *(name for name, _ in daemons)]}
         self.steps = 0
         self._before: dict = {}
 

@@ -40,8 +40,6 @@ log = logging.getLogger("swarmd.gateway")
 DEFAULT_ROUTE_TIMEOUT_S = 60.0  # how long a step or open may wait for servers to cover the blocks
 MAX_ROUTE_TIMEOUT_S = 3600.0
 STEP_DEADLINE_FLOOR_S = 1.0  # no hop is declared failed sooner than this
-CLOSE_LATER_S = 5.0  # a failed server's session is closed from a thread of its own, waiting at most this...
-MAX_CLOSING = 256  # ...with at most this many waiting their turn (more are left to idle out there)
 STEP_DEADLINE_FACTOR = 10.0  # ...nor before it took this many times its usual time
 UNMEASURED_STEP_S = 30.0  # the allowance for a server whose speed is neither measured nor claimed
 # A server not measured yet by this gateway is given what its record claims (10 times its
@@ -49,6 +47,8 @@ UNMEASURED_STEP_S = 30.0  # the allowance for a server whose speed is neither me
 # UNMEASURED_MAX_S, so that a claim of extreme slowness cannot hold a step for ever.
 UNMEASURED_FLOOR_S = 10.0
 UNMEASURED_MAX_S = 300.0
+CLOSE_LATER_S = 5.0  # a failed server's session is closed from a thread of its own, waiting at most this...
+MAX_CLOSING = 256  # ...with at most this many waiting their turn (more are left to idle out there)
 # A server this gateway timed much slower than its record claims (a lying server, or one whose
 # device is now shared with other work: a record's speed is measured once, at its first start)
 # is routed by the time measured, for this long after its last timed step; then its claim is
